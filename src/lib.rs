@@ -1,0 +1,13 @@
+//! The shared vocabulary of ringrift-supervisor: no processes, no sockets.
+//!
+//! Protocol frames, the daemon catalog, configuration loading and validation, the dependency graph,
+//! the lifecycle state machine and the restart policy all live here as plain data and functions, so
+//! that the rules can be tested without starting a process.
+
+pub mod lifecycle;
+pub mod protocol;
+pub mod catalog;
+pub mod config;
+pub mod deps;
+pub mod restart;
+pub mod timefmt;

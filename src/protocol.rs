@@ -1,0 +1,267 @@
+//! Every type that crosses `run/supervisor.sock`.
+//!
+//! The wire format is newline-delimited JSON: one object per line, tagged by `"type"` in snake_case.
+//! The first frame from any client (worker or CLI) is [`ToSupervisor::Hello`]; the supervisor answers
+//! [`FromSupervisor::Welcome`] or an [`FromSupervisor::Error`] and closes. Frames longer than
+//! [`MAX_FRAME_BYTES`] are refused.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::lifecycle::DaemonState;
+
+/// Bumped on every incompatible change of the frames below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest accepted frame, newline excluded.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Environment variable that carries the socket path to workers and external daemons.
+pub const SOCKET_ENV: &str = "RINGRIFT_SUPERVISOR_SOCKET";
+/// Environment variable that carries the daemon's name to its process.
+pub const DAEMON_ENV: &str = "RINGRIFT_DAEMON";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Worker,
+    Cli,
+}
+
+/// What a worker says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedState {
+    Initializing,
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    /// One word: "ok", "degraded", "idle", "not_implemented", ...
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub details: BTreeMap<String, Value>,
+}
+
+/// Frames sent to the supervisor, by workers and by the CLI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToSupervisor {
+    Hello {
+        protocol: u32,
+        role: Role,
+        /// The daemon a worker runs (workers only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        daemon: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+    },
+
+    // ---- worker → supervisor
+    State {
+        state: ReportedState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    Heartbeat {
+        health: Health,
+        /// Monotonic counters (cycles run, items processed, ...): the stall watchdog watches them move.
+        #[serde(default)]
+        progress: BTreeMap<String, u64>,
+    },
+
+    // ---- CLI → supervisor
+    Start {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        all: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<String>,
+        /// Answer at once instead of waiting until the daemons are RUNNING.
+        #[serde(default)]
+        no_wait: bool,
+    },
+    Stop {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    Restart {
+        names: Vec<String>,
+    },
+    Pause {
+        names: Vec<String>,
+    },
+    Resume {
+        names: Vec<String>,
+    },
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    Reload,
+    Shutdown,
+}
+
+/// Frames sent by the supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromSupervisor {
+    Welcome {
+        protocol: u32,
+        /// For workers: the daemon's effective configuration.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<Value>,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+
+    // ---- supervisor → worker
+    Pause,
+    Resume,
+    Shutdown,
+    RunNow,
+
+    // ---- supervisor → CLI
+    /// The outcome of a control command, one entry per daemon touched.
+    Done {
+        ok: bool,
+        results: Vec<OpResult>,
+    },
+    Status(StatusReport),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    ProtocolMismatch,
+    BadFrame,
+    FrameTooLarge,
+    UnexpectedFrame,
+    UnknownDaemon,
+    BadRequest,
+    ShuttingDown,
+    Config,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpResult {
+    pub name: String,
+    pub ok: bool,
+    pub message: String,
+}
+
+/// What `status --json` prints and `GET /daemon/status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub supervisor: SupervisorInfo,
+    pub daemons: Vec<DaemonStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorInfo {
+    pub pid: u32,
+    pub root: String,
+    pub uptime_secs: f64,
+    pub config_path: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub name: String,
+    pub state: DaemonState,
+    pub enabled: bool,
+    /// "worker" (the built-in ringrift-worker) or "external" (a configured command).
+    pub kind: String,
+    pub pid: Option<u32>,
+    pub uptime_secs: Option<f64>,
+    pub restarts: u32,
+    pub health: Health,
+    /// Seconds since the last heartbeat, for protocol-aware daemons.
+    pub heartbeat_age_secs: Option<f64>,
+    pub progress: BTreeMap<String, u64>,
+    pub depends_on: Vec<String>,
+    /// How the last process ended ("exit 1", "signal 9 (SIGKILL)"), if one has.
+    pub last_exit: Option<String>,
+    /// Why the daemon is FAILED, or why it was last restarted.
+    pub reason: Option<String>,
+}
+
+/// Errors reading a frame off the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Parses one frame (without its newline).
+pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, FrameError> {
+    if line.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(line.len()));
+    }
+    serde_json::from_slice(line).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Serializes one frame, newline included.
+pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(frame).expect("protocol frames always serialize");
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_with_type_tag() {
+        let hello = ToSupervisor::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Worker,
+            daemon: Some("auto_sync".into()),
+            pid: Some(42),
+        };
+        let bytes = encode(&hello);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.starts_with(r#"{"type":"hello","protocol":1,"role":"worker""#), "{text}");
+        assert!(text.ends_with('\n'));
+        let back: ToSupervisor = decode(&bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(back, hello);
+    }
+
+    #[test]
+    fn unknown_type_and_fields_are_refused() {
+        assert!(decode::<ToSupervisor>(br#"{"type":"explode"}"#).is_err());
+        assert!(decode::<ToSupervisor>(br#"{"type":"stop","names":[],"bogus":1}"#).is_err());
+        assert!(decode::<ToSupervisor>(b"not json").is_err());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_parsing() {
+        let big = vec![b' '; MAX_FRAME_BYTES + 1];
+        assert!(matches!(decode::<ToSupervisor>(&big), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn unit_frames_are_bare_type_objects() {
+        assert_eq!(encode(&FromSupervisor::Pause), b"{\"type\":\"pause\"}\n");
+        let back: FromSupervisor = decode(br#"{"type":"shutdown"}"#).unwrap();
+        assert_eq!(back, FromSupervisor::Shutdown);
+    }
+}
