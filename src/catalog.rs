@@ -1,1 +1,209 @@
-//! (being written)
+//! The fifteen built-in daemons, their purpose, default dependencies and profiles.
+//!
+//! This is the seed system's `DaemonType` enum as data: the config file may override any of it, but
+//! a name that is not here (and has no `command:` of its own) is a typo, and is refused as one.
+
+/// One built-in daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonSpec {
+    pub name: &'static str,
+    pub purpose: &'static str,
+    pub category: Category,
+    pub depends_on: &'static [&'static str],
+    /// Enabled in the embedded default configuration (single box).
+    pub enabled_by_default: bool,
+    /// Daemon-specific configuration keys, beside the common ones.
+    pub extra_keys: &'static [&'static str],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    Sync,
+    Ephemeral,
+    Training,
+    Health,
+    Queue,
+}
+
+const SOURCES: &[&str] = &["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor"];
+
+pub const DAEMONS: &[DaemonSpec] = &[
+    spec("auto_sync", "push-from-generator + gossip replication", Category::Sync, &[], true, &[]),
+    spec("ephemeral_sync", "aggressive 5 s sync for ephemeral hosts", Category::Ephemeral, &[], false, &[]),
+    spec("cluster_data_sync", "P2P mesh data sync", Category::Sync, &[], true, &[]),
+    spec("model_distribution", "model sync after promotion", Category::Sync, &[], true, &[]),
+    spec("training_trigger", "data threshold → training", Category::Training, SOURCES, true, &["threshold_games"]),
+    spec("auto_export", "games DB → NPZ export", Category::Training, &[], true, &["threshold_games"]),
+    spec("evaluation", "model gauntlet evaluation", Category::Training, &["training_trigger"], true, &[]),
+    spec("auto_promotion", "gauntlet → promotion", Category::Training, &["evaluation"], true, &[]),
+    spec("unified_node_health", "centralized health checks", Category::Health, &[], true, &[]),
+    spec("quality_monitor", "data quality tracking", Category::Health, &[], true, &[]),
+    spec("idle_resource", "spawn selfplay on idle GPUs", Category::Health, &[], true, &[]),
+    spec("unified_idle_shutdown", "cloud instance idle termination", Category::Health, &[], false, &[]),
+    spec("queue_populator", "maintain work queue", Category::Queue, &[], true, &[]),
+    spec("selfplay_scheduler", "priority-based selfplay allocation", Category::Queue, &[], true, &[]),
+    spec("job_reaper", "kill stuck processes", Category::Queue, &[], true, &[]),
+];
+
+const fn spec(
+    name: &'static str,
+    purpose: &'static str,
+    category: Category,
+    depends_on: &'static [&'static str],
+    enabled_by_default: bool,
+    extra_keys: &'static [&'static str],
+) -> DaemonSpec {
+    DaemonSpec { name, purpose, category, depends_on, enabled_by_default, extra_keys }
+}
+
+/// The six seed profiles and their members.
+pub const PROFILES: &[(&str, &[&str])] = &[
+    (
+        "coordinator",
+        &[
+            "auto_sync",
+            "cluster_data_sync",
+            "model_distribution",
+            "unified_node_health",
+            "quality_monitor",
+            "queue_populator",
+            "selfplay_scheduler",
+            "job_reaper",
+        ],
+    ),
+    (
+        "training_node",
+        &[
+            "auto_sync",
+            "cluster_data_sync",
+            "auto_export",
+            "quality_monitor",
+            "training_trigger",
+            "evaluation",
+            "auto_promotion",
+            "model_distribution",
+            "job_reaper",
+        ],
+    ),
+    ("ephemeral", &["ephemeral_sync", "idle_resource", "unified_idle_shutdown", "job_reaper"]),
+    ("selfplay", &["auto_sync", "idle_resource", "selfplay_scheduler", "job_reaper"]),
+    (
+        "full",
+        &[
+            "auto_sync",
+            "ephemeral_sync",
+            "cluster_data_sync",
+            "model_distribution",
+            "training_trigger",
+            "auto_export",
+            "evaluation",
+            "auto_promotion",
+            "unified_node_health",
+            "quality_monitor",
+            "idle_resource",
+            "unified_idle_shutdown",
+            "queue_populator",
+            "selfplay_scheduler",
+            "job_reaper",
+        ],
+    ),
+    ("minimal", &["auto_sync", "unified_node_health", "job_reaper"]),
+];
+
+pub fn find(name: &str) -> Option<&'static DaemonSpec> {
+    DAEMONS.iter().find(|d| d.name == name)
+}
+
+/// Daemon names are accepted in either case (`AUTO_SYNC` or `auto_sync`); this is the canonical form.
+pub fn normalize(name: &str) -> String {
+    name.trim().to_ascii_lowercase().replace('-', "_")
+}
+
+/// Up to three known names closest to `wrong`, best first, for "did you mean" hints.
+pub fn closest<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let wrong = normalize(wrong);
+    let mut scored: Vec<(usize, &str)> = candidates
+        .into_iter()
+        .map(|c| {
+            let d = edit_distance(&wrong, c);
+            // A shared prefix or containment is as good as a small typo.
+            let d = if c.starts_with(&wrong) || (wrong.len() >= 4 && c.contains(&wrong)) { d.min(2) } else { d };
+            (d, c)
+        })
+        .filter(|(d, c)| *d <= (c.len().max(wrong.len()) / 2).max(2))
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, c)| c).collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// "did you mean a, b?" or a list of every valid name when nothing is close.
+pub fn suggestion<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str> + Clone) -> String {
+    let close = closest(wrong, candidates.clone());
+    if close.is_empty() {
+        let all: Vec<&str> = candidates.into_iter().collect();
+        format!("valid names: {}", all.join(", "))
+    } else {
+        format!("did you mean {}?", close.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifteen_daemons_with_unique_names() {
+        assert_eq!(DAEMONS.len(), 15);
+        let mut names: Vec<_> = DAEMONS.iter().map(|d| d.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 15);
+    }
+
+    #[test]
+    fn seed_dependency_graph() {
+        let tt = find("training_trigger").unwrap();
+        assert_eq!(tt.depends_on, &["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor"]);
+        assert_eq!(find("evaluation").unwrap().depends_on, &["training_trigger"]);
+        assert_eq!(find("auto_promotion").unwrap().depends_on, &["evaluation"]);
+    }
+
+    #[test]
+    fn profiles_name_only_known_daemons() {
+        assert_eq!(PROFILES.len(), 6);
+        for (p, members) in PROFILES {
+            for m in *members {
+                assert!(find(m).is_some(), "profile {p} names unknown {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_are_case_insensitive() {
+        assert_eq!(normalize("AUTO_SYNC"), "auto_sync");
+        assert_eq!(normalize("auto-sync"), "auto_sync");
+    }
+
+    #[test]
+    fn suggestions_find_typos() {
+        let names = DAEMONS.iter().map(|d| d.name);
+        assert_eq!(closest("auto_synk", names.clone())[0], "auto_sync");
+        assert_eq!(closest("AUTO_EXPROT", names.clone())[0], "auto_export");
+        assert!(closest("training", names.clone()).contains(&"training_trigger"));
+        assert!(suggestion("zzzzzzzzzzzzzzzzzz", names).starts_with("valid names: auto_sync"));
+    }
+}

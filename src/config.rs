@@ -1,1 +1,914 @@
-//! (being written)
+//! Loading and validating `config/unified_loop.yaml`.
+//!
+//! The file is parsed into a plain JSON tree, environment overrides are laid over that tree, and one
+//! validation pass turns it into typed [`Config`], collecting every problem instead of stopping at
+//! the first (a user fixing a config wants the whole list). Each problem names the file, the line
+//! where the key came from the file, and the dotted key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::catalog::{self, Category};
+use crate::deps::{self, Graph};
+use crate::restart::{RestartPolicy, RestartSettings};
+
+/// The embedded default configuration, used when the root has no config/unified_loop.yaml.
+pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
+/// Where the configuration lives, relative to the root.
+pub const CONFIG_RELATIVE_PATH: &str = "config/unified_loop.yaml";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it was read from: a path, or "<embedded default>".
+    pub source: String,
+    pub http: HttpConfig,
+    pub logs: LogConfig,
+    pub daemons: BTreeMap<String, DaemonConfig>,
+    pub profiles: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub max_bytes: u64,
+    pub max_files: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub name: String,
+    pub enabled: bool,
+    /// Seconds between two cycles of the daemon's work.
+    pub interval: Duration,
+    pub depends_on: Vec<String>,
+    /// An external program run instead of the built-in worker.
+    pub command: Option<Vec<String>>,
+    /// Whether the process speaks the IPC protocol (always true for the built-in worker).
+    pub protocol: bool,
+    pub env: BTreeMap<String, String>,
+    pub restart: RestartSettings,
+    pub grace_period: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// Progress counters flat for this long while heartbeats arrive → killed as "stalled". None: off.
+    pub stall_timeout: Option<Duration>,
+    /// Spawned but not RUNNING after this long → killed and restarted.
+    pub ready_timeout: Duration,
+    /// The whole effective entry as JSON, handed to the worker in its welcome.
+    pub settings: Value,
+}
+
+impl DaemonConfig {
+    pub fn is_external(&self) -> bool {
+        self.command.is_some()
+    }
+}
+
+impl Config {
+    pub fn graph(&self) -> Graph {
+        self.daemons.iter().map(|(n, d)| (n.clone(), d.depends_on.clone())).collect()
+    }
+
+    pub fn enabled(&self) -> BTreeSet<String> {
+        self.daemons.values().filter(|d| d.enabled).map(|d| d.name.clone()).collect()
+    }
+
+    /// Resolves a user-typed daemon name (any case) or explains what is wrong.
+    pub fn resolve(&self, name: &str) -> Result<String, String> {
+        let n = catalog::normalize(name);
+        if self.daemons.contains_key(&n) {
+            Ok(n)
+        } else {
+            Err(format!(
+                "unknown daemon '{name}': {}",
+                catalog::suggestion(&n, self.daemons.keys().map(String::as_str))
+            ))
+        }
+    }
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `daemons.auto_sync.interval`; empty for whole-file problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(f, "invalid configuration ({n} problem{}):", if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The config file for a root: `<root>/config/unified_loop.yaml` when present, else the embedded default.
+pub fn locate_file(root: &Path) -> Option<PathBuf> {
+    let p = root.join(CONFIG_RELATIVE_PATH);
+    p.exists().then_some(p)
+}
+
+/// Loads from an explicit path, or the root's file, or the embedded default; applies the process environment.
+pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let path = explicit.map(Path::to_path_buf).or_else(|| locate_file(root));
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p).map_err(|e| ConfigError {
+                problems: vec![Problem {
+                    file: p.display().to_string(),
+                    line: None,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                }],
+            })?;
+            parse(&text, &p.display().to_string(), &env)
+        }
+        None => parse(DEFAULT_YAML, "<embedded default>", &env),
+    }
+}
+
+/// Parses and validates a configuration text with the given environment.
+pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let mut v = Validator { file, text, problems: Vec::new(), env_origin: BTreeMap::new() };
+    let mut tree = match serde_saphyr::from_str::<Value>(text) {
+        Ok(Value::Null) => Value::Object(Map::new()),
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e.to_string();
+            let line = yaml_error_line(&msg);
+            return Err(ConfigError {
+                problems: vec![Problem {
+                    file: file.to_string(),
+                    line,
+                    key: String::new(),
+                    message: format!("invalid YAML: {}", first_line(&msg)),
+                }],
+            });
+        }
+    };
+    if !tree.is_object() {
+        v.problem(&[], "the top level must be a mapping (daemons:, profiles:, http:, logs:, defaults:)");
+        return Err(ConfigError { problems: v.problems });
+    }
+    v.apply_env(&mut tree, env);
+    let config = v.build(&tree);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { problems: v.problems })
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}
+
+/// serde-saphyr reports positions as "line N" or "N:M" in its message; take the first.
+fn yaml_error_line(msg: &str) -> Option<usize> {
+    let lower = msg.to_ascii_lowercase();
+    if let Some(i) = lower.find("line ") {
+        let digits: String = lower[i + 5..].chars().take_while(|c| c.is_ascii_digit()).collect();
+        if let Ok(n) = digits.parse() {
+            return Some(n);
+        }
+    }
+    // "--> 3:5" style annotated snippets.
+    for token in lower.split_whitespace() {
+        if let Some((l, c)) = token.split_once(':')
+            && !l.is_empty()
+            && l.chars().all(|ch| ch.is_ascii_digit())
+            && c.chars().next().is_some_and(|ch| ch.is_ascii_digit())
+        {
+            return l.parse().ok();
+        }
+    }
+    None
+}
+
+const TOP_KEYS: &[&str] = &["daemons", "profiles", "http", "logs", "defaults"];
+const HTTP_KEYS: &[&str] = &["enabled", "addr"];
+const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
+/// Keys every daemon entry (and the `defaults:` block) may carry.
+const COMMON_KEYS: &[&str] = &[
+    "enabled",
+    "interval",
+    "depends_on",
+    "command",
+    "protocol",
+    "env",
+    "settings",
+    "restart",
+    "backoff_initial",
+    "backoff_max",
+    "max_restarts",
+    "restart_window",
+    "stable_after",
+    "grace_period",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "stall_timeout",
+    "ready_timeout",
+];
+/// Keys that make sense per daemon but not as shared defaults.
+const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings"];
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+    problems: Vec<Problem>,
+    /// Dotted keys set from the environment → the variable that set them.
+    env_origin: BTreeMap<String, String>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: &[&str], message: impl Into<String>) {
+        let key = path.join(".");
+        let (file, line) = match self.env_origin.get(&key) {
+            Some(var) => (format!("environment {var}"), None),
+            None => (self.file.to_string(), locate(self.text, path)),
+        };
+        self.problems.push(Problem { file, line, key, message: message.into() });
+    }
+
+    /// Lays environment overrides over the tree: the interval variables, then the generic
+    /// `RINGRIFT_<A>__<B>__<C>` form (highest precedence).
+    fn apply_env(&mut self, tree: &mut Value, env: &[(String, String)]) {
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let names: Vec<String> = {
+            let mut set: BTreeSet<String> = catalog::DAEMONS.iter().map(|d| d.name.to_string()).collect();
+            if let Some(Value::Object(d)) = tree.get("daemons") {
+                set.extend(d.keys().cloned());
+            }
+            set.into_iter().collect()
+        };
+        let interval_vars: [(&str, fn(Option<Category>) -> bool); 3] = [
+            ("RINGRIFT_DAEMON_INTERVAL", |_| true),
+            ("RINGRIFT_SYNC_INTERVAL", |c| c == Some(Category::Sync)),
+            ("RINGRIFT_EPHEMERAL_INTERVAL", |c| c == Some(Category::Ephemeral)),
+        ];
+        for (var, applies) in interval_vars {
+            let Some(raw) = get(var) else { continue };
+            for name in &names {
+                if applies(catalog::find(name).map(|d| d.category)) {
+                    self.set_path(tree, &["daemons", name, "interval"], scalar(&raw), var);
+                }
+            }
+        }
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix("RINGRIFT_") else { continue };
+            if !rest.contains("__") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                self.problems.push(Problem {
+                    file: format!("environment {var}"),
+                    line: None,
+                    key: String::new(),
+                    message: "empty key segment (expected RINGRIFT_SECTION__KEY)".into(),
+                });
+                continue;
+            }
+            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
+            self.set_path(tree, &refs, scalar(raw), var);
+        }
+    }
+
+    fn set_path(&mut self, tree: &mut Value, path: &[&str], value: Value, var: &str) {
+        let mut node = tree;
+        for (i, seg) in path.iter().enumerate() {
+            let Value::Object(map) = node else {
+                self.problems.push(Problem {
+                    file: format!("environment {var}"),
+                    line: None,
+                    key: path[..i].join("."),
+                    message: "is not a mapping, cannot set a key inside it".into(),
+                });
+                return;
+            };
+            if i + 1 == path.len() {
+                map.insert(seg.to_string(), value);
+                self.env_origin.insert(path.join("."), var.to_string());
+                return;
+            }
+            node = map.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        }
+    }
+
+    fn build(&mut self, tree: &Value) -> Config {
+        let top = tree.as_object().expect("checked by the caller");
+        self.unknown_keys(top, &[], TOP_KEYS);
+
+        let empty = Map::new();
+        let http_map = self.mapping(top.get("http"), &["http"]).unwrap_or(&empty);
+        self.unknown_keys(http_map, &["http"], HTTP_KEYS);
+        let enabled = self.boolean(http_map.get("enabled"), &["http", "enabled"]).unwrap_or(true);
+        let addr_text = self.string(http_map.get("addr"), &["http", "addr"]).unwrap_or("127.0.0.1:8770".into());
+        let addr = match addr_text.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                self.problem(&["http", "addr"], format!("'{addr_text}' is not an address like 127.0.0.1:8770"));
+                SocketAddr::from(([127, 0, 0, 1], 8770))
+            }
+        };
+        let http = HttpConfig { enabled, addr };
+
+        let logs_map = self.mapping(top.get("logs"), &["logs"]).unwrap_or(&empty);
+        self.unknown_keys(logs_map, &["logs"], LOG_KEYS);
+        let max_bytes = self
+            .integer(logs_map.get("max_bytes"), &["logs", "max_bytes"], 4096, 1 << 40)
+            .unwrap_or(50 * 1024 * 1024);
+        let max_files = self.integer(logs_map.get("max_files"), &["logs", "max_files"], 1, 100).unwrap_or(5) as u32;
+        let logs = LogConfig { max_bytes, max_files };
+
+        let defaults = self.mapping(top.get("defaults"), &["defaults"]).unwrap_or(&empty).clone();
+        let allowed_defaults: Vec<&str> =
+            COMMON_KEYS.iter().copied().filter(|k| !PER_DAEMON_ONLY.contains(k)).collect();
+        self.unknown_keys(&defaults, &["defaults"], &allowed_defaults);
+
+        let daemons_map = self.mapping(top.get("daemons"), &["daemons"]).unwrap_or(&empty).clone();
+        let mut daemons = BTreeMap::new();
+        // Every catalog daemon exists, configured or not; entries in the file refine them.
+        let mut names: BTreeSet<String> = catalog::DAEMONS.iter().map(|d| d.name.to_string()).collect();
+        for key in daemons_map.keys() {
+            names.insert(key.clone());
+        }
+        for name in names {
+            let entry_value = daemons_map.get(&name);
+            let entry = match entry_value {
+                None | Some(Value::Null) => Map::new(),
+                Some(v) => match self.mapping(Some(v), &["daemons", &name]) {
+                    Some(m) => m.clone(),
+                    None => continue,
+                },
+            };
+            if let Some(d) = self.daemon(&name, &entry, &defaults) {
+                daemons.insert(name, d);
+            }
+        }
+
+        let graph: Graph = daemons.iter().map(|(n, d)| (n.clone(), d.depends_on.clone())).collect();
+        if let Err(errors) = deps::validate(&graph) {
+            for e in errors {
+                match &e {
+                    deps::GraphError::Missing { daemon, missing } => {
+                        let hint = catalog::suggestion(missing, daemons.keys().map(String::as_str));
+                        self.problem(&["daemons", daemon, "depends_on"], format!("unknown daemon '{missing}': {hint}"));
+                    }
+                    deps::GraphError::Cycle(path) => {
+                        let first = path.first().cloned().unwrap_or_default();
+                        self.problem(&["daemons", &first, "depends_on"], e.to_string());
+                    }
+                }
+            }
+        }
+
+        let profiles = self.profiles(top.get("profiles"), &daemons);
+        Config { source: self.file.to_string(), http, logs, daemons, profiles }
+    }
+
+    fn daemon(&mut self, name: &str, entry: &Map<String, Value>, defaults: &Map<String, Value>) -> Option<DaemonConfig> {
+        let spec = catalog::find(name);
+        let path = |k: &'static str| -> [String; 3] { ["daemons".into(), name.to_string(), k.into()] };
+        let p = |k: &'static str| path(k);
+        let has_command = entry.get("command").is_some_and(|c| !c.is_null());
+        if spec.is_none() && !has_command {
+            let hint = catalog::suggestion(name, catalog::DAEMONS.iter().map(|d| d.name));
+            self.problem(
+                &["daemons", name],
+                format!("unknown daemon '{name}': {hint} (a daemon of your own needs a `command:`)"),
+            );
+            return None;
+        }
+        let mut allowed: Vec<&str> = COMMON_KEYS.to_vec();
+        if let Some(s) = spec {
+            allowed.extend_from_slice(s.extra_keys);
+        }
+        self.unknown_keys(entry, &["daemons", name], &allowed);
+
+        // A value from the entry, else from `defaults:`.
+        let pick = |k: &str| entry.get(k).or_else(|| defaults.get(k));
+        let pick_path = |k: &'static str| -> Vec<String> {
+            if entry.contains_key(k) || !defaults.contains_key(k) {
+                p(k).to_vec()
+            } else {
+                vec!["defaults".into(), k.into()]
+            }
+        };
+        macro_rules! at {
+            ($k:literal) => {
+                &pick_path($k).iter().map(String::as_str).collect::<Vec<_>>()
+            };
+        }
+
+        let enabled = self
+            .boolean(pick("enabled"), at!("enabled"))
+            .unwrap_or(spec.is_some_and(|s| s.enabled_by_default) || (spec.is_none() && has_command));
+        let interval = self.duration(pick("interval"), at!("interval"), 0.01, 86_400.0).unwrap_or(Duration::from_secs(60));
+        let depends_on = match entry.get("depends_on") {
+            None => spec.map(|s| s.depends_on.iter().map(|d| d.to_string()).collect()).unwrap_or_default(),
+            Some(v) => self.string_list(Some(v), &["daemons", name, "depends_on"]).unwrap_or_default(),
+        };
+        let depends_on: Vec<String> = depends_on.iter().map(|d| catalog::normalize(d)).collect();
+        let command = match entry.get("command") {
+            None | Some(Value::Null) => None,
+            Some(v) => match self.string_list(Some(v), &["daemons", name, "command"]) {
+                Some(c) if c.is_empty() => {
+                    self.problem(&["daemons", name, "command"], "must name a program, e.g. [\"python3\", \"my_daemon.py\"]");
+                    None
+                }
+                other => other,
+            },
+        };
+        let protocol = match command {
+            None => true,
+            Some(_) => self.boolean(pick("protocol"), at!("protocol")).unwrap_or(false),
+        };
+        let env = match entry.get("env") {
+            None => BTreeMap::new(),
+            Some(v) => match self.mapping(Some(v), &["daemons", name, "env"]) {
+                None => BTreeMap::new(),
+                Some(m) => m
+                    .iter()
+                    .map(|(k, v)| (k.clone(), match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    }))
+                    .collect(),
+            },
+        };
+        if let Some(s) = entry.get("settings") {
+            self.mapping(Some(s), &["daemons", name, "settings"]);
+        }
+
+        let mut restart = RestartSettings::default();
+        if let Some(raw) = self.string(pick("restart"), at!("restart")) {
+            match RestartPolicy::parse(&raw) {
+                Some(pol) => restart.policy = pol,
+                None => self.problem(at!("restart"), format!("'{raw}' is not one of always, on_failure, never")),
+            }
+        }
+        if let Some(d) = self.duration(pick("backoff_initial"), at!("backoff_initial"), 0.0, 3600.0) {
+            restart.backoff_initial = d;
+        }
+        if let Some(d) = self.duration(pick("backoff_max"), at!("backoff_max"), 0.0, 86_400.0) {
+            restart.backoff_max = d;
+        }
+        if restart.backoff_initial > restart.backoff_max {
+            self.problem(at!("backoff_initial"), "must not exceed backoff_max");
+        }
+        if let Some(n) = self.integer(pick("max_restarts"), at!("max_restarts"), 1, 1_000_000) {
+            restart.max_restarts = n as u32;
+        }
+        if let Some(d) = self.duration(pick("restart_window"), at!("restart_window"), 0.001, 86_400.0 * 7.0) {
+            restart.restart_window = d;
+        }
+        if let Some(d) = self.duration(pick("stable_after"), at!("stable_after"), 0.0, 86_400.0) {
+            restart.stable_after = d;
+        }
+        let grace_period = self.duration(pick("grace_period"), at!("grace_period"), 0.0, 3600.0).unwrap_or(Duration::from_secs(10));
+        let heartbeat_interval =
+            self.duration(pick("heartbeat_interval"), at!("heartbeat_interval"), 0.01, 3600.0).unwrap_or(Duration::from_secs(5));
+        let heartbeat_timeout = self
+            .duration(pick("heartbeat_timeout"), at!("heartbeat_timeout"), 0.02, 86_400.0)
+            .unwrap_or_else(|| (heartbeat_interval * 6).max(Duration::from_secs(30)));
+        if heartbeat_timeout <= heartbeat_interval {
+            self.problem(at!("heartbeat_timeout"), format!(
+                "must be longer than heartbeat_interval ({}s)",
+                heartbeat_interval.as_secs_f64()
+            ));
+        }
+        let stall_timeout = match pick("stall_timeout") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => None,
+            v => self.duration(v, at!("stall_timeout"), 0.01, 86_400.0 * 7.0),
+        };
+        let ready_timeout = self.duration(pick("ready_timeout"), at!("ready_timeout"), 0.01, 3600.0).unwrap_or(Duration::from_secs(30));
+
+        // The effective settings handed to the process: defaults, then the entry, then the resolved values.
+        let mut settings = defaults.clone();
+        for (k, v) in entry {
+            settings.insert(k.clone(), v.clone());
+        }
+        settings.insert("name".into(), Value::from(name));
+        settings.insert("interval".into(), Value::from(interval.as_secs_f64()));
+        settings.insert("heartbeat_interval".into(), Value::from(heartbeat_interval.as_secs_f64()));
+        if let Some(s) = spec {
+            settings.insert("purpose".into(), Value::from(s.purpose));
+        }
+
+        Some(DaemonConfig {
+            name: name.to_string(),
+            enabled,
+            interval,
+            depends_on,
+            command,
+            protocol,
+            env,
+            restart,
+            grace_period,
+            heartbeat_interval,
+            heartbeat_timeout,
+            stall_timeout,
+            ready_timeout,
+            settings: Value::Object(settings),
+        })
+    }
+
+    fn profiles(&mut self, v: Option<&Value>, daemons: &BTreeMap<String, DaemonConfig>) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = catalog::PROFILES
+            .iter()
+            .map(|(n, m)| (n.to_string(), m.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        let Some(map) = self.mapping(v, &["profiles"]).cloned() else { return out };
+        for (name, members) in &map {
+            let Some(list) = self.string_list(Some(members), &["profiles", name]) else { continue };
+            let mut resolved = Vec::new();
+            for m in list {
+                let n = catalog::normalize(&m);
+                if daemons.contains_key(&n) {
+                    resolved.push(n);
+                } else {
+                    let hint = catalog::suggestion(&n, daemons.keys().map(String::as_str));
+                    self.problem(&["profiles", name], format!("unknown daemon '{m}': {hint}"));
+                }
+            }
+            out.insert(name.clone(), resolved);
+        }
+        out
+    }
+
+    fn unknown_keys(&mut self, map: &Map<String, Value>, at: &[&str], allowed: &[&str]) {
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let mut path = at.to_vec();
+                path.push(key);
+                let hint = catalog::suggestion(key, allowed.iter().copied());
+                self.problem(&path, format!("unknown key: {hint}"));
+            }
+        }
+    }
+
+    fn mapping<'v>(&mut self, v: Option<&'v Value>, at: &[&str]) -> Option<&'v Map<String, Value>> {
+        match v? {
+            Value::Object(m) => Some(m),
+            Value::Null => None,
+            other => {
+                self.problem(at, format!("must be a mapping, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, v: Option<&Value>, at: &[&str]) -> Option<bool> {
+        match v? {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) if matches!(s.as_str(), "true" | "yes" | "on" | "1") => Some(true),
+            Value::String(s) if matches!(s.as_str(), "false" | "no" | "off" | "0") => Some(false),
+            other => {
+                self.problem(at, format!("must be true or false, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, v: Option<&Value>, at: &[&str]) -> Option<String> {
+        match v? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            other => {
+                self.problem(at, format!("must be a string, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn string_list(&mut self, v: Option<&Value>, at: &[&str]) -> Option<Vec<String>> {
+        match v? {
+            Value::Array(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        Value::Number(n) => out.push(n.to_string()),
+                        other => {
+                            self.problem(at, format!("must be a list of strings, found {} in it", kind(other)));
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            }
+            // "a, b" from an environment variable.
+            Value::String(s) => Some(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+            Value::Null => Some(Vec::new()),
+            other => {
+                self.problem(at, format!("must be a list of strings, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, v: Option<&Value>, at: &[&str], min: u64, max: u64) -> Option<u64> {
+        let v = v?;
+        let n = match v {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(n) => {
+                self.problem(at, format!("{n} is out of range ({min}..={max})"));
+                None
+            }
+            None => {
+                self.problem(at, format!("must be a whole number from {min} to {max}, found {}", show(v)));
+                None
+            }
+        }
+    }
+
+    /// Seconds as a number, or a string with a unit: "500ms", "10s", "5m", "1h".
+    fn duration(&mut self, v: Option<&Value>, at: &[&str], min_secs: f64, max_secs: f64) -> Option<Duration> {
+        let v = v?;
+        let secs = match v {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => parse_duration_secs(s),
+            _ => None,
+        };
+        match secs {
+            Some(s) if s.is_finite() && s >= min_secs && s <= max_secs => Some(Duration::from_secs_f64(s)),
+            Some(s) => {
+                self.problem(at, format!("{s} seconds is out of range ({min_secs}..={max_secs} seconds)"));
+                None
+            }
+            None => {
+                self.problem(at, format!("must be a duration in seconds (or \"500ms\", \"10s\", \"5m\"), found {}", show(v)));
+                None
+            }
+        }
+    }
+}
+
+/// Parses "1.5", "500ms", "10s", "5m", "2h" into seconds.
+pub fn parse_duration_secs(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    num.trim().parse::<f64>().ok().map(|n| n * scale)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("'{s}'"),
+        other => kind(other).to_string(),
+    }
+}
+
+/// An environment value read as a YAML scalar or flow collection ("5", "true", "[a, b]"), else as text.
+fn scalar(raw: &str) -> Value {
+    match serde_saphyr::from_str::<Value>(raw) {
+        Ok(Value::Null) if !raw.trim().is_empty() && raw.trim() != "null" && raw.trim() != "~" => Value::String(raw.to_string()),
+        Ok(v) => v,
+        Err(_) => Value::String(raw.to_string()),
+    }
+}
+
+/// The 1-based line where a dotted key is written in block-style YAML, if it is.
+pub fn locate(text: &str, path: &[&str]) -> Option<usize> {
+    let mut depth = 0;
+    let mut parent_indent: Option<usize> = None;
+    let mut found = None;
+    for (i, line) in text.lines().enumerate() {
+        if depth == path.len() {
+            break;
+        }
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        if let Some(pi) = parent_indent
+            && indent <= pi
+        {
+            // Left the parent's block without finding the key.
+            return found;
+        }
+        let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
+        if trimmed.contains(':') && key == path[depth] {
+            found = Some(i + 1);
+            parent_indent = Some(indent);
+            depth += 1;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> Config {
+        parse(text, "test.yaml", &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(text: &str, env: &[(&str, &str)]) -> ConfigError {
+        let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        parse(text, "test.yaml", &env).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_has_the_catalog() {
+        let c = ok(DEFAULT_YAML);
+        assert_eq!(c.daemons.len(), 15);
+        assert!(c.daemons["auto_sync"].enabled);
+        assert!(!c.daemons["unified_idle_shutdown"].enabled);
+        assert_eq!(c.daemons["evaluation"].depends_on, vec!["training_trigger"]);
+        assert_eq!(c.profiles.len(), 6);
+        assert_eq!(c.http.addr.to_string(), "127.0.0.1:8770");
+        assert_eq!(c.logs.max_bytes, 50 * 1024 * 1024);
+        assert_eq!(c.logs.max_files, 5);
+    }
+
+    #[test]
+    fn empty_file_means_catalog_defaults() {
+        let c = ok("");
+        assert_eq!(c.daemons.len(), 15);
+        assert_eq!(c.daemons["training_trigger"].depends_on.len(), 4);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key_with_a_hint() {
+        let e = err("daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n", &[]);
+        let p = &e.problems[0];
+        assert_eq!(p.line, Some(4));
+        assert_eq!(p.key, "daemons.auto_sync.intervall");
+        assert!(p.message.contains("did you mean interval"), "{}", p.message);
+        assert!(e.to_string().contains("test.yaml:4: daemons.auto_sync.intervall"), "{e}");
+    }
+
+    #[test]
+    fn unknown_daemon_is_refused_with_suggestion() {
+        let e = err("daemons:\n  auto_synk:\n    enabled: true\n", &[]);
+        assert_eq!(e.problems[0].line, Some(2));
+        assert!(e.problems[0].message.contains("auto_sync"), "{e}");
+    }
+
+    #[test]
+    fn custom_daemon_with_command_is_accepted() {
+        let c = ok("daemons:\n  my_thing:\n    command: [\"sleep\", \"100\"]\n");
+        let d = &c.daemons["my_thing"];
+        assert!(d.enabled && d.is_external() && !d.protocol);
+    }
+
+    #[test]
+    fn cycle_is_refused_and_named() {
+        let e = err(
+            "daemons:\n  auto_sync:\n    depends_on: [auto_promotion]\n",
+            &[],
+        );
+        let text = e.to_string();
+        assert!(text.contains("dependency cycle"), "{text}");
+        assert!(text.contains("auto_sync"), "{text}");
+    }
+
+    #[test]
+    fn broken_yaml_is_refused_with_a_line() {
+        let e = err("daemons:\n  auto_sync:\n    enabled: [true\n  x: 1\n", &[]);
+        assert!(e.problems[0].message.starts_with("invalid YAML"), "{e}");
+        assert!(e.problems[0].line.is_some(), "{e:?}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_all_reported() {
+        let e = err(
+            "logs:\n  max_files: 0\ndaemons:\n  auto_sync:\n    interval: -3\n    restart: sometimes\n",
+            &[],
+        );
+        assert_eq!(e.problems.len(), 3, "{e}");
+        assert_eq!(e.problems[0].line, Some(2));
+    }
+
+    #[test]
+    fn interval_environment_variables_apply_by_category() {
+        let env: Vec<(String, String)> = vec![
+            ("RINGRIFT_DAEMON_INTERVAL".into(), "30".into()),
+            ("RINGRIFT_SYNC_INTERVAL".into(), "7".into()),
+            ("RINGRIFT_EPHEMERAL_INTERVAL".into(), "2".into()),
+        ];
+        let c = parse(DEFAULT_YAML, "x", &env).unwrap();
+        assert_eq!(c.daemons["auto_sync"].interval, Duration::from_secs(7));
+        assert_eq!(c.daemons["ephemeral_sync"].interval, Duration::from_secs(2));
+        assert_eq!(c.daemons["evaluation"].interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn generic_environment_override_wins_and_is_named_in_errors() {
+        let env: Vec<(String, String)> = vec![
+            ("RINGRIFT_SYNC_INTERVAL".into(), "7".into()),
+            ("RINGRIFT_DAEMONS__AUTO_SYNC__INTERVAL".into(), "0.5".into()),
+            ("RINGRIFT_HTTP__ADDR".into(), "127.0.0.1:9999".into()),
+        ];
+        let c = parse(DEFAULT_YAML, "x", &env).unwrap();
+        assert_eq!(c.daemons["auto_sync"].interval, Duration::from_millis(500));
+        assert_eq!(c.http.addr.port(), 9999);
+
+        let e = err("", &[("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "forever")]);
+        assert_eq!(e.problems[0].file, "environment RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD");
+    }
+
+    #[test]
+    fn durations_accept_units() {
+        assert_eq!(parse_duration_secs("500ms"), Some(0.5));
+        assert_eq!(parse_duration_secs("2m"), Some(120.0));
+        assert_eq!(parse_duration_secs("1.5"), Some(1.5));
+        assert_eq!(parse_duration_secs("soon"), None);
+        let c = ok("defaults:\n  grace_period: 250ms\n");
+        assert_eq!(c.daemons["auto_sync"].grace_period, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn defaults_block_applies_and_errors_point_at_it() {
+        let e = err("defaults:\n  heartbeat_interval: 5\n  heartbeat_timeout: 2\n", &[]);
+        assert!(e.problems.iter().all(|p| p.key == "defaults.heartbeat_timeout"), "{e}");
+    }
+
+    #[test]
+    fn profile_with_unknown_member_is_refused() {
+        let e = err("profiles:\n  mine: [auto_sync, nope_daemon]\n", &[]);
+        assert_eq!(e.problems[0].key, "profiles.mine");
+    }
+
+    #[test]
+    fn resolve_accepts_any_case_and_suggests() {
+        let c = ok("");
+        assert_eq!(c.resolve("AUTO_SYNC").unwrap(), "auto_sync");
+        assert!(c.resolve("auto_synk").unwrap_err().contains("did you mean auto_sync"));
+    }
+
+    #[test]
+    fn locate_walks_nested_blocks() {
+        let t = "a:\n  b:\n    c: 1\n  d: 2\ne:\n  c: 3\n";
+        assert_eq!(locate(t, &["a", "b", "c"]), Some(3));
+        assert_eq!(locate(t, &["e", "c"]), Some(6));
+        assert_eq!(locate(t, &["a", "d"]), Some(4));
+    }
+}
