@@ -1,1 +1,273 @@
-fn main() {}
+//! `ringrift-supervisor`: runs the RingRift pipeline daemons, one OS process each, and is the CLI
+//! that controls them.
+
+mod cli;
+mod core;
+mod ipc;
+mod logwriter;
+mod paths;
+mod server;
+mod unix;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ringrift::config::{self, Config};
+use ringrift::protocol::{FromSupervisor, ToSupervisor};
+
+use crate::cli::{EXIT_FAILED, EXIT_USAGE};
+use crate::paths::Paths;
+
+#[derive(Parser)]
+#[command(
+    name = "ringrift-supervisor",
+    version,
+    about = "Runs the RingRift self-improvement pipeline's daemons, one OS process each, under one supervisor.",
+    long_about = "Runs the RingRift self-improvement pipeline's daemons (sync, export, training, evaluation, \
+promotion, health, scheduling, reaping), one OS process each, under one supervisor per root directory.\n\n\
+The first command that needs a supervisor starts one in the background; every command talks to it over \
+run/supervisor.sock. Logs: logs/master_loop.log (the supervisor), logs/<daemon>.log (each daemon).\n\n\
+Exit codes: 0 done, 1 an operation failed, 2 bad input (unknown name, invalid configuration), \
+3 no supervisor running."
+)]
+struct Cli {
+    /// Root directory holding config/, logs/, run/ and data/ [default: current directory]
+    #[arg(long, global = true, env = "RINGRIFT_ROOT", value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Configuration file [default: <root>/config/unified_loop.yaml, else the embedded default]
+    #[arg(long, global = true, env = "RINGRIFT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start daemons (booting the supervisor if needed); waits until they are RUNNING
+    Start {
+        /// Daemon names (any case: AUTO_SYNC or auto_sync); their dependencies start first
+        names: Vec<String>,
+        /// Every daemon enabled in the configuration
+        #[arg(long)]
+        all: bool,
+        /// The daemons of a profile: coordinator, training_node, ephemeral, selfplay, full, minimal
+        #[arg(long, value_name = "PROFILE")]
+        profile: Option<String>,
+        /// Run the supervisor in this terminal (for systemd units and containers); Ctrl-C stops everything
+        #[arg(long)]
+        foreground: bool,
+        /// Return once the request is accepted instead of waiting for RUNNING
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for the daemons to come up
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Stop daemons; daemons that depend on them stop first
+    Stop {
+        names: Vec<String>,
+        /// Every daemon
+        #[arg(long)]
+        all: bool,
+        /// Seconds to wait for the daemons to stop
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Restart daemons (a new process each); clears FAILED
+    Restart {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Pause daemons: they stay alive but run no cycles (plain programs get SIGSTOP)
+    Pause {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Resume paused daemons
+    Resume {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Show every daemon's state, pid, uptime, restarts and health
+    Status {
+        /// Show only this daemon
+        name: Option<String>,
+        /// Machine-readable output (the format is documented in the README)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a daemon's log (logs/<daemon>.log), or the supervisor's with `master_loop`
+    Logs {
+        name: String,
+        /// Number of lines
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+        /// Keep printing new lines as they are written
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Re-read the configuration and apply only what changed (same as SIGHUP)
+    Reload,
+    /// Stop every daemon, dependents first, then the supervisor
+    Shutdown {
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Configuration commands
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Run the supervisor in this process without starting any daemon (what `start` boots)
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        foreground: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Validate the configuration (with environment overrides) without starting anything
+    Check,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("."));
+    let paths = Paths::new(&root);
+    std::process::exit(run(cli, paths));
+}
+
+fn load_config(paths: &Paths, explicit: Option<&std::path::Path>) -> Result<Config, i32> {
+    config::load(&paths.root, explicit).map_err(|e| {
+        eprint!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+fn run(cli: Cli, paths: Paths) -> i32 {
+    let config_path = cli.config.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    match cli.command {
+        Command::Config { action: ConfigAction::Check } => match load_config(&paths, config_path.as_deref()) {
+            Ok(c) => {
+                let enabled = c.enabled();
+                println!(
+                    "{}: ok ({} daemons, {} enabled: {})",
+                    c.source,
+                    c.daemons.len(),
+                    enabled.len(),
+                    enabled.into_iter().collect::<Vec<_>>().join(", ")
+                );
+                0
+            }
+            Err(code) => code,
+        },
+        Command::Serve { foreground } => {
+            let config = match load_config(&paths, config_path.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            server::serve(server::ServeOptions { paths, config, config_path, foreground, initial: None })
+        }
+        Command::Start { names, all, profile, foreground, no_wait, timeout } => {
+            // A bad configuration is refused before anything starts.
+            let config = match load_config(&paths, config_path.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let request = ToSupervisor::Start { names, all, profile, no_wait };
+            if foreground {
+                let request = match request {
+                    ToSupervisor::Start { names, all, profile, .. } => ToSupervisor::Start { names, all, profile, no_wait: true },
+                    other => other,
+                };
+                if cli::Client::connect(&paths).is_ok() {
+                    eprintln!("error: a supervisor is already running on {}; use `start` without --foreground to talk to it", paths.root.display());
+                    return EXIT_FAILED;
+                }
+                return server::serve(server::ServeOptions { paths, config, config_path, foreground: true, initial: Some(request) });
+            }
+            let mut client = match cli::Client::connect(&paths) {
+                Ok(c) => c,
+                Err(cli::ConnectError::NotRunning) => match cli::boot_background(&paths, config_path.as_deref()) {
+                    Ok(c) => c,
+                    Err(msg) => {
+                        eprintln!("error: {msg}");
+                        return EXIT_FAILED;
+                    }
+                },
+                Err(cli::ConnectError::Other(msg)) => {
+                    eprintln!("error: {msg}");
+                    return EXIT_FAILED;
+                }
+            };
+            call_and_report(&mut client, &request, timeout)
+        }
+        Command::Stop { names, all, timeout } => with_client(&paths, &ToSupervisor::Stop { names, all }, timeout),
+        Command::Restart { names, timeout } => with_client(&paths, &ToSupervisor::Restart { names }, timeout),
+        Command::Pause { names } => with_client(&paths, &ToSupervisor::Pause { names }, 30),
+        Command::Resume { names } => with_client(&paths, &ToSupervisor::Resume { names }, 30),
+        Command::Reload => with_client(&paths, &ToSupervisor::Reload, 30),
+        Command::Shutdown { timeout } => with_client(&paths, &ToSupervisor::Shutdown, timeout),
+        Command::Status { name, json } => {
+            let mut client = match cli::connect_or_explain(&paths) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.call(&ToSupervisor::Status { name }, Duration::from_secs(10)) {
+                Ok(FromSupervisor::Status(report)) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&report).expect("status serializes"));
+                    } else {
+                        cli::print_status(&report);
+                    }
+                    0
+                }
+                Ok(other) => cli::report(&other),
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Command::Logs { name, lines, follow } => {
+            let file = if ringrift::catalog::normalize(&name) == "master_loop" {
+                paths.master_log.clone()
+            } else {
+                let config = match load_config(&paths, config_path.as_deref()) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                match config.resolve(&name) {
+                    Ok(n) => paths.daemon_log(&n),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return EXIT_USAGE;
+                    }
+                }
+            };
+            cli::show_logs(&file, lines, follow)
+        }
+    }
+}
+
+fn with_client(paths: &Paths, request: &ToSupervisor, timeout: u64) -> i32 {
+    match cli::connect_or_explain(paths) {
+        Ok(mut client) => call_and_report(&mut client, request, timeout),
+        Err(code) => code,
+    }
+}
+
+fn call_and_report(client: &mut cli::Client, request: &ToSupervisor, timeout: u64) -> i32 {
+    match client.call(request, Duration::from_secs(timeout)) {
+        Ok(answer) => cli::report(&answer),
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            EXIT_FAILED
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The client side of every command: talk to the supervisor over its socket (booting it when
+//! needed) and print what happened in a form a person can read at a glance.
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ringrift::lifecycle::DaemonState;
+use ringrift::protocol::{self, ErrorCode, FromSupervisor, PROTOCOL_VERSION, Role, StatusReport, ToSupervisor};
+
+use crate::paths::Paths;
+
+/// Exit codes: 0 done, 1 an operation failed, 2 bad input (name, config, usage), 3 no supervisor.
+pub(crate) const EXIT_FAILED: i32 = 1;
+pub(crate) const EXIT_USAGE: i32 = 2;
+pub(crate) const EXIT_NOT_RUNNING: i32 = 3;
+
+pub(crate) struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+pub(crate) enum ConnectError {
+    /// Nothing listens: no supervisor on this root.
+    NotRunning,
+    Other(String),
+}
+
+impl Client {
+    pub(crate) fn connect(paths: &Paths) -> Result<Client, ConnectError> {
+        let stream = match UnixStream::connect(&paths.socket) {
+            Ok(s) => s,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                return Err(ConnectError::NotRunning);
+            }
+            Err(e) => return Err(ConnectError::Other(format!("cannot connect to {}: {e}", paths.socket.display()))),
+        };
+        let writer = stream.try_clone().map_err(|e| ConnectError::Other(e.to_string()))?;
+        let mut client = Client { reader: BufReader::new(stream), writer };
+        let hello = ToSupervisor::Hello { protocol: PROTOCOL_VERSION, role: Role::Cli, daemon: None, pid: Some(std::process::id()) };
+        match client.call(&hello, Duration::from_secs(10)) {
+            Ok(FromSupervisor::Welcome { .. }) => Ok(client),
+            Ok(FromSupervisor::Error { message, .. }) => Err(ConnectError::Other(format!("the supervisor refused this client: {message}"))),
+            Ok(other) => Err(ConnectError::Other(format!("unexpected answer to hello: {other:?}"))),
+            Err(e) => Err(ConnectError::Other(e)),
+        }
+    }
+
+    /// Sends one frame and reads one answer, waiting at most `timeout`.
+    pub(crate) fn call(&mut self, frame: &ToSupervisor, timeout: Duration) -> Result<FromSupervisor, String> {
+        self.writer.write_all(&protocol::encode(frame)).map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        let mut line = Vec::new();
+        match self.reader.read_until(b'\n', &mut line) {
+            Ok(0) => Err("the supervisor closed the connection".into()),
+            Ok(_) => protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line)).map_err(|e| format!("bad answer from the supervisor: {e}")),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(format!("no answer from the supervisor within {}s", timeout.as_secs()))
+            }
+            Err(e) => Err(format!("cannot read from the supervisor: {e}")),
+        }
+    }
+}
+
+/// Connects, or explains that no supervisor runs on this root.
+pub(crate) fn connect_or_explain(paths: &Paths) -> Result<Client, i32> {
+    match Client::connect(paths) {
+        Ok(c) => Ok(c),
+        Err(ConnectError::NotRunning) => {
+            eprintln!(
+                "error: no supervisor is running on {} (nothing answers on {}); start one with `ringrift-supervisor start --all`",
+                paths.root.display(),
+                paths.socket.display()
+            );
+            Err(EXIT_NOT_RUNNING)
+        }
+        Err(ConnectError::Other(msg)) => {
+            eprintln!("error: {msg}");
+            Err(EXIT_FAILED)
+        }
+    }
+}
+
+/// Starts a detached supervisor for this root and waits until its socket answers.
+pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Client, String> {
+    paths.prepare_dirs().map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let boot_log = std::fs::File::create(&paths.boot_log).map_err(|e| format!("cannot create {}: {e}", paths.boot_log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root").arg(&paths.root);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.arg("serve").current_dir(&paths.root).stdin(Stdio::null()).stdout(Stdio::null()).stderr(boot_log);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match Client::connect(paths) {
+            Ok(c) => {
+                // Reap it in the background of this short-lived process: it keeps running.
+                std::mem::forget(child);
+                return Ok(c);
+            }
+            Err(ConnectError::Other(msg)) => return Err(msg),
+            Err(ConnectError::NotRunning) => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&paths.boot_log).unwrap_or_default();
+            return Err(format!("the supervisor exited during start-up ({status}): {}", text.trim()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the supervisor did not answer on {} within 15s; see {}", paths.socket.display(), paths.master_log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Prints the outcome of a control command and returns the exit code.
+pub(crate) fn report(answer: &FromSupervisor) -> i32 {
+    match answer {
+        FromSupervisor::Done { ok, results } => {
+            let width = results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+            for r in results {
+                let mark = if r.ok { "ok  " } else { "FAIL" };
+                if r.name.is_empty() {
+                    println!("{mark} {}", r.message);
+                } else {
+                    println!("{mark} {:width$}  {}", r.name, r.message);
+                }
+            }
+            if *ok {
+                0
+            } else if results.iter().any(|r| !r.ok && r.message.starts_with("unknown daemon")) {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            }
+        }
+        FromSupervisor::Error { code, message } => {
+            eprintln!("error: {message}");
+            match code {
+                ErrorCode::UnknownDaemon | ErrorCode::BadRequest | ErrorCode::Config => EXIT_USAGE,
+                _ => EXIT_FAILED,
+            }
+        }
+        other => {
+            eprintln!("error: unexpected answer: {other:?}");
+            EXIT_FAILED
+        }
+    }
+}
+
+/// One line for the supervisor's own log.
+pub(crate) fn summarize(answer: &FromSupervisor) -> String {
+    match answer {
+        FromSupervisor::Done { ok, results } => {
+            let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.name, r.message)).collect();
+            if *ok { format!("{} daemon(s) up", results.len()) } else { format!("failed: {}", failed.join("; ")) }
+        }
+        FromSupervisor::Error { message, .. } => format!("error: {message}"),
+        other => format!("{other:?}"),
+    }
+}
+
+pub(crate) fn print_status(report: &StatusReport) {
+    let s = &report.supervisor;
+    println!("supervisor pid {}  up {}  root {}  config {}", s.pid, human_duration(s.uptime_secs), s.root, s.config_path);
+    let rows: Vec<[String; 6]> = report
+        .daemons
+        .iter()
+        .map(|d| {
+            let at_rest = matches!(d.state, DaemonState::Failed | DaemonState::Backoff | DaemonState::Stopped | DaemonState::Waiting);
+            let health = if at_rest {
+                match (&d.reason, &d.last_exit) {
+                    (Some(reason), _) => reason.clone(),
+                    (None, Some(exit)) => format!("last process: {exit}"),
+                    (None, None) if !d.enabled => "disabled".into(),
+                    (None, None) => String::new(),
+                }
+            } else {
+                d.health.message.clone()
+            };
+            [
+                d.name.clone(),
+                d.state.to_string(),
+                d.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                d.uptime_secs.map(human_duration).unwrap_or_else(|| "-".into()),
+                d.restarts.to_string(),
+                health,
+            ]
+        })
+        .collect();
+    let headers = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH"];
+    let mut widths = headers.map(str::len);
+    for r in &rows {
+        for (i, cell) in r.iter().enumerate().take(5) {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        format!(
+            "{:w0$}  {:w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5],
+            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3], w4 = widths[4]
+        )
+    };
+    println!("{}", line(headers));
+    for r in &rows {
+        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end());
+    }
+}
+
+pub(crate) fn human_duration(secs: f64) -> String {
+    let s = secs as u64;
+    if s < 60 {
+        format!("{secs:.1}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else if s < 86_400 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600)
+    }
+}
+
+/// `logs NAME [-n N] [-f]`: reads the files directly, so it works with or without a supervisor.
+pub(crate) fn show_logs(path: &Path, lines: usize, follow: bool) -> i32 {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && follow => {
+            eprintln!("waiting for {} to appear ...", path.display());
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                if let Ok(f) = std::fs::File::open(path) {
+                    break f;
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            return EXIT_FAILED;
+        }
+    };
+    let mut pos = match print_tail(&mut file, lines) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", path.display());
+            return EXIT_FAILED;
+        }
+    };
+    if !follow {
+        return 0;
+    }
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).unwrap_or(0);
+        if n > 0 {
+            pos += n as u64;
+            if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                return 0;
+            }
+            continue;
+        }
+        // Rotated or truncated: start over on the new file.
+        let rotated = std::fs::metadata(path).map(|m| m.len() < pos || !same_file(&file, &m)).unwrap_or(false);
+        if rotated && let Ok(f) = std::fs::File::open(path) {
+            file = f;
+            pos = 0;
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn same_file(file: &std::fs::File, other: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map(|m| m.ino() == other.ino() && m.dev() == other.dev()).unwrap_or(false)
+}
+
+/// Prints the last `n` lines and returns the offset reached.
+fn print_tail(file: &mut std::fs::File, n: usize) -> std::io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut start = len;
+    let mut found = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Walk backwards until n+1 newlines are seen (the last byte is usually a newline).
+    while start > 0 && found <= n {
+        let step = (start as usize).min(chunk.len());
+        start -= step as u64;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk[..step])?;
+        for (i, &b) in chunk[..step].iter().enumerate().rev() {
+            if b == b'\n' && start + i as u64 + 1 != len {
+                found += 1;
+                if found == n {
+                    start += i as u64 + 1;
+                    found = n + 1;
+                    break;
+                }
+            }
+        }
+    }
+    if n == 0 {
+        start = len;
+    }
+    file.seek(SeekFrom::Start(start))?;
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest)?;
+    std::io::stdout().write_all(&rest)?;
+    Ok(len)
+}

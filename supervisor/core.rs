@@ -1,0 +1,1127 @@
+//! The supervisor's state and its single event loop.
+//!
+//! One task owns every daemon record. Everything else (IPC connections, child watchers, timers,
+//! signals) talks to it through one channel of [`Msg`], so no state is shared and no lock is held
+//! across an await. The lifecycle rules themselves are the pure functions of `ringrift::lifecycle`,
+//! `ringrift::restart` and `ringrift::deps`; this file applies them to real processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringrift::config::{Config, DaemonConfig};
+use ringrift::deps;
+use ringrift::lifecycle::{self, DaemonState};
+use ringrift::protocol::{
+    self, DaemonStatus, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
+    ToSupervisor,
+};
+use ringrift::restart::{self, ExitDecision, ExitKind, Jitter, RestartHistory};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::logwriter::{self, RotatingFile, SharedLog, SupervisorLog};
+use crate::paths::Paths;
+use crate::unix::{self, OwnedPids, SpawnSpec};
+
+pub(crate) type Reply = oneshot::Sender<FromSupervisor>;
+pub(crate) type ConnTx = mpsc::UnboundedSender<FromSupervisor>;
+
+/// Everything the core loop reacts to.
+pub(crate) enum Msg {
+    /// A worker said hello; the reply is its welcome (config) or an error.
+    WorkerHello { daemon: String, pid: Option<u32>, conn_id: u64, tx: ConnTx, reply: oneshot::Sender<Result<serde_json::Value, String>> },
+    WorkerFrame { daemon: String, conn_id: u64, frame: ToSupervisor },
+    WorkerGone { daemon: String, conn_id: u64 },
+    /// A CLI request (start, stop, status, ...).
+    Request { frame: ToSupervisor, reply: Reply },
+    ChildExited { daemon: String, generation: u64, status: std::io::Result<std::process::ExitStatus> },
+    Timer { daemon: String, generation: u64, kind: TimerKind },
+    /// The orphan reaper collected something: groups being drained may now be empty.
+    Reaped,
+    Signal(SignalKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerKind {
+    Backoff,
+    Grace,
+    ReadyTimeout,
+    Watchdog,
+    /// A drained group still had members: look again.
+    DrainCheck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SignalKind {
+    Terminate,
+    Interrupt,
+    Hangup,
+}
+
+/// What the supervisor means to do with a daemon whose process is going away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    None,
+    Stop,
+    Restart,
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    state: DaemonState,
+    pid: Option<u32>,
+    /// Bumped at every spawn: timers and exits of an older process are ignored.
+    generation: u64,
+    spawned_at: Option<Instant>,
+    running_since: Option<Instant>,
+    restarts: u32,
+    history: RestartHistory,
+    health: Health,
+    progress: BTreeMap<String, u64>,
+    last_heartbeat: Option<Instant>,
+    last_progress_change: Instant,
+    conn: Option<(u64, ConnTx)>,
+    last_exit: Option<String>,
+    reason: Option<String>,
+    intent: Intent,
+    /// Set when the supervisor itself killed the process (watchdog, stalled, ready timeout).
+    kill_cause: Option<String>,
+    /// The leader has exited; waiting for the rest of its process group (this pgid) to go.
+    draining: Option<(u32, ExitInfo)>,
+    /// A stop was requested but dependents must go first.
+    stop_queued: bool,
+    log: Option<SharedLog>,
+}
+
+#[derive(Debug, Clone)]
+struct ExitInfo {
+    kind: ExitKind,
+    desc: String,
+}
+
+/// A CLI request waiting for daemons to reach a state.
+struct Waiter {
+    targets: Vec<String>,
+    goal: Goal,
+    reply: Reply,
+    /// Results already known (names refused up front, ...).
+    early: Vec<OpResult>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    Up,
+    Down,
+    Paused,
+    Resumed,
+}
+
+pub(crate) struct Core {
+    paths: Paths,
+    config: Config,
+    config_path: Option<PathBuf>,
+    daemons: BTreeMap<String, Daemon>,
+    waiters: Vec<Waiter>,
+    tx: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+    owned: OwnedPids,
+    worker_bin: PathBuf,
+    started: Instant,
+    jitter: Jitter,
+    shutting_down: Option<Vec<Reply>>,
+    interrupts: u32,
+    pub(crate) exit_now: bool,
+}
+
+impl Core {
+    pub(crate) fn new(
+        paths: Paths,
+        config: Config,
+        config_path: Option<PathBuf>,
+        tx: mpsc::UnboundedSender<Msg>,
+        log: Arc<SupervisorLog>,
+        owned: OwnedPids,
+        worker_bin: PathBuf,
+    ) -> Core {
+        let daemons = config.daemons.values().map(|c| (c.name.clone(), Daemon::new(c.clone()))).collect();
+        let seed = std::process::id() as u64 ^ unix_nanos();
+        Core {
+            paths,
+            config,
+            config_path,
+            daemons,
+            waiters: Vec::new(),
+            tx,
+            log,
+            owned,
+            worker_bin,
+            started: Instant::now(),
+            jitter: Jitter::new(seed),
+            shutting_down: None,
+            interrupts: 0,
+            exit_now: false,
+        }
+    }
+
+    /// Runs until shutdown completes.
+    pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            self.handle(msg);
+            self.settle();
+            if self.exit_now {
+                break;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::WorkerHello { daemon, pid, conn_id, tx, reply } => {
+                let _ = reply.send(self.worker_hello(&daemon, pid, conn_id, tx));
+            }
+            Msg::WorkerFrame { daemon, conn_id, frame } => self.worker_frame(&daemon, conn_id, frame),
+            Msg::WorkerGone { daemon, conn_id } => {
+                if let Some(d) = self.daemons.get_mut(&daemon)
+                    && d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id)
+                {
+                    d.conn = None;
+                }
+            }
+            Msg::Request { frame, reply } => self.request(frame, reply),
+            Msg::ChildExited { daemon, generation, status } => self.child_exited(&daemon, generation, status),
+            Msg::Timer { daemon, generation, kind } => self.timer(&daemon, generation, kind),
+            Msg::Reaped => {
+                let draining: Vec<String> =
+                    self.daemons.iter().filter(|(_, d)| d.draining.is_some()).map(|(n, _)| n.clone()).collect();
+                for name in draining {
+                    self.check_drained(&name);
+                }
+            }
+            Msg::Signal(kind) => self.signal(kind),
+        }
+    }
+
+    // ------------------------------------------------------------------ requests from the CLI
+
+    fn request(&mut self, frame: ToSupervisor, reply: Reply) {
+        if self.shutting_down.is_some() && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown) {
+            let _ = reply.send(error(protocol::ErrorCode::ShuttingDown, "the supervisor is shutting down"));
+            return;
+        }
+        match frame {
+            ToSupervisor::Status { name } => {
+                let report = self.status_report();
+                let report = match name {
+                    None => report,
+                    Some(n) => match self.config.resolve(&n) {
+                        Ok(n) => StatusReport { daemons: report.daemons.into_iter().filter(|d| d.name == n).collect(), ..report },
+                        Err(e) => {
+                            let _ = reply.send(error(protocol::ErrorCode::UnknownDaemon, &e));
+                            return;
+                        }
+                    },
+                };
+                let _ = reply.send(FromSupervisor::Status(report));
+            }
+            ToSupervisor::Start { names, all, profile, no_wait } => self.start_request(names, all, profile, no_wait, reply),
+            ToSupervisor::Stop { names, all } => self.stop_request(names, all, reply),
+            ToSupervisor::Restart { names } => self.restart_request(names, reply),
+            ToSupervisor::Pause { names } => self.pause_request(names, true, reply),
+            ToSupervisor::Resume { names } => self.pause_request(names, false, reply),
+            ToSupervisor::Reload => self.reload(Some(reply)),
+            ToSupervisor::Shutdown => self.begin_shutdown(Some(reply)),
+            other => {
+                let _ = reply.send(error(protocol::ErrorCode::UnexpectedFrame, &format!("{} is not a CLI request", frame_name(&other))));
+            }
+        }
+    }
+
+    /// Resolves user-typed names; unknown ones become failed results.
+    fn resolve(&self, names: &[String]) -> (Vec<String>, Vec<OpResult>) {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for n in names {
+            match self.config.resolve(n) {
+                Ok(n) => {
+                    if !ok.contains(&n) {
+                        ok.push(n)
+                    }
+                }
+                Err(e) => bad.push(OpResult { name: n.clone(), ok: false, message: e }),
+            }
+        }
+        (ok, bad)
+    }
+
+    fn start_request(&mut self, names: Vec<String>, all: bool, profile: Option<String>, no_wait: bool, reply: Reply) {
+        let (mut selected, bad) = self.resolve(&names);
+        if !bad.is_empty() {
+            let _ = reply.send(FromSupervisor::Done { ok: false, results: bad });
+            return;
+        }
+        if all {
+            selected.extend(self.config.enabled());
+        }
+        if let Some(p) = profile {
+            match self.config.profiles.get(&p.to_ascii_lowercase()) {
+                Some(members) => selected.extend(members.iter().cloned()),
+                None => {
+                    let hint = ringrift::catalog::suggestion(&p, self.config.profiles.keys().map(String::as_str));
+                    let _ = reply.send(error(protocol::ErrorCode::BadRequest, &format!("unknown profile '{p}': {hint}")));
+                    return;
+                }
+            }
+        }
+        if selected.is_empty() {
+            let _ = reply.send(error(protocol::ErrorCode::BadRequest, "nothing to start: name daemons, or use --all or --profile"));
+            return;
+        }
+        let graph = self.config.graph();
+        let requested: BTreeSet<String> = selected.into_iter().collect();
+        let set = deps::with_dependencies(&graph, &requested);
+        let order = deps::start_order(&graph, &set);
+        for name in &order {
+            if !requested.contains(name) && self.daemons[name].state.is_at_rest() {
+                self.log.info(&format!("{name}: started as a dependency of {}", dependents_in(&graph, name, &requested)));
+            }
+            self.want_up(name);
+        }
+        self.add_waiter(order, Goal::Up, Vec::new(), reply, no_wait);
+    }
+
+    /// Marks a daemon as wanted: at rest → WAITING (the pump spawns it once its dependencies are up).
+    fn want_up(&mut self, name: &str) {
+        let d = self.daemons.get_mut(name).expect("resolved name");
+        d.stop_queued = false;
+        if d.intent == Intent::Stop {
+            d.intent = Intent::Restart;
+        }
+        if d.state.is_at_rest() {
+            d.history.clear();
+            d.reason = None;
+            set_state(&self.log, name, d, DaemonState::Waiting);
+        }
+    }
+
+    fn stop_request(&mut self, names: Vec<String>, all: bool, reply: Reply) {
+        let (selected, bad) = self.resolve(&names);
+        if !bad.is_empty() {
+            let _ = reply.send(FromSupervisor::Done { ok: false, results: bad });
+            return;
+        }
+        let requested: BTreeSet<String> = if all { self.daemons.keys().cloned().collect() } else { selected.into_iter().collect() };
+        if requested.is_empty() {
+            let _ = reply.send(error(protocol::ErrorCode::BadRequest, "nothing to stop: name daemons, or use --all"));
+            return;
+        }
+        let graph = self.config.graph();
+        let set = deps::with_dependents(&graph, &requested);
+        let order = deps::stop_order(&graph, &set);
+        let live: Vec<String> = order.into_iter().filter(|n| requested.contains(n) || !self.daemons[n].state.is_at_rest()).collect();
+        for name in &live {
+            if !requested.contains(name) {
+                self.log.info(&format!("{name}: stopping because it depends on a daemon being stopped"));
+            }
+            self.want_down(name);
+        }
+        self.add_waiter(live, Goal::Down, Vec::new(), reply, false);
+    }
+
+    fn want_down(&mut self, name: &str) {
+        let d = self.daemons.get_mut(name).expect("resolved name");
+        match d.state {
+            DaemonState::Waiting | DaemonState::Backoff => {
+                d.intent = Intent::None;
+                d.stop_queued = false;
+                set_state(&self.log, name, d, DaemonState::Stopped);
+            }
+            DaemonState::Stopped | DaemonState::Failed => {}
+            _ => {
+                d.stop_queued = true;
+                if d.intent == Intent::Restart {
+                    d.intent = Intent::Stop;
+                }
+            }
+        }
+    }
+
+    fn restart_request(&mut self, names: Vec<String>, reply: Reply) {
+        let (selected, bad) = self.resolve(&names);
+        if !bad.is_empty() || selected.is_empty() {
+            let msg = if bad.is_empty() { vec![OpResult { name: String::new(), ok: false, message: "name the daemons to restart".into() }] } else { bad };
+            let _ = reply.send(FromSupervisor::Done { ok: false, results: msg });
+            return;
+        }
+        for name in &selected {
+            let d = self.daemons.get_mut(name).expect("resolved");
+            d.history.clear();
+            d.reason = None;
+            if d.state.has_process() && d.state != DaemonState::ShuttingDown {
+                d.intent = Intent::Restart;
+                self.begin_stop(name);
+            } else if d.state == DaemonState::ShuttingDown {
+                d.intent = Intent::Restart;
+            } else {
+                self.want_up(name);
+            }
+        }
+        // Make sure whatever they depend on is (or comes) up as well.
+        let graph = self.config.graph();
+        let set = deps::with_dependencies(&graph, &selected.iter().cloned().collect());
+        for name in deps::start_order(&graph, &set) {
+            if !selected.contains(&name) {
+                self.want_up(&name);
+            }
+        }
+        self.add_waiter(selected, Goal::Up, Vec::new(), reply, false);
+    }
+
+    fn pause_request(&mut self, names: Vec<String>, pause: bool, reply: Reply) {
+        let (selected, mut bad) = self.resolve(&names);
+        let mut targets = Vec::new();
+        for name in selected {
+            let d = self.daemons.get_mut(&name).expect("resolved");
+            let want = if pause { DaemonState::Running } else { DaemonState::Paused };
+            if d.state != want {
+                let verb = if pause { "pause" } else { "resume" };
+                bad.push(OpResult { name: name.clone(), ok: false, message: format!("cannot {verb}: it is {}", d.state) });
+                continue;
+            }
+            if d.cfg.protocol {
+                if let Some((_, tx)) = &d.conn {
+                    let _ = tx.send(if pause { FromSupervisor::Pause } else { FromSupervisor::Resume });
+                    targets.push(name);
+                } else {
+                    bad.push(OpResult { name: name.clone(), ok: false, message: "not connected to the supervisor".into() });
+                }
+            } else if let Some(pid) = d.pid {
+                unix::signal_group(pid, if pause { Signal::SIGSTOP } else { Signal::SIGCONT });
+                let to = if pause { DaemonState::Paused } else { DaemonState::Running };
+                set_state(&self.log, &name, d, to);
+                targets.push(name);
+            }
+        }
+        let goal = if pause { Goal::Paused } else { Goal::Resumed };
+        self.add_waiter(targets, goal, bad, reply, false);
+    }
+
+    fn add_waiter(&mut self, targets: Vec<String>, goal: Goal, early: Vec<OpResult>, reply: Reply, no_wait: bool) {
+        if no_wait {
+            let mut results = early;
+            results.extend(targets.iter().map(|n| OpResult { name: n.clone(), ok: true, message: format!("{}", self.daemons[n].state) }));
+            let ok = results.iter().all(|r| r.ok);
+            let _ = reply.send(FromSupervisor::Done { ok, results });
+            return;
+        }
+        self.waiters.push(Waiter { targets, goal, reply, early });
+    }
+
+    /// Answers every waiter whose daemons have all reached a final state for its goal.
+    fn resolve_waiters(&mut self) {
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            let mut results = w.early.clone();
+            let mut done = true;
+            for name in &w.targets {
+                let d = &self.daemons[name];
+                let outcome = match (w.goal, d.state) {
+                    (Goal::Up, DaemonState::Running | DaemonState::Paused) => Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0)))),
+                    (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => Some(Err(format!(
+                        "{}: {}",
+                        d.state,
+                        d.reason.clone().or_else(|| d.last_exit.clone()).unwrap_or_else(|| "stopped".into())
+                    ))),
+                    (Goal::Down, s) if s.is_at_rest() => Some(Ok(format!("{s}"))),
+                    (Goal::Paused, DaemonState::Paused) => Some(Ok("PAUSED".into())),
+                    (Goal::Paused, s) if s != DaemonState::Running => Some(Err(format!("{s}"))),
+                    (Goal::Resumed, DaemonState::Running) => Some(Ok("RUNNING".into())),
+                    (Goal::Resumed, s) if s != DaemonState::Paused => Some(Err(format!("{s}"))),
+                    _ => None,
+                };
+                match outcome {
+                    Some(Ok(m)) => results.push(OpResult { name: name.clone(), ok: true, message: m }),
+                    Some(Err(m)) => results.push(OpResult { name: name.clone(), ok: false, message: m }),
+                    None => done = false,
+                }
+            }
+            if done {
+                let w = self.waiters.swap_remove(i);
+                let ok = results.iter().all(|r| r.ok);
+                let _ = w.reply.send(FromSupervisor::Done { ok, results });
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ the pump
+
+    /// Moves everything forward that can move: queued stops whose dependents are gone, waiting
+    /// starts whose dependencies are up, and answers waiters.
+    fn settle(&mut self) {
+        let graph = self.config.graph();
+        // Stops: dependents first.
+        let queued: Vec<String> = self.daemons.iter().filter(|(_, d)| d.stop_queued).map(|(n, _)| n.clone()).collect();
+        for name in queued {
+            let blocked = deps::dependents_of(&graph, &name).iter().any(|dep| {
+                let d = &self.daemons[*dep];
+                d.stop_queued || d.state.has_process()
+            });
+            if !blocked {
+                let d = self.daemons.get_mut(&name).expect("known");
+                d.stop_queued = false;
+                if d.intent != Intent::Restart {
+                    d.intent = Intent::Stop;
+                }
+                self.begin_stop(&name);
+            }
+        }
+        // Starts: dependencies first.
+        if self.shutting_down.is_none() {
+            let waiting: Vec<String> = deps::start_order(
+                &graph,
+                &self.daemons.iter().filter(|(_, d)| d.state == DaemonState::Waiting).map(|(n, _)| n.clone()).collect(),
+            );
+            for name in waiting {
+                let unmet: Vec<String> =
+                    deps::unmet(&graph, &name, |n| self.daemons[n].state.satisfies_dependents()).iter().map(|s| s.to_string()).collect();
+                if unmet.is_empty() {
+                    self.spawn(&name);
+                    continue;
+                }
+                // A dependency that will not come up by itself leaves this one unable to start.
+                if let Some(dead) = unmet.iter().find(|n| self.daemons[n.as_str()].state.is_at_rest()) {
+                    let why = format!("not started: dependency {dead} is {}", self.daemons[dead.as_str()].state);
+                    let d = self.daemons.get_mut(&name).expect("known");
+                    d.reason = Some(why.clone());
+                    self.log.warn(&format!("{name}: {why}"));
+                    set_state(&self.log, &name, d, DaemonState::Stopped);
+                }
+            }
+        }
+        self.resolve_waiters();
+        if let Some(replies) = &self.shutting_down
+            && self.daemons.values().all(|d| d.state.is_at_rest() && d.pid.is_none())
+        {
+            let _ = replies;
+            self.finish_shutdown();
+        }
+    }
+
+    // ------------------------------------------------------------------ processes
+
+    fn spawn(&mut self, name: &str) {
+        let tx = self.tx.clone();
+        let owned = self.owned.clone();
+        let log_cfg = (self.config.logs.max_bytes, self.config.logs.max_files);
+        let daemon_log_path = self.paths.daemon_log(name);
+        let worker_bin = self.worker_bin.clone();
+        let root = self.paths.root.clone();
+        let socket = self.paths.socket.display().to_string();
+        let d = self.daemons.get_mut(name).expect("known");
+        if d.log.is_none() {
+            match RotatingFile::open(&daemon_log_path, log_cfg.0, log_cfg.1) {
+                Ok(f) => d.log = Some(Arc::new(Mutex::new(f))),
+                Err(e) => self.log.error(&format!("{name}: cannot open {}: {e}", daemon_log_path.display())),
+            }
+        }
+        let (program, args): (PathBuf, Vec<String>) = match &d.cfg.command {
+            Some(cmd) => (PathBuf::from(&cmd[0]), cmd[1..].to_vec()),
+            None => (worker_bin, vec![name.to_string()]),
+        };
+        let mut env = vec![
+            (protocol::SOCKET_ENV.to_string(), socket),
+            (protocol::DAEMON_ENV.to_string(), name.to_string()),
+            ("RINGRIFT_ROOT".to_string(), root.display().to_string()),
+        ];
+        env.extend(d.cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        d.generation += 1;
+        let generation = d.generation;
+        d.kill_cause = None;
+        d.draining = None;
+        d.health = Health::default();
+        d.progress.clear();
+        d.last_heartbeat = None;
+        d.conn = None;
+        let spec = SpawnSpec { program: &program, args: &args, cwd: &root, env };
+        match unix::spawn(&spec) {
+            Ok(mut child) => {
+                let pid = child.id().expect("a just-spawned child has a pid");
+                owned.insert(pid);
+                d.pid = Some(pid);
+                d.spawned_at = Some(Instant::now());
+                d.running_since = None;
+                d.last_progress_change = Instant::now();
+                if let Some(log) = &d.log {
+                    if let Some(out) = child.stdout.take() {
+                        tokio::spawn(logwriter::pump(out, logwriter::Stream::Out, log.clone()));
+                    }
+                    if let Some(err) = child.stderr.take() {
+                        tokio::spawn(logwriter::pump(err, logwriter::Stream::Err, log.clone()));
+                    }
+                }
+                let daemon = name.to_string();
+                tokio::spawn(async move {
+                    let status = child.wait().await;
+                    owned.remove(pid);
+                    let _ = tx.send(Msg::ChildExited { daemon, generation, status });
+                });
+                self.log.info(&format!(
+                    "{name}: spawned pid {pid} ({} {})",
+                    program.display(),
+                    args.join(" ")
+                ));
+                set_state(&self.log, name, d, DaemonState::Initializing);
+                if d.cfg.protocol {
+                    let ready = d.cfg.ready_timeout;
+                    self.schedule(name, generation, TimerKind::ReadyTimeout, ready);
+                } else {
+                    // A plain program is ready once it is spawned.
+                    d.running_since = Some(Instant::now());
+                    set_state(&self.log, name, d, DaemonState::Running);
+                }
+            }
+            Err(e) => {
+                let desc = format!("cannot spawn {}: {e}", program.display());
+                self.log.error(&format!("{name}: {desc}"));
+                d.last_exit = Some(desc.clone());
+                set_state(&self.log, name, d, DaemonState::Initializing);
+                self.after_exit(name, ExitInfo { kind: ExitKind::Failure, desc });
+            }
+        }
+    }
+
+    fn schedule(&self, name: &str, generation: u64, kind: TimerKind, after: Duration) {
+        let tx = self.tx.clone();
+        let daemon = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Msg::Timer { daemon, generation, kind });
+        });
+    }
+
+    /// Asks a daemon's process to go: shutdown frame, SIGTERM to the group, SIGKILL after the grace period.
+    fn begin_stop(&mut self, name: &str) {
+        let d = self.daemons.get_mut(name).expect("known");
+        if !d.state.has_process() {
+            if d.state.is_wanted() {
+                set_state(&self.log, name, d, DaemonState::Stopped);
+            }
+            return;
+        }
+        if d.state == DaemonState::ShuttingDown {
+            return;
+        }
+        set_state(&self.log, name, d, DaemonState::ShuttingDown);
+        if let Some((_, tx)) = &d.conn {
+            let _ = tx.send(FromSupervisor::Shutdown);
+        }
+        if let Some(pid) = d.pid {
+            if !d.cfg.protocol {
+                // A SIGSTOPped process cannot act on SIGTERM.
+                unix::signal_group(pid, Signal::SIGCONT);
+            }
+            unix::signal_group(pid, Signal::SIGTERM);
+            self.log.info(&format!("{name}: SIGTERM to process group {pid}, SIGKILL in {:?}", d.cfg.grace_period));
+        }
+        let (generation, grace) = (d.generation, d.cfg.grace_period);
+        self.schedule(name, generation, TimerKind::Grace, grace);
+    }
+
+    /// Kills a process the supervisor gave up on (watchdog, stall, ready timeout); the exit then restarts it.
+    fn kill_for(&mut self, name: &str, cause: String) {
+        let d = self.daemons.get_mut(name).expect("known");
+        let Some(pid) = d.pid else { return };
+        self.log.warn(&format!("{name}: {cause}: SIGKILL to process group {pid}"));
+        d.kill_cause = Some(cause);
+        unix::signal_group(pid, Signal::SIGKILL);
+    }
+
+    fn child_exited(&mut self, name: &str, generation: u64, status: std::io::Result<std::process::ExitStatus>) {
+        let Some(d) = self.daemons.get_mut(name) else { return };
+        if d.generation != generation {
+            return;
+        }
+        let (kind, desc) = match &status {
+            Ok(s) if s.success() => (ExitKind::Success, unix::describe_exit(s)),
+            Ok(s) if s.code().is_some() => (ExitKind::Failure, unix::describe_exit(s)),
+            Ok(s) => (ExitKind::Signaled, unix::describe_exit(s)),
+            Err(e) => (ExitKind::Failure, format!("wait failed: {e}")),
+        };
+        let pgid = d.pid.take();
+        d.conn = None;
+        d.last_exit = Some(desc.clone());
+        let info = match d.kill_cause.take() {
+            Some(cause) => ExitInfo { kind: ExitKind::Signaled, desc: format!("{cause} ({desc})") },
+            None => ExitInfo { kind, desc },
+        };
+        self.log.info(&format!("{name}: process {} ended: {}", pgid.unwrap_or(0), info.desc));
+        let stopping = d.state == DaemonState::ShuttingDown;
+        if let Some(pgid) = pgid
+            && unix::group_alive(pgid)
+        {
+            if !stopping {
+                // The leader died on its own: whatever it left in its group is a stray.
+                self.log.warn(&format!("{name}: killing what is left of process group {pgid}"));
+                unix::signal_group(pgid, Signal::SIGKILL);
+            }
+            d.draining = Some((pgid, info));
+            let generation = d.generation;
+            self.schedule(name, generation, TimerKind::DrainCheck, Duration::from_millis(50));
+            return;
+        }
+        self.after_exit(name, info);
+    }
+
+    /// Finishes an exit once the drained group has no process left.
+    fn check_drained(&mut self, name: &str) {
+        let d = self.daemons.get_mut(name).expect("known");
+        let Some((pgid, _)) = &d.draining else { return };
+        if unix::group_alive(*pgid) {
+            return;
+        }
+        if let Some((_, info)) = d.draining.take() {
+            self.after_exit(name, info);
+        }
+    }
+
+    /// The process group a daemon owns right now: its live leader's, or the one being drained.
+    fn group_of(d: &Daemon) -> Option<u32> {
+        d.pid.or(d.draining.as_ref().map(|(p, _)| *p))
+    }
+
+    /// The daemon's process group is gone: decide what comes next.
+    fn after_exit(&mut self, name: &str, info: ExitInfo) {
+        let now = self.started.elapsed();
+        let jitter = self.jitter.next_f64();
+        let d = self.daemons.get_mut(name).expect("known");
+        d.running_since = None;
+        d.spawned_at = None;
+        if d.state == DaemonState::ShuttingDown || d.intent != Intent::None {
+            let intent = std::mem::replace(&mut d.intent, Intent::None);
+            set_state(&self.log, name, d, DaemonState::Stopped);
+            if intent == Intent::Restart && self.shutting_down.is_none() {
+                self.want_up(name);
+            }
+            return;
+        }
+        if self.shutting_down.is_some() {
+            set_state(&self.log, name, d, DaemonState::Stopped);
+            return;
+        }
+        match restart::decide_after_exit(&mut d.history, &d.cfg.restart, info.kind, &info.desc, now, jitter) {
+            ExitDecision::Restart { delay, attempt } => {
+                d.reason = Some(info.desc.clone());
+                self.log.warn(&format!("{name}: {}; restart #{attempt} in {} ms", info.desc, delay.as_millis()));
+                set_state(&self.log, name, d, DaemonState::Backoff);
+                let generation = d.generation;
+                self.schedule(name, generation, TimerKind::Backoff, delay);
+            }
+            ExitDecision::Stop => {
+                d.reason = Some(format!("{} (restart policy {})", info.desc, d.cfg.restart.policy));
+                set_state(&self.log, name, d, DaemonState::Stopped);
+            }
+            ExitDecision::Fail { reason } => {
+                self.log.error(&format!("{name}: FAILED: {reason}"));
+                d.reason = Some(reason);
+                set_state(&self.log, name, d, DaemonState::Failed);
+            }
+        }
+    }
+
+    fn timer(&mut self, name: &str, generation: u64, kind: TimerKind) {
+        let Some(d) = self.daemons.get(name) else { return };
+        if d.generation != generation {
+            return;
+        }
+        match kind {
+            TimerKind::Backoff => {
+                if d.state == DaemonState::Backoff {
+                    let d = self.daemons.get_mut(name).expect("known");
+                    d.restarts += 1;
+                    self.spawn(name);
+                }
+            }
+            TimerKind::Grace => {
+                let pgid = Self::group_of(d);
+                if d.state == DaemonState::ShuttingDown
+                    && let Some(pgid) = pgid
+                    && unix::group_alive(pgid)
+                {
+                    self.log.warn(&format!("{name}: still running after the {:?} grace period: SIGKILL to process group {pgid}", d.cfg.grace_period));
+                    unix::signal_group(pgid, Signal::SIGKILL);
+                }
+            }
+            TimerKind::ReadyTimeout => {
+                if d.state == DaemonState::Initializing && d.pid.is_some() {
+                    let cause = format!("not ready after {:?}", d.cfg.ready_timeout);
+                    self.kill_for(name, cause);
+                }
+            }
+            TimerKind::Watchdog => self.watchdog(name),
+            TimerKind::DrainCheck => {
+                self.check_drained(name);
+                let d = &self.daemons[name];
+                if d.draining.is_some() {
+                    self.schedule(name, generation, TimerKind::DrainCheck, Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn watchdog(&mut self, name: &str) {
+        let d = &self.daemons[name];
+        if !matches!(d.state, DaemonState::Running | DaemonState::Paused) || d.pid.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let last = d.last_heartbeat.or(d.running_since).unwrap_or(now);
+        let silent = now - last;
+        if silent >= d.cfg.heartbeat_timeout {
+            let cause = format!("watchdog: no heartbeat for {:.1}s", silent.as_secs_f64());
+            self.kill_for(name, cause);
+            return;
+        }
+        let mut next = d.cfg.heartbeat_timeout - silent;
+        if let Some(stall) = d.cfg.stall_timeout
+            && d.state == DaemonState::Running
+        {
+            let flat = now - d.last_progress_change;
+            if flat >= stall {
+                let cause = format!("stalled: progress flat for {:.1}s", flat.as_secs_f64());
+                self.kill_for(name, cause);
+                return;
+            }
+            next = next.min(stall - flat);
+        }
+        let generation = d.generation;
+        self.schedule(name, generation, TimerKind::Watchdog, next + Duration::from_millis(5));
+    }
+
+    // ------------------------------------------------------------------ workers
+
+    fn worker_hello(&mut self, name: &str, pid: Option<u32>, conn_id: u64, tx: ConnTx) -> Result<serde_json::Value, String> {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return Err(format!("unknown daemon '{name}'"));
+        };
+        let Some(expected) = d.pid else {
+            return Err(format!("daemon {name} has no process running (state {})", d.state));
+        };
+        // The hello may come from the leader or from a process in its group (an external wrapper script).
+        let from_group = pid.is_some_and(|p| p == expected || unix::proc_stat(p).is_some_and(|s| s.pgid == expected));
+        if !from_group {
+            return Err(format!("pid {} is not daemon {name}'s process (pid {expected})", pid.map(|p| p.to_string()).unwrap_or("?".into())));
+        }
+        if d.conn.is_some() {
+            return Err(format!("daemon {name} is already connected"));
+        }
+        d.conn = Some((conn_id, tx));
+        d.last_heartbeat = Some(Instant::now());
+        Ok(d.cfg.settings.clone())
+    }
+
+    fn worker_frame(&mut self, name: &str, conn_id: u64, frame: ToSupervisor) {
+        let Some(d) = self.daemons.get_mut(name) else { return };
+        if !d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+            return;
+        }
+        match frame {
+            ToSupervisor::State { state, message } => {
+                if let Some(m) = message {
+                    d.health.message = m;
+                }
+                let Some(to) = lifecycle::apply_report(d.state, state) else {
+                    self.log.warn(&format!("{name}: ignored report {state:?} while {}", d.state));
+                    return;
+                };
+                if to == d.state {
+                    return;
+                }
+                if to == DaemonState::ShuttingDown && d.intent == Intent::None {
+                    // The daemon decided to stop by itself: treat its exit as a stop, not a crash.
+                    d.intent = Intent::Stop;
+                }
+                let was = d.state;
+                set_state(&self.log, name, d, to);
+                if to == DaemonState::Running && was == DaemonState::Paused {
+                    d.last_progress_change = Instant::now();
+                }
+                if to == DaemonState::Running && was == DaemonState::Initializing {
+                    let now = Instant::now();
+                    d.running_since = Some(now);
+                    d.last_heartbeat = Some(now);
+                    d.last_progress_change = now;
+                    let (generation, timeout) = (d.generation, d.cfg.heartbeat_timeout.min(d.cfg.stall_timeout.unwrap_or(Duration::MAX)));
+                    self.schedule(name, generation, TimerKind::Watchdog, timeout);
+                }
+            }
+            ToSupervisor::Heartbeat { health, progress } => {
+                let now = Instant::now();
+                d.last_heartbeat = Some(now);
+                if progress != d.progress {
+                    d.last_progress_change = now;
+                }
+                d.health = health;
+                d.progress = progress;
+                if let Some(since) = d.running_since {
+                    d.history.note_stable(since - self.started, now - self.started, &d.cfg.restart);
+                }
+            }
+            other => {
+                self.log.warn(&format!("{name}: unexpected frame {} from a worker", frame_name(&other)));
+                if let Some(d) = self.daemons.get(name)
+                    && let Some((_, tx)) = &d.conn
+                {
+                    let _ = tx.send(error(protocol::ErrorCode::UnexpectedFrame, &format!("{} is not a worker frame", frame_name(&other))));
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ status
+
+    pub(crate) fn status_report(&self) -> StatusReport {
+        let now = Instant::now();
+        let daemons = self
+            .daemons
+            .values()
+            .map(|d| {
+                let progress = d.progress.clone();
+                let mut health = d.health.clone();
+                if health.message.is_empty() && !d.cfg.protocol && d.state == DaemonState::Running {
+                    health.healthy = true;
+                    health.status = "running".into();
+                    health.message = "external process (no health reporting)".into();
+                }
+                DaemonStatus {
+                    name: d.cfg.name.clone(),
+                    state: d.state,
+                    enabled: d.cfg.enabled,
+                    kind: if d.cfg.command.is_some() { "external".into() } else { "worker".into() },
+                    pid: d.pid,
+                    uptime_secs: d.spawned_at.map(|t| round3((now - t).as_secs_f64())),
+                    restarts: d.restarts,
+                    health,
+                    heartbeat_age_secs: if d.cfg.protocol && d.pid.is_some() { d.last_heartbeat.map(|t| round3((now - t).as_secs_f64())) } else { None },
+                    progress,
+                    depends_on: d.cfg.depends_on.clone(),
+                    last_exit: d.last_exit.clone(),
+                    reason: d.reason.clone(),
+                }
+            })
+            .collect();
+        StatusReport {
+            supervisor: SupervisorInfo {
+                pid: std::process::id(),
+                root: self.paths.root.display().to_string(),
+                uptime_secs: round3(self.started.elapsed().as_secs_f64()),
+                config_path: self.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| self.config.source.clone()),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            daemons,
+        }
+    }
+
+    // ------------------------------------------------------------------ signals, reload, shutdown
+
+    fn signal(&mut self, kind: SignalKind) {
+        match kind {
+            SignalKind::Hangup => {
+                self.log.info("SIGHUP: reloading the configuration");
+                self.reload(None);
+            }
+            SignalKind::Terminate => {
+                self.log.info("SIGTERM: stopping every daemon, dependents first");
+                self.begin_shutdown(None);
+            }
+            SignalKind::Interrupt => {
+                self.interrupts += 1;
+                if self.interrupts == 1 {
+                    self.log.info("SIGINT: stopping every daemon, dependents first (interrupt again to kill them all at once)");
+                    self.begin_shutdown(None);
+                } else {
+                    self.log.warn("second SIGINT: SIGKILL to every process group");
+                    self.kill_everything();
+                    self.finish_shutdown();
+                }
+            }
+        }
+    }
+
+    pub(crate) fn kill_everything(&mut self) {
+        for d in self.daemons.values() {
+            if let Some(p) = Self::group_of(d) {
+                unix::signal_group(p, Signal::SIGCONT);
+                unix::signal_group(p, Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, reply: Option<Reply>) {
+        let replies = self.shutting_down.get_or_insert_with(Vec::new);
+        if let Some(r) = reply {
+            replies.push(r);
+        }
+        let names: Vec<String> = self.daemons.keys().cloned().collect();
+        for name in names {
+            self.want_down(&name);
+        }
+    }
+
+    fn finish_shutdown(&mut self) {
+        self.log.info("every daemon is stopped; supervisor exiting");
+        // Gone from the file system before anyone hears "shut down": a `start` right after must boot anew.
+        let _ = std::fs::remove_file(&self.paths.socket);
+        let _ = std::fs::remove_file(&self.paths.pid_file);
+        for r in self.shutting_down.take().unwrap_or_default() {
+            let _ = r.send(FromSupervisor::Done {
+                ok: true,
+                results: vec![OpResult { name: "supervisor".into(), ok: true, message: "shut down".into() }],
+            });
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(error(protocol::ErrorCode::ShuttingDown, "the supervisor shut down"));
+        }
+        self.exit_now = true;
+    }
+
+    fn reload(&mut self, reply: Option<Reply>) {
+        let new = match ringrift::config::load(&self.paths.root, self.config_path.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.log.error(&format!("reload refused, keeping the running configuration: {e}"));
+                if let Some(r) = reply {
+                    let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+                }
+                return;
+            }
+        };
+        let mut results = Vec::new();
+        let old_names: BTreeSet<String> = self.daemons.keys().cloned().collect();
+        let new_names: BTreeSet<String> = new.daemons.keys().cloned().collect();
+        for name in old_names.difference(&new_names) {
+            self.want_down(name);
+            results.push(OpResult { name: name.clone(), ok: true, message: "removed: stopping".into() });
+        }
+        for name in new_names.difference(&old_names) {
+            let cfg = new.daemons[name].clone();
+            let enabled = cfg.enabled;
+            self.daemons.insert(name.clone(), Daemon::new(cfg));
+            if enabled {
+                self.want_up(name);
+                results.push(OpResult { name: name.clone(), ok: true, message: "added: starting".into() });
+            }
+        }
+        for name in old_names.intersection(&new_names) {
+            let new_cfg = new.daemons[name].clone();
+            let d = self.daemons.get_mut(name).expect("known");
+            if d.cfg == new_cfg {
+                continue;
+            }
+            let was_enabled = d.cfg.enabled;
+            d.cfg = new_cfg;
+            let (state, enabled) = (d.state, d.cfg.enabled);
+            if was_enabled && !enabled {
+                self.want_down(name);
+                results.push(OpResult { name: name.clone(), ok: true, message: "disabled: stopping".into() });
+            } else if !was_enabled && enabled && state.is_at_rest() {
+                self.want_up(name);
+                results.push(OpResult { name: name.clone(), ok: true, message: "enabled: starting".into() });
+            } else if state.has_process() && state != DaemonState::ShuttingDown {
+                let d = self.daemons.get_mut(name).expect("known");
+                d.intent = Intent::Restart;
+                self.begin_stop(name);
+                results.push(OpResult { name: name.clone(), ok: true, message: "changed: restarting".into() });
+            } else {
+                results.push(OpResult { name: name.clone(), ok: true, message: "changed".into() });
+            }
+        }
+        self.config = new;
+        // Removed daemons are dropped once they are at rest.
+        let gone: Vec<String> = old_names.difference(&new_names).cloned().collect();
+        for name in gone {
+            if self.daemons[&name].state.is_at_rest() {
+                self.daemons.remove(&name);
+            }
+        }
+        self.log.info(&format!(
+            "configuration reloaded: {}",
+            if results.is_empty() { "no change".to_string() } else { results.iter().map(|r| format!("{} {}", r.name, r.message)).collect::<Vec<_>>().join("; ") }
+        ));
+        if let Some(r) = reply {
+            let _ = r.send(FromSupervisor::Done { ok: true, results });
+        }
+    }
+}
+
+impl Daemon {
+    fn new(cfg: DaemonConfig) -> Daemon {
+        Daemon {
+            cfg,
+            state: DaemonState::Stopped,
+            pid: None,
+            generation: 0,
+            spawned_at: None,
+            running_since: None,
+            restarts: 0,
+            history: RestartHistory::new(),
+            health: Health::default(),
+            progress: BTreeMap::new(),
+            last_heartbeat: None,
+            last_progress_change: Instant::now(),
+            conn: None,
+            last_exit: None,
+            reason: None,
+            intent: Intent::None,
+            kill_cause: None,
+            draining: None,
+            stop_queued: false,
+            log: None,
+        }
+    }
+}
+
+/// The one place a daemon's state changes: checked against the lifecycle rules and logged.
+fn set_state(log: &SupervisorLog, name: &str, d: &mut Daemon, to: DaemonState) {
+    if d.state == to {
+        return;
+    }
+    match lifecycle::transition(d.state, to) {
+        Ok(to) => {
+            log.info(&format!("{name}: {} → {to}", d.state));
+            d.state = to;
+        }
+        Err(e) => log.error(&format!("{name}: refused {e}")),
+    }
+}
+
+fn error(code: protocol::ErrorCode, message: &str) -> FromSupervisor {
+    FromSupervisor::Error { code, message: message.to_string() }
+}
+
+pub(crate) fn frame_name(f: &ToSupervisor) -> String {
+    serde_json::to_value(f)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "frame".into())
+}
+
+fn dependents_in(graph: &deps::Graph, name: &str, requested: &BTreeSet<String>) -> String {
+    let users: Vec<&str> = requested
+        .iter()
+        .filter(|r| deps::with_dependencies(graph, &[r.to_string()].into_iter().collect()).contains(name))
+        .map(String::as_str)
+        .collect();
+    users.join(", ")
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+}

@@ -1,0 +1,768 @@
+//! Per-daemon log files: what a daemon prints ends up in `logs/<daemon>.log`, one line each,
+//! timestamped and tagged with the stream it came from, in files that rotate by size.
+//!
+//! ```text
+//! 2026-11-28T08:30:00.123Z [out] the line text
+//! 2026-11-28T08:30:00.124Z [err] Traceback (most recent call last):
+//! ```
+//!
+//! A [`pump`] per pipe reads whatever the child wrote, turns every complete line into a log line
+//! and hands all the lines of one read to [`RotatingFile::write_all`] in a single call. There is
+//! no buffering across reads and no timer, so `tail -f` sees a line as soon as the daemon has
+//! written it, and a busy daemon costs one `write(2)` per `read(2)`. The pump never stops reading
+//! because the log cannot be written: a child blocked on a full pipe is worse than a lost line.
+//!
+//! The file writes are plain blocking writes under a `std::sync::Mutex`, done on the runtime
+//! thread: they go to a local file in the page cache and take microseconds, which is cheaper
+//! than handing every batch to a blocking thread.
+//!
+//! Rotation (`x.log` → `x.log.1` → … → `x.log.{max_files-1}`, the oldest dropped) happens only
+//! between two `write_all` calls, and callers only ever pass whole lines, so a line is never
+//! split across two files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ringrift::timefmt::TimestampCache;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Bytes asked for per read, and the longest line written as one log line; a longer line is
+/// written as several log lines so that memory stays bounded.
+const CHUNK: usize = 64 * 1024;
+
+/// An append-only log file that rotates by size.
+#[derive(Debug)]
+pub(crate) struct RotatingFile {
+    path: PathBuf,
+    max_bytes: u64,
+    /// `x.log` plus `x.log.1` … `x.log.{max_files-1}`; 1 means "truncate instead of rotating".
+    max_files: u32,
+    file: File,
+    /// Bytes in the current `x.log`.
+    size: u64,
+}
+
+impl RotatingFile {
+    /// Opens `path` for appending, creating it and its parent directories if needed.
+    /// A `max_files` of 0 is taken as 1.
+    pub(crate) fn open(
+        path: impl Into<PathBuf>,
+        max_bytes: u64,
+        max_files: u32,
+    ) -> io::Result<Self> {
+        let path = path.into();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)?;
+        }
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(Self {
+            path,
+            max_bytes,
+            max_files: max_files.max(1),
+            file,
+            size,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `buf`, which should hold whole lines, rotating first if it would not fit.
+    ///
+    /// A `buf` larger than `max_bytes` is written anyway, into a fresh file. If rotating fails
+    /// nothing is written and the rotation is tried again on the next call.
+    pub(crate) fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.size > 0 && self.size.saturating_add(buf.len() as u64) > self.max_bytes {
+            self.rotate()?;
+        }
+        match self.file.write_all(buf) {
+            Ok(()) => {
+                self.size += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the buffer may have gone out; ask the file how big it really is.
+                if let Ok(meta) = self.file.metadata() {
+                    self.size = meta.len();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a fresh, empty `x.log`, keeping the older ones as `x.log.1` … if allowed.
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.max_files <= 1 {
+            // O_APPEND writes go to the (new) end, so the handle can be kept.
+            self.file.set_len(0)?;
+        } else {
+            remove_if_exists(&self.numbered(self.max_files - 1))?;
+            for i in (1..self.max_files - 1).rev() {
+                rename_if_exists(&self.numbered(i), &self.numbered(i + 1))?;
+            }
+            rename_if_exists(&self.path, &self.numbered(1))?;
+            self.file = open_append(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+
+    /// `x.log.{i}`.
+    fn numbered(&self, i: u32) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{i}"));
+        PathBuf::from(name)
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn rename_if_exists(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// One daemon's log, written by the pumps of both its stdout and its stderr.
+pub(crate) type SharedLog = Arc<Mutex<RotatingFile>>;
+
+/// Which pipe a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    Out,
+    Err,
+}
+
+impl Stream {
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            Stream::Out => "out",
+            Stream::Err => "err",
+        }
+    }
+}
+
+/// Copies a child's pipe into its log until EOF, one log line per output line.
+///
+/// Write errors are reported on stderr once (again only after a write has succeeded in
+/// between) and reading goes on, so the child never blocks on a full pipe. A read error other
+/// than EINTR ends the pump like EOF does.
+pub(crate) async fn pump<R: AsyncRead + Unpin>(mut reader: R, tag: Stream, log: SharedLog) {
+    let mut clock = TimestampCache::new();
+    let mut splitter = LineSplitter::default();
+    let mut input = vec![0u8; CHUNK];
+    let mut batch = Vec::with_capacity(2 * CHUNK);
+    let mut failing = false;
+    loop {
+        let n = match reader.read(&mut input).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!(
+                    "ringrift-supervisor: reading daemon {} failed: {e}",
+                    tag.tag()
+                );
+                break;
+            }
+        };
+        let mut lines = LineFormatter::new(&mut clock, tag, &mut batch);
+        splitter.feed(&input[..n], |line| lines.push(line));
+        write_batch(&log, &batch, &mut failing);
+    }
+    let mut lines = LineFormatter::new(&mut clock, tag, &mut batch);
+    splitter.finish(|line| lines.push(line));
+    write_batch(&log, &batch, &mut failing);
+}
+
+/// Appends `<timestamp> [<tag>] <line>\n` records to a batch.
+///
+/// All lines of one read arrived together, so they share the timestamp taken when the
+/// formatter was made.
+struct LineFormatter<'a> {
+    prefix: Vec<u8>,
+    batch: &'a mut Vec<u8>,
+}
+
+impl<'a> LineFormatter<'a> {
+    /// Clears `batch` and stamps the time.
+    fn new(clock: &mut TimestampCache, tag: Stream, batch: &'a mut Vec<u8>) -> Self {
+        batch.clear();
+        let mut prefix = Vec::with_capacity(32);
+        clock.write_now(&mut prefix);
+        prefix.extend_from_slice(b" [");
+        prefix.extend_from_slice(tag.tag().as_bytes());
+        prefix.extend_from_slice(b"] ");
+        Self { prefix, batch }
+    }
+
+    fn push(&mut self, line: &[u8]) {
+        self.batch.extend_from_slice(&self.prefix);
+        self.batch.extend_from_slice(line);
+        self.batch.push(b'\n');
+    }
+}
+
+fn write_batch(log: &SharedLog, batch: &[u8], failing: &mut bool) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut file = lock(log);
+    match file.write_all(batch) {
+        Ok(()) => *failing = false,
+        Err(e) => {
+            if !*failing {
+                eprintln!(
+                    "ringrift-supervisor: writing {} failed, dropping its lines: {e}",
+                    file.path().display()
+                );
+            }
+            *failing = true;
+        }
+    }
+}
+
+/// A panic elsewhere while holding the lock leaves the file usable: keep logging.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Cuts a byte stream into lines: `\n` ends a line, a `\r` right before it is dropped, and a
+/// line longer than [`CHUNK`] comes out in pieces of [`CHUNK`] bytes.
+#[derive(Debug, Default)]
+struct LineSplitter {
+    /// The start of a line whose end has not been read yet.
+    partial: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Emits every line completed by `data` and keeps the rest.
+    fn feed(&mut self, data: &[u8], mut emit: impl FnMut(&[u8])) {
+        let mut rest = data;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if self.partial.is_empty() {
+                emit_pieces(strip_cr(&rest[..end]), &mut emit);
+            } else {
+                self.partial.extend_from_slice(&rest[..end]);
+                emit_pieces(strip_cr(&self.partial), &mut emit);
+                self.partial.clear();
+            }
+            rest = &rest[end + 1..];
+        }
+        self.partial.extend_from_slice(rest);
+        self.emit_overflow(&mut emit);
+    }
+
+    /// Emits what is left of an unterminated last line.
+    fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+        if !self.partial.is_empty() {
+            emit_pieces(strip_cr(&self.partial), &mut emit);
+            self.partial.clear();
+        }
+    }
+
+    /// Bounds memory: while the unfinished line is longer than [`CHUNK`], its first
+    /// [`CHUNK`] bytes go out as a line of their own. A trailing `\r` does not count, as it
+    /// may be half of a `\r\n`; at least one byte of the line stays behind, so the newline
+    /// that ends it never yields an empty line.
+    fn emit_overflow(&mut self, emit: &mut impl FnMut(&[u8])) {
+        let mut start = 0;
+        while strip_cr(&self.partial[start..]).len() > CHUNK {
+            emit(&self.partial[start..start + CHUNK]);
+            start += CHUNK;
+        }
+        self.partial.drain(..start);
+    }
+}
+
+/// Emits `line` in pieces of at most [`CHUNK`] bytes; an empty line is emitted as one.
+fn emit_pieces(line: &[u8], emit: &mut impl FnMut(&[u8])) {
+    if line.is_empty() {
+        emit(line);
+    }
+    for piece in line.chunks(CHUNK) {
+        emit(piece);
+    }
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The supervisor's own log (`logs/master_loop.log`), optionally mirrored to stderr.
+#[derive(Debug)]
+pub(crate) struct SupervisorLog {
+    inner: Mutex<SupervisorLogInner>,
+    mirror_stderr: bool,
+}
+
+#[derive(Debug)]
+struct SupervisorLogInner {
+    file: RotatingFile,
+    clock: TimestampCache,
+    line: Vec<u8>,
+    failing: bool,
+}
+
+impl SupervisorLog {
+    /// Opens the log; lines are not mirrored to stderr unless [`Self::mirror_stderr`] says so.
+    pub(crate) fn open(
+        path: impl Into<PathBuf>,
+        max_bytes: u64,
+        max_files: u32,
+    ) -> io::Result<Self> {
+        let file = RotatingFile::open(path, max_bytes, max_files)?;
+        Ok(Self {
+            inner: Mutex::new(SupervisorLogInner {
+                file,
+                clock: TimestampCache::new(),
+                line: Vec::with_capacity(256),
+                failing: false,
+            }),
+            mirror_stderr: false,
+        })
+    }
+
+    /// Also writes every line to stderr (`--foreground`).
+    pub(crate) fn mirror_stderr(mut self, on: bool) -> Self {
+        self.mirror_stderr = on;
+        self
+    }
+
+    /// Writes `<timestamp> <LEVEL> <msg>` with the level padded to 5 columns. Each line of a
+    /// multi-line `msg` gets its own timestamp and level, so every log line can be grepped.
+    pub(crate) fn line(&self, level: &str, msg: &str) {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        inner.line.clear();
+        let msg = msg.strip_suffix('\n').unwrap_or(msg);
+        for text in msg.split('\n') {
+            inner.clock.write_now(&mut inner.line);
+            inner
+                .line
+                .extend_from_slice(format!(" {level:<5} ").as_bytes());
+            inner.line.extend_from_slice(strip_cr(text.as_bytes()));
+            inner.line.push(b'\n');
+        }
+        match inner.file.write_all(&inner.line) {
+            Ok(()) => inner.failing = false,
+            Err(e) => {
+                if !inner.failing {
+                    eprintln!(
+                        "ringrift-supervisor: writing {} failed: {e}",
+                        inner.file.path().display()
+                    );
+                }
+                inner.failing = true;
+            }
+        }
+        if self.mirror_stderr {
+            // Nothing sensible to do if stderr is gone; the file has the line.
+            let _ = io::stderr().lock().write_all(&inner.line);
+        }
+    }
+
+    pub(crate) fn info(&self, msg: &str) {
+        self.line("INFO", msg);
+    }
+
+    pub(crate) fn warn(&self, msg: &str) {
+        self.line("WARN", msg);
+    }
+
+    pub(crate) fn error(&self, msg: &str) {
+        self.line("ERROR", msg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::io::ReadBuf;
+
+    /// An AsyncRead that hands out the given chunks one read at a time.
+    struct Chunks(VecDeque<Vec<u8>>);
+
+    impl Chunks {
+        fn new<I: IntoIterator<Item = T>, T: AsRef<[u8]>>(chunks: I) -> Self {
+            Chunks(chunks.into_iter().map(|c| c.as_ref().to_vec()).collect())
+        }
+
+        /// `data` cut into reads of `size` bytes.
+        fn sized(data: &[u8], size: usize) -> Self {
+            Chunks::new(data.chunks(size))
+        }
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut chunk) = self.0.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.0.push_front(chunk.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn shared(path: &Path, max_bytes: u64, max_files: u32) -> SharedLog {
+        Arc::new(Mutex::new(
+            RotatingFile::open(path, max_bytes, max_files).unwrap(),
+        ))
+    }
+
+    fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut splitter = LineSplitter::default();
+        let mut lines = Vec::new();
+        for chunk in chunks {
+            splitter.feed(chunk, |l| lines.push(l.to_vec()));
+        }
+        splitter.finish(|l| lines.push(l.to_vec()));
+        lines
+    }
+
+    /// The files of a log, oldest first.
+    fn log_files(path: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = (1..100)
+            .rev()
+            .map(|i| PathBuf::from(format!("{}.{i}", path.display())))
+            .filter(|p| p.exists())
+            .collect();
+        if path.exists() {
+            files.push(path.to_path_buf());
+        }
+        files
+    }
+
+    fn read_lines(path: &Path) -> Vec<String> {
+        log_files(path)
+            .iter()
+            .flat_map(|f| {
+                let text = fs::read(f).unwrap();
+                assert!(
+                    text.is_empty() || text.ends_with(b"\n"),
+                    "{f:?} ends mid-line"
+                );
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// `2026-11-28T08:30:00.123Z`, exactly.
+    fn is_timestamp(stamp: &[u8]) -> bool {
+        stamp.len() == 24
+            && stamp.iter().enumerate().all(|(i, &b)| match i {
+                4 | 7 => b == b'-',
+                10 => b == b'T',
+                13 | 16 => b == b':',
+                19 => b == b'.',
+                23 => b == b'Z',
+                _ => b.is_ascii_digit(),
+            })
+    }
+
+    /// `2026-11-28T08:30:00.123Z [out] text` → `text`, checking the shape of the rest.
+    fn body<'a>(line: &'a str, tag: &str) -> &'a str {
+        assert!(line.len() >= 31, "too short: {line:?}");
+        assert!(
+            is_timestamp(&line.as_bytes()[..24]),
+            "bad timestamp in {line:?}"
+        );
+        assert_eq!(&line[24..31], format!(" [{tag}] "), "bad tag in {line:?}");
+        &line[31..]
+    }
+
+    #[test]
+    fn open_creates_parent_directories_and_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/x.log");
+        RotatingFile::open(&path, 1000, 3)
+            .unwrap()
+            .write_all(b"one\n")
+            .unwrap();
+        let mut again = RotatingFile::open(&path, 1000, 3).unwrap();
+        assert_eq!(again.size, 4);
+        again.write_all(b"two\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"one\ntwo\n");
+    }
+
+    #[test]
+    fn the_existing_size_counts_towards_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        fs::write(&path, [b'a'; 90]).unwrap();
+        let mut file = RotatingFile::open(&path, 100, 2).unwrap();
+        file.write_all(b"0123456789\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"0123456789\n");
+        assert_eq!(fs::read(dir.path().join("x.log.1")).unwrap(), [b'a'; 90]);
+    }
+
+    #[test]
+    fn rotation_keeps_at_most_max_files_and_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut file = RotatingFile::open(&path, 100, 3).unwrap();
+        let written: Vec<String> = (0..200).map(|i| format!("line {i:05}")).collect();
+        for line in &written {
+            file.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        for f in log_files(&path) {
+            assert!(fs::metadata(&f).unwrap().len() <= 100, "{f:?}");
+        }
+        let kept = read_lines(&path);
+        assert!(kept.len() >= 2 * (100 / 11), "{}", kept.len());
+        assert_eq!(kept[..], written[written.len() - kept.len()..]);
+    }
+
+    #[test]
+    fn one_file_means_truncate_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut file = RotatingFile::open(&path, 10, 1).unwrap();
+        file.write_all(b"12345678\n").unwrap();
+        file.write_all(b"abc\n").unwrap();
+        file.write_all(b"def\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"abc\ndef\n");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Zero is taken as one.
+        let mut zero = RotatingFile::open(&path, 10, 0).unwrap();
+        zero.write_all(b"0123456\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"0123456\n");
+    }
+
+    #[test]
+    fn a_buffer_larger_than_the_limit_gets_a_fresh_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut file = RotatingFile::open(&path, 10, 3).unwrap();
+        let big = [b"x".repeat(49), b"\n".to_vec()].concat();
+        // Even into an empty file: there is nothing to rotate away.
+        file.write_all(&big).unwrap();
+        file.write_all(b"a\n").unwrap();
+        file.write_all(&big).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), big);
+        assert_eq!(fs::read(dir.path().join("x.log.1")).unwrap(), b"a\n");
+        assert_eq!(fs::read(dir.path().join("x.log.2")).unwrap(), big);
+    }
+
+    #[test]
+    fn splitter_joins_lines_across_reads() {
+        assert_eq!(
+            split(&[b"hel", b"lo\nwor", b"ld\n", b"\n", b"last"]),
+            [&b"hello"[..], b"world", b"", b"last"]
+        );
+    }
+
+    #[test]
+    fn splitter_drops_the_cr_of_crlf_only() {
+        assert_eq!(
+            split(&[b"a\r\nb\r", b"\nc\rd\n\r\n", b"e\r"]),
+            [&b"a"[..], b"b", b"c\rd", b"", b"e"]
+        );
+    }
+
+    #[test]
+    fn splitter_keeps_invalid_utf8() {
+        assert_eq!(split(&[b"\xff\xfe ok\n"]), [&b"\xff\xfe ok"[..]]);
+    }
+
+    #[test]
+    fn splitter_cuts_long_lines_into_chunks() {
+        let long = vec![b'y'; 2 * CHUNK + 5];
+        let reads: Vec<&[u8]> = long.chunks(1000).chain([&b"\nz\n"[..]]).collect();
+        let lines = split(&reads);
+        let lens: Vec<_> = lines.iter().map(Vec::len).collect();
+        assert_eq!(lens, [CHUNK, CHUNK, 5, 1]);
+    }
+
+    #[test]
+    fn splitter_does_not_cut_a_line_of_exactly_one_chunk() {
+        let mut line = vec![b'y'; CHUNK];
+        line.extend_from_slice(b"\r\n");
+        for size in [1000, CHUNK, CHUNK + 1] {
+            let reads: Vec<&[u8]> = line.chunks(size).collect();
+            assert_eq!(split(&reads), [vec![b'y'; CHUNK]], "reads of {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_writes_timestamped_tagged_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        let log = shared(&path, 1 << 20, 3);
+        let reads: [&[u8]; 5] = [
+            b"first li",
+            b"ne\r\nsecond\n",
+            b"\n",
+            b"\xffbytes\n",
+            b"tail",
+        ];
+        pump(Chunks::new(reads), Stream::Err, log.clone()).await;
+        let raw = fs::read(&path).unwrap();
+        assert!(
+            raw.windows(6).any(|w| w == b"\xffbytes"),
+            "bytes kept as-is"
+        );
+        let lines = read_lines(&path);
+        let bodies: Vec<_> = lines.iter().map(|l| body(l, "err")).collect();
+        assert_eq!(
+            bodies,
+            ["first line", "second", "", "\u{fffd}bytes", "tail"]
+        );
+    }
+
+    #[tokio::test]
+    async fn pump_splits_a_long_line_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        let log = shared(&path, 1 << 20, 3);
+        let mut data = b"short\n".to_vec();
+        data.extend(std::iter::repeat_n(b'L', CHUNK + 10));
+        data.extend_from_slice(b"\nafter\n");
+        pump(Chunks::sized(&data, 4096), Stream::Out, log).await;
+        let lines = read_lines(&path);
+        let bodies: Vec<_> = lines.iter().map(|l| body(l, "out")).collect();
+        assert_eq!(bodies.len(), 4);
+        assert_eq!(bodies[0], "short");
+        assert_eq!(bodies[1], "L".repeat(CHUNK));
+        assert_eq!(bodies[2], "L".repeat(10));
+        assert_eq!(bodies[3], "after");
+    }
+
+    #[tokio::test]
+    async fn pump_over_a_duplex_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        let log = shared(&path, 1 << 20, 3);
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for i in 0..100 {
+                tx.write_all(format!("message number {i}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        pump(rx, Stream::Out, log).await;
+        writer.await.unwrap();
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 100);
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(body(line, "out"), format!("message number {i}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_loses_no_line_across_rotations() {
+        const LINES: usize = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.log");
+        let log = shared(&path, 1 << 20, 64);
+        let mut data = Vec::with_capacity(LINES * 12);
+        for i in 0..LINES {
+            data.extend_from_slice(format!("{i}\n").as_bytes());
+        }
+        // An odd read size puts line ends everywhere in the buffer.
+        pump(Chunks::sized(&data, 7_919), Stream::Out, log).await;
+        let files = log_files(&path);
+        assert!(files.len() > 2, "expected rotations, got {files:?}");
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), LINES);
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(body(line, "out"), i.to_string());
+        }
+    }
+
+    #[tokio::test]
+    async fn pump_keeps_draining_when_the_log_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        fs::write(&path, b"0123456789\n").unwrap();
+        // Rotation must delete `d.log.1`, which cannot be done to a directory.
+        fs::create_dir(dir.path().join("d.log.1")).unwrap();
+        let log = shared(&path, 10, 2);
+        let data = b"lost\n".repeat(100_000);
+        // Returning at all (rather than stopping at the first error) is the point.
+        pump(Chunks::sized(&data, 4096), Stream::Out, log).await;
+        assert_eq!(fs::read(&path).unwrap(), b"0123456789\n");
+    }
+
+    #[test]
+    fn supervisor_log_pads_the_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/master_loop.log");
+        let log = SupervisorLog::open(&path, 1 << 20, 3)
+            .unwrap()
+            .mirror_stderr(false);
+        log.info("started");
+        log.warn("slow");
+        log.error("two\nlines\n");
+        log.line("DEBUG", "x");
+        let text = fs::read_to_string(&path).unwrap();
+        let tails: Vec<_> = text.lines().map(|l| &l[24..]).collect();
+        assert_eq!(
+            tails,
+            [
+                " INFO  started",
+                " WARN  slow",
+                " ERROR two",
+                " ERROR lines",
+                " DEBUG x"
+            ]
+        );
+        for line in text.lines() {
+            assert!(is_timestamp(&line.as_bytes()[..24]), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn supervisor_log_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master_loop.log");
+        let log = SupervisorLog::open(&path, 200, 2).unwrap();
+        for i in 0..100 {
+            log.info(&format!("event {i}"));
+        }
+        assert!(fs::metadata(&path).unwrap().len() <= 200);
+        assert!(dir.path().join("master_loop.log.1").exists());
+        assert!(!dir.path().join("master_loop.log.2").exists());
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with(" INFO  event 99\n"), "{text}");
+    }
+}

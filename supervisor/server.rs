@@ -1,0 +1,156 @@
+//! Boots the supervisor process: lock the root, open the logs, bind the socket, wire signals and
+//! the orphan reaper to the core loop, then run until shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ringrift::config::Config;
+use tokio::signal::unix::{SignalKind as TokioSignal, signal};
+use tokio::sync::mpsc;
+
+use crate::core::{Core, Msg, SignalKind};
+use crate::logwriter::SupervisorLog;
+use crate::paths::{self, Paths};
+use crate::unix::{self, OwnedPids};
+
+pub(crate) struct ServeOptions {
+    pub paths: Paths,
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub foreground: bool,
+    /// Daemons to start as soon as the supervisor is up (used by `start --foreground`).
+    pub initial: Option<ringrift::protocol::ToSupervisor>,
+}
+
+/// Runs the supervisor in this process. Returns the process exit code.
+pub(crate) fn serve(opts: ServeOptions) -> i32 {
+    let paths = opts.paths.clone();
+    if let Err(e) = paths.prepare_dirs() {
+        eprintln!("error: cannot create {} or {}: {e}", paths.run_dir.display(), paths.logs_dir.display());
+        return 1;
+    }
+    let lock = match paths::lock_root(&paths) {
+        Ok(l) => l,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return 1;
+        }
+    };
+    let log = match SupervisorLog::open(&paths.master_log, opts.config.logs.max_bytes, opts.config.logs.max_files) {
+        Ok(l) => Arc::new(l.mirror_stderr(opts.foreground)),
+        Err(e) => {
+            eprintln!("error: cannot open {}: {e}", paths.master_log.display());
+            return 1;
+        }
+    };
+    if let Err(e) = paths::write_pid_file(&paths) {
+        log.error(&format!("cannot write {}: {e}", paths.pid_file.display()));
+        return 1;
+    }
+    if let Err(e) = unix::become_subreaper() {
+        log.warn(&format!("cannot become a child subreaper ({e}): orphaned grandchildren will go to init"));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            log.error(&format!("cannot start the runtime: {e}"));
+            return 1;
+        }
+    };
+    let code = runtime.block_on(run(opts, log.clone()));
+    let _ = std::fs::remove_file(&paths.socket);
+    let _ = std::fs::remove_file(&paths.pid_file);
+    drop(lock);
+    code
+}
+
+async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
+    let paths = opts.paths;
+    let listener = match crate::ipc::bind(&paths.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            log.error(&format!("cannot listen on {}: {e}", paths.socket.display()));
+            return 1;
+        }
+    };
+    log.info(&format!(
+        "supervisor {} started: pid {}, root {}, config {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        paths.root.display(),
+        opts.config.source
+    ));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let owned = OwnedPids::default();
+
+    // Signals. SIGCHLD drives the orphan reaper; the others go to the core.
+    for (kind, sig) in [
+        (SignalKind::Terminate, TokioSignal::terminate()),
+        (SignalKind::Interrupt, TokioSignal::interrupt()),
+        (SignalKind::Hangup, TokioSignal::hangup()),
+    ] {
+        match signal(sig) {
+            Ok(mut stream) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        if tx.send(Msg::Signal(kind)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) => log.error(&format!("cannot handle {kind:?}: {e}")),
+        }
+    }
+    match signal(TokioSignal::child()) {
+        Ok(mut stream) => {
+            let tx = tx.clone();
+            let owned = owned.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if !unix::reap_orphans(&owned).is_empty() && tx.send(Msg::Reaped).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Err(e) => log.error(&format!("cannot handle SIGCHLD: {e}")),
+    }
+
+    let open = crate::ipc::OpenConnections::default();
+    tokio::spawn(crate::ipc::serve(listener, tx.clone(), log.clone(), open.clone()));
+
+    if let Some(initial) = opts.initial {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Msg::Request { frame: initial, reply: reply_tx });
+        let log = log.clone();
+        tokio::spawn(async move {
+            if let Ok(answer) = reply_rx.await {
+                log.info(&format!("initial start: {}", crate::cli::summarize(&answer)));
+            }
+        });
+    }
+
+    let worker_bin = worker_binary();
+    let core = Core::new(paths, opts.config, opts.config_path, tx, log.clone(), owned, worker_bin);
+    core.run(rx).await;
+    // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while open.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    0
+}
+
+/// `ringrift-worker` beside this executable, unless RINGRIFT_WORKER_BIN says otherwise.
+fn worker_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("RINGRIFT_WORKER_BIN") {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("ringrift-worker")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("ringrift-worker"))
+}

@@ -1,0 +1,198 @@
+//! Everything Unix-specific about owning processes: spawning into a fresh process group with the
+//! parent-death signal, signalling whole groups, and reaping orphans the subreaper adopts.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// What to run for one daemon or job.
+pub(crate) struct SpawnSpec<'a> {
+    pub program: &'a std::path::Path,
+    pub args: &'a [String],
+    pub cwd: &'a std::path::Path,
+    pub env: Vec<(String, String)>,
+}
+
+/// Spawns a child in its own process group (pgid = its pid), with stdin closed, stdout and stderr piped,
+/// and SIGKILL as its parent-death signal.
+///
+/// Must be called from the supervisor's main thread: the parent-death signal fires when the *thread*
+/// that forked exits, and the main thread lives as long as the supervisor.
+pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
+    let parent = std::process::id() as i32;
+    let mut cmd = Command::new(spec.program);
+    cmd.args(spec.args)
+        .current_dir(spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(false);
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc_prctl_pdeathsig() != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl: then nobody would kill us later.
+            if nix::unistd::getppid().as_raw() != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn libc_prctl_pdeathsig() -> i32 {
+    // SAFETY: plain prctl call with integer arguments.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL as nix::libc::c_ulong, 0, 0, 0) }
+}
+
+/// Sends `sig` to every process of the group. Returns false when the group no longer exists.
+pub(crate) fn signal_group(pgid: u32, sig: Signal) -> bool {
+    !matches!(killpg(Pid::from_raw(pgid as i32), sig), Err(Errno::ESRCH))
+}
+
+/// True while any process (zombies included) is left in the group.
+pub(crate) fn group_alive(pgid: u32) -> bool {
+    !matches!(kill(Pid::from_raw(-(pgid as i32)), None), Err(Errno::ESRCH))
+}
+
+
+/// Makes this process the reaper of orphaned descendants.
+pub(crate) fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// "exit 0", "exit 3", "killed by SIGKILL".
+pub(crate) fn describe_exit(status: &ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        format!("exit {code}")
+    } else if let Some(sig) = status.signal() {
+        match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {}", s.as_str()),
+            Err(_) => format!("killed by signal {sig}"),
+        }
+    } else {
+        "ended".to_string()
+    }
+}
+
+/// Pids the supervisor waits for itself (daemons, jobs); the orphan reaper leaves those alone so it
+/// never steals an exit status from tokio.
+#[derive(Clone, Default)]
+pub(crate) struct OwnedPids(Arc<Mutex<HashSet<u32>>>);
+
+impl OwnedPids {
+    pub fn insert(&self, pid: u32) {
+        self.0.lock().expect("owned pids lock").insert(pid);
+    }
+    pub fn remove(&self, pid: u32) {
+        self.0.lock().expect("owned pids lock").remove(&pid);
+    }
+    fn contains(&self, pid: u32) -> bool {
+        self.0.lock().expect("owned pids lock").contains(&pid)
+    }
+}
+
+/// Reaps adopted orphans, by pid: lists this process's children from /proc and waits (without
+/// blocking) only for those the supervisor did not spawn itself. Returns the pids reaped.
+pub(crate) fn reap_orphans(owned: &OwnedPids) -> Vec<u32> {
+    let mut reaped = Vec::new();
+    for pid in children_of_self() {
+        if owned.contains(pid) {
+            continue;
+        }
+        if let Ok(status) = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG))
+            && !matches!(status, WaitStatus::StillAlive)
+        {
+            reaped.push(pid);
+        }
+    }
+    reaped
+}
+
+/// Direct children of this process: /proc/self/task/*/children, or a /proc scan where that file is
+/// missing (kernels without CONFIG_PROC_CHILDREN).
+pub(crate) fn children_of_self() -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut found_file = false;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                found_file = true;
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    if found_file {
+        return out;
+    }
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if proc_stat(pid).is_some_and(|s| s.ppid == me) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The fields of /proc/<pid>/stat the supervisor uses.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ProcStat {
+    pub state: char,
+    pub ppid: u32,
+    pub pgid: u32,
+    /// Clock ticks since boot: with the pid, identifies a process across pid reuse.
+    pub start_time: u64,
+}
+
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    // The command name is in parentheses and may itself contain spaces or parentheses.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgid: fields.get(2)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let line = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 98765 1000 200";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s, ProcStat { state: 'S', ppid: 1, pgid: 1234, start_time: 98765 });
+    }
+
+    #[test]
+    fn own_stat_is_readable() {
+        let me = proc_stat(std::process::id()).unwrap();
+        assert_eq!(me.state, 'R');
+        assert!(me.start_time > 0);
+    }
+}
