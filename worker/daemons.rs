@@ -1,0 +1,240 @@
+//! The daemon catalog as the worker sees it: which name runs which [`Daemon`] implementation.
+//!
+//! None of the daemons' real work exists yet, so every catalog entry is built as [`NotYetBuilt`],
+//! which runs its cycles, says so in its log and reports the health status `not_implemented`. A
+//! real daemon replaces its entry's `build` function and nothing else changes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+
+use ringrift::protocol::Health;
+use serde_json::Value;
+
+use crate::runtime::Settings;
+
+/// A boxed future that need not be `Send`: the worker runs on a current-thread runtime.
+pub(crate) type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// What a daemon reports after starting and after every cycle; the runtime sends it with each heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Report {
+    pub(crate) health: Health,
+    /// Monotonic counters beyond `cycles`, which the runtime adds itself.
+    pub(crate) counters: BTreeMap<String, u64>,
+}
+
+/// One kind of daemon. The runtime owns the process's protocol (handshake, heartbeats, pause, shutdown);
+/// a daemon only starts and runs cycles.
+pub(crate) trait Daemon {
+    fn name(&self) -> &str;
+
+    /// One-time start-up, between the INITIALIZING and RUNNING reports.
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>>;
+
+    /// Runs cycle number `n` (1-based). The runtime keeps heartbeating while the future is pending.
+    fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report>;
+}
+
+struct Entry {
+    name: &'static str,
+    /// One line, from the seed's catalog.
+    purpose: &'static str,
+    build: fn(&'static str, &'static str) -> Box<dyn Daemon>,
+}
+
+fn not_yet_built(name: &'static str, purpose: &'static str) -> Box<dyn Daemon> {
+    Box::new(NotYetBuilt { name, purpose })
+}
+
+const CATALOG: [Entry; 15] = [
+    Entry {
+        name: "auto_sync",
+        purpose: "push-from-generator + gossip replication of game data",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "ephemeral_sync",
+        purpose: "aggressive 5 s sync for ephemeral hosts",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "cluster_data_sync",
+        purpose: "P2P mesh data sync",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "model_distribution",
+        purpose: "model sync after promotion",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "training_trigger",
+        purpose: "data threshold → training",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "auto_export",
+        purpose: "games DB → NPZ export",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "evaluation",
+        purpose: "model gauntlet evaluation",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "auto_promotion",
+        purpose: "gauntlet → promotion",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "unified_node_health",
+        purpose: "centralized health checks",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "quality_monitor",
+        purpose: "data quality tracking",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "idle_resource",
+        purpose: "spawn selfplay on idle GPUs",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "unified_idle_shutdown",
+        purpose: "cloud instance idle termination",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "queue_populator",
+        purpose: "maintain work queue",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "selfplay_scheduler",
+        purpose: "priority-based selfplay allocation",
+        build: not_yet_built,
+    },
+    Entry {
+        name: "job_reaper",
+        purpose: "kill stuck processes",
+        build: not_yet_built,
+    },
+];
+
+/// Every daemon name the worker can run, in catalog order.
+pub(crate) fn names() -> impl Iterator<Item = &'static str> {
+    CATALOG.iter().map(|entry| entry.name)
+}
+
+/// Builds the daemon called `name` (either case: `AUTO_SYNC` or `auto_sync`).
+pub(crate) fn lookup(name: &str) -> Option<Box<dyn Daemon>> {
+    CATALOG
+        .iter()
+        .find(|entry| entry.name.eq_ignore_ascii_case(name))
+        .map(|entry| (entry.build)(entry.name, entry.purpose))
+}
+
+/// A catalog daemon whose work is not built yet: it keeps the whole lifecycle honest (start, cycles,
+/// heartbeats, pause, shutdown) and says plainly in its log and its health that it does nothing.
+struct NotYetBuilt {
+    name: &'static str,
+    purpose: &'static str,
+}
+
+impl NotYetBuilt {
+    fn report(&self, cycles: u64) -> Report {
+        Report {
+            health: Health {
+                healthy: true,
+                status: "not_implemented".into(),
+                message: format!("{}: work not implemented yet", self.purpose),
+                details: BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
+            },
+            counters: BTreeMap::new(),
+        }
+    }
+}
+
+impl Daemon for NotYetBuilt {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            println!(
+                "{}: starting (interval {}s)",
+                self.name, settings.interval_secs
+            );
+            Ok(self.report(0))
+        })
+    }
+
+    fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            println!("{}: cycle {n}: work not implemented yet", self.name);
+            self.report(n)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn catalog_has_the_fifteen_seed_names_once_each() {
+        let unique: BTreeSet<&str> = names().collect();
+        assert_eq!(unique.len(), 15);
+        assert_eq!(names().count(), 15);
+        assert!(unique.contains("auto_sync"));
+        assert!(unique.contains("job_reaper"));
+    }
+
+    #[test]
+    fn lookup_accepts_either_case_and_refuses_unknown_names() {
+        assert_eq!(lookup("AUTO_SYNC").unwrap().name(), "auto_sync");
+        assert_eq!(
+            lookup("selfplay_scheduler").unwrap().name(),
+            "selfplay_scheduler"
+        );
+        assert!(lookup("auto-sync").is_none());
+        assert!(lookup("").is_none());
+    }
+
+    #[test]
+    fn not_yet_built_reports_not_implemented_with_its_purpose_and_cycle_count() {
+        let mut daemon = lookup("ephemeral_sync").unwrap();
+        let settings = Settings::from_config(None).unwrap();
+        let started = block_on(daemon.start(&settings)).unwrap();
+        assert_eq!(started.health.details["cycles"], Value::from(0));
+        let report = block_on(daemon.cycle(3));
+        assert!(report.health.healthy);
+        assert_eq!(report.health.status, "not_implemented");
+        assert_eq!(
+            report.health.message,
+            "aggressive 5 s sync for ephemeral hosts: work not implemented yet"
+        );
+        assert_eq!(report.health.details["cycles"], Value::from(3));
+    }
+}

@@ -1,0 +1,342 @@
+//! `ringrift-worker fault`: a worker that misbehaves on request, for the supervisor's integration tests.
+//!
+//! It speaks the normal protocol through [`runtime::run`] (daemon name from `RINGRIFT_DAEMON`) unless
+//! `--no-protocol`, and the options combine. Start-up order: `--exit-immediately`, `--grandchild`,
+//! `--ignore-sigterm`, `--flood`, then the protocol (or, with `--no-protocol`, nothing), with
+//! `--crash-after-ms` (counted from process start) and `--print-every-ms` running alongside.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{SigHandler, Signal};
+use ringrift::protocol::{DAEMON_ENV, Health, SOCKET_ENV};
+use serde_json::Value;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::runtime::{self, Quirks, Settings};
+
+/// Length of every `--flood` line, newline included.
+const FLOOD_LINE_BYTES: usize = 100;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub(crate) struct FaultArgs {
+    /// Exit with status 1 N milliseconds after the process started
+    #[arg(long, value_name = "N")]
+    pub(crate) crash_after_ms: Option<u64>,
+
+    /// Exit with status 1 at once, before the handshake (a crash loop)
+    #[arg(long)]
+    pub(crate) exit_immediately: bool,
+
+    /// Once RUNNING, send one heartbeat and then none (the process stays alive and keeps reading)
+    #[arg(long)]
+    pub(crate) hang: bool,
+
+    /// Keep heartbeating, but never move the progress counters
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+
+    /// Ignore SIGTERM and the shutdown frame
+    #[arg(long)]
+    pub(crate) ignore_sigterm: bool,
+
+    /// Leave a `sleep 1000` grandchild in the process group and print `grandchild pid N`
+    #[arg(long)]
+    pub(crate) grandchild: bool,
+
+    /// Write N lines of 100 bytes to stdout as fast as possible, then `flood done`
+    #[arg(long, value_name = "N")]
+    pub(crate) flood: Option<u64>,
+
+    /// After the welcome, send frames the supervisor must refuse (not JSON, unknown type, oversized)
+    #[arg(long)]
+    pub(crate) malformed: bool,
+
+    /// Print `tick K` (K = 1, 2, ...) every N milliseconds
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) print_every_ms: Option<u64>,
+
+    /// Do not connect to the supervisor: a plain process that sleeps until SIGTERM (exit 0)
+    #[arg(long)]
+    pub(crate) no_protocol: bool,
+}
+
+impl FaultArgs {
+    fn quirks(&self) -> Quirks {
+        Quirks {
+            hang: self.hang,
+            frozen_progress: self.no_progress,
+            ignore_shutdown: self.ignore_sigterm,
+            malformed_frames: self.malformed,
+        }
+    }
+}
+
+pub(crate) fn main(args: FaultArgs) -> ExitCode {
+    if args.exit_immediately {
+        eprintln!("fault: exiting at once (--exit-immediately)");
+        return ExitCode::FAILURE;
+    }
+    let started = std::time::Instant::now();
+
+    if args.grandchild {
+        match spawn_grandchild() {
+            Ok(pid) => println!("grandchild pid {pid}"),
+            Err(e) => {
+                eprintln!("fault: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if args.ignore_sigterm {
+        // SAFETY: SIG_IGN installs no handler code, and no other thread exists yet that could be
+        // changing signal dispositions. It comes after the grandchild, which keeps the default.
+        if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGTERM, SigHandler::SigIgn) } {
+            eprintln!("fault: failed to ignore SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(lines) = args.flood {
+        if let Err(e) = flood(lines) {
+            eprintln!("fault: flood failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+
+    let target = if args.no_protocol {
+        None
+    } else {
+        match protocol_target() {
+            Ok(target) => Some(target),
+            Err(e) => {
+                eprintln!("fault: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fault: failed to start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let crash_at = args
+            .crash_after_ms
+            .map(|ms| Instant::from_std(started) + Duration::from_millis(ms));
+        let main = async {
+            match target {
+                Some((socket, name)) => {
+                    let daemon = Box::new(FaultDaemon { name });
+                    runtime::run(&socket, daemon, args.quirks()).await
+                }
+                None => plain(args.ignore_sigterm).await,
+            }
+        };
+        tokio::select! {
+            code = main => code,
+            () = crash(crash_at) => {
+                let ms = args.crash_after_ms.unwrap_or_default();
+                eprintln!("fault: crashing after {ms} ms (--crash-after-ms)");
+                ExitCode::FAILURE
+            }
+            never = ticks(args.print_every_ms.map(Duration::from_millis)) => match never {},
+        }
+    })
+}
+
+/// The socket path and daemon name the supervisor passes in the environment.
+fn protocol_target() -> anyhow::Result<(PathBuf, String)> {
+    let socket = std::env::var_os(SOCKET_ENV).with_context(|| {
+        format!("{SOCKET_ENV} is not set (use --no-protocol to run without it)")
+    })?;
+    let name = std::env::var(DAEMON_ENV).with_context(|| {
+        format!("{DAEMON_ENV} is not set (use --no-protocol to run without it)")
+    })?;
+    Ok((PathBuf::from(socket), name))
+}
+
+/// `--no-protocol`: nothing to do but wait for SIGTERM (or forever, when it is ignored).
+async fn plain(ignore_sigterm: bool) -> ExitCode {
+    if ignore_sigterm {
+        std::future::pending::<()>().await;
+    }
+    let mut sigterm = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("fault: failed to install the SIGTERM handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if sigterm.recv().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+    eprintln!("fault: SIGTERM; exiting");
+    ExitCode::SUCCESS
+}
+
+async fn crash(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn ticks(every: Option<Duration>) -> Infallible {
+    let Some(every) = every else {
+        return std::future::pending().await;
+    };
+    let mut timer = tokio::time::interval_at(Instant::now() + every, every);
+    let mut count: u64 = 0;
+    loop {
+        timer.tick().await;
+        count += 1;
+        println!("tick {count}");
+    }
+}
+
+/// Starts `sleep 1000` through an intermediate `sh` that exits at once, so the sleep is an orphan in
+/// this process group. Its stdout and stderr are this process's stderr (the daemon's log pipe).
+fn spawn_grandchild() -> anyhow::Result<u32> {
+    let output = Command::new("sh")
+        .args(["-c", "sleep 1000 >&2 & echo $!"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("failed to run sh for the grandchild")?;
+    if !output.status.success() {
+        bail!("sh for the grandchild ended with {}", output.status);
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.trim()
+        .parse()
+        .with_context(|| format!("sh printed {text:?} instead of the grandchild's pid"))
+}
+
+/// Line `i` of `--flood`: `line <i>` padded with `x` to 99 bytes, then a newline.
+pub(crate) fn flood_line(i: u64) -> String {
+    let mut line = format!("line {i}");
+    let width = FLOOD_LINE_BYTES - 1;
+    if line.len() < width {
+        line.extend(std::iter::repeat_n('x', width - line.len()));
+    }
+    line.push('\n');
+    line
+}
+
+/// Writes lines 1..=`lines` and `flood done` in large whole-line chunks.
+fn flood(lines: u64) -> std::io::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(64 * 1024, stdout.lock());
+    for i in 1..=lines {
+        out.write_all(flood_line(i).as_bytes())?;
+    }
+    out.write_all(b"flood done\n")?;
+    out.flush()
+}
+
+/// The daemon the fault worker runs: plain cycles under whatever name the supervisor gave it.
+struct FaultDaemon {
+    name: String,
+}
+
+impl FaultDaemon {
+    fn report(cycles: u64) -> Report {
+        Report {
+            health: Health {
+                healthy: true,
+                status: "ok".into(),
+                message: "fault-injection worker".into(),
+                details: BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
+            },
+            counters: BTreeMap::new(),
+        }
+    }
+}
+
+impl Daemon for FaultDaemon {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            println!(
+                "{}: starting fault-injection worker (interval {}s)",
+                self.name, settings.interval_secs
+            );
+            Ok(Self::report(0))
+        })
+    }
+
+    fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            println!("{}: cycle {n} (fault-injection worker)", self.name);
+            Self::report(n)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flood_lines_are_100_bytes_and_numbered() {
+        let first = flood_line(1);
+        assert_eq!(first.len(), 100);
+        assert!(first.starts_with("line 1x"));
+        assert!(first.ends_with("xx\n"));
+        assert_eq!(first.trim_end_matches('\n').trim_end_matches('x'), "line 1");
+        let big = flood_line(123_456_789);
+        assert_eq!(big.len(), 100);
+        assert!(big.starts_with("line 123456789x"));
+    }
+
+    #[test]
+    fn options_map_onto_runtime_quirks() {
+        let args = FaultArgs {
+            hang: true,
+            no_progress: true,
+            ignore_sigterm: true,
+            malformed: true,
+            ..FaultArgs::default()
+        };
+        assert_eq!(
+            args.quirks(),
+            Quirks {
+                hang: true,
+                frozen_progress: true,
+                ignore_shutdown: true,
+                malformed_frames: true,
+            }
+        );
+        assert_eq!(FaultArgs::default().quirks(), Quirks::default());
+    }
+
+    #[test]
+    fn grandchild_outlives_its_parent_shell() {
+        let pid = spawn_grandchild().unwrap();
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        // Alive (the shell is gone), and in our process group.
+        assert_eq!(nix::sys::signal::kill(pid, None), Ok(()));
+        assert_eq!(nix::unistd::getpgid(Some(pid)), Ok(nix::unistd::getpgrp()));
+        nix::sys::signal::kill(pid, Signal::SIGKILL).unwrap();
+    }
+}

@@ -1,0 +1,649 @@
+//! The runtime every daemon shares: the handshake, state reports, heartbeats, the cycle timer, pause,
+//! resume, run-now and shutdown.
+//!
+//! ```text
+//! hello → welcome → state INITIALIZING → start-up → state RUNNING → heartbeat (at once, then every
+//! heartbeat_interval) and cycles (at once, then every interval) until shutdown / SIGTERM
+//! ```
+//!
+//! A cycle is a future polled by the same `select!` loop that sends heartbeats, so a slow cycle never
+//! delays a heartbeat. Losing the supervisor (EOF or an I/O error on the socket) ends the process with
+//! status 1: a worker must never outlive the process that owns it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ringrift::protocol::{
+    self, FromSupervisor, MAX_FRAME_BYTES, PROTOCOL_VERSION, ReportedState, Role, ToSupervisor,
+};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+
+/// Seconds between cycles when the configuration does not say.
+const DEFAULT_INTERVAL_SECS: f64 = 60.0;
+/// Seconds between heartbeats when the configuration does not say.
+const DEFAULT_HEARTBEAT_SECS: f64 = 5.0;
+
+/// The daemon's effective settings, as received in `welcome`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Settings {
+    /// Seconds between cycles, as configured (kept for log lines: `interval 60s`).
+    pub(crate) interval_secs: f64,
+    pub(crate) interval: Duration,
+    pub(crate) heartbeat_interval: Duration,
+    /// The whole configuration object, for daemon-specific keys.
+    pub(crate) config: Value,
+}
+
+impl Settings {
+    pub(crate) fn from_config(config: Option<&Value>) -> anyhow::Result<Settings> {
+        let (interval_secs, interval) = seconds(config, "interval", DEFAULT_INTERVAL_SECS)?;
+        let (_, heartbeat_interval) =
+            seconds(config, "heartbeat_interval", DEFAULT_HEARTBEAT_SECS)?;
+        Ok(Settings {
+            interval_secs,
+            interval,
+            heartbeat_interval,
+            config: config.cloned().unwrap_or(Value::Null),
+        })
+    }
+}
+
+fn seconds(config: Option<&Value>, key: &str, default: f64) -> anyhow::Result<(f64, Duration)> {
+    let secs = match config.and_then(|config| config.get(key)) {
+        None | Some(Value::Null) => default,
+        Some(value) => value.as_f64().with_context(|| {
+            format!("config key {key:?} must be a number of seconds, not {value}")
+        })?,
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("config key {key:?} must be a positive number of seconds, not {secs}");
+    }
+    let duration = Duration::try_from_secs_f64(secs)
+        .with_context(|| format!("config key {key:?} is out of range: {secs}"))?;
+    Ok((secs, duration))
+}
+
+/// Deliberate misbehaviour, for the fault-injection worker. The default is a well-behaved worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Quirks {
+    /// Send the first heartbeat after RUNNING, then no more.
+    pub(crate) hang: bool,
+    /// Keep sending the progress counters reported at start-up.
+    pub(crate) frozen_progress: bool,
+    /// Ignore the `shutdown` frame, and install no SIGTERM handler (the caller ignores the signal).
+    pub(crate) ignore_shutdown: bool,
+    /// Right after `welcome`, send frames the supervisor must refuse.
+    pub(crate) malformed_frames: bool,
+}
+
+/// What the reader task hands the main loop.
+enum Incoming {
+    Frame(FromSupervisor),
+    /// A line that did not decode; the connection stays usable.
+    Bad(String),
+    /// The connection is over; the reader task has ended.
+    Closed(String),
+}
+
+/// The supervisor is gone (or refused us): the worker exits with status 1.
+#[derive(Debug)]
+struct Gone(String);
+
+type InFlight = LocalBoxFuture<'static, (Box<dyn Daemon>, Report)>;
+
+/// Runs `daemon` under the supervisor listening on `socket` until it is told to stop.
+///
+/// Exit status: 0 after `shutdown` or SIGTERM, 1 if the supervisor refuses the handshake, goes away or
+/// start-up fails.
+pub(crate) async fn run(socket: &Path, daemon: Box<dyn Daemon>, quirks: Quirks) -> ExitCode {
+    let name = daemon.name().to_owned();
+    let mut sigterm = if quirks.ignore_shutdown {
+        None
+    } else {
+        match signal(SignalKind::terminate()) {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                eprintln!("{name}: failed to install the SIGTERM handler: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+
+    let handshake = tokio::select! {
+        result = handshake(socket, &name) => result,
+        () = next_sigterm(&mut sigterm) => {
+            eprintln!("{name}: SIGTERM during the handshake; exiting");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let (writer, frames, config) = match handshake {
+        Ok(connection) => connection,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = match Settings::from_config(config.as_ref()) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("{name}: bad configuration from the supervisor: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut session = Session {
+        name: name.clone(),
+        writer,
+        quirks,
+        closed: false,
+        stopping: false,
+    };
+    match serve(&mut session, daemon, frames, &settings, &mut sigterm).await {
+        Ok(()) => {
+            println!("{name}: stopped");
+            ExitCode::SUCCESS
+        }
+        Err(Gone(reason)) => {
+            eprintln!("{name}: {reason}; exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the next SIGTERM; never, if no handler is installed.
+async fn next_sigterm(sigterm: &mut Option<Signal>) {
+    match sigterm {
+        Some(stream) => {
+            if stream.recv().await.is_none() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Connects, says hello and waits for the welcome. Returns the write half, the frames that follow and
+/// the daemon's configuration.
+async fn handshake(
+    socket: &Path,
+    name: &str,
+) -> anyhow::Result<(OwnedWriteHalf, mpsc::Receiver<Incoming>, Option<Value>)> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "failed to connect to the supervisor at {}",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let hello = ToSupervisor::Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Worker,
+        daemon: Some(name.to_owned()),
+        pid: Some(std::process::id()),
+    };
+    write
+        .write_all(&protocol::encode(&hello))
+        .await
+        .context("failed to send hello")?;
+
+    // The reader task outlives the handshake: it feeds the main loop through the channel, which makes
+    // every frame read cancel-safe inside `select!`.
+    let (tx, mut frames) = mpsc::channel(16);
+    tokio::spawn(read_frames(read, tx));
+    match frames.recv().await {
+        Some(Incoming::Frame(FromSupervisor::Welcome { protocol, config })) => {
+            if protocol != PROTOCOL_VERSION {
+                bail!(
+                    "the supervisor speaks protocol {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                );
+            }
+            Ok((write, frames, config))
+        }
+        Some(Incoming::Frame(FromSupervisor::Error { code, message })) => {
+            bail!("the supervisor refused the handshake ({code:?}): {message}")
+        }
+        Some(Incoming::Frame(other)) => bail!("expected welcome, the supervisor sent {other:?}"),
+        Some(Incoming::Bad(e)) => bail!("expected welcome, the supervisor sent a bad frame: {e}"),
+        Some(Incoming::Closed(reason)) => bail!("no welcome: {reason}"),
+        None => bail!("no welcome: the connection reader stopped"),
+    }
+}
+
+/// Reads newline-delimited frames of at most [`MAX_FRAME_BYTES`] until the connection ends.
+async fn read_frames(read: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    // The frame and its newline.
+    let limit = MAX_FRAME_BYTES as u64 + 1;
+    loop {
+        line.clear();
+        let incoming = match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Err(e) => Incoming::Closed(format!("failed to read from the supervisor: {e}")),
+            Ok(0) => Incoming::Closed("the supervisor closed the connection".into()),
+            Ok(_) if line.last() != Some(&b'\n') => {
+                if line.len() as u64 >= limit {
+                    Incoming::Closed(format!(
+                        "the supervisor sent a frame longer than {MAX_FRAME_BYTES} bytes"
+                    ))
+                } else {
+                    Incoming::Closed("the supervisor closed the connection mid-frame".into())
+                }
+            }
+            Ok(_) => {
+                line.pop();
+                match protocol::decode::<FromSupervisor>(&line) {
+                    Ok(frame) => Incoming::Frame(frame),
+                    Err(e) => Incoming::Bad(e.to_string()),
+                }
+            }
+        };
+        let last = matches!(incoming, Incoming::Closed(_));
+        if tx.send(incoming).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// The write side of the connection and the few facts the frames depend on.
+struct Session {
+    name: String,
+    writer: OwnedWriteHalf,
+    quirks: Quirks,
+    /// A write failed or the supervisor hung up.
+    closed: bool,
+    /// Shutdown has begun: from here on a lost connection is no longer an error.
+    stopping: bool,
+}
+
+impl Session {
+    async fn send(&mut self, frame: &ToSupervisor) -> Result<(), Gone> {
+        self.send_bytes(&protocol::encode(frame)).await
+    }
+
+    async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), Gone> {
+        let result = if self.closed {
+            Err("the connection to the supervisor is closed".to_owned())
+        } else {
+            self.writer
+                .write_all(bytes)
+                .await
+                .map_err(|e| format!("failed to write to the supervisor: {e}"))
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if self.stopping => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(reason) => {
+                self.closed = true;
+                Err(Gone(reason))
+            }
+        }
+    }
+
+    async fn state(&mut self, state: ReportedState, message: Option<&str>) -> Result<(), Gone> {
+        self.send(&ToSupervisor::State {
+            state,
+            message: message.map(str::to_owned),
+        })
+        .await
+    }
+
+    async fn send_malformed(&mut self) -> Result<(), Gone> {
+        for bad in malformed_frames() {
+            self.send_bytes(&bad).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports SHUTTING_DOWN (best effort) and stops taking new work.
+    async fn begin_shutdown(&mut self, why: &str) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        println!("{}: shutting down ({why})", self.name);
+        // `stopping` makes a failed send harmless: the supervisor may already be gone.
+        let _ = self.state(ReportedState::ShuttingDown, Some(why)).await;
+    }
+}
+
+/// The frames `--malformed` sends: not JSON, an unknown type, and one byte-for-byte too long.
+pub(crate) fn malformed_frames() -> Vec<Vec<u8>> {
+    let mut oversized = br#"{"type":"heartbeat","padding":""#.to_vec();
+    let total = MAX_FRAME_BYTES + 10;
+    let closing = br#""}"#;
+    oversized.resize(total - closing.len(), b'x');
+    oversized.extend_from_slice(closing);
+    oversized.push(b'\n');
+    vec![
+        b"not json\n".to_vec(),
+        b"{\"type\":\"explode\"}\n".to_vec(),
+        oversized,
+    ]
+}
+
+/// Everything after the welcome: start-up, then the loop until shutdown.
+async fn serve(
+    session: &mut Session,
+    daemon: Box<dyn Daemon>,
+    mut frames: mpsc::Receiver<Incoming>,
+    settings: &Settings,
+    sigterm: &mut Option<Signal>,
+) -> Result<(), Gone> {
+    let name = session.name.clone();
+    if session.quirks.malformed_frames {
+        eprintln!("{name}: sending malformed frames (--malformed)");
+        session.send_malformed().await?;
+    }
+
+    session.state(ReportedState::Initializing, None).await?;
+    let mut daemon = daemon;
+    let mut report = match daemon.start(settings).await {
+        Ok(report) => report,
+        Err(e) => return Err(Gone(format!("start-up failed: {e:#}"))),
+    };
+    session.state(ReportedState::Running, None).await?;
+
+    let frozen = session.quirks.frozen_progress.then(|| progress(&report, 0));
+    let mut cycles: u64 = 0;
+    // The daemon is lent to the in-flight cycle and comes back with its report.
+    let mut idle: Option<Box<dyn Daemon>> = Some(daemon);
+    let mut in_flight: Option<InFlight> = None;
+    let mut paused = false;
+    let mut run_now = false;
+    let mut heartbeats = true;
+    let mut link_open = true;
+
+    let mut heartbeat_timer = tokio::time::interval(settings.heartbeat_interval);
+    heartbeat_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut cycle_timer = tokio::time::interval(settings.interval);
+    cycle_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    loop {
+        if session.stopping && in_flight.is_none() {
+            return Ok(());
+        }
+        let may_start = !paused && !session.stopping && in_flight.is_none();
+        if run_now && may_start {
+            run_now = false;
+            in_flight = Some(launch(&mut idle, cycles + 1));
+            continue;
+        }
+
+        tokio::select! {
+            _ = heartbeat_timer.tick(), if heartbeats => {
+                let heartbeat = ToSupervisor::Heartbeat {
+                    health: report.health.clone(),
+                    progress: frozen.clone().unwrap_or_else(|| progress(&report, cycles)),
+                };
+                session.send(&heartbeat).await?;
+                if session.quirks.hang {
+                    eprintln!("{name}: no more heartbeats (--hang)");
+                    heartbeats = false;
+                }
+            }
+            _ = cycle_timer.tick(), if may_start => {
+                in_flight = Some(launch(&mut idle, cycles + 1));
+            }
+            (daemon, cycle_report) = async { in_flight.as_mut().expect("guarded by is_some").await },
+                if in_flight.is_some() =>
+            {
+                in_flight = None;
+                idle = Some(daemon);
+                report = cycle_report;
+                cycles += 1;
+            }
+            incoming = frames.recv(), if link_open => match incoming {
+                Some(Incoming::Frame(frame)) => match frame {
+                    FromSupervisor::Pause if !session.stopping => {
+                        paused = true;
+                        run_now = false;
+                        println!("{name}: paused");
+                        session.state(ReportedState::Paused, None).await?;
+                    }
+                    FromSupervisor::Resume if !session.stopping => {
+                        paused = false;
+                        println!("{name}: resumed");
+                        session.state(ReportedState::Running, None).await?;
+                    }
+                    FromSupervisor::RunNow if paused => {
+                        eprintln!("{name}: run_now ignored: paused");
+                    }
+                    FromSupervisor::RunNow if !session.stopping => run_now = true,
+                    FromSupervisor::Shutdown if session.quirks.ignore_shutdown => {
+                        eprintln!("{name}: ignoring shutdown (--ignore-sigterm)");
+                    }
+                    FromSupervisor::Shutdown => session.begin_shutdown("shutdown requested").await,
+                    FromSupervisor::Error { code, message } => {
+                        eprintln!("{name}: the supervisor reported an error ({code:?}): {message}");
+                    }
+                    FromSupervisor::Pause | FromSupervisor::Resume | FromSupervisor::RunNow => {}
+                    other => eprintln!("{name}: ignoring unexpected frame {other:?}"),
+                },
+                Some(Incoming::Bad(e)) => eprintln!("{name}: ignoring bad frame from the supervisor: {e}"),
+                Some(Incoming::Closed(_)) | None if session.stopping => {
+                    link_open = false;
+                    session.closed = true;
+                }
+                Some(Incoming::Closed(reason)) => return Err(Gone(reason)),
+                None => return Err(Gone("the connection reader stopped".into())),
+            },
+            () = next_sigterm(sigterm), if !session.stopping => {
+                session.begin_shutdown("SIGTERM").await;
+            }
+        }
+    }
+}
+
+/// Lends the daemon to a new cycle future.
+fn launch(idle: &mut Option<Box<dyn Daemon>>, n: u64) -> InFlight {
+    let mut daemon = idle.take().expect("no cycle is in flight");
+    Box::pin(async move {
+        let report = daemon.cycle(n).await;
+        (daemon, report)
+    })
+}
+
+/// The heartbeat's counters: the daemon's own plus `cycles`, the count of finished cycles.
+fn progress(report: &Report, cycles: u64) -> BTreeMap<String, u64> {
+    let mut progress = report.counters.clone();
+    progress.insert("cycles".into(), cycles);
+    progress
+}
+
+#[cfg(test)]
+mod tests {
+    use ringrift::protocol::Health;
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn settings_default_to_sixty_and_five_seconds() {
+        let settings = Settings::from_config(None).unwrap();
+        assert_eq!(settings.interval, Duration::from_secs(60));
+        assert_eq!(settings.heartbeat_interval, Duration::from_secs(5));
+        let settings = Settings::from_config(Some(&json!({"enabled": true}))).unwrap();
+        assert_eq!(settings.interval_secs, 60.0);
+    }
+
+    #[test]
+    fn settings_read_fractional_and_integer_seconds() {
+        let settings =
+            Settings::from_config(Some(&json!({"interval": 5, "heartbeat_interval": 0.25})))
+                .unwrap();
+        assert_eq!(settings.interval, Duration::from_secs(5));
+        assert_eq!(settings.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(format!("{}s", settings.interval_secs), "5s");
+    }
+
+    #[test]
+    fn settings_refuse_zero_negative_and_non_numbers() {
+        for bad in [
+            json!({"interval": 0}),
+            json!({"interval": -1}),
+            json!({"heartbeat_interval": "5"}),
+        ] {
+            assert!(Settings::from_config(Some(&bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_refused_by_the_decoder() {
+        let frames = malformed_frames();
+        assert_eq!(frames[2].len(), MAX_FRAME_BYTES + 10 + 1);
+        for frame in &frames {
+            assert_eq!(frame.last(), Some(&b'\n'));
+            assert!(protocol::decode::<ToSupervisor>(&frame[..frame.len() - 1]).is_err());
+        }
+    }
+
+    struct Slow;
+
+    impl Daemon for Slow {
+        fn name(&self) -> &str {
+            "slow"
+        }
+
+        fn start<'a>(&'a mut self, _: &'a Settings) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+            Box::pin(async { Ok(report()) })
+        }
+
+        fn cycle(&mut self, _: u64) -> LocalBoxFuture<'_, Report> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                report()
+            })
+        }
+    }
+
+    fn report() -> Report {
+        Report {
+            health: Health {
+                healthy: true,
+                status: "ok".into(),
+                ..Health::default()
+            },
+            counters: BTreeMap::new(),
+        }
+    }
+
+    async fn next_frame(lines: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>) -> ToSupervisor {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("worker answered in time")
+            .unwrap()
+            .expect("worker kept the connection open");
+        protocol::decode(line.as_bytes()).unwrap()
+    }
+
+    /// Plays the supervisor against the real runtime over a real socket.
+    #[test]
+    fn handshake_heartbeats_during_a_slow_cycle_pause_and_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("supervisor.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let listener = UnixListener::bind(&path).unwrap();
+            let worker = tokio::task::spawn_local({
+                let path = path.clone();
+                async move { run(&path, Box::new(Slow), Quirks::default()).await }
+            });
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+
+            let ToSupervisor::Hello {
+                role, daemon, pid, ..
+            } = next_frame(&mut lines).await
+            else {
+                panic!("expected hello");
+            };
+            assert_eq!(
+                (role, daemon.as_deref(), pid),
+                (Role::Worker, Some("slow"), Some(std::process::id()))
+            );
+            let welcome = FromSupervisor::Welcome {
+                protocol: PROTOCOL_VERSION,
+                config: Some(json!({"interval": 0.1, "heartbeat_interval": 0.05})),
+            };
+            write.write_all(&protocol::encode(&welcome)).await.unwrap();
+            assert!(matches!(
+                next_frame(&mut lines).await,
+                ToSupervisor::State {
+                    state: ReportedState::Initializing,
+                    ..
+                }
+            ));
+            assert!(matches!(
+                next_frame(&mut lines).await,
+                ToSupervisor::State {
+                    state: ReportedState::Running,
+                    ..
+                }
+            ));
+
+            // The first cycle takes 300 ms; heartbeats keep coming every 50 ms meanwhile.
+            for _ in 0..4 {
+                let ToSupervisor::Heartbeat { progress, .. } = next_frame(&mut lines).await else {
+                    panic!("expected heartbeats during the slow cycle");
+                };
+                assert_eq!(progress["cycles"], 0);
+            }
+
+            write
+                .write_all(&protocol::encode(&FromSupervisor::Pause))
+                .await
+                .unwrap();
+            loop {
+                match next_frame(&mut lines).await {
+                    ToSupervisor::State { state, .. } => {
+                        assert_eq!(state, ReportedState::Paused);
+                        break;
+                    }
+                    ToSupervisor::Heartbeat { .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+
+            write
+                .write_all(&protocol::encode(&FromSupervisor::Shutdown))
+                .await
+                .unwrap();
+            loop {
+                match next_frame(&mut lines).await {
+                    ToSupervisor::State { state, .. } => {
+                        assert_eq!(state, ReportedState::ShuttingDown);
+                        break;
+                    }
+                    ToSupervisor::Heartbeat { .. } => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let code = tokio::time::timeout(Duration::from_secs(5), worker)
+                .await
+                .expect("worker stopped in time")
+                .unwrap();
+            assert_eq!(code, ExitCode::SUCCESS);
+        });
+    }
+}
