@@ -25,24 +25,134 @@ pub enum Category {
     Queue,
 }
 
-const SOURCES: &[&str] = &["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor"];
+const SOURCES: &[&str] = &[
+    "auto_sync",
+    "cluster_data_sync",
+    "auto_export",
+    "quality_monitor",
+];
 
 pub const DAEMONS: &[DaemonSpec] = &[
-    spec("auto_sync", "push-from-generator + gossip replication", Category::Sync, &[], true, &[]),
-    spec("ephemeral_sync", "aggressive 5 s sync for ephemeral hosts", Category::Ephemeral, &[], false, &[]),
-    spec("cluster_data_sync", "P2P mesh data sync", Category::Sync, &[], true, &[]),
-    spec("model_distribution", "model sync after promotion", Category::Sync, &[], true, &[]),
-    spec("training_trigger", "data threshold → training", Category::Training, SOURCES, true, &["threshold_games"]),
-    spec("auto_export", "games DB → NPZ export", Category::Training, &[], true, &["threshold_games"]),
-    spec("evaluation", "model gauntlet evaluation", Category::Training, &["training_trigger"], true, &[]),
-    spec("auto_promotion", "gauntlet → promotion", Category::Training, &["evaluation"], true, &[]),
-    spec("unified_node_health", "centralized health checks", Category::Health, &[], true, &[]),
-    spec("quality_monitor", "data quality tracking", Category::Health, &[], true, &[]),
-    spec("idle_resource", "spawn selfplay on idle GPUs", Category::Health, &[], true, &[]),
-    spec("unified_idle_shutdown", "cloud instance idle termination", Category::Health, &[], false, &[]),
-    spec("queue_populator", "maintain work queue", Category::Queue, &[], true, &[]),
-    spec("selfplay_scheduler", "priority-based selfplay allocation", Category::Queue, &[], true, &[]),
-    spec("job_reaper", "kill stuck processes", Category::Queue, &[], true, &[]),
+    spec(
+        "auto_sync",
+        "push-from-generator + gossip replication",
+        Category::Sync,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "ephemeral_sync",
+        "aggressive 5 s sync for ephemeral hosts",
+        Category::Ephemeral,
+        &[],
+        false,
+        &[],
+    ),
+    spec(
+        "cluster_data_sync",
+        "P2P mesh data sync",
+        Category::Sync,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "model_distribution",
+        "model sync after promotion",
+        Category::Sync,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "training_trigger",
+        "data threshold → training",
+        Category::Training,
+        SOURCES,
+        true,
+        &["threshold_games"],
+    ),
+    spec(
+        "auto_export",
+        "games DB → NPZ export",
+        Category::Training,
+        &[],
+        true,
+        &["threshold_games"],
+    ),
+    spec(
+        "evaluation",
+        "model gauntlet evaluation",
+        Category::Training,
+        &["training_trigger"],
+        true,
+        &[],
+    ),
+    spec(
+        "auto_promotion",
+        "gauntlet → promotion",
+        Category::Training,
+        &["evaluation"],
+        true,
+        &[],
+    ),
+    spec(
+        "unified_node_health",
+        "centralized health checks",
+        Category::Health,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "quality_monitor",
+        "data quality tracking",
+        Category::Health,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "idle_resource",
+        "spawn selfplay on idle GPUs",
+        Category::Health,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "unified_idle_shutdown",
+        "cloud instance idle termination",
+        Category::Health,
+        &[],
+        false,
+        &[],
+    ),
+    spec(
+        "queue_populator",
+        "maintain work queue",
+        Category::Queue,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "selfplay_scheduler",
+        "priority-based selfplay allocation",
+        Category::Queue,
+        &[],
+        true,
+        &[],
+    ),
+    spec(
+        "job_reaper",
+        "kill stuck processes",
+        Category::Queue,
+        &[],
+        true,
+        &[],
+    ),
 ];
 
 const fn spec(
@@ -53,7 +163,14 @@ const fn spec(
     enabled_by_default: bool,
     extra_keys: &'static [&'static str],
 ) -> DaemonSpec {
-    DaemonSpec { name, purpose, category, depends_on, enabled_by_default, extra_keys }
+    DaemonSpec {
+        name,
+        purpose,
+        category,
+        depends_on,
+        enabled_by_default,
+        extra_keys,
+    }
 }
 
 /// The six seed profiles and their members.
@@ -85,8 +202,24 @@ pub const PROFILES: &[(&str, &[&str])] = &[
             "job_reaper",
         ],
     ),
-    ("ephemeral", &["ephemeral_sync", "idle_resource", "unified_idle_shutdown", "job_reaper"]),
-    ("selfplay", &["auto_sync", "idle_resource", "selfplay_scheduler", "job_reaper"]),
+    (
+        "ephemeral",
+        &[
+            "ephemeral_sync",
+            "idle_resource",
+            "unified_idle_shutdown",
+            "job_reaper",
+        ],
+    ),
+    (
+        "selfplay",
+        &[
+            "auto_sync",
+            "idle_resource",
+            "selfplay_scheduler",
+            "job_reaper",
+        ],
+    ),
     (
         "full",
         &[
@@ -107,7 +240,10 @@ pub const PROFILES: &[(&str, &[&str])] = &[
             "job_reaper",
         ],
     ),
-    ("minimal", &["auto_sync", "unified_node_health", "job_reaper"]),
+    (
+        "minimal",
+        &["auto_sync", "unified_node_health", "job_reaper"],
+    ),
 ];
 
 pub fn find(name: &str) -> Option<&'static DaemonSpec> {
@@ -127,7 +263,11 @@ pub fn closest<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str>) -
         .map(|c| {
             let d = edit_distance(&wrong, c);
             // A shared prefix or containment is as good as a small typo.
-            let d = if c.starts_with(&wrong) || (wrong.len() >= 4 && c.contains(&wrong)) { d.min(2) } else { d };
+            let d = if c.starts_with(&wrong) || (wrong.len() >= 4 && c.contains(&wrong)) {
+                d.min(2)
+            } else {
+                d
+            };
             (d, c)
         })
         .filter(|(d, c)| *d <= (c.len().max(wrong.len()) / 2).max(2))
@@ -151,7 +291,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// "did you mean a, b?" or a list of every valid name when nothing is close.
-pub fn suggestion<'a>(wrong: &str, candidates: impl IntoIterator<Item = &'a str> + Clone) -> String {
+pub fn suggestion<'a>(
+    wrong: &str,
+    candidates: impl IntoIterator<Item = &'a str> + Clone,
+) -> String {
     let close = closest(wrong, candidates.clone());
     if close.is_empty() {
         let all: Vec<&str> = candidates.into_iter().collect();
@@ -177,8 +320,19 @@ mod tests {
     #[test]
     fn seed_dependency_graph() {
         let tt = find("training_trigger").unwrap();
-        assert_eq!(tt.depends_on, &["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor"]);
-        assert_eq!(find("evaluation").unwrap().depends_on, &["training_trigger"]);
+        assert_eq!(
+            tt.depends_on,
+            &[
+                "auto_sync",
+                "cluster_data_sync",
+                "auto_export",
+                "quality_monitor"
+            ]
+        );
+        assert_eq!(
+            find("evaluation").unwrap().depends_on,
+            &["training_trigger"]
+        );
         assert_eq!(find("auto_promotion").unwrap().depends_on, &["evaluation"]);
     }
 

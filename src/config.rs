@@ -76,11 +76,18 @@ impl DaemonConfig {
 
 impl Config {
     pub fn graph(&self) -> Graph {
-        self.daemons.iter().map(|(n, d)| (n.clone(), d.depends_on.clone())).collect()
+        self.daemons
+            .iter()
+            .map(|(n, d)| (n.clone(), d.depends_on.clone()))
+            .collect()
     }
 
     pub fn enabled(&self) -> BTreeSet<String> {
-        self.daemons.values().filter(|d| d.enabled).map(|d| d.name.clone()).collect()
+        self.daemons
+            .values()
+            .filter(|d| d.enabled)
+            .map(|d| d.name.clone())
+            .collect()
     }
 
     /// Resolves a user-typed daemon name (any case) or explains what is wrong.
@@ -130,7 +137,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        writeln!(f, "invalid configuration ({n} problem{}):", if n == 1 { "" } else { "s" })?;
+        writeln!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             writeln!(f, "  {p}")?;
         }
@@ -147,7 +158,9 @@ pub fn locate_file(root: &Path) -> Option<PathBuf> {
 /// Loads from an explicit path, or the root's file, or the embedded default; applies the process environment.
 pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let path = explicit.map(Path::to_path_buf).or_else(|| locate_file(root));
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| locate_file(root));
     match path {
         Some(p) => {
             let text = std::fs::read_to_string(&p).map_err(|e| ConfigError {
@@ -166,7 +179,12 @@ pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError>
 
 /// Parses and validates a configuration text with the given environment.
 pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-    let mut v = Validator { file, text, problems: Vec::new(), env_origin: BTreeMap::new() };
+    let mut v = Validator {
+        file,
+        text,
+        problems: Vec::new(),
+        env_origin: BTreeMap::new(),
+    };
     let mut tree = match serde_saphyr::from_str::<Value>(text) {
         Ok(Value::Null) => Value::Object(Map::new()),
         Ok(t) => t,
@@ -184,15 +202,22 @@ pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config,
         }
     };
     if !tree.is_object() {
-        v.problem(&[], "the top level must be a mapping (daemons:, profiles:, http:, logs:, defaults:)");
-        return Err(ConfigError { problems: v.problems });
+        v.problem(
+            &[],
+            "the top level must be a mapping (daemons:, profiles:, http:, logs:, defaults:)",
+        );
+        return Err(ConfigError {
+            problems: v.problems,
+        });
     }
     v.apply_env(&mut tree, env);
     let config = v.build(&tree);
     if v.problems.is_empty() {
         Ok(config)
     } else {
-        Err(ConfigError { problems: v.problems })
+        Err(ConfigError {
+            problems: v.problems,
+        })
     }
 }
 
@@ -204,7 +229,10 @@ fn first_line(s: &str) -> &str {
 fn yaml_error_line(msg: &str) -> Option<usize> {
     let lower = msg.to_ascii_lowercase();
     if let Some(i) = lower.find("line ") {
-        let digits: String = lower[i + 5..].chars().take_while(|c| c.is_ascii_digit()).collect();
+        let digits: String = lower[i + 5..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
         if let Ok(n) = digits.parse() {
             return Some(n);
         }
@@ -221,6 +249,9 @@ fn yaml_error_line(msg: &str) -> Option<usize> {
     }
     None
 }
+
+/// Which daemons an interval variable applies to, by catalog category.
+type CategoryFilter = fn(Option<Category>) -> bool;
 
 const TOP_KEYS: &[&str] = &["daemons", "profiles", "http", "logs", "defaults"];
 const HTTP_KEYS: &[&str] = &["enabled", "addr"];
@@ -264,7 +295,12 @@ impl Validator<'_> {
             Some(var) => (format!("environment {var}"), None),
             None => (self.file.to_string(), locate(self.text, path)),
         };
-        self.problems.push(Problem { file, line, key, message: message.into() });
+        self.problems.push(Problem {
+            file,
+            line,
+            key,
+            message: message.into(),
+        });
     }
 
     /// Lays environment overrides over the tree: the interval variables, then the generic
@@ -272,16 +308,21 @@ impl Validator<'_> {
     fn apply_env(&mut self, tree: &mut Value, env: &[(String, String)]) {
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let names: Vec<String> = {
-            let mut set: BTreeSet<String> = catalog::DAEMONS.iter().map(|d| d.name.to_string()).collect();
+            let mut set: BTreeSet<String> = catalog::DAEMONS
+                .iter()
+                .map(|d| d.name.to_string())
+                .collect();
             if let Some(Value::Object(d)) = tree.get("daemons") {
                 set.extend(d.keys().cloned());
             }
             set.into_iter().collect()
         };
-        let interval_vars: [(&str, fn(Option<Category>) -> bool); 3] = [
+        let interval_vars: [(&str, CategoryFilter); 3] = [
             ("RINGRIFT_DAEMON_INTERVAL", |_| true),
             ("RINGRIFT_SYNC_INTERVAL", |c| c == Some(Category::Sync)),
-            ("RINGRIFT_EPHEMERAL_INTERVAL", |c| c == Some(Category::Ephemeral)),
+            ("RINGRIFT_EPHEMERAL_INTERVAL", |c| {
+                c == Some(Category::Ephemeral)
+            }),
         ];
         for (var, applies) in interval_vars {
             let Some(raw) = get(var) else { continue };
@@ -292,7 +333,9 @@ impl Validator<'_> {
             }
         }
         for (var, raw) in env {
-            let Some(rest) = var.strip_prefix("RINGRIFT_") else { continue };
+            let Some(rest) = var.strip_prefix("RINGRIFT_") else {
+                continue;
+            };
             if !rest.contains("__") {
                 continue;
             }
@@ -328,7 +371,9 @@ impl Validator<'_> {
                 self.env_origin.insert(path.join("."), var.to_string());
                 return;
             }
-            node = map.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            node = map
+                .entry(seg.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
         }
     }
 
@@ -339,12 +384,19 @@ impl Validator<'_> {
         let empty = Map::new();
         let http_map = self.mapping(top.get("http"), &["http"]).unwrap_or(&empty);
         self.unknown_keys(http_map, &["http"], HTTP_KEYS);
-        let enabled = self.boolean(http_map.get("enabled"), &["http", "enabled"]).unwrap_or(true);
-        let addr_text = self.string(http_map.get("addr"), &["http", "addr"]).unwrap_or("127.0.0.1:8770".into());
+        let enabled = self
+            .boolean(http_map.get("enabled"), &["http", "enabled"])
+            .unwrap_or(true);
+        let addr_text = self
+            .string(http_map.get("addr"), &["http", "addr"])
+            .unwrap_or("127.0.0.1:8770".into());
         let addr = match addr_text.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.problem(&["http", "addr"], format!("'{addr_text}' is not an address like 127.0.0.1:8770"));
+                self.problem(
+                    &["http", "addr"],
+                    format!("'{addr_text}' is not an address like 127.0.0.1:8770"),
+                );
                 SocketAddr::from(([127, 0, 0, 1], 8770))
             }
         };
@@ -353,20 +405,42 @@ impl Validator<'_> {
         let logs_map = self.mapping(top.get("logs"), &["logs"]).unwrap_or(&empty);
         self.unknown_keys(logs_map, &["logs"], LOG_KEYS);
         let max_bytes = self
-            .integer(logs_map.get("max_bytes"), &["logs", "max_bytes"], 4096, 1 << 40)
+            .integer(
+                logs_map.get("max_bytes"),
+                &["logs", "max_bytes"],
+                4096,
+                1 << 40,
+            )
             .unwrap_or(50 * 1024 * 1024);
-        let max_files = self.integer(logs_map.get("max_files"), &["logs", "max_files"], 1, 100).unwrap_or(5) as u32;
-        let logs = LogConfig { max_bytes, max_files };
+        let max_files = self
+            .integer(logs_map.get("max_files"), &["logs", "max_files"], 1, 100)
+            .unwrap_or(5) as u32;
+        let logs = LogConfig {
+            max_bytes,
+            max_files,
+        };
 
-        let defaults = self.mapping(top.get("defaults"), &["defaults"]).unwrap_or(&empty).clone();
-        let allowed_defaults: Vec<&str> =
-            COMMON_KEYS.iter().copied().filter(|k| !PER_DAEMON_ONLY.contains(k)).collect();
+        let defaults = self
+            .mapping(top.get("defaults"), &["defaults"])
+            .unwrap_or(&empty)
+            .clone();
+        let allowed_defaults: Vec<&str> = COMMON_KEYS
+            .iter()
+            .copied()
+            .filter(|k| !PER_DAEMON_ONLY.contains(k))
+            .collect();
         self.unknown_keys(&defaults, &["defaults"], &allowed_defaults);
 
-        let daemons_map = self.mapping(top.get("daemons"), &["daemons"]).unwrap_or(&empty).clone();
+        let daemons_map = self
+            .mapping(top.get("daemons"), &["daemons"])
+            .unwrap_or(&empty)
+            .clone();
         let mut daemons = BTreeMap::new();
         // Every catalog daemon exists, configured or not; entries in the file refine them.
-        let mut names: BTreeSet<String> = catalog::DAEMONS.iter().map(|d| d.name.to_string()).collect();
+        let mut names: BTreeSet<String> = catalog::DAEMONS
+            .iter()
+            .map(|d| d.name.to_string())
+            .collect();
         for key in daemons_map.keys() {
             names.insert(key.clone());
         }
@@ -384,13 +458,19 @@ impl Validator<'_> {
             }
         }
 
-        let graph: Graph = daemons.iter().map(|(n, d)| (n.clone(), d.depends_on.clone())).collect();
+        let graph: Graph = daemons
+            .iter()
+            .map(|(n, d)| (n.clone(), d.depends_on.clone()))
+            .collect();
         if let Err(errors) = deps::validate(&graph) {
             for e in errors {
                 match &e {
                     deps::GraphError::Missing { daemon, missing } => {
                         let hint = catalog::suggestion(missing, daemons.keys().map(String::as_str));
-                        self.problem(&["daemons", daemon, "depends_on"], format!("unknown daemon '{missing}': {hint}"));
+                        self.problem(
+                            &["daemons", daemon, "depends_on"],
+                            format!("unknown daemon '{missing}': {hint}"),
+                        );
                     }
                     deps::GraphError::Cycle(path) => {
                         let first = path.first().cloned().unwrap_or_default();
@@ -401,19 +481,33 @@ impl Validator<'_> {
         }
 
         let profiles = self.profiles(top.get("profiles"), &daemons);
-        Config { source: self.file.to_string(), http, logs, daemons, profiles }
+        Config {
+            source: self.file.to_string(),
+            http,
+            logs,
+            daemons,
+            profiles,
+        }
     }
 
-    fn daemon(&mut self, name: &str, entry: &Map<String, Value>, defaults: &Map<String, Value>) -> Option<DaemonConfig> {
+    fn daemon(
+        &mut self,
+        name: &str,
+        entry: &Map<String, Value>,
+        defaults: &Map<String, Value>,
+    ) -> Option<DaemonConfig> {
         let spec = catalog::find(name);
-        let path = |k: &'static str| -> [String; 3] { ["daemons".into(), name.to_string(), k.into()] };
+        let path =
+            |k: &'static str| -> [String; 3] { ["daemons".into(), name.to_string(), k.into()] };
         let p = |k: &'static str| path(k);
         let has_command = entry.get("command").is_some_and(|c| !c.is_null());
         if spec.is_none() && !has_command {
             let hint = catalog::suggestion(name, catalog::DAEMONS.iter().map(|d| d.name));
             self.problem(
                 &["daemons", name],
-                format!("unknown daemon '{name}': {hint} (a daemon of your own needs a `command:`)"),
+                format!(
+                    "unknown daemon '{name}': {hint} (a daemon of your own needs a `command:`)"
+                ),
             );
             return None;
         }
@@ -438,20 +532,29 @@ impl Validator<'_> {
             };
         }
 
-        let enabled = self
-            .boolean(pick("enabled"), at!("enabled"))
-            .unwrap_or(spec.is_some_and(|s| s.enabled_by_default) || (spec.is_none() && has_command));
-        let interval = self.duration(pick("interval"), at!("interval"), 0.01, 86_400.0).unwrap_or(Duration::from_secs(60));
+        let enabled = self.boolean(pick("enabled"), at!("enabled")).unwrap_or(
+            spec.is_some_and(|s| s.enabled_by_default) || (spec.is_none() && has_command),
+        );
+        let interval = self
+            .duration(pick("interval"), at!("interval"), 0.01, 86_400.0)
+            .unwrap_or(Duration::from_secs(60));
         let depends_on = match entry.get("depends_on") {
-            None => spec.map(|s| s.depends_on.iter().map(|d| d.to_string()).collect()).unwrap_or_default(),
-            Some(v) => self.string_list(Some(v), &["daemons", name, "depends_on"]).unwrap_or_default(),
+            None => spec
+                .map(|s| s.depends_on.iter().map(|d| d.to_string()).collect())
+                .unwrap_or_default(),
+            Some(v) => self
+                .string_list(Some(v), &["daemons", name, "depends_on"])
+                .unwrap_or_default(),
         };
         let depends_on: Vec<String> = depends_on.iter().map(|d| catalog::normalize(d)).collect();
         let command = match entry.get("command") {
             None | Some(Value::Null) => None,
             Some(v) => match self.string_list(Some(v), &["daemons", name, "command"]) {
                 Some(c) if c.is_empty() => {
-                    self.problem(&["daemons", name, "command"], "must name a program, e.g. [\"python3\", \"my_daemon.py\"]");
+                    self.problem(
+                        &["daemons", name, "command"],
+                        "must name a program, e.g. [\"python3\", \"my_daemon.py\"]",
+                    );
                     None
                 }
                 other => other,
@@ -459,7 +562,9 @@ impl Validator<'_> {
         };
         let protocol = match command {
             None => true,
-            Some(_) => self.boolean(pick("protocol"), at!("protocol")).unwrap_or(false),
+            Some(_) => self
+                .boolean(pick("protocol"), at!("protocol"))
+                .unwrap_or(false),
         };
         let env = match entry.get("env") {
             None => BTreeMap::new(),
@@ -467,10 +572,15 @@ impl Validator<'_> {
                 None => BTreeMap::new(),
                 Some(m) => m
                     .iter()
-                    .map(|(k, v)| (k.clone(), match v {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    }))
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            match v {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            },
+                        )
+                    })
                     .collect(),
             },
         };
@@ -482,10 +592,14 @@ impl Validator<'_> {
         if let Some(raw) = self.string(pick("restart"), at!("restart")) {
             match RestartPolicy::parse(&raw) {
                 Some(pol) => restart.policy = pol,
-                None => self.problem(at!("restart"), format!("'{raw}' is not one of always, on_failure, never")),
+                None => self.problem(
+                    at!("restart"),
+                    format!("'{raw}' is not one of always, on_failure, never"),
+                ),
             }
         }
-        if let Some(d) = self.duration(pick("backoff_initial"), at!("backoff_initial"), 0.0, 3600.0) {
+        if let Some(d) = self.duration(pick("backoff_initial"), at!("backoff_initial"), 0.0, 3600.0)
+        {
             restart.backoff_initial = d;
         }
         if let Some(d) = self.duration(pick("backoff_max"), at!("backoff_max"), 0.0, 86_400.0) {
@@ -497,30 +611,53 @@ impl Validator<'_> {
         if let Some(n) = self.integer(pick("max_restarts"), at!("max_restarts"), 1, 1_000_000) {
             restart.max_restarts = n as u32;
         }
-        if let Some(d) = self.duration(pick("restart_window"), at!("restart_window"), 0.001, 86_400.0 * 7.0) {
+        if let Some(d) = self.duration(
+            pick("restart_window"),
+            at!("restart_window"),
+            0.001,
+            86_400.0 * 7.0,
+        ) {
             restart.restart_window = d;
         }
         if let Some(d) = self.duration(pick("stable_after"), at!("stable_after"), 0.0, 86_400.0) {
             restart.stable_after = d;
         }
-        let grace_period = self.duration(pick("grace_period"), at!("grace_period"), 0.0, 3600.0).unwrap_or(Duration::from_secs(10));
-        let heartbeat_interval =
-            self.duration(pick("heartbeat_interval"), at!("heartbeat_interval"), 0.01, 3600.0).unwrap_or(Duration::from_secs(5));
+        let grace_period = self
+            .duration(pick("grace_period"), at!("grace_period"), 0.0, 3600.0)
+            .unwrap_or(Duration::from_secs(10));
+        let heartbeat_interval = self
+            .duration(
+                pick("heartbeat_interval"),
+                at!("heartbeat_interval"),
+                0.01,
+                3600.0,
+            )
+            .unwrap_or(Duration::from_secs(5));
         let heartbeat_timeout = self
-            .duration(pick("heartbeat_timeout"), at!("heartbeat_timeout"), 0.02, 86_400.0)
+            .duration(
+                pick("heartbeat_timeout"),
+                at!("heartbeat_timeout"),
+                0.02,
+                86_400.0,
+            )
             .unwrap_or_else(|| (heartbeat_interval * 6).max(Duration::from_secs(30)));
         if heartbeat_timeout <= heartbeat_interval {
-            self.problem(at!("heartbeat_timeout"), format!(
-                "must be longer than heartbeat_interval ({}s)",
-                heartbeat_interval.as_secs_f64()
-            ));
+            self.problem(
+                at!("heartbeat_timeout"),
+                format!(
+                    "must be longer than heartbeat_interval ({}s)",
+                    heartbeat_interval.as_secs_f64()
+                ),
+            );
         }
         let stall_timeout = match pick("stall_timeout") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) if n.as_f64() == Some(0.0) => None,
             v => self.duration(v, at!("stall_timeout"), 0.01, 86_400.0 * 7.0),
         };
-        let ready_timeout = self.duration(pick("ready_timeout"), at!("ready_timeout"), 0.01, 3600.0).unwrap_or(Duration::from_secs(30));
+        let ready_timeout = self
+            .duration(pick("ready_timeout"), at!("ready_timeout"), 0.01, 3600.0)
+            .unwrap_or(Duration::from_secs(30));
 
         // The effective settings handed to the process: defaults, then the entry, then the resolved values.
         let mut settings = defaults.clone();
@@ -529,7 +666,10 @@ impl Validator<'_> {
         }
         settings.insert("name".into(), Value::from(name));
         settings.insert("interval".into(), Value::from(interval.as_secs_f64()));
-        settings.insert("heartbeat_interval".into(), Value::from(heartbeat_interval.as_secs_f64()));
+        settings.insert(
+            "heartbeat_interval".into(),
+            Value::from(heartbeat_interval.as_secs_f64()),
+        );
         if let Some(s) = spec {
             settings.insert("purpose".into(), Value::from(s.purpose));
         }
@@ -552,14 +692,22 @@ impl Validator<'_> {
         })
     }
 
-    fn profiles(&mut self, v: Option<&Value>, daemons: &BTreeMap<String, DaemonConfig>) -> BTreeMap<String, Vec<String>> {
+    fn profiles(
+        &mut self,
+        v: Option<&Value>,
+        daemons: &BTreeMap<String, DaemonConfig>,
+    ) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = catalog::PROFILES
             .iter()
             .map(|(n, m)| (n.to_string(), m.iter().map(|s| s.to_string()).collect()))
             .collect();
-        let Some(map) = self.mapping(v, &["profiles"]).cloned() else { return out };
+        let Some(map) = self.mapping(v, &["profiles"]).cloned() else {
+            return out;
+        };
         for (name, members) in &map {
-            let Some(list) = self.string_list(Some(members), &["profiles", name]) else { continue };
+            let Some(list) = self.string_list(Some(members), &["profiles", name]) else {
+                continue;
+            };
             let mut resolved = Vec::new();
             for m in list {
                 let n = catalog::normalize(&m);
@@ -629,7 +777,10 @@ impl Validator<'_> {
                         Value::String(s) => out.push(s.clone()),
                         Value::Number(n) => out.push(n.to_string()),
                         other => {
-                            self.problem(at, format!("must be a list of strings, found {} in it", kind(other)));
+                            self.problem(
+                                at,
+                                format!("must be a list of strings, found {} in it", kind(other)),
+                            );
                             return None;
                         }
                     }
@@ -637,10 +788,18 @@ impl Validator<'_> {
                 Some(out)
             }
             // "a, b" from an environment variable.
-            Value::String(s) => Some(s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+            Value::String(s) => Some(
+                s.split(',')
+                    .map(|x| x.trim().to_string())
+                    .filter(|x| !x.is_empty())
+                    .collect(),
+            ),
             Value::Null => Some(Vec::new()),
             other => {
-                self.problem(at, format!("must be a list of strings, found {}", kind(other)));
+                self.problem(
+                    at,
+                    format!("must be a list of strings, found {}", kind(other)),
+                );
                 None
             }
         }
@@ -660,14 +819,26 @@ impl Validator<'_> {
                 None
             }
             None => {
-                self.problem(at, format!("must be a whole number from {min} to {max}, found {}", show(v)));
+                self.problem(
+                    at,
+                    format!(
+                        "must be a whole number from {min} to {max}, found {}",
+                        show(v)
+                    ),
+                );
                 None
             }
         }
     }
 
     /// Seconds as a number, or a string with a unit: "500ms", "10s", "5m", "1h".
-    fn duration(&mut self, v: Option<&Value>, at: &[&str], min_secs: f64, max_secs: f64) -> Option<Duration> {
+    fn duration(
+        &mut self,
+        v: Option<&Value>,
+        at: &[&str],
+        min_secs: f64,
+        max_secs: f64,
+    ) -> Option<Duration> {
         let v = v?;
         let secs = match v {
             Value::Number(n) => n.as_f64(),
@@ -675,13 +846,24 @@ impl Validator<'_> {
             _ => None,
         };
         match secs {
-            Some(s) if s.is_finite() && s >= min_secs && s <= max_secs => Some(Duration::from_secs_f64(s)),
+            Some(s) if s.is_finite() && s >= min_secs && s <= max_secs => {
+                Some(Duration::from_secs_f64(s))
+            }
             Some(s) => {
-                self.problem(at, format!("{s} seconds is out of range ({min_secs}..={max_secs} seconds)"));
+                self.problem(
+                    at,
+                    format!("{s} seconds is out of range ({min_secs}..={max_secs} seconds)"),
+                );
                 None
             }
             None => {
-                self.problem(at, format!("must be a duration in seconds (or \"500ms\", \"10s\", \"5m\"), found {}", show(v)));
+                self.problem(
+                    at,
+                    format!(
+                        "must be a duration in seconds (or \"500ms\", \"10s\", \"5m\"), found {}",
+                        show(v)
+                    ),
+                );
                 None
             }
         }
@@ -726,7 +908,9 @@ fn show(v: &Value) -> String {
 /// An environment value read as a YAML scalar or flow collection ("5", "true", "[a, b]"), else as text.
 fn scalar(raw: &str) -> Value {
     match serde_saphyr::from_str::<Value>(raw) {
-        Ok(Value::Null) if !raw.trim().is_empty() && raw.trim() != "null" && raw.trim() != "~" => Value::String(raw.to_string()),
+        Ok(Value::Null) if !raw.trim().is_empty() && raw.trim() != "null" && raw.trim() != "~" => {
+            Value::String(raw.to_string())
+        }
         Ok(v) => v,
         Err(_) => Value::String(raw.to_string()),
     }
@@ -752,7 +936,12 @@ pub fn locate(text: &str, path: &[&str]) -> Option<usize> {
             // Left the parent's block without finding the key.
             return found;
         }
-        let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
+        let key = trimmed
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'');
         if trimmed.contains(':') && key == path[depth] {
             found = Some(i + 1);
             parent_indent = Some(indent);
@@ -771,7 +960,10 @@ mod tests {
     }
 
     fn err(text: &str, env: &[(&str, &str)]) -> ConfigError {
-        let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         parse(text, "test.yaml", &env).expect_err("config should be refused")
     }
 
@@ -797,12 +989,19 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_line_and_key_with_a_hint() {
-        let e = err("daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n", &[]);
+        let e = err(
+            "daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n",
+            &[],
+        );
         let p = &e.problems[0];
         assert_eq!(p.line, Some(4));
         assert_eq!(p.key, "daemons.auto_sync.intervall");
         assert!(p.message.contains("did you mean interval"), "{}", p.message);
-        assert!(e.to_string().contains("test.yaml:4: daemons.auto_sync.intervall"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("test.yaml:4: daemons.auto_sync.intervall"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -871,8 +1070,14 @@ mod tests {
         assert_eq!(c.daemons["auto_sync"].interval, Duration::from_millis(500));
         assert_eq!(c.http.addr.port(), 9999);
 
-        let e = err("", &[("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "forever")]);
-        assert_eq!(e.problems[0].file, "environment RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD");
+        let e = err(
+            "",
+            &[("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "forever")],
+        );
+        assert_eq!(
+            e.problems[0].file,
+            "environment RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD"
+        );
     }
 
     #[test]
@@ -882,13 +1087,24 @@ mod tests {
         assert_eq!(parse_duration_secs("1.5"), Some(1.5));
         assert_eq!(parse_duration_secs("soon"), None);
         let c = ok("defaults:\n  grace_period: 250ms\n");
-        assert_eq!(c.daemons["auto_sync"].grace_period, Duration::from_millis(250));
+        assert_eq!(
+            c.daemons["auto_sync"].grace_period,
+            Duration::from_millis(250)
+        );
     }
 
     #[test]
     fn defaults_block_applies_and_errors_point_at_it() {
-        let e = err("defaults:\n  heartbeat_interval: 5\n  heartbeat_timeout: 2\n", &[]);
-        assert!(e.problems.iter().all(|p| p.key == "defaults.heartbeat_timeout"), "{e}");
+        let e = err(
+            "defaults:\n  heartbeat_interval: 5\n  heartbeat_timeout: 2\n",
+            &[],
+        );
+        assert!(
+            e.problems
+                .iter()
+                .all(|p| p.key == "defaults.heartbeat_timeout"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -901,7 +1117,11 @@ mod tests {
     fn resolve_accepts_any_case_and_suggests() {
         let c = ok("");
         assert_eq!(c.resolve("AUTO_SYNC").unwrap(), "auto_sync");
-        assert!(c.resolve("auto_synk").unwrap_err().contains("did you mean auto_sync"));
+        assert!(
+            c.resolve("auto_synk")
+                .unwrap_err()
+                .contains("did you mean auto_sync")
+        );
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //! the lifecycle state machine and the restart policy all live here as plain data and functions, so
 //! that the rules can be tested without starting a process.
 
-pub mod lifecycle;
-pub mod protocol;
 pub mod catalog;
 pub mod config;
 pub mod deps;
+pub mod lifecycle;
+pub mod protocol;
 pub mod restart;
 pub mod timefmt;

@@ -155,7 +155,16 @@ mod tests {
 
     #[test]
     fn the_documented_path_is_legal() {
-        let path = [Stopped, Waiting, Initializing, Running, Paused, Running, ShuttingDown, Stopped];
+        let path = [
+            Stopped,
+            Waiting,
+            Initializing,
+            Running,
+            Paused,
+            Running,
+            ShuttingDown,
+            Stopped,
+        ];
         for pair in path.windows(2) {
             assert_eq!(transition(pair[0], pair[1]), Ok(pair[1]), "{:?}", pair);
         }
@@ -170,8 +179,18 @@ mod tests {
 
     #[test]
     fn cannot_pause_what_is_not_running() {
-        for from in [Stopped, Waiting, Initializing, ShuttingDown, Backoff, Failed] {
-            assert!(transition(from, Paused).is_err(), "{from} → PAUSED must be illegal");
+        for from in [
+            Stopped,
+            Waiting,
+            Initializing,
+            ShuttingDown,
+            Backoff,
+            Failed,
+        ] {
+            assert!(
+                transition(from, Paused).is_err(),
+                "{from} → PAUSED must be illegal"
+            );
         }
     }
 
@@ -186,7 +205,11 @@ mod tests {
     fn failed_is_left_only_by_an_explicit_start() {
         for to in ALL {
             let ok = transition(Failed, to).is_ok();
-            assert_eq!(ok, matches!(to, Waiting | Initializing | Failed), "FAILED → {to}");
+            assert_eq!(
+                ok,
+                matches!(to, Waiting | Initializing | Failed),
+                "FAILED → {to}"
+            );
         }
     }
 
@@ -214,18 +237,30 @@ mod tests {
     fn reports_cannot_override_a_stop_in_progress() {
         assert_eq!(apply_report(ShuttingDown, ReportedState::Running), None);
         assert_eq!(apply_report(ShuttingDown, ReportedState::Paused), None);
-        assert_eq!(apply_report(Initializing, ReportedState::Running), Some(Running));
+        assert_eq!(
+            apply_report(Initializing, ReportedState::Running),
+            Some(Running)
+        );
         assert_eq!(apply_report(Running, ReportedState::Paused), Some(Paused));
         assert_eq!(apply_report(Paused, ReportedState::Running), Some(Running));
-        assert_eq!(apply_report(Running, ReportedState::ShuttingDown), Some(ShuttingDown));
+        assert_eq!(
+            apply_report(Running, ReportedState::ShuttingDown),
+            Some(ShuttingDown)
+        );
         assert_eq!(apply_report(Running, ReportedState::Initializing), None);
     }
 
     #[test]
     fn states_serialize_in_screaming_case() {
-        assert_eq!(serde_json::to_string(&ShuttingDown).unwrap(), "\"SHUTTING_DOWN\"");
+        assert_eq!(
+            serde_json::to_string(&ShuttingDown).unwrap(),
+            "\"SHUTTING_DOWN\""
+        );
         for s in ALL {
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
         }
     }
 }

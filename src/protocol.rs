@@ -22,6 +22,14 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 pub const SOCKET_ENV: &str = "RINGRIFT_SUPERVISOR_SOCKET";
 /// Environment variable that carries the daemon's name to its process.
 pub const DAEMON_ENV: &str = "RINGRIFT_DAEMON";
+/// The root every process of the tree carries: how the reaper tells this root's processes from others.
+pub const ROOT_ENV: &str = "RINGRIFT_ROOT";
+/// The pid of the supervisor that spawned the process: a process whose supervisor is gone is an orphan.
+pub const SUPERVISOR_PID_ENV: &str = "RINGRIFT_SUPERVISOR_PID";
+/// Set on job processes: the job's id.
+pub const JOB_ID_ENV: &str = "RINGRIFT_JOB_ID";
+/// Set on job processes: the unix time (seconds) after which the job is overdue.
+pub const JOB_DEADLINE_ENV: &str = "RINGRIFT_JOB_DEADLINE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,6 +85,16 @@ pub enum ToSupervisor {
         /// Monotonic counters (cycles run, items processed, ...): the stall watchdog watches them move.
         #[serde(default)]
         progress: BTreeMap<String, u64>,
+    },
+    /// Ask the supervisor to run a command as a job it owns (own process group, logs/jobs/<id>.log).
+    SpawnJob {
+        /// Chosen by the worker; echoed in `job_started` and `job_exit`.
+        request_id: u64,
+        command: Vec<String>,
+        /// The job is stopped (SIGTERM, grace, SIGKILL to its group) after this many seconds.
+        max_runtime_secs: f64,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
     },
 
     // ---- CLI → supervisor
@@ -134,6 +152,24 @@ pub enum FromSupervisor {
     Resume,
     Shutdown,
     RunNow,
+    JobStarted {
+        request_id: u64,
+        job_id: String,
+        pid: u32,
+    },
+    JobExit {
+        request_id: u64,
+        /// Empty when the job could not be spawned at all.
+        job_id: String,
+        success: bool,
+        /// The exit code, when the job exited by itself.
+        code: Option<i32>,
+        /// "exit 0", "killed by SIGKILL", "cannot spawn ...".
+        exit: String,
+        /// Stopped by the supervisor for overrunning max_runtime_secs.
+        timed_out: bool,
+        runtime_secs: f64,
+    },
 
     // ---- supervisor → CLI
     /// The outcome of a control command, one entry per daemon touched.
@@ -169,6 +205,19 @@ pub struct OpResult {
 pub struct StatusReport {
     pub supervisor: SupervisorInfo,
     pub daemons: Vec<DaemonStatus>,
+    /// Jobs running now.
+    #[serde(default)]
+    pub jobs: Vec<JobStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub id: String,
+    pub daemon: String,
+    pub pid: u32,
+    pub command: Vec<String>,
+    pub runtime_secs: f64,
+    pub max_runtime_secs: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,7 +288,10 @@ mod tests {
         };
         let bytes = encode(&hello);
         let text = std::str::from_utf8(&bytes).unwrap();
-        assert!(text.starts_with(r#"{"type":"hello","protocol":1,"role":"worker""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"type":"hello","protocol":1,"role":"worker""#),
+            "{text}"
+        );
         assert!(text.ends_with('\n'));
         let back: ToSupervisor = decode(&bytes[..bytes.len() - 1]).unwrap();
         assert_eq!(back, hello);
@@ -255,7 +307,10 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_before_parsing() {
         let big = vec![b' '; MAX_FRAME_BYTES + 1];
-        assert!(matches!(decode::<ToSupervisor>(&big), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            decode::<ToSupervisor>(&big),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

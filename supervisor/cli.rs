@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ringrift::lifecycle::DaemonState;
-use ringrift::protocol::{self, ErrorCode, FromSupervisor, PROTOCOL_VERSION, Role, StatusReport, ToSupervisor};
+use ringrift::protocol::{
+    self, ErrorCode, FromSupervisor, PROTOCOL_VERSION, Role, StatusReport, ToSupervisor,
+};
 
 use crate::paths::Paths;
 
@@ -33,32 +35,74 @@ impl Client {
     pub(crate) fn connect(paths: &Paths) -> Result<Client, ConnectError> {
         let stream = match UnixStream::connect(&paths.socket) {
             Ok(s) => s,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 return Err(ConnectError::NotRunning);
             }
-            Err(e) => return Err(ConnectError::Other(format!("cannot connect to {}: {e}", paths.socket.display()))),
+            Err(e) => {
+                return Err(ConnectError::Other(format!(
+                    "cannot connect to {}: {e}",
+                    paths.socket.display()
+                )));
+            }
         };
-        let writer = stream.try_clone().map_err(|e| ConnectError::Other(e.to_string()))?;
-        let mut client = Client { reader: BufReader::new(stream), writer };
-        let hello = ToSupervisor::Hello { protocol: PROTOCOL_VERSION, role: Role::Cli, daemon: None, pid: Some(std::process::id()) };
+        let writer = stream
+            .try_clone()
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        let mut client = Client {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let hello = ToSupervisor::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Cli,
+            daemon: None,
+            pid: Some(std::process::id()),
+        };
         match client.call(&hello, Duration::from_secs(10)) {
             Ok(FromSupervisor::Welcome { .. }) => Ok(client),
-            Ok(FromSupervisor::Error { message, .. }) => Err(ConnectError::Other(format!("the supervisor refused this client: {message}"))),
-            Ok(other) => Err(ConnectError::Other(format!("unexpected answer to hello: {other:?}"))),
+            Ok(FromSupervisor::Error { message, .. }) => Err(ConnectError::Other(format!(
+                "the supervisor refused this client: {message}"
+            ))),
+            Ok(other) => Err(ConnectError::Other(format!(
+                "unexpected answer to hello: {other:?}"
+            ))),
             Err(e) => Err(ConnectError::Other(e)),
         }
     }
 
     /// Sends one frame and reads one answer, waiting at most `timeout`.
-    pub(crate) fn call(&mut self, frame: &ToSupervisor, timeout: Duration) -> Result<FromSupervisor, String> {
-        self.writer.write_all(&protocol::encode(frame)).map_err(|e| format!("cannot send to the supervisor: {e}"))?;
-        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    pub(crate) fn call(
+        &mut self,
+        frame: &ToSupervisor,
+        timeout: Duration,
+    ) -> Result<FromSupervisor, String> {
+        self.writer
+            .write_all(&protocol::encode(frame))
+            .map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
         let mut line = Vec::new();
         match self.reader.read_until(b'\n', &mut line) {
             Ok(0) => Err("the supervisor closed the connection".into()),
-            Ok(_) => protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line)).map_err(|e| format!("bad answer from the supervisor: {e}")),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                Err(format!("no answer from the supervisor within {}s", timeout.as_secs()))
+            Ok(_) => protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line))
+                .map_err(|e| format!("bad answer from the supervisor: {e}")),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(format!(
+                    "no answer from the supervisor within {}s",
+                    timeout.as_secs()
+                ))
             }
             Err(e) => Err(format!("cannot read from the supervisor: {e}")),
         }
@@ -86,20 +130,33 @@ pub(crate) fn connect_or_explain(paths: &Paths) -> Result<Client, i32> {
 
 /// Starts a detached supervisor for this root and waits until its socket answers.
 pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Client, String> {
-    paths.prepare_dirs().map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
+    paths
+        .prepare_dirs()
+        .map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let boot_log = std::fs::File::create(&paths.boot_log).map_err(|e| format!("cannot create {}: {e}", paths.boot_log.display()))?;
+    let boot_log = std::fs::File::create(&paths.boot_log)
+        .map_err(|e| format!("cannot create {}: {e}", paths.boot_log.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(&paths.root);
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd.arg("serve").current_dir(&paths.root).stdin(Stdio::null()).stdout(Stdio::null()).stderr(boot_log);
+    cmd.arg("serve")
+        .current_dir(&paths.root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(boot_log);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match Client::connect(paths) {
@@ -113,10 +170,17 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
         }
         if let Ok(Some(status)) = child.try_wait() {
             let text = std::fs::read_to_string(&paths.boot_log).unwrap_or_default();
-            return Err(format!("the supervisor exited during start-up ({status}): {}", text.trim()));
+            return Err(format!(
+                "the supervisor exited during start-up ({status}): {}",
+                text.trim()
+            ));
         }
         if Instant::now() > deadline {
-            return Err(format!("the supervisor did not answer on {} within 15s; see {}", paths.socket.display(), paths.master_log.display()));
+            return Err(format!(
+                "the supervisor did not answer on {} within 15s; see {}",
+                paths.socket.display(),
+                paths.master_log.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -137,7 +201,10 @@ pub(crate) fn report(answer: &FromSupervisor) -> i32 {
             }
             if *ok {
                 0
-            } else if results.iter().any(|r| !r.ok && r.message.starts_with("unknown daemon")) {
+            } else if results
+                .iter()
+                .any(|r| !r.ok && r.message.starts_with("unknown daemon"))
+            {
                 EXIT_USAGE
             } else {
                 EXIT_FAILED
@@ -161,8 +228,16 @@ pub(crate) fn report(answer: &FromSupervisor) -> i32 {
 pub(crate) fn summarize(answer: &FromSupervisor) -> String {
     match answer {
         FromSupervisor::Done { ok, results } => {
-            let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.name, r.message)).collect();
-            if *ok { format!("{} daemon(s) up", results.len()) } else { format!("failed: {}", failed.join("; ")) }
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| format!("{}: {}", r.name, r.message))
+                .collect();
+            if *ok {
+                format!("{} daemon(s) up", results.len())
+            } else {
+                format!("failed: {}", failed.join("; "))
+            }
         }
         FromSupervisor::Error { message, .. } => format!("error: {message}"),
         other => format!("{other:?}"),
@@ -171,12 +246,24 @@ pub(crate) fn summarize(answer: &FromSupervisor) -> String {
 
 pub(crate) fn print_status(report: &StatusReport) {
     let s = &report.supervisor;
-    println!("supervisor pid {}  up {}  root {}  config {}", s.pid, human_duration(s.uptime_secs), s.root, s.config_path);
+    println!(
+        "supervisor pid {}  up {}  root {}  config {}",
+        s.pid,
+        human_duration(s.uptime_secs),
+        s.root,
+        s.config_path
+    );
     let rows: Vec<[String; 6]> = report
         .daemons
         .iter()
         .map(|d| {
-            let at_rest = matches!(d.state, DaemonState::Failed | DaemonState::Backoff | DaemonState::Stopped | DaemonState::Waiting);
+            let at_rest = matches!(
+                d.state,
+                DaemonState::Failed
+                    | DaemonState::Backoff
+                    | DaemonState::Stopped
+                    | DaemonState::Waiting
+            );
             let health = if at_rest {
                 match (&d.reason, &d.last_exit) {
                     (Some(reason), _) => reason.clone(),
@@ -191,7 +278,9 @@ pub(crate) fn print_status(report: &StatusReport) {
                 d.name.clone(),
                 d.state.to_string(),
                 d.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                d.uptime_secs.map(human_duration).unwrap_or_else(|| "-".into()),
+                d.uptime_secs
+                    .map(human_duration)
+                    .unwrap_or_else(|| "-".into()),
                 d.restarts.to_string(),
                 health,
             ]
@@ -207,13 +296,25 @@ pub(crate) fn print_status(report: &StatusReport) {
     let line = |cells: [&str; 6]| {
         format!(
             "{:w0$}  {:w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
-            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5],
-            w0 = widths[0], w1 = widths[1], w2 = widths[2], w3 = widths[3], w4 = widths[4]
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+            w4 = widths[4]
         )
     };
     println!("{}", line(headers));
     for r in &rows {
-        println!("{}", line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end());
+        println!(
+            "{}",
+            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
+        );
     }
 }
 
@@ -270,7 +371,9 @@ pub(crate) fn show_logs(path: &Path, lines: usize, follow: bool) -> i32 {
             continue;
         }
         // Rotated or truncated: start over on the new file.
-        let rotated = std::fs::metadata(path).map(|m| m.len() < pos || !same_file(&file, &m)).unwrap_or(false);
+        let rotated = std::fs::metadata(path)
+            .map(|m| m.len() < pos || !same_file(&file, &m))
+            .unwrap_or(false);
         if rotated && let Ok(f) = std::fs::File::open(path) {
             file = f;
             pos = 0;
@@ -282,7 +385,9 @@ pub(crate) fn show_logs(path: &Path, lines: usize, follow: bool) -> i32 {
 
 fn same_file(file: &std::fs::File, other: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    file.metadata().map(|m| m.ino() == other.ino() && m.dev() == other.dev()).unwrap_or(false)
+    file.metadata()
+        .map(|m| m.ino() == other.ino() && m.dev() == other.dev())
+        .unwrap_or(false)
 }
 
 /// Prints the last `n` lines and returns the offset reached.

@@ -25,19 +25,54 @@ use crate::logwriter::{self, RotatingFile, SharedLog, SupervisorLog};
 use crate::paths::Paths;
 use crate::unix::{self, OwnedPids, SpawnSpec};
 
+mod jobs;
+use jobs::{Job, JobTimer};
+
 pub(crate) type Reply = oneshot::Sender<FromSupervisor>;
 pub(crate) type ConnTx = mpsc::UnboundedSender<FromSupervisor>;
 
 /// Everything the core loop reacts to.
 pub(crate) enum Msg {
     /// A worker said hello; the reply is its welcome (config) or an error.
-    WorkerHello { daemon: String, pid: Option<u32>, conn_id: u64, tx: ConnTx, reply: oneshot::Sender<Result<serde_json::Value, String>> },
-    WorkerFrame { daemon: String, conn_id: u64, frame: ToSupervisor },
-    WorkerGone { daemon: String, conn_id: u64 },
+    WorkerHello {
+        daemon: String,
+        pid: Option<u32>,
+        conn_id: u64,
+        tx: ConnTx,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+    WorkerFrame {
+        daemon: String,
+        conn_id: u64,
+        frame: ToSupervisor,
+    },
+    WorkerGone {
+        daemon: String,
+        conn_id: u64,
+    },
+    JobExited {
+        job_id: String,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    JobTimer {
+        job_id: String,
+        kind: JobTimer,
+    },
     /// A CLI request (start, stop, status, ...).
-    Request { frame: ToSupervisor, reply: Reply },
-    ChildExited { daemon: String, generation: u64, status: std::io::Result<std::process::ExitStatus> },
-    Timer { daemon: String, generation: u64, kind: TimerKind },
+    Request {
+        frame: ToSupervisor,
+        reply: Reply,
+    },
+    ChildExited {
+        daemon: String,
+        generation: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    Timer {
+        daemon: String,
+        generation: u64,
+        kind: TimerKind,
+    },
     /// The orphan reaper collected something: groups being drained may now be empty.
     Reaped,
     Signal(SignalKind),
@@ -132,6 +167,12 @@ pub(crate) struct Core {
     jitter: Jitter,
     shutting_down: Option<Vec<Reply>>,
     interrupts: u32,
+    jobs: BTreeMap<String, Job>,
+    job_seq: u64,
+    /// run/processes needs rewriting (a process was spawned or has ended).
+    records_dirty: bool,
+    /// Shutdown has asked the remaining jobs to stop.
+    stopping_jobs: bool,
     pub(crate) exit_now: bool,
 }
 
@@ -145,7 +186,11 @@ impl Core {
         owned: OwnedPids,
         worker_bin: PathBuf,
     ) -> Core {
-        let daemons = config.daemons.values().map(|c| (c.name.clone(), Daemon::new(c.clone()))).collect();
+        let daemons = config
+            .daemons
+            .values()
+            .map(|c| (c.name.clone(), Daemon::new(c.clone())))
+            .collect();
         let seed = std::process::id() as u64 ^ unix_nanos();
         Core {
             paths,
@@ -161,6 +206,10 @@ impl Core {
             jitter: Jitter::new(seed),
             shutting_down: None,
             interrupts: 0,
+            jobs: BTreeMap::new(),
+            job_seq: 0,
+            records_dirty: false,
+            stopping_jobs: false,
             exit_now: false,
         }
     }
@@ -178,10 +227,20 @@ impl Core {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::WorkerHello { daemon, pid, conn_id, tx, reply } => {
+            Msg::WorkerHello {
+                daemon,
+                pid,
+                conn_id,
+                tx,
+                reply,
+            } => {
                 let _ = reply.send(self.worker_hello(&daemon, pid, conn_id, tx));
             }
-            Msg::WorkerFrame { daemon, conn_id, frame } => self.worker_frame(&daemon, conn_id, frame),
+            Msg::WorkerFrame {
+                daemon,
+                conn_id,
+                frame,
+            } => self.worker_frame(&daemon, conn_id, frame),
             Msg::WorkerGone { daemon, conn_id } => {
                 if let Some(d) = self.daemons.get_mut(&daemon)
                     && d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id)
@@ -190,24 +249,43 @@ impl Core {
                 }
             }
             Msg::Request { frame, reply } => self.request(frame, reply),
-            Msg::ChildExited { daemon, generation, status } => self.child_exited(&daemon, generation, status),
-            Msg::Timer { daemon, generation, kind } => self.timer(&daemon, generation, kind),
+            Msg::ChildExited {
+                daemon,
+                generation,
+                status,
+            } => self.child_exited(&daemon, generation, status),
+            Msg::Timer {
+                daemon,
+                generation,
+                kind,
+            } => self.timer(&daemon, generation, kind),
             Msg::Reaped => {
-                let draining: Vec<String> =
-                    self.daemons.iter().filter(|(_, d)| d.draining.is_some()).map(|(n, _)| n.clone()).collect();
+                let draining: Vec<String> = self
+                    .daemons
+                    .iter()
+                    .filter(|(_, d)| d.draining.is_some())
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 for name in draining {
                     self.check_drained(&name);
                 }
             }
             Msg::Signal(kind) => self.signal(kind),
+            Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),
+            Msg::JobTimer { job_id, kind } => self.on_job_timer(&job_id, kind),
         }
     }
 
     // ------------------------------------------------------------------ requests from the CLI
 
     fn request(&mut self, frame: ToSupervisor, reply: Reply) {
-        if self.shutting_down.is_some() && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown) {
-            let _ = reply.send(error(protocol::ErrorCode::ShuttingDown, "the supervisor is shutting down"));
+        if self.shutting_down.is_some()
+            && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown)
+        {
+            let _ = reply.send(error(
+                protocol::ErrorCode::ShuttingDown,
+                "the supervisor is shutting down",
+            ));
             return;
         }
         match frame {
@@ -216,7 +294,10 @@ impl Core {
                 let report = match name {
                     None => report,
                     Some(n) => match self.config.resolve(&n) {
-                        Ok(n) => StatusReport { daemons: report.daemons.into_iter().filter(|d| d.name == n).collect(), ..report },
+                        Ok(n) => StatusReport {
+                            daemons: report.daemons.into_iter().filter(|d| d.name == n).collect(),
+                            ..report
+                        },
                         Err(e) => {
                             let _ = reply.send(error(protocol::ErrorCode::UnknownDaemon, &e));
                             return;
@@ -225,7 +306,12 @@ impl Core {
                 };
                 let _ = reply.send(FromSupervisor::Status(report));
             }
-            ToSupervisor::Start { names, all, profile, no_wait } => self.start_request(names, all, profile, no_wait, reply),
+            ToSupervisor::Start {
+                names,
+                all,
+                profile,
+                no_wait,
+            } => self.start_request(names, all, profile, no_wait, reply),
             ToSupervisor::Stop { names, all } => self.stop_request(names, all, reply),
             ToSupervisor::Restart { names } => self.restart_request(names, reply),
             ToSupervisor::Pause { names } => self.pause_request(names, true, reply),
@@ -233,7 +319,10 @@ impl Core {
             ToSupervisor::Reload => self.reload(Some(reply)),
             ToSupervisor::Shutdown => self.begin_shutdown(Some(reply)),
             other => {
-                let _ = reply.send(error(protocol::ErrorCode::UnexpectedFrame, &format!("{} is not a CLI request", frame_name(&other))));
+                let _ = reply.send(error(
+                    protocol::ErrorCode::UnexpectedFrame,
+                    &format!("{} is not a CLI request", frame_name(&other)),
+                ));
             }
         }
     }
@@ -249,16 +338,30 @@ impl Core {
                         ok.push(n)
                     }
                 }
-                Err(e) => bad.push(OpResult { name: n.clone(), ok: false, message: e }),
+                Err(e) => bad.push(OpResult {
+                    name: n.clone(),
+                    ok: false,
+                    message: e,
+                }),
             }
         }
         (ok, bad)
     }
 
-    fn start_request(&mut self, names: Vec<String>, all: bool, profile: Option<String>, no_wait: bool, reply: Reply) {
+    fn start_request(
+        &mut self,
+        names: Vec<String>,
+        all: bool,
+        profile: Option<String>,
+        no_wait: bool,
+        reply: Reply,
+    ) {
         let (mut selected, bad) = self.resolve(&names);
         if !bad.is_empty() {
-            let _ = reply.send(FromSupervisor::Done { ok: false, results: bad });
+            let _ = reply.send(FromSupervisor::Done {
+                ok: false,
+                results: bad,
+            });
             return;
         }
         if all {
@@ -268,14 +371,23 @@ impl Core {
             match self.config.profiles.get(&p.to_ascii_lowercase()) {
                 Some(members) => selected.extend(members.iter().cloned()),
                 None => {
-                    let hint = ringrift::catalog::suggestion(&p, self.config.profiles.keys().map(String::as_str));
-                    let _ = reply.send(error(protocol::ErrorCode::BadRequest, &format!("unknown profile '{p}': {hint}")));
+                    let hint = ringrift::catalog::suggestion(
+                        &p,
+                        self.config.profiles.keys().map(String::as_str),
+                    );
+                    let _ = reply.send(error(
+                        protocol::ErrorCode::BadRequest,
+                        &format!("unknown profile '{p}': {hint}"),
+                    ));
                     return;
                 }
             }
         }
         if selected.is_empty() {
-            let _ = reply.send(error(protocol::ErrorCode::BadRequest, "nothing to start: name daemons, or use --all or --profile"));
+            let _ = reply.send(error(
+                protocol::ErrorCode::BadRequest,
+                "nothing to start: name daemons, or use --all or --profile",
+            ));
             return;
         }
         let graph = self.config.graph();
@@ -284,7 +396,10 @@ impl Core {
         let order = deps::start_order(&graph, &set);
         for name in &order {
             if !requested.contains(name) && self.daemons[name].state.is_at_rest() {
-                self.log.info(&format!("{name}: started as a dependency of {}", dependents_in(&graph, name, &requested)));
+                self.log.info(&format!(
+                    "{name}: started as a dependency of {}",
+                    dependents_in(&graph, name, &requested)
+                ));
             }
             self.want_up(name);
         }
@@ -308,21 +423,36 @@ impl Core {
     fn stop_request(&mut self, names: Vec<String>, all: bool, reply: Reply) {
         let (selected, bad) = self.resolve(&names);
         if !bad.is_empty() {
-            let _ = reply.send(FromSupervisor::Done { ok: false, results: bad });
+            let _ = reply.send(FromSupervisor::Done {
+                ok: false,
+                results: bad,
+            });
             return;
         }
-        let requested: BTreeSet<String> = if all { self.daemons.keys().cloned().collect() } else { selected.into_iter().collect() };
+        let requested: BTreeSet<String> = if all {
+            self.daemons.keys().cloned().collect()
+        } else {
+            selected.into_iter().collect()
+        };
         if requested.is_empty() {
-            let _ = reply.send(error(protocol::ErrorCode::BadRequest, "nothing to stop: name daemons, or use --all"));
+            let _ = reply.send(error(
+                protocol::ErrorCode::BadRequest,
+                "nothing to stop: name daemons, or use --all",
+            ));
             return;
         }
         let graph = self.config.graph();
         let set = deps::with_dependents(&graph, &requested);
         let order = deps::stop_order(&graph, &set);
-        let live: Vec<String> = order.into_iter().filter(|n| requested.contains(n) || !self.daemons[n].state.is_at_rest()).collect();
+        let live: Vec<String> = order
+            .into_iter()
+            .filter(|n| requested.contains(n) || !self.daemons[n].state.is_at_rest())
+            .collect();
         for name in &live {
             if !requested.contains(name) {
-                self.log.info(&format!("{name}: stopping because it depends on a daemon being stopped"));
+                self.log.info(&format!(
+                    "{name}: stopping because it depends on a daemon being stopped"
+                ));
             }
             self.want_down(name);
         }
@@ -350,8 +480,19 @@ impl Core {
     fn restart_request(&mut self, names: Vec<String>, reply: Reply) {
         let (selected, bad) = self.resolve(&names);
         if !bad.is_empty() || selected.is_empty() {
-            let msg = if bad.is_empty() { vec![OpResult { name: String::new(), ok: false, message: "name the daemons to restart".into() }] } else { bad };
-            let _ = reply.send(FromSupervisor::Done { ok: false, results: msg });
+            let msg = if bad.is_empty() {
+                vec![OpResult {
+                    name: String::new(),
+                    ok: false,
+                    message: "name the daemons to restart".into(),
+                }]
+            } else {
+                bad
+            };
+            let _ = reply.send(FromSupervisor::Done {
+                ok: false,
+                results: msg,
+            });
             return;
         }
         for name in &selected {
@@ -383,22 +524,49 @@ impl Core {
         let mut targets = Vec::new();
         for name in selected {
             let d = self.daemons.get_mut(&name).expect("resolved");
-            let want = if pause { DaemonState::Running } else { DaemonState::Paused };
+            let want = if pause {
+                DaemonState::Running
+            } else {
+                DaemonState::Paused
+            };
             if d.state != want {
                 let verb = if pause { "pause" } else { "resume" };
-                bad.push(OpResult { name: name.clone(), ok: false, message: format!("cannot {verb}: it is {}", d.state) });
+                bad.push(OpResult {
+                    name: name.clone(),
+                    ok: false,
+                    message: format!("cannot {verb}: it is {}", d.state),
+                });
                 continue;
             }
             if d.cfg.protocol {
                 if let Some((_, tx)) = &d.conn {
-                    let _ = tx.send(if pause { FromSupervisor::Pause } else { FromSupervisor::Resume });
+                    let _ = tx.send(if pause {
+                        FromSupervisor::Pause
+                    } else {
+                        FromSupervisor::Resume
+                    });
                     targets.push(name);
                 } else {
-                    bad.push(OpResult { name: name.clone(), ok: false, message: "not connected to the supervisor".into() });
+                    bad.push(OpResult {
+                        name: name.clone(),
+                        ok: false,
+                        message: "not connected to the supervisor".into(),
+                    });
                 }
             } else if let Some(pid) = d.pid {
-                unix::signal_group(pid, if pause { Signal::SIGSTOP } else { Signal::SIGCONT });
-                let to = if pause { DaemonState::Paused } else { DaemonState::Running };
+                unix::signal_group(
+                    pid,
+                    if pause {
+                        Signal::SIGSTOP
+                    } else {
+                        Signal::SIGCONT
+                    },
+                );
+                let to = if pause {
+                    DaemonState::Paused
+                } else {
+                    DaemonState::Running
+                };
                 set_state(&self.log, &name, d, to);
                 targets.push(name);
             }
@@ -407,15 +575,31 @@ impl Core {
         self.add_waiter(targets, goal, bad, reply, false);
     }
 
-    fn add_waiter(&mut self, targets: Vec<String>, goal: Goal, early: Vec<OpResult>, reply: Reply, no_wait: bool) {
+    fn add_waiter(
+        &mut self,
+        targets: Vec<String>,
+        goal: Goal,
+        early: Vec<OpResult>,
+        reply: Reply,
+        no_wait: bool,
+    ) {
         if no_wait {
             let mut results = early;
-            results.extend(targets.iter().map(|n| OpResult { name: n.clone(), ok: true, message: format!("{}", self.daemons[n].state) }));
+            results.extend(targets.iter().map(|n| OpResult {
+                name: n.clone(),
+                ok: true,
+                message: format!("{}", self.daemons[n].state),
+            }));
             let ok = results.iter().all(|r| r.ok);
             let _ = reply.send(FromSupervisor::Done { ok, results });
             return;
         }
-        self.waiters.push(Waiter { targets, goal, reply, early });
+        self.waiters.push(Waiter {
+            targets,
+            goal,
+            reply,
+            early,
+        });
     }
 
     /// Answers every waiter whose daemons have all reached a final state for its goal.
@@ -428,11 +612,16 @@ impl Core {
             for name in &w.targets {
                 let d = &self.daemons[name];
                 let outcome = match (w.goal, d.state) {
-                    (Goal::Up, DaemonState::Running | DaemonState::Paused) => Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0)))),
+                    (Goal::Up, DaemonState::Running | DaemonState::Paused) => {
+                        Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0))))
+                    }
                     (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => Some(Err(format!(
                         "{}: {}",
                         d.state,
-                        d.reason.clone().or_else(|| d.last_exit.clone()).unwrap_or_else(|| "stopped".into())
+                        d.reason
+                            .clone()
+                            .or_else(|| d.last_exit.clone())
+                            .unwrap_or_else(|| "stopped".into())
                     ))),
                     (Goal::Down, s) if s.is_at_rest() => Some(Ok(format!("{s}"))),
                     (Goal::Paused, DaemonState::Paused) => Some(Ok("PAUSED".into())),
@@ -442,8 +631,16 @@ impl Core {
                     _ => None,
                 };
                 match outcome {
-                    Some(Ok(m)) => results.push(OpResult { name: name.clone(), ok: true, message: m }),
-                    Some(Err(m)) => results.push(OpResult { name: name.clone(), ok: false, message: m }),
+                    Some(Ok(m)) => results.push(OpResult {
+                        name: name.clone(),
+                        ok: true,
+                        message: m,
+                    }),
+                    Some(Err(m)) => results.push(OpResult {
+                        name: name.clone(),
+                        ok: false,
+                        message: m,
+                    }),
                     None => done = false,
                 }
             }
@@ -464,7 +661,12 @@ impl Core {
     fn settle(&mut self) {
         let graph = self.config.graph();
         // Stops: dependents first.
-        let queued: Vec<String> = self.daemons.iter().filter(|(_, d)| d.stop_queued).map(|(n, _)| n.clone()).collect();
+        let queued: Vec<String> = self
+            .daemons
+            .iter()
+            .filter(|(_, d)| d.stop_queued)
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in queued {
             let blocked = deps::dependents_of(&graph, &name).iter().any(|dep| {
                 let d = &self.daemons[*dep];
@@ -483,18 +685,33 @@ impl Core {
         if self.shutting_down.is_none() {
             let waiting: Vec<String> = deps::start_order(
                 &graph,
-                &self.daemons.iter().filter(|(_, d)| d.state == DaemonState::Waiting).map(|(n, _)| n.clone()).collect(),
+                &self
+                    .daemons
+                    .iter()
+                    .filter(|(_, d)| d.state == DaemonState::Waiting)
+                    .map(|(n, _)| n.clone())
+                    .collect(),
             );
             for name in waiting {
-                let unmet: Vec<String> =
-                    deps::unmet(&graph, &name, |n| self.daemons[n].state.satisfies_dependents()).iter().map(|s| s.to_string()).collect();
+                let unmet: Vec<String> = deps::unmet(&graph, &name, |n| {
+                    self.daemons[n].state.satisfies_dependents()
+                })
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
                 if unmet.is_empty() {
                     self.spawn(&name);
                     continue;
                 }
                 // A dependency that will not come up by itself leaves this one unable to start.
-                if let Some(dead) = unmet.iter().find(|n| self.daemons[n.as_str()].state.is_at_rest()) {
-                    let why = format!("not started: dependency {dead} is {}", self.daemons[dead.as_str()].state);
+                if let Some(dead) = unmet
+                    .iter()
+                    .find(|n| self.daemons[n.as_str()].state.is_at_rest())
+                {
+                    let why = format!(
+                        "not started: dependency {dead} is {}",
+                        self.daemons[dead.as_str()].state
+                    );
                     let d = self.daemons.get_mut(&name).expect("known");
                     d.reason = Some(why.clone());
                     self.log.warn(&format!("{name}: {why}"));
@@ -503,11 +720,36 @@ impl Core {
             }
         }
         self.resolve_waiters();
-        if let Some(replies) = &self.shutting_down
-            && self.daemons.values().all(|d| d.state.is_at_rest() && d.pid.is_none())
+        if self.shutting_down.is_some()
+            && self
+                .daemons
+                .values()
+                .all(|d| d.state.is_at_rest() && d.pid.is_none())
         {
-            let _ = replies;
-            self.finish_shutdown();
+            if self.jobs.is_empty() {
+                self.finish_shutdown();
+            } else if !self.stopping_jobs {
+                self.stopping_jobs = true;
+                let running: Vec<String> = self.jobs.keys().cloned().collect();
+                for id in running {
+                    self.stop_job(&id);
+                }
+            }
+        }
+        if self.records_dirty {
+            self.records_dirty = false;
+            let mut live: Vec<(u32, String)> = self
+                .daemons
+                .values()
+                .filter_map(|d| Self::group_of(d).map(|p| (p, d.cfg.name.clone())))
+                .collect();
+            live.extend(self.jobs.values().map(|j| (j.pid, format!("job {}", j.id))));
+            if let Err(e) = crate::leftovers::record(&self.paths, &live) {
+                self.log.warn(&format!(
+                    "cannot record live processes in {}: {e}",
+                    self.paths.run_dir.display()
+                ));
+            }
         }
     }
 
@@ -525,18 +767,18 @@ impl Core {
         if d.log.is_none() {
             match RotatingFile::open(&daemon_log_path, log_cfg.0, log_cfg.1) {
                 Ok(f) => d.log = Some(Arc::new(Mutex::new(f))),
-                Err(e) => self.log.error(&format!("{name}: cannot open {}: {e}", daemon_log_path.display())),
+                Err(e) => self.log.error(&format!(
+                    "{name}: cannot open {}: {e}",
+                    daemon_log_path.display()
+                )),
             }
         }
         let (program, args): (PathBuf, Vec<String>) = match &d.cfg.command {
             Some(cmd) => (PathBuf::from(&cmd[0]), cmd[1..].to_vec()),
             None => (worker_bin, vec![name.to_string()]),
         };
-        let mut env = vec![
-            (protocol::SOCKET_ENV.to_string(), socket),
-            (protocol::DAEMON_ENV.to_string(), name.to_string()),
-            ("RINGRIFT_ROOT".to_string(), root.display().to_string()),
-        ];
+        let mut env = tree_env(&root, &socket);
+        env.push((protocol::DAEMON_ENV.to_string(), name.to_string()));
         env.extend(d.cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         d.generation += 1;
         let generation = d.generation;
@@ -546,11 +788,17 @@ impl Core {
         d.progress.clear();
         d.last_heartbeat = None;
         d.conn = None;
-        let spec = SpawnSpec { program: &program, args: &args, cwd: &root, env };
+        let spec = SpawnSpec {
+            program: &program,
+            args: &args,
+            cwd: &root,
+            env,
+        };
         match unix::spawn(&spec) {
             Ok(mut child) => {
                 let pid = child.id().expect("a just-spawned child has a pid");
                 owned.insert(pid);
+                self.records_dirty = true;
                 d.pid = Some(pid);
                 d.spawned_at = Some(Instant::now());
                 d.running_since = None;
@@ -567,7 +815,11 @@ impl Core {
                 tokio::spawn(async move {
                     let status = child.wait().await;
                     owned.remove(pid);
-                    let _ = tx.send(Msg::ChildExited { daemon, generation, status });
+                    let _ = tx.send(Msg::ChildExited {
+                        daemon,
+                        generation,
+                        status,
+                    });
                 });
                 self.log.info(&format!(
                     "{name}: spawned pid {pid} ({} {})",
@@ -589,9 +841,24 @@ impl Core {
                 self.log.error(&format!("{name}: {desc}"));
                 d.last_exit = Some(desc.clone());
                 set_state(&self.log, name, d, DaemonState::Initializing);
-                self.after_exit(name, ExitInfo { kind: ExitKind::Failure, desc });
+                self.after_exit(
+                    name,
+                    ExitInfo {
+                        kind: ExitKind::Failure,
+                        desc,
+                    },
+                );
             }
         }
+    }
+
+    /// The environment every process of this root's tree carries (daemons, jobs).
+    fn tree_env(&self) -> Vec<(String, String)> {
+        tree_env(&self.paths.root, &self.paths.socket.display().to_string())
+    }
+
+    fn record_processes_later(&mut self) {
+        self.records_dirty = true;
     }
 
     fn schedule(&self, name: &str, generation: u64, kind: TimerKind, after: Duration) {
@@ -599,7 +866,11 @@ impl Core {
         let daemon = name.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = tx.send(Msg::Timer { daemon, generation, kind });
+            let _ = tx.send(Msg::Timer {
+                daemon,
+                generation,
+                kind,
+            });
         });
     }
 
@@ -625,7 +896,10 @@ impl Core {
                 unix::signal_group(pid, Signal::SIGCONT);
             }
             unix::signal_group(pid, Signal::SIGTERM);
-            self.log.info(&format!("{name}: SIGTERM to process group {pid}, SIGKILL in {:?}", d.cfg.grace_period));
+            self.log.info(&format!(
+                "{name}: SIGTERM to process group {pid}, SIGKILL in {:?}",
+                d.cfg.grace_period
+            ));
         }
         let (generation, grace) = (d.generation, d.cfg.grace_period);
         self.schedule(name, generation, TimerKind::Grace, grace);
@@ -635,13 +909,21 @@ impl Core {
     fn kill_for(&mut self, name: &str, cause: String) {
         let d = self.daemons.get_mut(name).expect("known");
         let Some(pid) = d.pid else { return };
-        self.log.warn(&format!("{name}: {cause}: SIGKILL to process group {pid}"));
+        self.log
+            .warn(&format!("{name}: {cause}: SIGKILL to process group {pid}"));
         d.kill_cause = Some(cause);
         unix::signal_group(pid, Signal::SIGKILL);
     }
 
-    fn child_exited(&mut self, name: &str, generation: u64, status: std::io::Result<std::process::ExitStatus>) {
-        let Some(d) = self.daemons.get_mut(name) else { return };
+    fn child_exited(
+        &mut self,
+        name: &str,
+        generation: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    ) {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return;
+        };
         if d.generation != generation {
             return;
         }
@@ -655,22 +937,36 @@ impl Core {
         d.conn = None;
         d.last_exit = Some(desc.clone());
         let info = match d.kill_cause.take() {
-            Some(cause) => ExitInfo { kind: ExitKind::Signaled, desc: format!("{cause} ({desc})") },
+            Some(cause) => ExitInfo {
+                kind: ExitKind::Signaled,
+                desc: format!("{cause} ({desc})"),
+            },
             None => ExitInfo { kind, desc },
         };
-        self.log.info(&format!("{name}: process {} ended: {}", pgid.unwrap_or(0), info.desc));
+        self.log.info(&format!(
+            "{name}: process {} ended: {}",
+            pgid.unwrap_or(0),
+            info.desc
+        ));
         let stopping = d.state == DaemonState::ShuttingDown;
         if let Some(pgid) = pgid
             && unix::group_alive(pgid)
         {
             if !stopping {
                 // The leader died on its own: whatever it left in its group is a stray.
-                self.log.warn(&format!("{name}: killing what is left of process group {pgid}"));
+                self.log.warn(&format!(
+                    "{name}: killing what is left of process group {pgid}"
+                ));
                 unix::signal_group(pgid, Signal::SIGKILL);
             }
             d.draining = Some((pgid, info));
             let generation = d.generation;
-            self.schedule(name, generation, TimerKind::DrainCheck, Duration::from_millis(50));
+            self.schedule(
+                name,
+                generation,
+                TimerKind::DrainCheck,
+                Duration::from_millis(50),
+            );
             return;
         }
         self.after_exit(name, info);
@@ -698,13 +994,30 @@ impl Core {
         let now = self.started.elapsed();
         let jitter = self.jitter.next_f64();
         let d = self.daemons.get_mut(name).expect("known");
+        // A daemon that ran long enough before dying starts its backoff from the beginning.
+        if let Some(since) = d.running_since {
+            d.history
+                .note_stable(since - self.started, now, &d.cfg.restart);
+        }
         d.running_since = None;
         d.spawned_at = None;
+        self.records_dirty = true;
         if d.state == DaemonState::ShuttingDown || d.intent != Intent::None {
             let intent = std::mem::replace(&mut d.intent, Intent::None);
             set_state(&self.log, name, d, DaemonState::Stopped);
             if intent == Intent::Restart && self.shutting_down.is_none() {
                 self.want_up(name);
+            } else {
+                // A stopped daemon's jobs stop with it; a restarting one keeps them and hears how they end.
+                let jobs: Vec<String> = self
+                    .jobs
+                    .values()
+                    .filter(|j| j.daemon == name)
+                    .map(|j| j.id.clone())
+                    .collect();
+                for id in jobs {
+                    self.stop_job(&id);
+                }
             }
             return;
         }
@@ -712,16 +1025,30 @@ impl Core {
             set_state(&self.log, name, d, DaemonState::Stopped);
             return;
         }
-        match restart::decide_after_exit(&mut d.history, &d.cfg.restart, info.kind, &info.desc, now, jitter) {
+        match restart::decide_after_exit(
+            &mut d.history,
+            &d.cfg.restart,
+            info.kind,
+            &info.desc,
+            now,
+            jitter,
+        ) {
             ExitDecision::Restart { delay, attempt } => {
                 d.reason = Some(info.desc.clone());
-                self.log.warn(&format!("{name}: {}; restart #{attempt} in {} ms", info.desc, delay.as_millis()));
+                self.log.warn(&format!(
+                    "{name}: {}; restart #{attempt} in {} ms",
+                    info.desc,
+                    delay.as_millis()
+                ));
                 set_state(&self.log, name, d, DaemonState::Backoff);
                 let generation = d.generation;
                 self.schedule(name, generation, TimerKind::Backoff, delay);
             }
             ExitDecision::Stop => {
-                d.reason = Some(format!("{} (restart policy {})", info.desc, d.cfg.restart.policy));
+                d.reason = Some(format!(
+                    "{} (restart policy {})",
+                    info.desc, d.cfg.restart.policy
+                ));
                 set_state(&self.log, name, d, DaemonState::Stopped);
             }
             ExitDecision::Fail { reason } => {
@@ -733,7 +1060,9 @@ impl Core {
     }
 
     fn timer(&mut self, name: &str, generation: u64, kind: TimerKind) {
-        let Some(d) = self.daemons.get(name) else { return };
+        let Some(d) = self.daemons.get(name) else {
+            return;
+        };
         if d.generation != generation {
             return;
         }
@@ -766,7 +1095,12 @@ impl Core {
                 self.check_drained(name);
                 let d = &self.daemons[name];
                 if d.draining.is_some() {
-                    self.schedule(name, generation, TimerKind::DrainCheck, Duration::from_millis(50));
+                    self.schedule(
+                        name,
+                        generation,
+                        TimerKind::DrainCheck,
+                        Duration::from_millis(50),
+                    );
                 }
             }
         }
@@ -798,22 +1132,41 @@ impl Core {
             next = next.min(stall - flat);
         }
         let generation = d.generation;
-        self.schedule(name, generation, TimerKind::Watchdog, next + Duration::from_millis(5));
+        self.schedule(
+            name,
+            generation,
+            TimerKind::Watchdog,
+            next + Duration::from_millis(5),
+        );
     }
 
     // ------------------------------------------------------------------ workers
 
-    fn worker_hello(&mut self, name: &str, pid: Option<u32>, conn_id: u64, tx: ConnTx) -> Result<serde_json::Value, String> {
+    fn worker_hello(
+        &mut self,
+        name: &str,
+        pid: Option<u32>,
+        conn_id: u64,
+        tx: ConnTx,
+    ) -> Result<serde_json::Value, String> {
         let Some(d) = self.daemons.get_mut(name) else {
             return Err(format!("unknown daemon '{name}'"));
         };
         let Some(expected) = d.pid else {
-            return Err(format!("daemon {name} has no process running (state {})", d.state));
+            return Err(format!(
+                "daemon {name} has no process running (state {})",
+                d.state
+            ));
         };
         // The hello may come from the leader or from a process in its group (an external wrapper script).
-        let from_group = pid.is_some_and(|p| p == expected || unix::proc_stat(p).is_some_and(|s| s.pgid == expected));
+        let from_group = pid.is_some_and(|p| {
+            p == expected || unix::proc_stat(p).is_some_and(|s| s.pgid == expected)
+        });
         if !from_group {
-            return Err(format!("pid {} is not daemon {name}'s process (pid {expected})", pid.map(|p| p.to_string()).unwrap_or("?".into())));
+            return Err(format!(
+                "pid {} is not daemon {name}'s process (pid {expected})",
+                pid.map(|p| p.to_string()).unwrap_or("?".into())
+            ));
         }
         if d.conn.is_some() {
             return Err(format!("daemon {name} is already connected"));
@@ -824,8 +1177,10 @@ impl Core {
     }
 
     fn worker_frame(&mut self, name: &str, conn_id: u64, frame: ToSupervisor) {
-        let Some(d) = self.daemons.get_mut(name) else { return };
-        if !d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return;
+        };
+        if d.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
             return;
         }
         match frame {
@@ -834,7 +1189,10 @@ impl Core {
                     d.health.message = m;
                 }
                 let Some(to) = lifecycle::apply_report(d.state, state) else {
-                    self.log.warn(&format!("{name}: ignored report {state:?} while {}", d.state));
+                    self.log.warn(&format!(
+                        "{name}: ignored report {state:?} while {}",
+                        d.state
+                    ));
                     return;
                 };
                 if to == d.state {
@@ -854,7 +1212,12 @@ impl Core {
                     d.running_since = Some(now);
                     d.last_heartbeat = Some(now);
                     d.last_progress_change = now;
-                    let (generation, timeout) = (d.generation, d.cfg.heartbeat_timeout.min(d.cfg.stall_timeout.unwrap_or(Duration::MAX)));
+                    let (generation, timeout) = (
+                        d.generation,
+                        d.cfg
+                            .heartbeat_timeout
+                            .min(d.cfg.stall_timeout.unwrap_or(Duration::MAX)),
+                    );
                     self.schedule(name, generation, TimerKind::Watchdog, timeout);
                 }
             }
@@ -867,15 +1230,30 @@ impl Core {
                 d.health = health;
                 d.progress = progress;
                 if let Some(since) = d.running_since {
-                    d.history.note_stable(since - self.started, now - self.started, &d.cfg.restart);
+                    d.history
+                        .note_stable(since - self.started, now - self.started, &d.cfg.restart);
                 }
             }
+            ToSupervisor::SpawnJob {
+                request_id,
+                command,
+                max_runtime_secs,
+                env,
+            } => {
+                self.spawn_job(name, request_id, command, max_runtime_secs, env);
+            }
             other => {
-                self.log.warn(&format!("{name}: unexpected frame {} from a worker", frame_name(&other)));
+                self.log.warn(&format!(
+                    "{name}: unexpected frame {} from a worker",
+                    frame_name(&other)
+                ));
                 if let Some(d) = self.daemons.get(name)
                     && let Some((_, tx)) = &d.conn
                 {
-                    let _ = tx.send(error(protocol::ErrorCode::UnexpectedFrame, &format!("{} is not a worker frame", frame_name(&other))));
+                    let _ = tx.send(error(
+                        protocol::ErrorCode::UnexpectedFrame,
+                        &format!("{} is not a worker frame", frame_name(&other)),
+                    ));
                 }
             }
         }
@@ -900,12 +1278,20 @@ impl Core {
                     name: d.cfg.name.clone(),
                     state: d.state,
                     enabled: d.cfg.enabled,
-                    kind: if d.cfg.command.is_some() { "external".into() } else { "worker".into() },
+                    kind: if d.cfg.command.is_some() {
+                        "external".into()
+                    } else {
+                        "worker".into()
+                    },
                     pid: d.pid,
                     uptime_secs: d.spawned_at.map(|t| round3((now - t).as_secs_f64())),
                     restarts: d.restarts,
                     health,
-                    heartbeat_age_secs: if d.cfg.protocol && d.pid.is_some() { d.last_heartbeat.map(|t| round3((now - t).as_secs_f64())) } else { None },
+                    heartbeat_age_secs: if d.cfg.protocol && d.pid.is_some() {
+                        d.last_heartbeat.map(|t| round3((now - t).as_secs_f64()))
+                    } else {
+                        None
+                    },
                     progress,
                     depends_on: d.cfg.depends_on.clone(),
                     last_exit: d.last_exit.clone(),
@@ -918,10 +1304,15 @@ impl Core {
                 pid: std::process::id(),
                 root: self.paths.root.display().to_string(),
                 uptime_secs: round3(self.started.elapsed().as_secs_f64()),
-                config_path: self.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| self.config.source.clone()),
+                config_path: self
+                    .config_path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| self.config.source.clone()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
             },
             daemons,
+            jobs: self.job_statuses(),
         }
     }
 
@@ -934,7 +1325,8 @@ impl Core {
                 self.reload(None);
             }
             SignalKind::Terminate => {
-                self.log.info("SIGTERM: stopping every daemon, dependents first");
+                self.log
+                    .info("SIGTERM: stopping every daemon, dependents first");
                 self.begin_shutdown(None);
             }
             SignalKind::Interrupt => {
@@ -943,7 +1335,8 @@ impl Core {
                     self.log.info("SIGINT: stopping every daemon, dependents first (interrupt again to kill them all at once)");
                     self.begin_shutdown(None);
                 } else {
-                    self.log.warn("second SIGINT: SIGKILL to every process group");
+                    self.log
+                        .warn("second SIGINT: SIGKILL to every process group");
                     self.kill_everything();
                     self.finish_shutdown();
                 }
@@ -957,6 +1350,9 @@ impl Core {
                 unix::signal_group(p, Signal::SIGCONT);
                 unix::signal_group(p, Signal::SIGKILL);
             }
+        }
+        for j in self.jobs.values() {
+            unix::signal_group(j.pid, Signal::SIGKILL);
         }
     }
 
@@ -979,11 +1375,18 @@ impl Core {
         for r in self.shutting_down.take().unwrap_or_default() {
             let _ = r.send(FromSupervisor::Done {
                 ok: true,
-                results: vec![OpResult { name: "supervisor".into(), ok: true, message: "shut down".into() }],
+                results: vec![OpResult {
+                    name: "supervisor".into(),
+                    ok: true,
+                    message: "shut down".into(),
+                }],
             });
         }
         for w in self.waiters.drain(..) {
-            let _ = w.reply.send(error(protocol::ErrorCode::ShuttingDown, "the supervisor shut down"));
+            let _ = w.reply.send(error(
+                protocol::ErrorCode::ShuttingDown,
+                "the supervisor shut down",
+            ));
         }
         self.exit_now = true;
     }
@@ -992,7 +1395,9 @@ impl Core {
         let new = match ringrift::config::load(&self.paths.root, self.config_path.as_deref()) {
             Ok(c) => c,
             Err(e) => {
-                self.log.error(&format!("reload refused, keeping the running configuration: {e}"));
+                self.log.error(&format!(
+                    "reload refused, keeping the running configuration: {e}"
+                ));
                 if let Some(r) = reply {
                     let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
                 }
@@ -1004,7 +1409,11 @@ impl Core {
         let new_names: BTreeSet<String> = new.daemons.keys().cloned().collect();
         for name in old_names.difference(&new_names) {
             self.want_down(name);
-            results.push(OpResult { name: name.clone(), ok: true, message: "removed: stopping".into() });
+            results.push(OpResult {
+                name: name.clone(),
+                ok: true,
+                message: "removed: stopping".into(),
+            });
         }
         for name in new_names.difference(&old_names) {
             let cfg = new.daemons[name].clone();
@@ -1012,7 +1421,11 @@ impl Core {
             self.daemons.insert(name.clone(), Daemon::new(cfg));
             if enabled {
                 self.want_up(name);
-                results.push(OpResult { name: name.clone(), ok: true, message: "added: starting".into() });
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "added: starting".into(),
+                });
             }
         }
         for name in old_names.intersection(&new_names) {
@@ -1026,17 +1439,33 @@ impl Core {
             let (state, enabled) = (d.state, d.cfg.enabled);
             if was_enabled && !enabled {
                 self.want_down(name);
-                results.push(OpResult { name: name.clone(), ok: true, message: "disabled: stopping".into() });
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "disabled: stopping".into(),
+                });
             } else if !was_enabled && enabled && state.is_at_rest() {
                 self.want_up(name);
-                results.push(OpResult { name: name.clone(), ok: true, message: "enabled: starting".into() });
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "enabled: starting".into(),
+                });
             } else if state.has_process() && state != DaemonState::ShuttingDown {
                 let d = self.daemons.get_mut(name).expect("known");
                 d.intent = Intent::Restart;
                 self.begin_stop(name);
-                results.push(OpResult { name: name.clone(), ok: true, message: "changed: restarting".into() });
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "changed: restarting".into(),
+                });
             } else {
-                results.push(OpResult { name: name.clone(), ok: true, message: "changed".into() });
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "changed".into(),
+                });
             }
         }
         self.config = new;
@@ -1049,7 +1478,15 @@ impl Core {
         }
         self.log.info(&format!(
             "configuration reloaded: {}",
-            if results.is_empty() { "no change".to_string() } else { results.iter().map(|r| format!("{} {}", r.name, r.message)).collect::<Vec<_>>().join("; ") }
+            if results.is_empty() {
+                "no change".to_string()
+            } else {
+                results
+                    .iter()
+                    .map(|r| format!("{} {}", r.name, r.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
         ));
         if let Some(r) = reply {
             let _ = r.send(FromSupervisor::Done { ok: true, results });
@@ -1098,8 +1535,22 @@ fn set_state(log: &SupervisorLog, name: &str, d: &mut Daemon, to: DaemonState) {
     }
 }
 
+fn tree_env(root: &std::path::Path, socket: &str) -> Vec<(String, String)> {
+    vec![
+        (protocol::SOCKET_ENV.to_string(), socket.to_string()),
+        (protocol::ROOT_ENV.to_string(), root.display().to_string()),
+        (
+            protocol::SUPERVISOR_PID_ENV.to_string(),
+            std::process::id().to_string(),
+        ),
+    ]
+}
+
 fn error(code: protocol::ErrorCode, message: &str) -> FromSupervisor {
-    FromSupervisor::Error { code, message: message.to_string() }
+    FromSupervisor::Error {
+        code,
+        message: message.to_string(),
+    }
 }
 
 pub(crate) fn frame_name(f: &ToSupervisor) -> String {
@@ -1112,7 +1563,9 @@ pub(crate) fn frame_name(f: &ToSupervisor) -> String {
 fn dependents_in(graph: &deps::Graph, name: &str, requested: &BTreeSet<String>) -> String {
     let users: Vec<&str> = requested
         .iter()
-        .filter(|r| deps::with_dependencies(graph, &[r.to_string()].into_iter().collect()).contains(name))
+        .filter(|r| {
+            deps::with_dependencies(graph, &[r.to_string()].into_iter().collect()).contains(name)
+        })
         .map(String::as_str)
         .collect();
     users.join(", ")
@@ -1123,5 +1576,8 @@ fn round3(x: f64) -> f64 {
 }
 
 fn unix_nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }

@@ -7,7 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ringrift::protocol::{self, ErrorCode, FrameError, FromSupervisor, MAX_FRAME_BYTES, PROTOCOL_VERSION, Role, ToSupervisor};
+use ringrift::protocol::{
+    self, ErrorCode, FrameError, FromSupervisor, MAX_FRAME_BYTES, PROTOCOL_VERSION, Role,
+    ToSupervisor,
+};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -64,13 +67,22 @@ pub(crate) async fn serve(
 
 /// Reads one newline-terminated frame of at most MAX_FRAME_BYTES. Ok(None) at EOF. An oversized
 /// frame is consumed up to its newline and reported, so the stream stays usable.
-pub(crate) async fn read_frame<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option<Result<(), FrameError>>> {
+pub(crate) async fn read_frame<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Result<(), FrameError>>> {
     buf.clear();
     let mut oversized = 0usize;
     loop {
         let available = r.fill_buf().await?;
         if available.is_empty() {
-            return Ok(if buf.is_empty() && oversized == 0 { None } else if oversized > 0 { Some(Err(FrameError::TooLarge(oversized))) } else { Some(Ok(())) });
+            return Ok(if buf.is_empty() && oversized == 0 {
+                None
+            } else if oversized > 0 {
+                Some(Err(FrameError::TooLarge(oversized)))
+            } else {
+                Some(Ok(()))
+            });
         }
         let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
             Some(i) => (&available[..i], Some(i + 1)),
@@ -85,12 +97,21 @@ pub(crate) async fn read_frame<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec
         let used = done.unwrap_or(available.len());
         r.consume(used);
         if done.is_some() {
-            return Ok(Some(if oversized > 0 { Err(FrameError::TooLarge(oversized)) } else { Ok(()) }));
+            return Ok(Some(if oversized > 0 {
+                Err(FrameError::TooLarge(oversized))
+            } else {
+                Ok(())
+            }));
         }
     }
 }
 
-async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg>, log: Arc<SupervisorLog>) {
+async fn connection(
+    stream: UnixStream,
+    id: u64,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut buf = Vec::new();
@@ -102,11 +123,20 @@ async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg
         Ok(None) | Err(_) => return,
     };
     let (role, daemon, pid) = match hello {
-        Ok(ToSupervisor::Hello { protocol: v, role, daemon, pid }) => {
+        Ok(ToSupervisor::Hello {
+            protocol: v,
+            role,
+            daemon,
+            pid,
+        }) => {
             if v != PROTOCOL_VERSION {
-                let msg = format!("protocol version {v} is not supported; this supervisor speaks version {PROTOCOL_VERSION}");
+                let msg = format!(
+                    "protocol version {v} is not supported; this supervisor speaks version {PROTOCOL_VERSION}"
+                );
                 log.warn(&format!("connection {id}: {msg}"));
-                let _ = write.write_all(&protocol::encode(&error(ErrorCode::ProtocolMismatch, &msg))).await;
+                let _ = write
+                    .write_all(&protocol::encode(&error(ErrorCode::ProtocolMismatch, &msg)))
+                    .await;
                 return;
             }
             (role, daemon, pid)
@@ -114,13 +144,21 @@ async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg
         Ok(other) => {
             let msg = format!("the first frame must be hello, got {}", frame_name(&other));
             log.warn(&format!("connection {id}: {msg}"));
-            let _ = write.write_all(&protocol::encode(&error(ErrorCode::UnexpectedFrame, &msg))).await;
+            let _ = write
+                .write_all(&protocol::encode(&error(ErrorCode::UnexpectedFrame, &msg)))
+                .await;
             return;
         }
         Err(e) => {
             log.warn(&format!("connection {id}: bad hello: {e}"));
-            let code = if matches!(e, FrameError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::BadFrame };
-            let _ = write.write_all(&protocol::encode(&error(code, &e.to_string()))).await;
+            let code = if matches!(e, FrameError::TooLarge(_)) {
+                ErrorCode::FrameTooLarge
+            } else {
+                ErrorCode::BadFrame
+            };
+            let _ = write
+                .write_all(&protocol::encode(&error(code, &e.to_string())))
+                .await;
             return;
         }
     };
@@ -138,19 +176,34 @@ async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg
     match role {
         Role::Worker => {
             let Some(daemon) = daemon else {
-                let _ = tx.send(error(ErrorCode::BadFrame, "a worker hello must name its daemon"));
+                let _ = tx.send(error(
+                    ErrorCode::BadFrame,
+                    "a worker hello must name its daemon",
+                ));
                 drop(tx);
                 let _ = writer.await;
                 return;
             };
             let daemon = ringrift::catalog::normalize(&daemon);
             let (reply_tx, reply_rx) = oneshot::channel();
-            if core.send(Msg::WorkerHello { daemon: daemon.clone(), pid, conn_id: id, tx: tx.clone(), reply: reply_tx }).is_err() {
+            if core
+                .send(Msg::WorkerHello {
+                    daemon: daemon.clone(),
+                    pid,
+                    conn_id: id,
+                    tx: tx.clone(),
+                    reply: reply_tx,
+                })
+                .is_err()
+            {
                 return;
             }
             match reply_rx.await {
                 Ok(Ok(config)) => {
-                    let _ = tx.send(FromSupervisor::Welcome { protocol: PROTOCOL_VERSION, config: Some(config) });
+                    let _ = tx.send(FromSupervisor::Welcome {
+                        protocol: PROTOCOL_VERSION,
+                        config: Some(config),
+                    });
                 }
                 Ok(Err(msg)) => {
                     log.warn(&format!("connection {id}: worker hello refused: {msg}"));
@@ -165,24 +218,42 @@ async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg
                 match read_frame(&mut reader, &mut buf).await {
                     Ok(Some(Ok(()))) => match protocol::decode::<ToSupervisor>(&buf) {
                         Ok(frame) => {
-                            let _ = core.send(Msg::WorkerFrame { daemon: daemon.clone(), conn_id: id, frame });
+                            let _ = core.send(Msg::WorkerFrame {
+                                daemon: daemon.clone(),
+                                conn_id: id,
+                                frame,
+                            });
                         }
                         Err(e) => bad_frame(&log, &tx, &format!("{daemon} (connection {id})"), e),
                     },
-                    Ok(Some(Err(e))) => bad_frame(&log, &tx, &format!("{daemon} (connection {id})"), e),
+                    Ok(Some(Err(e))) => {
+                        bad_frame(&log, &tx, &format!("{daemon} (connection {id})"), e)
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
-            let _ = core.send(Msg::WorkerGone { daemon, conn_id: id });
+            let _ = core.send(Msg::WorkerGone {
+                daemon,
+                conn_id: id,
+            });
         }
         Role::Cli => {
-            let _ = tx.send(FromSupervisor::Welcome { protocol: PROTOCOL_VERSION, config: None });
+            let _ = tx.send(FromSupervisor::Welcome {
+                protocol: PROTOCOL_VERSION,
+                config: None,
+            });
             loop {
                 match read_frame(&mut reader, &mut buf).await {
                     Ok(Some(Ok(()))) => match protocol::decode::<ToSupervisor>(&buf) {
                         Ok(frame) => {
                             let (reply_tx, reply_rx) = oneshot::channel();
-                            if core.send(Msg::Request { frame, reply: reply_tx }).is_err() {
+                            if core
+                                .send(Msg::Request {
+                                    frame,
+                                    reply: reply_tx,
+                                })
+                                .is_err()
+                            {
                                 break;
                             }
                             // Requests on one connection are answered in order.
@@ -205,12 +276,24 @@ async fn connection(stream: UnixStream, id: u64, core: mpsc::UnboundedSender<Msg
     let _ = writer.await;
 }
 
-fn bad_frame(log: &SupervisorLog, tx: &mpsc::UnboundedSender<FromSupervisor>, who: &str, e: FrameError) {
+fn bad_frame(
+    log: &SupervisorLog,
+    tx: &mpsc::UnboundedSender<FromSupervisor>,
+    who: &str,
+    e: FrameError,
+) {
     log.warn(&format!("{who}: {e}"));
-    let code = if matches!(e, FrameError::TooLarge(_)) { ErrorCode::FrameTooLarge } else { ErrorCode::BadFrame };
+    let code = if matches!(e, FrameError::TooLarge(_)) {
+        ErrorCode::FrameTooLarge
+    } else {
+        ErrorCode::BadFrame
+    };
     let _ = tx.send(error(code, &e.to_string()));
 }
 
 fn error(code: ErrorCode, message: &str) -> FromSupervisor {
-    FromSupervisor::Error { code, message: message.to_string() }
+    FromSupervisor::Error {
+        code,
+        message: message.to_string(),
+    }
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod core;
 mod ipc;
+mod leftovers;
 mod logwriter;
 mod paths;
 mod server;
@@ -150,9 +151,14 @@ fn load_config(paths: &Paths, explicit: Option<&std::path::Path>) -> Result<Conf
 }
 
 fn run(cli: Cli, paths: Paths) -> i32 {
-    let config_path = cli.config.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let config_path = cli
+        .config
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     match cli.command {
-        Command::Config { action: ConfigAction::Check } => match load_config(&paths, config_path.as_deref()) {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => match load_config(&paths, config_path.as_deref()) {
             Ok(c) => {
                 let enabled = c.enabled();
                 println!(
@@ -171,35 +177,74 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            server::serve(server::ServeOptions { paths, config, config_path, foreground, initial: None })
+            server::serve(server::ServeOptions {
+                paths,
+                config,
+                config_path,
+                foreground,
+                initial: None,
+            })
         }
-        Command::Start { names, all, profile, foreground, no_wait, timeout } => {
+        Command::Start {
+            names,
+            all,
+            profile,
+            foreground,
+            no_wait,
+            timeout,
+        } => {
             // A bad configuration is refused before anything starts.
             let config = match load_config(&paths, config_path.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let request = ToSupervisor::Start { names, all, profile, no_wait };
+            let request = ToSupervisor::Start {
+                names,
+                all,
+                profile,
+                no_wait,
+            };
             if foreground {
                 let request = match request {
-                    ToSupervisor::Start { names, all, profile, .. } => ToSupervisor::Start { names, all, profile, no_wait: true },
+                    ToSupervisor::Start {
+                        names,
+                        all,
+                        profile,
+                        ..
+                    } => ToSupervisor::Start {
+                        names,
+                        all,
+                        profile,
+                        no_wait: true,
+                    },
                     other => other,
                 };
                 if cli::Client::connect(&paths).is_ok() {
-                    eprintln!("error: a supervisor is already running on {}; use `start` without --foreground to talk to it", paths.root.display());
+                    eprintln!(
+                        "error: a supervisor is already running on {}; use `start` without --foreground to talk to it",
+                        paths.root.display()
+                    );
                     return EXIT_FAILED;
                 }
-                return server::serve(server::ServeOptions { paths, config, config_path, foreground: true, initial: Some(request) });
+                return server::serve(server::ServeOptions {
+                    paths,
+                    config,
+                    config_path,
+                    foreground: true,
+                    initial: Some(request),
+                });
             }
             let mut client = match cli::Client::connect(&paths) {
                 Ok(c) => c,
-                Err(cli::ConnectError::NotRunning) => match cli::boot_background(&paths, config_path.as_deref()) {
-                    Ok(c) => c,
-                    Err(msg) => {
-                        eprintln!("error: {msg}");
-                        return EXIT_FAILED;
+                Err(cli::ConnectError::NotRunning) => {
+                    match cli::boot_background(&paths, config_path.as_deref()) {
+                        Ok(c) => c,
+                        Err(msg) => {
+                            eprintln!("error: {msg}");
+                            return EXIT_FAILED;
+                        }
                     }
-                },
+                }
                 Err(cli::ConnectError::Other(msg)) => {
                     eprintln!("error: {msg}");
                     return EXIT_FAILED;
@@ -207,8 +252,14 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             };
             call_and_report(&mut client, &request, timeout)
         }
-        Command::Stop { names, all, timeout } => with_client(&paths, &ToSupervisor::Stop { names, all }, timeout),
-        Command::Restart { names, timeout } => with_client(&paths, &ToSupervisor::Restart { names }, timeout),
+        Command::Stop {
+            names,
+            all,
+            timeout,
+        } => with_client(&paths, &ToSupervisor::Stop { names, all }, timeout),
+        Command::Restart { names, timeout } => {
+            with_client(&paths, &ToSupervisor::Restart { names }, timeout)
+        }
         Command::Pause { names } => with_client(&paths, &ToSupervisor::Pause { names }, 30),
         Command::Resume { names } => with_client(&paths, &ToSupervisor::Resume { names }, 30),
         Command::Reload => with_client(&paths, &ToSupervisor::Reload, 30),
@@ -221,7 +272,10 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             match client.call(&ToSupervisor::Status { name }, Duration::from_secs(10)) {
                 Ok(FromSupervisor::Status(report)) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&report).expect("status serializes"));
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("status serializes")
+                        );
                     } else {
                         cli::print_status(&report);
                     }
@@ -234,7 +288,11 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 }
             }
         }
-        Command::Logs { name, lines, follow } => {
+        Command::Logs {
+            name,
+            lines,
+            follow,
+        } => {
             let file = if ringrift::catalog::normalize(&name) == "master_loop" {
                 paths.master_log.clone()
             } else {

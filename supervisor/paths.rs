@@ -42,7 +42,10 @@ impl Paths {
 
     /// Creates run/ with mode 0700 (tightening it if it already exists) and logs/.
     pub fn prepare_dirs(&self) -> io::Result<()> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.run_dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.run_dir)?;
         fs::set_permissions(&self.run_dir, fs::Permissions::from_mode(0o700))?;
         fs::create_dir_all(&self.logs_dir)?;
         Ok(())
@@ -66,7 +69,9 @@ pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, String> {
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(RootLock { _lock: lock }),
         Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
-            let holder = fs::read_to_string(&paths.pid_file).ok().map(|s| s.trim().to_string());
+            let holder = fs::read_to_string(&paths.pid_file)
+                .ok()
+                .map(|s| s.trim().to_string());
             Err(format!(
                 "another supervisor{} is already running on {} (lock {} is held); use `ringrift-supervisor status` to talk to it",
                 holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
@@ -74,7 +79,10 @@ pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, String> {
                 paths.lock_file.display()
             ))
         }
-        Err((_, errno)) => Err(format!("cannot lock {}: {errno}", paths.lock_file.display())),
+        Err((_, errno)) => Err(format!(
+            "cannot lock {}: {errno}",
+            paths.lock_file.display()
+        )),
     }
 }
 

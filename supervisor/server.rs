@@ -26,7 +26,11 @@ pub(crate) struct ServeOptions {
 pub(crate) fn serve(opts: ServeOptions) -> i32 {
     let paths = opts.paths.clone();
     if let Err(e) = paths.prepare_dirs() {
-        eprintln!("error: cannot create {} or {}: {e}", paths.run_dir.display(), paths.logs_dir.display());
+        eprintln!(
+            "error: cannot create {} or {}: {e}",
+            paths.run_dir.display(),
+            paths.logs_dir.display()
+        );
         return 1;
     }
     let lock = match paths::lock_root(&paths) {
@@ -36,7 +40,11 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
             return 1;
         }
     };
-    let log = match SupervisorLog::open(&paths.master_log, opts.config.logs.max_bytes, opts.config.logs.max_files) {
+    let log = match SupervisorLog::open(
+        &paths.master_log,
+        opts.config.logs.max_bytes,
+        opts.config.logs.max_files,
+    ) {
         Ok(l) => Arc::new(l.mirror_stderr(opts.foreground)),
         Err(e) => {
             eprintln!("error: cannot open {}: {e}", paths.master_log.display());
@@ -47,10 +55,16 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
         log.error(&format!("cannot write {}: {e}", paths.pid_file.display()));
         return 1;
     }
+    crate::leftovers::clean(&paths, &log);
     if let Err(e) = unix::become_subreaper() {
-        log.warn(&format!("cannot become a child subreaper ({e}): orphaned grandchildren will go to init"));
+        log.warn(&format!(
+            "cannot become a child subreaper ({e}): orphaned grandchildren will go to init"
+        ));
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             log.error(&format!("cannot start the runtime: {e}"));
@@ -119,21 +133,40 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
     }
 
     let open = crate::ipc::OpenConnections::default();
-    tokio::spawn(crate::ipc::serve(listener, tx.clone(), log.clone(), open.clone()));
+    tokio::spawn(crate::ipc::serve(
+        listener,
+        tx.clone(),
+        log.clone(),
+        open.clone(),
+    ));
 
     if let Some(initial) = opts.initial {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-        let _ = tx.send(Msg::Request { frame: initial, reply: reply_tx });
+        let _ = tx.send(Msg::Request {
+            frame: initial,
+            reply: reply_tx,
+        });
         let log = log.clone();
         tokio::spawn(async move {
             if let Ok(answer) = reply_rx.await {
-                log.info(&format!("initial start: {}", crate::cli::summarize(&answer)));
+                log.info(&format!(
+                    "initial start: {}",
+                    crate::cli::summarize(&answer)
+                ));
             }
         });
     }
 
     let worker_bin = worker_binary();
-    let core = Core::new(paths, opts.config, opts.config_path, tx, log.clone(), owned, worker_bin);
+    let core = Core::new(
+        paths,
+        opts.config,
+        opts.config_path,
+        tx,
+        log.clone(),
+        owned,
+        worker_bin,
+    );
     core.run(rx).await;
     // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);

@@ -57,7 +57,15 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
 
 fn libc_prctl_pdeathsig() -> i32 {
     // SAFETY: plain prctl call with integer arguments.
-    unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL as nix::libc::c_ulong, 0, 0, 0) }
+    unsafe {
+        nix::libc::prctl(
+            nix::libc::PR_SET_PDEATHSIG,
+            nix::libc::SIGKILL as nix::libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    }
 }
 
 /// Sends `sig` to every process of the group. Returns false when the group no longer exists.
@@ -69,7 +77,6 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) -> bool {
 pub(crate) fn group_alive(pgid: u32) -> bool {
     !matches!(kill(Pid::from_raw(-(pgid as i32)), None), Err(Errno::ESRCH))
 }
-
 
 /// Makes this process the reaper of orphaned descendants.
 pub(crate) fn become_subreaper() -> io::Result<()> {
@@ -133,7 +140,10 @@ pub(crate) fn children_of_self() -> Vec<u32> {
         for t in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
                 found_file = true;
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -141,9 +151,13 @@ pub(crate) fn children_of_self() -> Vec<u32> {
         return out;
     }
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if proc_stat(pid).is_some_and(|s| s.ppid == me) {
             out.push(pid);
         }
@@ -186,7 +200,15 @@ mod tests {
     fn parses_stat_with_awkward_command_names() {
         let line = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 98765 1000 200";
         let s = parse_stat(line).unwrap();
-        assert_eq!(s, ProcStat { state: 'S', ppid: 1, pgid: 1234, start_time: 98765 });
+        assert_eq!(
+            s,
+            ProcStat {
+                state: 'S',
+                ppid: 1,
+                pgid: 1234,
+                start_time: 98765
+            }
+        );
     }
 
     #[test]
@@ -195,4 +217,19 @@ mod tests {
         assert_eq!(me.state, 'R');
         assert!(me.start_time > 0);
     }
+}
+
+/// The environment of a process, if readable.
+pub(crate) fn environ(pid: u32) -> Option<Vec<(String, String)>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(
+        bytes
+            .split(|&b| b == 0)
+            .filter_map(|kv| {
+                let kv = std::str::from_utf8(kv).ok()?;
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect(),
+    )
 }

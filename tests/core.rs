@@ -13,11 +13,17 @@ const T: Duration = Duration::from_secs(20);
 
 /// The line number in master_loop.log where `needle` first appears.
 fn line_of(log: &str, needle: &str) -> usize {
-    log.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+    log.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
 }
 
 fn last_line_of(log: &str, needle: &str) -> usize {
-    log.lines().collect::<Vec<_>>().iter().rposition(|l| l.contains(needle)).unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+    log.lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
 }
 
 #[test]
@@ -33,19 +39,41 @@ fn start_all_runs_every_enabled_daemon_as_its_own_child_in_dependency_order() {
     let sup = status["supervisor"]["pid"].as_u64().unwrap() as u32;
     let pids = pids(&status);
     let distinct: std::collections::BTreeSet<_> = pids.values().collect();
-    assert_eq!(distinct.len(), pids.len(), "every daemon has its own process");
+    assert_eq!(
+        distinct.len(),
+        pids.len(),
+        "every daemon has its own process"
+    );
     for (name, pid) in &pids {
-        assert_eq!(ppid(*pid), Some(sup), "{name} (pid {pid}) is a child of the supervisor");
+        assert_eq!(
+            ppid(*pid),
+            Some(sup),
+            "{name} (pid {pid}) is a child of the supervisor"
+        );
         assert!(!pids.values().any(|p| p == &sup));
     }
     // Dependencies first: training_trigger is spawned only after its four sources are RUNNING.
     let log = root.master_log();
     let tt_spawn = line_of(&log, "training_trigger: spawned");
-    for dep in ["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor"] {
-        assert!(line_of(&log, &format!("{dep}: INITIALIZING → RUNNING")) < tt_spawn, "{dep} before training_trigger:\n{log}");
+    for dep in [
+        "auto_sync",
+        "cluster_data_sync",
+        "auto_export",
+        "quality_monitor",
+    ] {
+        assert!(
+            line_of(&log, &format!("{dep}: INITIALIZING → RUNNING")) < tt_spawn,
+            "{dep} before training_trigger:\n{log}"
+        );
     }
-    assert!(line_of(&log, "training_trigger: INITIALIZING → RUNNING") < line_of(&log, "evaluation: spawned"));
-    assert!(line_of(&log, "evaluation: INITIALIZING → RUNNING") < line_of(&log, "auto_promotion: spawned"));
+    assert!(
+        line_of(&log, "training_trigger: INITIALIZING → RUNNING")
+            < line_of(&log, "evaluation: spawned")
+    );
+    assert!(
+        line_of(&log, "evaluation: INITIALIZING → RUNNING")
+            < line_of(&log, "auto_promotion: spawned")
+    );
 }
 
 #[test]
@@ -56,13 +84,19 @@ fn restart_pause_resume_stop_and_shutdown() {
 
     root.ok(&["restart", "auto_sync"]);
     let after = pids(&root.status());
-    assert_ne!(after["auto_sync"], before["auto_sync"], "auto_sync has a new pid");
+    assert_ne!(
+        after["auto_sync"], before["auto_sync"],
+        "auto_sync has a new pid"
+    );
     for (name, pid) in &before {
         if name != "auto_sync" {
             assert_eq!(after.get(name), Some(pid), "{name} kept its pid");
         }
     }
-    assert!(!alive(before["auto_sync"]), "the old auto_sync process is gone");
+    assert!(
+        !alive(before["auto_sync"]),
+        "the old auto_sync process is gone"
+    );
 
     root.ok(&["pause", "AUTO_SYNC"]);
     assert_eq!(root.state("auto_sync"), "PAUSED");
@@ -76,8 +110,14 @@ fn restart_pause_resume_stop_and_shutdown() {
     assert_eq!(in_state(&status, "STOPPED").len(), 15, "{out}");
     // Dependents stop first.
     let log = root.master_log();
-    assert!(line_of(&log, "auto_promotion: SHUTTING_DOWN → STOPPED") < line_of(&log, "evaluation: RUNNING → SHUTTING_DOWN"));
-    assert!(line_of(&log, "training_trigger: SHUTTING_DOWN → STOPPED") < last_line_of(&log, "auto_sync: RUNNING → SHUTTING_DOWN"));
+    assert!(
+        line_of(&log, "auto_promotion: SHUTTING_DOWN → STOPPED")
+            < line_of(&log, "evaluation: RUNNING → SHUTTING_DOWN")
+    );
+    assert!(
+        line_of(&log, "training_trigger: SHUTTING_DOWN → STOPPED")
+            < last_line_of(&log, "auto_sync: RUNNING → SHUTTING_DOWN")
+    );
 
     let out = root.ok(&["shutdown"]);
     assert!(out.contains("shut down"), "{out}");
@@ -86,7 +126,12 @@ fn restart_pause_resume_stop_and_shutdown() {
         assert!(!alive(pid), "{name} (pid {pid}) is gone");
     }
     let o = root.run(&["status"]);
-    assert_eq!(o.status.code(), Some(3), "no supervisor any more: {}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "no supervisor any more: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -94,7 +139,14 @@ fn stopping_a_dependency_stops_its_dependents_first() {
     let root = Root::new();
     root.ok(&["start", "evaluation"]);
     // Dependencies were pulled in.
-    for n in ["auto_sync", "cluster_data_sync", "auto_export", "quality_monitor", "training_trigger", "evaluation"] {
+    for n in [
+        "auto_sync",
+        "cluster_data_sync",
+        "auto_export",
+        "quality_monitor",
+        "training_trigger",
+        "evaluation",
+    ] {
         assert_eq!(root.state(n), "RUNNING", "{n}");
     }
     assert_eq!(root.state("auto_promotion"), "STOPPED");
@@ -102,7 +154,11 @@ fn stopping_a_dependency_stops_its_dependents_first() {
     for n in ["auto_sync", "training_trigger", "evaluation"] {
         assert_eq!(root.state(n), "STOPPED", "{n}");
     }
-    assert_eq!(root.state("cluster_data_sync"), "RUNNING", "unrelated daemons stay up");
+    assert_eq!(
+        root.state("cluster_data_sync"),
+        "RUNNING",
+        "unrelated daemons stay up"
+    );
 }
 
 #[test]
@@ -115,15 +171,21 @@ fn daemon_output_reaches_its_log_with_timestamp_and_stream_within_a_second() {
     root.ok(&["start", "ticker"]);
     let path = root.log_path("ticker");
     let mut text = String::new();
-    assert!(wait_until(T, || {
-        text = std::fs::read_to_string(&path).unwrap_or_default();
-        text.lines().filter(|l| l.contains("[out]")).count() >= 3 && text.contains("[err] oops")
-    }), "log:\n{text}");
+    assert!(
+        wait_until(T, || {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            text.lines().filter(|l| l.contains("[out]")).count() >= 3 && text.contains("[err] oops")
+        }),
+        "log:\n{text}"
+    );
     for line in text.lines().filter(|l| l.contains("[out]")) {
         let (stamp, rest) = line.split_once(' ').unwrap();
         let written: f64 = rest.trim_start_matches("[out] ").trim().parse().unwrap();
         let logged = parse_rfc3339(stamp);
-        assert!((logged - written).abs() < 1.0, "logged at {logged}, written at {written}: {line}");
+        assert!(
+            (logged - written).abs() < 1.0,
+            "logged at {logged}, written at {written}: {line}"
+        );
     }
     // `logs` shows the same lines.
     let shown = root.ok(&["logs", "ticker", "-n", "2"]);
@@ -149,37 +211,86 @@ fn parse_rfc3339(s: &str) -> f64 {
 #[test]
 fn bad_configurations_are_refused_before_anything_starts() {
     let cases = [
-        ("cycle", "daemons:\n  auto_sync:\n    depends_on: [auto_promotion]\n", "dependency cycle"),
-        ("unknown key", "daemons:\n  auto_sync:\n    intervall: 5\n", "daemons.auto_sync.intervall"),
-        ("broken yaml", "daemons:\n  auto_sync: [\n    enabled: true\n", "invalid YAML"),
-        ("out of range", "daemons:\n  auto_sync:\n    interval: -1\n", "daemons.auto_sync.interval"),
-        ("unknown daemon", "daemons:\n  auto_synk:\n    enabled: true\n", "did you mean auto_sync"),
+        (
+            "cycle",
+            "daemons:\n  auto_sync:\n    depends_on: [auto_promotion]\n",
+            "dependency cycle",
+        ),
+        (
+            "unknown key",
+            "daemons:\n  auto_sync:\n    intervall: 5\n",
+            "daemons.auto_sync.intervall",
+        ),
+        (
+            "broken yaml",
+            "daemons:\n  auto_sync: [\n    enabled: true\n",
+            "invalid YAML",
+        ),
+        (
+            "out of range",
+            "daemons:\n  auto_sync:\n    interval: -1\n",
+            "daemons.auto_sync.interval",
+        ),
+        (
+            "unknown daemon",
+            "daemons:\n  auto_synk:\n    enabled: true\n",
+            "did you mean auto_sync",
+        ),
     ];
     for (what, yaml, needle) in cases {
         let root = Root::with_config(yaml);
         for args in [&["start", "--all"][..], &["config", "check"][..]] {
             let out = root.run(args);
-            assert_eq!(out.status.code(), Some(2), "{what}: {args:?} exit code; stderr: {}", stderr(&out));
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{what}: {args:?} exit code; stderr: {}",
+                stderr(&out)
+            );
             let err = stderr(&out);
-            assert!(err.contains(needle), "{what}: message names the problem: {err}");
-            assert!(err.contains("config/unified_loop.yaml"), "{what}: message names the file: {err}");
+            assert!(
+                err.contains(needle),
+                "{what}: message names the problem: {err}"
+            );
+            assert!(
+                err.contains("config/unified_loop.yaml"),
+                "{what}: message names the file: {err}"
+            );
         }
-        assert!(!root.path().join("run/supervisor.sock").exists(), "{what}: nothing was started");
+        assert!(
+            !root.path().join("run/supervisor.sock").exists(),
+            "{what}: nothing was started"
+        );
         assert!(root.supervisor_pid().is_none());
     }
     // The line is named where there is one.
     let root = Root::with_config("daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n");
     let err = stderr(&root.run(&["config", "check"]));
-    assert!(err.contains("unified_loop.yaml:4: daemons.auto_sync.intervall"), "{err}");
+    assert!(
+        err.contains("unified_loop.yaml:4: daemons.auto_sync.intervall"),
+        "{err}"
+    );
 }
 
 #[test]
 fn environment_overrides_apply_and_are_validated() {
     let root = Root::new();
-    let out = root.cmd(&["config", "check"]).env("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "soon").output().unwrap();
+    let out = root
+        .cmd(&["config", "check"])
+        .env("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "soon")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD"), "{}", stderr(&out));
-    let out = root.cmd(&["config", "check"]).env("RINGRIFT_DAEMONS__EPHEMERAL_SYNC__ENABLED", "true").output().unwrap();
+    assert!(
+        stderr(&out).contains("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD"),
+        "{}",
+        stderr(&out)
+    );
+    let out = root
+        .cmd(&["config", "check"])
+        .env("RINGRIFT_DAEMONS__EPHEMERAL_SYNC__ENABLED", "true")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(stdout(&out).contains("14 enabled"), "{}", stdout(&out));
 }
@@ -189,12 +300,20 @@ fn mistakes_get_clear_errors() {
     let root = Root::new();
     let o = root.run(&["status"]);
     assert_eq!(o.status.code(), Some(3));
-    assert!(stderr(&o).contains("no supervisor is running"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no supervisor is running"),
+        "{}",
+        stderr(&o)
+    );
 
     root.ok(&["start", "auto_sync"]);
     let o = root.run(&["restart", "auto_synk"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stdout(&o).contains("did you mean auto_sync"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("did you mean auto_sync"),
+        "{}",
+        stdout(&o)
+    );
     let o = root.run(&["start", "--profile", "fulll"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("did you mean full"), "{}", stderr(&o));
@@ -209,7 +328,11 @@ fn mistakes_get_clear_errors() {
     let o = root.run(&["start", "--foreground", "auto_sync"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already running"), "{}", stderr(&o));
-    assert_eq!(root.state("auto_sync"), "RUNNING", "the first one is unharmed");
+    assert_eq!(
+        root.state("auto_sync"),
+        "RUNNING",
+        "the first one is unharmed"
+    );
 }
 
 #[test]
@@ -249,7 +372,8 @@ fn bad_frames_get_typed_errors_and_the_supervisor_keeps_running() {
 
     // Protocol mismatch.
     let (mut r, mut w) = connect(&root);
-    w.write_all(b"{\"type\":\"hello\",\"protocol\":999,\"role\":\"cli\"}\n").unwrap();
+    w.write_all(b"{\"type\":\"hello\",\"protocol\":999,\"role\":\"cli\"}\n")
+        .unwrap();
     let v = read_json(&mut r);
     assert_eq!(v["type"], "error");
     assert_eq!(v["code"], "protocol_mismatch");
@@ -261,7 +385,8 @@ fn bad_frames_get_typed_errors_and_the_supervisor_keeps_running() {
 
     // After a good hello: malformed, unknown type, oversized; the connection stays usable.
     let (mut r, mut w) = connect(&root);
-    w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n").unwrap();
+    w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
+        .unwrap();
     assert_eq!(read_json(&mut r)["type"], "welcome");
     w.write_all(b"{not json\n").unwrap();
     assert_eq!(read_json(&mut r)["code"], "bad_frame");
@@ -271,7 +396,8 @@ fn bad_frames_get_typed_errors_and_the_supervisor_keeps_running() {
     w.write_all(&big).unwrap();
     w.write_all(b"\n").unwrap();
     assert_eq!(read_json(&mut r)["code"], "frame_too_large");
-    w.write_all(b"{\"type\":\"status\",\"name\":\"auto_sync\"}\n").unwrap();
+    w.write_all(b"{\"type\":\"status\",\"name\":\"auto_sync\"}\n")
+        .unwrap();
     let v = read_json(&mut r);
     assert_eq!(v["type"], "status");
     assert_eq!(v["daemons"][0]["state"], "RUNNING");
@@ -282,12 +408,17 @@ fn bad_frames_get_typed_errors_and_the_supervisor_keeps_running() {
     assert_eq!(read_json(&mut r)["type"], "error");
 
     assert_eq!(root.state("auto_sync"), "RUNNING");
-    assert!(root.master_log().contains("malformed frame"), "bad frames are logged");
+    assert!(
+        root.master_log().contains("malformed frame"),
+        "bad frames are logged"
+    );
 }
 
 #[test]
 fn external_program_is_supervised_as_a_plain_process() {
-    let root = Root::with_config("daemons:\n  sleeper:\n    command: [\"sleep\", \"1000\"]\n    grace_period: 5\n");
+    let root = Root::with_config(
+        "daemons:\n  sleeper:\n    command: [\"sleep\", \"1000\"]\n    grace_period: 5\n",
+    );
     root.ok(&["start", "sleeper"]);
     let d = root.daemon("sleeper");
     assert_eq!(d["state"], "RUNNING");
@@ -313,22 +444,58 @@ fn profiles_start_their_members_and_status_json_has_the_documented_fields() {
         assert!(status["supervisor"].get(key).is_some(), "supervisor.{key}");
     }
     let d = root.daemon("auto_sync");
-    for key in ["name", "state", "enabled", "kind", "pid", "uptime_secs", "restarts", "health", "heartbeat_age_secs", "progress", "depends_on", "last_exit", "reason"] {
+    for key in [
+        "name",
+        "state",
+        "enabled",
+        "kind",
+        "pid",
+        "uptime_secs",
+        "restarts",
+        "health",
+        "heartbeat_age_secs",
+        "progress",
+        "depends_on",
+        "last_exit",
+        "reason",
+    ] {
         assert!(d.get(key).is_some(), "daemons[].{key} in {d:#}");
     }
-    assert!(d["health"]["message"].as_str().unwrap().contains("not implemented"), "{d:#}");
+    assert!(
+        d["health"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not implemented"),
+        "{d:#}"
+    );
     let one = root.ok(&["status", "auto_sync"]);
-    assert!(one.contains("auto_sync") && !one.contains("job_reaper"), "{one}");
+    assert!(
+        one.contains("auto_sync") && !one.contains("job_reaper"),
+        "{one}"
+    );
     let table = root.ok(&["status"]);
-    assert!(table.contains("NAME") && table.contains("RESTARTS") && table.contains("HEALTH"), "{table}");
+    assert!(
+        table.contains("NAME") && table.contains("RESTARTS") && table.contains("HEALTH"),
+        "{table}"
+    );
 }
 
 #[test]
 fn foreground_supervisor_stops_everything_in_reverse_order_on_ctrl_c() {
     let root = Root::new();
-    let mut child = root.cmd(&["start", "--all", "--foreground"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    assert!(wait_until(T, || root.path().join("run/supervisor.sock").exists() && root.run(&["status", "--json"]).status.success()
-        && in_state(&root.status(), "RUNNING").len() == 13), "{}", root.master_log());
+    let mut child = root
+        .cmd(&["start", "--all", "--foreground"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(T, || root.path().join("run/supervisor.sock").exists()
+            && root.run(&["status", "--json"]).status.success()
+            && in_state(&root.status(), "RUNNING").len() == 13),
+        "{}",
+        root.master_log()
+    );
     let daemons = pids(&root.status());
     signal(child.id(), SIGINT);
     let status = child.wait().unwrap();
@@ -337,6 +504,14 @@ fn foreground_supervisor_stops_everything_in_reverse_order_on_ctrl_c() {
         assert!(!alive(pid), "{name} stopped");
     }
     let log = root.master_log();
-    assert!(line_of(&log, "auto_promotion: SHUTTING_DOWN → STOPPED") < line_of(&log, "evaluation: RUNNING → SHUTTING_DOWN"), "{log}");
-    assert!(line_of(&log, "evaluation: SHUTTING_DOWN → STOPPED") < line_of(&log, "training_trigger: RUNNING → SHUTTING_DOWN"), "{log}");
+    assert!(
+        line_of(&log, "auto_promotion: SHUTTING_DOWN → STOPPED")
+            < line_of(&log, "evaluation: RUNNING → SHUTTING_DOWN"),
+        "{log}"
+    );
+    assert!(
+        line_of(&log, "evaluation: SHUTTING_DOWN → STOPPED")
+            < line_of(&log, "training_trigger: RUNNING → SHUTTING_DOWN"),
+        "{log}"
+    );
 }

@@ -19,7 +19,12 @@ pub struct Root {
 
 impl Root {
     pub fn new() -> Root {
-        Root { dir: tempfile::Builder::new().prefix("rr-").tempdir().expect("temp dir") }
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("rr-")
+                .tempdir()
+                .expect("temp dir"),
+        }
     }
 
     /// A root with this configuration in config/unified_loop.yaml.
@@ -41,7 +46,10 @@ impl Root {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(SUPERVISOR);
-        c.args(args).current_dir(self.path()).env("RINGRIFT_ROOT", self.path()).env_remove("RINGRIFT_CONFIG");
+        c.args(args)
+            .current_dir(self.path())
+            .env("RINGRIFT_ROOT", self.path())
+            .env_remove("RINGRIFT_CONFIG");
         c
     }
 
@@ -72,7 +80,13 @@ impl Root {
 
     pub fn daemon(&self, name: &str) -> Value {
         let s = self.status();
-        s["daemons"].as_array().unwrap().iter().find(|d| d["name"] == name).cloned().unwrap_or_else(|| panic!("no daemon {name} in status"))
+        s["daemons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no daemon {name} in status"))
     }
 
     pub fn state(&self, name: &str) -> String {
@@ -90,7 +104,11 @@ impl Root {
             last = self.daemon(name);
             last["state"] == state
         });
-        assert!(found, "{name} did not reach {state} within {within:?}; last status: {last:#}\nmaster log:\n{}", self.master_log());
+        assert!(
+            found,
+            "{name} did not reach {state} within {within:?}; last status: {last:#}\nmaster log:\n{}",
+            self.master_log()
+        );
         last
     }
 
@@ -103,7 +121,9 @@ impl Root {
     }
 
     pub fn supervisor_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.path().join("run/supervisor.pid")).ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string(self.path().join("run/supervisor.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     }
 }
 
@@ -186,7 +206,13 @@ pub fn stderr(o: &Output) -> String {
 
 /// Names of daemons in a status report that are in `state`.
 pub fn in_state(status: &Value, state: &str) -> Vec<String> {
-    status["daemons"].as_array().unwrap().iter().filter(|d| d["state"] == state).map(|d| d["name"].as_str().unwrap().to_string()).collect()
+    status["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == state)
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Pids of every daemon that has one.
@@ -195,6 +221,10 @@ pub fn pids(status: &Value) -> std::collections::BTreeMap<String, u32> {
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|d| d["pid"].as_u64().map(|p| (d["name"].as_str().unwrap().to_string(), p as u32)))
+        .filter_map(|d| {
+            d["pid"]
+                .as_u64()
+                .map(|p| (d["name"].as_str().unwrap().to_string(), p as u32))
+        })
         .collect()
 }

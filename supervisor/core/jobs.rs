@@ -1,0 +1,278 @@
+//! Jobs: commands a daemon asks the supervisor to run (`spawn_job`). The supervisor owns them like
+//! daemons — own process group, parent-death signal, output in logs/jobs/<id>.log — stops them at
+//! their maximum runtime, and tells the daemon how they ended.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use ringrift::protocol::{self, FromSupervisor, JobStatus};
+
+use super::{Core, Msg};
+use crate::logwriter::{self, RotatingFile};
+use crate::unix::{self, SpawnSpec};
+
+pub(crate) struct Job {
+    pub id: String,
+    pub daemon: String,
+    pub request_id: u64,
+    pub pid: u32,
+    pub command: Vec<String>,
+    pub started: Instant,
+    pub max_runtime: Duration,
+    pub grace: Duration,
+    pub timed_out: bool,
+    /// The leader exited; SIGKILL went to the rest of the group, waiting for it to empty.
+    pub exited: Option<(bool, Option<i32>, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobTimer {
+    Deadline,
+    Grace,
+    DrainCheck,
+}
+
+impl Core {
+    pub(super) fn spawn_job(
+        &mut self,
+        daemon: &str,
+        request_id: u64,
+        command: Vec<String>,
+        max_runtime_secs: f64,
+        env: std::collections::BTreeMap<String, String>,
+    ) {
+        let reply = |core: &Core, frame: FromSupervisor| {
+            if let Some((_, tx)) = core.daemons.get(daemon).and_then(|d| d.conn.as_ref()) {
+                let _ = tx.send(frame);
+            }
+        };
+        let refuse = |core: &Core, why: String| {
+            core.log.warn(&format!("{daemon}: job refused: {why}"));
+            reply(
+                core,
+                FromSupervisor::JobExit {
+                    request_id,
+                    job_id: String::new(),
+                    success: false,
+                    code: None,
+                    exit: why,
+                    timed_out: false,
+                    runtime_secs: 0.0,
+                },
+            );
+        };
+        if command.is_empty() {
+            return refuse(self, "the job's command is empty".into());
+        }
+        if !(max_runtime_secs.is_finite() && max_runtime_secs > 0.0) {
+            return refuse(
+                self,
+                format!("max_runtime_secs must be positive, got {max_runtime_secs}"),
+            );
+        }
+        self.job_seq += 1;
+        let id = format!(
+            "{daemon}-{}-{:04}",
+            ringrift::timefmt::unix_now().0,
+            self.job_seq
+        );
+        let log_path: PathBuf = self.paths.logs_dir.join("jobs").join(format!("{id}.log"));
+        let log = match RotatingFile::open(
+            &log_path,
+            self.config.logs.max_bytes,
+            self.config.logs.max_files,
+        ) {
+            Ok(f) => Arc::new(Mutex::new(f)),
+            Err(e) => return refuse(self, format!("cannot open {}: {e}", log_path.display())),
+        };
+        let max_runtime = Duration::from_secs_f64(max_runtime_secs.min(30.0 * 86_400.0));
+        let deadline_unix =
+            ringrift::timefmt::unix_now().0 + max_runtime.as_secs_f64().ceil() as u64;
+        let mut spawn_env = self.tree_env();
+        spawn_env.push((protocol::DAEMON_ENV.into(), daemon.to_string()));
+        spawn_env.push((protocol::JOB_ID_ENV.into(), id.clone()));
+        spawn_env.push((protocol::JOB_DEADLINE_ENV.into(), deadline_unix.to_string()));
+        spawn_env.extend(env);
+        let program = PathBuf::from(&command[0]);
+        let root = self.paths.root.clone();
+        let spec = SpawnSpec {
+            program: &program,
+            args: &command[1..],
+            cwd: &root,
+            env: spawn_env,
+        };
+        let mut child = match unix::spawn(&spec) {
+            Ok(c) => c,
+            Err(e) => return refuse(self, format!("cannot spawn {}: {e}", program.display())),
+        };
+        let pid = child.id().expect("a just-spawned child has a pid");
+        self.owned.insert(pid);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(logwriter::pump(out, logwriter::Stream::Out, log.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(logwriter::pump(err, logwriter::Stream::Err, log));
+        }
+        let (tx, owned, job_id) = (self.tx.clone(), self.owned.clone(), id.clone());
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            owned.remove(pid);
+            let _ = tx.send(Msg::JobExited { job_id, status });
+        });
+        self.log.info(&format!(
+            "{daemon}: job {id} started: pid {pid}, max runtime {max_runtime:?}: {}",
+            command.join(" ")
+        ));
+        let grace = self
+            .daemons
+            .get(daemon)
+            .map(|d| d.cfg.grace_period)
+            .unwrap_or(Duration::from_secs(10));
+        self.record_processes_later();
+        self.jobs.insert(
+            id.clone(),
+            Job {
+                id: id.clone(),
+                daemon: daemon.to_string(),
+                request_id,
+                pid,
+                command,
+                started: Instant::now(),
+                max_runtime,
+                grace,
+                timed_out: false,
+                exited: None,
+            },
+        );
+        self.job_timer(&id, JobTimer::Deadline, max_runtime);
+        reply(
+            self,
+            FromSupervisor::JobStarted {
+                request_id,
+                job_id: id,
+                pid,
+            },
+        );
+    }
+
+    fn job_timer(&self, id: &str, kind: JobTimer, after: Duration) {
+        let (tx, job_id) = (self.tx.clone(), id.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(Msg::JobTimer { job_id, kind });
+        });
+    }
+
+    pub(super) fn on_job_timer(&mut self, id: &str, kind: JobTimer) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        match kind {
+            JobTimer::Deadline if job.exited.is_none() => {
+                job.timed_out = true;
+                self.log.warn(&format!(
+                    "job {id}: over its max runtime of {:?}: SIGTERM to process group {}, SIGKILL in {:?}",
+                    job.max_runtime, job.pid, job.grace
+                ));
+                unix::signal_group(job.pid, Signal::SIGTERM);
+                let grace = job.grace;
+                self.job_timer(id, JobTimer::Grace, grace);
+            }
+            JobTimer::Deadline => {}
+            JobTimer::Grace => {
+                if unix::group_alive(job.pid) {
+                    self.log.warn(&format!("job {id}: still running after the grace period: SIGKILL to process group {}", job.pid));
+                    unix::signal_group(job.pid, Signal::SIGKILL);
+                }
+            }
+            JobTimer::DrainCheck => self.check_job_drained(id),
+        }
+    }
+
+    /// Stops a job now (SIGTERM, then SIGKILL after its grace period).
+    pub(super) fn stop_job(&mut self, id: &str) {
+        let Some(job) = self.jobs.get(id) else { return };
+        if job.exited.is_none() {
+            unix::signal_group(job.pid, Signal::SIGTERM);
+            let grace = job.grace;
+            self.job_timer(id, JobTimer::Grace, grace);
+        }
+    }
+
+    pub(super) fn on_job_exited(
+        &mut self,
+        id: &str,
+        status: std::io::Result<std::process::ExitStatus>,
+    ) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let (success, code, exit) = match &status {
+            Ok(s) => (
+                s.success() && !job.timed_out,
+                s.code(),
+                unix::describe_exit(s),
+            ),
+            Err(e) => (false, None, format!("wait failed: {e}")),
+        };
+        job.exited = Some((success, code, exit));
+        // Whatever the job left in its group goes with it.
+        if unix::group_alive(job.pid) {
+            unix::signal_group(job.pid, Signal::SIGKILL);
+        }
+        self.check_job_drained(id);
+    }
+
+    fn check_job_drained(&mut self, id: &str) {
+        let Some(job) = self.jobs.get(id) else { return };
+        if job.exited.is_none() {
+            return;
+        }
+        if unix::group_alive(job.pid) {
+            self.job_timer(id, JobTimer::DrainCheck, Duration::from_millis(20));
+            return;
+        }
+        let job = self.jobs.remove(id).expect("present");
+        let (success, code, exit) = job.exited.clone().expect("checked");
+        let runtime = job.started.elapsed();
+        let exit = if job.timed_out {
+            format!("timed out after {:?} ({exit})", job.max_runtime)
+        } else {
+            exit
+        };
+        self.log.info(&format!(
+            "{}: job {id} ended after {:.3}s: {exit}",
+            job.daemon,
+            runtime.as_secs_f64()
+        ));
+        if let Some((_, tx)) = self.daemons.get(&job.daemon).and_then(|d| d.conn.as_ref()) {
+            let _ = tx.send(FromSupervisor::JobExit {
+                request_id: job.request_id,
+                job_id: job.id.clone(),
+                success,
+                code,
+                exit,
+                timed_out: job.timed_out,
+                runtime_secs: runtime.as_secs_f64(),
+            });
+        }
+        self.record_processes_later();
+    }
+
+    pub(super) fn job_statuses(&self) -> Vec<JobStatus> {
+        self.jobs
+            .values()
+            .filter(|j| j.exited.is_none())
+            .map(|j| JobStatus {
+                id: j.id.clone(),
+                daemon: j.daemon.clone(),
+                pid: j.pid,
+                command: j.command.clone(),
+                runtime_secs: (j.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+                max_runtime_secs: j.max_runtime.as_secs_f64(),
+            })
+            .collect()
+    }
+}
