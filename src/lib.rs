@@ -8,6 +8,8 @@ pub mod catalog;
 pub mod config;
 pub mod deps;
 pub mod lifecycle;
+pub mod procfs;
 pub mod protocol;
+pub mod reaper;
 pub mod restart;
 pub mod timefmt;

@@ -1,0 +1,152 @@
+//! Reading Linux's /proc: the little the supervisor, the reaper and the status view need about a
+//! process (state, parent, group, start time, CPU time, memory, environment, command line).
+//!
+//! Parsing is separate from reading so it can be tested on fixed text.
+
+/// The fields of /proc/<pid>/stat that are used here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    pub state: char,
+    pub ppid: u32,
+    pub pgid: u32,
+    /// User + system CPU time, in clock ticks.
+    pub cpu_ticks: u64,
+    /// Clock ticks since boot: with the pid, identifies a process across pid reuse.
+    pub start_time: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
+}
+
+impl ProcStat {
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let pid = text.split_whitespace().next()?.parse().ok()?;
+    // The command name is in parentheses and may itself contain spaces or parentheses.
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+    Some(ProcStat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: num(1)? as u32,
+        pgid: num(2)? as u32,
+        cpu_ticks: num(11)? + num(12)?,
+        start_time: num(19)?,
+        rss_pages: num(21)?,
+    })
+}
+
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// `NAME=value` pairs of a NUL-separated environment block.
+pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = std::str::from_utf8(kv).ok()?;
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// The environment a process started with, if readable.
+pub fn environ(pid: u32) -> Option<Vec<(String, String)>> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .map(|b| parse_environ(&b))
+}
+
+/// The command line, arguments joined by spaces.
+pub fn cmdline(pid: u32) -> String {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let text: Vec<String> = bytes
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    text.join(" ")
+}
+
+/// Every pid in /proc.
+pub fn pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// Seconds since boot (from /proc/uptime).
+pub fn uptime_secs() -> Option<f64> {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Clock ticks per second (for start_time and cpu_ticks).
+pub fn ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// Page size in bytes (for rss_pages).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let line = "1234 (my (odd) cmd) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 1 0 98765 1000 200 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(
+            s,
+            ProcStat {
+                pid: 1234,
+                state: 'S',
+                ppid: 1,
+                pgid: 1234,
+                cpu_ticks: 8,
+                start_time: 98765,
+                rss_pages: 200
+            }
+        );
+    }
+
+    #[test]
+    fn own_stat_is_readable() {
+        let me = stat(std::process::id()).unwrap();
+        assert_eq!(me.state, 'R');
+        assert!(me.start_time > 0 && me.rss_pages > 0);
+        assert!(!cmdline(std::process::id()).is_empty());
+        assert!(environ(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn environ_blocks_split_on_nul() {
+        let env = parse_environ(b"A=1\0B=x=y\0broken\0\0");
+        assert_eq!(
+            env,
+            vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+    }
+}

@@ -1,0 +1,466 @@
+//! JOB_REAPER's decisions: which processes of this root's tree to stop, and why.
+//!
+//! A process belongs to the tree when its environment carries `RINGRIFT_ROOT=<root>` (every daemon and
+//! job the supervisor spawns does, and their children inherit it). Among those, the reaper stops:
+//! jobs past their deadline, jobs stuck without CPU time or output, and orphans left by an earlier
+//! supervisor; zombies get their parent poked. Everything else — including any process outside the
+//! tree — is left alone. Plain functions over a snapshot, so every rule is tested without processes.
+
+use std::collections::BTreeMap;
+
+/// One process of the snapshot, as the scanner saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TreeProc {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgid: u32,
+    pub state: char,
+    pub cpu_ticks: u64,
+    /// Kernel start time (ticks since boot), to recognise the same process across passes.
+    pub start_time: u64,
+    /// Seconds since the process started.
+    pub age_secs: f64,
+    pub cmd: String,
+    /// RINGRIFT_ROOT matches this root.
+    pub in_tree: bool,
+    /// RINGRIFT_SUPERVISOR_PID: the supervisor that spawned it (or its ancestor).
+    pub supervisor_pid: Option<u32>,
+    /// RINGRIFT_JOB_ID and RINGRIFT_JOB_DEADLINE (unix seconds), for job processes and their children.
+    pub job_id: Option<String>,
+    pub job_deadline: Option<u64>,
+    /// Seconds since the job last wrote output (its log file's age), when known.
+    pub output_age_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// A job with no CPU time and no output for this long is stuck.
+    pub stuck_after_secs: f64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            stuck_after_secs: 600.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    OverdueJob { job_id: String, overdue_secs: u64 },
+    Stuck { job_id: String, idle_secs: f64 },
+    Orphan { supervisor_pid: Option<u32> },
+    Zombie { parent: u32 },
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::OverdueJob {
+                job_id,
+                overdue_secs,
+            } => write!(f, "job {job_id} overdue by {overdue_secs}s"),
+            Reason::Stuck { job_id, idle_secs } => write!(
+                f,
+                "job {job_id} stuck: no CPU time and no output for {idle_secs:.0}s"
+            ),
+            Reason::Orphan {
+                supervisor_pid: Some(p),
+            } => write!(f, "orphan of an earlier supervisor (pid {p})"),
+            Reason::Orphan {
+                supervisor_pid: None,
+            } => write!(f, "orphan: no supervisor recorded"),
+            Reason::Zombie { parent } => write!(f, "zombie not reaped by its parent {parent}"),
+        }
+    }
+}
+
+impl Reason {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reason::OverdueJob { .. } => "overdue_job",
+            Reason::Stuck { .. } => "stuck",
+            Reason::Orphan { .. } => "orphan",
+            Reason::Zombie { .. } => "zombie",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// SIGTERM, grace, SIGKILL: to the whole group when `group` is set, else to the pid alone.
+    Kill { group: Option<u32> },
+    /// Send SIGCHLD to the parent so it reaps its child.
+    NotifyParent { parent: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub pid: u32,
+    pub cmd: String,
+    pub age_secs: f64,
+    pub reason: Reason,
+    pub action: Action,
+}
+
+/// CPU time seen per process across passes: (start_time, cpu_ticks, seconds when it last changed).
+#[derive(Debug, Clone, Default)]
+pub struct CpuHistory(BTreeMap<u32, (u64, u64, f64)>);
+
+impl CpuHistory {
+    /// Records this pass and returns, per pid, how long its CPU time has been flat (None: first sight).
+    fn observe(&mut self, procs: &[TreeProc], now: f64) -> BTreeMap<u32, Option<f64>> {
+        let mut flat = BTreeMap::new();
+        let mut next = BTreeMap::new();
+        for p in procs {
+            let since = match self.0.get(&p.pid) {
+                Some(&(start, ticks, since)) if start == p.start_time && ticks == p.cpu_ticks => {
+                    flat.insert(p.pid, Some(now - since));
+                    since
+                }
+                Some(&(start, _, _)) if start == p.start_time => {
+                    flat.insert(p.pid, Some(0.0));
+                    now
+                }
+                _ => {
+                    flat.insert(p.pid, None);
+                    now
+                }
+            };
+            next.insert(p.pid, (p.start_time, p.cpu_ticks, since));
+        }
+        self.0 = next;
+        flat
+    }
+}
+
+/// Decides what to do with a snapshot. `current_supervisor` is the live supervisor of this root,
+/// if any; `reaper_pid` is the process making the decision (never touched); `now_unix` and `now`
+/// are wall-clock and monotonic seconds.
+pub fn decide(
+    procs: &[TreeProc],
+    current_supervisor: Option<u32>,
+    reaper_pid: u32,
+    now_unix: u64,
+    now: f64,
+    history: &mut CpuHistory,
+    policy: &Policy,
+) -> Vec<Verdict> {
+    let tree: Vec<&TreeProc> = procs.iter().filter(|p| p.in_tree).collect();
+    let owned: Vec<TreeProc> = tree.iter().map(|p| (*p).clone()).collect();
+    let flat = history.observe(&owned, now);
+    let mut verdicts = Vec::new();
+    for p in &tree {
+        if p.pid == reaper_pid || Some(p.pid) == current_supervisor {
+            continue;
+        }
+        if p.state == 'Z' || p.state == 'X' {
+            if Some(p.ppid) != current_supervisor {
+                verdicts.push(verdict(
+                    p,
+                    Reason::Zombie { parent: p.ppid },
+                    Action::NotifyParent { parent: p.ppid },
+                ));
+            }
+            continue;
+        }
+        let reason = if p.supervisor_pid.is_none() || p.supervisor_pid != current_supervisor {
+            Some(Reason::Orphan {
+                supervisor_pid: p.supervisor_pid,
+            })
+        } else if let (Some(job), Some(deadline)) = (&p.job_id, p.job_deadline)
+            && now_unix > deadline
+        {
+            Some(Reason::OverdueJob {
+                job_id: job.clone(),
+                overdue_secs: now_unix - deadline,
+            })
+        } else if let Some(job) = &p.job_id {
+            // Idle for how long: CPU flat across passes, or no CPU at all since start on the first look.
+            let idle = match flat.get(&p.pid).copied().flatten() {
+                Some(secs) => Some(secs),
+                None if p.cpu_ticks == 0 => Some(p.age_secs),
+                None => None,
+            };
+            let quiet = p.output_age_secs.unwrap_or(p.age_secs);
+            match idle {
+                Some(idle)
+                    if idle >= policy.stuck_after_secs && quiet >= policy.stuck_after_secs =>
+                {
+                    Some(Reason::Stuck {
+                        job_id: job.clone(),
+                        idle_secs: idle.min(quiet),
+                    })
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let group = safe_group(p, procs, current_supervisor, reaper_pid);
+            verdicts.push(verdict(p, reason, Action::Kill { group }));
+        }
+    }
+    verdicts
+}
+
+fn verdict(p: &TreeProc, reason: Reason, action: Action) -> Verdict {
+    Verdict {
+        pid: p.pid,
+        cmd: p.cmd.clone(),
+        age_secs: p.age_secs,
+        reason,
+        action,
+    }
+}
+
+/// The process group may be killed as a whole only when every member is of the same kind as the
+/// target (same job, or same dead supervisor) and none is the supervisor or the reaper.
+fn safe_group(
+    target: &TreeProc,
+    all: &[TreeProc],
+    current_supervisor: Option<u32>,
+    reaper_pid: u32,
+) -> Option<u32> {
+    if target.pgid == 0 || target.pgid == 1 {
+        return None;
+    }
+    let members: Vec<&TreeProc> = all.iter().filter(|p| p.pgid == target.pgid).collect();
+    let same_kind = members.iter().all(|m| {
+        m.in_tree
+            && m.pid != reaper_pid
+            && Some(m.pid) != current_supervisor
+            && m.supervisor_pid == target.supervisor_pid
+            && m.job_id == target.job_id
+    });
+    same_kind.then_some(target.pgid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUP: u32 = 100;
+    const REAPER: u32 = 150;
+
+    fn proc(pid: u32) -> TreeProc {
+        TreeProc {
+            pid,
+            ppid: SUP,
+            pgid: pid,
+            state: 'S',
+            cpu_ticks: 5,
+            start_time: 1000 + pid as u64,
+            age_secs: 30.0,
+            cmd: format!("cmd{pid}"),
+            in_tree: true,
+            supervisor_pid: Some(SUP),
+            job_id: None,
+            job_deadline: None,
+            output_age_secs: None,
+        }
+    }
+
+    fn job(pid: u32, deadline: u64) -> TreeProc {
+        TreeProc {
+            job_id: Some(format!("j{pid}")),
+            job_deadline: Some(deadline),
+            ..proc(pid)
+        }
+    }
+
+    fn run(procs: &[TreeProc]) -> Vec<Verdict> {
+        decide(
+            procs,
+            Some(SUP),
+            REAPER,
+            10_000,
+            0.0,
+            &mut CpuHistory::default(),
+            &Policy {
+                stuck_after_secs: 60.0,
+            },
+        )
+    }
+
+    #[test]
+    fn healthy_daemons_and_jobs_are_left_alone() {
+        assert!(run(&[proc(200), job(201, 20_000)]).is_empty());
+    }
+
+    #[test]
+    fn processes_outside_the_tree_are_never_touched() {
+        let stranger = TreeProc {
+            in_tree: false,
+            supervisor_pid: Some(7),
+            ..proc(300)
+        };
+        let overdue_stranger = TreeProc {
+            in_tree: false,
+            ..job(301, 1)
+        };
+        assert!(run(&[stranger, overdue_stranger]).is_empty());
+    }
+
+    #[test]
+    fn the_supervisor_and_the_reaper_are_never_touched() {
+        let sup = TreeProc {
+            pid: SUP,
+            supervisor_pid: None,
+            ..proc(SUP)
+        };
+        let me = TreeProc {
+            pid: REAPER,
+            supervisor_pid: Some(1),
+            ..proc(REAPER)
+        };
+        assert!(run(&[sup, me]).is_empty());
+    }
+
+    #[test]
+    fn overdue_job_is_killed_with_its_group() {
+        let leader = job(400, 9_000);
+        let child = TreeProc {
+            pid: 401,
+            ppid: 400,
+            pgid: 400,
+            ..job(400, 9_000)
+        };
+        let child = TreeProc { pid: 401, ..child };
+        let v = run(&[leader, child]);
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            v[0].reason,
+            Reason::OverdueJob {
+                job_id: "j400".into(),
+                overdue_secs: 1000
+            }
+        );
+        assert_eq!(v[0].action, Action::Kill { group: Some(400) });
+    }
+
+    #[test]
+    fn orphans_of_an_earlier_supervisor_are_killed() {
+        let orphan = TreeProc {
+            supervisor_pid: Some(55),
+            ppid: 1,
+            ..proc(500)
+        };
+        let v = run(&[orphan]);
+        assert_eq!(
+            v[0].reason,
+            Reason::Orphan {
+                supervisor_pid: Some(55)
+            }
+        );
+        assert!(v[0].reason.to_string().contains("earlier supervisor"));
+        // Without a live supervisor, every tree process is an orphan.
+        let v = decide(
+            &[proc(501)],
+            None,
+            REAPER,
+            0,
+            0.0,
+            &mut CpuHistory::default(),
+            &Policy::default(),
+        );
+        assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn a_group_shared_with_a_live_daemon_is_not_killed_whole() {
+        let daemon = proc(600);
+        let orphan_in_its_group = TreeProc {
+            pid: 601,
+            pgid: 600,
+            supervisor_pid: Some(55),
+            ..proc(601)
+        };
+        let v = run(&[daemon, orphan_in_its_group]);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].pid, 601);
+        assert_eq!(v[0].action, Action::Kill { group: None });
+    }
+
+    #[test]
+    fn stuck_job_needs_flat_cpu_and_no_output() {
+        let mut h = CpuHistory::default();
+        let p = Policy {
+            stuck_after_secs: 60.0,
+        };
+        let j = TreeProc {
+            output_age_secs: Some(1000.0),
+            ..job(700, 99_999)
+        };
+        assert!(
+            decide(&[j.clone()], Some(SUP), REAPER, 0, 0.0, &mut h, &p).is_empty(),
+            "first sight with CPU used"
+        );
+        assert!(
+            decide(&[j.clone()], Some(SUP), REAPER, 0, 30.0, &mut h, &p).is_empty(),
+            "flat for 30 s only"
+        );
+        let v = decide(&[j.clone()], Some(SUP), REAPER, 0, 61.0, &mut h, &p);
+        assert!(matches!(v[0].reason, Reason::Stuck { .. }), "{v:?}");
+        // CPU moved: not stuck.
+        let busy = TreeProc {
+            cpu_ticks: 99,
+            ..j.clone()
+        };
+        assert!(decide(&[busy], Some(SUP), REAPER, 0, 62.0, &mut h, &p).is_empty());
+        // Writing output: not stuck even with flat CPU.
+        let mut h = CpuHistory::default();
+        let talking = TreeProc {
+            output_age_secs: Some(1.0),
+            cpu_ticks: 0,
+            age_secs: 1000.0,
+            ..job(701, 99_999)
+        };
+        assert!(decide(&[talking], Some(SUP), REAPER, 0, 0.0, &mut h, &p).is_empty());
+    }
+
+    #[test]
+    fn a_job_that_never_used_cpu_is_stuck_on_first_sight() {
+        let j = TreeProc {
+            cpu_ticks: 0,
+            age_secs: 120.0,
+            ..job(800, 99_999)
+        };
+        let v = run(&[j]);
+        assert!(matches!(v[0].reason, Reason::Stuck { .. }));
+    }
+
+    #[test]
+    fn zombies_get_their_parent_notified_unless_the_supervisor_reaps_them() {
+        let z = TreeProc {
+            state: 'Z',
+            ppid: 900,
+            ..proc(901)
+        };
+        let v = run(&[z]);
+        assert_eq!(v[0].action, Action::NotifyParent { parent: 900 });
+        let ours = TreeProc {
+            state: 'Z',
+            ppid: SUP,
+            ..proc(902)
+        };
+        assert!(run(&[ours]).is_empty());
+    }
+
+    #[test]
+    fn a_reused_pid_starts_a_fresh_cpu_history() {
+        let mut h = CpuHistory::default();
+        let p = Policy {
+            stuck_after_secs: 60.0,
+        };
+        let j = TreeProc {
+            output_age_secs: Some(1000.0),
+            ..job(1000, 99_999)
+        };
+        decide(&[j.clone()], Some(SUP), REAPER, 0, 0.0, &mut h, &p);
+        let reused = TreeProc { start_time: 5, ..j };
+        assert!(decide(&[reused], Some(SUP), REAPER, 0, 100.0, &mut h, &p).is_empty());
+    }
+}
