@@ -151,7 +151,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Queue,
         &[],
         true,
-        &[],
+        &["stuck_after", "reap_grace", "dry_run"],
     ),
 ];
 

@@ -395,14 +395,40 @@ mod tests {
             ..job(700, 99_999)
         };
         assert!(
-            decide(&[j.clone()], Some(SUP), REAPER, 0, 0.0, &mut h, &p).is_empty(),
+            decide(
+                std::slice::from_ref(&j),
+                Some(SUP),
+                REAPER,
+                0,
+                0.0,
+                &mut h,
+                &p
+            )
+            .is_empty(),
             "first sight with CPU used"
         );
         assert!(
-            decide(&[j.clone()], Some(SUP), REAPER, 0, 30.0, &mut h, &p).is_empty(),
+            decide(
+                std::slice::from_ref(&j),
+                Some(SUP),
+                REAPER,
+                0,
+                30.0,
+                &mut h,
+                &p
+            )
+            .is_empty(),
             "flat for 30 s only"
         );
-        let v = decide(&[j.clone()], Some(SUP), REAPER, 0, 61.0, &mut h, &p);
+        let v = decide(
+            std::slice::from_ref(&j),
+            Some(SUP),
+            REAPER,
+            0,
+            61.0,
+            &mut h,
+            &p,
+        );
         assert!(matches!(v[0].reason, Reason::Stuck { .. }), "{v:?}");
         // CPU moved: not stuck.
         let busy = TreeProc {
@@ -459,7 +485,15 @@ mod tests {
             output_age_secs: Some(1000.0),
             ..job(1000, 99_999)
         };
-        decide(&[j.clone()], Some(SUP), REAPER, 0, 0.0, &mut h, &p);
+        decide(
+            std::slice::from_ref(&j),
+            Some(SUP),
+            REAPER,
+            0,
+            0.0,
+            &mut h,
+            &p,
+        );
         let reused = TreeProc { start_time: 5, ..j };
         assert!(decide(&[reused], Some(SUP), REAPER, 0, 100.0, &mut h, &p).is_empty());
     }

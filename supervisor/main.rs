@@ -110,6 +110,12 @@ enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// One JOB_REAPER pass now: stop overdue and stuck jobs, orphans of earlier runs, poke zombies' parents
+    Reap {
+        /// Print what would be stopped, stop nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Re-read the configuration and apply only what changed (same as SIGHUP)
     Reload,
     /// Stop every daemon, dependents first, then the supervisor
@@ -263,6 +269,41 @@ fn run(cli: Cli, paths: Paths) -> i32 {
         Command::Pause { names } => with_client(&paths, &ToSupervisor::Pause { names }, 30),
         Command::Resume { names } => with_client(&paths, &ToSupervisor::Resume { names }, 30),
         Command::Reload => with_client(&paths, &ToSupervisor::Reload, 30),
+        Command::Reap { dry_run } => {
+            let config = match load_config(&paths, config_path.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let settings = config
+                .daemons
+                .get("job_reaper")
+                .map(|d| d.settings.clone())
+                .unwrap_or_default();
+            let num = |k: &str, default: f64| {
+                settings
+                    .get(k)
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(default)
+            };
+            let mut cmd = std::process::Command::new(server::worker_binary());
+            cmd.arg("reap").arg("--root").arg(&paths.root);
+            cmd.arg("--stuck-after")
+                .arg(num("stuck_after", 600.0).to_string());
+            cmd.arg("--grace").arg(num("reap_grace", 5.0).to_string());
+            if dry_run {
+                cmd.arg("--dry-run");
+            }
+            match cmd.status() {
+                Ok(s) => s.code().unwrap_or(EXIT_FAILED),
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot run {}: {e}",
+                        server::worker_binary().display()
+                    );
+                    EXIT_FAILED
+                }
+            }
+        }
         Command::Shutdown { timeout } => with_client(&paths, &ToSupervisor::Shutdown, timeout),
         Command::Status { name, json } => {
             let mut client = match cli::connect_or_explain(&paths) {

@@ -177,7 +177,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
 }
 
 /// `ringrift-worker` beside this executable, unless RINGRIFT_WORKER_BIN says otherwise.
-fn worker_binary() -> PathBuf {
+pub(crate) fn worker_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("RINGRIFT_WORKER_BIN") {
         return PathBuf::from(p);
     }

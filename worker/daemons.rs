@@ -124,9 +124,13 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "job_reaper",
         purpose: "kill stuck processes",
-        build: not_yet_built,
+        build: job_reaper,
     },
 ];
+
+fn job_reaper(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
+    Box::new(crate::reaper::JobReaperDaemon::default())
+}
 
 /// Every daemon name the worker can run, in catalog order.
 pub(crate) fn names() -> impl Iterator<Item = &'static str> {

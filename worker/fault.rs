@@ -25,7 +25,7 @@ use crate::runtime::{self, Quirks, Settings};
 /// Length of every `--flood` line, newline included.
 const FLOOD_LINE_BYTES: usize = 100;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub(crate) struct FaultArgs {
     /// Exit with status 1 N milliseconds after the process started
     #[arg(long, value_name = "N")]
@@ -63,6 +63,14 @@ pub(crate) struct FaultArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) print_every_ms: Option<u64>,
 
+    /// Once RUNNING, ask the supervisor to run this shell command as a job (`sh -c CMD`)
+    #[arg(long, value_name = "CMD")]
+    pub(crate) job: Option<String>,
+
+    /// Maximum runtime of the --job, in seconds [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub(crate) job_max_runtime: Option<f64>,
+
     /// Do not connect to the supervisor: a plain process that sleeps until SIGTERM (exit 0)
     #[arg(long)]
     pub(crate) no_protocol: bool,
@@ -75,6 +83,12 @@ impl FaultArgs {
             frozen_progress: self.no_progress,
             ignore_shutdown: self.ignore_sigterm,
             malformed_frames: self.malformed,
+            job: self.job.as_ref().map(|cmd| {
+                (
+                    vec!["sh".to_string(), "-c".to_string(), cmd.clone()],
+                    self.job_max_runtime.unwrap_or(60.0),
+                )
+            }),
         }
     }
 }
@@ -103,11 +117,11 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if let Some(lines) = args.flood {
-        if let Err(e) = flood(lines) {
-            eprintln!("fault: flood failed: {e}");
-            return ExitCode::FAILURE;
-        }
+    if let Some(lines) = args.flood
+        && let Err(e) = flood(lines)
+    {
+        eprintln!("fault: flood failed: {e}");
+        return ExitCode::FAILURE;
     }
 
     let target = if args.no_protocol {
@@ -325,6 +339,7 @@ mod tests {
                 frozen_progress: true,
                 ignore_shutdown: true,
                 malformed_frames: true,
+                job: None,
             }
         );
         assert_eq!(FaultArgs::default().quirks(), Quirks::default());

@@ -6,6 +6,7 @@
 
 mod daemons;
 mod fault;
+mod reaper;
 mod runtime;
 
 use std::path::PathBuf;
@@ -52,12 +53,15 @@ struct Cli {
 enum Command {
     /// Run the fault-injection worker (integration tests only)
     Fault(fault::FaultArgs),
+    /// One JOB_REAPER pass over a root's process tree now (what `ringrift-supervisor reap` runs)
+    Reap(reaper::ReapArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.daemon) {
         (Some(Command::Fault(args)), _) => fault::main(args),
+        (Some(Command::Reap(args)), _) => reaper::main(args),
         (None, Some(daemon)) => run_daemon(&daemon),
         // clap requires one of the two.
         (None, None) => {
@@ -174,6 +178,13 @@ mod tests {
     #[test]
     fn a_daemon_name_and_the_fault_subcommand_do_not_mix() {
         assert!(parse(&["auto_sync", "fault"]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_daemon() {
+        for name in daemons::names() {
+            assert!(AFTER_HELP.contains(name), "{name} missing from --help");
+        }
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn seconds(config: Option<&Value>, key: &str, default: f64) -> anyhow::Result<(f
 }
 
 /// Deliberate misbehaviour, for the fault-injection worker. The default is a well-behaved worker.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Quirks {
     /// Send the first heartbeat after RUNNING, then no more.
     pub(crate) hang: bool,
@@ -85,6 +85,8 @@ pub(crate) struct Quirks {
     pub(crate) ignore_shutdown: bool,
     /// Right after `welcome`, send frames the supervisor must refuse.
     pub(crate) malformed_frames: bool,
+    /// Once RUNNING, ask the supervisor to run this command as a job with this maximum runtime.
+    pub(crate) job: Option<(Vec<String>, f64)>,
 }
 
 /// What the reader task hands the main loop.
@@ -356,6 +358,15 @@ async fn serve(
         Err(e) => return Err(Gone(format!("start-up failed: {e:#}"))),
     };
     session.state(ReportedState::Running, None).await?;
+    if let Some((command, max_runtime_secs)) = session.quirks.job.clone() {
+        let request = ToSupervisor::SpawnJob {
+            request_id: 1,
+            command,
+            max_runtime_secs,
+            env: BTreeMap::new(),
+        };
+        session.send(&request).await?;
+    }
 
     let frozen = session.quirks.frozen_progress.then(|| progress(&report, 0));
     let mut cycles: u64 = 0;
@@ -398,7 +409,7 @@ async fn serve(
             _ = cycle_timer.tick(), if may_start => {
                 in_flight = Some(launch(&mut idle, cycles + 1));
             }
-            (daemon, cycle_report) = async { in_flight.as_mut().expect("guarded by is_some").await },
+            (daemon, cycle_report) = async { in_flight.as_mut().expect("guarded").await },
                 if in_flight.is_some() =>
             {
                 in_flight = None;
@@ -430,10 +441,18 @@ async fn serve(
                     FromSupervisor::Error { code, message } => {
                         eprintln!("{name}: the supervisor reported an error ({code:?}): {message}");
                     }
+                    FromSupervisor::JobStarted { request_id, job_id, pid } => {
+                        println!("{name}: job {job_id} started (request {request_id}, pid {pid})");
+                    }
+                    FromSupervisor::JobExit { request_id, job_id, exit, timed_out, runtime_secs, .. } => {
+                        println!("{name}: job {job_id} ended (request {request_id}): {exit}; timed out: {timed_out}; ran {runtime_secs:.3}s");
+                    }
                     FromSupervisor::Pause | FromSupervisor::Resume | FromSupervisor::RunNow => {}
                     other => eprintln!("{name}: ignoring unexpected frame {other:?}"),
                 },
-                Some(Incoming::Bad(e)) => eprintln!("{name}: ignoring bad frame from the supervisor: {e}"),
+                Some(Incoming::Bad(e)) => {
+                    eprintln!("{name}: ignoring bad frame from the supervisor: {e}");
+                }
                 Some(Incoming::Closed(_)) | None if session.stopping => {
                     link_open = false;
                     session.closed = true;

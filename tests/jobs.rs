@@ -1,0 +1,228 @@
+//! Issue 3: jobs owned by the supervisor, JOB_REAPER (the `reap` command and the daemon), and the
+//! second-Ctrl-C escalation.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn jobber(job: &str, max_runtime: &str, extra: &str) -> String {
+    format!(
+        "defaults:\n  heartbeat_interval: 0.2\ndaemons:\n  jobber:\n    command: [\"{WORKER}\", \"fault\", \"--job\", \"{job}\", \"--job-max-runtime\", \"{max_runtime}\"]\n    protocol: true\n{extra}"
+    )
+}
+
+/// A process this test starts and must clean up, whatever happens.
+struct Planted(Child);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn plant(env: &[(&str, &str)]) -> Planted {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("sleep");
+    c.arg("1000")
+        .env_remove("RINGRIFT_ROOT")
+        .env_remove("RINGRIFT_SUPERVISOR_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Planted(c.spawn().unwrap())
+}
+
+#[test]
+fn a_job_runs_in_its_own_group_logs_its_output_and_its_exit_reaches_the_daemon() {
+    let root = Root::with_config(&jobber(
+        "echo hello from the job; sleep 1; exit 3",
+        "30",
+        "",
+    ));
+    root.ok(&["start", "jobber"]);
+    let mut status = serde_json::Value::Null;
+    assert!(wait_until(T, || {
+        status = root.status();
+        !status["jobs"].as_array().unwrap().is_empty()
+    }));
+    let job = &status["jobs"][0];
+    assert_eq!(job["daemon"], "jobber");
+    let pid = job["pid"].as_u64().unwrap() as u32;
+    assert_eq!(
+        ppid(pid),
+        status["supervisor"]["pid"].as_u64().map(|p| p as u32),
+        "the supervisor owns the job"
+    );
+    let id = job["id"].as_str().unwrap().to_string();
+    let daemon_log = root.log_path("jobber");
+    assert!(wait_until(T, || std::fs::read_to_string(&daemon_log)
+        .unwrap_or_default()
+        .contains(&format!("job {id} ended"))));
+    let text = std::fs::read_to_string(&daemon_log).unwrap();
+    assert!(text.contains("exit 3; timed out: false"), "{text}");
+    let job_log = std::fs::read_to_string(root.path().join(format!("logs/jobs/{id}.log"))).unwrap();
+    assert!(job_log.contains("[out] hello from the job"), "{job_log}");
+    assert!(
+        root.status()["jobs"].as_array().unwrap().is_empty(),
+        "finished jobs leave the list"
+    );
+}
+
+#[test]
+fn a_job_past_its_maximum_runtime_is_stopped() {
+    let root = Root::with_config(&jobber("sleep 100", "0.3", ""));
+    root.ok(&["start", "jobber"]);
+    let log = root.log_path("jobber");
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("timed out: true")),
+        "{}",
+        root.master_log()
+    );
+    assert!(root.master_log().contains("over its max runtime"));
+}
+
+#[test]
+fn reap_lists_then_kills_an_overdue_job_and_a_planted_orphan_but_nothing_outside_the_tree() {
+    // The job ignores SIGTERM and its daemon's grace is long, so it stays overdue until reaped.
+    let root = Root::with_config(&format!(
+        "{}    grace_period: 600\n  job_reaper:\n    reap_grace: 0.5\n",
+        jobber("trap '' TERM; sleep 1000", "0.3", "")
+    ));
+    root.ok(&["start", "jobber"]);
+    let root_text = root.path().display().to_string();
+    let orphan = plant(&[
+        ("RINGRIFT_ROOT", &root_text),
+        ("RINGRIFT_SUPERVISOR_PID", "999999"),
+    ]);
+    let outsider = plant(&[]);
+    let lookalike = plant(&[("RINGRIFT_ROOT", &root_text)]);
+    let (orphan_pid, outsider_pid, lookalike_pid) =
+        (orphan.0.id(), outsider.0.id(), lookalike.0.id());
+
+    let mut dry = String::new();
+    assert!(
+        wait_until(T, || {
+            dry = root.ok(&["reap", "--dry-run"]);
+            dry.contains("overdue")
+        }),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!("would kill pid {orphan_pid}"))
+            && dry.contains("orphan of an earlier supervisor (pid 999999)"),
+        "{dry}"
+    );
+    assert!(
+        !dry.contains(&outsider_pid.to_string()) && !dry.contains(&format!("pid {lookalike_pid}")),
+        "{dry}"
+    );
+    let job_pid = root.status()["jobs"][0]["pid"].as_u64().unwrap() as u32;
+    assert!(
+        alive(orphan_pid) && alive(job_pid),
+        "a dry run kills nothing"
+    );
+
+    let out = root.ok(&["reap"]);
+    assert!(out.contains(&format!("killed pid {orphan_pid}")), "{out}");
+    assert!(out.contains(&format!("killed pid {job_pid}")), "{out}");
+    assert!(wait_until(T, || !alive(orphan_pid) && !alive(job_pid)));
+    assert!(
+        alive(outsider_pid) && alive(lookalike_pid),
+        "processes outside the tree are untouched"
+    );
+    assert_eq!(
+        root.state("jobber"),
+        "RUNNING",
+        "the daemon itself is left alone"
+    );
+    let log = root.log_path("jobber");
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ended")),
+        "the daemon hears its job ended"
+    );
+}
+
+#[test]
+fn the_job_reaper_daemon_kills_orphans_every_cycle() {
+    let root = Root::with_config(
+        "daemons:\n  job_reaper:\n    interval: 0.2\n    heartbeat_interval: 0.1\n    reap_grace: 0.5\n",
+    );
+    root.ok(&["start", "job_reaper"]);
+    let root_text = root.path().display().to_string();
+    let orphan = plant(&[
+        ("RINGRIFT_ROOT", &root_text),
+        ("RINGRIFT_SUPERVISOR_PID", "999999"),
+    ]);
+    let pid = orphan.0.id();
+    assert!(wait_until(T, || std::fs::read_to_string(
+        root.log_path("job_reaper")
+    )
+    .unwrap_or_default()
+    .contains(&format!("killed pid {pid}"))));
+    assert!(wait_until(T, || !alive(pid)));
+    let mut d = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            d = root.daemon("job_reaper");
+            d["progress"]["killed"].as_u64().unwrap_or(0) >= 1
+        }),
+        "{d:#}"
+    );
+    assert!(
+        d["health"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("last pass"),
+        "{d:#}"
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_kills_every_group_at_once() {
+    let root = Root::with_config(&format!(
+        "daemons:\n  stubborn:\n    command: [\"{WORKER}\", \"fault\", \"--ignore-sigterm\"]\n    protocol: true\n    grace_period: 600\n"
+    ));
+    let mut child = root
+        .cmd(&["start", "stubborn", "--foreground"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(T, || root.run(&["status", "--json"]).status.success()
+            && root.state("stubborn") == "RUNNING"),
+        "{}",
+        root.master_log()
+    );
+    let pid = root.pid("stubborn").unwrap();
+    signal(child.id(), SIGINT);
+    root.wait_state("stubborn", "SHUTTING_DOWN", T);
+    signal(child.id(), SIGINT);
+    let mut exited = None;
+    assert!(
+        wait_until(T, || {
+            exited = child.try_wait().unwrap();
+            exited.is_some()
+        }),
+        "the supervisor exits without waiting out the 600 s grace period"
+    );
+    assert!(wait_until(T, || !alive(pid)), "the stubborn daemon is gone");
+    assert!(
+        root.master_log().contains("second SIGINT"),
+        "{}",
+        root.master_log()
+    );
+}
