@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod config;
 pub mod deps;
+pub mod events;
 pub mod lifecycle;
 pub mod procfs;
 pub mod protocol;

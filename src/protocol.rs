@@ -86,6 +86,20 @@ pub enum ToSupervisor {
         #[serde(default)]
         progress: BTreeMap<String, u64>,
     },
+    /// Publish an event (workers and the CLI). Validated against the catalog in `ringrift::events`.
+    Emit {
+        event_type: String,
+        payload: Value,
+    },
+    /// The event types this worker wants; replaces any earlier subscription. Events not yet acked
+    /// (including those emitted while the daemon was down) are delivered again.
+    Subscribe {
+        event_types: Vec<String>,
+    },
+    /// Every event up to and including `seq` has been handled.
+    Ack {
+        seq: u64,
+    },
     /// Ask the supervisor to run a command as a job it owns (own process group, logs/jobs/<id>.log).
     SpawnJob {
         /// Chosen by the worker; echoed in `job_started` and `job_exit`.
@@ -128,6 +142,19 @@ pub enum ToSupervisor {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// The event stream (CLI): events after `since`, of `types` (all when empty); with `follow`
+    /// the connection then stays open and receives new events as they are accepted.
+    Events {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        #[serde(default)]
+        types: Vec<String>,
+        #[serde(default)]
+        follow: bool,
+        /// At most this many of the most recent matching events.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
     Reload,
     Shutdown,
 }
@@ -152,6 +179,20 @@ pub enum FromSupervisor {
     Resume,
     Shutdown,
     RunNow,
+    /// One event, to a subscribed worker (which acks it) or to a CLI reading the stream.
+    Event {
+        event: crate::events::Event,
+    },
+    /// An emit was accepted (CLI and HTTP emits).
+    Emitted {
+        seq: u64,
+        id: String,
+        event_type: String,
+    },
+    /// The end of a (non-follow) event listing.
+    EndOfEvents {
+        last_seq: u64,
+    },
     JobStarted {
         request_id: u64,
         job_id: String,
@@ -208,6 +249,19 @@ pub struct StatusReport {
     /// Jobs running now.
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
+    #[serde(default)]
+    pub events: EventsInfo,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventsInfo {
+    /// Sequence number of the newest event (0: none yet).
+    pub last_seq: u64,
+    /// Events accepted since the supervisor started.
+    pub routed: u64,
+    /// Events kept in the log and in memory for replay.
+    pub retained: u64,
+    pub log_path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +302,16 @@ pub struct DaemonStatus {
     pub last_exit: Option<String>,
     /// Why the daemon is FAILED, or why it was last restarted.
     pub reason: Option<String>,
+    /// CPU seconds and resident memory of the daemon's process.
+    #[serde(default)]
+    pub cpu_secs: Option<f64>,
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// Event types it subscribed to, and how many matching events it has not acked yet.
+    #[serde(default)]
+    pub subscriptions: Vec<String>,
+    #[serde(default)]
+    pub event_backlog: u64,
 }
 
 /// Errors reading a frame off the wire.

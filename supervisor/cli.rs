@@ -75,18 +75,21 @@ impl Client {
         }
     }
 
-    /// Sends one frame and reads one answer, waiting at most `timeout`.
-    pub(crate) fn call(
-        &mut self,
-        frame: &ToSupervisor,
-        timeout: Duration,
-    ) -> Result<FromSupervisor, String> {
+    /// Sends one frame without waiting for an answer.
+    pub(crate) fn send(&mut self, frame: &ToSupervisor) -> Result<(), String> {
         self.writer
             .write_all(&protocol::encode(frame))
-            .map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+            .map_err(|e| format!("cannot send to the supervisor: {e}"))
+    }
+
+    /// Reads the next frame, waiting at most `timeout` (forever with None).
+    pub(crate) fn next_frame(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<FromSupervisor, String> {
         self.reader
             .get_ref()
-            .set_read_timeout(Some(timeout))
+            .set_read_timeout(timeout)
             .map_err(|e| e.to_string())?;
         let mut line = Vec::new();
         match self.reader.read_until(b'\n', &mut line) {
@@ -101,11 +104,21 @@ impl Client {
             {
                 Err(format!(
                     "no answer from the supervisor within {}s",
-                    timeout.as_secs()
+                    timeout.map(|t| t.as_secs()).unwrap_or(0)
                 ))
             }
             Err(e) => Err(format!("cannot read from the supervisor: {e}")),
         }
+    }
+
+    /// Sends one frame and reads one answer, waiting at most `timeout`.
+    pub(crate) fn call(
+        &mut self,
+        frame: &ToSupervisor,
+        timeout: Duration,
+    ) -> Result<FromSupervisor, String> {
+        self.send(frame)?;
+        self.next_frame(Some(timeout))
     }
 }
 
@@ -421,4 +434,48 @@ fn print_tail(file: &mut std::fs::File, n: usize) -> std::io::Result<u64> {
     file.read_to_end(&mut rest)?;
     std::io::stdout().write_all(&rest)?;
     Ok(len)
+}
+
+/// `events`: prints events until the end of the history, or forever with `follow`.
+pub(crate) fn print_events(client: &mut Client, request: &ToSupervisor, json: bool) -> i32 {
+    if let Err(e) = client.send(request) {
+        eprintln!("error: {e}");
+        return EXIT_FAILED;
+    }
+    let follow = matches!(request, ToSupervisor::Events { follow: true, .. });
+    let mut out = std::io::stdout().lock();
+    loop {
+        // Following waits as long as it takes; a listing should answer promptly.
+        let timeout = if follow {
+            None
+        } else {
+            Some(Duration::from_secs(30))
+        };
+        match client.next_frame(timeout) {
+            Ok(FromSupervisor::Event { event }) => {
+                let line = if json {
+                    serde_json::to_string(&event).expect("events serialize")
+                } else {
+                    format!(
+                        "{:>6}  {}  {:<28} {:<20} {}",
+                        event.seq, event.timestamp, event.event_type, event.source, event.payload
+                    )
+                };
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    return 0;
+                }
+            }
+            Ok(FromSupervisor::EndOfEvents { .. }) if !follow => return 0,
+            Ok(FromSupervisor::EndOfEvents { .. }) => {}
+            Ok(other) => return report(&other),
+            Err(e) if follow && e.contains("closed the connection") => {
+                eprintln!("the supervisor went away");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    }
 }

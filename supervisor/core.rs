@@ -62,7 +62,11 @@ pub(crate) enum Msg {
     Request {
         frame: ToSupervisor,
         reply: Reply,
+        /// The connection's outgoing stream, for answers of more than one frame (events).
+        stream: Option<ConnTx>,
     },
+    /// Time to write the subscribers' positions.
+    FlushEvents,
     ChildExited {
         daemon: String,
         generation: u64,
@@ -127,6 +131,8 @@ struct Daemon {
     draining: Option<(u32, ExitInfo)>,
     /// A stop was requested but dependents must go first.
     stop_queued: bool,
+    /// The state last published as a DAEMON_* event.
+    announced: DaemonState,
     log: Option<SharedLog>,
 }
 
@@ -153,6 +159,18 @@ enum Goal {
     Resumed,
 }
 
+/// What the supervisor hands the core loop when it starts.
+pub(crate) struct CoreParts {
+    pub paths: Paths,
+    pub config: Config,
+    pub config_path: Option<PathBuf>,
+    pub tx: mpsc::UnboundedSender<Msg>,
+    pub log: Arc<SupervisorLog>,
+    pub owned: OwnedPids,
+    pub worker_bin: PathBuf,
+    pub events: crate::events::Router,
+}
+
 pub(crate) struct Core {
     paths: Paths,
     config: Config,
@@ -173,19 +191,27 @@ pub(crate) struct Core {
     records_dirty: bool,
     /// Shutdown has asked the remaining jobs to stop.
     stopping_jobs: bool,
+    events: crate::events::Router,
+    last_flush: Instant,
+    flush_pending: bool,
     pub(crate) exit_now: bool,
 }
 
+/// How often, at most, subscribers' acked positions are written to disk.
+const EVENT_FLUSH_EVERY: Duration = Duration::from_millis(250);
+
 impl Core {
-    pub(crate) fn new(
-        paths: Paths,
-        config: Config,
-        config_path: Option<PathBuf>,
-        tx: mpsc::UnboundedSender<Msg>,
-        log: Arc<SupervisorLog>,
-        owned: OwnedPids,
-        worker_bin: PathBuf,
-    ) -> Core {
+    pub(crate) fn new(parts: CoreParts) -> Core {
+        let CoreParts {
+            paths,
+            config,
+            config_path,
+            tx,
+            log,
+            owned,
+            worker_bin,
+            events,
+        } = parts;
         let daemons = config
             .daemons
             .values()
@@ -210,6 +236,9 @@ impl Core {
             job_seq: 0,
             records_dirty: false,
             stopping_jobs: false,
+            events,
+            last_flush: Instant::now(),
+            flush_pending: false,
             exit_now: false,
         }
     }
@@ -246,9 +275,18 @@ impl Core {
                     && d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id)
                 {
                     d.conn = None;
+                    self.events.disconnect(&daemon);
                 }
             }
-            Msg::Request { frame, reply } => self.request(frame, reply),
+            Msg::Request {
+                frame,
+                reply,
+                stream,
+            } => self.request(frame, reply, stream),
+            Msg::FlushEvents => {
+                self.flush_pending = false;
+                self.flush_events();
+            }
             Msg::ChildExited {
                 daemon,
                 generation,
@@ -278,7 +316,7 @@ impl Core {
 
     // ------------------------------------------------------------------ requests from the CLI
 
-    fn request(&mut self, frame: ToSupervisor, reply: Reply) {
+    fn request(&mut self, frame: ToSupervisor, reply: Reply, stream: Option<ConnTx>) {
         if self.shutting_down.is_some()
             && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown)
         {
@@ -317,6 +355,60 @@ impl Core {
             ToSupervisor::Pause { names } => self.pause_request(names, true, reply),
             ToSupervisor::Resume { names } => self.pause_request(names, false, reply),
             ToSupervisor::Reload => self.reload(Some(reply)),
+            ToSupervisor::Emit {
+                event_type,
+                payload,
+            } => {
+                let answer = match self.events.publish(&event_type, payload, "cli") {
+                    Ok(ev) => FromSupervisor::Emitted {
+                        seq: ev.seq,
+                        id: ev.id.clone(),
+                        event_type: ev.event_type.clone(),
+                    },
+                    Err(e) => error(protocol::ErrorCode::BadRequest, &e),
+                };
+                let _ = reply.send(answer);
+            }
+            ToSupervisor::Events {
+                since,
+                types,
+                follow,
+                limit,
+            } => {
+                let mut set = BTreeSet::new();
+                for t in &types {
+                    let n = ringrift::events::normalize(t);
+                    if ringrift::events::find(&n).is_none() {
+                        let _ = reply.send(error(
+                            protocol::ErrorCode::BadRequest,
+                            &format!("unknown event type '{t}'"),
+                        ));
+                        return;
+                    }
+                    set.insert(n);
+                }
+                let Some(stream) = stream else {
+                    let _ = reply.send(error(
+                        protocol::ErrorCode::BadRequest,
+                        "events need a streaming connection",
+                    ));
+                    return;
+                };
+                for ev in self.events.query(since.unwrap_or(0), &set, limit) {
+                    let _ = stream.send(FromSupervisor::Event {
+                        event: (*ev).clone(),
+                    });
+                }
+                let last_seq = self.events.info().last_seq;
+                if follow {
+                    let _ = stream.send(FromSupervisor::EndOfEvents { last_seq });
+                    self.events.watch(set, stream);
+                    // No final reply: the stream stays open until the client leaves.
+                    drop(reply);
+                } else {
+                    let _ = reply.send(FromSupervisor::EndOfEvents { last_seq });
+                }
+            }
             ToSupervisor::Shutdown => self.begin_shutdown(Some(reply)),
             other => {
                 let _ = reply.send(error(
@@ -736,6 +828,8 @@ impl Core {
                 }
             }
         }
+        self.announce();
+        self.flush_events();
         if self.records_dirty {
             self.records_dirty = false;
             let mut live: Vec<(u32, String)> = self
@@ -935,6 +1029,7 @@ impl Core {
         };
         let pgid = d.pid.take();
         d.conn = None;
+        self.events.disconnect(name);
         d.last_exit = Some(desc.clone());
         let info = match d.kill_cause.take() {
             Some(cause) => ExitInfo {
@@ -1242,6 +1337,33 @@ impl Core {
             } => {
                 self.spawn_job(name, request_id, command, max_runtime_secs, env);
             }
+            ToSupervisor::Emit {
+                event_type,
+                payload,
+            } => {
+                if let Err(e) = self.events.publish(&event_type, payload, name) {
+                    self.log.warn(&format!("{name}: event refused: {e}"));
+                    self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
+                }
+            }
+            ToSupervisor::Subscribe { event_types } => {
+                let tx = self
+                    .daemons
+                    .get(name)
+                    .and_then(|d| d.conn.as_ref().map(|(_, tx)| tx.clone()));
+                if let Some(tx) = tx {
+                    match self.events.subscribe(name, &event_types, tx) {
+                        Ok(()) => self
+                            .log
+                            .info(&format!("{name}: subscribed to {}", event_types.join(", "))),
+                        Err(e) => {
+                            self.log.warn(&format!("{name}: {e}"));
+                            self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
+                        }
+                    }
+                }
+            }
+            ToSupervisor::Ack { seq } => self.events.ack(name, seq),
             other => {
                 self.log.warn(&format!(
                     "{name}: unexpected frame {} from a worker",
@@ -1263,11 +1385,20 @@ impl Core {
 
     pub(crate) fn status_report(&self) -> StatusReport {
         let now = Instant::now();
+        let (ticks, page) = (
+            ringrift::procfs::ticks_per_sec() as f64,
+            ringrift::procfs::page_size(),
+        );
         let daemons = self
             .daemons
             .values()
             .map(|d| {
                 let progress = d.progress.clone();
+                let usage = d
+                    .pid
+                    .and_then(ringrift::procfs::stat)
+                    .map(|st| (round3(st.cpu_ticks as f64 / ticks), st.rss_pages * page));
+                let (subscriptions, event_backlog) = self.events.backlog(&d.cfg.name);
                 let mut health = d.health.clone();
                 if health.message.is_empty() && !d.cfg.protocol && d.state == DaemonState::Running {
                     health.healthy = true;
@@ -1296,6 +1427,10 @@ impl Core {
                     depends_on: d.cfg.depends_on.clone(),
                     last_exit: d.last_exit.clone(),
                     reason: d.reason.clone(),
+                    cpu_secs: usage.map(|u| u.0),
+                    rss_bytes: usage.map(|u| u.1),
+                    subscriptions,
+                    event_backlog,
                 }
             })
             .collect();
@@ -1313,6 +1448,7 @@ impl Core {
             },
             daemons,
             jobs: self.job_statuses(),
+            events: self.events.info(),
         }
     }
 
@@ -1367,7 +1503,108 @@ impl Core {
         }
     }
 
+    fn send_to_worker(&self, name: &str, frame: FromSupervisor) {
+        if let Some((_, tx)) = self.daemons.get(name).and_then(|d| d.conn.as_ref()) {
+            let _ = tx.send(frame);
+        }
+    }
+
+    /// Writes the subscribers' positions now, or soon: at most a few times a second, whatever the ack rate.
+    fn flush_events(&mut self) {
+        if !self.events.dirty {
+            return;
+        }
+        let since = self.last_flush.elapsed();
+        if since >= EVENT_FLUSH_EVERY {
+            self.last_flush = Instant::now();
+            if let Err(e) = self.events.save() {
+                self.log
+                    .warn(&format!("cannot save event subscribers: {e}"));
+            }
+        } else if !self.flush_pending {
+            self.flush_pending = true;
+            let tx = self.tx.clone();
+            let wait = EVENT_FLUSH_EVERY - since;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tx.send(Msg::FlushEvents);
+            });
+        }
+    }
+
+    /// DAEMON_STARTED / DAEMON_STOPPED / DAEMON_FAILED for every state change since the last look.
+    fn announce(&mut self) {
+        let mut out = Vec::new();
+        for d in self.daemons.values_mut() {
+            let (was, now) = (d.announced, d.state);
+            if was == now {
+                continue;
+            }
+            d.announced = now;
+            let name = d.cfg.name.clone();
+            match now {
+                DaemonState::Running if was != DaemonState::Paused => out.push((
+                    "DAEMON_STARTED",
+                    ringrift::events::payload([
+                        ("daemon", name.into()),
+                        ("pid", d.pid.unwrap_or(0).into()),
+                    ]),
+                )),
+                DaemonState::Stopped | DaemonState::Backoff
+                    if matches!(
+                        was,
+                        DaemonState::Running
+                            | DaemonState::Paused
+                            | DaemonState::ShuttingDown
+                            | DaemonState::Initializing
+                    ) =>
+                {
+                    out.push((
+                        "DAEMON_STOPPED",
+                        ringrift::events::payload([
+                            ("daemon", name.into()),
+                            (
+                                "last_exit",
+                                d.last_exit
+                                    .clone()
+                                    .map(Into::into)
+                                    .unwrap_or(serde_json::Value::Null),
+                            ),
+                            (
+                                "reason",
+                                d.reason
+                                    .clone()
+                                    .map(Into::into)
+                                    .unwrap_or(serde_json::Value::Null),
+                            ),
+                        ]),
+                    ))
+                }
+                DaemonState::Failed => out.push((
+                    "DAEMON_FAILED",
+                    ringrift::events::payload([
+                        ("daemon", name.into()),
+                        ("reason", d.reason.clone().unwrap_or_default().into()),
+                    ]),
+                )),
+                _ => {}
+            }
+        }
+        for (t, p) in out {
+            if let Err(e) = self.events.publish(t, p, "supervisor") {
+                self.log.warn(&format!("cannot publish {t}: {e}"));
+            }
+        }
+    }
+
     fn finish_shutdown(&mut self) {
+        self.announce();
+        if self.events.dirty
+            && let Err(e) = self.events.save()
+        {
+            self.log
+                .warn(&format!("cannot save event subscribers: {e}"));
+        }
         self.log.info("every daemon is stopped; supervisor exiting");
         // Gone from the file system before anyone hears "shut down": a `start` right after must boot anew.
         let _ = std::fs::remove_file(&self.paths.socket);
@@ -1516,6 +1753,7 @@ impl Daemon {
             kill_cause: None,
             draining: None,
             stop_queued: false,
+            announced: DaemonState::Stopped,
             log: None,
         }
     }

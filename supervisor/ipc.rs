@@ -247,13 +247,12 @@ async fn connection(
                     Ok(Some(Ok(()))) => match protocol::decode::<ToSupervisor>(&buf) {
                         Ok(frame) => {
                             let (reply_tx, reply_rx) = oneshot::channel();
-                            if core
-                                .send(Msg::Request {
-                                    frame,
-                                    reply: reply_tx,
-                                })
-                                .is_err()
-                            {
+                            let request = Msg::Request {
+                                frame,
+                                reply: reply_tx,
+                                stream: Some(tx.clone()),
+                            };
+                            if core.send(request).is_err() {
                                 break;
                             }
                             // Requests on one connection are answered in order.
@@ -261,7 +260,12 @@ async fn connection(
                                 Ok(answer) => {
                                     let _ = tx.send(answer);
                                 }
-                                Err(_) => break,
+                                // No answer: the core streams frames on this connection
+                                // (`events -f`) until the client hangs up.
+                                Err(_) => {
+                                    wait_for_hangup(&mut reader).await;
+                                    break;
+                                }
                             }
                         }
                         Err(e) => bad_frame(&log, &tx, &format!("cli (connection {id})"), e),
@@ -274,6 +278,19 @@ async fn connection(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Reads and drops whatever the client sends until it closes the connection.
+async fn wait_for_hangup<R: AsyncBufRead + Unpin>(r: &mut R) {
+    loop {
+        match r.fill_buf().await {
+            Ok([]) | Err(_) => return,
+            Ok(b) => {
+                let n = b.len();
+                r.consume(n);
+            }
+        }
+    }
 }
 
 fn bad_frame(

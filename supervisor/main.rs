@@ -3,6 +3,7 @@
 
 mod cli;
 mod core;
+mod events;
 mod ipc;
 mod leftovers;
 mod logwriter;
@@ -115,6 +116,31 @@ enum Command {
         /// Print what would be stopped, stop nothing
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Print the event stream: the retained history, then (with -f) new events as they come
+    Events {
+        /// Keep printing new events
+        #[arg(short, long)]
+        follow: bool,
+        /// Only this event type (repeatable), e.g. --type NEW_GAMES_AVAILABLE
+        #[arg(long = "type", value_name = "TYPE")]
+        types: Vec<String>,
+        /// Only events after this sequence number
+        #[arg(long, value_name = "SEQ")]
+        since: Option<u64>,
+        /// Only the last N events of the history
+        #[arg(short = 'n', long, value_name = "N")]
+        lines: Option<usize>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish one event, validated against its type's payload schema
+    Emit {
+        /// Event type, e.g. NEW_GAMES_AVAILABLE
+        event_type: String,
+        /// JSON payload, e.g. '{"config_key": "hex8_2p", "new_games": 100}'
+        payload: String,
     },
     /// Re-read the configuration and apply only what changed (same as SIGHUP)
     Reload,
@@ -269,6 +295,67 @@ fn run(cli: Cli, paths: Paths) -> i32 {
         Command::Pause { names } => with_client(&paths, &ToSupervisor::Pause { names }, 30),
         Command::Resume { names } => with_client(&paths, &ToSupervisor::Resume { names }, 30),
         Command::Reload => with_client(&paths, &ToSupervisor::Reload, 30),
+        Command::Emit {
+            event_type,
+            payload,
+        } => {
+            let payload: serde_json::Value = match serde_json::from_str(&payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("error: the payload is not valid JSON: {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            // Checked here too, so a mistake is explained even when no supervisor runs.
+            if let Err(e) = ringrift::events::validate(&event_type, &payload) {
+                eprintln!("error: {e}");
+                return EXIT_USAGE;
+            }
+            let mut client = match cli::connect_or_explain(&paths) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match client.call(
+                &ToSupervisor::Emit {
+                    event_type,
+                    payload,
+                },
+                Duration::from_secs(10),
+            ) {
+                Ok(FromSupervisor::Emitted {
+                    seq,
+                    id,
+                    event_type,
+                }) => {
+                    println!("{event_type} accepted: seq {seq}, id {id}");
+                    0
+                }
+                Ok(other) => cli::report(&other),
+                Err(msg) => {
+                    eprintln!("error: {msg}");
+                    EXIT_FAILED
+                }
+            }
+        }
+        Command::Events {
+            follow,
+            types,
+            since,
+            lines,
+            json,
+        } => {
+            let mut client = match cli::connect_or_explain(&paths) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let request = ToSupervisor::Events {
+                since,
+                types,
+                follow,
+                limit: lines,
+            };
+            cli::print_events(&mut client, &request, json)
+        }
         Command::Reap { dry_run } => {
             let config = match load_config(&paths, config_path.as_deref()) {
                 Ok(c) => c,

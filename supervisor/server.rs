@@ -145,6 +145,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
         let _ = tx.send(Msg::Request {
             frame: initial,
             reply: reply_tx,
+            stream: None,
         });
         let log = log.clone();
         tokio::spawn(async move {
@@ -157,16 +158,27 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
         });
     }
 
-    let worker_bin = worker_binary();
-    let core = Core::new(
+    let events_dir = paths.root.join("data/events");
+    let events = match crate::events::Router::open(&events_dir, crate::events::Limits::default()) {
+        Ok(r) => r,
+        Err(e) => {
+            log.error(&format!(
+                "cannot open the event log in {}: {e}",
+                events_dir.display()
+            ));
+            return 1;
+        }
+    };
+    let core = Core::new(crate::core::CoreParts {
         paths,
-        opts.config,
-        opts.config_path,
+        config: opts.config,
+        config_path: opts.config_path,
         tx,
-        log.clone(),
+        log: log.clone(),
         owned,
-        worker_bin,
-    );
+        worker_bin: worker_binary(),
+        events,
+    });
     core.run(rx).await;
     // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);

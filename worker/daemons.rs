@@ -11,7 +11,8 @@ use std::pin::Pin;
 use ringrift::protocol::Health;
 use serde_json::Value;
 
-use crate::runtime::Settings;
+use crate::runtime::{Ctx, Settings};
+use ringrift::events::Event;
 
 /// A boxed future that need not be `Send`: the worker runs on a current-thread runtime.
 pub(crate) type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
@@ -37,6 +38,20 @@ pub(crate) trait Daemon {
 
     /// Runs cycle number `n` (1-based). The runtime keeps heartbeating while the future is pending.
     fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report>;
+
+    /// Called once before `start`: the handle for emitting events and running jobs.
+    fn attach(&mut self, _ctx: Ctx) {}
+
+    /// Event types to receive; the runtime subscribes once the daemon is RUNNING.
+    fn subscriptions(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Handles one event (never two at once, never during a cycle). The runtime acks it once this
+    /// returns; a new report replaces the last one.
+    fn on_event(&mut self, _event: Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async { None })
+    }
 }
 
 struct Entry {

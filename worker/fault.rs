@@ -20,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
-use crate::runtime::{self, Quirks, Settings};
+use crate::runtime::{self, Ctx, Quirks, Settings};
 
 /// Length of every `--flood` line, newline included.
 const FLOOD_LINE_BYTES: usize = 100;
@@ -71,6 +71,22 @@ pub(crate) struct FaultArgs {
     #[arg(long, value_name = "SECS")]
     pub(crate) job_max_runtime: Option<f64>,
 
+    /// Subscribe to this event type (repeatable) and print every event received
+    #[arg(long = "subscribe", value_name = "TYPE")]
+    pub(crate) subscribe: Vec<String>,
+
+    /// Emit an event of this type once per cycle (see --emit-payload, --emit-count)
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) emit: Option<String>,
+
+    /// JSON payload of --emit; `{i}` is replaced by the event's number (1, 2, ...) [default: {}]
+    #[arg(long, value_name = "JSON")]
+    pub(crate) emit_payload: Option<String>,
+
+    /// How many events --emit sends in all [default: 1]
+    #[arg(long, value_name = "N")]
+    pub(crate) emit_count: Option<u64>,
+
     /// Do not connect to the supervisor: a plain process that sleeps until SIGTERM (exit 0)
     #[arg(long)]
     pub(crate) no_protocol: bool,
@@ -83,12 +99,6 @@ impl FaultArgs {
             frozen_progress: self.no_progress,
             ignore_shutdown: self.ignore_sigterm,
             malformed_frames: self.malformed,
-            job: self.job.as_ref().map(|cmd| {
-                (
-                    vec!["sh".to_string(), "-c".to_string(), cmd.clone()],
-                    self.job_max_runtime.unwrap_or(60.0),
-                )
-            }),
         }
     }
 }
@@ -153,7 +163,25 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
         let main = async {
             match target {
                 Some((socket, name)) => {
-                    let daemon = Box::new(FaultDaemon { name });
+                    let daemon = Box::new(FaultDaemon {
+                        name,
+                        subscribe: args.subscribe.clone(),
+                        emit: args.emit.clone().map(|t| {
+                            (
+                                t,
+                                args.emit_payload.clone().unwrap_or_else(|| "{}".into()),
+                                args.emit_count.unwrap_or(1),
+                            )
+                        }),
+                        job: args.job.clone().map(|cmd| {
+                            (
+                                vec!["sh".to_string(), "-c".to_string(), cmd],
+                                args.job_max_runtime.unwrap_or(60.0),
+                            )
+                        }),
+                        ctx: None,
+                        emitted: 0,
+                    });
                     runtime::run(&socket, daemon, args.quirks()).await
                 }
                 None => plain(args.ignore_sigterm).await,
@@ -262,9 +290,17 @@ fn flood(lines: u64) -> std::io::Result<()> {
     out.flush()
 }
 
-/// The daemon the fault worker runs: plain cycles under whatever name the supervisor gave it.
+/// The daemon the fault worker runs: plain cycles under whatever name the supervisor gave it,
+/// plus the event and job behaviour asked for on the command line.
 struct FaultDaemon {
     name: String,
+    subscribe: Vec<String>,
+    /// (type, payload template, how many)
+    emit: Option<(String, String, u64)>,
+    /// (command, max runtime seconds), run once in the first cycle
+    job: Option<(Vec<String>, f64)>,
+    ctx: Option<Ctx>,
+    emitted: u64,
 }
 
 impl FaultDaemon {
@@ -302,7 +338,56 @@ impl Daemon for FaultDaemon {
     fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
             println!("{}: cycle {n} (fault-injection worker)", self.name);
+            let ctx = self.ctx.clone().expect("attached before start");
+            if let Some((event_type, template, count)) = &self.emit
+                && self.emitted < *count
+            {
+                self.emitted += 1;
+                let text = template.replace("{i}", &self.emitted.to_string());
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(payload) => {
+                        println!("{}: emit {event_type} {text}", self.name);
+                        ctx.emit(event_type, payload);
+                    }
+                    Err(e) => eprintln!("{}: --emit-payload is not JSON: {e}", self.name),
+                }
+            }
+            if let Some((command, max_runtime)) = self.job.take() {
+                let outcome = ctx
+                    .run_job(
+                        command,
+                        Duration::from_secs_f64(max_runtime),
+                        BTreeMap::new(),
+                    )
+                    .await;
+                println!(
+                    "{}: job {} ended: {}; timed out: {}; ran {:.3}s",
+                    self.name,
+                    outcome.job_id,
+                    outcome.exit,
+                    outcome.timed_out,
+                    outcome.runtime_secs
+                );
+            }
             Self::report(n)
+        })
+    }
+
+    fn attach(&mut self, ctx: Ctx) {
+        self.ctx = Some(ctx);
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        self.subscribe.clone()
+    }
+
+    fn on_event(&mut self, event: ringrift::events::Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            println!(
+                "{}: event seq={} id={} type={} source={} payload={}",
+                self.name, event.seq, event.id, event.event_type, event.source, event.payload
+            );
+            None
         })
     }
 }
@@ -339,7 +424,6 @@ mod tests {
                 frozen_progress: true,
                 ignore_shutdown: true,
                 malformed_frames: true,
-                job: None,
             }
         );
         assert_eq!(FaultArgs::default().quirks(), Quirks::default());

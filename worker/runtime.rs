@@ -10,9 +10,11 @@
 //! delays a heartbeat. Losing the supervisor (EOF or an I/O error on the socket) ends the process with
 //! status 1: a worker must never outlive the process that owns it.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::Path;
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -24,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
@@ -75,7 +77,7 @@ fn seconds(config: Option<&Value>, key: &str, default: f64) -> anyhow::Result<(f
 }
 
 /// Deliberate misbehaviour, for the fault-injection worker. The default is a well-behaved worker.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Quirks {
     /// Send the first heartbeat after RUNNING, then no more.
     pub(crate) hang: bool,
@@ -85,8 +87,6 @@ pub(crate) struct Quirks {
     pub(crate) ignore_shutdown: bool,
     /// Right after `welcome`, send frames the supervisor must refuse.
     pub(crate) malformed_frames: bool,
-    /// Once RUNNING, ask the supervisor to run this command as a job with this maximum runtime.
-    pub(crate) job: Option<(Vec<String>, f64)>,
 }
 
 /// What the reader task hands the main loop.
@@ -102,7 +102,129 @@ enum Incoming {
 #[derive(Debug)]
 struct Gone(String);
 
-type InFlight = LocalBoxFuture<'static, (Box<dyn Daemon>, Report)>;
+/// Work lent the daemon: a cycle (`ack` None) or one event (`ack` its sequence number).
+struct Done {
+    daemon: Box<dyn Daemon>,
+    report: Option<Report>,
+    ack: Option<u64>,
+}
+
+type InFlight = LocalBoxFuture<'static, Done>;
+
+/// How a job the daemon asked for ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct JobOutcome {
+    pub job_id: String,
+    pub success: bool,
+    pub code: Option<i32>,
+    pub exit: String,
+    pub timed_out: bool,
+    pub runtime_secs: f64,
+}
+
+/// The daemon's handle on the supervisor: emit events, run jobs. Cheap to clone; frames go out
+/// through the runtime's loop, so a daemon never writes to the socket itself.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    tx: mpsc::UnboundedSender<ToSupervisor>,
+    jobs: Rc<RefCell<JobTable>>,
+}
+
+#[derive(Default)]
+struct JobTable {
+    next: u64,
+    waiting: BTreeMap<u64, oneshot::Sender<JobOutcome>>,
+}
+
+impl Ctx {
+    fn new() -> (Ctx, mpsc::UnboundedReceiver<ToSupervisor>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Ctx {
+                tx,
+                jobs: Rc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Publishes an event (validated by the supervisor; a refusal is logged to stderr).
+    pub(crate) fn emit(&self, event_type: &str, payload: Value) {
+        let _ = self.tx.send(ToSupervisor::Emit {
+            event_type: event_type.to_string(),
+            payload,
+        });
+    }
+
+    /// Runs `command` as a supervisor-owned job and waits for it to end. Its output goes to
+    /// logs/jobs/<id>.log; the supervisor stops it after `max_runtime`.
+    pub(crate) async fn run_job(
+        &self,
+        command: Vec<String>,
+        max_runtime: Duration,
+        env: BTreeMap<String, String>,
+    ) -> JobOutcome {
+        let (done_tx, done_rx) = oneshot::channel();
+        let request_id = {
+            let mut jobs = self.jobs.borrow_mut();
+            jobs.next += 1;
+            let id = jobs.next;
+            jobs.waiting.insert(id, done_tx);
+            id
+        };
+        let frame = ToSupervisor::SpawnJob {
+            request_id,
+            command,
+            max_runtime_secs: max_runtime.as_secs_f64(),
+            env,
+        };
+        if self.tx.send(frame).is_err() {
+            self.jobs.borrow_mut().waiting.remove(&request_id);
+        }
+        done_rx.await.unwrap_or_else(|_| JobOutcome {
+            job_id: String::new(),
+            success: false,
+            code: None,
+            exit: "the worker is shutting down".into(),
+            timed_out: false,
+            runtime_secs: 0.0,
+        })
+    }
+
+    /// Hands a job's end to whoever waits for it. False if nobody does.
+    fn job_ended(&self, request_id: u64, outcome: JobOutcome) -> bool {
+        match self.jobs.borrow_mut().waiting.remove(&request_id) {
+            Some(tx) => tx.send(outcome).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Event ids seen lately, to drop redeliveries (delivery is at-least-once).
+#[derive(Default)]
+struct SeenIds {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl SeenIds {
+    const CAPACITY: usize = 10_000;
+
+    /// True the first time an id is offered.
+    fn first_time(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        self.set.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
 
 /// Runs `daemon` under the supervisor listening on `socket` until it is told to stop.
 ///
@@ -353,20 +475,24 @@ async fn serve(
 
     session.state(ReportedState::Initializing, None).await?;
     let mut daemon = daemon;
+    let (ctx, mut outgoing) = Ctx::new();
+    daemon.attach(ctx.clone());
     let mut report = match daemon.start(settings).await {
         Ok(report) => report,
         Err(e) => return Err(Gone(format!("start-up failed: {e:#}"))),
     };
     session.state(ReportedState::Running, None).await?;
-    if let Some((command, max_runtime_secs)) = session.quirks.job.clone() {
-        let request = ToSupervisor::SpawnJob {
-            request_id: 1,
-            command,
-            max_runtime_secs,
-            env: BTreeMap::new(),
-        };
-        session.send(&request).await?;
+
+    let subscriptions = daemon.subscriptions();
+    if !subscriptions.is_empty() {
+        session
+            .send(&ToSupervisor::Subscribe {
+                event_types: subscriptions,
+            })
+            .await?;
     }
+    let mut pending_events: VecDeque<ringrift::events::Event> = VecDeque::new();
+    let mut seen = SeenIds::default();
 
     let frozen = session.quirks.frozen_progress.then(|| progress(&report, 0));
     let mut cycles: u64 = 0;
@@ -388,6 +514,10 @@ async fn serve(
             return Ok(());
         }
         let may_start = !paused && !session.stopping && in_flight.is_none();
+        if may_start && let Some(event) = pending_events.pop_front() {
+            in_flight = Some(handle_event(&mut idle, event));
+            continue;
+        }
         if run_now && may_start {
             run_now = false;
             in_flight = Some(launch(&mut idle, cycles + 1));
@@ -409,13 +539,21 @@ async fn serve(
             _ = cycle_timer.tick(), if may_start => {
                 in_flight = Some(launch(&mut idle, cycles + 1));
             }
-            (daemon, cycle_report) = async { in_flight.as_mut().expect("guarded").await },
+            done = async { in_flight.as_mut().expect("guarded").await },
                 if in_flight.is_some() =>
             {
                 in_flight = None;
-                idle = Some(daemon);
-                report = cycle_report;
-                cycles += 1;
+                idle = Some(done.daemon);
+                if let Some(r) = done.report {
+                    report = r;
+                }
+                match done.ack {
+                    Some(seq) => session.send(&ToSupervisor::Ack { seq }).await?,
+                    None => cycles += 1,
+                }
+            }
+            Some(frame) = outgoing.recv() => {
+                session.send(&frame).await?;
             }
             incoming = frames.recv(), if link_open => match incoming {
                 Some(Incoming::Frame(frame)) => match frame {
@@ -441,6 +579,16 @@ async fn serve(
                     FromSupervisor::Error { code, message } => {
                         eprintln!("{name}: the supervisor reported an error ({code:?}): {message}");
                     }
+                    FromSupervisor::Event { event } => {
+                        if seen.first_time(&event.id) {
+                            pending_events.push_back(event);
+                        } else {
+                            eprintln!("{name}: duplicate event {} (seq {}) dropped", event.id, event.seq);
+                            session.send(&ToSupervisor::Ack { seq: event.seq }).await?;
+                        }
+                    }
+                    FromSupervisor::JobExit { request_id, job_id, success, code, exit, timed_out, runtime_secs }
+                        if ctx.job_ended(request_id, JobOutcome { job_id: job_id.clone(), success, code, exit: exit.clone(), timed_out, runtime_secs }) => {}
                     FromSupervisor::JobStarted { request_id, job_id, pid } => {
                         println!("{name}: job {job_id} started (request {request_id}, pid {pid})");
                     }
@@ -472,7 +620,25 @@ fn launch(idle: &mut Option<Box<dyn Daemon>>, n: u64) -> InFlight {
     let mut daemon = idle.take().expect("no cycle is in flight");
     Box::pin(async move {
         let report = daemon.cycle(n).await;
-        (daemon, report)
+        Done {
+            daemon,
+            report: Some(report),
+            ack: None,
+        }
+    })
+}
+
+/// Lends the daemon to handle one event; the event is acked when it is done.
+fn handle_event(idle: &mut Option<Box<dyn Daemon>>, event: ringrift::events::Event) -> InFlight {
+    let mut daemon = idle.take().expect("nothing is in flight");
+    Box::pin(async move {
+        let seq = event.seq;
+        let report = daemon.on_event(event).await;
+        Done {
+            daemon,
+            report,
+            ack: Some(seq),
+        }
     })
 }
 
