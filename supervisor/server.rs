@@ -33,7 +33,7 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
         );
         return 1;
     }
-    let lock = match paths::lock_root(&paths) {
+    let lock = match lock_when_free(&paths) {
         Ok(l) => l,
         Err(msg) => {
             eprintln!("error: {msg}");
@@ -186,6 +186,25 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     0
+}
+
+/// Takes the root's lock. A supervisor that has just shut down may still hold it for a moment
+/// (its socket is already gone): wait for it, bounded. One that still answers is a real second
+/// supervisor and is refused at once.
+fn lock_when_free(paths: &Paths) -> Result<paths::RootLock, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match paths::lock_root(paths) {
+            Ok(l) => return Ok(l),
+            Err(msg) => {
+                let answering = std::os::unix::net::UnixStream::connect(&paths.socket).is_ok();
+                if answering || std::time::Instant::now() > deadline {
+                    return Err(msg);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 /// `ringrift-worker` beside this executable, unless RINGRIFT_WORKER_BIN says otherwise.

@@ -1,0 +1,253 @@
+//! Issue 4: events between daemon processes — typed, durable, delivered at least once.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn worker(name: &str, args: &[&str], extra: &str) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("{:?}", a)).collect();
+    format!(
+        "  {name}:\n    command: [\"{WORKER}\", \"fault\", {}]\n    protocol: true\n    heartbeat_interval: 0.2\n{extra}",
+        args.join(", ")
+    )
+}
+
+fn events_json(root: &Root, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["events", "--json"];
+    args.extend_from_slice(extra);
+    root.ok(&args)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Event ids a fault worker printed in its log (all its incarnations), in order.
+fn received_ids(root: &Root, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root.log_path(name)).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("type=NEW_GAMES_AVAILABLE"))
+        .filter_map(|l| {
+            l.split(" id=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn an_event_reaches_every_subscriber_and_a_restarted_one_misses_nothing() {
+    const N: usize = 30;
+    let yaml = format!(
+        "daemons:\n{}{}{}",
+        worker("sub_a", &["--subscribe", "NEW_GAMES_AVAILABLE"], ""),
+        worker(
+            "sub_b",
+            &["--subscribe", "new_games_available"],
+            "    backoff_initial: 1500ms\n"
+        ),
+        worker(
+            "publisher",
+            &[
+                "--emit",
+                "NEW_GAMES_AVAILABLE",
+                "--emit-payload",
+                r#"{"config_key": "hex8_2p", "new_games": {i}}"#,
+                "--emit-count",
+                "30"
+            ],
+            "    interval: 0.1\n"
+        ),
+    );
+    let root = Root::with_config(&yaml);
+    root.ok(&["start", "sub_a", "sub_b"]);
+    // Both subscriptions are registered once each has said so in the supervisor's log.
+    assert!(wait_until(T, || {
+        let log = root.master_log();
+        log.contains("sub_a: subscribed to") && log.contains("sub_b: subscribed to")
+    }));
+    root.ok(&["start", "publisher"]);
+    let published = |root: &Root| events_json(root, &["--type", "NEW_GAMES_AVAILABLE"]);
+    assert!(wait_until(T, || published(&root).len() >= 8));
+    let victim = root.pid("sub_b").unwrap();
+    signal(victim, SIGKILL);
+    assert!(
+        wait_until(T, || published(&root).len() == N),
+        "the publisher finishes"
+    );
+    assert!(wait_until(T, || root
+        .pid("sub_b")
+        .is_some_and(|p| p != victim)
+        && root.state("sub_b") == "RUNNING"));
+
+    let all: Vec<Value> = published(&root);
+    let expected: BTreeSet<String> = all
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(expected.len(), N);
+    for e in &all {
+        assert_eq!(e["source"], "publisher");
+        assert_eq!(e["payload"]["config_key"], "hex8_2p");
+    }
+    for name in ["sub_a", "sub_b"] {
+        let mut got = Vec::new();
+        let complete = wait_until(T, || {
+            got = received_ids(&root, name);
+            got.iter().cloned().collect::<BTreeSet<_>>() == expected
+        });
+        assert!(
+            complete,
+            "{name} received {} of {N} distinct events",
+            got.iter().collect::<BTreeSet<_>>().len()
+        );
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            N,
+            "{name}: each event exactly once after dropping duplicates by id"
+        );
+    }
+    // Nothing is left unacked.
+    assert!(
+        wait_until(T, || root.daemon("sub_b")["event_backlog"] == 0),
+        "{:#}",
+        root.daemon("sub_b")
+    );
+    assert_eq!(
+        root.daemon("sub_a")["subscriptions"][0],
+        "NEW_GAMES_AVAILABLE"
+    );
+}
+
+#[test]
+fn a_misnamed_payload_field_is_refused_with_its_name() {
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    let out = root.run(&["emit", "TRAINING_STARTED", r#"{"config": "hex8_2p"}"#]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown field 'config' (did you mean 'config_key'?)"),
+        "{err}"
+    );
+    let out = root.run(&["emit", "TRAINING_STARTD", r#"{"config_key": "hex8_2p"}"#]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("did you mean TRAINING_STARTED"),
+        "{}",
+        stderr(&out)
+    );
+    let ok = root.ok(&["emit", "training_started", r#"{"config_key": "hex8_2p"}"#]);
+    assert!(ok.contains("TRAINING_STARTED accepted: seq"), "{ok}");
+    let listed = events_json(&root, &["--type", "TRAINING_STARTED"]);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["source"], "cli");
+}
+
+#[test]
+fn the_supervisor_announces_daemons_and_the_log_survives_a_restart() {
+    let root = Root::with_config(&format!(
+        "daemons:\n{}",
+        worker(
+            "crashy",
+            &["--crash-after-ms", "300"],
+            "    max_restarts: 1\n    restart_window: 60\n    backoff_initial: 50ms\n"
+        )
+    ));
+    root.ok(&["start", "auto_sync"]);
+    let _ = root.run(&["start", "crashy"]);
+    assert!(wait_until(T, || root.state("crashy") == "FAILED"));
+    let types = |root: &Root| -> Vec<(String, String)> {
+        events_json(root, &[])
+            .iter()
+            .map(|e| {
+                (
+                    e["type"].as_str().unwrap().to_string(),
+                    e["payload"]["daemon"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let seen = types(&root);
+    assert!(
+        seen.contains(&("DAEMON_STARTED".into(), "auto_sync".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("DAEMON_STOPPED".into(), "crashy".into())),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("DAEMON_FAILED".into(), "crashy".into())),
+        "{seen:?}"
+    );
+    let last = events_json(&root, &[]).last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+
+    root.ok(&["shutdown"]);
+    root.ok(&["start", "auto_sync"]);
+    let after = events_json(&root, &[]);
+    assert!(
+        after.iter().any(|e| e["seq"].as_u64() == Some(last)),
+        "old events are still there"
+    );
+    assert!(
+        after.last().unwrap()["seq"].as_u64().unwrap() > last,
+        "sequence numbers continue"
+    );
+    // --since and -n narrow the listing.
+    assert!(
+        events_json(&root, &["--since", &last.to_string()])
+            .iter()
+            .all(|e| e["seq"].as_u64().unwrap() > last)
+    );
+    assert_eq!(events_json(&root, &["-n", "2"]).len(), 2);
+}
+
+#[test]
+fn events_follow_prints_new_events_as_they_come() {
+    use std::io::{BufRead, BufReader};
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    let mut child = root
+        .cmd(&["events", "-f", "--type", "QUALITY_SCORE_UPDATED"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Emit until the follower shows it (it may connect after the first emit).
+    let mut got = None;
+    let found = wait_until(T, || {
+        root.ok(&[
+            "emit",
+            "QUALITY_SCORE_UPDATED",
+            r#"{"config_key": "hex8_2p", "score": 0.75}"#,
+        ]);
+        got = rx.recv_timeout(Duration::from_millis(200)).ok();
+        got.is_some()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(found);
+    let line = got.unwrap();
+    assert!(
+        line.contains("QUALITY_SCORE_UPDATED") && line.contains("0.75"),
+        "{line}"
+    );
+}
