@@ -90,6 +90,9 @@ pub enum ToSupervisor {
     Emit {
         event_type: String,
         payload: Value,
+        /// For CLI-side emits: "cli" (the default) or "http". Ignored for workers (their daemon name is used).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     /// The event types this worker wants; replaces any earlier subscription. Events not yet acked
     /// (including those emitted while the daemon was down) are delivered again.
@@ -281,6 +284,9 @@ pub struct SupervisorInfo {
     pub uptime_secs: f64,
     pub config_path: String,
     pub version: String,
+    /// Where the HTTP server listens, if it does.
+    #[serde(default)]
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -192,6 +192,8 @@ pub(crate) struct Core {
     /// Shutdown has asked the remaining jobs to stop.
     stopping_jobs: bool,
     events: crate::events::Router,
+    /// Where the HTTP server listens (None: disabled or it could not bind).
+    pub(crate) http_addr: Option<String>,
     last_flush: Instant,
     flush_pending: bool,
     pub(crate) exit_now: bool,
@@ -237,6 +239,7 @@ impl Core {
             records_dirty: false,
             stopping_jobs: false,
             events,
+            http_addr: None,
             last_flush: Instant::now(),
             flush_pending: false,
             exit_now: false,
@@ -358,8 +361,14 @@ impl Core {
             ToSupervisor::Emit {
                 event_type,
                 payload,
+                source,
             } => {
-                let answer = match self.events.publish(&event_type, payload, "cli") {
+                let source = if source.as_deref() == Some("http") {
+                    "http"
+                } else {
+                    "cli"
+                };
+                let answer = match self.events.publish(&event_type, payload, source) {
                     Ok(ev) => FromSupervisor::Emitted {
                         seq: ev.seq,
                         id: ev.id.clone(),
@@ -1340,6 +1349,7 @@ impl Core {
             ToSupervisor::Emit {
                 event_type,
                 payload,
+                ..
             } => {
                 if let Err(e) = self.events.publish(&event_type, payload, name) {
                     self.log.warn(&format!("{name}: event refused: {e}"));
@@ -1445,6 +1455,7 @@ impl Core {
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| self.config.source.clone()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                http: self.http_addr.clone(),
             },
             daemons,
             jobs: self.job_statuses(),

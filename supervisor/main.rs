@@ -4,6 +4,7 @@
 mod cli;
 mod core;
 mod events;
+mod http;
 mod ipc;
 mod leftovers;
 mod logwriter;
@@ -319,6 +320,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 &ToSupervisor::Emit {
                     event_type,
                     payload,
+                    source: None,
                 },
                 Duration::from_secs(10),
             ) {

@@ -169,6 +169,8 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
             return 1;
         }
     };
+    let opts_http = opts.config.http.clone();
+    let http_tx = tx.clone();
     let core = Core::new(crate::core::CoreParts {
         paths,
         config: opts.config,
@@ -179,6 +181,19 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
         worker_bin: worker_binary(),
         events,
     });
+    let mut core = core;
+    if opts_http.enabled {
+        match crate::http::start(opts_http.addr, http_tx, log.clone()) {
+            Ok(bound) => {
+                log.info(&format!("http: listening on http://{bound}"));
+                core.http_addr = Some(bound.to_string());
+            }
+            Err(e) => log.error(&format!(
+                "http: cannot listen on {}: {e}; monitoring over HTTP is off (set http.addr to change the address)",
+                opts_http.addr
+            )),
+        }
+    }
     core.run(rx).await;
     // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);

@@ -79,13 +79,18 @@ pub(crate) struct FaultArgs {
     #[arg(long, value_name = "TYPE")]
     pub(crate) emit: Option<String>,
 
-    /// JSON payload of --emit; `{i}` is replaced by the event's number (1, 2, ...) [default: {}]
+    /// JSON payload of --emit; `{i}` is replaced by the event's number (1, 2, ...) and `{now_us}`
+    /// by the unix time in microseconds [default: {}]
     #[arg(long, value_name = "JSON")]
     pub(crate) emit_payload: Option<String>,
 
     /// How many events --emit sends in all [default: 1]
     #[arg(long, value_name = "N")]
     pub(crate) emit_count: Option<u64>,
+
+    /// Emit all --emit-count events in the first cycle, as fast as possible (for benchmarks)
+    #[arg(long)]
+    pub(crate) emit_burst: bool,
 
     /// Do not connect to the supervisor: a plain process that sleeps until SIGTERM (exit 0)
     #[arg(long)]
@@ -166,6 +171,7 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
                     let daemon = Box::new(FaultDaemon {
                         name,
                         subscribe: args.subscribe.clone(),
+                        emit_burst: args.emit_burst,
                         emit: args.emit.clone().map(|t| {
                             (
                                 t,
@@ -290,6 +296,13 @@ fn flood(lines: u64) -> std::io::Result<()> {
     out.flush()
 }
 
+fn unix_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
 /// The daemon the fault worker runs: plain cycles under whatever name the supervisor gave it,
 /// plus the event and job behaviour asked for on the command line.
 struct FaultDaemon {
@@ -301,6 +314,7 @@ struct FaultDaemon {
     job: Option<(Vec<String>, f64)>,
     ctx: Option<Ctx>,
     emitted: u64,
+    emit_burst: bool,
 }
 
 impl FaultDaemon {
@@ -339,17 +353,28 @@ impl Daemon for FaultDaemon {
         Box::pin(async move {
             println!("{}: cycle {n} (fault-injection worker)", self.name);
             let ctx = self.ctx.clone().expect("attached before start");
-            if let Some((event_type, template, count)) = &self.emit
-                && self.emitted < *count
-            {
-                self.emitted += 1;
-                let text = template.replace("{i}", &self.emitted.to_string());
-                match serde_json::from_str::<Value>(&text) {
-                    Ok(payload) => {
-                        println!("{}: emit {event_type} {text}", self.name);
-                        ctx.emit(event_type, payload);
+            if let Some((event_type, template, count)) = &self.emit {
+                let batch = if self.emit_burst { *count } else { 1 };
+                for _ in 0..batch {
+                    if self.emitted >= *count {
+                        break;
                     }
-                    Err(e) => eprintln!("{}: --emit-payload is not JSON: {e}", self.name),
+                    self.emitted += 1;
+                    let text = template
+                        .replace("{i}", &self.emitted.to_string())
+                        .replace("{now_us}", &unix_micros().to_string());
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(payload) => {
+                            if !self.emit_burst {
+                                println!("{}: emit {event_type} {text}", self.name);
+                            }
+                            ctx.emit(event_type, payload);
+                        }
+                        Err(e) => eprintln!("{}: --emit-payload is not JSON: {e}", self.name),
+                    }
+                }
+                if self.emit_burst && self.emitted == *count {
+                    println!("{}: emitted {count} events", self.name);
                 }
             }
             if let Some((command, max_runtime)) = self.job.take() {
@@ -384,8 +409,14 @@ impl Daemon for FaultDaemon {
     fn on_event(&mut self, event: ringrift::events::Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
             println!(
-                "{}: event seq={} id={} type={} source={} payload={}",
-                self.name, event.seq, event.id, event.event_type, event.source, event.payload
+                "{}: event seq={} id={} type={} source={} recv_us={} payload={}",
+                self.name,
+                event.seq,
+                event.id,
+                event.event_type,
+                event.source,
+                unix_micros(),
+                event.payload
             );
             None
         })

@@ -153,6 +153,7 @@ impl Ctx {
         let _ = self.tx.send(ToSupervisor::Emit {
             event_type: event_type.to_string(),
             payload,
+            source: None,
         });
     }
 
