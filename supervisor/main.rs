@@ -11,6 +11,7 @@ mod logwriter;
 mod paths;
 mod server;
 mod unix;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -135,6 +136,12 @@ enum Command {
         /// One JSON object per line
         #[arg(long)]
         json: bool,
+    },
+    /// Live view of daemons (state, pid, uptime, restarts, CPU, RSS, health) and the latest events; q quits
+    Watch {
+        /// Print one frame and exit
+        #[arg(long)]
+        once: bool,
     },
     /// Publish one event, validated against its type's payload schema
     Emit {
@@ -339,6 +346,10 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 }
             }
         }
+        Command::Watch { once } => match cli::connect_or_explain(&paths) {
+            Ok(mut client) => watch::run(&mut client, once),
+            Err(code) => code,
+        },
         Command::Events {
             follow,
             types,

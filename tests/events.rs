@@ -251,3 +251,38 @@ fn events_follow_prints_new_events_as_they_come() {
         "{line}"
     );
 }
+
+#[test]
+fn watch_shows_daemons_and_latest_events_and_quits_on_q() {
+    use std::io::Write;
+    let root = Root::new();
+    root.ok(&["start", "--profile", "minimal"]);
+    let frame = root.ok(&["watch", "--once"]);
+    for needle in [
+        "NAME",
+        "CPU%",
+        "RSS",
+        "auto_sync",
+        "RUNNING",
+        "LATEST EVENTS",
+        "DAEMON_STARTED",
+    ] {
+        assert!(frame.contains(needle), "{needle} missing:\n{frame}");
+    }
+    let mut child = root
+        .cmd(&["watch"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"q").unwrap();
+    let mut status = None;
+    assert!(
+        wait_until(T, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        }),
+        "watch quits on q"
+    );
+    assert!(status.unwrap().success());
+}
