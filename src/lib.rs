@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod config;
 pub mod deps;
 pub mod events;
+pub mod game;
 pub mod lifecycle;
 pub mod procfs;
 pub mod protocol;

@@ -6,6 +6,7 @@
 
 mod daemons;
 mod fault;
+mod jobs;
 mod reaper;
 mod runtime;
 
@@ -55,6 +56,8 @@ enum Command {
     Fault(fault::FaultArgs),
     /// One JOB_REAPER pass over a root's process tree now (what `ringrift-supervisor reap` runs)
     Reap(reaper::ReapArgs),
+    /// Run one reference pipeline job (selfplay, export, train, gauntlet) and exit
+    Job(jobs::JobArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
     match (cli.command, cli.daemon) {
         (Some(Command::Fault(args)), _) => fault::main(args),
         (Some(Command::Reap(args)), _) => reaper::main(args),
+        (Some(Command::Job(args)), _) => jobs::main(args),
         (None, Some(daemon)) => run_daemon(&daemon),
         // clap requires one of the two.
         (None, None) => {

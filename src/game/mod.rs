@@ -1,0 +1,195 @@
+//! The reference game of the self-improvement loop, pure and testable without processes.
+//!
+//! The supervisor's default jobs (`ringrift-worker job selfplay|export|train|gauntlet`) must work out
+//! of the box, so the pipeline needs *some* real game with a model that measurably learns. This is
+//! it: Hex ([`hex`]) with a linear value model ([`model`]), numpy-readable training files ([`npz`])
+//! and a seeded RNG ([`rng`]). Users replace the jobs with their own programs through command
+//! templates; nothing else in the supervisor depends on this module.
+
+pub mod hex;
+pub mod model;
+pub mod npz;
+pub mod rng;
+
+use thiserror::Error;
+
+use self::hex::{Hex, MoveError};
+use self::model::{Model, choose_move};
+use self::rng::Rng;
+
+/// The config keys this build can play: `hex<side>_2p`.
+pub const CONFIG_KEYS: &[&str] = &["hex8_2p", "hex6_2p"];
+
+/// What a config key names: the board and the number of players.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GameConfig {
+    /// e.g. `hex8_2p`
+    pub key: String,
+    /// e.g. `hex8`
+    pub board_type: String,
+    pub num_players: u8,
+    /// Board side: 8 for hex8, 6 for hex6.
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unsupported config key {0:?} (supported: hex8_2p, hex6_2p)")]
+pub struct ConfigKeyError(pub String);
+
+impl GameConfig {
+    pub fn parse(key: &str) -> Result<GameConfig, ConfigKeyError> {
+        let (board_type, size) = match key {
+            "hex8_2p" => ("hex8", 8),
+            "hex6_2p" => ("hex6", 6),
+            _ => return Err(ConfigKeyError(key.to_string())),
+        };
+        Ok(GameConfig {
+            key: key.to_string(),
+            board_type: board_type.to_string(),
+            num_players: 2,
+            size,
+        })
+    }
+
+    /// Length of a position's feature vector.
+    pub fn num_features(&self) -> usize {
+        hex::feature_len(self.size)
+    }
+}
+
+/// One finished game: the cells played in order (player 1 first) and the winner (1 or 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GameRecord {
+    pub moves: Vec<u8>,
+    pub winner: u8,
+}
+
+/// Plays one game to the end. `players[0]` moves first; `None` plays uniformly at random, a model
+/// plays by [`choose_move`] with exploration `epsilon`.
+pub fn play_game(
+    config: &GameConfig,
+    players: [Option<&Model>; 2],
+    epsilon: f32,
+    rng: &mut Rng,
+) -> GameRecord {
+    let mut pos = Hex::new(config.size);
+    let mut moves = Vec::with_capacity(pos.cells());
+    while pos.winner().is_none() {
+        let model = players[usize::from(pos.to_move() - 1)];
+        let cell = choose_move(&pos, model, epsilon, rng);
+        pos.play(cell).expect("the policy picks legal moves");
+        moves.push(cell as u8);
+    }
+    GameRecord {
+        moves,
+        winner: pos.winner().expect("loop ends with a winner"),
+    }
+}
+
+/// Why a stored game could not be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReplayError {
+    #[error("move {number}: {source}")]
+    Illegal { number: usize, source: MoveError },
+    #[error("the moves end before the game does")]
+    Unfinished,
+}
+
+/// Replays `moves` and calls `sample(features, outcome)` for every position before a move: the
+/// features from the perspective of the player to move, the outcome +1 if that player won, else -1.
+/// Returns the winner. Refuses illegal moves and games that do not end exactly at the last move.
+pub fn samples(
+    config: &GameConfig,
+    moves: &[u8],
+    mut sample: impl FnMut(&[f32], f32),
+) -> Result<u8, ReplayError> {
+    // Replay first: outcomes need the winner.
+    let mut pos = Hex::new(config.size);
+    for (number, &cell) in moves.iter().enumerate() {
+        pos.play(usize::from(cell))
+            .map_err(|source| ReplayError::Illegal { number, source })?;
+    }
+    let winner = pos.winner().ok_or(ReplayError::Unfinished)?;
+    let mut pos = Hex::new(config.size);
+    for &cell in moves {
+        let outcome = if pos.to_move() == winner { 1.0 } else { -1.0 };
+        sample(&pos.features(), outcome);
+        pos.play(usize::from(cell)).expect("replayed above");
+    }
+    Ok(winner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_keys_name_their_board() {
+        let c = GameConfig::parse("hex8_2p").unwrap();
+        assert_eq!(
+            (c.board_type.as_str(), c.size, c.num_players),
+            ("hex8", 8, 2)
+        );
+        assert_eq!(GameConfig::parse("hex6_2p").unwrap().size, 6);
+        assert_eq!(GameConfig::parse("hex6_2p").unwrap().num_features(), 75);
+        for key in CONFIG_KEYS {
+            assert_eq!(GameConfig::parse(key).unwrap().key, *key);
+        }
+        let err = GameConfig::parse("square8_2p").unwrap_err().to_string();
+        assert!(
+            err.contains("unsupported config key \"square8_2p\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn games_are_reproducible_from_the_seed() {
+        let config = GameConfig::parse("hex6_2p").unwrap();
+        let a = play_game(&config, [None, None], 0.0, &mut Rng::new(9));
+        let b = play_game(&config, [None, None], 0.0, &mut Rng::new(9));
+        assert_eq!(a, b);
+        assert!(a.moves.len() >= 11, "a 6×6 game needs at least 11 moves");
+    }
+
+    #[test]
+    fn samples_label_every_position_with_the_movers_result() {
+        let config = GameConfig::parse("hex6_2p").unwrap();
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(4));
+        let mut outcomes = Vec::new();
+        let winner = samples(&config, &record.moves, |f, o| {
+            assert_eq!(f.len(), config.num_features());
+            outcomes.push(o);
+        })
+        .unwrap();
+        assert_eq!(winner, record.winner);
+        assert_eq!(outcomes.len(), record.moves.len());
+        // Player 1 moves at even indices.
+        for (i, o) in outcomes.iter().enumerate() {
+            let mover = if i % 2 == 0 { 1 } else { 2 };
+            assert_eq!(*o, if mover == winner { 1.0 } else { -1.0 });
+        }
+        // The last mover won.
+        assert_eq!(*outcomes.last().unwrap(), 1.0);
+    }
+
+    #[test]
+    fn bad_stored_games_are_refused() {
+        let config = GameConfig::parse("hex6_2p").unwrap();
+        let err = samples(&config, &[3, 3], |_, _| {}).unwrap_err();
+        assert_eq!(err.to_string(), "move 1: cell 3 is already occupied");
+        assert_eq!(
+            samples(&config, &[0, 1], |_, _| {}),
+            Err(ReplayError::Unfinished)
+        );
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(2));
+        let mut longer = record.moves.clone();
+        longer.push(longer[0]);
+        assert!(matches!(
+            samples(&config, &longer, |_, _| {}),
+            Err(ReplayError::Illegal {
+                source: MoveError::GameOver,
+                ..
+            })
+        ));
+    }
+}
