@@ -63,7 +63,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Sync,
         &[],
         true,
-        &[],
+        &["targets", "retries", "retry_backoff"],
     ),
     spec(
         "training_trigger",
@@ -71,7 +71,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         SOURCES,
         true,
-        &["threshold_games"],
+        &["threshold_games", "min_samples", "cooldown", "epochs", "learning_rate", "failure_backoff"],
     ),
     spec(
         "auto_export",
@@ -79,7 +79,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &[],
         true,
-        &["threshold_games"],
+        &["threshold_games", "batch_timeout"],
     ),
     spec(
         "evaluation",
@@ -87,7 +87,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &["training_trigger"],
         true,
-        &[],
+        &["games", "queue_limit"],
     ),
     spec(
         "auto_promotion",
@@ -95,7 +95,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &["evaluation"],
         true,
-        &[],
+        &["min_win_rate_vs_random", "min_win_rate_vs_baseline", "min_games", "cooldown"],
     ),
     spec(
         "unified_node_health",
@@ -111,7 +111,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         true,
-        &[],
+        &["window_games", "threshold", "min_moves", "max_moves"],
     ),
     spec(
         "idle_resource",
@@ -119,7 +119,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         true,
-        &[],
+        &["cpu_threshold", "idle_window", "max_extra_jobs", "games_per_job"],
     ),
     spec(
         "unified_idle_shutdown",
@@ -135,7 +135,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Queue,
         &[],
         true,
-        &[],
+        &["target_depth", "games_per_item"],
     ),
     spec(
         "selfplay_scheduler",
@@ -143,7 +143,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Queue,
         &[],
         true,
-        &[],
+        &["slots", "target_games", "staleness_hours"],
     ),
     spec(
         "job_reaper",

@@ -30,6 +30,100 @@ pub struct Config {
     pub logs: LogConfig,
     pub daemons: BTreeMap<String, DaemonConfig>,
     pub profiles: BTreeMap<String, Vec<String>>,
+    pub pipeline: PipelineConfig,
+}
+
+/// The self-improvement loop: which config keys it works on and the command of each kind of job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    pub config_keys: Vec<String>,
+    /// selfplay, export, train, gauntlet → command template and maximum runtime.
+    pub jobs: BTreeMap<String, JobTemplate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobTemplate {
+    /// Words with `{placeholder}`s, filled in when the job runs.
+    pub command: Vec<String>,
+    pub max_runtime: Duration,
+}
+
+/// The kinds of job the pipeline runs.
+pub const JOB_KINDS: &[&str] = &["selfplay", "export", "train", "gauntlet"];
+
+/// What a job command template may contain.
+pub const PLACEHOLDERS: &[&str] = &[
+    "worker",
+    "root",
+    "config_key",
+    "board_type",
+    "num_players",
+    "games",
+    "db_path",
+    "npz_path",
+    "model_path",
+    "candidate_path",
+    "output_path",
+    "epochs",
+    "learning_rate",
+    "seed",
+];
+
+/// The `{name}`s in one word of a template.
+pub fn placeholders(word: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = word;
+    while let Some(start) = rest.find('{') {
+        let Some(len) = rest[start..].find('}') else { break };
+        out.push(rest[start + 1..start + len].to_string());
+        rest = &rest[start + len + 1..];
+    }
+    out
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        let t = |words: &[&str], secs: u64| JobTemplate {
+            command: words.iter().map(|w| w.to_string()).collect(),
+            max_runtime: Duration::from_secs(secs),
+        };
+        let jobs = BTreeMap::from([
+            (
+                "selfplay".to_string(),
+                t(&["{worker}", "job", "selfplay", "--config-key", "{config_key}", "--games", "{games}", "--db", "{db_path}", "--model", "{model_path}", "--seed", "{seed}"], 1800),
+            ),
+            (
+                "export".to_string(),
+                t(&["{worker}", "job", "export", "--config-key", "{config_key}", "--db", "{db_path}", "--output", "{npz_path}"], 1800),
+            ),
+            (
+                "train".to_string(),
+                t(
+                    &["{worker}", "job", "train", "--config-key", "{config_key}", "--input", "{npz_path}", "--output", "{candidate_path}", "--init", "{model_path}", "--epochs", "{epochs}", "--lr", "{learning_rate}"],
+                    3600,
+                ),
+            ),
+            (
+                "gauntlet".to_string(),
+                t(
+                    &["{worker}", "job", "gauntlet", "--config-key", "{config_key}", "--candidate", "{candidate_path}", "--baseline", "{model_path}", "--games", "{games}", "--output", "{output_path}"],
+                    3600,
+                ),
+            ),
+        ]);
+        PipelineConfig { config_keys: vec!["hex8_2p".to_string()], jobs }
+    }
+}
+
+impl PipelineConfig {
+    pub fn to_json(&self) -> Value {
+        let jobs: Map<String, Value> = self
+            .jobs
+            .iter()
+            .map(|(k, t)| (k.clone(), serde_json::json!({ "command": t.command, "max_runtime": t.max_runtime.as_secs_f64() })))
+            .collect();
+        serde_json::json!({ "config_keys": self.config_keys, "jobs": jobs })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -253,7 +347,7 @@ fn yaml_error_line(msg: &str) -> Option<usize> {
 /// Which daemons an interval variable applies to, by catalog category.
 type CategoryFilter = fn(Option<Category>) -> bool;
 
-const TOP_KEYS: &[&str] = &["daemons", "profiles", "http", "logs", "defaults"];
+const TOP_KEYS: &[&str] = &["daemons", "profiles", "http", "logs", "defaults", "pipeline"];
 const HTTP_KEYS: &[&str] = &["enabled", "addr"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
 /// Keys every daemon entry (and the `defaults:` block) may carry.
@@ -481,13 +575,60 @@ impl Validator<'_> {
         }
 
         let profiles = self.profiles(top.get("profiles"), &daemons);
-        Config {
-            source: self.file.to_string(),
-            http,
-            logs,
-            daemons,
-            profiles,
+        let pipeline = self.pipeline(top.get("pipeline"));
+        // Every daemon sees the pipeline section in its settings: the keys it works on and the job templates.
+        let pipeline_json = pipeline.to_json();
+        for d in daemons.values_mut() {
+            if let Value::Object(m) = &mut d.settings {
+                m.insert("pipeline".into(), pipeline_json.clone());
+            }
         }
+        Config { source: self.file.to_string(), http, logs, daemons, profiles, pipeline }
+    }
+
+    fn pipeline(&mut self, v: Option<&Value>) -> PipelineConfig {
+        let mut out = PipelineConfig::default();
+        let Some(map) = self.mapping(v, &["pipeline"]).cloned() else { return out };
+        self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs"]);
+        if let Some(keys) = self.string_list(map.get("config_keys"), &["pipeline", "config_keys"]) {
+            let mut good = Vec::new();
+            for k in keys {
+                match crate::events::parse_config_key(&k) {
+                    Ok(_) => good.push(k),
+                    Err(e) => self.problem(&["pipeline", "config_keys"], e),
+                }
+            }
+            if good.is_empty() {
+                self.problem(&["pipeline", "config_keys"], "name at least one config key, e.g. [hex8_2p]");
+            } else {
+                out.config_keys = good;
+            }
+        }
+        let Some(jobs) = self.mapping(map.get("jobs"), &["pipeline", "jobs"]).cloned() else { return out };
+        self.unknown_keys(&jobs, &["pipeline", "jobs"], JOB_KINDS);
+        for (kind, spec) in &jobs {
+            let Some(spec) = self.mapping(Some(spec), &["pipeline", "jobs", kind]).cloned() else { continue };
+            self.unknown_keys(&spec, &["pipeline", "jobs", kind], &["command", "max_runtime"]);
+            let Some(template) = out.jobs.get_mut(kind) else { continue };
+            if let Some(cmd) = self.string_list(spec.get("command"), &["pipeline", "jobs", kind, "command"]) {
+                if cmd.is_empty() {
+                    self.problem(&["pipeline", "jobs", kind, "command"], "must name a program");
+                }
+                for word in &cmd {
+                    for p in placeholders(word) {
+                        if !PLACEHOLDERS.contains(&p.as_str()) {
+                            let hint = crate::catalog::suggestion(&p, PLACEHOLDERS.iter().copied());
+                            self.problem(&["pipeline", "jobs", kind, "command"], format!("unknown placeholder {{{p}}}: {hint}"));
+                        }
+                    }
+                }
+                template.command = cmd;
+            }
+            if let Some(d) = self.duration(spec.get("max_runtime"), &["pipeline", "jobs", kind, "max_runtime"], 1.0, 7.0 * 86_400.0) {
+                template.max_runtime = d;
+            }
+        }
+        out
     }
 
     fn daemon(

@@ -1,0 +1,235 @@
+//! What the pipeline daemons share: where the loop's files live, the job command templates from
+//! the configuration, small persistent state files, and settings helpers.
+//!
+//! Layout under the root (every daemon agrees on it):
+//! ```text
+//! data/games/<key>.db                  selfplay games (SQLite)
+//! data/work_queue.db                   selfplay work items
+//! data/training/<key>.npz              the latest export
+//! data/coordination/<daemon>.json      each daemon's state, kept across restarts
+//! models/candidates/<key>/<name>.bin   trained candidates (+ <name>.eval.json once evaluated)
+//! models/canonical_<key>.bin           the canonical model; models/ringrift_best_<key> links to it
+//! models/backup/                       canonical models replaced by a promotion
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ringrift::protocol::ROOT_ENV;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::runtime::{Ctx, JobOutcome, Settings};
+
+/// The loop's shared facts, built from a daemon's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Pipeline {
+    pub root: PathBuf,
+    pub config_keys: Vec<String>,
+    /// kind → (command template, max runtime)
+    pub jobs: BTreeMap<String, (Vec<String>, Duration)>,
+    /// This worker binary, for `{worker}`.
+    pub worker: PathBuf,
+}
+
+impl Pipeline {
+    pub(crate) fn from_settings(settings: &Settings) -> anyhow::Result<Pipeline> {
+        let root = std::env::var_os(ROOT_ENV).map(PathBuf::from).context("RINGRIFT_ROOT is not set")?;
+        let p = settings.config.get("pipeline").context("the configuration has no pipeline section")?;
+        let config_keys: Vec<String> = p
+            .get("config_keys")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        if config_keys.is_empty() {
+            bail!("pipeline.config_keys is empty");
+        }
+        let mut jobs = BTreeMap::new();
+        if let Some(map) = p.get("jobs").and_then(Value::as_object) {
+            for (kind, spec) in map {
+                let command: Vec<String> = spec
+                    .get("command")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(|w| w.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                let max = spec.get("max_runtime").and_then(Value::as_f64).unwrap_or(3600.0);
+                jobs.insert(kind.clone(), (command, Duration::from_secs_f64(max)));
+            }
+        }
+        let worker = std::env::current_exe().context("cannot find the worker binary")?;
+        Ok(Pipeline { root, config_keys, jobs, worker })
+    }
+
+    pub(crate) fn games_db(&self, key: &str) -> PathBuf {
+        self.root.join("data/games").join(format!("{key}.db"))
+    }
+    pub(crate) fn work_queue(&self) -> PathBuf {
+        self.root.join("data/work_queue.db")
+    }
+    pub(crate) fn npz(&self, key: &str) -> PathBuf {
+        self.root.join("data/training").join(format!("{key}.npz"))
+    }
+    pub(crate) fn candidates_dir(&self, key: &str) -> PathBuf {
+        self.root.join("models/candidates").join(key)
+    }
+    pub(crate) fn canonical(&self, key: &str) -> PathBuf {
+        self.root.join("models").join(format!("canonical_{key}.bin"))
+    }
+    pub(crate) fn best_link(&self, key: &str) -> PathBuf {
+        self.root.join("models").join(format!("ringrift_best_{key}"))
+    }
+    pub(crate) fn backup_dir(&self) -> PathBuf {
+        self.root.join("models/backup")
+    }
+    pub(crate) fn state_path(&self, daemon: &str) -> PathBuf {
+        self.root.join("data/coordination").join(format!("{daemon}.json"))
+    }
+
+    /// Fills a job template. `{worker} {root} {config_key} {board_type} {num_players} {db_path}
+    /// {npz_path} {model_path}` come from the key; the caller gives the rest (`games`,
+    /// `candidate_path`, `output_path`, `epochs`, `learning_rate`, `seed`).
+    pub(crate) fn job_command(&self, kind: &str, key: &str, vars: &[(&str, String)]) -> anyhow::Result<(Vec<String>, Duration)> {
+        let (template, max) = self.jobs.get(kind).with_context(|| format!("no {kind} job in pipeline.jobs"))?;
+        let (board, players) = ringrift::events::parse_config_key(key).map_err(anyhow::Error::msg)?;
+        let mut all: BTreeMap<&str, String> = BTreeMap::from([
+            ("worker", self.worker.display().to_string()),
+            ("root", self.root.display().to_string()),
+            ("config_key", key.to_string()),
+            ("board_type", board.to_string()),
+            ("num_players", players.to_string()),
+            ("db_path", self.games_db(key).display().to_string()),
+            ("npz_path", self.npz(key).display().to_string()),
+            ("model_path", self.canonical(key).display().to_string()),
+        ]);
+        for (k, v) in vars {
+            all.insert(k, v.clone());
+        }
+        let mut out = Vec::with_capacity(template.len());
+        for word in template {
+            let mut w = word.clone();
+            for p in ringrift::config::placeholders(word) {
+                let Some(v) = all.get(p.as_str()) else {
+                    bail!("the {kind} job template uses {{{p}}}, which this daemon does not provide");
+                };
+                w = w.replace(&format!("{{{p}}}"), v);
+            }
+            out.push(w);
+        }
+        Ok((out, *max))
+    }
+
+    /// Runs a job of `kind` for `key` through the supervisor and waits for it.
+    pub(crate) async fn run_job(&self, ctx: &Ctx, kind: &str, key: &str, vars: &[(&str, String)]) -> anyhow::Result<JobOutcome> {
+        let (command, max) = self.job_command(kind, key, vars)?;
+        println!("{kind} job for {key}: {}", command.join(" "));
+        Ok(ctx.run_job(command, max, BTreeMap::new()).await)
+    }
+}
+
+/// A daemon's persistent state: JSON in data/coordination/<daemon>.json, written atomically.
+/// A missing or unreadable file gives the default (and says so on stderr when unreadable).
+pub(crate) fn load_state<T: DeserializeOwned + Default>(path: &Path) -> T {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            eprintln!("{}: unreadable state ({e}); starting afresh", path.display());
+            T::default()
+        }),
+        Err(_) => T::default(),
+    }
+}
+
+pub(crate) fn save_state<T: Serialize>(path: &Path, state: &T) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// A number from the daemon's settings, or the default.
+pub(crate) fn num(settings: &Settings, key: &str, default: f64) -> f64 {
+    settings.config.get(key).and_then(Value::as_f64).unwrap_or(default)
+}
+
+/// Runs futures concurrently on this thread (the worker's runtime is single-threaded and its
+/// futures are not `Send`), returning their outputs in order.
+pub(crate) async fn join_all<T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => out[i] = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(|v| v.expect("every future finished")).collect()
+}
+
+/// Seconds since the unix epoch.
+pub(crate) fn now_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline() -> Pipeline {
+        let defaults = ringrift::config::PipelineConfig::default().to_json();
+        let settings = Settings::from_config(Some(&serde_json::json!({ "pipeline": defaults }))).unwrap();
+        // SAFETY: single-threaded test setup of a variable no other test reads concurrently.
+        unsafe { std::env::set_var(ROOT_ENV, "/srv/rr") };
+        Pipeline::from_settings(&settings).unwrap()
+    }
+
+    #[test]
+    fn templates_are_filled_from_the_key_and_the_caller() {
+        let p = pipeline();
+        let (cmd, max) = p.job_command("selfplay", "hex8_2p", &[("games", "50".into()), ("seed", "7".into())]).unwrap();
+        assert_eq!(cmd[1..3], ["job".to_string(), "selfplay".to_string()]);
+        assert!(cmd.contains(&"/srv/rr/data/games/hex8_2p.db".to_string()), "{cmd:?}");
+        assert!(cmd.contains(&"/srv/rr/models/canonical_hex8_2p.bin".to_string()), "{cmd:?}");
+        assert!(cmd.contains(&"50".to_string()) && cmd.contains(&"7".to_string()));
+        assert_eq!(max, Duration::from_secs(1800));
+        let err = p.job_command("selfplay", "hex8_2p", &[]).unwrap_err().to_string();
+        assert!(err.contains("{games}"), "{err}");
+    }
+
+    #[test]
+    fn join_all_runs_futures_together() {
+        // Each future finishes only once all three have started: run one after another, they
+        // would never finish.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let started = std::cell::Cell::new(0);
+        let out = rt.block_on(async {
+            let futs: Vec<Pin<Box<dyn Future<Output = u32> + '_>>> = (0..3)
+                .map(|i| -> Pin<Box<dyn Future<Output = u32> + '_>> {
+                    let started = &started;
+                    Box::pin(async move {
+                        started.set(started.get() + 1);
+                        while started.get() < 3 {
+                            tokio::task::yield_now().await;
+                        }
+                        i
+                    })
+                })
+                .collect();
+            tokio::time::timeout(Duration::from_secs(10), join_all(futs)).await
+        });
+        assert_eq!(out.expect("all three ran together"), vec![0, 1, 2]);
+    }
+}
