@@ -166,8 +166,17 @@ async fn connection(
     // One writer task per connection, so the core never waits on a socket.
     let (tx, mut rx) = mpsc::unbounded_channel::<FromSupervisor>();
     let writer = tokio::spawn(async move {
+        // Whatever is queued goes out in one write: a burst of events costs one syscall, not one each.
+        let mut batch = Vec::with_capacity(64 * 1024);
         while let Some(frame) = rx.recv().await {
-            if write.write_all(&protocol::encode(&frame)).await.is_err() {
+            batch.clear();
+            batch.extend_from_slice(&protocol::encode(&frame));
+            while batch.len() < 256 * 1024
+                && let Ok(more) = rx.try_recv()
+            {
+                batch.extend_from_slice(&protocol::encode(&more));
+            }
+            if write.write_all(&batch).await.is_err() {
                 break;
             }
         }

@@ -31,6 +31,9 @@ use tokio::time::MissedTickBehavior;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 
+/// During a burst of events, ack at least every this many.
+const ACK_EVERY: usize = 128;
+
 /// Seconds between cycles when the configuration does not say.
 const DEFAULT_INTERVAL_SECS: f64 = 60.0;
 /// Seconds between heartbeats when the configuration does not say.
@@ -494,6 +497,7 @@ async fn serve(
     }
     let mut pending_events: VecDeque<ringrift::events::Event> = VecDeque::new();
     let mut seen = SeenIds::default();
+    let mut unacked = 0usize;
 
     let frozen = session.quirks.frozen_progress.then(|| progress(&report, 0));
     let mut cycles: u64 = 0;
@@ -549,7 +553,14 @@ async fn serve(
                     report = r;
                 }
                 match done.ack {
-                    Some(seq) => session.send(&ToSupervisor::Ack { seq }).await?,
+                    // Acks are cumulative: during a burst one ack covers many events.
+                    Some(seq) => {
+                        unacked += 1;
+                        if pending_events.is_empty() || unacked >= ACK_EVERY {
+                            unacked = 0;
+                            session.send(&ToSupervisor::Ack { seq }).await?;
+                        }
+                    }
                     None => cycles += 1,
                 }
             }
