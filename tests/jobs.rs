@@ -188,6 +188,16 @@ fn the_job_reaper_daemon_kills_orphans_every_cycle() {
             .starts_with("last pass"),
         "{d:#}"
     );
+    // Each kill is published.
+    let mut events = String::new();
+    assert!(
+        wait_until(T, || {
+            events = root.ok(&["events", "--json", "--type", "JOB_REAPED"]);
+            events.contains(&format!("\"pid\":{pid}"))
+        }),
+        "{events}"
+    );
+    assert!(events.contains("orphan of an earlier supervisor"), "{events}");
 }
 
 #[test]

@@ -266,10 +266,27 @@ pub(crate) struct ReapArgs {
     pub grace: f64,
 }
 
+/// The JOB_REAPED payload for one verdict.
+fn reaped_payload(v: &Verdict, dry_run: bool) -> Value {
+    let job_id = match &v.reason {
+        reaper::Reason::OverdueJob { job_id, .. } | reaper::Reason::Stuck { job_id, .. } => Value::from(job_id.clone()),
+        _ => Value::Null,
+    };
+    ringrift::events::payload([
+        ("pid", Value::from(v.pid)),
+        ("reason", Value::from(v.reason.to_string())),
+        ("command", Value::from(v.cmd.clone())),
+        ("age_secs", Value::from((v.age_secs * 10.0).round() / 10.0)),
+        ("job_id", job_id),
+        ("dry_run", Value::from(dry_run)),
+    ])
+}
+
 /// The `job_reaper` daemon: one reaper pass per cycle.
 #[derive(Default)]
 pub(crate) struct JobReaperDaemon {
     reaper: Option<Reaper>,
+    ctx: Option<crate::runtime::Ctx>,
     dry_run: bool,
     killed: u64,
     passes: u64,
@@ -303,6 +320,10 @@ impl JobReaperDaemon {
 impl Daemon for JobReaperDaemon {
     fn name(&self) -> &str {
         "job_reaper"
+    }
+
+    fn attach(&mut self, ctx: crate::runtime::Ctx) {
+        self.ctx = Some(ctx);
     }
 
     fn start<'a>(
@@ -352,6 +373,9 @@ impl Daemon for JobReaperDaemon {
             };
             for v in &pass.verdicts {
                 println!("job_reaper: {}", describe(v, dry_run));
+                if let Some(ctx) = &self.ctx {
+                    ctx.emit("JOB_REAPED", reaped_payload(v, dry_run));
+                }
             }
             self.passes += 1;
             if !dry_run {
