@@ -329,6 +329,17 @@ pub(crate) fn print_status(report: &StatusReport) {
             line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
         );
     }
+    for j in &report.jobs {
+        println!(
+            "job {} ({}): pid {}, running {} of at most {}: {}",
+            j.id,
+            j.daemon,
+            j.pid,
+            human_duration(j.runtime_secs),
+            human_duration(j.max_runtime_secs),
+            j.command.join(" ")
+        );
+    }
 }
 
 pub(crate) fn human_duration(secs: f64) -> String {
