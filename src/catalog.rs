@@ -71,7 +71,14 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         SOURCES,
         true,
-        &["threshold_games", "min_samples", "cooldown", "epochs", "learning_rate", "failure_backoff"],
+        &[
+            "threshold_games",
+            "min_samples",
+            "cooldown",
+            "epochs",
+            "learning_rate",
+            "failure_backoff",
+        ],
     ),
     spec(
         "auto_export",
@@ -95,7 +102,12 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &["evaluation"],
         true,
-        &["min_win_rate_vs_random", "min_win_rate_vs_baseline", "min_games", "cooldown"],
+        &[
+            "min_win_rate_vs_random",
+            "min_win_rate_vs_baseline",
+            "min_games",
+            "cooldown",
+        ],
     ),
     spec(
         "unified_node_health",
@@ -119,7 +131,12 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         true,
-        &["cpu_threshold", "idle_window", "max_extra_jobs", "games_per_job"],
+        &[
+            "cpu_threshold",
+            "idle_window",
+            "max_extra_jobs",
+            "games_per_job",
+        ],
     ),
     spec(
         "unified_idle_shutdown",

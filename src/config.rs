@@ -74,7 +74,9 @@ pub fn placeholders(word: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = word;
     while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else { break };
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
         out.push(rest[start + 1..start + len].to_string());
         rest = &rest[start + len + 1..];
     }
@@ -90,28 +92,91 @@ impl Default for PipelineConfig {
         let jobs = BTreeMap::from([
             (
                 "selfplay".to_string(),
-                t(&["{worker}", "job", "selfplay", "--config-key", "{config_key}", "--games", "{games}", "--db", "{db_path}", "--model", "{model_path}", "--seed", "{seed}"], 1800),
+                t(
+                    &[
+                        "{worker}",
+                        "job",
+                        "selfplay",
+                        "--config-key",
+                        "{config_key}",
+                        "--games",
+                        "{games}",
+                        "--db",
+                        "{db_path}",
+                        "--model",
+                        "{model_path}",
+                        "--seed",
+                        "{seed}",
+                    ],
+                    1800,
+                ),
             ),
             (
                 "export".to_string(),
-                t(&["{worker}", "job", "export", "--config-key", "{config_key}", "--db", "{db_path}", "--output", "{npz_path}"], 1800),
+                t(
+                    &[
+                        "{worker}",
+                        "job",
+                        "export",
+                        "--config-key",
+                        "{config_key}",
+                        "--db",
+                        "{db_path}",
+                        "--output",
+                        "{npz_path}",
+                    ],
+                    1800,
+                ),
             ),
             (
                 "train".to_string(),
                 t(
-                    &["{worker}", "job", "train", "--config-key", "{config_key}", "--input", "{npz_path}", "--output", "{candidate_path}", "--init", "{model_path}", "--epochs", "{epochs}", "--lr", "{learning_rate}"],
+                    &[
+                        "{worker}",
+                        "job",
+                        "train",
+                        "--config-key",
+                        "{config_key}",
+                        "--input",
+                        "{npz_path}",
+                        "--output",
+                        "{candidate_path}",
+                        "--init",
+                        "{model_path}",
+                        "--epochs",
+                        "{epochs}",
+                        "--lr",
+                        "{learning_rate}",
+                    ],
                     3600,
                 ),
             ),
             (
                 "gauntlet".to_string(),
                 t(
-                    &["{worker}", "job", "gauntlet", "--config-key", "{config_key}", "--candidate", "{candidate_path}", "--baseline", "{model_path}", "--games", "{games}", "--output", "{output_path}"],
+                    &[
+                        "{worker}",
+                        "job",
+                        "gauntlet",
+                        "--config-key",
+                        "{config_key}",
+                        "--candidate",
+                        "{candidate_path}",
+                        "--baseline",
+                        "{model_path}",
+                        "--games",
+                        "{games}",
+                        "--output",
+                        "{output_path}",
+                    ],
                     3600,
                 ),
             ),
         ]);
-        PipelineConfig { config_keys: vec!["hex8_2p".to_string()], jobs }
+        PipelineConfig {
+            config_keys: vec!["hex8_2p".to_string()],
+            jobs,
+        }
     }
 }
 
@@ -347,7 +412,9 @@ fn yaml_error_line(msg: &str) -> Option<usize> {
 /// Which daemons an interval variable applies to, by catalog category.
 type CategoryFilter = fn(Option<Category>) -> bool;
 
-const TOP_KEYS: &[&str] = &["daemons", "profiles", "http", "logs", "defaults", "pipeline"];
+const TOP_KEYS: &[&str] = &[
+    "daemons", "profiles", "http", "logs", "defaults", "pipeline",
+];
 const HTTP_KEYS: &[&str] = &["enabled", "addr"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
 /// Keys every daemon entry (and the `defaults:` block) may carry.
@@ -583,12 +650,21 @@ impl Validator<'_> {
                 m.insert("pipeline".into(), pipeline_json.clone());
             }
         }
-        Config { source: self.file.to_string(), http, logs, daemons, profiles, pipeline }
+        Config {
+            source: self.file.to_string(),
+            http,
+            logs,
+            daemons,
+            profiles,
+            pipeline,
+        }
     }
 
     fn pipeline(&mut self, v: Option<&Value>) -> PipelineConfig {
         let mut out = PipelineConfig::default();
-        let Some(map) = self.mapping(v, &["pipeline"]).cloned() else { return out };
+        let Some(map) = self.mapping(v, &["pipeline"]).cloned() else {
+            return out;
+        };
         self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs"]);
         if let Some(keys) = self.string_list(map.get("config_keys"), &["pipeline", "config_keys"]) {
             let mut good = Vec::new();
@@ -599,32 +675,64 @@ impl Validator<'_> {
                 }
             }
             if good.is_empty() {
-                self.problem(&["pipeline", "config_keys"], "name at least one config key, e.g. [hex8_2p]");
+                self.problem(
+                    &["pipeline", "config_keys"],
+                    "name at least one config key, e.g. [hex8_2p]",
+                );
             } else {
                 out.config_keys = good;
             }
         }
-        let Some(jobs) = self.mapping(map.get("jobs"), &["pipeline", "jobs"]).cloned() else { return out };
+        let Some(jobs) = self
+            .mapping(map.get("jobs"), &["pipeline", "jobs"])
+            .cloned()
+        else {
+            return out;
+        };
         self.unknown_keys(&jobs, &["pipeline", "jobs"], JOB_KINDS);
         for (kind, spec) in &jobs {
-            let Some(spec) = self.mapping(Some(spec), &["pipeline", "jobs", kind]).cloned() else { continue };
-            self.unknown_keys(&spec, &["pipeline", "jobs", kind], &["command", "max_runtime"]);
-            let Some(template) = out.jobs.get_mut(kind) else { continue };
-            if let Some(cmd) = self.string_list(spec.get("command"), &["pipeline", "jobs", kind, "command"]) {
+            let Some(spec) = self
+                .mapping(Some(spec), &["pipeline", "jobs", kind])
+                .cloned()
+            else {
+                continue;
+            };
+            self.unknown_keys(
+                &spec,
+                &["pipeline", "jobs", kind],
+                &["command", "max_runtime"],
+            );
+            let Some(template) = out.jobs.get_mut(kind) else {
+                continue;
+            };
+            if let Some(cmd) =
+                self.string_list(spec.get("command"), &["pipeline", "jobs", kind, "command"])
+            {
                 if cmd.is_empty() {
-                    self.problem(&["pipeline", "jobs", kind, "command"], "must name a program");
+                    self.problem(
+                        &["pipeline", "jobs", kind, "command"],
+                        "must name a program",
+                    );
                 }
                 for word in &cmd {
                     for p in placeholders(word) {
                         if !PLACEHOLDERS.contains(&p.as_str()) {
                             let hint = crate::catalog::suggestion(&p, PLACEHOLDERS.iter().copied());
-                            self.problem(&["pipeline", "jobs", kind, "command"], format!("unknown placeholder {{{p}}}: {hint}"));
+                            self.problem(
+                                &["pipeline", "jobs", kind, "command"],
+                                format!("unknown placeholder {{{p}}}: {hint}"),
+                            );
                         }
                     }
                 }
                 template.command = cmd;
             }
-            if let Some(d) = self.duration(spec.get("max_runtime"), &["pipeline", "jobs", kind, "max_runtime"], 1.0, 7.0 * 86_400.0) {
+            if let Some(d) = self.duration(
+                spec.get("max_runtime"),
+                &["pipeline", "jobs", kind, "max_runtime"],
+                1.0,
+                7.0 * 86_400.0,
+            ) {
                 template.max_runtime = d;
             }
         }

@@ -84,27 +84,27 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "model_distribution",
         purpose: "model sync after promotion",
-        build: not_yet_built,
+        build: crate::pipeline::distribution::build,
     },
     Entry {
         name: "training_trigger",
         purpose: "data threshold → training",
-        build: not_yet_built,
+        build: crate::pipeline::training::build,
     },
     Entry {
         name: "auto_export",
         purpose: "games DB → NPZ export",
-        build: not_yet_built,
+        build: crate::pipeline::export::build,
     },
     Entry {
         name: "evaluation",
         purpose: "model gauntlet evaluation",
-        build: not_yet_built,
+        build: crate::pipeline::evaluation::build,
     },
     Entry {
         name: "auto_promotion",
         purpose: "gauntlet → promotion",
-        build: not_yet_built,
+        build: crate::pipeline::promotion::build,
     },
     Entry {
         name: "unified_node_health",
@@ -114,12 +114,12 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "quality_monitor",
         purpose: "data quality tracking",
-        build: not_yet_built,
+        build: crate::pipeline::quality::build,
     },
     Entry {
         name: "idle_resource",
         purpose: "spawn selfplay on idle GPUs",
-        build: not_yet_built,
+        build: crate::pipeline::idle::build,
     },
     Entry {
         name: "unified_idle_shutdown",
@@ -129,12 +129,12 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "queue_populator",
         purpose: "maintain work queue",
-        build: not_yet_built,
+        build: crate::pipeline::queue::build,
     },
     Entry {
         name: "selfplay_scheduler",
         purpose: "priority-based selfplay allocation",
-        build: not_yet_built,
+        build: crate::pipeline::scheduler::build,
     },
     Entry {
         name: "job_reaper",

@@ -12,6 +12,18 @@
 //! models/backup/                       canonical models replaced by a promotion
 //! ```
 
+pub(crate) mod queue;
+pub(crate) mod work_queue;
+pub(crate) mod scheduler;
+pub(crate) mod idle;
+pub(crate) mod quality;
+pub(crate) mod export;
+pub(crate) mod sha256;
+pub(crate) mod training;
+pub(crate) mod evaluation;
+pub(crate) mod promotion;
+pub(crate) mod distribution;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -40,12 +52,21 @@ pub(crate) struct Pipeline {
 
 impl Pipeline {
     pub(crate) fn from_settings(settings: &Settings) -> anyhow::Result<Pipeline> {
-        let root = std::env::var_os(ROOT_ENV).map(PathBuf::from).context("RINGRIFT_ROOT is not set")?;
-        let p = settings.config.get("pipeline").context("the configuration has no pipeline section")?;
+        let root = std::env::var_os(ROOT_ENV)
+            .map(PathBuf::from)
+            .context("RINGRIFT_ROOT is not set")?;
+        let p = settings
+            .config
+            .get("pipeline")
+            .context("the configuration has no pipeline section")?;
         let config_keys: Vec<String> = p
             .get("config_keys")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if config_keys.is_empty() {
             bail!("pipeline.config_keys is empty");
@@ -56,14 +77,26 @@ impl Pipeline {
                 let command: Vec<String> = spec
                     .get("command")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(|w| w.as_str().map(str::to_string)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|w| w.as_str().map(str::to_string))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                let max = spec.get("max_runtime").and_then(Value::as_f64).unwrap_or(3600.0);
+                let max = spec
+                    .get("max_runtime")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(3600.0);
                 jobs.insert(kind.clone(), (command, Duration::from_secs_f64(max)));
             }
         }
         let worker = std::env::current_exe().context("cannot find the worker binary")?;
-        Ok(Pipeline { root, config_keys, jobs, worker })
+        Ok(Pipeline {
+            root,
+            config_keys,
+            jobs,
+            worker,
+        })
     }
 
     pub(crate) fn games_db(&self, key: &str) -> PathBuf {
@@ -79,24 +112,39 @@ impl Pipeline {
         self.root.join("models/candidates").join(key)
     }
     pub(crate) fn canonical(&self, key: &str) -> PathBuf {
-        self.root.join("models").join(format!("canonical_{key}.bin"))
+        self.root
+            .join("models")
+            .join(format!("canonical_{key}.bin"))
     }
     pub(crate) fn best_link(&self, key: &str) -> PathBuf {
-        self.root.join("models").join(format!("ringrift_best_{key}"))
+        self.root
+            .join("models")
+            .join(format!("ringrift_best_{key}"))
     }
     pub(crate) fn backup_dir(&self) -> PathBuf {
         self.root.join("models/backup")
     }
     pub(crate) fn state_path(&self, daemon: &str) -> PathBuf {
-        self.root.join("data/coordination").join(format!("{daemon}.json"))
+        self.root
+            .join("data/coordination")
+            .join(format!("{daemon}.json"))
     }
 
     /// Fills a job template. `{worker} {root} {config_key} {board_type} {num_players} {db_path}
     /// {npz_path} {model_path}` come from the key; the caller gives the rest (`games`,
     /// `candidate_path`, `output_path`, `epochs`, `learning_rate`, `seed`).
-    pub(crate) fn job_command(&self, kind: &str, key: &str, vars: &[(&str, String)]) -> anyhow::Result<(Vec<String>, Duration)> {
-        let (template, max) = self.jobs.get(kind).with_context(|| format!("no {kind} job in pipeline.jobs"))?;
-        let (board, players) = ringrift::events::parse_config_key(key).map_err(anyhow::Error::msg)?;
+    pub(crate) fn job_command(
+        &self,
+        kind: &str,
+        key: &str,
+        vars: &[(&str, String)],
+    ) -> anyhow::Result<(Vec<String>, Duration)> {
+        let (template, max) = self
+            .jobs
+            .get(kind)
+            .with_context(|| format!("no {kind} job in pipeline.jobs"))?;
+        let (board, players) =
+            ringrift::events::parse_config_key(key).map_err(anyhow::Error::msg)?;
         let mut all: BTreeMap<&str, String> = BTreeMap::from([
             ("worker", self.worker.display().to_string()),
             ("root", self.root.display().to_string()),
@@ -115,7 +163,9 @@ impl Pipeline {
             let mut w = word.clone();
             for p in ringrift::config::placeholders(word) {
                 let Some(v) = all.get(p.as_str()) else {
-                    bail!("the {kind} job template uses {{{p}}}, which this daemon does not provide");
+                    bail!(
+                        "the {kind} job template uses {{{p}}}, which this daemon does not provide"
+                    );
                 };
                 w = w.replace(&format!("{{{p}}}"), v);
             }
@@ -125,7 +175,13 @@ impl Pipeline {
     }
 
     /// Runs a job of `kind` for `key` through the supervisor and waits for it.
-    pub(crate) async fn run_job(&self, ctx: &Ctx, kind: &str, key: &str, vars: &[(&str, String)]) -> anyhow::Result<JobOutcome> {
+    pub(crate) async fn run_job(
+        &self,
+        ctx: &Ctx,
+        kind: &str,
+        key: &str,
+        vars: &[(&str, String)],
+    ) -> anyhow::Result<JobOutcome> {
         let (command, max) = self.job_command(kind, key, vars)?;
         println!("{kind} job for {key}: {}", command.join(" "));
         Ok(ctx.run_job(command, max, BTreeMap::new()).await)
@@ -137,7 +193,10 @@ impl Pipeline {
 pub(crate) fn load_state<T: DeserializeOwned + Default>(path: &Path) -> T {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            eprintln!("{}: unreadable state ({e}); starting afresh", path.display());
+            eprintln!(
+                "{}: unreadable state ({e}); starting afresh",
+                path.display()
+            );
             T::default()
         }),
         Err(_) => T::default(),
@@ -156,7 +215,11 @@ pub(crate) fn save_state<T: Serialize>(path: &Path, state: &T) -> anyhow::Result
 
 /// A number from the daemon's settings, or the default.
 pub(crate) fn num(settings: &Settings, key: &str, default: f64) -> f64 {
-    settings.config.get(key).and_then(Value::as_f64).unwrap_or(default)
+    settings
+        .config
+        .get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or(default)
 }
 
 /// Runs futures concurrently on this thread (the worker's runtime is single-threaded and its
@@ -173,15 +236,24 @@ pub(crate) async fn join_all<T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + '
                 }
             }
         }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every future finished")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
 }
 
 /// Seconds since the unix epoch.
 pub(crate) fn now_secs() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -190,7 +262,8 @@ mod tests {
 
     fn pipeline() -> Pipeline {
         let defaults = ringrift::config::PipelineConfig::default().to_json();
-        let settings = Settings::from_config(Some(&serde_json::json!({ "pipeline": defaults }))).unwrap();
+        let settings =
+            Settings::from_config(Some(&serde_json::json!({ "pipeline": defaults }))).unwrap();
         // SAFETY: single-threaded test setup of a variable no other test reads concurrently.
         unsafe { std::env::set_var(ROOT_ENV, "/srv/rr") };
         Pipeline::from_settings(&settings).unwrap()
@@ -199,13 +272,28 @@ mod tests {
     #[test]
     fn templates_are_filled_from_the_key_and_the_caller() {
         let p = pipeline();
-        let (cmd, max) = p.job_command("selfplay", "hex8_2p", &[("games", "50".into()), ("seed", "7".into())]).unwrap();
+        let (cmd, max) = p
+            .job_command(
+                "selfplay",
+                "hex8_2p",
+                &[("games", "50".into()), ("seed", "7".into())],
+            )
+            .unwrap();
         assert_eq!(cmd[1..3], ["job".to_string(), "selfplay".to_string()]);
-        assert!(cmd.contains(&"/srv/rr/data/games/hex8_2p.db".to_string()), "{cmd:?}");
-        assert!(cmd.contains(&"/srv/rr/models/canonical_hex8_2p.bin".to_string()), "{cmd:?}");
+        assert!(
+            cmd.contains(&"/srv/rr/data/games/hex8_2p.db".to_string()),
+            "{cmd:?}"
+        );
+        assert!(
+            cmd.contains(&"/srv/rr/models/canonical_hex8_2p.bin".to_string()),
+            "{cmd:?}"
+        );
         assert!(cmd.contains(&"50".to_string()) && cmd.contains(&"7".to_string()));
         assert_eq!(max, Duration::from_secs(1800));
-        let err = p.job_command("selfplay", "hex8_2p", &[]).unwrap_err().to_string();
+        let err = p
+            .job_command("selfplay", "hex8_2p", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("{games}"), "{err}");
     }
 
@@ -213,7 +301,10 @@ mod tests {
     fn join_all_runs_futures_together() {
         // Each future finishes only once all three have started: run one after another, they
         // would never finish.
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let started = std::cell::Cell::new(0);
         let out = rt.block_on(async {
             let futs: Vec<Pin<Box<dyn Future<Output = u32> + '_>>> = (0..3)

@@ -1,0 +1,594 @@
+//! EVALUATION: plays every new candidate model through the gauntlet (against random play and the
+//! canonical model) and publishes the win rates for auto_promotion.
+//!
+//! Why it is shaped this way:
+//! - A candidate is "evaluated" exactly when `<name>.eval.json` sits next to it, written atomically
+//!   by the gauntlet job. So the work list is the disk: at start-up and every cycle every candidate in
+//!   models/candidates/*/ without its results file is queued. TRAINING_COMPLETED only gets one in
+//!   sooner; a lost event or a worker killed mid-gauntlet costs time, not the evaluation.
+//! - The queue is bounded by `queue_limit` in the sense that matters: when more candidates wait than
+//!   that, BACKPRESSURE_ACTIVATED tells the producers (once per crossing, the flag survives restarts)
+//!   and BACKPRESSURE_RELEASED follows when the queue has drained under the limit again.
+//! - A candidate that does not load is renamed to `<candidate>.bad`, so it is not retried forever. A
+//!   gauntlet job that fails or overruns is retried with a growing delay, and after
+//!   [`MAX_ATTEMPTS`] failures the candidate is quarantined too, with EVALUATION_FAILED each time.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ringrift::events::{Event, parse_config_key, payload};
+use ringrift::protocol::Health;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::export::quarantine;
+use super::training::check_model;
+use super::{Pipeline, load_state, now_secs, num, save_state};
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::runtime::{Ctx, Settings};
+
+const NAME: &str = "evaluation";
+/// Failed gauntlet runs of one candidate before it is quarantined.
+const MAX_ATTEMPTS: u32 = 3;
+
+pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
+    Box::new(Evaluation::default())
+}
+
+/// Where the gauntlet results of `candidate` live: `<dir>/<name>.eval.json`.
+pub(crate) fn eval_path(candidate: &Path) -> PathBuf {
+    candidate.with_extension("eval.json")
+}
+
+/// The config key of a candidate: the name of its directory under models/candidates.
+pub(crate) fn candidate_key(candidate: &Path) -> Option<String> {
+    let key = candidate.parent()?.file_name()?.to_str()?;
+    parse_config_key(key).ok().map(|_| key.to_string())
+}
+
+/// Candidate model files under `candidates_root` (models/candidates): `<key>/<name>.bin`, not
+/// hidden (a job's temporary file), oldest first.
+pub(crate) fn candidates(candidates_root: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(candidates_root) else {
+        return Vec::new();
+    };
+    for dir in dirs.flatten() {
+        let dir = dir.path();
+        if !dir.is_dir() || candidate_key(&dir.join("x.bin")).is_none() {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            let name = file.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || !name.ends_with(".bin") || !path.is_file() {
+                continue;
+            }
+            let mtime = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            found.push((mtime, path));
+        }
+    }
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A backpressure transition: `Some(true)` activate, `Some(false)` release, `None` no change.
+/// Activates once the queue is deeper than `limit`; releases once it is back under it (or empty).
+fn backpressure(active: bool, depth: usize, limit: usize) -> Option<bool> {
+    if !active && depth > limit {
+        Some(true)
+    } else if active && (depth < limit || depth == 0) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The gauntlet's results as EVALUATION_COMPLETED reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Results {
+    pub win_rate_vs_random: f64,
+    pub win_rate_vs_baseline: Option<f64>,
+    pub games: u64,
+}
+
+/// Reads a gauntlet results file (`games_vs_random` gives the games; `default_games` if absent).
+pub(crate) fn read_results(path: &Path, default_games: u64) -> anyhow::Result<Results> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let rate = |field: &str| -> anyhow::Result<Option<f64>> {
+        match v.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => match x.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Ok(Some(r)),
+                _ => anyhow::bail!("{}: {field} is {x}, not a rate in [0, 1]", path.display()),
+            },
+        }
+    };
+    let win_rate_vs_random = rate("win_rate_vs_random")?
+        .with_context(|| format!("{} has no win_rate_vs_random", path.display()))?;
+    let games = match v.get("games_vs_random") {
+        None | Some(Value::Null) => default_games,
+        Some(g) => g
+            .as_u64()
+            .with_context(|| format!("{}: games_vs_random is {g}, not a count", path.display()))?,
+    };
+    Ok(Results {
+        win_rate_vs_random,
+        win_rate_vs_baseline: rate("win_rate_vs_baseline")?,
+        games,
+    })
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct State {
+    /// Failed gauntlet runs per candidate path.
+    attempts: BTreeMap<String, u32>,
+    backpressure_active: bool,
+}
+
+#[derive(Default)]
+struct Evaluation {
+    ctx: Option<Ctx>,
+    pipeline: Option<Pipeline>,
+    games: u64,
+    limit: usize,
+    retry_delay: f64,
+    state: State,
+    queue: VecDeque<PathBuf>,
+    /// Candidates whose last gauntlet failed: not retried before this unix time.
+    not_before: BTreeMap<PathBuf, f64>,
+    last: String,
+    last_ok: bool,
+    last_error: Option<String>,
+    started: u64,
+    completed: u64,
+    failed: u64,
+    quarantined: u64,
+    activations: u64,
+}
+
+impl Evaluation {
+    fn report(&self) -> Report {
+        let depth = self.queue.len();
+        let message = format!(
+            "{} waiting (limit {}){}; last: {}",
+            depth,
+            self.limit,
+            if self.state.backpressure_active {
+                ", backpressure active"
+            } else {
+                ""
+            },
+            if self.last.is_empty() {
+                "nothing evaluated yet"
+            } else {
+                &self.last
+            }
+        );
+        Report {
+            health: Health {
+                healthy: self.last_ok,
+                status: if !self.last_ok {
+                    "degraded"
+                } else if self.state.backpressure_active {
+                    "backpressure"
+                } else {
+                    "ok"
+                }
+                .into(),
+                message,
+                details: BTreeMap::from([
+                    ("queue_depth".to_string(), Value::from(depth)),
+                    ("queue_limit".to_string(), Value::from(self.limit)),
+                    (
+                        "queue".to_string(),
+                        json!(
+                            self.queue
+                                .iter()
+                                .map(|p| p.display().to_string())
+                                .collect::<Vec<_>>()
+                        ),
+                    ),
+                    (
+                        "backpressure_active".to_string(),
+                        Value::from(self.state.backpressure_active),
+                    ),
+                    ("last_error".to_string(), json!(self.last_error)),
+                ]),
+            },
+            counters: BTreeMap::from([
+                ("evaluations_started".to_string(), self.started),
+                ("evaluations_completed".to_string(), self.completed),
+                ("evaluation_failures".to_string(), self.failed),
+                ("quarantined".to_string(), self.quarantined),
+                ("backpressure_activations".to_string(), self.activations),
+            ]),
+        }
+    }
+
+    fn save(&mut self) {
+        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
+        if let Err(e) = save_state(&path, &self.state) {
+            let msg = format!("cannot write state {}: {e:#}", path.display());
+            eprintln!("{NAME}: {msg}");
+            self.last_error = Some(msg);
+        }
+    }
+
+    fn enqueue(&mut self, candidate: PathBuf) {
+        if !self.queue.contains(&candidate) {
+            println!("{NAME}: queued {}", candidate.display());
+            self.queue.push_back(candidate);
+        }
+    }
+
+    /// Queues every candidate on disk without results (and not waiting out a failure).
+    fn scan(&mut self) {
+        let root = self
+            .pipeline
+            .as_ref()
+            .expect("started")
+            .root
+            .join("models/candidates");
+        let now = now_secs();
+        self.not_before.retain(|_, t| *t > now);
+        let on_disk: BTreeSet<PathBuf> = candidates(&root)
+            .into_iter()
+            .filter(|c| !eval_path(c).exists())
+            .collect();
+        // Drop what was evaluated, quarantined or deleted meanwhile.
+        self.queue.retain(|c| on_disk.contains(c));
+        for c in candidates(&root) {
+            if on_disk.contains(&c) && !self.not_before.contains_key(&c) {
+                self.enqueue(c);
+            }
+        }
+        self.update_backpressure();
+    }
+
+    fn update_backpressure(&mut self) {
+        let depth = self.queue.len();
+        let Some(activate) = backpressure(self.state.backpressure_active, depth, self.limit) else {
+            return;
+        };
+        self.state.backpressure_active = activate;
+        self.save();
+        let event = if activate {
+            self.activations += 1;
+            "BACKPRESSURE_ACTIVATED"
+        } else {
+            "BACKPRESSURE_RELEASED"
+        };
+        println!(
+            "{NAME}: {event}: {depth} candidates waiting, limit {}",
+            self.limit
+        );
+        self.ctx.as_ref().expect("attached").emit(
+            event,
+            payload([
+                ("queue", "evaluation".into()),
+                ("depth", depth.into()),
+                ("limit", self.limit.into()),
+            ]),
+        );
+    }
+
+    /// Evaluates queued candidates until the queue is empty.
+    async fn drain(&mut self) {
+        while let Some(candidate) = self.queue.pop_front() {
+            self.update_backpressure();
+            if candidate.exists() && !eval_path(&candidate).exists() {
+                self.evaluate(&candidate).await;
+                // Whatever went wrong (even a quarantine that could not rename), never loop on it.
+                if candidate.exists() && !eval_path(&candidate).exists() {
+                    let retry = now_secs() + self.retry_delay;
+                    self.not_before.entry(candidate).or_insert(retry);
+                }
+            }
+            // Candidates trained meanwhile count towards the depth at once.
+            self.scan();
+        }
+    }
+
+    fn fail(&mut self, key: &str, candidate: &Path, error: String) {
+        self.failed += 1;
+        self.last_ok = false;
+        self.last = format!(
+            "{} failed at {}: {error}",
+            candidate.display(),
+            ringrift::timefmt::now_rfc3339()
+        );
+        self.last_error = Some(self.last.clone());
+        eprintln!("{NAME}: {}", self.last);
+        self.ctx.as_ref().expect("attached").emit(
+            "EVALUATION_FAILED",
+            payload([
+                ("config_key", key.into()),
+                ("model_path", candidate.display().to_string().into()),
+                ("error", error.into()),
+            ]),
+        );
+    }
+
+    /// A failed gauntlet run: retry later, or quarantine after [`MAX_ATTEMPTS`].
+    fn failed_attempt(&mut self, key: &str, candidate: &Path, error: String) {
+        let id = candidate.display().to_string();
+        let attempts = {
+            let n = self.state.attempts.entry(id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let error = if attempts >= MAX_ATTEMPTS {
+            self.state.attempts.remove(&id);
+            self.quarantined += 1;
+            let moved = quarantine(candidate)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!(
+                "{error}; attempt {attempts} of {MAX_ATTEMPTS}: candidate quarantined as {moved}"
+            )
+        } else {
+            let delay = self.retry_delay * f64::from(1u32 << (attempts - 1));
+            self.not_before
+                .insert(candidate.to_path_buf(), now_secs() + delay);
+            format!("{error}; attempt {attempts} of {MAX_ATTEMPTS}: retrying in {delay:.0}s")
+        };
+        self.save();
+        self.fail(key, candidate, error);
+    }
+
+    async fn evaluate(&mut self, candidate: &Path) {
+        let Some(key) = candidate_key(candidate) else {
+            return;
+        };
+        if let Err(e) = check_model(candidate, &key) {
+            self.quarantined += 1;
+            let moved = quarantine(candidate)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            self.fail(
+                &key,
+                candidate,
+                format!("candidate does not load ({e:#}); quarantined as {moved}"),
+            );
+            return;
+        }
+        let pipeline = self.pipeline.clone().expect("started");
+        let ctx = self.ctx.clone().expect("attached");
+        let results_path = eval_path(candidate);
+        let vars = [
+            ("candidate_path", candidate.display().to_string()),
+            ("games", self.games.to_string()),
+            ("output_path", results_path.display().to_string()),
+        ];
+        self.started += 1;
+        println!(
+            "{NAME}: {key}: gauntlet for {} ({} games per opponent)",
+            candidate.display(),
+            self.games
+        );
+        let outcome = match pipeline.run_job(&ctx, "gauntlet", &key, &vars).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.failed_attempt(
+                    &key,
+                    candidate,
+                    format!("cannot start the gauntlet job: {e:#}"),
+                );
+                return;
+            }
+        };
+        if !outcome.success {
+            let why = if outcome.timed_out {
+                "overran its max_runtime"
+            } else {
+                "failed"
+            };
+            let error = format!(
+                "gauntlet job {} {why} ({}; see logs/jobs/{}.log)",
+                outcome.job_id, outcome.exit, outcome.job_id
+            );
+            self.failed_attempt(&key, candidate, error);
+            return;
+        }
+        let results = match read_results(&results_path, self.games) {
+            Ok(r) => r,
+            Err(e) => {
+                if results_path.exists() {
+                    quarantine(&results_path);
+                }
+                let error = format!(
+                    "gauntlet job {} wrote no usable results: {e:#}",
+                    outcome.job_id
+                );
+                self.failed_attempt(&key, candidate, error);
+                return;
+            }
+        };
+        if self
+            .state
+            .attempts
+            .remove(&candidate.display().to_string())
+            .is_some()
+        {
+            self.save();
+        }
+        self.completed += 1;
+        self.last_ok = true;
+        self.last = format!(
+            "{} at {}: {:.3} vs random, {} vs baseline, {} games",
+            candidate.display(),
+            ringrift::timefmt::now_rfc3339(),
+            results.win_rate_vs_random,
+            results
+                .win_rate_vs_baseline
+                .map_or("no baseline".to_string(), |r| format!("{r:.3}")),
+            results.games
+        );
+        println!("{NAME}: evaluated {}", self.last);
+        ctx.emit(
+            "EVALUATION_COMPLETED",
+            payload([
+                ("config_key", key.into()),
+                ("model_path", candidate.display().to_string().into()),
+                ("win_rate_vs_random", results.win_rate_vs_random.into()),
+                ("win_rate_vs_baseline", json!(results.win_rate_vs_baseline)),
+                ("games", results.games.into()),
+                ("results_path", results_path.display().to_string().into()),
+            ]),
+        );
+    }
+}
+
+impl Daemon for Evaluation {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn attach(&mut self, ctx: Ctx) {
+        self.ctx = Some(ctx);
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        vec!["TRAINING_COMPLETED".into()]
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            let pipeline = Pipeline::from_settings(settings)?;
+            self.games = num(settings, "games", 200.0).max(1.0) as u64;
+            self.limit = num(settings, "queue_limit", 4.0).max(0.0) as usize;
+            self.retry_delay = settings.interval_secs;
+            self.state = load_state(&pipeline.state_path(NAME));
+            self.last_ok = true;
+            println!(
+                "{NAME}: {} games per opponent, queue limit {}{}",
+                self.games,
+                self.limit,
+                if self.state.backpressure_active {
+                    " (backpressure was active at the last stop)"
+                } else {
+                    ""
+                }
+            );
+            self.pipeline = Some(pipeline);
+            // Candidates never evaluated are queued now; the first cycle evaluates them.
+            self.scan();
+            Ok(self.report())
+        })
+    }
+
+    fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            self.scan();
+            self.drain().await;
+            self.report()
+        })
+    }
+
+    fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            let path = event.payload.get("model_path").and_then(Value::as_str)?;
+            let candidate = PathBuf::from(path);
+            if candidate_key(&candidate).is_none() {
+                println!("{NAME}: ignoring {path}: not a candidate under models/candidates/<key>/");
+            } else if candidate.exists() && !eval_path(&candidate).exists() {
+                self.enqueue(candidate);
+            }
+            self.scan();
+            self.drain().await;
+            Some(self.report())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backpressure_activates_once_beyond_the_limit_and_releases_under_it() {
+        assert_eq!(backpressure(false, 4, 4), None);
+        assert_eq!(backpressure(false, 5, 4), Some(true));
+        assert_eq!(backpressure(true, 6, 4), None, "once per crossing");
+        assert_eq!(backpressure(true, 4, 4), None);
+        assert_eq!(backpressure(true, 3, 4), Some(false));
+        assert_eq!(backpressure(false, 0, 4), None);
+        assert_eq!(backpressure(false, 1, 0), Some(true));
+        assert_eq!(backpressure(true, 0, 0), Some(false));
+    }
+
+    #[test]
+    fn scans_find_candidates_without_results_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("models/candidates");
+        let key_dir = root.join("hex8_2p");
+        std::fs::create_dir_all(&key_dir).unwrap();
+        std::fs::create_dir_all(root.join("not_a_key")).unwrap();
+        for name in [
+            "hex8_2p-1.bin",
+            "hex8_2p-2.bin",
+            ".hex8_2p-3.bin.tmp.9",
+            "hex8_2p-4.bin.bad",
+        ] {
+            std::fs::write(key_dir.join(name), b"m").unwrap();
+        }
+        std::fs::write(root.join("not_a_key/x.bin"), b"m").unwrap();
+        let found = candidates(&root);
+        assert_eq!(
+            found,
+            vec![key_dir.join("hex8_2p-1.bin"), key_dir.join("hex8_2p-2.bin")]
+        );
+        assert_eq!(eval_path(&found[0]), key_dir.join("hex8_2p-1.eval.json"));
+        assert_eq!(candidate_key(&found[0]).as_deref(), Some("hex8_2p"));
+        assert!(candidates(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn results_are_read_with_or_without_a_baseline_and_garbage_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.eval.json");
+        std::fs::write(
+            &path,
+            r#"{"win_rate_vs_random":0.8,"win_rate_vs_baseline":null,"games_vs_random":100}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_results(&path, 7).unwrap(),
+            Results {
+                win_rate_vs_random: 0.8,
+                win_rate_vs_baseline: None,
+                games: 100
+            }
+        );
+        std::fs::write(
+            &path,
+            r#"{"win_rate_vs_random":0.8,"win_rate_vs_baseline":0.55}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_results(&path, 7).unwrap().win_rate_vs_baseline,
+            Some(0.55)
+        );
+        assert_eq!(read_results(&path, 7).unwrap().games, 7);
+        std::fs::write(&path, r#"{"win_rate_vs_random":1.5}"#).unwrap();
+        assert!(read_results(&path, 7).is_err());
+        std::fs::write(&path, r#"{"win_rate_vs_baseline":0.5}"#).unwrap();
+        assert!(read_results(&path, 7).is_err());
+        std::fs::write(&path, b"{trunc").unwrap();
+        assert!(read_results(&path, 7).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! queue_populator: keeps `target_depth` selfplay items pending in the work queue, so the
+//! scheduler always has work and the work follows the scheduler's priorities.
+//!
+//! Each cycle (and at once on SELFPLAY_COMPLETE, when an item has just been used up) it:
+//! 1. requeues items claimed or running for longer than twice the selfplay job's `max_runtime`
+//!    (their worker died or hung: the supervisor would have stopped the job long before);
+//! 2. reads `data/coordination/priorities.json` (see [`weights`]) and re-prioritizes pending items;
+//! 3. tops the queue up to `target_depth`, `games_per_item` games per item, spreading new items over
+//!    the config keys by priority;
+//! 4. prunes finished items older than [`PRUNE_AFTER_SECS`].
+//!
+//! Everything it needs is in the queue DB itself, so it keeps no state file: a restart loses nothing.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use ringrift::events::Event;
+use ringrift::protocol::Health;
+use serde_json::Value;
+
+use super::scheduler::read_priorities;
+use super::work_queue::WorkQueue;
+use super::{Pipeline, now_secs, num};
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::runtime::Settings;
+
+const NAME: &str = "queue_populator";
+
+/// Finished items are kept this long for inspection.
+pub(crate) const PRUNE_AFTER_SECS: f64 = 7.0 * 86_400.0;
+
+/// The weight of each config key: its priority from the scheduler's file; equal weights without
+/// one. A key the file does not list (or lists with a non-positive priority) gets the smallest
+/// positive priority listed, so a new key is served, modestly, before the scheduler rates it.
+pub(crate) fn weights(
+    keys: &[String],
+    priorities: Option<&BTreeMap<String, f64>>,
+) -> BTreeMap<String, f64> {
+    let usable = |p: f64| p.is_finite() && p > 0.0;
+    let floor = priorities
+        .and_then(|p| {
+            keys.iter()
+                .filter_map(|k| p.get(k).copied())
+                .filter(|p| usable(*p))
+                .reduce(f64::min)
+        })
+        .unwrap_or(1.0);
+    keys.iter()
+        .map(|k| {
+            let w = priorities
+                .and_then(|p| p.get(k).copied())
+                .filter(|p| usable(*p))
+                .unwrap_or(floor);
+            (k.clone(), w)
+        })
+        .collect()
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    scans: u64,
+    items_added: u64,
+    items_requeued: u64,
+    items_abandoned: u64,
+    items_pruned: u64,
+}
+
+pub(crate) struct QueuePopulator {
+    pipeline: Option<Pipeline>,
+    queue: Option<WorkQueue>,
+    target_depth: u64,
+    games_per_item: u64,
+    /// Claimed/running items older than this are stale.
+    stale_after: f64,
+    totals: Totals,
+    last: Option<Scan>,
+    /// What went wrong in the last scan.
+    problem: Option<String>,
+    /// A priorities.json that could not be read (equal weights were used).
+    priorities_problem: Option<String>,
+}
+
+/// What one scan saw and did.
+#[derive(Debug, Clone)]
+struct Scan {
+    when: String,
+    added: BTreeMap<String, u64>,
+    requeued: u64,
+    abandoned: u64,
+    counts: BTreeMap<String, u64>,
+    pending_by_key: BTreeMap<String, u64>,
+    weights: BTreeMap<String, f64>,
+    equal_weights: bool,
+}
+
+pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
+    Box::new(QueuePopulator {
+        pipeline: None,
+        queue: None,
+        target_depth: 20,
+        games_per_item: 50,
+        stale_after: 3600.0,
+        totals: Totals::default(),
+        last: None,
+        problem: None,
+        priorities_problem: None,
+    })
+}
+
+impl QueuePopulator {
+    fn scan(&mut self) {
+        let pipeline = self.pipeline.as_ref().expect("started");
+        let (priorities, equal_weights) = match read_priorities(pipeline) {
+            Ok(p) => {
+                self.priorities_problem = None;
+                let equal = p.is_none();
+                (p, equal)
+            }
+            Err(e) => {
+                eprintln!("{NAME}: {e:#}; using equal weights");
+                self.priorities_problem = Some(format!("{e:#}"));
+                (None, true)
+            }
+        };
+        let weights = weights(&pipeline.config_keys, priorities.as_ref());
+        if self.queue.is_none() {
+            match WorkQueue::open(&pipeline.work_queue()) {
+                Ok(q) => self.queue = Some(q),
+                Err(e) => {
+                    eprintln!("{NAME}: {e:#}");
+                    self.problem = Some(format!("{e:#}"));
+                    return;
+                }
+            }
+        }
+        let queue = self.queue.as_mut().expect("opened");
+        let now = now_secs();
+        let result: Result<Scan> = (|| {
+            let (requeued, abandoned) = queue.requeue_stale(self.stale_after, now)?;
+            queue.reprioritize(&weights)?;
+            let added = queue.top_up(self.target_depth, self.games_per_item, &weights, now)?;
+            let pruned = queue.prune(now - PRUNE_AFTER_SECS)?;
+            self.totals.items_pruned += pruned;
+            Ok(Scan {
+                when: ringrift::timefmt::now_rfc3339(),
+                added,
+                requeued,
+                abandoned,
+                counts: queue.counts()?,
+                pending_by_key: queue.pending_by_key()?,
+                weights: weights.clone(),
+                equal_weights,
+            })
+        })();
+        self.totals.scans += 1;
+        match result {
+            Ok(scan) => {
+                let added: u64 = scan.added.values().sum();
+                self.totals.items_added += added;
+                self.totals.items_requeued += scan.requeued;
+                self.totals.items_abandoned += scan.abandoned;
+                if added > 0 || scan.requeued > 0 || scan.abandoned > 0 {
+                    println!(
+                        "{NAME}: added {} item(s) ({}), requeued {} stale, abandoned {}; now {} pending",
+                        added,
+                        fmt_counts(&scan.added),
+                        scan.requeued,
+                        scan.abandoned,
+                        scan.counts["pending"]
+                    );
+                }
+                self.problem = None;
+                self.last = Some(scan);
+            }
+            Err(e) => {
+                eprintln!("{NAME}: work queue: {e:#}");
+                self.problem = Some(format!("{e:#}"));
+                // Reopen next time: the file may have been replaced or repaired.
+                self.queue = None;
+            }
+        }
+    }
+
+    fn report(&self) -> Report {
+        let mut problems = Vec::new();
+        if let Some(p) = &self.problem {
+            problems.push(format!("work queue: {p}"));
+        }
+        if let Some(p) = &self.priorities_problem {
+            problems.push(format!("priorities: {p} (equal weights used)"));
+        }
+        let healthy = problems.is_empty();
+        let mut details = BTreeMap::new();
+        details.insert("target_depth".to_string(), Value::from(self.target_depth));
+        details.insert(
+            "games_per_item".to_string(),
+            Value::from(self.games_per_item),
+        );
+        let summary = match &self.last {
+            None => "no scan yet".to_string(),
+            Some(s) => {
+                details.insert(
+                    "counts".into(),
+                    serde_json::to_value(&s.counts).unwrap_or(Value::Null),
+                );
+                details.insert(
+                    "pending_by_key".into(),
+                    serde_json::to_value(&s.pending_by_key).unwrap_or(Value::Null),
+                );
+                details.insert(
+                    "weights".into(),
+                    serde_json::to_value(&s.weights).unwrap_or(Value::Null),
+                );
+                details.insert("last_scan".into(), Value::from(s.when.clone()));
+                format!(
+                    "last scan {}: {} pending of {} (added {}, requeued {}), {} running, {} completed, {} failed, {} timed out; weights {}{}",
+                    s.when,
+                    s.counts["pending"],
+                    self.target_depth,
+                    s.added.values().sum::<u64>(),
+                    s.requeued,
+                    s.counts["claimed"] + s.counts["running"],
+                    s.counts["completed"],
+                    s.counts["failed"],
+                    s.counts["timeout"],
+                    s.weights
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if s.equal_weights {
+                        " (no priorities yet: equal)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+        };
+        let message = if healthy {
+            summary
+        } else {
+            format!("{}; {summary}", problems.join("; "))
+        };
+        let t = self.totals;
+        Report {
+            health: Health {
+                healthy,
+                status: if healthy { "ok" } else { "degraded" }.into(),
+                message,
+                details,
+            },
+            counters: BTreeMap::from([
+                ("scans".to_string(), t.scans),
+                ("items_added".to_string(), t.items_added),
+                ("items_requeued".to_string(), t.items_requeued),
+                ("items_abandoned".to_string(), t.items_abandoned),
+                ("items_pruned".to_string(), t.items_pruned),
+            ]),
+        }
+    }
+}
+
+fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Daemon for QueuePopulator {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        vec!["SELFPLAY_COMPLETE".into()]
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            let pipeline = Pipeline::from_settings(settings)?;
+            self.target_depth = num(settings, "target_depth", 20.0).max(0.0) as u64;
+            self.games_per_item = num(settings, "games_per_item", 50.0).max(1.0) as u64;
+            let selfplay_max = pipeline
+                .jobs
+                .get("selfplay")
+                .map(|(_, max)| max.as_secs_f64())
+                .unwrap_or(3600.0);
+            self.stale_after = 2.0 * selfplay_max;
+            println!(
+                "{NAME}: keeping {} selfplay items of {} games pending in {}; stale after {}s",
+                self.target_depth,
+                self.games_per_item,
+                pipeline.work_queue().display(),
+                self.stale_after
+            );
+            self.pipeline = Some(pipeline);
+            Ok(self.report())
+        })
+    }
+
+    fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            self.scan();
+            self.report()
+        })
+    }
+
+    fn on_event(&mut self, _event: Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            self.scan();
+            Some(self.report())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Vec<String> {
+        vec!["hex6_2p".into(), "hex8_2p".into()]
+    }
+
+    #[test]
+    fn weights_are_equal_without_priorities_and_follow_them_otherwise() {
+        let equal = weights(&keys(), None);
+        assert_eq!(equal["hex6_2p"], 1.0);
+        assert_eq!(equal["hex8_2p"], 1.0);
+        let p = BTreeMap::from([
+            ("hex8_2p".to_string(), 0.8),
+            ("hex6_2p".to_string(), 0.2),
+            ("square8_2p".to_string(), 5.0),
+        ]);
+        let w = weights(&keys(), Some(&p));
+        assert_eq!(w.len(), 2, "keys outside the pipeline are ignored");
+        assert_eq!((w["hex6_2p"], w["hex8_2p"]), (0.2, 0.8));
+        // An unlisted or non-positive key gets the smallest listed priority.
+        let p = BTreeMap::from([("hex8_2p".to_string(), 0.8)]);
+        assert_eq!(weights(&keys(), Some(&p))["hex6_2p"], 0.8);
+        let p = BTreeMap::from([("hex8_2p".to_string(), 0.6), ("hex6_2p".to_string(), -1.0)]);
+        assert_eq!(weights(&keys(), Some(&p))["hex6_2p"], 0.6);
+    }
+
+    #[test]
+    fn a_scan_tops_up_requeues_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daemon = QueuePopulator {
+            pipeline: Some(Pipeline {
+                root: dir.path().to_path_buf(),
+                config_keys: keys(),
+                jobs: BTreeMap::new(),
+                worker: "/bin/true".into(),
+            }),
+            queue: None,
+            target_depth: 4,
+            games_per_item: 20,
+            stale_after: 10.0,
+            totals: Totals::default(),
+            last: None,
+            problem: None,
+            priorities_problem: None,
+        };
+        daemon.scan();
+        let report = daemon.report();
+        assert!(report.health.healthy, "{}", report.health.message);
+        assert_eq!(report.counters["items_added"], 4);
+        assert!(
+            report.health.message.contains("4 pending of 4"),
+            "{}",
+            report.health.message
+        );
+        assert!(
+            report.health.message.contains("equal"),
+            "{}",
+            report.health.message
+        );
+
+        // An item claimed long ago is requeued; the queue stays at its depth.
+        let q = WorkQueue::open(&dir.path().join("data/work_queue.db")).unwrap();
+        let item = q.claim("elsewhere", now_secs() - 100.0).unwrap().unwrap();
+        daemon.scan();
+        let report = daemon.report();
+        assert_eq!(report.counters["items_requeued"], 1);
+        assert_eq!(
+            report.counters["items_added"], 4,
+            "the requeued copy refills the queue"
+        );
+        assert_eq!(q.counts().unwrap()["timeout"], 1);
+        assert!(!q.complete(item.id, now_secs()).unwrap());
+
+        // A corrupt priorities file is reported, not fatal.
+        std::fs::create_dir_all(dir.path().join("data/coordination")).unwrap();
+        std::fs::write(
+            dir.path().join("data/coordination/priorities.json"),
+            b"{oops",
+        )
+        .unwrap();
+        daemon.scan();
+        let report = daemon.report();
+        assert!(!report.health.healthy);
+        assert_eq!(report.health.status, "degraded");
+        assert!(
+            report.health.message.contains("priorities"),
+            "{}",
+            report.health.message
+        );
+        assert_eq!(report.counters["scans"], 3);
+    }
+
+    #[test]
+    fn a_corrupt_queue_db_degrades_health() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/work_queue.db"), vec![0x5a; 8192]).unwrap();
+        let mut daemon = QueuePopulator {
+            pipeline: Some(Pipeline {
+                root: dir.path().to_path_buf(),
+                config_keys: keys(),
+                jobs: BTreeMap::new(),
+                worker: "/bin/true".into(),
+            }),
+            queue: None,
+            target_depth: 4,
+            games_per_item: 20,
+            stale_after: 10.0,
+            totals: Totals::default(),
+            last: None,
+            problem: None,
+            priorities_problem: None,
+        };
+        daemon.scan();
+        let report = daemon.report();
+        assert!(!report.health.healthy);
+        assert!(
+            report
+                .health
+                .message
+                .contains("not a usable sqlite database"),
+            "{}",
+            report.health.message
+        );
+    }
+}

@@ -1,0 +1,762 @@
+//! selfplay_scheduler: decides which config key most needs selfplay, and runs the queued selfplay.
+//!
+//! Priorities: each cycle (and whenever a quality event arrives) every config key gets a priority
+//! from the pure [`priority`]: how far its games DB is from `target_games`, how stale its canonical
+//! model is against `staleness_hours` (no model = most stale), scaled down, never to zero, by the
+//! latest quality score of its data. They go to `data/coordination/priorities.json`, which
+//! queue_populator reads to weight the items it queues and idle_resource reads to pick a key.
+//!
+//! Running: each cycle claims up to `slots` pending items from the work queue and runs them as
+//! concurrent selfplay jobs; each item ends completed or failed (with the job's exit). A successful
+//! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the
+//! games actually added (counted in the DB, not taken from the request). While items are pending a
+//! cycle keeps going for up to [`MAX_ROUNDS`] rounds, so the loop does not idle an interval between
+//! jobs. Quality scores survive restarts in the state file; items a previous process of this daemon
+//! held when it died are requeued at start-up.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Instant;
+
+use anyhow::Result;
+use ringrift::events::{Event, payload};
+use ringrift::protocol::Health;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::quality::count_completed;
+use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
+use super::{Pipeline, join_all, load_state, now_secs, num, save_state};
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::runtime::{Ctx, JobOutcome, Settings};
+
+const NAME: &str = "selfplay_scheduler";
+
+/// Rounds of claim-and-run per cycle while items are pending.
+pub(crate) const MAX_ROUNDS: usize = 4;
+
+/// Where the priorities go.
+pub(crate) fn priorities_path(pipeline: &Pipeline) -> PathBuf {
+    pipeline.root.join("data/coordination/priorities.json")
+}
+
+/// The priorities file, if there is one. An unreadable file is an error (the caller says so).
+pub(crate) fn read_priorities(pipeline: &Pipeline) -> Result<Option<BTreeMap<String, f64>>> {
+    let path = priorities_path(pipeline);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{} is unreadable: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// What the priority of a key is computed from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct KeyFacts {
+    /// Completed games in its DB.
+    pub completed: u64,
+    /// Age of its canonical model in hours; `None` = no model yet.
+    pub model_age_hours: Option<f64>,
+    /// The latest quality score of its data, in [0, 1]; `None` = not scored yet.
+    pub quality: Option<f64>,
+}
+
+/// A key's selfplay priority, in (0, 1]:
+/// `(0.1 + 0.6·deficit + 0.3·staleness) · (0.25 + 0.75·quality)` where deficit = the missing share
+/// of `target_games`, staleness = model age / `staleness_hours` capped at 1 (1 without a model) and
+/// quality = 1 until scored. The 0.1 floor and the 0.25 quality floor keep every key above zero:
+/// a key with plenty of data, a fresh model or bad data still gets some selfplay.
+pub(crate) fn priority(f: &KeyFacts, target_games: f64, staleness_hours: f64) -> f64 {
+    let deficit = if target_games > 0.0 {
+        (1.0 - f.completed as f64 / target_games).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let staleness = match f.model_age_hours {
+        None => 1.0,
+        Some(_) if staleness_hours <= 0.0 => 1.0,
+        Some(age) => (age.max(0.0) / staleness_hours).min(1.0),
+    };
+    let quality = f.quality.unwrap_or(1.0).clamp(0.0, 1.0);
+    let p = (0.1 + 0.6 * deficit + 0.3 * staleness) * (0.25 + 0.75 * quality);
+    (p * 10_000.0).round() / 10_000.0
+}
+
+/// A seed that differs between jobs, processes and runs.
+fn seed(salt: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut z =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 finalizer
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A running job of a round: its item id and how it went.
+type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun)> + 'a>>;
+
+/// How one selfplay job went.
+#[derive(Debug, Clone)]
+pub(crate) struct SelfplayRun {
+    pub key: String,
+    pub games: u64,
+    /// `Err`: the job could not be started, failed or timed out; the text says how.
+    pub result: Result<JobOutcome, String>,
+    /// Games this run found added to the DB (see [`Announcer`]).
+    pub new_games: u64,
+    /// A problem counting the DB's games, if there was one.
+    pub count_error: Option<String>,
+}
+
+/// Runs selfplay jobs and announces their games. Games are counted in the DB before the jobs and
+/// after each one ends; each job announces the growth since the previous announcement for its key,
+/// so concurrent jobs on one key never announce the same game twice.
+pub(crate) struct Announcer<'a> {
+    /// The daemon running the jobs, for log lines.
+    who: &'static str,
+    pipeline: &'a Pipeline,
+    ctx: &'a Ctx,
+    announced: RefCell<BTreeMap<String, u64>>,
+}
+
+impl<'a> Announcer<'a> {
+    pub(crate) fn new(who: &'static str, pipeline: &'a Pipeline, ctx: &'a Ctx) -> Announcer<'a> {
+        Announcer {
+            who,
+            pipeline,
+            ctx,
+            announced: RefCell::default(),
+        }
+    }
+
+    /// Records the current game count of `key` (call before starting its jobs).
+    pub(crate) fn baseline(&self, key: &str) -> Result<()> {
+        if self.announced.borrow().contains_key(key) {
+            return Ok(());
+        }
+        let n = count_completed(&self.pipeline.games_db(key), key)?.unwrap_or(0);
+        self.announced.borrow_mut().insert(key.to_string(), n);
+        Ok(())
+    }
+
+    /// Runs one selfplay job of `games` games for `key` and emits its events.
+    pub(crate) async fn run(&self, key: &str, games: u64, salt: u64) -> SelfplayRun {
+        let started = Instant::now();
+        let result = match self
+            .pipeline
+            .run_job(
+                self.ctx,
+                "selfplay",
+                key,
+                &[
+                    ("games", games.to_string()),
+                    ("seed", seed(salt).to_string()),
+                ],
+            )
+            .await
+        {
+            Err(e) => Err(format!("cannot start the selfplay job: {e:#}")),
+            Ok(outcome) if outcome.success => Ok(outcome),
+            Ok(outcome) if outcome.timed_out => Err(format!(
+                "job {} timed out after {:.0}s ({})",
+                outcome.job_id, outcome.runtime_secs, outcome.exit
+            )),
+            Ok(outcome) => Err(format!(
+                "job {} failed: {}{}",
+                outcome.job_id,
+                outcome.exit,
+                last_error_line(&self.pipeline.root, &outcome.job_id)
+                    .map(|line| format!(": {line}"))
+                    .unwrap_or_default()
+            )),
+        };
+        if let Ok(outcome) = &result {
+            self.ctx.emit(
+                "SELFPLAY_COMPLETE",
+                payload([
+                    ("config_key", key.into()),
+                    ("games", games.into()),
+                    ("job_id", outcome.job_id.clone().into()),
+                    (
+                        "duration_secs",
+                        round3(started.elapsed().as_secs_f64()).into(),
+                    ),
+                ]),
+            );
+        }
+        // A failed job may still have committed whole batches: those games are real and announced.
+        let db = self.pipeline.games_db(key);
+        let (new_games, count_error) = match count_completed(&db, key) {
+            Ok(total) => {
+                let total = total.unwrap_or(0);
+                let before = self
+                    .announced
+                    .borrow_mut()
+                    .insert(key.to_string(), total)
+                    .unwrap_or(0);
+                let new = total.saturating_sub(before);
+                if new > 0 {
+                    self.ctx.emit(
+                        "NEW_GAMES_AVAILABLE",
+                        payload([
+                            ("config_key", key.into()),
+                            ("new_games", new.into()),
+                            ("total_games", total.into()),
+                            ("db_path", db.display().to_string().into()),
+                        ]),
+                    );
+                }
+                (new, None)
+            }
+            Err(e) => (0, Some(format!("{e:#}"))),
+        };
+        match &result {
+            Ok(o) => println!(
+                "{}: {key}: job {} done in {:.1}s, {new_games} new games",
+                self.who, o.job_id, o.runtime_secs
+            ),
+            Err(e) => eprintln!("{}: {key}: {e}", self.who),
+        }
+        SelfplayRun {
+            key: key.to_string(),
+            games,
+            result,
+            new_games,
+            count_error,
+        }
+    }
+}
+
+/// The last line a job wrote to stderr (from logs/jobs/<id>.log, `<time> [err] <text>`), which
+/// says why it failed far better than its exit status.
+pub(crate) fn last_error_line(root: &std::path::Path, job_id: &str) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    if job_id.is_empty() {
+        return None;
+    }
+    let mut file =
+        std::fs::File::open(root.join("logs/jobs").join(format!("{job_id}.log"))).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let full = text
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(" [err] "))?
+        .1
+        .trim();
+    let mut line: String = full.chars().take(300).collect();
+    if full.chars().count() > 300 {
+        line.push('…');
+    }
+    (!line.is_empty()).then_some(line)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// Latest quality score per key, from QUALITY_SCORE_UPDATED / LOW_QUALITY_DATA_WARNING.
+    quality: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    jobs_started: u64,
+    jobs_succeeded: u64,
+    jobs_failed: u64,
+    games_added: u64,
+    priority_updates: u64,
+}
+
+pub(crate) struct Scheduler {
+    ctx: Option<Ctx>,
+    pipeline: Option<Pipeline>,
+    queue: Option<WorkQueue>,
+    worker_id: String,
+    slots: usize,
+    target_games: f64,
+    staleness_hours: f64,
+    state: State,
+    priorities: BTreeMap<String, f64>,
+    totals: Totals,
+    /// Problems of the last priority computation (unreadable DBs, an unwritable file).
+    priority_problems: Vec<String>,
+    /// The queue could not be opened or used this cycle.
+    queue_problem: Option<String>,
+    /// The last job failure, until a later job succeeds: (when, what).
+    last_failure: Option<(String, String)>,
+    /// What the last cycle did.
+    last_cycle: Option<String>,
+    pending: u64,
+}
+
+pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
+    Box::new(Scheduler {
+        ctx: None,
+        pipeline: None,
+        queue: None,
+        worker_id: format!("{NAME}:{}", std::process::id()),
+        slots: 1,
+        target_games: 5000.0,
+        staleness_hours: 24.0,
+        state: State::default(),
+        priorities: BTreeMap::new(),
+        totals: Totals::default(),
+        priority_problems: Vec::new(),
+        queue_problem: None,
+        last_failure: None,
+        last_cycle: None,
+        pending: 0,
+    })
+}
+
+/// What one claim-and-run round did.
+#[derive(Debug, Default)]
+struct Round {
+    claimed: usize,
+    ok: usize,
+    failed: usize,
+    games: u64,
+}
+
+impl Scheduler {
+    fn pipeline(&self) -> &Pipeline {
+        self.pipeline.as_ref().expect("started")
+    }
+
+    /// Recomputes every key's priority and writes priorities.json.
+    fn update_priorities(&mut self) {
+        let pipeline = self.pipeline();
+        let mut problems = Vec::new();
+        let mut priorities = BTreeMap::new();
+        for key in &pipeline.config_keys {
+            let completed = match count_completed(&pipeline.games_db(key), key) {
+                Ok(n) => n.unwrap_or(0),
+                Err(e) => {
+                    problems.push(format!("{key}: {e:#}"));
+                    0
+                }
+            };
+            let model_age_hours = std::fs::metadata(pipeline.canonical(key))
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| t.elapsed().map(|d| d.as_secs_f64() / 3600.0).unwrap_or(0.0));
+            let facts = KeyFacts {
+                completed,
+                model_age_hours,
+                quality: self.state.quality.get(key).copied(),
+            };
+            priorities.insert(
+                key.clone(),
+                priority(&facts, self.target_games, self.staleness_hours),
+            );
+        }
+        if let Err(e) = save_state(&priorities_path(pipeline), &priorities) {
+            problems.push(format!("cannot write priorities.json: {e:#}"));
+        }
+        if priorities != self.priorities {
+            println!("{NAME}: priorities {}", fmt_map(&priorities));
+        }
+        self.totals.priority_updates += 1;
+        self.priorities = priorities;
+        self.priority_problems = problems;
+    }
+
+    fn open_queue(&mut self) -> Option<&WorkQueue> {
+        if self.queue.is_none() {
+            match WorkQueue::open(&self.pipeline().work_queue()) {
+                Ok(q) => self.queue = Some(q),
+                Err(e) => {
+                    self.queue_problem = Some(format!("{e:#}"));
+                    return None;
+                }
+            }
+        }
+        self.queue.as_ref()
+    }
+
+    /// Claims up to `slots` items and runs them concurrently.
+    async fn round(&mut self) -> Result<Round> {
+        let now = now_secs();
+        let pipeline = self.pipeline.as_ref().expect("started");
+        let queue = self.queue.as_ref().expect("opened");
+        let ctx = self.ctx.as_ref().expect("attached");
+        let mut work: Vec<(Claimed, String, u64)> = Vec::new();
+        let mut round = Round::default();
+        while work.len() < self.slots {
+            let Some(item) = queue.claim(&self.worker_id, now)? else {
+                break;
+            };
+            round.claimed += 1;
+            let problem = if item.item_type != SELFPLAY {
+                Some(format!("unknown item type {:?}", item.item_type))
+            } else {
+                match item.selfplay_spec() {
+                    Err(e) => Some(format!("{e:#}")),
+                    Ok(spec) if !pipeline.config_keys.contains(&spec.config_key) => Some(format!(
+                        "config key {} is not in pipeline.config_keys",
+                        spec.config_key
+                    )),
+                    Ok(spec) if spec.games == 0 => Some("asks for 0 games".to_string()),
+                    Ok(spec) => {
+                        queue.mark_running(item.id, &self.worker_id)?;
+                        work.push((item.clone(), spec.config_key, spec.games));
+                        None
+                    }
+                }
+            };
+            if let Some(problem) = problem {
+                eprintln!("{NAME}: work item {}: {problem}", item.id);
+                queue.fail(item.id, &problem, now)?;
+                round.failed += 1;
+            }
+        }
+        if work.is_empty() {
+            return Ok(round);
+        }
+        let announcer = Announcer::new(NAME, pipeline, ctx);
+        for (_, key, _) in &work {
+            if let Err(e) = announcer.baseline(key) {
+                eprintln!("{NAME}: {key}: cannot count games before the job: {e:#}");
+            }
+        }
+        let futs: Vec<JobFuture<'_>> = work
+            .iter()
+            .map(|(item, key, games)| -> JobFuture<'_> {
+                let announcer = &announcer;
+                Box::pin(async move {
+                    let run = announcer.run(key, *games, item.id as u64).await;
+                    // Settle the item as soon as its job ends, not when the slowest one does.
+                    let settled = match &run.result {
+                        Ok(_) => queue.complete(item.id, now_secs()),
+                        Err(e) => queue.fail(item.id, e, now_secs()),
+                    };
+                    if let Err(e) = settled {
+                        eprintln!(
+                            "{NAME}: cannot record the end of work item {}: {e:#}",
+                            item.id
+                        );
+                    }
+                    (item.id, run)
+                })
+            })
+            .collect();
+        let runs = join_all(futs).await;
+        self.totals.jobs_started += runs.len() as u64;
+        let when = ringrift::timefmt::now_rfc3339();
+        for (id, run) in runs {
+            round.games += run.new_games;
+            self.totals.games_added += run.new_games;
+            if let Some(e) = &run.count_error {
+                let problem = format!("{}: {e}", run.key);
+                if !self.priority_problems.contains(&problem) {
+                    self.priority_problems.push(problem);
+                }
+            }
+            match &run.result {
+                Ok(_) => {
+                    round.ok += 1;
+                    self.totals.jobs_succeeded += 1;
+                    self.last_failure = None;
+                }
+                Err(e) => {
+                    round.failed += 1;
+                    self.totals.jobs_failed += 1;
+                    self.last_failure = Some((
+                        when.clone(),
+                        format!("work item {id} ({} x{}): {e}", run.key, run.games),
+                    ));
+                }
+            }
+        }
+        Ok(round)
+    }
+
+    async fn run_cycle(&mut self) {
+        self.update_priorities();
+        if self.open_queue().is_none() {
+            return;
+        }
+        let queue = self.queue.as_ref().expect("opened");
+        if let Err(e) = queue.reprioritize(&self.priorities) {
+            eprintln!("{NAME}: cannot reprioritize pending items: {e:#}");
+        }
+        let mut total = Round::default();
+        let mut rounds = 0;
+        let outcome: Result<()> = async {
+            for _ in 0..MAX_ROUNDS {
+                let round = self.round().await?;
+                rounds += 1;
+                total.claimed += round.claimed;
+                total.ok += round.ok;
+                total.failed += round.failed;
+                total.games += round.games;
+                self.pending = self.queue.as_ref().expect("opened").counts()?["pending"];
+                // Only a round that got something done earns another: failing jobs wait for
+                // the next cycle instead of spinning through the queue.
+                if round.claimed == 0 || round.ok == 0 || self.pending == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match outcome {
+            Ok(()) => self.queue_problem = None,
+            Err(e) => {
+                eprintln!("{NAME}: work queue: {e:#}");
+                self.queue_problem = Some(format!("{e:#}"));
+                // Reopen next cycle: the file may have been replaced or repaired.
+                self.queue = None;
+            }
+        }
+        let when = ringrift::timefmt::now_rfc3339();
+        self.last_cycle = Some(if total.claimed == 0 {
+            format!("last cycle {when}: no pending work")
+        } else {
+            format!(
+                "last cycle {when}: {} item(s) in {rounds} round(s): {} ok, {} failed, {} new games",
+                total.claimed, total.ok, total.failed, total.games
+            )
+        });
+    }
+
+    fn report(&self) -> Report {
+        let mut problems: Vec<String> = Vec::new();
+        if let Some(q) = &self.queue_problem {
+            problems.push(format!("work queue: {q}"));
+        }
+        if let Some((when, what)) = &self.last_failure {
+            problems.push(format!("last job failure {when}: {what}"));
+        }
+        for p in &self.priority_problems {
+            if !problems.contains(p) {
+                problems.push(p.clone());
+            }
+        }
+        let healthy = problems.is_empty();
+        let mut message = self
+            .last_cycle
+            .clone()
+            .unwrap_or_else(|| "no cycle yet".to_string());
+        message.push_str(&format!(
+            "; {} pending; priorities {}",
+            self.pending,
+            fmt_map(&self.priorities)
+        ));
+        if !healthy {
+            message = format!("{}; {message}", problems.join("; "));
+        }
+        let t = self.totals;
+        let details = BTreeMap::from([
+            (
+                "priorities".to_string(),
+                serde_json::to_value(&self.priorities).unwrap_or(Value::Null),
+            ),
+            (
+                "quality".to_string(),
+                serde_json::to_value(&self.state.quality).unwrap_or(Value::Null),
+            ),
+            ("pending".to_string(), Value::from(self.pending)),
+            ("slots".to_string(), Value::from(self.slots)),
+        ]);
+        Report {
+            health: Health {
+                healthy,
+                status: if healthy { "ok" } else { "degraded" }.into(),
+                message,
+                details,
+            },
+            counters: BTreeMap::from([
+                ("jobs_started".to_string(), t.jobs_started),
+                ("jobs_succeeded".to_string(), t.jobs_succeeded),
+                ("jobs_failed".to_string(), t.jobs_failed),
+                ("games_added".to_string(), t.games_added),
+                ("priority_updates".to_string(), t.priority_updates),
+            ]),
+        }
+    }
+}
+
+fn fmt_map(m: &BTreeMap<String, f64>) -> String {
+    if m.is_empty() {
+        return "(none yet)".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Daemon for Scheduler {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn attach(&mut self, ctx: Ctx) {
+        self.ctx = Some(ctx);
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        vec![
+            "QUALITY_SCORE_UPDATED".into(),
+            "LOW_QUALITY_DATA_WARNING".into(),
+            "MODEL_PROMOTED".into(),
+        ]
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            let pipeline = Pipeline::from_settings(settings)?;
+            self.slots = num(settings, "slots", 1.0).max(1.0) as usize;
+            self.target_games = num(settings, "target_games", 5000.0);
+            self.staleness_hours = num(settings, "staleness_hours", 24.0);
+            self.state = load_state(&pipeline.state_path(NAME));
+            println!(
+                "{NAME}: {} slot(s), target {} games per key, models stale after {}h, keys {}",
+                self.slots,
+                self.target_games,
+                self.staleness_hours,
+                pipeline.config_keys.join(", ")
+            );
+            self.pipeline = Some(pipeline);
+            let worker_id = self.worker_id.clone();
+            if self.open_queue().is_some()
+                && let Some(queue) = self.queue.as_mut()
+            {
+                match queue.requeue_orphans(&format!("{NAME}:"), &worker_id, now_secs()) {
+                    Ok((0, 0)) => {}
+                    Ok((requeued, abandoned)) => println!(
+                        "{NAME}: requeued {requeued} item(s) a previous process held ({abandoned} out of attempts)"
+                    ),
+                    Err(e) => eprintln!("{NAME}: {e:#}"),
+                }
+            }
+            Ok(self.report())
+        })
+    }
+
+    fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            self.run_cycle().await;
+            self.report()
+        })
+    }
+
+    fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            match event.event_type.as_str() {
+                "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
+                    let key = event.payload.get("config_key")?.as_str()?.to_string();
+                    let score = event.payload.get("score")?.as_f64()?;
+                    if self.state.quality.get(&key) == Some(&score) {
+                        return None;
+                    }
+                    println!("{NAME}: {key}: data quality {score} ({})", event.event_type);
+                    self.state.quality.insert(key, score);
+                    let path = self.pipeline().state_path(NAME);
+                    if let Err(e) = save_state(&path, &self.state) {
+                        eprintln!("{NAME}: cannot save state to {}: {e:#}", path.display());
+                    }
+                }
+                // A new canonical model: its key is no longer stale.
+                "MODEL_PROMOTED" => {}
+                _ => return None,
+            }
+            self.update_priorities();
+            Some(self.report())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(completed: u64, age: Option<f64>, quality: Option<f64>) -> KeyFacts {
+        KeyFacts {
+            completed,
+            model_age_hours: age,
+            quality,
+        }
+    }
+
+    #[test]
+    fn no_data_and_no_model_is_the_top_priority() {
+        assert_eq!(priority(&facts(0, None, None), 5000.0, 24.0), 1.0);
+        // Enough data and a fresh model: the floor, never zero.
+        assert_eq!(priority(&facts(9000, Some(0.0), None), 5000.0, 24.0), 0.1);
+    }
+
+    #[test]
+    fn deficit_staleness_and_quality_each_move_the_priority() {
+        let base = priority(&facts(2500, Some(12.0), None), 5000.0, 24.0);
+        assert!((base - (0.1 + 0.3 + 0.15)).abs() < 1e-9, "{base}");
+        assert!(
+            priority(&facts(1000, Some(12.0), None), 5000.0, 24.0) > base,
+            "more deficit"
+        );
+        assert!(
+            priority(&facts(2500, Some(30.0), None), 5000.0, 24.0) > base,
+            "staler"
+        );
+        assert!(
+            priority(&facts(2500, None, None), 5000.0, 24.0) > base,
+            "no model = most stale"
+        );
+        assert_eq!(
+            priority(&facts(2500, Some(48.0), None), 5000.0, 24.0),
+            priority(&facts(2500, None, None), 5000.0, 24.0),
+            "staleness is capped"
+        );
+        let low = priority(&facts(2500, Some(12.0), Some(0.2)), 5000.0, 24.0);
+        assert!(low < base, "low quality lowers the priority");
+        let zero = priority(&facts(2500, Some(12.0), Some(0.0)), 5000.0, 24.0);
+        assert!(
+            zero > 0.0 && (zero - base * 0.25).abs() < 1e-3,
+            "but never to zero: {zero}"
+        );
+        assert_eq!(priority(&facts(0, None, Some(1.0)), 5000.0, 24.0), 1.0);
+    }
+
+    #[test]
+    fn the_last_stderr_line_of_a_job_explains_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("logs/jobs")).unwrap();
+        std::fs::write(
+            dir.path().join("logs/jobs/j-1.log"),
+            "2026-01-01T00:00:00.000Z [out] starting\n\
+             2026-01-01T00:00:00.100Z [err] ringrift-worker job selfplay: disk full\n\
+             2026-01-01T00:00:00.200Z [out] bye\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_error_line(dir.path(), "j-1").as_deref(),
+            Some("ringrift-worker job selfplay: disk full")
+        );
+        assert_eq!(last_error_line(dir.path(), "j-2"), None);
+        assert_eq!(last_error_line(dir.path(), ""), None);
+    }
+
+    #[test]
+    fn seeds_differ() {
+        assert_ne!(seed(1), seed(2));
+    }
+}

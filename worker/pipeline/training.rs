@@ -1,0 +1,823 @@
+//! TRAINING_TRIGGER: decides when an export is worth training on, runs the train job, and hands a
+//! verified candidate model to evaluation.
+//!
+//! Why it is shaped this way:
+//! - The export file on disk is the truth. NPZ_EXPORT_COMPLETE only makes the check happen sooner;
+//!   every cycle compares data/training/<key>.npz (mtime + size) with the one last trained on, so a
+//!   lost event, or a worker killed mid-training, delays training but never skips it.
+//! - The gates are one pure function ([`gates`]): enough samples, the per-key cooldown, not already
+//!   training, data quality not flagged low, and an exponential backoff after failed runs so a
+//!   broken trainer is not restarted every cycle.
+//! - Quality is an event-fed flag kept in the state file: a LOW_QUALITY_DATA_WARNING blocks the key
+//!   until a QUALITY_SCORE_UPDATED at or above the warning's threshold clears it.
+//! - A candidate is announced only after it loads with `Model::load`; one that does not is renamed
+//!   to `<candidate>.bad` and reported as TRAINING_FAILED. An export that does not decode is
+//!   quarantined the same way, and auto_export writes a fresh one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::Context;
+use ringrift::events::{Event, payload};
+use ringrift::game::GameConfig;
+use ringrift::game::model::Model;
+use ringrift::game::npz::Dataset;
+use ringrift::protocol::Health;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::export::quarantine;
+use super::{Pipeline, load_state, now_secs, num, save_state};
+use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::runtime::{Ctx, Settings};
+
+const NAME: &str = "training_trigger";
+/// The backoff stops doubling after this many consecutive failures.
+const MAX_BACKOFF_DOUBLINGS: u32 = 10;
+
+pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
+    Box::new(TrainingTrigger::default())
+}
+
+/// Which export file: enough to tell a new export from the one already trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Fingerprint {
+    mtime_secs: u64,
+    mtime_nanos: u32,
+    size: u64,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> std::io::Result<Fingerprint> {
+        let meta = std::fs::metadata(path)?;
+        let mtime = meta
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Fingerprint {
+            mtime_secs: mtime.as_secs(),
+            mtime_nanos: mtime.subsec_nanos(),
+            size: meta.len(),
+        })
+    }
+}
+
+/// Per config key, kept across restarts in data/coordination/training_trigger.json.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct KeyState {
+    last_trained: Option<Fingerprint>,
+    last_training_at: Option<f64>,
+    /// Consecutive failed runs, for the backoff.
+    failures: u32,
+    last_failure_at: Option<f64>,
+    /// Set by LOW_QUALITY_DATA_WARNING (its threshold), cleared by a good QUALITY_SCORE_UPDATED.
+    quality_low: Option<f64>,
+    /// The candidate being written; set if the worker died mid-training.
+    in_flight: Option<String>,
+    trainings: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct State {
+    keys: BTreeMap<String, KeyState>,
+}
+
+/// Everything the gates look at.
+#[derive(Debug, Clone, PartialEq)]
+struct GateInput {
+    samples: u64,
+    min_samples: u64,
+    now: f64,
+    last_training_at: Option<f64>,
+    cooldown: f64,
+    training: bool,
+    quality_low: Option<f64>,
+    failures: u32,
+    last_failure_at: Option<f64>,
+    failure_backoff: f64,
+}
+
+/// Why training is held back: the gate's name and the detail for health.
+#[derive(Debug, Clone, PartialEq)]
+struct Blocked {
+    gate: &'static str,
+    detail: String,
+}
+
+/// Seconds to wait after `failures` consecutive failed runs.
+fn backoff_secs(failures: u32, base: f64) -> f64 {
+    if failures == 0 {
+        return 0.0;
+    }
+    base * f64::from(1u32 << (failures - 1).min(MAX_BACKOFF_DOUBLINGS))
+}
+
+/// The training gates, first failing one wins.
+fn gates(g: &GateInput) -> Result<(), Blocked> {
+    if g.training {
+        return Err(Blocked {
+            gate: "already_training",
+            detail: "a training run of this key is in progress".into(),
+        });
+    }
+    if let Some(threshold) = g.quality_low {
+        return Err(Blocked {
+            gate: "quality",
+            detail: format!(
+                "data quality flagged low (threshold {threshold}); waiting for a QUALITY_SCORE_UPDATED at or above it"
+            ),
+        });
+    }
+    if g.samples < g.min_samples {
+        return Err(Blocked {
+            gate: "min_samples",
+            detail: format!("{} samples < min_samples {}", g.samples, g.min_samples),
+        });
+    }
+    if let Some(last) = g.last_training_at {
+        let since = g.now - last;
+        if since < g.cooldown {
+            return Err(Blocked {
+                gate: "cooldown",
+                detail: format!(
+                    "cooldown: last training {since:.0}s ago, {:.0}s to go",
+                    g.cooldown - since
+                ),
+            });
+        }
+    }
+    if let Some(failed_at) = g.last_failure_at {
+        let wait = backoff_secs(g.failures, g.failure_backoff);
+        let since = g.now - failed_at;
+        if since < wait {
+            return Err(Blocked {
+                gate: "failure_backoff",
+                detail: format!(
+                    "backing off after {} failed run(s): retry in {:.0}s",
+                    g.failures,
+                    wait - since
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The quality flag after a quality event: a warning sets it to its threshold; an update at or
+/// above the flagged threshold clears it; anything else leaves it.
+fn apply_quality(
+    flag: Option<f64>,
+    event_type: &str,
+    score: f64,
+    threshold: Option<f64>,
+) -> Option<f64> {
+    match event_type {
+        "LOW_QUALITY_DATA_WARNING" => Some(threshold.unwrap_or(score)),
+        "QUALITY_SCORE_UPDATED" => match flag {
+            Some(t) if score >= t => None,
+            other => other,
+        },
+        _ => flag,
+    }
+}
+
+/// Checks that a model file is usable for `key`: `Model::load` for the keys the built-in game
+/// plays; for other keys (a user's own trainer) only that the file exists and is not empty.
+pub(crate) fn check_model(path: &Path, key: &str) -> anyhow::Result<()> {
+    match GameConfig::parse(key) {
+        Ok(config) => {
+            Model::load(path, &config)
+                .with_context(|| format!("{} does not load", path.display()))?;
+        }
+        Err(_) => {
+            let len = std::fs::metadata(path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            anyhow::ensure!(len > 0, "{} is empty", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The number of samples of an export, or why it is unusable.
+fn count_samples(path: &Path, key: &str) -> anyhow::Result<u64> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let data = Dataset::decode(&bytes)
+        .with_context(|| format!("{} is not a valid NPZ", path.display()))?;
+    anyhow::ensure!(
+        data.config_key == key,
+        "{} holds {} samples, not {key}",
+        path.display(),
+        data.config_key
+    );
+    Ok(data.len() as u64)
+}
+
+#[derive(Debug, Clone)]
+struct KeyStatus {
+    ok: bool,
+    message: String,
+}
+
+#[derive(Default)]
+struct TrainingTrigger {
+    ctx: Option<Ctx>,
+    pipeline: Option<Pipeline>,
+    min_samples: u64,
+    cooldown: f64,
+    epochs: u64,
+    learning_rate: f64,
+    failure_backoff: f64,
+    state: State,
+    training: BTreeSet<String>,
+    /// Sample counts of exports already decoded, so an unchanged file is not decoded every cycle.
+    samples_cache: BTreeMap<String, (Fingerprint, u64)>,
+    status: BTreeMap<String, KeyStatus>,
+    checks: u64,
+    started: u64,
+    completed: u64,
+    failed: u64,
+    bad_exports: u64,
+    last_error: Option<String>,
+}
+
+impl TrainingTrigger {
+    fn report(&self) -> Report {
+        let healthy = self.status.values().all(|s| s.ok);
+        let message = if self.status.is_empty() {
+            "no check yet".to_string()
+        } else {
+            self.status
+                .iter()
+                .map(|(k, s)| format!("{k}: {}", s.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let keys: serde_json::Map<String, Value> = self
+            .state
+            .keys
+            .iter()
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    json!({"last_training_at": s.last_training_at, "failures": s.failures,
+                           "quality_low": s.quality_low, "trainings": s.trainings}),
+                )
+            })
+            .collect();
+        Report {
+            health: Health {
+                healthy,
+                status: if healthy { "ok" } else { "degraded" }.into(),
+                message,
+                details: BTreeMap::from([
+                    ("keys".to_string(), Value::Object(keys)),
+                    ("min_samples".to_string(), Value::from(self.min_samples)),
+                    ("cooldown".to_string(), Value::from(self.cooldown)),
+                    ("last_error".to_string(), json!(self.last_error)),
+                ]),
+            },
+            counters: BTreeMap::from([
+                ("checks".to_string(), self.checks),
+                ("trainings_started".to_string(), self.started),
+                ("trainings_completed".to_string(), self.completed),
+                ("training_failures".to_string(), self.failed),
+                ("bad_exports".to_string(), self.bad_exports),
+            ]),
+        }
+    }
+
+    fn set(&mut self, key: &str, ok: bool, message: String) {
+        let changed = self.status.get(key).is_none_or(|s| s.message != message);
+        if changed {
+            if ok {
+                println!("{NAME}: {key}: {message}");
+            } else {
+                eprintln!("{NAME}: {key}: {message}");
+            }
+        }
+        if !ok {
+            self.last_error = Some(format!(
+                "{} {key}: {message}",
+                ringrift::timefmt::now_rfc3339()
+            ));
+        }
+        self.status
+            .insert(key.to_string(), KeyStatus { ok, message });
+    }
+
+    fn save(&mut self) {
+        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
+        if let Err(e) = save_state(&path, &self.state) {
+            let msg = format!("cannot write state {}: {e:#}", path.display());
+            eprintln!("{NAME}: {msg}");
+            self.last_error = Some(msg);
+        }
+    }
+
+    fn key_state(&mut self, key: &str) -> &mut KeyState {
+        self.state.keys.entry(key.to_string()).or_default()
+    }
+
+    /// Trains `key` if its export is new and every gate passes.
+    async fn check_key(&mut self, key: &str) {
+        self.checks += 1;
+        let pipeline = self.pipeline.clone().expect("started");
+        let npz = pipeline.npz(key);
+        let fp = match Fingerprint::of(&npz) {
+            Ok(fp) => fp,
+            Err(_) => {
+                self.set(
+                    key,
+                    true,
+                    format!("no export yet ({} does not exist)", npz.display()),
+                );
+                return;
+            }
+        };
+        let ks = self.key_state(key).clone();
+        if ks.last_trained == Some(fp) {
+            let message = format!(
+                "up to date: {} run(s); the current export is trained on",
+                ks.trainings
+            );
+            self.set(key, true, message);
+            return;
+        }
+        let samples = match self.samples_cache.get(key) {
+            Some((cached, n)) if *cached == fp => *n,
+            _ => match count_samples(&npz, key) {
+                Ok(n) => {
+                    self.samples_cache.insert(key.to_string(), (fp, n));
+                    n
+                }
+                Err(e) => {
+                    self.bad_exports += 1;
+                    let moved = quarantine(&npz)
+                        .map(|p| format!("; moved to {}", p.display()))
+                        .unwrap_or_default();
+                    let error = format!("unusable export: {e:#}{moved}");
+                    self.set(key, false, error.clone());
+                    self.ctx.as_ref().expect("attached").emit(
+                        "TRAINING_FAILED",
+                        payload([("config_key", key.into()), ("error", error.into())]),
+                    );
+                    return;
+                }
+            },
+        };
+        let input = GateInput {
+            samples,
+            min_samples: self.min_samples,
+            now: now_secs(),
+            last_training_at: ks.last_training_at,
+            cooldown: self.cooldown,
+            training: self.training.contains(key),
+            quality_low: ks.quality_low,
+            failures: ks.failures,
+            last_failure_at: ks.last_failure_at,
+            failure_backoff: self.failure_backoff,
+        };
+        match gates(&input) {
+            Err(blocked) => {
+                // A failed run keeps the key unhealthy while it backs off.
+                let ok = blocked.gate != "failure_backoff";
+                self.set(
+                    key,
+                    ok,
+                    format!(
+                        "new export of {samples} samples held back: {}",
+                        blocked.detail
+                    ),
+                );
+            }
+            Ok(()) => {
+                self.training.insert(key.to_string());
+                self.train(&pipeline, key, fp, samples).await;
+                self.training.remove(key);
+            }
+        }
+    }
+
+    async fn train(&mut self, pipeline: &Pipeline, key: &str, fp: Fingerprint, samples: u64) {
+        let ctx = self.ctx.clone().expect("attached");
+        let dir = pipeline.candidates_dir(key);
+        let ms = (now_secs() * 1000.0) as u64;
+        let candidate = dir.join(format!("{key}-{ms}.bin"));
+        let npz = pipeline.npz(key);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.failure(
+                key,
+                None,
+                format!("cannot create {}: {e}", dir.display()),
+                None,
+            );
+            return;
+        }
+        self.key_state(key).in_flight = Some(candidate.display().to_string());
+        self.save();
+        self.started += 1;
+        println!(
+            "{NAME}: {key}: training on {samples} samples → {}",
+            candidate.display()
+        );
+        ctx.emit(
+            "TRAINING_STARTED",
+            payload([
+                ("config_key", key.into()),
+                ("npz_path", npz.display().to_string().into()),
+            ]),
+        );
+        let vars = [
+            ("candidate_path", candidate.display().to_string()),
+            ("epochs", self.epochs.to_string()),
+            ("learning_rate", self.learning_rate.to_string()),
+        ];
+        let outcome = match pipeline.run_job(&ctx, "train", key, &vars).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.failure(
+                    key,
+                    None,
+                    format!("cannot start the train job: {e:#}"),
+                    Some(&candidate),
+                );
+                return;
+            }
+        };
+        if !outcome.success {
+            let why = if outcome.timed_out {
+                "overran its max_runtime"
+            } else {
+                "failed"
+            };
+            let error = format!(
+                "train job {} {why} ({}; see logs/jobs/{}.log)",
+                outcome.job_id, outcome.exit, outcome.job_id
+            );
+            self.failure(key, Some(&outcome.job_id), error, Some(&candidate));
+            return;
+        }
+        if let Err(e) = check_model(&candidate, key) {
+            let error = format!(
+                "train job {} succeeded but the candidate is unusable: {e:#}",
+                outcome.job_id
+            );
+            self.failure(key, Some(&outcome.job_id), error, Some(&candidate));
+            return;
+        }
+        let now = now_secs();
+        let ks = self.key_state(key);
+        ks.last_trained = Some(fp);
+        ks.last_training_at = Some(now);
+        ks.failures = 0;
+        ks.last_failure_at = None;
+        ks.in_flight = None;
+        ks.trainings += 1;
+        self.save();
+        self.completed += 1;
+        self.set(
+            key,
+            true,
+            format!(
+                "trained at {} on {samples} samples → {}",
+                ringrift::timefmt::now_rfc3339(),
+                candidate.display()
+            ),
+        );
+        ctx.emit(
+            "TRAINING_COMPLETED",
+            payload([
+                ("config_key", key.into()),
+                ("model_path", candidate.display().to_string().into()),
+                ("samples", samples.into()),
+                ("job_id", outcome.job_id.into()),
+            ]),
+        );
+    }
+
+    fn failure(
+        &mut self,
+        key: &str,
+        job_id: Option<&str>,
+        error: String,
+        candidate: Option<&Path>,
+    ) {
+        let moved = candidate
+            .filter(|c| c.exists())
+            .and_then(quarantine)
+            .map(|p| format!("; candidate moved to {}", p.display()))
+            .unwrap_or_default();
+        let ks = self.key_state(key);
+        ks.failures += 1;
+        ks.last_failure_at = Some(now_secs());
+        ks.in_flight = None;
+        let retry = backoff_secs(ks.failures, self.failure_backoff);
+        self.save();
+        self.failed += 1;
+        self.set(
+            key,
+            false,
+            format!("{error}{moved}; retrying in {retry:.0}s"),
+        );
+        let mut p = payload([
+            ("config_key", key.into()),
+            ("error", format!("{error}{moved}").into()),
+        ]);
+        if let Some(id) = job_id {
+            p["job_id"] = id.into();
+        }
+        self.ctx
+            .as_ref()
+            .expect("attached")
+            .emit("TRAINING_FAILED", p);
+    }
+
+    /// A run the previous worker did not finish: keep its candidate if it is whole (evaluation
+    /// finds it on disk), quarantine it otherwise; the export is trained on again either way.
+    fn recover_interrupted(&mut self) {
+        let keys: Vec<String> = self.state.keys.keys().cloned().collect();
+        for key in keys {
+            let Some(candidate) = self.key_state(&key).in_flight.take() else {
+                continue;
+            };
+            let path = Path::new(&candidate);
+            let what = if !path.exists() {
+                "no candidate was written".to_string()
+            } else if check_model(path, &key).is_ok() {
+                "its candidate is complete and stays for evaluation".to_string()
+            } else {
+                let moved = quarantine(path)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                format!("its partial candidate was moved to {moved}")
+            };
+            println!(
+                "{NAME}: {key}: a training run was interrupted by a restart ({candidate}): {what}"
+            );
+            self.save();
+        }
+    }
+}
+
+impl Daemon for TrainingTrigger {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn attach(&mut self, ctx: Ctx) {
+        self.ctx = Some(ctx);
+    }
+
+    fn subscriptions(&self) -> Vec<String> {
+        vec![
+            "NPZ_EXPORT_COMPLETE".into(),
+            "QUALITY_SCORE_UPDATED".into(),
+            "LOW_QUALITY_DATA_WARNING".into(),
+        ]
+    }
+
+    fn start<'a>(
+        &'a mut self,
+        settings: &'a Settings,
+    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        Box::pin(async move {
+            let pipeline = Pipeline::from_settings(settings)?;
+            self.min_samples = num(settings, "min_samples", 1000.0).max(0.0) as u64;
+            self.cooldown = num(settings, "cooldown", 300.0).max(0.0);
+            self.epochs = num(settings, "epochs", 10.0).max(1.0) as u64;
+            self.learning_rate = num(settings, "learning_rate", 0.01);
+            self.failure_backoff = num(settings, "failure_backoff", 60.0).max(0.0);
+            anyhow::ensure!(
+                self.learning_rate > 0.0,
+                "learning_rate must be positive, not {}",
+                self.learning_rate
+            );
+            self.state = load_state(&pipeline.state_path(NAME));
+            println!(
+                "{NAME}: watching {} (min_samples {}, cooldown {}s, epochs {}, lr {}, failure backoff {}s)",
+                pipeline.config_keys.join(", "),
+                self.min_samples,
+                self.cooldown,
+                self.epochs,
+                self.learning_rate,
+                self.failure_backoff
+            );
+            self.pipeline = Some(pipeline);
+            self.recover_interrupted();
+            Ok(self.report())
+        })
+    }
+
+    fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
+        Box::pin(async move {
+            let keys = self.pipeline.as_ref().expect("started").config_keys.clone();
+            for key in keys {
+                self.check_key(&key).await;
+            }
+            self.report()
+        })
+    }
+
+    fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            let key = event
+                .payload
+                .get("config_key")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            if !self
+                .pipeline
+                .as_ref()
+                .expect("started")
+                .config_keys
+                .contains(&key)
+            {
+                println!(
+                    "{NAME}: ignoring {} for {key:?}: not in pipeline.config_keys",
+                    event.event_type
+                );
+                return None;
+            }
+            match event.event_type.as_str() {
+                "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
+                    let score = event
+                        .payload
+                        .get("score")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0);
+                    let threshold = event.payload.get("threshold").and_then(Value::as_f64);
+                    let before = self.key_state(&key).quality_low;
+                    let after = apply_quality(before, &event.event_type, score, threshold);
+                    if after != before {
+                        println!(
+                            "{NAME}: {key}: {} (score {score}): training {}",
+                            event.event_type,
+                            if after.is_some() { "paused" } else { "resumed" }
+                        );
+                        self.key_state(&key).quality_low = after;
+                        self.save();
+                    }
+                    if after.is_none() {
+                        self.check_key(&key).await;
+                    } else {
+                        let detail =
+                            format!("data quality flagged low (score {score}): training paused");
+                        self.set(&key, true, detail);
+                    }
+                }
+                _ => self.check_key(&key).await,
+            }
+            Some(self.report())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> GateInput {
+        GateInput {
+            samples: 500,
+            min_samples: 100,
+            now: 10_000.0,
+            last_training_at: None,
+            cooldown: 300.0,
+            training: false,
+            quality_low: None,
+            failures: 0,
+            last_failure_at: None,
+            failure_backoff: 60.0,
+        }
+    }
+
+    fn gate_of(g: &GateInput) -> Option<&'static str> {
+        gates(g).err().map(|b| b.gate)
+    }
+
+    #[test]
+    fn every_gate_blocks_on_its_own() {
+        assert_eq!(gate_of(&open()), None);
+        assert_eq!(
+            gate_of(&GateInput {
+                samples: 99,
+                ..open()
+            }),
+            Some("min_samples")
+        );
+        assert_eq!(
+            gate_of(&GateInput {
+                samples: 100,
+                ..open()
+            }),
+            None
+        );
+        assert_eq!(
+            gate_of(&GateInput {
+                training: true,
+                ..open()
+            }),
+            Some("already_training")
+        );
+        assert_eq!(
+            gate_of(&GateInput {
+                quality_low: Some(0.5),
+                ..open()
+            }),
+            Some("quality")
+        );
+        let recent = GateInput {
+            last_training_at: Some(9_900.0),
+            ..open()
+        };
+        assert_eq!(gate_of(&recent), Some("cooldown"));
+        assert_eq!(
+            gate_of(&GateInput {
+                cooldown: 0.0,
+                ..recent
+            }),
+            None
+        );
+        assert_eq!(
+            gate_of(&GateInput {
+                last_training_at: Some(9_700.0),
+                ..open()
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn failures_back_off_exponentially() {
+        assert_eq!(backoff_secs(0, 60.0), 0.0);
+        assert_eq!(backoff_secs(1, 60.0), 60.0);
+        assert_eq!(backoff_secs(3, 60.0), 240.0);
+        assert_eq!(backoff_secs(50, 1.0), 1024.0);
+        let failed = GateInput {
+            failures: 2,
+            last_failure_at: Some(9_900.0),
+            ..open()
+        };
+        let b = gates(&failed).unwrap_err();
+        assert_eq!(b.gate, "failure_backoff");
+        assert!(b.detail.contains("retry in 20s"), "{}", b.detail);
+        assert_eq!(
+            gate_of(&GateInput {
+                last_failure_at: Some(9_880.0),
+                ..failed
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn low_quality_blocks_until_a_score_at_or_above_the_threshold() {
+        let flag = apply_quality(None, "LOW_QUALITY_DATA_WARNING", 0.3, Some(0.5));
+        assert_eq!(flag, Some(0.5));
+        assert_eq!(
+            apply_quality(flag, "QUALITY_SCORE_UPDATED", 0.49, None),
+            Some(0.5)
+        );
+        assert_eq!(
+            apply_quality(flag, "QUALITY_SCORE_UPDATED", 0.5, None),
+            None
+        );
+        assert_eq!(
+            apply_quality(None, "QUALITY_SCORE_UPDATED", 0.1, None),
+            None
+        );
+    }
+
+    #[test]
+    fn models_are_checked_by_loading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = GameConfig::parse("hex6_2p").unwrap();
+        let good = dir.path().join("good.bin");
+        std::fs::write(&good, Model::zeros(&config).to_bytes()).unwrap();
+        check_model(&good, "hex6_2p").unwrap();
+        assert!(
+            check_model(&good, "hex8_2p").is_err(),
+            "a model of another key"
+        );
+        let bytes = std::fs::read(&good).unwrap();
+        let truncated = dir.path().join("truncated.bin");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(check_model(&truncated, "hex6_2p").is_err());
+        assert!(check_model(&dir.path().join("missing.bin"), "hex6_2p").is_err());
+        // Keys the built-in game does not play: existence and size only.
+        check_model(&truncated, "square8_2p").unwrap();
+    }
+
+    #[test]
+    fn a_new_export_changes_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.npz");
+        std::fs::write(&path, b"one").unwrap();
+        let a = Fingerprint::of(&path).unwrap();
+        std::fs::write(&path, b"three").unwrap();
+        assert_ne!(Fingerprint::of(&path).unwrap(), a);
+        assert!(count_samples(&path, "hex6_2p").is_err());
+    }
+}

@@ -1,0 +1,617 @@
+//! The selfplay work queue, `data/work_queue.db`: what queue_populator fills and selfplay_scheduler
+//! drains.
+//!
+//! It is SQLite (WAL, busy timeout) rather than an in-memory channel because the producer and the
+//! consumer are separate processes that restart independently: an item survives either side dying,
+//! and an item whose consumer died mid-job is found again by [`WorkQueue::requeue_stale`] instead of
+//! being lost. Claiming is one `UPDATE … WHERE id = (SELECT …) RETURNING …` statement: SQLite takes
+//! the write lock when such a statement starts, so two consumers can never claim the same item.
+//!
+//! ```sql
+//! work_items(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT ('selfplay'), priority REAL,
+//!            config TEXT ({"config_key": "...", "games": N}),
+//!            status TEXT (pending|claimed|running|completed|failed|timeout), attempts INTEGER,
+//!            created_at REAL, claimed_at REAL, completed_at REAL, claimed_by TEXT, error TEXT)
+//! ```
+//! Times are unix seconds.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The only item type so far.
+pub(crate) const SELFPLAY: &str = "selfplay";
+
+/// An item that timed out this many times is not requeued again (it stays `timeout`).
+pub(crate) const MAX_ATTEMPTS: i64 = 3;
+
+pub(crate) const STATUSES: &[&str] = &[
+    "pending",
+    "claimed",
+    "running",
+    "completed",
+    "failed",
+    "timeout",
+];
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS work_items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    priority REAL NOT NULL DEFAULT 0,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'claimed', 'running', 'completed', 'failed', 'timeout')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    claimed_at REAL,
+    completed_at REAL,
+    claimed_by TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS work_items_by_status ON work_items (status, type, priority DESC, id);
+";
+
+/// What a selfplay item asks for (the `config` column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SelfplaySpec {
+    pub config_key: String,
+    pub games: u64,
+}
+
+/// A claimed item.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Claimed {
+    pub id: i64,
+    pub item_type: String,
+    pub priority: f64,
+    /// The raw `config` JSON.
+    pub config: String,
+    pub attempts: i64,
+}
+
+impl Claimed {
+    pub(crate) fn selfplay_spec(&self) -> Result<SelfplaySpec> {
+        serde_json::from_str(&self.config)
+            .with_context(|| format!("work item {}: bad config {:?}", self.id, self.config))
+    }
+}
+
+pub(crate) struct WorkQueue {
+    conn: Connection,
+}
+
+impl WorkQueue {
+    /// Opens (creating the file, its directory and the schema if needed) the queue at `path`.
+    pub(crate) fn open(path: &Path) -> Result<WorkQueue> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open work queue {}", path.display()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .context("cannot set the busy timeout")?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .with_context(|| {
+                format!(
+                    "work queue {} is not a usable sqlite database",
+                    path.display()
+                )
+            })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            bail!(
+                "work queue {}: cannot switch to WAL mode (journal mode is {mode})",
+                path.display()
+            );
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        conn.execute_batch(SCHEMA).with_context(|| {
+            format!("cannot create the schema of work queue {}", path.display())
+        })?;
+        Ok(WorkQueue { conn })
+    }
+
+    /// Adds one pending item.
+    #[cfg(test)]
+    pub(crate) fn push(
+        &self,
+        item_type: &str,
+        priority: f64,
+        config: &str,
+        now: f64,
+    ) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO work_items (type, priority, config, status, attempts, created_at)
+             VALUES (?1, ?2, ?3, 'pending', 0, ?4)",
+            params![item_type, priority, config, now],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Pending selfplay items per config key.
+    pub(crate) fn pending_by_key(&self) -> Result<BTreeMap<String, u64>> {
+        pending_by_key(&self.conn)
+    }
+
+    /// Adds pending selfplay items until `target` are pending, spread over the keys of `weights`
+    /// by [`allocate`]; each item's priority is its key's weight. Returns the items added per key.
+    pub(crate) fn top_up(
+        &mut self,
+        target: u64,
+        games_per_item: u64,
+        weights: &BTreeMap<String, f64>,
+        now: f64,
+    ) -> Result<BTreeMap<String, u64>> {
+        let tx = self.conn.transaction()?;
+        let pending = pending_by_key(&tx)?;
+        let plan = allocate(weights, &pending, target);
+        {
+            let mut insert = tx.prepare(
+                "INSERT INTO work_items (type, priority, config, status, attempts, created_at)
+                 VALUES (?1, ?2, ?3, 'pending', 0, ?4)",
+            )?;
+            for (key, n) in &plan {
+                let config = serde_json::to_string(&SelfplaySpec {
+                    config_key: key.clone(),
+                    games: games_per_item,
+                })?;
+                let priority = weights.get(key).copied().unwrap_or(0.0);
+                for _ in 0..*n {
+                    insert.execute(params![SELFPLAY, priority, config, now])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(plan)
+    }
+
+    /// Sets the priority of every pending selfplay item of each key to its current weight, so claims
+    /// follow the scheduler's latest priorities rather than those of the day an item was created.
+    pub(crate) fn reprioritize(&self, weights: &BTreeMap<String, f64>) -> Result<u64> {
+        let mut changed = 0;
+        for (key, weight) in weights {
+            changed += self.conn.execute(
+                "UPDATE work_items SET priority = ?1
+                 WHERE status = 'pending' AND type = ?2
+                   AND json_extract(config, '$.config_key') = ?3 AND priority != ?1",
+                params![weight, SELFPLAY, key],
+            )? as u64;
+        }
+        Ok(changed)
+    }
+
+    /// Claims the highest-priority pending item (oldest first among equals) for `worker_id`, in one
+    /// statement: two claimers never get the same item.
+    pub(crate) fn claim(&self, worker_id: &str, now: f64) -> Result<Option<Claimed>> {
+        let claimed = self
+            .conn
+            .query_row(
+                "UPDATE work_items SET status = 'claimed', claimed_at = ?1, claimed_by = ?2
+                 WHERE id = (SELECT id FROM work_items WHERE status = 'pending'
+                             ORDER BY priority DESC, id LIMIT 1)
+                   AND status = 'pending'
+                 RETURNING id, type, priority, config, attempts",
+                params![now, worker_id],
+                |row| {
+                    Ok(Claimed {
+                        id: row.get(0)?,
+                        item_type: row.get(1)?,
+                        priority: row.get(2)?,
+                        config: row.get(3)?,
+                        attempts: row.get(4)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(claimed)
+    }
+
+    /// claimed → running. False if the item is no longer claimed by `worker_id` (requeued as stale).
+    pub(crate) fn mark_running(&self, id: i64, worker_id: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE work_items SET status = 'running'
+             WHERE id = ?1 AND status = 'claimed' AND claimed_by = ?2",
+            params![id, worker_id],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// claimed/running → completed.
+    pub(crate) fn complete(&self, id: i64, now: f64) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE work_items SET status = 'completed', completed_at = ?2, error = NULL
+             WHERE id = ?1 AND status IN ('claimed', 'running')",
+            params![id, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// claimed/running (or pending, for an item that cannot be run at all) → failed with `error`.
+    pub(crate) fn fail(&self, id: i64, error: &str, now: f64) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE work_items SET status = 'failed', completed_at = ?2, error = ?3
+             WHERE id = ?1 AND status IN ('pending', 'claimed', 'running')",
+            params![id, now, error],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Items per status (every status present, zero when none).
+    pub(crate) fn counts(&self) -> Result<BTreeMap<String, u64>> {
+        let mut out: BTreeMap<String, u64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT status, count(*) FROM work_items GROUP BY status")?;
+        for row in stmt.query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })? {
+            let (status, n) = row?;
+            out.insert(status, n as u64);
+        }
+        Ok(out)
+    }
+
+    /// Items claimed or running since before `now - stale_after` become `timeout`; each gets a new
+    /// pending copy with attempts + 1, unless it already had [`MAX_ATTEMPTS`]. One transaction.
+    /// Returns (requeued, abandoned).
+    pub(crate) fn requeue_stale(&mut self, stale_after: f64, now: f64) -> Result<(u64, u64)> {
+        self.requeue_where(
+            "status IN ('claimed', 'running') AND claimed_at < ?1",
+            vec![(now - stale_after).into()],
+            &format!("no result within {stale_after:.0}s of being claimed"),
+            now,
+        )
+    }
+
+    /// Items claimed or running by a claimer whose id starts with `prefix` but is not `keep`: a
+    /// previous process of the same consumer, which died with them. Same treatment as stale items.
+    pub(crate) fn requeue_orphans(
+        &mut self,
+        prefix: &str,
+        keep: &str,
+        now: f64,
+    ) -> Result<(u64, u64)> {
+        self.requeue_where(
+            "status IN ('claimed', 'running')
+             AND substr(claimed_by, 1, length(?1)) = ?1 AND claimed_by != ?2",
+            vec![prefix.to_string().into(), keep.to_string().into()],
+            &format!("orphaned: its claimer is gone (not {keep})"),
+            now,
+        )
+        .map_err(|e| e.context("cannot requeue orphaned items"))
+    }
+
+    fn requeue_where(
+        &mut self,
+        condition: &str,
+        args: Vec<rusqlite::types::Value>,
+        error: &str,
+        now: f64,
+    ) -> Result<(u64, u64)> {
+        let tx = self.conn.transaction()?;
+        let stale: Vec<(i64, String, f64, String, i64)> = {
+            let sql = format!(
+                "SELECT id, type, priority, config, attempts FROM work_items WHERE {condition}"
+            );
+            let mut stmt = tx.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(&args), |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let (mut requeued, mut abandoned) = (0, 0);
+        for (id, item_type, priority, config, attempts) in stale {
+            tx.execute(
+                "UPDATE work_items SET status = 'timeout', completed_at = ?2, error = ?3 WHERE id = ?1",
+                params![id, now, error],
+            )?;
+            let attempts = attempts + 1;
+            if attempts >= MAX_ATTEMPTS {
+                abandoned += 1;
+                continue;
+            }
+            tx.execute(
+                "INSERT INTO work_items (type, priority, config, status, attempts, created_at)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                params![item_type, priority, config, attempts, now],
+            )?;
+            requeued += 1;
+        }
+        tx.commit()?;
+        Ok((requeued, abandoned))
+    }
+
+    /// Deletes finished items (completed, failed, timeout) that finished before `before`.
+    pub(crate) fn prune(&self, before: f64) -> Result<u64> {
+        Ok(self.conn.execute(
+            "DELETE FROM work_items
+             WHERE status IN ('completed', 'failed', 'timeout') AND completed_at < ?1",
+            [before],
+        )? as u64)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn pending_by_key(conn: &Connection) -> Result<BTreeMap<String, u64>> {
+    let mut stmt =
+        conn.prepare("SELECT config FROM work_items WHERE status = 'pending' AND type = ?1")?;
+    let mut out = BTreeMap::new();
+    for config in stmt.query_map([SELFPLAY], |row| row.get::<_, String>(0))? {
+        let config = config?;
+        // An item whose config does not parse still occupies the queue; it counts under "?" so the
+        // depth stays honest, and the scheduler fails it when it claims it.
+        let key = serde_json::from_str::<SelfplaySpec>(&config)
+            .map(|s| s.config_key)
+            .unwrap_or_else(|_| "?".into());
+        *out.entry(key).or_insert(0) += 1;
+    }
+    Ok(out)
+}
+
+/// How many new items each key gets so that `target` items are pending and the pending mix follows
+/// `weights`: each new item goes to the key with the highest weight / (pending + 1) (the D'Hondt
+/// rule), so a key with twice the weight ends up with about twice the items. Keys with a weight ≤ 0
+/// (or not a number) get nothing; if no key has a positive weight, all get equal weights.
+pub(crate) fn allocate(
+    weights: &BTreeMap<String, f64>,
+    pending: &BTreeMap<String, u64>,
+    target: u64,
+) -> BTreeMap<String, u64> {
+    let total_pending: u64 = pending.values().sum();
+    let mut out = BTreeMap::new();
+    if total_pending >= target || weights.is_empty() {
+        return out;
+    }
+    let positive = weights.values().any(|w| w.is_finite() && *w > 0.0);
+    let weight = |key: &str| -> f64 {
+        if !positive {
+            return 1.0;
+        }
+        let w = weights[key];
+        if w.is_finite() && w > 0.0 { w } else { 0.0 }
+    };
+    let mut have: BTreeMap<&str, u64> = weights
+        .keys()
+        .map(|k| (k.as_str(), pending.get(k).copied().unwrap_or(0)))
+        .collect();
+    for _ in 0..target - total_pending {
+        let best = have
+            .iter()
+            .filter(|(k, _)| weight(k) > 0.0)
+            .map(|(k, n)| (*k, weight(k) / (*n as f64 + 1.0)))
+            // max_by keeps the last of equals; reversed comparison of keys keeps the first.
+            .fold(None::<(&str, f64)>, |best, (k, q)| match best {
+                Some((_, bq)) if bq >= q => best,
+                _ => Some((k, q)),
+            });
+        let Some((key, _)) = best else { break };
+        *have.get_mut(key).expect("known key") += 1;
+        *out.entry(key.to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    fn w(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn p(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn allocation_follows_weights_and_existing_items() {
+        let weights = w(&[("hex6_2p", 1.0), ("hex8_2p", 2.0)]);
+        assert_eq!(
+            allocate(&weights, &p(&[]), 6),
+            p(&[("hex6_2p", 2), ("hex8_2p", 4)])
+        );
+        // hex8 already has 4 pending: the 2 missing items go to hex6.
+        assert_eq!(
+            allocate(&weights, &p(&[("hex8_2p", 4)]), 6),
+            p(&[("hex6_2p", 2)])
+        );
+        assert!(allocate(&weights, &p(&[("hex8_2p", 9)]), 6).is_empty());
+        // Equal weights split evenly, first key first on a tie.
+        let equal = w(&[("hex6_2p", 1.0), ("hex8_2p", 1.0)]);
+        assert_eq!(
+            allocate(&equal, &p(&[]), 3),
+            p(&[("hex6_2p", 2), ("hex8_2p", 1)])
+        );
+        // No positive weight at all: equal weights. A zero weight among positive ones: nothing.
+        let zeros = w(&[("hex6_2p", 0.0), ("hex8_2p", f64::NAN)]);
+        assert_eq!(
+            allocate(&zeros, &p(&[]), 4),
+            p(&[("hex6_2p", 2), ("hex8_2p", 2)])
+        );
+        let one_zero = w(&[("hex6_2p", 0.0), ("hex8_2p", 1.0)]);
+        assert_eq!(allocate(&one_zero, &p(&[]), 3), p(&[("hex8_2p", 3)]));
+    }
+
+    #[test]
+    fn top_up_claim_run_complete_and_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = WorkQueue::open(&dir.path().join("data/work_queue.db")).unwrap();
+        let weights = w(&[("hex6_2p", 1.0), ("hex8_2p", 3.0)]);
+        let added = q.top_up(4, 20, &weights, 100.0).unwrap();
+        assert_eq!(added, p(&[("hex6_2p", 1), ("hex8_2p", 3)]));
+        assert!(q.top_up(4, 20, &weights, 101.0).unwrap().is_empty());
+        assert_eq!(q.counts().unwrap()["pending"], 4);
+
+        let a = q.claim("w1", 102.0).unwrap().unwrap();
+        assert_eq!(a.priority, 3.0, "highest priority first");
+        assert_eq!(
+            a.selfplay_spec().unwrap(),
+            SelfplaySpec {
+                config_key: "hex8_2p".into(),
+                games: 20
+            }
+        );
+        assert!(q.mark_running(a.id, "w1").unwrap());
+        assert!(!q.mark_running(a.id, "w1").unwrap(), "already running");
+        assert!(q.complete(a.id, 103.0).unwrap());
+        let b = q.claim("w1", 104.0).unwrap().unwrap();
+        assert!(b.id > a.id, "oldest first among equals");
+        assert!(q.fail(b.id, "exit 1", 105.0).unwrap());
+        let counts = q.counts().unwrap();
+        assert_eq!(
+            (counts["pending"], counts["completed"], counts["failed"]),
+            (2, 1, 1)
+        );
+        let error: String = q
+            .connection()
+            .query_row("SELECT error FROM work_items WHERE id = ?1", [b.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(error, "exit 1");
+        // Now both pending hex8 items... one hex8 and one hex6 are left.
+        assert_eq!(
+            q.pending_by_key().unwrap(),
+            p(&[("hex6_2p", 1), ("hex8_2p", 1)])
+        );
+        // New priorities reorder pending items.
+        assert_eq!(q.reprioritize(&w(&[("hex6_2p", 5.0)])).unwrap(), 1);
+        let c = q.claim("w2", 106.0).unwrap().unwrap();
+        assert_eq!(c.selfplay_spec().unwrap().config_key, "hex6_2p");
+        // Pruning removes only finished items older than the cut.
+        assert_eq!(q.prune(104.0).unwrap(), 1);
+        assert_eq!(q.counts().unwrap()["failed"], 1);
+    }
+
+    #[test]
+    fn stale_and_orphaned_items_are_requeued_until_max_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
+        q.push(SELFPLAY, 1.0, r#"{"config_key":"hex8_2p","games":5}"#, 0.0)
+            .unwrap();
+        let first = q.claim("selfplay_scheduler:1", 10.0).unwrap().unwrap();
+        assert_eq!(
+            q.requeue_stale(100.0, 50.0).unwrap(),
+            (0, 0),
+            "not stale yet"
+        );
+        assert_eq!(q.requeue_stale(100.0, 111.0).unwrap(), (1, 0));
+        let counts = q.counts().unwrap();
+        assert_eq!((counts["timeout"], counts["pending"]), (1, 1));
+        assert!(
+            !q.complete(first.id, 112.0).unwrap(),
+            "a timed-out item stays timed out"
+        );
+
+        let second = q.claim("selfplay_scheduler:2", 120.0).unwrap().unwrap();
+        assert_eq!(second.attempts, 1);
+        assert_eq!(second.config, first.config);
+        // A new process of the same consumer releases what its predecessor held.
+        assert_eq!(
+            q.requeue_orphans("selfplay_scheduler:", "selfplay_scheduler:3", 130.0)
+                .unwrap(),
+            (1, 0)
+        );
+        let third = q.claim("selfplay_scheduler:3", 131.0).unwrap().unwrap();
+        assert_eq!(third.attempts, 2);
+        assert_eq!(
+            q.requeue_orphans("selfplay_scheduler:", "selfplay_scheduler:3", 132.0)
+                .unwrap(),
+            (0, 0),
+            "its own items are not orphans"
+        );
+        assert_eq!(
+            q.requeue_stale(1.0, 500.0).unwrap(),
+            (0, 1),
+            "third attempt: abandoned"
+        );
+        assert_eq!(q.counts().unwrap()["pending"], 0);
+    }
+
+    /// Two connections (two processes, in production) claim at once from the same file: every item
+    /// is claimed exactly once.
+    #[test]
+    fn concurrent_claims_never_share_an_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let items = 200;
+        {
+            let q = WorkQueue::open(&path).unwrap();
+            for i in 0..items {
+                q.push(
+                    SELFPLAY,
+                    (i % 7) as f64,
+                    r#"{"config_key":"hex8_2p","games":1}"#,
+                    0.0,
+                )
+                .unwrap();
+            }
+        }
+        let barrier = Arc::new(Barrier::new(2));
+        let claimers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|who| {
+                let path = path.clone();
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    let q = WorkQueue::open(&path).unwrap();
+                    barrier.wait();
+                    let mut got = Vec::new();
+                    while let Some(item) = q.claim(who, 1.0).unwrap() {
+                        got.push(item.id);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let got: Vec<Vec<i64>> = claimers.into_iter().map(|t| t.join().unwrap()).collect();
+        let mut all: Vec<i64> = got.concat();
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(total, items, "every item claimed");
+        assert_eq!(all.len(), items, "no item claimed twice");
+        let q = WorkQueue::open(&path).unwrap();
+        for (who, ids) in ["a", "b"].iter().zip(&got) {
+            let n: i64 = q
+                .connection()
+                .query_row(
+                    "SELECT count(*) FROM work_items WHERE claimed_by = ?1",
+                    [who],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(n as usize, ids.len());
+        }
+    }
+
+    #[test]
+    fn a_garbage_file_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = format!("{:#}", WorkQueue::open(&path).err().unwrap());
+        assert!(err.contains("not a usable sqlite database"), "{err}");
+    }
+}
