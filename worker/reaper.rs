@@ -269,7 +269,9 @@ pub(crate) struct ReapArgs {
 /// The JOB_REAPED payload for one verdict.
 fn reaped_payload(v: &Verdict, dry_run: bool) -> Value {
     let job_id = match &v.reason {
-        reaper::Reason::OverdueJob { job_id, .. } | reaper::Reason::Stuck { job_id, .. } => Value::from(job_id.clone()),
+        reaper::Reason::OverdueJob { job_id, .. } | reaper::Reason::Stuck { job_id, .. } => {
+            Value::from(job_id.clone())
+        }
         _ => Value::Null,
     };
     ringrift::events::payload([

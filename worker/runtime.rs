@@ -160,6 +160,13 @@ impl Ctx {
         });
     }
 
+    /// Publishes an event and lets the runtime send it before the caller goes on: for events that
+    /// must reach the supervisor before whatever blocking work comes next.
+    pub(crate) async fn emit_now(&self, event_type: &str, payload: Value) {
+        self.emit(event_type, payload);
+        tokio::task::yield_now().await;
+    }
+
     /// Runs `command` as a supervisor-owned job and waits for it to end. Its output goes to
     /// logs/jobs/<id>.log; the supervisor stops it after `max_runtime`.
     pub(crate) async fn run_job(

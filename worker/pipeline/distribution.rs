@@ -212,6 +212,23 @@ fn retry_delay(attempt: u32, base: f64) -> f64 {
     base * f64::from(1u32 << attempt.saturating_sub(1).min(10))
 }
 
+/// Seconds before a target that failed `passes` whole passes in a row (each of `retries`
+/// attempts) is tried again: it goes on doubling past the in-pass retries, up to an hour, so a dead
+/// target is neither hammered every cycle nor given up on.
+fn pass_backoff(passes: u32, base: f64, retries: u32) -> f64 {
+    let doublings = (retries + passes.saturating_sub(1)).min(20);
+    (base.max(1.0) * f64::from(1u32 << doublings)).min(3600.0)
+}
+
+/// A target that failed for one model: when to try again.
+#[derive(Debug, Clone)]
+struct Failing {
+    sha: String,
+    failed_passes: u32,
+    next_try: f64,
+    error: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct State {
     /// Target spec → config key → SHA-256 last delivered and verified there.
@@ -227,6 +244,8 @@ struct Distribution {
     retry_backoff: f64,
     timeout: Duration,
     state: State,
+    /// (target spec, config key) → the failure it is backing off from.
+    failing: BTreeMap<(String, String), Failing>,
     last: String,
     ok: bool,
     last_error: Option<String>,
@@ -332,11 +351,27 @@ impl Distribution {
                 if !needs_copy(&target, model, &sha, delivered) {
                     succeeded += 1;
                     in_sync += 1;
+                    self.failing.remove(&(spec.clone(), key.clone()));
+                    continue;
+                }
+                let now = super::now_secs();
+                if let Some(f) = self.failing.get(&(spec.clone(), key.clone()))
+                    && f.sha == sha
+                    && now < f.next_try
+                {
+                    // Still backing off from the last failed pass: counted, not retried yet.
+                    failed += 1;
+                    failures.push(format!(
+                        "{key} → {spec}: {} (next try in {:.0}s)",
+                        f.error,
+                        f.next_try - now
+                    ));
                     continue;
                 }
                 worked = true;
                 match self.copy_with_retries(model, &target).await {
                     Ok(got) => {
+                        self.failing.remove(&(spec.clone(), key.clone()));
                         self.copies += 1;
                         succeeded += 1;
                         in_sync += 1;
@@ -359,6 +394,21 @@ impl Distribution {
                         self.copy_failures += 1;
                         failed += 1;
                         failures.push(format!("{key} → {spec}: {e}"));
+                        let passes = self
+                            .failing
+                            .get(&(spec.clone(), key.clone()))
+                            .filter(|f| f.sha == sha)
+                            .map_or(1, |f| f.failed_passes + 1);
+                        let wait = pass_backoff(passes, self.retry_backoff, self.retries);
+                        self.failing.insert(
+                            (spec.clone(), key.clone()),
+                            Failing {
+                                sha: sha.clone(),
+                                failed_passes: passes,
+                                next_try: super::now_secs() + wait,
+                                error: e,
+                            },
+                        );
                     }
                 }
             }
@@ -572,6 +622,11 @@ mod tests {
     fn retries_back_off_exponentially_and_quoting_is_safe() {
         assert_eq!(retry_delay(1, 5.0), 5.0);
         assert_eq!(retry_delay(3, 5.0), 20.0);
+        // Between passes: beyond the in-pass retries, capped at an hour.
+        assert_eq!(pass_backoff(1, 5.0, 3), 40.0);
+        assert_eq!(pass_backoff(2, 5.0, 3), 80.0);
+        assert_eq!(pass_backoff(30, 5.0, 3), 3600.0);
+        assert_eq!(pass_backoff(1, 0.0, 1), 2.0);
         assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
     }
 

@@ -36,6 +36,11 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(Evaluation::default())
 }
 
+/// Where the gauntlet writes results before they are announced.
+fn staging_results(candidate: &Path) -> PathBuf {
+    eval_path(candidate).with_extension("json.partial")
+}
+
 /// Where the gauntlet results of `candidate` live: `<dir>/<name>.eval.json`.
 pub(crate) fn eval_path(candidate: &Path) -> PathBuf {
     candidate.with_extension("eval.json")
@@ -242,6 +247,23 @@ impl Evaluation {
             .join("models/candidates");
         let now = now_secs();
         self.not_before.retain(|_, t| *t > now);
+        // A gauntlet that finished while this daemon was down left complete staging results:
+        // announce them instead of playing the gauntlet again.
+        for c in candidates(&root) {
+            let staging = staging_results(&c);
+            if !eval_path(&c).exists()
+                && staging.exists()
+                && let (Some(key), Ok(results)) =
+                    (candidate_key(&c), read_results(&staging, self.games))
+                && std::fs::rename(&staging, eval_path(&c)).is_ok()
+            {
+                println!(
+                    "{NAME}: {}: results of an interrupted evaluation recovered",
+                    c.display()
+                );
+                self.announce(&key, &c, &results);
+            }
+        }
         let on_disk: BTreeSet<PathBuf> = candidates(&root)
             .into_iter()
             .filter(|c| !eval_path(c).exists())
@@ -366,10 +388,13 @@ impl Evaluation {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
         let results_path = eval_path(candidate);
+        // The gauntlet writes a staging file; it becomes the results file (which promotion looks
+        // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
+        let staging = staging_results(candidate);
         let vars = [
             ("candidate_path", candidate.display().to_string()),
             ("games", self.games.to_string()),
-            ("output_path", results_path.display().to_string()),
+            ("output_path", staging.display().to_string()),
         ];
         self.started += 1;
         println!(
@@ -401,11 +426,11 @@ impl Evaluation {
             self.failed_attempt(&key, candidate, error);
             return;
         }
-        let results = match read_results(&results_path, self.games) {
+        let results = match read_results(&staging, self.games) {
             Ok(r) => r,
             Err(e) => {
-                if results_path.exists() {
-                    quarantine(&results_path);
+                if staging.exists() {
+                    quarantine(&staging);
                 }
                 let error = format!(
                     "gauntlet job {} wrote no usable results: {e:#}",
@@ -415,6 +440,11 @@ impl Evaluation {
                 return;
             }
         };
+        if let Err(e) = std::fs::rename(&staging, &results_path) {
+            let error = format!("cannot move {} into place: {e}", staging.display());
+            self.failed_attempt(&key, candidate, error);
+            return;
+        }
         if self
             .state
             .attempts
@@ -423,16 +453,25 @@ impl Evaluation {
         {
             self.save();
         }
+        self.announce(&key, candidate, &results);
+        // Let EVALUATION_COMPLETED go out before any further work of this cycle.
+        tokio::task::yield_now().await;
+    }
+
+    /// Records and publishes a finished evaluation.
+    fn announce(&mut self, key: &str, candidate: &Path, results: &Results) {
+        let ctx = self.ctx.clone().expect("attached");
+        let results_path = eval_path(candidate);
         self.completed += 1;
         self.last_ok = true;
         self.last = format!(
-            "{} at {}: {:.3} vs random, {} vs baseline, {} games",
+            "{} at {}: {:.3} vs random, {}, {} games",
             candidate.display(),
             ringrift::timefmt::now_rfc3339(),
             results.win_rate_vs_random,
             results
                 .win_rate_vs_baseline
-                .map_or("no baseline".to_string(), |r| format!("{r:.3}")),
+                .map_or("no baseline".to_string(), |r| format!("{r:.3} vs baseline")),
             results.games
         );
         println!("{NAME}: evaluated {}", self.last);
@@ -494,6 +533,8 @@ impl Daemon for Evaluation {
     fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
             self.scan();
+            // Recovered results announced by the scan go out before the next gauntlet.
+            tokio::task::yield_now().await;
             self.drain().await;
             self.report()
         })

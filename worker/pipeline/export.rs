@@ -396,12 +396,18 @@ impl AutoExport {
             ]),
         );
         let npz = pipeline.npz(key);
+        // The job writes a staging file; it replaces the training file (which training_trigger
+        // watches) only once validated, just before NPZ_EXPORT_COMPLETE.
+        let staging = npz.with_extension("npz.partial");
         let outcome = match pipeline
             .run_job(
                 &ctx,
                 "export",
                 key,
-                &[("games", count.new_games.to_string())],
+                &[
+                    ("games", count.new_games.to_string()),
+                    ("npz_path", staging.display().to_string()),
+                ],
             )
             .await
         {
@@ -429,11 +435,11 @@ impl AutoExport {
             );
             return;
         }
-        let summary = match validate_npz(&npz, key) {
+        let summary = match validate_npz(&staging, key) {
             Ok(s) => s,
             Err(e) => {
                 self.failures += 1;
-                let moved = quarantine(&npz)
+                let moved = quarantine(&staging)
                     .map(|p| format!("; moved to {}", p.display()))
                     .unwrap_or_default();
                 self.set(
@@ -444,6 +450,18 @@ impl AutoExport {
                 return;
             }
         };
+        if let Err(e) = std::fs::rename(&staging, &npz) {
+            self.failures += 1;
+            self.set(
+                key,
+                false,
+                format!(
+                    "cannot move {} into place: {e}; retrying next cycle",
+                    staging.display()
+                ),
+            );
+            return;
+        }
         let last_game_id = summary
             .last_game_id
             .or(count.max_new_id)
@@ -469,7 +487,7 @@ impl AutoExport {
                 summary.samples
             ),
         );
-        ctx.emit(
+        ctx.emit_now(
             "NPZ_EXPORT_COMPLETE",
             payload([
                 ("config_key", key.into()),
@@ -478,7 +496,8 @@ impl AutoExport {
                 ("games", summary.games.into()),
                 ("last_game_id", last_game_id.into()),
             ]),
-        );
+        )
+        .await;
     }
 
     async fn scan(&mut self) {

@@ -12,17 +12,17 @@
 //! models/backup/                       canonical models replaced by a promotion
 //! ```
 
-pub(crate) mod queue;
-pub(crate) mod work_queue;
-pub(crate) mod scheduler;
-pub(crate) mod idle;
-pub(crate) mod quality;
+pub(crate) mod distribution;
+pub(crate) mod evaluation;
 pub(crate) mod export;
+pub(crate) mod idle;
+pub(crate) mod promotion;
+pub(crate) mod quality;
+pub(crate) mod queue;
+pub(crate) mod scheduler;
 pub(crate) mod sha256;
 pub(crate) mod training;
-pub(crate) mod evaluation;
-pub(crate) mod promotion;
-pub(crate) mod distribution;
+pub(crate) mod work_queue;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -430,14 +430,14 @@ impl AutoPromotion {
             .insert(key.to_string(), now_secs());
         self.record(candidate, true, None);
         self.last = format!(
-            "promoted {} to {} at {} ({:.3} vs random, {} vs baseline){}",
+            "promoted {} to {} at {} ({:.3} vs random, {}){}",
             candidate.display(),
             layout.canonical.display(),
             ringrift::timefmt::now_rfc3339(),
             results.win_rate_vs_random,
             results
                 .win_rate_vs_baseline
-                .map_or("no baseline".to_string(), |r| format!("{r:.3}")),
+                .map_or("no baseline".to_string(), |r| format!("{r:.3} vs baseline")),
             backup
                 .as_ref()
                 .map(|b| format!("; previous model backed up to {}", b.display()))

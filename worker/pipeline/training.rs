@@ -404,6 +404,9 @@ impl TrainingTrigger {
         let dir = pipeline.candidates_dir(key);
         let ms = (now_secs() * 1000.0) as u64;
         let candidate = dir.join(format!("{key}-{ms}.bin"));
+        // The job writes a staging file; it becomes `<key>-<ms>.bin` (which evaluation looks for)
+        // only once verified, just before TRAINING_COMPLETED: evaluation never races ahead of it.
+        let staging = staging_path(&candidate);
         let npz = pipeline.npz(key);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.failure(
@@ -414,7 +417,7 @@ impl TrainingTrigger {
             );
             return;
         }
-        self.key_state(key).in_flight = Some(candidate.display().to_string());
+        self.key_state(key).in_flight = Some(staging.display().to_string());
         self.save();
         self.started += 1;
         println!(
@@ -429,7 +432,7 @@ impl TrainingTrigger {
             ]),
         );
         let vars = [
-            ("candidate_path", candidate.display().to_string()),
+            ("candidate_path", staging.display().to_string()),
             ("epochs", self.epochs.to_string()),
             ("learning_rate", self.learning_rate.to_string()),
         ];
@@ -440,7 +443,7 @@ impl TrainingTrigger {
                     key,
                     None,
                     format!("cannot start the train job: {e:#}"),
-                    Some(&candidate),
+                    Some(&staging),
                 );
                 return;
             }
@@ -455,15 +458,24 @@ impl TrainingTrigger {
                 "train job {} {why} ({}; see logs/jobs/{}.log)",
                 outcome.job_id, outcome.exit, outcome.job_id
             );
-            self.failure(key, Some(&outcome.job_id), error, Some(&candidate));
+            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
             return;
         }
-        if let Err(e) = check_model(&candidate, key) {
+        if let Err(e) = check_model(&staging, key) {
             let error = format!(
                 "train job {} succeeded but the candidate is unusable: {e:#}",
                 outcome.job_id
             );
-            self.failure(key, Some(&outcome.job_id), error, Some(&candidate));
+            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
+            return;
+        }
+        if let Err(e) = std::fs::rename(&staging, &candidate) {
+            let error = format!(
+                "cannot move {} to {}: {e}",
+                staging.display(),
+                candidate.display()
+            );
+            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
             return;
         }
         let now = now_secs();
@@ -485,7 +497,7 @@ impl TrainingTrigger {
                 candidate.display()
             ),
         );
-        ctx.emit(
+        ctx.emit_now(
             "TRAINING_COMPLETED",
             payload([
                 ("config_key", key.into()),
@@ -493,7 +505,8 @@ impl TrainingTrigger {
                 ("samples", samples.into()),
                 ("job_id", outcome.job_id.into()),
             ]),
-        );
+        )
+        .await;
     }
 
     fn failure(
@@ -545,7 +558,28 @@ impl TrainingTrigger {
             let what = if !path.exists() {
                 "no candidate was written".to_string()
             } else if check_model(path, &key).is_ok() {
-                "its candidate is complete and stays for evaluation".to_string()
+                // Finished but never announced: announce it now, as the run would have.
+                let fin = final_path(path);
+                match std::fs::rename(path, &fin) {
+                    Ok(()) => {
+                        if let Some(ctx) = &self.ctx {
+                            ctx.emit(
+                                "TRAINING_COMPLETED",
+                                payload([
+                                    ("config_key", key.as_str().into()),
+                                    ("model_path", fin.display().to_string().into()),
+                                ]),
+                            );
+                        }
+                        format!(
+                            "its candidate is complete: {} goes to evaluation",
+                            fin.display()
+                        )
+                    }
+                    Err(e) => {
+                        format!("its candidate is complete but cannot be moved into place: {e}")
+                    }
+                }
             } else {
                 let moved = quarantine(path)
                     .map(|p| p.display().to_string())
@@ -558,6 +592,20 @@ impl TrainingTrigger {
             self.save();
         }
     }
+}
+
+/// Where the train job writes a candidate before it is verified.
+fn staging_path(candidate: &Path) -> std::path::PathBuf {
+    candidate.with_extension("bin.training")
+}
+
+/// The candidate a staging file becomes.
+fn final_path(staging: &Path) -> std::path::PathBuf {
+    let name = staging
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(".bin.training", ".bin"))
+        .unwrap_or_default();
+    staging.with_file_name(name)
 }
 
 impl Daemon for TrainingTrigger {
