@@ -253,7 +253,10 @@ fn tree_workers(root: &Root) -> Vec<(String, u32)> {
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.ends_with("ringrift-worker")) {
+        // Daemons only: `ringrift-worker <daemon>`, not the jobs they run (`ringrift-worker job ...`).
+        if args.first().is_some_and(|a| a.ends_with("ringrift-worker"))
+            && args.get(1).is_some_and(|a| a != "job")
+        {
             out.push((args.get(1).cloned().unwrap_or_default(), pid));
         }
     }
