@@ -23,7 +23,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::export::quarantine;
-use super::training::check_model;
 use super::{Pipeline, load_state, now_secs, num, save_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -373,7 +372,12 @@ impl Evaluation {
         let Some(key) = candidate_key(candidate) else {
             return;
         };
-        if let Err(e) = check_model(candidate, &key) {
+        if let Err(e) = self
+            .pipeline
+            .as_ref()
+            .expect("started")
+            .check_model(candidate, &key)
+        {
             self.quarantined += 1;
             let moved = quarantine(candidate)
                 .map(|p| p.display().to_string())

@@ -174,6 +174,27 @@ impl Pipeline {
         Ok((out, *max))
     }
 
+    /// True when models come from the built-in trainer (`{worker} job train`), so the built-in
+    /// loader can check them. A trainer of the user's own writes its own format: then a model is
+    /// only checked to exist and not be empty.
+    pub(crate) fn builtin_models(&self) -> bool {
+        self.jobs.get("train").is_some_and(|(cmd, _)| {
+            cmd.len() >= 3 && cmd[0] == "{worker}" && cmd[1] == "job" && cmd[2] == "train"
+        })
+    }
+
+    /// Checks that a model file is usable for `key` (see [`Pipeline::builtin_models`]).
+    pub(crate) fn check_model(&self, path: &Path, key: &str) -> anyhow::Result<()> {
+        if self.builtin_models() {
+            return training::check_model(path, key);
+        }
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        anyhow::ensure!(len > 0, "{} is empty", path.display());
+        Ok(())
+    }
+
     /// Runs a job of `kind` for `key` through the supervisor and waits for it.
     pub(crate) async fn run_job(
         &self,

@@ -30,7 +30,6 @@ use serde_json::{Value, json};
 use super::evaluation::{Results, candidate_key, candidates, eval_path, read_results};
 use super::export::quarantine;
 use super::sha256;
-use super::training::check_model;
 use super::{Pipeline, load_state, now_secs, num, save_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -336,7 +335,7 @@ impl AutoPromotion {
         let pipeline = self.pipeline.clone().expect("started");
         let canonical = pipeline.canonical(&key);
         // A canonical model that does not load is no baseline: promotion replaces it.
-        let canonical_ok = canonical.exists() && check_model(&canonical, &key).is_ok();
+        let canonical_ok = canonical.exists() && pipeline.check_model(&canonical, &key).is_ok();
         if canonical.exists() && !canonical_ok {
             eprintln!(
                 "{NAME}: {key}: the canonical model {} does not load; only the random gate applies",
@@ -395,7 +394,7 @@ impl AutoPromotion {
     }
 
     fn promote(&mut self, pipeline: &Pipeline, key: &str, candidate: &Path, results: &Results) {
-        if let Err(e) = check_model(candidate, key) {
+        if let Err(e) = pipeline.check_model(candidate, key) {
             let moved = quarantine(candidate)
                 .map(|p| p.display().to_string())
                 .unwrap_or_default();

@@ -461,7 +461,7 @@ impl TrainingTrigger {
             self.failure(key, Some(&outcome.job_id), error, Some(&staging));
             return;
         }
-        if let Err(e) = check_model(&staging, key) {
+        if let Err(e) = pipeline.check_model(&staging, key) {
             let error = format!(
                 "train job {} succeeded but the candidate is unusable: {e:#}",
                 outcome.job_id
@@ -557,7 +557,13 @@ impl TrainingTrigger {
             let path = Path::new(&candidate);
             let what = if !path.exists() {
                 "no candidate was written".to_string()
-            } else if check_model(path, &key).is_ok() {
+            } else if self
+                .pipeline
+                .as_ref()
+                .expect("started")
+                .check_model(path, &key)
+                .is_ok()
+            {
                 // Finished but never announced: announce it now, as the run would have.
                 let fin = final_path(path);
                 match std::fs::rename(path, &fin) {
