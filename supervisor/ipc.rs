@@ -113,7 +113,7 @@ async fn connection(
     log: Arc<SupervisorLog>,
 ) {
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
 
     // The handshake.

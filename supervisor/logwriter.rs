@@ -32,6 +32,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// written as several log lines so that memory stays bounded.
 const CHUNK: usize = 64 * 1024;
 
+/// The read buffer a pump starts with.
+const FIRST_CHUNK: usize = 4 * 1024;
+
 /// An append-only log file that rotates by size.
 #[derive(Debug)]
 pub(crate) struct RotatingFile {
@@ -167,11 +170,17 @@ impl Stream {
 pub(crate) async fn pump<R: AsyncRead + Unpin>(mut reader: R, tag: Stream, log: SharedLog) {
     let mut clock = TimestampCache::new();
     let mut splitter = LineSplitter::default();
-    let mut input = vec![0u8; CHUNK];
-    let mut batch = Vec::with_capacity(2 * CHUNK);
+    // Small at first and grown only for a daemon that fills it: thirty quiet daemons should not
+    // cost the supervisor megabytes of buffers. `read_buf` fills spare capacity without zeroing it.
+    let mut input: Vec<u8> = Vec::with_capacity(FIRST_CHUNK);
+    let mut batch = Vec::new();
     let mut failing = false;
     loop {
-        let n = match reader.read(&mut input).await {
+        if input.len() == input.capacity() && input.capacity() < CHUNK {
+            input.reserve_exact(CHUNK - input.capacity());
+        }
+        input.clear();
+        let n = match reader.read_buf(&mut input).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
