@@ -268,8 +268,12 @@ pub(crate) fn summarize(answer: &FromSupervisor) -> String {
 }
 
 pub(crate) fn print_status(report: &StatusReport) {
+    use std::fmt::Write as _;
+    // One write for the whole table: a status call is mostly process start-up, keep the rest short.
+    let mut out = String::with_capacity(4096);
     let s = &report.supervisor;
-    println!(
+    let _ = writeln!(
+        out,
         "supervisor pid {}  up {}  root {}  config {}",
         s.pid,
         human_duration(s.uptime_secs),
@@ -332,15 +336,17 @@ pub(crate) fn print_status(report: &StatusReport) {
             w4 = widths[4]
         )
     };
-    println!("{}", line(headers));
+    let _ = writeln!(out, "{}", line(headers));
     for r in &rows {
-        println!(
+        let _ = writeln!(
+            out,
             "{}",
             line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
         );
     }
     for j in &report.jobs {
-        println!(
+        let _ = writeln!(
+            out,
             "job {} ({}): pid {}, running {} of at most {}: {}",
             j.id,
             j.daemon,
@@ -350,6 +356,10 @@ pub(crate) fn print_status(report: &StatusReport) {
             j.command.join(" ")
         );
     }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush());
 }
 
 pub(crate) fn human_duration(secs: f64) -> String {

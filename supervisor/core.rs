@@ -191,6 +191,8 @@ pub(crate) struct Core {
     records_dirty: bool,
     /// Shutdown has asked the remaining jobs to stop.
     stopping_jobs: bool,
+    /// Kernel start times of the process groups recorded in run/processes.
+    start_times: std::collections::HashMap<u32, u64>,
     events: crate::events::Router,
     /// Where the HTTP server listens (None: disabled or it could not bind).
     pub(crate) http_addr: Option<String>,
@@ -238,6 +240,7 @@ impl Core {
             job_seq: 0,
             records_dirty: false,
             stopping_jobs: false,
+            start_times: std::collections::HashMap::new(),
             events,
             http_addr: None,
             last_flush: Instant::now(),
@@ -847,6 +850,18 @@ impl Core {
                 .filter_map(|d| Self::group_of(d).map(|p| (p, d.cfg.name.clone())))
                 .collect();
             live.extend(self.jobs.values().map(|j| (j.pid, format!("job {}", j.id))));
+            // Each group's start time is read once, when it is first recorded.
+            self.start_times
+                .retain(|pgid, _| live.iter().any(|(p, _)| p == pgid));
+            let live: Vec<(u32, u64, String)> = live
+                .into_iter()
+                .map(|(pgid, what)| {
+                    let start = *self.start_times.entry(pgid).or_insert_with(|| {
+                        unix::proc_stat(pgid).map(|s| s.start_time).unwrap_or(0)
+                    });
+                    (pgid, start, what)
+                })
+                .collect();
             if let Err(e) = crate::leftovers::record(&self.paths, &live) {
                 self.log.warn(&format!(
                     "cannot record live processes in {}: {e}",
@@ -967,6 +982,15 @@ impl Core {
     fn schedule(&self, name: &str, generation: u64, kind: TimerKind, after: Duration) {
         let tx = self.tx.clone();
         let daemon = name.to_string();
+        if after.is_zero() {
+            // No timer for "now": the loop takes it right after the current message.
+            let _ = tx.send(Msg::Timer {
+                daemon,
+                generation,
+                kind,
+            });
+            return;
+        }
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let _ = tx.send(Msg::Timer {

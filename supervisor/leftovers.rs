@@ -20,10 +20,9 @@ use crate::unix;
 const FILE: &str = "processes";
 
 /// Rewrites run/processes: one `pgid start_time what` line per live group.
-pub(crate) fn record(paths: &Paths, groups: &[(u32, String)]) -> io::Result<()> {
+pub(crate) fn record(paths: &Paths, groups: &[(u32, u64, String)]) -> io::Result<()> {
     let mut text = String::new();
-    for (pgid, what) in groups {
-        let start = unix::proc_stat(*pgid).map(|s| s.start_time).unwrap_or(0);
+    for (pgid, start, what) in groups {
         text.push_str(&format!("{pgid} {start} {what}\n"));
     }
     let path = paths.run_dir.join(FILE);

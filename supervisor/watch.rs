@@ -122,8 +122,7 @@ fn quit_requested(wait: Duration) -> bool {
         }
         let stdin = std::io::stdin();
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-        let ms =
-            PollTimeout::from(left.as_millis().min(60_000) as u16);
+        let ms = PollTimeout::from(left.as_millis().min(60_000) as u16);
         match poll(&mut fds, ms) {
             Ok(0) => return false,
             Ok(_) => {
