@@ -55,6 +55,11 @@ fn a_job_runs_in_its_own_group_logs_its_output_and_its_exit_reaches_the_daemon()
         !status["jobs"].as_array().unwrap().is_empty()
     }));
     let job = &status["jobs"][0];
+    let table = root.ok(&["status"]);
+    assert!(
+        table.contains(&format!("job {}", job["id"].as_str().unwrap())),
+        "the table lists running jobs:\n{table}"
+    );
     assert_eq!(job["daemon"], "jobber");
     let pid = job["pid"].as_u64().unwrap() as u32;
     assert_eq!(
@@ -197,7 +202,10 @@ fn the_job_reaper_daemon_kills_orphans_every_cycle() {
         }),
         "{events}"
     );
-    assert!(events.contains("orphan of an earlier supervisor"), "{events}");
+    assert!(
+        events.contains("orphan of an earlier supervisor"),
+        "{events}"
+    );
 }
 
 #[test]

@@ -190,44 +190,53 @@ fn start_all_runs_the_whole_loop_and_the_promoted_model_beats_random() {
         );
     }
 
-    let decision = decided(&evs).unwrap();
-    if decision["type"] == "MODEL_PROMOTED" {
-        let canonical = root.path().join("models/canonical_hex8_2p.bin");
-        assert!(canonical.exists());
-        let link = std::fs::read_link(root.path().join("models/ringrift_best_hex8_2p"))
-            .expect("the best-model link");
-        assert!(
-            link.to_string_lossy().ends_with("canonical_hex8_2p.bin"),
-            "{link:?}"
-        );
-        // The test runs its own 200-game gauntlet of the canonical model against random play.
-        let out_json = root.path().join("check.json");
-        let out = std::process::Command::new(WORKER)
-            .args([
-                "job",
-                "gauntlet",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "200",
-                "--seed",
-                "4242",
-            ])
-            .arg("--candidate")
-            .arg(&canonical)
-            .arg("--output")
-            .arg(&out_json)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", stderr(&out));
-        let result: Value = serde_json::from_slice(&std::fs::read(&out_json).unwrap()).unwrap();
-        let rate = result["win_rate_vs_random"].as_f64().unwrap();
-        assert!(
-            rate >= 0.75,
-            "the canonical model won only {rate} of its games against random play"
-        );
-        assert_eq!(result["games_vs_random"], 200);
-    }
+    // With the default gates the first candidate is promoted (there is no canonical model to beat yet).
+    let mut evs = evs;
+    assert!(
+        wait_until(LOOP, || {
+            evs = events(&root);
+            first(&evs, "MODEL_PROMOTED").is_some()
+        }),
+        "no promotion: {:?}",
+        evs.iter()
+            .filter(|e| e["type"] == "PROMOTION_REJECTED")
+            .collect::<Vec<_>>()
+    );
+    let canonical = root.path().join("models/canonical_hex8_2p.bin");
+    assert!(canonical.exists());
+    let link = std::fs::read_link(root.path().join("models/ringrift_best_hex8_2p"))
+        .expect("the best-model link");
+    assert!(
+        link.to_string_lossy().ends_with("canonical_hex8_2p.bin"),
+        "{link:?}"
+    );
+    // The test runs its own 200-game gauntlet of the canonical model against random play.
+    let out_json = root.path().join("check.json");
+    let out = std::process::Command::new(WORKER)
+        .args([
+            "job",
+            "gauntlet",
+            "--config-key",
+            "hex8_2p",
+            "--games",
+            "200",
+            "--seed",
+            "4242",
+        ])
+        .arg("--candidate")
+        .arg(&canonical)
+        .arg("--output")
+        .arg(&out_json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let result: Value = serde_json::from_slice(&std::fs::read(&out_json).unwrap()).unwrap();
+    let rate = result["win_rate_vs_random"].as_f64().unwrap();
+    assert!(
+        rate >= 0.75,
+        "the canonical model won only {rate} of its games against random play"
+    );
+    assert_eq!(result["games_vs_random"], 200);
 }
 
 #[test]
