@@ -115,7 +115,11 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         true,
-        &[],
+        &[
+            "min_free_disk_gb",
+            "min_available_memory_mb",
+            "max_load_per_core",
+        ],
     ),
     spec(
         "quality_monitor",

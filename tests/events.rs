@@ -286,3 +286,35 @@ fn watch_shows_daemons_and_latest_events_and_quits_on_q() {
     );
     assert!(status.unwrap().success());
 }
+
+#[test]
+fn node_health_reports_a_degraded_node_and_publishes_the_change() {
+    let root = Root::with_config(&format!(
+        "daemons:\n  unified_node_health:\n    interval: 0.2\n    heartbeat_interval: 0.1\n    min_free_disk_gb: 1000000000\n{}",
+        worker(
+            "broken",
+            &["--exit-immediately"],
+            "    max_restarts: 1\n    backoff_initial: 10ms\n"
+        )
+    ));
+    let _ = root.run(&["start", "broken"]);
+    root.ok(&["start", "unified_node_health"]);
+    let mut d = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            d = root.daemon("unified_node_health");
+            d["health"]["status"] == "degraded"
+        }),
+        "{d:#}"
+    );
+    let message = d["health"]["message"].as_str().unwrap();
+    assert!(message.contains("GB free on the root's disk"), "{message}");
+    assert!(message.contains("broken FAILED"), "{message}");
+    let changes = events_json(&root, &["--type", "NODE_HEALTH_CHANGED"]);
+    assert_eq!(changes[0]["payload"]["healthy"], false, "{changes:?}");
+    assert_eq!(
+        root.state("unified_node_health"),
+        "RUNNING",
+        "a degraded node is reported, not a crashed daemon"
+    );
+}

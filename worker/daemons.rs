@@ -109,7 +109,7 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "unified_node_health",
         purpose: "centralized health checks",
-        build: not_yet_built,
+        build: crate::node_health::build,
     },
     Entry {
         name: "quality_monitor",

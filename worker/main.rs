@@ -7,6 +7,7 @@
 mod daemons;
 mod fault;
 mod jobs;
+mod node_health;
 mod pipeline;
 mod reaper;
 mod runtime;
