@@ -177,10 +177,65 @@ enum ConfigAction {
 }
 
 fn main() {
+    if let Some(code) = status_fast_path() {
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     let root = cli.root.clone().unwrap_or_else(|| PathBuf::from("."));
     let paths = Paths::new(&root);
     std::process::exit(run(cli, paths));
+}
+
+/// `status [NAME] [--json] [--root DIR]` without building clap's command tree first: `status` is what
+/// scripts and monitoring call in loops, and most of its cost is process start-up. Anything else
+/// (help, other flags, other commands) goes through clap as usual.
+fn status_fast_path() -> Option<i32> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != "status" {
+        return None;
+    }
+    let (mut name, mut json, mut root) = (
+        None,
+        false,
+        std::env::var_os("RINGRIFT_ROOT").map(PathBuf::from),
+    );
+    while let Some(a) = args.next() {
+        let text = a.to_str()?;
+        match text {
+            "--json" => json = true,
+            "--root" => root = Some(PathBuf::from(args.next()?)),
+            _ if text.starts_with('-') => return None,
+            _ if name.is_none() => name = Some(text.to_string()),
+            _ => return None,
+        }
+    }
+    let paths = Paths::new(&root.unwrap_or_else(|| PathBuf::from(".")));
+    Some(status(&paths, name, json))
+}
+
+fn status(paths: &Paths, name: Option<String>, json: bool) -> i32 {
+    let mut client = match cli::connect_or_explain(paths) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.call(&ToSupervisor::Status { name }, Duration::from_secs(10)) {
+        Ok(FromSupervisor::Status(report)) => {
+            if json {
+                let mut text = serde_json::to_string_pretty(&report).expect("status serializes");
+                text.push('\n');
+                use std::io::Write as _;
+                let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            } else {
+                cli::print_status(&report);
+            }
+            0
+        }
+        Ok(other) => cli::report(&other),
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            EXIT_FAILED
+        }
+    }
 }
 
 fn load_config(paths: &Paths, explicit: Option<&std::path::Path>) -> Result<Config, i32> {
@@ -405,30 +460,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             }
         }
         Command::Shutdown { timeout } => with_client(&paths, &ToSupervisor::Shutdown, timeout),
-        Command::Status { name, json } => {
-            let mut client = match cli::connect_or_explain(&paths) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match client.call(&ToSupervisor::Status { name }, Duration::from_secs(10)) {
-                Ok(FromSupervisor::Status(report)) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).expect("status serializes")
-                        );
-                    } else {
-                        cli::print_status(&report);
-                    }
-                    0
-                }
-                Ok(other) => cli::report(&other),
-                Err(msg) => {
-                    eprintln!("error: {msg}");
-                    EXIT_FAILED
-                }
-            }
-        }
+        Command::Status { name, json } => status(&paths, name, json),
         Command::Logs {
             name,
             lines,
