@@ -25,6 +25,41 @@ pub(crate) struct Report {
     pub(crate) counters: BTreeMap<String, u64>,
 }
 
+impl Report {
+    /// A report whose status word is `ok` when healthy and `degraded` otherwise.
+    pub(crate) fn new<const N: usize>(
+        healthy: bool,
+        message: impl Into<String>,
+        details: BTreeMap<String, Value>,
+        counters: [(&str, u64); N],
+    ) -> Report {
+        let status = if healthy { "ok" } else { "degraded" };
+        Report::with_status(healthy, status, message, details, counters)
+    }
+
+    /// A report with a status word of the daemon's choosing (`idle`, `backpressure`, ...).
+    pub(crate) fn with_status<const N: usize>(
+        healthy: bool,
+        status: impl Into<String>,
+        message: impl Into<String>,
+        details: BTreeMap<String, Value>,
+        counters: [(&str, u64); N],
+    ) -> Report {
+        Report {
+            health: Health {
+                healthy,
+                status: status.into(),
+                message: message.into(),
+                details,
+            },
+            counters: counters
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+        }
+    }
+}
+
 /// One kind of daemon. The runtime owns the process's protocol (handshake, heartbeats, pause, shutdown);
 /// a daemon only starts and runs cycles.
 pub(crate) trait Daemon {
@@ -169,15 +204,13 @@ struct NotYetBuilt {
 
 impl NotYetBuilt {
     fn report(&self, cycles: u64) -> Report {
-        Report {
-            health: Health {
-                healthy: true,
-                status: "not_implemented".into(),
-                message: format!("{}: work not implemented yet", self.purpose),
-                details: BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
-            },
-            counters: BTreeMap::new(),
-        }
+        Report::with_status(
+            true,
+            "not_implemented",
+            format!("{}: work not implemented yet", self.purpose),
+            BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
+            [],
+        )
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{SigHandler, Signal};
-use ringrift::protocol::{DAEMON_ENV, Health, SOCKET_ENV};
+use ringrift::protocol::{DAEMON_ENV, SOCKET_ENV};
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -319,15 +319,12 @@ struct FaultDaemon {
 
 impl FaultDaemon {
     fn report(cycles: u64) -> Report {
-        Report {
-            health: Health {
-                healthy: true,
-                status: "ok".into(),
-                message: "fault-injection worker".into(),
-                details: BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
-            },
-            counters: BTreeMap::new(),
-        }
+        Report::new(
+            true,
+            "fault-injection worker",
+            BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
+            [],
+        )
     }
 }
 

@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ringrift::lifecycle::DaemonState;
 use ringrift::protocol::{
-    self, FromSupervisor, Health, PROTOCOL_VERSION, ROOT_ENV, Role, SOCKET_ENV, StatusReport,
-    ToSupervisor,
+    self, FromSupervisor, PROTOCOL_VERSION, ROOT_ENV, Role, SOCKET_ENV, StatusReport, ToSupervisor,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -185,22 +184,12 @@ impl NodeHealth {
         } else {
             format!("degraded at {}: {}", self.when, self.problems.join("; "))
         };
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy {
-                    "ok".into()
-                } else {
-                    "degraded".into()
-                },
-                message,
-                details: self.details(),
-            },
-            counters: BTreeMap::from([
-                ("checks".to_string(), self.checks),
-                ("changes".to_string(), self.changes),
-            ]),
-        }
+        Report::new(
+            healthy,
+            message,
+            self.details(),
+            [("checks", self.checks), ("changes", self.changes)],
+        )
     }
 
     fn details(&self) -> BTreeMap<String, Value> {

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ringrift::protocol::Health;
 use serde_json::Value;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
@@ -296,26 +295,16 @@ pub(crate) struct JobReaperDaemon {
 
 impl JobReaperDaemon {
     fn report(&self, message: String, healthy: bool) -> Report {
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy {
-                    "ok".into()
-                } else {
-                    "degraded".into()
-                },
-                message,
-                details: BTreeMap::from([
-                    ("passes".to_string(), Value::from(self.passes)),
-                    ("killed".to_string(), Value::from(self.killed)),
-                    ("dry_run".to_string(), Value::from(self.dry_run)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("passes".to_string(), self.passes),
-                ("killed".to_string(), self.killed),
+        Report::new(
+            healthy,
+            message,
+            BTreeMap::from([
+                ("passes".to_string(), Value::from(self.passes)),
+                ("killed".to_string(), Value::from(self.killed)),
+                ("dry_run".to_string(), Value::from(self.dry_run)),
             ]),
-        }
+            [("passes", self.passes), ("killed", self.killed)],
+        )
     }
 }
 

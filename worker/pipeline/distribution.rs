@@ -21,12 +21,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ringrift::events::{Event, parse_config_key, payload};
-use ringrift::protocol::Health;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sha256;
-use super::{Pipeline, load_state, num, save_state};
+use super::{Pipeline, load_state, num, save_daemon_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 
@@ -272,32 +271,30 @@ impl Distribution {
                 self.last.clone(),
             )
         };
-        Report {
-            health: Health {
-                healthy,
-                status: status.into(),
-                message,
-                details: BTreeMap::from([
-                    (
-                        "targets".to_string(),
-                        json!(
-                            self.targets
-                                .iter()
-                                .map(|(s, _)| s.clone())
-                                .collect::<Vec<_>>()
-                        ),
+        Report::with_status(
+            healthy,
+            status,
+            message,
+            BTreeMap::from([
+                (
+                    "targets".to_string(),
+                    json!(
+                        self.targets
+                            .iter()
+                            .map(|(s, _)| s.clone())
+                            .collect::<Vec<_>>()
                     ),
-                    ("delivered".to_string(), json!(self.state.delivered)),
-                    ("last_error".to_string(), json!(self.last_error)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("passes".to_string(), self.passes),
-                ("copies".to_string(), self.copies),
-                ("copy_failures".to_string(), self.copy_failures),
-                ("distributions".to_string(), self.distributions),
+                ),
+                ("delivered".to_string(), json!(self.state.delivered)),
+                ("last_error".to_string(), json!(self.last_error)),
             ]),
-        }
+            [
+                ("passes", self.passes),
+                ("copies", self.copies),
+                ("copy_failures", self.copy_failures),
+                ("distributions", self.distributions),
+            ],
+        )
     }
 
     /// One copy with retries; returns the verified hash or the last error.
@@ -385,9 +382,8 @@ impl Distribution {
                             .entry(spec.clone())
                             .or_default()
                             .insert(key.clone(), got);
-                        let path = pipeline.state_path(NAME);
-                        if let Err(e) = save_state(&path, &self.state) {
-                            failures.push(format!("cannot write state {}: {e:#}", path.display()));
+                        if let Err(msg) = save_daemon_state(&pipeline, NAME, &self.state) {
+                            failures.push(msg);
                         }
                     }
                     Err(e) => {

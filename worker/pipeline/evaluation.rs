@@ -18,12 +18,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ringrift::events::{Event, parse_config_key, payload};
-use ringrift::protocol::Health;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::export::quarantine;
-use super::{Pipeline, load_state, now_secs, num, save_state};
+use super::{Pipeline, job_failure, load_state, now_secs, num, save_daemon_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 
@@ -179,51 +178,48 @@ impl Evaluation {
                 &self.last
             }
         );
-        Report {
-            health: Health {
-                healthy: self.last_ok,
-                status: if !self.last_ok {
-                    "degraded"
-                } else if self.state.backpressure_active {
-                    "backpressure"
-                } else {
-                    "ok"
-                }
-                .into(),
-                message,
-                details: BTreeMap::from([
-                    ("queue_depth".to_string(), Value::from(depth)),
-                    ("queue_limit".to_string(), Value::from(self.limit)),
-                    (
-                        "queue".to_string(),
-                        json!(
-                            self.queue
-                                .iter()
-                                .map(|p| p.display().to_string())
-                                .collect::<Vec<_>>()
-                        ),
+        let status = if !self.last_ok {
+            "degraded"
+        } else if self.state.backpressure_active {
+            "backpressure"
+        } else {
+            "ok"
+        };
+        Report::with_status(
+            self.last_ok,
+            status,
+            message,
+            BTreeMap::from([
+                ("queue_depth".to_string(), Value::from(depth)),
+                ("queue_limit".to_string(), Value::from(self.limit)),
+                (
+                    "queue".to_string(),
+                    json!(
+                        self.queue
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
                     ),
-                    (
-                        "backpressure_active".to_string(),
-                        Value::from(self.state.backpressure_active),
-                    ),
-                    ("last_error".to_string(), json!(self.last_error)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("evaluations_started".to_string(), self.started),
-                ("evaluations_completed".to_string(), self.completed),
-                ("evaluation_failures".to_string(), self.failed),
-                ("quarantined".to_string(), self.quarantined),
-                ("backpressure_activations".to_string(), self.activations),
+                ),
+                (
+                    "backpressure_active".to_string(),
+                    Value::from(self.state.backpressure_active),
+                ),
+                ("last_error".to_string(), json!(self.last_error)),
             ]),
-        }
+            [
+                ("evaluations_started", self.started),
+                ("evaluations_completed", self.completed),
+                ("evaluation_failures", self.failed),
+                ("quarantined", self.quarantined),
+                ("backpressure_activations", self.activations),
+            ],
+        )
     }
 
     fn save(&mut self) {
-        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
-        if let Err(e) = save_state(&path, &self.state) {
-            let msg = format!("cannot write state {}: {e:#}", path.display());
+        let pipeline = self.pipeline.as_ref().expect("started");
+        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
             eprintln!("{NAME}: {msg}");
             self.last_error = Some(msg);
         }
@@ -418,15 +414,7 @@ impl Evaluation {
             }
         };
         if !outcome.success {
-            let why = if outcome.timed_out {
-                "overran its max_runtime"
-            } else {
-                "failed"
-            };
-            let error = format!(
-                "gauntlet job {} {why} ({}; see logs/jobs/{}.log)",
-                outcome.job_id, outcome.exit, outcome.job_id
-            );
+            let error = job_failure("gauntlet", &outcome);
             self.failed_attempt(&key, candidate, error);
             return;
         }

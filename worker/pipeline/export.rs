@@ -20,12 +20,13 @@ use std::time::Duration;
 use anyhow::Context;
 use ringrift::events::{Event, payload};
 use ringrift::game::npz::Dataset;
-use ringrift::protocol::Health;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Pipeline, load_state, now_secs, num, save_state};
+use super::{
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
+};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 
@@ -194,13 +195,6 @@ pub(crate) fn quarantine(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// The last word about one key, for health.
-#[derive(Debug, Clone)]
-struct KeyStatus {
-    ok: bool,
-    message: String,
-}
-
 #[derive(Default)]
 struct AutoExport {
     ctx: Option<Ctx>,
@@ -225,15 +219,7 @@ impl AutoExport {
                 .status
                 .values()
                 .all(|s| s.message.contains("no games yet"));
-        let message = if self.status.is_empty() {
-            "no scan yet".to_string()
-        } else {
-            self.status
-                .iter()
-                .map(|(k, s)| format!("{k}: {}", s.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
+        let message = key_messages(&self.status, "no scan yet");
         let keys: serde_json::Map<String, Value> = self
             .state
             .keys
@@ -246,33 +232,31 @@ impl AutoExport {
                 )
             })
             .collect();
-        Report {
-            health: Health {
-                healthy,
-                status: if !healthy {
-                    "degraded"
-                } else if idle {
-                    "idle"
-                } else {
-                    "ok"
-                }
-                .into(),
-                message,
-                details: BTreeMap::from([
-                    ("keys".to_string(), Value::Object(keys)),
-                    ("threshold_games".to_string(), Value::from(self.threshold)),
-                    ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
-                    ("last_error".to_string(), json!(self.last_error)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("scans".to_string(), self.scans),
-                ("exports".to_string(), self.exports),
-                ("export_failures".to_string(), self.failures),
-                ("games_exported".to_string(), self.games_exported),
-                ("samples_exported".to_string(), self.samples_exported),
+        let status = if !healthy {
+            "degraded"
+        } else if idle {
+            "idle"
+        } else {
+            "ok"
+        };
+        Report::with_status(
+            healthy,
+            status,
+            message,
+            BTreeMap::from([
+                ("keys".to_string(), Value::Object(keys)),
+                ("threshold_games".to_string(), Value::from(self.threshold)),
+                ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
+                ("last_error".to_string(), json!(self.last_error)),
             ]),
-        }
+            [
+                ("scans", self.scans),
+                ("exports", self.exports),
+                ("export_failures", self.failures),
+                ("games_exported", self.games_exported),
+                ("samples_exported", self.samples_exported),
+            ],
+        )
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
@@ -288,9 +272,8 @@ impl AutoExport {
     }
 
     fn save(&mut self) {
-        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
-        if let Err(e) = save_state(&path, &self.state) {
-            let msg = format!("cannot write state {}: {e:#}", path.display());
+        let pipeline = self.pipeline.as_ref().expect("started");
+        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
             eprintln!("{NAME}: {msg}");
             self.last_error = Some(msg);
         }
@@ -420,18 +403,10 @@ impl AutoExport {
         };
         if !outcome.success {
             self.failures += 1;
-            let why = if outcome.timed_out {
-                "overran its max_runtime"
-            } else {
-                "failed"
-            };
             self.set(
                 key,
                 false,
-                format!(
-                    "export job {} {why} ({}; see logs/jobs/{}.log); retrying next cycle",
-                    outcome.job_id, outcome.exit, outcome.job_id
-                ),
+                format!("{}; retrying next cycle", job_failure("export", &outcome)),
             );
             return;
         }
@@ -552,25 +527,11 @@ impl Daemon for AutoExport {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = event
-                .payload
-                .get("config_key")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            if !self
+            let key = self
                 .pipeline
                 .as_ref()
                 .expect("started")
-                .config_keys
-                .contains(&key)
-            {
-                println!(
-                    "{NAME}: ignoring {} for {key:?}: not in pipeline.config_keys",
-                    event.event_type
-                );
-                return None;
-            }
+                .event_config_key(NAME, &event)?;
             self.check_key(&key).await;
             Some(self.report())
         })
@@ -584,6 +545,7 @@ mod tests {
     use ringrift::game::{play_game, samples};
 
     use super::*;
+    use crate::pipeline::save_state;
 
     #[test]
     fn threshold_exports_at_once_and_fewer_games_wait_for_the_batch_timeout() {

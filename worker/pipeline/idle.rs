@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ringrift::events::payload;
-use ringrift::protocol::Health;
 use serde_json::Value;
 
 use super::scheduler::{Announcer, SelfplayRun, read_priorities};
@@ -349,36 +348,33 @@ impl IdleResource {
             message = format!("{}; {message}", problems.join("; "));
         }
         let t = self.totals;
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy { "ok" } else { "degraded" }.into(),
-                message,
-                details: BTreeMap::from([
-                    (
-                        "cpu_percent".to_string(),
-                        self.cpu.map_or(Value::Null, Value::from),
-                    ),
-                    (
-                        "gpu_percent".to_string(),
-                        self.gpu.map_or(Value::Null, Value::from),
-                    ),
-                    ("idle_secs".to_string(), Value::from(self.idle_for)),
-                    (
-                        "gpu_monitored".to_string(),
-                        Value::from(self.nvidia_smi.is_some()),
-                    ),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("samples".to_string(), t.samples),
-                ("idle_detections".to_string(), t.idle_detections),
-                ("jobs_started".to_string(), t.jobs_started),
-                ("jobs_succeeded".to_string(), t.jobs_succeeded),
-                ("jobs_failed".to_string(), t.jobs_failed),
-                ("games_added".to_string(), t.games_added),
+        Report::new(
+            healthy,
+            message,
+            BTreeMap::from([
+                (
+                    "cpu_percent".to_string(),
+                    self.cpu.map_or(Value::Null, Value::from),
+                ),
+                (
+                    "gpu_percent".to_string(),
+                    self.gpu.map_or(Value::Null, Value::from),
+                ),
+                ("idle_secs".to_string(), Value::from(self.idle_for)),
+                (
+                    "gpu_monitored".to_string(),
+                    Value::from(self.nvidia_smi.is_some()),
+                ),
             ]),
-        }
+            [
+                ("samples", t.samples),
+                ("idle_detections", t.idle_detections),
+                ("jobs_started", t.jobs_started),
+                ("jobs_succeeded", t.jobs_succeeded),
+                ("jobs_failed", t.jobs_failed),
+                ("games_added", t.games_added),
+            ],
+        )
     }
 }
 

@@ -32,6 +32,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ringrift::events::Event;
 use ringrift::protocol::ROOT_ENV;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -195,6 +196,25 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The `config_key` of an event when it is one of this pipeline's keys. Any other key (or none)
+    /// is logged as ignored by `daemon` and gives `None`.
+    pub(crate) fn event_config_key(&self, daemon: &str, event: &Event) -> Option<String> {
+        let key = event
+            .payload
+            .get("config_key")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if !self.config_keys.contains(&key) {
+            println!(
+                "{daemon}: ignoring {} for {key:?}: not in pipeline.config_keys",
+                event.event_type
+            );
+            return None;
+        }
+        Some(key)
+    }
+
     /// Runs a job of `kind` for `key` through the supervisor and waits for it.
     pub(crate) async fn run_job(
         &self,
@@ -207,6 +227,20 @@ impl Pipeline {
         println!("{kind} job for {key}: {}", command.join(" "));
         Ok(ctx.run_job(command, max, BTreeMap::new()).await)
     }
+}
+
+/// Why a `kind` job did not succeed, for health and logs:
+/// `<kind> job <id> failed|overran its max_runtime (<exit>; see logs/jobs/<id>.log)`.
+pub(crate) fn job_failure(kind: &str, outcome: &JobOutcome) -> String {
+    let why = if outcome.timed_out {
+        "overran its max_runtime"
+    } else {
+        "failed"
+    };
+    format!(
+        "{kind} job {} {why} ({}; see logs/jobs/{}.log)",
+        outcome.job_id, outcome.exit, outcome.job_id
+    )
 }
 
 /// A daemon's persistent state: JSON in data/coordination/<daemon>.json, written atomically.
@@ -232,6 +266,38 @@ pub(crate) fn save_state<T: Serialize>(path: &Path, state: &T) -> anyhow::Result
     std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// Saves `daemon`'s state to its file under data/coordination (see [`save_state`]). The error is
+/// the message to log: `cannot write state <path>: <cause>`.
+pub(crate) fn save_daemon_state<T: Serialize>(
+    pipeline: &Pipeline,
+    daemon: &str,
+    state: &T,
+) -> Result<(), String> {
+    let path = pipeline.state_path(daemon);
+    save_state(&path, state).map_err(|e| format!("cannot write state {}: {e:#}", path.display()))
+}
+
+/// The last word about one config key, for health.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyStatus {
+    pub(crate) ok: bool,
+    pub(crate) message: String,
+}
+
+/// The health message of per-key statuses: `key: message` for every key, joined with "; ", or
+/// `none_yet` while there are none.
+pub(crate) fn key_messages(status: &BTreeMap<String, KeyStatus>, none_yet: &str) -> String {
+    if status.is_empty() {
+        none_yet.to_string()
+    } else {
+        status
+            .iter()
+            .map(|(k, s)| format!("{k}: {}", s.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// A number from the daemon's settings, or the default.

@@ -23,14 +23,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ringrift::events::{Event, payload};
-use ringrift::protocol::Health;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::evaluation::{Results, candidate_key, candidates, eval_path, read_results};
 use super::export::quarantine;
 use super::sha256;
-use super::{Pipeline, load_state, now_secs, num, save_state};
+use super::{Pipeline, load_state, now_secs, num, save_daemon_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 
@@ -249,35 +248,32 @@ impl AutoPromotion {
                 )
             })
             .collect();
-        Report {
-            health: Health {
-                healthy: self.ok,
-                status: if self.ok { "ok" } else { "degraded" }.into(),
-                message: if self.last.is_empty() {
-                    "no candidate decided yet".into()
-                } else {
-                    self.last.clone()
-                },
-                details: BTreeMap::from([
-                    ("canonical".to_string(), Value::Object(canonical)),
-                    ("decided".to_string(), Value::from(self.state.decided.len())),
-                    ("last_error".to_string(), json!(self.last_error)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("decisions".to_string(), self.decisions),
-                ("promotions".to_string(), self.promotions),
-                ("rejections".to_string(), self.rejections),
-                ("promotion_errors".to_string(), self.errors),
-                ("reevaluations".to_string(), self.reevaluations),
+        let message = if self.last.is_empty() {
+            "no candidate decided yet".to_string()
+        } else {
+            self.last.clone()
+        };
+        Report::new(
+            self.ok,
+            message,
+            BTreeMap::from([
+                ("canonical".to_string(), Value::Object(canonical)),
+                ("decided".to_string(), Value::from(self.state.decided.len())),
+                ("last_error".to_string(), json!(self.last_error)),
             ]),
-        }
+            [
+                ("decisions", self.decisions),
+                ("promotions", self.promotions),
+                ("rejections", self.rejections),
+                ("promotion_errors", self.errors),
+                ("reevaluations", self.reevaluations),
+            ],
+        )
     }
 
     fn save(&mut self) {
-        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
-        if let Err(e) = save_state(&path, &self.state) {
-            let msg = format!("cannot write state {}: {e:#}", path.display());
+        let pipeline = self.pipeline.as_ref().expect("started");
+        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
             eprintln!("{NAME}: {msg}");
             self.last_error = Some(msg);
             self.ok = false;

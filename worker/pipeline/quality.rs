@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ringrift::events::{Event, payload};
-use ringrift::protocol::Health;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -439,20 +438,17 @@ impl QualityMonitor {
         } else {
             format!("cannot score: {}", problems.join("; "))
         };
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy { "ok" } else { "degraded" }.into(),
-                message,
-                details,
-            },
-            counters: BTreeMap::from([
-                ("scored".to_string(), self.scored),
-                ("score_updates".to_string(), self.updates),
-                ("low_quality_warnings".to_string(), self.warnings),
-                ("errors".to_string(), self.errors),
-            ]),
-        }
+        Report::new(
+            healthy,
+            message,
+            details,
+            [
+                ("scored", self.scored),
+                ("score_updates", self.updates),
+                ("low_quality_warnings", self.warnings),
+                ("errors", self.errors),
+            ],
+        )
     }
 }
 

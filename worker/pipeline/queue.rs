@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use ringrift::events::Event;
-use ringrift::protocol::Health;
 use serde_json::Value;
 
 use super::scheduler::read_priorities;
@@ -242,21 +241,18 @@ impl QueuePopulator {
             format!("{}; {summary}", problems.join("; "))
         };
         let t = self.totals;
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy { "ok" } else { "degraded" }.into(),
-                message,
-                details,
-            },
-            counters: BTreeMap::from([
-                ("scans".to_string(), t.scans),
-                ("items_added".to_string(), t.items_added),
-                ("items_requeued".to_string(), t.items_requeued),
-                ("items_abandoned".to_string(), t.items_abandoned),
-                ("items_pruned".to_string(), t.items_pruned),
-            ]),
-        }
+        Report::new(
+            healthy,
+            message,
+            details,
+            [
+                ("scans", t.scans),
+                ("items_added", t.items_added),
+                ("items_requeued", t.items_requeued),
+                ("items_abandoned", t.items_abandoned),
+                ("items_pruned", t.items_pruned),
+            ],
+        )
     }
 }
 

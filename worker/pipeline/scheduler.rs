@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use anyhow::Result;
 use ringrift::events::{Event, payload};
-use ringrift::protocol::Health;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -574,21 +573,18 @@ impl Scheduler {
             ("pending".to_string(), Value::from(self.pending)),
             ("slots".to_string(), Value::from(self.slots)),
         ]);
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy { "ok" } else { "degraded" }.into(),
-                message,
-                details,
-            },
-            counters: BTreeMap::from([
-                ("jobs_started".to_string(), t.jobs_started),
-                ("jobs_succeeded".to_string(), t.jobs_succeeded),
-                ("jobs_failed".to_string(), t.jobs_failed),
-                ("games_added".to_string(), t.games_added),
-                ("priority_updates".to_string(), t.priority_updates),
-            ]),
-        }
+        Report::new(
+            healthy,
+            message,
+            details,
+            [
+                ("jobs_started", t.jobs_started),
+                ("jobs_succeeded", t.jobs_succeeded),
+                ("jobs_failed", t.jobs_failed),
+                ("games_added", t.games_added),
+                ("priority_updates", t.priority_updates),
+            ],
+        )
     }
 }
 

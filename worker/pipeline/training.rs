@@ -22,12 +22,13 @@ use ringrift::events::{Event, payload};
 use ringrift::game::GameConfig;
 use ringrift::game::model::Model;
 use ringrift::game::npz::Dataset;
-use ringrift::protocol::Health;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::export::quarantine;
-use super::{Pipeline, load_state, now_secs, num, save_state};
+use super::{
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
+};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 
@@ -213,12 +214,6 @@ fn count_samples(path: &Path, key: &str) -> anyhow::Result<u64> {
     Ok(data.len() as u64)
 }
 
-#[derive(Debug, Clone)]
-struct KeyStatus {
-    ok: bool,
-    message: String,
-}
-
 #[derive(Default)]
 struct TrainingTrigger {
     ctx: Option<Ctx>,
@@ -244,15 +239,7 @@ struct TrainingTrigger {
 impl TrainingTrigger {
     fn report(&self) -> Report {
         let healthy = self.status.values().all(|s| s.ok);
-        let message = if self.status.is_empty() {
-            "no check yet".to_string()
-        } else {
-            self.status
-                .iter()
-                .map(|(k, s)| format!("{k}: {}", s.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
+        let message = key_messages(&self.status, "no check yet");
         let keys: serde_json::Map<String, Value> = self
             .state
             .keys
@@ -265,26 +252,23 @@ impl TrainingTrigger {
                 )
             })
             .collect();
-        Report {
-            health: Health {
-                healthy,
-                status: if healthy { "ok" } else { "degraded" }.into(),
-                message,
-                details: BTreeMap::from([
-                    ("keys".to_string(), Value::Object(keys)),
-                    ("min_samples".to_string(), Value::from(self.min_samples)),
-                    ("cooldown".to_string(), Value::from(self.cooldown)),
-                    ("last_error".to_string(), json!(self.last_error)),
-                ]),
-            },
-            counters: BTreeMap::from([
-                ("checks".to_string(), self.checks),
-                ("trainings_started".to_string(), self.started),
-                ("trainings_completed".to_string(), self.completed),
-                ("training_failures".to_string(), self.failed),
-                ("bad_exports".to_string(), self.bad_exports),
+        Report::new(
+            healthy,
+            message,
+            BTreeMap::from([
+                ("keys".to_string(), Value::Object(keys)),
+                ("min_samples".to_string(), Value::from(self.min_samples)),
+                ("cooldown".to_string(), Value::from(self.cooldown)),
+                ("last_error".to_string(), json!(self.last_error)),
             ]),
-        }
+            [
+                ("checks", self.checks),
+                ("trainings_started", self.started),
+                ("trainings_completed", self.completed),
+                ("training_failures", self.failed),
+                ("bad_exports", self.bad_exports),
+            ],
+        )
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
@@ -307,9 +291,8 @@ impl TrainingTrigger {
     }
 
     fn save(&mut self) {
-        let path = self.pipeline.as_ref().expect("started").state_path(NAME);
-        if let Err(e) = save_state(&path, &self.state) {
-            let msg = format!("cannot write state {}: {e:#}", path.display());
+        let pipeline = self.pipeline.as_ref().expect("started");
+        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
             eprintln!("{NAME}: {msg}");
             self.last_error = Some(msg);
         }
@@ -449,15 +432,7 @@ impl TrainingTrigger {
             }
         };
         if !outcome.success {
-            let why = if outcome.timed_out {
-                "overran its max_runtime"
-            } else {
-                "failed"
-            };
-            let error = format!(
-                "train job {} {why} ({}; see logs/jobs/{}.log)",
-                outcome.job_id, outcome.exit, outcome.job_id
-            );
+            let error = job_failure("train", &outcome);
             self.failure(key, Some(&outcome.job_id), error, Some(&staging));
             return;
         }
@@ -675,25 +650,11 @@ impl Daemon for TrainingTrigger {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = event
-                .payload
-                .get("config_key")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            if !self
+            let key = self
                 .pipeline
                 .as_ref()
                 .expect("started")
-                .config_keys
-                .contains(&key)
-            {
-                println!(
-                    "{NAME}: ignoring {} for {key:?}: not in pipeline.config_keys",
-                    event.event_type
-                );
-                return None;
-            }
+                .event_config_key(NAME, &event)?;
             match event.event_type.as_str() {
                 "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
                     let score = event
