@@ -190,6 +190,27 @@ fn daemon_output_reaches_its_log_with_timestamp_and_stream_within_a_second() {
     // `logs` shows the same lines.
     let shown = root.ok(&["logs", "ticker", "-n", "2"]);
     assert_eq!(shown.lines().count(), 2, "{shown}");
+    // `logs -f` keeps printing what the daemon writes next.
+    use std::io::BufRead;
+    let mut follower = root
+        .cmd(&["logs", "ticker", "-f", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx.recv_timeout(T);
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let line = line.expect("logs -f printed a new line");
+    assert!(line.contains("[out]") || line.contains("[err]"), "{line}");
 }
 
 fn parse_rfc3339(s: &str) -> f64 {

@@ -345,6 +345,22 @@ fn sighup_restarts_only_the_daemon_whose_configuration_changed() {
         .pid("beta")
         .is_some_and(|p| p != beta)
         && root.state("beta") == "RUNNING"));
+    // An added daemon is started, a removed one stopped; the others keep their pids.
+    let alpha = root.pid("alpha").unwrap();
+    let beta = root.pid("beta").unwrap();
+    root.write_config(&config(&[
+        fault("alpha", "", "    interval: 7\n"),
+        fault("gamma", "", ""),
+    ]));
+    let out = root.ok(&["reload"]);
+    assert!(out.contains("gamma") && out.contains("added"), "{out}");
+    assert!(out.contains("beta") && out.contains("removed"), "{out}");
+    root.wait_state("gamma", "RUNNING", T);
+    assert!(
+        wait_until(T, || !alive(beta)),
+        "the removed daemon's process is gone"
+    );
+    assert_eq!(root.pid("alpha"), Some(alpha), "alpha kept its pid");
 }
 
 #[test]
