@@ -708,6 +708,8 @@ impl Core {
 
     /// Answers every waiter whose daemons have all reached a final state for its goal.
     fn resolve_waiters(&mut self) {
+        // A client that gave up (timed out, Ctrl-C) no longer needs an answer.
+        self.waiters.retain(|w| !w.reply.is_closed());
         let mut i = 0;
         while i < self.waiters.len() {
             let w = &self.waiters[i];

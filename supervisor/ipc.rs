@@ -264,8 +264,13 @@ async fn connection(
                             if core.send(request).is_err() {
                                 break;
                             }
-                            // Requests on one connection are answered in order.
-                            match reply_rx.await {
+                            // Requests on one connection are answered in order. A client that
+                            // hangs up while waiting (timeout, Ctrl-C) drops its request.
+                            let answer = tokio::select! {
+                                answer = reply_rx => answer,
+                                () = hung_up(&mut reader) => break,
+                            };
+                            match answer {
                                 Ok(answer) => {
                                     let _ = tx.send(answer);
                                 }
@@ -287,6 +292,15 @@ async fn connection(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Resolves when the client has closed its end; never while it is connected (bytes it sends
+/// meanwhile are left for the next read).
+async fn hung_up<R: AsyncBufRead + Unpin>(r: &mut R) {
+    match r.fill_buf().await {
+        Ok([]) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
 }
 
 /// Reads and drops whatever the client sends until it closes the connection.

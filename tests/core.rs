@@ -536,3 +536,23 @@ fn foreground_supervisor_stops_everything_in_reverse_order_on_ctrl_c() {
         "{log}"
     );
 }
+
+#[test]
+fn a_start_that_takes_too_long_times_out_with_a_clear_message() {
+    // A "protocol" daemon that never says hello stays INITIALIZING until its ready timeout.
+    let root = Root::with_config(
+        "daemons:\n  silent:\n    command: [\"sleep\", \"100\"]\n    protocol: true\n    ready_timeout: 60\n",
+    );
+    let out = root.run(&["start", "silent", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no answer from the supervisor within 1s"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        root.state("silent"),
+        "INITIALIZING",
+        "the supervisor is unharmed and still waiting"
+    );
+}
