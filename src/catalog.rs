@@ -39,7 +39,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Sync,
         &[],
         true,
-        &[],
+        &["targets", "retries", "retry_backoff", "timeout"],
     ),
     spec(
         "ephemeral_sync",
@@ -47,7 +47,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Ephemeral,
         &[],
         false,
-        &[],
+        &["targets", "retries", "retry_backoff", "timeout"],
     ),
     spec(
         "cluster_data_sync",
@@ -55,7 +55,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Sync,
         &[],
         true,
-        &[],
+        &["peers", "timeout"],
     ),
     spec(
         "model_distribution",

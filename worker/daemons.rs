@@ -104,17 +104,17 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "auto_sync",
         purpose: "push-from-generator + gossip replication of game data",
-        build: not_yet_built,
+        build: crate::pipeline::sync::build,
     },
     Entry {
         name: "ephemeral_sync",
         purpose: "aggressive 5 s sync for ephemeral hosts",
-        build: not_yet_built,
+        build: crate::pipeline::sync::build,
     },
     Entry {
         name: "cluster_data_sync",
         purpose: "P2P mesh data sync",
-        build: not_yet_built,
+        build: crate::pipeline::cluster_sync::build,
     },
     Entry {
         name: "model_distribution",
@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn not_yet_built_reports_not_implemented_with_its_purpose_and_cycle_count() {
-        let mut daemon = lookup("ephemeral_sync").unwrap();
+        let mut daemon = lookup("unified_idle_shutdown").unwrap();
         let settings = Settings::from_config(None).unwrap();
         let started = block_on(daemon.start(&settings)).unwrap();
         assert_eq!(started.health.details["cycles"], Value::from(0));
@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(report.health.status, "not_implemented");
         assert_eq!(
             report.health.message,
-            "aggressive 5 s sync for ephemeral hosts: work not implemented yet"
+            "cloud instance idle termination: work not implemented yet"
         );
         assert_eq!(report.health.details["cycles"], Value::from(3));
     }

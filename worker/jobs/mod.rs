@@ -9,7 +9,7 @@
 //! line on stderr says why), 2 usage. Files are written atomically (temporary file, fsync, check,
 //! rename), so a reader never sees half a model or half an export.
 
-mod db;
+pub(crate) mod db;
 mod export;
 mod gauntlet;
 mod selfplay;

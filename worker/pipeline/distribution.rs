@@ -37,7 +37,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
 
 /// Where models go.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
+pub(super) enum Target {
     Local(PathBuf),
     /// `host:path`, copied with rsync over ssh.
     Remote {
@@ -48,7 +48,7 @@ enum Target {
 
 /// `host:path` (no `/` before the colon) is remote; anything else is a local directory, relative
 /// paths taken from the root.
-fn parse_target(spec: &str, root: &Path) -> Target {
+pub(super) fn parse_target(spec: &str, root: &Path) -> Target {
     if let Some((host, path)) = spec.split_once(':')
         && !host.is_empty()
         && !host.contains('/')
@@ -85,7 +85,7 @@ fn canonical_models(models: &Path) -> Vec<(String, PathBuf)> {
 
 /// Copies `src` into directory `dir` as the same file name: temporary file, fsync, rename, then
 /// checks the SHA-256 of what landed. Returns the hash.
-fn copy_local(src: &Path, dir: &Path) -> anyhow::Result<String> {
+pub(super) fn copy_local(src: &Path, dir: &Path) -> anyhow::Result<String> {
     let name = src
         .file_name()
         .context("model path has no name")?
@@ -130,7 +130,11 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// Runs a command with a timeout; the child is killed if it overruns. Returns its stdout.
-async fn run(program: &str, args: &[String], timeout: Duration) -> anyhow::Result<String> {
+pub(super) async fn run(
+    program: &str,
+    args: &[String],
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .kill_on_drop(true)
@@ -146,10 +150,10 @@ async fn run(program: &str, args: &[String], timeout: Duration) -> anyhow::Resul
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-const SSH_OPTS: &str = "ssh -o BatchMode=yes -o ConnectTimeout=10";
+pub(super) const SSH_OPTS: &str = "ssh -o BatchMode=yes -o ConnectTimeout=10";
 
 /// rsync to `host:path/`, then `sha256sum` there. Returns the hash.
-async fn copy_remote(
+pub(super) async fn copy_remote(
     src: &Path,
     host: &str,
     path: &str,
@@ -207,14 +211,14 @@ fn needs_copy(target: &Target, model: &Path, sha: &str, delivered: Option<&Strin
 }
 
 /// Seconds before retry `attempt` (1-based) of a copy.
-fn retry_delay(attempt: u32, base: f64) -> f64 {
+pub(super) fn retry_delay(attempt: u32, base: f64) -> f64 {
     base * f64::from(1u32 << attempt.saturating_sub(1).min(10))
 }
 
 /// Seconds before a target that failed `passes` whole passes in a row (each of `retries`
 /// attempts) is tried again: it goes on doubling past the in-pass retries, up to an hour, so a dead
 /// target is neither hammered every cycle nor given up on.
-fn pass_backoff(passes: u32, base: f64, retries: u32) -> f64 {
+pub(super) fn pass_backoff(passes: u32, base: f64, retries: u32) -> f64 {
     let doublings = (retries + passes.saturating_sub(1)).min(20);
     (base.max(1.0) * f64::from(1u32 << doublings)).min(3600.0)
 }

@@ -12,6 +12,7 @@
 //! models/backup/                       canonical models replaced by a promotion
 //! ```
 
+pub(crate) mod cluster_sync;
 pub(crate) mod distribution;
 pub(crate) mod evaluation;
 pub(crate) mod export;
@@ -21,6 +22,7 @@ pub(crate) mod quality;
 pub(crate) mod queue;
 pub(crate) mod scheduler;
 pub(crate) mod sha256;
+pub(crate) mod sync;
 pub(crate) mod training;
 pub(crate) mod work_queue;
 

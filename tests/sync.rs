@@ -1,0 +1,113 @@
+//! Games move between nodes: A's auto_sync pushes snapshots of its games DB to a shared directory,
+//! B's cluster_data_sync merges them into its own games DB, once.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(20);
+const KEY: &str = "hex8_2p";
+
+fn config(daemon: &str, list: &str, dir: &Path) -> String {
+    format!(
+        "http:\n  enabled: false\npipeline:\n  config_keys: [{KEY}]\ndaemons:\n  {daemon}:\n    interval: 0.2\n    heartbeat_interval: 0.2\n    {list}: [{:?}]\n",
+        dir.display().to_string()
+    )
+}
+
+fn events(root: &Root, kind: &str) -> Vec<Value> {
+    root.ok(&["events", "--json", "--type", kind])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count(db: &Path, sql: &str) -> i64 {
+    if !db.is_file() {
+        return 0;
+    }
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+        .unwrap_or(0)
+}
+
+#[test]
+fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
+    let shared = tempfile::tempdir().unwrap();
+    let a = Root::with_config(&config("auto_sync", "targets", shared.path()));
+    let b = Root::with_config(&config("cluster_data_sync", "peers", shared.path()));
+
+    let a_db = a.path().join(format!("data/games/{KEY}.db"));
+    let out = Command::new(WORKER)
+        .args(["job", "selfplay", "--config-key", KEY, "--games", "50"])
+        .arg("--db")
+        .arg(&a_db)
+        .args(["--seed", "5"])
+        .current_dir(a.path())
+        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "selfplay: {}", stderr(&out));
+
+    a.ok(&["start", "auto_sync"]);
+    b.ok(&["start", "cluster_data_sync"]);
+
+    let b_db = b.path().join(format!("data/games/{KEY}.db"));
+    let completed = "SELECT count(*) FROM games WHERE status = 'completed'";
+    assert!(
+        wait_until(T, || count(&b_db, completed) >= 50),
+        "B merged {} games; A: {:#}\nB: {:#}",
+        count(&b_db, completed),
+        a.daemon("auto_sync")["health"],
+        b.daemon("cluster_data_sync")["health"]
+    );
+    // More cycles pass (the peer file is seen unchanged) and nothing is merged twice.
+    assert!(wait_until(T, || {
+        b.daemon("cluster_data_sync")["health"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 peer DB(s) unchanged")
+    }));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(count(&b_db, completed), 50);
+    assert_eq!(count(&b_db, "SELECT count(*) FROM games"), 50);
+    assert_eq!(
+        count(&b_db, "SELECT count(*) FROM moves"),
+        count(&a_db, "SELECT count(*) FROM moves")
+    );
+    let peer = shared.path().display().to_string();
+    let from_peer =
+        format!("SELECT count(DISTINCT source) FROM games WHERE source LIKE 'peer:{peer}:%'");
+    assert_eq!(count(&b_db, &from_peer), 50);
+
+    let new_games = events(&b, "NEW_GAMES_AVAILABLE");
+    assert_eq!(new_games.len(), 1, "{new_games:#?}");
+    let p = &new_games[0]["payload"];
+    assert_eq!(p["config_key"], KEY);
+    assert_eq!(p["new_games"], 50);
+    assert_eq!(p["total_games"], 50);
+    assert_eq!(p["db_path"], b_db.display().to_string());
+    let pulled = events(&b, "DATA_SYNC_COMPLETED");
+    assert_eq!(pulled[0]["payload"]["source"], peer.as_str());
+
+    let pushed = events(&a, "DATA_SYNC_COMPLETED");
+    assert_eq!(pushed.len(), 1, "one push while A's DB is unchanged");
+    let p = &pushed[0]["payload"];
+    assert_eq!(p["target"], peer.as_str());
+    assert_eq!(p["files"], 1);
+    assert_eq!(p["source"], a_db.display().to_string());
+    let health = &a.daemon("auto_sync")["health"];
+    assert_eq!(health["healthy"], true, "{health:#}");
+    assert!(
+        health["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("last pushed {KEY} → {peer}")),
+        "{health:#}"
+    );
+}
