@@ -148,7 +148,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         false,
-        &[],
+        &["shutdown_command", "idle_minutes", "cpu_threshold"],
     ),
     spec(
         "queue_populator",

@@ -244,3 +244,42 @@ fn a_second_ctrl_c_kills_every_group_at_once() {
         root.master_log()
     );
 }
+
+#[test]
+fn an_idle_node_runs_its_shutdown_command_once() {
+    let marker = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let marker_path = marker.to_path_buf();
+    drop(marker);
+    let root = Root::with_config(&format!(
+        "daemons:\n  unified_idle_shutdown:\n    enabled: true\n    interval: 0.2\n    heartbeat_interval: 0.1\n    idle_minutes: 0.005\n    cpu_threshold: 101\n    shutdown_command: [\"sh\", \"-c\", \"echo shut >> {}\"]\n",
+        marker_path.display()
+    ));
+    root.ok(&["start", "unified_idle_shutdown"]);
+    assert!(wait_until(T, || std::fs::read_to_string(&marker_path)
+        .is_ok_and(|t| t.contains("shut"))));
+    let mut d = serde_json::Value::Null;
+    assert!(
+        wait_until(T, || {
+            d = root.daemon("unified_idle_shutdown");
+            d["health"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("shutdown command ran")
+        }),
+        "{d:#}"
+    );
+    // Once only, however many cycles follow.
+    let cycles = |d: &serde_json::Value| d["progress"]["cycles"].as_u64().unwrap_or(0);
+    let fired_at = cycles(&d);
+    assert!(wait_until(T, || cycles(
+        &root.daemon("unified_idle_shutdown")
+    ) >= fired_at + 3));
+    assert_eq!(
+        std::fs::read_to_string(&marker_path)
+            .unwrap()
+            .matches("shut")
+            .count(),
+        1
+    );
+    let _ = std::fs::remove_file(&marker_path);
+}

@@ -1,8 +1,7 @@
 //! The daemon catalog as the worker sees it: which name runs which [`Daemon`] implementation.
 //!
-//! None of the daemons' real work exists yet, so every catalog entry is built as [`NotYetBuilt`],
-//! which runs its cycles, says so in its log and reports the health status `not_implemented`. A
-//! real daemon replaces its entry's `build` function and nothing else changes.
+//! Each entry names the function that builds its daemon; the runtime (worker/runtime.rs) does the
+//! rest — handshake, heartbeats, pause, shutdown, events — the same way for all of them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -96,10 +95,6 @@ struct Entry {
     build: fn(&'static str, &'static str) -> Box<dyn Daemon>,
 }
 
-fn not_yet_built(name: &'static str, purpose: &'static str) -> Box<dyn Daemon> {
-    Box::new(NotYetBuilt { name, purpose })
-}
-
 const CATALOG: [Entry; 15] = [
     Entry {
         name: "auto_sync",
@@ -159,7 +154,7 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "unified_idle_shutdown",
         purpose: "cloud instance idle termination",
-        build: not_yet_built,
+        build: crate::idle_shutdown::build,
     },
     Entry {
         name: "queue_populator",
@@ -195,64 +190,11 @@ pub(crate) fn lookup(name: &str) -> Option<Box<dyn Daemon>> {
         .map(|entry| (entry.build)(entry.name, entry.purpose))
 }
 
-/// A catalog daemon whose work is not built yet: it keeps the whole lifecycle honest (start, cycles,
-/// heartbeats, pause, shutdown) and says plainly in its log and its health that it does nothing.
-struct NotYetBuilt {
-    name: &'static str,
-    purpose: &'static str,
-}
-
-impl NotYetBuilt {
-    fn report(&self, cycles: u64) -> Report {
-        Report::with_status(
-            true,
-            "not_implemented",
-            format!("{}: work not implemented yet", self.purpose),
-            BTreeMap::from([("cycles".to_owned(), Value::from(cycles))]),
-            [],
-        )
-    }
-}
-
-impl Daemon for NotYetBuilt {
-    fn name(&self) -> &str {
-        self.name
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
-        Box::pin(async move {
-            println!(
-                "{}: starting (interval {}s)",
-                self.name, settings.interval_secs
-            );
-            Ok(self.report(0))
-        })
-    }
-
-    fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report> {
-        Box::pin(async move {
-            println!("{}: cycle {n}: work not implemented yet", self.name);
-            self.report(n)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-
-    fn block_on<F: Future>(future: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(future)
-    }
 
     #[test]
     fn catalog_has_the_fifteen_seed_names_once_each() {
@@ -272,21 +214,5 @@ mod tests {
         );
         assert!(lookup("auto-sync").is_none());
         assert!(lookup("").is_none());
-    }
-
-    #[test]
-    fn not_yet_built_reports_not_implemented_with_its_purpose_and_cycle_count() {
-        let mut daemon = lookup("unified_idle_shutdown").unwrap();
-        let settings = Settings::from_config(None).unwrap();
-        let started = block_on(daemon.start(&settings)).unwrap();
-        assert_eq!(started.health.details["cycles"], Value::from(0));
-        let report = block_on(daemon.cycle(3));
-        assert!(report.health.healthy);
-        assert_eq!(report.health.status, "not_implemented");
-        assert_eq!(
-            report.health.message,
-            "cloud instance idle termination: work not implemented yet"
-        );
-        assert_eq!(report.health.details["cycles"], Value::from(3));
     }
 }

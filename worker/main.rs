@@ -6,6 +6,7 @@
 
 mod daemons;
 mod fault;
+mod idle_shutdown;
 mod jobs;
 mod node_health;
 mod pipeline;

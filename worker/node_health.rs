@@ -114,7 +114,7 @@ fn free_disk_gb(path: &Path) -> Option<f64> {
 }
 
 /// Asks the supervisor for its status over the control socket, as the CLI does.
-async fn supervisor_status(socket: &Path) -> anyhow::Result<StatusReport> {
+pub(crate) async fn supervisor_status(socket: &Path) -> anyhow::Result<StatusReport> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .context("cannot reach the supervisor")?;
