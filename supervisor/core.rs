@@ -131,8 +131,9 @@ struct Daemon {
     draining: Option<(u32, ExitInfo)>,
     /// A stop was requested but dependents must go first.
     stop_queued: bool,
-    /// The state last published as a DAEMON_* event.
+    /// The state last published as a DAEMON_* event, and the process generation it was about.
     announced: DaemonState,
+    announced_generation: u64,
     log: Option<SharedLog>,
 }
 
@@ -1171,8 +1172,14 @@ impl Core {
                     delay.as_millis()
                 ));
                 set_state(&self.log, name, d, DaemonState::Backoff);
-                let generation = d.generation;
-                self.schedule(name, generation, TimerKind::Backoff, delay);
+                if delay.is_zero() {
+                    // No delay configured: respawn now, before any bookkeeping of this exit.
+                    d.restarts += 1;
+                    self.spawn(name);
+                } else {
+                    let generation = d.generation;
+                    self.schedule(name, generation, TimerKind::Backoff, delay);
+                }
             }
             ExitDecision::Stop => {
                 d.reason = Some(format!(
@@ -1574,11 +1581,40 @@ impl Core {
         let mut out = Vec::new();
         for d in self.daemons.values_mut() {
             let (was, now) = (d.announced, d.state);
-            if was == now {
+            let respawned = d.generation != d.announced_generation;
+            d.announced_generation = d.generation;
+            if was == now && !respawned {
                 continue;
             }
             d.announced = now;
             let name = d.cfg.name.clone();
+            // A process that died and was replaced before this look (a restart without delay):
+            // its end is announced all the same.
+            if respawned
+                && matches!(was, DaemonState::Running | DaemonState::Paused)
+                && now == DaemonState::Initializing
+            {
+                out.push((
+                    "DAEMON_STOPPED",
+                    ringrift::events::payload([
+                        ("daemon", name.clone().into()),
+                        (
+                            "last_exit",
+                            d.last_exit
+                                .clone()
+                                .map(Into::into)
+                                .unwrap_or(serde_json::Value::Null),
+                        ),
+                        (
+                            "reason",
+                            d.reason
+                                .clone()
+                                .map(Into::into)
+                                .unwrap_or(serde_json::Value::Null),
+                        ),
+                    ]),
+                ));
+            }
             match now {
                 DaemonState::Running if was != DaemonState::Paused => out.push((
                     "DAEMON_STARTED",
@@ -1791,6 +1827,7 @@ impl Daemon {
             draining: None,
             stop_queued: false,
             announced: DaemonState::Stopped,
+            announced_generation: 0,
             log: None,
         }
     }

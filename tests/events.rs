@@ -318,3 +318,30 @@ fn node_health_reports_a_degraded_node_and_publishes_the_change() {
         "a degraded node is reported, not a crashed daemon"
     );
 }
+
+#[test]
+fn a_restart_without_delay_is_announced_as_a_stop_and_a_start() {
+    let root = Root::with_config(&format!(
+        "daemons:\n{}",
+        worker("quick", &[], "    backoff_initial: 0\n")
+    ));
+    root.ok(&["start", "quick"]);
+    let pid = root.pid("quick").unwrap();
+    signal(pid, SIGKILL);
+    assert!(wait_until(T, || root
+        .pid("quick")
+        .is_some_and(|p| p != pid)
+        && root.state("quick") == "RUNNING"));
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(T, || {
+            seen = events_json(&root, &[])
+                .iter()
+                .filter(|e| e["payload"]["daemon"] == "quick")
+                .map(|e| e["type"].as_str().unwrap().to_string())
+                .collect();
+            seen == ["DAEMON_STARTED", "DAEMON_STOPPED", "DAEMON_STARTED"]
+        }),
+        "{seen:?}"
+    );
+}
