@@ -213,7 +213,7 @@ fn ten_thousand_requests_do_not_delay_restarts_or_heartbeats() {
         if load.is_finished() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20)); // poll interval while the load runs
     }
     load.join().unwrap();
     assert!(

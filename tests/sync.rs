@@ -73,7 +73,14 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
             .unwrap_or_default()
             .contains("1 peer DB(s) unchanged")
     }));
-    std::thread::sleep(Duration::from_millis(600));
+    // Three more passes, then count again.
+    let passes = |r: &Root| {
+        r.daemon("cluster_data_sync")["progress"]["passes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let seen = passes(&b);
+    assert!(wait_until(T, || passes(&b) >= seen + 3));
     assert_eq!(count(&b_db, completed), 50);
     assert_eq!(count(&b_db, "SELECT count(*) FROM games"), 50);
     assert_eq!(
