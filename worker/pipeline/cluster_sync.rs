@@ -317,21 +317,12 @@ struct ClusterSync {
 
 impl ClusterSync {
     fn report(&self) -> Report {
-        let (healthy, status, message) = if self.peers.is_empty() {
-            (
-                true,
-                "idle",
-                "no peers configured: nothing to pull".to_string(),
-            )
-        } else if self.last.is_empty() {
-            (true, "ok", "no pass yet".to_string())
-        } else {
-            (
-                self.ok,
-                if self.ok { "ok" } else { "degraded" },
-                self.last.clone(),
-            )
-        };
+        let (healthy, status, message) = super::pass_health(
+            !self.peers.is_empty(),
+            "no peers configured: nothing to pull",
+            &self.last,
+            self.ok,
+        );
         Report::with_status(
             healthy,
             status,

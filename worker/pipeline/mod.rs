@@ -337,6 +337,23 @@ pub(crate) async fn join_all<T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + '
         .collect()
 }
 
+/// Health of a daemon that works in passes over configured destinations: idle (and healthy) with
+/// nothing configured, "no pass yet" before the first pass, else the last pass's summary.
+pub(crate) fn pass_health(
+    configured: bool,
+    idle_message: &str,
+    last: &str,
+    ok: bool,
+) -> (bool, &'static str, String) {
+    if !configured {
+        (true, "idle", idle_message.to_string())
+    } else if last.is_empty() {
+        (true, "ok", "no pass yet".to_string())
+    } else {
+        (ok, if ok { "ok" } else { "degraded" }, last.to_string())
+    }
+}
+
 /// Seconds since the unix epoch.
 pub(crate) fn now_secs() -> f64 {
     std::time::SystemTime::now()

@@ -181,21 +181,12 @@ impl AutoSync {
     }
 
     fn report(&self) -> Report {
-        let (healthy, status, message) = if self.targets.is_empty() {
-            (
-                true,
-                "idle",
-                "no targets configured: nothing to push".to_string(),
-            )
-        } else if self.last.is_empty() {
-            (true, "ok", "no pass yet".to_string())
-        } else {
-            (
-                self.ok,
-                if self.ok { "ok" } else { "degraded" },
-                self.last.clone(),
-            )
-        };
+        let (healthy, status, message) = super::pass_health(
+            !self.targets.is_empty(),
+            "no targets configured: nothing to push",
+            &self.last,
+            self.ok,
+        );
         Report::with_status(
             healthy,
             status,
