@@ -341,12 +341,11 @@ mod tests {
         assert_eq!(weights(&keys(), Some(&p))["hex6_2p"], 0.6);
     }
 
-    #[test]
-    fn a_scan_tops_up_requeues_and_reports() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut daemon = QueuePopulator {
+    /// A populator over `root` with a depth of 4 items of 20 games.
+    fn populator(root: &std::path::Path) -> QueuePopulator {
+        QueuePopulator {
             pipeline: Some(Pipeline {
-                root: dir.path().to_path_buf(),
+                root: root.to_path_buf(),
                 config_keys: keys(),
                 jobs: BTreeMap::new(),
                 worker: "/bin/true".into(),
@@ -359,7 +358,13 @@ mod tests {
             last: None,
             problem: None,
             priorities_problem: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_scan_tops_up_requeues_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut daemon = populator(dir.path());
         daemon.scan();
         let report = daemon.report();
         assert!(report.health.healthy, "{}", report.health.message);
@@ -412,22 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("data/work_queue.db"), vec![0x5a; 8192]).unwrap();
-        let mut daemon = QueuePopulator {
-            pipeline: Some(Pipeline {
-                root: dir.path().to_path_buf(),
-                config_keys: keys(),
-                jobs: BTreeMap::new(),
-                worker: "/bin/true".into(),
-            }),
-            queue: None,
-            target_depth: 4,
-            games_per_item: 20,
-            stale_after: 10.0,
-            totals: Totals::default(),
-            last: None,
-            problem: None,
-            priorities_problem: None,
-        };
+        let mut daemon = populator(dir.path());
         daemon.scan();
         let report = daemon.report();
         assert!(!report.health.healthy);
