@@ -257,6 +257,20 @@ fn bad_configurations_are_refused_before_anything_starts() {
             "daemons:\n  auto_synk:\n    enabled: true\n",
             "did you mean auto_sync",
         ),
+        // A name is a file name (logs/<name>.log): one that climbs out of the root is refused.
+        (
+            "path as a name",
+            "daemons:\n  \"../../escaped_rr\":\n    command: [\"sleep\", \"100\"]\n",
+            "is not a lower-case identifier",
+        ),
+        (
+            "reserved name",
+            "daemons:\n  master_loop:\n    command: [\"sleep\", \"100\"]\n",
+            "reserved for the supervisor",
+        ),
+        // A damaged file must not pass as "the default configuration".
+        ("NUL bytes", &"\0".repeat(4096), "byte 0x00 is not text"),
+        ("empty file", "", "holds no YAML mapping"),
     ];
     for (what, yaml, needle) in cases {
         let root = Root::with_config(yaml);
@@ -283,6 +297,10 @@ fn bad_configurations_are_refused_before_anything_starts() {
             "{what}: nothing was started"
         );
         assert!(root.supervisor_pid().is_none());
+        assert!(
+            !root.path().join("../escaped_rr.log").exists(),
+            "{what}: no log was written outside logs/"
+        );
     }
     // The line is named where there is one.
     let root = Root::with_config("daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n");
