@@ -370,7 +370,6 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tokio::sync::mpsc;
 
     use super::*;
 
@@ -378,9 +377,9 @@ mod tests {
         json!({"config_key": "hex8_2p", "new_games": n})
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<FromSupervisor>) -> Vec<u64> {
+    fn drain(rx: &mut crate::ipc::ConnRx) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Ok(FromSupervisor::Event { event }) = rx.try_recv() {
+        while let Some(FromSupervisor::Event { event }) = rx.try_frame() {
             out.push(event.seq);
         }
         out
@@ -390,7 +389,7 @@ mod tests {
     fn events_reach_subscribers_in_order_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Router::open(dir.path(), Limits::default()).unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["new_games_available".into()], tx)
             .unwrap();
         for i in 0..3 {
@@ -407,7 +406,7 @@ mod tests {
 
         // A new supervisor: the unacked event 3 and the one emitted while down (5) are delivered.
         let mut r = Router::open(dir.path(), Limits::default()).unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
         assert_eq!(drain(&mut rx), vec![3, 5]);
@@ -435,8 +434,8 @@ mod tests {
     fn a_slow_subscriber_is_bounded_by_its_window_and_does_not_hold_up_others() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Router::open(dir.path(), Limits::default()).unwrap();
-        let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
-        let (fast_tx, mut fast_rx) = mpsc::unbounded_channel();
+        let (slow_tx, mut slow_rx) = crate::ipc::ConnTx::new(1 << 30);
+        let (fast_tx, mut fast_rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("slow", &["NEW_GAMES_AVAILABLE".into()], slow_tx)
             .unwrap();
         r.subscribe("fast", &["NEW_GAMES_AVAILABLE".into()], fast_tx)

@@ -234,6 +234,7 @@ async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: ToSupervisor) -> Option<F
         frame,
         reply: tx,
         stream: None,
+        from: crate::core::Requester::Http,
     })
     .ok()?;
     rx.await.ok()
@@ -415,7 +416,7 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
         }
     }
     // The listing is streamed by the core on a channel; collect it here.
-    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel();
+    let (stream_tx, mut stream_rx) = crate::ipc::ConnTx::new(crate::ipc::CLI_QUEUE_BYTES);
     let (tx, rx) = oneshot::channel();
     let frame = ToSupervisor::Events {
         since,
@@ -428,6 +429,7 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
             frame,
             reply: tx,
             stream: Some(stream_tx),
+            from: crate::core::Requester::Http,
         })
         .is_err()
     {
@@ -436,7 +438,7 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
     match rx.await {
         Ok(FromSupervisor::EndOfEvents { last_seq }) => {
             let mut events = Vec::new();
-            while let Ok(FromSupervisor::Event { event }) = stream_rx.try_recv() {
+            while let Some(FromSupervisor::Event { event }) = stream_rx.try_frame() {
                 events.push(event);
             }
             Response::json(200, &json!({ "last_seq": last_seq, "events": events }))

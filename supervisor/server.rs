@@ -146,6 +146,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
             frame: initial,
             reply: reply_tx,
             stream: None,
+            from: crate::core::Requester::Supervisor,
         });
         let log = log.clone();
         tokio::spawn(async move {
