@@ -128,7 +128,7 @@ fn post_event_is_validated_like_emit() {
         &a,
         "POST",
         "/event",
-        r#"{"type": "TRAINING_STARTED", "payload": {"config": "hex8_2p"}}"#,
+        r#"{"type": "NEW_GAMES_AVAILABLE", "payload": {"config": "hex8_2p", "new_games": 1}}"#,
     );
     assert_eq!(code, 400);
     assert!(
@@ -144,11 +144,11 @@ fn post_event_is_validated_like_emit() {
         &a,
         "POST",
         "/event",
-        r#"{"type": "TRAINING_STARTED", "payload": {"config_key": "hex8_2p"}}"#,
+        r#"{"type": "NEW_GAMES_AVAILABLE", "payload": {"config_key": "hex8_2p", "new_games": 1}}"#,
     );
     assert_eq!(code, 200, "{body}");
     let seq = json(&body)["seq"].as_u64().unwrap();
-    let listed = root.ok(&["events", "--json", "--type", "TRAINING_STARTED"]);
+    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
     let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
     assert_eq!(ev["seq"].as_u64(), Some(seq));
     assert_eq!(ev["source"], "http");
