@@ -82,6 +82,8 @@ pub(crate) enum Msg {
     },
     /// Time to write the subscribers' positions.
     FlushEvents,
+    /// run/ was deleted and has been made again: rewrite what the supervisor keeps there.
+    RunDirRecreated,
     ChildExited {
         daemon: String,
         generation: u64,
@@ -306,6 +308,7 @@ impl Core {
                 stream,
                 from,
             } => self.request(frame, reply, stream, from),
+            Msg::RunDirRecreated => self.records_dirty = true,
             Msg::FlushEvents => {
                 self.flush_pending = false;
                 self.flush_events();
