@@ -33,9 +33,9 @@ use crate::logwriter::SupervisorLog;
 
 /// Control-socket connections open at once, at most. Workers do not count: they have their own.
 pub(crate) const MAX_CONNECTIONS: usize = 256;
-/// Bytes queued for a CLI connection, at most (a status report is tens of KiB, an events page a
-/// few MiB).
-pub(crate) const CLI_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes queued for a CLI connection, at most (a status report is tens of KiB, an events page at
+/// most `MAX_PAGE_BYTES` of the router).
+pub(crate) const CLI_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes queued for a worker, at most: its event window (512 events) plus control frames.
 pub(crate) const WORKER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// A client has this long to say hello before its connection is closed.
@@ -130,7 +130,30 @@ impl ConnTx {
         self.shared.gone.notify_waiters();
         self.shared.gone.notify_one();
     }
+}
 
+impl Drop for ConnRx {
+    fn drop(&mut self) {
+        // A connection cut with megabytes queued leaves them free in the allocator; hand them back
+        // to the system, so that the supervisor's RSS returns to where it was (glibc keeps freed
+        // memory otherwise). Cheap, and only after such an event.
+        if self.shared.dropped.load(Ordering::Relaxed) {
+            while self.rx.try_recv().is_ok() {}
+            release_free_memory();
+        }
+    }
+}
+
+/// Returns freed heap memory to the system (`malloc_trim(3)`, glibc only).
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+impl ConnTx {
     /// Resolves when the connection has been cut for not reading.
     async fn cut_off(&self) {
         if self.shared.dropped.load(Ordering::Relaxed) {

@@ -733,3 +733,77 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// Resident memory of a process, in KiB (VmRSS in /proc/<pid>/status).
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_off_and_connections_are_capped() {
+    let root = Root::with_config("daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n");
+    root.ok(&["start", "napper"]);
+    let sup = root.supervisor_pid().unwrap();
+    // Warm up: a few status calls allocate what status needs.
+    for _ in 0..5 {
+        root.status();
+    }
+    let before = rss_kib(sup);
+
+    // 30,000 status requests, replies never read: the supervisor stops queueing at its bound.
+    let (_r, mut w) = connect(&root);
+    w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
+        .unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = b"{\"type\":\"status\"}\n".repeat(1000);
+    for _ in 0..30 {
+        if w.write_all(&request).is_err() {
+            break; // cut off: that is the point
+        }
+    }
+    assert!(
+        wait_until(T, || root.master_log().contains("replies unread")),
+        "the reader-less client is disconnected and logged:\n{}",
+        root.master_log()
+    );
+    let started = std::time::Instant::now();
+    root.status();
+    assert!(started.elapsed() < Duration::from_secs(5), "status answers");
+    let after = rss_kib(sup);
+    eprintln!("supervisor RSS: {before} KiB before, {after} KiB after the unread replies");
+    assert!(
+        after < before + 8 * 1024,
+        "RSS {before} KiB → {after} KiB: the queue is bounded"
+    );
+
+    // Beyond the cap, connections are refused at once; supervision goes on meanwhile.
+    let napper = root.pid("napper").unwrap();
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..300 {
+        let (mut r, mut w) = connect(&root);
+        w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
+            .unwrap();
+        let v = read_json(&mut r);
+        if v["type"] == "error" {
+            refused = Some(v);
+            break;
+        }
+        held.push((r, w));
+    }
+    let refused = refused.expect("a connection beyond the cap is refused");
+    assert_eq!(refused["code"], "busy", "{refused}");
+    // 256 at most, less any of the earlier connections still being torn down.
+    assert!((250..=256).contains(&held.len()), "{}", held.len());
+    signal(napper, SIGKILL);
+    drop(held);
+    assert!(wait_until(T, || root
+        .pid("napper")
+        .is_some_and(|p| p != napper)
+        && root.state("napper") == "RUNNING"));
+}
