@@ -146,8 +146,11 @@ async fn serve(listener: TcpListener, max_connections: usize, shared: Arc<Shared
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Best effort and never waiting: the socket is closed when `stream` drops.
+            // Best effort and never waiting: the socket is closed when `stream` drops. Reading
+            // what already arrived makes that close a FIN rather than a reset that could destroy
+            // the 503 before the client reads it.
             let _ = stream.try_write(REFUSED);
+            let _ = stream.try_read(&mut [0u8; 4096]);
             refusals.note(&shared.log, max_connections);
             continue;
         };
