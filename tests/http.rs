@@ -143,6 +143,7 @@ fn assert_rss_near(pid: u32, baseline: u64, what: &str) {
         last = rss_kib(pid);
         last <= baseline + RSS_SLACK_KIB
     });
+    eprintln!("{what}: supervisor RSS {last} KiB, baseline {baseline} KiB");
     assert!(
         settled,
         "{what}: supervisor RSS {last} KiB, baseline {baseline} KiB (slack {RSS_SLACK_KIB} KiB)"
