@@ -132,6 +132,9 @@ async fn serve(listener: TcpListener, max_connections: usize, shared: Arc<Shared
         .timer(TokioTimer::new())
         .header_read_timeout(IDLE)
         .max_buf_size(MAX_HEAD)
+        // A client that shuts down its side after the request (`nc -N`, some HTTP/1.0 tools)
+        // still gets its answer.
+        .half_close(true)
         .keep_alive(true);
     let builder = Arc::new(builder);
     let mut refusals = Refusals::default();

@@ -474,7 +474,7 @@ fn writes_need_the_bearer_token_from_run() {
 }
 
 #[test]
-fn head_everywhere_get_is_and_absolute_form_targets() {
+fn head_everywhere_get_is_absolute_form_and_half_close() {
     let root = root_with(IDLE_DAEMON);
     root.ok(&["start", "idle"]);
     let a = addr(&root);
@@ -529,6 +529,16 @@ fn head_everywhere_get_is_and_absolute_form_targets() {
         "GET http://{a}/daemon/idle/health?x=1 HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n"
     );
     assert_eq!(exchange(&a, raw.as_bytes()).unwrap().0, 200);
+
+    // A client that shuts down its sending side after the request still gets the answer.
+    let mut s = TcpStream::connect(&a).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    assert_eq!(parse_response(&all).unwrap().0, 200);
 }
 
 /// Warms the HTTP side up (first requests allocate buffers that stay), then takes the baseline.
