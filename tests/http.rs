@@ -624,6 +624,33 @@ fn a_thousand_idle_connections_do_not_starve_supervision() {
         .unwrap();
     assert_eq!(nofile.split_whitespace().nth(3), Some("1024"), "{nofile}");
     let a = addr(&root);
+    // This test process needs its own 1000 descriptors: raise its soft limit if it is low.
+    let own = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let (soft, hard): (u64, u64) = own
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let mut f = l.split_whitespace().skip(3);
+            let mut num = || f.next()?.parse().ok().or(Some(u64::MAX));
+            Some((num()?, num()?))
+        })
+        .unwrap();
+    if soft < 2048 {
+        let want = hard.min(4096);
+        assert!(
+            want >= 1100,
+            "this test needs 1100 descriptors; the hard limit is {hard}"
+        );
+        let me = std::process::id().to_string();
+        let raised = Command::new("prlimit")
+            .args(["--pid", &me, &format!("--nofile={want}:")])
+            .status()
+            .unwrap();
+        assert!(
+            raised.success(),
+            "cannot raise this test's descriptor limit"
+        );
+    }
 
     let mut conns: Vec<TcpStream> = (0..1000)
         .map(|i| {
