@@ -195,6 +195,14 @@ impl PipelineConfig {
 pub struct HttpConfig {
     pub enabled: bool,
     pub addr: SocketAddr,
+    /// Connections served at once; one more is refused at once instead of queued.
+    pub max_connections: usize,
+}
+
+impl HttpConfig {
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+    /// Far below any sensible descriptor limit; more would defeat the point of a cap.
+    pub const MAX_MAX_CONNECTIONS: usize = 4096;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,7 +464,7 @@ type CategoryFilter = fn(Option<Category>) -> bool;
 const TOP_KEYS: &[&str] = &[
     "daemons", "profiles", "http", "logs", "defaults", "pipeline",
 ];
-const HTTP_KEYS: &[&str] = &["enabled", "addr"];
+const HTTP_KEYS: &[&str] = &["enabled", "addr", "max_connections"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
 /// Keys every daemon entry (and the `defaults:` block) may carry.
 const COMMON_KEYS: &[&str] = &[
@@ -602,7 +610,19 @@ impl Validator<'_> {
                 SocketAddr::from(([127, 0, 0, 1], 8770))
             }
         };
-        let http = HttpConfig { enabled, addr };
+        let max_connections = self
+            .integer(
+                http_map.get("max_connections"),
+                &["http", "max_connections"],
+                1,
+                HttpConfig::MAX_MAX_CONNECTIONS as u64,
+            )
+            .map_or(HttpConfig::DEFAULT_MAX_CONNECTIONS, |n| n as usize);
+        let http = HttpConfig {
+            enabled,
+            addr,
+            max_connections,
+        };
 
         let logs_map = self.mapping(top.get("logs"), &["logs"]).unwrap_or(&empty);
         self.unknown_keys(logs_map, &["logs"], LOG_KEYS);
@@ -1270,6 +1290,7 @@ mod tests {
         assert_eq!(c.daemons["evaluation"].depends_on, vec!["training_trigger"]);
         assert_eq!(c.profiles.len(), 6);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:8770");
+        assert_eq!(c.http.max_connections, 128);
         assert_eq!(c.logs.max_bytes, 50 * 1024 * 1024);
         assert_eq!(c.logs.max_files, 5);
     }
@@ -1412,6 +1433,22 @@ mod tests {
         assert_eq!(
             e.problems[0].file,
             "environment RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD"
+        );
+    }
+
+    #[test]
+    fn http_connection_cap_is_bounded() {
+        assert_eq!(
+            ok("http:\n  max_connections: 16\n").http.max_connections,
+            16
+        );
+        let e = err("http:\n  max_connections: 0\n", &[]);
+        assert_eq!(e.problems[0].key, "http.max_connections");
+        assert!(e.problems[0].message.contains("out of range"), "{e}");
+        let e = err("", &[("RINGRIFT_HTTP__MAX_CONNECTIONS", "lots")]);
+        assert_eq!(
+            e.problems[0].file,
+            "environment RINGRIFT_HTTP__MAX_CONNECTIONS"
         );
     }
 

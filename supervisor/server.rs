@@ -248,6 +248,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     };
     let opts_http = opts.config.http.clone();
     let http_tx = tx.clone();
+    let run_dir = paths.run_dir.clone();
     let core = Core::new(crate::core::CoreParts {
         paths,
         config: opts.config,
@@ -260,7 +261,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     });
     let mut core = core;
     if opts_http.enabled {
-        match crate::http::start(opts_http.addr, http_tx, log.clone()) {
+        match crate::http::start(&opts_http, &run_dir, http_tx, log.clone()) {
             Ok(bound) => {
                 log.info(&format!("http: listening on http://{bound}"));
                 core.http_addr = Some(bound.to_string());
