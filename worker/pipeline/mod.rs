@@ -13,6 +13,7 @@
 //! ```
 
 pub(crate) mod cluster_sync;
+pub(crate) mod confine;
 pub(crate) mod distribution;
 pub(crate) mod evaluation;
 pub(crate) mod export;
