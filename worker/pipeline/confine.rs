@@ -190,15 +190,6 @@ pub(crate) fn read_confined(
     Ok((bytes, mode, checked))
 }
 
-/// The permission bits of the regular file at `path`, `None` when there is none (a symlink does
-/// not count).
-pub(crate) fn file_mode(path: &Path) -> Option<u32> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .filter(|m| m.file_type().is_file())
-        .map(|m| m.mode() & 0o7777)
-}
-
 /// Replaces `to` with `bytes`: a temporary file in the same directory, created new (`O_EXCL`, so
 /// never through a file or symlink already there) with `mode` (narrowed by the umask), written,
 /// fsynced, checked by `verify`, renamed over `to` (replacing a symlink there rather than writing
@@ -405,7 +396,6 @@ mod tests {
         let meta = std::fs::symlink_metadata(&dest).unwrap();
         assert!(meta.file_type().is_file());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(file_mode(&dest), Some(0o600));
         assert!(!planted.exists());
         // A failed check leaves the destination alone and no temporary file behind.
         let err = write_replace(&dest, b"bad", 0o644, |_| anyhow::bail!("does not load"));
