@@ -9,6 +9,11 @@
 //! - The queue is bounded by `queue_limit` in the sense that matters: when more candidates wait than
 //!   that, BACKPRESSURE_ACTIVATED tells the producers (once per crossing, the flag survives restarts)
 //!   and BACKPRESSURE_RELEASED follows when the queue has drained under the limit again.
+//! - The results file records which model was played: evaluation adds `model_path` and
+//!   `model_sha256` (hashed before the gauntlet and checked after it) when it publishes the
+//!   gauntlet's output, so promotion can prove it installs what was evaluated. TRAINING_COMPLETED
+//!   naming anything but a regular file directly in models/candidates/<key>/ is refused with
+//!   EVALUATION_FAILED, and symlinks are never candidates.
 //! - A candidate that does not load is renamed to `<candidate>.bad`, so it is not retried forever. A
 //!   gauntlet job that fails or overruns is retried with a growing delay, and after
 //!   [`MAX_ATTEMPTS`] failures the candidate is quarantined too, with EVALUATION_FAILED each time.
