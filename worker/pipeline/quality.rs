@@ -303,9 +303,10 @@ pub(crate) fn vouch(
             path.display()
         ));
     };
-    let last = ks.last_emitted.unwrap_or(f64::NAN);
     // A warning may carry a score that moved less than UPDATE_DELTA since the last update.
-    if !((score - last).abs() < UPDATE_DELTA + 1e-4) {
+    let last = ks.last_emitted.unwrap_or(f64::NAN);
+    let agrees = (score - last).abs() < UPDATE_DELTA + 1e-4;
+    if !agrees {
         return Err(format!(
             "score {score} is not the quality monitor's ({last} in {})",
             path.display()
