@@ -15,6 +15,7 @@
 //! A path named in an event is acted on only if it is a regular file in the step's own directory
 //! (see [`confine`] and [`Pipeline::check_event_path`]).
 
+pub(crate) mod canonical;
 pub(crate) mod cluster_sync;
 pub(crate) mod confine;
 pub(crate) mod distribution;
