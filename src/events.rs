@@ -281,6 +281,7 @@ pub const EVENTS: &[EventSpec] = &[
             req("gate", Str),
             req("value", Number),
             req("threshold", Number),
+            opt("reason", Str),
         ],
     },
     EventSpec {
