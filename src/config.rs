@@ -1445,7 +1445,7 @@ mod tests {
         let e = err("http:\n  max_connections: 0\n", &[]);
         assert_eq!(e.problems[0].key, "http.max_connections");
         assert!(e.problems[0].message.contains("out of range"), "{e}");
-        let e = err("", &[("RINGRIFT_HTTP__MAX_CONNECTIONS", "lots")]);
+        let e = err("daemons:\n", &[("RINGRIFT_HTTP__MAX_CONNECTIONS", "lots")]);
         assert_eq!(
             e.problems[0].file,
             "environment RINGRIFT_HTTP__MAX_CONNECTIONS"

@@ -214,6 +214,9 @@ pub(crate) struct Core {
     events: crate::events::Router,
     /// Where the HTTP server listens (None: disabled or it could not bind).
     pub(crate) http_addr: Option<String>,
+    /// The control socket this supervisor bound (shared with the task that keeps run/ in place):
+    /// cleared when the supervisor removes it on purpose, at shutdown.
+    pub(crate) socket_id: crate::server::SocketId,
     last_flush: Instant,
     flush_pending: bool,
     pub(crate) exit_now: bool,
@@ -261,6 +264,7 @@ impl Core {
             start_times: std::collections::HashMap::new(),
             events,
             http_addr: None,
+            socket_id: Default::default(),
             last_flush: Instant::now(),
             flush_pending: false,
             exit_now: false,
@@ -1750,7 +1754,9 @@ impl Core {
                 .warn(&format!("cannot save event subscribers: {e}"));
         }
         self.log.info("every daemon is stopped; supervisor exiting");
-        // Gone from the file system before anyone hears "shut down": a `start` right after must boot anew.
+        // Gone from the file system before anyone hears "shut down": a `start` right after must boot
+        // anew. Cleared first, so that the run/ keeper does not make it again.
+        *self.socket_id.lock().expect("socket id lock") = None;
         let _ = std::fs::remove_file(&self.paths.socket);
         let _ = std::fs::remove_file(&self.paths.pid_file);
         for r in self.shutting_down.take().unwrap_or_default() {

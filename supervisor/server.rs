@@ -88,7 +88,8 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
 }
 
 /// The (device, inode) of the socket this supervisor bound last.
-type SocketId = std::sync::Arc<std::sync::Mutex<Option<(u64, u64)>>>;
+/// None before it is bound and after the supervisor removed it on purpose (shutdown).
+pub(crate) type SocketId = std::sync::Arc<std::sync::Mutex<Option<(u64, u64)>>>;
 
 /// How often the supervisor checks that run/ and its socket are still there.
 const RUN_DIR_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -115,7 +116,7 @@ async fn keep_serving(
     loop {
         check.tick().await;
         let ours = *socket_id.lock().expect("socket id lock");
-        if ours.is_some() && paths::file_id(&paths.socket) == ours {
+        if ours.is_none() || paths::file_id(&paths.socket) == ours {
             continue;
         }
         log.warn(&format!(
@@ -213,7 +214,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         tx.clone(),
         log.clone(),
         open.clone(),
-        socket_id,
+        socket_id.clone(),
     ));
 
     if let Some(initial) = opts.initial {
@@ -260,6 +261,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         events,
     });
     let mut core = core;
+    core.socket_id = socket_id.clone();
     if opts_http.enabled {
         match crate::http::start(&opts_http, &run_dir, http_tx, log.clone()) {
             Ok(bound) => {

@@ -271,11 +271,10 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
     }
 }
 
-/// Issue 9: daemons never act on a fact they can check themselves. The forged events go in
-/// through `ringrift-supervisor emit` (source "cli"): this tests the daemons' own checks, whatever
-/// the supervisor lets through. NOTE for the permission layer (who may emit each type): once the
-/// CLI may no longer emit EVALUATION_COMPLETED / TRAINING_COMPLETED, deliver these events through a
-/// sender that may (e.g. a daemon named like the producer) — see `forge`.
+/// Issue 9: nobody outside a step can announce its result, and daemons never act on a fact they
+/// can check themselves. The forged events are first refused to the CLI (only `evaluation` may
+/// announce an evaluation); then an `evaluation` daemon that lies sends them, and auto_promotion's
+/// own checks (confined paths, its own results files, the model's hash) refuse each with a reason.
 #[test]
 fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     const KEY: &str = "hex8_2p";
@@ -309,15 +308,34 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
         "evaluation records the model's hash: {evaluated:?}"
     );
 
-    let forge = |event_type: &str, model_path: &std::path::Path, numbers: &str| {
-        // Relies on the CLI being allowed to emit this type (see the note above).
-        let payload = format!(
+    let payload = |model_path: &std::path::Path, numbers: &str| {
+        format!(
             r#"{{"config_key":"{KEY}","model_path":{}{numbers}}}"#,
             serde_json::to_string(&model_path.display().to_string()).unwrap()
-        );
-        root.ok(&["emit", event_type, &payload]);
+        )
     };
     let perfect = r#","win_rate_vs_random":1,"win_rate_vs_baseline":1,"games":1000"#;
+    // The forged events, delivered by whoever the test makes their emitter. The CLI and HTTP may
+    // not emit a step's result at all; the daemons' own checks are shown below by an `evaluation`
+    // daemon that lies.
+    let mut forged: Vec<String> = Vec::new();
+    let mut forge = |event_type: &str, model_path: &std::path::Path, numbers: &str| {
+        let text = payload(model_path, numbers);
+        let out = root.run(&["emit", event_type, &text]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "the CLI may not emit {event_type}"
+        );
+        assert!(
+            stderr(&out).contains(&format!("cli may not emit {event_type}")),
+            "{}",
+            stderr(&out)
+        );
+        if event_type == "EVALUATION_COMPLETED" {
+            forged.push(text);
+        }
+    };
 
     // 1. A loadable model outside the root.
     let outside = tempfile::tempdir().unwrap();
@@ -360,8 +378,30 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     std::fs::copy(&trained, &staged).unwrap();
     std::fs::rename(&staged, &weak).unwrap();
     forge("EVALUATION_COMPLETED", &weak, perfect);
-    // 4. A "trained candidate" outside the candidates directory.
+    // 4. A "trained candidate" outside the candidates directory (evaluation's check of it is a
+    //    unit test: with a lying evaluation daemon below, nothing real evaluates).
     forge("TRAINING_COMPLETED", &foreign, "");
+
+    // Now the same facts from the one daemon allowed to state them: `evaluation` becomes a program
+    // that emits the forged results (a user's evaluator that is wrong, or compromised).
+    let mut config = small_config();
+    let mut lying = format!(
+        "    command: [{}, \"fault\", \"--emit\", \"EVALUATION_COMPLETED\", \"--emit-count\", \"{}\"",
+        serde_json::to_string(WORKER).unwrap(),
+        forged.len()
+    );
+    for p in &forged {
+        lying.push_str(&format!(
+            ", \"--emit-payload\", {}",
+            serde_json::to_string(p).unwrap()
+        ));
+    }
+    lying.push_str("]\n    protocol: true\n");
+    let at =
+        config.find("\n  evaluation:\n").expect("evaluation entry") + "\n  evaluation:\n".len();
+    config.insert_str(at, &lying);
+    root.write_config(&config);
+    root.ok(&["reload"]);
 
     let rejected = |evs: &[Value], path: &std::path::Path, gate: &str| -> Option<Value> {
         evs.iter()
@@ -372,19 +412,12 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
             })
             .map(|e| e["payload"].clone())
     };
-    let eval_failed = |evs: &[Value]| {
-        evs.iter().any(|e| {
-            e["type"] == "EVALUATION_FAILED"
-                && e["payload"]["model_path"] == foreign.display().to_string().as_str()
-        })
-    };
     let done = wait_until(Duration::from_secs(60), || {
         evs = events(&root);
         rejected(&evs, &foreign, "provenance").is_some()
             && rejected(&evs, &link, "provenance").is_some()
             && rejected(&evs, &weak, "provenance").is_some()
             && rejected(&evs, &weak, "win_rate_vs_random").is_some()
-            && eval_failed(&evs)
     });
     let story: Vec<String> = evs
         .iter()
@@ -419,21 +452,14 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
         b"root:$6$secret:19000:0:99999:7:::\n"
     );
 
-    // 5. A quality warning the quality monitor never gave does not pause training.
-    root.ok(&[
+    // 5. A quality warning the quality monitor never gave does not pause training: the CLI may not
+    //    send one (training_trigger's check against the monitor's own state is a unit test).
+    let out = root.run(&[
         "emit",
         "LOW_QUALITY_DATA_WARNING",
         &format!(r#"{{"config_key":"{KEY}","score":0.01,"threshold":0.99}}"#),
     ]);
-    let log = root.log_path("training_trigger");
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            std::fs::read_to_string(&log)
-                .is_ok_and(|l| l.contains("refused LOW_QUALITY_DATA_WARNING"))
-        }),
-        "training_trigger did not refuse the warning:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let state: Value = serde_json::from_slice(
         &std::fs::read(root.path().join("data/coordination/training_trigger.json")).unwrap(),
     )

@@ -79,9 +79,10 @@ pub(crate) struct FaultArgs {
     pub(crate) emit: Option<String>,
 
     /// JSON payload of --emit; `{i}` is replaced by the event's number (1, 2, ...) and `{now_us}`
-    /// by the unix time in microseconds [default: {}]
+    /// by the unix time in microseconds. Repeat it to send different payloads in turn (the n-th
+    /// event takes the n-th, cycling) [default: {}]
     #[arg(long, value_name = "JSON")]
-    pub(crate) emit_payload: Option<String>,
+    pub(crate) emit_payload: Vec<String>,
 
     /// How many events --emit sends in all [default: 1]
     #[arg(long, value_name = "N")]
@@ -174,7 +175,11 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
                         emit: args.emit.clone().map(|t| {
                             (
                                 t,
-                                args.emit_payload.clone().unwrap_or_else(|| "{}".into()),
+                                if args.emit_payload.is_empty() {
+                                    vec!["{}".to_string()]
+                                } else {
+                                    args.emit_payload.clone()
+                                },
                                 args.emit_count.unwrap_or(1),
                             )
                         }),
@@ -306,8 +311,8 @@ fn unix_micros() -> u128 {
 struct FaultDaemon {
     name: String,
     subscribe: Vec<String>,
-    /// (type, payload template, how many)
-    emit: Option<(String, String, u64)>,
+    /// (type, payload templates taken in turn, how many)
+    emit: Option<(String, Vec<String>, u64)>,
     /// (command, max runtime seconds), run once in the first cycle
     job: Option<(Vec<String>, f64)>,
     ctx: Option<Ctx>,
@@ -348,12 +353,13 @@ impl Daemon for FaultDaemon {
         Box::pin(async move {
             println!("{}: cycle {n} (fault-injection worker)", self.name);
             let ctx = self.ctx.clone().expect("attached before start");
-            if let Some((event_type, template, count)) = &self.emit {
+            if let Some((event_type, templates, count)) = &self.emit {
                 let batch = if self.emit_burst { *count } else { 1 };
                 for _ in 0..batch {
                     if self.emitted >= *count {
                         break;
                     }
+                    let template = &templates[(self.emitted as usize) % templates.len()];
                     self.emitted += 1;
                     let text = template
                         .replace("{i}", &self.emitted.to_string())
