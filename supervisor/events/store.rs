@@ -220,6 +220,11 @@ impl Store {
         self.index.partition_point(|e| e.seq <= seq)
     }
 
+    #[cfg(test)]
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
     /// Bytes of event bodies the index refers to.
     #[cfg(test)]
     pub(crate) fn retained_bytes(&self) -> u64 {
