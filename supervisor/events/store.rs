@@ -194,20 +194,18 @@ impl Store {
         if std::fs::rename(&cur, &old).is_err() {
             return;
         }
-        match OpenOptions::new()
+        // If the new file cannot be created, appending goes on in the renamed one, which the next
+        // start reads as events.log.1.
+        if let Ok(f) = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .open(&cur)
         {
-            Ok(f) => {
-                self.prev = Some(std::mem::replace(&mut self.cur, f));
-                self.generation += 1;
-                self.log_bytes = 0;
-                self.trim();
-            }
-            // Keep appending to the renamed file: it is read as events.log.1 at the next start.
-            Err(_) => {}
+            self.prev = Some(std::mem::replace(&mut self.cur, f));
+            self.generation += 1;
+            self.log_bytes = 0;
+            self.trim();
         }
     }
 
