@@ -811,4 +811,47 @@ mod tests {
             "{e}"
         );
     }
+
+    /// Files as the previous version wrote them (no state.json yet) must load as they are.
+    #[test]
+    fn files_of_the_previous_version_load_without_warnings() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("events.log"),
+            concat!(
+                r#"{"seq":1,"id":"6930b1e0a7b1f2a-1","type":"NEW_GAMES_AVAILABLE","payload":{"config_key":"hex8_2p","new_games":100},"source":"cli","timestamp":"2026-11-28T08:30:00.123Z"}"#,
+                "\n",
+                r#"{"seq":2,"id":"6930b1e0a7b1f2a-2","type":"DAEMON_STARTED","payload":{"daemon":"auto_sync","pid":4243},"source":"supervisor","timestamp":"2026-11-28T08:30:00.200Z"}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("subscribers.json"),
+            r#"{
+  "auto_export": {
+    "types": [
+      "NEW_GAMES_AVAILABLE"
+    ],
+    "acked": 0
+  }
+}"#,
+        )
+        .unwrap();
+        let (mut r, warnings) = reopen(dir.path());
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(seqs(&r), vec![1, 2]);
+        assert_eq!(r.backlog("auto_export").1, 1);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        r.subscribe("auto_export", &["NEW_GAMES_AVAILABLE".into()], tx)
+            .unwrap();
+        match rx.try_recv() {
+            Ok(ringrift::protocol::FromSupervisor::Event { event }) => {
+                assert_eq!(event.id, "6930b1e0a7b1f2a-1");
+                assert_eq!(event.payload["new_games"], 100);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(publish(&mut r), 3);
+    }
 }
