@@ -540,4 +540,46 @@ fn events_answers_in_pages_and_the_cli_pages_through() {
     assert_eq!(seqs(&["-n", "1500"]), all[1000..]);
     let since = all[200].to_string();
     assert_eq!(seqs(&["--since", &since]), all[201..]);
+
+    // Following pages through the history first, then prints new events.
+    use std::io::{BufRead, BufReader};
+    let mut child = root
+        .cmd(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    let history = wait_until(T, || {
+        followed.extend(rx.try_iter());
+        followed.len() >= 2500
+    });
+    // Emit until the follower shows a new one (it may still be registering).
+    let new = history
+        && wait_until(T, || {
+            conn.flood(1, 10);
+            followed.extend(rx.recv_timeout(Duration::from_millis(200)));
+            followed.len() > 2500
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(history && new, "followed {} lines", followed.len());
+    let seen: Vec<u64> = followed
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen[..2500], all[..]);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
 }
