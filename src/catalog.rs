@@ -271,6 +271,48 @@ pub fn find(name: &str) -> Option<&'static DaemonSpec> {
     DAEMONS.iter().find(|d| d.name == name)
 }
 
+/// Longest daemon name, in bytes. A name becomes a file name (`logs/<name>.log`) and a label value.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Names a daemon may not take: the supervisor's own files (`logs/master_loop.log`, `logs/jobs/`)
+/// and the origins the supervisor stamps on events (`supervisor`, `cli`, `http`, `node`).
+pub const RESERVED_NAMES: &[&str] = &["master_loop", "supervisor", "jobs", "cli", "http", "node"];
+
+/// Checks a daemon name as written in the configuration: a lower-case identifier (`[a-z][a-z0-9_]*`),
+/// at most [`MAX_NAME_LEN`] bytes, not one of [`RESERVED_NAMES`]. Names are used as file names, so
+/// anything else (`/`, `..`, upper case that would collide case-insensitively) is refused.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ident = name.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !ident {
+        let hint = normalize(name);
+        let hint = if hint != name && check_name(&hint).is_ok() {
+            format!(" (did you mean '{hint}'?)")
+        } else {
+            String::new()
+        };
+        return Err(format!(
+            "daemon name '{}' is not a lower-case identifier: a letter a-z, then letters, digits or '_'{hint}",
+            name.escape_debug()
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "daemon name '{name}' is {} bytes long; at most {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if RESERVED_NAMES.contains(&name) {
+        return Err(format!(
+            "daemon name '{name}' is reserved for the supervisor ({})",
+            RESERVED_NAMES.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// Daemon names are accepted in either case (`AUTO_SYNC` or `auto_sync`); this is the canonical form.
 pub fn normalize(name: &str) -> String {
     name.trim().to_ascii_lowercase().replace('-', "_")

@@ -195,6 +195,14 @@ impl PipelineConfig {
 pub struct HttpConfig {
     pub enabled: bool,
     pub addr: SocketAddr,
+    /// Connections served at once; one more is refused at once instead of queued.
+    pub max_connections: usize,
+}
+
+impl HttpConfig {
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+    /// Far below any sensible descriptor limit; more would defeat the point of a cap.
+    pub const MAX_MAX_CONNECTIONS: usize = 4096;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -344,8 +352,34 @@ pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config,
         problems: Vec::new(),
         env_origin: BTreeMap::new(),
     };
+    if let Some((line, byte)) = control_byte(text) {
+        return Err(ConfigError {
+            problems: vec![Problem {
+                file: file.to_string(),
+                line: Some(line),
+                key: String::new(),
+                message: format!(
+                    "byte 0x{byte:02x} is not text: a configuration is a YAML text file (is this the right file?)"
+                ),
+            }],
+        });
+    }
     let mut tree = match serde_saphyr::from_str::<Value>(text) {
-        Ok(Value::Null) => Value::Object(Map::new()),
+        // A file truncated to nothing (a full disk, an editor crash) must not silently mean
+        // "every catalog daemon with its defaults".
+        Ok(Value::Null) => {
+            return Err(ConfigError {
+                problems: vec![Problem {
+                    file: file.to_string(),
+                    line: None,
+                    key: String::new(),
+                    message:
+                        "holds no YAML mapping (the file is empty or only comments): write at \
+                              least `daemons:`, or remove the file to use the embedded default"
+                            .into(),
+                }],
+            });
+        }
         Ok(t) => t,
         Err(e) => {
             let msg = e.to_string();
@@ -378,6 +412,21 @@ pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config,
             problems: v.problems,
         })
     }
+}
+
+/// The first control character a text file should not hold (NUL, other C0 codes except tab, LF and
+/// CR, DEL), as (1-based line, byte). YAML 1.2 §5.1 excludes them from the character set; a parser
+/// that reads a run of NULs as an empty document would otherwise accept a damaged file.
+fn control_byte(text: &str) -> Option<(usize, u8)> {
+    let at = text
+        .bytes()
+        .position(|b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f)?;
+    let line = text.as_bytes()[..at]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1;
+    Some((line, text.as_bytes()[at]))
 }
 
 fn first_line(s: &str) -> &str {
@@ -415,7 +464,7 @@ type CategoryFilter = fn(Option<Category>) -> bool;
 const TOP_KEYS: &[&str] = &[
     "daemons", "profiles", "http", "logs", "defaults", "pipeline",
 ];
-const HTTP_KEYS: &[&str] = &["enabled", "addr"];
+const HTTP_KEYS: &[&str] = &["enabled", "addr", "max_connections"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
 /// Keys every daemon entry (and the `defaults:` block) may carry.
 const COMMON_KEYS: &[&str] = &[
@@ -561,7 +610,19 @@ impl Validator<'_> {
                 SocketAddr::from(([127, 0, 0, 1], 8770))
             }
         };
-        let http = HttpConfig { enabled, addr };
+        let max_connections = self
+            .integer(
+                http_map.get("max_connections"),
+                &["http", "max_connections"],
+                1,
+                HttpConfig::MAX_MAX_CONNECTIONS as u64,
+            )
+            .map_or(HttpConfig::DEFAULT_MAX_CONNECTIONS, |n| n as usize);
+        let http = HttpConfig {
+            enabled,
+            addr,
+            max_connections,
+        };
 
         let logs_map = self.mapping(top.get("logs"), &["logs"]).unwrap_or(&empty);
         self.unknown_keys(logs_map, &["logs"], LOG_KEYS);
@@ -603,6 +664,10 @@ impl Validator<'_> {
             .map(|d| d.name.to_string())
             .collect();
         for key in daemons_map.keys() {
+            if let Err(why) = catalog::check_name(key) {
+                self.problem(&["daemons", key], why);
+                continue;
+            }
             names.insert(key.clone());
         }
         for name in names {
@@ -1225,15 +1290,57 @@ mod tests {
         assert_eq!(c.daemons["evaluation"].depends_on, vec!["training_trigger"]);
         assert_eq!(c.profiles.len(), 6);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:8770");
+        assert_eq!(c.http.max_connections, 128);
         assert_eq!(c.logs.max_bytes, 50 * 1024 * 1024);
         assert_eq!(c.logs.max_files, 5);
     }
 
     #[test]
-    fn empty_file_means_catalog_defaults() {
-        let c = ok("");
+    fn an_empty_mapping_means_catalog_defaults() {
+        let c = ok("daemons:\n");
         assert_eq!(c.daemons.len(), 15);
         assert_eq!(c.daemons["training_trigger"].depends_on.len(), 4);
+    }
+
+    #[test]
+    fn files_that_are_not_a_yaml_mapping_are_refused() {
+        for (text, want) in [
+            ("", "no YAML mapping"),
+            ("# only a comment\n\n", "no YAML mapping"),
+            (&"\0".repeat(4096)[..], "0x00 is not text"),
+            ("daemons:\n  auto_sync:\n\x01\n", "0x01 is not text"),
+            ("- a\n- b\n", "must be a mapping"),
+        ] {
+            let e = err(text, &[]).to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        assert_eq!(err("a: 1\n\0", &[]).problems[0].line, Some(2));
+    }
+
+    #[test]
+    fn daemon_names_are_lower_case_identifiers_and_not_reserved() {
+        for bad in [
+            "../../../tmp/escaped",
+            "a/b",
+            "Auto_Sync",
+            "has space",
+            "1st",
+            "master_loop",
+            "supervisor",
+            "jobs",
+            "",
+        ] {
+            let text = format!("daemons:\n  \"{bad}\":\n    command: [\"true\"]\n");
+            let e = err(&text, &[]).to_string();
+            assert!(e.contains("daemon name"), "{bad:?}: {e}");
+        }
+        let long = "x".repeat(catalog::MAX_NAME_LEN + 1);
+        let e = err(
+            &format!("daemons:\n  {long}:\n    command: [\"true\"]\n"),
+            &[],
+        );
+        assert!(e.to_string().contains("at most"), "{e}");
+        ok("daemons:\n  my_daemon_2:\n    command: [\"true\"]\n");
     }
 
     #[test]
@@ -1320,12 +1427,28 @@ mod tests {
         assert_eq!(c.http.addr.port(), 9999);
 
         let e = err(
-            "",
+            "daemons:\n",
             &[("RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD", "forever")],
         );
         assert_eq!(
             e.problems[0].file,
             "environment RINGRIFT_DAEMONS__AUTO_SYNC__GRACE_PERIOD"
+        );
+    }
+
+    #[test]
+    fn http_connection_cap_is_bounded() {
+        assert_eq!(
+            ok("http:\n  max_connections: 16\n").http.max_connections,
+            16
+        );
+        let e = err("http:\n  max_connections: 0\n", &[]);
+        assert_eq!(e.problems[0].key, "http.max_connections");
+        assert!(e.problems[0].message.contains("out of range"), "{e}");
+        let e = err("", &[("RINGRIFT_HTTP__MAX_CONNECTIONS", "lots")]);
+        assert_eq!(
+            e.problems[0].file,
+            "environment RINGRIFT_HTTP__MAX_CONNECTIONS"
         );
     }
 
@@ -1364,7 +1487,7 @@ mod tests {
 
     #[test]
     fn resolve_accepts_any_case_and_suggests() {
-        let c = ok("");
+        let c = ok("daemons:\n");
         assert_eq!(c.resolve("AUTO_SYNC").unwrap(), "auto_sync");
         assert!(
             c.resolve("auto_synk")

@@ -57,7 +57,84 @@ pub struct Field {
 pub struct EventSpec {
     pub name: &'static str,
     pub description: &'static str,
+    /// Who may emit it; checked by the supervisor against the origin it stamps itself.
+    pub emitters: Emitters,
     pub fields: &'static [Field],
+}
+
+/// Who may emit an event type. Consumers act on events, so an event is only as trustworthy as
+/// the rule that let it in: a step's result comes from the daemon that runs that step, a
+/// lifecycle fact from the supervisor that observed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Emitters {
+    /// Lifecycle facts (DAEMON_*): the supervisor only.
+    Supervisor,
+    /// A pipeline step's facts: only the catalog daemons named (whatever program runs under that
+    /// name, so a `command:` of the user's own can take a step's place).
+    Owners(&'static [&'static str]),
+    /// Facts that may come from outside the built-in loop (games from the user's own selfplay, a
+    /// sync run by hand): the daemons named, daemons of the user's own (names outside the
+    /// catalog), and the operator (`emit` on the control socket, `POST /event` with the token).
+    Open(&'static [&'static str]),
+}
+
+/// Where an event came from, as the supervisor establishes it (never as the sender claims it).
+/// Its string form is the event's `source` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// The supervisor itself (lifecycle announcements).
+    Supervisor,
+    /// `ringrift-supervisor emit` over the control socket (the supervisor's user).
+    Cli,
+    /// `POST /event` with the bearer token.
+    Http,
+    /// A daemon, identified by the connection the supervisor handed it at spawn.
+    Daemon(&'a str),
+}
+
+impl Origin<'_> {
+    /// The event's `source` field: "supervisor", "cli", "http" or the daemon's name (daemon names
+    /// cannot take the first three: see `catalog::RESERVED_NAMES`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Origin::Supervisor => "supervisor",
+            Origin::Cli => "cli",
+            Origin::Http => "http",
+            Origin::Daemon(name) => name,
+        }
+    }
+}
+
+/// Checks that `origin` may emit events of `spec`'s type (see [`Emitters`]). The error says who may.
+pub fn may_emit(spec: &EventSpec, origin: Origin<'_>) -> Result<(), InvalidEvent> {
+    let allowed = match (spec.emitters, origin) {
+        (_, Origin::Supervisor) => true,
+        (Emitters::Supervisor, _) => false,
+        (Emitters::Owners(owners) | Emitters::Open(owners), Origin::Daemon(d))
+            if owners.contains(&d) =>
+        {
+            true
+        }
+        (Emitters::Open(_), Origin::Cli | Origin::Http) => true,
+        (Emitters::Open(_), Origin::Daemon(d)) => crate::catalog::find(d).is_none(),
+        (Emitters::Owners(_), _) => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    let who = match spec.emitters {
+        Emitters::Supervisor => "only the supervisor".to_string(),
+        Emitters::Owners(o) => format!("only {}", o.join(", ")),
+        Emitters::Open(o) => format!(
+            "{}, daemons of your own and the operator (cli, http)",
+            o.join(", ")
+        ),
+    };
+    Err(InvalidEvent(format!(
+        "{} may not emit {}: {who} may",
+        origin.as_str(),
+        spec.name
+    )))
 }
 
 const fn req(name: &'static str, ty: FieldType) -> Field {
@@ -87,6 +164,7 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "NEW_GAMES_AVAILABLE",
         description: "selfplay wrote new completed games",
+        emitters: Emitters::Open(&["selfplay_scheduler", "idle_resource", "cluster_data_sync"]),
         fields: &[
             CK,
             req("new_games", Int),
@@ -97,6 +175,7 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "SELFPLAY_COMPLETE",
         description: "a selfplay job finished",
+        emitters: Emitters::Open(&["selfplay_scheduler", "idle_resource"]),
         fields: &[
             CK,
             req("games", Int),
@@ -107,6 +186,7 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "DATA_SYNC_COMPLETED",
         description: "a sync pass copied data",
+        emitters: Emitters::Open(&["auto_sync", "ephemeral_sync", "cluster_data_sync"]),
         fields: &[
             CK_OPT,
             opt("source", Str),
@@ -118,6 +198,7 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "DATA_SYNC_FAILED",
         description: "a sync pass failed",
+        emitters: Emitters::Open(&["auto_sync", "ephemeral_sync", "cluster_data_sync"]),
         fields: &[
             CK_OPT,
             req("error", Str),
@@ -128,11 +209,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "NPZ_EXPORT_STARTED",
         description: "export of games to a training file began",
+        emitters: Emitters::Owners(&["auto_export"]),
         fields: &[CK, opt("games", Int), opt("job_id", Str)],
     },
     EventSpec {
         name: "NPZ_EXPORT_COMPLETE",
         description: "a training file (NPZ) is ready",
+        emitters: Emitters::Owners(&["auto_export"]),
         fields: &[
             CK,
             req("npz_path", Str),
@@ -144,11 +227,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "TRAINING_STARTED",
         description: "a training run began",
+        emitters: Emitters::Owners(&["training_trigger"]),
         fields: &[CK, opt("npz_path", Str), opt("job_id", Str)],
     },
     EventSpec {
         name: "TRAINING_COMPLETED",
         description: "a training run produced a candidate model",
+        emitters: Emitters::Owners(&["training_trigger"]),
         fields: &[
             CK,
             req("model_path", Str),
@@ -160,11 +245,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "TRAINING_FAILED",
         description: "a training run failed",
+        emitters: Emitters::Owners(&["training_trigger"]),
         fields: &[CK, req("error", Str), opt("job_id", Str)],
     },
     EventSpec {
         name: "EVALUATION_COMPLETED",
         description: "a candidate finished its gauntlet",
+        emitters: Emitters::Owners(&["evaluation"]),
         fields: &[
             CK,
             req("model_path", Str),
@@ -177,11 +264,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "EVALUATION_FAILED",
         description: "a gauntlet could not be run",
+        emitters: Emitters::Owners(&["evaluation"]),
         fields: &[CK, opt("model_path", Str), req("error", Str)],
     },
     EventSpec {
         name: "MODEL_PROMOTED",
         description: "a candidate became the canonical model",
+        emitters: Emitters::Owners(&["auto_promotion"]),
         fields: &[
             CK,
             req("model_path", Str),
@@ -193,17 +282,20 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "PROMOTION_REJECTED",
         description: "a candidate failed a promotion gate",
+        emitters: Emitters::Owners(&["auto_promotion"]),
         fields: &[
             CK,
             req("model_path", Str),
             req("gate", Str),
             req("value", Number),
             req("threshold", Number),
+            opt("reason", Str),
         ],
     },
     EventSpec {
         name: "MODEL_DISTRIBUTION_COMPLETE",
         description: "canonical models were copied to their targets",
+        emitters: Emitters::Owners(&["model_distribution"]),
         fields: &[
             CK_OPT,
             req("targets", Int),
@@ -214,11 +306,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "QUALITY_SCORE_UPDATED",
         description: "the data quality score of a config key changed",
+        emitters: Emitters::Owners(&["quality_monitor"]),
         fields: &[CK, req("score", Number), opt("games", Int)],
     },
     EventSpec {
         name: "LOW_QUALITY_DATA_WARNING",
         description: "data quality fell under its threshold",
+        emitters: Emitters::Owners(&["quality_monitor"]),
         fields: &[
             CK,
             req("score", Number),
@@ -229,6 +323,7 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "IDLE_RESOURCE_DETECTED",
         description: "the node has been idle long enough to run extra selfplay",
+        emitters: Emitters::Owners(&["idle_resource"]),
         fields: &[
             req("cpu_percent", Number),
             opt("gpu_percent", Number),
@@ -238,16 +333,19 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "BACKPRESSURE_ACTIVATED",
         description: "a bounded queue filled up",
+        emitters: Emitters::Owners(&["evaluation"]),
         fields: &[req("queue", Str), req("depth", Int), req("limit", Int)],
     },
     EventSpec {
         name: "BACKPRESSURE_RELEASED",
         description: "a bounded queue drained again",
+        emitters: Emitters::Owners(&["evaluation"]),
         fields: &[req("queue", Str), req("depth", Int), req("limit", Int)],
     },
     EventSpec {
         name: "JOB_REAPED",
         description: "JOB_REAPER stopped a process",
+        emitters: Emitters::Owners(&["job_reaper"]),
         fields: &[
             req("pid", Int),
             req("reason", Str),
@@ -260,11 +358,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "DAEMON_STARTED",
         description: "a daemon is RUNNING",
+        emitters: Emitters::Supervisor,
         fields: &[req("daemon", Str), req("pid", Int)],
     },
     EventSpec {
         name: "DAEMON_STOPPED",
         description: "a daemon stopped",
+        emitters: Emitters::Supervisor,
         fields: &[
             req("daemon", Str),
             opt("last_exit", Str),
@@ -274,11 +374,13 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "DAEMON_FAILED",
         description: "a daemon exhausted its restart budget",
+        emitters: Emitters::Supervisor,
         fields: &[req("daemon", Str), req("reason", Str)],
     },
     EventSpec {
         name: "NODE_HEALTH_CHANGED",
         description: "the node's health changed",
+        emitters: Emitters::Owners(&["unified_node_health"]),
         fields: &[
             req("healthy", Bool),
             opt("message", Str),
@@ -476,6 +578,56 @@ mod tests {
                 && e.contains(&format!("limit of {MAX_PAYLOAD_BYTES} bytes")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn who_may_emit_follows_the_owner_of_each_step() {
+        let spec = |n| find(n).unwrap();
+        let ok = |n, o| may_emit(spec(n), o).is_ok();
+        // Lifecycle: the supervisor only.
+        assert!(ok("DAEMON_FAILED", Origin::Supervisor));
+        for o in [
+            Origin::Cli,
+            Origin::Http,
+            Origin::Daemon("auto_sync"),
+            Origin::Daemon("mine"),
+        ] {
+            assert!(!ok("DAEMON_FAILED", o), "{o:?}");
+        }
+        // A step's result: its owner only, not the operator, another catalog daemon or a stranger.
+        assert!(ok("EVALUATION_COMPLETED", Origin::Daemon("evaluation")));
+        for o in [
+            Origin::Cli,
+            Origin::Http,
+            Origin::Daemon("auto_promotion"),
+            Origin::Daemon("mine"),
+        ] {
+            assert!(!ok("EVALUATION_COMPLETED", o), "{o:?}");
+        }
+        assert!(!ok("LOW_QUALITY_DATA_WARNING", Origin::Http));
+        // Input facts: their owners, the operator and daemons of the user's own; not other catalog daemons.
+        for o in [
+            Origin::Cli,
+            Origin::Http,
+            Origin::Daemon("mine"),
+            Origin::Daemon("selfplay_scheduler"),
+        ] {
+            assert!(ok("NEW_GAMES_AVAILABLE", o), "{o:?}");
+        }
+        assert!(!ok("NEW_GAMES_AVAILABLE", Origin::Daemon("auto_promotion")));
+        let e = may_emit(spec("EVALUATION_COMPLETED"), Origin::Http).unwrap_err();
+        assert_eq!(
+            e.0,
+            "http may not emit EVALUATION_COMPLETED: only evaluation may"
+        );
+        // Every owner named is a catalog daemon.
+        for e in EVENTS {
+            if let Emitters::Owners(o) | Emitters::Open(o) = e.emitters {
+                for d in o {
+                    assert!(crate::catalog::find(d).is_some(), "{}: {d}", e.name);
+                }
+            }
+        }
     }
 
     #[test]

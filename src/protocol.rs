@@ -20,6 +20,11 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
 /// Environment variable that carries the socket path to workers and external daemons.
 pub const SOCKET_ENV: &str = "RINGRIFT_SUPERVISOR_SOCKET";
+/// Environment variable that carries, to a protocol-speaking daemon, the number of the descriptor
+/// of its own connection to the supervisor: one end of a socket pair the supervisor made for that
+/// spawn. Holding it is what makes a process that daemon (a pid or a name it claims proves
+/// nothing); the control socket refuses worker hellos.
+pub const FD_ENV: &str = "RINGRIFT_SUPERVISOR_FD";
 /// Environment variable that carries the daemon's name to its process.
 pub const DAEMON_ENV: &str = "RINGRIFT_DAEMON";
 /// The root every process of the tree carries: how the reaper tells this root's processes from others.
@@ -90,7 +95,8 @@ pub enum ToSupervisor {
     Emit {
         event_type: String,
         payload: Value,
-        /// For CLI-side emits: "cli" (the default) or "http". Ignored for workers (their daemon name is used).
+        /// Ignored, kept so that older clients' frames still decode: the supervisor stamps the
+        /// origin itself (the daemon's name, "cli" or "http"), a sender cannot choose it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
     },
@@ -241,6 +247,10 @@ pub enum ErrorCode {
     BadRequest,
     ShuttingDown,
     Config,
+    /// The sender may not do this (an event type it does not own, a worker hello on the control socket).
+    Forbidden,
+    /// The supervisor is at its connection cap; try again later.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -351,6 +361,53 @@ pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
     let mut out = serde_json::to_vec(frame).expect("protocol frames always serialize");
     out.push(b'\n');
     out
+}
+
+/// Takes the connection the supervisor handed this process at spawn (the descriptor named by
+/// [`FD_ENV`]) and marks it close-on-exec, so programs the daemon runs do not inherit it. Call once
+/// per process.
+///
+/// Errors: the variable is missing or not a descriptor number, the descriptor is not open, or it is
+/// not a Unix socket (the variable came from somewhere else).
+pub fn inherited_connection() -> Result<std::os::unix::net::UnixStream, String> {
+    use std::os::fd::{FromRawFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let text = std::env::var(FD_ENV).map_err(|_| {
+        format!("{FD_ENV} is not set: daemons are started by ringrift-supervisor, which hands each its connection")
+    })?;
+    let fd: RawFd = text
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| format!("{FD_ENV}={text} is not a descriptor number above 2"))?;
+    let mut stat = std::mem::MaybeUninit::<nix::libc::stat>::uninit();
+    // SAFETY: fstat only writes into `stat`; a descriptor that is not open makes it fail with EBADF
+    // (the raw call, because wrapping an unchecked number in a BorrowedFd would assert it is open).
+    if unsafe { nix::libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "{FD_ENV}={fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fstat succeeded, so it filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    if stat.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
+        return Err(format!("{FD_ENV}={fd} is not a socket"));
+    }
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(format!("{FD_ENV}={fd} was already taken by this process"));
+    }
+    // SAFETY: the descriptor is open and a socket (checked above), nothing else in this process
+    // owns it (the supervisor passed it for this purpose, and TAKEN makes this the only owner).
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &stream,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("{FD_ENV}={fd}: cannot set close-on-exec: {e}"))?;
+    Ok(stream)
 }
 
 #[cfg(test)]

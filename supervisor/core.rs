@@ -6,6 +6,7 @@
 //! `ringrift::restart` and `ringrift::deps`; this file applies them to real processes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use ringrift::config::{Config, DaemonConfig};
 use ringrift::deps;
+use ringrift::events::Origin;
 use ringrift::lifecycle::{self, DaemonState};
 use ringrift::protocol::{
     self, DaemonStatus, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
@@ -29,14 +31,26 @@ mod jobs;
 use jobs::{Job, JobTimer};
 
 pub(crate) type Reply = oneshot::Sender<FromSupervisor>;
-pub(crate) type ConnTx = mpsc::UnboundedSender<FromSupervisor>;
+pub(crate) use crate::ipc::ConnTx;
+
+/// Who sent a request, as the supervisor knows it (the frame cannot say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requester {
+    /// A client on the control socket: the supervisor's user.
+    Cli,
+    /// The HTTP server, for a request that carried the bearer token.
+    Http,
+    /// The supervisor itself (`start --foreground`'s initial start).
+    Supervisor,
+}
 
 /// Everything the core loop reacts to.
 pub(crate) enum Msg {
     /// A worker said hello; the reply is its welcome (config) or an error.
     WorkerHello {
         daemon: String,
-        pid: Option<u32>,
+        /// The spawn whose socket pair the hello came on.
+        generation: u64,
         conn_id: u64,
         tx: ConnTx,
         reply: oneshot::Sender<Result<serde_json::Value, String>>,
@@ -64,9 +78,12 @@ pub(crate) enum Msg {
         reply: Reply,
         /// The connection's outgoing stream, for answers of more than one frame (events).
         stream: Option<ConnTx>,
+        from: Requester,
     },
     /// Time to write the subscribers' positions.
     FlushEvents,
+    /// run/ was deleted and has been made again: rewrite what the supervisor keeps there.
+    RunDirRecreated,
     ChildExited {
         daemon: String,
         generation: u64,
@@ -265,12 +282,12 @@ impl Core {
         match msg {
             Msg::WorkerHello {
                 daemon,
-                pid,
+                generation,
                 conn_id,
                 tx,
                 reply,
             } => {
-                let _ = reply.send(self.worker_hello(&daemon, pid, conn_id, tx));
+                let _ = reply.send(self.worker_hello(&daemon, generation, conn_id, tx));
             }
             Msg::WorkerFrame {
                 daemon,
@@ -289,7 +306,9 @@ impl Core {
                 frame,
                 reply,
                 stream,
-            } => self.request(frame, reply, stream),
+                from,
+            } => self.request(frame, reply, stream, from),
+            Msg::RunDirRecreated => self.records_dirty = true,
             Msg::FlushEvents => {
                 self.flush_pending = false;
                 self.flush_events();
@@ -323,7 +342,13 @@ impl Core {
 
     // ------------------------------------------------------------------ requests from the CLI
 
-    fn request(&mut self, frame: ToSupervisor, reply: Reply, stream: Option<ConnTx>) {
+    fn request(
+        &mut self,
+        frame: ToSupervisor,
+        reply: Reply,
+        stream: Option<ConnTx>,
+        from: Requester,
+    ) {
         if self.shutting_down.is_some()
             && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown)
         {
@@ -365,20 +390,20 @@ impl Core {
             ToSupervisor::Emit {
                 event_type,
                 payload,
-                source,
+                ..
             } => {
-                let source = if source.as_deref() == Some("http") {
-                    "http"
-                } else {
-                    "cli"
+                let origin = match from {
+                    Requester::Cli => Origin::Cli,
+                    Requester::Http => Origin::Http,
+                    Requester::Supervisor => Origin::Supervisor,
                 };
-                let answer = match self.events.publish(&event_type, payload, source) {
+                let answer = match self.publish_from(origin, &event_type, payload) {
                     Ok(ev) => FromSupervisor::Emitted {
                         seq: ev.seq,
                         id: ev.id.clone(),
                         event_type: ev.event_type.clone(),
                     },
-                    Err(e) => error(protocol::ErrorCode::BadRequest, &e),
+                    Err((code, e)) => error(code, &e),
                 };
                 let _ = reply.send(answer);
             }
@@ -907,6 +932,23 @@ impl Core {
         let mut env = tree_env(&root, &socket);
         env.push((protocol::DAEMON_ENV.to_string(), name.to_string()));
         env.extend(d.cfg.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // A daemon that speaks the protocol gets its own connection: one end of a socket pair,
+        // inherited at spawn. Holding it is its identity (DESIGN.md, trust model).
+        let pair = if d.cfg.protocol {
+            match std::os::unix::net::UnixStream::pair() {
+                Ok((ours, theirs)) => {
+                    env.push((protocol::FD_ENV.to_string(), theirs.as_raw_fd().to_string()));
+                    Some((ours, theirs))
+                }
+                Err(e) => {
+                    self.log
+                        .error(&format!("{name}: cannot make its connection: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         d.generation += 1;
         let generation = d.generation;
         d.kill_cause = None;
@@ -920,9 +962,25 @@ impl Core {
             args: &args,
             cwd: &root,
             env,
+            pass_fd: pair.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
         };
-        match unix::spawn(&spec) {
+        let spawned = unix::spawn(&spec);
+        // Our copy of the child's end must go, or the worker would never see us hang up.
+        let ours = pair.map(|(ours, _theirs)| ours);
+        match spawned {
             Ok(mut child) => {
+                if let Some(ours) = ours
+                    && let Err(e) = crate::ipc::adopt_worker(
+                        ours,
+                        name.to_string(),
+                        generation,
+                        self.tx.clone(),
+                        self.log.clone(),
+                    )
+                {
+                    self.log
+                        .error(&format!("{name}: cannot serve its connection: {e}"));
+                }
                 let pid = child.id().expect("a just-spawned child has a pid");
                 owned.insert(pid);
                 self.records_dirty = true;
@@ -1285,30 +1343,22 @@ impl Core {
 
     // ------------------------------------------------------------------ workers
 
+    /// A hello on the socket pair made for spawn `generation` of `name`: the connection is the
+    /// proof of identity, so all that is left to check is that this spawn is still the current one.
     fn worker_hello(
         &mut self,
         name: &str,
-        pid: Option<u32>,
+        generation: u64,
         conn_id: u64,
         tx: ConnTx,
     ) -> Result<serde_json::Value, String> {
         let Some(d) = self.daemons.get_mut(name) else {
             return Err(format!("unknown daemon '{name}'"));
         };
-        let Some(expected) = d.pid else {
+        if d.generation != generation || d.pid.is_none() {
             return Err(format!(
-                "daemon {name} has no process running (state {})",
+                "daemon {name}'s process of this connection is gone (state {})",
                 d.state
-            ));
-        };
-        // The hello may come from the leader or from a process in its group (an external wrapper script).
-        let from_group = pid.is_some_and(|p| {
-            p == expected || unix::proc_stat(p).is_some_and(|s| s.pgid == expected)
-        });
-        if !from_group {
-            return Err(format!(
-                "pid {} is not daemon {name}'s process (pid {expected})",
-                pid.map(|p| p.to_string()).unwrap_or("?".into())
             ));
         }
         if d.conn.is_some() {
@@ -1390,9 +1440,12 @@ impl Core {
                 payload,
                 ..
             } => {
-                if let Err(e) = self.events.publish(&event_type, payload, name) {
+                let name = name.to_string();
+                if let Err((code, e)) =
+                    self.publish_from(Origin::Daemon(&name), &event_type, payload)
+                {
                     self.log.warn(&format!("{name}: event refused: {e}"));
-                    self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
+                    self.send_to_worker(&name, error(code, &e));
                 }
             }
             ToSupervisor::Subscribe { event_types } => {
@@ -1428,6 +1481,24 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Publishes an event for `origin` after checking that it may emit that type
+    /// (`ringrift::events::may_emit`); the event's `source` is the origin, never what a sender claims.
+    fn publish_from(
+        &mut self,
+        origin: Origin<'_>,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<Arc<ringrift::events::Event>, (protocol::ErrorCode, String)> {
+        if let Some(spec) = ringrift::events::find(&ringrift::events::normalize(event_type))
+            && let Err(e) = ringrift::events::may_emit(spec, origin)
+        {
+            return Err((protocol::ErrorCode::Forbidden, e.0));
+        }
+        self.events
+            .publish(event_type, payload, origin.as_str())
+            .map_err(|e| (protocol::ErrorCode::BadRequest, e))
     }
 
     // ------------------------------------------------------------------ status

@@ -34,7 +34,9 @@ const WINDOW: usize = 512;
 /// Events in one answer to a query, at most.
 pub(crate) const MAX_PAGE: usize = 1000;
 /// Bytes of event bodies in one answer to a query, at most (a page holds one event at least).
-pub(crate) const MAX_PAGE_BYTES: u64 = 4 * 1024 * 1024;
+/// The whole page is queued on the client's connection at once, so it must fit its queue.
+pub(crate) const MAX_PAGE_BYTES: u64 = 2 * 1024 * 1024;
+const _: () = assert!(2 * MAX_PAGE_BYTES as usize <= crate::ipc::CLI_QUEUE_BYTES);
 
 pub(crate) struct Limits {
     /// Rotate events.log past this size (the previous file is kept as events.log.1): the bytes of
@@ -395,7 +397,6 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use tokio::sync::mpsc;
 
     use super::*;
 
@@ -410,9 +411,9 @@ mod tests {
         json!({"config_key": "hex8_2p", "new_games": n})
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<FromSupervisor>) -> Vec<u64> {
+    fn drain(rx: &mut crate::ipc::ConnRx) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Ok(FromSupervisor::Event { event }) = rx.try_recv() {
+        while let Some(FromSupervisor::Event { event }) = rx.try_frame() {
             out.push(event.seq);
         }
         out
@@ -422,7 +423,7 @@ mod tests {
     fn events_reach_subscribers_in_order_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = open(dir.path(), Limits::default());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["new_games_available".into()], tx)
             .unwrap();
         for i in 0..3 {
@@ -439,7 +440,7 @@ mod tests {
 
         // A new supervisor: the unacked event 3 and the one emitted while down (5) are delivered.
         let mut r = open(dir.path(), Limits::default());
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
         assert_eq!(drain(&mut rx), vec![3, 5]);
@@ -467,8 +468,8 @@ mod tests {
     fn a_slow_subscriber_is_bounded_by_its_window_and_does_not_hold_up_others() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = open(dir.path(), Limits::default());
-        let (slow_tx, mut slow_rx) = mpsc::unbounded_channel();
-        let (fast_tx, mut fast_rx) = mpsc::unbounded_channel();
+        let (slow_tx, mut slow_rx) = crate::ipc::ConnTx::new(1 << 30);
+        let (fast_tx, mut fast_rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("slow", &["NEW_GAMES_AVAILABLE".into()], slow_tx)
             .unwrap();
         r.subscribe("fast", &["NEW_GAMES_AVAILABLE".into()], fast_tx)
@@ -559,7 +560,7 @@ mod tests {
             max_retained: 1000,
         };
         let mut r = open(dir.path(), limits());
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("late", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
         r.disconnect("late");
@@ -583,7 +584,7 @@ mod tests {
         assert!(in_prev > 0, "events.log.1 is part of the retained events");
 
         // A subscriber that was down skips what is gone and gets the rest, in order.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("late", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
         let got = drain(&mut rx);
@@ -662,7 +663,8 @@ mod tests {
         }
         let p = r.query(0, &BTreeSet::new(), None);
         let n = p.events.len();
-        assert!((60..80).contains(&n), "{n}");
+        let line = serde_json::to_vec(&*p.events[0]).unwrap().len() as u64;
+        assert_eq!(n as u64, MAX_PAGE_BYTES / line, "as many as fit");
         assert_eq!(p.next_since, Some(n as u64));
         let rest = r.query(n as u64, &BTreeSet::new(), None);
         assert_eq!(rest.events[0].seq, n as u64 + 1);

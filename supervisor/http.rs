@@ -1,39 +1,93 @@
-//! The monitoring HTTP server (127.0.0.1:8770 by default).
+//! The monitoring HTTP server (127.0.0.1:8770 by default): hyper's HTTP/1.1 server on a thread of
+//! its own with its own current-thread runtime.
 //!
-//! It runs on its own thread with its own small runtime and asks the core for data through the same
-//! channel as the CLI, so no amount of HTTP traffic can stall restarts or heartbeats: the core
-//! answers a status request in microseconds and never waits on a socket. HTTP/1.1 with keep-alive,
-//! bounded request sizes, JSON everywhere except /metrics (Prometheus text format).
+//! It asks the core for data through the same channel as the CLI, so no amount of HTTP traffic can
+//! stall restarts or heartbeats: the core answers a status request in microseconds and never waits
+//! on a socket. What a client can make this thread hold is bounded:
+//!
+//! - connections: at most `http.max_connections` at once (one semaphore permit each); one more is
+//!   answered with a fixed 503 and closed at once, never queued, so descriptors stay bounded and
+//!   the supervisor can always open the files and pipes a respawn needs;
+//! - the request head: hyper's read buffer ([`MAX_HEAD`]), so a request line without a newline is
+//!   cut off (431) at that size;
+//! - time: a request head must arrive within [`IDLE`] of the connection opening or of the previous
+//!   response (in hyper 1.x the header-read timer also runs while a keep-alive connection is idle),
+//!   a body within [`BODY_TIME`], and a response write that makes no progress for [`IDLE`] ends
+//!   the connection ([`WriteDeadline`]);
+//! - bodies: only write routes read one, only after the bearer token checked out, at most
+//!   [`MAX_BODY`] (413 from Content-Length before reading, and enforced while reading chunks).
+//!
+//! Write routes need `Authorization: Bearer <run/http.token>` (see [`token`]); read routes are open
+//! to whoever can reach the address. JSON everywhere except /metrics (Prometheus text format).
 
-use std::fmt::Write as _;
+mod metrics;
+mod routes;
+mod token;
+
+use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use ringrift::lifecycle::DaemonState;
-use ringrift::protocol::{FromSupervisor, StatusReport, ToSupervisor};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ringrift::config::HttpConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
 
 use crate::core::Msg;
 use crate::logwriter::SupervisorLog;
+use routes::{Response, Route};
+use token::{Change, TokenFile};
 
+/// hyper's read buffer, and so the largest request head (the request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
+/// The largest request body; larger ones get 413.
 const MAX_BODY: usize = 1024 * 1024;
+/// Longest wait for a request head (also between keep-alive requests) and for a stalled write.
 const IDLE: Duration = Duration::from_secs(30);
-const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /metrics, GET /events, POST /event";
+/// Longest wait for a whole request body once its head is in.
+const BODY_TIME: Duration = Duration::from_secs(30);
+/// What a connection over the cap gets before it is closed (written without waiting).
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 39\r\nConnection: close\r\n\r\n{\"error\": \"too many HTTP connections\"}\n";
 
-/// Binds the address and serves it on a thread of its own. Returns the bound address.
-pub(crate) fn start(
-    addr: SocketAddr,
+/// What every connection task shares.
+struct Shared {
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
-) -> std::io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
+    token: TokenFile,
+}
+
+/// Writes the bearer token, binds the address and serves it on a thread of its own. Returns the
+/// bound address.
+pub(crate) fn start(
+    config: &HttpConfig,
+    run_dir: &Path,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) -> io::Result<SocketAddr> {
+    let token = TokenFile::new(run_dir);
+    let change = token.refresh().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot write run/{}: {e}", token::FILE_NAME),
+        )
+    })?;
+    log_token_change(&log, &change);
+    let std_listener = std::net::TcpListener::bind(config.addr)?;
     std_listener.set_nonblocking(true)?;
     let bound = std_listener.local_addr()?;
+    let shared = Arc::new(Shared { core, log, token });
+    let max_connections = config.max_connections;
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {
@@ -43,544 +97,330 @@ pub(crate) fn start(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    log.error(&format!("http: cannot start its runtime: {e}"));
+                    shared
+                        .log
+                        .error(&format!("http: cannot start its runtime: {e}"));
                     return;
                 }
             };
             rt.block_on(async move {
-                let listener = match TcpListener::from_std(std_listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        log.error(&format!("http: {e}"));
-                        return;
-                    }
-                };
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => {
-                            tokio::spawn(connection(stream, core.clone()));
-                        }
-                        Err(e) => {
-                            log.warn(&format!("http: accept failed: {e}"));
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
+                match TcpListener::from_std(std_listener) {
+                    Ok(listener) => serve(listener, max_connections, shared).await,
+                    Err(e) => shared.log.error(&format!("http: {e}")),
                 }
             });
         })?;
     Ok(bound)
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: String,
-    body: Vec<u8>,
-    keep_alive: bool,
-}
-
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn json(status: u16, v: &Value) -> Response {
-        let mut body = serde_json::to_vec_pretty(v).expect("json serializes");
-        body.push(b'\n');
-        Response {
-            status,
-            content_type: "application/json",
-            body,
-        }
-    }
-
-    fn error(status: u16, msg: &str) -> Response {
-        Response::json(status, &json!({ "error": msg }))
+fn log_token_change(log: &SupervisorLog, change: &Change) {
+    let file = token::FILE_NAME;
+    match change {
+        Change::Unchanged => {}
+        Change::Reloaded => log.info(&format!("http: using the bearer token in run/{file}")),
+        Change::Created => log.info(&format!("http: wrote a new bearer token to run/{file}")),
+        Change::Replaced(why) => log.warn(&format!(
+            "http: run/{file} was {why}; wrote a new bearer token"
+        )),
     }
 }
 
-async fn connection(stream: TcpStream, core: mpsc::UnboundedSender<Msg>) {
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
+async fn serve(listener: TcpListener, max_connections: usize, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE)
+        .max_buf_size(MAX_HEAD)
+        // A client that shuts down its side after the request (`nc -N`, some HTTP/1.0 tools)
+        // still gets its answer.
+        .half_close(true)
+        .keep_alive(true);
+    let builder = Arc::new(builder);
+    let mut refusals = Refusals::default();
     loop {
-        let request = match tokio::time::timeout(IDLE, read_request(&mut reader)).await {
-            Ok(Ok(Some(r))) => r,
-            Ok(Ok(None)) | Err(_) => return,
-            Ok(Err(msg)) => {
-                let _ = write_response(&mut write, &Response::error(400, &msg), false).await;
-                return;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, most likely: wait a little instead of spinning.
+                shared.log.warn(&format!("http: accept failed: {e}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
         };
-        let response = route(&request, &core).await;
-        if write_response(&mut write, &response, request.keep_alive)
-            .await
-            .is_err()
-            || !request.keep_alive
-        {
-            return;
-        }
-    }
-}
-
-/// Ok(None) on a clean end of the connection; Err(message) on a malformed request.
-async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<Request>, String> {
-    let mut head = Vec::new();
-    loop {
-        let n = r
-            .read_until(b'\n', &mut head)
-            .await
-            .map_err(|e| e.to_string())?;
-        if n == 0 {
-            return if head.is_empty() {
-                Ok(None)
-            } else {
-                Err("the request ended inside its head".into())
-            };
-        }
-        if head.len() > MAX_HEAD {
-            return Err(format!("request head over {MAX_HEAD} bytes"));
-        }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
-            break;
-        }
-        // Tolerate blank lines before the request line.
-        if head == b"\r\n" || head == b"\n" {
-            head.clear();
-        }
-    }
-    let text =
-        std::str::from_utf8(&head).map_err(|_| "the request head is not UTF-8".to_string())?;
-    let mut lines = text.lines();
-    let start = lines.next().unwrap_or_default();
-    let mut parts = start.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(format!("malformed request line '{start}'"));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("unsupported protocol '{version}'"));
-    }
-    let mut content_length = 0usize;
-    let mut keep_alive = version == "HTTP/1.1";
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Best effort and never waiting: the socket is closed when `stream` drops. Reading
+            // what already arrived makes that close a FIN rather than a reset that could destroy
+            // the 503 before the client reads it.
+            let _ = stream.try_write(REFUSED);
+            let _ = stream.try_read(&mut [0u8; 4096]);
+            refusals.note(&shared.log, max_connections);
             continue;
         };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        match k.as_str() {
-            "content-length" => {
-                content_length = v.parse().map_err(|_| format!("bad Content-Length '{v}'"))?
-            }
-            "connection" => {
-                keep_alive = !v.eq_ignore_ascii_case("close")
-                    && (keep_alive || v.eq_ignore_ascii_case("keep-alive"))
-            }
-            "transfer-encoding" => {
-                return Err("chunked request bodies are not supported; send Content-Length".into());
-            }
-            _ => {}
-        }
-    }
-    if content_length > MAX_BODY {
-        return Err(format!("request body over {MAX_BODY} bytes"));
-    }
-    let mut body = vec![0u8; content_length];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("incomplete body: {e}"))?;
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Some(Request {
-        method: method.to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        body,
-        keep_alive,
-    }))
-}
-
-async fn write_response<W: AsyncWriteExt + Unpin>(
-    w: &mut W,
-    r: &Response,
-    keep_alive: bool,
-) -> std::io::Result<()> {
-    let reason = match r.status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
-        r.status,
-        r.content_type,
-        r.body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
-    )
-    .into_bytes();
-    out.extend_from_slice(&r.body);
-    w.write_all(&out).await
-}
-
-async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: ToSupervisor) -> Option<FromSupervisor> {
-    let (tx, rx) = oneshot::channel();
-    core.send(Msg::Request {
-        frame,
-        reply: tx,
-        stream: None,
-    })
-    .ok()?;
-    rx.await.ok()
-}
-
-async fn status(core: &mpsc::UnboundedSender<Msg>) -> Result<StatusReport, Response> {
-    match ask(core, ToSupervisor::Status { name: None }).await {
-        Some(FromSupervisor::Status(s)) => Ok(s),
-        _ => Err(Response::error(503, "the supervisor is shutting down")),
-    }
-}
-
-async fn route(req: &Request, core: &mpsc::UnboundedSender<Msg>) -> Response {
-    let segments: Vec<&str> = req
-        .path
-        .trim_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let result = match (req.method.as_str(), segments.as_slice()) {
-        ("GET", ["health"]) => status(core).await.map(|s| {
-            Response::json(200, &json!({ "status": "ok", "pid": s.supervisor.pid, "uptime_secs": s.supervisor.uptime_secs }))
-        }),
-        ("GET", ["ready"]) => status(core).await.map(|s| ready(&s)),
-        ("GET", ["daemon", "status"]) => status(core).await.map(|s| Response::json(200, &serde_json::to_value(&s).expect("serializes"))),
-        ("GET", ["daemon", name, "health"]) => Ok(daemon_health(core, name).await),
-        ("GET", ["metrics"]) => status(core).await.map(|s| Response { status: 200, content_type: "text/plain; version=0.0.4", body: metrics(&s).into_bytes() }),
-        ("GET", ["events"]) => Ok(list_events(core, &req.query).await),
-        ("POST", ["event"]) => Ok(post_event(core, &req.body).await),
-        (_, ["health"] | ["ready"] | ["daemon", "status"] | ["daemon", _, "health"] | ["metrics"] | ["events"] | ["event"]) => {
-            Err(Response::error(405, &format!("{} is not allowed on {}; routes: {ROUTES}", req.method, req.path)))
-        }
-        _ => Err(Response::error(404, &format!("no route {} {}; routes: {ROUTES}", req.method, req.path))),
-    };
-    result.unwrap_or_else(|r| r)
-}
-
-fn ready(s: &StatusReport) -> Response {
-    let not_ready: Vec<Value> = s
-        .daemons
-        .iter()
-        .filter(|d| {
-            matches!(
-                d.state,
-                DaemonState::Waiting
-                    | DaemonState::Initializing
-                    | DaemonState::Backoff
-                    | DaemonState::Failed
-            )
-        })
-        .map(|d| json!({ "name": d.name, "state": d.state }))
-        .collect();
-    let running = s
-        .daemons
-        .iter()
-        .filter(|d| d.state == DaemonState::Running)
-        .count();
-    let ok = not_ready.is_empty() && running > 0;
-    Response::json(
-        if ok { 200 } else { 503 },
-        &json!({ "ready": ok, "running": running, "not_ready": not_ready }),
-    )
-}
-
-async fn daemon_health(core: &mpsc::UnboundedSender<Msg>, name: &str) -> Response {
-    match ask(
-        core,
-        ToSupervisor::Status {
-            name: Some(name.to_string()),
-        },
-    )
-    .await
-    {
-        Some(FromSupervisor::Status(s)) => {
-            let Some(d) = s.daemons.first() else {
-                return Response::error(404, &format!("unknown daemon '{name}'"));
-            };
-            let alive = matches!(d.state, DaemonState::Running | DaemonState::Paused);
-            let healthy = alive && (d.health.healthy || d.kind == "external");
-            let message = if alive {
-                d.health.message.clone()
-            } else {
-                d.reason
-                    .clone()
-                    .unwrap_or_else(|| format!("daemon is {}", d.state))
-            };
-            let body = json!({
-                "name": d.name,
-                "healthy": healthy,
-                "state": d.state,
-                "status": if alive { d.health.status.clone() } else { d.state.as_str().to_ascii_lowercase() },
-                "message": message,
-                "details": d.health.details,
-                "timestamp": ringrift::timefmt::now_rfc3339(),
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = service_fn(|req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared, peer).await) }
             });
-            Response::json(if healthy { 200 } else { 503 }, &body)
-        }
-        Some(FromSupervisor::Error { message, .. }) => Response::error(404, &message),
-        _ => Response::error(503, "the supervisor is shutting down"),
+            let io = TokioIo::new(WriteDeadline::new(stream, IDLE));
+            // Errors here are the client's (a reset, a timeout, a malformed request hyper has
+            // already answered): nothing to report.
+            let _ = builder.serve_connection(io, service).await;
+            drop(slot);
+        });
     }
 }
 
-async fn post_event(core: &mpsc::UnboundedSender<Msg>, body: &[u8]) -> Response {
-    let v: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
-    };
-    let Some(event_type) = v.get("type").and_then(Value::as_str) else {
-        return Response::error(
-            400,
-            "the body needs \"type\" (a string) and \"payload\" (an object)",
-        );
-    };
-    let payload = v
-        .get("payload")
-        .cloned()
-        .unwrap_or(Value::Object(Default::default()));
-    if let Some(extra) = v
-        .as_object()
-        .and_then(|o| o.keys().find(|k| *k != "type" && *k != "payload"))
-    {
-        return Response::error(
-            400,
-            &format!("unknown field '{extra}' in the body (expected \"type\" and \"payload\")"),
-        );
+/// Connections refused over the cap, logged at most every ten seconds so a flood cannot fill the
+/// log.
+#[derive(Default)]
+struct Refusals {
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, log: &SupervisorLog, cap: usize) {
+        self.since_logged += 1;
+        if self
+            .logged_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            log.warn(&format!(
+                "http: refused {} connection(s): {cap} already open (http.max_connections)",
+                self.since_logged
+            ));
+            self.since_logged = 0;
+            self.logged_at = Some(Instant::now());
+        }
     }
-    match ask(
-        core,
-        ToSupervisor::Emit {
-            event_type: event_type.to_string(),
-            payload,
-            source: Some("http".into()),
+}
+
+async fn handle(
+    req: hyper::Request<Incoming>,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> hyper::Response<Full<Bytes>> {
+    // Origin-form and absolute-form targets alike (RFC 9112 §3.2.2): route on the path.
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let response = match Route::parse(req.method().as_str(), &path) {
+        Err(r) => r,
+        Ok(route) if route.is_write() => match authorize(&req, shared, peer, &path) {
+            Err(r) => r,
+            Ok(()) => match read_body(req).await {
+                Ok(body) => routes::write(&route, &body, &shared.core).await,
+                Err(r) => r,
+            },
         },
-    )
-    .await
-    {
-        Some(FromSupervisor::Emitted {
-            seq,
-            id,
-            event_type,
-        }) => Response::json(
-            200,
-            &json!({ "ok": true, "seq": seq, "id": id, "type": event_type }),
+        Ok(route) => routes::read(&route, &query, &shared.core).await,
+    };
+    into_hyper(response)
+}
+
+/// Checks the bearer token of a write request, before anything of its body is read.
+fn authorize(
+    req: &hyper::Request<Incoming>,
+    shared: &Shared,
+    peer: SocketAddr,
+    path: &str,
+) -> Result<(), Response> {
+    match shared.token.refresh() {
+        Ok(change) => log_token_change(&shared.log, &change),
+        Err(e) => {
+            shared.log.error(&format!(
+                "http: cannot read or write run/{}: {e}; refusing writes",
+                token::FILE_NAME
+            ));
+            return Err(Response::error(
+                503,
+                "the supervisor cannot read its token file",
+            ));
+        }
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .map(|v| match v.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(v[7..].trim_ascii()),
+            _ => None,
+        });
+    let why = match presented {
+        Some(Some(t)) if shared.token.matches(t) => return Ok(()),
+        Some(Some(_)) => "a wrong bearer token",
+        Some(None) => "an Authorization header that is not a bearer token",
+        None => "no bearer token",
+    };
+    shared.log.warn(&format!(
+        "http: refused {} {path} from {peer}: {why}",
+        req.method()
+    ));
+    let mut r = Response::error(
+        401,
+        &format!(
+            "{why}: write routes need 'Authorization: Bearer <token>' with the token in run/{}",
+            token::FILE_NAME
         ),
-        Some(FromSupervisor::Error { message, .. }) => Response::error(400, &message),
-        _ => Response::error(503, "the supervisor is shutting down"),
+    );
+    let challenge = if matches!(presented, Some(Some(_))) {
+        "Bearer realm=\"ringrift\", error=\"invalid_token\""
+    } else {
+        "Bearer realm=\"ringrift\""
+    };
+    r.headers.push(("www-authenticate", challenge.to_string()));
+    Err(r)
+}
+
+/// Reads a body of at most [`MAX_BODY`] bytes within [`BODY_TIME`].
+async fn read_body(req: hyper::Request<Incoming>) -> Result<Bytes, Response> {
+    let too_large = || Response::error(413, &format!("request body over {MAX_BODY} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY);
+    match tokio::time::timeout(BODY_TIME, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(Response::error(400, &format!("cannot read the body: {e}"))),
+        Err(_) => Err(Response::error(
+            408,
+            &format!("the body did not arrive within {}s", BODY_TIME.as_secs()),
+        )),
     }
 }
 
-async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response {
-    let mut since = None;
-    let mut types = Vec::new();
-    let mut limit = Some(100);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "since" => match v.parse() {
-                Ok(n) => since = Some(n),
-                Err(_) => {
-                    return Response::error(
-                        400,
-                        &format!("since must be a sequence number, got '{v}'"),
-                    );
-                }
-            },
-            "type" => types.push(v.to_string()),
-            "limit" => match v.parse() {
-                Ok(n) => limit = Some(n),
-                Err(_) => {
-                    return Response::error(400, &format!("limit must be a number, got '{v}'"));
-                }
-            },
-            other => {
-                return Response::error(
-                    400,
-                    &format!("unknown query parameter '{other}' (since, type, limit)"),
-                );
-            }
+fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
+    let mut out = hyper::Response::new(Full::new(Bytes::from(r.body)));
+    *out.status_mut() =
+        hyper::StatusCode::from_u16(r.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = out.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(r.content_type),
+    );
+    for (name, value) in r.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.append(name, v);
         }
     }
-    // The listing is streamed by the core on a channel; collect it here.
-    let (stream_tx, mut stream_rx) = mpsc::unbounded_channel();
-    let (tx, rx) = oneshot::channel();
-    let frame = ToSupervisor::Events {
-        since,
-        types,
-        follow: false,
-        limit,
-    };
-    if core
-        .send(Msg::Request {
-            frame,
-            reply: tx,
-            stream: Some(stream_tx),
-        })
-        .is_err()
-    {
-        return Response::error(503, "the supervisor is shutting down");
-    }
-    match rx.await {
-        Ok(FromSupervisor::EndOfEvents {
-            last_seq,
-            next_since,
-        }) => {
-            let mut events = Vec::new();
-            while let Ok(FromSupervisor::Event { event }) = stream_rx.try_recv() {
-                events.push(event);
-            }
-            Response::json(
-                200,
-                &json!({ "last_seq": last_seq, "next_since": next_since, "events": events }),
-            )
-        }
-        Ok(FromSupervisor::Error { message, .. }) => Response::error(400, &message),
-        _ => Response::error(503, "the supervisor is shutting down"),
-    }
-}
-
-/// Prometheus text exposition of the status report.
-pub(crate) fn metrics(s: &StatusReport) -> String {
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
-    let lbl = |d: &str| format!("{{daemon=\"{}\"}}", escape(d));
-    const STATES: [DaemonState; 8] = [
-        DaemonState::Stopped,
-        DaemonState::Waiting,
-        DaemonState::Initializing,
-        DaemonState::Running,
-        DaemonState::Paused,
-        DaemonState::ShuttingDown,
-        DaemonState::Backoff,
-        DaemonState::Failed,
-    ];
-    family(
-        "ringrift_daemon_state",
-        "gauge",
-        "1 for the state each daemon is in",
-        s.daemons
-            .iter()
-            .flat_map(|d| {
-                STATES.iter().map(move |st| {
-                    (
-                        format!("{{daemon=\"{}\",state=\"{}\"}}", escape(&d.name), st),
-                        f64::from(u8::from(d.state == *st)),
-                    )
-                })
-            })
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_restarts_total",
-        "counter",
-        "restarts since the supervisor started",
-        s.daemons
-            .iter()
-            .map(|d| (lbl(&d.name), d.restarts as f64))
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_uptime_seconds",
-        "gauge",
-        "age of the daemon's current process",
-        s.daemons
-            .iter()
-            .filter_map(|d| d.uptime_secs.map(|u| (lbl(&d.name), u)))
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_heartbeat_age_seconds",
-        "gauge",
-        "seconds since the last heartbeat",
-        s.daemons
-            .iter()
-            .filter_map(|d| d.heartbeat_age_secs.map(|u| (lbl(&d.name), u)))
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_healthy",
-        "gauge",
-        "1 when the daemon reports itself healthy",
-        s.daemons
-            .iter()
-            .map(|d| (lbl(&d.name), f64::from(u8::from(d.health.healthy))))
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_rss_bytes",
-        "gauge",
-        "resident memory of the daemon's process",
-        s.daemons
-            .iter()
-            .filter_map(|d| d.rss_bytes.map(|u| (lbl(&d.name), u as f64)))
-            .collect(),
-    );
-    family(
-        "ringrift_daemon_cpu_seconds_total",
-        "counter",
-        "CPU time of the daemon's current process",
-        s.daemons
-            .iter()
-            .filter_map(|d| d.cpu_secs.map(|u| (lbl(&d.name), u)))
-            .collect(),
-    );
-    family(
-        "ringrift_event_subscriber_backlog",
-        "gauge",
-        "events a subscriber has not acked yet",
-        s.daemons
-            .iter()
-            .filter(|d| !d.subscriptions.is_empty())
-            .map(|d| (lbl(&d.name), d.event_backlog as f64))
-            .collect(),
-    );
-    family(
-        "ringrift_events_routed_total",
-        "counter",
-        "events accepted since the supervisor started",
-        vec![(String::new(), s.events.routed as f64)],
-    );
-    family(
-        "ringrift_events_last_seq",
-        "gauge",
-        "sequence number of the newest event",
-        vec![(String::new(), s.events.last_seq as f64)],
-    );
-    family(
-        "ringrift_jobs_running",
-        "gauge",
-        "jobs running now",
-        vec![(String::new(), s.jobs.len() as f64)],
-    );
-    family(
-        "ringrift_supervisor_uptime_seconds",
-        "gauge",
-        "seconds since the supervisor started",
-        vec![(String::new(), s.supervisor.uptime_secs)],
-    );
     out
 }
 
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A stream whose writes fail once they have made no progress for `limit`: a client that stops
+/// reading its responses cannot hold its connection (and its slot) for ever.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Called when a write is pending: starts the stall timer, or fails once it has run out.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed<R>(
+        &mut self,
+        r: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progressed(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progressed(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progressed(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.progressed(r, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_write_that_makes_no_progress_fails_after_the_limit() {
+        // A pipe whose reader never reads: writes fill its buffer, then stay pending.
+        let (client, _reader) = tokio::io::duplex(64);
+        let limit = Duration::from_millis(100);
+        let mut w = WriteDeadline::new(client, limit);
+        w.write_all(&[0; 64]).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let err = w.write_all(&[0; 1]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() >= limit);
+    }
 }

@@ -79,14 +79,87 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
             return 1;
         }
     };
-    let code = runtime.block_on(run(opts, log.clone()));
-    let _ = std::fs::remove_file(&paths.socket);
-    let _ = std::fs::remove_file(&paths.pid_file);
+    let socket_id = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let code = runtime.block_on(run(opts, log.clone(), socket_id.clone()));
+    // Remove only what is ours: never a socket or pid file some other process put in their place.
+    let ours = *socket_id.lock().expect("socket id lock");
+    if ours.is_some() && paths::file_id(&paths.socket) == ours {
+        let _ = std::fs::remove_file(&paths.socket);
+    }
+    if std::fs::read_to_string(&paths.pid_file)
+        .is_ok_and(|p| p.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(&paths.pid_file);
+    }
     drop(lock);
     code
 }
 
-async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
+/// The (device, inode) of the socket this supervisor bound last.
+type SocketId = std::sync::Arc<std::sync::Mutex<Option<(u64, u64)>>>;
+
+/// How often the supervisor checks that run/ and its socket are still there.
+const RUN_DIR_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serves the control socket for the supervisor's whole life. If run/ or the socket vanish
+/// (`rm -rf run/`), they are made again within [`RUN_DIR_CHECK`]: a CLI then finds this supervisor
+/// instead of booting a second one (which the lock on the root directory would refuse anyway).
+async fn keep_serving(
+    paths: Paths,
+    listener: tokio::net::UnixListener,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+    open: crate::ipc::OpenConnections,
+    socket_id: SocketId,
+) {
+    let mut serving = tokio::spawn(crate::ipc::serve(
+        listener,
+        core.clone(),
+        log.clone(),
+        open.clone(),
+    ));
+    let mut check = tokio::time::interval(RUN_DIR_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        check.tick().await;
+        let ours = *socket_id.lock().expect("socket id lock");
+        if ours.is_some() && paths::file_id(&paths.socket) == ours {
+            continue;
+        }
+        log.warn(&format!(
+            "{} is gone (run/ deleted?); making it again",
+            paths.socket.display()
+        ));
+        let listener = match paths
+            .prepare_dirs()
+            .and_then(|()| crate::ipc::bind(&paths.socket))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                log.error(&format!(
+                    "cannot make {} again: {e}; retrying in {} s",
+                    paths.socket.display(),
+                    RUN_DIR_CHECK.as_secs()
+                ));
+                continue;
+            }
+        };
+        *socket_id.lock().expect("socket id lock") = paths::file_id(&paths.socket);
+        if let Err(e) = paths::write_pid_file(&paths) {
+            log.warn(&format!("cannot write {}: {e}", paths.pid_file.display()));
+        }
+        serving.abort();
+        serving = tokio::spawn(crate::ipc::serve(
+            listener,
+            core.clone(),
+            log.clone(),
+            open.clone(),
+        ));
+        let _ = core.send(Msg::RunDirRecreated);
+    }
+}
+
+async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -> i32 {
     let paths = opts.paths;
     let listener = match crate::ipc::bind(&paths.socket) {
         Ok(l) => l,
@@ -99,6 +172,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
             return 1;
         }
     };
+    *socket_id.lock().expect("socket id lock") = paths::file_id(&paths.socket);
     log.info(&format!(
         "supervisor {} started: pid {}, root {}, config {}",
         env!("CARGO_PKG_VERSION"),
@@ -145,11 +219,13 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
     }
 
     let open = crate::ipc::OpenConnections::default();
-    tokio::spawn(crate::ipc::serve(
+    let keeper = tokio::spawn(keep_serving(
+        paths.clone(),
         listener,
         tx.clone(),
         log.clone(),
         open.clone(),
+        socket_id,
     ));
 
     if let Some(initial) = opts.initial {
@@ -158,6 +234,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
             frame: initial,
             reply: reply_tx,
             stream: None,
+            from: crate::core::Requester::Supervisor,
         });
         let log = log.clone();
         tokio::spawn(async move {
@@ -189,6 +266,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
     };
     let opts_http = opts.config.http.clone();
     let http_tx = tx.clone();
+    let run_dir = paths.run_dir.clone();
     let core = Core::new(crate::core::CoreParts {
         paths,
         config: opts.config,
@@ -201,7 +279,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
     });
     let mut core = core;
     if opts_http.enabled {
-        match crate::http::start(opts_http.addr, http_tx, log.clone()) {
+        match crate::http::start(&opts_http, &run_dir, http_tx, log.clone()) {
             Ok(bound) => {
                 log.info(&format!("http: listening on http://{bound}"));
                 core.http_addr = Some(bound.to_string());
@@ -213,6 +291,9 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>) -> i32 {
         }
     }
     core.run(rx).await;
+    // The socket is gone on purpose now: it must not be made again while the last answers drain,
+    // or a `start` right after the shutdown would reach this exiting supervisor.
+    keeper.abort();
     // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
     while open.count() > 0 && tokio::time::Instant::now() < deadline {

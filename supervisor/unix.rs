@@ -19,6 +19,9 @@ pub(crate) struct SpawnSpec<'a> {
     pub args: &'a [String],
     pub cwd: &'a std::path::Path,
     pub env: Vec<(String, String)>,
+    /// A descriptor the child inherits under the same number (its connection to the supervisor);
+    /// every other descriptor of ours is close-on-exec.
+    pub pass_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Spawns a child in its own process group (pgid = its pid), with stdin closed, stdout and stderr piped,
@@ -28,6 +31,7 @@ pub(crate) struct SpawnSpec<'a> {
 /// that forked exits, and the main thread lives as long as the supervisor.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     let parent = std::process::id() as i32;
+    let pass_fd = spec.pass_fd;
     let mut cmd = Command::new(spec.program);
     cmd.args(spec.args)
         .current_dir(spec.cwd)
@@ -39,9 +43,16 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) run between fork and exec.
+    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit) run between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // The passed descriptor was made close-on-exec like every other; in the child only,
+            // clear the flag so that exec keeps it, under its number (which the environment names).
+            if let Some(fd) = pass_fd
+                && nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
             if libc_prctl_pdeathsig() != 0 {
                 return Err(io::Error::last_os_error());
             }

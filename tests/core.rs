@@ -257,6 +257,20 @@ fn bad_configurations_are_refused_before_anything_starts() {
             "daemons:\n  auto_synk:\n    enabled: true\n",
             "did you mean auto_sync",
         ),
+        // A name is a file name (logs/<name>.log): one that climbs out of the root is refused.
+        (
+            "path as a name",
+            "daemons:\n  \"../../escaped_rr\":\n    command: [\"sleep\", \"100\"]\n",
+            "is not a lower-case identifier",
+        ),
+        (
+            "reserved name",
+            "daemons:\n  master_loop:\n    command: [\"sleep\", \"100\"]\n",
+            "reserved for the supervisor",
+        ),
+        // A damaged file must not pass as "the default configuration".
+        ("NUL bytes", &"\0".repeat(4096), "byte 0x00 is not text"),
+        ("empty file", "", "holds no YAML mapping"),
     ];
     for (what, yaml, needle) in cases {
         let root = Root::with_config(yaml);
@@ -283,6 +297,10 @@ fn bad_configurations_are_refused_before_anything_starts() {
             "{what}: nothing was started"
         );
         assert!(root.supervisor_pid().is_none());
+        assert!(
+            !root.path().join("../escaped_rr.log").exists(),
+            "{what}: no log was written outside logs/"
+        );
     }
     // The line is named where there is one.
     let root = Root::with_config("daemons:\n  auto_sync:\n    enabled: true\n    intervall: 5\n");
@@ -560,4 +578,232 @@ fn a_start_that_takes_too_long_times_out_with_a_clear_message() {
         "INITIALIZING",
         "the supervisor is unharmed and still waiting"
     );
+}
+
+#[test]
+fn a_deleted_run_dir_is_made_again_and_never_lets_a_second_supervisor_in() {
+    let root = Root::with_config("daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n");
+    root.ok(&["start", "napper"]);
+    let first = root.supervisor_pid().unwrap();
+    root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key":"hex8_2p","new_games":1}"#,
+    ]);
+    std::fs::remove_dir_all(root.path().join("run")).unwrap();
+
+    // `start` right away: it must end up talking to the first supervisor, not run a second one.
+    root.ok(&["start", "--all"]);
+    assert!(
+        wait_until(T, || root.supervisor_pid() == Some(first)),
+        "run/supervisor.pid is written again by the supervisor that owns the root"
+    );
+    let status = root.status();
+    assert_eq!(status["supervisor"]["pid"].as_u64(), Some(u64::from(first)));
+    assert_eq!(root.state("napper"), "RUNNING");
+    assert!(
+        root.master_log().contains("making it again"),
+        "{}",
+        root.master_log()
+    );
+    // A second supervisor is refused by the lock on the root directory, run/ or not, and names the holder.
+    let o = root.run(&["serve"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(&format!("another supervisor (pid {first})")),
+        "{}",
+        stderr(&o)
+    );
+    // One sequence: nothing emitted twice under the same number.
+    root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key":"hex8_2p","new_games":2}"#,
+    ]);
+    let listed = root.ok(&["events", "--json"]);
+    let seqs: Vec<u64> = listed
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // The refused second supervisor did not take the first one's socket with it.
+    assert!(root.path().join("run/supervisor.sock").exists());
+    assert_eq!(root.state("napper"), "RUNNING");
+}
+
+#[test]
+fn nothing_outside_the_tree_can_act_as_a_daemon() {
+    let root = Root::with_config(
+        "daemons:\n  plain:\n    command: [\"sleep\", \"1000\"]\n  auto_sync:\n    interval: 0.2\n",
+    );
+    root.ok(&["start", "plain", "auto_sync"]);
+    let plain_pid = root.pid("plain").unwrap();
+    let sync_pid = root.pid("auto_sync").unwrap();
+    // Claiming a daemon's name and its real pid on the control socket proves nothing: refused,
+    // for a plain program (which never speaks the protocol) and a worker alike.
+    for (daemon, pid) in [("plain", plain_pid), ("auto_sync", sync_pid)] {
+        let (mut r, mut w) = connect(&root);
+        w.write_all(
+            format!("{{\"type\":\"hello\",\"protocol\":1,\"role\":\"worker\",\"daemon\":\"{daemon}\",\"pid\":{pid}}}\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let v = read_json(&mut r);
+        assert_eq!(v["code"], "forbidden", "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("RINGRIFT_SUPERVISOR_FD"),
+            "{v}"
+        );
+    }
+    // The real worker keeps its connection: it goes on heartbeating.
+    let before = root.daemon("auto_sync")["heartbeat_age_secs"].as_f64();
+    assert!(before.is_some());
+    assert!(wait_until(T, || {
+        root.daemon("auto_sync")["heartbeat_age_secs"]
+            .as_f64()
+            .is_some_and(|a| a < 1.0)
+    }));
+    assert_eq!(root.pid("auto_sync"), Some(sync_pid));
+    // Only a protocol-speaking daemon is handed a connection.
+    let fd_env = std::fs::read(format!("/proc/{sync_pid}/environ")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&fd_env).contains("RINGRIFT_SUPERVISOR_FD="),
+        "a worker is told its descriptor"
+    );
+    let plain_env = std::fs::read(format!("/proc/{plain_pid}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&plain_env).contains("RINGRIFT_SUPERVISOR_FD="),
+        "a plain program gets no connection"
+    );
+}
+
+/// Runs `program args` as user nobody (65534), returning its output. Only meaningful as root.
+fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(program)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .env_remove("RINGRIFT_ROOT")
+        .current_dir("/")
+        .output()
+        .expect("run a program as nobody")
+}
+
+#[test]
+fn another_user_cannot_reach_the_control_socket() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    }
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    // Even with the root directory open to everyone, run/ (0700) keeps others out.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = root.path().join("run/supervisor.sock");
+    let o = as_nobody(
+        SUPERVISOR,
+        &["--root", root.path().to_str().unwrap(), "stop", "auto_sync"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot connect to {}", sock.display()))
+            && stderr(&o).contains("Permission denied"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(root.state("auto_sync"), "RUNNING");
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Resident memory of a process, in KiB (VmRSS in /proc/<pid>/status).
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_off_and_connections_are_capped() {
+    let root = Root::with_config("daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n");
+    root.ok(&["start", "napper"]);
+    let sup = root.supervisor_pid().unwrap();
+    // Warm up: a few status calls allocate what status needs.
+    for _ in 0..5 {
+        root.status();
+    }
+    let before = rss_kib(sup);
+
+    // 30,000 status requests, replies never read: the supervisor stops queueing at its bound.
+    let (_r, mut w) = connect(&root);
+    w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
+        .unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = b"{\"type\":\"status\"}\n".repeat(1000);
+    for _ in 0..30 {
+        if w.write_all(&request).is_err() {
+            break; // cut off: that is the point
+        }
+    }
+    assert!(
+        wait_until(T, || root.master_log().contains("replies unread")),
+        "the reader-less client is disconnected and logged:\n{}",
+        root.master_log()
+    );
+    let started = std::time::Instant::now();
+    root.status();
+    assert!(started.elapsed() < Duration::from_secs(5), "status answers");
+    let after = rss_kib(sup);
+    eprintln!("supervisor RSS: {before} KiB before, {after} KiB after the unread replies");
+    assert!(
+        after < before + 8 * 1024,
+        "RSS {before} KiB → {after} KiB: the queue is bounded"
+    );
+
+    // Beyond the cap, connections are refused at once; supervision goes on meanwhile.
+    let napper = root.pid("napper").unwrap();
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..300 {
+        let (mut r, mut w) = connect(&root);
+        w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
+            .unwrap();
+        let v = read_json(&mut r);
+        if v["type"] == "error" {
+            refused = Some(v);
+            break;
+        }
+        held.push((r, w));
+    }
+    let refused = refused.expect("a connection beyond the cap is refused");
+    assert_eq!(refused["code"], "busy", "{refused}");
+    // 256 at most, less any of the earlier connections still being torn down.
+    assert!((250..=256).contains(&held.len()), "{}", held.len());
+    signal(napper, SIGKILL);
+    drop(held);
+    assert!(wait_until(T, || root
+        .pid("napper")
+        .is_some_and(|p| p != napper)
+        && root.state("napper") == "RUNNING"));
 }

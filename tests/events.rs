@@ -130,7 +130,11 @@ fn an_event_reaches_every_subscriber_and_a_restarted_one_misses_nothing() {
 fn a_misnamed_payload_field_is_refused_with_its_name() {
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
-    let out = root.run(&["emit", "TRAINING_STARTED", r#"{"config": "hex8_2p"}"#]);
+    let out = root.run(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config": "hex8_2p", "new_games": 1}"#,
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(
@@ -144,11 +148,63 @@ fn a_misnamed_payload_field_is_refused_with_its_name() {
         "{}",
         stderr(&out)
     );
-    let ok = root.ok(&["emit", "training_started", r#"{"config_key": "hex8_2p"}"#]);
-    assert!(ok.contains("TRAINING_STARTED accepted: seq"), "{ok}");
-    let listed = events_json(&root, &["--type", "TRAINING_STARTED"]);
+    let ok = root.ok(&[
+        "emit",
+        "new_games_available",
+        r#"{"config_key": "hex8_2p", "new_games": 5}"#,
+    ]);
+    assert!(ok.contains("NEW_GAMES_AVAILABLE accepted: seq"), "{ok}");
+    let listed = events_json(&root, &["--type", "NEW_GAMES_AVAILABLE"]);
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["source"], "cli");
+}
+
+#[test]
+fn only_the_owner_of_a_step_may_announce_it_and_the_origin_cannot_be_claimed() {
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    // A step's result (training, evaluation, promotion) or a lifecycle fact: not from the CLI.
+    for (event_type, payload, owner) in [
+        (
+            "EVALUATION_COMPLETED",
+            r#"{"config_key":"hex8_2p","model_path":"/tmp/x/hex8_2p/evil.bin","win_rate_vs_random":1,"win_rate_vs_baseline":1,"games":1000}"#,
+            "only evaluation may",
+        ),
+        (
+            "LOW_QUALITY_DATA_WARNING",
+            r#"{"config_key":"hex8_2p","score":0.1,"threshold":0.5}"#,
+            "only quality_monitor may",
+        ),
+        (
+            "DAEMON_FAILED",
+            r#"{"daemon":"auto_sync","reason":"forged"}"#,
+            "only the supervisor may",
+        ),
+    ] {
+        let out = root.run(&["emit", event_type, payload]);
+        assert_eq!(out.status.code(), Some(1), "{event_type}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("cli may not emit {event_type}")) && err.contains(owner),
+            "{err}"
+        );
+        assert!(events_json(&root, &["--type", event_type]).is_empty());
+    }
+    // A frame that claims another source is stamped with where it really came from.
+    let mut conn =
+        std::os::unix::net::UnixStream::connect(root.path().join("run/supervisor.sock")).unwrap();
+    use std::io::Write as _;
+    conn.write_all(
+        b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n\
+          {\"type\":\"emit\",\"event_type\":\"NEW_GAMES_AVAILABLE\",\"payload\":{\"config_key\":\"hex8_2p\",\"new_games\":1},\"source\":\"selfplay_scheduler\"}\n",
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    assert!(wait_until(T, || {
+        seen = events_json(&root, &["--type", "NEW_GAMES_AVAILABLE"]);
+        !seen.is_empty()
+    }));
+    assert_eq!(seen[0]["source"], "cli");
 }
 
 #[test]
@@ -218,7 +274,7 @@ fn events_follow_prints_new_events_as_they_come() {
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
     let mut child = root
-        .cmd(&["events", "-f", "--type", "QUALITY_SCORE_UPDATED"])
+        .cmd(&["events", "-f", "--type", "NEW_GAMES_AVAILABLE"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -236,8 +292,8 @@ fn events_follow_prints_new_events_as_they_come() {
     let found = wait_until(T, || {
         root.ok(&[
             "emit",
-            "QUALITY_SCORE_UPDATED",
-            r#"{"config_key": "hex8_2p", "score": 0.75}"#,
+            "NEW_GAMES_AVAILABLE",
+            r#"{"config_key": "hex8_2p", "new_games": 75}"#,
         ]);
         got = rx.recv_timeout(Duration::from_millis(200)).ok();
         got.is_some()
@@ -247,7 +303,7 @@ fn events_follow_prints_new_events_as_they_come() {
     assert!(found);
     let line = got.unwrap();
     assert!(
-        line.contains("QUALITY_SCORE_UPDATED") && line.contains("0.75"),
+        line.contains("NEW_GAMES_AVAILABLE") && line.contains("75"),
         "{line}"
     );
 }
@@ -428,7 +484,11 @@ fn rss_kib(pid: u32) -> u64 {
 fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
-    root.ok(&["emit", "TRAINING_STARTED", r#"{"config_key": "hex8_2p"}"#]);
+    root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key": "hex8_2p", "new_games": 1}"#,
+    ]);
     let before = events_json(&root, &[]);
     let last = before.last().unwrap()["seq"].as_u64().unwrap();
     root.ok(&["shutdown"]);
@@ -451,7 +511,11 @@ fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
     let q = quarantined[0].as_str().unwrap();
     assert_eq!(std::fs::read(q).unwrap(), b"\xff\n");
     assert!(root.master_log().contains("1 damaged line(s)"));
-    let out = root.ok(&["emit", "TRAINING_STARTED", r#"{"config_key": "hex8_2p"}"#]);
+    let out = root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key": "hex8_2p", "new_games": 2}"#,
+    ]);
     let seq: u64 = out
         .split("seq ")
         .nth(1)

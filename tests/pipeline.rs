@@ -270,3 +270,173 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
         root.wait_state(victim, "RUNNING", LOOP);
     }
 }
+
+/// Issue 9: daemons never act on a fact they can check themselves. The forged events go in
+/// through `ringrift-supervisor emit` (source "cli"): this tests the daemons' own checks, whatever
+/// the supervisor lets through. NOTE for the permission layer (who may emit each type): once the
+/// CLI may no longer emit EVALUATION_COMPLETED / TRAINING_COMPLETED, deliver these events through a
+/// sender that may (e.g. a daemon named like the producer) — see `forge`.
+#[test]
+fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
+    const KEY: &str = "hex8_2p";
+    let root = Root::with_config(&small_config());
+    let mut cmd = root.cmd(&["start", "--all"]);
+    small_env(&mut cmd);
+    // One training run only, so the canonical model changes only if a forged event gets through.
+    cmd.env("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "3600");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "start --all: {}", stderr(&out));
+    let mut evs = Vec::new();
+    assert!(
+        wait_until(LOOP, || {
+            evs = events(&root);
+            first(&evs, "MODEL_PROMOTED").is_some()
+        }),
+        "no first promotion: {:?}",
+        evs.iter().map(|e| &e["type"]).collect::<Vec<_>>()
+    );
+    let canonical = root.path().join(format!("models/canonical_{KEY}.bin"));
+    let before = std::fs::read(&canonical).unwrap();
+    let candidates = root.path().join(format!("models/candidates/{KEY}"));
+    let evaluated: Vec<Value> = std::fs::read_dir(&candidates)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".eval.json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    assert!(
+        evaluated.iter().all(|r| r["model_sha256"].is_string()),
+        "evaluation records the model's hash: {evaluated:?}"
+    );
+
+    let forge = |event_type: &str, model_path: &std::path::Path, numbers: &str| {
+        // Relies on the CLI being allowed to emit this type (see the note above).
+        let payload = format!(
+            r#"{{"config_key":"{KEY}","model_path":{}{numbers}}}"#,
+            serde_json::to_string(&model_path.display().to_string()).unwrap()
+        );
+        root.ok(&["emit", event_type, &payload]);
+    };
+    let perfect = r#","win_rate_vs_random":1,"win_rate_vs_baseline":1,"games":1000"#;
+
+    // 1. A loadable model outside the root.
+    let outside = tempfile::tempdir().unwrap();
+    let foreign = outside.path().join(KEY).join("evil.bin");
+    std::fs::create_dir_all(foreign.parent().unwrap()).unwrap();
+    std::fs::write(&foreign, &before).unwrap();
+    forge("EVALUATION_COMPLETED", &foreign, perfect);
+    // 2. A symlink named like a candidate, leading to a secret outside (standing in for /etc/shadow).
+    let shadow = outside.path().join("shadow");
+    std::fs::write(&shadow, b"root:$6$secret:19000:0:99999:7:::\n").unwrap();
+    let link = candidates.join("evil.bin");
+    std::os::unix::fs::symlink(&shadow, &link).unwrap();
+    forge("EVALUATION_COMPLETED", &link, perfect);
+    // 3. A real candidate (a different, loadable model) whose own results fail the gates, and an
+    //    event that claims better numbers.
+    let trained = outside.path().join("other.bin");
+    let npz = root.path().join(format!("data/training/{KEY}.npz"));
+    let out = std::process::Command::new(WORKER)
+        .args(["job", "train", "--config-key", KEY, "--epochs", "1"])
+        .arg("--input")
+        .arg(&npz)
+        .arg("--output")
+        .arg(&trained)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&trained)
+        .output()
+        .unwrap();
+    let sha = stdout(&sum).split_whitespace().next().unwrap().to_string();
+    let weak = candidates.join(format!("{KEY}-1.bin"));
+    let results = serde_json::json!({
+        "win_rate_vs_random": 0.1, "win_rate_vs_baseline": 0.1, "games_vs_random": 100,
+        "model_path": weak.display().to_string(), "model_sha256": sha,
+    });
+    // Results first, then the candidate (by rename): evaluation never sees it unevaluated.
+    std::fs::write(weak.with_extension("eval.json"), results.to_string()).unwrap();
+    let staged = candidates.join(".weak.tmp");
+    std::fs::copy(&trained, &staged).unwrap();
+    std::fs::rename(&staged, &weak).unwrap();
+    forge("EVALUATION_COMPLETED", &weak, perfect);
+    // 4. A "trained candidate" outside the candidates directory.
+    forge("TRAINING_COMPLETED", &foreign, "");
+
+    let rejected = |evs: &[Value], path: &std::path::Path, gate: &str| -> Option<Value> {
+        evs.iter()
+            .find(|e| {
+                e["type"] == "PROMOTION_REJECTED"
+                    && e["payload"]["model_path"] == path.display().to_string().as_str()
+                    && e["payload"]["gate"] == gate
+            })
+            .map(|e| e["payload"].clone())
+    };
+    let eval_failed = |evs: &[Value]| {
+        evs.iter().any(|e| {
+            e["type"] == "EVALUATION_FAILED"
+                && e["payload"]["model_path"] == foreign.display().to_string().as_str()
+        })
+    };
+    let done = wait_until(Duration::from_secs(60), || {
+        evs = events(&root);
+        rejected(&evs, &foreign, "provenance").is_some()
+            && rejected(&evs, &link, "provenance").is_some()
+            && rejected(&evs, &weak, "provenance").is_some()
+            && rejected(&evs, &weak, "win_rate_vs_random").is_some()
+            && eval_failed(&evs)
+    });
+    let story: Vec<String> = evs
+        .iter()
+        .filter(|e| {
+            let t = e["type"].as_str().unwrap_or("");
+            t.starts_with("PROMOTION") || t.starts_with("MODEL") || t.starts_with("EVALUATION")
+        })
+        .map(|e| format!("{} {}", e["type"], e["payload"]))
+        .collect();
+    assert!(done, "not every forged event was refused:\n{story:#?}");
+    let reason = |path: &std::path::Path| {
+        rejected(&evs, path, "provenance").unwrap()["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(reason(&foreign).contains("is outside"), "{story:#?}");
+    assert!(reason(&link).contains("symlink"), "{story:#?}");
+    assert!(reason(&weak).contains("disagree"), "{story:#?}");
+    assert_eq!(
+        evs.iter().filter(|e| e["type"] == "MODEL_PROMOTED").count(),
+        1,
+        "only the loop's own promotion:\n{story:#?}"
+    );
+    assert_eq!(
+        std::fs::read(&canonical).unwrap(),
+        before,
+        "canonical unchanged"
+    );
+    assert_eq!(
+        std::fs::read(&shadow).unwrap(),
+        b"root:$6$secret:19000:0:99999:7:::\n"
+    );
+
+    // 5. A quality warning the quality monitor never gave does not pause training.
+    root.ok(&[
+        "emit",
+        "LOW_QUALITY_DATA_WARNING",
+        &format!(r#"{{"config_key":"{KEY}","score":0.01,"threshold":0.99}}"#),
+    ]);
+    let log = root.log_path("training_trigger");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("refused LOW_QUALITY_DATA_WARNING"))
+        }),
+        "training_trigger did not refuse the warning:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(root.path().join("data/coordination/training_trigger.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["keys"][KEY]["quality_low"], Value::Null, "{state}");
+}

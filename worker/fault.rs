@@ -8,13 +8,12 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{SigHandler, Signal};
-use ringrift::protocol::{DAEMON_ENV, SOCKET_ENV};
+use ringrift::protocol::DAEMON_ENV;
 use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
@@ -167,7 +166,7 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
             .map(|ms| Instant::from_std(started) + Duration::from_millis(ms));
         let main = async {
             match target {
-                Some((socket, name)) => {
+                Some((connection, name)) => {
                     let daemon = Box::new(FaultDaemon {
                         name,
                         subscribe: args.subscribe.clone(),
@@ -188,7 +187,7 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
                         ctx: None,
                         emitted: 0,
                     });
-                    runtime::run(&socket, daemon, args.quirks()).await
+                    runtime::run(connection, daemon, args.quirks()).await
                 }
                 None => plain(args.ignore_sigterm).await,
             }
@@ -205,15 +204,14 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
     })
 }
 
-/// The socket path and daemon name the supervisor passes in the environment.
-fn protocol_target() -> anyhow::Result<(PathBuf, String)> {
-    let socket = std::env::var_os(SOCKET_ENV).with_context(|| {
-        format!("{SOCKET_ENV} is not set (use --no-protocol to run without it)")
-    })?;
+/// The connection and daemon name the supervisor passes at spawn.
+fn protocol_target() -> anyhow::Result<(std::os::unix::net::UnixStream, String)> {
+    let connection = ringrift::protocol::inherited_connection()
+        .map_err(|e| anyhow::anyhow!("{e} (use --no-protocol to run without it)"))?;
     let name = std::env::var(DAEMON_ENV).with_context(|| {
         format!("{DAEMON_ENV} is not set (use --no-protocol to run without it)")
     })?;
-    Ok((PathBuf::from(socket), name))
+    Ok((connection, name))
 }
 
 /// `--no-protocol`: nothing to do but wait for SIGTERM (or forever, when it is ignored).

@@ -13,11 +13,9 @@ mod pipeline;
 mod reaper;
 mod runtime;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ringrift::protocol::SOCKET_ENV;
 
 use crate::runtime::Quirks;
 
@@ -26,8 +24,8 @@ Daemons: auto_sync, ephemeral_sync, cluster_data_sync, model_distribution, train
 auto_export, evaluation, auto_promotion, unified_node_health, quality_monitor, idle_resource,
 unified_idle_shutdown, queue_populator, selfplay_scheduler, job_reaper (either case).
 
-The supervisor starts workers; run one by hand only against a running supervisor's socket:
-  RINGRIFT_SUPERVISOR_SOCKET=run/supervisor.sock ringrift-worker auto_sync";
+Workers are started by the supervisor, which hands each its own connection (RINGRIFT_SUPERVISOR_FD);
+to run a daemon, use `ringrift-supervisor start <daemon>`.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,8 +33,8 @@ The supervisor starts workers; run one by hand only against a running supervisor
     version,
     about = "Runs one RingRift daemon under ringrift-supervisor",
     long_about = "Runs one RingRift daemon under ringrift-supervisor.\n\n\
-        `ringrift-worker <DAEMON>` connects to the supervisor's socket (RINGRIFT_SUPERVISOR_SOCKET), \
-        reports its state, heartbeats, and runs the daemon's cycles until it is told to stop or \
+        `ringrift-worker <DAEMON>` speaks to the supervisor on the connection it was handed at spawn \
+        (RINGRIFT_SUPERVISOR_FD), reports its state, heartbeats, and runs the daemon's cycles until it is told to stop or \
         receives SIGTERM.\n\
         `ringrift-worker fault [OPTIONS]` is a worker that misbehaves on request (crashes, hangs, \
         floods its log, ...), for the supervisor's integration tests.",
@@ -87,11 +85,12 @@ fn run_daemon(name: &str) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let Some(socket) = std::env::var_os(SOCKET_ENV).map(PathBuf::from) else {
-        eprintln!(
-            "ringrift-worker: {SOCKET_ENV} is not set; workers are started by ringrift-supervisor"
-        );
-        return ExitCode::from(2);
+    let connection = match ringrift::protocol::inherited_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringrift-worker: {e}");
+            return ExitCode::from(2);
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -103,7 +102,7 @@ fn run_daemon(name: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(runtime::run(&socket, daemon, Quirks::default()))
+    rt.block_on(runtime::run(connection, daemon, Quirks::default()))
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::path::Path;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Duration;
@@ -239,11 +238,16 @@ impl SeenIds {
     }
 }
 
-/// Runs `daemon` under the supervisor listening on `socket` until it is told to stop.
+/// Runs `daemon` on `connection` (the socket the supervisor handed this process at spawn, see
+/// `ringrift::protocol::inherited_connection`) until it is told to stop.
 ///
 /// Exit status: 0 after `shutdown` or SIGTERM, 1 if the supervisor refuses the handshake, goes away or
 /// start-up fails.
-pub(crate) async fn run(socket: &Path, daemon: Box<dyn Daemon>, quirks: Quirks) -> ExitCode {
+pub(crate) async fn run(
+    connection: std::os::unix::net::UnixStream,
+    daemon: Box<dyn Daemon>,
+    quirks: Quirks,
+) -> ExitCode {
     let name = daemon.name().to_owned();
     let mut sigterm = if quirks.ignore_shutdown {
         None
@@ -258,7 +262,7 @@ pub(crate) async fn run(socket: &Path, daemon: Box<dyn Daemon>, quirks: Quirks) 
     };
 
     let handshake = tokio::select! {
-        result = handshake(socket, &name) => result,
+        result = handshake(connection, &name) => result,
         () = next_sigterm(&mut sigterm) => {
             eprintln!("{name}: SIGTERM during the handshake; exiting");
             return ExitCode::SUCCESS;
@@ -313,15 +317,14 @@ async fn next_sigterm(sigterm: &mut Option<Signal>) {
 /// Connects, says hello and waits for the welcome. Returns the write half, the frames that follow and
 /// the daemon's configuration.
 async fn handshake(
-    socket: &Path,
+    connection: std::os::unix::net::UnixStream,
     name: &str,
 ) -> anyhow::Result<(OwnedWriteHalf, mpsc::Receiver<Incoming>, Option<Value>)> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "failed to connect to the supervisor at {}",
-            socket.display()
-        )
-    })?;
+    connection
+        .set_nonblocking(true)
+        .context("failed to set up the connection to the supervisor")?;
+    let stream = UnixStream::from_std(connection)
+        .context("failed to set up the connection to the supervisor")?;
     let (read, mut write) = stream.into_split();
     let hello = ToSupervisor::Hello {
         protocol: PROTOCOL_VERSION,
@@ -675,7 +678,6 @@ mod tests {
     use ringrift::protocol::Health;
     use serde_json::json;
     use tokio::io::{AsyncBufReadExt, BufReader};
-    use tokio::net::UnixListener;
 
     use super::*;
 
@@ -761,20 +763,18 @@ mod tests {
     /// Plays the supervisor against the real runtime over a real socket.
     #[test]
     fn handshake_heartbeats_during_a_slow_cycle_pause_and_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("supervisor.sock");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async {
-            let listener = UnixListener::bind(&path).unwrap();
-            let worker = tokio::task::spawn_local({
-                let path = path.clone();
-                async move { run(&path, Box::new(Slow), Quirks::default()).await }
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let worker = tokio::task::spawn_local(async move {
+                run(theirs, Box::new(Slow), Quirks::default()).await
             });
-            let (stream, _) = listener.accept().await.unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let stream = UnixStream::from_std(ours).unwrap();
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
 

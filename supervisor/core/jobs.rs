@@ -102,6 +102,7 @@ impl Core {
             args: &command[1..],
             cwd: &root,
             env: spawn_env,
+            pass_fd: None,
         };
         let mut child = match unix::spawn(&spec) {
             Ok(c) => c,

@@ -528,7 +528,6 @@ mod tests {
     use std::io::Write as _;
 
     use serde_json::{Value, json};
-    use tokio::sync::mpsc;
 
     use super::*;
     use crate::events::{Limits, Router};
@@ -768,11 +767,11 @@ mod tests {
         );
         assert!(r.info().quarantined[0].contains("subscribers.json.damaged-"));
         assert_eq!(quarantine(&r), b"{\"a\": {\"types\": [");
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
         let mut got = Vec::new();
-        while let Ok(ringrift::protocol::FromSupervisor::Event { event }) = rx.try_recv() {
+        while let Some(ringrift::protocol::FromSupervisor::Event { event }) = rx.try_frame() {
             got.push(event.seq);
         }
         assert_eq!(got, vec![1, 2, 3, 4, 5], "redelivered, not lost");
@@ -781,10 +780,10 @@ mod tests {
         drop(r);
         let (mut r, warnings) = reopen(dir.path());
         assert!(warnings.is_empty(), "{warnings:?}");
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("b", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
-        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_frame().is_some());
     }
 
     #[test]
@@ -842,11 +841,11 @@ mod tests {
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(seqs(&r), vec![1, 2]);
         assert_eq!(r.backlog("auto_export").1, 1);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("auto_export", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
-        match rx.try_recv() {
-            Ok(ringrift::protocol::FromSupervisor::Event { event }) => {
+        match rx.try_frame() {
+            Some(ringrift::protocol::FromSupervisor::Event { event }) => {
                 assert_eq!(event.id, "6930b1e0a7b1f2a-1");
                 assert_eq!(event.payload["new_games"], 100);
             }

@@ -76,7 +76,9 @@ fn canonical_models(models: &Path) -> Vec<(String, PathBuf)> {
                 .strip_prefix("canonical_")?
                 .strip_suffix(".bin")?
                 .to_string();
-            (parse_config_key(&key).is_ok() && e.path().is_file()).then(|| (key, e.path()))
+            // `DirEntry::file_type` does not follow symlinks: a link there is no canonical model.
+            let regular = e.file_type().is_ok_and(|t| t.is_file());
+            (parse_config_key(&key).is_ok() && regular).then(|| (key, e.path()))
         })
         .collect();
     out.sort();
@@ -510,6 +512,14 @@ impl Daemon for Distribution {
                 .get("config_key")
                 .and_then(Value::as_str)
                 .map(str::to_string);
+            let models = self.pipeline.as_ref().expect("started").models_dir();
+            // Distribution copies the canonical models it finds itself; an event naming a model
+            // elsewhere is not one of the pipeline's.
+            if let Err(why) = Pipeline::check_event_path(&event, "model_path", &models) {
+                eprintln!("{NAME}: {why}");
+                self.last_error = Some(format!("{} {why}", ringrift::timefmt::now_rfc3339()));
+                return Some(self.report());
+            }
             self.distribute(key.as_deref()).await;
             Some(self.report())
         })

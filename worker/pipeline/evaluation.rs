@@ -9,6 +9,11 @@
 //! - The queue is bounded by `queue_limit` in the sense that matters: when more candidates wait than
 //!   that, BACKPRESSURE_ACTIVATED tells the producers (once per crossing, the flag survives restarts)
 //!   and BACKPRESSURE_RELEASED follows when the queue has drained under the limit again.
+//! - The results file records which model was played: evaluation adds `model_path` and
+//!   `model_sha256` (hashed before the gauntlet and checked after it) when it publishes the
+//!   gauntlet's output, so promotion can prove it installs what was evaluated. TRAINING_COMPLETED
+//!   naming anything but a regular file directly in models/candidates/<key>/ is refused with
+//!   EVALUATION_FAILED, and symlinks are never candidates.
 //! - A candidate that does not load is renamed to `<candidate>.bad`, so it is not retried forever. A
 //!   gauntlet job that fails or overruns is retried with a growing delay, and after
 //!   [`MAX_ATTEMPTS`] failures the candidate is quarantined too, with EVALUATION_FAILED each time.
@@ -21,7 +26,9 @@ use ringrift::events::{Event, parse_config_key, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::confine::{confined_file, read_confined, write_replace};
 use super::export::quarantine;
+use super::sha256;
 use super::{Pipeline, job_failure, load_state, now_secs, num, save_daemon_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -50,8 +57,15 @@ pub(crate) fn candidate_key(candidate: &Path) -> Option<String> {
     parse_config_key(key).ok().map(|_| key.to_string())
 }
 
-/// Candidate model files under `candidates_root` (models/candidates): `<key>/<name>.bin`, not
-/// hidden (a job's temporary file), oldest first.
+/// Whether a file name is a candidate's: `<name>.bin`, not hidden (a job's temporary file).
+pub(crate) fn candidate_name(path: &Path) -> bool {
+    path.file_name()
+        .map(|n| n.to_string_lossy())
+        .is_some_and(|n| !n.starts_with('.') && n.ends_with(".bin"))
+}
+
+/// Candidate model files under `candidates_root` (models/candidates): `<key>/<name>.bin`, regular
+/// files (a symlink is not a candidate: it could lead anywhere), not hidden, oldest first.
 pub(crate) fn candidates(candidates_root: &Path) -> Vec<PathBuf> {
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
     let Ok(dirs) = std::fs::read_dir(candidates_root) else {
@@ -67,9 +81,8 @@ pub(crate) fn candidates(candidates_root: &Path) -> Vec<PathBuf> {
         };
         for file in files.flatten() {
             let path = file.path();
-            let name = file.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') || !name.ends_with(".bin") || !path.is_file() {
+            // `DirEntry::file_type` does not follow symlinks.
+            if !candidate_name(&path) || !file.file_type().is_ok_and(|t| t.is_file()) {
                 continue;
             }
             let mtime = file
@@ -108,6 +121,10 @@ pub(crate) fn read_results(path: &Path, default_games: u64) -> anyhow::Result<Re
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not JSON", path.display()))?;
+    parse_results(&v, path, default_games)
+}
+
+fn parse_results(v: &Value, path: &Path, default_games: u64) -> anyhow::Result<Results> {
     let rate = |field: &str| -> anyhow::Result<Option<f64>> {
         match v.get(field) {
             None | Some(Value::Null) => Ok(None),
@@ -130,6 +147,66 @@ pub(crate) fn read_results(path: &Path, default_games: u64) -> anyhow::Result<Re
         win_rate_vs_baseline: rate("win_rate_vs_baseline")?,
         games,
     })
+}
+
+/// A results file as evaluation publishes it: the gauntlet's numbers, and which model was played
+/// (recorded by this daemon, not the gauntlet job: its path and SHA-256).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Record {
+    pub results: Results,
+    pub model_path: Option<String>,
+    pub model_sha256: Option<String>,
+}
+
+/// Reads the published results of `candidate` (`<name>.eval.json` beside it), confined to
+/// `candidates_dir` like any file the loop acts on.
+pub(crate) fn read_record(candidates_dir: &Path, candidate: &Path) -> anyhow::Result<Record> {
+    let path = eval_path(candidate);
+    let (bytes, _, _) = read_confined(candidates_dir, &path)?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let text = |field: &str| v.get(field).and_then(Value::as_str).map(str::to_string);
+    Ok(Record {
+        results: parse_results(&v, &path, 0)?,
+        model_path: text("model_path"),
+        model_sha256: text("model_sha256"),
+    })
+}
+
+/// The SHA-256 of a candidate's content, read through one confined handle.
+fn candidate_sha(candidate: &Path) -> anyhow::Result<String> {
+    let dir = candidate
+        .parent()
+        .context("the candidate has no directory")?;
+    let (bytes, _, _) = read_confined(dir, candidate)?;
+    Ok(sha256::hex_of(&bytes))
+}
+
+/// Moves the gauntlet's results from `staging` into place as `<name>.eval.json`, adding which
+/// model was played: `model_path` and `model_sha256` (promotion installs a candidate only if its
+/// content still has this hash).
+fn publish_results(
+    candidate: &Path,
+    staging: &Path,
+    results: &Results,
+    sha: &str,
+) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(staging).with_context(|| format!("cannot read {}", staging.display()))?;
+    let mut v: Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not JSON", staging.display()))?;
+    let obj = v
+        .as_object_mut()
+        .with_context(|| format!("{} is not a JSON object", staging.display()))?;
+    obj.insert("model_path".into(), candidate.display().to_string().into());
+    obj.insert("model_sha256".into(), sha.into());
+    // The games the numbers are over, as announced (a gauntlet of the user's own may not say).
+    obj.insert("games_vs_random".into(), results.games.into());
+    let mut text = serde_json::to_vec_pretty(&v)?;
+    text.push(b'\n');
+    write_replace(&eval_path(candidate), &text, 0o644, |_| Ok(()))?;
+    let _ = std::fs::remove_file(staging);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -158,6 +235,7 @@ struct Evaluation {
     failed: u64,
     quarantined: u64,
     activations: u64,
+    refused: u64,
 }
 
 impl Evaluation {
@@ -213,6 +291,7 @@ impl Evaluation {
                 ("evaluation_failures", self.failed),
                 ("quarantined", self.quarantined),
                 ("backpressure_activations", self.activations),
+                ("refused_events", self.refused),
             ],
         )
     }
@@ -248,9 +327,12 @@ impl Evaluation {
             let staging = staging_results(&c);
             if !eval_path(&c).exists()
                 && staging.exists()
-                && let (Some(key), Ok(results)) =
-                    (candidate_key(&c), read_results(&staging, self.games))
-                && std::fs::rename(&staging, eval_path(&c)).is_ok()
+                && let (Some(key), Ok(results), Ok(sha)) = (
+                    candidate_key(&c),
+                    read_results(&staging, self.games),
+                    candidate_sha(&c),
+                )
+                && publish_results(&c, &staging, &results, &sha).is_ok()
             {
                 println!(
                     "{NAME}: {}: results of an interrupted evaluation recovered",
@@ -337,6 +419,23 @@ impl Evaluation {
         );
     }
 
+    /// An event naming a file this daemon does not act on: reported as EVALUATION_FAILED (naming
+    /// the path and why) without touching any candidate or the daemon's health.
+    fn refuse(&mut self, key: &str, path: &str, why: String) {
+        self.refused += 1;
+        let error = format!("refused TRAINING_COMPLETED: {why}");
+        eprintln!("{NAME}: {key}: {error}");
+        self.last_error = Some(format!("{} {error}", ringrift::timefmt::now_rfc3339()));
+        self.ctx.as_ref().expect("attached").emit(
+            "EVALUATION_FAILED",
+            payload([
+                ("config_key", key.into()),
+                ("model_path", path.into()),
+                ("error", error.into()),
+            ]),
+        );
+    }
+
     /// A failed gauntlet run: retry later, or quarantine after [`MAX_ATTEMPTS`].
     fn failed_attempt(&mut self, key: &str, candidate: &Path, error: String) {
         let id = candidate.display().to_string();
@@ -387,7 +486,15 @@ impl Evaluation {
         }
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
-        let results_path = eval_path(candidate);
+        // What is played is recorded by content: promotion installs only a candidate whose hash
+        // is the one evaluated.
+        let sha = match candidate_sha(candidate) {
+            Ok(sha) => sha,
+            Err(e) => {
+                self.failed_attempt(&key, candidate, format!("cannot read the candidate: {e:#}"));
+                return;
+            }
+        };
         // The gauntlet writes a staging file; it becomes the results file (which promotion looks
         // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
         let staging = staging_results(candidate);
@@ -432,8 +539,17 @@ impl Evaluation {
                 return;
             }
         };
-        if let Err(e) = std::fs::rename(&staging, &results_path) {
-            let error = format!("cannot move {} into place: {e}", staging.display());
+        if candidate_sha(candidate).ok().as_ref() != Some(&sha) {
+            let _ = std::fs::remove_file(&staging);
+            let error = format!(
+                "{} changed while its gauntlet ran; its results are discarded",
+                candidate.display()
+            );
+            self.failed_attempt(&key, candidate, error);
+            return;
+        }
+        if let Err(e) = publish_results(candidate, &staging, &results, &sha) {
+            let error = format!("cannot move {} into place: {e:#}", staging.display());
             self.failed_attempt(&key, candidate, error);
             return;
         }
@@ -534,12 +650,26 @@ impl Daemon for Evaluation {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let path = event.payload.get("model_path").and_then(Value::as_str)?;
-            let candidate = PathBuf::from(path);
-            if candidate_key(&candidate).is_none() {
-                println!("{NAME}: ignoring {path}: not a candidate under models/candidates/<key>/");
-            } else if candidate.exists() && !eval_path(&candidate).exists() {
-                self.enqueue(candidate);
+            let pipeline = self.pipeline.clone().expect("started");
+            let key = pipeline.event_config_key(NAME, &event)?;
+            let path = event
+                .payload
+                .get("model_path")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let dir = pipeline.candidates_dir(&key);
+            match confined_file(&dir, Path::new(path)) {
+                Err(e) => self.refuse(&key, path, format!("model_path: {e}")),
+                Ok(c) if c.parent() != Some(dir.as_path()) || !candidate_name(&c) => self.refuse(
+                    &key,
+                    path,
+                    format!(
+                        "model_path: {path} is not a candidate (<name>.bin directly in {})",
+                        dir.display()
+                    ),
+                ),
+                Ok(c) if !eval_path(&c).exists() => self.enqueue(c),
+                Ok(_) => {}
             }
             self.scan();
             self.drain().await;

@@ -532,6 +532,15 @@ impl Daemon for AutoExport {
                 .as_ref()
                 .expect("started")
                 .event_config_key(NAME, &event)?;
+            let games_dir = self.pipeline.as_ref().expect("started").games_dir();
+            // The export reads this pipeline's own games DB; an event naming a DB elsewhere is not
+            // one of the pipeline's (there is no export failure event: logged and in health).
+            if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {
+                eprintln!("{NAME}: {key}: {why}");
+                self.last_error =
+                    Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                return Some(self.report());
+            }
             self.check_key(&key).await;
             Some(self.report())
         })

@@ -11,8 +11,13 @@
 //! models/canonical_<key>.bin           the canonical model; models/ringrift_best_<key> links to it
 //! models/backup/                       canonical models replaced by a promotion
 //! ```
+//!
+//! A path named in an event is acted on only if it is a regular file in the step's own directory
+//! (see [`confine`] and [`Pipeline::check_event_path`]).
 
+pub(crate) mod canonical;
 pub(crate) mod cluster_sync;
+pub(crate) mod confine;
 pub(crate) mod distribution;
 pub(crate) mod evaluation;
 pub(crate) mod export;
@@ -102,14 +107,26 @@ impl Pipeline {
         })
     }
 
+    /// Where selfplay writes games DBs: NEW_GAMES_AVAILABLE.db_path must be in it.
+    pub(crate) fn games_dir(&self) -> PathBuf {
+        self.root.join("data/games")
+    }
     pub(crate) fn games_db(&self, key: &str) -> PathBuf {
-        self.root.join("data/games").join(format!("{key}.db"))
+        self.games_dir().join(format!("{key}.db"))
+    }
+    /// Where exports are written: NPZ_EXPORT_COMPLETE.npz_path must be in it.
+    pub(crate) fn training_dir(&self) -> PathBuf {
+        self.root.join("data/training")
+    }
+    /// Where the canonical models are: MODEL_PROMOTED.model_path must be in it.
+    pub(crate) fn models_dir(&self) -> PathBuf {
+        self.root.join("models")
     }
     pub(crate) fn work_queue(&self) -> PathBuf {
         self.root.join("data/work_queue.db")
     }
     pub(crate) fn npz(&self, key: &str) -> PathBuf {
-        self.root.join("data/training").join(format!("{key}.npz"))
+        self.training_dir().join(format!("{key}.npz"))
     }
     pub(crate) fn candidates_dir(&self, key: &str) -> PathBuf {
         self.root.join("models/candidates").join(key)
@@ -215,6 +232,19 @@ impl Pipeline {
             return None;
         }
         Some(key)
+    }
+
+    /// Checks the file an event names in `field`, if it names one: `Err(why)` (naming the event,
+    /// the path and what is wrong with it) unless it is a regular file inside `dir`. For daemons
+    /// that work on their own files and take only the key from the event: an event that names
+    /// a file elsewhere is not one of the pipeline's, and is not acted on.
+    pub(crate) fn check_event_path(event: &Event, field: &str, dir: &Path) -> Result<(), String> {
+        match event.payload.get(field).and_then(Value::as_str) {
+            None => Ok(()),
+            Some(named) => confine::confined_file(dir, Path::new(named))
+                .map(drop)
+                .map_err(|e| format!("refused {}: {field}: {e}", event.event_type)),
+        }
     }
 
     /// Runs a job of `kind` for `key` through the supervisor and waits for it.

@@ -9,24 +9,31 @@
 //! - Results compared against no baseline while a canonical model now exists (another candidate was
 //!   promoted meanwhile) are stale: the results file is set aside as `.eval.json.stale` so
 //!   evaluation plays the candidate again against the current canonical model.
-//! - The swap: verify the candidate loads, copy the current canonical to models/backup/, copy the
-//!   candidate to a temporary file, fsync, verify it, and rename it over canonical_<key>.bin; then
-//!   point ringrift_best_<key> at it by renaming a fresh symlink over the old one. Each step is
-//!   atomic, so a crash at any point leaves the old or the new model, never a mix; and a re-run after
-//!   a crash recognises (by SHA-256) a candidate that is already canonical.
+//! - Promotion trusts only the results file its own pipeline wrote. EVALUATION_COMPLETED names a
+//!   candidate; the candidate must be a regular file directly in models/candidates/<key>/ (symlinks
+//!   resolved, see [`super::confine`]), its `<name>.eval.json` beside it must name it and record its
+//!   SHA-256 (evaluation writes both), the event's numbers must agree with that file, and the gates
+//!   use the file's numbers. An event that fails any of this is refused with PROMOTION_REJECTED
+//!   (gate `provenance`, with a `reason`) and decides nothing: the scan decides the candidate, if it
+//!   is one, from the file. Results that record no hash (written before hashes were) send the
+//!   candidate back for evaluation once.
+//! - The swap ([`super::canonical`]) installs the bytes read once through a confined handle, after
+//!   their SHA-256 is checked against the results file: what was evaluated is what is installed.
 //! - Decided candidates are kept in the state file; each cycle scans `*.eval.json` files for
 //!   undecided ones, so a lost EVALUATION_COMPLETED only delays a decision.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::evaluation::{Results, candidate_key, candidates, eval_path, read_results};
+use super::canonical::{Candidate, Layout, point_link, swap_in};
+use super::confine::{confined_file, read_confined};
+use super::evaluation::{
+    Record, Results, candidate_key, candidate_name, candidates, eval_path, read_record,
+};
 use super::export::quarantine;
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, num, save_daemon_state};
@@ -108,99 +115,92 @@ fn decide(
     Verdict::Promote
 }
 
-/// Copies `from` to `to` through `tmp` in the same directory: write, fsync, rename, fsync the dir.
-fn copy_atomic(from: &Path, tmp: &Path, to: &Path) -> anyhow::Result<()> {
-    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
-    let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::File::create(tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        anyhow::ensure!(
-            sha256::file_hex(tmp)? == sha256::hex_of(&bytes),
-            "{} differs from {} after copying",
-            tmp.display(),
-            from.display()
-        );
-        std::fs::rename(tmp, to)
-            .with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(tmp);
+/// Why an EVALUATION_COMPLETED is not acted on: the event's claims checked against the files.
+/// Gives the candidate (named as the daemon names it) and its results file on success.
+fn verify_event(pipeline: &Pipeline, key: &str, p: &Value) -> Result<(PathBuf, Record), String> {
+    let dir = pipeline.candidates_dir(key);
+    let named = p
+        .get("model_path")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let candidate =
+        confined_file(&dir, Path::new(named)).map_err(|e| format!("model_path: {e}"))?;
+    if candidate.parent() != Some(dir.as_path()) || !candidate_name(&candidate) {
+        return Err(format!(
+            "model_path: {named} is not a candidate (<name>.bin directly in {})",
+            dir.display()
+        ));
     }
-    result?;
-    if let Some(dir) = to.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Points `link` at `target` (a name relative to the link's directory) by renaming a fresh symlink
-/// over it. Does nothing if it already points there.
-fn point_link(link: &Path, target: &str) -> anyhow::Result<bool> {
-    if std::fs::read_link(link).is_ok_and(|t| t == Path::new(target)) {
-        return Ok(false);
-    }
-    let name = link
-        .file_name()
-        .context("link has no name")?
-        .to_string_lossy();
-    let tmp = link.with_file_name(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(target, &tmp)
-        .with_context(|| format!("cannot create symlink {}", tmp.display()))?;
-    std::fs::rename(&tmp, link)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), link.display()))?;
-    Ok(true)
-}
-
-/// Where a promotion puts things.
-struct Layout {
-    canonical: PathBuf,
-    best_link: PathBuf,
-    backup_dir: PathBuf,
-}
-
-/// Makes `candidate` the canonical model of `key`. Returns the backup of the previous canonical
-/// model, if there was one (none either when there was no canonical model or when the candidate
-/// already is the canonical model, after a crash between the swap and the state file).
-fn swap_in(
-    candidate: &Path,
-    key: &str,
-    l: &Layout,
-    unix_ms: u64,
-) -> anyhow::Result<Option<PathBuf>> {
-    let models = l
-        .canonical
-        .parent()
-        .context("canonical path has no directory")?;
-    std::fs::create_dir_all(models)?;
-    let mut backup = None;
-    let already =
-        l.canonical.exists() && sha256::file_hex(&l.canonical)? == sha256::file_hex(candidate)?;
-    if !already {
-        if l.canonical.exists() {
-            std::fs::create_dir_all(&l.backup_dir)?;
-            let to = l.backup_dir.join(format!("canonical_{key}-{unix_ms}.bin"));
-            let tmp = l.backup_dir.join(format!(".canonical_{key}-{unix_ms}.tmp"));
-            copy_atomic(&l.canonical, &tmp, &to).context("cannot back up the canonical model")?;
-            backup = Some(to);
+    let results_path = eval_path(&candidate);
+    if let Some(claimed) = p.get("results_path").and_then(Value::as_str) {
+        let claimed =
+            confined_file(&dir, Path::new(claimed)).map_err(|e| format!("results_path: {e}"))?;
+        if claimed != results_path {
+            return Err(format!(
+                "results_path {} is not the results of {} ({})",
+                claimed.display(),
+                candidate.display(),
+                results_path.display()
+            ));
         }
-        let tmp = models.join(format!(".canonical_{key}.tmp"));
-        copy_atomic(candidate, &tmp, &l.canonical).context("cannot install the candidate")?;
     }
-    let target = l
-        .canonical
-        .file_name()
-        .context("canonical path has no name")?
-        .to_string_lossy()
-        .to_string();
-    point_link(&l.best_link, &target)?;
-    Ok(backup)
+    let record = read_record(&dir, &candidate).map_err(|e| {
+        format!(
+            "no usable evaluation results for {} ({e:#})",
+            candidate.display()
+        )
+    })?;
+    if let Some(other) = record.model_path.as_deref()
+        && other != candidate.display().to_string()
+    {
+        return Err(format!(
+            "{} is the evaluation of {other}, not of {}",
+            results_path.display(),
+            candidate.display()
+        ));
+    }
+    let claimed = Results {
+        win_rate_vs_random: p
+            .get("win_rate_vs_random")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN),
+        win_rate_vs_baseline: p.get("win_rate_vs_baseline").and_then(Value::as_f64),
+        games: p.get("games").and_then(Value::as_u64).unwrap_or(0),
+    };
+    if !same_results(&claimed, &record.results) {
+        return Err(format!(
+            "the event's numbers ({}) disagree with {} ({})",
+            describe(&claimed),
+            results_path.display(),
+            describe(&record.results)
+        ));
+    }
+    Ok((candidate, record))
 }
+
+fn same_results(a: &Results, b: &Results) -> bool {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-9;
+    close(a.win_rate_vs_random, b.win_rate_vs_random)
+        && match (a.win_rate_vs_baseline, b.win_rate_vs_baseline) {
+            (None, None) => true,
+            (Some(x), Some(y)) => close(x, y),
+            _ => false,
+        }
+        && a.games == b.games
+}
+
+fn describe(r: &Results) -> String {
+    format!(
+        "{} vs random, {} vs baseline, {} games",
+        r.win_rate_vs_random,
+        r.win_rate_vs_baseline
+            .map_or("none".to_string(), |b| b.to_string()),
+        r.games
+    )
+}
+
+/// The gate a provenance refusal is reported under (value 0, threshold 1, and a `reason`).
+const PROVENANCE: &str = "provenance";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Decided {
@@ -233,6 +233,7 @@ struct AutoPromotion {
     rejections: u64,
     errors: u64,
     reevaluations: u64,
+    refused: u64,
 }
 
 impl AutoPromotion {
@@ -267,6 +268,7 @@ impl AutoPromotion {
                 ("rejections", self.rejections),
                 ("promotion_errors", self.errors),
                 ("reevaluations", self.reevaluations),
+                ("refused_events", self.refused),
             ],
         )
     }
@@ -302,20 +304,89 @@ impl AutoPromotion {
             ringrift::timefmt::now_rfc3339()
         );
         println!("{NAME}: {}", self.last);
-        self.ctx.as_ref().expect("attached").emit(
-            "PROMOTION_REJECTED",
-            payload([
-                ("config_key", key.into()),
-                ("model_path", candidate.display().to_string().into()),
-                ("gate", gate.into()),
-                ("value", value.into()),
-                ("threshold", threshold.into()),
-            ]),
+        self.emit_rejection(
+            key,
+            &candidate.display().to_string(),
+            gate,
+            value,
+            threshold,
+            None,
         );
     }
 
-    /// Decides one evaluated candidate (once).
-    fn consider(&mut self, candidate: &Path, results: &Results) {
+    /// Rejects a candidate whose files do not prove what was evaluated (recorded as decided).
+    fn reject_provenance(&mut self, key: &str, candidate: &Path, reason: String) {
+        self.rejections += 1;
+        self.record(candidate, false, Some(PROVENANCE));
+        self.last = format!(
+            "rejected {} at {}: {reason}",
+            candidate.display(),
+            ringrift::timefmt::now_rfc3339()
+        );
+        eprintln!("{NAME}: {}", self.last);
+        let id = candidate.display().to_string();
+        self.emit_rejection(key, &id, PROVENANCE, 0.0, 1.0, Some(reason));
+    }
+
+    /// Refuses an EVALUATION_COMPLETED whose claims the files do not bear out. Nothing is decided:
+    /// the named file may not be a candidate at all, and a real candidate is decided from its own
+    /// results file by the scan.
+    fn refuse(&mut self, key: &str, named: &str, reason: String) {
+        self.refused += 1;
+        let message = format!("refused EVALUATION_COMPLETED for {named}: {reason}");
+        eprintln!("{NAME}: {key}: {message}");
+        self.last_error = Some(format!("{} {message}", ringrift::timefmt::now_rfc3339()));
+        self.emit_rejection(key, named, PROVENANCE, 0.0, 1.0, Some(reason));
+    }
+
+    fn emit_rejection(
+        &self,
+        key: &str,
+        model_path: &str,
+        gate: &str,
+        value: f64,
+        threshold: f64,
+        reason: Option<String>,
+    ) {
+        let mut p = payload([
+            ("config_key", key.into()),
+            ("model_path", model_path.into()),
+            ("gate", gate.into()),
+            ("value", value.into()),
+            ("threshold", threshold.into()),
+        ]);
+        if let Some(reason) = reason {
+            p["reason"] = reason.into();
+        }
+        self.ctx
+            .as_ref()
+            .expect("attached")
+            .emit("PROMOTION_REJECTED", p);
+    }
+
+    /// Sets a candidate's results aside so evaluation plays it again.
+    fn send_back(&mut self, candidate: &Path, why: String) {
+        let id = candidate.display().to_string();
+        let results_path = eval_path(candidate);
+        let mut stale = results_path.clone().into_os_string();
+        stale.push(".stale");
+        match std::fs::rename(&results_path, &stale) {
+            Ok(()) => {
+                self.reevaluations += 1;
+                self.state.reevaluated.push(id.clone());
+                self.save();
+                self.last = format!("{id}: {why}: sent back for evaluation");
+                println!("{NAME}: {}", self.last);
+            }
+            Err(e) => self.error(format!(
+                "cannot set aside stale results {}: {e}",
+                results_path.display()
+            )),
+        }
+    }
+
+    /// Decides one evaluated candidate (once), from its results file.
+    fn consider(&mut self, candidate: &Path, record: &Record) {
         let id = candidate.display().to_string();
         if self.state.decided.contains_key(&id) {
             return;
@@ -328,6 +399,28 @@ impl AutoPromotion {
             println!("{NAME}: {id} is gone (quarantined or deleted): nothing to decide");
             return;
         }
+        match (&record.model_path, &record.model_sha256) {
+            (Some(named), _) if *named != id => {
+                let reason = format!(
+                    "{} is the evaluation of {named}, not of {id}",
+                    eval_path(candidate).display()
+                );
+                return self.reject_provenance(&key, candidate, reason);
+            }
+            (Some(_), Some(_)) => {}
+            _ if self.state.reevaluated.contains(&id) => {
+                let reason = format!(
+                    "{} records no model_path/model_sha256 even after a re-evaluation",
+                    eval_path(candidate).display()
+                );
+                return self.reject_provenance(&key, candidate, reason);
+            }
+            _ => {
+                let why = "its results record no model hash (written by an older version)";
+                return self.send_back(candidate, why.to_string());
+            }
+        }
+        let results = &record.results;
         let pipeline = self.pipeline.clone().expect("started");
         let canonical = pipeline.canonical(&key);
         // A canonical model that does not load is no baseline: promotion replaces it.
@@ -357,27 +450,13 @@ impl AutoPromotion {
                 );
             }
             Verdict::Stale => {
-                let results_path = eval_path(candidate);
-                let mut stale = results_path.clone().into_os_string();
-                stale.push(".stale");
-                match std::fs::rename(&results_path, &stale) {
-                    Ok(()) => {
-                        self.reevaluations += 1;
-                        self.state.reevaluated.push(id.clone());
-                        self.save();
-                        self.last = format!(
-                            "{id}: evaluated without a baseline but {} exists now: sent back for evaluation",
-                            canonical.display()
-                        );
-                        println!("{NAME}: {}", self.last);
-                    }
-                    Err(e) => self.error(format!(
-                        "cannot set aside stale results {}: {e}",
-                        results_path.display()
-                    )),
-                }
+                let why = format!(
+                    "evaluated without a baseline but {} exists now",
+                    canonical.display()
+                );
+                self.send_back(candidate, why);
             }
-            Verdict::Promote => self.promote(&pipeline, &key, candidate, results),
+            Verdict::Promote => self.promote(&pipeline, &key, candidate, record),
         }
     }
 
@@ -389,7 +468,22 @@ impl AutoPromotion {
         self.last = message;
     }
 
-    fn promote(&mut self, pipeline: &Pipeline, key: &str, candidate: &Path, results: &Results) {
+    fn promote(&mut self, pipeline: &Pipeline, key: &str, candidate: &Path, record: &Record) {
+        let results = &record.results;
+        // One read through a confined handle: what is hashed, checked and installed is the same.
+        let (bytes, mode, _) = match read_confined(&pipeline.candidates_dir(key), candidate) {
+            Ok(read) => read,
+            Err(e) => return self.reject_provenance(key, candidate, e.to_string()),
+        };
+        let sha = sha256::hex_of(&bytes);
+        if record.model_sha256.as_deref() != Some(sha.as_str()) {
+            let reason = format!(
+                "{} changed since it was evaluated (SHA-256 {sha}, evaluated {})",
+                candidate.display(),
+                record.model_sha256.as_deref().unwrap_or("unknown")
+            );
+            return self.reject_provenance(key, candidate, reason);
+        }
         if let Err(e) = pipeline.check_model(candidate, key) {
             let moved = quarantine(candidate)
                 .map(|p| p.display().to_string())
@@ -407,7 +501,12 @@ impl AutoPromotion {
             backup_dir: pipeline.backup_dir(),
         };
         let ms = (now_secs() * 1000.0) as u64;
-        let backup = match swap_in(candidate, key, &layout, ms) {
+        let source = Candidate {
+            bytes: &bytes,
+            mode,
+        };
+        let check = |copy: &Path| pipeline.check_model(copy, key);
+        let backup = match swap_in(&source, key, &layout, ms, &check) {
             Ok(b) => b,
             Err(e) => {
                 // Not recorded as decided: tried again next cycle. The canonical model is intact.
@@ -467,8 +566,11 @@ impl AutoPromotion {
             {
                 continue;
             }
-            match read_results(&results_path, 0) {
-                Ok(results) => self.consider(&candidate, &results),
+            let Some(dir) = candidate.parent() else {
+                continue;
+            };
+            match read_record(dir, &candidate) {
+                Ok(record) => self.consider(&candidate, &record),
                 // Evaluation's business: it quarantines unusable results and evaluates again.
                 Err(e) => eprintln!("{NAME}: skipping {}: {e:#}", results_path.display()),
             }
@@ -539,21 +641,22 @@ impl Daemon for AutoPromotion {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let p = &event.payload;
-            let candidate = PathBuf::from(
-                p.get("model_path")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            );
-            let results = Results {
-                win_rate_vs_random: p
-                    .get("win_rate_vs_random")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0),
-                win_rate_vs_baseline: p.get("win_rate_vs_baseline").and_then(Value::as_f64),
-                games: p.get("games").and_then(Value::as_u64).unwrap_or(0),
-            };
-            self.consider(&candidate, &results);
+            let pipeline = self.pipeline.clone().expect("started");
+            let key = pipeline.event_config_key(NAME, &event)?;
+            // The event only says where to look: the candidate and its numbers come from the
+            // files this pipeline wrote, and an event that disagrees with them is refused.
+            match verify_event(&pipeline, &key, &event.payload) {
+                Ok((candidate, record)) => self.consider(&candidate, &record),
+                Err(reason) => {
+                    let named = event
+                        .payload
+                        .get("model_path")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                    self.refuse(&key, &named, reason);
+                }
+            }
             Some(self.report())
         })
     }
@@ -561,9 +664,6 @@ impl Daemon for AutoPromotion {
 
 #[cfg(test)]
 mod tests {
-    use ringrift::game::GameConfig;
-    use ringrift::game::model::Model;
-
     use super::*;
 
     const T: Thresholds = Thresholds {
@@ -640,70 +740,64 @@ mod tests {
         );
     }
 
-    fn model(config: &GameConfig, bias: f32) -> Vec<u8> {
-        let mut m = Model::zeros(config);
-        let states = vec![1.0; m.num_features()];
-        m.train(&states, &[bias], &Default::default());
-        m.to_bytes()
+    fn record_of(results: Results, path: &Path, sha: &str) -> Value {
+        json!({
+            "win_rate_vs_random": results.win_rate_vs_random,
+            "win_rate_vs_baseline": results.win_rate_vs_baseline,
+            "games_vs_random": results.games,
+            "model_path": path.display().to_string(),
+            "model_sha256": sha,
+        })
     }
 
     #[test]
-    fn swap_backs_up_replaces_atomically_and_links() {
+    fn events_are_checked_against_the_results_file() {
         let dir = tempfile::tempdir().unwrap();
-        let config = GameConfig::parse("hex6_2p").unwrap();
-        let models = dir.path().join("models");
-        let cand_dir = models.join("candidates/hex6_2p");
-        std::fs::create_dir_all(&cand_dir).unwrap();
-        let l = Layout {
-            canonical: models.join("canonical_hex6_2p.bin"),
-            best_link: models.join("ringrift_best_hex6_2p"),
-            backup_dir: models.join("backup"),
+        let pipeline = Pipeline {
+            root: dir.path().to_path_buf(),
+            config_keys: vec!["hex6_2p".into()],
+            jobs: BTreeMap::new(),
+            worker: "/bin/true".into(),
         };
-        let first = cand_dir.join("hex6_2p-1.bin");
-        std::fs::write(&first, model(&config, 1.0)).unwrap();
-        assert_eq!(swap_in(&first, "hex6_2p", &l, 1).unwrap(), None);
-        assert_eq!(
-            std::fs::read(&l.canonical).unwrap(),
-            std::fs::read(&first).unwrap()
-        );
-        assert_eq!(
-            std::fs::read_link(&l.best_link).unwrap(),
-            Path::new("canonical_hex6_2p.bin")
-        );
-        Model::load(&l.best_link, &config).unwrap();
-
-        let second = cand_dir.join("hex6_2p-2.bin");
-        std::fs::write(&second, model(&config, -1.0)).unwrap();
-        let backup = swap_in(&second, "hex6_2p", &l, 2).unwrap().unwrap();
-        assert_eq!(backup, l.backup_dir.join("canonical_hex6_2p-2.bin"));
-        assert_eq!(
-            std::fs::read(&backup).unwrap(),
-            std::fs::read(&first).unwrap()
-        );
-        assert_eq!(
-            std::fs::read(&l.canonical).unwrap(),
-            std::fs::read(&second).unwrap()
-        );
-        // Re-running after a crash: already canonical, no second backup.
-        assert_eq!(swap_in(&second, "hex6_2p", &l, 3).unwrap(), None);
-        let leftovers: Vec<_> = std::fs::read_dir(&models)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-            .collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-    }
-
-    #[test]
-    fn a_broken_link_is_repointed() {
-        let dir = tempfile::tempdir().unwrap();
-        let link = dir.path().join("ringrift_best_hex6_2p");
-        std::os::unix::fs::symlink("elsewhere.bin", &link).unwrap();
-        assert!(point_link(&link, "canonical_hex6_2p.bin").unwrap());
-        assert!(!point_link(&link, "canonical_hex6_2p.bin").unwrap());
-        assert_eq!(
-            std::fs::read_link(&link).unwrap(),
-            Path::new("canonical_hex6_2p.bin")
-        );
+        let cands = pipeline.candidates_dir("hex6_2p");
+        std::fs::create_dir_all(&cands).unwrap();
+        let cand = cands.join("hex6_2p-1.bin");
+        std::fs::write(&cand, b"model").unwrap();
+        let real = r(0.3, None, 100);
+        std::fs::write(
+            eval_path(&cand),
+            record_of(real.clone(), &cand, &sha256::hex_of(b"model")).to_string(),
+        )
+        .unwrap();
+        let event = |path: &Path, random: f64| {
+            json!({"config_key": "hex6_2p", "model_path": path.display().to_string(),
+                   "win_rate_vs_random": random, "win_rate_vs_baseline": null, "games": 100})
+        };
+        let (c, record) = verify_event(&pipeline, "hex6_2p", &event(&cand, 0.3)).unwrap();
+        assert_eq!((c, record.results), (cand.clone(), real));
+        let err = verify_event(&pipeline, "hex6_2p", &event(&cand, 1.0)).unwrap_err();
+        assert!(err.contains("disagree"), "{err}");
+        // A file outside the candidates directory, and a symlink to it inside.
+        let outside = dir.path().join("evil.bin");
+        std::fs::write(&outside, b"secret").unwrap();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&outside, 1.0)).unwrap_err();
+        assert!(err.contains("is outside"), "{err}");
+        let link = cands.join("evil.bin");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&link, 1.0)).unwrap_err();
+        assert!(err.contains("symlink"), "{err}");
+        // A candidate without results, and a results file that names another model.
+        let other = cands.join("hex6_2p-2.bin");
+        std::fs::write(&other, b"model").unwrap();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3)).unwrap_err();
+        assert!(err.contains("no usable evaluation results"), "{err}");
+        std::fs::copy(eval_path(&cand), eval_path(&other)).unwrap();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3)).unwrap_err();
+        assert!(err.contains("is the evaluation of"), "{err}");
+        // results_path, when given, must be the candidate's own results file.
+        let mut e = event(&cand, 0.3);
+        e["results_path"] = eval_path(&other).display().to_string().into();
+        let err = verify_event(&pipeline, "hex6_2p", &e).unwrap_err();
+        assert!(err.contains("is not the results of"), "{err}");
     }
 }

@@ -15,6 +15,11 @@
 //! key's score crosses under the threshold. What it last emitted is kept in its state file, so a
 //! restart neither repeats nor loses a warning. The games DB helpers here are shared with the
 //! scheduler (it counts completed games with them).
+//!
+//! The state file is also the evidence behind its events: it is written before the events go out,
+//! and the daemons that act on quality events (training_trigger pauses training, the scheduler
+//! weighs keys) check each event against it with [`vouch`], so a forged LOW_QUALITY_DATA_WARNING
+//! cannot pause training nor a forged QUALITY_SCORE_UPDATED resume it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -241,6 +246,9 @@ pub(crate) struct KeyState {
     pub last_emitted: Option<f64>,
     /// A warning was emitted and the score has not come back over the threshold since.
     pub warned: bool,
+    /// The threshold the score is under while `warned`.
+    #[serde(default)]
+    pub warned_threshold: Option<f64>,
 }
 
 /// Which events a new score calls for: (QUALITY_SCORE_UPDATED, LOW_QUALITY_DATA_WARNING), and the
@@ -258,8 +266,63 @@ pub(crate) fn decide(prev: &KeyState, score: f64, threshold: f64) -> (bool, bool
             prev.last_emitted
         },
         warned: below,
+        warned_threshold: below.then_some(threshold),
     };
     (update, warn, next)
+}
+
+/// What the quality monitor's own state says of a key, for a daemon acting on a quality event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Vouched {
+    /// The monitor's last published score.
+    pub score: f64,
+    /// The data is flagged low...
+    pub warned: bool,
+    /// ...under this threshold (unknown in state files written before it was recorded).
+    pub threshold: Option<f64>,
+}
+
+/// Checks a quality event (`event_type` with its `score`) for `key` against the quality
+/// monitor's state file. `Ok(None)`: there is no state file (no built-in quality monitor has
+/// scored yet, or the events come from a monitor of the user's own), so only the supervisor's
+/// check of who may emit the event stands behind it. `Err(why)`: the state contradicts the event.
+pub(crate) fn vouch(
+    pipeline: &Pipeline,
+    key: &str,
+    event_type: &str,
+    score: f64,
+) -> Result<Option<Vouched>, String> {
+    let path = pipeline.state_path(NAME);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let state: State = load_state(&path);
+    let Some(ks) = state.keys.get(key) else {
+        return Err(format!(
+            "the quality monitor has not scored {key} ({})",
+            path.display()
+        ));
+    };
+    // A warning may carry a score that moved less than UPDATE_DELTA since the last update.
+    let last = ks.last_emitted.unwrap_or(f64::NAN);
+    let agrees = (score - last).abs() < UPDATE_DELTA + 1e-4;
+    if !agrees {
+        return Err(format!(
+            "score {score} is not the quality monitor's ({last} in {})",
+            path.display()
+        ));
+    }
+    if event_type == "LOW_QUALITY_DATA_WARNING" && !ks.warned {
+        return Err(format!(
+            "the quality monitor does not flag {key} low ({})",
+            path.display()
+        ));
+    }
+    Ok(Some(Vouched {
+        score: last,
+        warned: ks.warned,
+        threshold: ks.warned_threshold,
+    }))
 }
 
 // ---------------------------------------------------------------- the daemon
@@ -345,6 +408,14 @@ impl QualityMonitor {
                 let prev = self.state.keys.get(key).cloned().unwrap_or_default();
                 let (update, warn, next) = decide(&prev, q.score, self.threshold);
                 let score = round4(q.score);
+                // The state first: it is the evidence the consumers check the events against.
+                if next != prev {
+                    self.state.keys.insert(key.to_string(), next);
+                    let path = pipeline.state_path(NAME);
+                    if let Err(e) = save_state(&path, &self.state) {
+                        eprintln!("{NAME}: cannot save state to {}: {e:#}", path.display());
+                    }
+                }
                 if update {
                     self.updates += 1;
                     println!(
@@ -373,13 +444,6 @@ impl QualityMonitor {
                             ("reason", reason.into()),
                         ]),
                     );
-                }
-                if next != prev {
-                    self.state.keys.insert(key.to_string(), next);
-                    let path = pipeline.state_path(NAME);
-                    if let Err(e) = save_state(&path, &self.state) {
-                        eprintln!("{NAME}: cannot save state to {}: {e:#}", path.display());
-                    }
                 }
                 Seen::Scored(q)
             }
@@ -517,6 +581,13 @@ impl Daemon for QualityMonitor {
                 );
                 return None;
             }
+            let games_dir = self.pipeline.as_ref().expect("started").games_dir();
+            if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {
+                // Scored from this pipeline's own DB on the next cycle anyway.
+                eprintln!("{NAME}: {key}: {why}");
+                self.errors += 1;
+                return Some(self.report());
+            }
             self.check(&key);
             Some(self.report())
         })
@@ -626,6 +697,41 @@ mod tests {
         assert!(!warn && !s5.warned);
         let (_, warn, _) = decide(&s5, 0.45, 0.5);
         assert!(warn, "a new crossing warns again");
+    }
+
+    #[test]
+    fn quality_events_are_checked_against_the_monitors_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = Pipeline {
+            root: dir.path().to_path_buf(),
+            config_keys: vec!["hex8_2p".into()],
+            jobs: BTreeMap::new(),
+            worker: "/bin/true".into(),
+        };
+        let warn = "LOW_QUALITY_DATA_WARNING";
+        let update = "QUALITY_SCORE_UPDATED";
+        // No state file: nothing to check against.
+        assert_eq!(vouch(&pipeline, "hex8_2p", warn, 0.1), Ok(None));
+        let (_, _, good) = decide(&KeyState::default(), 0.9, 0.5);
+        let mut state = State::default();
+        state.keys.insert("hex8_2p".into(), good);
+        save_state(&pipeline.state_path(NAME), &state).unwrap();
+        let err = vouch(&pipeline, "hex8_2p", warn, 0.9).unwrap_err();
+        assert!(err.contains("does not flag"), "{err}");
+        let err = vouch(&pipeline, "hex8_2p", update, 0.2).unwrap_err();
+        assert!(err.contains("not the quality monitor's"), "{err}");
+        assert!(
+            vouch(&pipeline, "hex6_2p", update, 0.9).is_err(),
+            "never scored"
+        );
+        let v = vouch(&pipeline, "hex8_2p", update, 0.9).unwrap().unwrap();
+        assert!(!v.warned && v.score == 0.9);
+        // A real warning: flagged under the monitor's threshold.
+        let (_, _, low) = decide(&state.keys["hex8_2p"], 0.3, 0.5);
+        state.keys.insert("hex8_2p".into(), low);
+        save_state(&pipeline.state_path(NAME), &state).unwrap();
+        let v = vouch(&pipeline, "hex8_2p", warn, 0.3).unwrap().unwrap();
+        assert_eq!((v.warned, v.threshold), (true, Some(0.5)));
     }
 
     fn make_db(path: &Path, games: &[(i64, &[i64])]) {

@@ -661,7 +661,21 @@ impl Daemon for Scheduler {
             match event.event_type.as_str() {
                 "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
                     let key = event.payload.get("config_key")?.as_str()?.to_string();
-                    let score = event.payload.get("score")?.as_f64()?;
+                    let claimed = event.payload.get("score")?.as_f64()?;
+                    // The quality monitor's own state decides the score, not the event.
+                    let score = match super::quality::vouch(
+                        self.pipeline(),
+                        &key,
+                        &event.event_type,
+                        claimed,
+                    ) {
+                        Ok(Some(v)) => v.score,
+                        Ok(None) => claimed,
+                        Err(why) => {
+                            eprintln!("{NAME}: {key}: refused {}: {why}", event.event_type);
+                            return None;
+                        }
+                    };
                     if self.state.quality.get(&key) == Some(&score) {
                         return None;
                     }

@@ -9,7 +9,11 @@
 //!   training, data quality not flagged low, and an exponential backoff after failed runs so a
 //!   broken trainer is not restarted every cycle.
 //! - Quality is an event-fed flag kept in the state file: a LOW_QUALITY_DATA_WARNING blocks the key
-//!   until a QUALITY_SCORE_UPDATED at or above the warning's threshold clears it.
+//!   until a QUALITY_SCORE_UPDATED at or above the warning's threshold clears it. Each quality event
+//!   is checked against the quality monitor's own state file ([`super::quality::vouch`]) and the
+//!   flag follows that file: an event it contradicts neither pauses nor resumes training.
+//! - NPZ_EXPORT_COMPLETE only says "look now": training reads data/training/<key>.npz, and an event
+//!   naming an export anywhere else is refused with TRAINING_FAILED.
 //! - A candidate is announced only after it loads with `Model::load`; one that does not is renamed
 //!   to `<candidate>.bad` and reported as TRAINING_FAILED. An export that does not decode is
 //!   quarantined the same way, and auto_export writes a fresh one.
@@ -655,6 +659,7 @@ impl Daemon for TrainingTrigger {
                 .as_ref()
                 .expect("started")
                 .event_config_key(NAME, &event)?;
+            let pipeline = self.pipeline.clone().expect("started");
             match event.event_type.as_str() {
                 "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
                     let score = event
@@ -664,7 +669,23 @@ impl Daemon for TrainingTrigger {
                         .unwrap_or(0.0);
                     let threshold = event.payload.get("threshold").and_then(Value::as_f64);
                     let before = self.key_state(&key).quality_low;
-                    let after = apply_quality(before, &event.event_type, score, threshold);
+                    let after =
+                        match super::quality::vouch(&pipeline, &key, &event.event_type, score) {
+                            Err(why) => {
+                                let error = format!("refused {}: {why}", event.event_type);
+                                eprintln!("{NAME}: {key}: {error}");
+                                self.last_error = Some(format!(
+                                    "{} {key}: {error}",
+                                    ringrift::timefmt::now_rfc3339()
+                                ));
+                                return Some(self.report());
+                            }
+                            // The monitor's state decides, whatever the event claims.
+                            Ok(Some(v)) => {
+                                v.warned.then(|| v.threshold.or(threshold).unwrap_or(score))
+                            }
+                            Ok(None) => apply_quality(before, &event.event_type, score, threshold),
+                        };
                     if after != before {
                         println!(
                             "{NAME}: {key}: {} (score {score}): training {}",
@@ -682,7 +703,22 @@ impl Daemon for TrainingTrigger {
                         self.set(&key, true, detail);
                     }
                 }
-                _ => self.check_key(&key).await,
+                _ => {
+                    if let Err(why) =
+                        Pipeline::check_event_path(&event, "npz_path", &pipeline.training_dir())
+                    {
+                        // Not a failed run: no backoff, no change to the key's health.
+                        eprintln!("{NAME}: {key}: {why}");
+                        self.last_error =
+                            Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                        self.ctx.as_ref().expect("attached").emit(
+                            "TRAINING_FAILED",
+                            payload([("config_key", key.as_str().into()), ("error", why.into())]),
+                        );
+                        return Some(self.report());
+                    }
+                    self.check_key(&key).await
+                }
             }
             Some(self.report())
         })

@@ -1,0 +1,409 @@
+//! The routes: which requests exist, and the JSON each answers with. Everything here talks to the
+//! core through its channel; nothing here touches a socket.
+
+use ringrift::lifecycle::DaemonState;
+use ringrift::protocol::{ErrorCode, FromSupervisor, StatusReport, ToSupervisor};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{Msg, Requester};
+
+pub(crate) const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /metrics, GET /events, POST /event (HEAD wherever GET)";
+
+/// Default page of `GET /events`.
+const DEFAULT_PAGE: usize = 100;
+/// Largest page of `GET /events`; a larger `limit` is capped to it (page on with `since`).
+pub(crate) const MAX_PAGE: usize = 1000;
+
+/// A request the server knows, with its method already checked.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Health,
+    Ready,
+    Status,
+    DaemonHealth(String),
+    Metrics,
+    Events,
+    /// A write route: needs the bearer token, and has a body.
+    PostEvent,
+}
+
+impl Route {
+    /// Finds the route of `method path`, or the 404/405 answer. HEAD is accepted wherever GET is.
+    pub(crate) fn parse(method: &str, path: &str) -> Result<Route, Response> {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (route, allowed) = match segments.as_slice() {
+            ["health"] => (Route::Health, "GET"),
+            ["ready"] => (Route::Ready, "GET"),
+            ["daemon", "status"] => (Route::Status, "GET"),
+            ["daemon", name, "health"] => (Route::DaemonHealth((*name).to_string()), "GET"),
+            ["metrics"] => (Route::Metrics, "GET"),
+            ["events"] => (Route::Events, "GET"),
+            ["event"] => (Route::PostEvent, "POST"),
+            _ => {
+                return Err(Response::error(
+                    404,
+                    &format!("no route {method} {path}; routes: {ROUTES}"),
+                ));
+            }
+        };
+        let ok = method == allowed || (allowed == "GET" && method == "HEAD");
+        if ok {
+            return Ok(route);
+        }
+        let mut r = Response::error(
+            405,
+            &format!("{method} is not allowed on {path}; routes: {ROUTES}"),
+        );
+        let allow = if allowed == "GET" {
+            "GET, HEAD"
+        } else {
+            allowed
+        };
+        r.headers.push(("allow", allow.to_string()));
+        Err(r)
+    }
+
+    pub(crate) fn is_write(&self) -> bool {
+        matches!(self, Route::PostEvent)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub(crate) fn json(status: u16, v: &Value) -> Response {
+        let mut body = serde_json::to_vec_pretty(v).expect("json serializes");
+        body.push(b'\n');
+        Response {
+            status,
+            content_type: "application/json",
+            headers: Vec::new(),
+            body,
+        }
+    }
+
+    pub(crate) fn error(status: u16, msg: &str) -> Response {
+        Response::json(status, &json!({ "error": msg }))
+    }
+}
+
+/// Answers a read route.
+pub(crate) async fn read(
+    route: &Route,
+    query: &str,
+    core: &mpsc::UnboundedSender<Msg>,
+) -> Response {
+    let result = match route {
+        Route::Health => status(core).await.map(|s| {
+            Response::json(
+                200,
+                &json!({ "status": "ok", "pid": s.supervisor.pid, "uptime_secs": s.supervisor.uptime_secs }),
+            )
+        }),
+        Route::Ready => status(core).await.map(|s| ready(&s)),
+        Route::Status => status(core).await.map(|s| {
+            Response::json(200, &serde_json::to_value(&s).expect("serializes"))
+        }),
+        Route::DaemonHealth(name) => Ok(daemon_health(core, name).await),
+        Route::Metrics => status(core).await.map(|s| Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            headers: Vec::new(),
+            body: super::metrics::metrics(&s).into_bytes(),
+        }),
+        Route::Events => Ok(list_events(core, query).await),
+        Route::PostEvent => Err(Response::error(500, "a write route reached read()")),
+    };
+    result.unwrap_or_else(|r| r)
+}
+
+/// Answers a write route whose token was checked and whose body was read.
+pub(crate) async fn write(
+    route: &Route,
+    body: &[u8],
+    core: &mpsc::UnboundedSender<Msg>,
+) -> Response {
+    match route {
+        Route::PostEvent => post_event(core, body).await,
+        _ => Response::error(500, "a read route reached write()"),
+    }
+}
+
+async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: ToSupervisor) -> Option<FromSupervisor> {
+    let (tx, rx) = oneshot::channel();
+    core.send(Msg::Request {
+        frame,
+        reply: tx,
+        stream: None,
+        from: Requester::Http,
+    })
+    .ok()?;
+    rx.await.ok()
+}
+
+async fn status(core: &mpsc::UnboundedSender<Msg>) -> Result<StatusReport, Response> {
+    match ask(core, ToSupervisor::Status { name: None }).await {
+        Some(FromSupervisor::Status(s)) => Ok(s),
+        _ => Err(Response::error(503, "the supervisor is shutting down")),
+    }
+}
+
+fn ready(s: &StatusReport) -> Response {
+    let not_ready: Vec<Value> = s
+        .daemons
+        .iter()
+        .filter(|d| {
+            matches!(
+                d.state,
+                DaemonState::Waiting
+                    | DaemonState::Initializing
+                    | DaemonState::Backoff
+                    | DaemonState::Failed
+            )
+        })
+        .map(|d| json!({ "name": d.name, "state": d.state }))
+        .collect();
+    let running = s
+        .daemons
+        .iter()
+        .filter(|d| d.state == DaemonState::Running)
+        .count();
+    let ok = not_ready.is_empty() && running > 0;
+    Response::json(
+        if ok { 200 } else { 503 },
+        &json!({ "ready": ok, "running": running, "not_ready": not_ready }),
+    )
+}
+
+async fn daemon_health(core: &mpsc::UnboundedSender<Msg>, name: &str) -> Response {
+    match ask(
+        core,
+        ToSupervisor::Status {
+            name: Some(name.to_string()),
+        },
+    )
+    .await
+    {
+        Some(FromSupervisor::Status(s)) => {
+            let Some(d) = s.daemons.first() else {
+                return Response::error(404, &format!("unknown daemon '{name}'"));
+            };
+            let alive = matches!(d.state, DaemonState::Running | DaemonState::Paused);
+            let healthy = alive && (d.health.healthy || d.kind == "external");
+            let message = if alive {
+                d.health.message.clone()
+            } else {
+                d.reason
+                    .clone()
+                    .unwrap_or_else(|| format!("daemon is {}", d.state))
+            };
+            let body = json!({
+                "name": d.name,
+                "healthy": healthy,
+                "state": d.state,
+                "status": if alive { d.health.status.clone() } else { d.state.as_str().to_ascii_lowercase() },
+                "message": message,
+                "details": d.health.details,
+                "timestamp": ringrift::timefmt::now_rfc3339(),
+            });
+            Response::json(if healthy { 200 } else { 503 }, &body)
+        }
+        Some(FromSupervisor::Error { message, .. }) => Response::error(404, &message),
+        _ => Response::error(503, "the supervisor is shutting down"),
+    }
+}
+
+async fn post_event(core: &mpsc::UnboundedSender<Msg>, body: &[u8]) -> Response {
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Response::error(400, &format!("the body is not JSON: {e}")),
+    };
+    let Some(event_type) = v.get("type").and_then(Value::as_str) else {
+        return Response::error(
+            400,
+            "the body needs \"type\" (a string) and \"payload\" (an object)",
+        );
+    };
+    let payload = v
+        .get("payload")
+        .cloned()
+        .unwrap_or(Value::Object(Default::default()));
+    if let Some(extra) = v
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "type" && *k != "payload"))
+    {
+        return Response::error(
+            400,
+            &format!("unknown field '{extra}' in the body (expected \"type\" and \"payload\")"),
+        );
+    }
+    match ask(
+        core,
+        ToSupervisor::Emit {
+            event_type: event_type.to_string(),
+            payload,
+            source: Some("http".into()),
+        },
+    )
+    .await
+    {
+        Some(FromSupervisor::Emitted {
+            seq,
+            id,
+            event_type,
+        }) => Response::json(
+            200,
+            &json!({ "ok": true, "seq": seq, "id": id, "type": event_type }),
+        ),
+        Some(FromSupervisor::Error {
+            code: ErrorCode::Forbidden,
+            message,
+        }) => Response::error(403, &message),
+        Some(FromSupervisor::Error { message, .. }) => Response::error(400, &message),
+        _ => Response::error(503, "the supervisor is shutting down"),
+    }
+}
+
+/// `since`, `type` (repeatable) and `limit` of `GET /events`; `limit` is capped at [`MAX_PAGE`].
+#[derive(Debug, PartialEq)]
+struct EventsQuery {
+    since: Option<u64>,
+    types: Vec<String>,
+    limit: usize,
+}
+
+fn parse_events_query(query: &str) -> Result<EventsQuery, String> {
+    let mut q = EventsQuery {
+        since: None,
+        types: Vec::new(),
+        limit: DEFAULT_PAGE,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" => match v.parse() {
+                Ok(n) => q.since = Some(n),
+                Err(_) => return Err(format!("since must be a sequence number, got '{v}'")),
+            },
+            "type" => q.types.push(v.to_string()),
+            "limit" => match v.parse::<usize>() {
+                Ok(n) => q.limit = n.min(MAX_PAGE),
+                Err(_) => return Err(format!("limit must be a number, got '{v}'")),
+            },
+            other => {
+                return Err(format!(
+                    "unknown query parameter '{other}' (since, type, limit)"
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response {
+    let q = match parse_events_query(query) {
+        Ok(q) => q,
+        Err(msg) => return Response::error(400, &msg),
+    };
+    // The listing is streamed by the core on a channel; collect it here.
+    let (stream_tx, mut stream_rx) = crate::ipc::ConnTx::new(crate::ipc::CLI_QUEUE_BYTES);
+    let (tx, rx) = oneshot::channel();
+    let frame = ToSupervisor::Events {
+        since: q.since,
+        types: q.types,
+        follow: false,
+        limit: Some(q.limit),
+    };
+    if core
+        .send(Msg::Request {
+            frame,
+            reply: tx,
+            stream: Some(stream_tx),
+            from: Requester::Http,
+        })
+        .is_err()
+    {
+        return Response::error(503, "the supervisor is shutting down");
+    }
+    match rx.await {
+        Ok(FromSupervisor::EndOfEvents {
+            last_seq,
+            next_since,
+        }) => {
+            let mut events = Vec::new();
+            while let Some(FromSupervisor::Event { event }) = stream_rx.try_frame() {
+                events.push(event);
+            }
+            Response::json(
+                200,
+                &json!({ "last_seq": last_seq, "next_since": next_since, "events": events }),
+            )
+        }
+        Ok(FromSupervisor::Error { message, .. }) => Response::error(400, &message),
+        _ => Response::error(503, "the supervisor is shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_path_with_head_wherever_get() {
+        assert_eq!(Route::parse("GET", "/health").ok(), Some(Route::Health));
+        assert_eq!(Route::parse("HEAD", "/metrics").ok(), Some(Route::Metrics));
+        assert_eq!(
+            Route::parse("HEAD", "/daemon/auto_sync/health").ok(),
+            Some(Route::DaemonHealth("auto_sync".into()))
+        );
+        assert_eq!(Route::parse("POST", "/event").ok(), Some(Route::PostEvent));
+        assert!(Route::parse("POST", "/event").unwrap().is_write());
+        assert!(!Route::parse("GET", "/events").unwrap().is_write());
+
+        let r = Route::parse("DELETE", "/metrics").err().unwrap();
+        assert_eq!(r.status, 405);
+        assert_eq!(r.headers, vec![("allow", "GET, HEAD".to_string())]);
+        let r = Route::parse("HEAD", "/event").err().unwrap();
+        assert_eq!(r.status, 405);
+        assert_eq!(r.headers, vec![("allow", "POST".to_string())]);
+        let r = Route::parse("GET", "/nowhere").err().unwrap();
+        assert_eq!(r.status, 404);
+        assert!(String::from_utf8_lossy(&r.body).contains("routes:"));
+    }
+
+    #[test]
+    fn events_query_keeps_its_messages_and_caps_the_page() {
+        assert_eq!(
+            parse_events_query("").unwrap(),
+            EventsQuery {
+                since: None,
+                types: vec![],
+                limit: 100
+            }
+        );
+        let q = parse_events_query("since=5&type=A&type=B&limit=5000").unwrap();
+        assert_eq!(q.since, Some(5));
+        assert_eq!(q.types, vec!["A", "B"]);
+        assert_eq!(q.limit, MAX_PAGE);
+        assert_eq!(parse_events_query("limit=7").unwrap().limit, 7);
+        assert_eq!(
+            parse_events_query("since=x").unwrap_err(),
+            "since must be a sequence number, got 'x'"
+        );
+        assert_eq!(
+            parse_events_query("limit=-1").unwrap_err(),
+            "limit must be a number, got '-1'"
+        );
+        assert_eq!(
+            parse_events_query("follow=1").unwrap_err(),
+            "unknown query parameter 'follow' (since, type, limit)"
+        );
+    }
+}
