@@ -9,6 +9,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// Largest accepted payload, serialized as compact JSON: 64 KiB.
+///
+/// Events are facts ("a model was promoted, here is its path"), not a way to move data: anything
+/// bigger belongs in a file whose path the event names. The bound keeps every line of the event
+/// log small, which keeps the router's reads (it reads bodies from disk on demand), pages of
+/// queries and frames to subscribers small too.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
 /// An event as stored in the event log and delivered to subscribers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -424,6 +432,12 @@ pub fn validate(event_type: &str, payload: &Value) -> Result<String, InvalidEven
             "{name}: the payload must be a JSON object"
         )));
     };
+    if let Err(size) = payload_size(payload) {
+        return Err(InvalidEvent(format!(
+            "{name}: the payload is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES} bytes \
+             (events carry facts; put bulk data in a file and name its path)"
+        )));
+    }
     let mut problems = Vec::new();
     for key in map.keys() {
         if !spec.fields.iter().any(|f| f.name == key) {
@@ -454,6 +468,30 @@ pub fn validate(event_type: &str, payload: &Value) -> Result<String, InvalidEven
         Ok(name)
     } else {
         Err(InvalidEvent(format!("{name}: {}", problems.join("; "))))
+    }
+}
+
+/// The payload's size as compact JSON, or `Err(size)` once it is known to pass
+/// [`MAX_PAYLOAD_BYTES`]. Counts without allocating, and stops counting soon after the limit.
+fn payload_size(payload: &Value) -> Result<usize, usize> {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > MAX_PAYLOAD_BYTES {
+                return Err(std::io::Error::other("too large"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    match serde_json::to_writer(&mut c, payload) {
+        Ok(()) => Ok(c.0),
+        // The exact size of a huge payload is worth one more pass: the message names it.
+        Err(_) => Err(serde_json::to_vec(payload).map(|v| v.len()).unwrap_or(c.0)),
     }
 }
 
@@ -526,6 +564,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn an_oversized_payload_is_refused_with_its_size_and_the_limit() {
+        let fits =
+            json!({"config_key": "hex8_2p", "model_path": "m".repeat(MAX_PAYLOAD_BYTES - 100)});
+        assert!(validate("TRAINING_COMPLETED", &fits).is_ok());
+        let big = json!({"config_key": "hex8_2p", "model_path": "m".repeat(MAX_PAYLOAD_BYTES)});
+        let size = serde_json::to_vec(&big).unwrap().len();
+        let e = validate("TRAINING_COMPLETED", &big).unwrap_err().0;
+        assert!(
+            e.contains(&format!("the payload is {size} bytes"))
+                && e.contains(&format!("limit of {MAX_PAYLOAD_BYTES} bytes")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn who_may_emit_follows_the_owner_of_each_step() {

@@ -160,7 +160,8 @@ pub enum ToSupervisor {
         types: Vec<String>,
         #[serde(default)]
         follow: bool,
-        /// At most this many of the most recent matching events.
+        /// Only the most recent `limit` matching events. Either way an answer is one page (at
+        /// most 1,000 events), oldest first; `EndOfEvents::next_since` says where the next begins.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },
@@ -198,9 +199,14 @@ pub enum FromSupervisor {
         id: String,
         event_type: String,
     },
-    /// The end of a (non-follow) event listing.
+    /// The end of one page of an event listing (for `follow`, the end of the history before new
+    /// events are streamed).
     EndOfEvents {
         last_seq: u64,
+        /// More matching events remain: ask again with `since` set to this (a page holds at most
+        /// 1,000 events). Absent on the last page; old clients ignore it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_since: Option<u64>,
     },
     JobStarted {
         request_id: u64,
@@ -272,9 +278,12 @@ pub struct EventsInfo {
     pub last_seq: u64,
     /// Events accepted since the supervisor started.
     pub routed: u64,
-    /// Events kept in the log and in memory for replay.
+    /// Events kept in the log for replay (their index is in memory, their bodies on disk).
     pub retained: u64,
     pub log_path: String,
+    /// Damaged event files moved aside when the supervisor started (paths), newest last.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -438,6 +447,22 @@ mod tests {
             decode::<ToSupervisor>(&big),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn end_of_events_without_a_cursor_still_decodes() {
+        let old: FromSupervisor = decode(br#"{"type":"end_of_events","last_seq":7}"#).unwrap();
+        assert_eq!(
+            old,
+            FromSupervisor::EndOfEvents {
+                last_seq: 7,
+                next_since: None
+            }
+        );
+        let info: EventsInfo =
+            serde_json::from_str(r#"{"last_seq":1,"routed":1,"retained":1,"log_path":"x"}"#)
+                .unwrap();
+        assert!(info.quarantined.is_empty());
     }
 
     #[test]

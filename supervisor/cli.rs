@@ -193,9 +193,12 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
         }
         if let Ok(Some(status)) = child.try_wait() {
             let text = std::fs::read_to_string(&paths.boot_log).unwrap_or_default();
+            let reason = match text.trim() {
+                "" => format!("see {}", paths.master_log.display()),
+                t => t.strip_prefix("error: ").unwrap_or(t).to_string(),
+            };
             return Err(format!(
-                "the supervisor exited during start-up ({status}): {}",
-                text.trim()
+                "the supervisor exited during start-up ({status}): {reason}"
             ));
         }
         if Instant::now() > deadline {
@@ -356,6 +359,13 @@ pub(crate) fn print_status(report: &StatusReport) {
             j.command.join(" ")
         );
     }
+    if !report.events.quarantined.is_empty() {
+        let _ = writeln!(
+            out,
+            "events: damaged data was moved aside at start-up (see logs/master_loop.log): {}",
+            report.events.quarantined.join(", ")
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     let _ = stdout
         .write_all(out.as_bytes())
@@ -467,46 +477,86 @@ fn print_tail(file: &mut std::fs::File, n: usize) -> std::io::Result<u64> {
     Ok(len)
 }
 
-/// `events`: prints events until the end of the history, or forever with `follow`.
-pub(crate) fn print_events(client: &mut Client, request: &ToSupervisor, json: bool) -> i32 {
-    if let Err(e) = client.send(request) {
-        eprintln!("error: {e}");
-        return EXIT_FAILED;
-    }
-    let follow = matches!(request, ToSupervisor::Events { follow: true, .. });
+/// What `events` asks for.
+pub(crate) struct EventsQuery {
+    pub since: Option<u64>,
+    pub types: Vec<String>,
+    pub follow: bool,
+    /// The newest N of the history.
+    pub newest: Option<usize>,
+    pub json: bool,
+}
+
+/// `events`: prints the history page by page (the supervisor answers at most 1,000 events at a
+/// time and says where the next page starts), then with `follow` new events forever.
+pub(crate) fn print_events(client: &mut Client, q: &EventsQuery) -> i32 {
     let mut out = std::io::stdout().lock();
+    let mut request = ToSupervisor::Events {
+        since: q.since,
+        types: q.types.clone(),
+        follow: q.follow,
+        limit: q.newest,
+    };
+    let mut printed = 0usize;
+    // Without follow, `-n N` prints N events, even if more arrived while paging.
+    let room = |printed: usize| q.follow || q.newest.is_none_or(|n| printed < n);
     loop {
-        // Following waits as long as it takes; a listing should answer promptly.
-        let timeout = if follow {
-            None
-        } else {
-            Some(Duration::from_secs(30))
-        };
-        match client.next_frame(timeout) {
-            Ok(FromSupervisor::Event { event }) => {
-                let line = if json {
-                    serde_json::to_string(&event).expect("events serialize")
-                } else {
-                    format!(
-                        "{:>6}  {}  {:<28} {:<20} {}",
-                        event.seq, event.timestamp, event.event_type, event.source, event.payload
-                    )
-                };
-                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+        if let Err(e) = client.send(&request) {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+        let mut following = false;
+        let next = loop {
+            // Following waits as long as it takes; a listing should answer promptly.
+            let timeout = (!following).then_some(Duration::from_secs(30));
+            match client.next_frame(timeout) {
+                Ok(FromSupervisor::Event { event }) => {
+                    if !room(printed) {
+                        continue;
+                    }
+                    printed += 1;
+                    let line = if q.json {
+                        serde_json::to_string(&event).expect("events serialize")
+                    } else {
+                        format!(
+                            "{:>6}  {}  {:<28} {:<20} {}",
+                            event.seq,
+                            event.timestamp,
+                            event.event_type,
+                            event.source,
+                            event.payload
+                        )
+                    };
+                    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                        return 0;
+                    }
+                }
+                Ok(FromSupervisor::EndOfEvents {
+                    next_since: Some(next),
+                    ..
+                }) => break next,
+                Ok(FromSupervisor::EndOfEvents { .. }) if !q.follow => return 0,
+                // The history is done; new events follow on this connection.
+                Ok(FromSupervisor::EndOfEvents { .. }) => following = true,
+                Ok(other) => return report(&other),
+                Err(e) if following && e.contains("closed the connection") => {
+                    eprintln!("the supervisor went away");
                     return 0;
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return EXIT_FAILED;
+                }
             }
-            Ok(FromSupervisor::EndOfEvents { .. }) if !follow => return 0,
-            Ok(FromSupervisor::EndOfEvents { .. }) => {}
-            Ok(other) => return report(&other),
-            Err(e) if follow && e.contains("closed the connection") => {
-                eprintln!("the supervisor went away");
-                return 0;
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return EXIT_FAILED;
-            }
+        };
+        if !room(printed) {
+            return 0;
         }
+        request = ToSupervisor::Events {
+            since: Some(next),
+            types: q.types.clone(),
+            follow: q.follow,
+            limit: None,
+        };
     }
 }

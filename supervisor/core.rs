@@ -436,19 +436,25 @@ impl Core {
                     ));
                     return;
                 };
-                for ev in self.events.query(since.unwrap_or(0), &set, limit) {
+                // One page: a client that wants more asks again from `next_since`.
+                let page = self.events.query(since.unwrap_or(0), &set, limit);
+                for ev in page.events {
                     let _ = stream.send(FromSupervisor::Event {
                         event: (*ev).clone(),
                     });
                 }
-                let last_seq = self.events.info().last_seq;
-                if follow {
-                    let _ = stream.send(FromSupervisor::EndOfEvents { last_seq });
-                    self.events.watch(set, stream);
+                let end = FromSupervisor::EndOfEvents {
+                    last_seq: self.events.info().last_seq,
+                    next_since: page.next_since,
+                };
+                // Following starts once the history is exhausted; until then it is paged like a listing.
+                if follow && page.next_since.is_none() {
+                    let _ = stream.send(end);
+                    self.events.watch(&set, stream);
                     // No final reply: the stream stays open until the client leaves.
                     drop(reply);
                 } else {
-                    let _ = reply.send(FromSupervisor::EndOfEvents { last_seq });
+                    let _ = reply.send(end);
                 }
             }
             ToSupervisor::Shutdown => self.begin_shutdown(Some(reply)),

@@ -6,11 +6,17 @@
 //! `data/events/subscribers.json`, so a daemon that restarts is sent everything it has not acked,
 //! including what was emitted while it was down. Each subscriber has a bounded window of events in
 //! flight; a slow one only grows its own backlog (shown in `status`), it never delays the others.
-//! The log rotates by size and the in-memory copy keeps a bounded number of events.
+//!
+//! Memory is bounded whatever the load: only a compact index of the retained events is kept
+//! (`store`), bodies are read back from the log when needed, payloads are capped
+//! ([`ringrift::events::MAX_PAYLOAD_BYTES`]) and a query answers one page at a time ([`MAX_PAGE`]
+//! events, [`MAX_PAGE_BYTES`]). Damaged files are moved aside at start-up (`recovery`).
+
+mod recovery;
+mod store;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,14 +26,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::core::ConnTx;
+use store::{ALL_TYPES, Store};
 
 /// Events sent to one subscriber and not yet acked, at most.
 const WINDOW: usize = 512;
 
+/// Events in one answer to a query, at most.
+pub(crate) const MAX_PAGE: usize = 1000;
+/// Bytes of event bodies in one answer to a query, at most (a page holds one event at least).
+/// The whole page is queued on the client's connection at once, so it must fit its queue.
+pub(crate) const MAX_PAGE_BYTES: u64 = 2 * 1024 * 1024;
+const _: () = assert!(2 * MAX_PAGE_BYTES as usize <= crate::ipc::CLI_QUEUE_BYTES);
+
 pub(crate) struct Limits {
-    /// Rotate events.log past this size (the previous file is kept as events.log.1).
+    /// Rotate events.log past this size (the previous file is kept as events.log.1): the bytes of
+    /// events retained are at most about twice this.
     pub max_log_bytes: u64,
-    /// Events kept in memory for replay.
+    /// Events retained for replay (32 bytes of index each in memory).
     pub max_retained: usize,
 }
 
@@ -40,14 +55,17 @@ impl Default for Limits {
     }
 }
 
+/// One subscriber's line in subscribers.json.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct SubscriberState {
-    types: BTreeSet<String>,
-    acked: u64,
+pub(crate) struct SubscriberState {
+    pub types: BTreeSet<String>,
+    pub acked: u64,
 }
 
 struct Subscriber {
     state: SubscriberState,
+    /// `state.types` as catalog bits.
+    mask: u64,
     conn: Option<ConnTx>,
     /// Sequence numbers sent and not yet acked, oldest first.
     in_flight: VecDeque<u64>,
@@ -55,93 +73,84 @@ struct Subscriber {
     cursor: u64,
 }
 
+impl Subscriber {
+    fn new(state: SubscriberState) -> Subscriber {
+        let cursor = state.acked;
+        Subscriber {
+            mask: store::mask(&state.types),
+            state,
+            conn: None,
+            in_flight: VecDeque::new(),
+            cursor,
+        }
+    }
+}
+
 /// A CLI following the stream (`events -f`).
 struct Watcher {
-    types: BTreeSet<String>,
+    mask: u64,
     tx: ConnTx,
+}
+
+/// One answer to a query: matching events oldest first, and where the next page starts.
+pub(crate) struct Page {
+    pub events: Vec<Arc<Event>>,
+    /// Set when more matching events remain: ask again with `since` = this.
+    pub next_since: Option<u64>,
 }
 
 pub(crate) struct Router {
     dir: PathBuf,
-    log: File,
-    log_bytes: u64,
-    limits: Limits,
-    retained: VecDeque<Arc<Event>>,
+    store: Store,
     next_seq: u64,
     id_prefix: String,
     subscribers: BTreeMap<String, Subscriber>,
     watchers: Vec<Watcher>,
     routed: u64,
-    /// subscribers.json is behind.
+    /// subscribers.json was lost: subscribers not known yet start from the oldest retained event.
+    replay_from_oldest: bool,
+    quarantined: Vec<String>,
+    /// subscribers.json or state.json is behind.
     pub(crate) dirty: bool,
 }
 
 impl Router {
-    /// Opens (creating) data/events and loads the retained log and the subscribers' positions.
-    pub(crate) fn open(dir: &Path, limits: Limits) -> io::Result<Router> {
-        std::fs::create_dir_all(dir)?;
-        let mut retained = VecDeque::new();
-        let mut last = 0;
-        for name in ["events.log.1", "events.log"] {
-            let Ok(f) = File::open(dir.join(name)) else {
-                continue;
-            };
-            for line in BufReader::new(f).lines() {
-                let line = line?;
-                // A torn last line (crash mid-write) is skipped, not fatal.
-                let Ok(ev) = serde_json::from_str::<Event>(&line) else {
-                    continue;
-                };
-                if ev.seq <= last {
-                    continue;
-                }
-                last = ev.seq;
-                retained.push_back(Arc::new(ev));
-                if retained.len() > limits.max_retained {
-                    retained.pop_front();
-                }
-            }
-        }
-        let subs: BTreeMap<String, SubscriberState> = std::fs::read(dir.join("subscribers.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        // A subscriber file ahead of the log (the log was deleted) must not hide new events.
-        last = last.max(subs.values().map(|s| s.acked).max().unwrap_or(0));
-        let log_path = dir.join("events.log");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let log_bytes = log.metadata()?.len();
+    /// Opens (creating) data/events, moves damaged parts aside and indexes the retained log.
+    /// Returns the router and one warning per thing that was damaged, for the supervisor's log.
+    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<(Router, Vec<String>), String> {
+        let rec = recovery::recover(dir)?;
+        let store = Store::new(
+            dir,
+            rec.cur,
+            rec.prev,
+            rec.entries,
+            limits.max_log_bytes,
+            limits.max_retained,
+        )
+        .map_err(|e| format!("cannot read {}: {e}", dir.join("events.log").display()))?;
         let (secs, millis) = ringrift::timefmt::unix_now();
-        Ok(Router {
+        let router = Router {
             dir: dir.to_path_buf(),
-            log,
-            log_bytes,
-            limits,
-            retained,
-            next_seq: last + 1,
+            store,
+            next_seq: rec.last_seq + 1,
             id_prefix: format!("{:x}{:03x}{:x}", secs, millis, std::process::id()),
-            subscribers: subs
+            subscribers: rec
+                .subscribers
                 .into_iter()
-                .map(|(name, state)| {
-                    let cursor = state.acked;
-                    (
-                        name,
-                        Subscriber {
-                            state,
-                            conn: None,
-                            in_flight: VecDeque::new(),
-                            cursor,
-                        },
-                    )
-                })
+                .map(|(name, state)| (name, Subscriber::new(state)))
                 .collect(),
             watchers: Vec::new(),
             routed: 0,
-            dirty: false,
-        })
+            replay_from_oldest: rec.replay_from_oldest,
+            quarantined: rec
+                .quarantined
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            // The high-water mark and a reset of positions are written soon.
+            dirty: !rec.warnings.is_empty(),
+        };
+        Ok((router, rec.warnings))
     }
 
     /// Validates, appends to the log, then delivers. The error is the validation message.
@@ -161,27 +170,18 @@ impl Router {
             source: source.to_string(),
             timestamp: ringrift::timefmt::now_rfc3339(),
         });
-        let mut line = serde_json::to_vec(&*ev).expect("events serialize");
-        line.push(b'\n');
-        self.log
-            .write_all(&line)
-            .map_err(|e| format!("cannot append to the event log: {e}"))?;
+        self.store.append(&ev)?;
         self.next_seq += 1;
-        self.log_bytes += line.len() as u64;
-        if self.log_bytes > self.limits.max_log_bytes {
-            self.rotate();
-        }
-        self.retained.push_back(ev.clone());
-        if self.retained.len() > self.limits.max_retained {
-            self.retained.pop_front();
-        }
         self.routed += 1;
+        // The high-water mark in state.json follows, a few times a second at most.
+        self.dirty = true;
         let names: Vec<String> = self.subscribers.keys().cloned().collect();
         for name in names {
             self.pump(&name);
         }
+        let bit = store::mask([&ev.event_type]);
         self.watchers.retain(|w| {
-            !(w.types.is_empty() || w.types.contains(&ev.event_type))
+            w.mask & bit == 0
                 || w.tx
                     .send(FromSupervisor::Event {
                         event: (*ev).clone(),
@@ -189,16 +189,6 @@ impl Router {
                     .is_ok()
         });
         Ok(ev)
-    }
-
-    fn rotate(&mut self) {
-        let (cur, old) = (self.dir.join("events.log"), self.dir.join("events.log.1"));
-        if std::fs::rename(&cur, &old).is_ok()
-            && let Ok(f) = OpenOptions::new().create(true).append(true).open(&cur)
-        {
-            self.log = f;
-            self.log_bytes = 0;
-        }
     }
 
     /// A worker (re)subscribes: its unacked events are sent again from the start.
@@ -216,20 +206,21 @@ impl Router {
             }
             set.insert(n);
         }
-        let sub = self
-            .subscribers
-            .entry(name.to_string())
-            .or_insert_with(|| Subscriber {
-                // A first subscription starts at the present: it does not receive history.
-                state: SubscriberState {
-                    types: BTreeSet::new(),
-                    acked: self.next_seq - 1,
-                },
-                conn: None,
-                in_flight: VecDeque::new(),
-                cursor: self.next_seq - 1,
-            });
+        // A first subscription starts at the present: it does not receive history. After the
+        // positions were lost, it starts from the oldest retained event instead.
+        let start = if self.replay_from_oldest {
+            0
+        } else {
+            self.next_seq - 1
+        };
+        let sub = self.subscribers.entry(name.to_string()).or_insert_with(|| {
+            Subscriber::new(SubscriberState {
+                types: BTreeSet::new(),
+                acked: start,
+            })
+        });
         if sub.state.types != set {
+            sub.mask = store::mask(&set);
             sub.state.types = set;
             self.dirty = true;
         }
@@ -263,64 +254,96 @@ impl Router {
         }
     }
 
-    /// Sends what the subscriber's window allows.
+    /// Sends what the subscriber's window allows, reading bodies from the log.
     fn pump(&mut self, name: &str) {
         let Some(sub) = self.subscribers.get_mut(name) else {
             return;
         };
         let Some(tx) = sub.conn.clone() else { return };
-        let Some(first) = self.retained.front().map(|e| e.seq) else {
-            return;
-        };
+        let index = self.store.index();
+        // Events older than the retained ones are gone for good: this skips past them.
+        let mut pos = self.store.position_after(sub.cursor);
         while sub.in_flight.len() < WINDOW {
-            let next = sub.cursor + 1;
-            if next >= self.next_seq {
-                break;
+            let Some(e) = index.get(pos) else { break };
+            pos += 1;
+            sub.cursor = e.seq;
+            if !e.matches(sub.mask) {
+                continue;
             }
-            // Events older than the retained window are gone for good: skip ahead.
-            let idx = next.saturating_sub(first) as usize;
-            let Some(ev) = self.retained.get(idx) else {
-                break;
+            // An event its file no longer holds is skipped like one that is gone.
+            let Some(ev) = self.store.read(e) else {
+                continue;
             };
-            sub.cursor = ev.seq;
-            if sub.state.types.contains(&ev.event_type) {
-                if tx
-                    .send(FromSupervisor::Event {
-                        event: (**ev).clone(),
-                    })
-                    .is_err()
-                {
-                    sub.conn = None;
-                    break;
+            if tx
+                .send(FromSupervisor::Event {
+                    event: (*ev).clone(),
+                })
+                .is_err()
+            {
+                sub.conn = None;
+                break;
+            }
+            sub.in_flight.push_back(e.seq);
+        }
+    }
+
+    /// One page of the matching events after `since`, oldest first: from the start, or (with
+    /// `limit`) from where only the newest `limit` remain. A page ends after [`MAX_PAGE`] events
+    /// or [`MAX_PAGE_BYTES`]; `next_since` then says where the next one starts.
+    pub(crate) fn query(&self, since: u64, types: &BTreeSet<String>, limit: Option<usize>) -> Page {
+        let mask = if types.is_empty() {
+            ALL_TYPES
+        } else {
+            store::mask(types)
+        };
+        let index = self.store.index();
+        let from = self.store.position_after(since);
+        let mut start = index.len();
+        match limit {
+            None => start = from,
+            Some(n) => {
+                let mut found = 0;
+                while start > from && found < n {
+                    start -= 1;
+                    if index[start].matches(mask) {
+                        found += 1;
+                    }
                 }
-                sub.in_flight.push_back(ev.seq);
             }
         }
-    }
-
-    /// Matching events after `since` (the newest `limit` of them).
-    pub(crate) fn query(
-        &self,
-        since: u64,
-        types: &BTreeSet<String>,
-        limit: Option<usize>,
-    ) -> Vec<Arc<Event>> {
-        let mut out: Vec<Arc<Event>> = self
-            .retained
-            .iter()
-            .filter(|e| e.seq > since && (types.is_empty() || types.contains(&e.event_type)))
-            .cloned()
-            .collect();
-        if let Some(n) = limit
-            && out.len() > n
-        {
-            out.drain(..out.len() - n);
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        let mut last_seen = since;
+        for e in index.range(start..) {
+            if e.matches(mask) {
+                let full = events.len() >= MAX_PAGE
+                    || (bytes + u64::from(e.len) > MAX_PAGE_BYTES && !events.is_empty());
+                if full {
+                    return Page {
+                        events,
+                        next_since: Some(last_seen),
+                    };
+                }
+                if let Some(ev) = self.store.read(e) {
+                    bytes += u64::from(e.len);
+                    events.push(ev);
+                }
+            }
+            last_seen = e.seq;
         }
-        out
+        Page {
+            events,
+            next_since: None,
+        }
     }
 
-    pub(crate) fn watch(&mut self, types: BTreeSet<String>, tx: ConnTx) {
-        self.watchers.push(Watcher { types, tx });
+    pub(crate) fn watch(&mut self, types: &BTreeSet<String>, tx: ConnTx) {
+        let mask = if types.is_empty() {
+            ALL_TYPES
+        } else {
+            store::mask(types)
+        };
+        self.watchers.push(Watcher { mask, tx });
     }
 
     /// Matching events the subscriber has not acked.
@@ -328,17 +351,11 @@ impl Router {
         let Some(sub) = self.subscribers.get(name) else {
             return (Vec::new(), 0);
         };
-        let first = self
-            .retained
-            .front()
-            .map(|e| e.seq)
-            .unwrap_or(self.next_seq);
-        let start = (sub.state.acked + 1).saturating_sub(first) as usize;
         let n = self
-            .retained
-            .iter()
-            .skip(start)
-            .filter(|e| sub.state.types.contains(&e.event_type))
+            .store
+            .index()
+            .range(self.store.position_after(sub.state.acked)..)
+            .filter(|e| e.matches(sub.mask))
             .count();
         (sub.state.types.iter().cloned().collect(), n as u64)
     }
@@ -347,23 +364,33 @@ impl Router {
         EventsInfo {
             last_seq: self.next_seq - 1,
             routed: self.routed,
-            retained: self.retained.len() as u64,
-            log_path: self.dir.join("events.log").display().to_string(),
+            retained: self.store.index().len() as u64,
+            log_path: self.store.log_path().display().to_string(),
+            quarantined: self.quarantined.clone(),
         }
     }
 
-    /// Writes every subscriber's position (atomically).
+    /// Writes every subscriber's position and the high-water mark (each atomically).
     pub(crate) fn save(&mut self) -> io::Result<()> {
-        let state: BTreeMap<&String, &SubscriberState> = self
+        let subs: BTreeMap<&String, &SubscriberState> = self
             .subscribers
             .iter()
             .map(|(n, s)| (n, &s.state))
             .collect();
-        let tmp = self.dir.join("subscribers.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&state).expect("serializes"))?;
-        std::fs::rename(tmp, self.dir.join("subscribers.json"))?;
+        self.write_atomically("subscribers.json", &subs)?;
+        let state = recovery::State {
+            last_seq: self.next_seq - 1,
+            replay_from_oldest: self.replay_from_oldest,
+        };
+        self.write_atomically("state.json", &state)?;
         self.dirty = false;
         Ok(())
+    }
+
+    fn write_atomically(&self, name: &str, value: &impl Serialize) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value).expect("serializes"))?;
+        std::fs::rename(tmp, self.dir.join(name))
     }
 }
 
@@ -372,6 +399,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// Opens a router that found nothing damaged.
+    fn open(dir: &Path, limits: Limits) -> Router {
+        let (r, warnings) = Router::open(dir, limits).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        r
+    }
 
     fn games(n: i64) -> Value {
         json!({"config_key": "hex8_2p", "new_games": n})
@@ -388,7 +422,7 @@ mod tests {
     #[test]
     fn events_reach_subscribers_in_order_and_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Router::open(dir.path(), Limits::default()).unwrap();
+        let mut r = open(dir.path(), Limits::default());
         let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["new_games_available".into()], tx)
             .unwrap();
@@ -405,7 +439,7 @@ mod tests {
         drop(r);
 
         // A new supervisor: the unacked event 3 and the one emitted while down (5) are delivered.
-        let mut r = Router::open(dir.path(), Limits::default()).unwrap();
+        let mut r = open(dir.path(), Limits::default());
         let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("a", &["NEW_GAMES_AVAILABLE".into()], tx)
             .unwrap();
@@ -422,7 +456,7 @@ mod tests {
     #[test]
     fn invalid_events_are_refused_and_not_logged() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Router::open(dir.path(), Limits::default()).unwrap();
+        let mut r = open(dir.path(), Limits::default());
         let e = r
             .publish("TRAINING_STARTED", json!({"config": "hex8_2p"}), "test")
             .unwrap_err();
@@ -433,7 +467,7 @@ mod tests {
     #[test]
     fn a_slow_subscriber_is_bounded_by_its_window_and_does_not_hold_up_others() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Router::open(dir.path(), Limits::default()).unwrap();
+        let mut r = open(dir.path(), Limits::default());
         let (slow_tx, mut slow_rx) = crate::ipc::ConnTx::new(1 << 30);
         let (fast_tx, mut fast_rx) = crate::ipc::ConnTx::new(1 << 30);
         r.subscribe("slow", &["NEW_GAMES_AVAILABLE".into()], slow_tx)
@@ -459,14 +493,13 @@ mod tests {
     #[test]
     fn the_log_rotates_and_memory_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Router::open(
+        let mut r = open(
             dir.path(),
             Limits {
                 max_log_bytes: 2000,
                 max_retained: 10,
             },
-        )
-        .unwrap();
+        );
         for i in 0..50 {
             r.publish("NEW_GAMES_AVAILABLE", games(i), "test").unwrap();
         }
@@ -478,29 +511,162 @@ mod tests {
                 <= 2200
         );
         assert_eq!(r.info().retained, 10);
-        let r = Router::open(
+        let r = open(
             dir.path(),
             Limits {
                 max_log_bytes: 2000,
                 max_retained: 10,
             },
-        )
-        .unwrap();
+        );
         assert_eq!(r.info().last_seq, 50);
     }
 
     #[test]
     fn queries_filter_by_type_and_since() {
         let dir = tempfile::tempdir().unwrap();
-        let mut r = Router::open(dir.path(), Limits::default()).unwrap();
+        let mut r = open(dir.path(), Limits::default());
         for i in 0..5 {
             r.publish("NEW_GAMES_AVAILABLE", games(i), "test").unwrap();
             r.publish("TRAINING_STARTED", json!({"config_key": "hex8_2p"}), "test")
                 .unwrap();
         }
         let types: BTreeSet<String> = ["TRAINING_STARTED".to_string()].into();
-        let q = r.query(4, &types, None);
+        let q = r.query(4, &types, None).events;
         assert_eq!(q.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6, 8, 10]);
-        assert_eq!(r.query(0, &BTreeSet::new(), Some(2)).len(), 2);
+        assert_eq!(r.query(0, &BTreeSet::new(), Some(2)).events.len(), 2);
+    }
+
+    #[test]
+    fn an_index_entry_is_small() {
+        assert!(std::mem::size_of::<store::Entry>() <= 32);
+    }
+
+    #[test]
+    fn an_oversized_payload_is_refused_at_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = open(dir.path(), Limits::default());
+        let big = json!({"config_key": "hex8_2p", "new_games": 1, "db_path": "x".repeat(1 << 20)});
+        let e = r.publish("NEW_GAMES_AVAILABLE", big, "test").unwrap_err();
+        assert!(e.contains("more than the limit of 65536 bytes"), "{e}");
+        assert_eq!(r.info().last_seq, 0);
+        assert_eq!(std::fs::metadata(r.store.log_path()).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn rotated_events_stay_readable_until_the_next_rotation_and_bytes_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = || Limits {
+            max_log_bytes: 4000,
+            max_retained: 1000,
+        };
+        let mut r = open(dir.path(), limits());
+        let (tx, _rx) = crate::ipc::ConnTx::new(1 << 30);
+        r.subscribe("late", &["NEW_GAMES_AVAILABLE".into()], tx)
+            .unwrap();
+        r.disconnect("late");
+        for i in 0..400 {
+            let ev = r.publish("NEW_GAMES_AVAILABLE", games(i), "test").unwrap();
+            let line = serde_json::to_vec(&*ev).unwrap().len() as u64 + 1;
+            // Every retained event can be read back, whichever file holds it.
+            let q = r.query(0, &BTreeSet::new(), None);
+            assert_eq!(q.events.len(), r.info().retained as usize);
+            assert!(r.store.retained_bytes() <= 2 * (4000 + line));
+        }
+        let first = r.query(0, &BTreeSet::new(), None).events[0].seq;
+        assert!(first > 300, "older generations are gone: {first}");
+        assert!(dir.path().join("events.log.1").exists());
+        let in_prev = r
+            .store
+            .index()
+            .iter()
+            .filter(|e| e.generation + 1 == r.store.generation())
+            .count();
+        assert!(in_prev > 0, "events.log.1 is part of the retained events");
+
+        // A subscriber that was down skips what is gone and gets the rest, in order.
+        let (tx, mut rx) = crate::ipc::ConnTx::new(1 << 30);
+        r.subscribe("late", &["NEW_GAMES_AVAILABLE".into()], tx)
+            .unwrap();
+        let got = drain(&mut rx);
+        assert_eq!(got.first(), Some(&first));
+        assert_eq!(got.last(), Some(&400));
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1));
+
+        // A new supervisor indexes both files the same way.
+        r.save().unwrap();
+        let retained = r.info().retained;
+        drop(r);
+        let r = open(dir.path(), limits());
+        assert_eq!(r.info().retained, retained);
+        assert_eq!(r.query(0, &BTreeSet::new(), None).events[0].seq, first);
+    }
+
+    #[test]
+    fn memory_is_an_index_bounded_in_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = open(
+            dir.path(),
+            Limits {
+                max_log_bytes: 64 * 1024 * 1024,
+                max_retained: 100,
+            },
+        );
+        for i in 0..1000 {
+            r.publish("NEW_GAMES_AVAILABLE", games(i), "test").unwrap();
+        }
+        assert_eq!(r.info().retained, 100);
+        assert_eq!(r.store.index().front().unwrap().seq, 901);
+    }
+
+    #[test]
+    fn queries_answer_one_page_and_say_where_the_next_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = open(dir.path(), Limits::default());
+        for i in 0..2500 {
+            r.publish("NEW_GAMES_AVAILABLE", games(i), "test").unwrap();
+        }
+        let all = BTreeSet::new();
+        let seqs = |p: &Page| p.events.iter().map(|e| e.seq).collect::<Vec<_>>();
+        let p = r.query(0, &all, None);
+        assert_eq!(seqs(&p), (1..=1000).collect::<Vec<_>>());
+        assert_eq!(p.next_since, Some(1000));
+        let p = r.query(1000, &all, None);
+        assert_eq!(seqs(&p), (1001..=2000).collect::<Vec<_>>());
+        let p = r.query(2000, &all, None);
+        assert_eq!(seqs(&p), (2001..=2500).collect::<Vec<_>>());
+        assert_eq!(p.next_since, None, "the last page");
+
+        // The newest N: a page from where N remain.
+        let p = r.query(0, &all, Some(1500));
+        assert_eq!(seqs(&p), (1001..=2000).collect::<Vec<_>>());
+        assert_eq!(p.next_since, Some(2000));
+        let p = r.query(0, &all, Some(10));
+        assert_eq!(seqs(&p), (2491..=2500).collect::<Vec<_>>());
+        assert_eq!(p.next_since, None);
+
+        // Filtered: the cursor skips what does not match.
+        r.publish("TRAINING_STARTED", json!({"config_key": "hex8_2p"}), "test")
+            .unwrap();
+        let types: BTreeSet<String> = ["TRAINING_STARTED".to_string()].into();
+        let p = r.query(0, &types, None);
+        assert_eq!(seqs(&p), vec![2501]);
+        assert_eq!(p.next_since, None);
+    }
+
+    #[test]
+    fn a_page_is_bounded_in_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = open(dir.path(), Limits::default());
+        let big = |i: i64| json!({"config_key": "hex8_2p", "new_games": i, "db_path": "x".repeat(60_000)});
+        for i in 0..100 {
+            r.publish("NEW_GAMES_AVAILABLE", big(i), "test").unwrap();
+        }
+        let p = r.query(0, &BTreeSet::new(), None);
+        let n = p.events.len();
+        let line = serde_json::to_vec(&*p.events[0]).unwrap().len() as u64;
+        assert_eq!(n as u64, MAX_PAGE_BYTES / line, "as many as fit");
+        assert_eq!(p.next_since, Some(n as u64));
+        let rest = r.query(n as u64, &BTreeSet::new(), None);
+        assert_eq!(rest.events[0].seq, n as u64 + 1);
     }
 }

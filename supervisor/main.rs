@@ -127,10 +127,10 @@ enum Command {
         /// Only this event type (repeatable), e.g. --type NEW_GAMES_AVAILABLE
         #[arg(long = "type", value_name = "TYPE")]
         types: Vec<String>,
-        /// Only events after this sequence number
+        /// Only events after this sequence number (fetched page by page up to the newest)
         #[arg(long, value_name = "SEQ")]
         since: Option<u64>,
-        /// Only the last N events of the history
+        /// Only the newest N events of the history (at most what is retained: 100,000)
         #[arg(short = 'n', long, value_name = "N")]
         lines: Option<usize>,
         /// One JSON object per line
@@ -416,13 +416,16 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let request = ToSupervisor::Events {
-                since,
-                types,
-                follow,
-                limit: lines,
-            };
-            cli::print_events(&mut client, &request, json)
+            cli::print_events(
+                &mut client,
+                &cli::EventsQuery {
+                    since,
+                    types,
+                    follow,
+                    newest: lines,
+                    json,
+                },
+            )
         }
         Command::Reap { dry_run } => {
             let config = match load_config(&paths, config_path.as_deref()) {

@@ -52,7 +52,11 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
         }
     };
     if let Err(e) = paths::write_pid_file(&paths) {
-        log.error(&format!("cannot write {}: {e}", paths.pid_file.display()));
+        fatal(
+            &log,
+            opts.foreground,
+            &format!("cannot write {}: {e}", paths.pid_file.display()),
+        );
         return 1;
     }
     crate::leftovers::clean(&paths, &log);
@@ -67,7 +71,11 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
     {
         Ok(r) => r,
         Err(e) => {
-            log.error(&format!("cannot start the runtime: {e}"));
+            fatal(
+                &log,
+                opts.foreground,
+                &format!("cannot start the runtime: {e}"),
+            );
             return 1;
         }
     };
@@ -157,7 +165,11 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     let listener = match crate::ipc::bind(&paths.socket) {
         Ok(l) => l,
         Err(e) => {
-            log.error(&format!("cannot listen on {}: {e}", paths.socket.display()));
+            fatal(
+                &log,
+                opts.foreground,
+                &format!("cannot listen on {}: {e}", paths.socket.display()),
+            );
             return 1;
         }
     };
@@ -208,7 +220,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     }
 
     let open = crate::ipc::OpenConnections::default();
-    tokio::spawn(keep_serving(
+    let keeper = tokio::spawn(keep_serving(
         paths.clone(),
         listener,
         tx.clone(),
@@ -238,12 +250,18 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
 
     let events_dir = paths.root.join("data/events");
     let events = match crate::events::Router::open(&events_dir, crate::events::Limits::default()) {
-        Ok(r) => r,
+        Ok((r, warnings)) => {
+            for w in warnings {
+                log.warn(&format!("events: {w}"));
+            }
+            r
+        }
         Err(e) => {
-            log.error(&format!(
-                "cannot open the event log in {}: {e}",
-                events_dir.display()
-            ));
+            fatal(
+                &log,
+                opts.foreground,
+                &format!("cannot open the event log: {e}"),
+            );
             return 1;
         }
     };
@@ -275,12 +293,25 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         }
     }
     core.run(rx).await;
+    // The socket is gone on purpose now: it must not be made again while the last answers drain,
+    // or a `start` right after the shutdown would reach this exiting supervisor.
+    keeper.abort();
     // Let the last answers (the reply to `shutdown`) reach their clients, within a bound.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
     while open.count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     0
+}
+
+/// A start-up failure goes to the supervisor's log and to stderr: a background supervisor's stderr
+/// is run/supervisor.stderr, which `start` prints as the reason it could not boot. (In the
+/// foreground the log already mirrors to stderr.)
+fn fatal(log: &SupervisorLog, foreground: bool, msg: &str) {
+    log.error(msg);
+    if !foreground {
+        eprintln!("error: {msg}");
+    }
 }
 
 /// Takes the root's lock. A supervisor that has just shut down may still hold it for a moment

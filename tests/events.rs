@@ -401,3 +401,249 @@ fn a_restart_without_delay_is_announced_as_a_stop_and_a_start() {
         "{seen:?}"
     );
 }
+
+/// A control-socket client speaking the protocol directly: many requests on one connection,
+/// without a process start-up each.
+struct Conn {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Conn {
+    fn open(root: &Root) -> Conn {
+        use ringrift::protocol::{FromSupervisor, PROTOCOL_VERSION, Role, ToSupervisor};
+        let stream =
+            std::os::unix::net::UnixStream::connect(root.path().join("run/supervisor.sock"))
+                .unwrap();
+        stream.set_read_timeout(Some(T)).unwrap();
+        let mut c = Conn {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        c.send(&ToSupervisor::Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Cli,
+            daemon: None,
+            pid: None,
+        });
+        assert!(matches!(c.recv(), FromSupervisor::Welcome { .. }));
+        c
+    }
+
+    fn send(&mut self, frame: &ringrift::protocol::ToSupervisor) {
+        use std::io::Write;
+        self.writer
+            .write_all(&ringrift::protocol::encode(frame))
+            .unwrap();
+    }
+
+    fn recv(&mut self) -> ringrift::protocol::FromSupervisor {
+        use std::io::BufRead;
+        let mut line = Vec::new();
+        self.reader.read_until(b'\n', &mut line).unwrap();
+        ringrift::protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line)).unwrap()
+    }
+
+    /// Emits `n` NEW_GAMES_AVAILABLE events with a `pad`-byte path each, a batch at a time.
+    fn flood(&mut self, n: usize, pad: usize) {
+        use ringrift::protocol::{FromSupervisor, ToSupervisor};
+        let path = "p".repeat(pad);
+        let mut sent = 0;
+        while sent < n {
+            let batch = (n - sent).min(500);
+            for i in 0..batch {
+                self.send(&ToSupervisor::Emit {
+                    event_type: "NEW_GAMES_AVAILABLE".into(),
+                    payload: serde_json::json!({
+                        "config_key": "hex8_2p", "new_games": sent + i, "db_path": path
+                    }),
+                    source: None,
+                });
+            }
+            for _ in 0..batch {
+                match self.recv() {
+                    FromSupervisor::Emitted { .. } => {}
+                    other => panic!("emit refused: {other:?}"),
+                }
+            }
+            sent += batch;
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key": "hex8_2p", "new_games": 1}"#,
+    ]);
+    let before = events_json(&root, &[]);
+    let last = before.last().unwrap()["seq"].as_u64().unwrap();
+    root.ok(&["shutdown"]);
+    {
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.path().join("data/events/events.log"))
+            .unwrap();
+        log.write_all(b"\xff\n").unwrap();
+    }
+    root.ok(&["start", "auto_sync"]);
+    let text = root.ok(&["status"]);
+    assert!(
+        text.contains("events: damaged data was moved aside at start-up")
+            && text.contains("events.log.damaged-"),
+        "{text}"
+    );
+    let quarantined = root.status()["events"]["quarantined"].clone();
+    let q = quarantined[0].as_str().unwrap();
+    assert_eq!(std::fs::read(q).unwrap(), b"\xff\n");
+    assert!(root.master_log().contains("1 damaged line(s)"));
+    let out = root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        r#"{"config_key": "hex8_2p", "new_games": 2}"#,
+    ]);
+    let seq: u64 = out
+        .split("seq ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(seq > last, "{seq} > {last}");
+    let after = events_json(&root, &[]);
+    for e in &before {
+        assert!(after.contains(e), "old event kept: {e}");
+    }
+    assert!(after.iter().any(|e| e["seq"] == seq));
+}
+
+#[test]
+fn start_names_the_reason_when_the_supervisor_cannot_boot() {
+    let root = Root::new();
+    std::fs::create_dir_all(root.path().join("data")).unwrap();
+    std::fs::write(root.path().join("data/events"), b"not a directory").unwrap();
+    let out = root.run(&["start", "auto_sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("exited during start-up")
+            && err.contains("cannot open the event log: cannot create the event directory")
+            && err.contains("File exists"),
+        "{err}"
+    );
+}
+
+#[test]
+fn supervisor_memory_stays_flat_under_event_churn() {
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    let pid = root.supervisor_pid().unwrap();
+    let mut conn = Conn::open(&root);
+    // Warm up: allocator pools, caches, the first pages of the index.
+    conn.flood(5_000, 1000);
+    let warm = rss_kib(pid);
+    conn.flood(20_000, 1000);
+    let after = rss_kib(pid);
+    assert!(
+        after < warm + 4096,
+        "RSS grew from {warm} KiB to {after} KiB over 20,000 events of 1 KB"
+    );
+    assert!(root.status()["events"]["last_seq"].as_u64().unwrap() >= 25_000);
+}
+
+#[test]
+fn events_answers_in_pages_and_the_cli_pages_through() {
+    use ringrift::protocol::{FromSupervisor, ToSupervisor};
+    let root = Root::new();
+    root.ok(&["start", "auto_sync"]);
+    let mut conn = Conn::open(&root);
+    conn.flood(2_500, 10);
+    let only = vec!["NEW_GAMES_AVAILABLE".to_string()];
+    conn.send(&ToSupervisor::Events {
+        since: None,
+        types: only.clone(),
+        follow: false,
+        limit: None,
+    });
+    let mut page = Vec::new();
+    let next = loop {
+        match conn.recv() {
+            FromSupervisor::Event { event } => page.push(event.seq),
+            FromSupervisor::EndOfEvents { next_since, .. } => break next_since,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(page.len(), 1000);
+    assert_eq!(next, page.last().copied(), "the cursor of the next page");
+
+    let seqs = |extra: &[&str]| -> Vec<u64> {
+        let mut args = vec!["--type", "NEW_GAMES_AVAILABLE"];
+        args.extend_from_slice(extra);
+        events_json(&root, &args)
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let all = seqs(&[]);
+    assert_eq!(all.len(), 2500);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(seqs(&["-n", "1500"]), all[1000..]);
+    let since = all[200].to_string();
+    assert_eq!(seqs(&["--since", &since]), all[201..]);
+
+    // Following pages through the history first, then prints new events.
+    use std::io::{BufRead, BufReader};
+    let mut child = root
+        .cmd(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut followed = Vec::new();
+    let history = wait_until(T, || {
+        followed.extend(rx.try_iter());
+        followed.len() >= 2500
+    });
+    // Emit until the follower shows a new one (it may still be registering).
+    let new = history
+        && wait_until(T, || {
+            conn.flood(1, 10);
+            followed.extend(rx.recv_timeout(Duration::from_millis(200)));
+            followed.len() > 2500
+        });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(history && new, "followed {} lines", followed.len());
+    let seen: Vec<u64> = followed
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seen[..2500], all[..]);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
+}

@@ -92,6 +92,8 @@ pub(crate) struct Quirks {
 }
 
 /// What the reader task hands the main loop.
+// Frames are moved once, from the reader task to the loop; boxing each would cost more than the copy.
+#[allow(clippy::large_enum_variant)]
 enum Incoming {
     Frame(FromSupervisor),
     /// A line that did not decode; the connection stays usable.

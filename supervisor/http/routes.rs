@@ -333,12 +333,18 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
         return Response::error(503, "the supervisor is shutting down");
     }
     match rx.await {
-        Ok(FromSupervisor::EndOfEvents { last_seq }) => {
+        Ok(FromSupervisor::EndOfEvents {
+            last_seq,
+            next_since,
+        }) => {
             let mut events = Vec::new();
             while let Some(FromSupervisor::Event { event }) = stream_rx.try_frame() {
                 events.push(event);
             }
-            Response::json(200, &json!({ "last_seq": last_seq, "events": events }))
+            Response::json(
+                200,
+                &json!({ "last_seq": last_seq, "next_since": next_since, "events": events }),
+            )
         }
         Ok(FromSupervisor::Error { message, .. }) => Response::error(400, &message),
         _ => Response::error(503, "the supervisor is shutting down"),
