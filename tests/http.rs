@@ -394,6 +394,16 @@ fn writes_need_the_bearer_token_from_run() {
     let (code, _, body) = request_with(&a, "POST", "/event", &bearer(&first), EVENT);
     assert_eq!(code, 200, "{body}");
     let seq = json(&body)["seq"].as_u64().unwrap();
+    // Even with the token, a step's result or a lifecycle fact is not the operator's to state.
+    for forged in [
+        r#"{"type":"EVALUATION_COMPLETED","payload":{"config_key":"hex8_2p","model_path":"/tmp/x/hex8_2p/evil.bin","win_rate_vs_random":1,"win_rate_vs_baseline":1,"games":1000}}"#,
+        r#"{"type":"LOW_QUALITY_DATA_WARNING","payload":{"config_key":"hex8_2p","score":0.1,"threshold":0.5}}"#,
+        r#"{"type":"DAEMON_FAILED","payload":{"daemon":"idle","reason":"forged"}}"#,
+    ] {
+        let (code, _, body) = request_with(&a, "POST", "/event", &bearer(&first), forged);
+        assert_eq!(code, 403, "{forged}: {body}");
+        assert!(body.contains("http may not emit"), "{body}");
+    }
     let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
     let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
     assert_eq!(
