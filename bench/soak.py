@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def http_client(port, token, deadline, stats):
             with urllib.request.urlopen(req, timeout=10) as r:
                 r.read()
             stats.add("http ok")
+        except urllib.error.HTTPError as e:
+            stats.add(f"http {e.code}")
         except Exception as e:  # noqa: BLE001 - counted, not fatal
             stats.add(f"http error {type(e).__name__}")
 

@@ -121,8 +121,15 @@ async fn keep_serving(
     ));
     let mut check = tokio::time::interval(RUN_DIR_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     loop {
         check.tick().await;
+        ticks += 1;
+        // Bursts (a flood of HTTP bodies, a cut-off client) leave freed memory in the allocator;
+        // hand it back now and then so that RSS reflects what is in use (glibc only; cheap).
+        if ticks % 30 == 0 {
+            crate::ipc::release_free_memory();
+        }
         let ours = *socket_id.lock().expect("socket id lock");
         if ours.is_none() || paths::file_id(&paths.socket) == ours {
             continue;
