@@ -127,7 +127,7 @@ async fn keep_serving(
         ticks += 1;
         // Bursts (a flood of HTTP bodies, a cut-off client) leave freed memory in the allocator;
         // hand it back now and then so that RSS reflects what is in use (glibc only; cheap).
-        if ticks % 30 == 0 {
+        if ticks.is_multiple_of(30) {
             crate::ipc::release_free_memory();
         }
         let ours = *socket_id.lock().expect("socket id lock");

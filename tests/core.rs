@@ -684,22 +684,9 @@ fn nothing_outside_the_tree_can_act_as_a_daemon() {
     );
 }
 
-/// Runs `program args` as user nobody (65534), returning its output. Only meaningful as root.
-fn as_nobody(program: &str, args: &[&str]) -> std::process::Output {
-    use std::os::unix::process::CommandExt;
-    std::process::Command::new(program)
-        .args(args)
-        .uid(65534)
-        .gid(65534)
-        .env_remove("RINGRIFT_ROOT")
-        .current_dir("/")
-        .output()
-        .expect("run a program as nobody")
-}
-
 #[test]
 fn another_user_cannot_reach_the_control_socket() {
-    if !nix_is_root() {
+    if !is_root() {
         eprintln!("skipped: needs root to drop to nobody");
         return;
     }
@@ -721,27 +708,6 @@ fn another_user_cannot_reach_the_control_socket() {
         stderr(&o)
     );
     assert_eq!(root.state("auto_sync"), "RUNNING");
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Resident memory of a process, in KiB (VmRSS in /proc/<pid>/status).
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
 }
 
 #[test]

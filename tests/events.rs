@@ -471,15 +471,6 @@ impl Conn {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
     let root = Root::new();

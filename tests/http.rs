@@ -7,7 +7,6 @@ mod common;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -111,16 +110,6 @@ fn token(root: &Root) -> String {
 
 fn bearer(token: &str) -> String {
     format!("Authorization: Bearer {token}\r\n")
-}
-
-/// Resident memory of a process in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// `status` answers, and fast enough to tell it is not stuck behind the HTTP side.
@@ -431,23 +420,15 @@ fn writes_need_the_bearer_token_from_run() {
     );
 
     // A user other than the supervisor's can reach the port but cannot read the token.
-    if nix::unistd::geteuid().is_root() {
-        let nobody = |program: &str, args: &[&str]| {
-            Command::new(program)
-                .args(args)
-                .uid(65534)
-                .gid(65534)
-                .output()
-                .unwrap_or_else(|e| panic!("run {program} as nobody: {e}"))
-        };
-        let cat = nobody("cat", &[file.to_str().unwrap()]);
+    if is_root() {
+        let cat = as_nobody("cat", &[file.to_str().unwrap()]);
         assert!(
             !cat.status.success(),
             "nobody read the token: {}",
             stdout(&cat)
         );
         assert!(stdout(&cat).is_empty());
-        let curl = nobody(
+        let curl = as_nobody(
             "curl",
             &[
                 "-s",
@@ -465,7 +446,7 @@ fn writes_need_the_bearer_token_from_run() {
             ],
         );
         assert_eq!(stdout(&curl), "401", "{}", stderr(&curl));
-        let curl = nobody(
+        let curl = as_nobody(
             "curl",
             &[
                 "-s",

@@ -228,3 +228,32 @@ pub fn pids(status: &Value) -> std::collections::BTreeMap<String, u32> {
         })
         .collect()
 }
+
+/// Resident memory of a process, in KiB (VmRSS in /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// True when the tests run as root (then hostile inputs are tried as user nobody).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `program args` as user nobody (uid and gid 65534), from `/`, returning its output. Only
+/// possible as root.
+pub fn as_nobody(program: &str, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(program)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .env_remove("RINGRIFT_ROOT")
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| panic!("run {program} as nobody: {e}"))
+}
