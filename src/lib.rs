@@ -10,6 +10,7 @@ pub mod deps;
 pub mod events;
 pub mod game;
 pub mod lifecycle;
+pub mod limits;
 pub mod procfs;
 pub mod protocol;
 pub mod reaper;

@@ -169,9 +169,12 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(boot_log);
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: setsid, close_range and fcntl are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
+            // Nothing this CLI inherited (its caller's pipes) goes on into the long-lived
+            // supervisor; the supervisor closes whatever still arrives, too (server.rs).
+            crate::unix::cloexec_from(3);
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)
