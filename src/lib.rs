@@ -5,6 +5,7 @@
 //! that the rules can be tested without starting a process.
 
 pub mod catalog;
+pub mod cgroupfs;
 pub mod config;
 pub mod deps;
 pub mod events;

@@ -30,6 +30,8 @@ pub(crate) const FALLBACK: &str = "process-group+environment";
 /// The supervisor-wide containment: a cgroup subtree, or the fallback and why.
 pub(crate) struct Containment {
     root: PathBuf,
+    /// run/cgroup: the subtree's path, for the reaper (which finds a dead supervisor's subtree).
+    record: PathBuf,
     subtree: Option<Subtree>,
     /// Why there is no subtree (logged once at start-up, shown by `status`).
     pub why_not: Option<String>,
@@ -67,17 +69,33 @@ pub(crate) struct Prepared {
 impl Containment {
     /// Sets up containment for this root: the cgroup subtree unless `disabled` names why not.
     /// Returns notes for the log (a leftover subtree taken over, ...).
-    pub(crate) fn new(root: &Path, disabled: Option<&str>) -> (Containment, Vec<String>) {
-        let (subtree, why_not, notes) = match disabled {
+    pub(crate) fn new(
+        root: &Path,
+        run_dir: &Path,
+        disabled: Option<&str>,
+    ) -> (Containment, Vec<String>) {
+        let record = run_dir.join(ringrift::cgroupfs::RECORD_FILE);
+        let (subtree, why_not, mut notes) = match disabled {
             Some(why) => (None, Some(why.to_string()), Vec::new()),
             None => match Subtree::create(root) {
                 Ok((s, notes)) => (Some(s), None, notes),
                 Err(why) => (None, Some(why), Vec::new()),
             },
         };
+        match &subtree {
+            Some(s) => {
+                if let Err(e) = std::fs::write(&record, format!("{}\n", s.dir.display())) {
+                    notes.push(format!("cannot write {}: {e}", record.display()));
+                }
+            }
+            None => {
+                let _ = std::fs::remove_file(&record);
+            }
+        }
         (
             Containment {
                 root: root.to_path_buf(),
+                record,
                 subtree,
                 why_not,
             },
@@ -109,7 +127,7 @@ impl Containment {
                 limit_problems: limits
                     .files()
                     .iter()
-                    .map(|(_, _, _, key)| format!("{key} not applied: no cgroup ({why})"))
+                    .map(|(_, _, _, key)| format!("{key} not applied: no cgroup: {why}"))
                     .collect(),
                 why_not: None,
             };
@@ -180,7 +198,11 @@ impl Containment {
     /// Removes the whole subtree (killing whatever is left in it); for supervisor exit.
     pub(crate) fn teardown(&mut self) -> Result<(), String> {
         match self.subtree.take() {
-            Some(mut s) => s.teardown(),
+            Some(mut s) => {
+                s.teardown()?;
+                let _ = std::fs::remove_file(&self.record);
+                Ok(())
+            }
             None => Ok(()),
         }
     }

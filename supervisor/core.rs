@@ -1115,7 +1115,7 @@ impl Core {
             // Every process of the daemon, including those that left its process group.
             unit.signal(Signal::SIGTERM);
             self.log.info(&format!(
-                "{name}: SIGTERM to process group {pid} and every process of its {}, SIGKILL in {:?}",
+                "{name}: SIGTERM to process group {pid} and every process it started ({}), SIGKILL in {:?}",
                 unit.kind(),
                 d.cfg.grace_period
             ));
@@ -1329,7 +1329,7 @@ impl Core {
                     && unit.alive()
                 {
                     self.log.warn(&format!(
-                        "{name}: still running after the {:?} grace period: SIGKILL to process group {pgid} and every process of its {}",
+                        "{name}: still running after the {:?} grace period: SIGKILL to process group {pgid} and every process it started ({})",
                         d.cfg.grace_period,
                         unit.kind()
                     ));

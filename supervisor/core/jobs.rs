@@ -212,7 +212,7 @@ impl Core {
             JobTimer::Grace => {
                 if job.unit.alive() {
                     self.log.warn(&format!(
-                        "job {id}: still running after the grace period: SIGKILL to process group {} and every process of its {}",
+                        "job {id}: still running after the grace period: SIGKILL to process group {} and every process it started ({})",
                         job.pid,
                         job.unit.kind()
                     ));
