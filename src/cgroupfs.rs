@@ -164,7 +164,8 @@ mod tests {
             parse_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        let pure = "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let pure =
+            "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(parse_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
         let odd = "30 24 0:26 / /mnt/my\\040cg rw - cgroup2 none rw\n";
         assert_eq!(parse_mount(odd), Some(PathBuf::from("/mnt/my cg")));

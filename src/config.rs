@@ -15,8 +15,8 @@ use serde_json::{Map, Value};
 
 use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
-use crate::restart::{RestartPolicy, RestartSettings};
 use crate::limits::{self, Limits};
+use crate::restart::{RestartPolicy, RestartSettings};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
 pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
@@ -732,7 +732,10 @@ impl Validator<'_> {
             }
         }
 
-        let containment = match self.string(top.get("containment"), &["containment"]).as_deref() {
+        let containment = match self
+            .string(top.get("containment"), &["containment"])
+            .as_deref()
+        {
             None | Some("auto") => ContainmentMode::Auto,
             Some("process-group") => ContainmentMode::ProcessGroup,
             Some(other) => {

@@ -207,7 +207,16 @@ mod tests {
             })
         );
         assert_eq!(parse_cpu("max"), Ok(CpuMax::Unlimited));
-        for bad in ["", "fast", "0%", "-5%", "50", "10 100000", "5000 10", "1 2 3"] {
+        for bad in [
+            "",
+            "fast",
+            "0%",
+            "-5%",
+            "50",
+            "10 100000",
+            "5000 10",
+            "1 2 3",
+        ] {
             assert!(parse_cpu(bad).is_err(), "{bad}");
         }
     }
@@ -224,7 +233,12 @@ mod tests {
         assert_eq!(
             l.files(),
             vec![
-                ("memory", "memory.max", "536870912".to_string(), "memory_max"),
+                (
+                    "memory",
+                    "memory.max",
+                    "536870912".to_string(),
+                    "memory_max"
+                ),
                 ("cpu", "cpu.max", "50000 100000".to_string(), "cpu_max"),
             ]
         );

@@ -58,12 +58,24 @@ impl Default for Policy {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reason {
-    OverdueJob { job_id: String, overdue_secs: u64 },
-    Stuck { job_id: String, idle_secs: f64 },
-    Orphan { supervisor_pid: Option<u32> },
+    OverdueJob {
+        job_id: String,
+        overdue_secs: u64,
+    },
+    Stuck {
+        job_id: String,
+        idle_secs: f64,
+    },
+    Orphan {
+        supervisor_pid: Option<u32>,
+    },
     /// Of the live supervisor's tree, but its daemon (or job) has no process any more.
-    Stray { of: String },
-    Zombie { parent: u32 },
+    Stray {
+        of: String,
+    },
+    Zombie {
+        parent: u32,
+    },
 }
 
 impl std::fmt::Display for Reason {

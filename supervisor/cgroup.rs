@@ -26,11 +26,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ringrift::cgroupfs::kill_tree;
 pub(crate) use ringrift::cgroupfs::{
     freeze, kill, of_pid, parse_mount, parse_own, populated, procs, read_set, remove, remove_tree,
     subtree_name, write_file,
 };
-use ringrift::cgroupfs::kill_tree;
 use ringrift::limits::Limits;
 
 /// The controllers whose limits the supervisor can set.
@@ -60,7 +60,11 @@ fn own_dir() -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
     let own = parse_own(&text).ok_or("/proc/self/cgroup has no cgroup v2 (0::) line")?;
     let own = own.trim_matches('/');
-    Ok(if own.is_empty() { mount } else { mount.join(own) })
+    Ok(if own.is_empty() {
+        mount
+    } else {
+        mount.join(own)
+    })
 }
 
 impl Subtree {
@@ -175,7 +179,11 @@ impl Subtree {
 
     /// Makes the cgroup of one daemon or job (`daemon-<name>`, `job-<id>`) and applies its limits.
     /// Returns the directory and one message per limit that could not be applied.
-    pub(crate) fn make_unit(&self, leaf: &str, limits: &Limits) -> io::Result<(PathBuf, Vec<String>)> {
+    pub(crate) fn make_unit(
+        &self,
+        leaf: &str,
+        limits: &Limits,
+    ) -> io::Result<(PathBuf, Vec<String>)> {
         let dir = self.dir.join(leaf);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -234,5 +242,3 @@ pub(crate) fn open_procs(dir: &Path) -> io::Result<std::fs::File> {
         .write(true)
         .open(dir.join("cgroup.procs"))
 }
-
-

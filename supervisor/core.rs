@@ -993,9 +993,9 @@ impl Core {
                 let pid = child.id().expect("a just-spawned child has a pid");
                 owned.insert(pid);
                 self.records_dirty = true;
-                let unit =
-                    self.containment
-                        .unit(Member::Daemon(name.to_string()), pid, prepared);
+                let unit = self
+                    .containment
+                    .unit(Member::Daemon(name.to_string()), pid, prepared);
                 if let Some(why) = &unit.why_not {
                     self.log
                         .warn(&format!("{name}: not contained by a cgroup: {why}"));
@@ -1826,7 +1826,8 @@ impl Core {
         }
         // The cgroup subtree goes before anyone hears "shut down" (killing whatever is left in it).
         if let Err(e) = self.containment.teardown() {
-            self.log.warn(&format!("cannot remove the cgroup subtree: {e}"));
+            self.log
+                .warn(&format!("cannot remove the cgroup subtree: {e}"));
         }
         self.log.info("every daemon is stopped; supervisor exiting");
         // Gone from the file system before anyone hears "shut down": a `start` right after must boot

@@ -273,7 +273,8 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     let run_dir = paths.run_dir.clone();
     let disabled = (opts.config.containment == ringrift::config::ContainmentMode::ProcessGroup)
         .then_some("disabled by the configuration (containment: process-group)");
-    let (containment, notes) = crate::containment::Containment::new(&paths.root, &paths.run_dir, disabled);
+    let (containment, notes) =
+        crate::containment::Containment::new(&paths.root, &paths.run_dir, disabled);
     for note in notes {
         log.warn(&note);
     }

@@ -100,7 +100,11 @@ pub(crate) fn cloexec_from(first: u32) {
             return;
         }
         let max = nix::libc::sysconf(nix::libc::_SC_OPEN_MAX);
-        let max = if max > 0 { max.min(1 << 20) as i32 } else { 1024 };
+        let max = if max > 0 {
+            max.min(1 << 20) as i32
+        } else {
+            1024
+        };
         for fd in first as i32..max {
             nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
         }

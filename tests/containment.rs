@@ -124,9 +124,10 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
             } else {
                 "cpu.max"
             };
-            let text =
-                std::fs::read_to_string(subtree.as_ref().unwrap().join("daemon-escaper").join(file))
-                    .unwrap();
+            let text = std::fs::read_to_string(
+                subtree.as_ref().unwrap().join("daemon-escaper").join(file),
+            )
+            .unwrap();
             let want = if controller == "memory" {
                 "268435456"
             } else {
@@ -145,7 +146,11 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
     let table = root.ok(&["status"]);
     assert!(
         table.contains("CONTAINMENT")
-            && table.contains(if kind == "cgroup" { "cgroup" } else { "pgroup+env" }),
+            && table.contains(if kind == "cgroup" {
+                "cgroup"
+            } else {
+                "pgroup+env"
+            }),
         "{table}"
     );
     if let Some(dir) = &subtree {
@@ -187,7 +192,11 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
         "sleep 1003 survived shutdown ({mode})"
     );
     if let Some(dir) = &subtree {
-        assert!(!dir.exists(), "{} still exists after shutdown", dir.display());
+        assert!(
+            !dir.exists(),
+            "{} still exists after shutdown",
+            dir.display()
+        );
     }
 }
 
@@ -211,7 +220,10 @@ fn reap_finds_what_a_dead_supervisor_left(mode: &str) {
     let daemon = root.pid("escaper").unwrap();
     signal(sup, SIGKILL);
     assert!(wait_until(T, || !alive(sup) && !alive(daemon)));
-    assert!(alive(escaped.0), "the escaped process outlives a SIGKILLed supervisor");
+    assert!(
+        alive(escaped.0),
+        "the escaped process outlives a SIGKILLed supervisor"
+    );
     let out = root.run(&["reap"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
@@ -256,7 +268,13 @@ fn a_jobs_escaped_process_goes_with_the_job(mode: &str) {
         "the job did not start\n{}",
         root.master_log()
     );
-    let escaped = Escaped1004(std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap());
+    let escaped = Escaped1004(
+        std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+    );
     if let Some(dir) = &subtree {
         let cg = cgroup_of(escaped.0);
         let name = dir.file_name().unwrap().to_str().unwrap();
@@ -274,10 +292,10 @@ fn a_jobs_escaped_process_goes_with_the_job(mode: &str) {
     );
     if let Some(dir) = &subtree {
         assert!(
-            wait_until(T, || std::fs::read_dir(dir).unwrap().flatten().all(|e| !e
-                .file_name()
-                .to_string_lossy()
-                .starts_with("job-"))),
+            wait_until(T, || std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with("job-"))),
             "the job's cgroup is removed"
         );
     }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use ringrift::procfs;
 use ringrift::cgroupfs;
+use ringrift::procfs;
 use ringrift::protocol::{DAEMON_ENV, JOB_DEADLINE_ENV, JOB_ID_ENV, ROOT_ENV, SUPERVISOR_PID_ENV};
 use ringrift::reaper::{self, Action, CpuHistory, Policy, TreeProc, Verdict};
 
@@ -68,7 +68,10 @@ impl Reaper {
         let current = self.supervisor();
         // Read after the snapshot: any process in it was spawned before this list was read.
         if let Some(live) = current.and_then(|_| live_units(&self.root)) {
-            for p in procs.iter_mut().filter(|p| p.in_tree && p.supervisor_pid == current) {
+            for p in procs
+                .iter_mut()
+                .filter(|p| p.in_tree && p.supervisor_pid == current)
+            {
                 p.unit_live = Some(match (&p.job_id, &p.daemon) {
                     (Some(job), _) => live.contains(&format!("job {job}")),
                     (None, Some(d)) => live.contains(d),
@@ -96,7 +99,8 @@ impl Reaper {
 
     /// The cgroup subtree the supervisor recorded in run/cgroup, if the directory exists.
     fn subtree(&self) -> Option<PathBuf> {
-        let text = std::fs::read_to_string(self.root.join("run").join(cgroupfs::RECORD_FILE)).ok()?;
+        let text =
+            std::fs::read_to_string(self.root.join("run").join(cgroupfs::RECORD_FILE)).ok()?;
         let dir = PathBuf::from(text.trim());
         (dir.is_absolute() && dir.is_dir()).then_some(dir)
     }

@@ -128,7 +128,9 @@ impl Core {
         };
         let pid = child.id().expect("a just-spawned child has a pid");
         self.owned.insert(pid);
-        let unit = self.containment.unit(Member::Job(id.clone()), pid, prepared);
+        let unit = self
+            .containment
+            .unit(Member::Job(id.clone()), pid, prepared);
         if let Some(why) = &unit.why_not {
             self.log
                 .warn(&format!("job {id}: not contained by a cgroup: {why}"));
