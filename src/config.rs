@@ -1355,6 +1355,48 @@ mod tests {
     }
 
     #[test]
+    fn limits_and_containment_are_typed() {
+        let c = ok(
+            "containment: process-group\ndefaults:\n  cpu_max: 50%\ndaemons:\n  auto_sync:\n    memory_max: 512M\n    job_memory_max: 1G\n    job_cpu_max: \"20000 100000\"\n",
+        );
+        assert_eq!(c.containment, ContainmentMode::ProcessGroup);
+        let d = &c.daemons["auto_sync"];
+        assert_eq!(
+            d.limits.memory_max,
+            Some(crate::limits::MemoryMax::Bytes(512 << 20))
+        );
+        assert_eq!(
+            d.limits.cpu_max,
+            Some(crate::limits::CpuMax::Quota {
+                quota_us: 50_000,
+                period_us: 100_000
+            })
+        );
+        assert_eq!(
+            d.job_limits.memory_max,
+            Some(crate::limits::MemoryMax::Bytes(1 << 30))
+        );
+        assert_eq!(ok("daemons: {}\n").containment, ContainmentMode::Auto);
+        let e = err(
+            "containment: cgroups-please\ndaemons:\n  auto_sync:\n    memory_max: lots\n    cpu_max: fast\n",
+            &[],
+        )
+        .to_string();
+        assert!(
+            e.contains("containment: 'cgroups-please' is not one of auto, process-group"),
+            "{e}"
+        );
+        assert!(
+            e.contains("daemons.auto_sync.memory_max: 'lots' is not a memory size"),
+            "{e}"
+        );
+        assert!(
+            e.contains("daemons.auto_sync.cpu_max: 'fast' is not a CPU limit"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn embedded_default_is_valid_and_has_the_catalog() {
         let c = ok(DEFAULT_YAML);
         assert_eq!(c.daemons.len(), 15);
