@@ -44,6 +44,9 @@ pub(crate) struct Subtree {
     own: PathBuf,
     /// The supervisor moved itself into `dir/supervisor` to enable controllers.
     moved_self: bool,
+    /// Controllers this supervisor enabled in its own cgroup's subtree_control (disabled again at
+    /// exit: its own cgroup cannot take the supervisor back while they are on).
+    enabled_in_own: Vec<String>,
     /// Controllers enabled for the children of `dir` (its cgroup.subtree_control).
     pub controllers: BTreeSet<String>,
     /// Why a wanted controller is not available (for `status`).
@@ -94,6 +97,7 @@ impl Subtree {
             dir,
             own,
             moved_self: false,
+            enabled_in_own: Vec::new(),
             controllers: BTreeSet::new(),
             missing: Vec::new(),
         };
@@ -124,6 +128,12 @@ impl Subtree {
             return;
         }
         let own_control = self.own.join("cgroup.subtree_control");
+        let already = read_set(&own_control);
+        let wanted_own: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|c| !already.contains(*c))
+            .collect();
         let enable_own = |wanted: &[&str]| -> Vec<(String, io::Error)> {
             wanted
                 .iter()
@@ -134,7 +144,7 @@ impl Subtree {
                 })
                 .collect()
         };
-        let mut failed = enable_own(&wanted);
+        let mut failed = enable_own(&wanted_own);
         // EBUSY: the supervisor's own cgroup has processes (the supervisor): move into a leaf.
         if failed
             .iter()
@@ -145,9 +155,14 @@ impl Subtree {
                 && write_file(&leaf.join("cgroup.procs"), "0").is_ok()
             {
                 self.moved_self = true;
-                failed = enable_own(&wanted);
+                failed = enable_own(&wanted_own);
             }
         }
+        self.enabled_in_own = wanted_own
+            .iter()
+            .filter(|c| !failed.iter().any(|(f, _)| f == *c))
+            .map(|c| c.to_string())
+            .collect();
         for (c, e) in failed {
             self.missing.push((
                 c.clone(),
@@ -221,7 +236,15 @@ impl Subtree {
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if e.file_name() != "supervisor" && e.path().is_dir() {
                 kill_tree(&e.path());
+                remove_tree(&e.path(), Duration::from_secs(5))?;
             }
+        }
+        // Children first: a controller can be disabled only where no child still enables it.
+        for c in &self.controllers {
+            let _ = write_file(&self.dir.join("cgroup.subtree_control"), &format!("-{c}"));
+        }
+        for c in std::mem::take(&mut self.enabled_in_own) {
+            let _ = write_file(&self.own.join("cgroup.subtree_control"), &format!("-{c}"));
         }
         if self.moved_self {
             write_file(&self.own.join("cgroup.procs"), "0").map_err(|e| {
