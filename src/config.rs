@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
+use crate::limits::{self, Limits};
 use crate::restart::{RestartPolicy, RestartSettings};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
@@ -31,6 +32,17 @@ pub struct Config {
     pub daemons: BTreeMap<String, DaemonConfig>,
     pub profiles: BTreeMap<String, Vec<String>>,
     pub pipeline: PipelineConfig,
+    /// How daemons and jobs are contained (`containment:`; see the README's "Containment").
+    pub containment: ContainmentMode,
+}
+
+/// The top-level `containment:` key: `auto` (a cgroup v2 per daemon and job where the supervisor can
+/// have one, else process groups plus the environment sweep) or `process-group` (never cgroups).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContainmentMode {
+    #[default]
+    Auto,
+    ProcessGroup,
 }
 
 /// The self-improvement loop: which config keys it works on and the command of each kind of job.
@@ -231,6 +243,10 @@ pub struct DaemonConfig {
     pub stall_timeout: Option<Duration>,
     /// Spawned but not RUNNING after this long → killed and restarted.
     pub ready_timeout: Duration,
+    /// Limits of the daemon's own cgroup (`memory_max`, `cpu_max`).
+    pub limits: Limits,
+    /// Limits of the cgroup of each job the daemon runs (`job_memory_max`, `job_cpu_max`).
+    pub job_limits: Limits,
     /// The whole effective entry as JSON, handed to the worker in its welcome.
     pub settings: Value,
 }
@@ -462,7 +478,13 @@ fn yaml_error_line(msg: &str) -> Option<usize> {
 type CategoryFilter = fn(Option<Category>) -> bool;
 
 const TOP_KEYS: &[&str] = &[
-    "daemons", "profiles", "http", "logs", "defaults", "pipeline",
+    "daemons",
+    "profiles",
+    "http",
+    "logs",
+    "defaults",
+    "pipeline",
+    "containment",
 ];
 const HTTP_KEYS: &[&str] = &["enabled", "addr", "max_connections"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
@@ -486,6 +508,10 @@ const COMMON_KEYS: &[&str] = &[
     "heartbeat_timeout",
     "stall_timeout",
     "ready_timeout",
+    "memory_max",
+    "cpu_max",
+    "job_memory_max",
+    "job_cpu_max",
 ];
 /// Keys that make sense per daemon but not as shared defaults.
 const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings"];
@@ -706,6 +732,20 @@ impl Validator<'_> {
             }
         }
 
+        let containment = match self
+            .string(top.get("containment"), &["containment"])
+            .as_deref()
+        {
+            None | Some("auto") => ContainmentMode::Auto,
+            Some("process-group") => ContainmentMode::ProcessGroup,
+            Some(other) => {
+                self.problem(
+                    &["containment"],
+                    format!("'{other}' is not one of auto, process-group"),
+                );
+                ContainmentMode::Auto
+            }
+        };
         let profiles = self.profiles(top.get("profiles"), &daemons);
         let pipeline = self.pipeline(top.get("pipeline"));
         // Every daemon sees the pipeline section in its settings: the keys it works on and the job templates.
@@ -722,6 +762,7 @@ impl Validator<'_> {
             daemons,
             profiles,
             pipeline,
+            containment,
         }
     }
 
@@ -973,6 +1014,19 @@ impl Validator<'_> {
             .duration(pick("ready_timeout"), at!("ready_timeout"), 0.01, 3600.0)
             .unwrap_or(Duration::from_secs(30));
 
+        let limits = Limits {
+            memory_max: self.limit(pick("memory_max"), at!("memory_max"), limits::parse_memory),
+            cpu_max: self.limit(pick("cpu_max"), at!("cpu_max"), limits::parse_cpu),
+        };
+        let job_limits = Limits {
+            memory_max: self.limit(
+                pick("job_memory_max"),
+                at!("job_memory_max"),
+                limits::parse_memory,
+            ),
+            cpu_max: self.limit(pick("job_cpu_max"), at!("job_cpu_max"), limits::parse_cpu),
+        };
+
         // The effective settings handed to the process: defaults, then the entry, then the resolved values.
         let mut settings = defaults.clone();
         for (k, v) in entry {
@@ -1002,6 +1056,8 @@ impl Validator<'_> {
             heartbeat_timeout,
             stall_timeout,
             ready_timeout,
+            limits,
+            job_limits,
             settings: Value::Object(settings),
         })
     }
@@ -1066,6 +1122,23 @@ impl Validator<'_> {
             Value::String(s) if matches!(s.as_str(), "false" | "no" | "off" | "0") => Some(false),
             other => {
                 self.problem(at, format!("must be true or false, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    /// A resource limit (`memory_max: 512M`, `cpu_max: 50%`), parsed by `parse`.
+    fn limit<T>(
+        &mut self,
+        v: Option<&Value>,
+        at: &[&str],
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let text = self.string(v, at)?;
+        match parse(&text) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                self.problem(at, e);
                 None
             }
         }
@@ -1279,6 +1352,48 @@ mod tests {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         parse(text, "test.yaml", &env).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn limits_and_containment_are_typed() {
+        let c = ok(
+            "containment: process-group\ndefaults:\n  cpu_max: 50%\ndaemons:\n  auto_sync:\n    memory_max: 512M\n    job_memory_max: 1G\n    job_cpu_max: \"20000 100000\"\n",
+        );
+        assert_eq!(c.containment, ContainmentMode::ProcessGroup);
+        let d = &c.daemons["auto_sync"];
+        assert_eq!(
+            d.limits.memory_max,
+            Some(crate::limits::MemoryMax::Bytes(512 << 20))
+        );
+        assert_eq!(
+            d.limits.cpu_max,
+            Some(crate::limits::CpuMax::Quota {
+                quota_us: 50_000,
+                period_us: 100_000
+            })
+        );
+        assert_eq!(
+            d.job_limits.memory_max,
+            Some(crate::limits::MemoryMax::Bytes(1 << 30))
+        );
+        assert_eq!(ok("daemons: {}\n").containment, ContainmentMode::Auto);
+        let e = err(
+            "containment: cgroups-please\ndaemons:\n  auto_sync:\n    memory_max: lots\n    cpu_max: fast\n",
+            &[],
+        )
+        .to_string();
+        assert!(
+            e.contains("containment: 'cgroups-please' is not one of auto, process-group"),
+            "{e}"
+        );
+        assert!(
+            e.contains("daemons.auto_sync.memory_max: 'lots' is not a memory size"),
+            "{e}"
+        );
+        assert!(
+            e.contains("daemons.auto_sync.cpu_max: 'fast' is not a CPU limit"),
+            "{e}"
+        );
     }
 
     #[test]

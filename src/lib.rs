@@ -5,11 +5,13 @@
 //! that the rules can be tested without starting a process.
 
 pub mod catalog;
+pub mod cgroupfs;
 pub mod config;
 pub mod deps;
 pub mod events;
 pub mod game;
 pub mod lifecycle;
+pub mod limits;
 pub mod procfs;
 pub mod protocol;
 pub mod reaper;

@@ -306,6 +306,12 @@ pub struct SupervisorInfo {
     /// Where the HTTP server listens, if it does.
     #[serde(default)]
     pub http: Option<String>,
+    /// How processes spawned from now on are contained: "cgroup" or "process-group+environment".
+    #[serde(default)]
+    pub containment: Option<String>,
+    /// The cgroup subtree the supervisor owns (cgroup containment), or why there is none.
+    #[serde(default)]
+    pub containment_detail: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -337,6 +343,14 @@ pub struct DaemonStatus {
     pub subscriptions: Vec<String>,
     #[serde(default)]
     pub event_backlog: u64,
+    /// How the daemon's processes are contained: "cgroup" or "process-group+environment" (for a
+    /// daemon without a process: what the next one would get).
+    #[serde(default)]
+    pub containment: Option<String>,
+    /// Configured limits (`memory_max`, `cpu_max`) that could not be applied, and why; and why the
+    /// process has no cgroup when the supervisor has a subtree.
+    #[serde(default)]
+    pub containment_problems: Vec<String>,
 }
 
 /// Errors reading a frame off the wire.

@@ -2,8 +2,9 @@
 //!
 //! A process belongs to the tree when its environment carries `RINGRIFT_ROOT=<root>` (every daemon and
 //! job the supervisor spawns does, and their children inherit it). Among those, the reaper stops:
-//! jobs past their deadline, jobs stuck without CPU time or output, and orphans left by an earlier
-//! supervisor; zombies get their parent poked. Everything else — including any process outside the
+//! jobs past their deadline, jobs stuck without CPU time or output, orphans left by an earlier
+//! supervisor, and strays: processes of the live supervisor's tree whose daemon or job has no
+//! process any more (they escaped its stop, e.g. with setsid); zombies get their parent poked. Everything else — including any process outside the
 //! tree — is left alone. Plain functions over a snapshot, so every rule is tested without processes.
 
 use std::collections::BTreeMap;
@@ -30,7 +31,16 @@ pub struct TreeProc {
     pub job_deadline: Option<u64>,
     /// Seconds since the job last wrote output (its log file's age), when known.
     pub output_age_secs: Option<f64>,
+    /// RINGRIFT_DAEMON: the daemon it was started for (or whose job it is).
+    pub daemon: Option<String>,
+    /// Whether the supervisor lists the process's daemon (or job) as running in run/processes;
+    /// None when that is unknown (no list, or not a process of the live supervisor).
+    pub unit_live: Option<bool>,
 }
+
+/// A process younger than this is never called a stray: the supervisor may not have recorded its
+/// daemon in run/processes yet.
+pub const STRAY_MIN_AGE_SECS: f64 = 2.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -48,10 +58,24 @@ impl Default for Policy {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reason {
-    OverdueJob { job_id: String, overdue_secs: u64 },
-    Stuck { job_id: String, idle_secs: f64 },
-    Orphan { supervisor_pid: Option<u32> },
-    Zombie { parent: u32 },
+    OverdueJob {
+        job_id: String,
+        overdue_secs: u64,
+    },
+    Stuck {
+        job_id: String,
+        idle_secs: f64,
+    },
+    Orphan {
+        supervisor_pid: Option<u32>,
+    },
+    /// Of the live supervisor's tree, but its daemon (or job) has no process any more.
+    Stray {
+        of: String,
+    },
+    Zombie {
+        parent: u32,
+    },
 }
 
 impl std::fmt::Display for Reason {
@@ -71,6 +95,7 @@ impl std::fmt::Display for Reason {
             Reason::Orphan {
                 supervisor_pid: None,
             } => write!(f, "orphan: no supervisor recorded"),
+            Reason::Stray { of } => write!(f, "stray: {of} is no longer running"),
             Reason::Zombie { parent } => write!(f, "zombie not reaped by its parent {parent}"),
         }
     }
@@ -82,6 +107,7 @@ impl Reason {
             Reason::OverdueJob { .. } => "overdue_job",
             Reason::Stuck { .. } => "stuck",
             Reason::Orphan { .. } => "orphan",
+            Reason::Stray { .. } => "stray",
             Reason::Zombie { .. } => "zombie",
         }
     }
@@ -169,6 +195,14 @@ pub fn decide(
             Some(Reason::Orphan {
                 supervisor_pid: p.supervisor_pid,
             })
+        } else if p.unit_live == Some(false) && p.age_secs >= STRAY_MIN_AGE_SECS {
+            Some(Reason::Stray {
+                of: match (&p.job_id, &p.daemon) {
+                    (Some(job), _) => format!("job {job}"),
+                    (None, Some(d)) => format!("daemon {d}"),
+                    (None, None) => "its daemon".to_string(),
+                },
+            })
         } else if let (Some(job), Some(deadline)) = (&p.job_id, p.job_deadline)
             && now_unix > deadline
         {
@@ -234,6 +268,7 @@ fn safe_group(
             && Some(m.pid) != current_supervisor
             && m.supervisor_pid == target.supervisor_pid
             && m.job_id == target.job_id
+            && m.daemon == target.daemon
     });
     same_kind.then_some(target.pgid)
 }
@@ -260,6 +295,8 @@ mod tests {
             job_id: None,
             job_deadline: None,
             output_age_secs: None,
+            daemon: Some(format!("d{pid}")),
+            unit_live: Some(true),
         }
     }
 
@@ -283,6 +320,38 @@ mod tests {
                 stuck_after_secs: 60.0,
             },
         )
+    }
+
+    #[test]
+    fn strays_of_stopped_daemons_and_ended_jobs_are_killed() {
+        let escaped = TreeProc {
+            pgid: 500,
+            unit_live: Some(false),
+            ..proc(501)
+        };
+        let young = TreeProc {
+            unit_live: Some(false),
+            age_secs: 0.5,
+            ..proc(502)
+        };
+        let unknown = TreeProc {
+            unit_live: None,
+            ..proc(503)
+        };
+        let job_left = TreeProc {
+            unit_live: Some(false),
+            ..job(504, 20_000)
+        };
+        let v = run(&[escaped, young, unknown, job_left]);
+        let got: Vec<(u32, String)> = v.iter().map(|v| (v.pid, v.reason.to_string())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (501, "stray: daemon d501 is no longer running".to_string()),
+                (504, "stray: job j504 is no longer running".to_string()),
+            ]
+        );
+        assert_eq!(v[0].reason.kind(), "stray");
     }
 
     #[test]

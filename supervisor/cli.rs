@@ -169,9 +169,12 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(boot_log);
-    // SAFETY: setsid is async-signal-safe.
+    // SAFETY: setsid, close_range and fcntl are async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
+            // Nothing this CLI inherited (its caller's pipes) goes on into the long-lived
+            // supervisor; the supervisor closes whatever still arrives, too (server.rs).
+            crate::unix::cloexec_from(3);
             nix::unistd::setsid()
                 .map(|_| ())
                 .map_err(std::io::Error::from)
@@ -283,7 +286,20 @@ pub(crate) fn print_status(report: &StatusReport) {
         s.root,
         s.config_path
     );
-    let rows: Vec<[String; 6]> = report
+    match (s.containment.as_deref(), s.containment_detail.as_deref()) {
+        (Some("cgroup"), Some(dir)) => {
+            let _ = writeln!(out, "containment: a cgroup per daemon and job under {dir}");
+        }
+        (Some(kind), detail) => {
+            let _ = writeln!(
+                out,
+                "containment: {kind} ({})",
+                detail.unwrap_or("no reason given")
+            );
+        }
+        (None, _) => {}
+    }
+    let rows: Vec<[String; 7]> = report
         .daemons
         .iter()
         .map(|d| {
@@ -312,31 +328,47 @@ pub(crate) fn print_status(report: &StatusReport) {
                     .map(human_duration)
                     .unwrap_or_else(|| "-".into()),
                 d.restarts.to_string(),
+                // Short in the table; `status --json` has the full name.
+                match (d.pid, d.containment.as_deref()) {
+                    (Some(_), Some("process-group+environment")) => "pgroup+env".into(),
+                    (Some(_), Some(kind)) => kind.to_string(),
+                    _ => "-".into(),
+                },
                 health,
             ]
         })
         .collect();
-    let headers = ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "HEALTH"];
+    let headers = [
+        "NAME",
+        "STATE",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "CONTAINMENT",
+        "HEALTH",
+    ];
     let mut widths = headers.map(str::len);
     for r in &rows {
-        for (i, cell) in r.iter().enumerate().take(5) {
+        for (i, cell) in r.iter().enumerate().take(6) {
             widths[i] = widths[i].max(cell.len());
         }
     }
-    let line = |cells: [&str; 6]| {
+    let line = |cells: [&str; 7]| {
         format!(
-            "{:w0$}  {:w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {}",
+            "{:w0$}  {:w1$}  {:>w2$}  {:>w3$}  {:>w4$}  {:w5$}  {}",
             cells[0],
             cells[1],
             cells[2],
             cells[3],
             cells[4],
             cells[5],
+            cells[6],
             w0 = widths[0],
             w1 = widths[1],
             w2 = widths[2],
             w3 = widths[3],
-            w4 = widths[4]
+            w4 = widths[4],
+            w5 = widths[5]
         )
     };
     let _ = writeln!(out, "{}", line(headers));
@@ -344,8 +376,13 @@ pub(crate) fn print_status(report: &StatusReport) {
         let _ = writeln!(
             out,
             "{}",
-            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]).trim_end()
+            line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]).trim_end()
         );
+    }
+    for d in &report.daemons {
+        for p in &d.containment_problems {
+            let _ = writeln!(out, "{}: {p}", d.name);
+        }
     }
     for j in &report.jobs {
         let _ = writeln!(

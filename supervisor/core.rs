@@ -23,6 +23,7 @@ use ringrift::protocol::{
 use ringrift::restart::{self, ExitDecision, ExitKind, Jitter, RestartHistory};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::containment::{Containment, Member, Unit};
 use crate::logwriter::{self, RotatingFile, SharedLog, SupervisorLog};
 use crate::paths::Paths;
 use crate::unix::{self, OwnedPids, SpawnSpec};
@@ -146,6 +147,8 @@ struct Daemon {
     kill_cause: Option<String>,
     /// The leader has exited; waiting for the rest of its process group (this pgid) to go.
     draining: Option<(u32, ExitInfo)>,
+    /// Every process of the current (or draining) spawn: its cgroup or its group + environment.
+    unit: Option<Unit>,
     /// A stop was requested but dependents must go first.
     stop_queued: bool,
     /// The state last published as a DAEMON_* event, and the process generation it was about.
@@ -187,6 +190,7 @@ pub(crate) struct CoreParts {
     pub owned: OwnedPids,
     pub worker_bin: PathBuf,
     pub events: crate::events::Router,
+    pub containment: Containment,
 }
 
 pub(crate) struct Core {
@@ -212,6 +216,7 @@ pub(crate) struct Core {
     /// Kernel start times of the process groups recorded in run/processes.
     start_times: std::collections::HashMap<u32, u64>,
     events: crate::events::Router,
+    containment: Containment,
     /// Where the HTTP server listens (None: disabled or it could not bind).
     pub(crate) http_addr: Option<String>,
     /// The control socket this supervisor bound (shared with the task that keeps run/ in place):
@@ -236,6 +241,7 @@ impl Core {
             owned,
             worker_bin,
             events,
+            containment,
         } = parts;
         let daemons = config
             .daemons
@@ -263,6 +269,7 @@ impl Core {
             stopping_jobs: false,
             start_times: std::collections::HashMap::new(),
             events,
+            containment,
             http_addr: None,
             socket_id: Default::default(),
             last_flush: Instant::now(),
@@ -693,15 +700,9 @@ impl Core {
                         message: "not connected to the supervisor".into(),
                     });
                 }
-            } else if let Some(pid) = d.pid {
-                unix::signal_group(
-                    pid,
-                    if pause {
-                        Signal::SIGSTOP
-                    } else {
-                        Signal::SIGCONT
-                    },
-                );
+            } else if let Some(unit) = &d.unit {
+                // The whole tree: cgroup.freeze, or SIGSTOP/SIGCONT to the group and its strays.
+                unit.freeze(pause);
                 let to = if pause {
                     DaemonState::Paused
                 } else {
@@ -961,12 +962,16 @@ impl Core {
         d.progress.clear();
         d.last_heartbeat = None;
         d.conn = None;
+        let prepared = self
+            .containment
+            .prepare(&Member::Daemon(name.to_string()), &d.cfg.limits);
         let spec = SpawnSpec {
             program: &program,
             args: &args,
             cwd: &root,
             env,
             pass_fd: pair.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+            cgroup_procs: prepared.procs.as_ref().map(|f| f.as_raw_fd()),
         };
         let spawned = unix::spawn(&spec);
         // Our copy of the child's end must go, or the worker would never see us hang up.
@@ -988,6 +993,17 @@ impl Core {
                 let pid = child.id().expect("a just-spawned child has a pid");
                 owned.insert(pid);
                 self.records_dirty = true;
+                let unit = self
+                    .containment
+                    .unit(Member::Daemon(name.to_string()), pid, prepared);
+                if let Some(why) = &unit.why_not {
+                    self.log
+                        .warn(&format!("{name}: not contained by a cgroup: {why}"));
+                }
+                for p in &unit.limit_problems {
+                    self.log.warn(&format!("{name}: {p}"));
+                }
+                d.unit = Some(unit);
                 d.pid = Some(pid);
                 d.spawned_at = Some(Instant::now());
                 d.running_since = None;
@@ -1026,6 +1042,9 @@ impl Core {
                 }
             }
             Err(e) => {
+                if let Some(dir) = &prepared.cgroup {
+                    let _ = crate::cgroup::remove(dir);
+                }
                 let desc = format!("cannot spawn {}: {e}", program.display());
                 self.log.error(&format!("{name}: {desc}"));
                 d.last_exit = Some(desc.clone());
@@ -1088,14 +1107,16 @@ impl Core {
         if let Some((_, tx)) = &d.conn {
             let _ = tx.send(FromSupervisor::Shutdown);
         }
-        if let Some(pid) = d.pid {
+        if let (Some(pid), Some(unit)) = (d.pid, &d.unit) {
             if !d.cfg.protocol {
-                // A SIGSTOPped process cannot act on SIGTERM.
-                unix::signal_group(pid, Signal::SIGCONT);
+                // A frozen (paused) process cannot act on SIGTERM.
+                unit.freeze(false);
             }
-            unix::signal_group(pid, Signal::SIGTERM);
+            // Every process of the daemon, including those that left its process group.
+            unit.signal(Signal::SIGTERM);
             self.log.info(&format!(
-                "{name}: SIGTERM to process group {pid}, SIGKILL in {:?}",
+                "{name}: SIGTERM to process group {pid} and every process it started ({}), SIGKILL in {:?}",
+                unit.kind(),
                 d.cfg.grace_period
             ));
         }
@@ -1107,10 +1128,13 @@ impl Core {
     fn kill_for(&mut self, name: &str, cause: String) {
         let d = self.daemons.get_mut(name).expect("known");
         let Some(pid) = d.pid else { return };
-        self.log
-            .warn(&format!("{name}: {cause}: SIGKILL to process group {pid}"));
+        self.log.warn(&format!(
+            "{name}: {cause}: SIGKILL to process group {pid} and everything it started"
+        ));
         d.kill_cause = Some(cause);
-        unix::signal_group(pid, Signal::SIGKILL);
+        if let Some(unit) = &d.unit {
+            unit.kill();
+        }
     }
 
     fn child_exited(
@@ -1149,14 +1173,16 @@ impl Core {
         ));
         let stopping = d.state == DaemonState::ShuttingDown;
         if let Some(pgid) = pgid
-            && unix::group_alive(pgid)
+            && let Some(unit) = &d.unit
+            && unit.alive()
         {
             if !stopping {
-                // The leader died on its own: whatever it left in its group is a stray.
+                // The leader died on its own: whatever it left behind is a stray.
                 self.log.warn(&format!(
-                    "{name}: killing what is left of process group {pgid}"
+                    "{name}: killing what is left of its processes (group {pgid}, {})",
+                    unit.kind()
                 ));
-                unix::signal_group(pgid, Signal::SIGKILL);
+                unit.kill();
             }
             d.draining = Some((pgid, info));
             let generation = d.generation;
@@ -1168,18 +1194,34 @@ impl Core {
             );
             return;
         }
+        self.release_unit(name);
         self.after_exit(name, info);
     }
 
-    /// Finishes an exit once the drained group has no process left.
+    /// Finishes an exit once the drained unit has no process left.
     fn check_drained(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("known");
         let Some((pgid, _)) = &d.draining else { return };
-        if unix::group_alive(*pgid) {
+        let alive = match &d.unit {
+            Some(unit) => unit.alive(),
+            None => unix::group_alive(*pgid),
+        };
+        if alive {
             return;
         }
         if let Some((_, info)) = d.draining.take() {
+            self.release_unit(name);
             self.after_exit(name, info);
+        }
+    }
+
+    /// The daemon's processes are all gone: remove its cgroup.
+    fn release_unit(&mut self, name: &str) {
+        let d = self.daemons.get_mut(name).expect("known");
+        if let Some(unit) = d.unit.take()
+            && let Err(e) = unit.remove()
+        {
+            self.log.warn(&format!("{name}: {e}"));
         }
     }
 
@@ -1283,10 +1325,15 @@ impl Core {
                 let pgid = Self::group_of(d);
                 if d.state == DaemonState::ShuttingDown
                     && let Some(pgid) = pgid
-                    && unix::group_alive(pgid)
+                    && let Some(unit) = &d.unit
+                    && unit.alive()
                 {
-                    self.log.warn(&format!("{name}: still running after the {:?} grace period: SIGKILL to process group {pgid}", d.cfg.grace_period));
-                    unix::signal_group(pgid, Signal::SIGKILL);
+                    self.log.warn(&format!(
+                        "{name}: still running after the {:?} grace period: SIGKILL to process group {pgid} and every process it started ({})",
+                        d.cfg.grace_period,
+                        unit.kind()
+                    ));
+                    unit.kill();
                 }
             }
             TimerKind::ReadyTimeout => {
@@ -1555,6 +1602,17 @@ impl Core {
                     rss_bytes: usage.map(|u| u.1),
                     subscriptions,
                     event_backlog,
+                    containment: Some(
+                        d.unit
+                            .as_ref()
+                            .map_or(self.containment.kind(), |u| u.kind())
+                            .to_string(),
+                    ),
+                    containment_problems: d
+                        .unit
+                        .as_ref()
+                        .map(|u| u.why_not.iter().chain(&u.limit_problems).cloned().collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect();
@@ -1570,6 +1628,11 @@ impl Core {
                     .unwrap_or_else(|| self.config.source.clone()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 http: self.http_addr.clone(),
+                containment: Some(self.containment.kind().to_string()),
+                containment_detail: match self.containment.subtree_dir() {
+                    Some(dir) => Some(dir.display().to_string()),
+                    None => self.containment.why_not.clone(),
+                },
             },
             daemons,
             jobs: self.job_statuses(),
@@ -1607,13 +1670,15 @@ impl Core {
 
     pub(crate) fn kill_everything(&mut self) {
         for d in self.daemons.values() {
-            if let Some(p) = Self::group_of(d) {
+            if let Some(unit) = &d.unit {
+                unit.kill();
+            } else if let Some(p) = Self::group_of(d) {
                 unix::signal_group(p, Signal::SIGCONT);
                 unix::signal_group(p, Signal::SIGKILL);
             }
         }
         for j in self.jobs.values() {
-            unix::signal_group(j.pid, Signal::SIGKILL);
+            j.unit.kill();
         }
     }
 
@@ -1758,6 +1823,11 @@ impl Core {
         {
             self.log
                 .warn(&format!("cannot save event subscribers: {e}"));
+        }
+        // The cgroup subtree goes before anyone hears "shut down" (killing whatever is left in it).
+        if let Err(e) = self.containment.teardown() {
+            self.log
+                .warn(&format!("cannot remove the cgroup subtree: {e}"));
         }
         self.log.info("every daemon is stopped; supervisor exiting");
         // Gone from the file system before anyone hears "shut down": a `start` right after must boot
@@ -1908,6 +1978,7 @@ impl Daemon {
             intent: Intent::None,
             kill_cause: None,
             draining: None,
+            unit: None,
             stop_queued: false,
             announced: DaemonState::Stopped,
             announced_generation: 0,

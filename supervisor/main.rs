@@ -1,7 +1,9 @@
 //! `ringrift-supervisor`: runs the RingRift pipeline daemons, one OS process each, and is the CLI
 //! that controls them.
 
+mod cgroup;
 mod cli;
+mod containment;
 mod core;
 mod events;
 mod http;

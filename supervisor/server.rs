@@ -24,6 +24,9 @@ pub(crate) struct ServeOptions {
 
 /// Runs the supervisor in this process. Returns the process exit code.
 pub(crate) fn serve(opts: ServeOptions) -> i32 {
+    // First of all: nothing the caller left open (a pipe to `| cat`, an ssh channel, a CI step's
+    // output) may stay open in the supervisor, or the caller would wait for it forever.
+    unix::close_inherited();
     let paths = opts.paths.clone();
     if let Err(e) = paths.prepare_dirs() {
         eprintln!(
@@ -275,6 +278,23 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     let opts_http = opts.config.http.clone();
     let http_tx = tx.clone();
     let run_dir = paths.run_dir.clone();
+    let disabled = (opts.config.containment == ringrift::config::ContainmentMode::ProcessGroup)
+        .then_some("disabled by the configuration (containment: process-group)");
+    let (containment, notes) =
+        crate::containment::Containment::new(&paths.root, &paths.run_dir, disabled);
+    for note in notes {
+        log.warn(&note);
+    }
+    match (containment.subtree_dir(), &containment.why_not) {
+        (Some(dir), _) => log.info(&format!(
+            "containment: a cgroup per daemon and job under {}",
+            dir.display()
+        )),
+        (None, why) => log.warn(&format!(
+            "containment: no cgroups ({}); process groups plus a sweep by environment markers",
+            why.as_deref().unwrap_or("unknown reason")
+        )),
+    }
     let core = Core::new(crate::core::CoreParts {
         paths,
         config: opts.config,
@@ -284,6 +304,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         owned,
         worker_bin: worker_binary(),
         events,
+        containment,
     });
     let mut core = core;
     core.socket_id = socket_id.clone();

@@ -20,18 +20,27 @@ pub(crate) struct SpawnSpec<'a> {
     pub cwd: &'a std::path::Path,
     pub env: Vec<(String, String)>,
     /// A descriptor the child inherits under the same number (its connection to the supervisor);
-    /// every other descriptor of ours is close-on-exec.
+    /// every other descriptor above 2 is closed at exec.
     pub pass_fd: Option<std::os::fd::RawFd>,
+    /// The open `cgroup.procs` of the cgroup the child must run in: the child writes "0" to it
+    /// (moving itself) before exec.
+    pub cgroup_procs: Option<std::os::fd::RawFd>,
 }
 
 /// Spawns a child in its own process group (pgid = its pid), with stdin closed, stdout and stderr piped,
-/// and SIGKILL as its parent-death signal.
+/// SIGKILL as its parent-death signal, in its cgroup (when `cgroup_procs` is set), and with no
+/// descriptor but 0, 1, 2 and `pass_fd`.
+///
+/// Entering the cgroup from the child (rather than clone3's CLONE_INTO_CGROUP, which std cannot
+/// use) happens before exec, so the program's first instruction already runs contained. A failed
+/// write is not fatal here: the caller checks /proc/<pid>/cgroup and falls back (containment.rs).
 ///
 /// Must be called from the supervisor's main thread: the parent-death signal fires when the *thread*
 /// that forked exits, and the main thread lives as long as the supervisor.
 pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     let parent = std::process::id() as i32;
     let pass_fd = spec.pass_fd;
+    let cgroup_procs = spec.cgroup_procs;
     let mut cmd = Command::new(spec.program);
     cmd.args(spec.args)
         .current_dir(spec.cwd)
@@ -43,11 +52,21 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, _exit) run between fork and exec.
+    // SAFETY: only async-signal-safe calls (write, close_range/fcntl, prctl, getppid, _exit) run
+    // between fork and exec, on values prepared before the fork; nothing allocates.
     unsafe {
         cmd.pre_exec(move || {
-            // The passed descriptor was made close-on-exec like every other; in the child only,
-            // clear the flag so that exec keeps it, under its number (which the environment names).
+            if let Some(fd) = cgroup_procs {
+                // "0" moves the writing process (cgroup-v2.rst, "cgroup.procs"); errors are
+                // detected by the parent, see above.
+                let _ = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
+            // Nothing the supervisor holds (or inherited) leaks into the child: every descriptor
+            // above 2 becomes close-on-exec. Not closed here: std still needs its own error pipe
+            // until exec succeeds.
+            cloexec_from(3);
+            // The passed descriptor: in the child only, clear the flag so that exec keeps it,
+            // under its number (which the environment names).
             if let Some(fd) = pass_fd
                 && nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0
             {
@@ -64,6 +83,56 @@ pub(crate) fn spawn(spec: &SpawnSpec<'_>) -> io::Result<Child> {
         });
     }
     cmd.spawn()
+}
+
+/// Marks every descriptor from `first` up close-on-exec: close_range(CLOSE_RANGE_CLOEXEC)
+/// (Linux 5.11), else fcntl on each up to the descriptor limit. Async-signal-safe.
+pub(crate) fn cloexec_from(first: u32) {
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        if nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first,
+            u32::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        let max = nix::libc::sysconf(nix::libc::_SC_OPEN_MAX);
+        let max = if max > 0 {
+            max.min(1 << 20) as i32
+        } else {
+            1024
+        };
+        for fd in first as i32..max {
+            nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// Closes every descriptor from 3 up that this process inherited: the supervisor calls it first
+/// thing, so nothing its caller held open (a pipe to `| cat`, an ssh channel) stays open in it.
+pub(crate) fn close_inherited() {
+    // SAFETY: plain system call; nothing in this process uses a descriptor above 2 yet.
+    let done = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if done == 0 {
+        return;
+    }
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: closing a descriptor nothing in this process owns (the directory handle used
+        // for the listing is closed already; closing it twice is a harmless EBADF).
+        unsafe {
+            nix::libc::close(fd);
+        }
+    }
 }
 
 fn libc_prctl_pdeathsig() -> i32 {

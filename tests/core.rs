@@ -463,10 +463,21 @@ fn external_program_is_supervised_as_a_plain_process() {
     assert_eq!(d["state"], "RUNNING");
     assert_eq!(d["kind"], "external");
     let pid = d["pid"].as_u64().unwrap() as u32;
+    // Paused: frozen by its cgroup (cgroup.freeze) where the supervisor has cgroups, else SIGSTOP.
+    let sup = root.status()["supervisor"].clone();
+    let frozen = || -> bool {
+        if sup["containment"] == "cgroup" {
+            let events = std::path::Path::new(sup["containment_detail"].as_str().unwrap())
+                .join("daemon-sleeper/cgroup.events");
+            std::fs::read_to_string(events).is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
+        } else {
+            proc_state(pid) == Some('T')
+        }
+    };
     root.ok(&["pause", "sleeper"]);
-    assert_eq!(proc_state(pid), Some('T'), "SIGSTOP");
+    assert!(wait_until(T, frozen), "paused: frozen or SIGSTOP");
     root.ok(&["resume", "sleeper"]);
-    assert_ne!(proc_state(pid), Some('T'), "SIGCONT");
+    assert!(wait_until(T, || !frozen()), "resumed: thawed or SIGCONT");
     root.ok(&["stop", "sleeper"]);
     assert!(wait_until(T, || !alive(pid)));
 }

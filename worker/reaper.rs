@@ -1,5 +1,7 @@
 //! JOB_REAPER's hands: takes a snapshot of this root's process tree from /proc, asks
-//! `ringrift::reaper::decide` what to stop, and stops it (SIGTERM, grace, SIGKILL to the group).
+//! `ringrift::reaper::decide` what to stop, and stops it (SIGTERM, grace, SIGKILL to the group,
+//! and `cgroup.kill` to the process's cgroup when it is in the supervisor's subtree). When the
+//! supervisor is dead, the cgroup subtree it recorded in run/cgroup is killed and removed too.
 //! Used by the `job_reaper` daemon every cycle and by `ringrift-worker reap` for one pass now.
 
 use std::collections::BTreeMap;
@@ -14,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use ringrift::cgroupfs;
 use ringrift::procfs;
-use ringrift::protocol::{JOB_DEADLINE_ENV, JOB_ID_ENV, ROOT_ENV, SUPERVISOR_PID_ENV};
+use ringrift::protocol::{DAEMON_ENV, JOB_DEADLINE_ENV, JOB_ID_ENV, ROOT_ENV, SUPERVISOR_PID_ENV};
 use ringrift::reaper::{self, Action, CpuHistory, Policy, TreeProc, Verdict};
 
 /// One reaper: remembers CPU times between passes so it can tell a stuck job from a busy one.
@@ -34,6 +37,8 @@ pub(crate) struct Pass {
     pub verdicts: Vec<Verdict>,
     /// Pids still alive after SIGKILL (should stay empty).
     pub survivors: Vec<u32>,
+    /// What became of a dead supervisor's cgroup subtree, if there was one.
+    pub cgroup_note: Option<String>,
 }
 
 impl Reaper {
@@ -59,11 +64,25 @@ impl Reaper {
 
     /// Decides without acting.
     pub(crate) fn plan(&mut self) -> Pass {
-        let procs = snapshot(&self.root);
+        let mut procs = snapshot(&self.root);
+        let current = self.supervisor();
+        // Read after the snapshot: any process in it was spawned before this list was read.
+        if let Some(live) = current.and_then(|_| live_units(&self.root)) {
+            for p in procs
+                .iter_mut()
+                .filter(|p| p.in_tree && p.supervisor_pid == current)
+            {
+                p.unit_live = Some(match (&p.job_id, &p.daemon) {
+                    (Some(job), _) => live.contains(&format!("job {job}")),
+                    (None, Some(d)) => live.contains(d),
+                    (None, None) => true,
+                });
+            }
+        }
         let now_unix = ringrift::timefmt::unix_now().0;
         let verdicts = reaper::decide(
             &procs,
-            self.supervisor(),
+            current,
             std::process::id(),
             now_unix,
             self.started.elapsed().as_secs_f64(),
@@ -74,7 +93,25 @@ impl Reaper {
             scanned: procs.iter().filter(|p| p.in_tree).count(),
             verdicts,
             survivors: Vec::new(),
+            cgroup_note: None,
         }
+    }
+
+    /// The cgroup subtree the supervisor recorded in run/cgroup, if the directory exists.
+    fn subtree(&self) -> Option<PathBuf> {
+        let text =
+            std::fs::read_to_string(self.root.join("run").join(cgroupfs::RECORD_FILE)).ok()?;
+        let dir = PathBuf::from(text.trim());
+        (dir.is_absolute() && dir.is_dir()).then_some(dir)
+    }
+
+    /// The cgroup of `pid` when it is a daemon's or job's cgroup in the recorded subtree.
+    fn cgroup_of(&self, subtree: &Path, pid: u32) -> Option<PathBuf> {
+        let name = subtree.file_name()?.to_str()?;
+        let path = cgroupfs::of_pid(pid)?;
+        let (_, leaf) = path.rsplit_once(&format!("/{name}/"))?;
+        (!leaf.contains('/') && (leaf.starts_with("daemon-") || leaf.starts_with("job-")))
+            .then(|| subtree.join(leaf))
     }
 
     /// One pass: decide, then stop what was decided, waiting up to the grace period between
@@ -100,10 +137,15 @@ impl Reaper {
         while Instant::now() < deadline && targets.iter().any(|v| !gone_or_zombie(v.pid)) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let subtree = self.subtree();
         for v in &targets {
             if let Action::Kill { group } = v.action
                 && !gone_or_zombie(v.pid)
             {
+                // The whole cgroup first: whatever else it holds is of the same daemon or job.
+                if let Some(dir) = subtree.as_ref().and_then(|s| self.cgroup_of(s, v.pid)) {
+                    let _ = cgroupfs::kill(&dir);
+                }
                 send(v.pid, group, Signal::SIGKILL);
             }
         }
@@ -116,6 +158,22 @@ impl Reaper {
             .filter(|v| !gone_or_zombie(v.pid))
             .map(|v| v.pid)
             .collect();
+        // A dead supervisor's subtree: kill what is left in it and remove it.
+        if self.supervisor().is_none()
+            && let Some(dir) = subtree
+        {
+            cgroupfs::kill_tree(&dir);
+            pass.cgroup_note = Some(match cgroupfs::remove_tree(&dir, Duration::from_secs(2)) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(self.root.join("run").join(cgroupfs::RECORD_FILE));
+                    format!(
+                        "removed the cgroup subtree {} of a supervisor that is gone",
+                        dir.display()
+                    )
+                }
+                Err(e) => e,
+            });
+        }
         pass
     }
 }
@@ -159,6 +217,18 @@ pub(crate) fn describe(v: &Verdict, dry_run: bool) -> String {
     )
 }
 
+/// The daemons (by name) and jobs (`job <id>`) the supervisor lists as running in run/processes
+/// (`pgid start_time what` lines), or None when the list cannot be read.
+fn live_units(root: &Path) -> Option<std::collections::BTreeSet<String>> {
+    let text = std::fs::read_to_string(root.join("run/processes")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| l.splitn(3, ' ').nth(2))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 /// Every process, with the tree markers read from its environment.
 pub(crate) fn snapshot(root: &Path) -> Vec<TreeProc> {
     let root_text = root.display().to_string();
@@ -185,7 +255,10 @@ pub(crate) fn snapshot(root: &Path) -> Vec<TreeProc> {
                 .ok()
                 .map(|d| d.as_secs_f64())
         });
+        let daemon = var(DAEMON_ENV);
         out.push(TreeProc {
+            daemon,
+            unit_live: None,
             pid,
             ppid: stat.ppid,
             pgid: stat.pgid,
@@ -240,6 +313,9 @@ pub(crate) fn main(args: ReapArgs) -> std::process::ExitCode {
     );
     for v in &pass.verdicts {
         println!("{}", describe(v, args.dry_run));
+    }
+    if let Some(note) = &pass.cgroup_note {
+        println!("{note}");
     }
     if pass.survivors.is_empty() {
         std::process::ExitCode::SUCCESS

@@ -2,6 +2,7 @@
 //! daemons — own process group, parent-death signal, output in logs/jobs/<id>.log — stops them at
 //! their maximum runtime, and tells the daemon how they ended.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use nix::sys::signal::Signal;
 use ringrift::protocol::{self, FromSupervisor, JobStatus};
 
 use super::{Core, Msg};
+use crate::containment::{Member, Unit};
 use crate::logwriter::{self, RotatingFile};
 use crate::unix::{self, SpawnSpec};
 
@@ -25,6 +27,8 @@ pub(crate) struct Job {
     pub timed_out: bool,
     /// The leader exited; SIGKILL went to the rest of the group, waiting for it to empty.
     pub exited: Option<(bool, Option<i32>, String)>,
+    /// Every process of the job: its cgroup, or its group + environment.
+    pub unit: Unit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,19 +101,43 @@ impl Core {
         spawn_env.extend(env);
         let program = PathBuf::from(&command[0]);
         let root = self.paths.root.clone();
+        let job_limits = self
+            .daemons
+            .get(daemon)
+            .map(|d| d.cfg.job_limits)
+            .unwrap_or_default();
+        let prepared = self
+            .containment
+            .prepare(&Member::Job(id.clone()), &job_limits);
         let spec = SpawnSpec {
             program: &program,
             args: &command[1..],
             cwd: &root,
             env: spawn_env,
             pass_fd: None,
+            cgroup_procs: prepared.procs.as_ref().map(|f| f.as_raw_fd()),
         };
         let mut child = match unix::spawn(&spec) {
             Ok(c) => c,
-            Err(e) => return refuse(self, format!("cannot spawn {}: {e}", program.display())),
+            Err(e) => {
+                if let Some(dir) = &prepared.cgroup {
+                    let _ = crate::cgroup::remove(dir);
+                }
+                return refuse(self, format!("cannot spawn {}: {e}", program.display()));
+            }
         };
         let pid = child.id().expect("a just-spawned child has a pid");
         self.owned.insert(pid);
+        let unit = self
+            .containment
+            .unit(Member::Job(id.clone()), pid, prepared);
+        if let Some(why) = &unit.why_not {
+            self.log
+                .warn(&format!("job {id}: not contained by a cgroup: {why}"));
+        }
+        for p in &unit.limit_problems {
+            self.log.warn(&format!("job {id}: {p}"));
+        }
         if let Some(out) = child.stdout.take() {
             tokio::spawn(logwriter::pump(out, logwriter::Stream::Out, log.clone()));
         }
@@ -145,6 +173,7 @@ impl Core {
                 grace,
                 timed_out: false,
                 exited: None,
+                unit,
             },
         );
         self.job_timer(&id, JobTimer::Deadline, max_runtime);
@@ -177,15 +206,19 @@ impl Core {
                     "job {id}: over its max runtime of {:?}: SIGTERM to process group {}, SIGKILL in {:?}",
                     job.max_runtime, job.pid, job.grace
                 ));
-                unix::signal_group(job.pid, Signal::SIGTERM);
+                job.unit.signal(Signal::SIGTERM);
                 let grace = job.grace;
                 self.job_timer(id, JobTimer::Grace, grace);
             }
             JobTimer::Deadline => {}
             JobTimer::Grace => {
-                if unix::group_alive(job.pid) {
-                    self.log.warn(&format!("job {id}: still running after the grace period: SIGKILL to process group {}", job.pid));
-                    unix::signal_group(job.pid, Signal::SIGKILL);
+                if job.unit.alive() {
+                    self.log.warn(&format!(
+                        "job {id}: still running after the grace period: SIGKILL to process group {} and every process it started ({})",
+                        job.pid,
+                        job.unit.kind()
+                    ));
+                    job.unit.kill();
                 }
             }
             JobTimer::DrainCheck => self.check_job_drained(id),
@@ -196,7 +229,7 @@ impl Core {
     pub(super) fn stop_job(&mut self, id: &str) {
         let Some(job) = self.jobs.get(id) else { return };
         if job.exited.is_none() {
-            unix::signal_group(job.pid, Signal::SIGTERM);
+            job.unit.signal(Signal::SIGTERM);
             let grace = job.grace;
             self.job_timer(id, JobTimer::Grace, grace);
         }
@@ -219,9 +252,9 @@ impl Core {
             Err(e) => (false, None, format!("wait failed: {e}")),
         };
         job.exited = Some((success, code, exit));
-        // Whatever the job left in its group goes with it.
-        if unix::group_alive(job.pid) {
-            unix::signal_group(job.pid, Signal::SIGKILL);
+        // Whatever the job left behind goes with it.
+        if job.unit.alive() {
+            job.unit.kill();
         }
         self.check_job_drained(id);
     }
@@ -231,11 +264,14 @@ impl Core {
         if job.exited.is_none() {
             return;
         }
-        if unix::group_alive(job.pid) {
+        if job.unit.alive() {
             self.job_timer(id, JobTimer::DrainCheck, Duration::from_millis(20));
             return;
         }
         let job = self.jobs.remove(id).expect("present");
+        if let Err(e) = job.unit.remove() {
+            self.log.warn(&format!("job {id}: {e}"));
+        }
         let (success, code, exit) = job.exited.clone().expect("checked");
         let runtime = job.started.elapsed();
         let exit = if job.timed_out {
