@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
 use crate::restart::{RestartPolicy, RestartSettings};
+use crate::readiness::Ready;
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
 pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
@@ -231,6 +232,8 @@ pub struct DaemonConfig {
     pub stall_timeout: Option<Duration>,
     /// Spawned but not RUNNING after this long → killed and restarted.
     pub ready_timeout: Duration,
+    /// When the process counts as ready (`ready:`, or the default for its kind); None: it reports.
+    pub ready: Option<Ready>,
     /// The whole effective entry as JSON, handed to the worker in its welcome.
     pub settings: Value,
 }
@@ -486,9 +489,12 @@ const COMMON_KEYS: &[&str] = &[
     "heartbeat_timeout",
     "stall_timeout",
     "ready_timeout",
+    "ready",
 ];
 /// Keys that make sense per daemon but not as shared defaults.
-const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings"];
+const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings", "ready"];
+/// The forms of `ready:` (src/readiness.rs), and the one key that may go with them.
+const READY_FORMS: &[&str] = &["after", "tcp", "http", "command", "log"];
 
 struct Validator<'a> {
     file: &'a str,
@@ -973,6 +979,11 @@ impl Validator<'_> {
             .duration(pick("ready_timeout"), at!("ready_timeout"), 0.01, 3600.0)
             .unwrap_or(Duration::from_secs(30));
 
+        let ready = match entry.get("ready") {
+            None | Some(Value::Null) => Ready::default_for(protocol),
+            Some(v) => self.ready(v, protocol, &["daemons", name, "ready"]),
+        };
+
         // The effective settings handed to the process: defaults, then the entry, then the resolved values.
         let mut settings = defaults.clone();
         for (k, v) in entry {
@@ -1002,6 +1013,7 @@ impl Validator<'_> {
             heartbeat_timeout,
             stall_timeout,
             ready_timeout,
+            ready,
             settings: Value::Object(settings),
         })
     }
@@ -1035,6 +1047,81 @@ impl Validator<'_> {
             out.insert(name.clone(), resolved);
         }
         out
+    }
+
+    /// A `ready:` entry: exactly one of [`READY_FORMS`], plus `interval` for the probing forms.
+    fn ready(&mut self, v: &Value, protocol: bool, at: &[&str]) -> Option<Ready> {
+        let map = self.mapping(Some(v), at)?.clone();
+        let mut allowed = READY_FORMS.to_vec();
+        allowed.push("interval");
+        self.unknown_keys(&map, at, &allowed);
+        let forms: Vec<&str> = READY_FORMS
+            .iter()
+            .copied()
+            .filter(|f| map.contains_key(*f))
+            .collect();
+        if forms.len() != 1 {
+            self.problem(
+                at,
+                format!(
+                    "must hold exactly one of after, tcp, http, command, log (found {})",
+                    if forms.is_empty() { "none".to_string() } else { forms.join(", ") }
+                ),
+            );
+            return None;
+        }
+        if protocol {
+            self.problem(
+                at,
+                "a daemon that speaks the protocol reports its own readiness; ready: is for plain programs",
+            );
+            return None;
+        }
+        let form = forms[0];
+        let path: Vec<&str> = at.iter().copied().chain([form]).collect();
+        let ipath: Vec<&str> = at.iter().copied().chain(["interval"]).collect();
+        let interval = self
+            .duration(map.get("interval"), &ipath, 0.01, 3600.0)
+            .unwrap_or(crate::readiness::DEFAULT_PROBE_INTERVAL);
+        match form {
+            "after" => self
+                .duration(map.get("after"), &path, 0.0, 3600.0)
+                .map(Ready::After),
+            "tcp" => {
+                let addr = self.string(map.get("tcp"), &path)?;
+                if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                    self.problem(&path, format!("'{addr}' is not host:port"));
+                    return None;
+                }
+                Some(Ready::Tcp { addr, interval })
+            }
+            "http" => {
+                let text = self.string(map.get("http"), &path)?;
+                match crate::readiness::parse_http_url(&text) {
+                    Ok(url) => Some(Ready::Http { url, interval }),
+                    Err(e) => {
+                        self.problem(&path, e);
+                        None
+                    }
+                }
+            }
+            "command" => {
+                let argv = self.string_list(map.get("command"), &path)?;
+                if argv.is_empty() {
+                    self.problem(&path, "must name a program, e.g. [\"pg_isready\"]");
+                    return None;
+                }
+                Some(Ready::Command { argv, interval })
+            }
+            _ => {
+                let text = self.string(map.get("log"), &path)?;
+                if text.is_empty() {
+                    self.problem(&path, "must not be empty");
+                    return None;
+                }
+                Some(Ready::Log(text))
+            }
+        }
     }
 
     fn unknown_keys(&mut self, map: &Map<String, Value>, at: &[&str], allowed: &[&str]) {

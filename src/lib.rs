@@ -12,6 +12,8 @@ pub mod game;
 pub mod lifecycle;
 pub mod procfs;
 pub mod protocol;
+pub mod readiness;
 pub mod reaper;
+pub mod reload;
 pub mod restart;
 pub mod timefmt;
