@@ -15,8 +15,8 @@ use serde_json::{Map, Value};
 
 use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
-use crate::restart::{RestartPolicy, RestartSettings};
 use crate::readiness::Ready;
+use crate::restart::{RestartPolicy, RestartSettings};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
 pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
@@ -1065,7 +1065,11 @@ impl Validator<'_> {
                 at,
                 format!(
                     "must hold exactly one of after, tcp, http, command, log (found {})",
-                    if forms.is_empty() { "none".to_string() } else { forms.join(", ") }
+                    if forms.is_empty() {
+                        "none".to_string()
+                    } else {
+                        forms.join(", ")
+                    }
                 ),
             );
             return None;
@@ -1089,7 +1093,10 @@ impl Validator<'_> {
                 .map(Ready::After),
             "tcp" => {
                 let addr = self.string(map.get("tcp"), &path)?;
-                if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                if addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                {
                     self.problem(&path, format!("'{addr}' is not host:port"));
                     return None;
                 }

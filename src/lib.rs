@@ -17,3 +17,4 @@ pub mod reaper;
 pub mod reload;
 pub mod restart;
 pub mod timefmt;
+pub mod watchdog;

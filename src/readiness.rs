@@ -142,7 +142,11 @@ mod tests {
         assert_eq!(u.authority, "localhost:80");
         assert_eq!(u.path, "/");
         assert!(parse_http_url("https://x").unwrap_err().contains("https"));
-        assert!(parse_http_url("http://h:port/").unwrap_err().contains("port"));
+        assert!(
+            parse_http_url("http://h:port/")
+                .unwrap_err()
+                .contains("port")
+        );
         assert!(parse_http_url("http:///x").is_err());
     }
 
@@ -157,7 +161,10 @@ mod tests {
 
     #[test]
     fn log_lines_match_by_substring() {
-        assert!(log_line_matches("listening on", "2026 server listening on :80"));
+        assert!(log_line_matches(
+            "listening on",
+            "2026 server listening on :80"
+        ));
         assert!(!log_line_matches("listening on", "starting"));
     }
 

@@ -55,7 +55,8 @@ pub fn classify(old: &DaemonConfig, new: &DaemonConfig) -> ReloadAction {
     let (new_keys, new_jobs) = split(&new.settings);
     let mut policy = Vec::new();
     let mut process = Vec::new();
-    let names: std::collections::BTreeSet<&String> = old_keys.keys().chain(new_keys.keys()).collect();
+    let names: std::collections::BTreeSet<&String> =
+        old_keys.keys().chain(new_keys.keys()).collect();
     for key in names {
         if old_keys.get(key) == new_keys.get(key) {
             continue;
@@ -128,7 +129,10 @@ mod tests {
         let yaml = format!(
             "daemons:\n  plain:\n    command: [\"sleep\", \"100\"]\n{yaml_entry}pipeline:\n  jobs:\n    train:\n      command: [\"{train}\"]\n"
         );
-        config::parse(&yaml, "test.yaml", &[]).expect("valid config").daemons["plain"].clone()
+        config::parse(&yaml, "test.yaml", &[])
+            .expect("valid config")
+            .daemons["plain"]
+            .clone()
     }
 
     #[test]
@@ -161,7 +165,10 @@ mod tests {
             "    settings:\n      x: 1\n",
         ] {
             assert!(
-                matches!(classify(&daemon(""), &daemon(entry)), ReloadAction::Restart(_)),
+                matches!(
+                    classify(&daemon(""), &daemon(entry)),
+                    ReloadAction::Restart(_)
+                ),
                 "{entry}"
             );
         }
@@ -173,7 +180,10 @@ mod tests {
 
     #[test]
     fn a_process_key_with_a_policy_key_restarts_and_names_both() {
-        match classify(&daemon(""), &daemon("    env:\n      A: b\n    grace_period: 3\n")) {
+        match classify(
+            &daemon(""),
+            &daemon("    env:\n      A: b\n    grace_period: 3\n"),
+        ) {
             ReloadAction::Restart(keys) => {
                 assert!(keys.contains(&"env".to_string()), "{keys:?}");
                 assert!(keys.contains(&"grace_period".to_string()), "{keys:?}");
@@ -190,7 +200,10 @@ mod tests {
         );
         // With a policy change as well, it is still in place.
         assert!(matches!(
-            classify(&with_train("", "a"), &with_train("    grace_period: 3\n", "b")),
+            classify(
+                &with_train("", "a"),
+                &with_train("    grace_period: 3\n", "b")
+            ),
             ReloadAction::InPlace(_)
         ));
     }
