@@ -463,10 +463,11 @@ fn external_program_is_supervised_as_a_plain_process() {
     assert_eq!(d["state"], "RUNNING");
     assert_eq!(d["kind"], "external");
     let pid = d["pid"].as_u64().unwrap() as u32;
+    // The kernel stops and continues the process asynchronously once the signal is sent.
     root.ok(&["pause", "sleeper"]);
-    assert_eq!(proc_state(pid), Some('T'), "SIGSTOP");
+    assert!(wait_until(T, || proc_state(pid) == Some('T')), "SIGSTOP");
     root.ok(&["resume", "sleeper"]);
-    assert_ne!(proc_state(pid), Some('T'), "SIGCONT");
+    assert!(wait_until(T, || proc_state(pid) != Some('T')), "SIGCONT");
     root.ok(&["stop", "sleeper"]);
     assert!(wait_until(T, || !alive(pid)));
 }
