@@ -2405,3 +2405,26 @@ fn unix_nanos() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_are_read_as_users_write_them() {
+        for text in ["KILL", "SIGKILL", "kill", "9", " Kill "] {
+            assert_eq!(parse_signal(text), Ok(Signal::SIGKILL), "{text}");
+        }
+        assert_eq!(parse_signal("int"), Ok(Signal::SIGINT));
+        assert!(
+            parse_signal("BOGUS")
+                .unwrap_err()
+                .contains("unknown signal 'BOGUS'")
+        );
+        assert!(
+            parse_signal("999")
+                .unwrap_err()
+                .contains("not a signal number")
+        );
+    }
+}

@@ -132,6 +132,14 @@ fn a_worker_that_reports_shutting_down_and_hangs_is_killed_at_the_end_of_its_gra
     assert!(asked.elapsed() < Duration::from_secs(4));
     assert!(root.pid("hung").is_some_and(|p| p != pid));
     assert!(!alive(pid));
+    // And `shutdown` ends with it.
+    let pid = root.pid("hung").unwrap();
+    assert!(wait_until(T, || root.state("hung") == "SHUTTING_DOWN"));
+    let sup = root.supervisor_pid().unwrap();
+    let asked = Instant::now();
+    root.ok(&["shutdown"]);
+    assert!(asked.elapsed() < Duration::from_secs(4));
+    assert!(wait_until(T, || !alive(sup) && !alive(pid)));
 }
 
 #[test]
