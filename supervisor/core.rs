@@ -315,6 +315,8 @@ impl Core {
     /// Runs until shutdown completes.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         // The ticker shows the supervisor ran; a late tick marks a resumption for the watchdog.
+        // Counted from now: whatever happened before the loop runs is not a pause.
+        *self.lag.lock().expect("lag lock") = LagDetector::new(Instant::now());
         let lag = self.lag.clone();
         let log = self.log.clone();
         let ticker = tokio::spawn(async move {
