@@ -983,6 +983,18 @@ impl Validator<'_> {
             None | Some(Value::Null) => Ready::default_for(protocol),
             Some(v) => self.ready(v, protocol, &["daemons", name, "ready"]),
         };
+        if let Some(Ready::After(after)) = &ready
+            && *after >= ready_timeout
+        {
+            // It would be killed as "not ready" before it could ever count as ready.
+            self.problem(
+                &["daemons", name, "ready", "after"],
+                format!(
+                    "must be shorter than ready_timeout ({}s)",
+                    ready_timeout.as_secs_f64()
+                ),
+            );
+        }
 
         // The effective settings handed to the process: defaults, then the entry, then the resolved values.
         let mut settings = defaults.clone();
@@ -1544,6 +1556,48 @@ mod tests {
             e.problems[0].file,
             "environment RINGRIFT_HTTP__MAX_CONNECTIONS"
         );
+    }
+
+    #[test]
+    fn ready_takes_one_form_for_plain_programs_only() {
+        let plain = |ready: &str| {
+            format!(
+                "daemons:\n  p:\n    command: [\"sleep\", \"9\"]\n    ready_timeout: 5\n{ready}"
+            )
+        };
+        let c = ok(&plain("    ready:\n      tcp: \"127.0.0.1:80\"\n"));
+        assert!(matches!(c.daemons["p"].ready, Some(Ready::Tcp { .. })));
+        assert_eq!(
+            ok(&plain("")).daemons["p"].ready,
+            Some(Ready::After(crate::readiness::DEFAULT_PLAIN_AFTER))
+        );
+        assert_eq!(
+            ok("daemons:\n  auto_sync: {}\n").daemons["auto_sync"].ready,
+            None,
+            "workers report"
+        );
+        for (bad, says) in [
+            ("    ready:\n      tcp: x\n", "not host:port"),
+            (
+                "    ready:\n      after: 1\n      log: up\n",
+                "exactly one of",
+            ),
+            ("    ready:\n      after: 9\n", "shorter than ready_timeout"),
+            (
+                "    ready:\n      http: \"https://x/\"\n",
+                "https is not supported",
+            ),
+            ("    ready:\n      port: 80\n", "port"),
+        ] {
+            let e = err(&plain(bad), &[]).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = err(
+            "daemons:\n  p:\n    command: [\"x\"]\n    protocol: true\n    ready:\n      after: 1\n",
+            &[],
+        )
+        .to_string();
+        assert!(e.contains("reports its own readiness"), "{e}");
     }
 
     #[test]
