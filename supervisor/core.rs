@@ -1309,6 +1309,9 @@ impl Core {
                 let ready_timeout = d.cfg.ready_timeout;
                 // A worker reports its readiness; a plain program meets its `ready:` condition
                 // (src/readiness.rs). Either way it must by `ready_timeout`.
+                if let Some(r) = &d.cfg.ready {
+                    d.reason = Some(format!("waiting until ready: {}", r.describe()));
+                }
                 match d.cfg.ready.clone() {
                     None if !d.cfg.protocol => {
                         d.running_since = Some(Instant::now());
@@ -1684,6 +1687,7 @@ impl Core {
             self.log.info(&format!("{name}: ready ({})", r.describe()));
         }
         d.running_since = Some(Instant::now());
+        d.reason = None;
         set_state(&self.log, name, d, DaemonState::Running);
     }
 

@@ -282,6 +282,9 @@ fn every_ready_form_holds_before_dependents_start() {
             "    depends_on: [tcp_dep, http_dep, log_dep, cmd_dep, after_dep]\n",
         ),
     ]));
+    root.ok(&["start", "after_dep", "--no-wait"]);
+    let d = root.wait_state("after_dep", "INITIALIZING", T);
+    assert_eq!(d["reason"], "waiting until ready: alive for 1s", "{d:#}");
     let out = root.ok(&["start", "app"]);
     assert!(out.contains("RUNNING"), "{out}");
     let log = root.master_log();
