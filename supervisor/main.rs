@@ -84,6 +84,7 @@ enum Command {
     },
     /// Stop daemons with a signal sent at once (SIGKILL unless --signal says otherwise)
     Kill {
+        /// Daemon names; daemons that depend on them stop first, by the same signal
         #[arg(required = true)]
         names: Vec<String>,
         /// The signal: a name (TERM, SIGINT, ...) or a number; SIGKILL follows after the grace
