@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
 use crate::limits::{self, Limits};
+use crate::readiness::Ready;
 use crate::restart::{RestartPolicy, RestartSettings};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
@@ -247,6 +248,8 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// Limits of the cgroup of each job the daemon runs (`job_memory_max`, `job_cpu_max`).
     pub job_limits: Limits,
+    /// When the process counts as ready (`ready:`, or the default for its kind); None: it reports.
+    pub ready: Option<Ready>,
     /// The whole effective entry as JSON, handed to the worker in its welcome.
     pub settings: Value,
 }
@@ -512,9 +515,12 @@ const COMMON_KEYS: &[&str] = &[
     "cpu_max",
     "job_memory_max",
     "job_cpu_max",
+    "ready",
 ];
 /// Keys that make sense per daemon but not as shared defaults.
-const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings"];
+const PER_DAEMON_ONLY: &[&str] = &["depends_on", "command", "env", "settings", "ready"];
+/// The forms of `ready:` (src/readiness.rs), and the one key that may go with them.
+const READY_FORMS: &[&str] = &["after", "tcp", "http", "command", "log"];
 
 struct Validator<'a> {
     file: &'a str,
@@ -1026,6 +1032,22 @@ impl Validator<'_> {
             ),
             cpu_max: self.limit(pick("job_cpu_max"), at!("job_cpu_max"), limits::parse_cpu),
         };
+        let ready = match entry.get("ready") {
+            None | Some(Value::Null) => Ready::default_for(protocol),
+            Some(v) => self.ready(v, protocol, &["daemons", name, "ready"]),
+        };
+        if let Some(Ready::After(after)) = &ready
+            && *after >= ready_timeout
+        {
+            // It would be killed as "not ready" before it could ever count as ready.
+            self.problem(
+                &["daemons", name, "ready", "after"],
+                format!(
+                    "must be shorter than ready_timeout ({}s)",
+                    ready_timeout.as_secs_f64()
+                ),
+            );
+        }
 
         // The effective settings handed to the process: defaults, then the entry, then the resolved values.
         let mut settings = defaults.clone();
@@ -1058,6 +1080,7 @@ impl Validator<'_> {
             ready_timeout,
             limits,
             job_limits,
+            ready,
             settings: Value::Object(settings),
         })
     }
@@ -1091,6 +1114,88 @@ impl Validator<'_> {
             out.insert(name.clone(), resolved);
         }
         out
+    }
+
+    /// A `ready:` entry: exactly one of [`READY_FORMS`], plus `interval` for the probing forms.
+    fn ready(&mut self, v: &Value, protocol: bool, at: &[&str]) -> Option<Ready> {
+        let map = self.mapping(Some(v), at)?.clone();
+        let mut allowed = READY_FORMS.to_vec();
+        allowed.push("interval");
+        self.unknown_keys(&map, at, &allowed);
+        let forms: Vec<&str> = READY_FORMS
+            .iter()
+            .copied()
+            .filter(|f| map.contains_key(*f))
+            .collect();
+        if forms.len() != 1 {
+            self.problem(
+                at,
+                format!(
+                    "must hold exactly one of after, tcp, http, command, log (found {})",
+                    if forms.is_empty() {
+                        "none".to_string()
+                    } else {
+                        forms.join(", ")
+                    }
+                ),
+            );
+            return None;
+        }
+        if protocol {
+            self.problem(
+                at,
+                "a daemon that speaks the protocol reports its own readiness; ready: is for plain programs",
+            );
+            return None;
+        }
+        let form = forms[0];
+        let path: Vec<&str> = at.iter().copied().chain([form]).collect();
+        let ipath: Vec<&str> = at.iter().copied().chain(["interval"]).collect();
+        let interval = self
+            .duration(map.get("interval"), &ipath, 0.01, 3600.0)
+            .unwrap_or(crate::readiness::DEFAULT_PROBE_INTERVAL);
+        match form {
+            "after" => self
+                .duration(map.get("after"), &path, 0.0, 3600.0)
+                .map(Ready::After),
+            "tcp" => {
+                let addr = self.string(map.get("tcp"), &path)?;
+                if addr
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                {
+                    self.problem(&path, format!("'{addr}' is not host:port"));
+                    return None;
+                }
+                Some(Ready::Tcp { addr, interval })
+            }
+            "http" => {
+                let text = self.string(map.get("http"), &path)?;
+                match crate::readiness::parse_http_url(&text) {
+                    Ok(url) => Some(Ready::Http { url, interval }),
+                    Err(e) => {
+                        self.problem(&path, e);
+                        None
+                    }
+                }
+            }
+            "command" => {
+                let argv = self.string_list(map.get("command"), &path)?;
+                if argv.is_empty() {
+                    self.problem(&path, "must name a program, e.g. [\"pg_isready\"]");
+                    return None;
+                }
+                Some(Ready::Command { argv, interval })
+            }
+            _ => {
+                let text = self.string(map.get("log"), &path)?;
+                if text.is_empty() {
+                    self.problem(&path, "must not be empty");
+                    return None;
+                }
+                Some(Ready::Log(text))
+            }
+        }
     }
 
     fn unknown_keys(&mut self, map: &Map<String, Value>, at: &[&str], allowed: &[&str]) {
@@ -1565,6 +1670,48 @@ mod tests {
             e.problems[0].file,
             "environment RINGRIFT_HTTP__MAX_CONNECTIONS"
         );
+    }
+
+    #[test]
+    fn ready_takes_one_form_for_plain_programs_only() {
+        let plain = |ready: &str| {
+            format!(
+                "daemons:\n  p:\n    command: [\"sleep\", \"9\"]\n    ready_timeout: 5\n{ready}"
+            )
+        };
+        let c = ok(&plain("    ready:\n      tcp: \"127.0.0.1:80\"\n"));
+        assert!(matches!(c.daemons["p"].ready, Some(Ready::Tcp { .. })));
+        assert_eq!(
+            ok(&plain("")).daemons["p"].ready,
+            Some(Ready::After(crate::readiness::DEFAULT_PLAIN_AFTER))
+        );
+        assert_eq!(
+            ok("daemons:\n  auto_sync: {}\n").daemons["auto_sync"].ready,
+            None,
+            "workers report"
+        );
+        for (bad, says) in [
+            ("    ready:\n      tcp: x\n", "not host:port"),
+            (
+                "    ready:\n      after: 1\n      log: up\n",
+                "exactly one of",
+            ),
+            ("    ready:\n      after: 9\n", "shorter than ready_timeout"),
+            (
+                "    ready:\n      http: \"https://x/\"\n",
+                "https is not supported",
+            ),
+            ("    ready:\n      port: 80\n", "port"),
+        ] {
+            let e = err(&plain(bad), &[]).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = err(
+            "daemons:\n  p:\n    command: [\"x\"]\n    protocol: true\n    ready:\n      after: 1\n",
+            &[],
+        )
+        .to_string();
+        assert!(e.contains("reports its own readiness"), "{e}");
     }
 
     #[test]

@@ -137,6 +137,17 @@ pub enum ToSupervisor {
         names: Vec<String>,
         #[serde(default)]
         all: bool,
+        /// Skip the grace period: SIGKILL to each process group at once (dependents too).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
+    /// Stop daemons by a signal of the caller's choice (SIGKILL when None), sent at once instead of
+    /// the shutdown frame and SIGTERM; a group still alive after the grace period gets SIGKILL.
+    Kill {
+        names: Vec<String>,
+        /// A signal name (`TERM`, `SIGINT`) or number; None: SIGKILL.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
     },
     Restart {
         names: Vec<String>,

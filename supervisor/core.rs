@@ -20,7 +20,10 @@ use ringrift::protocol::{
     self, DaemonStatus, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
     ToSupervisor,
 };
+use ringrift::readiness::Ready;
+use ringrift::reload::ReloadAction;
 use ringrift::restart::{self, ExitDecision, ExitKind, Jitter, RestartHistory};
+use ringrift::watchdog::{LagDetector, Verdict};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::containment::{Containment, Member, Unit};
@@ -97,6 +100,15 @@ pub(crate) enum Msg {
     },
     /// The orphan reaper collected something: groups being drained may now be empty.
     Reaped,
+    /// Spawn `generation` of a plain program met its `ready:` condition (probe or log line).
+    Ready {
+        daemon: String,
+        generation: u64,
+    },
+    /// A CLI request's own deadline has come: answer it with what is known.
+    WaiterDeadline {
+        id: u64,
+    },
     Signal(SignalKind),
 }
 
@@ -105,6 +117,8 @@ pub(crate) enum TimerKind {
     Backoff,
     Grace,
     ReadyTimeout,
+    /// A plain program's `ready: {after: ...}` (or the default wait) is over.
+    ReadyAfter,
     Watchdog,
     /// A drained group still had members: look again.
     DrainCheck,
@@ -151,6 +165,23 @@ struct Daemon {
     unit: Option<Unit>,
     /// A stop was requested but dependents must go first.
     stop_queued: bool,
+    /// Bumped each time a start or restart overrides a stop still under way: a stop request
+    /// waiting for this daemon then answers "stop overridden".
+    stop_overrides: u64,
+    /// Bumped each time an attempt to run the daemon failed (it went to BACKOFF).
+    failures: u64,
+    /// The last attempt failed at spawn (the program could not be started at all).
+    spawn_failed: bool,
+    /// When the next attempt is due, while in BACKOFF.
+    next_attempt: Option<Instant>,
+    /// A forced stop's signal (`stop --force`: SIGKILL; `kill --signal`): no shutdown frame, no SIGTERM.
+    stop_signal: Option<Signal>,
+    /// This spawn's stop has been signalled (SIGTERM or the forced signal).
+    terminated: bool,
+    /// How the last stop ended when the supervisor had to force it, for the stop's answer.
+    stop_how: Option<String>,
+    /// The readiness probe of this spawn, aborted when the process ends.
+    probe: Option<tokio::task::AbortHandle>,
     /// The state last published as a DAEMON_* event, and the process generation it was about.
     announced: DaemonState,
     announced_generation: u64,
@@ -165,7 +196,12 @@ struct ExitInfo {
 
 /// A CLI request waiting for daemons to reach a state.
 struct Waiter {
+    id: u64,
     targets: Vec<String>,
+    /// Per target, its (stop_overrides, failures) when the request came: what happened since is news.
+    marks: Vec<(u64, u64)>,
+    /// The request answers by then whatever the daemons' states (grace or ready timeouts plus a margin).
+    deadline: Instant,
     goal: Goal,
     reply: Reply,
     /// Results already known (names refused up front, ...).
@@ -199,6 +235,7 @@ pub(crate) struct Core {
     config_path: Option<PathBuf>,
     daemons: BTreeMap<String, Daemon>,
     waiters: Vec<Waiter>,
+    waiter_seq: u64,
     tx: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
     owned: OwnedPids,
@@ -225,6 +262,8 @@ pub(crate) struct Core {
     last_flush: Instant,
     flush_pending: bool,
     pub(crate) exit_now: bool,
+    /// Notices when the supervisor itself did not run (stopped, frozen, starved); shared with its ticker.
+    lag: Arc<Mutex<LagDetector>>,
 }
 
 /// How often, at most, subscribers' acked positions are written to disk.
@@ -255,6 +294,7 @@ impl Core {
             config_path,
             daemons,
             waiters: Vec::new(),
+            waiter_seq: 0,
             tx,
             log,
             owned,
@@ -275,11 +315,31 @@ impl Core {
             last_flush: Instant::now(),
             flush_pending: false,
             exit_now: false,
+            lag: Arc::new(Mutex::new(LagDetector::new(Instant::now()))),
         }
     }
 
     /// Runs until shutdown completes.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        // The ticker shows the supervisor ran; a late tick marks a resumption for the watchdog.
+        // Counted from now: whatever happened before the loop runs is not a pause.
+        *self.lag.lock().expect("lag lock") = LagDetector::new(Instant::now());
+        let lag = self.lag.clone();
+        let log = self.log.clone();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(ringrift::watchdog::TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let gap = lag.lock().expect("lag lock").tick(Instant::now());
+                if let Some(gap) = gap {
+                    log.warn(&format!(
+                        "the supervisor did not run for {:.1}s (stopped or starved): watchdog windows start again",
+                        gap.as_secs_f64()
+                    ));
+                }
+            }
+        });
         while let Some(msg) = rx.recv().await {
             self.handle(msg);
             self.settle();
@@ -287,6 +347,7 @@ impl Core {
                 break;
             }
         }
+        ticker.abort();
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -346,6 +407,8 @@ impl Core {
                 }
             }
             Msg::Signal(kind) => self.signal(kind),
+            Msg::Ready { daemon, generation } => self.became_ready(&daemon, generation),
+            Msg::WaiterDeadline { id } => self.waiter_deadline(id),
             Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),
             Msg::JobTimer { job_id, kind } => self.on_job_timer(&job_id, kind),
         }
@@ -393,7 +456,19 @@ impl Core {
                 profile,
                 no_wait,
             } => self.start_request(names, all, profile, no_wait, reply),
-            ToSupervisor::Stop { names, all } => self.stop_request(names, all, reply),
+            ToSupervisor::Stop { names, all, force } => {
+                self.stop_request(names, all, force.then_some(Signal::SIGKILL), reply)
+            }
+            ToSupervisor::Kill { names, signal } => {
+                let sig = match signal.as_deref().map(parse_signal).transpose() {
+                    Ok(sig) => sig.unwrap_or(Signal::SIGKILL),
+                    Err(e) => {
+                        let _ = reply.send(error(protocol::ErrorCode::BadRequest, &e));
+                        return;
+                    }
+                };
+                self.stop_request(names, false, Some(sig), reply)
+            }
             ToSupervisor::Restart { names } => self.restart_request(names, reply),
             ToSupervisor::Pause { names } => self.pause_request(names, true, reply),
             ToSupervisor::Resume { names } => self.pause_request(names, false, reply),
@@ -556,7 +631,13 @@ impl Core {
     /// Marks a daemon as wanted: at rest → WAITING (the pump spawns it once its dependencies are up).
     fn want_up(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("resolved name");
+        if d.stop_queued || d.intent == Intent::Stop {
+            // A stop still under way: it will not end in STOPPED, and its request hears so.
+            d.stop_overrides += 1;
+            self.log.info(&format!("{name}: stop overridden by start"));
+        }
         d.stop_queued = false;
+        d.stop_signal = None;
         if d.intent == Intent::Stop {
             d.intent = Intent::Restart;
         }
@@ -567,7 +648,9 @@ impl Core {
         }
     }
 
-    fn stop_request(&mut self, names: Vec<String>, all: bool, reply: Reply) {
+    /// Stops daemons, dependents first; `force` is the signal of a forced stop (no grace period for
+    /// SIGKILL), also given to the dependents that stop with them.
+    fn stop_request(&mut self, names: Vec<String>, all: bool, force: Option<Signal>, reply: Reply) {
         let (selected, bad) = self.resolve(&names);
         if !bad.is_empty() {
             let _ = reply.send(FromSupervisor::Done {
@@ -602,6 +685,9 @@ impl Core {
                 ));
             }
             self.want_down(name);
+            if let Some(sig) = force {
+                self.force_stop(name, sig);
+            }
         }
         self.add_waiter(live, Goal::Down, Vec::new(), reply, false);
     }
@@ -621,6 +707,19 @@ impl Core {
                     d.intent = Intent::Stop;
                 }
             }
+        }
+    }
+
+    /// A forced stop of a daemon already going down, or about to: its signal goes out now (or when
+    /// its dependents are gone, for a queued stop).
+    fn force_stop(&mut self, name: &str, sig: Signal) {
+        let d = self.daemons.get_mut(name).expect("resolved name");
+        if d.state.is_at_rest() {
+            return;
+        }
+        d.stop_signal = Some(sig);
+        if d.state == DaemonState::ShuttingDown {
+            self.begin_stop(name);
         }
     }
 
@@ -646,6 +745,12 @@ impl Core {
             let d = self.daemons.get_mut(name).expect("resolved");
             d.history.clear();
             d.reason = None;
+            if d.stop_queued || d.intent == Intent::Stop {
+                d.stop_overrides += 1;
+                d.stop_queued = false;
+                self.log
+                    .info(&format!("{name}: stop overridden by restart"));
+            }
             if d.state.has_process() && d.state != DaemonState::ShuttingDown {
                 d.intent = Intent::Restart;
                 self.begin_stop(name);
@@ -735,12 +840,100 @@ impl Core {
             let _ = reply.send(FromSupervisor::Done { ok, results });
             return;
         }
+        let marks = targets
+            .iter()
+            .map(|n| {
+                let d = &self.daemons[n];
+                (d.stop_overrides, d.failures)
+            })
+            .collect();
+        let within = self.request_deadline(&targets, goal);
+        self.waiter_seq += 1;
+        let id = self.waiter_seq;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(within).await;
+            let _ = tx.send(Msg::WaiterDeadline { id });
+        });
         self.waiters.push(Waiter {
+            id,
             targets,
+            marks,
+            deadline: Instant::now() + within,
             goal,
             reply,
             early,
         });
+    }
+
+    /// How long a request may take: per level of the dependency chain among its targets, the
+    /// longest grace period (stops) or ready timeout (starts) of its daemons, plus a margin.
+    fn request_deadline(&self, targets: &[String], goal: Goal) -> Duration {
+        const MARGIN: Duration = Duration::from_secs(5);
+        let set: BTreeSet<&String> = targets.iter().collect();
+        let graph = self.config.graph();
+        let order = deps::start_order(&graph, &targets.iter().cloned().collect());
+        let mut level: BTreeMap<&str, u32> = BTreeMap::new();
+        for n in &order {
+            let l = self.daemons[n]
+                .cfg
+                .depends_on
+                .iter()
+                .filter(|d| set.contains(d))
+                .filter_map(|d| level.get(d.as_str()))
+                .max()
+                .map_or(1, |l| l + 1);
+            level.insert(n, l);
+        }
+        let levels = level.values().copied().max().unwrap_or(1);
+        let each = targets
+            .iter()
+            .map(|n| {
+                let c = &self.daemons[n].cfg;
+                match goal {
+                    Goal::Down => c.grace_period,
+                    // A start may also wait out a restart or two before it is ready.
+                    _ => c.ready_timeout + c.grace_period,
+                }
+            })
+            .max()
+            .unwrap_or_default();
+        each * levels + MARGIN
+    }
+
+    /// A request's deadline: every target not yet settled is answered with its state now.
+    fn waiter_deadline(&mut self, id: u64) {
+        let Some(i) = self.waiters.iter().position(|w| w.id == id) else {
+            return;
+        };
+        let w = self.waiters.swap_remove(i);
+        let mut results = w.early.clone();
+        let outcomes = self.outcomes(&w);
+        for (name, outcome) in w.targets.iter().zip(outcomes) {
+            let (ok, message) = match outcome {
+                Some(Ok(m)) => (true, m),
+                Some(Err(m)) => (false, m),
+                None => {
+                    let d = &self.daemons[name];
+                    let why = d
+                        .reason
+                        .clone()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default();
+                    (
+                        false,
+                        format!("still {} at the request's deadline{why}", d.state),
+                    )
+                }
+            };
+            results.push(OpResult {
+                name: name.clone(),
+                ok,
+                message,
+            });
+        }
+        let ok = results.iter().all(|r| r.ok);
+        let _ = w.reply.send(FromSupervisor::Done { ok, results });
     }
 
     /// Answers every waiter whose daemons have all reached a final state for its goal.
@@ -750,51 +943,92 @@ impl Core {
         let mut i = 0;
         while i < self.waiters.len() {
             let w = &self.waiters[i];
-            let mut results = w.early.clone();
-            let mut done = true;
-            for name in &w.targets {
-                let d = &self.daemons[name];
-                let outcome = match (w.goal, d.state) {
-                    (Goal::Up, DaemonState::Running | DaemonState::Paused) => {
-                        Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0))))
-                    }
-                    (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => Some(Err(format!(
-                        "{}: {}",
-                        d.state,
-                        d.reason
-                            .clone()
-                            .or_else(|| d.last_exit.clone())
-                            .unwrap_or_else(|| "stopped".into())
-                    ))),
-                    (Goal::Down, s) if s.is_at_rest() => Some(Ok(format!("{s}"))),
-                    (Goal::Paused, DaemonState::Paused) => Some(Ok("PAUSED".into())),
-                    (Goal::Paused, s) if s != DaemonState::Running => Some(Err(format!("{s}"))),
-                    (Goal::Resumed, DaemonState::Running) => Some(Ok("RUNNING".into())),
-                    (Goal::Resumed, s) if s != DaemonState::Paused => Some(Err(format!("{s}"))),
-                    _ => None,
-                };
-                match outcome {
-                    Some(Ok(m)) => results.push(OpResult {
-                        name: name.clone(),
-                        ok: true,
-                        message: m,
-                    }),
-                    Some(Err(m)) => results.push(OpResult {
-                        name: name.clone(),
-                        ok: false,
-                        message: m,
-                    }),
-                    None => done = false,
-                }
-            }
-            if done {
+            let outcomes = self.outcomes(w);
+            if outcomes.iter().all(Option::is_some) {
                 let w = self.waiters.swap_remove(i);
+                let mut results = w.early.clone();
+                for (name, outcome) in w.targets.iter().zip(outcomes) {
+                    let (ok, message) = match outcome.expect("all settled") {
+                        Ok(m) => (true, m),
+                        Err(m) => (false, m),
+                    };
+                    results.push(OpResult {
+                        name: name.clone(),
+                        ok,
+                        message,
+                    });
+                }
                 let ok = results.iter().all(|r| r.ok);
                 let _ = w.reply.send(FromSupervisor::Done { ok, results });
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// What became of each of a waiter's targets so far: None while it is still on its way.
+    fn outcomes(&self, w: &Waiter) -> Vec<Option<Result<String, String>>> {
+        let mut out: Vec<Option<Result<String, String>>> = Vec::with_capacity(w.targets.len());
+        for (k, name) in w.targets.iter().enumerate() {
+            let d = &self.daemons[name];
+            let (overrides, failures) = w.marks[k];
+            let reason = || {
+                d.reason
+                    .clone()
+                    .or_else(|| d.last_exit.clone())
+                    .unwrap_or_else(|| "stopped".into())
+            };
+            let outcome = match (w.goal, d.state) {
+                (Goal::Down, _) if d.stop_overrides != overrides => Some(Err(format!(
+                    "stop overridden by a later start or restart (now {})",
+                    d.state
+                ))),
+                (Goal::Down, s) if s.is_at_rest() => Some(Ok(match &d.stop_how {
+                    Some(how) => format!("{s} ({how})"),
+                    None => format!("{s}"),
+                })),
+                (Goal::Up, DaemonState::Running | DaemonState::Paused) => {
+                    Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0))))
+                }
+                (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => {
+                    Some(Err(format!("{}: {}", d.state, reason())))
+                }
+                // An attempt made for this request failed, and the next one will not come soon
+                // enough to answer by the deadline (or the program cannot be started at all).
+                (Goal::Up, DaemonState::Backoff)
+                    if d.failures > failures
+                        && (d.spawn_failed || d.next_attempt.is_none_or(|t| t >= w.deadline)) =>
+                {
+                    let next = d
+                        .next_attempt
+                        .map(|t| {
+                            format!(
+                                "; next attempt in {:.1}s",
+                                t.saturating_duration_since(Instant::now()).as_secs_f64()
+                            )
+                        })
+                        .unwrap_or_default();
+                    Some(Err(format!("BACKOFF: {}{next}", reason())))
+                }
+                // Waiting for a dependency that has already failed this request.
+                (Goal::Up, DaemonState::Waiting) => d.cfg.depends_on.iter().find_map(|dep| {
+                    let j = w.targets.iter().position(|t| t == dep)?;
+                    match out.get(j)? {
+                        Some(Err(m)) => {
+                            Some(Err(format!("WAITING: dependency {dep} is not ready ({m})")))
+                        }
+                        _ => None,
+                    }
+                }),
+                (Goal::Paused, DaemonState::Paused) => Some(Ok("PAUSED".into())),
+                (Goal::Paused, s) if s != DaemonState::Running => Some(Err(format!("{s}"))),
+                (Goal::Resumed, DaemonState::Running) => Some(Ok("RUNNING".into())),
+                (Goal::Resumed, s) if s != DaemonState::Paused => Some(Err(format!("{s}"))),
+                _ => None,
+            };
+            out.push(outcome);
+        }
+        out
     }
 
     // ------------------------------------------------------------------ the pump
@@ -846,6 +1080,15 @@ impl Core {
                     self.spawn(&name);
                     continue;
                 }
+                let waiting_for = format!(
+                    "waiting for {} to be ready",
+                    unmet
+                        .iter()
+                        .map(|n| format!("{n} ({})", self.daemons[n.as_str()].state))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.daemons.get_mut(&name).expect("known").reason = Some(waiting_for);
                 // A dependency that will not come up by itself leaves this one unable to start.
                 if let Some(dead) = unmet
                     .iter()
@@ -956,7 +1199,17 @@ impl Core {
         };
         d.generation += 1;
         let generation = d.generation;
+        if d.state == DaemonState::Waiting {
+            d.reason = None;
+        }
         d.kill_cause = None;
+        d.terminated = false;
+        d.stop_how = None;
+        d.stop_signal = None;
+        d.next_attempt = None;
+        if let Some(p) = d.probe.take() {
+            p.abort();
+        }
         d.draining = None;
         d.health = Health::default();
         d.progress.clear();
@@ -1008,12 +1261,49 @@ impl Core {
                 d.spawned_at = Some(Instant::now());
                 d.running_since = None;
                 d.last_progress_change = Instant::now();
+                d.spawn_failed = false;
+                // A `ready: {log: ...}` condition watches the output on its way to the log.
+                let watch = match &d.cfg.ready {
+                    Some(Ready::Log(pattern)) => {
+                        let tx = self.tx.clone();
+                        let daemon = name.to_string();
+                        Some(crate::readiness::LineWatch::new(
+                            pattern.clone(),
+                            Box::new(move || {
+                                let _ = tx.send(Msg::Ready { daemon, generation });
+                            }),
+                        ))
+                    }
+                    _ => None,
+                };
                 if let Some(log) = &d.log {
                     if let Some(out) = child.stdout.take() {
-                        tokio::spawn(logwriter::pump(out, logwriter::Stream::Out, log.clone()));
+                        match &watch {
+                            Some(w) => tokio::spawn(logwriter::pump(
+                                crate::readiness::WatchOutput::new(out, w.clone()),
+                                logwriter::Stream::Out,
+                                log.clone(),
+                            )),
+                            None => tokio::spawn(logwriter::pump(
+                                out,
+                                logwriter::Stream::Out,
+                                log.clone(),
+                            )),
+                        };
                     }
                     if let Some(err) = child.stderr.take() {
-                        tokio::spawn(logwriter::pump(err, logwriter::Stream::Err, log.clone()));
+                        match &watch {
+                            Some(w) => tokio::spawn(logwriter::pump(
+                                crate::readiness::WatchOutput::new(err, w.clone()),
+                                logwriter::Stream::Err,
+                                log.clone(),
+                            )),
+                            None => tokio::spawn(logwriter::pump(
+                                err,
+                                logwriter::Stream::Err,
+                                log.clone(),
+                            )),
+                        };
                     }
                 }
                 let daemon = name.to_string();
@@ -1032,13 +1322,34 @@ impl Core {
                     args.join(" ")
                 ));
                 set_state(&self.log, name, d, DaemonState::Initializing);
-                if d.cfg.protocol {
-                    let ready = d.cfg.ready_timeout;
-                    self.schedule(name, generation, TimerKind::ReadyTimeout, ready);
-                } else {
-                    // A plain program is ready once it is spawned.
-                    d.running_since = Some(Instant::now());
-                    set_state(&self.log, name, d, DaemonState::Running);
+                let ready_timeout = d.cfg.ready_timeout;
+                // A worker reports its readiness; a plain program meets its `ready:` condition
+                // (src/readiness.rs). Either way it must by `ready_timeout`.
+                if let Some(r) = &d.cfg.ready {
+                    d.reason = Some(format!("waiting until ready: {}", r.describe()));
+                }
+                match d.cfg.ready.clone() {
+                    None if !d.cfg.protocol => {
+                        d.running_since = Some(Instant::now());
+                        set_state(&self.log, name, d, DaemonState::Running);
+                    }
+                    None | Some(Ready::Log(_)) => {}
+                    Some(Ready::After(after)) => {
+                        self.schedule(name, generation, TimerKind::ReadyAfter, after)
+                    }
+                    Some(probe) => {
+                        d.probe = crate::readiness::spawn_probe(
+                            &probe,
+                            name.to_string(),
+                            generation,
+                            root.clone(),
+                            tree_env(&root, &socket),
+                            self.tx.clone(),
+                        );
+                    }
+                }
+                if self.daemons[name].state == DaemonState::Initializing {
+                    self.schedule(name, generation, TimerKind::ReadyTimeout, ready_timeout);
                 }
             }
             Err(e) => {
@@ -1048,6 +1359,7 @@ impl Core {
                 let desc = format!("cannot spawn {}: {e}", program.display());
                 self.log.error(&format!("{name}: {desc}"));
                 d.last_exit = Some(desc.clone());
+                d.spawn_failed = true;
                 set_state(&self.log, name, d, DaemonState::Initializing);
                 self.after_exit(
                     name,
@@ -1091,7 +1403,10 @@ impl Core {
         });
     }
 
-    /// Asks a daemon's process to go: shutdown frame, SIGTERM to the group, SIGKILL after the grace period.
+    /// Asks a daemon's process to go: shutdown frame, SIGTERM to the group, SIGKILL after the grace
+    /// period. A forced stop (`stop_signal`) sends its signal instead, at once, even to a daemon
+    /// already shutting down. A daemon that reported SHUTTING_DOWN by itself gets its SIGTERM now;
+    /// its grace period began with the report.
     fn begin_stop(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("known");
         if !d.state.has_process() {
@@ -1100,14 +1415,54 @@ impl Core {
             }
             return;
         }
-        if d.state == DaemonState::ShuttingDown {
+        let already = d.state == DaemonState::ShuttingDown;
+        let Some(pgid) = Self::group_of(d) else {
+            if !already {
+                set_state(&self.log, name, d, DaemonState::ShuttingDown);
+            }
+            return;
+        };
+        if let Some(sig) = d.stop_signal {
+            set_state(&self.log, name, d, DaemonState::ShuttingDown);
+            match &d.unit {
+                Some(unit) if sig == Signal::SIGKILL => unit.kill(),
+                Some(unit) => {
+                    unit.freeze(false);
+                    unit.signal(sig);
+                }
+                None => {
+                    unix::signal_group(pgid, Signal::SIGCONT);
+                    unix::signal_group(pgid, sig);
+                }
+            }
+            d.terminated = true;
+            if sig == Signal::SIGKILL {
+                d.stop_how = Some("killed at once, no grace period".into());
+                self.log.info(&format!(
+                    "{name}: forced stop: SIGKILL to process group {pgid}"
+                ));
+            } else {
+                self.log.info(&format!(
+                    "{name}: {} to process group {pgid}, SIGKILL in {:?}",
+                    sig.as_str(),
+                    d.cfg.grace_period
+                ));
+                if !already {
+                    let (generation, grace) = (d.generation, d.cfg.grace_period);
+                    self.schedule(name, generation, TimerKind::Grace, grace);
+                }
+            }
+            return;
+        }
+        if already && d.terminated {
             return;
         }
         set_state(&self.log, name, d, DaemonState::ShuttingDown);
+        d.terminated = true;
         if let Some((_, tx)) = &d.conn {
             let _ = tx.send(FromSupervisor::Shutdown);
         }
-        if let (Some(pid), Some(unit)) = (d.pid, &d.unit) {
+        if let Some(unit) = &d.unit {
             if !d.cfg.protocol {
                 // A frozen (paused) process cannot act on SIGTERM.
                 unit.freeze(false);
@@ -1115,13 +1470,24 @@ impl Core {
             // Every process of the daemon, including those that left its process group.
             unit.signal(Signal::SIGTERM);
             self.log.info(&format!(
-                "{name}: SIGTERM to process group {pid} and every process it started ({}), SIGKILL in {:?}",
+                "{name}: SIGTERM to process group {pgid} and every process it started ({}), SIGKILL in {:?}",
                 unit.kind(),
                 d.cfg.grace_period
             ));
+        } else {
+            if !d.cfg.protocol {
+                unix::signal_group(pgid, Signal::SIGCONT);
+            }
+            unix::signal_group(pgid, Signal::SIGTERM);
+            self.log.info(&format!(
+                "{name}: SIGTERM to process group {pgid}, SIGKILL in {:?}",
+                d.cfg.grace_period
+            ));
         }
-        let (generation, grace) = (d.generation, d.cfg.grace_period);
-        self.schedule(name, generation, TimerKind::Grace, grace);
+        if !already {
+            let (generation, grace) = (d.generation, d.cfg.grace_period);
+            self.schedule(name, generation, TimerKind::Grace, grace);
+        }
     }
 
     /// Kills a process the supervisor gave up on (watchdog, stall, ready timeout); the exit then restarts it.
@@ -1157,6 +1523,9 @@ impl Core {
         };
         let pgid = d.pid.take();
         d.conn = None;
+        if let Some(p) = d.probe.take() {
+            p.abort();
+        }
         self.events.disconnect(name);
         d.last_exit = Some(desc.clone());
         let info = match d.kill_cause.take() {
@@ -1276,6 +1645,8 @@ impl Core {
         ) {
             ExitDecision::Restart { delay, attempt } => {
                 d.reason = Some(info.desc.clone());
+                d.failures += 1;
+                d.next_attempt = Some(Instant::now() + delay);
                 self.log.warn(&format!(
                     "{name}: {}; restart #{attempt} in {} ms",
                     info.desc,
@@ -1292,6 +1663,7 @@ impl Core {
                 }
             }
             ExitDecision::Stop => {
+                d.failures += 1;
                 d.reason = Some(format!(
                     "{} (restart policy {})",
                     info.desc, d.cfg.restart.policy
@@ -1328,18 +1700,25 @@ impl Core {
                     && let Some(unit) = &d.unit
                     && unit.alive()
                 {
+                    let grace = d.cfg.grace_period;
                     self.log.warn(&format!(
-                        "{name}: still running after the {:?} grace period: SIGKILL to process group {pgid} and every process it started ({})",
-                        d.cfg.grace_period,
+                        "{name}: still running after the {grace:?} grace period: SIGKILL to process group {pgid} and every process it started ({})",
                         unit.kind()
                     ));
                     unit.kill();
+                    let d = self.daemons.get_mut(name).expect("known");
+                    d.stop_how = Some(format!("killed after the {grace:?} grace period"));
                 }
             }
             TimerKind::ReadyTimeout => {
                 if d.state == DaemonState::Initializing && d.pid.is_some() {
                     let cause = format!("not ready after {:?}", d.cfg.ready_timeout);
                     self.kill_for(name, cause);
+                }
+            }
+            TimerKind::ReadyAfter => {
+                if d.state == DaemonState::Initializing && d.pid.is_some() {
+                    self.became_ready(name, generation);
                 }
             }
             TimerKind::Watchdog => self.watchdog(name),
@@ -1358,31 +1737,55 @@ impl Core {
         }
     }
 
+    /// A plain program met its readiness condition: it is RUNNING, and its dependents may start.
+    fn became_ready(&mut self, name: &str, generation: u64) {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return;
+        };
+        if d.generation != generation || d.state != DaemonState::Initializing || d.pid.is_none() {
+            return;
+        }
+        if let Some(p) = d.probe.take() {
+            p.abort();
+        }
+        if let Some(r) = &d.cfg.ready {
+            self.log.info(&format!("{name}: ready ({})", r.describe()));
+        }
+        d.running_since = Some(Instant::now());
+        d.reason = None;
+        set_state(&self.log, name, d, DaemonState::Running);
+    }
+
     fn watchdog(&mut self, name: &str) {
         let d = &self.daemons[name];
         if !matches!(d.state, DaemonState::Running | DaemonState::Paused) || d.pid.is_none() {
             return;
         }
         let now = Instant::now();
+        // Time the supervisor itself did not run never counts against the daemon.
+        let resumed = self.lag.lock().expect("lag lock").resumed_at(now);
         let last = d.last_heartbeat.or(d.running_since).unwrap_or(now);
-        let silent = now - last;
-        if silent >= d.cfg.heartbeat_timeout {
-            let cause = format!("watchdog: no heartbeat for {:.1}s", silent.as_secs_f64());
-            self.kill_for(name, cause);
-            return;
-        }
-        let mut next = d.cfg.heartbeat_timeout - silent;
-        if let Some(stall) = d.cfg.stall_timeout
-            && d.state == DaemonState::Running
-        {
-            let flat = now - d.last_progress_change;
-            if flat >= stall {
-                let cause = format!("stalled: progress flat for {:.1}s", flat.as_secs_f64());
-                self.kill_for(name, cause);
-                return;
-            }
-            next = next.min(stall - flat);
-        }
+        let windows = ringrift::watchdog::Windows {
+            heartbeat_timeout: d.cfg.heartbeat_timeout,
+            stall_timeout: d
+                .cfg
+                .stall_timeout
+                .filter(|_| d.state == DaemonState::Running),
+        };
+        let next =
+            match ringrift::watchdog::judge(now, last, d.last_progress_change, resumed, windows) {
+                Verdict::Silent(silent) => {
+                    let cause = format!("watchdog: no heartbeat for {:.1}s", silent.as_secs_f64());
+                    self.kill_for(name, cause);
+                    return;
+                }
+                Verdict::Stalled(flat) => {
+                    let cause = format!("stalled: progress flat for {:.1}s", flat.as_secs_f64());
+                    self.kill_for(name, cause);
+                    return;
+                }
+                Verdict::Healthy { next_check } => next_check,
+            };
         let generation = d.generation;
         self.schedule(
             name,
@@ -1448,6 +1851,13 @@ impl Core {
                 }
                 let was = d.state;
                 set_state(&self.log, name, d, to);
+                if to == DaemonState::ShuttingDown && d.state == to {
+                    // Its grace period starts with the report, like any stop's: a worker that says
+                    // it is shutting down and then hangs is killed at its end.
+                    let (generation, grace) = (d.generation, d.cfg.grace_period);
+                    self.schedule(name, generation, TimerKind::Grace, grace);
+                    return;
+                }
                 if to == DaemonState::Running && was == DaemonState::Paused {
                     d.last_progress_change = Instant::now();
                 }
@@ -1897,6 +2307,7 @@ impl Core {
             if d.cfg == new_cfg {
                 continue;
             }
+            let action = ringrift::reload::classify(&d.cfg, &new_cfg);
             let was_enabled = d.cfg.enabled;
             d.cfg = new_cfg;
             let (state, enabled) = (d.state, d.cfg.enabled);
@@ -1914,14 +2325,31 @@ impl Core {
                     ok: true,
                     message: "enabled: starting".into(),
                 });
-            } else if state.has_process() && state != DaemonState::ShuttingDown {
+            } else if let ReloadAction::InPlace(keys) = &action {
+                // Policy only: the next decision (restart, grace, watchdog) uses the new values.
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: format!("changed {}: applied in place", keys.join(", ")),
+                });
+            } else if action == ReloadAction::JobTemplates {
+                results.push(OpResult {
+                    name: name.clone(),
+                    ok: true,
+                    message: "job templates changed: used from its next start (no restart)".into(),
+                });
+            } else if let ReloadAction::Restart(keys) = &action
+                && state.has_process()
+                && state != DaemonState::ShuttingDown
+            {
+                let message = format!("changed {}: restarting", keys.join(", "));
                 let d = self.daemons.get_mut(name).expect("known");
                 d.intent = Intent::Restart;
                 self.begin_stop(name);
                 results.push(OpResult {
                     name: name.clone(),
                     ok: true,
-                    message: "changed: restarting".into(),
+                    message,
                 });
             } else {
                 results.push(OpResult {
@@ -1980,6 +2408,14 @@ impl Daemon {
             draining: None,
             unit: None,
             stop_queued: false,
+            stop_overrides: 0,
+            failures: 0,
+            spawn_failed: false,
+            next_attempt: None,
+            stop_signal: None,
+            terminated: false,
+            stop_how: None,
+            probe: None,
             announced: DaemonState::Stopped,
             announced_generation: 0,
             log: None,
@@ -2010,6 +2446,23 @@ fn tree_env(root: &std::path::Path, socket: &str) -> Vec<(String, String)> {
             std::process::id().to_string(),
         ),
     ]
+}
+
+/// A signal as users write it: `KILL`, `SIGKILL`, `kill` or `9`.
+fn parse_signal(text: &str) -> Result<Signal, String> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
+    }
+    let upper = t.to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<Signal>().map_err(|_| {
+        format!("unknown signal '{text}' (e.g. KILL, TERM, INT, HUP, USR1, or a number)")
+    })
 }
 
 fn error(code: protocol::ErrorCode, message: &str) -> FromSupervisor {
@@ -2046,4 +2499,27 @@ fn unix_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_are_read_as_users_write_them() {
+        for text in ["KILL", "SIGKILL", "kill", "9", " Kill "] {
+            assert_eq!(parse_signal(text), Ok(Signal::SIGKILL), "{text}");
+        }
+        assert_eq!(parse_signal("int"), Ok(Signal::SIGINT));
+        assert!(
+            parse_signal("BOGUS")
+                .unwrap_err()
+                .contains("unknown signal 'BOGUS'")
+        );
+        assert!(
+            parse_signal("999")
+                .unwrap_err()
+                .contains("not a signal number")
+        );
+    }
 }

@@ -11,6 +11,7 @@ mod ipc;
 mod leftovers;
 mod logwriter;
 mod paths;
+mod readiness;
 mod server;
 mod unix;
 mod watch;
@@ -76,6 +77,22 @@ enum Command {
         /// Every daemon
         #[arg(long)]
         all: bool,
+        /// Skip the grace period: SIGKILL to each daemon's process group at once
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the daemons to stop
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Stop daemons with a signal sent at once (SIGKILL unless --signal says otherwise)
+    Kill {
+        /// Daemon names; daemons that depend on them stop first, by the same signal
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// The signal: a name (TERM, SIGINT, ...) or a number; SIGKILL follows after the grace
+        /// period if the process group is still alive [default: KILL]
+        #[arg(long, short = 's', value_name = "SIG")]
+        signal: Option<String>,
         /// Seconds to wait for the daemons to stop
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -352,8 +369,14 @@ fn run(cli: Cli, paths: Paths) -> i32 {
         Command::Stop {
             names,
             all,
+            force,
             timeout,
-        } => with_client(&paths, &ToSupervisor::Stop { names, all }, timeout),
+        } => with_client(&paths, &ToSupervisor::Stop { names, all, force }, timeout),
+        Command::Kill {
+            names,
+            signal,
+            timeout,
+        } => with_client(&paths, &ToSupervisor::Kill { names, signal }, timeout),
         Command::Restart { names, timeout } => {
             with_client(&paths, &ToSupervisor::Restart { names }, timeout)
         }

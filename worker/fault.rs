@@ -46,6 +46,11 @@ pub(crate) struct FaultArgs {
     #[arg(long)]
     pub(crate) ignore_sigterm: bool,
 
+    /// N milliseconds after RUNNING, report `shutting_down` by itself and then hang (no heartbeat,
+    /// no exit; SIGTERM and the shutdown frame ignored): only SIGKILL ends it
+    #[arg(long, value_name = "N")]
+    pub(crate) hang_shutting_down_after_ms: Option<u64>,
+
     /// Leave a `sleep 1000` grandchild in the process group and print `grandchild pid N`
     #[arg(long)]
     pub(crate) grandchild: bool,
@@ -104,6 +109,9 @@ impl FaultArgs {
             frozen_progress: self.no_progress,
             ignore_shutdown: self.ignore_sigterm,
             malformed_frames: self.malformed,
+            hang_shutting_down_after: self
+                .hang_shutting_down_after_ms
+                .map(std::time::Duration::from_millis),
         }
     }
 }
@@ -447,6 +455,7 @@ mod tests {
             no_progress: true,
             ignore_sigterm: true,
             malformed: true,
+            hang_shutting_down_after_ms: Some(250),
             ..FaultArgs::default()
         };
         assert_eq!(
@@ -456,6 +465,7 @@ mod tests {
                 frozen_progress: true,
                 ignore_shutdown: true,
                 malformed_frames: true,
+                hang_shutting_down_after: Some(std::time::Duration::from_millis(250)),
             }
         );
         assert_eq!(FaultArgs::default().quirks(), Quirks::default());

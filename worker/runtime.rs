@@ -89,6 +89,9 @@ pub(crate) struct Quirks {
     pub(crate) ignore_shutdown: bool,
     /// Right after `welcome`, send frames the supervisor must refuse.
     pub(crate) malformed_frames: bool,
+    /// This long after RUNNING, report `shutting_down` on its own, then hang: no heartbeat, no exit,
+    /// SIGTERM and the shutdown frame ignored.
+    pub(crate) hang_shutting_down_after: Option<std::time::Duration>,
 }
 
 /// What the reader task hands the main loop.
@@ -521,6 +524,13 @@ async fn serve(
     let mut heartbeats = true;
     let mut link_open = true;
 
+    if let Some(after) = session.quirks.hang_shutting_down_after {
+        tokio::time::sleep(after).await;
+        eprintln!("{name}: reporting shutting_down, then hanging (--hang-shutting-down-after-ms)");
+        session.state(ReportedState::ShuttingDown, None).await?;
+        // The SIGTERM handler is installed, so the signal no longer ends the process: only SIGKILL does.
+        std::future::pending::<()>().await;
+    }
     let mut heartbeat_timer = tokio::time::interval(settings.heartbeat_interval);
     heartbeat_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut cycle_timer = tokio::time::interval(settings.interval);
