@@ -10,6 +10,7 @@
 //! rename), so a reader never sees half a model or half an export.
 
 pub(crate) mod db;
+pub(crate) mod db_health;
 mod export;
 mod gauntlet;
 mod selfplay;
