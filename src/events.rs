@@ -232,7 +232,12 @@ pub const EVENTS: &[EventSpec] = &[
         description: "a games DB that SQLite cannot open, or that fails its integrity or schema \
                       check, was moved aside; a fresh one is started",
         emitters: Emitters::Owners(&["selfplay_scheduler", "idle_resource", "auto_export"]),
-        fields: &[CK, req("db_path", Str), req("moved_to", Str), req("error", Str)],
+        fields: &[
+            CK,
+            req("db_path", Str),
+            req("moved_to", Str),
+            req("error", Str),
+        ],
     },
     EventSpec {
         name: "TRAINING_STARTED",

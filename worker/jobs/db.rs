@@ -168,7 +168,10 @@ pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGam
                 "move {number} is on cell {cell}, off the board (0..{cells})"
             ));
         }
-        moves.push(u8::try_from(cell).map_err(|_| format!("move {number}: cell {cell} does not fit a byte"))?);
+        moves.push(
+            u8::try_from(cell)
+                .map_err(|_| format!("move {number}: cell {cell} does not fit a byte"))?,
+        );
     }
     Ok(StoredGame {
         id: raw.id,
@@ -449,7 +452,10 @@ mod tests {
         db.connection()
             .execute("UPDATE games SET status = 'aborted'", [])
             .unwrap();
-        assert_eq!(db.completed_games(&config, 0).unwrap(), GamesRead::default());
+        assert_eq!(
+            db.completed_games(&config, 0).unwrap(),
+            GamesRead::default()
+        );
     }
 
     #[test]
@@ -465,8 +471,11 @@ mod tests {
         let games: Vec<NewGame> = records.iter().map(new_game).collect();
         db.insert_games(&config, "selfplay", &games).unwrap();
         let c = db.connection();
-        c.execute("DELETE FROM moves WHERE game_id = 1 AND move_number = 2", [])
-            .unwrap();
+        c.execute(
+            "DELETE FROM moves WHERE game_id = 1 AND move_number = 2",
+            [],
+        )
+        .unwrap();
         c.execute("UPDATE games SET winner = 7 WHERE id = 2", [])
             .unwrap();
         c.execute("UPDATE games SET winner = 'x' WHERE id = 4", [])

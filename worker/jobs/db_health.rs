@@ -287,6 +287,9 @@ mod tests {
         assert_eq!(std::fs::read(&second).unwrap(), b"garbage two");
 
         let err = quarantine(&db, 1701).unwrap_err();
-        assert!(err.starts_with("cannot move") && err.contains("hex8_2p.db"), "{err}");
+        assert!(
+            err.starts_with("cannot move") && err.contains("hex8_2p.db"),
+            "{err}"
+        );
     }
 }

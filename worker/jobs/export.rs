@@ -232,10 +232,7 @@ mod tests {
             .collect();
         assert!(reasons[0].starts_with("cannot be replayed"), "{reasons:?}");
         assert!(reasons[1].starts_with("stored winner is"), "{reasons:?}");
-        assert_eq!(
-            reasons[2],
-            "winner 9 is not a player of this 2-player game"
-        );
+        assert_eq!(reasons[2], "winner 9 is not a player of this 2-player game");
         let data = Dataset::decode(&std::fs::read(&args.output).unwrap()).unwrap();
         assert!(data.game_ids.iter().all(|&id| id == 3));
         let side: Value =

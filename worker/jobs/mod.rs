@@ -12,6 +12,7 @@
 pub(crate) mod db;
 pub(crate) mod db_health;
 mod export;
+pub(crate) use export::summary_path as export_summary_path;
 mod gauntlet;
 mod selfplay;
 mod train;

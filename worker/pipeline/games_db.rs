@@ -57,9 +57,8 @@ pub(crate) fn ensure_usable(
             db.display()
         )),
         DbHealth::Damaged(why) => {
-            let moved = db_health::quarantine(&db, now_secs() as u64).map_err(|e| {
-                format!("games db {} is damaged ({why}) and {e}", db.display())
-            })?;
+            let moved = db_health::quarantine(&db, now_secs() as u64)
+                .map_err(|e| format!("games db {} is damaged ({why}) and {e}", db.display()))?;
             let q = Quarantined {
                 key: key.to_string(),
                 db_path: db.display().to_string(),

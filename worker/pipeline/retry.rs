@@ -103,7 +103,10 @@ mod tests {
             [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 300.0, 300.0]
         );
         let f = f.unwrap();
-        assert_eq!((f.since, f.attempts, f.error.as_str()), (1000.0, 10, "boom 9"));
+        assert_eq!(
+            (f.since, f.attempts, f.error.as_str()),
+            (1000.0, 10, "boom 9")
+        );
         // 25 attempts would take far longer than 10 s: within 10 s there are at most 3.
         let mut f: Option<Failing> = None;
         let (mut now, mut attempts) = (0.0, 0);
@@ -118,7 +121,7 @@ mod tests {
 
     #[test]
     fn jitter_adds_at_most_a_quarter_and_health_says_when() {
-        let f = Failing::after(None, "export job failed".into(), 100.0, 0.5);
+        let f = Failing::after(None, "export job failed".into(), 100.0, 1.0);
         assert_eq!(f.retry_at, 102.5);
         assert_eq!(f.wait(101.0), Some(1.5));
         assert_eq!(f.wait(102.5), None);

@@ -164,10 +164,7 @@ impl<'a> Announcer<'a> {
 
     /// The games DBs moved aside and the DB problems met so far, emptying both lists.
     pub(crate) fn take_db_news(&self) -> (Vec<Quarantined>, Vec<String>) {
-        (
-            self.quarantined.take(),
-            self.db_problems.take(),
-        )
+        (self.quarantined.take(), self.db_problems.take())
     }
 
     /// Checks `key`'s games DB ([`Announcer::guard`]) and records its current game count (call
