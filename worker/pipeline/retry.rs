@@ -43,7 +43,7 @@ impl Failing {
 
     /// Seconds until the next attempt is due; `None` once it is.
     pub(crate) fn wait(&self, now: f64) -> Option<f64> {
-        (now < self.retry_at).then(|| self.retry_at - now)
+        (now < self.retry_at).then_some(self.retry_at - now)
     }
 
     /// For health: `retrying in 8 s after: <error> (3 attempts since <time>)`, or `retrying now`
