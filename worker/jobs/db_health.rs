@@ -2,7 +2,7 @@
 //!
 //! The system this replaces kept failing on a games DB that SQLite could not open: selfplay failed
 //! forever and nothing said why. Here the daemons that open a games DB check it first
-//! ([`check`]); a file that is damaged beyond use is renamed to `<name>.bad-<unix secs>`
+//! ([`check`]: the schema before each use, `quick_check` too after a use failed); a file that is damaged beyond use is renamed to `<name>.bad-<unix secs>`
 //! ([`quarantine`]) with its `-wal`/`-shm` files, reported, and the next selfplay job creates a
 //! fresh DB at the old path.
 //!
@@ -49,6 +49,16 @@ pub(crate) enum DbHealth {
     Unavailable(String),
 }
 
+/// How thorough a [`check`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Depth {
+    /// Open and read the schema: catches a file that is not a database and a foreign schema, in
+    /// microseconds. For the routine look before each use.
+    Schema,
+    /// Also `PRAGMA quick_check` (reads every page, O(size of the DB)): for when a use failed.
+    Full,
+}
+
 /// Damage in SQLite's own words, as opposed to a condition of the moment.
 fn is_damage(e: &rusqlite::Error) -> bool {
     matches!(
@@ -65,10 +75,9 @@ fn classify(what: &str, e: rusqlite::Error) -> DbHealth {
     }
 }
 
-/// Checks the games DB at `path`: opens it read-only, runs `PRAGMA quick_check` and looks for
-/// the games schema's tables and columns. Reads only; a check takes milliseconds on a DB of
-/// thousands of games.
-pub(crate) fn check(path: &Path) -> DbHealth {
+/// Checks the games DB at `path`: opens it read-only, runs `PRAGMA quick_check` (at
+/// [`Depth::Full`]) and looks for the games schema's tables and columns. Reads only.
+pub(crate) fn check(path: &Path, depth: Depth) -> DbHealth {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DbHealth::Missing,
         Err(e) => return DbHealth::Unavailable(format!("cannot stat: {e}")),
@@ -87,13 +96,15 @@ pub(crate) fn check(path: &Path) -> DbHealth {
     if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
         return DbHealth::Unavailable(format!("cannot set a busy timeout: {e}"));
     }
-    let verdict: Result<Vec<String>, rusqlite::Error> = conn
-        .prepare("PRAGMA quick_check(5)")
-        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect());
-    match verdict {
-        Err(e) => return classify("quick_check failed", e),
-        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => {}
-        Ok(lines) => return DbHealth::Damaged(format!("quick_check: {}", lines.join("; "))),
+    if depth == Depth::Full {
+        let verdict: Result<Vec<String>, rusqlite::Error> = conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect());
+        match verdict {
+            Err(e) => return classify("quick_check failed", e),
+            Ok(lines) if lines.len() == 1 && lines[0] == "ok" => {}
+            Ok(lines) => return DbHealth::Damaged(format!("quick_check: {}", lines.join("; "))),
+        }
     }
     let tables: Result<Vec<String>, rusqlite::Error> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -203,16 +214,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.db");
         games_db(&good);
-        assert_eq!(check(&good), DbHealth::Usable);
-        assert_eq!(check(&dir.path().join("none.db")), DbHealth::Missing);
+        assert_eq!(check(&good, Depth::Full), DbHealth::Usable);
+        assert_eq!(
+            check(&dir.path().join("none.db"), Depth::Full),
+            DbHealth::Missing
+        );
         let empty = dir.path().join("empty.db");
         std::fs::write(&empty, b"").unwrap();
-        assert_eq!(check(&empty), DbHealth::Usable);
+        assert_eq!(check(&empty, Depth::Full), DbHealth::Usable);
 
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
-        let DbHealth::Damaged(why) = check(&garbage) else {
-            panic!("garbage is damage: {:?}", check(&garbage));
+        let DbHealth::Damaged(why) = check(&garbage, Depth::Full) else {
+            panic!("garbage is damage: {:?}", check(&garbage, Depth::Full));
         };
         assert!(why.contains("not a database"), "{why}");
 
@@ -222,7 +236,7 @@ mod tests {
             .execute_batch("CREATE TABLE t (x)")
             .unwrap();
         assert_eq!(
-            check(&foreign),
+            check(&foreign, Depth::Full),
             DbHealth::Damaged("not a games db: no games table (tables: t)".into())
         );
         let old = dir.path().join("old.db");
@@ -235,7 +249,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(
-            check(&old),
+            check(&old, Depth::Full),
             DbHealth::Damaged("not a games db: table games has no column winner".into())
         );
     }
@@ -256,10 +270,15 @@ mod tests {
             *b = 0xa5;
         }
         std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(
+            check(&path, Depth::Schema),
+            DbHealth::Usable,
+            "a schema look misses it"
+        );
         assert!(
-            matches!(check(&path), DbHealth::Damaged(_)),
+            matches!(check(&path, Depth::Full), DbHealth::Damaged(_)),
             "{:?}",
-            check(&path)
+            check(&path, Depth::Full)
         );
     }
 

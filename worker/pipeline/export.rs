@@ -30,7 +30,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::games_db::{Quarantined, ensure_usable};
+use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::retry::{self, Failing};
 use super::scheduler::{keep_quarantined, last_error_line};
 use super::{
@@ -342,13 +342,14 @@ impl AutoExport {
         self.set(key, false, message);
     }
 
-    /// Checks `key`'s games DB and moves it aside if it is damaged ([`ensure_usable`]). On a
+    /// Checks `key`'s games DB (with `quick_check`: a use of it failed) and moves it aside if it
+    /// is damaged ([`ensure_usable`]). On a
     /// quarantine the key starts over: the fresh DB's ids begin at 1 and no retry is pending.
     /// `Err(why)`: the DB cannot be checked or moved now.
     fn guard(&mut self, key: &str) -> Result<bool, String> {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
-        match ensure_usable(&pipeline, &ctx, NAME, key)? {
+        match ensure_usable(&pipeline, &ctx, NAME, key, Depth::Full)? {
             None => Ok(false),
             Some(q) => {
                 self.dbs_quarantined += 1;

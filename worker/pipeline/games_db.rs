@@ -1,8 +1,9 @@
 //! The pipeline's side of a damaged games DB: check before use, move aside, tell everyone.
 //!
-//! The daemons that open `data/games/<key>.db` for a step (selfplay_scheduler and idle_resource
-//! before their selfplay jobs and after one fails, auto_export before an export and whenever the
-//! DB cannot be counted) call [`ensure_usable`]. A DB that is damaged beyond use
+//! The daemons that open `data/games/<key>.db` for a step call [`ensure_usable`]:
+//! selfplay_scheduler and idle_resource before their selfplay jobs (a schema look) and after one
+//! fails (with `quick_check`), auto_export when the DB cannot be counted or its export job fails
+//! (with `quick_check`). A DB that is damaged beyond use
 //! ([`crate::jobs::db_health`]) is renamed to `<key>.db.bad-<unix secs>` and announced with
 //! GAMES_DB_QUARANTINED `{config_key, db_path, moved_to, error}`; the next selfplay job creates a
 //! fresh DB at the old path. The daemon keeps the [`Quarantined`] record for its health.
@@ -10,6 +11,7 @@
 use serde_json::{Value, json};
 
 use super::{Pipeline, now_secs};
+pub(crate) use crate::jobs::db_health::Depth;
 use crate::jobs::db_health::{self, DbHealth};
 use crate::runtime::Ctx;
 use ringrift::events::payload;
@@ -40,7 +42,8 @@ impl Quarantined {
     }
 }
 
-/// Checks `key`'s games DB and quarantines it if it is damaged (see the module doc), emitting
+/// Checks `key`'s games DB at `depth` ([`Depth::Schema`] before a use, [`Depth::Full`] after one
+/// failed) and quarantines it if it is damaged (see the module doc), emitting
 /// GAMES_DB_QUARANTINED as `who`. `Ok(None)`: usable or missing; `Ok(Some(_))`: it was moved
 /// aside; `Err(why)`: it cannot be checked now, or is damaged and could not be moved (retry later).
 pub(crate) fn ensure_usable(
@@ -48,9 +51,10 @@ pub(crate) fn ensure_usable(
     ctx: &Ctx,
     who: &str,
     key: &str,
+    depth: Depth,
 ) -> Result<Option<Quarantined>, String> {
     let db = pipeline.games_db(key);
-    match db_health::check(&db) {
+    match db_health::check(&db, depth) {
         DbHealth::Missing | DbHealth::Usable => Ok(None),
         DbHealth::Unavailable(why) => Err(format!(
             "games db {} cannot be checked now: {why}",

@@ -26,7 +26,7 @@ use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::games_db::{Quarantined, ensure_usable};
+use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality::count_completed;
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, num, save_state};
@@ -144,10 +144,10 @@ impl<'a> Announcer<'a> {
         }
     }
 
-    /// Checks `key`'s games DB and moves it aside if it is damaged ([`ensure_usable`]); a fresh
-    /// DB starts from 0 games. True when it was moved.
-    pub(crate) fn guard(&self, key: &str) -> bool {
-        match ensure_usable(self.pipeline, self.ctx, self.who, key) {
+    /// Checks `key`'s games DB at `depth` and moves it aside if it is damaged
+    /// ([`ensure_usable`]); a fresh DB starts from 0 games. True when it was moved.
+    pub(crate) fn guard(&self, key: &str, depth: Depth) -> bool {
+        match ensure_usable(self.pipeline, self.ctx, self.who, key, depth) {
             Ok(None) => false,
             Ok(Some(q)) => {
                 self.quarantined.borrow_mut().push(q);
@@ -167,13 +167,13 @@ impl<'a> Announcer<'a> {
         (self.quarantined.take(), self.db_problems.take())
     }
 
-    /// Checks `key`'s games DB ([`Announcer::guard`]) and records its current game count (call
+    /// Looks at `key`'s games DB's schema ([`Announcer::guard`]) and records its current game count (call
     /// before starting its jobs).
     pub(crate) fn baseline(&self, key: &str) -> Result<()> {
         if self.announced.borrow().contains_key(key) {
             return Ok(());
         }
-        self.guard(key);
+        self.guard(key, Depth::Schema);
         let n = count_completed(&self.pipeline.games_db(key), key)?.unwrap_or(0);
         self.announced.borrow_mut().insert(key.to_string(), n);
         Ok(())
@@ -226,11 +226,11 @@ impl<'a> Announcer<'a> {
         }
         // A job that failed may have met a damaged DB: move it aside, so the next job starts a
         // fresh one instead of failing for ever.
-        let guarded = result.is_err() && self.guard(key);
+        let guarded = result.is_err() && self.guard(key, Depth::Full);
         // A failed job may still have committed whole batches: those games are real and announced.
         let db = self.pipeline.games_db(key);
         let mut counted = count_completed(&db, key);
-        if counted.is_err() && !guarded && self.guard(key) {
+        if counted.is_err() && !guarded && self.guard(key, Depth::Full) {
             counted = count_completed(&db, key);
         }
         let (new_games, count_error) = match counted {
