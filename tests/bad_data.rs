@@ -258,6 +258,35 @@ fn a_game_row_with_an_impossible_winner_is_skipped_counted_and_training_goes_on(
     assert!(events(&root, "TRAINING_FAILED").is_empty());
 }
 
+/// The shipped configuration with the `kind` job's command replaced by `sh -c <script>`.
+fn with_job_command(kind: &str, script: &str) -> String {
+    let default = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/unified_loop.yaml"
+    ))
+    .unwrap();
+    let broken = format!(r#"command: ["sh", "-c", "{script}"]"#);
+    let header = format!("{kind}:");
+    let lines: Vec<String> = default
+        .lines()
+        .scan(false, |in_job, line| {
+            let out = if *in_job && line.trim_start().starts_with("command:") {
+                *in_job = false;
+                format!("      {broken}")
+            } else {
+                line.to_string()
+            };
+            if line.trim() == header {
+                *in_job = true;
+            }
+            Some(out)
+        })
+        .collect();
+    let config = lines.join("\n");
+    assert!(config.contains(&broken), "the {kind} command was replaced");
+    config
+}
+
 /// Seconds of the day of an RFC 3339 UTC timestamp (`2026-11-29T10:15:11.123Z`).
 fn day_secs(ts: &str) -> f64 {
     let time = ts.split('T').nth(1).unwrap().trim_end_matches('Z');
@@ -267,29 +296,7 @@ fn day_secs(ts: &str) -> f64 {
 
 #[test]
 fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data_comes() {
-    let default = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/unified_loop.yaml"
-    ))
-    .unwrap();
-    let broken = r#"command: ["sh", "-c", "echo export is broken >&2; exit 1"]"#;
-    let lines: Vec<String> = default
-        .lines()
-        .scan(false, |in_export, line| {
-            let out = if *in_export && line.trim_start().starts_with("command:") {
-                *in_export = false;
-                format!("      {broken}")
-            } else {
-                line.to_string()
-            };
-            if line.trim() == "export:" {
-                *in_export = true;
-            }
-            Some(out)
-        })
-        .collect();
-    let config = lines.join("\n");
-    assert!(config.contains(broken), "the export command was replaced");
+    let config = with_job_command("export", "echo export is broken >&2; exit 1");
     let root = Root::with_config(&config);
     selfplay(&root, 20);
     start(&root, &["training_trigger"], &[]);
@@ -353,4 +360,43 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
     );
     assert_eq!(t["status"], "waiting_for_data", "{t:#}");
     assert_eq!(t["details"]["export_failing"][0], KEY, "{t:#}");
+}
+
+#[test]
+fn failing_selfplay_jobs_are_retried_with_growing_delays_not_every_cycle() {
+    let root = Root::with_config(&with_job_command(
+        "selfplay",
+        "echo selfplay is broken >&2; exit 1",
+    ));
+    start(&root, &["queue_populator", "selfplay_scheduler"], &[]);
+    let jobs = root.path().join("logs/jobs");
+    let count = || {
+        std::fs::read_dir(&jobs).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|f| {
+                    f.file_name()
+                        .to_string_lossy()
+                        .starts_with("selfplay_scheduler-")
+                })
+                .count()
+        })
+    };
+    assert!(wait_until(WITHIN, || count() >= 1), "no selfplay job ran");
+    // The measurement window: with a 1 s interval, a job every cycle would be 12 of them.
+    std::thread::sleep(Duration::from_secs(12));
+    let n = count();
+    assert!((2..=4).contains(&n), "{n} selfplay jobs in about 12 s");
+    let h = wait_health(&root, "selfplay_scheduler", |h| {
+        h["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("selfplay retrying in "))
+    });
+    assert_eq!(h["healthy"], false, "{h:#}");
+    assert!(
+        h["message"]
+            .as_str()
+            .unwrap()
+            .contains(" s after: work item"),
+        "{h:#}"
+    );
 }

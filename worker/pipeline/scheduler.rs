@@ -11,7 +11,10 @@
 //! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the
 //! games actually added (counted in the DB, not taken from the request). While items are pending a
 //! cycle keeps going for up to [`MAX_ROUNDS`] rounds, so the loop does not idle an interval between
-//! jobs. Quality scores survive restarts in the state file; items a previous process of this daemon
+//! jobs. A cycle whose every job failed starts the retry schedule of [`super::retry`] (2 s doubling
+//! to 5 min): no job is started before it is due, and health says `selfplay retrying in N s after:
+//! <error>`; a job that succeeds or a games DB moved aside ends it. Quality scores survive restarts
+//! in the state file; items a previous process of this daemon
 //! held when it died are requeued at start-up.
 
 use std::cell::RefCell;
@@ -28,6 +31,7 @@ use serde_json::Value;
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality::count_completed;
+use super::retry::{self, Failing};
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, num, save_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
@@ -345,6 +349,8 @@ pub(crate) struct Scheduler {
     quarantined: Vec<Quarantined>,
     /// Games DB problems of the last round (busy, damaged and immovable).
     db_problems: Vec<String>,
+    /// Set while every selfplay job fails: no new jobs before its retry time.
+    failing: Option<Failing>,
 }
 
 /// Quarantines listed in health.
@@ -376,6 +382,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         pending: 0,
         quarantined: Vec::new(),
         db_problems: Vec::new(),
+        failing: None,
     })
 }
 
@@ -558,6 +565,15 @@ impl Scheduler {
         if let Err(e) = queue.reprioritize(&self.priorities) {
             eprintln!("{NAME}: cannot reprioritize pending items: {e:#}");
         }
+        // Jobs that keep failing are not rerun every cycle: they wait out the retry schedule.
+        if let Some(f) = &self.failing
+            && f.wait(now_secs()).is_some()
+        {
+            return;
+        }
+        let (failed_before, succeeded_before) =
+            (self.totals.jobs_failed, self.totals.jobs_succeeded);
+        let quarantines_before = self.totals.dbs_quarantined;
         let mut total = Round::default();
         let mut rounds = 0;
         let outcome: Result<()> = async {
@@ -587,6 +603,24 @@ impl Scheduler {
                 self.queue = None;
             }
         }
+        let failed = self.totals.jobs_failed > failed_before;
+        let succeeded = self.totals.jobs_succeeded > succeeded_before;
+        let quarantined = self.totals.dbs_quarantined > quarantines_before;
+        if succeeded || quarantined {
+            // A fresh DB deserves a fresh try.
+            self.failing = None;
+        } else if failed {
+            let error = self.last_failure.as_ref().map_or_else(
+                || "selfplay jobs failed".to_string(),
+                |(_, what)| what.clone(),
+            );
+            let f = Failing::after(self.failing.as_ref(), error, now_secs(), retry::jitter());
+            eprintln!(
+                "{NAME}: every selfplay job of this cycle failed: {}",
+                f.describe(now_secs())
+            );
+            self.failing = Some(f);
+        }
         let when = ringrift::timefmt::now_rfc3339();
         self.last_cycle = Some(if total.claimed == 0 {
             format!("last cycle {when}: no pending work")
@@ -603,8 +637,10 @@ impl Scheduler {
         if let Some(q) = &self.queue_problem {
             problems.push(format!("work queue: {q}"));
         }
-        if let Some((when, what)) = &self.last_failure {
-            problems.push(format!("last job failure {when}: {what}"));
+        match (&self.failing, &self.last_failure) {
+            (Some(f), _) => problems.push(format!("selfplay {}", f.describe(now_secs()))),
+            (None, Some((when, what))) => problems.push(format!("last job failure {when}: {what}")),
+            (None, None) => {}
         }
         for p in self.priority_problems.iter().chain(&self.db_problems) {
             if !problems.contains(p) {
