@@ -333,8 +333,13 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
         assert!(gaps[1] > gaps[0] * 1.4, "the delay grows: {gaps:?}");
     }
 
+    // The job's own words come from its log, which may trail its exit by a moment: any later
+    // attempt will do.
     let h = wait_health(&root, "auto_export", |h| {
         h["details"]["keys"][KEY]["failing"]["attempts"].as_u64() >= Some(2)
+            && h["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("export is broken"))
     });
     let message = h["message"].as_str().unwrap();
     assert_eq!(h["healthy"], false, "{h:#}");

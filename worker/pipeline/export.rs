@@ -434,8 +434,13 @@ impl AutoExport {
                 }
                 let last = match ks.last_export_at {
                     Some(_) => format!(
-                        "up to date (last export: games up to id {}, {} samples)",
-                        ks.last_game_id, ks.last_samples
+                        "up to date (last export: games up to id {}, {} samples{})",
+                        ks.last_game_id,
+                        ks.last_samples,
+                        match ks.last_skipped_rows {
+                            0 => String::new(),
+                            n => format!("; skipped {n} game row(s) that break the schema"),
+                        }
                     ),
                     None => "no completed games yet".to_string(),
                 };
