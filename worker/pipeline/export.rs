@@ -372,7 +372,10 @@ impl AutoExport {
         if let Some(f) = self.state.keys.get(key).and_then(|k| k.failing.clone())
             && f.wait(now_secs()).is_some()
         {
-            self.set(key, false, f.describe(now_secs()));
+            // Logged when the attempt failed; while waiting, only health follows the countdown.
+            let message = f.describe(now_secs());
+            self.status
+                .insert(key.to_string(), KeyStatus { ok: false, message });
             return;
         }
         let mut ks = self.state.keys.get(key).cloned().unwrap_or_default();
