@@ -222,6 +222,21 @@ pub const EVENTS: &[EventSpec] = &[
             req("samples", Int),
             opt("games", Int),
             opt("last_game_id", Int),
+            // Game rows left out because they break the schema's meaning (a winner who is not a
+            // player, moves out of range, a stored winner the moves contradict).
+            opt("skipped_rows", Int),
+        ],
+    },
+    EventSpec {
+        name: "GAMES_DB_QUARANTINED",
+        description: "a games DB that SQLite cannot open, or that fails its integrity or schema \
+                      check, was moved aside; a fresh one is started",
+        emitters: Emitters::Owners(&["selfplay_scheduler", "idle_resource", "auto_export"]),
+        fields: &[
+            CK,
+            req("db_path", Str),
+            req("moved_to", Str),
+            req("error", Str),
         ],
     },
     EventSpec {
@@ -639,6 +654,7 @@ mod tests {
             "DATA_SYNC_FAILED",
             "NPZ_EXPORT_STARTED",
             "NPZ_EXPORT_COMPLETE",
+            "GAMES_DB_QUARANTINED",
             "TRAINING_STARTED",
             "TRAINING_COMPLETED",
             "TRAINING_FAILED",

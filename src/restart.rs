@@ -179,25 +179,33 @@ pub fn decide_after_exit(
     }
 }
 
-/// Capped exponential backoff with jitter.
-///
-/// Attempt 1 waits `backoff_initial`, each further attempt doubles it, up to `backoff_max`. Jitter
-/// adds up to +25% on top of that base; the cap applies after jitter, and the result is never below
-/// the un-jittered (capped) base. Attempt 0 is treated as attempt 1.
+/// Capped exponential backoff with jitter, for a daemon's restarts: [`capped_backoff`] with the
+/// daemon's `backoff_initial` and `backoff_max`.
 pub fn backoff_delay(attempt: u32, s: &RestartSettings, jitter: f64) -> Duration {
+    capped_backoff(attempt, s.backoff_initial, s.backoff_max, jitter)
+}
+
+/// Capped exponential backoff with jitter: the one rule for every retry, daemon restarts and the
+/// pipeline's failing steps alike.
+///
+/// Attempt 1 waits `initial`, each further attempt doubles it, up to `max`. Jitter (a number in
+/// [0,1) from the caller, so schedules can be replayed) adds up to +25% on top of that base; the
+/// cap applies after jitter, and the result is never below the un-jittered (capped) base. Attempt
+/// 0 is treated as attempt 1.
+pub fn capped_backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
     let exponent = attempt.max(1) - 1;
     let base = 2u32
         .checked_pow(exponent)
-        .and_then(|factor| s.backoff_initial.checked_mul(factor))
-        .unwrap_or(s.backoff_max)
-        .min(s.backoff_max);
+        .and_then(|factor| initial.checked_mul(factor))
+        .unwrap_or(max)
+        .min(max);
     let j = if jitter.is_finite() {
         jitter.clamp(0.0, 1.0)
     } else {
         0.0
     };
     let extra = base.mul_f64(0.25 * j);
-    base.saturating_add(extra).min(s.backoff_max)
+    base.saturating_add(extra).min(max)
 }
 
 /// Whole seconds as "60s", fractions as "1.5s".
@@ -234,6 +242,32 @@ impl Jitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capped_backoff_doubles_from_initial_to_the_cap_with_bounded_jitter() {
+        let (initial, max) = (secs(2), secs(300));
+        let plain: Vec<Duration> = (1..=10)
+            .map(|a| capped_backoff(a, initial, max, 0.0))
+            .collect();
+        assert_eq!(
+            plain,
+            [2, 4, 8, 16, 32, 64, 128, 256, 300, 300].map(secs).to_vec()
+        );
+        assert_eq!(capped_backoff(0, initial, max, 0.0), secs(2));
+        assert_eq!(capped_backoff(u32::MAX, initial, max, 0.5), max);
+        assert_eq!(
+            capped_backoff(2, initial, max, 0.5),
+            Duration::from_millis(4500)
+        );
+        assert_eq!(capped_backoff(2, initial, max, f64::NAN), secs(4));
+        for a in 1..20 {
+            for j in [0.0, 0.3, 0.999] {
+                let d = capped_backoff(a, initial, max, j);
+                let base = capped_backoff(a, initial, max, 0.0);
+                assert!(d >= base && d <= max && d <= base.mul_f64(1.25), "{a} {j}");
+            }
+        }
+    }
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)

@@ -2,8 +2,10 @@
 //!
 //! SQLite in WAL mode with a busy timeout, so an export can read while a selfplay job appends, and
 //! one transaction per batch of games, so a job killed mid-run leaves whole games only. Every game
-//! read back is replayed against the rules before it is exported: a damaged row is an error that
-//! names the game, not a silent bad sample.
+//! read back is checked against what the schema means ([`check_game`]) and replayed against the
+//! rules before it is exported: a damaged row is skipped and reported with the game's id and the
+//! reason, never a silent bad sample and never a failed export. A file that is not a usable games
+//! DB at all is [`super::db_health`]'s business (moved aside, a fresh one started).
 //!
 //! Schema (moves are 1-based per game; cell = row * side + column):
 //!
@@ -61,6 +63,121 @@ pub(crate) struct StoredGame {
     pub id: i64,
     pub winner: u8,
     pub moves: Vec<u8>,
+}
+
+/// What [`GamesDb::completed_games`] read: the usable games, the ones left out and why, and the
+/// highest id read (usable or not), from which the next read may continue.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct GamesRead {
+    pub games: Vec<StoredGame>,
+    pub skipped: Vec<Skipped>,
+    pub last_id: Option<i64>,
+}
+
+/// A game left out of an export, and why (`winner 7 is not a player of this 2-player game`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    pub id: i64,
+    pub reason: String,
+}
+
+/// An integer column as stored: `Ok(None)` for NULL, `Err(kind)` for a value of another type
+/// (SQLite lets any column hold any type).
+type Int = Result<Option<i64>, &'static str>;
+
+fn int(v: rusqlite::types::ValueRef<'_>) -> Int {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Integer(i) => Ok(Some(i)),
+        ValueRef::Null => Ok(None),
+        ValueRef::Real(_) => Err("a real number"),
+        ValueRef::Text(_) => Err("text"),
+        ValueRef::Blob(_) => Err("a blob"),
+    }
+}
+
+/// One game's rows as read, before their meaning is checked.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RawGame {
+    pub id: i64,
+    pub num_players: Int,
+    pub winner: Int,
+    pub total_moves: Int,
+    pub moves: Vec<RawMove>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RawMove {
+    pub number: Int,
+    pub player: Int,
+    pub cell: Int,
+}
+
+/// Checks the rows of one completed game against what the schema means for `config`: the game
+/// has `config.num_players` players and one of them won; `total_moves` moves numbered 1, 2, ...
+/// with no gap; players taking turns (player 1 first); every cell on the board
+/// (`0 ≤ cell < size²`). The reason names the first broken rule. Whether the moves are legal and
+/// the winner right is for the caller's replay.
+pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGame, String> {
+    let want = |what: &str, v: Int| -> Result<i64, String> {
+        match v {
+            Ok(Some(i)) => Ok(i),
+            Ok(None) => Err(format!("{what} is NULL")),
+            Err(kind) => Err(format!("{what} is {kind}, not an integer")),
+        }
+    };
+    let players = i64::from(config.num_players);
+    let n = want("num_players", raw.num_players)?;
+    if n != players {
+        return Err(format!(
+            "num_players is {n}, but {} games have {players}",
+            config.key
+        ));
+    }
+    let winner = want("winner", raw.winner)?;
+    if !(1..=players).contains(&winner) {
+        return Err(format!(
+            "winner {winner} is not a player of this {players}-player game"
+        ));
+    }
+    let total = want("total_moves", raw.total_moves)?;
+    if total != raw.moves.len() as i64 {
+        return Err(format!(
+            "total_moves is {total} but {} moves are stored",
+            raw.moves.len()
+        ));
+    }
+    let cells = (config.size * config.size) as i64;
+    let mut moves = Vec::with_capacity(raw.moves.len());
+    for (i, m) in raw.moves.iter().enumerate() {
+        let expected = i as i64 + 1;
+        let number = want("a move_number", m.number)?;
+        if number != expected {
+            return Err(format!("move {expected} is missing (found move {number})"));
+        }
+        let player = want(&format!("the player of move {number}"), m.player)?;
+        let expected_player = (number - 1) % players + 1;
+        if player != expected_player {
+            return Err(format!(
+                "move {number} is by player {player}, expected {expected_player}"
+            ));
+        }
+        let cell = want(&format!("the cell of move {number}"), m.cell)?;
+        if !(0..cells).contains(&cell) {
+            return Err(format!(
+                "move {number} is on cell {cell}, off the board (0..{cells})"
+            ));
+        }
+        moves.push(
+            u8::try_from(cell)
+                .map_err(|_| format!("move {number}: cell {cell} does not fit a byte"))?,
+        );
+    }
+    Ok(StoredGame {
+        id: raw.id,
+        winner: winner as u8,
+        moves,
+    })
 }
 
 pub(crate) struct GamesDb {
@@ -185,47 +302,33 @@ impl GamesDb {
         Ok(ids)
     }
 
-    /// Completed games of `config_key` with `id > since_id`, in id order, with their moves checked
-    /// for contiguity and alternation (the rules are checked by the caller's replay).
-    pub(crate) fn completed_games(
-        &self,
-        config_key: &str,
-        since_id: i64,
-    ) -> Result<Vec<StoredGame>> {
+    /// Completed games of `config` with `id > since_id`, in id order. A game whose rows break the
+    /// schema's meaning (see [`check_game`]) is left out and listed in `skipped` with the reason;
+    /// only a DB that cannot be read at all is an error. The rules themselves are checked by the
+    /// caller's replay.
+    pub(crate) fn completed_games(&self, config: &GameConfig, since_id: i64) -> Result<GamesRead> {
         let path = self.path.display().to_string();
         let read = || format!("cannot read games from games db {path}");
-        let mut games: Vec<(StoredGame, i64)> = Vec::new();
+        let mut raws: Vec<RawGame> = Vec::new();
         {
             let mut stmt = self
                 .conn
                 .prepare(
-                    "SELECT id, winner, total_moves FROM games
+                    "SELECT id, num_players, winner, total_moves FROM games
                      WHERE config_key = ?1 AND status = 'completed' AND id > ?2 ORDER BY id",
                 )
                 .with_context(read)?;
-            let rows = stmt
-                .query_map(params![config_key, since_id], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, Option<i64>>(1)?,
-                        row.get::<_, i64>(2)?,
-                    ))
-                })
+            let mut rows = stmt
+                .query(params![config.key, since_id])
                 .with_context(read)?;
-            for row in rows {
-                let (id, winner, total) = row.with_context(read)?;
-                let winner = match winner {
-                    Some(w @ 1..=2) => w as u8,
-                    other => bail!("game {id}: a completed game with winner {other:?}"),
-                };
-                games.push((
-                    StoredGame {
-                        id,
-                        winner,
-                        moves: Vec::new(),
-                    },
-                    total,
-                ));
+            while let Some(row) = rows.next().with_context(read)? {
+                raws.push(RawGame {
+                    id: row.get(0).with_context(read)?,
+                    num_players: int(row.get_ref(1).with_context(read)?),
+                    winner: int(row.get_ref(2).with_context(read)?),
+                    total_moves: int(row.get_ref(3).with_context(read)?),
+                    moves: Vec::new(),
+                });
             }
         }
         let mut stmt = self
@@ -237,52 +340,34 @@ impl GamesDb {
                  ORDER BY m.game_id, m.move_number",
             )
             .with_context(read)?;
-        let rows = stmt
-            .query_map(params![config_key, since_id], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, i64>(2)?,
-                    row.get::<_, i64>(3)?,
-                ))
-            })
+        let mut rows = stmt
+            .query(params![config.key, since_id])
             .with_context(read)?;
         let mut at = 0;
-        for row in rows {
-            let (game_id, number, player, cell) = row.with_context(read)?;
-            while at < games.len() && games[at].0.id < game_id {
+        while let Some(row) = rows.next().with_context(read)? {
+            let Ok(Some(game_id)) = int(row.get_ref(0).with_context(read)?) else {
+                continue;
+            };
+            while at < raws.len() && raws[at].id < game_id {
                 at += 1;
             }
-            let Some((game, _)) = games.get_mut(at).filter(|(g, _)| g.id == game_id) else {
-                bail!("move {number} belongs to game {game_id}, which was not listed");
-            };
-            let expected_number = game.moves.len() as i64 + 1;
-            if number != expected_number {
-                bail!("game {game_id}: move {expected_number} is missing (found move {number})");
+            if let Some(game) = raws.get_mut(at).filter(|g| g.id == game_id) {
+                game.moves.push(RawMove {
+                    number: int(row.get_ref(1).with_context(read)?),
+                    player: int(row.get_ref(2).with_context(read)?),
+                    cell: int(row.get_ref(3).with_context(read)?),
+                });
             }
-            let expected_player = if number % 2 == 1 { 1 } else { 2 };
-            if player != expected_player {
-                bail!(
-                    "game {game_id}: move {number} is by player {player}, expected {expected_player}"
-                );
-            }
-            let cell = u8::try_from(cell)
-                .with_context(|| format!("game {game_id}: move {number} has cell {cell}"))?;
-            game.moves.push(cell);
         }
-        games
-            .into_iter()
-            .map(|(game, total)| {
-                if game.moves.len() as i64 != total {
-                    bail!(
-                        "game {}: total_moves is {total} but {} moves are stored",
-                        game.id,
-                        game.moves.len()
-                    );
-                }
-                Ok(game)
-            })
-            .collect()
+        let mut out = GamesRead::default();
+        for raw in &raws {
+            out.last_id = Some(raw.id);
+            match check_game(config, raw) {
+                Ok(game) => out.games.push(game),
+                Err(reason) => out.skipped.push(Skipped { id: raw.id, reason }),
+            }
+        }
+        Ok(out)
     }
 
     #[cfg(test)]
@@ -330,15 +415,16 @@ mod tests {
         drop(db);
 
         let db = GamesDb::open_existing(&path).unwrap();
-        let all = db.completed_games("hex6_2p", 0).unwrap();
+        let all = db.completed_games(&config, 0).unwrap().games;
         assert_eq!(all.len(), 5);
         for (stored, record) in all.iter().zip(&records) {
             assert_eq!(stored.moves, record.moves);
             assert_eq!(stored.winner, record.winner);
         }
-        let later = db.completed_games("hex6_2p", 3).unwrap();
+        let later = db.completed_games(&config, 3).unwrap().games;
         assert_eq!(later.iter().map(|g| g.id).collect::<Vec<_>>(), vec![4, 5]);
-        assert!(db.completed_games("hex8_2p", 0).unwrap().is_empty());
+        let hex8 = GameConfig::parse("hex8_2p").unwrap();
+        assert!(db.completed_games(&hex8, 0).unwrap().games.is_empty());
         let (status, source, board, players, total): (String, String, String, i64, i64) = db
             .connection()
             .query_row(
@@ -366,23 +452,133 @@ mod tests {
         db.connection()
             .execute("UPDATE games SET status = 'aborted'", [])
             .unwrap();
-        assert!(db.completed_games("hex6_2p", 0).unwrap().is_empty());
+        assert_eq!(
+            db.completed_games(&config, 0).unwrap(),
+            GamesRead::default()
+        );
     }
 
     #[test]
-    fn damaged_rows_name_the_game() {
+    fn damaged_rows_are_skipped_with_the_reason_and_the_rest_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
         let config = hex6();
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(3));
+        let mut rng = Rng::new(3);
+        let records: Vec<GameRecord> = (0..4)
+            .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
+            .collect();
         let mut db = GamesDb::create(&path).unwrap();
-        db.insert_games(&config, "selfplay", &[new_game(&record)])
+        let games: Vec<NewGame> = records.iter().map(new_game).collect();
+        db.insert_games(&config, "selfplay", &games).unwrap();
+        let c = db.connection();
+        c.execute(
+            "DELETE FROM moves WHERE game_id = 1 AND move_number = 2",
+            [],
+        )
+        .unwrap();
+        c.execute("UPDATE games SET winner = 7 WHERE id = 2", [])
             .unwrap();
-        db.connection()
-            .execute("DELETE FROM moves WHERE move_number = 2", [])
+        c.execute("UPDATE games SET winner = 'x' WHERE id = 4", [])
             .unwrap();
-        let err = db.completed_games("hex6_2p", 0).unwrap_err().to_string();
-        assert_eq!(err, "game 1: move 2 is missing (found move 3)");
+        let read = db.completed_games(&config, 0).unwrap();
+        assert_eq!(read.games.iter().map(|g| g.id).collect::<Vec<_>>(), [3]);
+        assert_eq!(read.last_id, Some(4));
+        assert_eq!(
+            read.skipped,
+            [
+                Skipped {
+                    id: 1,
+                    reason: format!(
+                        "total_moves is {} but {} moves are stored",
+                        records[0].moves.len(),
+                        records[0].moves.len() - 1
+                    )
+                },
+                Skipped {
+                    id: 2,
+                    reason: "winner 7 is not a player of this 2-player game".into()
+                },
+                Skipped {
+                    id: 4,
+                    reason: "winner is text, not an integer".into()
+                },
+            ]
+        );
+    }
+
+    fn raw(winner: Int, moves: &[(i64, i64, i64)]) -> RawGame {
+        RawGame {
+            id: 9,
+            num_players: Ok(Some(2)),
+            winner,
+            total_moves: Ok(Some(moves.len() as i64)),
+            moves: moves
+                .iter()
+                .map(|&(n, p, c)| RawMove {
+                    number: Ok(Some(n)),
+                    player: Ok(Some(p)),
+                    cell: Ok(Some(c)),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn row_checks_name_the_first_broken_rule() {
+        let c = hex6();
+        let good = [(1, 1, 0), (2, 2, 35), (3, 1, 7)];
+        assert_eq!(
+            check_game(&c, &raw(Ok(Some(2)), &good)),
+            Ok(StoredGame {
+                id: 9,
+                winner: 2,
+                moves: vec![0, 35, 7]
+            })
+        );
+        let err = |winner: Int, moves: &[(i64, i64, i64)]| {
+            check_game(&c, &raw(winner, moves)).unwrap_err()
+        };
+        assert_eq!(err(Ok(None), &good), "winner is NULL");
+        assert_eq!(
+            err(Ok(Some(0)), &good),
+            "winner 0 is not a player of this 2-player game"
+        );
+        assert_eq!(
+            err(Ok(Some(3)), &good),
+            "winner 3 is not a player of this 2-player game"
+        );
+        assert_eq!(
+            err(Err("a blob"), &good),
+            "winner is a blob, not an integer"
+        );
+        assert_eq!(
+            err(Ok(Some(1)), &[(1, 1, 0), (2, 2, 36)]),
+            "move 2 is on cell 36, off the board (0..36)"
+        );
+        assert_eq!(
+            err(Ok(Some(1)), &[(1, 1, -1)]),
+            "move 1 is on cell -1, off the board (0..36)"
+        );
+        assert_eq!(
+            err(Ok(Some(1)), &[(1, 1, 0), (2, 1, 1)]),
+            "move 2 is by player 1, expected 2"
+        );
+        assert_eq!(
+            err(Ok(Some(1)), &[(1, 1, 0), (3, 1, 1)]),
+            "move 2 is missing (found move 3)"
+        );
+        let mut three = raw(Ok(Some(1)), &good);
+        three.num_players = Ok(Some(3));
+        assert_eq!(
+            check_game(&c, &three).unwrap_err(),
+            "num_players is 3, but hex6_2p games have 2"
+        );
+        let mut short = raw(Ok(Some(1)), &good);
+        short.total_moves = Ok(Some(5));
+        assert_eq!(
+            check_game(&c, &short).unwrap_err(),
+            "total_moves is 5 but 3 moves are stored"
+        );
     }
 
     #[test]

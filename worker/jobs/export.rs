@@ -1,12 +1,15 @@
 //! `job export`: completed games of the DB → an `.npz` of training samples.
 //!
 //! Every position before a move becomes one sample, from the perspective of the player to move,
-//! labelled +1 if that player went on to win and -1 if not. Each game is replayed against the
-//! rules first, so a damaged DB stops the export with the game's id rather than feeding training
-//! nonsense. The file is written atomically and read back through the same validating reader the
-//! train job uses before it replaces the previous export.
+//! labelled +1 if that player went on to win and -1 if not. Each game's rows are checked and the
+//! game replayed against the rules first: a game that breaks either (a winner who is not a player,
+//! a move off the board, a stored winner the moves contradict) is skipped, counted in the summary
+//! (`skipped_rows`, the first few listed with their reasons) and named on stderr, so one bad row
+//! never stops the export nor feeds training nonsense. The file is written atomically and read
+//! back through the same validating reader the train job uses before it replaces the previous
+//! export; the summary is also written to `<output>.summary.json` for auto_export.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -14,7 +17,7 @@ use ringrift::game::npz::Dataset;
 use ringrift::game::{GameConfig, samples};
 use serde_json::{Value, json};
 
-use super::db::GamesDb;
+use super::db::{GamesDb, Skipped};
 use super::{GameArgs, round6, write_atomic};
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -35,30 +38,59 @@ pub(crate) struct ExportArgs {
     pub(crate) since_id: i64,
 }
 
+/// Skipped games listed by id and reason in the summary; beyond this only counted.
+const SKIPPED_LISTED: usize = 20;
+
+/// The file beside the output where the summary is also written (`<output>.summary.json`), for
+/// auto_export, which reads `skipped_rows` from it: a job's stdout reaches only its log.
+pub(crate) fn summary_path(output: &Path) -> PathBuf {
+    let mut s = output.as_os_str().to_owned();
+    s.push(".summary.json");
+    PathBuf::from(s)
+}
+
 pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
     let started = Instant::now();
     let db = GamesDb::open_existing(&args.db)?;
-    let games = db.completed_games(&config.key, args.since_id)?;
+    let read = db.completed_games(config, args.since_id)?;
+    let mut skipped = read.skipped;
     let mut data = Dataset::new(&config.key, config.num_features());
-    for game in &games {
-        let winner = samples(config, &game.moves, |features, outcome| {
-            data.push(features, outcome, game.id);
-        })
-        .with_context(|| {
-            format!(
-                "game {} in {} cannot be replayed",
-                game.id,
-                args.db.display()
-            )
-        })?;
-        if winner != game.winner {
-            anyhow::bail!(
-                "game {} in {}: stored winner is {} but the moves say {winner}",
-                game.id,
-                args.db.display(),
+    let mut exported = 0usize;
+    for game in &read.games {
+        // Replay into a scratch set first: a game that breaks the rules midway adds nothing.
+        let mut one = Dataset::new(&config.key, config.num_features());
+        let replay = samples(config, &game.moves, |features, outcome| {
+            one.push(features, outcome, game.id);
+        });
+        let problem = match replay {
+            Err(e) => Some(format!("cannot be replayed: {e}")),
+            Ok(winner) if winner != game.winner => Some(format!(
+                "stored winner is {} but the moves say {winner}",
                 game.winner
-            );
+            )),
+            Ok(_) => None,
+        };
+        match problem {
+            Some(reason) => skipped.push(Skipped {
+                id: game.id,
+                reason,
+            }),
+            None => {
+                exported += 1;
+                data.states.extend(one.states);
+                data.outcomes.extend(one.outcomes);
+                data.game_ids.extend(one.game_ids);
+            }
         }
+    }
+    skipped.sort_by_key(|s| s.id);
+    for s in &skipped {
+        eprintln!(
+            "skipped game {} in {}: {}",
+            s.id,
+            args.db.display(),
+            s.reason
+        );
     }
     let bytes = data.encode().context("cannot encode the export")?;
     write_atomic(&args.output, &bytes, |tmp| {
@@ -73,19 +105,29 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
         );
         Ok(())
     })?;
-    let last_game_id = games.last().map_or(args.since_id, |g| g.id);
-    Ok(json!({
+    // Skipped games count as read: the next export continues after them.
+    let last_game_id = read.last_id.unwrap_or(args.since_id).max(args.since_id);
+    let summary = json!({
         "job": "export",
         "config_key": config.key,
-        "games": games.len(),
+        "games": exported,
         "samples": data.len(),
         "num_features": data.num_features,
         "since_id": args.since_id,
         "last_game_id": last_game_id,
+        "skipped_rows": skipped.len(),
+        "skipped": skipped
+            .iter()
+            .take(SKIPPED_LISTED)
+            .map(|s| json!({"id": s.id, "reason": s.reason}))
+            .collect::<Vec<_>>(),
         "output": args.output.display().to_string(),
         "bytes": bytes.len(),
         "seconds": round6(started.elapsed().as_secs_f64()),
-    }))
+    });
+    let side = summary_path(&args.output);
+    write_atomic(&side, summary.to_string().as_bytes(), |_| Ok(()))?;
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -162,30 +204,40 @@ mod tests {
     }
 
     #[test]
-    fn an_illegal_stored_game_or_a_wrong_winner_stops_the_export() {
+    fn an_illegal_game_an_impossible_or_wrong_winner_is_skipped_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let (config, args, _) = setup(dir.path(), 2);
+        let (config, args, records) = setup(dir.path(), 4);
         let db = GamesDb::open_existing(&args.db).unwrap();
-        db.connection()
-            .execute("UPDATE games SET winner = 3 - winner WHERE id = 2", [])
+        let c = db.connection();
+        c.execute("UPDATE games SET winner = 3 - winner WHERE id = 2", [])
             .unwrap();
-        let err = format!("{:#}", run(&config, &args).unwrap_err());
-        assert!(
-            err.contains("game 2 in") && err.contains("stored winner"),
-            "{err}"
-        );
-        db.connection()
-            .execute(
-                "UPDATE moves SET cell = 0 WHERE game_id = 1 AND move_number <= 2",
-                [],
-            )
+        c.execute("UPDATE games SET winner = 9 WHERE id = 4", [])
             .unwrap();
-        let err = format!("{:#}", run(&config, &args).unwrap_err());
-        assert!(
-            err.contains("game 1 in") && err.contains("cannot be replayed"),
-            "{err}"
-        );
-        assert!(!args.output.exists(), "nothing written on failure");
+        c.execute(
+            "UPDATE moves SET cell = 0 WHERE game_id = 1 AND move_number <= 2",
+            [],
+        )
+        .unwrap();
+        let summary = run(&config, &args).unwrap();
+        assert_eq!(summary["games"], 1);
+        assert_eq!(summary["samples"], records[2].moves.len());
+        assert_eq!(summary["skipped_rows"], 3);
+        assert_eq!(summary["last_game_id"], 4, "skipped games count as read");
+        let skipped = summary["skipped"].as_array().unwrap();
+        let ids: Vec<i64> = skipped.iter().map(|s| s["id"].as_i64().unwrap()).collect();
+        assert_eq!(ids, [1, 2, 4]);
+        let reasons: Vec<&str> = skipped
+            .iter()
+            .map(|s| s["reason"].as_str().unwrap())
+            .collect();
+        assert!(reasons[0].starts_with("cannot be replayed"), "{reasons:?}");
+        assert!(reasons[1].starts_with("stored winner is"), "{reasons:?}");
+        assert_eq!(reasons[2], "winner 9 is not a player of this 2-player game");
+        let data = Dataset::decode(&std::fs::read(&args.output).unwrap()).unwrap();
+        assert!(data.game_ids.iter().all(|&id| id == 3));
+        let side: Value =
+            serde_json::from_slice(&std::fs::read(summary_path(&args.output)).unwrap()).unwrap();
+        assert_eq!(side, summary);
     }
 
     #[test]

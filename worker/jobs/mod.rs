@@ -10,7 +10,9 @@
 //! rename), so a reader never sees half a model or half an export.
 
 pub(crate) mod db;
+pub(crate) mod db_health;
 mod export;
+pub(crate) use export::summary_path as export_summary_path;
 mod gauntlet;
 mod selfplay;
 mod train;

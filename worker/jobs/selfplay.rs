@@ -141,8 +141,9 @@ mod tests {
         assert_eq!(wins[0].as_u64().unwrap() + wins[1].as_u64().unwrap(), 7);
         let stored = GamesDb::open_existing(&a.db)
             .unwrap()
-            .completed_games("hex6_2p", 0)
-            .unwrap();
+            .completed_games(&a.game.config_key, 0)
+            .unwrap()
+            .games;
         assert_eq!(stored.len(), 7);
         let moves: usize = stored.iter().map(|g| g.moves.len()).sum();
         assert_eq!(summary["moves"], moves);

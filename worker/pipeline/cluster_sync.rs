@@ -636,7 +636,13 @@ mod tests {
         );
         // Moves came along, in order, and the source names the peer's id.
         let db = GamesDb::open_existing(&local).unwrap();
-        assert_eq!(db.completed_games("hex6_2p", 0).unwrap().len(), 5);
+        assert_eq!(
+            db.completed_games(&ringrift::game::GameConfig::parse("hex6_2p").unwrap(), 0)
+                .unwrap()
+                .games
+                .len(),
+            5
+        );
         assert_eq!(
             count(
                 &local,

@@ -9,8 +9,14 @@
 //!   moment the batch started is kept in the state file, so a restart does not reset the timeout.
 //! - The export runs as a supervisor job (the `pipeline.jobs.export` template) and its output is
 //!   decoded before anyone is told about it; an unusable file is renamed to `<npz>.bad` so training
-//!   never sees it, and the export is retried next cycle. The NPZ events have no failure type, so a
-//!   failure shows in health and the log only.
+//!   never sees it. Game rows the job skipped (they break the schema's meaning) are counted in
+//!   NPZ_EXPORT_COMPLETE's `skipped_rows` and in health, from the job's `<npz>.summary.json`.
+//! - A failed attempt is retried on the capped, jittered backoff of [`super::retry`] (2 s doubling
+//!   to 5 min), by the scan and by events alike; the schedule is in the state file, so
+//!   training_trigger can say why no new export comes. The NPZ events have no failure type, so a
+//!   failure shows in health (`retrying in N s after: <error>`) and the log.
+//! - A games DB that cannot be counted, or an export job that fails, gets the DB checked; a damaged
+//!   one is moved aside ([`super::games_db`], GAMES_DB_QUARANTINED) and the key starts over.
 //! - The DB is opened read-only with a busy timeout: selfplay keeps writing while we count.
 
 use std::collections::BTreeMap;
@@ -24,6 +30,9 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::games_db::{Depth, Quarantined, ensure_usable};
+use super::retry::{self, Failing};
+use super::scheduler::{keep_quarantined, last_error_line};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
 };
@@ -47,6 +56,12 @@ struct KeyState {
     pending_since: Option<f64>,
     last_export_at: Option<f64>,
     last_samples: u64,
+    /// Game rows the last export left out (see `skipped_rows` in NPZ_EXPORT_COMPLETE).
+    #[serde(default)]
+    last_skipped_rows: u64,
+    /// Set while exporting keeps failing: the retry schedule (training_trigger reads it too).
+    #[serde(default)]
+    failing: Option<Failing>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -178,6 +193,26 @@ fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
     })
 }
 
+/// Why exporting `key` keeps failing, from auto_export's state file, if it does: for
+/// training_trigger, which must not call a key "up to date" while no new export can come.
+pub(crate) fn export_failing(pipeline: &Pipeline, key: &str) -> Option<Failing> {
+    let state: State = load_state(&pipeline.state_path(NAME));
+    state.keys.get(key).and_then(|k| k.failing.clone())
+}
+
+/// What the built-in export job says beside its output (`<output>.summary.json`): the game rows
+/// it skipped and the highest id it read. `None` from an exporter that writes no such file.
+fn job_summary(staging: &Path) -> Option<(u64, Option<i64>)> {
+    let path = crate::jobs::export_summary_path(staging);
+    let bytes = std::fs::read(&path).ok()?;
+    let _ = std::fs::remove_file(&path);
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    Some((
+        v.get("skipped_rows")?.as_u64()?,
+        v.get("last_game_id").and_then(Value::as_i64),
+    ))
+}
+
 /// Renames a bad file to `<file>.bad` (replacing an older one), so nothing reads it again.
 pub(crate) fn quarantine(path: &Path) -> Option<PathBuf> {
     let mut bad = path.as_os_str().to_owned();
@@ -208,6 +243,10 @@ struct AutoExport {
     failures: u64,
     games_exported: u64,
     samples_exported: u64,
+    rows_skipped: u64,
+    dbs_quarantined: u64,
+    /// Games DBs this process moved aside, the latest last.
+    quarantined: Vec<Quarantined>,
     last_error: Option<String>,
 }
 
@@ -219,7 +258,10 @@ impl AutoExport {
                 .status
                 .values()
                 .all(|s| s.message.contains("no games yet"));
-        let message = key_messages(&self.status, "no scan yet");
+        let mut message = key_messages(&self.status, "no scan yet");
+        if let Some(q) = self.quarantined.last() {
+            message = format!("{message}; {}", q.describe());
+        }
         let keys: serde_json::Map<String, Value> = self
             .state
             .keys
@@ -228,7 +270,8 @@ impl AutoExport {
                 (
                     k.clone(),
                     json!({"last_game_id": s.last_game_id, "pending_since": s.pending_since,
-                           "last_export_at": s.last_export_at, "last_samples": s.last_samples}),
+                           "last_export_at": s.last_export_at, "last_samples": s.last_samples,
+                           "last_skipped_rows": s.last_skipped_rows, "failing": s.failing}),
                 )
             })
             .collect();
@@ -248,6 +291,10 @@ impl AutoExport {
                 ("threshold_games".to_string(), Value::from(self.threshold)),
                 ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
                 ("last_error".to_string(), json!(self.last_error)),
+                (
+                    "quarantined".to_string(),
+                    Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
+                ),
             ]),
             [
                 ("scans", self.scans),
@@ -255,6 +302,8 @@ impl AutoExport {
                 ("export_failures", self.failures),
                 ("games_exported", self.games_exported),
                 ("samples_exported", self.samples_exported),
+                ("rows_skipped", self.rows_skipped),
+                ("dbs_quarantined", self.dbs_quarantined),
             ],
         )
     }
@@ -279,12 +328,68 @@ impl AutoExport {
         }
     }
 
-    /// Looks at one key and exports when the rule says so.
+    /// A failed attempt for `key`: schedules the retry ([`Failing::after`]), keeps it in the
+    /// state file and says in health when the next attempt is due and why.
+    fn fail(&mut self, key: &str, error: String) {
+        self.failures += 1;
+        let now = now_secs();
+        let mut ks = self.state.keys.get(key).cloned().unwrap_or_default();
+        let failing = Failing::after(ks.failing.as_ref(), error, now, retry::jitter());
+        let message = failing.describe(now);
+        ks.failing = Some(failing);
+        self.state.keys.insert(key.to_string(), ks);
+        self.save();
+        self.set(key, false, message);
+    }
+
+    /// Checks `key`'s games DB (with `quick_check`: a use of it failed) and moves it aside if it
+    /// is damaged ([`ensure_usable`]). On a
+    /// quarantine the key starts over: the fresh DB's ids begin at 1 and no retry is pending.
+    /// `Err(why)`: the DB cannot be checked or moved now.
+    fn guard(&mut self, key: &str) -> Result<bool, String> {
+        let pipeline = self.pipeline.clone().expect("started");
+        let ctx = self.ctx.clone().expect("attached");
+        match ensure_usable(&pipeline, &ctx, NAME, key, Depth::Full)? {
+            None => Ok(false),
+            Some(q) => {
+                self.dbs_quarantined += 1;
+                keep_quarantined(&mut self.quarantined, vec![q]);
+                let ks = self.state.keys.entry(key.to_string()).or_default();
+                ks.last_game_id = 0;
+                ks.pending_since = None;
+                ks.failing = None;
+                self.save();
+                Ok(true)
+            }
+        }
+    }
+
+    /// Looks at one key and exports when the rule says so. While exporting `key` keeps failing,
+    /// nothing is tried before its retry time, whatever triggered the check.
     async fn check_key(&mut self, key: &str) {
         let pipeline = self.pipeline.clone().expect("started");
         let db = pipeline.games_db(key);
+        if let Some(f) = self.state.keys.get(key).and_then(|k| k.failing.clone())
+            && f.wait(now_secs()).is_some()
+        {
+            // Logged when the attempt failed; while waiting, only health follows the countdown.
+            let message = f.describe(now_secs());
+            self.status
+                .insert(key.to_string(), KeyStatus { ok: false, message });
+            return;
+        }
         let mut ks = self.state.keys.get(key).cloned().unwrap_or_default();
         let mut counted = count_new_games(&db, key, ks.last_game_id);
+        if let Err(e) = &counted {
+            match self.guard(key) {
+                Ok(true) => {
+                    ks = self.state.keys.get(key).cloned().unwrap_or_default();
+                    counted = count_new_games(&db, key, 0);
+                }
+                Ok(false) => {}
+                Err(why) => counted = Err(anyhow::anyhow!("{e:#}; {why}")),
+            }
+        }
         if let Ok(Some(c)) = &counted
             && ks.last_game_id > 0
             && c.max_id.unwrap_or(0) < ks.last_game_id
@@ -310,12 +415,7 @@ impl AutoExport {
             }
             Ok(Some(c)) => c,
             Err(e) => {
-                self.failures += 1;
-                self.set(
-                    key,
-                    false,
-                    format!("games db unreadable, retrying next cycle: {e:#}"),
-                );
+                self.fail(key, format!("games db unreadable: {e:#}"));
                 return;
             }
         };
@@ -331,14 +431,19 @@ impl AutoExport {
             missing,
         ) {
             Decision::Nothing => {
-                if ks.pending_since.take().is_some() {
+                if ks.pending_since.take().is_some() | ks.failing.take().is_some() {
                     self.state.keys.insert(key.to_string(), ks.clone());
                     self.save();
                 }
                 let last = match ks.last_export_at {
                     Some(_) => format!(
-                        "up to date (last export: games up to id {}, {} samples)",
-                        ks.last_game_id, ks.last_samples
+                        "up to date (last export: games up to id {}, {} samples{})",
+                        ks.last_game_id,
+                        ks.last_samples,
+                        match ks.last_skipped_rows {
+                            0 => String::new(),
+                            n => format!("; skipped {n} game row(s) that break the schema"),
+                        }
                     ),
                     None => "no completed games yet".to_string(),
                 };
@@ -382,6 +487,8 @@ impl AutoExport {
         // The job writes a staging file; it replaces the training file (which training_trigger
         // watches) only once validated, just before NPZ_EXPORT_COMPLETE.
         let staging = npz.with_extension("npz.partial");
+        // A summary left by an earlier run must not be taken for this one's.
+        let _ = std::fs::remove_file(crate::jobs::export_summary_path(&staging));
         let outcome = match pipeline
             .run_job(
                 &ctx,
@@ -396,66 +503,77 @@ impl AutoExport {
         {
             Ok(o) => o,
             Err(e) => {
-                self.failures += 1;
-                self.set(key, false, format!("cannot start the export job: {e:#}"));
+                self.fail(key, format!("cannot start the export job: {e:#}"));
                 return;
             }
         };
         if !outcome.success {
-            self.failures += 1;
-            self.set(
-                key,
-                false,
-                format!("{}; retrying next cycle", job_failure("export", &outcome)),
-            );
+            let mut error = job_failure("export", &outcome);
+            if let Some(line) = last_error_line(&pipeline.root, &outcome.job_id) {
+                error = format!("{error}: {line}");
+            }
+            // The job may have met a damaged DB: then it is moved aside and the key starts over.
+            match self.guard(key) {
+                Ok(true) => self.set(key, false, format!("{error}; the games db was quarantined")),
+                Ok(false) => self.fail(key, error),
+                Err(why) => self.fail(key, format!("{error}; {why}")),
+            }
             return;
         }
+        let job = job_summary(&staging);
         let summary = match validate_npz(&staging, key) {
             Ok(s) => s,
             Err(e) => {
-                self.failures += 1;
                 let moved = quarantine(&staging)
                     .map(|p| format!("; moved to {}", p.display()))
                     .unwrap_or_default();
-                self.set(
+                self.fail(
                     key,
-                    false,
-                    format!("export produced an unusable file: {e:#}{moved}; retrying next cycle"),
+                    format!("export produced an unusable file: {e:#}{moved}"),
                 );
                 return;
             }
         };
         if let Err(e) = std::fs::rename(&staging, &npz) {
-            self.failures += 1;
-            self.set(
+            self.fail(
                 key,
-                false,
-                format!(
-                    "cannot move {} into place: {e}; retrying next cycle",
-                    staging.display()
-                ),
+                format!("cannot move {} into place: {e}", staging.display()),
             );
             return;
         }
+        let skipped_rows = job.map(|(n, _)| n);
+        // Skipped games count as read (the job says how far it read), so they are not counted
+        // as new again.
         let last_game_id = summary
             .last_game_id
+            .max(job.and_then(|(_, last)| last))
             .or(count.max_new_id)
             .unwrap_or(ks.last_game_id)
             .max(ks.last_game_id);
         ks.last_game_id = last_game_id;
         ks.pending_since = None;
+        ks.failing = None;
         ks.last_export_at = Some(now_secs());
         ks.last_samples = summary.samples;
+        ks.last_skipped_rows = skipped_rows.unwrap_or(0);
+        self.rows_skipped += skipped_rows.unwrap_or(0);
         self.state.keys.insert(key.to_string(), ks);
         self.save();
         self.exports += 1;
         self.games_exported += count.new_games;
         self.samples_exported += summary.samples;
+        let skipped = match skipped_rows {
+            Some(n) if n > 0 => format!(
+                "; skipped {n} game row(s) that break the schema (see logs/jobs/{}.log)",
+                outcome.job_id
+            ),
+            _ => String::new(),
+        };
         self.set(
             key,
             true,
             format!(
-                "exported at {}: {} games ({} new) → {} samples, games up to id {last_game_id}",
+                "exported at {}: {} games ({} new) → {} samples, games up to id {last_game_id}{skipped}",
                 ringrift::timefmt::now_rfc3339(),
                 summary.games,
                 count.new_games,
@@ -470,6 +588,10 @@ impl AutoExport {
                 ("samples", summary.samples.into()),
                 ("games", summary.games.into()),
                 ("last_game_id", last_game_id.into()),
+                (
+                    "skipped_rows",
+                    skipped_rows.map_or(Value::Null, Value::from),
+                ),
             ]),
         )
         .await;
@@ -680,10 +802,26 @@ mod tests {
                 pending_since: Some(7.5),
                 last_export_at: Some(8.0),
                 last_samples: 900,
+                last_skipped_rows: 1,
+                failing: Some(Failing::after(None, "export job failed".into(), 9.0, 0.0)),
             },
         );
         save_state(&path, &state).unwrap();
         let back: State = load_state(&path);
         assert_eq!(back, state);
+
+        // A state file written before skipped rows and retries were kept still loads.
+        std::fs::write(
+            &path,
+            r#"{"keys": {"hex8_2p": {"last_game_id": 42, "pending_since": null,
+                                    "last_export_at": 8.0, "last_samples": 900}}}"#,
+        )
+        .unwrap();
+        let old: State = load_state(&path);
+        let k = &old.keys["hex8_2p"];
+        assert_eq!(
+            (k.last_game_id, k.failing.clone(), k.last_skipped_rows),
+            (42, None, 0)
+        );
     }
 }

@@ -20,7 +20,8 @@ use anyhow::{Context, Result, bail};
 use ringrift::events::payload;
 use serde_json::Value;
 
-use super::scheduler::{Announcer, SelfplayRun, read_priorities};
+use super::games_db::Quarantined;
+use super::scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
 use super::{Pipeline, join_all, now_secs, num};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -166,6 +167,7 @@ struct Totals {
     jobs_succeeded: u64,
     jobs_failed: u64,
     games_added: u64,
+    dbs_quarantined: u64,
 }
 
 pub(crate) struct IdleResource {
@@ -188,6 +190,10 @@ pub(crate) struct IdleResource {
     last_burst: Option<String>,
     /// The last failed extra job, until one succeeds.
     last_failure: Option<String>,
+    /// Games DBs moved aside by this process, the latest last.
+    quarantined: Vec<Quarantined>,
+    /// Games DB problems of the last burst.
+    db_problems: Vec<String>,
 }
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
@@ -208,6 +214,8 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         problems: Vec::new(),
         last_burst: None,
         last_failure: None,
+        quarantined: Vec::new(),
+        db_problems: Vec::new(),
     })
 }
 
@@ -288,6 +296,10 @@ impl IdleResource {
             })
             .collect();
         let runs = join_all(futs).await;
+        let (quarantined, db_problems) = announcer.take_db_news();
+        self.totals.dbs_quarantined += quarantined.len() as u64;
+        keep_quarantined(&mut self.quarantined, quarantined);
+        self.db_problems = db_problems;
         let (mut ok, mut failed, mut added) = (0, 0, 0);
         for run in &runs {
             added += run.new_games;
@@ -324,6 +336,7 @@ impl IdleResource {
         if let Some(f) = &self.last_failure {
             problems.push(format!("last extra job failed {f}"));
         }
+        problems.extend(self.db_problems.iter().cloned());
         let healthy = problems.is_empty();
         let sample = match self.cpu {
             None => "no utilisation sample yet".to_string(),
@@ -344,6 +357,9 @@ impl IdleResource {
             message.push_str("; ");
             message.push_str(b);
         }
+        if let Some(q) = self.quarantined.last() {
+            message = format!("{}; {message}", q.describe());
+        }
         if !healthy {
             message = format!("{}; {message}", problems.join("; "));
         }
@@ -352,6 +368,10 @@ impl IdleResource {
             healthy,
             message,
             BTreeMap::from([
+                (
+                    "quarantined".to_string(),
+                    Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
+                ),
                 (
                     "cpu_percent".to_string(),
                     self.cpu.map_or(Value::Null, Value::from),
@@ -373,6 +393,7 @@ impl IdleResource {
                 ("jobs_succeeded", t.jobs_succeeded),
                 ("jobs_failed", t.jobs_failed),
                 ("games_added", t.games_added),
+                ("dbs_quarantined", t.dbs_quarantined),
             ],
         )
     }

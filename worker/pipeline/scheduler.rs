@@ -11,7 +11,10 @@
 //! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the
 //! games actually added (counted in the DB, not taken from the request). While items are pending a
 //! cycle keeps going for up to [`MAX_ROUNDS`] rounds, so the loop does not idle an interval between
-//! jobs. Quality scores survive restarts in the state file; items a previous process of this daemon
+//! jobs. A cycle whose every job failed starts the retry schedule of [`super::retry`] (2 s doubling
+//! to 5 min): no job is started before it is due, and health says `selfplay retrying in N s after:
+//! <error>`; a job that succeeds or a games DB moved aside ends it. Quality scores survive restarts
+//! in the state file; items a previous process of this daemon
 //! held when it died are requeued at start-up.
 
 use std::cell::RefCell;
@@ -26,7 +29,9 @@ use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality::count_completed;
+use super::retry::{self, Failing};
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, num, save_state};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
@@ -125,6 +130,10 @@ pub(crate) struct Announcer<'a> {
     pipeline: &'a Pipeline,
     ctx: &'a Ctx,
     announced: RefCell<BTreeMap<String, u64>>,
+    /// Games DBs this announcer moved aside (see [`Announcer::guard`]).
+    quarantined: RefCell<Vec<Quarantined>>,
+    /// Problems checking a games DB (busy, or damaged and immovable), for health.
+    db_problems: RefCell<Vec<String>>,
 }
 
 impl<'a> Announcer<'a> {
@@ -134,14 +143,41 @@ impl<'a> Announcer<'a> {
             pipeline,
             ctx,
             announced: RefCell::default(),
+            quarantined: RefCell::default(),
+            db_problems: RefCell::default(),
         }
     }
 
-    /// Records the current game count of `key` (call before starting its jobs).
+    /// Checks `key`'s games DB at `depth` and moves it aside if it is damaged
+    /// ([`ensure_usable`]); a fresh DB starts from 0 games. True when it was moved.
+    pub(crate) fn guard(&self, key: &str, depth: Depth) -> bool {
+        match ensure_usable(self.pipeline, self.ctx, self.who, key, depth) {
+            Ok(None) => false,
+            Ok(Some(q)) => {
+                self.quarantined.borrow_mut().push(q);
+                self.announced.borrow_mut().insert(key.to_string(), 0);
+                true
+            }
+            Err(why) => {
+                eprintln!("{}: {key}: {why}", self.who);
+                self.db_problems.borrow_mut().push(why);
+                false
+            }
+        }
+    }
+
+    /// The games DBs moved aside and the DB problems met so far, emptying both lists.
+    pub(crate) fn take_db_news(&self) -> (Vec<Quarantined>, Vec<String>) {
+        (self.quarantined.take(), self.db_problems.take())
+    }
+
+    /// Looks at `key`'s games DB's schema ([`Announcer::guard`]) and records its current game count (call
+    /// before starting its jobs).
     pub(crate) fn baseline(&self, key: &str) -> Result<()> {
         if self.announced.borrow().contains_key(key) {
             return Ok(());
         }
+        self.guard(key, Depth::Schema);
         let n = count_completed(&self.pipeline.games_db(key), key)?.unwrap_or(0);
         self.announced.borrow_mut().insert(key.to_string(), n);
         Ok(())
@@ -192,9 +228,16 @@ impl<'a> Announcer<'a> {
                 ]),
             );
         }
+        // A job that failed may have met a damaged DB: move it aside, so the next job starts a
+        // fresh one instead of failing for ever.
+        let guarded = result.is_err() && self.guard(key, Depth::Full);
         // A failed job may still have committed whole batches: those games are real and announced.
         let db = self.pipeline.games_db(key);
-        let (new_games, count_error) = match count_completed(&db, key) {
+        let mut counted = count_completed(&db, key);
+        if counted.is_err() && !guarded && self.guard(key, Depth::Full) {
+            counted = count_completed(&db, key);
+        }
+        let (new_games, count_error) = match counted {
             Ok(total) => {
                 let total = total.unwrap_or(0);
                 let before = self
@@ -279,6 +322,7 @@ struct Totals {
     jobs_failed: u64,
     games_added: u64,
     priority_updates: u64,
+    dbs_quarantined: u64,
 }
 
 pub(crate) struct Scheduler {
@@ -301,6 +345,22 @@ pub(crate) struct Scheduler {
     /// What the last cycle did.
     last_cycle: Option<String>,
     pending: u64,
+    /// Games DBs moved aside by this process, the latest last (at most [`KEEP_QUARANTINED`]).
+    quarantined: Vec<Quarantined>,
+    /// Games DB problems of the last round (busy, damaged and immovable).
+    db_problems: Vec<String>,
+    /// Set while every selfplay job fails: no new jobs before its retry time.
+    failing: Option<Failing>,
+}
+
+/// Quarantines listed in health.
+pub(crate) const KEEP_QUARANTINED: usize = 5;
+
+/// Adds `news` to `kept`, keeping the latest [`KEEP_QUARANTINED`].
+pub(crate) fn keep_quarantined(kept: &mut Vec<Quarantined>, news: Vec<Quarantined>) {
+    kept.extend(news);
+    let excess = kept.len().saturating_sub(KEEP_QUARANTINED);
+    kept.drain(..excess);
 }
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
@@ -320,6 +380,9 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         last_failure: None,
         last_cycle: None,
         pending: 0,
+        quarantined: Vec::new(),
+        db_problems: Vec::new(),
+        failing: None,
     })
 }
 
@@ -333,6 +396,12 @@ struct Round {
 }
 
 impl Scheduler {
+    fn note_db_news(&mut self, quarantined: Vec<Quarantined>, problems: Vec<String>) {
+        self.totals.dbs_quarantined += quarantined.len() as u64;
+        keep_quarantined(&mut self.quarantined, quarantined);
+        self.db_problems = problems;
+    }
+
     fn pipeline(&self) -> &Pipeline {
         self.pipeline.as_ref().expect("started")
     }
@@ -455,6 +524,8 @@ impl Scheduler {
             })
             .collect();
         let runs = join_all(futs).await;
+        let (quarantined, db_problems) = announcer.take_db_news();
+        self.note_db_news(quarantined, db_problems);
         self.totals.jobs_started += runs.len() as u64;
         let when = ringrift::timefmt::now_rfc3339();
         for (id, run) in runs {
@@ -494,6 +565,15 @@ impl Scheduler {
         if let Err(e) = queue.reprioritize(&self.priorities) {
             eprintln!("{NAME}: cannot reprioritize pending items: {e:#}");
         }
+        // Jobs that keep failing are not rerun every cycle: they wait out the retry schedule.
+        if let Some(f) = &self.failing
+            && f.wait(now_secs()).is_some()
+        {
+            return;
+        }
+        let (failed_before, succeeded_before) =
+            (self.totals.jobs_failed, self.totals.jobs_succeeded);
+        let quarantines_before = self.totals.dbs_quarantined;
         let mut total = Round::default();
         let mut rounds = 0;
         let outcome: Result<()> = async {
@@ -523,6 +603,24 @@ impl Scheduler {
                 self.queue = None;
             }
         }
+        let failed = self.totals.jobs_failed > failed_before;
+        let succeeded = self.totals.jobs_succeeded > succeeded_before;
+        let quarantined = self.totals.dbs_quarantined > quarantines_before;
+        if succeeded || quarantined {
+            // A fresh DB deserves a fresh try.
+            self.failing = None;
+        } else if failed {
+            let error = self.last_failure.as_ref().map_or_else(
+                || "selfplay jobs failed".to_string(),
+                |(_, what)| what.clone(),
+            );
+            let f = Failing::after(self.failing.as_ref(), error, now_secs(), retry::jitter());
+            eprintln!(
+                "{NAME}: every selfplay job of this cycle failed: {}",
+                f.describe(now_secs())
+            );
+            self.failing = Some(f);
+        }
         let when = ringrift::timefmt::now_rfc3339();
         self.last_cycle = Some(if total.claimed == 0 {
             format!("last cycle {when}: no pending work")
@@ -539,10 +637,12 @@ impl Scheduler {
         if let Some(q) = &self.queue_problem {
             problems.push(format!("work queue: {q}"));
         }
-        if let Some((when, what)) = &self.last_failure {
-            problems.push(format!("last job failure {when}: {what}"));
+        match (&self.failing, &self.last_failure) {
+            (Some(f), _) => problems.push(format!("selfplay {}", f.describe(now_secs()))),
+            (None, Some((when, what))) => problems.push(format!("last job failure {when}: {what}")),
+            (None, None) => {}
         }
-        for p in &self.priority_problems {
+        for p in self.priority_problems.iter().chain(&self.db_problems) {
             if !problems.contains(p) {
                 problems.push(p.clone());
             }
@@ -557,11 +657,18 @@ impl Scheduler {
             self.pending,
             fmt_map(&self.priorities)
         ));
+        if let Some(q) = self.quarantined.last() {
+            message = format!("{}; {message}", q.describe());
+        }
         if !healthy {
             message = format!("{}; {message}", problems.join("; "));
         }
         let t = self.totals;
         let details = BTreeMap::from([
+            (
+                "quarantined".to_string(),
+                Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
+            ),
             (
                 "priorities".to_string(),
                 serde_json::to_value(&self.priorities).unwrap_or(Value::Null),
@@ -583,6 +690,7 @@ impl Scheduler {
                 ("jobs_failed", t.jobs_failed),
                 ("games_added", t.games_added),
                 ("priority_updates", t.priority_updates),
+                ("dbs_quarantined", t.dbs_quarantined),
             ],
         )
     }

@@ -17,6 +17,9 @@
 //! - A candidate is announced only after it loads with `Model::load`; one that does not is renamed
 //!   to `<candidate>.bad` and reported as TRAINING_FAILED. An export that does not decode is
 //!   quarantined the same way, and auto_export writes a fresh one.
+//! - "Up to date" means it: while auto_export's state file says exporting a key keeps failing,
+//!   health says that no new data can come and why (status `waiting_for_data`), not that the key
+//!   is up to date.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -29,7 +32,7 @@ use ringrift::game::npz::Dataset;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::export::quarantine;
+use super::export::{export_failing, quarantine};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
 };
@@ -238,6 +241,8 @@ struct TrainingTrigger {
     failed: u64,
     bad_exports: u64,
     last_error: Option<String>,
+    /// Keys whose export keeps failing (auto_export's state says so): no new data can come.
+    starved: BTreeSet<String>,
 }
 
 impl TrainingTrigger {
@@ -256,11 +261,23 @@ impl TrainingTrigger {
                 )
             })
             .collect();
-        Report::new(
+        let status = if !healthy {
+            "degraded"
+        } else if !self.starved.is_empty() {
+            "waiting_for_data"
+        } else {
+            "ok"
+        };
+        Report::with_status(
             healthy,
+            status,
             message,
             BTreeMap::from([
                 ("keys".to_string(), Value::Object(keys)),
+                (
+                    "export_failing".to_string(),
+                    Value::from(self.starved.iter().cloned().collect::<Vec<_>>()),
+                ),
                 ("min_samples".to_string(), Value::from(self.min_samples)),
                 ("cooldown".to_string(), Value::from(self.cooldown)),
                 ("last_error".to_string(), json!(self.last_error)),
@@ -311,23 +328,41 @@ impl TrainingTrigger {
         self.checks += 1;
         let pipeline = self.pipeline.clone().expect("started");
         let npz = pipeline.npz(key);
+        // Whether new data can come at all: while auto_export keeps failing, "up to date" would
+        // be a lie.
+        let export_failing = export_failing(&pipeline, key);
+        if export_failing.is_some() {
+            self.starved.insert(key.to_string());
+        } else {
+            self.starved.remove(key);
+        }
+        let starved = |what: String| match &export_failing {
+            Some(f) => format!(
+                "{what}; no new data: auto_export is failing, {}",
+                f.describe(now_secs())
+            ),
+            None => what,
+        };
         let fp = match Fingerprint::of(&npz) {
             Ok(fp) => fp,
             Err(_) => {
-                self.set(
-                    key,
-                    true,
-                    format!("no export yet ({} does not exist)", npz.display()),
-                );
+                let message = starved(format!("no export yet ({} does not exist)", npz.display()));
+                self.set(key, true, message);
                 return;
             }
         };
         let ks = self.key_state(key).clone();
         if ks.last_trained == Some(fp) {
-            let message = format!(
-                "up to date: {} run(s); the current export is trained on",
-                ks.trainings
-            );
+            let message = match &export_failing {
+                None => format!(
+                    "up to date: {} run(s); the current export is trained on",
+                    ks.trainings
+                ),
+                Some(_) => starved(format!(
+                    "the current export is trained on ({} run(s))",
+                    ks.trainings
+                )),
+            };
             self.set(key, true, message);
             return;
         }
