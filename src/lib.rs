@@ -14,4 +14,6 @@ pub mod procfs;
 pub mod protocol;
 pub mod reaper;
 pub mod restart;
+pub mod settings;
+pub mod template;
 pub mod timefmt;

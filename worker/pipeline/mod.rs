@@ -180,15 +180,8 @@ impl Pipeline {
         }
         let mut out = Vec::with_capacity(template.len());
         for word in template {
-            let mut w = word.clone();
-            for p in ringrift::config::placeholders(word) {
-                let Some(v) = all.get(p.as_str()) else {
-                    bail!(
-                        "the {kind} job template uses {{{p}}}, which this daemon does not provide"
-                    );
-                };
-                w = w.replace(&format!("{{{p}}}"), v);
-            }
+            let w = ringrift::template::expand(word, |p| all.get(p).cloned())
+                .map_err(|e| anyhow::anyhow!("the {kind} job template: {e}"))?;
             out.push(w);
         }
         Ok((out, *max))
