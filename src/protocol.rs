@@ -306,6 +306,10 @@ pub struct SupervisorInfo {
     /// Where the HTTP server listens, if it does.
     #[serde(default)]
     pub http: Option<String>,
+    /// Why HTTP monitoring is off although the configuration enables it (the address could not
+    /// be bound: `cannot listen on 127.0.0.1:8770: Address in use (os error 98)`); null otherwise.
+    #[serde(default)]
+    pub http_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -283,6 +283,9 @@ pub(crate) fn print_status(report: &StatusReport) {
         s.root,
         s.config_path
     );
+    if let Some(why) = &s.http_error {
+        let _ = writeln!(out, "warning: HTTP monitoring is off: {why}");
+    }
     let rows: Vec<[String; 6]> = report
         .daemons
         .iter()

@@ -214,6 +214,8 @@ pub(crate) struct Core {
     events: crate::events::Router,
     /// Where the HTTP server listens (None: disabled or it could not bind).
     pub(crate) http_addr: Option<String>,
+    /// Why HTTP is off although enabled (see `SupervisorInfo::http_error`).
+    pub(crate) http_error: Option<String>,
     /// The control socket this supervisor bound (shared with the task that keeps run/ in place):
     /// cleared when the supervisor removes it on purpose, at shutdown.
     pub(crate) socket_id: crate::server::SocketId,
@@ -264,6 +266,7 @@ impl Core {
             start_times: std::collections::HashMap::new(),
             events,
             http_addr: None,
+            http_error: None,
             socket_id: Default::default(),
             last_flush: Instant::now(),
             flush_pending: false,
@@ -276,6 +279,7 @@ impl Core {
         while let Some(msg) = rx.recv().await {
             self.handle(msg);
             self.settle();
+            self.forget_removed();
             if self.exit_now {
                 break;
             }
@@ -800,6 +804,22 @@ impl Core {
 
     /// Moves everything forward that can move: queued stops whose dependents are gone, waiting
     /// starts whose dependencies are up, and answers waiters.
+    /// Drops the records of daemons a reload removed from the configuration once they are at
+    /// rest, so `status` never lists a daemon that `status NAME` calls unknown.
+    fn forget_removed(&mut self) {
+        let config = &self.config;
+        let log = &self.log;
+        self.daemons.retain(|name, d| {
+            let keep = config.daemons.contains_key(name) || !d.state.is_at_rest();
+            if !keep {
+                log.info(&format!(
+                    "{name}: removed from the configuration, forgotten"
+                ));
+            }
+            keep
+        });
+    }
+
     fn settle(&mut self) {
         let graph = self.config.graph();
         // Stops: dependents first.
@@ -1570,6 +1590,7 @@ impl Core {
                     .unwrap_or_else(|| self.config.source.clone()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 http: self.http_addr.clone(),
+                http_error: self.http_error.clone(),
             },
             daemons,
             jobs: self.job_statuses(),

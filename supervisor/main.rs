@@ -345,7 +345,9 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                     return EXIT_FAILED;
                 }
             };
-            call_and_report(&mut client, &request, timeout)
+            let code = call_and_report(&mut client, &request, timeout);
+            warn_if_http_is_off(&paths);
+            code
         }
         Command::Stop {
             names,
@@ -493,6 +495,21 @@ fn with_client(paths: &Paths, request: &ToSupervisor, timeout: u64) -> i32 {
     match cli::connect_or_explain(paths) {
         Ok(mut client) => call_and_report(&mut client, request, timeout),
         Err(code) => code,
+    }
+}
+
+/// `start`'s warning when the supervisor could not bind its HTTP address: monitoring that the
+/// configuration asks for is off, and only master_loop.log would say so otherwise.
+fn warn_if_http_is_off(paths: &Paths) {
+    let Ok(mut client) = cli::Client::connect(paths) else {
+        return;
+    };
+    if let Ok(FromSupervisor::Status(report)) = client.call(
+        &ToSupervisor::Status { name: None },
+        Duration::from_secs(10),
+    ) && let Some(why) = report.supervisor.http_error
+    {
+        eprintln!("warning: HTTP monitoring is off: {why} (set http.addr to another address)");
     }
 }
 
