@@ -314,8 +314,20 @@ pub fn locate_file(root: &Path) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Loads from an explicit path, or the root's file, or the embedded default; applies the process environment.
+/// Loads from an explicit path, or the root's file, or the embedded default; applies the process
+/// environment. Programs named by commands are not looked up (see [`load_checked`]).
 pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    load_checked(root, explicit).map(|(config, _)| config)
+}
+
+/// [`load`], and the programs commands name that cannot be run now (see [`parse_in`]), as
+/// problems of their own: `config check` refuses them, `start` and `reload` warn and go on (a
+/// program may be installed or mounted before its daemon spawns, and one daemon's missing
+/// program must not keep the others from starting; its spawn fails and `status` says why).
+pub fn load_checked(
+    root: &Path,
+    explicit: Option<&Path>,
+) -> Result<(Config, Vec<Problem>), ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let path = explicit
         .map(Path::to_path_buf)
@@ -339,18 +351,19 @@ pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError>
 /// Parses and validates a configuration text with the given environment. Programs named by
 /// commands are not looked up (see [`parse_in`]).
 pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-    parse_with(text, file, env, None)
+    parse_with(text, file, env, None).map(|(config, _)| config)
 }
 
 /// [`parse`], and checks that every program a command names exists and is executable: a path
 /// (relative ones from `root`, the daemons' working directory) or a name found on the `PATH` of
-/// `env`.
+/// `env`. Those problems come back beside the configuration when nothing else is wrong, and
+/// with the rest of the problems otherwise.
 pub fn parse_in(
     text: &str,
     file: &str,
     env: &[(String, String)],
     root: &Path,
-) -> Result<Config, ConfigError> {
+) -> Result<(Config, Vec<Problem>), ConfigError> {
     parse_with(text, file, env, Some(root))
 }
 
@@ -359,7 +372,7 @@ fn parse_with(
     file: &str,
     env: &[(String, String)],
     root: Option<&Path>,
-) -> Result<Config, ConfigError> {
+) -> Result<(Config, Vec<Problem>), ConfigError> {
     let mut v = Validator {
         file,
         text,
@@ -419,6 +432,7 @@ fn parse_with(
     }
     v.apply_env(&mut tree, env);
     let config = v.build(&tree);
+    let before = v.problems.len();
     if let Some(root) = root {
         let path_var = env
             .iter()
@@ -426,8 +440,8 @@ fn parse_with(
             .map(|(_, v)| v.as_str());
         v.check_programs(&config, root, path_var);
     }
-    if v.problems.is_empty() {
-        Ok(config)
+    if before == 0 {
+        Ok((config, std::mem::take(&mut v.problems)))
     } else {
         Err(ConfigError {
             problems: v.problems,

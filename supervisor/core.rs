@@ -1806,18 +1806,24 @@ impl Core {
     }
 
     fn reload(&mut self, reply: Option<Reply>) {
-        let new = match ringrift::config::load(&self.paths.root, self.config_path.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.log.error(&format!(
-                    "reload refused, keeping the running configuration: {e}"
-                ));
-                if let Some(r) = reply {
-                    let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+        let new =
+            match ringrift::config::load_checked(&self.paths.root, self.config_path.as_deref()) {
+                Ok((c, missing)) => {
+                    for p in missing {
+                        self.log.warn(&format!("reload: {p}"));
+                    }
+                    c
                 }
-                return;
-            }
-        };
+                Err(e) => {
+                    self.log.error(&format!(
+                        "reload refused, keeping the running configuration: {e}"
+                    ));
+                    if let Some(r) = reply {
+                        let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+                    }
+                    return;
+                }
+            };
         let mut results = Vec::new();
         let old_names: BTreeSet<String> = self.daemons.keys().cloned().collect();
         let new_names: BTreeSet<String> = new.daemons.keys().cloned().collect();

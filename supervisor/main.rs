@@ -253,8 +253,17 @@ fn run(cli: Cli, paths: Paths) -> i32 {
     match cli.command {
         Command::Config {
             action: ConfigAction::Check,
-        } => match load_config(&paths, config_path.as_deref()) {
-            Ok(c) => {
+        } => match config::load_checked(&paths.root, config_path.as_deref()) {
+            Err(e) => {
+                eprint!("error: {e}");
+                EXIT_USAGE
+            }
+            // Programs that cannot be run are only warned about by `start`; the check refuses them.
+            Ok((_, missing)) if !missing.is_empty() => {
+                eprint!("error: {}", config::ConfigError { problems: missing });
+                EXIT_USAGE
+            }
+            Ok((c, _)) => {
                 let enabled = c.enabled();
                 println!(
                     "{}: ok ({} daemons, {} enabled: {})",
@@ -265,7 +274,6 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 );
                 0
             }
-            Err(code) => code,
         },
         Command::Serve { foreground } => {
             let config = match load_config(&paths, config_path.as_deref()) {
@@ -288,10 +296,19 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             no_wait,
             timeout,
         } => {
-            // A bad configuration is refused before anything starts.
-            let config = match load_config(&paths, config_path.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
+            // A bad configuration is refused before anything starts; a program that cannot be
+            // run now is a warning (its daemon's spawn fails and `status` says why).
+            let config = match config::load_checked(&paths.root, config_path.as_deref()) {
+                Ok((c, missing)) => {
+                    for p in missing {
+                        eprintln!("warning: {p}");
+                    }
+                    c
+                }
+                Err(e) => {
+                    eprint!("error: {e}");
+                    return EXIT_USAGE;
+                }
             };
             let request = ToSupervisor::Start {
                 names,

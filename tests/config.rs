@@ -130,3 +130,40 @@ fn doubled_braces_in_a_job_template_are_literal_braces() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_program_that_cannot_be_run_is_refused_by_check_and_warned_about_by_start() {
+    let root = Root::with_config(
+        "http:\n  enabled: false\n\
+         daemons:\n  fine:\n    command: [\"sleep\", \"1000\"]\n\
+         \x20 ghost:\n    enabled: false\n    command: [\"./bin/ghost\"]\n",
+    );
+    let out = root.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let file = root.path().join("config/unified_loop.yaml");
+    let expected = format!(
+        "{}:8: daemons.ghost.command: program \"./bin/ghost\" cannot be run",
+        file.display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+
+    // Not executable is named as such.
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::write(root.path().join("bin/ghost"), "#!/bin/sh\n").unwrap();
+    let out = root.run(&["config", "check"]);
+    assert!(
+        stderr(&out).contains("program \"./bin/ghost\" is not executable"),
+        "{}",
+        stderr(&out)
+    );
+
+    // `start` warns and starts what it can.
+    let out = root.run(&["start", "fine"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr(&out).contains("warning: ") && stderr(&out).contains("daemons.ghost.command"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(root.state("fine"), "RUNNING");
+}
