@@ -464,9 +464,10 @@ fn external_program_is_supervised_as_a_plain_process() {
     assert_eq!(d["kind"], "external");
     let pid = d["pid"].as_u64().unwrap() as u32;
     root.ok(&["pause", "sleeper"]);
-    assert_eq!(proc_state(pid), Some('T'), "SIGSTOP");
+    // The signal is sent before `pause` answers; the kernel stops the process a moment later.
+    assert!(wait_until(T, || proc_state(pid) == Some('T')), "SIGSTOP");
     root.ok(&["resume", "sleeper"]);
-    assert_ne!(proc_state(pid), Some('T'), "SIGCONT");
+    assert!(wait_until(T, || proc_state(pid) != Some('T')), "SIGCONT");
     root.ok(&["stop", "sleeper"]);
     assert!(wait_until(T, || !alive(pid)));
 }
