@@ -1630,6 +1630,75 @@ mod tests {
     }
 
     #[test]
+    fn env_values_must_be_strings_and_overrides_stay_text() {
+        let e = err(
+            "daemons:\n  x:\n    command: [sh]\n    env:\n      VER: 1.10\n      OK: \"1.10\"\n",
+            &[],
+        );
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "daemons.x.env.VER");
+        assert_eq!(e.problems[0].line, Some(5));
+        let env = vec![(
+            "RINGRIFT_DAEMONS__X__ENV__V".to_string(),
+            "1.10".to_string(),
+        )];
+        let c = parse("daemons:\n  x:\n    command: [sh]\n", "t.yaml", &env).unwrap();
+        assert_eq!(c.daemons["x"].env["v"], "1.10");
+    }
+
+    #[test]
+    fn settings_are_checked_with_the_workers_types() {
+        let e = err(
+            "daemons:\n  training_trigger:\n    cooldown: 5m\n    min_samples: lots\n",
+            &[(
+                "RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_WIN_RATE_VS_RANDOM",
+                "75",
+            )],
+        );
+        let keys: Vec<(&str, &str)> = e
+            .problems
+            .iter()
+            .map(|p| (p.file.as_str(), p.key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (
+                    "environment RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_WIN_RATE_VS_RANDOM",
+                    "daemons.auto_promotion.min_win_rate_vs_random"
+                ),
+                ("test.yaml", "daemons.training_trigger.min_samples"),
+            ]
+        );
+        // An external program under a catalog name reads its settings itself.
+        ok("daemons:\n  training_trigger:\n    command: [sh]\n    min_samples: lots\n");
+    }
+
+    #[test]
+    fn config_keys_must_be_playable_by_the_built_in_jobs() {
+        let e = err("pipeline:\n  config_keys: [square8_2p]\n", &[]);
+        assert!(e.problems[0].message.contains("cannot be played"), "{e}");
+        // With jobs of one's own, any well-formed key.
+        let own = "pipeline:\n  config_keys: [square8_2p]\n  jobs:\n";
+        let jobs: String = JOB_KINDS
+            .iter()
+            .map(|k| format!("    {k}:\n      command: [\"my-{k}\", \"{{config_key}}\"]\n"))
+            .collect();
+        ok(&format!("{own}{jobs}"));
+    }
+
+    #[test]
+    fn programs_are_found_on_path_or_as_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(find_program("sh", dir.path(), std::env::var("PATH").ok().as_deref()).is_ok());
+        let e = find_program("no-such-rr", dir.path(), Some("/nonexistent")).unwrap_err();
+        assert!(e.contains("not found on PATH"), "{e}");
+        std::fs::write(dir.path().join("tool"), "").unwrap();
+        let e = find_program("./tool", dir.path(), None).unwrap_err();
+        assert!(e.contains("not executable"), "{e}");
+    }
+
+    #[test]
     fn resolve_accepts_any_case_and_suggests() {
         let c = ok("daemons:\n");
         assert_eq!(c.resolve("AUTO_SYNC").unwrap(), "auto_sync");
