@@ -451,22 +451,26 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let empty = serde_json::Map::new();
             let settings = config
                 .daemons
                 .get("job_reaper")
-                .map(|d| d.settings.clone())
-                .unwrap_or_default();
-            let num = |k: &str, default: f64| {
-                settings
-                    .get(k)
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(default)
+                .and_then(|d| d.settings.as_object())
+                .unwrap_or(&empty);
+            // The same typed settings the job_reaper daemon uses (checked when the config loaded).
+            let reaper = match ringrift::settings::ReaperSettings::from_map(settings) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: job_reaper: {e}");
+                    return EXIT_USAGE;
+                }
             };
             let mut cmd = std::process::Command::new(server::worker_binary());
             cmd.arg("reap").arg("--root").arg(&paths.root);
             cmd.arg("--stuck-after")
-                .arg(num("stuck_after", 600.0).to_string());
-            cmd.arg("--grace").arg(num("reap_grace", 5.0).to_string());
+                .arg(reaper.stuck_after.as_secs_f64().to_string());
+            cmd.arg("--grace")
+                .arg(reaper.reap_grace.as_secs_f64().to_string());
             if dry_run {
                 cmd.arg("--dry-run");
             }
