@@ -594,13 +594,19 @@ impl Validator<'_> {
                 });
                 continue;
             }
-            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
-            // A child's environment value is text: never reinterpret it as a YAML scalar.
-            let value = if refs.len() == 4 && refs[0] == "daemons" && refs[2] == "env" {
+            let mut path = path;
+            // A child's environment is case-sensitive text: the variable keeps its case and its
+            // value is never reinterpreted as a YAML scalar.
+            let child_env = path.len() == 4 && path[0] == "daemons" && path[2] == "env";
+            let value = if child_env {
+                if let Some(name) = rest.split("__").nth(3) {
+                    path[3] = name.to_string();
+                }
                 Value::String(raw.clone())
             } else {
                 scalar(raw)
             };
+            let refs: Vec<&str> = path.iter().map(String::as_str).collect();
             self.set_path(tree, &refs, value, var);
         }
     }
@@ -1639,11 +1645,11 @@ mod tests {
         assert_eq!(e.problems[0].key, "daemons.x.env.VER");
         assert_eq!(e.problems[0].line, Some(5));
         let env = vec![(
-            "RINGRIFT_DAEMONS__X__ENV__V".to_string(),
+            "RINGRIFT_DAEMONS__X__ENV__Ver".to_string(),
             "1.10".to_string(),
         )];
         let c = parse("daemons:\n  x:\n    command: [sh]\n", "t.yaml", &env).unwrap();
-        assert_eq!(c.daemons["x"].env["v"], "1.10");
+        assert_eq!(c.daemons["x"].env["Ver"], "1.10", "case and text kept");
     }
 
     #[test]

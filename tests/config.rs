@@ -69,7 +69,7 @@ fn durations_with_units_reach_the_worker_as_written() {
 fn environment_values_reach_the_child_byte_for_byte() {
     let root = Root::with_config(
         "http:\n  enabled: false\n\
-         daemons:\n  envy:\n    command: [\"sh\", \"-c\", \"echo \\\"VER=[$VER] ON=[$ON] ovr=[$ovr]\\\"; exec sleep 100\"]\n\
+         daemons:\n  envy:\n    command: [\"sh\", \"-c\", \"echo \\\"VER=[$VER] ON=[$ON] OVR=[$OVR]\\\"; exec sleep 100\"]\n\
          \x20   env:\n      VER: \"1.10\"\n      ON: 'yes'\n",
     );
     let mut start = root.cmd(&["start", "envy"]);
@@ -86,8 +86,7 @@ fn environment_values_reach_the_child_byte_for_byte() {
         }),
         "no output from envy"
     );
-    // The override's key is lower-cased like every RINGRIFT_ key, so it arrives as `ovr`.
-    assert!(text.contains("VER=[1.10] ON=[yes] ovr=[007]"), "{text}");
+    assert!(text.contains("VER=[1.10] ON=[yes] OVR=[007]"), "{text}");
 }
 
 #[test]
