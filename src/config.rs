@@ -82,18 +82,10 @@ pub const PLACEHOLDERS: &[&str] = &[
     "seed",
 ];
 
-/// The `{name}`s in one word of a template.
+/// The `{name}`s in one word of a template (`{{` and `}}` are literal braces; see
+/// [`crate::template`]).
 pub fn placeholders(word: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = word;
-    while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else {
-            break;
-        };
-        out.push(rest[start + 1..start + len].to_string());
-        rest = &rest[start + len + 1..];
-    }
-    out
+    crate::template::placeholders(word)
 }
 
 impl Default for PipelineConfig {
@@ -341,8 +333,20 @@ pub fn locate_file(root: &Path) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// Loads from an explicit path, or the root's file, or the embedded default; applies the process environment.
+/// Loads from an explicit path, or the root's file, or the embedded default; applies the process
+/// environment. Programs named by commands are not looked up (see [`load_checked`]).
 pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    load_checked(root, explicit).map(|(config, _)| config)
+}
+
+/// [`load`], and the programs commands name that cannot be run now (see [`parse_in`]), as
+/// problems of their own: `config check` refuses them, `start` and `reload` warn and go on (a
+/// program may be installed or mounted before its daemon spawns, and one daemon's missing
+/// program must not keep the others from starting; its spawn fails and `status` says why).
+pub fn load_checked(
+    root: &Path,
+    explicit: Option<&Path>,
+) -> Result<(Config, Vec<Problem>), ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let path = explicit
         .map(Path::to_path_buf)
@@ -357,14 +361,37 @@ pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError>
                     message: format!("cannot read: {e}"),
                 }],
             })?;
-            parse(&text, &p.display().to_string(), &env)
+            parse_in(&text, &p.display().to_string(), &env, root)
         }
-        None => parse(DEFAULT_YAML, "<embedded default>", &env),
+        None => parse_in(DEFAULT_YAML, "<embedded default>", &env, root),
     }
 }
 
-/// Parses and validates a configuration text with the given environment.
+/// Parses and validates a configuration text with the given environment. Programs named by
+/// commands are not looked up (see [`parse_in`]).
 pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    parse_with(text, file, env, None).map(|(config, _)| config)
+}
+
+/// [`parse`], and checks that every program a command names exists and is executable: a path
+/// (relative ones from `root`, the daemons' working directory) or a name found on the `PATH` of
+/// `env`. Those problems come back beside the configuration when nothing else is wrong, and
+/// with the rest of the problems otherwise.
+pub fn parse_in(
+    text: &str,
+    file: &str,
+    env: &[(String, String)],
+    root: &Path,
+) -> Result<(Config, Vec<Problem>), ConfigError> {
+    parse_with(text, file, env, Some(root))
+}
+
+fn parse_with(
+    text: &str,
+    file: &str,
+    env: &[(String, String)],
+    root: Option<&Path>,
+) -> Result<(Config, Vec<Problem>), ConfigError> {
     let mut v = Validator {
         file,
         text,
@@ -424,8 +451,16 @@ pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config,
     }
     v.apply_env(&mut tree, env);
     let config = v.build(&tree);
-    if v.problems.is_empty() {
-        Ok(config)
+    let before = v.problems.len();
+    if let Some(root) = root {
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str());
+        v.check_programs(&config, root, path_var);
+    }
+    if before == 0 {
+        Ok((config, std::mem::take(&mut v.problems)))
     } else {
         Err(ConfigError {
             problems: v.problems,
@@ -591,8 +626,20 @@ impl Validator<'_> {
                 });
                 continue;
             }
+            let mut path = path;
+            // A child's environment is case-sensitive text: the variable keeps its case and its
+            // value is never reinterpreted as a YAML scalar.
+            let child_env = path.len() == 4 && path[0] == "daemons" && path[2] == "env";
+            let value = if child_env {
+                if let Some(name) = rest.split("__").nth(3) {
+                    path[3] = name.to_string();
+                }
+                Value::String(raw.clone())
+            } else {
+                scalar(raw)
+            };
             let refs: Vec<&str> = path.iter().map(String::as_str).collect();
-            self.set_path(tree, &refs, scalar(raw), var);
+            self.set_path(tree, &refs, value, var);
         }
     }
 
@@ -754,6 +801,7 @@ impl Validator<'_> {
         };
         let profiles = self.profiles(top.get("profiles"), &daemons);
         let pipeline = self.pipeline(top.get("pipeline"));
+        self.check_playable(&pipeline);
         // Every daemon sees the pipeline section in its settings: the keys it works on and the job templates.
         let pipeline_json = pipeline.to_json();
         for d in daemons.values_mut() {
@@ -769,6 +817,77 @@ impl Validator<'_> {
             profiles,
             pipeline,
             containment,
+        }
+    }
+
+    /// Every program a command names must exist and be executable (see [`find_program`]): the
+    /// daemons' `command`, `shutdown_command`, and job templates whose program is not a placeholder.
+    fn check_programs(&mut self, config: &Config, root: &Path, path_var: Option<&str>) {
+        for d in config.daemons.values() {
+            if let Some(program) = d.command.as_ref().and_then(|c| c.first())
+                && let Err(e) = find_program(program, root, path_var)
+            {
+                self.problem(&["daemons", &d.name, "command"], e);
+            }
+            if !d.is_external()
+                && let Some(program) = d
+                    .settings
+                    .get("shutdown_command")
+                    .and_then(|c| c.get(0))
+                    .and_then(Value::as_str)
+                && let Err(e) = find_program(program, root, path_var)
+            {
+                self.problem(&["daemons", &d.name, "shutdown_command"], e);
+            }
+        }
+        for (kind, t) in &config.pipeline.jobs {
+            if let Some(program) = t.command.first()
+                && crate::template::parse(program).is_ok_and(|parts| {
+                    parts
+                        .iter()
+                        .all(|p| matches!(p, crate::template::Part::Literal(_)))
+                })
+                && let Err(e) = find_program(
+                    &crate::template::expand(program, |_| None).unwrap_or_default(),
+                    root,
+                    path_var,
+                )
+            {
+                self.problem(&["pipeline", "jobs", kind, "command"], e);
+            }
+        }
+    }
+
+    /// Config keys the built-in jobs cannot play are refused while any built-in job is configured
+    /// (a pipeline whose jobs are all the user's own may name any well-formed key).
+    fn check_playable(&mut self, pipeline: &PipelineConfig) {
+        let builtin: Vec<&str> = pipeline
+            .jobs
+            .iter()
+            .filter(|(kind, t)| {
+                t.command.len() >= 3
+                    && t.command[0] == "{worker}"
+                    && t.command[1] == "job"
+                    && &t.command[2] == *kind
+            })
+            .map(|(kind, _)| kind.as_str())
+            .collect();
+        if builtin.is_empty() {
+            return;
+        }
+        for key in &pipeline.config_keys {
+            if !crate::game::CONFIG_KEYS.contains(&key.as_str()) {
+                self.problem(
+                    &["pipeline", "config_keys"],
+                    format!(
+                        "'{key}' cannot be played by the built-in {} job{} (they play {}); \
+                         configure jobs of your own for it under pipeline.jobs",
+                        builtin.join(", "),
+                        if builtin.len() == 1 { "" } else { "s" },
+                        crate::game::CONFIG_KEYS.join(", ")
+                    ),
+                );
+            }
         }
     }
 
@@ -827,6 +946,9 @@ impl Validator<'_> {
                     );
                 }
                 for word in &cmd {
+                    if let Err(e) = crate::template::parse(word) {
+                        self.problem(&["pipeline", "jobs", kind, "command"], e);
+                    }
                     for p in placeholders(word) {
                         if !PLACEHOLDERS.contains(&p.as_str()) {
                             let hint = crate::catalog::suggestion(&p, PLACEHOLDERS.iter().copied());
@@ -931,18 +1053,27 @@ impl Validator<'_> {
             None => BTreeMap::new(),
             Some(v) => match self.mapping(Some(v), &["daemons", name, "env"]) {
                 None => BTreeMap::new(),
-                Some(m) => m
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            match v {
-                                Value::String(s) => s.clone(),
-                                other => other.to_string(),
-                            },
-                        )
-                    })
-                    .collect(),
+                Some(m) => {
+                    let mut env = BTreeMap::new();
+                    for (k, v) in m {
+                        match v {
+                            Value::String(s) => {
+                                env.insert(k.clone(), s.clone());
+                            }
+                            // YAML reads `1.10` as the number 1.1, `on` or `yes` may become
+                            // booleans, `~` nothing: the text written is gone by the time the tree
+                            // is built, so only a quoted string can reach the child byte for byte.
+                            other => self.problem(
+                                &["daemons", name, "env", k],
+                                format!(
+                                    "environment values must be strings: YAML reads this as {},                                      which may not be the text written; quote it (\"...\")",
+                                    kind(other)
+                                ),
+                            ),
+                        }
+                    }
+                    env
+                }
             },
         };
         if let Some(s) = entry.get("settings") {
@@ -1053,6 +1184,13 @@ impl Validator<'_> {
         let mut settings = defaults.clone();
         for (k, v) in entry {
             settings.insert(k.clone(), v.clone());
+        }
+        if spec.is_some() && !has_command {
+            let mut r = crate::settings::Reader::new(&settings);
+            crate::settings::check(name, &mut r);
+            for (key, message) in r.problems {
+                self.problem(&["daemons", name, &key], message);
+            }
         }
         settings.insert("name".into(), Value::from(name));
         settings.insert("interval".into(), Value::from(interval.as_secs_f64()));
@@ -1323,7 +1461,7 @@ impl Validator<'_> {
         }
     }
 
-    /// Seconds as a number, or a string with a unit: "500ms", "10s", "5m", "1h".
+    /// A duration (see [`crate::settings::parse_duration`]) between the bounds, in seconds.
     fn duration(
         &mut self,
         v: Option<&Value>,
@@ -1331,52 +1469,24 @@ impl Validator<'_> {
         min_secs: f64,
         max_secs: f64,
     ) -> Option<Duration> {
-        let v = v?;
-        let secs = match v {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => parse_duration_secs(s),
-            _ => None,
-        };
-        match secs {
-            Some(s) if s.is_finite() && s >= min_secs && s <= max_secs => {
-                Some(Duration::from_secs_f64(s))
-            }
-            Some(s) => {
-                self.problem(
-                    at,
-                    format!("{s} seconds is out of range ({min_secs}..={max_secs} seconds)"),
-                );
-                None
-            }
-            None => {
+        match crate::settings::parse_duration(v?) {
+            Ok(d) if d.as_secs_f64() >= min_secs && d.as_secs_f64() <= max_secs => Some(d),
+            Ok(d) => {
                 self.problem(
                     at,
                     format!(
-                        "must be a duration in seconds (or \"500ms\", \"10s\", \"5m\"), found {}",
-                        show(v)
+                        "{} seconds is out of range ({min_secs}..={max_secs} seconds)",
+                        d.as_secs_f64()
                     ),
                 );
                 None
             }
+            Err(e) => {
+                self.problem(at, e);
+                None
+            }
         }
     }
-}
-
-/// Parses "1.5", "500ms", "10s", "5m", "2h" into seconds.
-pub fn parse_duration_secs(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    num.trim().parse::<f64>().ok().map(|n| n * scale)
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -1388,6 +1498,44 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
+}
+
+/// Where `program` is: a path (with a `/`; relative ones from `root`) that must be an executable
+/// file, or a name searched on `path_var` (the `PATH` the supervisor will spawn with). The error
+/// says which and why.
+pub fn find_program(program: &str, root: &Path, path_var: Option<&str>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.is_empty() {
+        return Err("the program name is empty".into());
+    }
+    if program.contains('/') {
+        let p = root.join(program);
+        return match std::fs::metadata(&p) {
+            Err(e) => Err(format!("program {program:?} cannot be run: {e}")),
+            Ok(m) if !m.is_file() => Err(format!("program {program:?} is not a file")),
+            Ok(_) if !executable(&p) => Err(format!("program {program:?} is not executable")),
+            Ok(_) => Ok(p),
+        };
+    }
+    let path_var = path_var.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| {
+            format!(
+                "program {program:?} is not found on PATH (or not executable); give its full path"
+            )
+        })
+}
+
+/// How a value is named in a message: a string quoted, anything else by its kind.
+pub fn show_value(v: &Value) -> String {
+    show(v)
 }
 
 fn show(v: &Value) -> String {
@@ -1716,15 +1864,17 @@ mod tests {
 
     #[test]
     fn durations_accept_units() {
-        assert_eq!(parse_duration_secs("500ms"), Some(0.5));
-        assert_eq!(parse_duration_secs("2m"), Some(120.0));
-        assert_eq!(parse_duration_secs("1.5"), Some(1.5));
-        assert_eq!(parse_duration_secs("soon"), None);
-        let c = ok("defaults:\n  grace_period: 250ms\n");
+        let c = ok("defaults:\n  grace_period: 250ms\n  backoff_max: 1m30s\n");
         assert_eq!(
             c.daemons["auto_sync"].grace_period,
             Duration::from_millis(250)
         );
+        assert_eq!(
+            c.daemons["auto_sync"].restart.backoff_max,
+            Duration::from_secs(90)
+        );
+        let e = err("defaults:\n  grace_period: soon\n", &[]);
+        assert_eq!(e.problems[0].key, "defaults.grace_period");
     }
 
     #[test]
@@ -1745,6 +1895,75 @@ mod tests {
     fn profile_with_unknown_member_is_refused() {
         let e = err("profiles:\n  mine: [auto_sync, nope_daemon]\n", &[]);
         assert_eq!(e.problems[0].key, "profiles.mine");
+    }
+
+    #[test]
+    fn env_values_must_be_strings_and_overrides_stay_text() {
+        let e = err(
+            "daemons:\n  x:\n    command: [sh]\n    env:\n      VER: 1.10\n      OK: \"1.10\"\n",
+            &[],
+        );
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "daemons.x.env.VER");
+        assert_eq!(e.problems[0].line, Some(5));
+        let env = vec![(
+            "RINGRIFT_DAEMONS__X__ENV__Ver".to_string(),
+            "1.10".to_string(),
+        )];
+        let c = parse("daemons:\n  x:\n    command: [sh]\n", "t.yaml", &env).unwrap();
+        assert_eq!(c.daemons["x"].env["Ver"], "1.10", "case and text kept");
+    }
+
+    #[test]
+    fn settings_are_checked_with_the_workers_types() {
+        let e = err(
+            "daemons:\n  training_trigger:\n    cooldown: 5m\n    min_samples: lots\n",
+            &[(
+                "RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_WIN_RATE_VS_RANDOM",
+                "75",
+            )],
+        );
+        let keys: Vec<(&str, &str)> = e
+            .problems
+            .iter()
+            .map(|p| (p.file.as_str(), p.key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (
+                    "environment RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_WIN_RATE_VS_RANDOM",
+                    "daemons.auto_promotion.min_win_rate_vs_random"
+                ),
+                ("test.yaml", "daemons.training_trigger.min_samples"),
+            ]
+        );
+        // An external program under a catalog name reads its settings itself.
+        ok("daemons:\n  training_trigger:\n    command: [sh]\n    min_samples: lots\n");
+    }
+
+    #[test]
+    fn config_keys_must_be_playable_by_the_built_in_jobs() {
+        let e = err("pipeline:\n  config_keys: [square8_2p]\n", &[]);
+        assert!(e.problems[0].message.contains("cannot be played"), "{e}");
+        // With jobs of one's own, any well-formed key.
+        let own = "pipeline:\n  config_keys: [square8_2p]\n  jobs:\n";
+        let jobs: String = JOB_KINDS
+            .iter()
+            .map(|k| format!("    {k}:\n      command: [\"my-{k}\", \"{{config_key}}\"]\n"))
+            .collect();
+        ok(&format!("{own}{jobs}"));
+    }
+
+    #[test]
+    fn programs_are_found_on_path_or_as_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(find_program("sh", dir.path(), std::env::var("PATH").ok().as_deref()).is_ok());
+        let e = find_program("no-such-rr", dir.path(), Some("/nonexistent")).unwrap_err();
+        assert!(e.contains("not found on PATH"), "{e}");
+        std::fs::write(dir.path().join("tool"), "").unwrap();
+        let e = find_program("./tool", dir.path(), None).unwrap_err();
+        assert!(e.contains("not executable"), "{e}");
     }
 
     #[test]

@@ -18,5 +18,7 @@ pub mod readiness;
 pub mod reaper;
 pub mod reload;
 pub mod restart;
+pub mod settings;
+pub mod template;
 pub mod timefmt;
 pub mod watchdog;

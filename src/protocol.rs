@@ -323,6 +323,10 @@ pub struct SupervisorInfo {
     /// The cgroup subtree the supervisor owns (cgroup containment), or why there is none.
     #[serde(default)]
     pub containment_detail: Option<String>,
+    /// Why HTTP monitoring is off although the configuration enables it (the address could not
+    /// be bound: `cannot listen on 127.0.0.1:8770: Address in use (os error 98)`); null otherwise.
+    #[serde(default)]
+    pub http_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

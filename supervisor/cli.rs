@@ -299,6 +299,9 @@ pub(crate) fn print_status(report: &StatusReport) {
         }
         (None, _) => {}
     }
+    if let Some(why) = &s.http_error {
+        let _ = writeln!(out, "warning: HTTP monitoring is off: {why}");
+    }
     let rows: Vec<[String; 7]> = report
         .daemons
         .iter()

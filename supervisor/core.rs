@@ -256,6 +256,8 @@ pub(crate) struct Core {
     containment: Containment,
     /// Where the HTTP server listens (None: disabled or it could not bind).
     pub(crate) http_addr: Option<String>,
+    /// Why HTTP is off although enabled (see `SupervisorInfo::http_error`).
+    pub(crate) http_error: Option<String>,
     /// The control socket this supervisor bound (shared with the task that keeps run/ in place):
     /// cleared when the supervisor removes it on purpose, at shutdown.
     pub(crate) socket_id: crate::server::SocketId,
@@ -311,6 +313,7 @@ impl Core {
             events,
             containment,
             http_addr: None,
+            http_error: None,
             socket_id: Default::default(),
             last_flush: Instant::now(),
             flush_pending: false,
@@ -343,6 +346,7 @@ impl Core {
         while let Some(msg) = rx.recv().await {
             self.handle(msg);
             self.settle();
+            self.forget_removed();
             if self.exit_now {
                 break;
             }
@@ -1035,6 +1039,22 @@ impl Core {
 
     /// Moves everything forward that can move: queued stops whose dependents are gone, waiting
     /// starts whose dependencies are up, and answers waiters.
+    /// Drops the records of daemons a reload removed from the configuration once they are at
+    /// rest, so `status` never lists a daemon that `status NAME` calls unknown.
+    fn forget_removed(&mut self) {
+        let config = &self.config;
+        let log = &self.log;
+        self.daemons.retain(|name, d| {
+            let keep = config.daemons.contains_key(name) || !d.state.is_at_rest();
+            if !keep {
+                log.info(&format!(
+                    "{name}: removed from the configuration, forgotten"
+                ));
+            }
+            keep
+        });
+    }
+
     fn settle(&mut self) {
         let graph = self.config.graph();
         // Stops: dependents first.
@@ -2043,6 +2063,7 @@ impl Core {
                     Some(dir) => Some(dir.display().to_string()),
                     None => self.containment.why_not.clone(),
                 },
+                http_error: self.http_error.clone(),
             },
             daemons,
             jobs: self.job_statuses(),
@@ -2265,18 +2286,24 @@ impl Core {
     }
 
     fn reload(&mut self, reply: Option<Reply>) {
-        let new = match ringrift::config::load(&self.paths.root, self.config_path.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.log.error(&format!(
-                    "reload refused, keeping the running configuration: {e}"
-                ));
-                if let Some(r) = reply {
-                    let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+        let new =
+            match ringrift::config::load_checked(&self.paths.root, self.config_path.as_deref()) {
+                Ok((c, missing)) => {
+                    for p in missing {
+                        self.log.warn(&format!("reload: {p}"));
+                    }
+                    c
                 }
-                return;
-            }
-        };
+                Err(e) => {
+                    self.log.error(&format!(
+                        "reload refused, keeping the running configuration: {e}"
+                    ));
+                    if let Some(r) = reply {
+                        let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+                    }
+                    return;
+                }
+            };
         let mut results = Vec::new();
         let old_names: BTreeSet<String> = self.daemons.keys().cloned().collect();
         let new_names: BTreeSet<String> = new.daemons.keys().cloned().collect();

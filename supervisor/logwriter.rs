@@ -4,7 +4,15 @@
 //! ```text
 //! 2026-11-28T08:30:00.123Z [out] the line text
 //! 2026-11-28T08:30:00.124Z [err] Traceback (most recent call last):
+//! 2026-11-28T08:30:00.125Z [out] the first 65536 bytes of a longer line
+//! 2026-11-28T08:30:00.125Z [out+] the next bytes of that same line
 //! ```
+//!
+//! A line longer than [`CHUNK`] (64 KiB) is written as one record of its first 64 KiB and
+//! continuation records tagged `[out+]` / `[err+]`, each with the next bytes (at most 64 KiB); the
+//! line is the concatenation of a record's text and every `+` record that follows it for the same
+//! stream, with nothing in between. So memory stays bounded and a reader can still restore the
+//! line byte for byte (`logs NAME` shows the records as they are).
 //!
 //! A [`pump`] per pipe reads whatever the child wrote, turns every complete line into a log line
 //! and hands all the lines of one read to [`RotatingFile::write_all`] in a single call. There is
@@ -17,8 +25,12 @@
 //! than handing every batch to a blocking thread.
 //!
 //! Rotation (`x.log` → `x.log.1` → … → `x.log.{max_files-1}`, the oldest dropped) happens only
-//! between two `write_all` calls, and callers only ever pass whole lines, so a line is never
-//! split across two files.
+//! between two `write_all` calls, and callers only ever pass whole records, so a record is never
+//! split across two files (the records of one long line may be, in order).
+//!
+//! A log file or the `logs/` directory removed while the supervisor runs (by hand, by a cleanup
+//! script) is noticed before the next write (a `stat` of the path, cheaper than the write itself)
+//! and created again, so lines never go into an unlinked file nobody can read.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -28,8 +40,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ringrift::timefmt::TimestampCache;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Bytes asked for per read, and the longest line written as one log line; a longer line is
-/// written as several log lines so that memory stays bounded.
+/// Bytes asked for per read, and the longest record: a longer line is written as a record and
+/// continuation records (see the module doc) so that memory stays bounded.
 const CHUNK: usize = 64 * 1024;
 
 /// The read buffer a pump starts with.
@@ -82,6 +94,7 @@ impl RotatingFile {
         if buf.is_empty() {
             return Ok(());
         }
+        self.reopen_if_removed()?;
         if self.size > 0 && self.size.saturating_add(buf.len() as u64) > self.max_bytes {
             self.rotate()?;
         }
@@ -98,6 +111,24 @@ impl RotatingFile {
                 Err(e)
             }
         }
+    }
+
+    /// Opens the path again (creating its directory) when the file this handle writes is no
+    /// longer there: removed or renamed away while the supervisor runs.
+    fn reopen_if_removed(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let same = match (fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(on_disk), Ok(open)) => on_disk.dev() == open.dev() && on_disk.ino() == open.ino(),
+            _ => false,
+        };
+        if !same {
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(parent)?;
+            }
+            self.file = open_append(&self.path)?;
+            self.size = self.file.metadata()?.len();
+        }
+        Ok(())
     }
 
     /// Starts a fresh, empty `x.log`, keeping the older ones as `x.log.1` … if allowed.
@@ -193,19 +224,20 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(mut reader: R, tag: Stream, log: 
             }
         };
         let mut lines = LineFormatter::new(&mut clock, tag, &mut batch);
-        splitter.feed(&input[..n], |line| lines.push(line));
+        splitter.feed(&input[..n], |line, continued| lines.push(line, continued));
         write_batch(&log, &batch, &mut failing);
     }
     let mut lines = LineFormatter::new(&mut clock, tag, &mut batch);
-    splitter.finish(|line| lines.push(line));
+    splitter.finish(|line, continued| lines.push(line, continued));
     write_batch(&log, &batch, &mut failing);
 }
 
-/// Appends `<timestamp> [<tag>] <line>\n` records to a batch.
+/// Appends `<timestamp> [<tag>] <line>\n` records to a batch (`[<tag>+]` for a continuation).
 ///
 /// All lines of one read arrived together, so they share the timestamp taken when the
 /// formatter was made.
 struct LineFormatter<'a> {
+    /// `<timestamp> [<tag>`
     prefix: Vec<u8>,
     batch: &'a mut Vec<u8>,
 }
@@ -218,12 +250,13 @@ impl<'a> LineFormatter<'a> {
         clock.write_now(&mut prefix);
         prefix.extend_from_slice(b" [");
         prefix.extend_from_slice(tag.tag().as_bytes());
-        prefix.extend_from_slice(b"] ");
         Self { prefix, batch }
     }
 
-    fn push(&mut self, line: &[u8]) {
+    fn push(&mut self, line: &[u8], continued: bool) {
         self.batch.extend_from_slice(&self.prefix);
+        self.batch
+            .extend_from_slice(if continued { b"+] " } else { b"] " });
         self.batch.extend_from_slice(line);
         self.batch.push(b'\n');
     }
@@ -256,25 +289,29 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Cuts a byte stream into lines: `\n` ends a line, a `\r` right before it is dropped, and a
-/// line longer than [`CHUNK`] comes out in pieces of [`CHUNK`] bytes.
+/// line longer than [`CHUNK`] comes out in pieces of [`CHUNK`] bytes, every piece after the
+/// first flagged as a continuation (`emit(piece, continued)`).
 #[derive(Debug, Default)]
 struct LineSplitter {
     /// The start of a line whose end has not been read yet.
     partial: Vec<u8>,
+    /// A first piece of the current line has gone out already.
+    continuing: bool,
 }
 
 impl LineSplitter {
     /// Emits every line completed by `data` and keeps the rest.
-    fn feed(&mut self, data: &[u8], mut emit: impl FnMut(&[u8])) {
+    fn feed(&mut self, data: &[u8], mut emit: impl FnMut(&[u8], bool)) {
         let mut rest = data;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             if self.partial.is_empty() {
-                emit_pieces(strip_cr(&rest[..end]), &mut emit);
+                emit_pieces(strip_cr(&rest[..end]), self.continuing, &mut emit);
             } else {
                 self.partial.extend_from_slice(&rest[..end]);
-                emit_pieces(strip_cr(&self.partial), &mut emit);
+                emit_pieces(strip_cr(&self.partial), self.continuing, &mut emit);
                 self.partial.clear();
             }
+            self.continuing = false;
             rest = &rest[end + 1..];
         }
         self.partial.extend_from_slice(rest);
@@ -282,34 +319,37 @@ impl LineSplitter {
     }
 
     /// Emits what is left of an unterminated last line.
-    fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+    fn finish(&mut self, mut emit: impl FnMut(&[u8], bool)) {
         if !self.partial.is_empty() {
-            emit_pieces(strip_cr(&self.partial), &mut emit);
+            emit_pieces(strip_cr(&self.partial), self.continuing, &mut emit);
             self.partial.clear();
         }
+        self.continuing = false;
     }
 
     /// Bounds memory: while the unfinished line is longer than [`CHUNK`], its first
     /// [`CHUNK`] bytes go out as a line of their own. A trailing `\r` does not count, as it
     /// may be half of a `\r\n`; at least one byte of the line stays behind, so the newline
     /// that ends it never yields an empty line.
-    fn emit_overflow(&mut self, emit: &mut impl FnMut(&[u8])) {
+    fn emit_overflow(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
         let mut start = 0;
         while strip_cr(&self.partial[start..]).len() > CHUNK {
-            emit(&self.partial[start..start + CHUNK]);
+            emit(&self.partial[start..start + CHUNK], self.continuing);
+            self.continuing = true;
             start += CHUNK;
         }
         self.partial.drain(..start);
     }
 }
 
-/// Emits `line` in pieces of at most [`CHUNK`] bytes; an empty line is emitted as one.
-fn emit_pieces(line: &[u8], emit: &mut impl FnMut(&[u8])) {
-    if line.is_empty() {
-        emit(line);
+/// Emits `line` in pieces of at most [`CHUNK`] bytes, all but the first (unless `continued`: the
+/// line began in an earlier piece) flagged as continuations; an empty line is emitted as one.
+fn emit_pieces(line: &[u8], continued: bool, emit: &mut impl FnMut(&[u8], bool)) {
+    if line.is_empty() && !continued {
+        emit(line, false);
     }
-    for piece in line.chunks(CHUNK) {
-        emit(piece);
+    for (i, piece) in line.chunks(CHUNK).enumerate() {
+        emit(piece, continued || i > 0);
     }
 }
 
@@ -448,14 +488,19 @@ mod tests {
         ))
     }
 
-    fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+    /// The pieces, with continuations flagged: `(bytes, continued)`.
+    fn split_flagged(chunks: &[&[u8]]) -> Vec<(Vec<u8>, bool)> {
         let mut splitter = LineSplitter::default();
         let mut lines = Vec::new();
         for chunk in chunks {
-            splitter.feed(chunk, |l| lines.push(l.to_vec()));
+            splitter.feed(chunk, |l, c| lines.push((l.to_vec(), c)));
         }
-        splitter.finish(|l| lines.push(l.to_vec()));
+        splitter.finish(|l, c| lines.push((l.to_vec(), c)));
         lines
+    }
+
+    fn split(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        split_flagged(chunks).into_iter().map(|(l, _)| l).collect()
     }
 
     /// The files of a log, oldest first.
@@ -615,9 +660,13 @@ mod tests {
     fn splitter_cuts_long_lines_into_chunks() {
         let long = vec![b'y'; 2 * CHUNK + 5];
         let reads: Vec<&[u8]> = long.chunks(1000).chain([&b"\nz\n"[..]]).collect();
-        let lines = split(&reads);
-        let lens: Vec<_> = lines.iter().map(Vec::len).collect();
-        assert_eq!(lens, [CHUNK, CHUNK, 5, 1]);
+        let lines = split_flagged(&reads);
+        let lens: Vec<_> = lines.iter().map(|(l, c)| (l.len(), *c)).collect();
+        assert_eq!(lens, [(CHUNK, false), (CHUNK, true), (5, true), (1, false)]);
+        // The same when the whole line arrives in one read.
+        let mut whole = long.clone();
+        whole.extend_from_slice(b"\nz\n");
+        assert_eq!(split_flagged(&[&whole]), lines);
     }
 
     #[test]
@@ -666,12 +715,11 @@ mod tests {
         data.extend_from_slice(b"\nafter\n");
         pump(Chunks::sized(&data, 4096), Stream::Out, log).await;
         let lines = read_lines(&path);
-        let bodies: Vec<_> = lines.iter().map(|l| body(l, "out")).collect();
-        assert_eq!(bodies.len(), 4);
-        assert_eq!(bodies[0], "short");
-        assert_eq!(bodies[1], "L".repeat(CHUNK));
-        assert_eq!(bodies[2], "L".repeat(10));
-        assert_eq!(bodies[3], "after");
+        assert_eq!(lines.len(), 4);
+        assert_eq!(body(&lines[0], "out"), "short");
+        assert_eq!(body(&lines[1], "out"), "L".repeat(CHUNK));
+        assert_eq!(&lines[2][24..], format!(" [out+] {}", "L".repeat(10)));
+        assert_eq!(body(&lines[3], "out"), "after");
     }
 
     #[tokio::test]
@@ -730,6 +778,24 @@ mod tests {
         // Returning at all (rather than stopping at the first error) is the point.
         pump(Chunks::sized(&data, 4096), Stream::Out, log).await;
         assert_eq!(fs::read(&path).unwrap(), b"0123456789\n");
+    }
+
+    #[tokio::test]
+    async fn a_removed_log_and_its_directory_are_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        let path = logs.join("d.log");
+        let log = shared(&path, 1 << 20, 3);
+        pump(Chunks::new([b"before\n"]), Stream::Out, log.clone()).await;
+        fs::remove_dir_all(&logs).unwrap();
+        pump(Chunks::new([b"after\n"]), Stream::Out, log.clone()).await;
+        let lines = read_lines(&path);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(body(&lines[0], "out"), "after");
+        // A file removed (not its directory) too.
+        fs::remove_file(&path).unwrap();
+        pump(Chunks::new([b"again\n"]), Stream::Err, log).await;
+        assert_eq!(body(&read_lines(&path)[0], "err"), "again");
     }
 
     #[test]

@@ -272,8 +272,17 @@ fn run(cli: Cli, paths: Paths) -> i32 {
     match cli.command {
         Command::Config {
             action: ConfigAction::Check,
-        } => match load_config(&paths, config_path.as_deref()) {
-            Ok(c) => {
+        } => match config::load_checked(&paths.root, config_path.as_deref()) {
+            Err(e) => {
+                eprint!("error: {e}");
+                EXIT_USAGE
+            }
+            // Programs that cannot be run are only warned about by `start`; the check refuses them.
+            Ok((_, missing)) if !missing.is_empty() => {
+                eprint!("error: {}", config::ConfigError { problems: missing });
+                EXIT_USAGE
+            }
+            Ok((c, _)) => {
                 let enabled = c.enabled();
                 println!(
                     "{}: ok ({} daemons, {} enabled: {})",
@@ -284,7 +293,6 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 );
                 0
             }
-            Err(code) => code,
         },
         Command::Serve { foreground } => {
             let config = match load_config(&paths, config_path.as_deref()) {
@@ -307,10 +315,19 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             no_wait,
             timeout,
         } => {
-            // A bad configuration is refused before anything starts.
-            let config = match load_config(&paths, config_path.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
+            // A bad configuration is refused before anything starts; a program that cannot be
+            // run now is a warning (its daemon's spawn fails and `status` says why).
+            let config = match config::load_checked(&paths.root, config_path.as_deref()) {
+                Ok((c, missing)) => {
+                    for p in missing {
+                        eprintln!("warning: {p}");
+                    }
+                    c
+                }
+                Err(e) => {
+                    eprint!("error: {e}");
+                    return EXIT_USAGE;
+                }
             };
             let request = ToSupervisor::Start {
                 names,
@@ -364,7 +381,9 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                     return EXIT_FAILED;
                 }
             };
-            call_and_report(&mut client, &request, timeout)
+            let code = call_and_report(&mut client, &request, timeout);
+            warn_if_http_is_off(&paths);
+            code
         }
         Command::Stop {
             names,
@@ -457,22 +476,26 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let empty = serde_json::Map::new();
             let settings = config
                 .daemons
                 .get("job_reaper")
-                .map(|d| d.settings.clone())
-                .unwrap_or_default();
-            let num = |k: &str, default: f64| {
-                settings
-                    .get(k)
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(default)
+                .and_then(|d| d.settings.as_object())
+                .unwrap_or(&empty);
+            // The same typed settings the job_reaper daemon uses (checked when the config loaded).
+            let reaper = match ringrift::settings::ReaperSettings::from_map(settings) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: job_reaper: {e}");
+                    return EXIT_USAGE;
+                }
             };
             let mut cmd = std::process::Command::new(server::worker_binary());
             cmd.arg("reap").arg("--root").arg(&paths.root);
             cmd.arg("--stuck-after")
-                .arg(num("stuck_after", 600.0).to_string());
-            cmd.arg("--grace").arg(num("reap_grace", 5.0).to_string());
+                .arg(reaper.stuck_after.as_secs_f64().to_string());
+            cmd.arg("--grace")
+                .arg(reaper.reap_grace.as_secs_f64().to_string());
             if dry_run {
                 cmd.arg("--dry-run");
             }
@@ -518,6 +541,21 @@ fn with_client(paths: &Paths, request: &ToSupervisor, timeout: u64) -> i32 {
     match cli::connect_or_explain(paths) {
         Ok(mut client) => call_and_report(&mut client, request, timeout),
         Err(code) => code,
+    }
+}
+
+/// `start`'s warning when the supervisor could not bind its HTTP address: monitoring that the
+/// configuration asks for is off, and only master_loop.log would say so otherwise.
+fn warn_if_http_is_off(paths: &Paths) {
+    let Ok(mut client) = cli::Client::connect(paths) else {
+        return;
+    };
+    if let Ok(FromSupervisor::Status(report)) = client.call(
+        &ToSupervisor::Status { name: None },
+        Duration::from_secs(10),
+    ) && let Some(why) = report.supervisor.http_error
+    {
+        eprintln!("warning: HTTP monitoring is off: {why} (set http.addr to another address)");
     }
 }
 

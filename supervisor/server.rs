@@ -314,10 +314,13 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
                 log.info(&format!("http: listening on http://{bound}"));
                 core.http_addr = Some(bound.to_string());
             }
-            Err(e) => log.error(&format!(
-                "http: cannot listen on {}: {e}; monitoring over HTTP is off (set http.addr to change the address)",
-                opts_http.addr
-            )),
+            Err(e) => {
+                let why = format!("cannot listen on {}: {e}", opts_http.addr);
+                log.error(&format!(
+                    "http: {why}; monitoring over HTTP is off (set http.addr to change the address)"
+                ));
+                core.http_error = Some(why);
+            }
         }
     }
     core.run(rx).await;

@@ -77,7 +77,7 @@ pub(crate) fn run(client: &mut Client, once: bool) -> i32 {
                 return EXIT_FAILED;
             }
         }
-        let frame = render(&report, &events, &mut last_cpu, !once);
+        let frame = render(&report, &events, &mut last_cpu, !once, terminal_size());
         let mut out = std::io::stdout().lock();
         if out
             .write_all(frame.as_bytes())
@@ -143,31 +143,89 @@ fn quit_requested(wait: Duration) -> bool {
     }
 }
 
+/// The terminal's size in (columns, rows): the terminal on stdout when there is one, else
+/// `COLUMNS` / `LINES`, else 80×24.
+fn terminal_size() -> (usize, usize) {
+    let mut ws = nix::libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we own and pass by pointer; on a
+    // descriptor that is not a terminal it fails and leaves it untouched.
+    let got = unsafe {
+        nix::libc::ioctl(
+            nix::libc::STDOUT_FILENO,
+            nix::libc::TIOCGWINSZ,
+            &mut ws as *mut nix::libc::winsize,
+        )
+    } == 0;
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    let cols = if got && ws.ws_col > 0 {
+        usize::from(ws.ws_col)
+    } else {
+        env("COLUMNS").unwrap_or(80)
+    };
+    let rows = if got && ws.ws_row > 0 {
+        usize::from(ws.ws_row)
+    } else {
+        env("LINES").unwrap_or(24)
+    };
+    (cols.max(20), rows.max(5))
+}
+
+/// `text` as one screen line of at most `width` columns: control characters (a newline or an
+/// escape sequence in a payload would wreck the screen) become spaces, and a cut line ends in `…`.
+/// Counts characters, never bytes, so a multi-byte character is never split.
+fn fit(text: &str, width: usize) -> String {
+    let clean = text.chars().map(|c| if c.is_control() { ' ' } else { c });
+    let mut out: String = clean.clone().take(width).collect();
+    if clean.count() > width {
+        out.pop();
+        out.push('…');
+    }
+    out.trim_end().to_string()
+}
+
+/// One frame for a `cols`×`rows` terminal: no line is wider than `cols` and there are at most
+/// `rows` lines (daemons first; jobs and events get the rows left, with a count of what did not fit).
 fn render(
     report: &StatusReport,
     events: &[Event],
     last_cpu: &mut BTreeMap<String, (f64, Instant)>,
     clear: bool,
+    (cols, rows): (usize, usize),
 ) -> String {
-    let mut s = String::new();
-    if clear {
-        s.push_str("\x1b[H\x1b[2J");
-    }
     let sup = &report.supervisor;
-    let nl = if clear { "\r\n" } else { "\n" };
-    s.push_str(&format!(
-        "ringrift-supervisor pid {}  up {}  {}  events {}  jobs {}   (q to quit){nl}{nl}",
-        sup.pid,
-        cli::human_duration(sup.uptime_secs),
-        sup.root,
-        report.events.last_seq,
-        report.jobs.len()
-    ));
-    s.push_str(&format!(
-        "{:<22} {:<13} {:>7} {:>8} {:>4} {:>6} {:>8}  {}{nl}",
-        "NAME", "STATE", "PID", "UPTIME", "RST", "CPU%", "RSS", "HEALTH"
-    ));
+    let mut top = vec![
+        format!(
+            "ringrift-supervisor pid {}  up {}  events {}  jobs {}  (q quits)",
+            sup.pid,
+            cli::human_duration(sup.uptime_secs),
+            report.events.last_seq,
+            report.jobs.len()
+        ),
+        format!("root {}", sup.root),
+    ];
+    if let Some(why) = &sup.http_error {
+        top.push(format!("warning: HTTP monitoring is off: {why}"));
+    }
+    let row = |c: [&str; 8]| {
+        format!(
+            "{:<21} {:<13} {:>7} {:>7} {:>3} {:>5} {:>6} {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+        )
+    };
+    top.push(row([
+        "NAME", "STATE", "PID", "UPTIME", "RST", "CPU%", "RSS", "HEALTH",
+    ]));
     let now = Instant::now();
+    let mut daemons = Vec::new();
     for d in &report.daemons {
         let cpu = match (d.cpu_secs, last_cpu.get(&d.name)) {
             (Some(c), Some((prev, at))) if c >= *prev => {
@@ -185,7 +243,7 @@ fn render(
         }
         let rss = d
             .rss_bytes
-            .map(|b| format!("{:.1}M", b as f64 / 1_048_576.0))
+            .map(|b| format!("{:.0}M", b as f64 / 1_048_576.0))
             .unwrap_or_else(|| "-".into());
         let health = if d.state.is_at_rest() || d.state == ringrift::lifecycle::DaemonState::Backoff
         {
@@ -196,49 +254,179 @@ fn render(
         } else {
             d.health.message.clone()
         };
-        let mut health: String = health.chars().take(60).collect();
-        if d.event_backlog > 0 {
-            health = format!("[backlog {}] {health}", d.event_backlog);
-        }
-        s.push_str(&format!(
-            "{:<22} {:<13} {:>7} {:>8} {:>4} {:>6} {:>8}  {}{nl}",
-            d.name,
-            d.state.as_str(),
-            d.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            d.uptime_secs
-                .map(cli::human_duration)
-                .unwrap_or_else(|| "-".into()),
-            d.restarts,
-            cpu,
-            rss,
+        let health = if d.event_backlog > 0 {
+            format!("[backlog {}] {health}", d.event_backlog)
+        } else {
             health
-        ));
+        };
+        let pid = d.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let up = d
+            .uptime_secs
+            .map(cli::human_duration)
+            .unwrap_or_else(|| "-".into());
+        let restarts = d.restarts.to_string();
+        daemons.push(row([
+            &d.name,
+            d.state.as_str(),
+            &pid,
+            &up,
+            &restarts,
+            &cpu,
+            &rss,
+            &health,
+        ]));
     }
-    for j in &report.jobs {
-        s.push_str(&format!(
-            "  job {} (pid {}, {:.0}s of {:.0}s): {}{nl}",
-            j.id,
-            j.pid,
-            j.runtime_secs,
-            j.max_runtime_secs,
-            j.command.join(" ")
-        ));
-    }
-    s.push_str(&format!("{nl}LATEST EVENTS{nl}"));
-    if events.is_empty() {
-        s.push_str(&format!("  (none yet){nl}"));
-    }
-    for e in events {
-        let time = e.timestamp.get(11..19).unwrap_or(&e.timestamp);
-        let mut payload = e.payload.to_string();
-        if payload.len() > 70 {
-            payload.truncate(67);
-            payload.push_str("...");
+    let jobs: Vec<String> = report
+        .jobs
+        .iter()
+        .map(|j| {
+            format!(
+                "  job {} pid {} {:.0}/{:.0}s: {}",
+                j.id,
+                j.pid,
+                j.runtime_secs,
+                j.max_runtime_secs,
+                j.command.join(" ")
+            )
+        })
+        .collect();
+    let event_lines: Vec<String> = events
+        .iter()
+        .rev()
+        .map(|e| {
+            let time = e.timestamp.get(11..19).unwrap_or(&e.timestamp);
+            format!(
+                "{:>6} {time} {:<27} {:<12} {}",
+                e.seq, e.event_type, e.source, e.payload
+            )
+        })
+        .collect();
+
+    // Rows: the top, then daemons (a "more" line when they do not all fit), jobs, and the newest
+    // events under their heading, each given what is left.
+    let mut lines = top;
+    lines.truncate(rows);
+    let take = |lines: &mut Vec<String>, items: Vec<String>, what: &str| {
+        let left = rows.saturating_sub(lines.len());
+        if items.len() <= left {
+            lines.extend(items);
+        } else if left > 0 {
+            let shown = left - 1;
+            let hidden = items.len() - shown;
+            lines.extend(items.into_iter().take(shown));
+            lines.push(format!("  … {hidden} more {what}"));
         }
-        s.push_str(&format!(
-            "  {:>6} {time} {:<28} {:<18} {payload}{nl}",
-            e.seq, e.event_type, e.source
-        ));
+    };
+    take(&mut lines, daemons, "daemons (see `status`)");
+    take(&mut lines, jobs, "jobs (see `status`)");
+    if rows.saturating_sub(lines.len()) >= 2 {
+        lines.push("LATEST EVENTS (newest first)".into());
+        if event_lines.is_empty() {
+            lines.push("  (none yet)".into());
+        } else {
+            take(&mut lines, event_lines, "events (see `events`)");
+        }
     }
-    s
+    let fitted: Vec<String> = lines.iter().map(|l| fit(l, cols)).collect();
+    if clear {
+        // Home and clear, and no newline after the last row: one would scroll the top away.
+        format!("\x1b[H\x1b[2J{}", fitted.join("\r\n"))
+    } else {
+        let mut s = fitted.join("\n");
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringrift::protocol::{EventsInfo, SupervisorInfo};
+    use serde_json::json;
+
+    fn report(daemons: usize) -> StatusReport {
+        let daemon = |i: usize| {
+            serde_json::from_value(json!({
+                "name": format!("unified_idle_shutdown{i}"), "state": "SHUTTING_DOWN", "enabled": true,
+                "kind": "worker", "pid": 4_194_304, "uptime_secs": 1e7, "restarts": 12345,
+                "health": {"healthy": true, "status": "ok", "message": "ü".repeat(300), "details": {}},
+                "heartbeat_age_secs": 1.0, "progress": {}, "depends_on": [], "last_exit": null,
+                "reason": null, "cpu_secs": 1.0, "rss_bytes": 123_456_789_012u64,
+                "subscriptions": [], "event_backlog": 7
+            }))
+            .unwrap()
+        };
+        StatusReport {
+            supervisor: SupervisorInfo {
+                pid: 1,
+                root: "/a/very/long/root/".repeat(10),
+                uptime_secs: 5.0,
+                config_path: "x".into(),
+                version: "0".into(),
+                http: None,
+                containment: None,
+                containment_detail: None,
+                http_error: Some("cannot listen on 127.0.0.1:8770: Address in use".into()),
+            },
+            daemons: (0..daemons).map(daemon).collect(),
+            jobs: Vec::new(),
+            events: serde_json::from_value::<EventsInfo>(json!({
+                "last_seq": 1, "routed": 1, "retained": 1, "log_path": "x", "quarantined": []
+            }))
+            .unwrap(),
+        }
+    }
+
+    fn event(seq: u64, payload: serde_json::Value) -> Event {
+        serde_json::from_value(json!({
+            "seq": seq, "id": format!("id{seq}"), "type": "NEW_GAMES_AVAILABLE",
+            "timestamp": "2026-11-28T08:30:00.123Z", "source": "auto_export", "payload": payload
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn multi_byte_characters_at_every_cut_never_panic() {
+        // A payload whose characters straddle every possible cut-off.
+        for pad in 0..8 {
+            let text = format!("{}{}", "a".repeat(pad), "é€😀\u{1b}[2J\n".repeat(40));
+            let events = vec![event(1, json!({ "config_key": text }))];
+            for cols in [20, 79, 80, 81, 200] {
+                let frame = render(&report(3), &events, &mut BTreeMap::new(), false, (cols, 24));
+                for line in frame.lines() {
+                    assert!(line.chars().count() <= cols, "{line:?} wider than {cols}");
+                    assert!(
+                        !line.contains('\u{1b}'),
+                        "escape reached the screen: {line:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_fits_80_by_24() {
+        let events: Vec<Event> = (1..=30).map(|i| event(i, json!({"n": i}))).collect();
+        for daemons in [0, 15, 40] {
+            let frame = render(
+                &report(daemons),
+                &events,
+                &mut BTreeMap::new(),
+                true,
+                (80, 24),
+            );
+            let lines: Vec<&str> = frame.split("\r\n").collect();
+            assert!(lines.len() <= 24, "{} rows", lines.len());
+            assert!(!frame.ends_with('\n'), "a last newline would scroll");
+            for l in &lines {
+                let l = l.trim_start_matches("\x1b[H\x1b[2J");
+                assert!(l.chars().count() <= 80, "{l:?}");
+            }
+        }
+        let frame = render(&report(40), &events, &mut BTreeMap::new(), false, (80, 24));
+        assert!(frame.contains("more daemons"), "{frame}");
+        let frame = render(&report(15), &events, &mut BTreeMap::new(), false, (80, 24));
+        assert!(frame.contains("LATEST EVENTS"), "{frame}");
+        assert!(frame.contains("HTTP monitoring is off"), "{frame}");
+    }
 }

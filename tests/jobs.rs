@@ -251,7 +251,7 @@ fn an_idle_node_runs_its_shutdown_command_once() {
     let marker_path = marker.to_path_buf();
     drop(marker);
     let root = Root::with_config(&format!(
-        "daemons:\n  unified_idle_shutdown:\n    enabled: true\n    interval: 0.2\n    heartbeat_interval: 0.1\n    idle_minutes: 0.005\n    cpu_threshold: 101\n    shutdown_command: [\"sh\", \"-c\", \"echo shut >> {}\"]\n",
+        "daemons:\n  unified_idle_shutdown:\n    enabled: true\n    interval: 0.2\n    heartbeat_interval: 0.1\n    idle_minutes: 0.005\n    cpu_threshold: 100\n    shutdown_command: [\"sh\", \"-c\", \"echo shut >> {}\"]\n",
         marker_path.display()
     ));
     root.ok(&["start", "unified_idle_shutdown"]);

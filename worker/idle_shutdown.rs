@@ -11,9 +11,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use ringrift::protocol::SOCKET_ENV;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::pipeline::idle::{CpuTimes, IdleTracker, cpu_percent, parse_proc_stat};
@@ -27,13 +26,14 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(IdleShutdown::default())
 }
 
-/// Whether the node is idle now: CPU under the threshold and no job running. Pure, for tests.
+/// Whether the node is idle now: CPU under the threshold (any CPU load at a threshold of 100 %)
+/// and no job running. Pure, for tests.
 pub(crate) fn node_idle(
     cpu_percent: Option<f64>,
     jobs_running: Option<usize>,
     threshold: f64,
 ) -> bool {
-    matches!(cpu_percent, Some(c) if c < threshold) && jobs_running == Some(0)
+    matches!(cpu_percent, Some(c) if c < threshold || threshold >= 100.0) && jobs_running == Some(0)
 }
 
 #[derive(Default)]
@@ -166,23 +166,13 @@ impl Daemon for IdleShutdown {
         settings: &'a Settings,
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
-            let num = |k: &str, d: f64| settings.config.get(k).and_then(Value::as_f64).unwrap_or(d);
-            self.idle_minutes = num("idle_minutes", 30.0).max(0.0);
-            self.threshold = num("cpu_threshold", 10.0);
-            self.command = match settings.config.get("shutdown_command") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(words)) => words
-                    .iter()
-                    .map(|w| {
-                        w.as_str()
-                            .map(str::to_string)
-                            .context("shutdown_command must be a list of strings")
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-                Some(other) => {
-                    anyhow::bail!("shutdown_command must be a list of strings, got {other}")
-                }
-            };
+            let s = crate::pipeline::typed(
+                settings,
+                ringrift::settings::IdleShutdownSettings::from_map,
+            )?;
+            self.idle_minutes = s.idle_minutes;
+            self.threshold = s.cpu_threshold;
+            self.command = s.shutdown_command;
             self.socket = std::env::var_os(SOCKET_ENV).map(PathBuf::from);
             println!(
                 "{NAME}: {}",

@@ -222,11 +222,12 @@ impl Daemon for NodeHealth {
                 .map(PathBuf::from)
                 .context("RINGRIFT_ROOT is not set")?;
             self.socket = std::env::var_os(SOCKET_ENV).map(PathBuf::from);
-            let num = |k: &str, d: f64| settings.config.get(k).and_then(Value::as_f64).unwrap_or(d);
+            let s =
+                crate::pipeline::typed(settings, ringrift::settings::NodeHealthSettings::from_map)?;
             let limits = Limits {
-                min_free_disk_gb: num("min_free_disk_gb", 5.0),
-                min_available_memory_mb: num("min_available_memory_mb", 512.0),
-                max_load_per_core: num("max_load_per_core", 4.0),
+                min_free_disk_gb: s.min_free_disk_gb,
+                min_available_memory_mb: s.min_available_memory_mb,
+                max_load_per_core: s.max_load_per_core,
             };
             println!(
                 "{NAME}: checking {} every {}s with {limits:?}",

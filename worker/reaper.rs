@@ -401,22 +401,12 @@ impl Daemon for JobReaperDaemon {
             let root = std::env::var_os(ROOT_ENV)
                 .map(PathBuf::from)
                 .context("RINGRIFT_ROOT is not set")?;
-            let num = |k: &str, default: f64| {
-                settings
-                    .config
-                    .get(k)
-                    .and_then(Value::as_f64)
-                    .unwrap_or(default)
-            };
-            self.dry_run = settings
-                .config
-                .get("dry_run")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let s = crate::pipeline::typed(settings, ringrift::settings::ReaperSettings::from_map)?;
+            self.dry_run = s.dry_run;
             let policy = Policy {
-                stuck_after_secs: num("stuck_after", 600.0),
+                stuck_after_secs: s.stuck_after.as_secs_f64(),
             };
-            let grace = Duration::from_secs_f64(num("reap_grace", 5.0).max(0.0));
+            let grace = s.reap_grace;
             println!(
                 "job_reaper: watching {} (stuck after {}s, grace {:?}{})",
                 root.display(),

@@ -30,10 +30,11 @@ use serde_json::{Value, json};
 
 use super::distribution::{SSH_OPTS, Target, pass_backoff, run};
 use super::sync::{Fingerprint, fingerprint, locations};
-use super::{Pipeline, load_state, now_secs, num, save_daemon_state};
+use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::jobs::db::GamesDb;
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::ClusterSyncSettings;
 
 const NAME: &str = "cluster_data_sync";
 
@@ -569,7 +570,7 @@ impl Daemon for ClusterSync {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.peers = locations(settings, "peers", &pipeline.root)?;
-            self.timeout = Duration::from_secs_f64(num(settings, "timeout", 300.0).max(1.0));
+            self.timeout = typed(settings, ClusterSyncSettings::from_map)?.timeout;
             self.state = load_state(&pipeline.state_path(NAME));
             self.ok = true;
             println!("{NAME}: peers {:?}", self.peers);

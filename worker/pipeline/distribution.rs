@@ -25,9 +25,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sha256;
-use super::{Pipeline, load_state, num, save_daemon_state};
+use super::{Pipeline, load_state, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::DistributionSettings;
 
 const NAME: &str = "model_distribution";
 
@@ -484,9 +485,10 @@ impl Daemon for Distribution {
                     (s, t)
                 })
                 .collect();
-            self.retries = num(settings, "retries", 3.0).max(1.0) as u32;
-            self.retry_backoff = num(settings, "retry_backoff", 5.0).max(0.0);
-            self.timeout = Duration::from_secs_f64(num(settings, "timeout", 300.0).max(1.0));
+            let s = typed(settings, DistributionSettings::from_map)?;
+            self.retries = s.retries;
+            self.retry_backoff = s.retry_backoff.as_secs_f64();
+            self.timeout = s.timeout;
             self.state = load_state(&pipeline.state_path(NAME));
             self.ok = true;
             println!(

@@ -29,9 +29,10 @@ use serde_json::{Value, json};
 use super::confine::{confined_file, read_confined, write_replace};
 use super::export::quarantine;
 use super::sha256;
-use super::{Pipeline, job_failure, load_state, now_secs, num, save_daemon_state};
+use super::{Pipeline, job_failure, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::EvaluationSettings;
 
 const NAME: &str = "evaluation";
 /// Failed gauntlet runs of one candidate before it is quarantined.
@@ -616,8 +617,9 @@ impl Daemon for Evaluation {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.games = num(settings, "games", 200.0).max(1.0) as u64;
-            self.limit = num(settings, "queue_limit", 4.0).max(0.0) as usize;
+            let s = typed(settings, EvaluationSettings::from_map)?;
+            self.games = s.games;
+            self.limit = usize::try_from(s.queue_limit).unwrap_or(usize::MAX);
             self.retry_delay = settings.interval_secs;
             self.state = load_state(&pipeline.state_path(NAME));
             self.last_ok = true;

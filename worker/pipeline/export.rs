@@ -34,10 +34,11 @@ use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::retry::{self, Failing};
 use super::scheduler::{keep_quarantined, last_error_line};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::ExportSettings;
 
 const NAME: &str = "auto_export";
 /// How long a count waits for selfplay's write lock.
@@ -625,8 +626,9 @@ impl Daemon for AutoExport {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.threshold = num(settings, "threshold_games", 1000.0).max(1.0) as u64;
-            self.batch_timeout = num(settings, "batch_timeout", 600.0).max(0.0);
+            let s = typed(settings, ExportSettings::from_map)?;
+            self.threshold = s.threshold_games;
+            self.batch_timeout = s.batch_timeout.as_secs_f64();
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: watching {} (threshold {} games, batch timeout {}s); state: {:?}",

@@ -22,9 +22,10 @@ use serde_json::Value;
 
 use super::games_db::Quarantined;
 use super::scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
-use super::{Pipeline, join_all, now_secs, num};
+use super::{Pipeline, join_all, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::IdleSettings;
 
 const NAME: &str = "idle_resource";
 
@@ -414,10 +415,11 @@ impl Daemon for IdleResource {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.cpu_threshold = num(settings, "cpu_threshold", 50.0);
-            self.idle_window = num(settings, "idle_window", 120.0).max(0.0);
-            self.max_extra_jobs = num(settings, "max_extra_jobs", 1.0).max(0.0) as u64;
-            self.games_per_job = num(settings, "games_per_job", 50.0).max(1.0) as u64;
+            let s = typed(settings, IdleSettings::from_map)?;
+            self.cpu_threshold = s.cpu_threshold;
+            self.idle_window = s.idle_window.as_secs_f64();
+            self.max_extra_jobs = s.max_extra_jobs;
+            self.games_per_job = s.games_per_job;
             self.nvidia_smi = find_program("nvidia-smi");
             println!(
                 "{NAME}: idle = under {}% for {}s; then {} job(s) of {} games; GPU: {}",

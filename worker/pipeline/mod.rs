@@ -182,15 +182,8 @@ impl Pipeline {
         }
         let mut out = Vec::with_capacity(template.len());
         for word in template {
-            let mut w = word.clone();
-            for p in ringrift::config::placeholders(word) {
-                let Some(v) = all.get(p.as_str()) else {
-                    bail!(
-                        "the {kind} job template uses {{{p}}}, which this daemon does not provide"
-                    );
-                };
-                w = w.replace(&format!("{{{p}}}"), v);
-            }
+            let w = ringrift::template::expand(word, |p| all.get(p).cloned())
+                .map_err(|e| anyhow::anyhow!("the {kind} job template: {e}"))?;
             out.push(w);
         }
         Ok((out, *max))
@@ -334,13 +327,15 @@ pub(crate) fn key_messages(status: &BTreeMap<String, KeyStatus>, none_yet: &str)
     }
 }
 
-/// A number from the daemon's settings, or the default.
-pub(crate) fn num(settings: &Settings, key: &str, default: f64) -> f64 {
-    settings
-        .config
-        .get(key)
-        .and_then(Value::as_f64)
-        .unwrap_or(default)
+/// This daemon's typed settings (one struct per daemon in `ringrift::settings`, the types
+/// `config check` validated), or an error naming every bad key. Never a silent default.
+pub(crate) fn typed<T>(
+    settings: &Settings,
+    read: fn(&serde_json::Map<String, Value>) -> Result<T, ringrift::settings::SettingsError>,
+) -> anyhow::Result<T> {
+    let empty = serde_json::Map::new();
+    let map = settings.config.as_object().unwrap_or(&empty);
+    read(map).map_err(anyhow::Error::from)
 }
 
 /// Runs futures concurrently on this thread (the worker's runtime is single-threaded and its

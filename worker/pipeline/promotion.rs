@@ -36,9 +36,10 @@ use super::evaluation::{
 };
 use super::export::quarantine;
 use super::sha256;
-use super::{Pipeline, load_state, now_secs, num, save_daemon_state};
+use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::PromotionSettings;
 
 const NAME: &str = "auto_promotion";
 
@@ -617,11 +618,12 @@ impl Daemon for AutoPromotion {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
+            let s = typed(settings, PromotionSettings::from_map)?;
             let t = Thresholds {
-                min_vs_random: num(settings, "min_win_rate_vs_random", 0.6),
-                min_vs_baseline: num(settings, "min_win_rate_vs_baseline", 0.55),
-                min_games: num(settings, "min_games", 100.0).max(0.0) as u64,
-                cooldown: num(settings, "cooldown", 0.0).max(0.0),
+                min_vs_random: s.min_win_rate_vs_random,
+                min_vs_baseline: s.min_win_rate_vs_baseline,
+                min_games: s.min_games,
+                cooldown: s.cooldown.as_secs_f64(),
             };
             println!("{NAME}: gates {t:?}");
             self.thresholds = Some(t);

@@ -31,9 +31,10 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Pipeline, load_state, num, save_state};
+use super::{Pipeline, load_state, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::QualitySettings;
 
 /// A score change smaller than this is not worth an event.
 pub(crate) const UPDATE_DELTA: f64 = 0.02;
@@ -539,10 +540,11 @@ impl Daemon for QualityMonitor {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.window = num(settings, "window_games", 200.0).max(1.0) as u64;
-            self.threshold = num(settings, "threshold", 0.5);
-            self.min_moves = num(settings, "min_moves", 5.0) as i64;
-            self.max_moves = num(settings, "max_moves", 500.0) as i64;
+            let s = typed(settings, QualitySettings::from_map)?;
+            self.window = s.window_games;
+            self.threshold = s.threshold;
+            self.min_moves = i64::try_from(s.min_moves).unwrap_or(i64::MAX);
+            self.max_moves = i64::try_from(s.max_moves).unwrap_or(i64::MAX);
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: scoring the latest {} games of {} (threshold {}, moves {}..={})",

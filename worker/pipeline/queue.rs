@@ -19,9 +19,10 @@ use serde_json::Value;
 
 use super::scheduler::read_priorities;
 use super::work_queue::WorkQueue;
-use super::{Pipeline, now_secs, num};
+use super::{Pipeline, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::Settings;
+use ringrift::settings::QueueSettings;
 
 const NAME: &str = "queue_populator";
 
@@ -278,8 +279,9 @@ impl Daemon for QueuePopulator {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.target_depth = num(settings, "target_depth", 20.0).max(0.0) as u64;
-            self.games_per_item = num(settings, "games_per_item", 50.0).max(1.0) as u64;
+            let s = typed(settings, QueueSettings::from_map)?;
+            self.target_depth = s.target_depth;
+            self.games_per_item = s.games_per_item;
             let selfplay_max = pipeline
                 .jobs
                 .get("selfplay")

@@ -33,9 +33,10 @@ use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality::count_completed;
 use super::retry::{self, Failing};
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
-use super::{Pipeline, join_all, load_state, now_secs, num, save_state};
+use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, JobOutcome, Settings};
+use ringrift::settings::SchedulerSettings;
 
 const NAME: &str = "selfplay_scheduler";
 
@@ -729,9 +730,10 @@ impl Daemon for Scheduler {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.slots = num(settings, "slots", 1.0).max(1.0) as usize;
-            self.target_games = num(settings, "target_games", 5000.0);
-            self.staleness_hours = num(settings, "staleness_hours", 24.0);
+            let s = typed(settings, SchedulerSettings::from_map)?;
+            self.slots = usize::try_from(s.slots).unwrap_or(usize::MAX);
+            self.target_games = s.target_games;
+            self.staleness_hours = s.staleness_hours;
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: {} slot(s), target {} games per key, models stale after {}h, keys {}",

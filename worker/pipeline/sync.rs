@@ -29,9 +29,10 @@ use serde_json::{Value, json};
 use super::distribution::{
     Target, copy_local, copy_remote, parse_target, pass_backoff, retry_delay,
 };
-use super::{Pipeline, load_state, now_secs, num, save_daemon_state};
+use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::SyncSettings;
 
 /// How long the snapshot waits for a writer's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -453,9 +454,10 @@ impl Daemon for AutoSync {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;
-            self.retries = num(settings, "retries", 3.0).max(1.0) as u32;
-            self.retry_backoff = num(settings, "retry_backoff", 5.0).max(0.0);
-            self.timeout = Duration::from_secs_f64(num(settings, "timeout", 300.0).max(1.0));
+            let s = typed(settings, SyncSettings::from_map)?;
+            self.retries = s.retries;
+            self.retry_backoff = s.retry_backoff.as_secs_f64();
+            self.timeout = s.timeout;
             self.state = load_state(&pipeline.state_path(self.name));
             self.ok = true;
             println!(

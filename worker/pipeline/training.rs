@@ -34,10 +34,11 @@ use serde_json::{Value, json};
 
 use super::export::{export_failing, quarantine};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, num, save_daemon_state,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
+use ringrift::settings::TrainingSettings;
 
 const NAME: &str = "training_trigger";
 /// The backoff stops doubling after this many consecutive failures.
@@ -651,11 +652,12 @@ impl Daemon for TrainingTrigger {
     ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.min_samples = num(settings, "min_samples", 1000.0).max(0.0) as u64;
-            self.cooldown = num(settings, "cooldown", 300.0).max(0.0);
-            self.epochs = num(settings, "epochs", 10.0).max(1.0) as u64;
-            self.learning_rate = num(settings, "learning_rate", 0.01);
-            self.failure_backoff = num(settings, "failure_backoff", 60.0).max(0.0);
+            let s = typed(settings, TrainingSettings::from_map)?;
+            self.min_samples = s.min_samples;
+            self.cooldown = s.cooldown.as_secs_f64();
+            self.epochs = s.epochs;
+            self.learning_rate = s.learning_rate;
+            self.failure_backoff = s.failure_backoff.as_secs_f64();
             anyhow::ensure!(
                 self.learning_rate > 0.0,
                 "learning_rate must be positive, not {}",

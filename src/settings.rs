@@ -1,0 +1,457 @@
+//! The typed settings of each built-in daemon: one struct per daemon, read by one function that
+//! both `config check` (through [`crate::config`], which turns each complaint into a `Problem` with
+//! file, line and key) and the worker (from the settings in its welcome) call, so a value the
+//! check accepts is exactly the value the worker uses and nothing falls back to a default in silence.
+//!
+//! Durations are seconds as a number, or a string: a bare number (`"90"`), or what the `humantime`
+//! crate reads (`"500ms"`, `"10s"`, `"5m"`, `"1m30s"`, `"2h"`, `"1day"`).
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+/// Parses a duration value (see the module doc). The error says what was found.
+pub fn parse_duration(v: &Value) -> Result<Duration, String> {
+    let bad = || {
+        format!(
+            "must be a duration: seconds, or a string such as \"500ms\", \"10s\", \"5m\", \"1m30s\"; found {}",
+            crate::config::show_value(v)
+        )
+    };
+    let secs = match v {
+        Value::Number(n) => n.as_f64().ok_or_else(bad)?,
+        Value::String(s) => {
+            let s = s.trim();
+            match s.parse::<f64>() {
+                Ok(n) => n,
+                Err(_) => {
+                    return humantime::parse_duration(s).map_err(|e| format!("{}: {e}", bad()));
+                }
+            }
+        }
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// Reads typed values out of one daemon's settings map, noting every problem as (key, message)
+/// and giving the default for a missing key.
+pub struct Reader<'a> {
+    map: &'a Map<String, Value>,
+    /// (key, message) for each value that is not what its setting needs.
+    pub problems: Vec<(String, String)>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(map: &'a Map<String, Value>) -> Self {
+        Reader {
+            map,
+            problems: Vec::new(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn complain(&mut self, key: &str, message: String) {
+        self.problems.push((key.to_string(), message));
+    }
+
+    /// A duration between `min` and `max` (inclusive).
+    pub fn duration(
+        &mut self,
+        key: &str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match parse_duration(v) {
+            Ok(d) if d >= min && d <= max => d,
+            Ok(d) => {
+                self.complain(
+                    key,
+                    format!(
+                        "{} is out of range ({} ..= {})",
+                        humantime::format_duration(d),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.complain(key, e);
+                default
+            }
+        }
+    }
+
+    /// A whole number between `min` and `max` (inclusive).
+    pub fn count(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_u64() {
+            Some(n) if (min..=max).contains(&n) => n,
+            _ => {
+                self.complain(
+                    key,
+                    format!(
+                        "must be a whole number from {min} to {max}, found {}",
+                        crate::config::show_value(v)
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A number between `min` and `max` (inclusive); `unit` follows the bounds in the message.
+    pub fn number(&mut self, key: &str, default: f64, min: f64, max: f64, unit: &str) -> f64 {
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_f64() {
+            Some(n) if n >= min && n <= max => n,
+            _ => {
+                self.complain(
+                    key,
+                    format!(
+                        "must be a number from {min} to {max}{unit}, found {}",
+                        crate::config::show_value(v)
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A fraction from 0 to 1 (a win rate: 0.75, not 75).
+    pub fn fraction(&mut self, key: &str, default: f64) -> f64 {
+        self.number(key, default, 0.0, 1.0, " (a fraction: 0.75 means 75 %)")
+    }
+
+    pub fn boolean(&mut self, key: &str, default: bool) -> bool {
+        let Some(v) = self.get(key) else {
+            return default;
+        };
+        match v.as_bool() {
+            Some(b) => b,
+            None => {
+                self.complain(
+                    key,
+                    format!(
+                        "must be true or false, found {}",
+                        crate::config::show_value(v)
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A list of strings (empty when missing).
+    pub fn strings(&mut self, key: &str) -> Vec<String> {
+        let Some(v) = self.get(key) else {
+            return Vec::new();
+        };
+        match v.as_array().and_then(|a| {
+            a.iter()
+                .map(|w| w.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        }) {
+            Some(list) => list,
+            None => {
+                self.complain(
+                    key,
+                    format!(
+                        "must be a list of strings, found {}",
+                        crate::config::show_value(v)
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The settings errors of a whole daemon, for the worker: `key: message; key: message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid settings: {}", .0.iter().map(|(k, m)| format!("{k}: {m}")).collect::<Vec<_>>().join("; "))]
+pub struct SettingsError(pub Vec<(String, String)>);
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+const DAY: Duration = secs(86_400);
+const WEEK: Duration = secs(7 * 86_400);
+
+/// Declares a daemon's settings struct and the function that reads it.
+macro_rules! daemon_settings {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident : $ty:ty = $read:expr),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: $ty,)*
+        }
+        impl $name {
+            /// Reads the settings, noting problems in `r`.
+            pub fn read(r: &mut Reader<'_>) -> Self {
+                $name { $($field: ($read)(r, stringify!($field)),)* }
+            }
+            /// Reads the settings from a map, or every problem found.
+            pub fn from_map(map: &Map<String, Value>) -> Result<Self, SettingsError> {
+                let mut r = Reader::new(map);
+                let s = Self::read(&mut r);
+                if r.problems.is_empty() { Ok(s) } else { Err(SettingsError(r.problems)) }
+            }
+        }
+    };
+}
+
+daemon_settings!(
+    /// auto_sync and ephemeral_sync: push snapshots of the games DBs to `targets`.
+    SyncSettings {
+        /// Directories or `host:path`.
+        targets: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        /// Delivery attempts per target before DATA_SYNC_FAILED.
+        retries: u32 = |r: &mut Reader, k| r.count(k, 3, 1, 100) as u32,
+        /// Before the first retry; doubles per attempt.
+        retry_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(5), Duration::ZERO, secs(3600)),
+        /// How long one rsync/ssh may run.
+        timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(300), secs(1), DAY),
+    }
+);
+
+daemon_settings!(
+    /// cluster_data_sync: merge the games other nodes pushed from `peers`.
+    ClusterSyncSettings {
+        peers: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(300), secs(1), DAY),
+    }
+);
+
+daemon_settings!(
+    /// model_distribution: copy canonical models to `targets`.
+    DistributionSettings {
+        targets: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        retries: u32 = |r: &mut Reader, k| r.count(k, 3, 1, 100) as u32,
+        retry_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(5), Duration::ZERO, secs(3600)),
+        timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(300), secs(1), DAY),
+    }
+);
+
+daemon_settings!(
+    /// auto_export: when to export the new games of a config key.
+    ExportSettings {
+        /// New completed games that trigger an export.
+        threshold_games: u64 = |r: &mut Reader, k| r.count(k, 1000, 1, 1 << 40),
+        /// Or this long after the first of fewer new games.
+        batch_timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(600), Duration::ZERO, WEEK),
+    }
+);
+
+daemon_settings!(
+    /// training_trigger: when and how to train.
+    TrainingSettings {
+        /// Accepted for compatibility with the seed's configuration; export decides on games.
+        threshold_games: u64 = |r: &mut Reader, k| r.count(k, 1000, 1, 1 << 40),
+        /// An export with fewer training samples is not trained on.
+        min_samples: u64 = |r: &mut Reader, k| r.count(k, 1000, 0, 1 << 40),
+        /// Between two training runs of a config key.
+        cooldown: Duration = |r: &mut Reader, k| r.duration(k, secs(300), Duration::ZERO, WEEK),
+        epochs: u64 = |r: &mut Reader, k| r.count(k, 10, 1, 100_000),
+        learning_rate: f64 = |r: &mut Reader, k| r.number(k, 0.01, 0.0, 10.0, ""),
+        /// After a failed run; doubles per consecutive failure.
+        failure_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(60), Duration::ZERO, DAY),
+    }
+);
+
+daemon_settings!(
+    /// evaluation: the gauntlet's size and the backpressure limit.
+    EvaluationSettings {
+        /// Games against each opponent.
+        games: u64 = |r: &mut Reader, k| r.count(k, 200, 1, 1_000_000),
+        /// Candidates waiting beyond this → BACKPRESSURE_ACTIVATED.
+        queue_limit: u64 = |r: &mut Reader, k| r.count(k, 4, 0, 1_000_000),
+    }
+);
+
+daemon_settings!(
+    /// auto_promotion: the gates a candidate must pass.
+    PromotionSettings {
+        min_win_rate_vs_random: f64 = |r: &mut Reader, k| r.fraction(k, 0.6),
+        min_win_rate_vs_baseline: f64 = |r: &mut Reader, k| r.fraction(k, 0.55),
+        min_games: u64 = |r: &mut Reader, k| r.count(k, 100, 0, 1_000_000),
+        /// Between two promotions of a config key.
+        cooldown: Duration = |r: &mut Reader, k| r.duration(k, Duration::ZERO, Duration::ZERO, WEEK),
+    }
+);
+
+daemon_settings!(
+    /// unified_node_health: the thresholds of a healthy node.
+    NodeHealthSettings {
+        min_free_disk_gb: f64 = |r: &mut Reader, k| r.number(k, 5.0, 0.0, 1e9, " GB"),
+        min_available_memory_mb: f64 = |r: &mut Reader, k| r.number(k, 512.0, 0.0, 1e12, " MB"),
+        max_load_per_core: f64 = |r: &mut Reader, k| r.number(k, 4.0, 0.0, 1e6, ""),
+    }
+);
+
+daemon_settings!(
+    /// quality_monitor: how games are scored.
+    QualitySettings {
+        window_games: u64 = |r: &mut Reader, k| r.count(k, 200, 1, 1_000_000),
+        /// Under this score → LOW_QUALITY_DATA_WARNING.
+        threshold: f64 = |r: &mut Reader, k| r.fraction(k, 0.5),
+        min_moves: u64 = |r: &mut Reader, k| r.count(k, 5, 0, 1_000_000),
+        max_moves: u64 = |r: &mut Reader, k| r.count(k, 500, 1, 1_000_000),
+    }
+);
+
+daemon_settings!(
+    /// idle_resource: extra selfplay on an idle node.
+    IdleSettings {
+        /// Percent of CPU (and GPU) below which the node counts as idle.
+        cpu_threshold: f64 = |r: &mut Reader, k| r.number(k, 50.0, 0.0, 100.0, " percent"),
+        idle_window: Duration = |r: &mut Reader, k| r.duration(k, secs(120), Duration::ZERO, WEEK),
+        max_extra_jobs: u64 = |r: &mut Reader, k| r.count(k, 1, 0, 1000),
+        games_per_job: u64 = |r: &mut Reader, k| r.count(k, 50, 1, 1_000_000),
+    }
+);
+
+daemon_settings!(
+    /// unified_idle_shutdown: when to run `shutdown_command`.
+    IdleShutdownSettings {
+        /// Empty: never shuts down.
+        shutdown_command: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        idle_minutes: f64 = |r: &mut Reader, k| r.number(k, 30.0, 0.0, 1e6, " minutes"),
+        cpu_threshold: f64 = |r: &mut Reader, k| r.number(k, 10.0, 0.0, 100.0, " percent"),
+    }
+);
+
+daemon_settings!(
+    /// queue_populator: how many selfplay items to keep queued.
+    QueueSettings {
+        target_depth: u64 = |r: &mut Reader, k| r.count(k, 20, 0, 1_000_000),
+        games_per_item: u64 = |r: &mut Reader, k| r.count(k, 50, 1, 1_000_000),
+    }
+);
+
+daemon_settings!(
+    /// selfplay_scheduler: slots and the weights of config keys.
+    SchedulerSettings {
+        slots: u64 = |r: &mut Reader, k| r.count(k, 1, 1, 1024),
+        target_games: f64 = |r: &mut Reader, k| r.number(k, 5000.0, 1.0, 1e12, " games"),
+        staleness_hours: f64 = |r: &mut Reader, k| r.number(k, 24.0, 0.0, 1e6, " hours"),
+    }
+);
+
+daemon_settings!(
+    /// job_reaper: when a job is stuck and how it is stopped.
+    ReaperSettings {
+        stuck_after: Duration = |r: &mut Reader, k| r.duration(k, secs(600), secs(1), WEEK),
+        reap_grace: Duration = |r: &mut Reader, k| r.duration(k, secs(5), Duration::ZERO, secs(3600)),
+        dry_run: bool = |r: &mut Reader, k| r.boolean(k, false),
+    }
+);
+
+/// Checks the settings of the built-in daemon `name` (a catalog name), noting every problem in
+/// `r`; cross-field rules too. Names without settings of their own note nothing.
+pub fn check(name: &str, r: &mut Reader<'_>) {
+    match name {
+        "auto_sync" | "ephemeral_sync" => drop(SyncSettings::read(r)),
+        "cluster_data_sync" => drop(ClusterSyncSettings::read(r)),
+        "model_distribution" => drop(DistributionSettings::read(r)),
+        "auto_export" => drop(ExportSettings::read(r)),
+        "training_trigger" => drop(TrainingSettings::read(r)),
+        "evaluation" => drop(EvaluationSettings::read(r)),
+        "auto_promotion" => drop(PromotionSettings::read(r)),
+        "unified_node_health" => drop(NodeHealthSettings::read(r)),
+        "quality_monitor" => {
+            let q = QualitySettings::read(r);
+            if q.min_moves > q.max_moves {
+                r.complain(
+                    "min_moves",
+                    format!("must not exceed max_moves ({})", q.max_moves),
+                );
+            }
+        }
+        "idle_resource" => drop(IdleSettings::read(r)),
+        "unified_idle_shutdown" => drop(IdleShutdownSettings::read(r)),
+        "queue_populator" => drop(QueueSettings::read(r)),
+        "selfplay_scheduler" => drop(SchedulerSettings::read(r)),
+        "job_reaper" => drop(ReaperSettings::read(r)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn durations_take_seconds_and_humantime_strings() {
+        let d = |v: Value| parse_duration(&v);
+        assert_eq!(d(json!(1.5)), Ok(Duration::from_millis(1500)));
+        assert_eq!(d(json!("90")), Ok(secs(90)));
+        assert_eq!(d(json!("500ms")), Ok(Duration::from_millis(500)));
+        assert_eq!(d(json!("5m")), Ok(secs(300)));
+        assert_eq!(d(json!("1m30s")), Ok(secs(90)));
+        assert_eq!(d(json!("2h")), Ok(secs(7200)));
+        assert!(d(json!("soon")).unwrap_err().contains("'soon'"));
+        assert!(d(json!(-3)).is_err());
+        assert!(d(json!(true)).is_err());
+    }
+
+    #[test]
+    fn the_worker_gets_what_was_written() {
+        let t =
+            TrainingSettings::from_map(&map(json!({"cooldown": "5m", "min_samples": 20}))).unwrap();
+        assert_eq!(t.cooldown, secs(300));
+        assert_eq!(t.min_samples, 20);
+        assert_eq!(t.epochs, 10, "a missing key takes its default");
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_named_never_defaulted() {
+        let e =
+            TrainingSettings::from_map(&map(json!({"min_samples": "lots", "cooldown": "soon"})))
+                .unwrap_err();
+        let keys: Vec<&str> = e.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["min_samples", "cooldown"]);
+        let e =
+            PromotionSettings::from_map(&map(json!({"min_win_rate_vs_random": 75}))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("min_win_rate_vs_random: must be a number from 0 to 1"),
+            "{e}"
+        );
+        let e = ExportSettings::from_map(&map(json!({"threshold_games": -3}))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("threshold_games: must be a whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cross_field_rules_are_checked() {
+        let m = map(json!({"min_moves": 50, "max_moves": 10}));
+        let mut r = Reader::new(&m);
+        check("quality_monitor", &mut r);
+        assert_eq!(r.problems[0].0, "min_moves");
+    }
+}
