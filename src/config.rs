@@ -1066,7 +1066,7 @@ impl Validator<'_> {
                             other => self.problem(
                                 &["daemons", name, "env", k],
                                 format!(
-                                    "environment values must be strings: YAML reads this as {},                                      which may not be the text written; quote it (\"...\")",
+                                    "environment values must be strings: YAML reads this as {}, which may not be the text written; quote it (\"...\")",
                                     kind(other)
                                 ),
                             ),

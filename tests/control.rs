@@ -334,7 +334,7 @@ fn reload_applies_policy_in_place_and_restarts_only_for_process_changes() {
     // The environment changes the process: that one restarts.
     root.write_config(&base(
         "    restart: on_failure\n    grace_period: 3\n    max_restarts: 9\n    backoff_max: 5\n",
-        "    env:\n      X: y\n",
+        "    env:\n      X: \"changed\"\n",
         "false",
     ));
     let out = root.ok(&["reload"]);
