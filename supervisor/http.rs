@@ -51,8 +51,13 @@ use token::{Change, TokenFile};
 
 /// hyper's read buffer, and so the largest request head (the request line and headers).
 const MAX_HEAD: usize = 16 * 1024;
-/// The largest request body; larger ones get 413.
-const MAX_BODY: usize = 1024 * 1024;
+/// The largest request body; larger ones get 413. The one write route takes an event, whose
+/// payload is at most `ringrift::events::MAX_PAYLOAD_BYTES`; 16 KiB more covers its envelope. A
+/// larger body could only be refused later, after the core had parsed it.
+const MAX_BODY: usize = ringrift::events::MAX_PAYLOAD_BYTES + 16 * 1024;
+/// At most one "refused" line per this many seconds in the supervisor's log (a flood of
+/// unauthenticated requests must not rotate the history away); the next line counts the others.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait for a request head (also between keep-alive requests) and for a stalled write.
 const IDLE: Duration = Duration::from_secs(30);
 /// Longest wait for a whole request body once its head is in.
@@ -65,6 +70,8 @@ struct Shared {
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
     token: TokenFile,
+    /// When a refusal was last logged, and how many were not logged since.
+    refusals: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 /// Writes the bearer token, binds the address and serves it on a thread of its own. Returns the
@@ -86,7 +93,12 @@ pub(crate) fn start(
     let std_listener = std::net::TcpListener::bind(config.addr)?;
     std_listener.set_nonblocking(true)?;
     let bound = std_listener.local_addr()?;
-    let shared = Arc::new(Shared { core, log, token });
+    let shared = Arc::new(Shared {
+        core,
+        log,
+        token,
+        refusals: std::sync::Mutex::new((None, 0)),
+    });
     let max_connections = config.max_connections;
     std::thread::Builder::new()
         .name("http".into())
@@ -255,10 +267,25 @@ fn authorize(
         Some(None) => "an Authorization header that is not a bearer token",
         None => "no bearer token",
     };
-    shared.log.warn(&format!(
-        "http: refused {} {path} from {peer}: {why}",
-        req.method()
-    ));
+    {
+        let mut r = shared.refusals.lock().expect("refusal log lock");
+        let now = std::time::Instant::now();
+        if r.0
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+        {
+            let others = match r.1 {
+                0 => String::new(),
+                n => format!(" ({n} more refused since the last such line)"),
+            };
+            shared.log.warn(&format!(
+                "http: refused {} {path} from {peer}: {why}{others}",
+                req.method()
+            ));
+            *r = (Some(now), 0);
+        } else {
+            r.1 += 1;
+        }
+    }
     let mut r = Response::error(
         401,
         &format!(

@@ -308,18 +308,22 @@ struct Hello {
 }
 
 /// Reads and checks the first frame. The error is the frame to answer with before closing.
+/// `limit`: how long the client has (CLI clients); None for workers, whose hello is bounded by
+/// their `ready_timeout` (a worker slow to start on a loaded machine is not a stranger).
 async fn read_hello<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
+    limit: Option<Duration>,
 ) -> Result<Hello, Option<FromSupervisor>> {
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(reader, buf)).await {
+    let limit = limit.unwrap_or(Duration::MAX);
+    let first = match tokio::time::timeout(limit, read_frame(reader, buf)).await {
         Ok(Ok(Some(Ok(())))) => protocol::decode::<ToSupervisor>(buf),
         Ok(Ok(Some(Err(e)))) => Err(e),
         Ok(Ok(None)) | Ok(Err(_)) => return Err(None),
         Err(_) => {
             return Err(Some(error(
                 ErrorCode::BadFrame,
-                &format!("no hello within {} s", HELLO_TIMEOUT.as_secs()),
+                &format!("no hello within {} s", limit.as_secs()),
             )));
         }
     };
@@ -361,7 +365,7 @@ async fn connection(
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
-    let refusal = match read_hello(&mut reader, &mut buf).await {
+    let refusal = match read_hello(&mut reader, &mut buf, Some(HELLO_TIMEOUT)).await {
         Ok(Hello {
             role: Role::Cli, ..
         }) => None,
@@ -491,7 +495,7 @@ async fn worker_connection(
     let mut reader = BufReader::with_capacity(8 * 1024, read);
     let mut buf = Vec::new();
     let who = format!("{daemon} (connection {id})");
-    let refusal = match read_hello(&mut reader, &mut buf).await {
+    let refusal = match read_hello(&mut reader, &mut buf, None).await {
         Ok(Hello {
             role: Role::Worker,
             daemon: claimed,

@@ -172,6 +172,25 @@ async fn keep_serving(
 
 async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -> i32 {
     let paths = opts.paths;
+    // The event log first: a supervisor that cannot open it exits before any client can connect
+    // (and then see its connection reset instead of the reason in run/supervisor.stderr).
+    let events_dir = paths.root.join("data/events");
+    let events = match crate::events::Router::open(&events_dir, crate::events::Limits::default()) {
+        Ok((r, warnings)) => {
+            for w in warnings {
+                log.warn(&format!("events: {w}"));
+            }
+            r
+        }
+        Err(e) => {
+            fatal(
+                &log,
+                opts.foreground,
+                &format!("cannot open the event log: {e}"),
+            );
+            return 1;
+        }
+    };
     let listener = match crate::ipc::bind(&paths.socket) {
         Ok(l) => l,
         Err(e) => {
@@ -258,23 +277,6 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         });
     }
 
-    let events_dir = paths.root.join("data/events");
-    let events = match crate::events::Router::open(&events_dir, crate::events::Limits::default()) {
-        Ok((r, warnings)) => {
-            for w in warnings {
-                log.warn(&format!("events: {w}"));
-            }
-            r
-        }
-        Err(e) => {
-            fatal(
-                &log,
-                opts.foreground,
-                &format!("cannot open the event log: {e}"),
-            );
-            return 1;
-        }
-    };
     let opts_http = opts.config.http.clone();
     let http_tx = tx.clone();
     let run_dir = paths.run_dir.clone();

@@ -36,6 +36,15 @@ pub(crate) enum ConfinementError {
     },
     #[error("{path} is not a regular file ({kind})")]
     NotRegular { path: PathBuf, kind: &'static str },
+    /// A hard link can make a file from anywhere on the file system (`ln /etc/shadow
+    /// candidate.bin`) a regular file inside the directory; steps write their outputs by rename,
+    /// so their files have one link.
+    #[error("{path} has {links} hard links: the same file is reachable from outside {root}")]
+    HardLinked {
+        path: PathBuf,
+        links: u64,
+        root: PathBuf,
+    },
     #[error("cannot check {path}: {source}")]
     Io {
         path: PathBuf,
@@ -124,7 +133,24 @@ pub(crate) fn confined_file(root_dir: &Path, path: &Path) -> Result<PathBuf, Con
             kind: kind_of(meta.file_type()),
         });
     }
+    single_link(path, root_dir, &meta)?;
     Ok(root_dir.join(relative))
+}
+
+fn single_link(
+    path: &Path,
+    root_dir: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), ConfinementError> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.nlink() > 1 {
+        return Err(ConfinementError::HardLinked {
+            path: path.to_path_buf(),
+            links: meta.nlink(),
+            root: root_dir.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Opens the file `path` names for reading, confined as in [`confined_file`], and checks that the
@@ -156,6 +182,7 @@ pub(crate) fn open_confined(
             kind: kind_of(meta.file_type()),
         });
     }
+    single_link(path, root_dir, &meta)?;
     // Which file did the kernel open? A directory on the way swapped for a symlink after the
     // check shows here.
     use std::os::fd::AsRawFd;
@@ -277,6 +304,23 @@ mod tests {
             confined_file(&f.root, &f.root.join("alias.bin")).unwrap(),
             f.root.join("sub/model.bin")
         );
+    }
+
+    #[test]
+    fn a_hard_link_to_a_file_outside_is_refused() {
+        let f = fixture();
+        let link = f.root.join("sub/linked.bin");
+        std::fs::hard_link(f.base.join("outside/shadow"), &link).unwrap();
+        let err = confined_file(&f.root, &link).unwrap_err();
+        assert!(
+            matches!(err, ConfinementError::HardLinked { links: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("hard links"), "{err}");
+        assert!(matches!(
+            read_confined(&f.root, &link),
+            Err(ConfinementError::HardLinked { .. })
+        ));
     }
 
     #[test]
