@@ -814,3 +814,48 @@ fn a_flood_of_large_posts_is_bounded() {
     }
     assert_eq!(root.state("idle"), "RUNNING");
 }
+
+#[test]
+fn polling_events_with_since_pages_forward_without_gaps() {
+    let root = root_with(IDLE_DAEMON);
+    root.ok(&["start", "idle"]);
+    let a = addr(&root);
+    for i in 0..25 {
+        root.ok(&[
+            "emit",
+            "NEW_GAMES_AVAILABLE",
+            &format!(r#"{{"config_key":"hex8_2p","new_games":{i}}}"#),
+        ]);
+    }
+    let last = root.status()["events"]["last_seq"].as_u64().unwrap();
+    // Pages of 10 from the start: every event exactly once, oldest first.
+    let mut since = 0;
+    let mut seen: Vec<u64> = Vec::new();
+    for _ in 0..100 {
+        let (code, _, body) = request(&a, "GET", &format!("/events?since={since}&limit=10"), "");
+        assert_eq!(code, 200, "{body}");
+        let v = json(&body);
+        let page: Vec<u64> = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        assert!(page.len() <= 10);
+        seen.extend(&page);
+        match v["next_since"].as_u64() {
+            Some(next) => since = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=last).collect::<Vec<_>>());
+    // Without since: the newest `limit`.
+    let (_, _, body) = request(&a, "GET", "/events?limit=3", "");
+    let newest: Vec<u64> = json(&body)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(newest, vec![last - 2, last - 1, last]);
+}

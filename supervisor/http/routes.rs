@@ -315,11 +315,14 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
     // The listing is streamed by the core on a channel; collect it here.
     let (stream_tx, mut stream_rx) = crate::ipc::ConnTx::new(crate::ipc::CLI_QUEUE_BYTES);
     let (tx, rx) = oneshot::channel();
+    // With `since`, a page goes forward from it (oldest first, `limit` at most), so that polling
+    // with the last sequence number seen never skips anything; without it, the newest `limit`.
+    let paging_forward = q.since.is_some();
     let frame = ToSupervisor::Events {
         since: q.since,
         types: q.types,
         follow: false,
-        limit: Some(q.limit),
+        limit: (!paging_forward).then_some(q.limit),
     };
     if core
         .send(Msg::Request {
@@ -340,6 +343,11 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
             let mut events = Vec::new();
             while let Some(FromSupervisor::Event { event }) = stream_rx.try_frame() {
                 events.push(event);
+            }
+            let mut next_since = next_since;
+            if paging_forward && events.len() > q.limit {
+                events.truncate(q.limit);
+                next_since = events.last().map(|e| e.seq);
             }
             Response::json(
                 200,
