@@ -99,32 +99,32 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "auto_sync",
         purpose: "push-from-generator + gossip replication of game data",
-        build: crate::pipeline::sync::build,
+        build: crate::pipeline::auto_sync::build,
     },
     Entry {
         name: "ephemeral_sync",
         purpose: "aggressive 5 s sync for ephemeral hosts",
-        build: crate::pipeline::sync::build,
+        build: crate::pipeline::auto_sync::build,
     },
     Entry {
         name: "cluster_data_sync",
         purpose: "P2P mesh data sync",
-        build: crate::pipeline::cluster_sync::build,
+        build: crate::pipeline::cluster_data_sync::build,
     },
     Entry {
         name: "model_distribution",
         purpose: "model sync after promotion",
-        build: crate::pipeline::distribution::build,
+        build: crate::pipeline::model_distribution::build,
     },
     Entry {
         name: "training_trigger",
         purpose: "data threshold → training",
-        build: crate::pipeline::training::build,
+        build: crate::pipeline::training_trigger::build,
     },
     Entry {
         name: "auto_export",
         purpose: "games DB → NPZ export",
-        build: crate::pipeline::export::build,
+        build: crate::pipeline::auto_export::build,
     },
     Entry {
         name: "evaluation",
@@ -134,37 +134,37 @@ const CATALOG: [Entry; 15] = [
     Entry {
         name: "auto_promotion",
         purpose: "gauntlet → promotion",
-        build: crate::pipeline::promotion::build,
+        build: crate::pipeline::auto_promotion::build,
     },
     Entry {
         name: "unified_node_health",
         purpose: "centralized health checks",
-        build: crate::node_health::build,
+        build: crate::unified_node_health::build,
     },
     Entry {
         name: "quality_monitor",
         purpose: "data quality tracking",
-        build: crate::pipeline::quality::build,
+        build: crate::pipeline::quality_monitor::build,
     },
     Entry {
         name: "idle_resource",
         purpose: "spawn selfplay on idle GPUs",
-        build: crate::pipeline::idle::build,
+        build: crate::pipeline::idle_resource::build,
     },
     Entry {
         name: "unified_idle_shutdown",
         purpose: "cloud instance idle termination",
-        build: crate::idle_shutdown::build,
+        build: crate::unified_idle_shutdown::build,
     },
     Entry {
         name: "queue_populator",
         purpose: "maintain work queue",
-        build: crate::pipeline::queue::build,
+        build: crate::pipeline::queue_populator::build,
     },
     Entry {
         name: "selfplay_scheduler",
         purpose: "priority-based selfplay allocation",
-        build: crate::pipeline::scheduler::build,
+        build: crate::pipeline::selfplay_scheduler::build,
     },
     Entry {
         name: "job_reaper",
@@ -174,7 +174,7 @@ const CATALOG: [Entry; 15] = [
 ];
 
 fn job_reaper(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
-    Box::new(crate::reaper::JobReaperDaemon::default())
+    Box::new(crate::job_reaper::JobReaperDaemon::default())
 }
 
 /// Every daemon name the worker can run, in catalog order.

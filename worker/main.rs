@@ -6,11 +6,11 @@
 
 mod daemons;
 mod fault;
-mod idle_shutdown;
+mod unified_idle_shutdown;
 mod jobs;
-mod node_health;
+mod unified_node_health;
 mod pipeline;
-mod reaper;
+mod job_reaper;
 mod runtime;
 
 use std::process::ExitCode;
@@ -56,7 +56,7 @@ enum Command {
     /// Run the fault-injection worker (integration tests only)
     Fault(fault::FaultArgs),
     /// One JOB_REAPER pass over a root's process tree now (what `ringrift-supervisor reap` runs)
-    Reap(reaper::ReapArgs),
+    Reap(job_reaper::ReapArgs),
     /// Run one reference pipeline job (selfplay, export, train, gauntlet) and exit
     Job(jobs::JobArgs),
 }
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match (cli.command, cli.daemon) {
         (Some(Command::Fault(args)), _) => fault::main(args),
-        (Some(Command::Reap(args)), _) => reaper::main(args),
+        (Some(Command::Reap(args)), _) => job_reaper::main(args),
         (Some(Command::Job(args)), _) => jobs::main(args),
         (None, Some(daemon)) => run_daemon(&daemon),
         // clap requires one of the two.

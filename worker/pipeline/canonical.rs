@@ -149,7 +149,7 @@ mod tests {
     use ringrift::game::model::Model;
 
     use super::*;
-    use crate::pipeline::training;
+    use crate::pipeline::training_trigger;
 
     fn model(config: &GameConfig, bias: f32) -> Vec<u8> {
         let mut m = Model::zeros(config);

@@ -16,21 +16,21 @@
 //! (see [`confine`] and [`Pipeline::check_event_path`]).
 
 pub(crate) mod canonical;
-pub(crate) mod cluster_sync;
+pub(crate) mod cluster_data_sync;
 pub(crate) mod confine;
-pub(crate) mod distribution;
+pub(crate) mod model_distribution;
 pub(crate) mod evaluation;
-pub(crate) mod export;
+pub(crate) mod auto_export;
 pub(crate) mod games_db;
-pub(crate) mod idle;
-pub(crate) mod promotion;
-pub(crate) mod quality;
-pub(crate) mod queue;
+pub(crate) mod idle_resource;
+pub(crate) mod auto_promotion;
+pub(crate) mod quality_monitor;
+pub(crate) mod queue_populator;
 pub(crate) mod retry;
-pub(crate) mod scheduler;
+pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
-pub(crate) mod sync;
-pub(crate) mod training;
+pub(crate) mod auto_sync;
+pub(crate) mod training_trigger;
 pub(crate) mod work_queue;
 
 use std::collections::BTreeMap;
@@ -201,7 +201,7 @@ impl Pipeline {
     /// Checks that a model file is usable for `key` (see [`Pipeline::builtin_models`]).
     pub(crate) fn check_model(&self, path: &Path, key: &str) -> anyhow::Result<()> {
         if self.builtin_models() {
-            return training::check_model(path, key);
+            return training_trigger::check_model(path, key);
         }
         let len = std::fs::metadata(path)
             .with_context(|| format!("cannot read {}", path.display()))?

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
-use super::quality::count_completed;
+use super::quality_monitor::count_completed;
 use super::retry::{self, Failing};
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
@@ -773,7 +773,7 @@ impl Daemon for Scheduler {
                     let key = event.payload.get("config_key")?.as_str()?.to_string();
                     let claimed = event.payload.get("score")?.as_f64()?;
                     // The quality monitor's own state decides the score, not the event.
-                    let score = match super::quality::vouch(
+                    let score = match super::quality_monitor::vouch(
                         self.pipeline(),
                         &key,
                         &event.event_type,

@@ -17,7 +17,7 @@ use anyhow::Result;
 use ringrift::events::Event;
 use serde_json::Value;
 
-use super::scheduler::read_priorities;
+use super::selfplay_scheduler::read_priorities;
 use super::work_queue::WorkQueue;
 use super::{Pipeline, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};

@@ -34,7 +34,7 @@ use super::confine::{confined_file, read_confined};
 use super::evaluation::{
     Record, Results, candidate_key, candidate_name, candidates, eval_path, read_record,
 };
-use super::export::quarantine;
+use super::auto_export::quarantine;
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};

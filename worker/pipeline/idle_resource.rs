@@ -21,7 +21,7 @@ use ringrift::events::payload;
 use serde_json::Value;
 
 use super::games_db::Quarantined;
-use super::scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
+use super::selfplay_scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
 use super::{Pipeline, join_all, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::retry::{self, Failing};
-use super::scheduler::{keep_quarantined, last_error_line};
+use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
 };

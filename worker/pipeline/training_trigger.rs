@@ -10,7 +10,7 @@
 //!   broken trainer is not restarted every cycle.
 //! - Quality is an event-fed flag kept in the state file: a LOW_QUALITY_DATA_WARNING blocks the key
 //!   until a QUALITY_SCORE_UPDATED at or above the warning's threshold clears it. Each quality event
-//!   is checked against the quality monitor's own state file ([`super::quality::vouch`]) and the
+//!   is checked against the quality monitor's own state file ([`super::quality_monitor::vouch`]) and the
 //!   flag follows that file: an event it contradicts neither pauses nor resumes training.
 //! - NPZ_EXPORT_COMPLETE only says "look now": training reads data/training/<key>.npz, and an event
 //!   naming an export anywhere else is refused with TRAINING_FAILED.
@@ -32,7 +32,7 @@ use ringrift::game::npz::Dataset;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::export::{export_failing, quarantine};
+use super::auto_export::{export_failing, quarantine};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
 };
@@ -707,7 +707,7 @@ impl Daemon for TrainingTrigger {
                     let threshold = event.payload.get("threshold").and_then(Value::as_f64);
                     let before = self.key_state(&key).quality_low;
                     let after =
-                        match super::quality::vouch(&pipeline, &key, &event.event_type, score) {
+                        match super::quality_monitor::vouch(&pipeline, &key, &event.event_type, score) {
                             Err(why) => {
                                 let error = format!("refused {}: {why}", event.event_type);
                                 eprintln!("{NAME}: {key}: {error}");

@@ -26,7 +26,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::distribution::{
+use super::model_distribution::{
     Target, copy_local, copy_remote, parse_target, pass_backoff, retry_delay,
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};

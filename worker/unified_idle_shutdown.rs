@@ -15,7 +15,7 @@ use ringrift::protocol::SOCKET_ENV;
 use serde_json::json;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
-use crate::pipeline::idle::{CpuTimes, IdleTracker, cpu_percent, parse_proc_stat};
+use crate::pipeline::idle_resource::{CpuTimes, IdleTracker, cpu_percent, parse_proc_stat};
 use crate::runtime::Settings;
 
 const NAME: &str = "unified_idle_shutdown";
@@ -106,7 +106,7 @@ impl IdleShutdown {
             self.last_cpu = Some((c, t));
         }
         self.jobs = match &self.socket {
-            Some(s) => match crate::node_health::supervisor_status(s).await {
+            Some(s) => match crate::unified_node_health::supervisor_status(s).await {
                 Ok(r) => Some(r.jobs.len()),
                 Err(e) => {
                     self.error = Some(format!("cannot read the supervisor's jobs: {e:#}"));

@@ -28,8 +28,8 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::distribution::{SSH_OPTS, Target, pass_backoff, run};
-use super::sync::{Fingerprint, fingerprint, locations};
+use super::model_distribution::{SSH_OPTS, Target, pass_backoff, run};
+use super::auto_sync::{Fingerprint, fingerprint, locations};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::jobs::db::GamesDb;
@@ -590,7 +590,7 @@ impl Daemon for ClusterSync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::sync::tests::add_games;
+    use crate::pipeline::auto_sync::tests::add_games;
     use std::path::PathBuf;
 
     fn count(db: &Path, sql: &str) -> i64 {
