@@ -6,12 +6,12 @@
 
 mod daemons;
 mod fault;
-mod unified_idle_shutdown;
-mod jobs;
-mod unified_node_health;
-mod pipeline;
 mod job_reaper;
+mod jobs;
+mod pipeline;
 mod runtime;
+mod unified_idle_shutdown;
+mod unified_node_health;
 
 use std::process::ExitCode;
 

@@ -29,12 +29,12 @@ use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::auto_export::quarantine;
 use super::canonical::{Candidate, Layout, point_link, swap_in};
 use super::confine::{confined_file, read_confined};
 use super::evaluation::{
     Record, Results, candidate_key, candidate_name, candidates, eval_path, read_record,
 };
-use super::auto_export::quarantine;
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};

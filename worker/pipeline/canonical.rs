@@ -165,7 +165,7 @@ mod tests {
             mode: 0o644,
         };
         swap_in(&c, "hex6_2p", l, ms, &|copy| {
-            training::check_model(copy, "hex6_2p")
+            training_trigger::check_model(copy, "hex6_2p")
         })
     }
 

@@ -28,8 +28,8 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::model_distribution::{SSH_OPTS, Target, pass_backoff, run};
 use super::auto_sync::{Fingerprint, fingerprint, locations};
+use super::model_distribution::{SSH_OPTS, Target, pass_backoff, run};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::jobs::db::GamesDb;

@@ -26,8 +26,8 @@ use ringrift::events::{Event, parse_config_key, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::confine::{confined_file, read_confined, write_replace};
 use super::auto_export::quarantine;
+use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
 use super::{Pipeline, job_failure, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};

@@ -15,21 +15,21 @@
 //! A path named in an event is acted on only if it is a regular file in the step's own directory
 //! (see [`confine`] and [`Pipeline::check_event_path`]).
 
+pub(crate) mod auto_export;
+pub(crate) mod auto_promotion;
+pub(crate) mod auto_sync;
 pub(crate) mod canonical;
 pub(crate) mod cluster_data_sync;
 pub(crate) mod confine;
-pub(crate) mod model_distribution;
 pub(crate) mod evaluation;
-pub(crate) mod auto_export;
 pub(crate) mod games_db;
 pub(crate) mod idle_resource;
-pub(crate) mod auto_promotion;
+pub(crate) mod model_distribution;
 pub(crate) mod quality_monitor;
 pub(crate) mod queue_populator;
 pub(crate) mod retry;
 pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
-pub(crate) mod auto_sync;
 pub(crate) mod training_trigger;
 pub(crate) mod work_queue;
 

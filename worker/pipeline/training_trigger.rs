@@ -706,23 +706,25 @@ impl Daemon for TrainingTrigger {
                         .unwrap_or(0.0);
                     let threshold = event.payload.get("threshold").and_then(Value::as_f64);
                     let before = self.key_state(&key).quality_low;
-                    let after =
-                        match super::quality_monitor::vouch(&pipeline, &key, &event.event_type, score) {
-                            Err(why) => {
-                                let error = format!("refused {}: {why}", event.event_type);
-                                eprintln!("{NAME}: {key}: {error}");
-                                self.last_error = Some(format!(
-                                    "{} {key}: {error}",
-                                    ringrift::timefmt::now_rfc3339()
-                                ));
-                                return Some(self.report());
-                            }
-                            // The monitor's state decides, whatever the event claims.
-                            Ok(Some(v)) => {
-                                v.warned.then(|| v.threshold.or(threshold).unwrap_or(score))
-                            }
-                            Ok(None) => apply_quality(before, &event.event_type, score, threshold),
-                        };
+                    let after = match super::quality_monitor::vouch(
+                        &pipeline,
+                        &key,
+                        &event.event_type,
+                        score,
+                    ) {
+                        Err(why) => {
+                            let error = format!("refused {}: {why}", event.event_type);
+                            eprintln!("{NAME}: {key}: {error}");
+                            self.last_error = Some(format!(
+                                "{} {key}: {error}",
+                                ringrift::timefmt::now_rfc3339()
+                            ));
+                            return Some(self.report());
+                        }
+                        // The monitor's state decides, whatever the event claims.
+                        Ok(Some(v)) => v.warned.then(|| v.threshold.or(threshold).unwrap_or(score)),
+                        Ok(None) => apply_quality(before, &event.event_type, score, threshold),
+                    };
                     if after != before {
                         println!(
                             "{NAME}: {key}: {} (score {score}): training {}",
