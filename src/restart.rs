@@ -164,7 +164,8 @@ pub fn decide_after_exit(
     if recent >= s.max_restarts as usize {
         return ExitDecision::Fail {
             reason: format!(
-                "restarted {recent} times in {} (limit {}); last exit: {exit_desc}",
+                "restarted {recent} {} in {} (limit {}); last exit: {exit_desc}",
+                if recent == 1 { "time" } else { "times" },
                 fmt_secs(s.restart_window),
                 s.max_restarts
             ),

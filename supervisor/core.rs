@@ -441,7 +441,7 @@ impl Core {
                 let report = self.status_report();
                 let report = match name {
                     None => report,
-                    Some(n) => match self.config.resolve(&n) {
+                    Some(n) => match self.resolve_name(&n) {
                         Ok(n) => StatusReport {
                             daemons: report.daemons.into_iter().filter(|d| d.name == n).collect(),
                             ..report
@@ -554,11 +554,24 @@ impl Core {
     }
 
     /// Resolves user-typed names; unknown ones become failed results.
+    /// A user-typed name: one of the configuration, or one that a reload removed and that is still
+    /// shutting down (listed by `status`, so it can be stopped with `--force` or killed).
+    fn resolve_name(&self, name: &str) -> Result<String, String> {
+        self.config.resolve(name).or_else(|e| {
+            let n = ringrift::catalog::normalize(name);
+            if self.daemons.contains_key(&n) {
+                Ok(n)
+            } else {
+                Err(e)
+            }
+        })
+    }
+
     fn resolve(&self, names: &[String]) -> (Vec<String>, Vec<OpResult>) {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         for n in names {
-            match self.config.resolve(n) {
+            match self.resolve_name(n) {
                 Ok(n) => {
                     if !ok.contains(&n) {
                         ok.push(n)
@@ -2354,10 +2367,27 @@ impl Core {
                 });
             } else if let ReloadAction::InPlace(keys) = &action {
                 // Policy only: the next decision (restart, grace, watchdog) uses the new values.
+                // Readiness is judged once per process: a process already being checked (or
+                // already ready) keeps the condition it started with.
+                let (next_start, now): (Vec<&String>, Vec<&String>) = keys
+                    .iter()
+                    .partition(|k| matches!(k.as_str(), "ready" | "ready_timeout"));
+                let mut parts = Vec::new();
+                if !now.is_empty() {
+                    let now: Vec<&str> = now.iter().map(|k| k.as_str()).collect();
+                    parts.push(format!("changed {}: applied in place", now.join(", ")));
+                }
+                if !next_start.is_empty() {
+                    let later: Vec<&str> = next_start.iter().map(|k| k.as_str()).collect();
+                    parts.push(format!(
+                        "changed {}: used from its next start",
+                        later.join(", ")
+                    ));
+                }
                 results.push(OpResult {
                     name: name.clone(),
                     ok: true,
-                    message: format!("changed {}: applied in place", keys.join(", ")),
+                    message: parts.join("; "),
                 });
             } else if action == ReloadAction::JobTemplates {
                 results.push(OpResult {

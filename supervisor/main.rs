@@ -104,7 +104,7 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
-    /// Pause daemons: they stay alive but run no cycles (plain programs get SIGSTOP)
+    /// Pause daemons: they stay alive but run no cycles (plain programs are frozen: cgroup.freeze, else SIGSTOP)
     Pause {
         #[arg(required = true)]
         names: Vec<String>,

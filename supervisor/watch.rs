@@ -181,15 +181,33 @@ fn terminal_size() -> (usize, usize) {
 
 /// `text` as one screen line of at most `width` columns: control characters (a newline or an
 /// escape sequence in a payload would wreck the screen) become spaces, and a cut line ends in `…`.
-/// Counts characters, never bytes, so a multi-byte character is never split.
+/// Measures display columns (UAX #11: a CJK character or an emoji takes two), never bytes, so a
+/// multi-byte character is never split and a wide one never pushes the line past the edge.
 fn fit(text: &str, width: usize) -> String {
-    let clean = text.chars().map(|c| if c.is_control() { ' ' } else { c });
-    let mut out: String = clean.clone().take(width).collect();
-    if clean.count() > width {
-        out.pop();
+    use unicode_width::UnicodeWidthChar;
+    let clean: Vec<char> = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let cols = |c: &char| c.width().unwrap_or(0);
+    if clean.iter().map(cols).sum::<usize>() <= width {
+        return clean.into_iter().collect::<String>().trim_end().to_string();
+    }
+    // Cut: keep what fits in width - 1 columns, then the ellipsis (one column).
+    let mut out = String::new();
+    let mut used = 0;
+    for c in clean {
+        let w = cols(&c);
+        if used + w + 1 > width {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    if width > 0 {
         out.push('…');
     }
-    out.trim_end().to_string()
+    out
 }
 
 /// One frame for a `cols`×`rows` terminal: no line is wider than `cols` and there are at most
@@ -385,16 +403,36 @@ mod tests {
         .unwrap()
     }
 
+    fn display_width(s: &str) -> usize {
+        unicode_width::UnicodeWidthStr::width(s)
+    }
+
+    #[test]
+    fn wide_characters_are_measured_in_columns() {
+        for cols in [1, 2, 3, 10, 79, 80] {
+            for text in [
+                "全角文字".repeat(30),
+                "😀".repeat(50),
+                format!("a{}", "全".repeat(50)),
+            ] {
+                let line = fit(&text, cols);
+                assert!(display_width(&line) <= cols, "{line:?} wider than {cols}");
+                assert!(line.ends_with('…'), "{line:?}");
+            }
+        }
+        assert_eq!(fit("short", 80), "short");
+    }
+
     #[test]
     fn multi_byte_characters_at_every_cut_never_panic() {
         // A payload whose characters straddle every possible cut-off.
         for pad in 0..8 {
-            let text = format!("{}{}", "a".repeat(pad), "é€😀\u{1b}[2J\n".repeat(40));
+            let text = format!("{}{}", "a".repeat(pad), "é€😀全角\u{1b}[2J\n".repeat(40));
             let events = vec![event(1, json!({ "config_key": text }))];
             for cols in [20, 79, 80, 81, 200] {
                 let frame = render(&report(3), &events, &mut BTreeMap::new(), false, (cols, 24));
                 for line in frame.lines() {
-                    assert!(line.chars().count() <= cols, "{line:?} wider than {cols}");
+                    assert!(display_width(line) <= cols, "{line:?} wider than {cols}");
                     assert!(
                         !line.contains('\u{1b}'),
                         "escape reached the screen: {line:?}"
@@ -420,7 +458,7 @@ mod tests {
             assert!(!frame.ends_with('\n'), "a last newline would scroll");
             for l in &lines {
                 let l = l.trim_start_matches("\x1b[H\x1b[2J");
-                assert!(l.chars().count() <= 80, "{l:?}");
+                assert!(display_width(l) <= 80, "{l:?}");
             }
         }
         let frame = render(&report(40), &events, &mut BTreeMap::new(), false, (80, 24));

@@ -361,3 +361,29 @@ impl OutputAsync for std::process::Command {
             .expect("spawn the CLI")
     }
 }
+
+#[test]
+fn a_reload_of_the_ready_condition_says_it_applies_from_the_next_start() {
+    let entry = |after: &str| {
+        config(&[plain(
+            "p",
+            "exec sleep 1000",
+            &format!("    ready:\n      after: {after}\n"),
+        )])
+    };
+    let root = Root::with_config(&entry("200ms"));
+    root.ok(&["start", "p"]);
+    let pid = root.pid("p").unwrap();
+    root.write_config(&entry("300ms"));
+    let out = root.ok(&["reload"]);
+    assert!(
+        out.contains("changed ready: used from its next start"),
+        "{out}"
+    );
+    assert_eq!(
+        root.pid("p"),
+        Some(pid),
+        "no restart for a readiness change"
+    );
+    assert_eq!(root.state("p"), "RUNNING");
+}

@@ -154,3 +154,28 @@ fn watch_fits_80_columns_and_survives_multi_byte_payloads() {
     assert!(frame.contains("DATA_SYNC_FAILED"), "{frame}");
     assert!(frame.contains("a_daemon_with_a_long_name"), "{frame}");
 }
+
+#[test]
+fn a_removed_daemon_can_still_be_named_while_it_shuts_down() {
+    let stubborn = "  stubborn:\n    command: [\"sh\", \"-c\", \"trap '' TERM; exec sleep 1000\"]\n    grace_period: 60\n";
+    let root = Root::with_config(&format!(
+        "http:\n  enabled: false\ndaemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n{stubborn}"
+    ));
+    root.ok(&["start", "keep", "stubborn"]);
+    root.wait_state("stubborn", "RUNNING", T);
+    root.write_config(
+        "http:\n  enabled: false\ndaemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n",
+    );
+    root.ok(&["reload"]);
+    // It ignores SIGTERM: listed, SHUTTING_DOWN, for its 60 s grace period ...
+    let one = root.ok(&["status", "stubborn", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(v["daemons"][0]["state"], "SHUTTING_DOWN", "{v}");
+    // ... unless cut short by name.
+    let out = root.ok(&["stop", "--force", "stubborn"]);
+    assert!(out.contains("STOPPED"), "{out}");
+    assert!(wait_until(T, || {
+        root.run(&["status", "stubborn"]).status.code() == Some(2)
+    }));
+    assert_eq!(root.state("keep"), "RUNNING");
+}
