@@ -14,6 +14,7 @@ talks to loopback only. Writes bench/results/soak-latest.json.
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -238,6 +239,7 @@ def main():
         (out / "soak-latest.json").write_text(json.dumps(result, indent=2) + "\n")
     finally:
         subprocess.run([SUP, "--root", root, "shutdown", "--timeout", "30"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
