@@ -271,6 +271,11 @@ pub fn find(name: &str) -> Option<&'static DaemonSpec> {
     DAEMONS.iter().find(|d| d.name == name)
 }
 
+/// The config keys the built-in reference jobs (`ringrift-worker job selfplay|export|train|gauntlet`)
+/// can play: Hex on 8×8 and 6×6 boards, two players. `config check` holds a configuration that
+/// runs a built-in job to these; the game itself lives with the jobs (worker/jobs/game).
+pub const REFERENCE_CONFIG_KEYS: &[&str] = &["hex8_2p", "hex6_2p"];
+
 /// Longest daemon name, in bytes. A name becomes a file name (`logs/<name>.log`) and a label value.
 pub const MAX_NAME_LEN: usize = 64;
 

@@ -876,7 +876,7 @@ impl Validator<'_> {
             return;
         }
         for key in &pipeline.config_keys {
-            if !crate::game::CONFIG_KEYS.contains(&key.as_str()) {
+            if !crate::catalog::REFERENCE_CONFIG_KEYS.contains(&key.as_str()) {
                 self.problem(
                     &["pipeline", "config_keys"],
                     format!(
@@ -884,7 +884,7 @@ impl Validator<'_> {
                          configure jobs of your own for it under pipeline.jobs",
                         builtin.join(", "),
                         if builtin.len() == 1 { "" } else { "s" },
-                        crate::game::CONFIG_KEYS.join(", ")
+                        crate::catalog::REFERENCE_CONFIG_KEYS.join(", ")
                     ),
                 );
             }

@@ -9,7 +9,6 @@ pub mod cgroupfs;
 pub mod config;
 pub mod deps;
 pub mod events;
-pub mod game;
 pub mod lifecycle;
 pub mod limits;
 pub mod procfs;

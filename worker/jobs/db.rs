@@ -20,8 +20,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::jobs::game::{GameConfig, GameRecord};
 use anyhow::{Context, Result, bail};
-use ringrift::game::{GameConfig, GameRecord};
 use rusqlite::{Connection, OpenFlags, params};
 
 /// How long a writer waits for another connection's lock before giving up.
@@ -379,8 +379,8 @@ impl GamesDb {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ringrift::game::play_game;
-    use ringrift::game::rng::Rng;
+    use crate::jobs::game::play_game;
+    use crate::jobs::game::rng::Rng;
 
     fn hex6() -> GameConfig {
         GameConfig::parse("hex6_2p").unwrap()

@@ -188,12 +188,12 @@ mod tests {
     use super::*;
 
     fn games_db(path: &Path) {
-        let config = ringrift::game::GameConfig::parse("hex6_2p").unwrap();
-        let record = ringrift::game::play_game(
+        let config = crate::jobs::game::GameConfig::parse("hex6_2p").unwrap();
+        let record = crate::jobs::game::play_game(
             &config,
             [None, None],
             0.0,
-            &mut ringrift::game::rng::Rng::new(1),
+            &mut crate::jobs::game::rng::Rng::new(1),
         );
         super::super::db::GamesDb::create(path)
             .unwrap()

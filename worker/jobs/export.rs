@@ -12,9 +12,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::jobs::game::npz::Dataset;
+use crate::jobs::game::{GameConfig, samples};
 use anyhow::{Context, Result};
-use ringrift::game::npz::Dataset;
-use ringrift::game::{GameConfig, samples};
 use serde_json::{Value, json};
 
 use super::db::{GamesDb, Skipped};
@@ -132,8 +132,8 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
-    use ringrift::game::rng::Rng;
-    use ringrift::game::{GameRecord, play_game};
+    use crate::jobs::game::rng::Rng;
+    use crate::jobs::game::{GameRecord, play_game};
 
     use super::super::db::NewGame;
     use super::*;

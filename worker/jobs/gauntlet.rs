@@ -10,10 +10,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::jobs::game::model::Model;
+use crate::jobs::game::rng::Rng;
+use crate::jobs::game::{GameConfig, play_game};
 use anyhow::{Context, Result};
-use ringrift::game::model::Model;
-use ringrift::game::rng::Rng;
-use ringrift::game::{GameConfig, play_game};
 use serde_json::{Value, json};
 
 use super::{GameArgs, parse_probability, round6, write_atomic};

@@ -12,6 +12,10 @@
 pub(crate) mod db;
 pub(crate) mod db_health;
 mod export;
+/// The reference workload the jobs play and learn (Hex, the linear model, NPZ, the PRNG): a small
+/// library of its own, kept whole even where the jobs use only part of it (its tests use the rest).
+#[allow(dead_code)]
+pub(crate) mod game;
 pub(crate) use export::summary_path as export_summary_path;
 mod gauntlet;
 mod selfplay;
@@ -21,8 +25,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::jobs::game::GameConfig;
 use anyhow::{Context, Result};
-use ringrift::game::GameConfig;
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -179,7 +183,7 @@ pub(crate) fn fresh_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    let mut rng = ringrift::game::rng::Rng::new(
+    let mut rng = crate::jobs::game::rng::Rng::new(
         nanos ^ (u64::from(std::process::id()) << 32) ^ call.rotate_right(7),
     );
     rng.next_u64()

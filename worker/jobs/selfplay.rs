@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::jobs::game::model::Model;
+use crate::jobs::game::rng::Rng;
+use crate::jobs::game::{GameConfig, GameRecord, play_game};
 use anyhow::{Context, Result};
-use ringrift::game::model::Model;
-use ringrift::game::rng::Rng;
-use ringrift::game::{GameConfig, GameRecord, play_game};
 use ringrift::timefmt::now_rfc3339;
 use serde_json::{Value, json};
 

@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::jobs::game::GameConfig;
+use crate::jobs::game::model::{Model, TrainOptions};
+use crate::jobs::game::npz::Dataset;
 use anyhow::{Context, Result, bail, ensure};
-use ringrift::game::GameConfig;
-use ringrift::game::model::{Model, TrainOptions};
-use ringrift::game::npz::Dataset;
 use serde_json::{Value, json};
 
 use super::{GameArgs, round6, write_atomic};
@@ -125,8 +125,8 @@ pub(crate) fn run(config: &GameConfig, args: &TrainArgs) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
-    use ringrift::game::rng::Rng;
-    use ringrift::game::{play_game, samples};
+    use crate::jobs::game::rng::Rng;
+    use crate::jobs::game::{play_game, samples};
 
     use super::*;
 

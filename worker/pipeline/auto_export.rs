@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::jobs::game::npz::Dataset;
 use anyhow::Context;
 use ringrift::events::{Event, payload};
-use ringrift::game::npz::Dataset;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -673,9 +673,9 @@ impl Daemon for AutoExport {
 
 #[cfg(test)]
 mod tests {
-    use ringrift::game::GameConfig;
-    use ringrift::game::rng::Rng;
-    use ringrift::game::{play_game, samples};
+    use crate::jobs::game::GameConfig;
+    use crate::jobs::game::rng::Rng;
+    use crate::jobs::game::{play_game, samples};
 
     use super::*;
     use crate::pipeline::save_state;

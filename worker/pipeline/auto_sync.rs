@@ -481,7 +481,7 @@ impl Daemon for AutoSync {
 pub(crate) mod tests {
     use super::*;
     use crate::jobs::db::{GamesDb, NewGame};
-    use ringrift::game::{GameConfig, play_game, rng::Rng};
+    use crate::jobs::game::{GameConfig, play_game, rng::Rng};
 
     /// A games DB at `path` with `n` more games of hex6_2p.
     pub(crate) fn add_games(path: &Path, n: usize, seed: u64) {

@@ -145,8 +145,8 @@ pub(super) fn swap_in(
 
 #[cfg(test)]
 mod tests {
-    use ringrift::game::GameConfig;
-    use ringrift::game::model::Model;
+    use crate::jobs::game::GameConfig;
+    use crate::jobs::game::model::Model;
 
     use super::*;
     use crate::pipeline::training_trigger;

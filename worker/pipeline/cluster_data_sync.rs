@@ -638,7 +638,7 @@ mod tests {
         // Moves came along, in order, and the source names the peer's id.
         let db = GamesDb::open_existing(&local).unwrap();
         assert_eq!(
-            db.completed_games(&ringrift::game::GameConfig::parse("hex6_2p").unwrap(), 0)
+            db.completed_games(&crate::jobs::game::GameConfig::parse("hex6_2p").unwrap(), 0)
                 .unwrap()
                 .games
                 .len(),

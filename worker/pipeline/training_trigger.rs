@@ -24,11 +24,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use crate::jobs::game::GameConfig;
+use crate::jobs::game::model::Model;
+use crate::jobs::game::npz::Dataset;
 use anyhow::Context;
 use ringrift::events::{Event, payload};
-use ringrift::game::GameConfig;
-use ringrift::game::model::Model;
-use ringrift::game::npz::Dataset;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

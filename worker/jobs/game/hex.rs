@@ -146,7 +146,7 @@ impl Hex {
     }
 
     /// The player to move (1 or 2); still alternates after the game ended.
-    pub fn to_move(&self) -> u8 {
+    pub fn side_to_move(&self) -> u8 {
         self.to_move
     }
 
@@ -390,14 +390,14 @@ mod tests {
         );
         assert_eq!(h, before);
         assert_eq!(h.cell(7), 1);
-        assert_eq!(h.to_move(), 2);
+        assert_eq!(h.side_to_move(), 2);
         assert_eq!(h.legal_move_count(), 35);
         assert!(h.legal_moves().all(|c| c != 7));
     }
 
     #[test]
     fn every_full_random_game_has_exactly_one_winner() {
-        let mut rng = crate::game::rng::Rng::new(11);
+        let mut rng = crate::jobs::game::rng::Rng::new(11);
         for n in [2, 3, 6, 8] {
             for _ in 0..200 {
                 let mut h = Hex::new(n);
@@ -426,7 +426,7 @@ mod tests {
             &[cell(n, 0, 2), cell(n, 1, 2), cell(n, 2, 2)],
             &[cell(n, 4, 2), cell(n, 7, 7)],
         );
-        assert_eq!(h.to_move(), 2);
+        assert_eq!(h.side_to_move(), 2);
         assert_eq!(h.distance(1), Some(5));
         assert_eq!(h.distance(2), Some(7));
     }

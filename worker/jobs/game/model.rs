@@ -312,7 +312,7 @@ pub fn choose_move(pos: &Hex, model: Option<&Model>, epsilon: f32, rng: &mut Rng
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::game::{GameConfig, play_game, samples};
+    use crate::jobs::game::{GameConfig, play_game, samples};
 
     fn hex8() -> GameConfig {
         GameConfig::parse("hex8_2p").unwrap()

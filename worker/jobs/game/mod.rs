@@ -17,8 +17,9 @@ use self::hex::{Hex, MoveError};
 use self::model::{Model, choose_move};
 use self::rng::Rng;
 
-/// The config keys this build can play: `hex<side>_2p`.
-pub const CONFIG_KEYS: &[&str] = &["hex8_2p", "hex6_2p"];
+/// The config keys this build can play: `hex<side>_2p` (the library's list, which `config check`
+/// holds configurations to).
+pub const CONFIG_KEYS: &[&str] = ringrift::catalog::REFERENCE_CONFIG_KEYS;
 
 /// What a config key names: the board and the number of players.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +76,7 @@ pub fn play_game(
     let mut pos = Hex::new(config.size);
     let mut moves = Vec::with_capacity(pos.cells());
     while pos.winner().is_none() {
-        let model = players[usize::from(pos.to_move() - 1)];
+        let model = players[usize::from(pos.side_to_move() - 1)];
         let cell = choose_move(&pos, model, epsilon, rng);
         pos.play(cell).expect("the policy picks legal moves");
         moves.push(cell as u8);
@@ -112,7 +113,11 @@ pub fn samples(
     let winner = pos.winner().ok_or(ReplayError::Unfinished)?;
     let mut pos = Hex::new(config.size);
     for &cell in moves {
-        let outcome = if pos.to_move() == winner { 1.0 } else { -1.0 };
+        let outcome = if pos.side_to_move() == winner {
+            1.0
+        } else {
+            -1.0
+        };
         sample(&pos.features(), outcome);
         pos.play(usize::from(cell)).expect("replayed above");
     }
