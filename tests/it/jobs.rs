@@ -1,12 +1,10 @@
 //! Issue 3: jobs owned by the supervisor, JOB_REAPER (the `reap` command and the daemon), and the
 //! second-Ctrl-C escalation.
 
-mod common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 

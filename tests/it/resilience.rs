@@ -2,11 +2,9 @@
 //! parent-death signal, leftovers of an earlier supervisor, SIGHUP reload and log floods — with the
 //! fault-injection worker (`ringrift-worker fault`) as the misbehaving daemon.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 

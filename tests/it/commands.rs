@@ -1,13 +1,11 @@
 //! Issue 2: start/stop/restart/pause, dependency order, status, logs, configuration errors,
 //! IPC robustness — with the real binaries in temporary roots.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 

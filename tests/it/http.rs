@@ -2,15 +2,13 @@
 //! (writes need the bearer token in run/http.token), and no input exhausts the supervisor (heads,
 //! bodies and connections are bounded).
 
-mod common;
-
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);

@@ -2,11 +2,9 @@
 //! training, evaluation, promotion — observable in events, logs and data files; killing pipeline
 //! daemons mid-loop delays it but loses no step.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Generous: the loop takes seconds here, but CI machines are busy.

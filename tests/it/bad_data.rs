@@ -3,12 +3,10 @@
 //! a game row with an impossible winner is skipped and counted by export while training goes on;
 //! a step that keeps failing is retried with growing delays, and training says why no data comes.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const KEY: &str = "hex8_2p";

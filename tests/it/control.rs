@@ -2,11 +2,9 @@
 //! watchdogs that do not count the supervisor's own sleep, readiness for plain programs, and reload
 //! at the right depth — with the real binaries and short timings.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -1,13 +1,11 @@
 //! Games move between nodes: A's auto_sync pushes snapshots of its games DB to a shared directory,
 //! B's cluster_data_sync merges them into its own games DB, once.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);

@@ -5,13 +5,11 @@
 //! The cgroup tests run with cgroups where a cgroup v2 hierarchy is writable and say so when they
 //! fall back; the fallback itself is tested with `containment: process-group`.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -1,11 +1,9 @@
 //! Issue 10, "configuration means what it says": `config check` refuses what the worker would not
 //! use as written, and what it accepts reaches the daemons and jobs exactly as written.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 

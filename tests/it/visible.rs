@@ -2,11 +2,9 @@
 //! directory, daemons removed by reload, an HTTP port already taken, and `watch` on a small
 //! terminal, each with the real binaries.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 

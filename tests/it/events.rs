@@ -1,11 +1,9 @@
 //! Issue 4: events between daemon processes — typed, durable, delivered at least once.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);

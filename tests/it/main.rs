@@ -1,0 +1,18 @@
+//! The integration tests: one binary (one link step), a module per area, shared helpers in
+//! `common`. Every test starts the real binaries in a temporary root and stops what it started.
+
+mod common;
+
+mod bad_data;
+mod commands;
+mod config;
+mod containment;
+mod control;
+mod events;
+mod http;
+mod jobs;
+mod pipeline;
+mod pipeline_jobs;
+mod resilience;
+mod sync;
+mod visible;
