@@ -1311,32 +1311,10 @@ impl Core {
                 };
                 if let Some(log) = &d.log {
                     if let Some(out) = child.stdout.take() {
-                        match &watch {
-                            Some(w) => tokio::spawn(logwriter::pump(
-                                crate::readiness::WatchOutput::new(out, w.clone()),
-                                logwriter::Stream::Out,
-                                log.clone(),
-                            )),
-                            None => tokio::spawn(logwriter::pump(
-                                out,
-                                logwriter::Stream::Out,
-                                log.clone(),
-                            )),
-                        };
+                        spawn_pump(out, logwriter::Stream::Out, log, watch.as_ref());
                     }
                     if let Some(err) = child.stderr.take() {
-                        match &watch {
-                            Some(w) => tokio::spawn(logwriter::pump(
-                                crate::readiness::WatchOutput::new(err, w.clone()),
-                                logwriter::Stream::Err,
-                                log.clone(),
-                            )),
-                            None => tokio::spawn(logwriter::pump(
-                                err,
-                                logwriter::Stream::Err,
-                                log.clone(),
-                            )),
-                        };
+                        spawn_pump(err, logwriter::Stream::Err, log, watch.as_ref());
                     }
                 }
                 let daemon = name.to_string();
@@ -2481,6 +2459,25 @@ impl Daemon {
 }
 
 /// The one place a daemon's state changes: checked against the lifecycle rules and logged.
+/// Copies a child's output into its log, through the `ready: {log: ...}` watch when there is one.
+fn spawn_pump<R>(
+    reader: R,
+    stream: logwriter::Stream,
+    log: &SharedLog,
+    watch: Option<&crate::readiness::SharedWatch>,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    match watch {
+        Some(w) => tokio::spawn(logwriter::pump(
+            crate::readiness::WatchOutput::new(reader, w.clone()),
+            stream,
+            log.clone(),
+        )),
+        None => tokio::spawn(logwriter::pump(reader, stream, log.clone())),
+    };
+}
+
 fn set_state(log: &SupervisorLog, name: &str, d: &mut Daemon, to: DaemonState) {
     if d.state == to {
         return;
