@@ -1,0 +1,176 @@
+//! Worker connections: hello, state reports, heartbeats, job requests, emits, subscriptions, acks.
+
+use super::*;
+
+impl Core {
+    /// A hello on the socket pair made for spawn `generation` of `name`: the connection is the
+    /// proof of identity, so all that is left to check is that this spawn is still the current one.
+    pub(super) fn worker_hello(
+        &mut self,
+        name: &str,
+        generation: u64,
+        conn_id: u64,
+        tx: ConnTx,
+    ) -> Result<serde_json::Value, String> {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return Err(format!("unknown daemon '{name}'"));
+        };
+        if d.generation != generation || d.pid.is_none() {
+            return Err(format!(
+                "daemon {name}'s process of this connection is gone (state {})",
+                d.state
+            ));
+        }
+        if d.conn.is_some() {
+            return Err(format!("daemon {name} is already connected"));
+        }
+        d.conn = Some((conn_id, tx));
+        d.last_heartbeat = Some(Instant::now());
+        Ok(d.cfg.settings.clone())
+    }
+
+    pub(super) fn worker_frame(&mut self, name: &str, conn_id: u64, frame: ToSupervisor) {
+        let Some(d) = self.daemons.get_mut(name) else {
+            return;
+        };
+        if d.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
+            return;
+        }
+        match frame {
+            ToSupervisor::State { state, message } => {
+                if let Some(m) = message {
+                    d.health.message = m;
+                }
+                let Some(to) = lifecycle::apply_report(d.state, state) else {
+                    self.log.warn(&format!(
+                        "{name}: ignored report {state:?} while {}",
+                        d.state
+                    ));
+                    return;
+                };
+                if to == d.state {
+                    return;
+                }
+                if to == DaemonState::ShuttingDown && d.intent == Intent::None {
+                    // The daemon decided to stop by itself: treat its exit as a stop, not a crash.
+                    d.intent = Intent::Stop;
+                }
+                let was = d.state;
+                set_state(&self.log, name, d, to);
+                if to == DaemonState::ShuttingDown && d.state == to {
+                    // Its grace period starts with the report, like any stop's: a worker that says
+                    // it is shutting down and then hangs is killed at its end.
+                    let (generation, grace) = (d.generation, d.cfg.grace_period);
+                    self.schedule(name, generation, TimerKind::Grace, grace);
+                    return;
+                }
+                if to == DaemonState::Running && was == DaemonState::Paused {
+                    d.last_progress_change = Instant::now();
+                }
+                if to == DaemonState::Running && was == DaemonState::Initializing {
+                    let now = Instant::now();
+                    d.running_since = Some(now);
+                    d.last_heartbeat = Some(now);
+                    d.last_progress_change = now;
+                    let (generation, timeout) = (
+                        d.generation,
+                        d.cfg
+                            .heartbeat_timeout
+                            .min(d.cfg.stall_timeout.unwrap_or(Duration::MAX)),
+                    );
+                    self.schedule(name, generation, TimerKind::Watchdog, timeout);
+                }
+            }
+            ToSupervisor::Heartbeat { health, progress } => {
+                let now = Instant::now();
+                d.last_heartbeat = Some(now);
+                if progress != d.progress {
+                    d.last_progress_change = now;
+                }
+                d.health = health;
+                d.progress = progress;
+                if let Some(since) = d.running_since {
+                    d.history
+                        .note_stable(since - self.started, now - self.started, &d.cfg.restart);
+                }
+            }
+            ToSupervisor::SpawnJob {
+                request_id,
+                command,
+                max_runtime_secs,
+                env,
+            } => {
+                self.spawn_job(name, request_id, command, max_runtime_secs, env);
+            }
+            ToSupervisor::Emit {
+                event_type,
+                payload,
+                ..
+            } => {
+                let name = name.to_string();
+                if let Err((code, e)) =
+                    self.publish_from(Origin::Daemon(&name), &event_type, payload)
+                {
+                    self.log.warn(&format!("{name}: event refused: {e}"));
+                    self.send_to_worker(&name, error(code, &e));
+                }
+            }
+            ToSupervisor::Subscribe { event_types } => {
+                let tx = self
+                    .daemons
+                    .get(name)
+                    .and_then(|d| d.conn.as_ref().map(|(_, tx)| tx.clone()));
+                if let Some(tx) = tx {
+                    match self.events.subscribe(name, &event_types, tx) {
+                        Ok(()) => self
+                            .log
+                            .info(&format!("{name}: subscribed to {}", event_types.join(", "))),
+                        Err(e) => {
+                            self.log.warn(&format!("{name}: {e}"));
+                            self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
+                        }
+                    }
+                }
+            }
+            ToSupervisor::Ack { seq } => self.events.ack(name, seq),
+            other => {
+                self.log.warn(&format!(
+                    "{name}: unexpected frame {} from a worker",
+                    frame_name(&other)
+                ));
+                if let Some(d) = self.daemons.get(name)
+                    && let Some((_, tx)) = &d.conn
+                {
+                    let _ = tx.send(error(
+                        protocol::ErrorCode::UnexpectedFrame,
+                        &format!("{} is not a worker frame", frame_name(&other)),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Publishes an event for `origin` after checking that it may emit that type
+    /// (`ringrift::events::may_emit`); the event's `source` is the origin, never what a sender claims.
+    pub(super) fn publish_from(
+        &mut self,
+        origin: Origin<'_>,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<Arc<ringrift::events::Event>, (protocol::ErrorCode, String)> {
+        if let Some(spec) = ringrift::events::find(&ringrift::events::normalize(event_type))
+            && let Err(e) = ringrift::events::may_emit(spec, origin)
+        {
+            return Err((protocol::ErrorCode::Forbidden, e.0));
+        }
+        self.events
+            .publish(event_type, payload, origin.as_str())
+            .map_err(|e| (protocol::ErrorCode::BadRequest, e))
+    }
+
+    pub(super) fn send_to_worker(&self, name: &str, frame: FromSupervisor) {
+        if let Some((_, tx)) = self.daemons.get(name).and_then(|d| d.conn.as_ref()) {
+            let _ = tx.send(frame);
+        }
+    }
+}
