@@ -11,6 +11,7 @@ pub mod deps;
 pub mod events;
 pub mod lifecycle;
 pub mod limits;
+pub mod plan;
 pub mod procfs;
 pub mod protocol;
 pub mod readiness;

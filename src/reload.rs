@@ -15,7 +15,10 @@
 
 use serde_json::Value;
 
+use std::collections::BTreeMap;
+
 use crate::config::DaemonConfig;
+use crate::lifecycle::DaemonState;
 
 /// Keys of a daemon entry that apply to a running process without restarting it.
 pub const POLICY_KEYS: &[&str] = &[
@@ -98,6 +101,114 @@ pub fn classify(old: &DaemonConfig, new: &DaemonConfig) -> ReloadAction {
     } else {
         ReloadAction::Unchanged
     }
+}
+
+/// What a reload does to one daemon, as the supervisor carries it out and reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Gone from the configuration: stopped, and forgotten once at rest.
+    Removed,
+    /// New in the configuration; `start` when it is enabled.
+    Added { start: bool },
+    /// Was enabled, is not: stopped.
+    Disabled,
+    /// Was disabled and at rest, is enabled: started.
+    Enabled,
+    /// Only policy keys changed. `now` apply to the running process; `next_start` (readiness,
+    /// which is judged once per process) from its next start.
+    InPlace {
+        now: Vec<String>,
+        next_start: Vec<String>,
+    },
+    /// Only the job templates changed: used from the daemon's next start, no restart.
+    JobTemplates,
+    /// Process keys changed (listed) and it has a live process: restarted.
+    Restart(Vec<String>),
+    /// Changed, and nothing to do now (no process to restart, or already shutting down).
+    Changed,
+}
+
+impl Change {
+    /// The line `reload` prints for the daemon; None for a daemon added disabled (nothing happens).
+    pub fn message(&self) -> Option<String> {
+        Some(match self {
+            Change::Removed => "removed: stopping".into(),
+            Change::Added { start: false } => return None,
+            Change::Added { start: true } => "added: starting".into(),
+            Change::Disabled => "disabled: stopping".into(),
+            Change::Enabled => "enabled: starting".into(),
+            Change::InPlace { now, next_start } => {
+                let mut parts = Vec::new();
+                if !now.is_empty() {
+                    parts.push(format!("changed {}: applied in place", now.join(", ")));
+                }
+                if !next_start.is_empty() {
+                    parts.push(format!(
+                        "changed {}: used from its next start",
+                        next_start.join(", ")
+                    ));
+                }
+                parts.join("; ")
+            }
+            Change::JobTemplates => {
+                "job templates changed: used from its next start (no restart)".into()
+            }
+            Change::Restart(keys) => format!("changed {}: restarting", keys.join(", ")),
+            Change::Changed => "changed".into(),
+        })
+    }
+}
+
+/// A daemon as the supervisor runs it when a reload comes: its configuration and its state.
+#[derive(Debug, Clone, Copy)]
+pub struct Running<'a> {
+    pub config: &'a DaemonConfig,
+    pub state: DaemonState,
+}
+
+/// What a reload changes: for every daemon running now (`current`, including ones a previous
+/// reload removed that are still stopping) and every daemon of the `new` configuration, the
+/// [`Change`] to carry out. Unchanged daemons are left out. Order: removed, then added, then
+/// changed, each by name.
+pub fn plan(
+    current: &BTreeMap<String, Running<'_>>,
+    new: &BTreeMap<String, DaemonConfig>,
+) -> Vec<(String, Change)> {
+    let mut out = Vec::new();
+    for name in current.keys().filter(|n| !new.contains_key(*n)) {
+        out.push((name.clone(), Change::Removed));
+    }
+    for (name, cfg) in new.iter().filter(|(n, _)| !current.contains_key(*n)) {
+        out.push((name.clone(), Change::Added { start: cfg.enabled }));
+    }
+    for (name, now) in current {
+        let Some(new_cfg) = new.get(name) else {
+            continue;
+        };
+        let old = now.config;
+        if old == new_cfg {
+            continue;
+        }
+        let change = match classify(old, new_cfg) {
+            _ if old.enabled && !new_cfg.enabled => Change::Disabled,
+            _ if !old.enabled && new_cfg.enabled && now.state.is_at_rest() => Change::Enabled,
+            ReloadAction::InPlace(keys) => {
+                let (next_start, now): (Vec<String>, Vec<String>) = keys
+                    .into_iter()
+                    .partition(|k| matches!(k.as_str(), "ready" | "ready_timeout"));
+                Change::InPlace { now, next_start }
+            }
+            ReloadAction::JobTemplates => Change::JobTemplates,
+            ReloadAction::Restart(keys)
+                if now.state.has_process() && now.state != DaemonState::ShuttingDown =>
+            {
+                Change::Restart(keys)
+            }
+            _ => Change::Changed,
+        };
+        out.push((name.clone(), change));
+    }
+    out
 }
 
 /// The settings without `pipeline.jobs`, and `pipeline.jobs` alone.
@@ -206,5 +317,87 @@ mod tests {
             ),
             ReloadAction::InPlace(_)
         ));
+    }
+
+    fn cfg_named(name: &str, entry: &str) -> DaemonConfig {
+        let mut c = daemon(entry);
+        c.name = name.into();
+        c
+    }
+
+    #[test]
+    fn a_reload_plan_names_each_daemon_once_in_order() {
+        let (a, b, c, d, e) = (
+            cfg_named("a", ""),
+            cfg_named("b", ""),
+            cfg_named("c", ""),
+            cfg_named("d", "    enabled: false\n"),
+            cfg_named("e", ""),
+        );
+        let running = |config, state| Running { config, state };
+        let current: BTreeMap<String, Running> = [
+            ("a".to_string(), running(&a, DaemonState::Running)),
+            ("b".to_string(), running(&b, DaemonState::Running)),
+            ("c".to_string(), running(&c, DaemonState::Stopped)),
+            ("d".to_string(), running(&d, DaemonState::Stopped)),
+            ("e".to_string(), running(&e, DaemonState::Running)),
+        ]
+        .into();
+        let new: BTreeMap<String, DaemonConfig> = [
+            cfg_named("b", "    env:\n      A: b\n"),
+            cfg_named("c", "    env:\n      A: b\n"),
+            cfg_named("d", ""),
+            cfg_named("e", "    grace_period: 3\n    ready:\n      after: 2s\n"),
+            cfg_named("f", "    enabled: false\n"),
+            cfg_named("g", ""),
+        ]
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+        let plan = plan(&current, &new);
+        let lines: Vec<(String, Option<String>)> =
+            plan.iter().map(|(n, c)| (n.clone(), c.message())).collect();
+        let line = |n: &str, m: Option<&str>| (n.to_string(), m.map(str::to_string));
+        assert_eq!(
+            lines,
+            [
+                line("a", Some("removed: stopping")),
+                line("f", None),
+                line("g", Some("added: starting")),
+                line("b", Some("changed env: restarting")),
+                line("c", Some("changed")),
+                line("d", Some("enabled: starting")),
+                line(
+                    "e",
+                    Some(
+                        "changed grace_period: applied in place; changed ready: used from its next start"
+                    )
+                ),
+            ]
+        );
+        assert_eq!(plan[1].1, Change::Added { start: false });
+    }
+
+    #[test]
+    fn disabling_wins_over_any_other_change() {
+        let old = cfg_named("a", "");
+        let current = [(
+            "a".to_string(),
+            Running {
+                config: &old,
+                state: DaemonState::Running,
+            },
+        )]
+        .into();
+        let new = [(
+            "a".to_string(),
+            cfg_named("a", "    enabled: false\n    env:\n      A: b\n"),
+        )]
+        .into();
+        assert_eq!(plan(&current, &new), [("a".to_string(), Change::Disabled)]);
+        assert_eq!(
+            Change::JobTemplates.message().unwrap(),
+            "job templates changed: used from its next start (no restart)"
+        );
     }
 }

@@ -16,12 +16,12 @@ use ringrift::config::{Config, DaemonConfig};
 use ringrift::deps;
 use ringrift::events::Origin;
 use ringrift::lifecycle::{self, DaemonState};
+use ringrift::plan;
 use ringrift::protocol::{
     self, DaemonStatus, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
     ToSupervisor,
 };
 use ringrift::readiness::Ready;
-use ringrift::reload::ReloadAction;
 use ringrift::restart::{self, ExitDecision, ExitKind, Jitter, RestartHistory};
 use ringrift::watchdog::{LagDetector, Verdict};
 use tokio::sync::{mpsc, oneshot};
@@ -369,21 +369,10 @@ impl Core {
         });
     }
 
-    fn settle(&mut self) {
-        let graph = self.config.graph();
-        // Stops: dependents first.
-        let queued: Vec<String> = self
-            .daemons
-            .iter()
-            .filter(|(_, d)| d.stop_queued)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in queued {
-            let blocked = deps::dependents_of(&graph, &name).iter().any(|dep| {
-                let d = &self.daemons[*dep];
-                d.stop_queued || d.state.has_process()
-            });
-            if !blocked {
+    /// Carries out one step of `ringrift::plan::settle`.
+    fn carry_out(&mut self, step: plan::Step) {
+        match step {
+            plan::Step::Stop(name) => {
                 let d = self.daemons.get_mut(&name).expect("known");
                 d.stop_queued = false;
                 if d.intent != Intent::Restart {
@@ -391,52 +380,48 @@ impl Core {
                 }
                 self.begin_stop(&name);
             }
+            // Checked again: an earlier step of the pass may have moved it (a failed spawn).
+            plan::Step::Spawn(name) if self.daemons[&name].state == DaemonState::Waiting => {
+                self.spawn(&name)
+            }
+            plan::Step::Wait { name, reason } => {
+                self.daemons.get_mut(&name).expect("known").reason = Some(reason);
+            }
+            plan::Step::GiveUp { name, reason }
+                if self.daemons[&name].state == DaemonState::Waiting =>
+            {
+                self.log.warn(&format!("{name}: {reason}"));
+                let d = self.daemons.get_mut(&name).expect("known");
+                d.reason = Some(reason);
+                set_state(&self.log, &name, d, DaemonState::Stopped);
+            }
+            plan::Step::Spawn(_) | plan::Step::GiveUp { .. } => {}
         }
-        // Starts: dependencies first.
-        if self.shutting_down.is_none() {
-            let waiting: Vec<String> = deps::start_order(
-                &graph,
-                &self
-                    .daemons
-                    .iter()
-                    .filter(|(_, d)| d.state == DaemonState::Waiting)
-                    .map(|(n, _)| n.clone())
-                    .collect(),
-            );
-            for name in waiting {
-                let unmet: Vec<String> = deps::unmet(&graph, &name, |n| {
-                    self.daemons[n].state.satisfies_dependents()
-                })
+    }
+
+    fn settle(&mut self) {
+        let graph = self.config.graph();
+        // Ask `ringrift::plan::settle`, carry out its steps, ask again until nothing moves: a
+        // spawn can make a dependent startable at once, a failed one leaves it unable to start.
+        for _ in 0..=self.daemons.len() + 1 {
+            let view: BTreeMap<String, plan::View> = self
+                .daemons
                 .iter()
-                .map(|s| s.to_string())
+                .map(|(n, d)| {
+                    let v = plan::View {
+                        state: d.state,
+                        stop_queued: d.stop_queued,
+                    };
+                    (n.clone(), v)
+                })
                 .collect();
-                if unmet.is_empty() {
-                    self.spawn(&name);
-                    continue;
-                }
-                let waiting_for = format!(
-                    "waiting for {} to be ready",
-                    unmet
-                        .iter()
-                        .map(|n| format!("{n} ({})", self.daemons[n.as_str()].state))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                self.daemons.get_mut(&name).expect("known").reason = Some(waiting_for);
-                // A dependency that will not come up by itself leaves this one unable to start.
-                if let Some(dead) = unmet
-                    .iter()
-                    .find(|n| self.daemons[n.as_str()].state.is_at_rest())
-                {
-                    let why = format!(
-                        "not started: dependency {dead} is {}",
-                        self.daemons[dead.as_str()].state
-                    );
-                    let d = self.daemons.get_mut(&name).expect("known");
-                    d.reason = Some(why.clone());
-                    self.log.warn(&format!("{name}: {why}"));
-                    set_state(&self.log, &name, d, DaemonState::Stopped);
-                }
+            let steps = plan::settle(&graph, &view, self.shutting_down.is_none());
+            let again = plan::moves(&steps);
+            for step in steps {
+                self.carry_out(step);
+            }
+            if !again {
+                break;
             }
         }
         self.resolve_waiters();

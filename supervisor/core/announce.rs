@@ -27,91 +27,35 @@ impl Core {
         }
     }
 
-    /// DAEMON_STARTED / DAEMON_STOPPED / DAEMON_FAILED for every state change since the last look.
+    /// DAEMON_STARTED / DAEMON_STOPPED / DAEMON_FAILED for every state change since the last look
+    /// (which ones: `ringrift::plan::announcements`).
     pub(super) fn announce(&mut self) {
         let mut out = Vec::new();
         for d in self.daemons.values_mut() {
             let (was, now) = (d.announced, d.state);
             let respawned = d.generation != d.announced_generation;
-            d.announced_generation = d.generation;
-            if was == now && !respawned {
-                continue;
-            }
             d.announced = now;
-            let name = d.cfg.name.clone();
-            // A process that died and was replaced before this look (a restart without delay):
-            // its end is announced all the same.
-            if respawned
-                && matches!(was, DaemonState::Running | DaemonState::Paused)
-                && now == DaemonState::Initializing
-            {
-                out.push((
-                    "DAEMON_STOPPED",
-                    ringrift::events::payload([
-                        ("daemon", name.clone().into()),
-                        (
-                            "last_exit",
-                            d.last_exit
-                                .clone()
-                                .map(Into::into)
-                                .unwrap_or(serde_json::Value::Null),
-                        ),
-                        (
-                            "reason",
-                            d.reason
-                                .clone()
-                                .map(Into::into)
-                                .unwrap_or(serde_json::Value::Null),
-                        ),
-                    ]),
-                ));
-            }
-            match now {
-                DaemonState::Running if was != DaemonState::Paused => out.push((
-                    "DAEMON_STARTED",
-                    ringrift::events::payload([
+            d.announced_generation = d.generation;
+            for a in plan::announcements(was, now, respawned) {
+                let name = d.cfg.name.clone();
+                let text =
+                    |v: &Option<String>| v.clone().map_or(serde_json::Value::Null, Into::into);
+                let payload = match a {
+                    plan::Announcement::Started => ringrift::events::payload([
                         ("daemon", name.into()),
                         ("pid", d.pid.unwrap_or(0).into()),
                     ]),
-                )),
-                DaemonState::Stopped | DaemonState::Backoff
-                    if matches!(
-                        was,
-                        DaemonState::Running
-                            | DaemonState::Paused
-                            | DaemonState::ShuttingDown
-                            | DaemonState::Initializing
-                    ) =>
-                {
-                    out.push((
-                        "DAEMON_STOPPED",
-                        ringrift::events::payload([
-                            ("daemon", name.into()),
-                            (
-                                "last_exit",
-                                d.last_exit
-                                    .clone()
-                                    .map(Into::into)
-                                    .unwrap_or(serde_json::Value::Null),
-                            ),
-                            (
-                                "reason",
-                                d.reason
-                                    .clone()
-                                    .map(Into::into)
-                                    .unwrap_or(serde_json::Value::Null),
-                            ),
-                        ]),
-                    ))
-                }
-                DaemonState::Failed => out.push((
-                    "DAEMON_FAILED",
-                    ringrift::events::payload([
+                    plan::Announcement::Stopped => ringrift::events::payload([
+                        ("daemon", name.into()),
+                        ("last_exit", text(&d.last_exit)),
+                        ("reason", text(&d.reason)),
+                    ]),
+                    plan::Announcement::Failed => ringrift::events::payload([
                         ("daemon", name.into()),
                         ("reason", d.reason.clone().unwrap_or_default().into()),
                     ]),
-                )),
-                _ => {}
+                };
+                out.push((a.event_type(), payload));
             }
         }
         for (t, p) in out {
