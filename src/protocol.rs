@@ -1,8 +1,11 @@
 //! Every type that crosses `run/supervisor.sock`.
 //!
 //! The wire format is newline-delimited JSON: one object per line, tagged by `"type"` in snake_case.
-//! The first frame from any client (worker or CLI) is [`ToSupervisor::Hello`]; the supervisor answers
-//! [`FromSupervisor::Welcome`] or an [`FromSupervisor::Error`] and closes. Frames longer than
+//! The first frame from any client (worker or CLI) is a [`Hello`] ([`Opening`]); the supervisor
+//! answers [`FromSupervisor::Welcome`] or an [`FromSupervisor::Error`] and closes. After it, two
+//! vocabularies: a worker speaks [`WorkerFrame`]s on the connection it inherited at spawn, a CLI
+//! client (or the HTTP server) asks [`Request`]s on the control socket. Every answer the supervisor
+//! gives is a [`FromSupervisor`]; a refusal carries an [`ErrorCode`] the CLI maps to its exit code. Frames longer than
 //! [`MAX_FRAME_BYTES`] are refused.
 
 use std::collections::BTreeMap;
@@ -65,119 +68,210 @@ pub struct Health {
     pub details: BTreeMap<String, Value>,
 }
 
-/// Frames sent to the supervisor, by workers and by the CLI.
+/// The first frame of every connection, worker or CLI: `{"type":"hello",...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ToSupervisor {
-    Hello {
-        protocol: u32,
-        role: Role,
-        /// The daemon a worker runs (workers only).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        daemon: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pid: Option<u32>,
-    },
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Opening {
+    Hello(Hello),
+}
 
-    // ---- worker → supervisor
-    State {
-        state: ReportedState,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        message: Option<String>,
-    },
-    Heartbeat {
-        health: Health,
-        /// Monotonic counters (cycles run, items processed, ...): the stall watchdog watches them move.
-        #[serde(default)]
-        progress: BTreeMap<String, u64>,
-    },
-    /// Publish an event (workers and the CLI). Validated against the catalog in `ringrift::events`.
-    Emit {
-        event_type: String,
-        payload: Value,
-        /// Ignored, kept so that older clients' frames still decode: the supervisor stamps the
-        /// origin itself (the daemon's name, "cli" or "http"), a sender cannot choose it.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        source: Option<String>,
-    },
-    /// The event types this worker wants; replaces any earlier subscription. Events not yet acked
-    /// (including those emitted while the daemon was down) are delivered again.
-    Subscribe {
-        event_types: Vec<String>,
-    },
-    /// Every event up to and including `seq` has been handled.
-    Ack {
-        seq: u64,
-    },
-    /// Ask the supervisor to run a command as a job it owns (own process group, logs/jobs/<id>.log).
-    SpawnJob {
-        /// Chosen by the worker; echoed in `job_started` and `job_exit`.
-        request_id: u64,
-        command: Vec<String>,
-        /// The job is stopped (SIGTERM, grace, SIGKILL to its group) after this many seconds.
-        max_runtime_secs: f64,
-        #[serde(default)]
-        env: BTreeMap<String, String>,
-    },
+/// Who is speaking and which protocol version it speaks. The supervisor answers
+/// [`FromSupervisor::Welcome`] or an [`FromSupervisor::Error`] and closes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub protocol: u32,
+    pub role: Role,
+    /// The daemon a worker runs (workers only; its connection already says which, so a name
+    /// that differs is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
 
-    // ---- CLI → supervisor
-    Start {
-        #[serde(default)]
-        names: Vec<String>,
-        #[serde(default)]
-        all: bool,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        profile: Option<String>,
-        /// Answer at once instead of waiting until the daemons are RUNNING.
-        #[serde(default)]
-        no_wait: bool,
-    },
-    Stop {
-        #[serde(default)]
-        names: Vec<String>,
-        #[serde(default)]
-        all: bool,
-        /// Skip the grace period: SIGKILL to each process group at once (dependents too).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-        force: bool,
-    },
-    /// Stop daemons by a signal of the caller's choice (SIGKILL when None), sent at once instead of
-    /// the shutdown frame and SIGTERM; a group still alive after the grace period gets SIGKILL.
-    Kill {
-        names: Vec<String>,
-        /// A signal name (`TERM`, `SIGINT`) or number; None: SIGKILL.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        signal: Option<String>,
-    },
-    Restart {
-        names: Vec<String>,
-    },
-    Pause {
-        names: Vec<String>,
-    },
-    Resume {
-        names: Vec<String>,
-    },
-    Status {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        name: Option<String>,
-    },
-    /// The event stream (CLI): events after `since`, of `types` (all when empty); with `follow`
-    /// the connection then stays open and receives new events as they are accepted.
-    Events {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        since: Option<u64>,
-        #[serde(default)]
-        types: Vec<String>,
-        #[serde(default)]
-        follow: bool,
-        /// Only the most recent `limit` matching events. Either way an answer is one page (at
-        /// most 1,000 events), oldest first; `EndOfEvents::next_since` says where the next begins.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<usize>,
-    },
+/// What a worker says on its own connection, after its hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerFrame {
+    State(StateReport),
+    Heartbeat(Heartbeat),
+    Emit(Emit),
+    Subscribe(Subscribe),
+    Ack(Ack),
+    SpawnJob(SpawnJob),
+}
+
+/// The worker's own view of its state (`lifecycle::apply_report` decides what the supervisor
+/// makes of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateReport {
+    pub state: ReportedState,
+    /// Shown as the daemon's health message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Sent every `heartbeat_interval` seconds; its absence for `heartbeat_timeout` seconds is a hang.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub health: Health,
+    /// Monotonic counters (cycles run, items processed, ...): the stall watchdog watches them move.
+    #[serde(default)]
+    pub progress: BTreeMap<String, u64>,
+}
+
+/// Publish an event (workers, the CLI and HTTP). Validated against the catalog in
+/// `ringrift::events`, and against who may emit the type (`events::may_emit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Emit {
+    pub event_type: String,
+    pub payload: Value,
+    /// Ignored, kept so that older clients' frames still decode: the supervisor stamps the
+    /// origin itself (the daemon's name, "cli" or "http"), a sender cannot choose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The event types this worker wants; replaces any earlier subscription. Events not yet acked
+/// (including those emitted while the daemon was down) are delivered again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    pub event_types: Vec<String>,
+}
+
+/// Every event up to and including `seq` has been handled.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub seq: u64,
+}
+
+/// Ask the supervisor to run a command as a job it owns (own process group or cgroup,
+/// logs/jobs/<id>.log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnJob {
+    /// Chosen by the worker; echoed in `job_started` and `job_exit`.
+    pub request_id: u64,
+    pub command: Vec<String>,
+    /// The job is stopped (SIGTERM, grace, SIGKILL to its group) after this many seconds.
+    pub max_runtime_secs: f64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What the CLI (and the HTTP server, for its routes) asks the supervisor, after the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Start(StartRequest),
+    Stop(StopRequest),
+    Kill(KillRequest),
+    Restart(Targets),
+    Pause(Targets),
+    Resume(Targets),
+    Status(StatusRequest),
+    Events(EventsRequest),
+    Emit(Emit),
     Reload,
     Shutdown,
+}
+
+/// Start daemons (and what they depend on); answered when they are RUNNING or cannot be.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Every enabled daemon.
+    #[serde(default)]
+    pub all: bool,
+    /// The daemons of a profile of the configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Answer at once instead of waiting until the daemons are RUNNING.
+    #[serde(default)]
+    pub no_wait: bool,
+}
+
+/// Stop daemons (and their dependents, first); answered when they are STOPPED.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+    /// Skip the grace period: SIGKILL to each process group at once (dependents too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+/// Stop daemons by a signal of the caller's choice (SIGKILL when None), sent at once instead of
+/// the shutdown frame and SIGTERM; a group still alive after the grace period gets SIGKILL.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    pub names: Vec<String>,
+    /// A signal name (`TERM`, `SIGINT`) or number; None: SIGKILL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// The daemons a restart, pause or resume is about.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    pub names: Vec<String>,
+}
+
+/// The status of every daemon, or of one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// The event stream: events after `since`, of `types` (all when empty); with `follow` the
+/// connection then stays open and receives new events as they are accepted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    #[serde(default)]
+    pub types: Vec<String>,
+    #[serde(default)]
+    pub follow: bool,
+    /// Only the most recent `limit` matching events. Either way an answer is one page (at
+    /// most 1,000 events), oldest first; `EndOfEvents::next_since` says where the next begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl Request {
+    /// The frame's `type`, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Start(_) => "start",
+            Request::Stop(_) => "stop",
+            Request::Kill(_) => "kill",
+            Request::Restart(_) => "restart",
+            Request::Pause(_) => "pause",
+            Request::Resume(_) => "resume",
+            Request::Status(_) => "status",
+            Request::Events(_) => "events",
+            Request::Emit(_) => "emit",
+            Request::Reload => "reload",
+            Request::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Frames sent by the supervisor.
@@ -247,28 +341,86 @@ pub enum FromSupervisor {
     Status(StatusReport),
 }
 
+/// Why the supervisor refused a frame or a request, or could not do it for one daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The hello's protocol version is not [`PROTOCOL_VERSION`].
     ProtocolMismatch,
+    /// A frame that is not JSON, or not a frame of this vocabulary.
     BadFrame,
+    /// A frame longer than [`MAX_FRAME_BYTES`].
     FrameTooLarge,
+    /// A frame that is well formed but not expected here (a CLI hello on a worker's connection,
+    /// a second hello from the same process).
     UnexpectedFrame,
+    /// A daemon name that the configuration does not have.
     UnknownDaemon,
+    /// A request that cannot be carried out as asked (nothing named, an unknown profile, signal
+    /// or event type, a payload that does not match its schema).
     BadRequest,
+    /// The supervisor is shutting down and takes no new work.
     ShuttingDown,
+    /// The configuration file could not be loaded (reload).
     Config,
     /// The sender may not do this (an event type it does not own, a worker hello on the control socket).
     Forbidden,
     /// The supervisor is at its connection cap; try again later.
     Busy,
+    /// The request was carried out, and the daemon did not reach the state asked for (it failed,
+    /// stopped, or was still on its way at the request's deadline).
+    Failed,
 }
 
+impl ErrorCode {
+    /// True for codes that mean the caller asked for something wrong (a usage error), as opposed
+    /// to a request that was right but did not work out.
+    pub fn is_usage(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnknownDaemon | ErrorCode::BadRequest | ErrorCode::Config
+        )
+    }
+}
+
+/// What became of one daemon of a request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpResult {
+    /// The daemon (empty for a result about the request as a whole).
     pub name: String,
     pub ok: bool,
+    /// Its state now (`RUNNING (pid 42)`), or what went wrong.
     pub message: String,
+    /// Why it failed (absent when `ok`; absent from supervisors older than this field, which the
+    /// CLI reads as [`ErrorCode::Failed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+}
+
+impl OpResult {
+    /// A daemon that reached what was asked.
+    pub fn done(name: impl Into<String>, message: impl Into<String>) -> OpResult {
+        OpResult {
+            name: name.into(),
+            ok: true,
+            message: message.into(),
+            code: None,
+        }
+    }
+
+    /// A daemon for which the request failed, and why.
+    pub fn failed(
+        name: impl Into<String>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> OpResult {
+        OpResult {
+            name: name.into(),
+            ok: false,
+            message: message.into(),
+            code: Some(code),
+        }
+    }
 }
 
 /// What `status --json` prints and `GET /daemon/status` returns.
@@ -368,6 +520,172 @@ pub struct DaemonStatus {
     pub containment_problems: Vec<String>,
 }
 
+/// A daemon's health at a glance: what `status`, `watch` and `GET /daemon/health/NAME` show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// RUNNING or PAUSED, and either reporting itself healthy or an external program (which has
+    /// no health reporting: alive is all there is to know).
+    pub healthy: bool,
+    /// One word: the daemon's own (`ok`, `degraded`, `idle`) while it runs, else its state in
+    /// lower case (`backoff`, `failed`).
+    pub status: String,
+    /// The daemon's own message while it runs; else why it is where it is (the reason, how its
+    /// last process ended, or `disabled`); empty when there is nothing to add to the state.
+    pub message: String,
+}
+
+impl DaemonStatus {
+    /// The one summary of this daemon's health (see [`Summary`]).
+    pub fn summary(&self) -> Summary {
+        let alive = matches!(self.state, DaemonState::Running | DaemonState::Paused);
+        if alive {
+            return Summary {
+                healthy: self.health.healthy || self.kind == "external",
+                status: self.health.status.clone(),
+                message: self.health.message.clone(),
+            };
+        }
+        let message = if self.state.has_process() && !self.health.message.is_empty() {
+            // INITIALIZING or SHUTTING_DOWN: what the process itself last said.
+            self.health.message.clone()
+        } else if let Some(reason) = &self.reason {
+            reason.clone()
+        } else if self.state.has_process() {
+            String::new()
+        } else if let Some(exit) = &self.last_exit {
+            format!("last process: {exit}")
+        } else if !self.enabled {
+            "disabled".into()
+        } else {
+            String::new()
+        };
+        Summary {
+            healthy: false,
+            status: self.state.as_str().to_ascii_lowercase(),
+            message,
+        }
+    }
+}
+
+/// Splits a byte stream into frames: newline-delimited, at most [`MAX_FRAME_BYTES`] each. The one
+/// framing rule of every reader (the supervisor's connections, the worker's, the CLI's); the
+/// reading itself is left to the caller, sync or async, which hands over what it has read.
+///
+/// An oversized frame is dropped as it arrives (memory stays bounded) and reported once its
+/// newline comes, with its length, so the stream stays usable.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    /// Bytes of the current frame dropped for being over the limit.
+    oversized: usize,
+    /// The current frame has been handed out: the next byte starts a new one.
+    handed_out: bool,
+}
+
+impl FrameReader {
+    pub fn new() -> FrameReader {
+        FrameReader::default()
+    }
+
+    /// Takes bytes from `available` up to and including the first newline. Returns how many
+    /// bytes were used (consume that many) and, when a frame ended, the frame (without its
+    /// newline) or why it is refused. Call again with the rest.
+    pub fn feed(&mut self, available: &[u8]) -> (usize, Option<Result<&[u8], FrameError>>) {
+        self.start_over_if_handed_out();
+        let (chunk, used, ended) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], i + 1, true),
+            None => (available, available.len(), false),
+        };
+        if self.oversized > 0 || self.buf.len() + chunk.len() > MAX_FRAME_BYTES {
+            self.oversized += self.buf.len() + chunk.len();
+            self.buf.clear();
+            self.buf.shrink_to(64 * 1024);
+        } else {
+            self.buf.extend_from_slice(chunk);
+        }
+        if !ended {
+            return (used, None);
+        }
+        self.handed_out = true;
+        (used, Some(self.frame()))
+    }
+
+    /// At the end of the stream: the unterminated last frame, if there is one.
+    pub fn finish(&mut self) -> Option<Result<&[u8], FrameError>> {
+        self.start_over_if_handed_out();
+        if self.buf.is_empty() && self.oversized == 0 {
+            return None;
+        }
+        self.handed_out = true;
+        Some(self.frame())
+    }
+
+    /// Reads the next frame from an async reader: Ok(None) at the end of the stream. Cancel-safe
+    /// (in `select!`): bytes already read stay in the reader.
+    pub async fn read_async<R>(
+        &mut self,
+        r: &mut R,
+    ) -> std::io::Result<Option<Result<&[u8], FrameError>>>
+    where
+        R: tokio::io::AsyncBufRead + Unpin,
+    {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let available = r.fill_buf().await?;
+            if available.is_empty() {
+                return Ok(self.finish());
+            }
+            let (used, frame) = self.feed(available);
+            let ended = frame.is_some();
+            r.consume(used);
+            if ended {
+                return Ok(self.last_frame());
+            }
+        }
+    }
+
+    /// Reads the next frame from a blocking reader: Ok(None) at the end of the stream. A read
+    /// timeout of the underlying socket comes back as its io::Error (WouldBlock or TimedOut).
+    pub fn read_blocking<R: std::io::BufRead>(
+        &mut self,
+        r: &mut R,
+    ) -> std::io::Result<Option<Result<&[u8], FrameError>>> {
+        loop {
+            let available = r.fill_buf()?;
+            if available.is_empty() {
+                return Ok(self.finish());
+            }
+            let (used, frame) = self.feed(available);
+            let ended = frame.is_some();
+            r.consume(used);
+            if ended {
+                return Ok(self.last_frame());
+            }
+        }
+    }
+
+    /// The frame the last [`feed`](Self::feed) or [`finish`](Self::finish) handed out, again
+    /// (for callers that must release their reader before they look at it); None if none was.
+    pub fn last_frame(&self) -> Option<Result<&[u8], FrameError>> {
+        self.handed_out.then(|| self.frame())
+    }
+
+    fn start_over_if_handed_out(&mut self) {
+        if self.handed_out {
+            self.handed_out = false;
+            self.buf.clear();
+            self.oversized = 0;
+        }
+    }
+
+    fn frame(&self) -> Result<&[u8], FrameError> {
+        match self.oversized {
+            0 => Ok(&self.buf),
+            n => Err(FrameError::TooLarge(n)),
+        }
+    }
+}
+
 /// Errors reading a frame off the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -383,6 +701,17 @@ pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, FrameError
         return Err(FrameError::TooLarge(line.len()));
     }
     serde_json::from_slice(line).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// The `type` of a frame that is a JSON object with a string `type`, whatever else it holds: for
+/// messages about frames that do not decode as what was expected.
+pub fn frame_type(line: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    serde_json::from_slice::<Typed>(line).ok().map(|t| t.kind)
 }
 
 /// Serializes one frame, newline included.
@@ -445,12 +774,12 @@ mod tests {
 
     #[test]
     fn hello_round_trips_with_type_tag() {
-        let hello = ToSupervisor::Hello {
+        let hello = Opening::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Worker,
             daemon: Some("auto_sync".into()),
             pid: Some(42),
-        };
+        });
         let bytes = encode(&hello);
         let text = std::str::from_utf8(&bytes).unwrap();
         assert!(
@@ -458,22 +787,24 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with('\n'));
-        let back: ToSupervisor = decode(&bytes[..bytes.len() - 1]).unwrap();
+        let back: Opening = decode(&bytes[..bytes.len() - 1]).unwrap();
         assert_eq!(back, hello);
     }
 
     #[test]
     fn unknown_type_and_fields_are_refused() {
-        assert!(decode::<ToSupervisor>(br#"{"type":"explode"}"#).is_err());
-        assert!(decode::<ToSupervisor>(br#"{"type":"stop","names":[],"bogus":1}"#).is_err());
-        assert!(decode::<ToSupervisor>(b"not json").is_err());
+        assert!(decode::<Request>(br#"{"type":"explode"}"#).is_err());
+        assert!(decode::<Request>(br#"{"type":"stop","names":[],"bogus":1}"#).is_err());
+        assert!(decode::<Request>(b"not json").is_err());
+        assert!(decode::<WorkerFrame>(br#"{"type":"ack","seq":1,"bogus":1}"#).is_err());
+        assert!(decode::<Opening>(br#"{"type":"hello","protocol":1,"role":"cli","x":1}"#).is_err());
     }
 
     #[test]
     fn oversized_frames_are_refused_before_parsing() {
         let big = vec![b' '; MAX_FRAME_BYTES + 1];
         assert!(matches!(
-            decode::<ToSupervisor>(&big),
+            decode::<Request>(&big),
             Err(FrameError::TooLarge(_))
         ));
     }
@@ -499,5 +830,135 @@ mod tests {
         assert_eq!(encode(&FromSupervisor::Pause), b"{\"type\":\"pause\"}\n");
         let back: FromSupervisor = decode(br#"{"type":"shutdown"}"#).unwrap();
         assert_eq!(back, FromSupervisor::Shutdown);
+    }
+
+    #[test]
+    fn frames_split_at_newlines_across_reads() {
+        let mut r = FrameReader::new();
+        let (used, f) = r.feed(b"{\"a\"");
+        assert_eq!((used, f.is_none()), (4, true));
+        let (used, f) = r.feed(b":1}\n{\"b\":2}\n");
+        assert_eq!(used, 4);
+        assert_eq!(f.unwrap().unwrap(), b"{\"a\":1}");
+        let (used, f) = r.feed(b"{\"b\":2}\n");
+        assert_eq!((used, f.unwrap().unwrap()), (8, &b"{\"b\":2}"[..]));
+        assert!(r.finish().is_none());
+        r.feed(b"tail");
+        assert_eq!(r.finish().unwrap().unwrap(), b"tail");
+        assert!(r.finish().is_none());
+    }
+
+    #[test]
+    fn an_oversized_frame_is_dropped_counted_and_the_next_one_reads() {
+        let mut r = FrameReader::new();
+        let big = vec![b'x'; MAX_FRAME_BYTES];
+        assert!(r.feed(&big).1.is_none());
+        assert!(r.feed(b"yy").1.is_none());
+        assert!(r.buf.capacity() <= 64 * 1024, "memory stays bounded");
+        match r.feed(b"z\n").1 {
+            Some(Err(FrameError::TooLarge(n))) => assert_eq!(n, MAX_FRAME_BYTES + 3),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.feed(b"{}\n").1.unwrap().unwrap(), b"{}");
+    }
+
+    #[test]
+    fn requests_and_worker_frames_are_separate_vocabularies() {
+        let stop: Request = decode(br#"{"type":"stop","names":["a"],"all":false}"#).unwrap();
+        assert_eq!(
+            stop,
+            Request::Stop(StopRequest {
+                names: vec!["a".into()],
+                ..Default::default()
+            })
+        );
+        assert_eq!(stop.name(), "stop");
+        assert!(decode::<WorkerFrame>(br#"{"type":"stop","names":[]}"#).is_err());
+        assert!(decode::<Request>(br#"{"type":"ack","seq":1}"#).is_err());
+        let ack: WorkerFrame = decode(br#"{"type":"ack","seq":3}"#).unwrap();
+        assert_eq!(ack, WorkerFrame::Ack(Ack { seq: 3 }));
+        assert_eq!(encode(&Request::Reload), b"{\"type\":\"reload\"}\n");
+        let emit = encode(&Request::Emit(Emit {
+            event_type: "X".into(),
+            payload: serde_json::json!({}),
+            source: None,
+        }));
+        assert_eq!(
+            emit,
+            b"{\"type\":\"emit\",\"event_type\":\"X\",\"payload\":{}}\n"
+        );
+    }
+
+    #[test]
+    fn an_op_result_without_a_code_still_decodes() {
+        let r: OpResult = serde_json::from_str(r#"{"name":"a","ok":false,"message":"m"}"#).unwrap();
+        assert_eq!(r.code, None);
+        let f = OpResult::failed("a", ErrorCode::UnknownDaemon, "unknown daemon 'a'");
+        let text = serde_json::to_string(&f).unwrap();
+        assert!(text.contains(r#""code":"unknown_daemon""#), "{text}");
+        assert!(
+            !serde_json::to_string(&OpResult::done("a", "RUNNING"))
+                .unwrap()
+                .contains("code")
+        );
+        assert!(ErrorCode::UnknownDaemon.is_usage() && !ErrorCode::Failed.is_usage());
+    }
+
+    fn daemon(state: DaemonState) -> DaemonStatus {
+        DaemonStatus {
+            name: "d".into(),
+            state,
+            enabled: true,
+            kind: "worker".into(),
+            pid: None,
+            uptime_secs: None,
+            restarts: 0,
+            health: Health::default(),
+            heartbeat_age_secs: None,
+            progress: BTreeMap::new(),
+            depends_on: vec![],
+            last_exit: None,
+            reason: None,
+            cpu_secs: None,
+            rss_bytes: None,
+            subscriptions: vec![],
+            event_backlog: 0,
+            containment: None,
+            containment_problems: vec![],
+        }
+    }
+
+    #[test]
+    fn one_summary_of_a_daemon() {
+        let mut d = daemon(DaemonState::Running);
+        d.health = Health {
+            healthy: true,
+            status: "ok".into(),
+            message: "3 cycles".into(),
+            details: BTreeMap::new(),
+        };
+        let s = d.summary();
+        assert!(s.healthy);
+        assert_eq!((s.status.as_str(), s.message.as_str()), ("ok", "3 cycles"));
+        d.state = DaemonState::Backoff;
+        d.reason = Some("exit 1".into());
+        let s = d.summary();
+        assert!(!s.healthy);
+        assert_eq!(
+            (s.status.as_str(), s.message.as_str()),
+            ("backoff", "exit 1")
+        );
+        let mut d = daemon(DaemonState::Stopped);
+        d.last_exit = Some("signal 15 (SIGTERM)".into());
+        assert_eq!(d.summary().message, "last process: signal 15 (SIGTERM)");
+        let mut d = daemon(DaemonState::Stopped);
+        d.enabled = false;
+        assert_eq!(d.summary().message, "disabled");
+        let mut d = daemon(DaemonState::Running);
+        d.kind = "external".into();
+        assert!(
+            d.summary().healthy,
+            "an external program has no health to report"
+        );
     }
 }

@@ -1,16 +1,16 @@
 //! The client side of every command: talk to the supervisor over its socket (booting it when
 //! needed) and print what happened in a form a person can read at a glance.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ringrift::lifecycle::DaemonState;
 use ringrift::protocol::{
-    self, ErrorCode, FromSupervisor, PROTOCOL_VERSION, Role, StatusReport, ToSupervisor,
+    self, ErrorCode, EventsRequest, FrameReader, FromSupervisor, Hello, Opening, PROTOCOL_VERSION,
+    Request, Role, StatusReport,
 };
 
 use crate::paths::Paths;
@@ -23,6 +23,7 @@ pub(crate) const EXIT_NOT_RUNNING: i32 = 3;
 pub(crate) struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    frames: FrameReader,
     /// The supervisor's answer to our hello has been read.
     welcomed: bool,
 }
@@ -30,7 +31,54 @@ pub(crate) struct Client {
 pub(crate) enum ConnectError {
     /// Nothing listens: no supervisor on this root.
     NotRunning,
-    Other(String),
+    Other(ClientError),
+}
+
+/// What went wrong talking to the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot send to the supervisor: {0}")]
+    Send(std::io::Error),
+    #[error("cannot read from the supervisor: {0}")]
+    Read(std::io::Error),
+    #[error("the supervisor closed the connection")]
+    Closed,
+    #[error("no answer from the supervisor within {0}s")]
+    Timeout(u64),
+    #[error("bad answer from the supervisor: {0}")]
+    BadAnswer(protocol::FrameError),
+    #[error("the supervisor refused this client: {0}")]
+    Refused(String),
+    #[error("unexpected answer to hello: {0}")]
+    UnexpectedHello(String),
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// Why a supervisor could not be started in the background.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BootError {
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot find this program: {0}")]
+    Exe(std::io::Error),
+    #[error("cannot start the supervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// It exited before answering; `reason` is its first words (boot.log), or where to look.
+    #[error("the supervisor exited during start-up ({status}): {reason}")]
+    Exited { status: String, reason: String },
+    #[error("the supervisor did not answer on {socket} within 15s; see {log}")]
+    NoAnswer { socket: String, log: String },
 }
 
 impl Client {
@@ -45,89 +93,89 @@ impl Client {
             {
                 return Err(ConnectError::NotRunning);
             }
-            Err(e) => {
-                return Err(ConnectError::Other(format!(
-                    "cannot connect to {}: {e}",
-                    paths.socket.display()
-                )));
+            Err(source) => {
+                return Err(ConnectError::Other(ClientError::Connect {
+                    path: paths.socket.display().to_string(),
+                    source,
+                }));
             }
         };
         let writer = stream
             .try_clone()
-            .map_err(|e| ConnectError::Other(e.to_string()))?;
+            .map_err(|e| ConnectError::Other(ClientError::Send(e)))?;
         let mut client = Client {
             reader: BufReader::new(stream),
             writer,
+            frames: FrameReader::new(),
             welcomed: false,
         };
         // The hello goes out now; its answer is read together with the first request's (one round
         // trip fewer for every command).
-        let hello = ToSupervisor::Hello {
+        let hello = Opening::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Cli,
             daemon: None,
             pid: Some(std::process::id()),
-        };
+        });
         client.send(&hello).map_err(ConnectError::Other)?;
         Ok(client)
     }
 
-    /// Sends one frame without waiting for an answer.
-    pub(crate) fn send(&mut self, frame: &ToSupervisor) -> Result<(), String> {
+    /// Sends one frame (the hello, or a request) without waiting for an answer.
+    pub(crate) fn send<F: serde::Serialize>(&mut self, frame: &F) -> Result<(), ClientError> {
         self.writer
             .write_all(&protocol::encode(frame))
-            .map_err(|e| format!("cannot send to the supervisor: {e}"))
+            .map_err(ClientError::Send)
     }
 
     /// Reads the next frame, waiting at most `timeout` (forever with None).
     pub(crate) fn next_frame(
         &mut self,
         timeout: Option<Duration>,
-    ) -> Result<FromSupervisor, String> {
+    ) -> Result<FromSupervisor, ClientError> {
         if !self.welcomed {
             match self.read_frame(Some(timeout.unwrap_or(Duration::from_secs(10))))? {
                 FromSupervisor::Welcome { .. } => self.welcomed = true,
                 FromSupervisor::Error { message, .. } => {
-                    return Err(format!("the supervisor refused this client: {message}"));
+                    return Err(ClientError::Refused(message));
                 }
-                other => return Err(format!("unexpected answer to hello: {other:?}")),
+                other => return Err(ClientError::UnexpectedHello(format!("{other:?}"))),
             }
         }
         self.read_frame(timeout)
     }
 
-    fn read_frame(&mut self, timeout: Option<Duration>) -> Result<FromSupervisor, String> {
+    fn read_frame(&mut self, timeout: Option<Duration>) -> Result<FromSupervisor, ClientError> {
         self.reader
             .get_ref()
             .set_read_timeout(timeout)
-            .map_err(|e| e.to_string())?;
-        let mut line = Vec::new();
-        match self.reader.read_until(b'\n', &mut line) {
-            Ok(0) => Err("the supervisor closed the connection".into()),
-            Ok(_) => protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line))
-                .map_err(|e| format!("bad answer from the supervisor: {e}")),
+            .map_err(ClientError::Read)?;
+        match self.frames.read_blocking(&mut self.reader) {
+            Ok(Some(frame)) => frame
+                .and_then(protocol::decode)
+                .map_err(ClientError::BadAnswer),
+            Ok(None) => Err(ClientError::Closed),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                Err(format!(
-                    "no answer from the supervisor within {}s",
-                    timeout.map(|t| t.as_secs()).unwrap_or(0)
+                Err(ClientError::Timeout(
+                    timeout.map(|t| t.as_secs()).unwrap_or(0),
                 ))
             }
-            Err(e) => Err(format!("cannot read from the supervisor: {e}")),
+            Err(e) => Err(ClientError::Read(e)),
         }
     }
 
-    /// Sends one frame and reads one answer, waiting at most `timeout`.
+    /// Sends one request and reads one answer, waiting at most `timeout`.
     pub(crate) fn call(
         &mut self,
-        frame: &ToSupervisor,
+        request: &Request,
         timeout: Duration,
-    ) -> Result<FromSupervisor, String> {
-        self.send(frame)?;
+    ) -> Result<FromSupervisor, ClientError> {
+        self.send(request)?;
         self.next_frame(Some(timeout))
     }
 }
@@ -152,13 +200,14 @@ pub(crate) fn connect_or_explain(paths: &Paths) -> Result<Client, i32> {
 }
 
 /// Starts a detached supervisor for this root and waits until its socket answers.
-pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Client, String> {
-    paths
-        .prepare_dirs()
-        .map_err(|e| format!("cannot create {}: {e}", paths.run_dir.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let boot_log = std::fs::File::create(&paths.boot_log)
-        .map_err(|e| format!("cannot create {}: {e}", paths.boot_log.display()))?;
+pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Client, BootError> {
+    let create = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| BootError::Create { path, source }
+    };
+    paths.prepare_dirs().map_err(create(&paths.run_dir))?;
+    let exe = std::env::current_exe().map_err(BootError::Exe)?;
+    let boot_log = std::fs::File::create(&paths.boot_log).map_err(create(&paths.boot_log))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root").arg(&paths.root);
     if let Some(c) = config {
@@ -180,9 +229,7 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let mut child = cmd.spawn().map_err(BootError::Spawn)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         match Client::connect(paths) {
@@ -191,7 +238,7 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
                 std::mem::forget(child);
                 return Ok(c);
             }
-            Err(ConnectError::Other(msg)) => return Err(msg),
+            Err(ConnectError::Other(e)) => return Err(e.into()),
             Err(ConnectError::NotRunning) => {}
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -200,18 +247,28 @@ pub(crate) fn boot_background(paths: &Paths, config: Option<&Path>) -> Result<Cl
                 "" => format!("see {}", paths.master_log.display()),
                 t => t.strip_prefix("error: ").unwrap_or(t).to_string(),
             };
-            return Err(format!(
-                "the supervisor exited during start-up ({status}): {reason}"
-            ));
+            return Err(BootError::Exited {
+                status: status.to_string(),
+                reason,
+            });
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "the supervisor did not answer on {} within 15s; see {}",
-                paths.socket.display(),
-                paths.master_log.display()
-            ));
+            return Err(BootError::NoAnswer {
+                socket: paths.socket.display().to_string(),
+                log: paths.master_log.display().to_string(),
+            });
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The exit code for a refusal or a failed daemon: [`EXIT_USAGE`] when the request itself was wrong
+/// (`ErrorCode::is_usage`), [`EXIT_FAILED`] otherwise.
+pub(crate) fn exit_code(code: ErrorCode) -> i32 {
+    if code.is_usage() {
+        EXIT_USAGE
+    } else {
+        EXIT_FAILED
     }
 }
 
@@ -228,23 +285,20 @@ pub(crate) fn report(answer: &FromSupervisor) -> i32 {
                     println!("{mark} {:width$}  {}", r.name, r.message);
                 }
             }
-            if *ok {
-                0
-            } else if results
+            let worst = results
                 .iter()
-                .any(|r| !r.ok && r.message.starts_with("unknown daemon"))
-            {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILED
+                .filter(|r| !r.ok)
+                .map(|r| exit_code(r.code.unwrap_or(ErrorCode::Failed)))
+                .max();
+            match worst {
+                _ if *ok => 0,
+                Some(code) => code,
+                None => EXIT_FAILED,
             }
         }
         FromSupervisor::Error { code, message } => {
             eprintln!("error: {message}");
-            match code {
-                ErrorCode::UnknownDaemon | ErrorCode::BadRequest | ErrorCode::Config => EXIT_USAGE,
-                _ => EXIT_FAILED,
-            }
+            exit_code(*code)
         }
         other => {
             eprintln!("error: unexpected answer: {other:?}");
@@ -306,23 +360,7 @@ pub(crate) fn print_status(report: &StatusReport) {
         .daemons
         .iter()
         .map(|d| {
-            let at_rest = matches!(
-                d.state,
-                DaemonState::Failed
-                    | DaemonState::Backoff
-                    | DaemonState::Stopped
-                    | DaemonState::Waiting
-            );
-            let health = if at_rest {
-                match (&d.reason, &d.last_exit) {
-                    (Some(reason), _) => reason.clone(),
-                    (None, Some(exit)) => format!("last process: {exit}"),
-                    (None, None) if !d.enabled => "disabled".into(),
-                    (None, None) => String::new(),
-                }
-            } else {
-                d.health.message.clone()
-            };
+            let health = d.summary().message;
             [
                 d.name.clone(),
                 d.state.to_string(),
@@ -531,12 +569,12 @@ pub(crate) struct EventsQuery {
 /// time and says where the next page starts), then with `follow` new events forever.
 pub(crate) fn print_events(client: &mut Client, q: &EventsQuery) -> i32 {
     let mut out = std::io::stdout().lock();
-    let mut request = ToSupervisor::Events {
+    let mut request = Request::Events(EventsRequest {
         since: q.since,
         types: q.types.clone(),
         follow: q.follow,
         limit: q.newest,
-    };
+    });
     let mut printed = 0usize;
     // Without follow, `-n N` prints N events, even if more arrived while paging.
     let room = |printed: usize| q.follow || q.newest.is_none_or(|n| printed < n);
@@ -579,7 +617,7 @@ pub(crate) fn print_events(client: &mut Client, q: &EventsQuery) -> i32 {
                 // The history is done; new events follow on this connection.
                 Ok(FromSupervisor::EndOfEvents { .. }) => following = true,
                 Ok(other) => return report(&other),
-                Err(e) if following && e.contains("closed the connection") => {
+                Err(ClientError::Closed) if following => {
                     eprintln!("the supervisor went away");
                     return 0;
                 }
@@ -592,11 +630,11 @@ pub(crate) fn print_events(client: &mut Client, q: &EventsQuery) -> i32 {
         if !room(printed) {
             return 0;
         }
-        request = ToSupervisor::Events {
+        request = Request::Events(EventsRequest {
             since: Some(next),
             types: q.types.clone(),
             follow: q.follow,
             limit: None,
-        };
+        });
     }
 }

@@ -18,8 +18,7 @@ use ringrift::events::Origin;
 use ringrift::lifecycle::{self, DaemonState};
 use ringrift::plan;
 use ringrift::protocol::{
-    self, DaemonStatus, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
-    ToSupervisor,
+    self, DaemonStatus, ErrorCode, FromSupervisor, Health, OpResult, StatusReport, SupervisorInfo,
 };
 use ringrift::readiness::Ready;
 use ringrift::restart::{self, ExitDecision, ExitKind, Jitter, RestartHistory};
@@ -76,7 +75,7 @@ pub(crate) enum Msg {
     WorkerFrame {
         daemon: String,
         conn_id: u64,
-        frame: ToSupervisor,
+        frame: protocol::WorkerFrame,
     },
     WorkerGone {
         daemon: String,
@@ -92,7 +91,7 @@ pub(crate) enum Msg {
     },
     /// A CLI request (start, stop, status, ...).
     Request {
-        frame: ToSupervisor,
+        frame: protocol::Request,
         reply: Reply,
         /// The connection's outgoing stream, for answers of more than one frame (events).
         stream: Option<ConnTx>,
@@ -486,13 +485,6 @@ fn error(code: protocol::ErrorCode, message: &str) -> FromSupervisor {
         code,
         message: message.to_string(),
     }
-}
-
-pub(crate) fn frame_name(f: &ToSupervisor) -> String {
-    serde_json::to_value(f)
-        .ok()
-        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "frame".into())
 }
 
 fn unix_nanos() -> u64 {

@@ -20,15 +20,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ringrift::protocol::{
-    self, ErrorCode, FD_ENV, FrameError, FromSupervisor, MAX_FRAME_BYTES, PROTOCOL_VERSION, Role,
-    ToSupervisor,
+    self, ErrorCode, FD_ENV, FrameError, FrameReader, FromSupervisor, Hello as ProtoHello, Opening,
+    PROTOCOL_VERSION, Request, Role, WorkerFrame,
 };
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::core::{Msg, Requester, frame_name};
+use crate::core::{Msg, Requester};
 use crate::logwriter::SupervisorLog;
 
 /// Control-socket connections open at once, at most. Workers do not count: they have their own.
@@ -259,48 +259,6 @@ fn refuse_busy(stream: UnixStream) {
     let _ = stream.try_write(&frame);
 }
 
-/// Reads one newline-terminated frame of at most MAX_FRAME_BYTES. Ok(None) at EOF. An oversized
-/// frame is consumed up to its newline and reported, so the stream stays usable.
-pub(crate) async fn read_frame<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Option<Result<(), FrameError>>> {
-    buf.clear();
-    let mut oversized = 0usize;
-    loop {
-        let available = r.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(if buf.is_empty() && oversized == 0 {
-                None
-            } else if oversized > 0 {
-                Some(Err(FrameError::TooLarge(oversized)))
-            } else {
-                Some(Ok(()))
-            });
-        }
-        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
-            Some(i) => (&available[..i], Some(i + 1)),
-            None => (available, None),
-        };
-        if oversized > 0 || buf.len() + chunk.len() > MAX_FRAME_BYTES {
-            oversized += buf.len() + chunk.len();
-            buf.clear();
-            buf.shrink_to(64 * 1024);
-        } else {
-            buf.extend_from_slice(chunk);
-        }
-        let used = done.unwrap_or(available.len());
-        r.consume(used);
-        if done.is_some() {
-            return Ok(Some(if oversized > 0 {
-                Err(FrameError::TooLarge(oversized))
-            } else {
-                Ok(())
-            }));
-        }
-    }
-}
-
 /// What a hello said, once its version checked out.
 struct Hello {
     role: Role,
@@ -312,12 +270,21 @@ struct Hello {
 /// their `ready_timeout` (a worker slow to start on a loaded machine is not a stranger).
 async fn read_hello<R: AsyncBufRead + Unpin>(
     reader: &mut R,
-    buf: &mut Vec<u8>,
+    frames: &mut FrameReader,
     limit: Option<Duration>,
 ) -> Result<Hello, Option<FromSupervisor>> {
     let limit = limit.unwrap_or(Duration::MAX);
-    let first = match tokio::time::timeout(limit, read_frame(reader, buf)).await {
-        Ok(Ok(Some(Ok(())))) => protocol::decode::<ToSupervisor>(buf),
+    let first = match tokio::time::timeout(limit, frames.read_async(reader)).await {
+        Ok(Ok(Some(Ok(line)))) => match protocol::decode::<Opening>(line) {
+            Err(_) if protocol::frame_type(line).is_some_and(|t| t != "hello") => {
+                let t = protocol::frame_type(line).unwrap_or_default();
+                return Err(Some(error(
+                    ErrorCode::UnexpectedFrame,
+                    &format!("the first frame must be hello, got {t}"),
+                )));
+            }
+            other => other,
+        },
         Ok(Ok(Some(Err(e)))) => Err(e),
         Ok(Ok(None)) | Ok(Err(_)) => return Err(None),
         Err(_) => {
@@ -328,12 +295,12 @@ async fn read_hello<R: AsyncBufRead + Unpin>(
         }
     };
     match first {
-        Ok(ToSupervisor::Hello {
+        Ok(Opening::Hello(ProtoHello {
             protocol: v,
             role,
             daemon,
             ..
-        }) => {
+        })) => {
             if v != PROTOCOL_VERSION {
                 return Err(Some(error(
                     ErrorCode::ProtocolMismatch,
@@ -344,10 +311,6 @@ async fn read_hello<R: AsyncBufRead + Unpin>(
             }
             Ok(Hello { role, daemon })
         }
-        Ok(other) => Err(Some(error(
-            ErrorCode::UnexpectedFrame,
-            &format!("the first frame must be hello, got {}", frame_name(&other)),
-        ))),
         Err(e) => Err(Some(error(
             frame_error_code(&e),
             &format!("bad hello: {e}"),
@@ -364,8 +327,8 @@ async fn connection(
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
-    let mut buf = Vec::new();
-    let refusal = match read_hello(&mut reader, &mut buf, Some(HELLO_TIMEOUT)).await {
+    let mut frames = FrameReader::new();
+    let refusal = match read_hello(&mut reader, &mut frames, Some(HELLO_TIMEOUT)).await {
         Ok(Hello {
             role: Role::Cli, ..
         }) => None,
@@ -395,14 +358,14 @@ async fn connection(
         protocol: PROTOCOL_VERSION,
         config: None,
     });
-    cli_session(&mut reader, &mut buf, id, &tx, &core, &log).await;
+    cli_session(&mut reader, &mut frames, id, &tx, &core, &log).await;
     drop(tx);
     let _ = writer.await;
 }
 
 async fn cli_session<R: AsyncBufRead + Unpin>(
     reader: &mut R,
-    buf: &mut Vec<u8>,
+    frames: &mut FrameReader,
     id: u64,
     tx: &ConnTx,
     core: &mpsc::UnboundedSender<Msg>,
@@ -410,11 +373,11 @@ async fn cli_session<R: AsyncBufRead + Unpin>(
 ) {
     loop {
         let frame = tokio::select! {
-            f = read_frame(reader, buf) => f,
+            f = frames.read_async(reader) => f,
             () = tx.cut_off() => break,
         };
         match frame {
-            Ok(Some(Ok(()))) => match protocol::decode::<ToSupervisor>(buf) {
+            Ok(Some(Ok(line))) => match protocol::decode::<Request>(line) {
                 Ok(frame) => {
                     let (reply_tx, reply_rx) = oneshot::channel();
                     let request = Msg::Request {
@@ -493,9 +456,9 @@ async fn worker_connection(
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::with_capacity(8 * 1024, read);
-    let mut buf = Vec::new();
+    let mut frames = FrameReader::new();
     let who = format!("{daemon} (connection {id})");
-    let refusal = match read_hello(&mut reader, &mut buf, None).await {
+    let refusal = match read_hello(&mut reader, &mut frames, None).await {
         Ok(Hello {
             role: Role::Worker,
             daemon: claimed,
@@ -554,14 +517,14 @@ async fn worker_connection(
     }
     loop {
         let frame = tokio::select! {
-            f = read_frame(&mut reader, &mut buf) => f,
+            f = frames.read_async(&mut reader) => f,
             () = tx.cut_off() => {
                 log.warn(&format!("{who}: disconnected: over {} MiB queued and unread", WORKER_QUEUE_BYTES >> 20));
                 break;
             }
         };
         match frame {
-            Ok(Some(Ok(()))) => match protocol::decode::<ToSupervisor>(&buf) {
+            Ok(Some(Ok(line))) => match protocol::decode::<WorkerFrame>(line) {
                 Ok(frame) => {
                     let _ = core.send(Msg::WorkerFrame {
                         daemon: daemon.clone(),

@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringrift::config::{self, Config};
-use ringrift::protocol::{FromSupervisor, ToSupervisor};
+use ringrift::protocol::{
+    Emit, FromSupervisor, KillRequest, Request, StartRequest, StatusRequest, StopRequest, Targets,
+};
 
 use crate::cli::{EXIT_FAILED, EXIT_USAGE};
 use crate::paths::Paths;
@@ -237,7 +239,10 @@ fn status(paths: &Paths, name: Option<String>, json: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match client.call(&ToSupervisor::Status { name }, Duration::from_secs(10)) {
+    match client.call(
+        &Request::Status(StatusRequest { name }),
+        Duration::from_secs(10),
+    ) {
         Ok(FromSupervisor::Status(report)) => {
             if json {
                 let mut text = serde_json::to_string_pretty(&report).expect("status serializes");
@@ -329,27 +334,16 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                     return EXIT_USAGE;
                 }
             };
-            let request = ToSupervisor::Start {
+            let mut start = StartRequest {
                 names,
                 all,
                 profile,
                 no_wait,
             };
             if foreground {
-                let request = match request {
-                    ToSupervisor::Start {
-                        names,
-                        all,
-                        profile,
-                        ..
-                    } => ToSupervisor::Start {
-                        names,
-                        all,
-                        profile,
-                        no_wait: true,
-                    },
-                    other => other,
-                };
+                // The supervisor is this process: its initial start cannot wait for an answer.
+                start.no_wait = true;
+                let request = Request::Start(start);
                 if cli::Client::connect(&paths).is_ok() {
                     eprintln!(
                         "error: a supervisor is already running on {}; use `start` without --foreground to talk to it",
@@ -381,7 +375,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                     return EXIT_FAILED;
                 }
             };
-            let code = call_and_report(&mut client, &request, timeout);
+            let code = call_and_report(&mut client, &Request::Start(start), timeout);
             warn_if_http_is_off(&paths);
             code
         }
@@ -390,18 +384,26 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             all,
             force,
             timeout,
-        } => with_client(&paths, &ToSupervisor::Stop { names, all, force }, timeout),
+        } => with_client(
+            &paths,
+            &Request::Stop(StopRequest { names, all, force }),
+            timeout,
+        ),
         Command::Kill {
             names,
             signal,
             timeout,
-        } => with_client(&paths, &ToSupervisor::Kill { names, signal }, timeout),
+        } => with_client(
+            &paths,
+            &Request::Kill(KillRequest { names, signal }),
+            timeout,
+        ),
         Command::Restart { names, timeout } => {
-            with_client(&paths, &ToSupervisor::Restart { names }, timeout)
+            with_client(&paths, &Request::Restart(Targets { names }), timeout)
         }
-        Command::Pause { names } => with_client(&paths, &ToSupervisor::Pause { names }, 30),
-        Command::Resume { names } => with_client(&paths, &ToSupervisor::Resume { names }, 30),
-        Command::Reload => with_client(&paths, &ToSupervisor::Reload, 30),
+        Command::Pause { names } => with_client(&paths, &Request::Pause(Targets { names }), 30),
+        Command::Resume { names } => with_client(&paths, &Request::Resume(Targets { names }), 30),
+        Command::Reload => with_client(&paths, &Request::Reload, 30),
         Command::Emit {
             event_type,
             payload,
@@ -423,11 +425,11 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 Err(code) => return code,
             };
             match client.call(
-                &ToSupervisor::Emit {
+                &Request::Emit(Emit {
                     event_type,
                     payload,
                     source: None,
-                },
+                }),
                 Duration::from_secs(10),
             ) {
                 Ok(FromSupervisor::Emitted {
@@ -510,7 +512,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 }
             }
         }
-        Command::Shutdown { timeout } => with_client(&paths, &ToSupervisor::Shutdown, timeout),
+        Command::Shutdown { timeout } => with_client(&paths, &Request::Shutdown, timeout),
         Command::Status { name, json } => status(&paths, name, json),
         Command::Logs {
             name,
@@ -537,7 +539,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
     }
 }
 
-fn with_client(paths: &Paths, request: &ToSupervisor, timeout: u64) -> i32 {
+fn with_client(paths: &Paths, request: &Request, timeout: u64) -> i32 {
     match cli::connect_or_explain(paths) {
         Ok(mut client) => call_and_report(&mut client, request, timeout),
         Err(code) => code,
@@ -551,7 +553,7 @@ fn warn_if_http_is_off(paths: &Paths) {
         return;
     };
     if let Ok(FromSupervisor::Status(report)) = client.call(
-        &ToSupervisor::Status { name: None },
+        &Request::Status(StatusRequest::default()),
         Duration::from_secs(10),
     ) && let Some(why) = report.supervisor.http_error
     {
@@ -559,7 +561,7 @@ fn warn_if_http_is_off(paths: &Paths) {
     }
 }
 
-fn call_and_report(client: &mut cli::Client, request: &ToSupervisor, timeout: u64) -> i32 {
+fn call_and_report(client: &mut cli::Client, request: &Request, timeout: u64) -> i32 {
     match client.call(request, Duration::from_secs(timeout)) {
         Ok(answer) => cli::report(&answer),
         Err(msg) => {

@@ -19,7 +19,7 @@ pub(crate) struct ServeOptions {
     pub config_path: Option<PathBuf>,
     pub foreground: bool,
     /// Daemons to start as soon as the supervisor is up (used by `start --foreground`).
-    pub initial: Option<ringrift::protocol::ToSupervisor>,
+    pub initial: Option<ringrift::protocol::Request>,
 }
 
 /// Runs the supervisor in this process. Returns the process exit code.

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 use ringrift::events::Event;
-use ringrift::protocol::{FromSupervisor, StatusReport, ToSupervisor};
+use ringrift::protocol::{EventsRequest, FromSupervisor, Request, StatusReport, StatusRequest};
 
-use crate::cli::{self, Client, EXIT_FAILED};
+use crate::cli::{self, Client, ClientError, EXIT_FAILED};
 
 const EVENTS_SHOWN: usize = 12;
 
@@ -53,7 +53,7 @@ pub(crate) fn run(client: &mut Client, once: bool) -> i32 {
     let mut since = None;
     loop {
         let report = match client.call(
-            &ToSupervisor::Status { name: None },
+            &Request::Status(StatusRequest::default()),
             Duration::from_secs(10),
         ) {
             Ok(FromSupervisor::Status(r)) => r,
@@ -95,19 +95,19 @@ pub(crate) fn run(client: &mut Client, once: bool) -> i32 {
     }
 }
 
-fn fetch_events(client: &mut Client, since: Option<u64>) -> Result<Vec<Event>, String> {
-    client.send(&ToSupervisor::Events {
+fn fetch_events(client: &mut Client, since: Option<u64>) -> Result<Vec<Event>, ClientError> {
+    client.send(&Request::Events(EventsRequest {
         since,
         types: Vec::new(),
         follow: false,
         limit: Some(EVENTS_SHOWN),
-    })?;
+    }))?;
     let mut out = Vec::new();
     loop {
         match client.next_frame(Some(Duration::from_secs(10)))? {
             FromSupervisor::Event { event } => out.push(event),
             FromSupervisor::EndOfEvents { .. } => return Ok(out),
-            other => return Err(format!("unexpected answer: {other:?}")),
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
 }
@@ -263,15 +263,7 @@ fn render(
             .rss_bytes
             .map(|b| format!("{:.0}M", b as f64 / 1_048_576.0))
             .unwrap_or_else(|| "-".into());
-        let health = if d.state.is_at_rest() || d.state == ringrift::lifecycle::DaemonState::Backoff
-        {
-            d.reason
-                .clone()
-                .or_else(|| d.last_exit.clone())
-                .unwrap_or_default()
-        } else {
-            d.health.message.clone()
-        };
+        let health = d.summary().message;
         let health = if d.event_backlog > 0 {
             format!("[backlog {}] {health}", d.event_backlog)
         } else {

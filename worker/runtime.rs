@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ringrift::protocol::{
-    self, FromSupervisor, MAX_FRAME_BYTES, PROTOCOL_VERSION, ReportedState, Role, ToSupervisor,
+    self, Ack, Emit, FromSupervisor, Heartbeat, Hello, MAX_FRAME_BYTES, Opening, PROTOCOL_VERSION,
+    ReportedState, Role, SpawnJob, StateReport, Subscribe, WorkerFrame,
 };
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -133,7 +134,7 @@ pub(crate) struct JobOutcome {
 /// through the runtime's loop, so a daemon never writes to the socket itself.
 #[derive(Clone)]
 pub(crate) struct Ctx {
-    tx: mpsc::UnboundedSender<ToSupervisor>,
+    tx: mpsc::UnboundedSender<WorkerFrame>,
     jobs: Rc<RefCell<JobTable>>,
 }
 
@@ -144,7 +145,7 @@ struct JobTable {
 }
 
 impl Ctx {
-    fn new() -> (Ctx, mpsc::UnboundedReceiver<ToSupervisor>) {
+    fn new() -> (Ctx, mpsc::UnboundedReceiver<WorkerFrame>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Ctx {
@@ -157,11 +158,11 @@ impl Ctx {
 
     /// Publishes an event (validated by the supervisor; a refusal is logged to stderr).
     pub(crate) fn emit(&self, event_type: &str, payload: Value) {
-        let _ = self.tx.send(ToSupervisor::Emit {
+        let _ = self.tx.send(WorkerFrame::Emit(Emit {
             event_type: event_type.to_string(),
             payload,
             source: None,
-        });
+        }));
     }
 
     /// Publishes an event and lets the runtime send it before the caller goes on: for events that
@@ -187,12 +188,12 @@ impl Ctx {
             jobs.waiting.insert(id, done_tx);
             id
         };
-        let frame = ToSupervisor::SpawnJob {
+        let frame = WorkerFrame::SpawnJob(SpawnJob {
             request_id,
             command,
             max_runtime_secs: max_runtime.as_secs_f64(),
             env,
-        };
+        });
         if self.tx.send(frame).is_err() {
             self.jobs.borrow_mut().waiting.remove(&request_id);
         }
@@ -329,12 +330,12 @@ async fn handshake(
     let stream = UnixStream::from_std(connection)
         .context("failed to set up the connection to the supervisor")?;
     let (read, mut write) = stream.into_split();
-    let hello = ToSupervisor::Hello {
+    let hello = Opening::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         role: Role::Worker,
         daemon: Some(name.to_owned()),
         pid: Some(std::process::id()),
-    };
+    });
     write
         .write_all(&protocol::encode(&hello))
         .await
@@ -363,33 +364,23 @@ async fn handshake(
     }
 }
 
-/// Reads newline-delimited frames of at most [`MAX_FRAME_BYTES`] until the connection ends.
+/// Reads frames (`ringrift::protocol::FrameReader`: at most [`MAX_FRAME_BYTES`] each) until the
+/// connection ends.
 async fn read_frames(read: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
     let mut reader = BufReader::new(read);
-    let mut line = Vec::new();
-    // The frame and its newline.
-    let limit = MAX_FRAME_BYTES as u64 + 1;
+    let mut frames = protocol::FrameReader::new();
     loop {
-        line.clear();
-        let incoming = match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+        let incoming = match frames.read_async(&mut reader).await {
             Err(e) => Incoming::Closed(format!("failed to read from the supervisor: {e}")),
-            Ok(0) => Incoming::Closed("the supervisor closed the connection".into()),
-            Ok(_) if line.last() != Some(&b'\n') => {
-                if line.len() as u64 >= limit {
-                    Incoming::Closed(format!(
-                        "the supervisor sent a frame longer than {MAX_FRAME_BYTES} bytes"
-                    ))
-                } else {
-                    Incoming::Closed("the supervisor closed the connection mid-frame".into())
-                }
-            }
-            Ok(_) => {
-                line.pop();
-                match protocol::decode::<FromSupervisor>(&line) {
-                    Ok(frame) => Incoming::Frame(frame),
-                    Err(e) => Incoming::Bad(e.to_string()),
-                }
-            }
+            Ok(None) => Incoming::Closed("the supervisor closed the connection".into()),
+            Ok(Some(Err(protocol::FrameError::TooLarge(_)))) => Incoming::Closed(format!(
+                "the supervisor sent a frame longer than {MAX_FRAME_BYTES} bytes"
+            )),
+            Ok(Some(Err(e))) => Incoming::Bad(e.to_string()),
+            Ok(Some(Ok(line))) => match protocol::decode::<FromSupervisor>(line) {
+                Ok(frame) => Incoming::Frame(frame),
+                Err(e) => Incoming::Bad(e.to_string()),
+            },
         };
         let last = matches!(incoming, Incoming::Closed(_));
         if tx.send(incoming).await.is_err() || last {
@@ -410,7 +401,7 @@ struct Session {
 }
 
 impl Session {
-    async fn send(&mut self, frame: &ToSupervisor) -> Result<(), Gone> {
+    async fn send(&mut self, frame: &WorkerFrame) -> Result<(), Gone> {
         self.send_bytes(&protocol::encode(frame)).await
     }
 
@@ -437,10 +428,10 @@ impl Session {
     }
 
     async fn state(&mut self, state: ReportedState, message: Option<&str>) -> Result<(), Gone> {
-        self.send(&ToSupervisor::State {
+        self.send(&WorkerFrame::State(StateReport {
             state,
             message: message.map(str::to_owned),
-        })
+        }))
         .await
     }
 
@@ -505,9 +496,9 @@ async fn serve(
     let subscriptions = daemon.subscriptions();
     if !subscriptions.is_empty() {
         session
-            .send(&ToSupervisor::Subscribe {
+            .send(&WorkerFrame::Subscribe(Subscribe {
                 event_types: subscriptions,
-            })
+            }))
             .await?;
     }
     let mut pending_events: VecDeque<ringrift::events::Event> = VecDeque::new();
@@ -553,10 +544,10 @@ async fn serve(
 
         tokio::select! {
             _ = heartbeat_timer.tick(), if heartbeats => {
-                let heartbeat = ToSupervisor::Heartbeat {
+                let heartbeat = WorkerFrame::Heartbeat(Heartbeat {
                     health: report.health.clone(),
                     progress: frozen.clone().unwrap_or_else(|| progress(&report, cycles)),
-                };
+                });
                 session.send(&heartbeat).await?;
                 if session.quirks.hang {
                     eprintln!("{name}: no more heartbeats (--hang)");
@@ -580,7 +571,7 @@ async fn serve(
                         unacked += 1;
                         if pending_events.is_empty() || unacked >= ACK_EVERY {
                             unacked = 0;
-                            session.send(&ToSupervisor::Ack { seq }).await?;
+                            session.send(&WorkerFrame::Ack(Ack { seq })).await?;
                         }
                     }
                     None => cycles += 1,
@@ -618,7 +609,7 @@ async fn serve(
                             pending_events.push_back(event);
                         } else {
                             eprintln!("{name}: duplicate event {} (seq {}) dropped", event.id, event.seq);
-                            session.send(&ToSupervisor::Ack { seq: event.seq }).await?;
+                            session.send(&WorkerFrame::Ack(Ack { seq: event.seq })).await?;
                         }
                     }
                     FromSupervisor::JobExit { request_id, job_id, success, code, exit, timed_out, runtime_secs }
@@ -727,7 +718,7 @@ mod tests {
         assert_eq!(frames[2].len(), MAX_FRAME_BYTES + 10 + 1);
         for frame in &frames {
             assert_eq!(frame.last(), Some(&b'\n'));
-            assert!(protocol::decode::<ToSupervisor>(&frame[..frame.len() - 1]).is_err());
+            assert!(protocol::decode::<WorkerFrame>(&frame[..frame.len() - 1]).is_err());
         }
     }
 
@@ -761,7 +752,9 @@ mod tests {
         }
     }
 
-    async fn next_frame(lines: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>) -> ToSupervisor {
+    async fn next_frame<T: serde::de::DeserializeOwned>(
+        lines: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    ) -> T {
         let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
             .await
             .expect("worker answered in time")
@@ -788,12 +781,9 @@ mod tests {
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
 
-            let ToSupervisor::Hello {
+            let Opening::Hello(Hello {
                 role, daemon, pid, ..
-            } = next_frame(&mut lines).await
-            else {
-                panic!("expected hello");
-            };
+            }) = next_frame(&mut lines).await;
             assert_eq!(
                 (role, daemon.as_deref(), pid),
                 (Role::Worker, Some("slow"), Some(std::process::id()))
@@ -805,22 +795,24 @@ mod tests {
             write.write_all(&protocol::encode(&welcome)).await.unwrap();
             assert!(matches!(
                 next_frame(&mut lines).await,
-                ToSupervisor::State {
+                WorkerFrame::State(StateReport {
                     state: ReportedState::Initializing,
                     ..
-                }
+                })
             ));
             assert!(matches!(
                 next_frame(&mut lines).await,
-                ToSupervisor::State {
+                WorkerFrame::State(StateReport {
                     state: ReportedState::Running,
                     ..
-                }
+                })
             ));
 
             // The first cycle takes 300 ms; heartbeats keep coming every 50 ms meanwhile.
             for _ in 0..4 {
-                let ToSupervisor::Heartbeat { progress, .. } = next_frame(&mut lines).await else {
+                let WorkerFrame::Heartbeat(Heartbeat { progress, .. }) =
+                    next_frame(&mut lines).await
+                else {
                     panic!("expected heartbeats during the slow cycle");
                 };
                 assert_eq!(progress["cycles"], 0);
@@ -832,11 +824,11 @@ mod tests {
                 .unwrap();
             loop {
                 match next_frame(&mut lines).await {
-                    ToSupervisor::State { state, .. } => {
+                    WorkerFrame::State(StateReport { state, .. }) => {
                         assert_eq!(state, ReportedState::Paused);
                         break;
                     }
-                    ToSupervisor::Heartbeat { .. } => {}
+                    WorkerFrame::Heartbeat(_) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }
@@ -847,11 +839,11 @@ mod tests {
                 .unwrap();
             loop {
                 match next_frame(&mut lines).await {
-                    ToSupervisor::State { state, .. } => {
+                    WorkerFrame::State(StateReport { state, .. }) => {
                         assert_eq!(state, ReportedState::ShuttingDown);
                         break;
                     }
-                    ToSupervisor::Heartbeat { .. } => {}
+                    WorkerFrame::Heartbeat(_) => {}
                     other => panic!("unexpected {other:?}"),
                 }
             }

@@ -13,10 +13,11 @@ use std::time::Duration;
 use anyhow::Context;
 use ringrift::lifecycle::DaemonState;
 use ringrift::protocol::{
-    self, FromSupervisor, PROTOCOL_VERSION, ROOT_ENV, Role, SOCKET_ENV, StatusReport, ToSupervisor,
+    self, FromSupervisor, Hello, Opening, PROTOCOL_VERSION, ROOT_ENV, Request, Role, SOCKET_ENV,
+    StatusReport, StatusRequest,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -119,32 +120,32 @@ pub(crate) async fn supervisor_status(socket: &Path) -> anyhow::Result<StatusRep
         .await
         .context("cannot reach the supervisor")?;
     let (read, mut write) = stream.into_split();
-    let hello = ToSupervisor::Hello {
+    let hello = Opening::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         role: Role::Cli,
         daemon: None,
         pid: Some(std::process::id()),
-    };
+    });
     let mut out = protocol::encode(&hello);
-    out.extend_from_slice(&protocol::encode(&ToSupervisor::Status { name: None }));
+    out.extend_from_slice(&protocol::encode(
+        &Request::Status(StatusRequest::default()),
+    ));
     write.write_all(&out).await?;
-    let mut lines = BufReader::new(read).lines();
-    let read_one = async |lines: &mut tokio::io::Lines<
-        BufReader<tokio::net::unix::OwnedReadHalf>,
-    >|
-           -> anyhow::Result<FromSupervisor> {
-        let line = lines
-            .next_line()
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut frames = protocol::FrameReader::new();
+    let mut read_one = async || -> anyhow::Result<FromSupervisor> {
+        let frame = frames
+            .read_async(&mut reader)
             .await?
             .context("the supervisor closed the connection")?;
-        Ok(protocol::decode(line.as_bytes())?)
+        Ok(protocol::decode(frame?)?)
     };
     let answer = tokio::time::timeout(Duration::from_secs(10), async {
-        match read_one(&mut lines).await? {
+        match read_one().await? {
             FromSupervisor::Welcome { .. } => {}
             other => anyhow::bail!("unexpected answer to hello: {other:?}"),
         }
-        read_one(&mut lines).await
+        read_one().await
     })
     .await
     .context("no answer from the supervisor within 10 s")??;

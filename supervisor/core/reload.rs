@@ -40,11 +40,7 @@ impl Core {
         let mut gone = Vec::new();
         for (name, change) in changes {
             if let Some(message) = change.message() {
-                results.push(OpResult {
-                    name: name.clone(),
-                    ok: true,
-                    message,
-                });
+                results.push(OpResult::done(&name, message));
             }
             if let Some(cfg) = new.daemons.get(&name) {
                 match self.daemons.get_mut(&name) {

@@ -3,18 +3,21 @@
 //! Each marks what it wants (`want_up`, `want_down`) and leaves the moving to `settle`; the answer
 //! comes from a waiter (waiters.rs) once the daemons reach the goal.
 
+use ringrift::protocol::{
+    Emit, EventsRequest, KillRequest, Request, StartRequest, StatusRequest, StopRequest, Targets,
+};
+
 use super::*;
 
 impl Core {
     pub(super) fn request(
         &mut self,
-        frame: ToSupervisor,
+        frame: Request,
         reply: Reply,
         stream: Option<ConnTx>,
         from: Requester,
     ) {
-        if self.shutting_down.is_some()
-            && !matches!(frame, ToSupervisor::Status { .. } | ToSupervisor::Shutdown)
+        if self.shutting_down.is_some() && !matches!(frame, Request::Status(_) | Request::Shutdown)
         {
             let _ = reply.send(error(
                 protocol::ErrorCode::ShuttingDown,
@@ -23,7 +26,7 @@ impl Core {
             return;
         }
         match frame {
-            ToSupervisor::Status { name } => {
+            Request::Status(StatusRequest { name }) => {
                 let report = self.status_report();
                 let report = match name {
                     None => report,
@@ -40,16 +43,16 @@ impl Core {
                 };
                 let _ = reply.send(FromSupervisor::Status(report));
             }
-            ToSupervisor::Start {
+            Request::Start(StartRequest {
                 names,
                 all,
                 profile,
                 no_wait,
-            } => self.start_request(names, all, profile, no_wait, reply),
-            ToSupervisor::Stop { names, all, force } => {
+            }) => self.start_request(names, all, profile, no_wait, reply),
+            Request::Stop(StopRequest { names, all, force }) => {
                 self.stop_request(names, all, force.then_some(Signal::SIGKILL), reply)
             }
-            ToSupervisor::Kill { names, signal } => {
+            Request::Kill(KillRequest { names, signal }) => {
                 let sig = match signal.as_deref().map(parse_signal).transpose() {
                     Ok(sig) => sig.unwrap_or(Signal::SIGKILL),
                     Err(e) => {
@@ -59,15 +62,15 @@ impl Core {
                 };
                 self.stop_request(names, false, Some(sig), reply)
             }
-            ToSupervisor::Restart { names } => self.restart_request(names, reply),
-            ToSupervisor::Pause { names } => self.pause_request(names, true, reply),
-            ToSupervisor::Resume { names } => self.pause_request(names, false, reply),
-            ToSupervisor::Reload => self.reload(Some(reply)),
-            ToSupervisor::Emit {
+            Request::Restart(Targets { names }) => self.restart_request(names, reply),
+            Request::Pause(Targets { names }) => self.pause_request(names, true, reply),
+            Request::Resume(Targets { names }) => self.pause_request(names, false, reply),
+            Request::Reload => self.reload(Some(reply)),
+            Request::Emit(Emit {
                 event_type,
                 payload,
                 ..
-            } => {
+            }) => {
                 let origin = match from {
                     Requester::Cli => Origin::Cli,
                     Requester::Http => Origin::Http,
@@ -83,12 +86,12 @@ impl Core {
                 };
                 let _ = reply.send(answer);
             }
-            ToSupervisor::Events {
+            Request::Events(EventsRequest {
                 since,
                 types,
                 follow,
                 limit,
-            } => {
+            }) => {
                 let mut set = BTreeSet::new();
                 for t in &types {
                     let n = ringrift::events::normalize(t);
@@ -129,13 +132,7 @@ impl Core {
                     let _ = reply.send(end);
                 }
             }
-            ToSupervisor::Shutdown => self.begin_shutdown(Some(reply)),
-            other => {
-                let _ = reply.send(error(
-                    protocol::ErrorCode::UnexpectedFrame,
-                    &format!("{} is not a CLI request", frame_name(&other)),
-                ));
-            }
+            Request::Shutdown => self.begin_shutdown(Some(reply)),
         }
     }
 
@@ -163,11 +160,7 @@ impl Core {
                         ok.push(n)
                     }
                 }
-                Err(e) => bad.push(OpResult {
-                    name: n.clone(),
-                    ok: false,
-                    message: e,
-                }),
+                Err(e) => bad.push(OpResult::failed(n, ErrorCode::UnknownDaemon, e)),
             }
         }
         (ok, bad)
@@ -336,11 +329,11 @@ impl Core {
         let (selected, bad) = self.resolve(&names);
         if !bad.is_empty() || selected.is_empty() {
             let msg = if bad.is_empty() {
-                vec![OpResult {
-                    name: String::new(),
-                    ok: false,
-                    message: "name the daemons to restart".into(),
-                }]
+                vec![OpResult::failed(
+                    "",
+                    ErrorCode::BadRequest,
+                    "name the daemons to restart",
+                )]
             } else {
                 bad
             };
@@ -392,11 +385,11 @@ impl Core {
             };
             if d.state != want {
                 let verb = if pause { "pause" } else { "resume" };
-                bad.push(OpResult {
-                    name: name.clone(),
-                    ok: false,
-                    message: format!("cannot {verb}: it is {}", d.state),
-                });
+                bad.push(OpResult::failed(
+                    &name,
+                    ErrorCode::Failed,
+                    format!("cannot {verb}: it is {}", d.state),
+                ));
                 continue;
             }
             if d.cfg.protocol {
@@ -408,11 +401,11 @@ impl Core {
                     });
                     targets.push(name);
                 } else {
-                    bad.push(OpResult {
-                        name: name.clone(),
-                        ok: false,
-                        message: "not connected to the supervisor".into(),
-                    });
+                    bad.push(OpResult::failed(
+                        &name,
+                        ErrorCode::Failed,
+                        "not connected to the supervisor",
+                    ));
                 }
             } else if let Some(unit) = &d.unit {
                 // The whole tree: cgroup.freeze, or SIGSTOP/SIGCONT to the group and its strays.

@@ -76,11 +76,7 @@ impl Core {
         for r in self.shutting_down.take().unwrap_or_default() {
             let _ = r.send(FromSupervisor::Done {
                 ok: true,
-                results: vec![OpResult {
-                    name: "supervisor".into(),
-                    ok: true,
-                    message: "shut down".into(),
-                }],
+                results: vec![OpResult::done("supervisor", "shut down")],
             });
         }
         for w in self.waiters.drain(..) {

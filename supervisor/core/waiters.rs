@@ -13,11 +13,11 @@ impl Core {
     ) {
         if no_wait {
             let mut results = early;
-            results.extend(targets.iter().map(|n| OpResult {
-                name: n.clone(),
-                ok: true,
-                message: format!("{}", self.daemons[n].state),
-            }));
+            results.extend(
+                targets
+                    .iter()
+                    .map(|n| OpResult::done(n, self.daemons[n].state.as_str())),
+            );
             let ok = results.iter().all(|r| r.ok);
             let _ = reply.send(FromSupervisor::Done { ok, results });
             return;
@@ -89,33 +89,8 @@ impl Core {
             return;
         };
         let w = self.waiters.swap_remove(i);
-        let mut results = w.early.clone();
         let outcomes = self.outcomes(&w);
-        for (name, outcome) in w.targets.iter().zip(outcomes) {
-            let (ok, message) = match outcome {
-                Some(Ok(m)) => (true, m),
-                Some(Err(m)) => (false, m),
-                None => {
-                    let d = &self.daemons[name];
-                    let why = d
-                        .reason
-                        .clone()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default();
-                    (
-                        false,
-                        format!("still {} at the request's deadline{why}", d.state),
-                    )
-                }
-            };
-            results.push(OpResult {
-                name: name.clone(),
-                ok,
-                message,
-            });
-        }
-        let ok = results.iter().all(|r| r.ok);
-        let _ = w.reply.send(FromSupervisor::Done { ok, results });
+        self.answer(w, outcomes);
     }
 
     /// Answers every waiter whose daemons have all reached a final state for its goal.
@@ -124,28 +99,37 @@ impl Core {
         self.waiters.retain(|w| !w.reply.is_closed());
         let mut i = 0;
         while i < self.waiters.len() {
-            let w = &self.waiters[i];
-            let outcomes = self.outcomes(w);
+            let outcomes = self.outcomes(&self.waiters[i]);
             if outcomes.iter().all(Option::is_some) {
                 let w = self.waiters.swap_remove(i);
-                let mut results = w.early.clone();
-                for (name, outcome) in w.targets.iter().zip(outcomes) {
-                    let (ok, message) = match outcome.expect("all settled") {
-                        Ok(m) => (true, m),
-                        Err(m) => (false, m),
-                    };
-                    results.push(OpResult {
-                        name: name.clone(),
-                        ok,
-                        message,
-                    });
-                }
-                let ok = results.iter().all(|r| r.ok);
-                let _ = w.reply.send(FromSupervisor::Done { ok, results });
+                self.answer(w, outcomes);
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// Sends a waiter its answer: per target its outcome, or (None, at the deadline) its state now.
+    fn answer(&self, w: Waiter, outcomes: Vec<Option<Result<String, String>>>) {
+        let mut results = w.early;
+        for (name, outcome) in w.targets.iter().zip(outcomes) {
+            results.push(match outcome {
+                Some(Ok(m)) => OpResult::done(name, m),
+                Some(Err(m)) => OpResult::failed(name, ErrorCode::Failed, m),
+                None => {
+                    let d = &self.daemons[name];
+                    let why = d
+                        .reason
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default();
+                    let m = format!("still {} at the request's deadline{why}", d.state);
+                    OpResult::failed(name, ErrorCode::Failed, m)
+                }
+            });
+        }
+        let ok = results.iter().all(|r| r.ok);
+        let _ = w.reply.send(FromSupervisor::Done { ok, results });
     }
 
     /// What became of each of a waiter's targets so far: None while it is still on its way.

@@ -1,5 +1,7 @@
 //! Worker connections: hello, state reports, heartbeats, job requests, emits, subscriptions, acks.
 
+use ringrift::protocol::{Ack, Emit, Heartbeat, SpawnJob, StateReport, Subscribe, WorkerFrame};
+
 use super::*;
 
 impl Core {
@@ -29,7 +31,7 @@ impl Core {
         Ok(d.cfg.settings.clone())
     }
 
-    pub(super) fn worker_frame(&mut self, name: &str, conn_id: u64, frame: ToSupervisor) {
+    pub(super) fn worker_frame(&mut self, name: &str, conn_id: u64, frame: WorkerFrame) {
         let Some(d) = self.daemons.get_mut(name) else {
             return;
         };
@@ -37,7 +39,7 @@ impl Core {
             return;
         }
         match frame {
-            ToSupervisor::State { state, message } => {
+            WorkerFrame::State(StateReport { state, message }) => {
                 if let Some(m) = message {
                     d.health.message = m;
                 }
@@ -81,7 +83,7 @@ impl Core {
                     self.schedule(name, generation, TimerKind::Watchdog, timeout);
                 }
             }
-            ToSupervisor::Heartbeat { health, progress } => {
+            WorkerFrame::Heartbeat(Heartbeat { health, progress }) => {
                 let now = Instant::now();
                 d.last_heartbeat = Some(now);
                 if progress != d.progress {
@@ -94,19 +96,19 @@ impl Core {
                         .note_stable(since - self.started, now - self.started, &d.cfg.restart);
                 }
             }
-            ToSupervisor::SpawnJob {
+            WorkerFrame::SpawnJob(SpawnJob {
                 request_id,
                 command,
                 max_runtime_secs,
                 env,
-            } => {
+            }) => {
                 self.spawn_job(name, request_id, command, max_runtime_secs, env);
             }
-            ToSupervisor::Emit {
+            WorkerFrame::Emit(Emit {
                 event_type,
                 payload,
                 ..
-            } => {
+            }) => {
                 let name = name.to_string();
                 if let Err((code, e)) =
                     self.publish_from(Origin::Daemon(&name), &event_type, payload)
@@ -115,7 +117,7 @@ impl Core {
                     self.send_to_worker(&name, error(code, &e));
                 }
             }
-            ToSupervisor::Subscribe { event_types } => {
+            WorkerFrame::Subscribe(Subscribe { event_types }) => {
                 let tx = self
                     .daemons
                     .get(name)
@@ -132,21 +134,7 @@ impl Core {
                     }
                 }
             }
-            ToSupervisor::Ack { seq } => self.events.ack(name, seq),
-            other => {
-                self.log.warn(&format!(
-                    "{name}: unexpected frame {} from a worker",
-                    frame_name(&other)
-                ));
-                if let Some(d) = self.daemons.get(name)
-                    && let Some((_, tx)) = &d.conn
-                {
-                    let _ = tx.send(error(
-                        protocol::ErrorCode::UnexpectedFrame,
-                        &format!("{} is not a worker frame", frame_name(&other)),
-                    ));
-                }
-            }
+            WorkerFrame::Ack(Ack { seq }) => self.events.ack(name, seq),
         }
     }
 

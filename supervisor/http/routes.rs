@@ -2,7 +2,9 @@
 //! core through its channel; nothing here touches a socket.
 
 use ringrift::lifecycle::DaemonState;
-use ringrift::protocol::{ErrorCode, FromSupervisor, StatusReport, ToSupervisor};
+use ringrift::protocol::{
+    Emit, ErrorCode, EventsRequest, FromSupervisor, Request, StatusReport, StatusRequest,
+};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
@@ -136,7 +138,7 @@ pub(crate) async fn write(
     }
 }
 
-async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: ToSupervisor) -> Option<FromSupervisor> {
+async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: Request) -> Option<FromSupervisor> {
     let (tx, rx) = oneshot::channel();
     core.send(Msg::Request {
         frame,
@@ -149,7 +151,7 @@ async fn ask(core: &mpsc::UnboundedSender<Msg>, frame: ToSupervisor) -> Option<F
 }
 
 async fn status(core: &mpsc::UnboundedSender<Msg>) -> Result<StatusReport, Response> {
-    match ask(core, ToSupervisor::Status { name: None }).await {
+    match ask(core, Request::Status(StatusRequest::default())).await {
         Some(FromSupervisor::Status(s)) => Ok(s),
         _ => Err(Response::error(503, "the supervisor is shutting down")),
     }
@@ -185,9 +187,9 @@ fn ready(s: &StatusReport) -> Response {
 async fn daemon_health(core: &mpsc::UnboundedSender<Msg>, name: &str) -> Response {
     match ask(
         core,
-        ToSupervisor::Status {
+        Request::Status(StatusRequest {
             name: Some(name.to_string()),
-        },
+        }),
     )
     .await
     {
@@ -195,25 +197,21 @@ async fn daemon_health(core: &mpsc::UnboundedSender<Msg>, name: &str) -> Respons
             let Some(d) = s.daemons.first() else {
                 return Response::error(404, &format!("unknown daemon '{name}'"));
             };
-            let alive = matches!(d.state, DaemonState::Running | DaemonState::Paused);
-            let healthy = alive && (d.health.healthy || d.kind == "external");
-            let message = if alive {
-                d.health.message.clone()
-            } else {
-                d.reason
-                    .clone()
-                    .unwrap_or_else(|| format!("daemon is {}", d.state))
+            let summary = d.summary();
+            let message = match summary.message {
+                m if m.is_empty() => format!("daemon is {}", d.state),
+                m => m,
             };
             let body = json!({
                 "name": d.name,
-                "healthy": healthy,
+                "healthy": summary.healthy,
                 "state": d.state,
-                "status": if alive { d.health.status.clone() } else { d.state.as_str().to_ascii_lowercase() },
+                "status": summary.status,
                 "message": message,
                 "details": d.health.details,
                 "timestamp": ringrift::timefmt::now_rfc3339(),
             });
-            Response::json(if healthy { 200 } else { 503 }, &body)
+            Response::json(if summary.healthy { 200 } else { 503 }, &body)
         }
         Some(FromSupervisor::Error { message, .. }) => Response::error(404, &message),
         _ => Response::error(503, "the supervisor is shutting down"),
@@ -246,11 +244,11 @@ async fn post_event(core: &mpsc::UnboundedSender<Msg>, body: &[u8]) -> Response 
     }
     match ask(
         core,
-        ToSupervisor::Emit {
+        Request::Emit(Emit {
             event_type: event_type.to_string(),
             payload,
             source: Some("http".into()),
-        },
+        }),
     )
     .await
     {
@@ -318,12 +316,12 @@ async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response
     // With `since`, a page goes forward from it (oldest first, `limit` at most), so that polling
     // with the last sequence number seen never skips anything; without it, the newest `limit`.
     let paging_forward = q.since.is_some();
-    let frame = ToSupervisor::Events {
+    let frame = Request::Events(EventsRequest {
         since: q.since,
         types: q.types,
         follow: false,
         limit: (!paging_forward).then_some(q.limit),
-    };
+    });
     if core
         .send(Msg::Request {
             frame,

@@ -409,7 +409,7 @@ struct Conn {
 
 impl Conn {
     fn open(root: &Root) -> Conn {
-        use ringrift::protocol::{FromSupervisor, PROTOCOL_VERSION, Role, ToSupervisor};
+        use ringrift::protocol::{FromSupervisor, Hello, Opening, PROTOCOL_VERSION, Role};
         let stream =
             std::os::unix::net::UnixStream::connect(root.path().join("run/supervisor.sock"))
                 .unwrap();
@@ -418,17 +418,17 @@ impl Conn {
             reader: std::io::BufReader::new(stream.try_clone().unwrap()),
             writer: stream,
         };
-        c.send(&ToSupervisor::Hello {
+        c.send(&Opening::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Cli,
             daemon: None,
             pid: None,
-        });
+        }));
         assert!(matches!(c.recv(), FromSupervisor::Welcome { .. }));
         c
     }
 
-    fn send(&mut self, frame: &ringrift::protocol::ToSupervisor) {
+    fn send<F: serde::Serialize>(&mut self, frame: &F) {
         use std::io::Write;
         self.writer
             .write_all(&ringrift::protocol::encode(frame))
@@ -444,19 +444,19 @@ impl Conn {
 
     /// Emits `n` NEW_GAMES_AVAILABLE events with a `pad`-byte path each, a batch at a time.
     fn flood(&mut self, n: usize, pad: usize) {
-        use ringrift::protocol::{FromSupervisor, ToSupervisor};
+        use ringrift::protocol::{Emit, FromSupervisor, Request};
         let path = "p".repeat(pad);
         let mut sent = 0;
         while sent < n {
             let batch = (n - sent).min(500);
             for i in 0..batch {
-                self.send(&ToSupervisor::Emit {
+                self.send(&Request::Emit(Emit {
                     event_type: "NEW_GAMES_AVAILABLE".into(),
                     payload: serde_json::json!({
                         "config_key": "hex8_2p", "new_games": sent + i, "db_path": path
                     }),
                     source: None,
-                });
+                }));
             }
             for _ in 0..batch {
                 match self.recv() {
@@ -556,18 +556,18 @@ fn supervisor_memory_stays_flat_under_event_churn() {
 
 #[test]
 fn events_answers_in_pages_and_the_cli_pages_through() {
-    use ringrift::protocol::{FromSupervisor, ToSupervisor};
+    use ringrift::protocol::{EventsRequest, FromSupervisor, Request};
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
     let mut conn = Conn::open(&root);
     conn.flood(2_500, 10);
     let only = vec!["NEW_GAMES_AVAILABLE".to_string()];
-    conn.send(&ToSupervisor::Events {
+    conn.send(&Request::Events(EventsRequest {
         since: None,
         types: only.clone(),
         follow: false,
         limit: None,
-    });
+    }));
     let mut page = Vec::new();
     let next = loop {
         match conn.recv() {
