@@ -108,8 +108,19 @@ pub fn kill_tree(dir: &Path) {
     }
 }
 
-/// Removes a cgroup and its descendants, deepest first, waiting (bounded) for them to empty.
-pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), String> {
+/// A cgroup directory that could not be removed: "cannot remove <dir>: <why>".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot remove {dir}: {source}")]
+pub struct RemoveError {
+    /// The cgroup asked to be removed (the top of the tree for [`remove_tree`]).
+    pub dir: PathBuf,
+    /// Why: the first failure met (EBUSY while a process is left in it, EACCES, ...).
+    pub source: io::Error,
+}
+
+/// Removes a cgroup and its descendants, deepest first, waiting up to `wait` for them to empty.
+/// Err names the cgroup and the first failure (a directory that cannot be listed or removed).
+pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), RemoveError> {
     let deadline = Instant::now() + wait;
     while populated(dir) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -125,7 +136,10 @@ pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), String> {
             other => other,
         }
     }
-    rm(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+    rm(dir).map_err(|source| RemoveError {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Removes one empty cgroup (no descendants). Ok when it is gone.
@@ -190,5 +204,18 @@ mod tests {
         assert_eq!(a, subtree_name(Path::new("/srv/a")));
         assert_ne!(a, subtree_name(Path::new("/srv/b")));
         assert!(a.starts_with("ringrift-") && a.len() == "ringrift-".len() + 16);
+    }
+
+    #[test]
+    fn remove_errors_name_the_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "").unwrap();
+        let e = remove_tree(&file, Duration::ZERO).unwrap_err();
+        assert_eq!(e.dir, file);
+        assert_eq!(
+            e.to_string(),
+            format!("cannot remove {}: {}", file.display(), e.source)
+        );
     }
 }

@@ -562,7 +562,7 @@ impl Core {
             if self.daemons.contains_key(&n) {
                 Ok(n)
             } else {
-                Err(e)
+                Err(e.to_string())
             }
         })
     }
