@@ -1931,6 +1931,7 @@ impl Core {
                             .log
                             .info(&format!("{name}: subscribed to {}", event_types.join(", "))),
                         Err(e) => {
+                            let e = e.to_string();
                             self.log.warn(&format!("{name}: {e}"));
                             self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
                         }
@@ -1970,7 +1971,7 @@ impl Core {
         }
         self.events
             .publish(event_type, payload, origin.as_str())
-            .map_err(|e| (protocol::ErrorCode::BadRequest, e))
+            .map_err(|e| (protocol::ErrorCode::BadRequest, e.to_string()))
     }
 
     // ------------------------------------------------------------------ status
