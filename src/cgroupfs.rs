@@ -52,6 +52,41 @@ pub fn parse_own(proc_cgroup: &str) -> Option<String> {
         .map(|p| p.trim().trim_end_matches(" (deleted)").to_string())
 }
 
+/// Why the calling process's cgroup v2 directory cannot be found (see [`own_dir`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OwnDirError {
+    /// /proc/self/mountinfo or /proc/self/cgroup (`path`) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The /proc file.
+        path: &'static str,
+        /// Why it could not be read.
+        source: io::Error,
+    },
+    /// No mount of type cgroup2 in /proc/self/mountinfo.
+    #[error("no cgroup2 file system is mounted")]
+    NoMount,
+    /// /proc/self/cgroup has only cgroup v1 lines.
+    #[error("/proc/self/cgroup has no cgroup v2 (0::) line")]
+    NoV2Line,
+}
+
+/// The directory of the calling process's own cgroup: the cgroup2 mount (/proc/self/mountinfo)
+/// joined with the `0::` path of /proc/self/cgroup.
+pub fn own_dir() -> Result<PathBuf, OwnDirError> {
+    let read = |path: &'static str| {
+        std::fs::read_to_string(path).map_err(|source| OwnDirError::Read { path, source })
+    };
+    let mount = parse_mount(&read("/proc/self/mountinfo")?).ok_or(OwnDirError::NoMount)?;
+    let own = parse_own(&read("/proc/self/cgroup")?).ok_or(OwnDirError::NoV2Line)?;
+    let own = own.trim_matches('/');
+    Ok(if own.is_empty() {
+        mount
+    } else {
+        mount.join(own)
+    })
+}
+
 /// `ringrift-<hash>`: the subtree's name for a root (FNV-1a of the path, 64 bits).
 pub fn subtree_name(root: &Path) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

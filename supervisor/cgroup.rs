@@ -26,10 +26,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ringrift::cgroupfs::{RemoveError, kill_tree};
+use ringrift::cgroupfs::{OwnDirError, RemoveError, kill_tree, own_dir};
 pub(crate) use ringrift::cgroupfs::{
-    freeze, kill, of_pid, parse_mount, parse_own, populated, procs, read_set, remove, remove_tree,
-    subtree_name, write_file,
+    freeze, kill, of_pid, populated, procs, read_set, remove, remove_tree, subtree_name, write_file,
 };
 use ringrift::limits::Limits;
 
@@ -57,18 +56,9 @@ pub(crate) struct Subtree {
 /// what `status` shows as the reason for the fallback containment.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CgroupError {
-    /// A file of /proc that says where the supervisor's cgroup is could not be read.
-    #[error("cannot read {path}: {source}")]
-    ReadProc {
-        path: &'static str,
-        source: io::Error,
-    },
-    /// No cgroup2 line in /proc/self/mountinfo.
-    #[error("no cgroup2 file system is mounted")]
-    NoMount,
-    /// /proc/self/cgroup has only v1 lines.
-    #[error("/proc/self/cgroup has no cgroup v2 (0::) line")]
-    NoV2Line,
+    /// Where the supervisor's own cgroup is cannot be read from /proc.
+    #[error(transparent)]
+    NoOwnCgroup(#[from] OwnDirError),
     /// The subtree's directory could not be made.
     #[error("cannot create {dir}: {source}")]
     Create { dir: PathBuf, source: io::Error },
@@ -81,22 +71,6 @@ pub(crate) enum CgroupError {
     /// At teardown, the supervisor could not go back to its own cgroup.
     #[error("cannot move the supervisor back to {own}: {source}")]
     MoveBack { own: PathBuf, source: io::Error },
-}
-
-/// The cgroup directory of the calling process's parent of the subtree: `<mount><own cgroup>`.
-/// Err says why there is none.
-fn own_dir() -> Result<PathBuf, CgroupError> {
-    let read = |path: &'static str| {
-        std::fs::read_to_string(path).map_err(|source| CgroupError::ReadProc { path, source })
-    };
-    let mount = parse_mount(&read("/proc/self/mountinfo")?).ok_or(CgroupError::NoMount)?;
-    let own = parse_own(&read("/proc/self/cgroup")?).ok_or(CgroupError::NoV2Line)?;
-    let own = own.trim_matches('/');
-    Ok(if own.is_empty() {
-        mount
-    } else {
-        mount.join(own)
-    })
 }
 
 impl Subtree {
