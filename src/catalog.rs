@@ -283,37 +283,63 @@ pub const MAX_NAME_LEN: usize = 64;
 /// and the origins the supervisor stamps on events (`supervisor`, `cli`, `http`, `node`).
 pub const RESERVED_NAMES: &[&str] = &["master_loop", "supervisor", "jobs", "cli", "http", "node"];
 
+/// Why a daemon name cannot be used; each variant carries the name as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Not `[a-z][a-z0-9_]*`. `hint` is the normalized name when that one would be valid.
+    #[error(
+        "daemon name '{}' is not a lower-case identifier: a letter a-z, then letters, digits or '_'{}",
+        .name.escape_debug(),
+        .hint.as_ref().map(|h| format!(" (did you mean '{h}'?)")).unwrap_or_default()
+    )]
+    NotAnIdentifier {
+        /// The name as written.
+        name: String,
+        /// A valid spelling of it (lower case, `-` as `_`), if there is one.
+        hint: Option<String>,
+    },
+    /// Longer than [`MAX_NAME_LEN`] bytes.
+    #[error("daemon name '{name}' is {} bytes long; at most {MAX_NAME_LEN}", .name.len())]
+    TooLong {
+        /// The name as written.
+        name: String,
+    },
+    /// One of [`RESERVED_NAMES`].
+    #[error(
+        "daemon name '{name}' is reserved for the supervisor ({})",
+        RESERVED_NAMES.join(", ")
+    )]
+    Reserved {
+        /// The name as written.
+        name: String,
+    },
+}
+
 /// Checks a daemon name as written in the configuration: a lower-case identifier (`[a-z][a-z0-9_]*`),
 /// at most [`MAX_NAME_LEN`] bytes, not one of [`RESERVED_NAMES`]. Names are used as file names, so
 /// anything else (`/`, `..`, upper case that would collide case-insensitively) is refused.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     let ident = name.as_bytes().first().is_some_and(u8::is_ascii_lowercase)
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !ident {
         let hint = normalize(name);
-        let hint = if hint != name && check_name(&hint).is_ok() {
-            format!(" (did you mean '{hint}'?)")
-        } else {
-            String::new()
-        };
-        return Err(format!(
-            "daemon name '{}' is not a lower-case identifier: a letter a-z, then letters, digits or '_'{hint}",
-            name.escape_debug()
-        ));
+        let hint = (hint != name && check_name(&hint).is_ok()).then_some(hint);
+        return Err(NameError::NotAnIdentifier {
+            name: name.to_string(),
+            hint,
+        });
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "daemon name '{name}' is {} bytes long; at most {MAX_NAME_LEN}",
-            name.len()
-        ));
+        return Err(NameError::TooLong {
+            name: name.to_string(),
+        });
     }
     if RESERVED_NAMES.contains(&name) {
-        return Err(format!(
-            "daemon name '{name}' is reserved for the supervisor ({})",
-            RESERVED_NAMES.join(", ")
-        ));
+        return Err(NameError::Reserved {
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -418,6 +444,32 @@ mod tests {
     fn names_are_case_insensitive() {
         assert_eq!(normalize("AUTO_SYNC"), "auto_sync");
         assert_eq!(normalize("auto-sync"), "auto_sync");
+    }
+
+    #[test]
+    fn bad_names_say_why() {
+        let msg = |n: &str| check_name(n).unwrap_err().to_string();
+        assert_eq!(
+            msg("Auto-Sync"),
+            "daemon name 'Auto-Sync' is not a lower-case identifier: a letter a-z, then letters, \
+             digits or '_' (did you mean 'auto_sync'?)"
+        );
+        assert_eq!(
+            msg("a/b\n"),
+            "daemon name 'a/b\\n' is not a lower-case identifier: a letter a-z, then letters, \
+             digits or '_'"
+        );
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            msg(&long),
+            format!("daemon name '{long}' is 65 bytes long; at most 64")
+        );
+        assert_eq!(
+            msg("jobs"),
+            "daemon name 'jobs' is reserved for the supervisor \
+             (master_loop, supervisor, jobs, cli, http, node)"
+        );
+        assert!(check_name("auto_sync").is_ok());
     }
 
     #[test]

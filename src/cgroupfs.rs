@@ -52,6 +52,41 @@ pub fn parse_own(proc_cgroup: &str) -> Option<String> {
         .map(|p| p.trim().trim_end_matches(" (deleted)").to_string())
 }
 
+/// Why the calling process's cgroup v2 directory cannot be found (see [`own_dir`]).
+#[derive(Debug, thiserror::Error)]
+pub enum OwnDirError {
+    /// /proc/self/mountinfo or /proc/self/cgroup (`path`) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The /proc file.
+        path: &'static str,
+        /// Why it could not be read.
+        source: io::Error,
+    },
+    /// No mount of type cgroup2 in /proc/self/mountinfo.
+    #[error("no cgroup2 file system is mounted")]
+    NoMount,
+    /// /proc/self/cgroup has only cgroup v1 lines.
+    #[error("/proc/self/cgroup has no cgroup v2 (0::) line")]
+    NoV2Line,
+}
+
+/// The directory of the calling process's own cgroup: the cgroup2 mount (/proc/self/mountinfo)
+/// joined with the `0::` path of /proc/self/cgroup.
+pub fn own_dir() -> Result<PathBuf, OwnDirError> {
+    let read = |path: &'static str| {
+        std::fs::read_to_string(path).map_err(|source| OwnDirError::Read { path, source })
+    };
+    let mount = parse_mount(&read("/proc/self/mountinfo")?).ok_or(OwnDirError::NoMount)?;
+    let own = parse_own(&read("/proc/self/cgroup")?).ok_or(OwnDirError::NoV2Line)?;
+    let own = own.trim_matches('/');
+    Ok(if own.is_empty() {
+        mount
+    } else {
+        mount.join(own)
+    })
+}
+
 /// `ringrift-<hash>`: the subtree's name for a root (FNV-1a of the path, 64 bits).
 pub fn subtree_name(root: &Path) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -108,8 +143,19 @@ pub fn kill_tree(dir: &Path) {
     }
 }
 
-/// Removes a cgroup and its descendants, deepest first, waiting (bounded) for them to empty.
-pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), String> {
+/// A cgroup directory that could not be removed: "cannot remove <dir>: <why>".
+#[derive(Debug, thiserror::Error)]
+#[error("cannot remove {dir}: {source}")]
+pub struct RemoveError {
+    /// The cgroup asked to be removed (the top of the tree for [`remove_tree`]).
+    pub dir: PathBuf,
+    /// Why: the first failure met (EBUSY while a process is left in it, EACCES, ...).
+    pub source: io::Error,
+}
+
+/// Removes a cgroup and its descendants, deepest first, waiting up to `wait` for them to empty.
+/// Err names the cgroup and the first failure (a directory that cannot be listed or removed).
+pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), RemoveError> {
     let deadline = Instant::now() + wait;
     while populated(dir) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -125,7 +171,10 @@ pub fn remove_tree(dir: &Path, wait: Duration) -> Result<(), String> {
             other => other,
         }
     }
-    rm(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+    rm(dir).map_err(|source| RemoveError {
+        dir: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Removes one empty cgroup (no descendants). Ok when it is gone.
@@ -190,5 +239,18 @@ mod tests {
         assert_eq!(a, subtree_name(Path::new("/srv/a")));
         assert_ne!(a, subtree_name(Path::new("/srv/b")));
         assert!(a.starts_with("ringrift-") && a.len() == "ringrift-".len() + 16);
+    }
+
+    #[test]
+    fn remove_errors_name_the_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "").unwrap();
+        let e = remove_tree(&file, Duration::ZERO).unwrap_err();
+        assert_eq!(e.dir, file);
+        assert_eq!(
+            e.to_string(),
+            format!("cannot remove {}: {}", file.display(), e.source)
+        );
     }
 }

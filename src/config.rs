@@ -268,18 +268,63 @@ impl Config {
             .collect()
     }
 
-    /// Resolves a user-typed daemon name (any case) or explains what is wrong.
-    pub fn resolve(&self, name: &str) -> Result<String, String> {
+    /// Resolves a user-typed daemon name (any case) to its canonical form, or says it is unknown
+    /// (with the closest names, or every name when none is close).
+    pub fn resolve(&self, name: &str) -> Result<String, UnknownDaemon> {
         let n = catalog::normalize(name);
         if self.daemons.contains_key(&n) {
             Ok(n)
         } else {
-            Err(format!(
-                "unknown daemon '{name}': {}",
-                catalog::suggestion(&n, self.daemons.keys().map(String::as_str))
-            ))
+            Err(UnknownDaemon {
+                name: name.to_string(),
+                suggestion: catalog::suggestion(&n, self.daemons.keys().map(String::as_str)),
+            })
         }
     }
+}
+
+/// A daemon name that is not in the configuration: "unknown daemon 'x': did you mean y?".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown daemon '{name}': {suggestion}")]
+pub struct UnknownDaemon {
+    /// The name as the user typed it.
+    pub name: String,
+    /// "did you mean a, b?" or "valid names: …" ([`catalog::suggestion`]).
+    pub suggestion: String,
+}
+
+/// Why a program named in a command cannot be run (see [`find_program`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    /// The command's first word is empty.
+    #[error("the program name is empty")]
+    Empty,
+    /// A path (with a `/`) that cannot be looked at (missing, no permission).
+    #[error("program {program:?} cannot be run: {source}")]
+    Unreadable {
+        /// The program as written.
+        program: String,
+        /// Why its metadata could not be read.
+        source: std::io::Error,
+    },
+    /// A path that names a directory or another non-file.
+    #[error("program {program:?} is not a file")]
+    NotAFile {
+        /// The program as written.
+        program: String,
+    },
+    /// A path to a file with no execute bit.
+    #[error("program {program:?} is not executable")]
+    NotExecutable {
+        /// The program as written.
+        program: String,
+    },
+    /// A bare name found in no directory of the PATH (as an executable file).
+    #[error("program {program:?} is not found on PATH (or not executable); give its full path")]
+    NotOnPath {
+        /// The program as written.
+        program: String,
+    },
 }
 
 /// One thing wrong with a configuration.
@@ -744,7 +789,7 @@ impl Validator<'_> {
             .collect();
         for key in daemons_map.keys() {
             if let Err(why) = catalog::check_name(key) {
-                self.problem(&["daemons", key], why);
+                self.problem(&["daemons", key], why.to_string());
                 continue;
             }
             names.insert(key.clone());
@@ -827,7 +872,7 @@ impl Validator<'_> {
             if let Some(program) = d.command.as_ref().and_then(|c| c.first())
                 && let Err(e) = find_program(program, root, path_var)
             {
-                self.problem(&["daemons", &d.name, "command"], e);
+                self.problem(&["daemons", &d.name, "command"], e.to_string());
             }
             if !d.is_external()
                 && let Some(program) = d
@@ -837,7 +882,7 @@ impl Validator<'_> {
                     .and_then(Value::as_str)
                 && let Err(e) = find_program(program, root, path_var)
             {
-                self.problem(&["daemons", &d.name, "shutdown_command"], e);
+                self.problem(&["daemons", &d.name, "shutdown_command"], e.to_string());
             }
         }
         for (kind, t) in &config.pipeline.jobs {
@@ -853,7 +898,7 @@ impl Validator<'_> {
                     path_var,
                 )
             {
-                self.problem(&["pipeline", "jobs", kind, "command"], e);
+                self.problem(&["pipeline", "jobs", kind, "command"], e.to_string());
             }
         }
     }
@@ -947,7 +992,7 @@ impl Validator<'_> {
                 }
                 for word in &cmd {
                     if let Err(e) = crate::template::parse(word) {
-                        self.problem(&["pipeline", "jobs", kind, "command"], e);
+                        self.problem(&["pipeline", "jobs", kind, "command"], e.to_string());
                     }
                     for p in placeholders(word) {
                         if !PLACEHOLDERS.contains(&p.as_str()) {
@@ -1312,7 +1357,7 @@ impl Validator<'_> {
                 match crate::readiness::parse_http_url(&text) {
                     Ok(url) => Some(Ready::Http { url, interval }),
                     Err(e) => {
-                        self.problem(&path, e);
+                        self.problem(&path, e.to_string());
                         None
                     }
                 }
@@ -1375,13 +1420,13 @@ impl Validator<'_> {
         &mut self,
         v: Option<&Value>,
         at: &[&str],
-        parse: fn(&str) -> Result<T, String>,
+        parse: fn(&str) -> Result<T, limits::LimitError>,
     ) -> Option<T> {
         let text = self.string(v, at)?;
         match parse(&text) {
             Ok(l) => Some(l),
             Err(e) => {
-                self.problem(at, e);
+                self.problem(at, e.to_string());
                 None
             }
         }
@@ -1482,7 +1527,7 @@ impl Validator<'_> {
                 None
             }
             Err(e) => {
-                self.problem(at, e);
+                self.problem(at, e.to_string());
                 None
             }
         }
@@ -1503,20 +1548,31 @@ fn kind(v: &Value) -> &'static str {
 /// Where `program` is: a path (with a `/`; relative ones from `root`) that must be an executable
 /// file, or a name searched on `path_var` (the `PATH` the supervisor will spawn with). The error
 /// says which and why.
-pub fn find_program(program: &str, root: &Path, path_var: Option<&str>) -> Result<PathBuf, String> {
+pub fn find_program(
+    program: &str,
+    root: &Path,
+    path_var: Option<&str>,
+) -> Result<PathBuf, ProgramError> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     if program.is_empty() {
-        return Err("the program name is empty".into());
+        return Err(ProgramError::Empty);
     }
     if program.contains('/') {
         let p = root.join(program);
         return match std::fs::metadata(&p) {
-            Err(e) => Err(format!("program {program:?} cannot be run: {e}")),
-            Ok(m) if !m.is_file() => Err(format!("program {program:?} is not a file")),
-            Ok(_) if !executable(&p) => Err(format!("program {program:?} is not executable")),
+            Err(source) => Err(ProgramError::Unreadable {
+                program: program.to_string(),
+                source,
+            }),
+            Ok(m) if !m.is_file() => Err(ProgramError::NotAFile {
+                program: program.to_string(),
+            }),
+            Ok(_) if !executable(&p) => Err(ProgramError::NotExecutable {
+                program: program.to_string(),
+            }),
             Ok(_) => Ok(p),
         };
     }
@@ -1526,10 +1582,8 @@ pub fn find_program(program: &str, root: &Path, path_var: Option<&str>) -> Resul
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(program))
         .find(|p| executable(p))
-        .ok_or_else(|| {
-            format!(
-                "program {program:?} is not found on PATH (or not executable); give its full path"
-            )
+        .ok_or_else(|| ProgramError::NotOnPath {
+            program: program.to_string(),
         })
 }
 
@@ -1960,21 +2014,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(find_program("sh", dir.path(), std::env::var("PATH").ok().as_deref()).is_ok());
         let e = find_program("no-such-rr", dir.path(), Some("/nonexistent")).unwrap_err();
-        assert!(e.contains("not found on PATH"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "program \"no-such-rr\" is not found on PATH (or not executable); give its full path"
+        );
         std::fs::write(dir.path().join("tool"), "").unwrap();
         let e = find_program("./tool", dir.path(), None).unwrap_err();
-        assert!(e.contains("not executable"), "{e}");
+        assert_eq!(e.to_string(), "program \"./tool\" is not executable");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let e = find_program("./sub", dir.path(), None).unwrap_err();
+        assert_eq!(e.to_string(), "program \"./sub\" is not a file");
+        let e = find_program("./gone", dir.path(), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("program \"./gone\" cannot be run: No such file"),
+            "{e}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            find_program("", dir.path(), None).unwrap_err().to_string(),
+            "the program name is empty"
+        );
     }
 
     #[test]
     fn resolve_accepts_any_case_and_suggests() {
         let c = ok("daemons:\n");
         assert_eq!(c.resolve("AUTO_SYNC").unwrap(), "auto_sync");
+        let e = c.resolve("auto_synk").unwrap_err();
+        assert_eq!(e.name, "auto_synk");
         assert!(
-            c.resolve("auto_synk")
-                .unwrap_err()
-                .contains("did you mean auto_sync")
+            e.to_string().starts_with("unknown daemon 'auto_synk': "),
+            "{e}"
         );
+        assert!(e.to_string().contains("did you mean auto_sync"), "{e}");
     }
 
     #[test]

@@ -72,10 +72,63 @@ impl fmt::Display for CpuMax {
     }
 }
 
+/// Why a limit as written cannot be used. Each variant carries the text as written (`text`), and
+/// its message says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Not a number of bytes with an optional suffix, nor `infinity`/`max`.
+    #[error(
+        "'{text}' is not a memory size (bytes with an optional K, M, G or T suffix, e.g. 512M, or infinity)"
+    )]
+    NotAMemorySize {
+        /// The limit as written.
+        text: String,
+    },
+    /// More bytes than a u64 holds.
+    #[error("'{text}' is too large")]
+    TooLarge {
+        /// The limit as written.
+        text: String,
+    },
+    /// Less than one page (4096 bytes): the kernel would round it to 0 and nothing could run.
+    #[error("'{text}' is below one page (4096 bytes): nothing could run")]
+    BelowOnePage {
+        /// The limit as written.
+        text: String,
+    },
+    /// Neither a percentage, nor "QUOTA PERIOD", nor `infinity`/`max`.
+    #[error(
+        "'{text}' is not a CPU limit (a percentage of one CPU such as 50% or 200%, or \"QUOTA PERIOD\" in microseconds such as \"50000 100000\")"
+    )]
+    NotACpuLimit {
+        /// The limit as written.
+        text: String,
+    },
+    /// A percentage of 0 or less (or not finite).
+    #[error("'{text}': the percentage must be above 0")]
+    PercentageNotPositive {
+        /// The limit as written.
+        text: String,
+    },
+    /// A period outside 1000 to 1 000 000 microseconds, the kernel's range.
+    #[error("'{text}': the period must be 1000 to 1000000 microseconds")]
+    PeriodOutOfRange {
+        /// The limit as written.
+        text: String,
+    },
+    /// A quota below 1000 microseconds, the kernel's minimum.
+    #[error("'{text}': the quota must be at least 1000 microseconds")]
+    QuotaTooSmall {
+        /// The limit as written.
+        text: String,
+    },
+}
+
 /// Parses a memory limit: a number of bytes, optionally with a K, M, G or T suffix (powers of
 /// 1024, as systemd reads them; a trailing `B`/`iB` is accepted), or `infinity`/`max`.
 /// Errors say what was expected.
-pub fn parse_memory(text: &str) -> Result<MemoryMax, String> {
+pub fn parse_memory(text: &str) -> Result<MemoryMax, LimitError> {
+    let text_owned = || text.to_string();
     let t = text.trim();
     if t.eq_ignore_ascii_case("infinity") || t.eq_ignore_ascii_case("max") {
         return Ok(MemoryMax::Unlimited);
@@ -92,11 +145,7 @@ pub fn parse_memory(text: &str) -> Result<MemoryMax, String> {
         Some('T') => (&body[..body.len() - 1], 40),
         _ => (body, 0),
     };
-    let bad = || {
-        format!(
-            "'{text}' is not a memory size (bytes with an optional K, M, G or T suffix, e.g. 512M, or infinity)"
-        )
-    };
+    let bad = || LimitError::NotAMemorySize { text: text_owned() };
     let digits = digits.trim();
     if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit() || c == '.') {
         return Err(bad());
@@ -104,14 +153,12 @@ pub fn parse_memory(text: &str) -> Result<MemoryMax, String> {
     let value: f64 = digits.parse().map_err(|_| bad())?;
     let bytes = value * (1u64 << shift) as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("'{text}' is too large"));
+        return Err(LimitError::TooLarge { text: text_owned() });
     }
     let bytes = bytes.floor() as u64;
     // The kernel rounds memory.max down to whole pages; 0 would make every allocation fail.
     if bytes < 4096 {
-        return Err(format!(
-            "'{text}' is below one page (4096 bytes): nothing could run"
-        ));
+        return Err(LimitError::BelowOnePage { text: text_owned() });
     }
     Ok(MemoryMax::Bytes(bytes))
 }
@@ -119,20 +166,17 @@ pub fn parse_memory(text: &str) -> Result<MemoryMax, String> {
 /// Parses a CPU limit: a percentage of one CPU (`50%`, `200%` for two CPUs; CPUQuota= in
 /// systemd), `"QUOTA PERIOD"` in microseconds as cpu.max takes it (`"50000 100000"`), or
 /// `infinity`/`max`. Errors say what was expected.
-pub fn parse_cpu(text: &str) -> Result<CpuMax, String> {
+pub fn parse_cpu(text: &str) -> Result<CpuMax, LimitError> {
+    let text_owned = || text.to_string();
     let t = text.trim();
     if t.eq_ignore_ascii_case("infinity") || t.eq_ignore_ascii_case("max") {
         return Ok(CpuMax::Unlimited);
     }
-    let bad = || {
-        format!(
-            "'{text}' is not a CPU limit (a percentage of one CPU such as 50% or 200%, or \"QUOTA PERIOD\" in microseconds such as \"50000 100000\")"
-        )
-    };
+    let bad = || LimitError::NotACpuLimit { text: text_owned() };
     if let Some(pct) = t.strip_suffix('%') {
         let pct: f64 = pct.trim().parse().map_err(|_| bad())?;
         if !(pct.is_finite() && pct > 0.0) {
-            return Err(format!("'{text}': the percentage must be above 0"));
+            return Err(LimitError::PercentageNotPositive { text: text_owned() });
         }
         // systemd: quota per period = percentage × period / 100, at least 1 ms (the kernel's minimum).
         let quota_us = ((pct / 100.0) * DEFAULT_CPU_PERIOD_US as f64).round() as u64;
@@ -149,14 +193,10 @@ pub fn parse_cpu(text: &str) -> Result<CpuMax, String> {
     let period_us: u64 = p.parse().map_err(|_| bad())?;
     // The kernel accepts a period of 1 ms to 1 s and a quota of at least 1 ms.
     if !(1000..=1_000_000).contains(&period_us) {
-        return Err(format!(
-            "'{text}': the period must be 1000 to 1000000 microseconds"
-        ));
+        return Err(LimitError::PeriodOutOfRange { text: text_owned() });
     }
     if quota_us < 1000 {
-        return Err(format!(
-            "'{text}': the quota must be at least 1000 microseconds"
-        ));
+        return Err(LimitError::QuotaTooSmall { text: text_owned() });
     }
     Ok(CpuMax::Quota {
         quota_us,
@@ -219,6 +259,38 @@ mod tests {
         ] {
             assert!(parse_cpu(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_read_as_before() {
+        let msg = |r: Result<CpuMax, LimitError>| r.unwrap_err().to_string();
+        assert_eq!(
+            parse_memory("lots").unwrap_err().to_string(),
+            "'lots' is not a memory size (bytes with an optional K, M, G or T suffix, e.g. 512M, or infinity)"
+        );
+        assert_eq!(
+            parse_memory("100").unwrap_err().to_string(),
+            "'100' is below one page (4096 bytes): nothing could run"
+        );
+        assert_eq!(
+            parse_memory("99999999999T").unwrap_err(),
+            LimitError::TooLarge {
+                text: "99999999999T".into()
+            }
+        );
+        assert_eq!(
+            msg(parse_cpu("fast")),
+            "'fast' is not a CPU limit (a percentage of one CPU such as 50% or 200%, or \"QUOTA PERIOD\" in microseconds such as \"50000 100000\")"
+        );
+        assert_eq!(msg(parse_cpu("0%")), "'0%': the percentage must be above 0");
+        assert_eq!(
+            msg(parse_cpu("5000 10")),
+            "'5000 10': the period must be 1000 to 1000000 microseconds"
+        );
+        assert_eq!(
+            msg(parse_cpu("10 100000")),
+            "'10 100000': the quota must be at least 1000 microseconds"
+        );
     }
 
     #[test]

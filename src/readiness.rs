@@ -76,22 +76,54 @@ impl Ready {
     }
 }
 
+/// What is wrong with a readiness URL; each variant carries the URL as written (`text`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// The URL does not start with `http://` (https is not supported).
+    #[error("'{text}' is not an http:// URL (https is not supported)")]
+    NotHttp {
+        /// The URL as written.
+        text: String,
+    },
+    /// Nothing between `http://` and the path.
+    #[error("'{text}' names no host")]
+    NoHost {
+        /// The URL as written.
+        text: String,
+    },
+    /// What follows the host's `:` is not a port number (0 to 65535).
+    #[error("'{text}': '{port}' is not a port")]
+    BadPort {
+        /// The URL as written.
+        text: String,
+        /// What stands where the port should be.
+        port: String,
+    },
+}
+
 /// Parses `http://host[:port][/path]`. Errors say what is wrong with the URL.
-pub fn parse_http_url(text: &str) -> Result<HttpUrl, String> {
+pub fn parse_http_url(text: &str) -> Result<HttpUrl, UrlError> {
     let rest = text
         .strip_prefix("http://")
-        .ok_or_else(|| format!("'{text}' is not an http:// URL (https is not supported)"))?;
+        .ok_or_else(|| UrlError::NotHttp {
+            text: text.to_string(),
+        })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if authority.is_empty() {
-        return Err(format!("'{text}' names no host"));
+        return Err(UrlError::NoHost {
+            text: text.to_string(),
+        });
     }
     let (host, authority) = match authority.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
             if p.parse::<u16>().is_err() {
-                return Err(format!("'{text}': '{p}' is not a port"));
+                return Err(UrlError::BadPort {
+                    text: text.to_string(),
+                    port: p.to_string(),
+                });
             }
             (h.to_string(), authority.to_string())
         }
@@ -141,13 +173,18 @@ mod tests {
         let u = parse_http_url("http://localhost").unwrap();
         assert_eq!(u.authority, "localhost:80");
         assert_eq!(u.path, "/");
-        assert!(parse_http_url("https://x").unwrap_err().contains("https"));
-        assert!(
-            parse_http_url("http://h:port/")
-                .unwrap_err()
-                .contains("port")
+        assert_eq!(
+            parse_http_url("https://x").unwrap_err().to_string(),
+            "'https://x' is not an http:// URL (https is not supported)"
         );
-        assert!(parse_http_url("http:///x").is_err());
+        assert_eq!(
+            parse_http_url("http://h:port/").unwrap_err().to_string(),
+            "'http://h:port/': 'port' is not a port"
+        );
+        assert_eq!(
+            parse_http_url("http:///x").unwrap_err().to_string(),
+            "'http:///x' names no host"
+        );
     }
 
     #[test]

@@ -14,9 +14,50 @@ pub enum Part {
     Placeholder(String),
 }
 
+/// What is wrong with a template word, or why it cannot be filled in. Each names the word (as
+/// written) and, for a brace problem, the byte offset where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// A `{` with no `}` after it.
+    #[error("unclosed '{{' at byte {at} in {word:?} (write '{{{{' for a literal brace)")]
+    Unclosed {
+        /// The template word.
+        word: String,
+        /// Byte offset of the `{`.
+        at: usize,
+    },
+    /// A `{...}` whose inside is empty or not a placeholder name (`[a-z0-9_]+`).
+    #[error(
+        "'{{{name}}}' at byte {at} in {word:?} is not a placeholder name \
+         (write '{{{{' and '}}}}' for literal braces)"
+    )]
+    NotAName {
+        /// The template word.
+        word: String,
+        /// Byte offset of the `{`.
+        at: usize,
+        /// What stands between the braces.
+        name: String,
+    },
+    /// A `}` that closes nothing.
+    #[error("lone '}}' at byte {at} in {word:?} (write '}}}}' for a literal brace)")]
+    LoneClose {
+        /// The template word.
+        word: String,
+        /// Byte offset of the `}`.
+        at: usize,
+    },
+    /// [`expand`] was given no value for this placeholder.
+    #[error("{{{name}}} has no value here")]
+    NoValue {
+        /// The placeholder's name, without braces.
+        name: String,
+    },
+}
+
 /// Splits one word of a template into literal text and placeholders, or says what is wrong with
 /// it (an unclosed `{`, a lone `}`, an empty or malformed `{}`), naming the byte offset.
-pub fn parse(word: &str) -> Result<Vec<Part>, String> {
+pub fn parse(word: &str) -> Result<Vec<Part>, TemplateError> {
     let mut parts = Vec::new();
     let mut literal = String::new();
     let mut chars = word.char_indices().peekable();
@@ -33,9 +74,10 @@ pub fn parse(word: &str) -> Result<Vec<Part>, String> {
             '{' => {
                 let rest = &word[at + 1..];
                 let Some(len) = rest.find('}') else {
-                    return Err(format!(
-                        "unclosed '{{' at byte {at} in {word:?} (write '{{{{' for a literal brace)"
-                    ));
+                    return Err(TemplateError::Unclosed {
+                        word: word.to_string(),
+                        at,
+                    });
                 };
                 let name = &rest[..len];
                 if name.is_empty()
@@ -43,10 +85,11 @@ pub fn parse(word: &str) -> Result<Vec<Part>, String> {
                         .chars()
                         .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
                 {
-                    return Err(format!(
-                        "'{{{name}}}' at byte {at} in {word:?} is not a placeholder name \
-                         (write '{{{{' and '}}}}' for literal braces)"
-                    ));
+                    return Err(TemplateError::NotAName {
+                        word: word.to_string(),
+                        at,
+                        name: name.to_string(),
+                    });
                 }
                 if !literal.is_empty() {
                     parts.push(Part::Literal(std::mem::take(&mut literal)));
@@ -58,9 +101,10 @@ pub fn parse(word: &str) -> Result<Vec<Part>, String> {
                 }
             }
             '}' => {
-                return Err(format!(
-                    "lone '}}' at byte {at} in {word:?} (write '}}}}' for a literal brace)"
-                ));
+                return Err(TemplateError::LoneClose {
+                    word: word.to_string(),
+                    at,
+                });
             }
             other => literal.push(other),
         }
@@ -86,14 +130,14 @@ pub fn placeholders(word: &str) -> Vec<String> {
 
 /// Fills one word: each placeholder is replaced by `value(name)`, escapes become single braces.
 /// Errors name the word's problem or the first placeholder `value` has nothing for.
-pub fn expand(word: &str, value: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn expand(word: &str, value: impl Fn(&str) -> Option<String>) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(word.len());
     for part in parse(word)? {
         match part {
             Part::Literal(s) => out.push_str(&s),
             Part::Placeholder(name) => match value(&name) {
                 Some(v) => out.push_str(&v),
-                None => return Err(format!("{{{name}}} has no value here")),
+                None => return Err(TemplateError::NoValue { name }),
             },
         }
     }
@@ -135,10 +179,31 @@ mod tests {
 
     #[test]
     fn lone_and_malformed_braces_are_errors() {
-        assert!(parse("{").unwrap_err().contains("unclosed"));
-        assert!(parse("a}b").unwrap_err().contains("lone '}'"));
-        assert!(parse("{}").unwrap_err().contains("not a placeholder name"));
-        assert!(parse(r#"{"lr": 1}"#).unwrap_err().contains("'{{'"));
-        assert!(expand("{seed}", lookup).unwrap_err().contains("{seed}"));
+        let msg = |r: Result<Vec<Part>, TemplateError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(parse("{")),
+            r#"unclosed '{' at byte 0 in "{" (write '{{' for a literal brace)"#
+        );
+        assert_eq!(
+            msg(parse("a}b")),
+            r#"lone '}' at byte 1 in "a}b" (write '}}' for a literal brace)"#
+        );
+        assert_eq!(
+            msg(parse("{}")),
+            r#"'{}' at byte 0 in "{}" is not a placeholder name (write '{{' and '}}' for literal braces)"#
+        );
+        assert!(msg(parse(r#"{"lr": 1}"#)).contains("'{{'"));
+        assert_eq!(
+            parse("x{a-b}"),
+            Err(TemplateError::NotAName {
+                word: "x{a-b}".into(),
+                at: 1,
+                name: "a-b".into()
+            })
+        );
+        assert_eq!(
+            expand("{seed}", lookup).unwrap_err().to_string(),
+            "{seed} has no value here"
+        );
     }
 }

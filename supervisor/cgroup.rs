@@ -26,10 +26,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ringrift::cgroupfs::kill_tree;
+use ringrift::cgroupfs::{OwnDirError, RemoveError, kill_tree, own_dir};
 pub(crate) use ringrift::cgroupfs::{
-    freeze, kill, of_pid, parse_mount, parse_own, populated, procs, read_set, remove, remove_tree,
-    subtree_name, write_file,
+    freeze, kill, of_pid, populated, procs, read_set, remove, remove_tree, subtree_name, write_file,
 };
 use ringrift::limits::Limits;
 
@@ -53,26 +52,30 @@ pub(crate) struct Subtree {
     pub missing: Vec<(String, String)>,
 }
 
-/// The cgroup directory of the calling process's parent of the subtree: `<mount><own cgroup>`.
-/// Err says why there is none.
-fn own_dir() -> Result<PathBuf, String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-    let mount = parse_mount(&mountinfo).ok_or("no cgroup2 file system is mounted")?;
-    let text = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let own = parse_own(&text).ok_or("/proc/self/cgroup has no cgroup v2 (0::) line")?;
-    let own = own.trim_matches('/');
-    Ok(if own.is_empty() {
-        mount
-    } else {
-        mount.join(own)
-    })
+/// Why the supervisor cannot have its cgroup subtree, or could not take it down. The message is
+/// what `status` shows as the reason for the fallback containment.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CgroupError {
+    /// Where the supervisor's own cgroup is cannot be read from /proc.
+    #[error(transparent)]
+    NoOwnCgroup(#[from] OwnDirError),
+    /// The subtree's directory could not be made.
+    #[error("cannot create {dir}: {source}")]
+    Create { dir: PathBuf, source: io::Error },
+    /// The kernel has no cgroup.kill (before Linux 5.14), so a unit cannot be killed at once.
+    #[error("{dir} has no cgroup.kill (kernel older than 5.14)")]
+    NoKill { dir: PathBuf },
+    /// A leftover subtree, a unit in it, or the subtree itself could not be removed.
+    #[error(transparent)]
+    Remove(#[from] RemoveError),
+    /// At teardown, the supervisor could not go back to its own cgroup.
+    #[error("cannot move the supervisor back to {own}: {source}")]
+    MoveBack { own: PathBuf, source: io::Error },
 }
 
 impl Subtree {
     /// Makes (or takes over and empties) this root's subtree. Err says why cgroups cannot be had.
-    pub(crate) fn create(root: &Path) -> Result<(Subtree, Vec<String>), String> {
+    pub(crate) fn create(root: &Path) -> Result<(Subtree, Vec<String>), CgroupError> {
         let own = own_dir()?;
         let dir = own.join(subtree_name(root));
         let mut notes = Vec::new();
@@ -84,14 +87,13 @@ impl Subtree {
             kill_tree(&dir);
             remove_tree(&dir, Duration::from_secs(5))?;
         }
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        if let Err(source) = std::fs::create_dir(&dir) {
+            return Err(CgroupError::Create { dir, source });
+        }
         // Both cgroup.kill and populated events are needed to contain; refuse a kernel without them.
         if !dir.join("cgroup.kill").exists() {
             let _ = std::fs::remove_dir(&dir);
-            return Err(format!(
-                "{} has no cgroup.kill (kernel older than 5.14)",
-                dir.display()
-            ));
+            return Err(CgroupError::NoKill { dir });
         }
         let mut tree = Subtree {
             dir,
@@ -232,7 +234,7 @@ impl Subtree {
 
     /// Kills everything left in the subtree, removes it, and moves the supervisor back to its own
     /// cgroup if it had left it. Returns what could not be removed.
-    pub(crate) fn teardown(&mut self) -> Result<(), String> {
+    pub(crate) fn teardown(&mut self) -> Result<(), CgroupError> {
         for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             if e.file_name() != "supervisor" && e.path().is_dir() {
                 kill_tree(&e.path());
@@ -247,15 +249,15 @@ impl Subtree {
             let _ = write_file(&self.own.join("cgroup.subtree_control"), &format!("-{c}"));
         }
         if self.moved_self {
-            write_file(&self.own.join("cgroup.procs"), "0").map_err(|e| {
-                format!(
-                    "cannot move the supervisor back to {}: {e}",
-                    self.own.display()
-                )
+            write_file(&self.own.join("cgroup.procs"), "0").map_err(|source| {
+                CgroupError::MoveBack {
+                    own: self.own.clone(),
+                    source,
+                }
             })?;
             self.moved_self = false;
         }
-        remove_tree(&self.dir, Duration::from_secs(5))
+        Ok(remove_tree(&self.dir, Duration::from_secs(5))?)
     }
 }
 

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use ringrift::cgroupfs::RemoveError;
 use ringrift::limits::Limits;
 use ringrift::protocol::{DAEMON_ENV, JOB_ID_ENV, ROOT_ENV, SUPERVISOR_PID_ENV};
 
@@ -79,7 +80,7 @@ impl Containment {
             Some(why) => (None, Some(why.to_string()), Vec::new()),
             None => match Subtree::create(root) {
                 Ok((s, notes)) => (Some(s), None, notes),
-                Err(why) => (None, Some(why), Vec::new()),
+                Err(why) => (None, Some(why.to_string()), Vec::new()),
             },
         };
         match &subtree {
@@ -196,7 +197,7 @@ impl Containment {
     }
 
     /// Removes the whole subtree (killing whatever is left in it); for supervisor exit.
-    pub(crate) fn teardown(&mut self) -> Result<(), String> {
+    pub(crate) fn teardown(&mut self) -> Result<(), cgroup::CgroupError> {
         match self.subtree.take() {
             Some(mut s) => {
                 s.teardown()?;
@@ -273,11 +274,12 @@ impl Unit {
     }
 
     /// Removes the unit's cgroup once it is empty. Err names the cgroup and why.
-    pub(crate) fn remove(&self) -> Result<(), String> {
+    pub(crate) fn remove(&self) -> Result<(), RemoveError> {
         match &self.cgroup {
-            Some(dir) => {
-                cgroup::remove(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
-            }
+            Some(dir) => cgroup::remove(dir).map_err(|source| RemoveError {
+                dir: dir.clone(),
+                source,
+            }),
             None => Ok(()),
         }
     }

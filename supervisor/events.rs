@@ -26,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::core::ConnTx;
-use store::{ALL_TYPES, Store};
+pub(crate) use recovery::OpenError;
+use store::{ALL_TYPES, AppendError, Store};
 
 /// Events sent to one subscriber and not yet acked, at most.
 const WINDOW: usize = 512;
@@ -99,6 +100,24 @@ pub(crate) struct Page {
     pub next_since: Option<u64>,
 }
 
+/// Why an event was not accepted; nothing was logged or delivered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    /// An unknown type or a payload the catalog refuses (the message says what and why).
+    #[error(transparent)]
+    Invalid(#[from] events::InvalidEvent),
+    /// The event could not be written to events.log.
+    #[error(transparent)]
+    Append(#[from] AppendError),
+}
+
+/// A subscription naming an event type the catalog does not know (`type` as the worker wrote it).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot subscribe to unknown event type '{event_type}'")]
+pub(crate) struct UnknownEventType {
+    pub event_type: String,
+}
+
 pub(crate) struct Router {
     dir: PathBuf,
     store: Store,
@@ -117,7 +136,7 @@ pub(crate) struct Router {
 impl Router {
     /// Opens (creating) data/events, moves damaged parts aside and indexes the retained log.
     /// Returns the router and one warning per thing that was damaged, for the supervisor's log.
-    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<(Router, Vec<String>), String> {
+    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<(Router, Vec<String>), OpenError> {
         let rec = recovery::recover(dir)?;
         let store = Store::new(
             dir,
@@ -127,7 +146,10 @@ impl Router {
             limits.max_log_bytes,
             limits.max_retained,
         )
-        .map_err(|e| format!("cannot read {}: {e}", dir.join("events.log").display()))?;
+        .map_err(|source| OpenError::Read {
+            path: dir.join("events.log"),
+            source,
+        })?;
         let (secs, millis) = ringrift::timefmt::unix_now();
         let router = Router {
             dir: dir.to_path_buf(),
@@ -153,14 +175,14 @@ impl Router {
         Ok((router, rec.warnings))
     }
 
-    /// Validates, appends to the log, then delivers. The error is the validation message.
+    /// Validates, appends to the log, then delivers. The error says why the event was refused.
     pub(crate) fn publish(
         &mut self,
         event_type: &str,
         payload: Value,
         source: &str,
-    ) -> Result<Arc<Event>, String> {
-        let event_type = events::validate(event_type, &payload).map_err(|e| e.0)?;
+    ) -> Result<Arc<Event>, PublishError> {
+        let event_type = events::validate(event_type, &payload)?;
         let seq = self.next_seq;
         let ev = Arc::new(Event {
             seq,
@@ -197,12 +219,14 @@ impl Router {
         name: &str,
         types: &[String],
         tx: ConnTx,
-    ) -> Result<(), String> {
+    ) -> Result<(), UnknownEventType> {
         let mut set = BTreeSet::new();
         for t in types {
             let n = events::normalize(t);
             if events::find(&n).is_none() {
-                return Err(format!("cannot subscribe to unknown event type '{t}'"));
+                return Err(UnknownEventType {
+                    event_type: t.clone(),
+                });
             }
             set.insert(n);
         }
@@ -460,8 +484,23 @@ mod tests {
         let e = r
             .publish("TRAINING_STARTED", json!({"config": "hex8_2p"}), "test")
             .unwrap_err();
-        assert!(e.contains("'config'"), "{e}");
+        assert!(matches!(e, PublishError::Invalid(_)), "{e:?}");
+        assert!(e.to_string().contains("'config'"), "{e}");
         assert_eq!(r.info().last_seq, 0);
+    }
+
+    #[test]
+    fn unknown_event_types_cannot_be_subscribed_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = open(dir.path(), Limits::default());
+        let (tx, _rx) = crate::ipc::ConnTx::new(1 << 30);
+        let e = r
+            .subscribe("a", &["NEW_GAMES_AVAILABLE".into(), "new_gamez".into()], tx)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot subscribe to unknown event type 'new_gamez'"
+        );
     }
 
     #[test]
@@ -547,7 +586,10 @@ mod tests {
         let mut r = open(dir.path(), Limits::default());
         let big = json!({"config_key": "hex8_2p", "new_games": 1, "db_path": "x".repeat(1 << 20)});
         let e = r.publish("NEW_GAMES_AVAILABLE", big, "test").unwrap_err();
-        assert!(e.contains("more than the limit of 65536 bytes"), "{e}");
+        assert!(
+            e.to_string().contains("more than the limit of 65536 bytes"),
+            "{e}"
+        );
         assert_eq!(r.info().last_seq, 0);
         assert_eq!(std::fs::metadata(r.store.log_path()).unwrap().len(), 0);
     }

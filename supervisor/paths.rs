@@ -59,15 +59,41 @@ pub(crate) struct RootLock {
     _lock: Flock<fs::File>,
 }
 
+/// Why the root's lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LockError {
+    #[error("cannot open {root}: {source}")]
+    Open { root: PathBuf, source: io::Error },
+    #[error("cannot stat {root}: {source}")]
+    Stat { root: PathBuf, source: io::Error },
+    /// Another process holds the lock: `holder` is its pid when /proc/locks or the pid file says.
+    #[error(
+        "another supervisor{} is already running on {root}; use `ringrift-supervisor status` to talk to it",
+        .holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Held { root: PathBuf, holder: Option<u32> },
+    #[error("cannot lock {root}: {source}")]
+    Lock {
+        root: PathBuf,
+        source: nix::errno::Errno,
+    },
+}
+
 /// Takes the root's exclusive lock (on the root directory; the descriptor is close-on-exec, so no
 /// child inherits it), or says which supervisor holds it.
-pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, String> {
-    let dir = fs::File::open(&paths.root)
-        .map_err(|e| format!("cannot open {}: {e}", paths.root.display()))?;
+pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, LockError> {
+    let root = || paths.root.clone();
+    let dir = fs::File::open(&paths.root).map_err(|source| LockError::Open {
+        root: root(),
+        source,
+    })?;
     let id = dir
         .metadata()
         .map(|m| (m.dev(), m.ino()))
-        .map_err(|e| format!("cannot stat {}: {e}", paths.root.display()))?;
+        .map_err(|source| LockError::Stat {
+            root: root(),
+            source,
+        })?;
     match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(RootLock { _lock: lock }),
         Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
@@ -76,13 +102,15 @@ pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, String> {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
             });
-            Err(format!(
-                "another supervisor{} is already running on {}; use `ringrift-supervisor status` to talk to it",
-                holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-                paths.root.display(),
-            ))
+            Err(LockError::Held {
+                root: root(),
+                holder,
+            })
         }
-        Err((_, errno)) => Err(format!("cannot lock {}: {errno}", paths.root.display())),
+        Err((_, source)) => Err(LockError::Lock {
+            root: root(),
+            source,
+        }),
     }
 }
 
@@ -115,4 +143,39 @@ pub(crate) fn write_pid_file(paths: &Paths) -> io::Result<()> {
     let mut f = fs::File::create(&tmp)?;
     writeln!(f, "{}", std::process::id())?;
     fs::rename(tmp, &paths.pid_file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_root_names_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path());
+        let _held = lock_root(&paths).unwrap();
+        // flock belongs to the open file: a second open in this process is refused like another
+        // supervisor would be, and /proc/locks names this process.
+        let e = lock_root(&paths).err().unwrap();
+        let me = std::process::id();
+        assert!(
+            matches!(&e, LockError::Held { root, holder: Some(p) } if *root == paths.root && *p == me),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "another supervisor (pid {me}) is already running on {}; use `ringrift-supervisor \
+                 status` to talk to it",
+                paths.root.display()
+            )
+        );
+        let gone = Paths::new(&dir.path().join("gone"));
+        let e = lock_root(&gone).err().unwrap();
+        assert!(
+            e.to_string()
+                .starts_with(&format!("cannot open {}: ", gone.root.display())),
+            "{e}"
+        );
+    }
 }

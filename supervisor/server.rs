@@ -38,8 +38,8 @@ pub(crate) fn serve(opts: ServeOptions) -> i32 {
     }
     let lock = match lock_when_free(&paths) {
         Ok(l) => l,
-        Err(msg) => {
-            eprintln!("error: {msg}");
+        Err(e) => {
+            eprintln!("error: {e}");
             return 1;
         }
     };
@@ -350,15 +350,15 @@ fn fatal(log: &SupervisorLog, foreground: bool, msg: &str) {
 /// Takes the root's lock. A supervisor that has just shut down may still hold it for a moment
 /// (its socket is already gone): wait for it, bounded. One that still answers is a real second
 /// supervisor and is refused at once.
-fn lock_when_free(paths: &Paths) -> Result<paths::RootLock, String> {
+fn lock_when_free(paths: &Paths) -> Result<paths::RootLock, paths::LockError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match paths::lock_root(paths) {
             Ok(l) => return Ok(l),
-            Err(msg) => {
+            Err(e) => {
                 let answering = std::os::unix::net::UnixStream::connect(&paths.socket).is_ok();
                 if answering || std::time::Instant::now() > deadline {
-                    return Err(msg);
+                    return Err(e);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }

@@ -231,17 +231,11 @@ pub(crate) fn children_of_self() -> Vec<u32> {
         return out;
     }
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if proc_stat(pid).is_some_and(|s| s.ppid == me) {
-            out.push(pid);
-        }
-    }
+    out.extend(
+        ringrift::procfs::pids()
+            .into_iter()
+            .filter(|&pid| proc_stat(pid).is_some_and(|s| s.ppid == me)),
+    );
     out
 }
 

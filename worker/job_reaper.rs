@@ -171,7 +171,7 @@ impl Reaper {
                         dir.display()
                     )
                 }
-                Err(e) => e,
+                Err(e) => e.to_string(),
             });
         }
         pass

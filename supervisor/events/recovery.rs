@@ -121,10 +121,33 @@ struct Head {
     _timestamp: String,
 }
 
+/// Why data/events cannot be opened. Damage never is (it is moved aside): only a file system that
+/// refuses to create, read or write the files, or to move a damaged file aside.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    #[error("cannot create the event directory {dir}: {source}")]
+    CreateDir { dir: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    /// `problem` says what is wrong with the file's contents; `source` why it stays where it is.
+    #[error("{path} is damaged ({problem}) and cannot be moved aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        problem: String,
+        source: io::Error,
+    },
+}
+
 /// Reads the directory (creating it), moving damage aside.
-pub(crate) fn recover(dir: &Path) -> Result<Recovered, String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create the event directory {}: {e}", dir.display()))?;
+pub(crate) fn recover(dir: &Path) -> Result<Recovered, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let secs = ringrift::timefmt::unix_now().0;
     let mut warnings = Vec::new();
     let mut quarantined = Vec::new();
@@ -163,7 +186,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, String> {
         match scan(&path) {
             Ok(lines) => scans.push(Some(lines)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => scans.push(None),
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            Err(source) => return Err(OpenError::Read { path, source }),
         }
     }
     let last_good = judge(&mut scans);
@@ -215,9 +238,7 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, String> {
         };
         entries.extend(file_entries);
         if i == 0 {
-            prev = Some(
-                File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
-            );
+            prev = Some(File::open(&path).map_err(|source| OpenError::Read { path, source })?);
         }
     }
 
@@ -227,14 +248,19 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, String> {
         .read(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
+        .map_err(|source| OpenError::Open {
+            path: log_path.clone(),
+            source,
+        })?;
     // A last line left without its newline (when it could not be rewritten) must not swallow the
     // next event.
     let len = cur.metadata().map(|m| m.len()).unwrap_or(0);
     let mut last = [0u8];
     if len > 0 && cur.read_exact_at(&mut last, len - 1).is_ok() && last[0] != b'\n' {
-        cur.write_all(b"\n")
-            .map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
+        cur.write_all(b"\n").map_err(|source| OpenError::Write {
+            path: log_path,
+            source,
+        })?;
     }
 
     let max_acked = subscribers.values().map(|s| s.acked).max().unwrap_or(0);
@@ -258,7 +284,7 @@ fn load_json<T: DeserializeOwned>(
     valid: impl Fn(&T) -> bool,
     warnings: &mut Vec<String>,
     quarantined: &mut Vec<PathBuf>,
-) -> Result<(Option<T>, bool), String> {
+) -> Result<(Option<T>, bool), OpenError> {
     let path = dir.join(name);
     let problem = match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice::<T>(&bytes) {
@@ -270,12 +296,13 @@ fn load_json<T: DeserializeOwned>(
         Err(e) => e.to_string(),
     };
     let aside = free_name(dir, &format!("{name}.damaged-{secs}"));
-    std::fs::rename(&path, &aside).map_err(|e| {
-        format!(
-            "{} is damaged ({problem}) and cannot be moved aside: {e}",
-            path.display()
-        )
-    })?;
+    if let Err(source) = std::fs::rename(&path, &aside) {
+        return Err(OpenError::MoveAside {
+            path,
+            problem,
+            source,
+        });
+    }
     warnings.push(format!(
         "{} is damaged ({problem}); moved to {}",
         path.display(),
@@ -806,7 +833,14 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let e = Router::open(&file, Limits::default()).err().unwrap();
         assert!(
-            e.starts_with("cannot create the event directory") && e.contains("events"),
+            matches!(&e, super::super::OpenError::CreateDir { dir, .. } if *dir == file),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot create the event directory {}: ",
+                file.display()
+            )),
             "{e}"
         );
     }

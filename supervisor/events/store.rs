@@ -71,6 +71,11 @@ pub(crate) fn mask<'a>(names: impl IntoIterator<Item = &'a String>) -> u64 {
 /// Every type, for queries without a type filter (events outside the catalog included).
 pub(crate) const ALL_TYPES: u64 = u64::MAX;
 
+/// An event line that could not be written to events.log: the event is not accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot append to the event log: {0}")]
+pub(crate) struct AppendError(#[source] pub io::Error);
+
 pub(crate) struct Store {
     dir: PathBuf,
     /// events.log, opened for reading and appending.
@@ -125,7 +130,7 @@ impl Store {
 
     /// Appends one event line. On error nothing is indexed and the file is left ending in a
     /// newline where it can be (a torn line is moved aside at the next start).
-    pub(crate) fn append(&mut self, ev: &Arc<Event>) -> Result<(), String> {
+    pub(crate) fn append(&mut self, ev: &Arc<Event>) -> Result<(), AppendError> {
         let mut line = serde_json::to_vec(&**ev).expect("events serialize");
         let len = line.len();
         line.push(b'\n');
@@ -136,7 +141,7 @@ impl Store {
                 let _ = self.cur.write_all(b"\n");
             }
             self.log_bytes = self.cur.metadata().map_or(self.log_bytes, |m| m.len());
-            return Err(format!("cannot append to the event log: {e}"));
+            return Err(AppendError(e));
         }
         // The real end of the file, in case anything else appended to it: offsets must be exact.
         let end = self

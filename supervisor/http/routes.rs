@@ -277,7 +277,18 @@ struct EventsQuery {
     limit: usize,
 }
 
-fn parse_events_query(query: &str) -> Result<EventsQuery, String> {
+/// What is wrong with the query of `GET /events` (answered with 400 and this message).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum QueryError {
+    #[error("since must be a sequence number, got '{0}'")]
+    Since(String),
+    #[error("limit must be a number, got '{0}'")]
+    Limit(String),
+    #[error("unknown query parameter '{0}' (since, type, limit)")]
+    Unknown(String),
+}
+
+fn parse_events_query(query: &str) -> Result<EventsQuery, QueryError> {
     let mut q = EventsQuery {
         since: None,
         types: Vec::new(),
@@ -288,18 +299,14 @@ fn parse_events_query(query: &str) -> Result<EventsQuery, String> {
         match k {
             "since" => match v.parse() {
                 Ok(n) => q.since = Some(n),
-                Err(_) => return Err(format!("since must be a sequence number, got '{v}'")),
+                Err(_) => return Err(QueryError::Since(v.to_string())),
             },
             "type" => q.types.push(v.to_string()),
             "limit" => match v.parse::<usize>() {
                 Ok(n) => q.limit = n.min(MAX_PAGE),
-                Err(_) => return Err(format!("limit must be a number, got '{v}'")),
+                Err(_) => return Err(QueryError::Limit(v.to_string())),
             },
-            other => {
-                return Err(format!(
-                    "unknown query parameter '{other}' (since, type, limit)"
-                ));
-            }
+            other => return Err(QueryError::Unknown(other.to_string())),
         }
     }
     Ok(q)
@@ -308,7 +315,7 @@ fn parse_events_query(query: &str) -> Result<EventsQuery, String> {
 async fn list_events(core: &mpsc::UnboundedSender<Msg>, query: &str) -> Response {
     let q = match parse_events_query(query) {
         Ok(q) => q,
-        Err(msg) => return Response::error(400, &msg),
+        Err(e) => return Response::error(400, &e.to_string()),
     };
     // The listing is streamed by the core on a channel; collect it here.
     let (stream_tx, mut stream_rx) = crate::ipc::ConnTx::new(crate::ipc::CLI_QUEUE_BYTES);
@@ -399,17 +406,16 @@ mod tests {
         assert_eq!(q.types, vec!["A", "B"]);
         assert_eq!(q.limit, MAX_PAGE);
         assert_eq!(parse_events_query("limit=7").unwrap().limit, 7);
+        let msg = |q: &str| parse_events_query(q).unwrap_err().to_string();
+        assert_eq!(msg("since=x"), "since must be a sequence number, got 'x'");
+        assert_eq!(msg("limit=-1"), "limit must be a number, got '-1'");
         assert_eq!(
-            parse_events_query("since=x").unwrap_err(),
-            "since must be a sequence number, got 'x'"
-        );
-        assert_eq!(
-            parse_events_query("limit=-1").unwrap_err(),
-            "limit must be a number, got '-1'"
-        );
-        assert_eq!(
-            parse_events_query("follow=1").unwrap_err(),
+            msg("follow=1"),
             "unknown query parameter 'follow' (since, type, limit)"
+        );
+        assert_eq!(
+            parse_events_query("follow=1"),
+            Err(QueryError::Unknown("follow".into()))
         );
     }
 }

@@ -25,7 +25,7 @@ pub(crate) const FILE_NAME: &str = "http.token";
 const HEX_LEN: usize = 64;
 
 /// What [`TokenFile::refresh`] found, for the log.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Change {
     /// The cached token is still the file's.
     Unchanged,
@@ -34,7 +34,23 @@ pub(crate) enum Change {
     /// There was no file; a new token was written.
     Created,
     /// The file was unusable (the reason says why); a new token replaced it.
-    Replaced(String),
+    Replaced(Unusable),
+}
+
+/// Why the token file cannot be used as it is (it is then replaced): "run/http.token was <this>".
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unusable {
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("owned by uid {uid}, not the supervisor's user")]
+    Owner { uid: u32 },
+    /// `mode` is the file's permission bits (the low 9).
+    #[error("readable by others (mode {mode:o})")]
+    Mode { mode: u32 },
+    #[error("unreadable: {0}")]
+    Unreadable(#[source] io::Error),
+    #[error("not {HEX_LEN} hex digits")]
+    NotHex,
 }
 
 pub(crate) struct TokenFile {
@@ -118,27 +134,23 @@ impl TokenFile {
             .is_some_and(|c| bool::from(c.token.as_slice().ct_eq(presented)))
     }
 
-    fn read_valid(&self, m: &fs::Metadata) -> Result<[u8; HEX_LEN], String> {
+    fn read_valid(&self, m: &fs::Metadata) -> Result<[u8; HEX_LEN], Unusable> {
         if !m.file_type().is_file() {
-            return Err("not a regular file".into());
+            return Err(Unusable::NotAFile);
         }
         if m.uid() != nix::unistd::geteuid().as_raw() {
-            return Err(format!(
-                "owned by uid {}, not the supervisor's user",
-                m.uid()
-            ));
+            return Err(Unusable::Owner { uid: m.uid() });
         }
         if m.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
-                "readable by others (mode {:o})",
-                m.permissions().mode() & 0o777
-            ));
+            return Err(Unusable::Mode {
+                mode: m.permissions().mode() & 0o777,
+            });
         }
-        let text = fs::read(&self.path).map_err(|e| format!("unreadable: {e}"))?;
+        let text = fs::read(&self.path).map_err(Unusable::Unreadable)?;
         let text = text.strip_suffix(b"\n").unwrap_or(&text);
         match <[u8; HEX_LEN]>::try_from(text) {
             Ok(token) if token.iter().all(|b| b.is_ascii_hexdigit()) => Ok(token),
-            _ => Err(format!("not {HEX_LEN} hex digits")),
+            _ => Err(Unusable::NotHex),
         }
     }
 
@@ -199,7 +211,7 @@ mod tests {
     fn created_once_kept_then_rotated_by_deleting() {
         let d = dir();
         let t = TokenFile::new(d.path());
-        assert_eq!(t.refresh().unwrap(), Change::Created);
+        assert!(matches!(t.refresh().unwrap(), Change::Created));
         let first = contents(&t);
         assert_eq!(first.len(), 64);
         assert!(first.iter().all(|b| b.is_ascii_hexdigit()));
@@ -207,15 +219,15 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert!(t.matches(&first));
         assert!(!t.matches(b"nope"));
-        assert_eq!(t.refresh().unwrap(), Change::Unchanged);
+        assert!(matches!(t.refresh().unwrap(), Change::Unchanged));
 
         // A second supervisor start (a new TokenFile) keeps a valid file.
         let again = TokenFile::new(d.path());
-        assert_eq!(again.refresh().unwrap(), Change::Reloaded);
+        assert!(matches!(again.refresh().unwrap(), Change::Reloaded));
         assert!(again.matches(&first));
 
         fs::remove_file(&t.path).unwrap();
-        assert_eq!(t.refresh().unwrap(), Change::Created);
+        assert!(matches!(t.refresh().unwrap(), Change::Created));
         let second = contents(&t);
         assert_ne!(first, second);
         assert!(!t.matches(&first));
@@ -241,11 +253,16 @@ mod tests {
             fs::set_permissions(&t.path, fs::Permissions::from_mode(mode)).unwrap();
         };
         write(&mine, 0o600);
-        assert_eq!(t.refresh().unwrap(), Change::Reloaded);
+        assert!(matches!(t.refresh().unwrap(), Change::Reloaded));
         assert!(t.matches(&mine));
 
         write(&mine, 0o644);
-        assert!(matches!(t.refresh().unwrap(), Change::Replaced(r) if r.contains("mode 644")));
+        let change = t.refresh().unwrap();
+        assert!(
+            matches!(&change, Change::Replaced(r @ Unusable::Mode { mode: 0o644 })
+                if r.to_string() == "readable by others (mode 644)"),
+            "{change:?}"
+        );
         assert!(!t.matches(&mine));
         assert_eq!(
             fs::metadata(&t.path).unwrap().permissions().mode() & 0o777,
@@ -253,7 +270,12 @@ mod tests {
         );
 
         write(b"short\n", 0o600);
-        assert!(matches!(t.refresh().unwrap(), Change::Replaced(r) if r.contains("hex digits")));
+        let change = t.refresh().unwrap();
+        assert!(
+            matches!(&change, Change::Replaced(r @ Unusable::NotHex)
+                if r.to_string() == "not 64 hex digits"),
+            "{change:?}"
+        );
         assert_eq!(contents(&t).len(), 64);
     }
 }
