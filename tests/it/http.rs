@@ -27,10 +27,10 @@ fn root_with(daemons: &str) -> Root {
 }
 
 fn addr(root: &Root) -> String {
-    root.status()["supervisor"]["http"]
-        .as_str()
+    root.status()
+        .supervisor
+        .http
         .expect("http address in status")
-        .to_string()
 }
 
 /// One request on a fresh connection: (status code, content type, body).
@@ -111,7 +111,7 @@ fn bearer(token: &str) -> String {
 }
 
 /// `status` answers, and fast enough to tell it is not stuck behind the HTTP side.
-fn assert_status_is_fast(root: &Root) -> Value {
+fn assert_status_is_fast(root: &Root) -> StatusReport {
     let t0 = Instant::now();
     let s = root.status();
     assert!(
@@ -148,14 +148,14 @@ fn routes_return_the_documented_shapes() {
 
     let (code, ctype, body) = request(&a, "GET", "/daemon/status", "");
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
-    let status = json(&body);
+    let status = parse_status(&body);
     let cli = root.status();
     assert_eq!(
-        status["daemons"].as_array().unwrap().len(),
-        cli["daemons"].as_array().unwrap().len(),
+        status.daemons.len(),
+        cli.daemons.len(),
         "same report as status --json"
     );
-    assert_eq!(status["supervisor"]["pid"], cli["supervisor"]["pid"]);
+    assert_eq!(status.supervisor.pid, cli.supervisor.pid);
 
     let (code, _, body) = request(&a, "GET", "/daemon/auto_sync/health", "");
     assert_eq!(code, 200, "{body}");
@@ -237,10 +237,9 @@ fn post_event_is_validated_like_emit() {
     );
     assert_eq!(code, 200, "{body}");
     let seq = json(&body)["seq"].as_u64().unwrap();
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
-    assert_eq!(ev["seq"].as_u64(), Some(seq));
-    assert_eq!(ev["source"], "http");
+    let ev = &root.events_of("NEW_GAMES_AVAILABLE")[0];
+    assert_eq!(ev.seq, seq);
+    assert_eq!(ev.source, "http");
     let (code, _, body) = request(&a, "GET", &format!("/events?since={}", seq - 1), "");
     assert_eq!(code, 200);
     assert_eq!(json(&body)["events"][0]["seq"].as_u64(), Some(seq));
@@ -289,31 +288,31 @@ fn ten_thousand_requests_do_not_delay_restarts_or_heartbeats() {
     signal(victim, SIGKILL);
     let mut worst = 0.0f64;
     let mut back_during_load = false;
-    loop {
-        let s = root.daemon("steady");
-        worst = worst.max(s["heartbeat_age_secs"].as_f64().unwrap_or(0.0));
-        let v = root.daemon("victim");
-        if v["state"] == "RUNNING"
-            && v["pid"].as_u64().is_some_and(|p| p as u32 != victim)
+    // Watch both daemons until the load is done (10,000 requests finish well within 10 minutes).
+    let finished = wait_until(Duration::from_secs(600), || {
+        let status = root.status();
+        let s = daemon(&status, "steady");
+        worst = worst.max(s.heartbeat_age_secs.unwrap_or(0.0));
+        let v = daemon(&status, "victim");
+        if v.state == DaemonState::Running
+            && v.pid.is_some_and(|p| p != victim)
             && done_rx.try_recv().is_err()
         {
             back_during_load = true;
         }
-        if load.is_finished() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll interval while the load runs
-    }
+        load.is_finished()
+    });
+    assert!(finished, "the load did not finish");
     load.join().unwrap();
     assert!(
-        root.wait_state("victim", "RUNNING", T)["pid"]
-            .as_u64()
-            .unwrap() as u32
+        root.wait_state("victim", DaemonState::Running, T)
+            .pid
+            .unwrap()
             != victim
     );
     let s = root.daemon("steady");
-    assert_eq!(s["restarts"], 0, "steady's 1 s watchdog never fired");
-    assert_eq!(s["pid"].as_u64(), Some(steady as u64));
+    assert_eq!(s.restarts, 0, "steady's 1 s watchdog never fired");
+    assert_eq!(s.pid, Some(steady));
     assert!(worst < 1.0, "heartbeat age reached {worst}s under load");
     assert!(
         back_during_load,
@@ -374,8 +373,8 @@ fn writes_need_the_bearer_token_from_run() {
     assert_eq!(code, 401);
     let basic = format!("Authorization: Basic {first}\r\n");
     assert_eq!(request_with(&a, "POST", "/event", &basic, EVENT).0, 401);
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    assert!(listed.trim().is_empty(), "no forged event got in: {listed}");
+    let listed = root.events_of("NEW_GAMES_AVAILABLE");
+    assert!(listed.is_empty(), "no forged event got in: {listed:?}");
 
     // The token from run/: accepted, and the event is there.
     let (code, _, body) = request_with(&a, "POST", "/event", &bearer(&first), EVENT);
@@ -391,12 +390,8 @@ fn writes_need_the_bearer_token_from_run() {
         assert_eq!(code, 403, "{forged}: {body}");
         assert!(body.contains("http may not emit"), "{body}");
     }
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
-    assert_eq!(
-        (ev["seq"].as_u64(), ev["source"].as_str()),
-        (Some(seq), Some("http"))
-    );
+    let ev = &root.events_of("NEW_GAMES_AVAILABLE")[0];
+    assert_eq!((ev.seq, ev.source.as_str()), (seq, "http"));
 
     // Rotation is deleting the file: the next write request finds it gone, writes a new token and
     // is refused (it carries the old one); from then on only the new token works.
@@ -588,10 +583,7 @@ fn a_request_line_without_newline_is_cut_off() {
     assert_status_is_fast(&root);
     assert_rss_near(pid, baseline, "after 4 endless request lines");
     let d = root.daemon("idle");
-    assert_eq!(
-        (d["state"].as_str(), d["pid"].as_u64()),
-        (Some("RUNNING"), Some(idle as u64))
-    );
+    assert_eq!((d.state, d.pid), (DaemonState::Running, Some(idle)));
     assert_eq!(request(&a, "GET", "/health", "").0, 200, "still serving");
 }
 
@@ -610,24 +602,12 @@ fn a_thousand_idle_connections_do_not_starve_supervision() {
         .expect("prlimit (util-linux)");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let pid = root.supervisor_pid().unwrap();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let nofile = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    assert_eq!(nofile.split_whitespace().nth(3), Some("1024"), "{nofile}");
+    let nofile = procfs::limit(pid, "Max open files").unwrap();
+    assert_eq!(nofile.soft, Some(1024), "{nofile:?}");
     let a = addr(&root);
     // This test process needs its own 1000 descriptors: raise its soft limit if it is low.
-    let own = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let (soft, hard): (u64, u64) = own
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| {
-            let mut f = l.split_whitespace().skip(3);
-            let mut num = || f.next()?.parse().ok().or(Some(u64::MAX));
-            Some((num()?, num()?))
-        })
-        .unwrap();
+    let own = procfs::limit(std::process::id(), "Max open files").unwrap();
+    let (soft, hard) = (own.soft.unwrap_or(u64::MAX), own.hard.unwrap_or(u64::MAX));
     if soft < 2048 {
         let want = hard.min(4096);
         assert!(
@@ -695,7 +675,7 @@ fn a_thousand_idle_connections_do_not_starve_supervision() {
     assert!(
         wait_until(T, || {
             let d = root.daemon("idle");
-            d["state"] == "RUNNING" && d["pid"].as_u64().is_some_and(|p| p as u32 != idle)
+            d.state == DaemonState::Running && d.pid.is_some_and(|p| p != idle)
         }),
         "idle was not respawned:\n{}",
         root.master_log()
@@ -810,7 +790,7 @@ fn a_flood_of_large_posts_is_bounded() {
     if let Ok((code, _, _)) = parse_response(&answer) {
         assert_eq!(code, 413);
     }
-    assert_eq!(root.state("idle"), "RUNNING");
+    assert_eq!(root.state("idle"), DaemonState::Running);
 }
 
 #[test]
@@ -825,7 +805,7 @@ fn polling_events_with_since_pages_forward_without_gaps() {
             &format!(r#"{{"config_key":"hex8_2p","new_games":{i}}}"#),
         ]);
     }
-    let last = root.status()["events"]["last_seq"].as_u64().unwrap();
+    let last = root.status().events.last_seq;
     // Pages of 10 from the start: every event exactly once, oldest first.
     let mut since = 0;
     let mut seen: Vec<u64> = Vec::new();

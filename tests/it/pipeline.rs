@@ -53,35 +53,27 @@ fn start_all(root: &Root) {
     );
 }
 
-fn events(root: &Root) -> Vec<Value> {
-    root.ok(&["events", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+fn events(root: &Root) -> Vec<Event> {
+    root.events(&[])
 }
 
-fn first(evs: &[Value], t: &str) -> Option<u64> {
-    evs.iter()
-        .find(|e| e["type"] == t)
-        .and_then(|e| e["seq"].as_u64())
+fn first(evs: &[Event], t: &str) -> Option<u64> {
+    evs.iter().find(|e| e.event_type == t).map(|e| e.seq)
 }
 
-fn decided(evs: &[Value]) -> Option<&Value> {
+fn decided(evs: &[Event]) -> Option<&Event> {
     evs.iter()
-        .find(|e| e["type"] == "MODEL_PROMOTED" || e["type"] == "PROMOTION_REJECTED")
+        .find(|e| e.event_type == "MODEL_PROMOTED" || e.event_type == "PROMOTION_REJECTED")
 }
 
 /// Waits for a promotion decision, then checks the loop's steps happened in order for that model.
-fn wait_for_loop(root: &Root) -> Vec<Value> {
+fn wait_for_loop(root: &Root) -> Vec<Event> {
     let mut evs = Vec::new();
     let done = wait_until(LOOP, || {
         evs = events(root);
         decided(&evs).is_some()
     });
-    let kinds: Vec<String> = evs
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_string())
-        .collect();
+    let kinds: Vec<&str> = evs.iter().map(|e| e.event_type.as_str()).collect();
     assert!(
         done,
         "no promotion decision within {LOOP:?}; events: {kinds:?}\nstatus: {}",
@@ -102,23 +94,14 @@ fn wait_for_loop(root: &Root) -> Vec<Value> {
         evs.iter()
             .filter(|e| {
                 !matches!(
-                    e["type"].as_str(),
-                    Some(
-                        "SELFPLAY_COMPLETE"
-                            | "NEW_GAMES_AVAILABLE"
-                            | "DAEMON_STARTED"
-                            | "QUALITY_SCORE_UPDATED"
-                    )
+                    e.event_type.as_str(),
+                    "SELFPLAY_COMPLETE"
+                        | "NEW_GAMES_AVAILABLE"
+                        | "DAEMON_STARTED"
+                        | "QUALITY_SCORE_UPDATED"
                 )
             })
-            .map(|e| {
-                format!(
-                    "{} {} {}",
-                    e["seq"],
-                    e["type"].as_str().unwrap_or(""),
-                    e["payload"]
-                )
-            })
+            .map(|e| format!("{} {} {}", e.seq, e.event_type, e.payload))
             .collect()
     };
     assert!(
@@ -128,15 +111,15 @@ fn wait_for_loop(root: &Root) -> Vec<Value> {
     );
     let decision = decided(&evs).unwrap();
     assert!(
-        decision["seq"].as_u64().unwrap() > seqs[4],
+        decision.seq > seqs[4],
         "decided after the evaluation:\n{:#?}",
         story()
     );
-    if decision["type"] == "PROMOTION_REJECTED" {
+    if decision.event_type == "PROMOTION_REJECTED" {
         for key in ["gate", "value", "threshold"] {
             assert!(
-                decision["payload"].get(key).is_some(),
-                "a rejection names its {key}: {decision}"
+                decision.payload.get(key).is_some(),
+                "a rejection names its {key}: {decision:?}"
             );
         }
     }
@@ -206,7 +189,7 @@ fn start_all_runs_the_whole_loop_and_the_promoted_model_beats_random() {
         }),
         "no promotion: {:?}",
         evs.iter()
-            .filter(|e| e["type"] == "PROMOTION_REJECTED")
+            .filter(|e| e.event_type == "PROMOTION_REJECTED")
             .collect::<Vec<_>>()
     );
     let canonical = root.path().join("models/canonical_hex8_2p.bin");
@@ -274,7 +257,7 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
     wait_for_loop(&root);
     // Every daemon that was killed came back.
     for (_, victim) in plan {
-        root.wait_state(victim, "RUNNING", LOOP);
+        root.wait_state(victim, DaemonState::Running, LOOP);
     }
 }
 
@@ -299,7 +282,7 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
             first(&evs, "MODEL_PROMOTED").is_some()
         }),
         "no first promotion: {:?}",
-        evs.iter().map(|e| &e["type"]).collect::<Vec<_>>()
+        evs.iter().map(|e| &e.event_type).collect::<Vec<_>>()
     );
     let canonical = root.path().join(format!("models/canonical_{KEY}.bin"));
     let before = std::fs::read(&canonical).unwrap();
@@ -410,14 +393,14 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     root.write_config(&config);
     root.ok(&["reload"]);
 
-    let rejected = |evs: &[Value], path: &std::path::Path, gate: &str| -> Option<Value> {
+    let rejected = |evs: &[Event], path: &std::path::Path, gate: &str| -> Option<Value> {
         evs.iter()
             .find(|e| {
-                e["type"] == "PROMOTION_REJECTED"
-                    && e["payload"]["model_path"] == path.display().to_string().as_str()
-                    && e["payload"]["gate"] == gate
+                e.event_type == "PROMOTION_REJECTED"
+                    && e.payload["model_path"] == path.display().to_string().as_str()
+                    && e.payload["gate"] == gate
             })
-            .map(|e| e["payload"].clone())
+            .map(|e| e.payload.clone())
     };
     let done = wait_until(Duration::from_secs(60), || {
         evs = events(&root);
@@ -429,10 +412,10 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     let story: Vec<String> = evs
         .iter()
         .filter(|e| {
-            let t = e["type"].as_str().unwrap_or("");
+            let t = e.event_type.as_str();
             t.starts_with("PROMOTION") || t.starts_with("MODEL") || t.starts_with("EVALUATION")
         })
-        .map(|e| format!("{} {}", e["type"], e["payload"]))
+        .map(|e| format!("{:?} {}", e.event_type, e.payload))
         .collect();
     assert!(done, "not every forged event was refused:\n{story:#?}");
     let reason = |path: &std::path::Path| {
@@ -445,7 +428,9 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     assert!(reason(&link).contains("symlink"), "{story:#?}");
     assert!(reason(&weak).contains("disagree"), "{story:#?}");
     assert_eq!(
-        evs.iter().filter(|e| e["type"] == "MODEL_PROMOTED").count(),
+        evs.iter()
+            .filter(|e| e.event_type == "MODEL_PROMOTED")
+            .count(),
         1,
         "only the loop's own promotion:\n{story:#?}"
     );
