@@ -15,8 +15,7 @@ const WITHIN: Duration = Duration::from_secs(120);
 fn start(root: &Root, daemons: &[&str], extra: &[(&str, &str)]) {
     let mut args = vec!["start"];
     args.extend_from_slice(daemons);
-    let mut cmd = root.cmd(&args);
-    for (k, v) in [
+    let mut env = vec![
         ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
         ("RINGRIFT_DAEMON_INTERVAL", "1"),
         ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
@@ -26,20 +25,9 @@ fn start(root: &Root, daemons: &[&str], extra: &[(&str, &str)]) {
         ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "0"),
         ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "100"),
         ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "start {daemons:?}: {}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        root.master_log()
-    );
+    ];
+    env.extend_from_slice(extra);
+    root.ok_with_env(&args, &env);
 }
 
 fn wait_events(root: &Root, kind: &str, n: usize, what: &str) -> Vec<Event> {
@@ -60,6 +48,16 @@ fn wait_events(root: &Root, kind: &str, n: usize, what: &str) -> Vec<Event> {
 /// Waits until `daemon`'s health satisfies `good`.
 fn wait_health(root: &Root, daemon: &str, good: impl Fn(&Health) -> bool) -> Health {
     root.wait_health(daemon, WITHIN, good)
+}
+
+/// Waits for a NEW_GAMES_AVAILABLE event after the one numbered `seq`.
+fn wait_games_after(root: &Root, seq: u64, what: &str) {
+    let found = wait_until(WITHIN, || {
+        root.events_of("NEW_GAMES_AVAILABLE")
+            .iter()
+            .any(|e| e.seq > seq)
+    });
+    assert!(found, "{what}\nstatus: {}", root.ok(&["status"]));
 }
 
 /// Plays `games` games into the key's DB with the built-in selfplay job.
@@ -132,14 +130,7 @@ fn a_garbage_games_db_is_moved_aside_reported_and_selfplay_goes_on_in_a_fresh_on
     let q = wait_events(&root, "GAMES_DB_QUARANTINED", 1, "garbage before start");
     let first = check_quarantine(&root, &q[0], &garbage);
     let quarantined_at = q[0].seq;
-    assert!(
-        wait_until(WITHIN, || root
-            .events_of("NEW_GAMES_AVAILABLE")
-            .iter()
-            .any(|e| e.seq > quarantined_at)),
-        "no games after the quarantine: {}",
-        root.ok(&["status"])
-    );
+    wait_games_after(&root, quarantined_at, "no games after the quarantine");
     assert!(completed_games(&db) > 0);
     let h = wait_health(&root, "selfplay_scheduler", |h| {
         h.detail("quarantined")[0]["moved_to"] == first.as_str()
@@ -165,13 +156,7 @@ fn a_garbage_games_db_is_moved_aside_reported_and_selfplay_goes_on_in_a_fresh_on
     assert_ne!(first, second, "an earlier quarantine is never overwritten");
     assert_eq!(std::fs::read(&first).unwrap(), garbage);
     let again = q[1].seq;
-    assert!(
-        wait_until(WITHIN, || root
-            .events_of("NEW_GAMES_AVAILABLE")
-            .iter()
-            .any(|e| e.seq > again)),
-        "no games after the second quarantine"
-    );
+    wait_games_after(&root, again, "no games after the second quarantine");
     assert!(completed_games(&db) > 0);
     wait_health(&root, "selfplay_scheduler", |h| {
         h.detail("quarantined")[0]["moved_to"] == second.as_str()

@@ -63,11 +63,11 @@ fn environment_values_reach_the_child_byte_for_byte() {
          daemons:\n  envy:\n    command: [\"sh\", \"-c\", \"echo \\\"VER=[$VER] ON=[$ON] OVR=[$OVR]\\\"; exec sleep 100\"]\n\
          \x20   env:\n      VER: \"1.10\"\n      ON: 'yes'\n",
     );
-    let mut start = root.cmd(&["start", "envy"]);
     // An override from the environment is text too, never read as a YAML number.
-    start.env("RINGRIFT_DAEMONS__ENVY__ENV__OVR", "007");
-    let out = start.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
+    root.ok_with_env(
+        &["start", "envy"],
+        &[("RINGRIFT_DAEMONS__ENVY__ENV__OVR", "007")],
+    );
     let text = root.wait_log("envy", "VER=", T);
     assert!(text.contains("VER=[1.10] ON=[yes] OVR=[007]"), "{text}");
 }

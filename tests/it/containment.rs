@@ -177,16 +177,19 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
     // shutdown: the same, and the subtree is gone when shutdown answers.
     let escaped = start_escaper(&root);
     root.ok(&["shutdown"]);
+    assert_all_gone(&escaped, subtree.as_deref(), &format!("shutdown ({mode})"));
+}
+
+/// After `what`, the escaped process dies within 5 s and the supervisor's cgroup subtree (if it
+/// had one) is gone.
+fn assert_all_gone(escaped: &Escaped, subtree: Option<&std::path::Path>, what: &str) {
     assert!(
         wait_until(Duration::from_secs(5), || !alive(escaped.pid)),
-        "sleep 1003 survived shutdown ({mode})"
+        "sleep {} survived {what}",
+        escaped.arg
     );
-    if let Some(dir) = &subtree {
-        assert!(
-            !dir.exists(),
-            "{} still exists after shutdown",
-            dir.display()
-        );
+    if let Some(dir) = subtree {
+        assert!(!dir.exists(), "{} still exists after {what}", dir.display());
     }
 }
 
@@ -221,17 +224,12 @@ fn reap_finds_what_a_dead_supervisor_left(mode: &str) {
         text.contains(&format!("pid {}", escaped.pid)),
         "reap names what it killed: {text}"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || !alive(escaped.pid)),
-        "reap left sleep 1003 alive: {text}"
+    // reap kills the escaped process and removes the dead supervisor's subtree.
+    assert_all_gone(
+        &escaped,
+        subtree.as_deref(),
+        &format!("reap ({mode}): {text}"),
     );
-    if let Some(dir) = &subtree {
-        assert!(
-            !dir.exists(),
-            "reap removes the dead supervisor's subtree {}: {text}",
-            dir.display()
-        );
-    }
 }
 
 #[test]

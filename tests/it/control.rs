@@ -28,10 +28,16 @@ fn config(entries: &[String]) -> String {
     )
 }
 
-fn line_of(log: &str, needle: &str) -> usize {
-    log.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+/// Runs `f`, insisting that it returns within `secs` seconds (`what` names it).
+fn within<T>(secs: u64, what: &str, f: impl FnOnce() -> T) -> T {
+    let asked = Instant::now();
+    let out = f();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(secs),
+        "{what} took {took:?} (limit {secs} s)"
+    );
+    out
 }
 
 fn free_port() -> u16 {
@@ -54,13 +60,9 @@ fn a_stop_overridden_by_a_start_answers_at_once_and_says_so() {
     let stop = root.cmd(&["stop", "stubborn"]).output_async();
     root.wait_state("stubborn", DaemonState::ShuttingDown, T);
     let start = root.cmd(&["start", "stubborn"]).output_async();
-    let asked = Instant::now();
-    let stopped = stop.wait_with_output().unwrap();
-    assert!(
-        asked.elapsed() < Duration::from_secs(3),
-        "the stop answers before the grace period ends: {:?}",
-        asked.elapsed()
-    );
+    let stopped = within(3, "the stop answers before the grace period ends", || {
+        stop.wait_with_output().unwrap()
+    });
     assert_eq!(stopped.status.code(), Some(1), "{}", stdout(&stopped));
     assert!(
         stdout(&stopped).contains("stop overridden"),
@@ -79,13 +81,7 @@ fn a_start_that_cannot_spawn_answers_with_the_reason() {
     let root = Root::with_config(
         "daemons:\n  ghost:\n    command: [\"/nonexistent/ghost-daemon\"]\n    backoff_initial: 60\n    backoff_max: 120\n",
     );
-    let asked = Instant::now();
-    let out = root.run(&["start", "ghost"]);
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        asked.elapsed()
-    );
+    let out = within(10, "start", || root.run(&["start", "ghost"]));
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("cannot spawn"), "{text}");
@@ -105,38 +101,23 @@ fn a_worker_that_reports_shutting_down_and_hangs_is_killed_at_the_end_of_its_gra
     let pid = root.pid("hung").unwrap();
     root.wait_state("hung", DaemonState::ShuttingDown, T);
     // `stop` answers within the grace period plus a margin, saying how it ended.
-    let asked = Instant::now();
-    let out = root.run(&["stop", "hung"]);
-    assert!(
-        asked.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        asked.elapsed()
-    );
+    let out = within(4, "stop", || root.run(&["stop", "hung"]));
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("STOPPED"), "{}", stdout(&out));
     assert!(!alive(pid));
-    assert!(
-        root.master_log()
-            .contains("hung: still running after the 1s grace period"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("hung: still running after the 1s grace period");
     // The same worker, restarted: `restart` answers too, with a new process.
     root.ok(&["start", "hung"]);
     let pid = root.pid("hung").unwrap();
     root.wait_state("hung", DaemonState::ShuttingDown, T);
-    let asked = Instant::now();
-    root.ok(&["restart", "hung"]);
-    assert!(asked.elapsed() < Duration::from_secs(4));
+    within(4, "restart", || root.ok(&["restart", "hung"]));
     assert!(root.pid("hung").is_some_and(|p| p != pid));
     assert!(!alive(pid));
     // And `shutdown` ends with it.
     let pid = root.pid("hung").unwrap();
     root.wait_state("hung", DaemonState::ShuttingDown, T);
     let sup = root.supervisor_pid().unwrap();
-    let asked = Instant::now();
-    root.ok(&["shutdown"]);
-    assert!(asked.elapsed() < Duration::from_secs(4));
+    within(4, "shutdown", || root.ok(&["shutdown"]));
     assert!(wait_until(T, || !alive(sup) && !alive(pid)));
 }
 
@@ -149,9 +130,7 @@ fn stop_force_and_kill_skip_the_grace_period() {
     ]));
     root.ok(&["start", "deaf", "deaf2", "sleeper"]);
     let pid = root.pid("deaf").unwrap();
-    let asked = Instant::now();
-    let out = root.ok(&["stop", "--force", "deaf"]);
-    assert!(asked.elapsed() < Duration::from_secs(5), "{out}");
+    let out = within(5, "stop --force", || root.ok(&["stop", "--force", "deaf"]));
     assert!(out.contains("killed at once"), "{out}");
     assert!(!alive(pid));
     assert_eq!(
@@ -163,9 +142,7 @@ fn stop_force_and_kill_skip_the_grace_period() {
     let pid = root.pid("deaf2").unwrap();
     let slow = root.cmd(&["stop", "deaf2"]).output_async();
     root.wait_state("deaf2", DaemonState::ShuttingDown, T);
-    let asked = Instant::now();
-    root.ok(&["kill", "deaf2"]);
-    assert!(asked.elapsed() < Duration::from_secs(5));
+    within(5, "kill", || root.ok(&["kill", "deaf2"]));
     assert!(slow.wait_with_output().unwrap().status.success());
     assert!(!alive(pid));
 

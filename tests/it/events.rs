@@ -242,23 +242,9 @@ fn the_supervisor_announces_daemons_and_the_log_survives_a_restart() {
 
 #[test]
 fn events_follow_prints_new_events_as_they_come() {
-    use std::io::{BufRead, BufReader};
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
-    let mut child = root
-        .cmd(&["events", "-f", "--type", "NEW_GAMES_AVAILABLE"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follower = root.follow(&["events", "-f", "--type", "NEW_GAMES_AVAILABLE"]);
     // Emit until the follower shows it (it may connect after the first emit).
     let mut got = None;
     let found = wait_until(T, || {
@@ -267,11 +253,10 @@ fn events_follow_prints_new_events_as_they_come() {
             "NEW_GAMES_AVAILABLE",
             r#"{"config_key": "hex8_2p", "new_games": 75}"#,
         ]);
-        got = rx.recv_timeout(Duration::from_millis(200)).ok();
+        got = follower.lines.recv_timeout(Duration::from_millis(200)).ok();
         got.is_some()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(follower);
     assert!(found);
     let line = got.unwrap();
     assert!(
@@ -304,15 +289,8 @@ fn watch_shows_daemons_and_latest_events_and_quits_on_q() {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(b"q").unwrap();
-    let mut status = None;
-    assert!(
-        wait_until(T, || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        }),
-        "watch quits on q"
-    );
-    assert!(status.unwrap().success());
+    let status = wait_exit(&mut child, T).expect("watch quits on q");
+    assert!(status.success());
 }
 
 #[test]
@@ -466,7 +444,7 @@ fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
     );
     let quarantined = root.status().events.quarantined;
     assert_eq!(std::fs::read(&quarantined[0]).unwrap(), b"\xff\n");
-    assert!(root.master_log().contains("1 damaged line(s)"));
+    root.assert_logged("1 damaged line(s)");
     let out = root.ok(&[
         "emit",
         "NEW_GAMES_AVAILABLE",
@@ -559,35 +537,20 @@ fn events_answers_in_pages_and_the_cli_pages_through() {
     assert_eq!(seqs(&["--since", &since]), all[201..]);
 
     // Following pages through the history first, then prints new events.
-    use std::io::{BufRead, BufReader};
-    let mut child = root
-        .cmd(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follower = root.follow(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
     let mut followed = Vec::new();
     let history = wait_until(T, || {
-        followed.extend(rx.try_iter());
+        followed.extend(follower.lines.try_iter());
         followed.len() >= 2500
     });
     // Emit until the follower shows a new one (it may still be registering).
     let new = history
         && wait_until(T, || {
             conn.flood(1, 10);
-            followed.extend(rx.recv_timeout(Duration::from_millis(200)));
+            followed.extend(follower.lines.recv_timeout(Duration::from_millis(200)));
             followed.len() > 2500
         });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(follower);
     assert!(history && new, "followed {} lines", followed.len());
     let seen: Vec<u64> = followed.iter().map(|l| parse_event(l).seq).collect();
     assert_eq!(seen[..2500], all[..]);

@@ -26,6 +26,14 @@ fn root_with(daemons: &str) -> Root {
     Root::with_config(&format!("http:\n  addr: 127.0.0.1:0\ndaemons:\n{daemons}"))
 }
 
+/// A root whose supervisor runs [`IDLE_DAEMON`], and the address its HTTP server listens on.
+fn idle_root() -> (Root, String) {
+    let root = root_with(IDLE_DAEMON);
+    root.ok(&["start", "idle"]);
+    let a = addr(&root);
+    (root, a)
+}
+
 fn addr(root: &Root) -> String {
     root.status()
         .supervisor
@@ -97,6 +105,15 @@ fn header(head: &str, name: &str) -> Option<String> {
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Insists that `body` is a JSON error (`{"error": ...}`) whose message contains `needle`.
+fn assert_error(body: &str, needle: &str) {
+    let message = json(body)["error"].as_str().map(str::to_string);
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains(needle)),
+        "no error containing {needle:?} in {body}"
+    );
 }
 
 fn token(root: &Root) -> String {
@@ -173,13 +190,7 @@ fn routes_return_the_documented_shapes() {
 
     let (code, ctype, body) = request(&a, "GET", "/daemon/auto_synk/health", "");
     assert_eq!((code, ctype.as_str()), (404, "application/json"));
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("did you mean auto_sync"),
-        "{body}"
-    );
+    assert_error(&body, "did you mean auto_sync");
 
     let (code, ctype, body) = request(&a, "GET", "/metrics", "");
     assert_eq!(code, 200);
@@ -208,7 +219,7 @@ fn routes_return_the_documented_shapes() {
 
     let (code, _, body) = request(&a, "GET", "/nowhere", "");
     assert_eq!(code, 404);
-    assert!(json(&body)["error"].as_str().unwrap().contains("routes:"));
+    assert_error(&body, "routes:");
     assert_eq!(request(&a, "DELETE", "/metrics", "").0, 405);
 }
 
@@ -223,13 +234,7 @@ fn post_event_is_validated_like_emit() {
         r#"{"type": "NEW_GAMES_AVAILABLE", "payload": {"config": "hex8_2p", "new_games": 1}}"#,
     );
     assert_eq!(code, 400);
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field 'config' (did you mean 'config_key'?)"),
-        "{body}"
-    );
+    assert_error(&body, "unknown field 'config' (did you mean 'config_key'?)");
     let (code, _, body) = post("not json");
     assert_eq!(code, 400, "{body}");
     let (code, _, body) = post(
@@ -325,9 +330,7 @@ const EVENT: &str =
 
 #[test]
 fn writes_need_the_bearer_token_from_run() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let file = root.path().join("run/http.token");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&file), 0o600, "run/http.token is the user's alone");
@@ -346,12 +349,7 @@ fn writes_need_the_bearer_token_from_run() {
         header(&head, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
         "{head}"
     );
-    assert!(
-        json(&String::from_utf8_lossy(&body))["error"]
-            .as_str()
-            .unwrap()
-            .contains("run/http.token")
-    );
+    assert_error(&String::from_utf8_lossy(&body), "run/http.token");
     assert!(
         wait_until(T, || root
             .master_log()
@@ -421,41 +419,18 @@ fn writes_need_the_bearer_token_from_run() {
             stdout(&cat)
         );
         assert!(stdout(&cat).is_empty());
-        let curl = as_nobody(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "--data",
-                EVENT,
-                &format!("http://{a}/event"),
-            ],
-        );
-        assert_eq!(stdout(&curl), "401", "{}", stderr(&curl));
-        let curl = as_nobody(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{a}/health"),
-            ],
-        );
-        assert_eq!(
-            stdout(&curl),
-            "200",
-            "reading stays open: {}",
-            stderr(&curl)
-        );
+        // curl as nobody, printing the status code only.
+        let curl = |args: &[&str]| {
+            let mut all = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}"];
+            all.extend_from_slice(args);
+            as_nobody("curl", &all)
+        };
+        let url = format!("http://{a}/event");
+        let json = "Content-Type: application/json";
+        let out = curl(&["-X", "POST", "-H", json, "--data", EVENT, &url]);
+        assert_eq!(stdout(&out), "401", "{}", stderr(&out));
+        let out = curl(&[&format!("http://{a}/health")]);
+        assert_eq!(stdout(&out), "200", "reading stays open: {}", stderr(&out));
     } else {
         eprintln!("not root: the run-as-nobody part is skipped");
     }
@@ -463,9 +438,7 @@ fn writes_need_the_bearer_token_from_run() {
 
 #[test]
 fn head_everywhere_get_is_absolute_form_and_half_close() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (_root, a) = idle_root();
     for path in [
         "/health",
         "/ready",
@@ -541,9 +514,7 @@ fn rss_baseline(root: &Root, a: &str, pid: u32) -> u64 {
 
 #[test]
 fn a_request_line_without_newline_is_cut_off() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let pid = root.supervisor_pid().unwrap();
     let idle = root.pid("idle").unwrap();
     let baseline = rss_baseline(&root, &a, pid);
@@ -713,9 +684,7 @@ fn post(a: &str, auth: &str, len: usize, body: &[u8], send_body: bool) -> Option
 
 #[test]
 fn a_flood_of_large_posts_is_bounded() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let pid = root.supervisor_pid().unwrap();
     let auth = bearer(&token(&root));
     // ~1 MB of JSON that never closes (the issue's flood: 1 MB bodies): refused by its size before
@@ -795,9 +764,7 @@ fn a_flood_of_large_posts_is_bounded() {
 
 #[test]
 fn polling_events_with_since_pages_forward_without_gaps() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     for i in 0..25 {
         root.ok(&[
             "emit",

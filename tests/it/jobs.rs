@@ -83,11 +83,7 @@ fn a_job_past_its_maximum_runtime_is_stopped() {
     let root = Root::with_config(&jobber("sleep 100", "0.3", ""));
     root.ok(&["start", "jobber"]);
     root.wait_log("jobber", "timed out: true", T);
-    assert!(
-        root.master_log().contains("over its max runtime"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("over its max runtime");
 }
 
 #[test]
@@ -206,20 +202,12 @@ fn a_second_ctrl_c_kills_every_group_at_once() {
     signal(child.id(), SIGINT);
     root.wait_state("stubborn", DaemonState::ShuttingDown, T);
     signal(child.id(), SIGINT);
-    let mut exited = None;
     assert!(
-        wait_until(T, || {
-            exited = child.try_wait().unwrap();
-            exited.is_some()
-        }),
+        wait_exit(&mut child, T).is_some(),
         "the supervisor exits without waiting out the 600 s grace period"
     );
     assert!(wait_until(T, || !alive(pid)), "the stubborn daemon is gone");
-    assert!(
-        root.master_log().contains("second SIGINT"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("second SIGINT");
 }
 
 #[test]

@@ -21,36 +21,24 @@ fn small_config() -> String {
     default
 }
 
-fn small_env(cmd: &mut std::process::Command) {
-    for (k, v) in [
-        ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
-        ("RINGRIFT_DAEMON_INTERVAL", "1"),
-        ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
-        ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__TARGET_DEPTH", "4"),
-        ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__GAMES_PER_ITEM", "100"),
-        ("RINGRIFT_DAEMONS__AUTO_EXPORT__THRESHOLD_GAMES", "300"),
-        ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "5"),
-        ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "1000"),
-        ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
-        ("RINGRIFT_DAEMONS__EVALUATION__GAMES", "100"),
-        ("RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_GAMES", "50"),
-        ("RINGRIFT_DAEMONS__IDLE_RESOURCE__ENABLED", "false"),
-    ] {
-        cmd.env(k, v);
-    }
-}
+/// Small numbers for the loop, as environment overrides.
+const SMALL_ENV: &[(&str, &str)] = &[
+    ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
+    ("RINGRIFT_DAEMON_INTERVAL", "1"),
+    ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
+    ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__TARGET_DEPTH", "4"),
+    ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__GAMES_PER_ITEM", "100"),
+    ("RINGRIFT_DAEMONS__AUTO_EXPORT__THRESHOLD_GAMES", "300"),
+    ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "5"),
+    ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "1000"),
+    ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
+    ("RINGRIFT_DAEMONS__EVALUATION__GAMES", "100"),
+    ("RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_GAMES", "50"),
+    ("RINGRIFT_DAEMONS__IDLE_RESOURCE__ENABLED", "false"),
+];
 
 fn start_all(root: &Root) {
-    let mut cmd = root.cmd(&["start", "--all"]);
-    small_env(&mut cmd);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "start --all: {}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        root.master_log()
-    );
+    root.ok_with_env(&["start", "--all"], SMALL_ENV);
 }
 
 fn events(root: &Root) -> Vec<Event> {
@@ -269,12 +257,10 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
 fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     const KEY: &str = "hex8_2p";
     let root = Root::with_config(&small_config());
-    let mut cmd = root.cmd(&["start", "--all"]);
-    small_env(&mut cmd);
     // One training run only, so the canonical model changes only if a forged event gets through.
-    cmd.env("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "3600");
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "start --all: {}", stderr(&out));
+    let mut env = SMALL_ENV.to_vec();
+    env.push(("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "3600"));
+    root.ok_with_env(&["start", "--all"], &env);
     let mut evs = Vec::new();
     assert!(
         wait_until(LOOP, || {

@@ -150,11 +150,7 @@ fn killed_and_restarted(name: &str, fault_opts: &str, extra: &str, cause: &str) 
     );
     let d = root.daemon(name);
     assert!(d.reason.as_deref().unwrap_or("").contains(cause), "{d:#?}");
-    assert!(
-        root.master_log().contains(&format!("{name}: {cause}")),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged(&format!("{name}: {cause}"));
 }
 
 #[test]
@@ -196,12 +192,7 @@ fn a_daemon_ignoring_sigterm_is_killed_after_its_grace_and_its_grandchild_goes_t
     );
     assert!(!alive(pid), "the daemon is gone");
     assert!(!alive(grandchild), "its grandchild is gone");
-    assert!(
-        root.master_log()
-            .contains("stubborn: still running after the"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("stubborn: still running after the");
 }
 
 /// The pid of the grandchild a `--grandchild` fault worker reports in its log.
@@ -292,11 +283,7 @@ fn processes_left_by_an_earlier_supervisor_are_stopped_before_anything_starts() 
         !alive(grandchild),
         "the new supervisor stopped the leftover"
     );
-    assert!(
-        root.master_log().contains("left by an earlier supervisor"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("left by an earlier supervisor");
 }
 
 #[test]

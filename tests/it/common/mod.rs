@@ -65,7 +65,16 @@ impl Root {
 
     /// Runs the CLI and insists on exit code 0.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.ok_with_env(args, &[])
+    }
+
+    /// Runs the CLI with these extra environment variables and insists on exit code 0.
+    pub fn ok_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self
+            .cmd(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run ringrift-supervisor");
         assert!(
             out.status.success(),
             "`ringrift-supervisor {}` failed with {:?}\nstdout:\n{}\nstderr:\n{}\nmaster log:\n{}",
@@ -155,6 +164,35 @@ impl Root {
         std::fs::read_to_string(self.path().join("logs/master_loop.log")).unwrap_or_default()
     }
 
+    /// Insists that the supervisor's log (logs/master_loop.log) contains `needle`.
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.master_log();
+        assert!(
+            log.contains(needle),
+            "`{needle}` not in the master log:\n{log}"
+        );
+    }
+
+    /// Starts a CLI command that keeps printing (`logs -f`, `events -f`).
+    pub fn follow(&self, args: &[&str]) -> Follower {
+        let mut child = self
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the CLI");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.path().join(format!("logs/{name}.log"))
     }
@@ -178,6 +216,32 @@ impl Drop for Root {
             signal(pid, SIGKILL);
         }
     }
+}
+
+/// A CLI command that keeps printing: its stdout lines arrive on `lines`. Killed when dropped.
+pub struct Follower {
+    child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits up to `within` for a child process to exit, returning how it ended.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(within, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status
 }
 
 /// Sends a signal to a process this test started (a process already gone is not an error).
@@ -204,6 +268,22 @@ pub fn pgid(pid: u32) -> Option<u32> {
 /// Process state letter (R, S, T, Z, ...).
 pub fn proc_state(pid: u32) -> Option<char> {
     procfs::stat(pid).map(|s| s.state)
+}
+
+/// The number of the first line of `log` (the master log) that contains `needle`.
+pub fn line_of(log: &str, needle: &str) -> usize {
+    log.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+}
+
+/// The number of the last line of `log` (the master log) that contains `needle`.
+pub fn last_line_of(log: &str, needle: &str) -> usize {
+    log.lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
 }
 
 /// Polls `cond` until it holds or `within` passes. Returns whether it held.
