@@ -1,6 +1,11 @@
 //! Shared helpers for the integration tests: a temporary root with its own supervisor, CLI calls,
-//! status queries, and waiting for conditions with deadlines. Every process a test starts is
-//! stopped when its `Root` is dropped.
+//! status and event queries, and waiting for conditions with deadlines. Every process a test starts
+//! is stopped when its `Root` is dropped.
+//!
+//! `status --json` and `events --json` are read into the library's own types
+//! ([`StatusReport`], [`Event`]) and checked to carry exactly their fields, so every test that
+//! looks at them is also a contract test of the JSON. Processes are read with `ringrift::procfs`
+//! and signalled with nix.
 
 #![allow(dead_code)]
 
