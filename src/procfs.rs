@@ -1,5 +1,6 @@
 //! Reading Linux's /proc: the little the supervisor, the reaper and the status view need about a
-//! process (state, parent, group, start time, CPU time, memory, environment, command line).
+//! process (state, parent, group, start time, CPU time, memory, environment, command line, open
+//! descriptors, resource limits).
 //!
 //! Parsing is separate from reading so it can be tested on fixed text.
 
@@ -64,15 +65,80 @@ pub fn environ(pid: u32) -> Option<Vec<(String, String)>> {
         .map(|b| parse_environ(&b))
 }
 
-/// The command line, arguments joined by spaces.
-pub fn cmdline(pid: u32) -> String {
-    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let text: Vec<String> = bytes
+/// The arguments of a NUL-separated command line block (/proc/<pid>/cmdline), empty ones dropped;
+/// bytes that are not UTF-8 are replaced.
+pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
+    bytes
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The arguments a process was started with (`argv`, program first). None when the process is
+/// gone or its command line cannot be read; empty for a zombie or a kernel thread.
+pub fn argv(pid: u32) -> Option<Vec<String>> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .map(|b| parse_cmdline(&b))
+}
+
+/// The command line, arguments joined by spaces (empty when it cannot be read).
+pub fn cmdline(pid: u32) -> String {
+    argv(pid).unwrap_or_default().join(" ")
+}
+
+/// The open file descriptors of a process, lowest first, each with what it refers to (the target
+/// of /proc/<pid>/fd/<n>: a path, or `pipe:[inode]`, `socket:[inode]`, ...). None when the
+/// directory cannot be read (the process is gone, or belongs to another user); descriptors that
+/// close while they are listed are left out.
+pub fn fds(pid: u32) -> Option<Vec<(i32, std::path::PathBuf)>> {
+    let mut out: Vec<(i32, std::path::PathBuf)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            Some((n, std::fs::read_link(e.path()).ok()?))
+        })
         .collect();
-    text.join(" ")
+    out.sort();
+    Some(out)
+}
+
+/// One resource limit of a process (a line of /proc/<pid>/limits): None means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+/// The limit called `name` ("Max open files", "Max processes", ...) in the text of
+/// /proc/<pid>/limits, if it is there and its values are numbers or `unlimited`.
+pub fn parse_limit(text: &str, name: &str) -> Option<Limit> {
+    let value = |v: &str| match v {
+        "unlimited" => Some(None),
+        n => n.parse().ok().map(Some),
+    };
+    // The kernel writes the name left-aligned in 25 columns, then the values.
+    text.lines().find_map(|line| {
+        if line.get(..25)?.trim_end() != name {
+            return None;
+        }
+        let mut f = line[25..].split_whitespace();
+        Some(Limit {
+            soft: value(f.next()?)?,
+            hard: value(f.next()?)?,
+        })
+    })
+}
+
+/// The limit called `name` of a process (see [`parse_limit`]); None when the process is gone or
+/// has no such limit.
+pub fn limit(pid: u32, name: &str) -> Option<Limit> {
+    parse_limit(
+        &std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?,
+        name,
+    )
 }
 
 /// Every pid in /proc.
@@ -139,6 +205,56 @@ mod tests {
         assert!(me.start_time > 0 && me.rss_pages > 0);
         assert!(!cmdline(std::process::id()).is_empty());
         assert!(environ(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn command_lines_split_on_nul_and_drop_empty_arguments() {
+        assert_eq!(
+            parse_cmdline(b"sleep\x001003\0\0"),
+            vec!["sleep".to_string(), "1003".to_string()]
+        );
+        assert!(parse_cmdline(b"").is_empty());
+        let me = argv(std::process::id()).unwrap();
+        assert_eq!(cmdline(std::process::id()), me.join(" "));
+    }
+
+    #[test]
+    fn own_descriptors_include_a_file_just_opened() {
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        let listed = fds(std::process::id()).unwrap();
+        assert!(listed.windows(2).all(|w| w[0].0 < w[1].0), "{listed:?}");
+        let target = &listed.iter().find(|(n, _)| *n == fd).unwrap().1;
+        assert!(target.ends_with("stat"), "{target:?}");
+        drop(file);
+        assert!(fds(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn limits_are_read_by_name_with_unlimited_as_none() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max cpu time              unlimited            unlimited            seconds   \n\
+                    Max processes             63448                63448                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(
+            parse_limit(text, "Max open files"),
+            Some(Limit {
+                soft: Some(1024),
+                hard: Some(524288)
+            })
+        );
+        assert_eq!(
+            parse_limit(text, "Max cpu time"),
+            Some(Limit {
+                soft: None,
+                hard: None
+            })
+        );
+        assert_eq!(parse_limit(text, "Max open"), None, "whole names only");
+        assert_eq!(parse_limit(text, "Max locked memory"), None);
+        let own = limit(std::process::id(), "Max open files").unwrap();
+        assert!(own.soft.is_some_and(|s| s > 0), "{own:?}");
     }
 
     #[test]

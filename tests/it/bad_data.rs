@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
-use serde_json::Value;
 
 const KEY: &str = "hex8_2p";
 const WITHIN: Duration = Duration::from_secs(120);
@@ -16,8 +15,7 @@ const WITHIN: Duration = Duration::from_secs(120);
 fn start(root: &Root, daemons: &[&str], extra: &[(&str, &str)]) {
     let mut args = vec!["start"];
     args.extend_from_slice(daemons);
-    let mut cmd = root.cmd(&args);
-    for (k, v) in [
+    let mut env = vec![
         ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
         ("RINGRIFT_DAEMON_INTERVAL", "1"),
         ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
@@ -27,33 +25,15 @@ fn start(root: &Root, daemons: &[&str], extra: &[(&str, &str)]) {
         ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "0"),
         ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "100"),
         ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
-    ]
-    .iter()
-    .chain(extra)
-    {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "start {daemons:?}: {}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        root.master_log()
-    );
+    ];
+    env.extend_from_slice(extra);
+    root.ok_with_env(&args, &env);
 }
 
-fn events(root: &Root, kind: &str) -> Vec<Value> {
-    root.ok(&["events", "--json", "--type", kind])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_events(root: &Root, kind: &str, n: usize, what: &str) -> Vec<Value> {
+fn wait_events(root: &Root, kind: &str, n: usize, what: &str) -> Vec<Event> {
     let mut evs = Vec::new();
     let ok = wait_until(WITHIN, || {
-        evs = events(root, kind);
+        evs = root.events_of(kind);
         evs.len() >= n
     });
     assert!(
@@ -65,20 +45,19 @@ fn wait_events(root: &Root, kind: &str, n: usize, what: &str) -> Vec<Value> {
     evs
 }
 
-fn health(root: &Root, daemon: &str) -> Value {
-    root.daemon(daemon)["health"].clone()
+/// Waits until `daemon`'s health satisfies `good`.
+fn wait_health(root: &Root, daemon: &str, good: impl Fn(&Health) -> bool) -> Health {
+    root.wait_health(daemon, WITHIN, good)
 }
 
-/// Waits until `daemon`'s health satisfies `good` (health is reported when a cycle or an event
-/// has been handled, which can be a while after the event that the test saw).
-fn wait_health(root: &Root, daemon: &str, good: impl Fn(&Value) -> bool) -> Value {
-    let mut h = Value::Null;
-    let ok = wait_until(WITHIN, || {
-        h = health(root, daemon);
-        good(&h)
+/// Waits for a NEW_GAMES_AVAILABLE event after the one numbered `seq`.
+fn wait_games_after(root: &Root, seq: u64, what: &str) {
+    let found = wait_until(WITHIN, || {
+        root.events_of("NEW_GAMES_AVAILABLE")
+            .iter()
+            .any(|e| e.seq > seq)
     });
-    assert!(ok, "{daemon}'s health: {h:#}");
-    h
+    assert!(found, "{what}\nstatus: {}", root.ok(&["status"]));
 }
 
 /// Plays `games` games into the key's DB with the built-in selfplay job.
@@ -110,10 +89,10 @@ fn completed_games(db: &Path) -> i64 {
 
 /// Checks one GAMES_DB_QUARANTINED payload and returns where the DB went, which must hold
 /// `garbage` byte for byte.
-fn check_quarantine(root: &Root, event: &Value, garbage: &[u8]) -> String {
-    let p = &event["payload"];
-    assert_eq!(p["config_key"], KEY, "{event}");
-    assert_eq!(event["source"], "selfplay_scheduler", "{event}");
+fn check_quarantine(root: &Root, event: &Event, garbage: &[u8]) -> String {
+    let p = &event.payload;
+    assert_eq!(p["config_key"], KEY, "{event:?}");
+    assert_eq!(event.source, "selfplay_scheduler", "{event:?}");
     assert_eq!(
         p["db_path"].as_str().unwrap(),
         db_path(root).display().to_string()
@@ -128,7 +107,7 @@ fn check_quarantine(root: &Root, event: &Value, garbage: &[u8]) -> String {
     );
     assert!(
         p["error"].as_str().unwrap().contains("not a database"),
-        "the reason: {event}"
+        "the reason: {event:?}"
     );
     assert_eq!(
         std::fs::read(&moved).unwrap(),
@@ -150,38 +129,23 @@ fn a_garbage_games_db_is_moved_aside_reported_and_selfplay_goes_on_in_a_fresh_on
     // Before the first job: moved aside, announced with the reason, selfplay fills a fresh DB.
     let q = wait_events(&root, "GAMES_DB_QUARANTINED", 1, "garbage before start");
     let first = check_quarantine(&root, &q[0], &garbage);
-    let quarantined_at = q[0]["seq"].as_u64().unwrap();
-    let mut new_games = Vec::new();
-    assert!(
-        wait_until(WITHIN, || {
-            new_games = events(&root, "NEW_GAMES_AVAILABLE");
-            new_games
-                .iter()
-                .any(|e| e["seq"].as_u64().unwrap() > quarantined_at)
-        }),
-        "no games after the quarantine: {}",
-        root.ok(&["status"])
-    );
+    let quarantined_at = q[0].seq;
+    wait_games_after(&root, quarantined_at, "no games after the quarantine");
     assert!(completed_games(&db) > 0);
     let h = wait_health(&root, "selfplay_scheduler", |h| {
-        h["details"]["quarantined"][0]["moved_to"] == first.as_str()
+        h.detail("quarantined")[0]["moved_to"] == first.as_str()
     });
     assert!(
-        h["message"]
-            .as_str()
-            .unwrap()
+        h.message
             .contains(&format!("quarantined games db {}", db.display())),
-        "{h:#}"
+        "{h:#?}"
     );
 
     // Again while the loop runs (queue_populator keeps queueing): the scheduler is restarted
     // around the damage so that no job is writing at that moment.
     root.ok(&["stop", "selfplay_scheduler"]);
     assert!(
-        wait_until(WITHIN, || root.status()["jobs"]
-            .as_array()
-            .unwrap()
-            .is_empty()),
+        wait_until(WITHIN, || root.status().jobs.is_empty()),
         "jobs still running"
     );
     let garbage2 = b"this is not sqlite either ".repeat(400);
@@ -191,16 +155,11 @@ fn a_garbage_games_db_is_moved_aside_reported_and_selfplay_goes_on_in_a_fresh_on
     let second = check_quarantine(&root, &q[1], &garbage2);
     assert_ne!(first, second, "an earlier quarantine is never overwritten");
     assert_eq!(std::fs::read(&first).unwrap(), garbage);
-    let again = q[1]["seq"].as_u64().unwrap();
-    assert!(
-        wait_until(WITHIN, || events(&root, "NEW_GAMES_AVAILABLE")
-            .iter()
-            .any(|e| e["seq"].as_u64().unwrap() > again)),
-        "no games after the second quarantine"
-    );
+    let again = q[1].seq;
+    wait_games_after(&root, again, "no games after the second quarantine");
     assert!(completed_games(&db) > 0);
     wait_health(&root, "selfplay_scheduler", |h| {
-        h["details"]["quarantined"][0]["moved_to"] == second.as_str()
+        h.detail("quarantined")[0]["moved_to"] == second.as_str()
     });
 }
 
@@ -222,22 +181,19 @@ fn a_game_row_with_an_impossible_winner_is_skipped_counted_and_training_goes_on(
     start(&root, &["training_trigger"], &[]);
 
     let done = wait_events(&root, "NPZ_EXPORT_COMPLETE", 1, "export");
-    let p = &done[0]["payload"];
+    let p = &done[0].payload;
     assert_eq!(p["skipped_rows"], 1, "{p}");
     assert_eq!(p["games"], 40, "{p}");
     assert_eq!(p["last_game_id"], 41, "the skipped row counts as read: {p}");
     let h = wait_health(&root, "auto_export", |h| {
-        h["details"]["keys"][KEY]["last_skipped_rows"] == 1
+        h.detail("keys")[KEY]["last_skipped_rows"] == 1
     });
-    assert_eq!(h["healthy"], true, "{h:#}");
-    assert!(
-        h["message"]
-            .as_str()
-            .unwrap()
-            .contains("skipped 1 game row(s)"),
-        "{h:#}"
+    assert!(h.healthy, "{h:#?}");
+    assert!(h.message.contains("skipped 1 game row(s)"), "{h:#?}");
+    assert_eq!(
+        root.daemon("auto_export").progress.get("rows_skipped"),
+        Some(&1)
     );
-    assert_eq!(root.daemon("auto_export")["progress"]["rows_skipped"], 1);
     // The job's log names the row and why.
     let logs = std::fs::read_dir(root.path().join("logs/jobs")).unwrap();
     let named = logs.filter_map(Result::ok).any(|f| {
@@ -252,8 +208,8 @@ fn a_game_row_with_an_impossible_winner_is_skipped_counted_and_training_goes_on(
 
     // Training goes on with the export.
     let trained = wait_events(&root, "TRAINING_COMPLETED", 1, "training");
-    assert_eq!(trained[0]["payload"]["config_key"], KEY);
-    assert!(events(&root, "TRAINING_FAILED").is_empty());
+    assert_eq!(trained[0].payload["config_key"], KEY);
+    assert!(root.events_of("TRAINING_FAILED").is_empty());
 }
 
 /// The shipped configuration with the `kind` job's command replaced by `sh -c <script>`.
@@ -301,7 +257,7 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
 
     // Events keep asking for exports; they must not bypass the backoff.
     let first = wait_events(&root, "NPZ_EXPORT_STARTED", 1, "first attempt");
-    let t0 = day_secs(first[0]["timestamp"].as_str().unwrap());
+    let t0 = day_secs(&first[0].timestamp);
     // Until the third attempt, an event every 250 ms (about 40 of them before it is due).
     let mut last_emit: Option<std::time::Instant> = None;
     let mut attempts: Vec<f64> = Vec::new();
@@ -314,10 +270,11 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
             ]);
             last_emit = Some(std::time::Instant::now());
         }
-        attempts = events(&root, "NPZ_EXPORT_STARTED")
+        attempts = root
+            .events_of("NPZ_EXPORT_STARTED")
             .iter()
             .map(|e| {
-                let t = day_secs(e["timestamp"].as_str().unwrap()) - t0;
+                let t = day_secs(&e.timestamp) - t0;
                 if t < -43_200.0 { t + 86_400.0 } else { t }
             })
             .collect();
@@ -333,13 +290,11 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
     // The job's own words come from its log, which may trail its exit by a moment: any later
     // attempt will do.
     let h = wait_health(&root, "auto_export", |h| {
-        h["details"]["keys"][KEY]["failing"]["attempts"].as_u64() >= Some(2)
-            && h["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("export is broken"))
+        h.detail("keys")[KEY]["failing"]["attempts"].as_u64() >= Some(2)
+            && h.message.contains("export is broken")
     });
-    let message = h["message"].as_str().unwrap();
-    assert_eq!(h["healthy"], false, "{h:#}");
+    let message = &h.message;
+    assert!(!h.healthy, "{h:#?}");
     assert!(
         message.contains("retrying in ") && message.contains(" s after: export job"),
         "{message}"
@@ -348,20 +303,20 @@ fn a_failing_export_is_retried_with_growing_delays_and_training_says_why_no_data
         message.contains("export is broken"),
         "the job's own words: {message}"
     );
-    let failing = &h["details"]["keys"][KEY]["failing"];
-    assert!(failing["attempts"].as_u64().unwrap() >= 2, "{h:#}");
+    let failing = &h.detail("keys")[KEY]["failing"];
+    assert!(failing["attempts"].as_u64().unwrap() >= 2, "{h:#?}");
 
     let t = wait_health(&root, "training_trigger", |t| {
-        t["status"] == "waiting_for_data"
+        t.status == "waiting_for_data"
     });
-    let message = t["message"].as_str().unwrap();
+    let message = &t.message;
     assert!(!message.contains("up to date"), "{message}");
     assert!(
         message.contains("no new data: auto_export is failing, retrying"),
         "{message}"
     );
-    assert_eq!(t["status"], "waiting_for_data", "{t:#}");
-    assert_eq!(t["details"]["export_failing"][0], KEY, "{t:#}");
+    assert_eq!(t.status, "waiting_for_data", "{t:#?}");
+    assert_eq!(t.detail("export_failing")[0], KEY, "{t:#?}");
 }
 
 #[test]
@@ -420,16 +375,8 @@ fn failing_selfplay_jobs_are_retried_with_growing_delays_not_every_cycle() {
     assert!(gaps[0] >= 1.5, "first retry after about 2 s: {gaps:?}");
     assert!(gaps[1] > gaps[0] * 1.4, "the delay grows: {gaps:?}");
     let h = wait_health(&root, "selfplay_scheduler", |h| {
-        h["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("selfplay retrying in "))
+        h.message.contains("selfplay retrying in ")
     });
-    assert_eq!(h["healthy"], false, "{h:#}");
-    assert!(
-        h["message"]
-            .as_str()
-            .unwrap()
-            .contains(" s after: work item"),
-        "{h:#}"
-    );
+    assert!(!h.healthy, "{h:#?}");
+    assert!(h.message.contains(" s after: work item"), "{h:#?}");
 }

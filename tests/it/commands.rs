@@ -9,32 +9,17 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-/// The line number in master_loop.log where `needle` first appears.
-fn line_of(log: &str, needle: &str) -> usize {
-    log.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
-}
-
-fn last_line_of(log: &str, needle: &str) -> usize {
-    log.lines()
-        .collect::<Vec<_>>()
-        .iter()
-        .rposition(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
-}
-
 #[test]
 fn start_all_runs_every_enabled_daemon_as_its_own_child_in_dependency_order() {
     let root = Root::new();
     let out = root.ok(&["start", "--all"]);
     let status = root.status();
-    let running = in_state(&status, "RUNNING");
-    assert_eq!(running.len(), 13, "{out}\n{status:#}");
+    let running = in_state(&status, DaemonState::Running);
+    assert_eq!(running.len(), 13, "{out}\n{status:#?}");
     for disabled in ["ephemeral_sync", "unified_idle_shutdown"] {
         assert!(!running.contains(&disabled.to_string()));
     }
-    let sup = status["supervisor"]["pid"].as_u64().unwrap() as u32;
+    let sup = status.supervisor.pid;
     let pids = pids(&status);
     let distinct: std::collections::BTreeSet<_> = pids.values().collect();
     assert_eq!(
@@ -97,15 +82,15 @@ fn restart_pause_resume_stop_and_shutdown() {
     );
 
     root.ok(&["pause", "AUTO_SYNC"]);
-    assert_eq!(root.state("auto_sync"), "PAUSED");
+    assert_eq!(root.state("auto_sync"), DaemonState::Paused);
     assert!(alive(after["auto_sync"]), "a paused daemon stays alive");
     root.ok(&["resume", "auto_sync"]);
-    assert_eq!(root.state("auto_sync"), "RUNNING");
+    assert_eq!(root.state("auto_sync"), DaemonState::Running);
 
     let sup = root.supervisor_pid().unwrap();
     let out = root.ok(&["stop", "--all"]);
     let status = root.status();
-    assert_eq!(in_state(&status, "STOPPED").len(), 15, "{out}");
+    assert_eq!(in_state(&status, DaemonState::Stopped).len(), 15, "{out}");
     // Dependents stop first.
     let log = root.master_log();
     assert!(
@@ -136,25 +121,36 @@ fn restart_pause_resume_stop_and_shutdown() {
 fn stopping_a_dependency_stops_its_dependents_first() {
     let root = Root::new();
     root.ok(&["start", "evaluation"]);
-    // Dependencies were pulled in.
-    for n in [
-        "auto_sync",
-        "cluster_data_sync",
-        "auto_export",
-        "quality_monitor",
-        "training_trigger",
-        "evaluation",
-    ] {
-        assert_eq!(root.state(n), "RUNNING", "{n}");
+    // Dependencies were pulled in: what evaluation depends on, directly or not (by the
+    // depends_on lists status reports), and nothing else.
+    let status = root.status();
+    let mut needed = vec!["evaluation".to_string()];
+    let mut next = 0;
+    while let Some(name) = needed.get(next).cloned() {
+        for dep in &daemon(&status, &name).depends_on {
+            if !needed.contains(dep) {
+                needed.push(dep.clone());
+            }
+        }
+        next += 1;
     }
-    assert_eq!(root.state("auto_promotion"), "STOPPED");
+    needed.sort();
+    let mut running = in_state(&status, DaemonState::Running);
+    running.sort();
+    assert_eq!(running, needed);
+    assert_eq!(
+        running.len(),
+        6,
+        "evaluation, training_trigger and its four sources"
+    );
+    assert_eq!(root.state("auto_promotion"), DaemonState::Stopped);
     root.ok(&["stop", "auto_sync"]);
     for n in ["auto_sync", "training_trigger", "evaluation"] {
-        assert_eq!(root.state(n), "STOPPED", "{n}");
+        assert_eq!(root.state(n), DaemonState::Stopped, "{n}");
     }
     assert_eq!(
         root.state("cluster_data_sync"),
-        "RUNNING",
+        DaemonState::Running,
         "unrelated daemons stay up"
     );
 }
@@ -189,24 +185,9 @@ fn daemon_output_reaches_its_log_with_timestamp_and_stream_within_a_second() {
     let shown = root.ok(&["logs", "ticker", "-n", "2"]);
     assert_eq!(shown.lines().count(), 2, "{shown}");
     // `logs -f` keeps printing what the daemon writes next.
-    use std::io::BufRead;
-    let mut follower = root
-        .cmd(&["logs", "ticker", "-f", "-n", "0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = follower.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let line = rx.recv_timeout(T);
-    let _ = follower.kill();
-    let _ = follower.wait();
+    let follower = root.follow(&["logs", "ticker", "-f", "-n", "0"]);
+    let line = follower.lines.recv_timeout(T);
+    drop(follower);
     let line = line.expect("logs -f printed a new line");
     assert!(line.contains("[out]") || line.contains("[err]"), "{line}");
 }
@@ -367,7 +348,7 @@ fn mistakes_get_clear_errors() {
     assert!(stderr(&o).contains("already running"), "{}", stderr(&o));
     assert_eq!(
         root.state("auto_sync"),
-        "RUNNING",
+        DaemonState::Running,
         "the first one is unharmed"
     );
 }
@@ -381,7 +362,7 @@ fn stale_socket_and_pid_file_are_cleaned_up() {
     drop(std::os::unix::net::UnixListener::bind(run.join("supervisor.sock")).unwrap());
     std::fs::write(run.join("supervisor.pid"), "999999\n").unwrap();
     root.ok(&["start", "auto_sync"]);
-    assert_eq!(root.state("auto_sync"), "RUNNING");
+    assert_eq!(root.state("auto_sync"), DaemonState::Running);
     let pid = root.supervisor_pid().unwrap();
     assert!(alive(pid) && pid != 999_999);
     use std::os::unix::fs::PermissionsExt;
@@ -437,18 +418,17 @@ fn bad_frames_get_typed_errors_and_the_supervisor_keeps_running() {
         .unwrap();
     let v = read_json(&mut r);
     assert_eq!(v["type"], "status");
-    assert_eq!(v["daemons"][0]["state"], "RUNNING");
+    let d: DaemonStatus = serde_json::from_value(v["daemons"][0].clone()).unwrap();
+    assert_eq!(d.state, DaemonState::Running);
 
     // A stranger claiming to be a worker is refused.
     let (mut r, mut w) = connect(&root);
     w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"worker\",\"daemon\":\"auto_sync\",\"pid\":1}\n").unwrap();
     assert_eq!(read_json(&mut r)["type"], "error");
 
-    assert_eq!(root.state("auto_sync"), "RUNNING");
-    assert!(
-        root.master_log().contains("malformed frame"),
-        "bad frames are logged"
-    );
+    assert_eq!(root.state("auto_sync"), DaemonState::Running);
+    // Bad frames are logged.
+    root.assert_logged("malformed frame");
 }
 
 #[test]
@@ -458,14 +438,14 @@ fn external_program_is_supervised_as_a_plain_process() {
     );
     root.ok(&["start", "sleeper"]);
     let d = root.daemon("sleeper");
-    assert_eq!(d["state"], "RUNNING");
-    assert_eq!(d["kind"], "external");
-    let pid = d["pid"].as_u64().unwrap() as u32;
+    assert_eq!(d.state, DaemonState::Running);
+    assert_eq!(d.kind, "external");
+    let pid = d.pid.unwrap();
     // Paused: frozen by its cgroup (cgroup.freeze) where the supervisor has cgroups, else SIGSTOP.
-    let sup = root.status()["supervisor"].clone();
+    let sup = root.status().supervisor;
     let frozen = || -> bool {
-        if sup["containment"] == "cgroup" {
-            let events = std::path::Path::new(sup["containment_detail"].as_str().unwrap())
+        if sup.containment.as_deref() == Some("cgroup") {
+            let events = std::path::Path::new(sup.containment_detail.as_deref().unwrap())
                 .join("daemon-sleeper/cgroup.events");
             std::fs::read_to_string(events).is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
         } else {
@@ -485,42 +465,31 @@ fn profiles_start_their_members_and_status_json_has_the_documented_fields() {
     let root = Root::new();
     root.ok(&["start", "--profile", "minimal"]);
     let status = root.status();
-    let mut running = in_state(&status, "RUNNING");
+    let mut running = in_state(&status, DaemonState::Running);
     running.sort();
     assert_eq!(running, ["auto_sync", "job_reaper", "unified_node_health"]);
-    for key in ["pid", "root", "uptime_secs", "config_path", "version"] {
-        assert!(status["supervisor"].get(key).is_some(), "supervisor.{key}");
-    }
-    let d = root.daemon("auto_sync");
-    for key in [
-        "name",
-        "state",
-        "enabled",
-        "kind",
-        "pid",
-        "uptime_secs",
-        "restarts",
-        "health",
-        "heartbeat_age_secs",
-        "progress",
-        "depends_on",
-        "last_exit",
-        "reason",
-    ] {
-        assert!(d.get(key).is_some(), "daemons[].{key} in {d:#}");
-    }
-    // A real health message: auto_sync with no targets says it has nothing to push.
-    let mut d = d;
+    // The documented fields are those of the library's types, which `status()` insists the JSON
+    // has, no more and no fewer; here their values make sense.
+    let sup = &status.supervisor;
+    assert_eq!(Some(sup.pid), root.supervisor_pid());
+    assert_eq!(std::path::Path::new(&sup.root), root.path());
     assert!(
-        wait_until(T, || {
-            d = root.daemon("auto_sync");
-            d["health"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("no targets configured")
-        }),
-        "{d:#}"
+        sup.uptime_secs >= 0.0 && !sup.version.is_empty(),
+        "{sup:#?}"
     );
+    assert_eq!(
+        sup.config_path, "<embedded default>",
+        "no config file in this root"
+    );
+    let d = daemon(&status, "auto_sync");
+    assert!(d.enabled && d.kind == "worker", "{d:#?}");
+    assert!(d.pid.is_some() && d.uptime_secs.is_some(), "{d:#?}");
+    assert_eq!((d.restarts, d.last_exit.as_deref()), (0, None), "{d:#?}");
+    assert!(d.depends_on.is_empty(), "{d:#?}");
+    // A real health message: auto_sync with no targets says it has nothing to push.
+    root.wait_health("auto_sync", T, |h| {
+        h.message.contains("no targets configured")
+    });
     let one = root.ok(&["status", "auto_sync"]);
     assert!(
         one.contains("auto_sync") && !one.contains("job_reaper"),
@@ -545,7 +514,7 @@ fn foreground_supervisor_stops_everything_in_reverse_order_on_ctrl_c() {
     assert!(
         wait_until(T, || root.path().join("run/supervisor.sock").exists()
             && root.run(&["status", "--json"]).status.success()
-            && in_state(&root.status(), "RUNNING").len() == 13),
+            && in_state(&root.status(), DaemonState::Running).len() == 13),
         "{}",
         root.master_log()
     );
@@ -584,7 +553,7 @@ fn a_start_that_takes_too_long_times_out_with_a_clear_message() {
     );
     assert_eq!(
         root.state("silent"),
-        "INITIALIZING",
+        DaemonState::Initializing,
         "the supervisor is unharmed and still waiting"
     );
 }
@@ -607,14 +576,9 @@ fn a_deleted_run_dir_is_made_again_and_never_lets_a_second_supervisor_in() {
         wait_until(T, || root.supervisor_pid() == Some(first)),
         "run/supervisor.pid is written again by the supervisor that owns the root"
     );
-    let status = root.status();
-    assert_eq!(status["supervisor"]["pid"].as_u64(), Some(u64::from(first)));
-    assert_eq!(root.state("napper"), "RUNNING");
-    assert!(
-        root.master_log().contains("making it again"),
-        "{}",
-        root.master_log()
-    );
+    assert_eq!(root.status().supervisor.pid, first);
+    assert_eq!(root.state("napper"), DaemonState::Running);
+    root.assert_logged("making it again");
     // A second supervisor is refused by the lock on the root directory, run/ or not, and names the holder.
     let o = root.run(&["serve"]);
     assert_eq!(o.status.code(), Some(1));
@@ -629,19 +593,11 @@ fn a_deleted_run_dir_is_made_again_and_never_lets_a_second_supervisor_in() {
         "NEW_GAMES_AVAILABLE",
         r#"{"config_key":"hex8_2p","new_games":2}"#,
     ]);
-    let listed = root.ok(&["events", "--json"]);
-    let seqs: Vec<u64> = listed
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seqs: Vec<u64> = root.events(&[]).iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     // The refused second supervisor did not take the first one's socket with it.
     assert!(root.path().join("run/supervisor.sock").exists());
-    assert_eq!(root.state("napper"), "RUNNING");
+    assert_eq!(root.state("napper"), DaemonState::Running);
 }
 
 #[test]
@@ -672,25 +628,23 @@ fn nothing_outside_the_tree_can_act_as_a_daemon() {
         );
     }
     // The real worker keeps its connection: it goes on heartbeating.
-    let before = root.daemon("auto_sync")["heartbeat_age_secs"].as_f64();
+    let before = root.daemon("auto_sync").heartbeat_age_secs;
     assert!(before.is_some());
     assert!(wait_until(T, || {
-        root.daemon("auto_sync")["heartbeat_age_secs"]
-            .as_f64()
+        root.daemon("auto_sync")
+            .heartbeat_age_secs
             .is_some_and(|a| a < 1.0)
     }));
     assert_eq!(root.pid("auto_sync"), Some(sync_pid));
     // Only a protocol-speaking daemon is handed a connection.
-    let fd_env = std::fs::read(format!("/proc/{sync_pid}/environ")).unwrap();
-    assert!(
-        String::from_utf8_lossy(&fd_env).contains("RINGRIFT_SUPERVISOR_FD="),
-        "a worker is told its descriptor"
-    );
-    let plain_env = std::fs::read(format!("/proc/{plain_pid}/environ")).unwrap();
-    assert!(
-        !String::from_utf8_lossy(&plain_env).contains("RINGRIFT_SUPERVISOR_FD="),
-        "a plain program gets no connection"
-    );
+    let told = |pid: u32| {
+        procfs::environ(pid)
+            .expect("/proc/<pid>/environ")
+            .iter()
+            .any(|(k, _)| k == "RINGRIFT_SUPERVISOR_FD")
+    };
+    assert!(told(sync_pid), "a worker is told its descriptor");
+    assert!(!told(plain_pid), "a plain program gets no connection");
 }
 
 #[test]
@@ -716,7 +670,7 @@ fn another_user_cannot_reach_the_control_socket() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(root.state("auto_sync"), "RUNNING");
+    assert_eq!(root.state("auto_sync"), DaemonState::Running);
 }
 
 #[test]
@@ -780,10 +734,10 @@ fn a_client_that_never_reads_is_cut_off_and_connections_are_capped() {
     // The supervisor notices the closed connections shortly; until then `status` may be refused.
     assert!(wait_until(T, || {
         let out = root.run(&["status", "napper", "--json"]);
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        if !out.status.success() {
             return false;
-        };
-        let d = &v["daemons"][0];
-        d["state"] == "RUNNING" && d["pid"].as_u64().is_some_and(|p| p != u64::from(napper))
+        }
+        let d = &parse_status(&stdout(&out)).daemons[0];
+        d.state == DaemonState::Running && d.pid.is_some_and(|p| p != napper)
     }));
 }

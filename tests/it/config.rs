@@ -51,15 +51,8 @@ fn durations_with_units_reach_the_worker_as_written() {
     let check = root.ok(&["config", "check"]);
     assert!(check.contains("ok"), "{check}");
     root.ok(&["start", "job_reaper"]);
-    let log = root.log_path("job_reaper");
-    let mut text = String::new();
-    assert!(
-        wait_until(T, || {
-            text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.contains("stuck after 90s")
-        }),
-        "the worker did not use stuck_after 1m30s:\n{text}"
-    );
+    // The worker uses stuck_after 1m30s as 90 s, and reap_grace as written.
+    let text = root.wait_log("job_reaper", "stuck after 90s", T);
     assert!(text.contains("500ms"), "{text}");
 }
 
@@ -70,20 +63,12 @@ fn environment_values_reach_the_child_byte_for_byte() {
          daemons:\n  envy:\n    command: [\"sh\", \"-c\", \"echo \\\"VER=[$VER] ON=[$ON] OVR=[$OVR]\\\"; exec sleep 100\"]\n\
          \x20   env:\n      VER: \"1.10\"\n      ON: 'yes'\n",
     );
-    let mut start = root.cmd(&["start", "envy"]);
     // An override from the environment is text too, never read as a YAML number.
-    start.env("RINGRIFT_DAEMONS__ENVY__ENV__OVR", "007");
-    let out = start.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let log = root.log_path("envy");
-    let mut text = String::new();
-    assert!(
-        wait_until(T, || {
-            text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.contains("VER=")
-        }),
-        "no output from envy"
+    root.ok_with_env(
+        &["start", "envy"],
+        &[("RINGRIFT_DAEMONS__ENVY__ENV__OVR", "007")],
     );
+    let text = root.wait_log("envy", "VER=", T);
     assert!(text.contains("VER=[1.10] ON=[yes] OVR=[007]"), "{text}");
 }
 
@@ -162,5 +147,5 @@ fn a_program_that_cannot_be_run_is_refused_by_check_and_warned_about_by_start() 
         "{}",
         stderr(&out)
     );
-    assert_eq!(root.state("fine"), "RUNNING");
+    assert_eq!(root.state("fine"), DaemonState::Running);
 }

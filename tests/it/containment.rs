@@ -21,18 +21,39 @@ fn escaper_config(containment: &str) -> String {
     )
 }
 
-/// Kills the escaped process at the end of a test that failed before the supervisor did.
-struct Escaped(u32);
+/// An escaped `sleep <arg>` process, killed at the end of a test that failed before the
+/// supervisor did.
+struct Escaped {
+    pid: u32,
+    arg: &'static str,
+}
 
 impl Drop for Escaped {
     fn drop(&mut self) {
-        if alive(self.0)
-            && std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
-                .is_ok_and(|c| c.starts_with("sleep\u{0}1003"))
+        let argv = procfs::argv(self.pid).unwrap_or_default();
+        if alive(self.pid)
+            && argv.first().is_some_and(|p| p == "sleep")
+            && argv.get(1).is_some_and(|a| a == self.arg)
         {
-            signal(self.0, SIGKILL);
+            signal(self.pid, SIGKILL);
         }
     }
+}
+
+/// The escaped process whose pid a shell wrote to `pid_file`, once it has.
+fn escaped(root: &Root, pid_file: &std::path::Path, arg: &'static str) -> Escaped {
+    assert!(
+        wait_until(T, || pid_file.exists()),
+        "no {} was written\n{}",
+        pid_file.display(),
+        root.master_log()
+    );
+    let pid = std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    Escaped { pid, arg }
 }
 
 /// Starts the escaper and returns the pid of the process that left its group.
@@ -40,42 +61,22 @@ fn start_escaper(root: &Root) -> Escaped {
     let pid_file = root.path().join("escaped.pid");
     let _ = std::fs::remove_file(&pid_file);
     root.ok(&["start", "escaper"]);
-    assert!(
-        wait_until(T, || pid_file.exists()),
-        "the escaper did not write its pid"
-    );
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(alive(pid), "sleep 1003 should be running");
+    let escaped = escaped(root, &pid_file, "1003");
+    assert!(alive(escaped.pid), "sleep 1003 should be running");
     let daemon = root.pid("escaper").unwrap();
     assert_ne!(
-        pgid(pid),
+        pgid(escaped.pid),
         pgid(daemon),
         "sleep 1003 left the daemon's process group"
     );
-    Escaped(pid)
-}
-
-fn pgid(pid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 2..]
-        .split_whitespace()
-        .nth(2)?
-        .parse()
-        .ok()
+    escaped
 }
 
 /// The containment the supervisor reports, and the subtree directory when it is "cgroup".
 fn containment(root: &Root) -> (String, Option<PathBuf>) {
-    let s = root.status();
-    let kind = s["supervisor"]["containment"].as_str().unwrap().to_string();
-    let detail = s["supervisor"]["containment_detail"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let sup = root.status().supervisor;
+    let kind = sup.containment.expect("containment in status");
+    let detail = sup.containment_detail.unwrap_or_default();
     if kind == "cgroup" {
         (kind, Some(PathBuf::from(detail)))
     } else {
@@ -85,11 +86,7 @@ fn containment(root: &Root) -> (String, Option<PathBuf>) {
 }
 
 fn cgroup_of(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        .unwrap_or_default()
+    ringrift::cgroupfs::of_pid(pid).unwrap_or_default()
 }
 
 /// The whole story for one containment mode: stop, then shutdown, reach the escaped process;
@@ -103,13 +100,8 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
         assert_eq!(kind, "process-group+environment");
     }
     let d = root.daemon("escaper");
-    assert_eq!(d["containment"], kind.as_str(), "{d:#}");
-    let problems: Vec<String> = d["containment_problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
+    assert_eq!(d.containment.as_deref(), Some(kind.as_str()), "{d:#?}");
+    let problems = d.containment_problems;
     // memory and cpu are cgroup v1-only on this kind of machine: status must say the limit is off.
     let controllers = subtree
         .as_ref()
@@ -153,21 +145,21 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
     );
     if let Some(dir) = &subtree {
         assert!(
-            cgroup_of(escaped.0).ends_with(&format!(
+            cgroup_of(escaped.pid).ends_with(&format!(
                 "{}/daemon-escaper",
                 dir.file_name().unwrap().to_str().unwrap()
             )),
             "sleep 1003 is in the daemon's cgroup: {}",
-            cgroup_of(escaped.0)
+            cgroup_of(escaped.pid)
         );
     }
 
     // stop: STOPPED means every process is gone, the escaped one included.
     let began = Instant::now();
     root.ok(&["stop", "escaper"]);
-    assert_eq!(root.state("escaper"), "STOPPED");
+    assert_eq!(root.state("escaper"), DaemonState::Stopped);
     assert!(
-        wait_until(Duration::from_secs(5), || !alive(escaped.0)),
+        wait_until(Duration::from_secs(5), || !alive(escaped.pid)),
         "sleep 1003 survived stop ({mode})"
     );
     assert!(
@@ -185,16 +177,19 @@ fn escaped_process_dies_with_its_daemon(mode: &str) {
     // shutdown: the same, and the subtree is gone when shutdown answers.
     let escaped = start_escaper(&root);
     root.ok(&["shutdown"]);
+    assert_all_gone(&escaped, subtree.as_deref(), &format!("shutdown ({mode})"));
+}
+
+/// After `what`, the escaped process dies within 5 s and the supervisor's cgroup subtree (if it
+/// had one) is gone.
+fn assert_all_gone(escaped: &Escaped, subtree: Option<&std::path::Path>, what: &str) {
     assert!(
-        wait_until(Duration::from_secs(5), || !alive(escaped.0)),
-        "sleep 1003 survived shutdown ({mode})"
+        wait_until(Duration::from_secs(5), || !alive(escaped.pid)),
+        "sleep {} survived {what}",
+        escaped.arg
     );
-    if let Some(dir) = &subtree {
-        assert!(
-            !dir.exists(),
-            "{} still exists after shutdown",
-            dir.display()
-        );
+    if let Some(dir) = subtree {
+        assert!(!dir.exists(), "{} still exists after {what}", dir.display());
     }
 }
 
@@ -219,27 +214,22 @@ fn reap_finds_what_a_dead_supervisor_left(mode: &str) {
     signal(sup, SIGKILL);
     assert!(wait_until(T, || !alive(sup) && !alive(daemon)));
     assert!(
-        alive(escaped.0),
+        alive(escaped.pid),
         "the escaped process outlives a SIGKILLed supervisor"
     );
     let out = root.run(&["reap"]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
     assert!(
-        text.contains(&format!("pid {}", escaped.0)),
+        text.contains(&format!("pid {}", escaped.pid)),
         "reap names what it killed: {text}"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || !alive(escaped.0)),
-        "reap left sleep 1003 alive: {text}"
+    // reap kills the escaped process and removes the dead supervisor's subtree.
+    assert_all_gone(
+        &escaped,
+        subtree.as_deref(),
+        &format!("reap ({mode}): {text}"),
     );
-    if let Some(dir) = &subtree {
-        assert!(
-            !dir.exists(),
-            "reap removes the dead supervisor's subtree {}: {text}",
-            dir.display()
-        );
-    }
 }
 
 #[test]
@@ -266,18 +256,18 @@ fn reap_kills_a_stray_of_a_stopped_daemon() {
     };
     std::fs::write(
         dir.parent().unwrap().join("cgroup.procs"),
-        escaped.0.to_string(),
+        escaped.pid.to_string(),
     )
     .expect("move the escaped process out of its cgroup");
     root.ok(&["stop", "escaper"]);
     assert!(
-        alive(escaped.0),
+        alive(escaped.pid),
         "out of its cgroup, the stop cannot see it"
     );
     let mut last = String::new();
     let reaped = wait_until(T, || {
         last = stdout(&root.run(&["reap"]));
-        !alive(escaped.0)
+        !alive(escaped.pid)
     });
     assert!(reaped, "reap left the stray alive: {last}");
     assert!(
@@ -294,26 +284,15 @@ fn a_jobs_escaped_process_goes_with_the_job(mode: &str) {
     ));
     root.ok(&["start", "jobber"]);
     let (_, subtree) = containment(&root);
-    let pid_file = root.path().join("job.pid");
-    assert!(
-        wait_until(T, || pid_file.exists()),
-        "the job did not start\n{}",
-        root.master_log()
-    );
-    let escaped = Escaped1004(
-        std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap(),
-    );
+    // The job started and wrote its escaped process's pid.
+    let escaped = escaped(&root, &root.path().join("job.pid"), "1004");
     if let Some(dir) = &subtree {
-        let cg = cgroup_of(escaped.0);
+        let cg = cgroup_of(escaped.pid);
         let name = dir.file_name().unwrap().to_str().unwrap();
         assert!(cg.contains(&format!("{name}/job-jobber-")), "{cg}");
     }
     assert!(
-        wait_until(T, || !alive(escaped.0)),
+        wait_until(T, || !alive(escaped.pid)),
         "sleep 1004 outlived its job ({mode})\n{}",
         root.master_log()
     );
@@ -333,20 +312,6 @@ fn a_jobs_escaped_process_goes_with_the_job(mode: &str) {
     }
 }
 
-/// Like [`Escaped`], for the job's `sleep 1004`.
-struct Escaped1004(u32);
-
-impl Drop for Escaped1004 {
-    fn drop(&mut self) {
-        if alive(self.0)
-            && std::fs::read_to_string(format!("/proc/{}/cmdline", self.0))
-                .is_ok_and(|c| c.starts_with("sleep\u{0}1004"))
-        {
-            signal(self.0, SIGKILL);
-        }
-    }
-}
-
 #[test]
 fn a_jobs_escaped_process_goes_with_the_job_cgroup() {
     a_jobs_escaped_process_goes_with_the_job("auto");
@@ -359,17 +324,11 @@ fn a_jobs_escaped_process_goes_with_the_job_fallback() {
 
 /// Fds of a process: number → link target.
 fn fds(pid: u32) -> Vec<(i32, String)> {
-    let mut out: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let n: i32 = e.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(e.path()).ok()?;
-            Some((n, target.display().to_string()))
-        })
-        .collect();
-    out.sort();
-    out
+    procfs::fds(pid)
+        .expect("/proc/<pid>/fd")
+        .into_iter()
+        .map(|(n, target)| (n, target.display().to_string()))
+        .collect()
 }
 
 /// `sh -c 'ringrift-supervisor start quiet 7>&1 | cat'` returns: neither the background supervisor

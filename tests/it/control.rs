@@ -28,10 +28,16 @@ fn config(entries: &[String]) -> String {
     )
 }
 
-fn line_of(log: &str, needle: &str) -> usize {
-    log.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+/// Runs `f`, insisting that it returns within `secs` seconds (`what` names it).
+fn within<T>(secs: u64, what: &str, f: impl FnOnce() -> T) -> T {
+    let asked = Instant::now();
+    let out = f();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(secs),
+        "{what} took {took:?} (limit {secs} s)"
+    );
+    out
 }
 
 fn free_port() -> u16 {
@@ -52,15 +58,11 @@ fn a_stop_overridden_by_a_start_answers_at_once_and_says_so() {
     root.ok(&["start", "stubborn"]);
     let old = root.pid("stubborn").unwrap();
     let stop = root.cmd(&["stop", "stubborn"]).output_async();
-    assert!(wait_until(T, || root.state("stubborn") == "SHUTTING_DOWN"));
+    root.wait_state("stubborn", DaemonState::ShuttingDown, T);
     let start = root.cmd(&["start", "stubborn"]).output_async();
-    let asked = Instant::now();
-    let stopped = stop.wait_with_output().unwrap();
-    assert!(
-        asked.elapsed() < Duration::from_secs(3),
-        "the stop answers before the grace period ends: {:?}",
-        asked.elapsed()
-    );
+    let stopped = within(3, "the stop answers before the grace period ends", || {
+        stop.wait_with_output().unwrap()
+    });
     assert_eq!(stopped.status.code(), Some(1), "{}", stdout(&stopped));
     assert!(
         stdout(&stopped).contains("stop overridden"),
@@ -71,7 +73,7 @@ fn a_stop_overridden_by_a_start_answers_at_once_and_says_so() {
     let started = start.wait_with_output().unwrap();
     assert!(started.status.success(), "{}", stdout(&started));
     assert!(root.pid("stubborn").is_some_and(|p| p != old));
-    assert_eq!(root.state("stubborn"), "RUNNING");
+    assert_eq!(root.state("stubborn"), DaemonState::Running);
 }
 
 #[test]
@@ -79,19 +81,13 @@ fn a_start_that_cannot_spawn_answers_with_the_reason() {
     let root = Root::with_config(
         "daemons:\n  ghost:\n    command: [\"/nonexistent/ghost-daemon\"]\n    backoff_initial: 60\n    backoff_max: 120\n",
     );
-    let asked = Instant::now();
-    let out = root.run(&["start", "ghost"]);
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        asked.elapsed()
-    );
+    let out = within(10, "start", || root.run(&["start", "ghost"]));
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("cannot spawn"), "{text}");
     assert!(text.contains("No such file or directory"), "{text}");
     assert!(text.contains("next attempt in"), "{text}");
-    assert_eq!(root.state("ghost"), "BACKOFF");
+    assert_eq!(root.state("ghost"), DaemonState::Backoff);
 }
 
 #[test]
@@ -103,40 +99,25 @@ fn a_worker_that_reports_shutting_down_and_hangs_is_killed_at_the_end_of_its_gra
     )]));
     root.ok(&["start", "hung"]);
     let pid = root.pid("hung").unwrap();
-    assert!(wait_until(T, || root.state("hung") == "SHUTTING_DOWN"));
+    root.wait_state("hung", DaemonState::ShuttingDown, T);
     // `stop` answers within the grace period plus a margin, saying how it ended.
-    let asked = Instant::now();
-    let out = root.run(&["stop", "hung"]);
-    assert!(
-        asked.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        asked.elapsed()
-    );
+    let out = within(4, "stop", || root.run(&["stop", "hung"]));
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("STOPPED"), "{}", stdout(&out));
     assert!(!alive(pid));
-    assert!(
-        root.master_log()
-            .contains("hung: still running after the 1s grace period"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("hung: still running after the 1s grace period");
     // The same worker, restarted: `restart` answers too, with a new process.
     root.ok(&["start", "hung"]);
     let pid = root.pid("hung").unwrap();
-    assert!(wait_until(T, || root.state("hung") == "SHUTTING_DOWN"));
-    let asked = Instant::now();
-    root.ok(&["restart", "hung"]);
-    assert!(asked.elapsed() < Duration::from_secs(4));
+    root.wait_state("hung", DaemonState::ShuttingDown, T);
+    within(4, "restart", || root.ok(&["restart", "hung"]));
     assert!(root.pid("hung").is_some_and(|p| p != pid));
     assert!(!alive(pid));
     // And `shutdown` ends with it.
     let pid = root.pid("hung").unwrap();
-    assert!(wait_until(T, || root.state("hung") == "SHUTTING_DOWN"));
+    root.wait_state("hung", DaemonState::ShuttingDown, T);
     let sup = root.supervisor_pid().unwrap();
-    let asked = Instant::now();
-    root.ok(&["shutdown"]);
-    assert!(asked.elapsed() < Duration::from_secs(4));
+    within(4, "shutdown", || root.ok(&["shutdown"]));
     assert!(wait_until(T, || !alive(sup) && !alive(pid)));
 }
 
@@ -149,20 +130,19 @@ fn stop_force_and_kill_skip_the_grace_period() {
     ]));
     root.ok(&["start", "deaf", "deaf2", "sleeper"]);
     let pid = root.pid("deaf").unwrap();
-    let asked = Instant::now();
-    let out = root.ok(&["stop", "--force", "deaf"]);
-    assert!(asked.elapsed() < Duration::from_secs(5), "{out}");
+    let out = within(5, "stop --force", || root.ok(&["stop", "--force", "deaf"]));
     assert!(out.contains("killed at once"), "{out}");
     assert!(!alive(pid));
-    assert_eq!(root.daemon("deaf")["last_exit"], "killed by SIGKILL");
+    assert_eq!(
+        root.daemon("deaf").last_exit.as_deref(),
+        Some("killed by SIGKILL")
+    );
 
     // A stop already under way is cut short by a forced one.
     let pid = root.pid("deaf2").unwrap();
     let slow = root.cmd(&["stop", "deaf2"]).output_async();
-    assert!(wait_until(T, || root.state("deaf2") == "SHUTTING_DOWN"));
-    let asked = Instant::now();
-    root.ok(&["kill", "deaf2"]);
-    assert!(asked.elapsed() < Duration::from_secs(5));
+    root.wait_state("deaf2", DaemonState::ShuttingDown, T);
+    within(5, "kill", || root.ok(&["kill", "deaf2"]));
     assert!(slow.wait_with_output().unwrap().status.success());
     assert!(!alive(pid));
 
@@ -170,8 +150,9 @@ fn stop_force_and_kill_skip_the_grace_period() {
     let pid = root.pid("sleeper").unwrap();
     root.ok(&["kill", "--signal", "INT", "sleeper"]);
     assert!(!alive(pid));
-    assert_eq!(root.daemon("sleeper")["last_exit"], "killed by SIGINT");
-    assert_eq!(root.state("sleeper"), "STOPPED");
+    let d = root.daemon("sleeper");
+    assert_eq!(d.last_exit.as_deref(), Some("killed by SIGINT"));
+    assert_eq!(d.state, DaemonState::Stopped);
 
     let out = root.run(&["kill", "--signal", "BOGUS", "sleeper"]);
     assert!(!out.status.success());
@@ -194,8 +175,6 @@ fn a_frozen_supervisor_does_not_count_its_own_sleep_against_the_daemons() {
     root.ok(&["start", "a", "b"]);
     let before = pids(&root.status());
     let sup = root.supervisor_pid().unwrap();
-    const SIGSTOP: i32 = 19;
-    const SIGCONT: i32 = 18;
     signal(sup, SIGSTOP);
     // The freeze itself (an action, not a wait for a condition): three heartbeat timeouts.
     std::thread::sleep(Duration::from_secs(3));
@@ -214,7 +193,7 @@ fn a_frozen_supervisor_does_not_count_its_own_sleep_against_the_daemons() {
     assert!(!log.contains("watchdog: no heartbeat"), "{log}");
     assert!(!log.contains("stalled:"), "{log}");
     for name in ["a", "b"] {
-        assert_eq!(root.daemon(name)["restarts"], 0);
+        assert_eq!(root.daemon(name).restarts, 0);
     }
 }
 
@@ -230,17 +209,17 @@ fn a_dependency_that_dies_before_it_is_ready_keeps_its_dependents_from_starting(
     assert!(text.contains("dep"), "{text}");
     assert!(text.contains("FAILED"), "{text}");
     let app = root.daemon("app");
-    assert_eq!(app["state"], "STOPPED", "{app:#}");
+    assert_eq!(app.state, DaemonState::Stopped, "{app:#?}");
     assert!(
-        app["reason"].as_str().unwrap().contains("dependency dep"),
-        "{app:#}"
+        app.reason.as_deref().unwrap().contains("dependency dep"),
+        "{app:#?}"
     );
     assert!(
         !root.master_log().contains("app: spawned"),
         "{}",
         root.master_log()
     );
-    assert_eq!(root.state("dep"), "FAILED");
+    assert_eq!(root.state("dep"), DaemonState::Failed);
 }
 
 #[test]
@@ -281,8 +260,12 @@ fn every_ready_form_holds_before_dependents_start() {
         ),
     ]));
     root.ok(&["start", "after_dep", "--no-wait"]);
-    let d = root.wait_state("after_dep", "INITIALIZING", T);
-    assert_eq!(d["reason"], "waiting until ready: alive for 1s", "{d:#}");
+    let d = root.wait_state("after_dep", DaemonState::Initializing, T);
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("waiting until ready: alive for 1s"),
+        "{d:#?}"
+    );
     let out = root.ok(&["start", "app"]);
     assert!(out.contains("RUNNING"), "{out}");
     let log = root.master_log();
@@ -309,37 +292,28 @@ fn reload_applies_policy_in_place_and_restarts_only_for_process_changes() {
             plain("p", "exec sleep 1000", &format!("{policy}{env}")),
         )
     };
+    let policy =
+        "    restart: on_failure\n    grace_period: 3\n    max_restarts: 9\n    backoff_max: 5\n";
     let root = Root::with_config(&base("", "", "true"));
     root.ok(&["start", "w", "p"]);
     let before = pids(&root.status());
-    root.write_config(&base(
-        "    restart: on_failure\n    grace_period: 3\n    max_restarts: 9\n    backoff_max: 5\n",
-        "",
-        "true",
-    ));
-    let out = root.ok(&["reload"]);
-    assert!(out.contains("applied in place"), "{out}");
-    assert_eq!(pids(&root.status()), before, "{out}");
-    // A job template: no daemon restarts.
-    root.write_config(&base(
-        "    restart: on_failure\n    grace_period: 3\n    max_restarts: 9\n    backoff_max: 5\n",
-        "",
-        "false",
-    ));
-    let out = root.ok(&["reload"]);
-    assert!(out.contains("job templates changed"), "{out}");
-    assert_eq!(pids(&root.status()), before, "{out}");
+    // The policy, then a job template: no daemon restarts.
+    for (train, says) in [
+        ("true", "applied in place"),
+        ("false", "job templates changed"),
+    ] {
+        root.write_config(&base(policy, "", train));
+        let out = root.ok(&["reload"]);
+        assert!(out.contains(says), "{out}");
+        assert_eq!(pids(&root.status()), before, "{out}");
+    }
     // The environment changes the process: that one restarts.
-    root.write_config(&base(
-        "    restart: on_failure\n    grace_period: 3\n    max_restarts: 9\n    backoff_max: 5\n",
-        "    env:\n      X: \"changed\"\n",
-        "false",
-    ));
+    root.write_config(&base(policy, "    env:\n      X: \"changed\"\n", "false"));
     let out = root.ok(&["reload"]);
     assert!(out.contains("changed env: restarting"), "{out}");
     assert!(
         wait_until(T, || root.pid("p").is_some_and(|p| p != before["p"])
-            && root.state("p") == "RUNNING"),
+            && root.state("p") == DaemonState::Running),
         "{}",
         root.master_log()
     );
@@ -383,5 +357,5 @@ fn a_reload_of_the_ready_condition_says_it_applies_from_the_next_start() {
         Some(pid),
         "no restart for a readiness change"
     );
-    assert_eq!(root.state("p"), "RUNNING");
+    assert_eq!(root.state("p"), DaemonState::Running);
 }

@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::common::*;
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -14,29 +13,6 @@ fn worker(name: &str, args: &[&str], extra: &str) -> String {
         "  {name}:\n    command: [\"{WORKER}\", \"fault\", {}]\n    protocol: true\n    heartbeat_interval: 0.2\n{extra}",
         args.join(", ")
     )
-}
-
-fn events_json(root: &Root, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["events", "--json"];
-    args.extend_from_slice(extra);
-    root.ok(&args)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Event ids a fault worker printed in its log (all its incarnations), in order.
-fn received_ids(root: &Root, name: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(root.log_path(name)).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("type=NEW_GAMES_AVAILABLE"))
-        .filter_map(|l| {
-            l.split(" id=")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .map(str::to_string)
-        })
-        .collect()
 }
 
 #[test]
@@ -71,7 +47,7 @@ fn an_event_reaches_every_subscriber_and_a_restarted_one_misses_nothing() {
         log.contains("sub_a: subscribed to") && log.contains("sub_b: subscribed to")
     }));
     root.ok(&["start", "publisher"]);
-    let published = |root: &Root| events_json(root, &["--type", "NEW_GAMES_AVAILABLE"]);
+    let published = |root: &Root| root.events_of("NEW_GAMES_AVAILABLE");
     assert!(wait_until(T, || published(&root).len() >= 8));
     let victim = root.pid("sub_b").unwrap();
     signal(victim, SIGKILL);
@@ -82,17 +58,14 @@ fn an_event_reaches_every_subscriber_and_a_restarted_one_misses_nothing() {
     assert!(wait_until(T, || root
         .pid("sub_b")
         .is_some_and(|p| p != victim)
-        && root.state("sub_b") == "RUNNING"));
+        && root.state("sub_b") == DaemonState::Running));
 
-    let all: Vec<Value> = published(&root);
-    let expected: BTreeSet<String> = all
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().to_string())
-        .collect();
+    let all = published(&root);
+    let expected: BTreeSet<String> = all.iter().map(|e| e.id.clone()).collect();
     assert_eq!(expected.len(), N);
     for e in &all {
-        assert_eq!(e["source"], "publisher");
-        assert_eq!(e["payload"]["config_key"], "hex8_2p");
+        assert_eq!(e.source, "publisher");
+        assert_eq!(e.payload["config_key"], "hex8_2p");
     }
     for name in ["sub_a", "sub_b"] {
         let mut got = Vec::new();
@@ -114,13 +87,16 @@ fn an_event_reaches_every_subscriber_and_a_restarted_one_misses_nothing() {
     }
     // Nothing is left unacked.
     assert!(
-        wait_until(T, || root.daemon("sub_b")["event_backlog"] == 0),
-        "{:#}",
+        wait_until(T, || root.daemon("sub_b").event_backlog == 0),
+        "{:#?}",
         root.daemon("sub_b")
     );
     assert_eq!(
-        root.daemon("sub_a")["subscriptions"][0],
-        "NEW_GAMES_AVAILABLE"
+        root.daemon("sub_a")
+            .subscriptions
+            .first()
+            .map(String::as_str),
+        Some("NEW_GAMES_AVAILABLE")
     );
 }
 
@@ -152,9 +128,9 @@ fn a_misnamed_payload_field_is_refused_with_its_name() {
         r#"{"config_key": "hex8_2p", "new_games": 5}"#,
     ]);
     assert!(ok.contains("NEW_GAMES_AVAILABLE accepted: seq"), "{ok}");
-    let listed = events_json(&root, &["--type", "NEW_GAMES_AVAILABLE"]);
+    let listed = root.events_of("NEW_GAMES_AVAILABLE");
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0]["source"], "cli");
+    assert_eq!(listed[0].source, "cli");
 }
 
 #[test]
@@ -186,7 +162,7 @@ fn only_the_owner_of_a_step_may_announce_it_and_the_origin_cannot_be_claimed() {
             err.contains(&format!("cli may not emit {event_type}")) && err.contains(owner),
             "{err}"
         );
-        assert!(events_json(&root, &["--type", event_type]).is_empty());
+        assert!(root.events_of(event_type).is_empty());
     }
     // A frame that claims another source is stamped with where it really came from.
     let mut conn =
@@ -199,10 +175,10 @@ fn only_the_owner_of_a_step_may_announce_it_and_the_origin_cannot_be_claimed() {
     .unwrap();
     let mut seen = Vec::new();
     assert!(wait_until(T, || {
-        seen = events_json(&root, &["--type", "NEW_GAMES_AVAILABLE"]);
+        seen = root.events_of("NEW_GAMES_AVAILABLE");
         !seen.is_empty()
     }));
-    assert_eq!(seen[0]["source"], "cli");
+    assert_eq!(seen[0].source, "cli");
 }
 
 #[test]
@@ -217,14 +193,14 @@ fn the_supervisor_announces_daemons_and_the_log_survives_a_restart() {
     ));
     root.ok(&["start", "auto_sync"]);
     let _ = root.run(&["start", "crashy"]);
-    assert!(wait_until(T, || root.state("crashy") == "FAILED"));
+    root.wait_state("crashy", DaemonState::Failed, T);
     let types = |root: &Root| -> Vec<(String, String)> {
-        events_json(root, &[])
+        root.events(&[])
             .iter()
             .map(|e| {
                 (
-                    e["type"].as_str().unwrap().to_string(),
-                    e["payload"]["daemon"].as_str().unwrap_or("").to_string(),
+                    e.event_type.clone(),
+                    e.payload["daemon"].as_str().unwrap_or("").to_string(),
                 )
             })
             .collect()
@@ -242,49 +218,33 @@ fn the_supervisor_announces_daemons_and_the_log_survives_a_restart() {
         seen.contains(&("DAEMON_FAILED".into(), "crashy".into())),
         "{seen:?}"
     );
-    let last = events_json(&root, &[]).last().unwrap()["seq"]
-        .as_u64()
-        .unwrap();
+    let last = root.events(&[]).last().unwrap().seq;
 
     root.ok(&["shutdown"]);
     root.ok(&["start", "auto_sync"]);
-    let after = events_json(&root, &[]);
+    let after = root.events(&[]);
     assert!(
-        after.iter().any(|e| e["seq"].as_u64() == Some(last)),
+        after.iter().any(|e| e.seq == last),
         "old events are still there"
     );
     assert!(
-        after.last().unwrap()["seq"].as_u64().unwrap() > last,
+        after.last().unwrap().seq > last,
         "sequence numbers continue"
     );
     // --since and -n narrow the listing.
     assert!(
-        events_json(&root, &["--since", &last.to_string()])
+        root.events(&["--since", &last.to_string()])
             .iter()
-            .all(|e| e["seq"].as_u64().unwrap() > last)
+            .all(|e| e.seq > last)
     );
-    assert_eq!(events_json(&root, &["-n", "2"]).len(), 2);
+    assert_eq!(root.events(&["-n", "2"]).len(), 2);
 }
 
 #[test]
 fn events_follow_prints_new_events_as_they_come() {
-    use std::io::{BufRead, BufReader};
     let root = Root::new();
     root.ok(&["start", "auto_sync"]);
-    let mut child = root
-        .cmd(&["events", "-f", "--type", "NEW_GAMES_AVAILABLE"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follower = root.follow(&["events", "-f", "--type", "NEW_GAMES_AVAILABLE"]);
     // Emit until the follower shows it (it may connect after the first emit).
     let mut got = None;
     let found = wait_until(T, || {
@@ -293,11 +253,10 @@ fn events_follow_prints_new_events_as_they_come() {
             "NEW_GAMES_AVAILABLE",
             r#"{"config_key": "hex8_2p", "new_games": 75}"#,
         ]);
-        got = rx.recv_timeout(Duration::from_millis(200)).ok();
+        got = follower.lines.recv_timeout(Duration::from_millis(200)).ok();
         got.is_some()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(follower);
     assert!(found);
     let line = got.unwrap();
     assert!(
@@ -330,15 +289,8 @@ fn watch_shows_daemons_and_latest_events_and_quits_on_q() {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(b"q").unwrap();
-    let mut status = None;
-    assert!(
-        wait_until(T, || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        }),
-        "watch quits on q"
-    );
-    assert!(status.unwrap().success());
+    let status = wait_exit(&mut child, T).expect("watch quits on q");
+    assert!(status.success());
 }
 
 #[test]
@@ -353,22 +305,15 @@ fn node_health_reports_a_degraded_node_and_publishes_the_change() {
     ));
     let _ = root.run(&["start", "broken"]);
     root.ok(&["start", "unified_node_health"]);
-    let mut d = serde_json::Value::Null;
-    assert!(
-        wait_until(T, || {
-            d = root.daemon("unified_node_health");
-            d["health"]["status"] == "degraded"
-        }),
-        "{d:#}"
-    );
-    let message = d["health"]["message"].as_str().unwrap();
+    let health = root.wait_health("unified_node_health", T, |h| h.status == "degraded");
+    let message = &health.message;
     assert!(message.contains("GB free on the root's disk"), "{message}");
     assert!(message.contains("broken FAILED"), "{message}");
-    let changes = events_json(&root, &["--type", "NODE_HEALTH_CHANGED"]);
-    assert_eq!(changes[0]["payload"]["healthy"], false, "{changes:?}");
+    let changes = root.events_of("NODE_HEALTH_CHANGED");
+    assert_eq!(changes[0].payload["healthy"], false, "{changes:?}");
     assert_eq!(
         root.state("unified_node_health"),
-        "RUNNING",
+        DaemonState::Running,
         "a degraded node is reported, not a crashed daemon"
     );
 }
@@ -385,14 +330,15 @@ fn a_restart_without_delay_is_announced_as_a_stop_and_a_start() {
     assert!(wait_until(T, || root
         .pid("quick")
         .is_some_and(|p| p != pid)
-        && root.state("quick") == "RUNNING"));
+        && root.state("quick") == DaemonState::Running));
     let mut seen = Vec::new();
     assert!(
         wait_until(T, || {
-            seen = events_json(&root, &[])
-                .iter()
-                .filter(|e| e["payload"]["daemon"] == "quick")
-                .map(|e| e["type"].as_str().unwrap().to_string())
+            seen = root
+                .events(&[])
+                .into_iter()
+                .filter(|e| e.payload["daemon"] == "quick")
+                .map(|e| e.event_type)
                 .collect();
             seen == ["DAEMON_STARTED", "DAEMON_STOPPED", "DAEMON_STARTED"]
         }),
@@ -478,8 +424,8 @@ fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
         "NEW_GAMES_AVAILABLE",
         r#"{"config_key": "hex8_2p", "new_games": 1}"#,
     ]);
-    let before = events_json(&root, &[]);
-    let last = before.last().unwrap()["seq"].as_u64().unwrap();
+    let before = root.events(&[]);
+    let last = before.last().unwrap().seq;
     root.ok(&["shutdown"]);
     {
         use std::io::Write;
@@ -496,10 +442,9 @@ fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
             && text.contains("events.log.damaged-"),
         "{text}"
     );
-    let quarantined = root.status()["events"]["quarantined"].clone();
-    let q = quarantined[0].as_str().unwrap();
-    assert_eq!(std::fs::read(q).unwrap(), b"\xff\n");
-    assert!(root.master_log().contains("1 damaged line(s)"));
+    let quarantined = root.status().events.quarantined;
+    assert_eq!(std::fs::read(&quarantined[0]).unwrap(), b"\xff\n");
+    root.assert_logged("1 damaged line(s)");
     let out = root.ok(&[
         "emit",
         "NEW_GAMES_AVAILABLE",
@@ -513,11 +458,11 @@ fn a_damaged_event_log_is_moved_aside_and_the_supervisor_starts() {
         .parse()
         .unwrap();
     assert!(seq > last, "{seq} > {last}");
-    let after = events_json(&root, &[]);
+    let after = root.events(&[]);
     for e in &before {
-        assert!(after.contains(e), "old event kept: {e}");
+        assert!(after.contains(e), "old event kept: {e:?}");
     }
-    assert!(after.iter().any(|e| e["seq"] == seq));
+    assert!(after.iter().any(|e| e.seq == seq));
 }
 
 #[test]
@@ -551,7 +496,7 @@ fn supervisor_memory_stays_flat_under_event_churn() {
         after < warm + 4096,
         "RSS grew from {warm} KiB to {after} KiB over 20,000 events of 1 KB"
     );
-    assert!(root.status()["events"]["last_seq"].as_u64().unwrap() >= 25_000);
+    assert!(root.status().events.last_seq >= 25_000);
 }
 
 #[test]
@@ -582,10 +527,7 @@ fn events_answers_in_pages_and_the_cli_pages_through() {
     let seqs = |extra: &[&str]| -> Vec<u64> {
         let mut args = vec!["--type", "NEW_GAMES_AVAILABLE"];
         args.extend_from_slice(extra);
-        events_json(&root, &args)
-            .iter()
-            .map(|e| e["seq"].as_u64().unwrap())
-            .collect()
+        root.events(&args).iter().map(|e| e.seq).collect()
     };
     let all = seqs(&[]);
     assert_eq!(all.len(), 2500);
@@ -595,44 +537,22 @@ fn events_answers_in_pages_and_the_cli_pages_through() {
     assert_eq!(seqs(&["--since", &since]), all[201..]);
 
     // Following pages through the history first, then prints new events.
-    use std::io::{BufRead, BufReader};
-    let mut child = root
-        .cmd(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let follower = root.follow(&["events", "-f", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
     let mut followed = Vec::new();
     let history = wait_until(T, || {
-        followed.extend(rx.try_iter());
+        followed.extend(follower.lines.try_iter());
         followed.len() >= 2500
     });
     // Emit until the follower shows a new one (it may still be registering).
     let new = history
         && wait_until(T, || {
             conn.flood(1, 10);
-            followed.extend(rx.recv_timeout(Duration::from_millis(200)));
+            followed.extend(follower.lines.recv_timeout(Duration::from_millis(200)));
             followed.len() > 2500
         });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(follower);
     assert!(history && new, "followed {} lines", followed.len());
-    let seen: Vec<u64> = followed
-        .iter()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let seen: Vec<u64> = followed.iter().map(|l| parse_event(l).seq).collect();
     assert_eq!(seen[..2500], all[..]);
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order, no repeats");
 }

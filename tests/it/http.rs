@@ -26,11 +26,19 @@ fn root_with(daemons: &str) -> Root {
     Root::with_config(&format!("http:\n  addr: 127.0.0.1:0\ndaemons:\n{daemons}"))
 }
 
+/// A root whose supervisor runs [`IDLE_DAEMON`], and the address its HTTP server listens on.
+fn idle_root() -> (Root, String) {
+    let root = root_with(IDLE_DAEMON);
+    root.ok(&["start", "idle"]);
+    let a = addr(&root);
+    (root, a)
+}
+
 fn addr(root: &Root) -> String {
-    root.status()["supervisor"]["http"]
-        .as_str()
+    root.status()
+        .supervisor
+        .http
         .expect("http address in status")
-        .to_string()
 }
 
 /// One request on a fresh connection: (status code, content type, body).
@@ -99,6 +107,15 @@ fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// Insists that `body` is a JSON error (`{"error": ...}`) whose message contains `needle`.
+fn assert_error(body: &str, needle: &str) {
+    let message = json(body)["error"].as_str().map(str::to_string);
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains(needle)),
+        "no error containing {needle:?} in {body}"
+    );
+}
+
 fn token(root: &Root) -> String {
     std::fs::read_to_string(root.path().join("run/http.token"))
         .expect("run/http.token")
@@ -111,7 +128,7 @@ fn bearer(token: &str) -> String {
 }
 
 /// `status` answers, and fast enough to tell it is not stuck behind the HTTP side.
-fn assert_status_is_fast(root: &Root) -> Value {
+fn assert_status_is_fast(root: &Root) -> StatusReport {
     let t0 = Instant::now();
     let s = root.status();
     assert!(
@@ -148,14 +165,14 @@ fn routes_return_the_documented_shapes() {
 
     let (code, ctype, body) = request(&a, "GET", "/daemon/status", "");
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
-    let status = json(&body);
+    let status = parse_status(&body);
     let cli = root.status();
     assert_eq!(
-        status["daemons"].as_array().unwrap().len(),
-        cli["daemons"].as_array().unwrap().len(),
+        status.daemons.len(),
+        cli.daemons.len(),
         "same report as status --json"
     );
-    assert_eq!(status["supervisor"]["pid"], cli["supervisor"]["pid"]);
+    assert_eq!(status.supervisor.pid, cli.supervisor.pid);
 
     let (code, _, body) = request(&a, "GET", "/daemon/auto_sync/health", "");
     assert_eq!(code, 200, "{body}");
@@ -173,13 +190,7 @@ fn routes_return_the_documented_shapes() {
 
     let (code, ctype, body) = request(&a, "GET", "/daemon/auto_synk/health", "");
     assert_eq!((code, ctype.as_str()), (404, "application/json"));
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("did you mean auto_sync"),
-        "{body}"
-    );
+    assert_error(&body, "did you mean auto_sync");
 
     let (code, ctype, body) = request(&a, "GET", "/metrics", "");
     assert_eq!(code, 200);
@@ -208,7 +219,7 @@ fn routes_return_the_documented_shapes() {
 
     let (code, _, body) = request(&a, "GET", "/nowhere", "");
     assert_eq!(code, 404);
-    assert!(json(&body)["error"].as_str().unwrap().contains("routes:"));
+    assert_error(&body, "routes:");
     assert_eq!(request(&a, "DELETE", "/metrics", "").0, 405);
 }
 
@@ -223,13 +234,7 @@ fn post_event_is_validated_like_emit() {
         r#"{"type": "NEW_GAMES_AVAILABLE", "payload": {"config": "hex8_2p", "new_games": 1}}"#,
     );
     assert_eq!(code, 400);
-    assert!(
-        json(&body)["error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field 'config' (did you mean 'config_key'?)"),
-        "{body}"
-    );
+    assert_error(&body, "unknown field 'config' (did you mean 'config_key'?)");
     let (code, _, body) = post("not json");
     assert_eq!(code, 400, "{body}");
     let (code, _, body) = post(
@@ -237,10 +242,9 @@ fn post_event_is_validated_like_emit() {
     );
     assert_eq!(code, 200, "{body}");
     let seq = json(&body)["seq"].as_u64().unwrap();
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
-    assert_eq!(ev["seq"].as_u64(), Some(seq));
-    assert_eq!(ev["source"], "http");
+    let ev = &root.events_of("NEW_GAMES_AVAILABLE")[0];
+    assert_eq!(ev.seq, seq);
+    assert_eq!(ev.source, "http");
     let (code, _, body) = request(&a, "GET", &format!("/events?since={}", seq - 1), "");
     assert_eq!(code, 200);
     assert_eq!(json(&body)["events"][0]["seq"].as_u64(), Some(seq));
@@ -289,31 +293,31 @@ fn ten_thousand_requests_do_not_delay_restarts_or_heartbeats() {
     signal(victim, SIGKILL);
     let mut worst = 0.0f64;
     let mut back_during_load = false;
-    loop {
-        let s = root.daemon("steady");
-        worst = worst.max(s["heartbeat_age_secs"].as_f64().unwrap_or(0.0));
-        let v = root.daemon("victim");
-        if v["state"] == "RUNNING"
-            && v["pid"].as_u64().is_some_and(|p| p as u32 != victim)
+    // Watch both daemons until the load is done (10,000 requests finish well within 10 minutes).
+    let finished = wait_until(Duration::from_secs(600), || {
+        let status = root.status();
+        let s = daemon(&status, "steady");
+        worst = worst.max(s.heartbeat_age_secs.unwrap_or(0.0));
+        let v = daemon(&status, "victim");
+        if v.state == DaemonState::Running
+            && v.pid.is_some_and(|p| p != victim)
             && done_rx.try_recv().is_err()
         {
             back_during_load = true;
         }
-        if load.is_finished() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20)); // poll interval while the load runs
-    }
+        load.is_finished()
+    });
+    assert!(finished, "the load did not finish");
     load.join().unwrap();
     assert!(
-        root.wait_state("victim", "RUNNING", T)["pid"]
-            .as_u64()
-            .unwrap() as u32
+        root.wait_state("victim", DaemonState::Running, T)
+            .pid
+            .unwrap()
             != victim
     );
     let s = root.daemon("steady");
-    assert_eq!(s["restarts"], 0, "steady's 1 s watchdog never fired");
-    assert_eq!(s["pid"].as_u64(), Some(steady as u64));
+    assert_eq!(s.restarts, 0, "steady's 1 s watchdog never fired");
+    assert_eq!(s.pid, Some(steady));
     assert!(worst < 1.0, "heartbeat age reached {worst}s under load");
     assert!(
         back_during_load,
@@ -326,9 +330,7 @@ const EVENT: &str =
 
 #[test]
 fn writes_need_the_bearer_token_from_run() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let file = root.path().join("run/http.token");
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&file), 0o600, "run/http.token is the user's alone");
@@ -347,12 +349,7 @@ fn writes_need_the_bearer_token_from_run() {
         header(&head, "www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
         "{head}"
     );
-    assert!(
-        json(&String::from_utf8_lossy(&body))["error"]
-            .as_str()
-            .unwrap()
-            .contains("run/http.token")
-    );
+    assert_error(&String::from_utf8_lossy(&body), "run/http.token");
     assert!(
         wait_until(T, || root
             .master_log()
@@ -374,8 +371,8 @@ fn writes_need_the_bearer_token_from_run() {
     assert_eq!(code, 401);
     let basic = format!("Authorization: Basic {first}\r\n");
     assert_eq!(request_with(&a, "POST", "/event", &basic, EVENT).0, 401);
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    assert!(listed.trim().is_empty(), "no forged event got in: {listed}");
+    let listed = root.events_of("NEW_GAMES_AVAILABLE");
+    assert!(listed.is_empty(), "no forged event got in: {listed:?}");
 
     // The token from run/: accepted, and the event is there.
     let (code, _, body) = request_with(&a, "POST", "/event", &bearer(&first), EVENT);
@@ -391,12 +388,8 @@ fn writes_need_the_bearer_token_from_run() {
         assert_eq!(code, 403, "{forged}: {body}");
         assert!(body.contains("http may not emit"), "{body}");
     }
-    let listed = root.ok(&["events", "--json", "--type", "NEW_GAMES_AVAILABLE"]);
-    let ev: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
-    assert_eq!(
-        (ev["seq"].as_u64(), ev["source"].as_str()),
-        (Some(seq), Some("http"))
-    );
+    let ev = &root.events_of("NEW_GAMES_AVAILABLE")[0];
+    assert_eq!((ev.seq, ev.source.as_str()), (seq, "http"));
 
     // Rotation is deleting the file: the next write request finds it gone, writes a new token and
     // is refused (it carries the old one); from then on only the new token works.
@@ -426,41 +419,18 @@ fn writes_need_the_bearer_token_from_run() {
             stdout(&cat)
         );
         assert!(stdout(&cat).is_empty());
-        let curl = as_nobody(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "POST",
-                "-H",
-                "Content-Type: application/json",
-                "--data",
-                EVENT,
-                &format!("http://{a}/event"),
-            ],
-        );
-        assert_eq!(stdout(&curl), "401", "{}", stderr(&curl));
-        let curl = as_nobody(
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{a}/health"),
-            ],
-        );
-        assert_eq!(
-            stdout(&curl),
-            "200",
-            "reading stays open: {}",
-            stderr(&curl)
-        );
+        // curl as nobody, printing the status code only.
+        let curl = |args: &[&str]| {
+            let mut all = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}"];
+            all.extend_from_slice(args);
+            as_nobody("curl", &all)
+        };
+        let url = format!("http://{a}/event");
+        let json = "Content-Type: application/json";
+        let out = curl(&["-X", "POST", "-H", json, "--data", EVENT, &url]);
+        assert_eq!(stdout(&out), "401", "{}", stderr(&out));
+        let out = curl(&[&format!("http://{a}/health")]);
+        assert_eq!(stdout(&out), "200", "reading stays open: {}", stderr(&out));
     } else {
         eprintln!("not root: the run-as-nobody part is skipped");
     }
@@ -468,9 +438,7 @@ fn writes_need_the_bearer_token_from_run() {
 
 #[test]
 fn head_everywhere_get_is_absolute_form_and_half_close() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (_root, a) = idle_root();
     for path in [
         "/health",
         "/ready",
@@ -546,9 +514,7 @@ fn rss_baseline(root: &Root, a: &str, pid: u32) -> u64 {
 
 #[test]
 fn a_request_line_without_newline_is_cut_off() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let pid = root.supervisor_pid().unwrap();
     let idle = root.pid("idle").unwrap();
     let baseline = rss_baseline(&root, &a, pid);
@@ -588,10 +554,7 @@ fn a_request_line_without_newline_is_cut_off() {
     assert_status_is_fast(&root);
     assert_rss_near(pid, baseline, "after 4 endless request lines");
     let d = root.daemon("idle");
-    assert_eq!(
-        (d["state"].as_str(), d["pid"].as_u64()),
-        (Some("RUNNING"), Some(idle as u64))
-    );
+    assert_eq!((d.state, d.pid), (DaemonState::Running, Some(idle)));
     assert_eq!(request(&a, "GET", "/health", "").0, 200, "still serving");
 }
 
@@ -610,24 +573,12 @@ fn a_thousand_idle_connections_do_not_starve_supervision() {
         .expect("prlimit (util-linux)");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let pid = root.supervisor_pid().unwrap();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let nofile = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    assert_eq!(nofile.split_whitespace().nth(3), Some("1024"), "{nofile}");
+    let nofile = procfs::limit(pid, "Max open files").unwrap();
+    assert_eq!(nofile.soft, Some(1024), "{nofile:?}");
     let a = addr(&root);
     // This test process needs its own 1000 descriptors: raise its soft limit if it is low.
-    let own = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let (soft, hard): (u64, u64) = own
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| {
-            let mut f = l.split_whitespace().skip(3);
-            let mut num = || f.next()?.parse().ok().or(Some(u64::MAX));
-            Some((num()?, num()?))
-        })
-        .unwrap();
+    let own = procfs::limit(std::process::id(), "Max open files").unwrap();
+    let (soft, hard) = (own.soft.unwrap_or(u64::MAX), own.hard.unwrap_or(u64::MAX));
     if soft < 2048 {
         let want = hard.min(4096);
         assert!(
@@ -695,7 +646,7 @@ fn a_thousand_idle_connections_do_not_starve_supervision() {
     assert!(
         wait_until(T, || {
             let d = root.daemon("idle");
-            d["state"] == "RUNNING" && d["pid"].as_u64().is_some_and(|p| p as u32 != idle)
+            d.state == DaemonState::Running && d.pid.is_some_and(|p| p != idle)
         }),
         "idle was not respawned:\n{}",
         root.master_log()
@@ -733,9 +684,7 @@ fn post(a: &str, auth: &str, len: usize, body: &[u8], send_body: bool) -> Option
 
 #[test]
 fn a_flood_of_large_posts_is_bounded() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     let pid = root.supervisor_pid().unwrap();
     let auth = bearer(&token(&root));
     // ~1 MB of JSON that never closes (the issue's flood: 1 MB bodies): refused by its size before
@@ -810,14 +759,12 @@ fn a_flood_of_large_posts_is_bounded() {
     if let Ok((code, _, _)) = parse_response(&answer) {
         assert_eq!(code, 413);
     }
-    assert_eq!(root.state("idle"), "RUNNING");
+    assert_eq!(root.state("idle"), DaemonState::Running);
 }
 
 #[test]
 fn polling_events_with_since_pages_forward_without_gaps() {
-    let root = root_with(IDLE_DAEMON);
-    root.ok(&["start", "idle"]);
-    let a = addr(&root);
+    let (root, a) = idle_root();
     for i in 0..25 {
         root.ok(&[
             "emit",
@@ -825,7 +772,7 @@ fn polling_events_with_since_pages_forward_without_gaps() {
             &format!(r#"{{"config_key":"hex8_2p","new_games":{i}}}"#),
         ]);
     }
-    let last = root.status()["events"]["last_seq"].as_u64().unwrap();
+    let last = root.status().events.last_seq;
     // Pages of 10 from the start: every event exactly once, oldest first.
     let mut since = 0;
     let mut seen: Vec<u64> = Vec::new();

@@ -47,35 +47,33 @@ fn a_job_runs_in_its_own_group_logs_its_output_and_its_exit_reaches_the_daemon()
         "",
     ));
     root.ok(&["start", "jobber"]);
-    let mut status = serde_json::Value::Null;
+    let mut status = None;
     assert!(wait_until(T, || {
-        status = root.status();
-        !status["jobs"].as_array().unwrap().is_empty()
+        let s = root.status();
+        let running = !s.jobs.is_empty();
+        status = Some(s);
+        running
     }));
-    let job = &status["jobs"][0];
+    let status = status.unwrap();
+    let job = &status.jobs[0];
     let table = root.ok(&["status"]);
     assert!(
-        table.contains(&format!("job {}", job["id"].as_str().unwrap())),
+        table.contains(&format!("job {}", job.id)),
         "the table lists running jobs:\n{table}"
     );
-    assert_eq!(job["daemon"], "jobber");
-    let pid = job["pid"].as_u64().unwrap() as u32;
+    assert_eq!(job.daemon, "jobber");
     assert_eq!(
-        ppid(pid),
-        status["supervisor"]["pid"].as_u64().map(|p| p as u32),
+        ppid(job.pid),
+        Some(status.supervisor.pid),
         "the supervisor owns the job"
     );
-    let id = job["id"].as_str().unwrap().to_string();
-    let daemon_log = root.log_path("jobber");
-    assert!(wait_until(T, || std::fs::read_to_string(&daemon_log)
-        .unwrap_or_default()
-        .contains(&format!("job {id} ended"))));
-    let text = std::fs::read_to_string(&daemon_log).unwrap();
+    let id = &job.id;
+    let text = root.wait_log("jobber", &format!("job {id} ended"), T);
     assert!(text.contains("exit 3; timed out: false"), "{text}");
     let job_log = std::fs::read_to_string(root.path().join(format!("logs/jobs/{id}.log"))).unwrap();
     assert!(job_log.contains("[out] hello from the job"), "{job_log}");
     assert!(
-        root.status()["jobs"].as_array().unwrap().is_empty(),
+        root.status().jobs.is_empty(),
         "finished jobs leave the list"
     );
 }
@@ -84,15 +82,8 @@ fn a_job_runs_in_its_own_group_logs_its_output_and_its_exit_reaches_the_daemon()
 fn a_job_past_its_maximum_runtime_is_stopped() {
     let root = Root::with_config(&jobber("sleep 100", "0.3", ""));
     root.ok(&["start", "jobber"]);
-    let log = root.log_path("jobber");
-    assert!(
-        wait_until(T, || std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("timed out: true")),
-        "{}",
-        root.master_log()
-    );
-    assert!(root.master_log().contains("over its max runtime"));
+    root.wait_log("jobber", "timed out: true", T);
+    root.assert_logged("over its max runtime");
 }
 
 #[test]
@@ -130,7 +121,7 @@ fn reap_lists_then_kills_an_overdue_job_and_a_planted_orphan_but_nothing_outside
         !dry.contains(&outsider_pid.to_string()) && !dry.contains(&format!("pid {lookalike_pid}")),
         "{dry}"
     );
-    let job_pid = root.status()["jobs"][0]["pid"].as_u64().unwrap() as u32;
+    let job_pid = root.status().jobs[0].pid;
     assert!(
         alive(orphan_pid) && alive(job_pid),
         "a dry run kills nothing"
@@ -146,16 +137,11 @@ fn reap_lists_then_kills_an_overdue_job_and_a_planted_orphan_but_nothing_outside
     );
     assert_eq!(
         root.state("jobber"),
-        "RUNNING",
+        DaemonState::Running,
         "the daemon itself is left alone"
     );
-    let log = root.log_path("jobber");
-    assert!(
-        wait_until(T, || std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("ended")),
-        "the daemon hears its job ended"
-    );
+    // The daemon hears its job ended.
+    root.wait_log("jobber", "ended", T);
 }
 
 #[test]
@@ -170,39 +156,28 @@ fn the_job_reaper_daemon_kills_orphans_every_cycle() {
         ("RINGRIFT_SUPERVISOR_PID", "999999"),
     ]);
     let pid = orphan.0.id();
-    assert!(wait_until(T, || std::fs::read_to_string(
-        root.log_path("job_reaper")
-    )
-    .unwrap_or_default()
-    .contains(&format!("killed pid {pid}"))));
+    root.wait_log("job_reaper", &format!("killed pid {pid}"), T);
     assert!(wait_until(T, || !alive(pid)));
-    let mut d = serde_json::Value::Null;
-    assert!(
-        wait_until(T, || {
-            d = root.daemon("job_reaper");
-            d["progress"]["killed"].as_u64().unwrap_or(0) >= 1
-        }),
-        "{d:#}"
-    );
-    assert!(
-        d["health"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("last pass"),
-        "{d:#}"
-    );
+    let d = root.wait_daemon("job_reaper", T, |d| {
+        d.progress.get("killed").copied().unwrap_or(0) >= 1
+    });
+    assert!(d.health.message.starts_with("last pass"), "{d:#?}");
     // Each kill is published.
-    let mut events = String::new();
+    let mut events = Vec::new();
     assert!(
         wait_until(T, || {
-            events = root.ok(&["events", "--json", "--type", "JOB_REAPED"]);
-            events.contains(&format!("\"pid\":{pid}"))
+            events = root.events_of("JOB_REAPED");
+            events.iter().any(|e| e.payload["pid"] == pid)
         }),
-        "{events}"
+        "{events:#?}"
     );
+    let reaped = events.iter().find(|e| e.payload["pid"] == pid).unwrap();
     assert!(
-        events.contains("orphan of an earlier supervisor"),
-        "{events}"
+        reaped
+            .payload
+            .to_string()
+            .contains("orphan of an earlier supervisor"),
+        "{reaped:?}"
     );
 }
 
@@ -219,28 +194,20 @@ fn a_second_ctrl_c_kills_every_group_at_once() {
         .unwrap();
     assert!(
         wait_until(T, || root.run(&["status", "--json"]).status.success()
-            && root.state("stubborn") == "RUNNING"),
+            && root.state("stubborn") == DaemonState::Running),
         "{}",
         root.master_log()
     );
     let pid = root.pid("stubborn").unwrap();
     signal(child.id(), SIGINT);
-    root.wait_state("stubborn", "SHUTTING_DOWN", T);
+    root.wait_state("stubborn", DaemonState::ShuttingDown, T);
     signal(child.id(), SIGINT);
-    let mut exited = None;
     assert!(
-        wait_until(T, || {
-            exited = child.try_wait().unwrap();
-            exited.is_some()
-        }),
+        wait_exit(&mut child, T).is_some(),
         "the supervisor exits without waiting out the 600 s grace period"
     );
     assert!(wait_until(T, || !alive(pid)), "the stubborn daemon is gone");
-    assert!(
-        root.master_log().contains("second SIGINT"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("second SIGINT");
 }
 
 #[test]
@@ -255,19 +222,11 @@ fn an_idle_node_runs_its_shutdown_command_once() {
     root.ok(&["start", "unified_idle_shutdown"]);
     assert!(wait_until(T, || std::fs::read_to_string(&marker_path)
         .is_ok_and(|t| t.contains("shut"))));
-    let mut d = serde_json::Value::Null;
-    assert!(
-        wait_until(T, || {
-            d = root.daemon("unified_idle_shutdown");
-            d["health"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("shutdown command ran")
-        }),
-        "{d:#}"
-    );
+    let d = root.wait_daemon("unified_idle_shutdown", T, |d| {
+        d.health.message.starts_with("shutdown command ran")
+    });
     // Once only, however many cycles follow.
-    let cycles = |d: &serde_json::Value| d["progress"]["cycles"].as_u64().unwrap_or(0);
+    let cycles = |d: &DaemonStatus| d.progress.get("cycles").copied().unwrap_or(0);
     let fired_at = cycles(&d);
     assert!(wait_until(T, || cycles(
         &root.daemon("unified_idle_shutdown")

@@ -9,6 +9,7 @@ mod config;
 mod containment;
 mod control;
 mod events;
+mod fixtures;
 mod http;
 mod jobs;
 mod pipeline;

@@ -21,67 +21,47 @@ fn small_config() -> String {
     default
 }
 
-fn small_env(cmd: &mut std::process::Command) {
-    for (k, v) in [
-        ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
-        ("RINGRIFT_DAEMON_INTERVAL", "1"),
-        ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
-        ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__TARGET_DEPTH", "4"),
-        ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__GAMES_PER_ITEM", "100"),
-        ("RINGRIFT_DAEMONS__AUTO_EXPORT__THRESHOLD_GAMES", "300"),
-        ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "5"),
-        ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "1000"),
-        ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
-        ("RINGRIFT_DAEMONS__EVALUATION__GAMES", "100"),
-        ("RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_GAMES", "50"),
-        ("RINGRIFT_DAEMONS__IDLE_RESOURCE__ENABLED", "false"),
-    ] {
-        cmd.env(k, v);
-    }
-}
+/// Small numbers for the loop, as environment overrides.
+const SMALL_ENV: &[(&str, &str)] = &[
+    ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
+    ("RINGRIFT_DAEMON_INTERVAL", "1"),
+    ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
+    ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__TARGET_DEPTH", "4"),
+    ("RINGRIFT_DAEMONS__QUEUE_POPULATOR__GAMES_PER_ITEM", "100"),
+    ("RINGRIFT_DAEMONS__AUTO_EXPORT__THRESHOLD_GAMES", "300"),
+    ("RINGRIFT_DAEMONS__AUTO_EXPORT__BATCH_TIMEOUT", "5"),
+    ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__MIN_SAMPLES", "1000"),
+    ("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "0"),
+    ("RINGRIFT_DAEMONS__EVALUATION__GAMES", "100"),
+    ("RINGRIFT_DAEMONS__AUTO_PROMOTION__MIN_GAMES", "50"),
+    ("RINGRIFT_DAEMONS__IDLE_RESOURCE__ENABLED", "false"),
+];
 
 fn start_all(root: &Root) {
-    let mut cmd = root.cmd(&["start", "--all"]);
-    small_env(&mut cmd);
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "start --all: {}{}\n{}",
-        stdout(&out),
-        stderr(&out),
-        root.master_log()
-    );
+    root.ok_with_env(&["start", "--all"], SMALL_ENV);
 }
 
-fn events(root: &Root) -> Vec<Value> {
-    root.ok(&["events", "--json"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+fn events(root: &Root) -> Vec<Event> {
+    root.events(&[])
 }
 
-fn first(evs: &[Value], t: &str) -> Option<u64> {
+fn first(evs: &[Event], t: &str) -> Option<u64> {
+    evs.iter().find(|e| e.event_type == t).map(|e| e.seq)
+}
+
+fn decided(evs: &[Event]) -> Option<&Event> {
     evs.iter()
-        .find(|e| e["type"] == t)
-        .and_then(|e| e["seq"].as_u64())
-}
-
-fn decided(evs: &[Value]) -> Option<&Value> {
-    evs.iter()
-        .find(|e| e["type"] == "MODEL_PROMOTED" || e["type"] == "PROMOTION_REJECTED")
+        .find(|e| e.event_type == "MODEL_PROMOTED" || e.event_type == "PROMOTION_REJECTED")
 }
 
 /// Waits for a promotion decision, then checks the loop's steps happened in order for that model.
-fn wait_for_loop(root: &Root) -> Vec<Value> {
+fn wait_for_loop(root: &Root) -> Vec<Event> {
     let mut evs = Vec::new();
     let done = wait_until(LOOP, || {
         evs = events(root);
         decided(&evs).is_some()
     });
-    let kinds: Vec<String> = evs
-        .iter()
-        .map(|e| e["type"].as_str().unwrap().to_string())
-        .collect();
+    let kinds: Vec<&str> = evs.iter().map(|e| e.event_type.as_str()).collect();
     assert!(
         done,
         "no promotion decision within {LOOP:?}; events: {kinds:?}\nstatus: {}",
@@ -102,23 +82,14 @@ fn wait_for_loop(root: &Root) -> Vec<Value> {
         evs.iter()
             .filter(|e| {
                 !matches!(
-                    e["type"].as_str(),
-                    Some(
-                        "SELFPLAY_COMPLETE"
-                            | "NEW_GAMES_AVAILABLE"
-                            | "DAEMON_STARTED"
-                            | "QUALITY_SCORE_UPDATED"
-                    )
+                    e.event_type.as_str(),
+                    "SELFPLAY_COMPLETE"
+                        | "NEW_GAMES_AVAILABLE"
+                        | "DAEMON_STARTED"
+                        | "QUALITY_SCORE_UPDATED"
                 )
             })
-            .map(|e| {
-                format!(
-                    "{} {} {}",
-                    e["seq"],
-                    e["type"].as_str().unwrap_or(""),
-                    e["payload"]
-                )
-            })
+            .map(|e| format!("{} {} {}", e.seq, e.event_type, e.payload))
             .collect()
     };
     assert!(
@@ -128,15 +99,15 @@ fn wait_for_loop(root: &Root) -> Vec<Value> {
     );
     let decision = decided(&evs).unwrap();
     assert!(
-        decision["seq"].as_u64().unwrap() > seqs[4],
+        decision.seq > seqs[4],
         "decided after the evaluation:\n{:#?}",
         story()
     );
-    if decision["type"] == "PROMOTION_REJECTED" {
+    if decision.event_type == "PROMOTION_REJECTED" {
         for key in ["gate", "value", "threshold"] {
             assert!(
-                decision["payload"].get(key).is_some(),
-                "a rejection names its {key}: {decision}"
+                decision.payload.get(key).is_some(),
+                "a rejection names its {key}: {decision:?}"
             );
         }
     }
@@ -206,7 +177,7 @@ fn start_all_runs_the_whole_loop_and_the_promoted_model_beats_random() {
         }),
         "no promotion: {:?}",
         evs.iter()
-            .filter(|e| e["type"] == "PROMOTION_REJECTED")
+            .filter(|e| e.event_type == "PROMOTION_REJECTED")
             .collect::<Vec<_>>()
     );
     let canonical = root.path().join("models/canonical_hex8_2p.bin");
@@ -274,7 +245,7 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
     wait_for_loop(&root);
     // Every daemon that was killed came back.
     for (_, victim) in plan {
-        root.wait_state(victim, "RUNNING", LOOP);
+        root.wait_state(victim, DaemonState::Running, LOOP);
     }
 }
 
@@ -286,12 +257,10 @@ fn killing_pipeline_daemons_mid_loop_delays_it_but_loses_no_step() {
 fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     const KEY: &str = "hex8_2p";
     let root = Root::with_config(&small_config());
-    let mut cmd = root.cmd(&["start", "--all"]);
-    small_env(&mut cmd);
     // One training run only, so the canonical model changes only if a forged event gets through.
-    cmd.env("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "3600");
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "start --all: {}", stderr(&out));
+    let mut env = SMALL_ENV.to_vec();
+    env.push(("RINGRIFT_DAEMONS__TRAINING_TRIGGER__COOLDOWN", "3600"));
+    root.ok_with_env(&["start", "--all"], &env);
     let mut evs = Vec::new();
     assert!(
         wait_until(LOOP, || {
@@ -299,7 +268,7 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
             first(&evs, "MODEL_PROMOTED").is_some()
         }),
         "no first promotion: {:?}",
-        evs.iter().map(|e| &e["type"]).collect::<Vec<_>>()
+        evs.iter().map(|e| &e.event_type).collect::<Vec<_>>()
     );
     let canonical = root.path().join(format!("models/canonical_{KEY}.bin"));
     let before = std::fs::read(&canonical).unwrap();
@@ -410,14 +379,14 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     root.write_config(&config);
     root.ok(&["reload"]);
 
-    let rejected = |evs: &[Value], path: &std::path::Path, gate: &str| -> Option<Value> {
+    let rejected = |evs: &[Event], path: &std::path::Path, gate: &str| -> Option<Value> {
         evs.iter()
             .find(|e| {
-                e["type"] == "PROMOTION_REJECTED"
-                    && e["payload"]["model_path"] == path.display().to_string().as_str()
-                    && e["payload"]["gate"] == gate
+                e.event_type == "PROMOTION_REJECTED"
+                    && e.payload["model_path"] == path.display().to_string().as_str()
+                    && e.payload["gate"] == gate
             })
-            .map(|e| e["payload"].clone())
+            .map(|e| e.payload.clone())
     };
     let done = wait_until(Duration::from_secs(60), || {
         evs = events(&root);
@@ -429,10 +398,10 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     let story: Vec<String> = evs
         .iter()
         .filter(|e| {
-            let t = e["type"].as_str().unwrap_or("");
+            let t = e.event_type.as_str();
             t.starts_with("PROMOTION") || t.starts_with("MODEL") || t.starts_with("EVALUATION")
         })
-        .map(|e| format!("{} {}", e["type"], e["payload"]))
+        .map(|e| format!("{:?} {}", e.event_type, e.payload))
         .collect();
     assert!(done, "not every forged event was refused:\n{story:#?}");
     let reason = |path: &std::path::Path| {
@@ -445,7 +414,9 @@ fn forged_events_never_promote_a_model_nor_touch_the_canonical_one() {
     assert!(reason(&link).contains("symlink"), "{story:#?}");
     assert!(reason(&weak).contains("disagree"), "{story:#?}");
     assert_eq!(
-        evs.iter().filter(|e| e["type"] == "MODEL_PROMOTED").count(),
+        evs.iter()
+            .filter(|e| e.event_type == "MODEL_PROMOTED")
+            .count(),
         1,
         "only the loop's own promotion:\n{story:#?}"
     );

@@ -5,15 +5,15 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use crate::common::{Value, WORKER};
 
-const WORKER: &str = env!("CARGO_BIN_EXE_ringrift-worker");
 const KEY: &str = "hex8_2p";
 
-fn job(dir: &Path, args: &[&str]) -> Output {
+/// Runs `ringrift-worker job ARGS`, ARGS split at spaces (no argument here has one).
+fn job(dir: &Path, args: &str) -> Output {
     Command::new(WORKER)
         .arg("job")
-        .args(args)
+        .args(args.split_whitespace())
         .current_dir(dir)
         .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
         .output()
@@ -21,12 +21,12 @@ fn job(dir: &Path, args: &[&str]) -> Output {
 }
 
 /// Runs a job that must succeed and returns its one-line JSON summary.
-fn ok(dir: &Path, args: &[&str]) -> Value {
+fn ok(dir: &Path, args: &str) -> Value {
     let out = job(dir, args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{args:?} failed ({}): {}",
+        "{args} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
@@ -34,12 +34,15 @@ fn ok(dir: &Path, args: &[&str]) -> Value {
     serde_json::from_str(stdout.trim()).expect("the summary is JSON")
 }
 
-/// Runs a job that must fail with `code` and returns its stderr.
-fn fails(dir: &Path, args: &[&str], code: i32) -> String {
+/// Runs a job that must fail with `code` and say each of `needles` on stderr.
+fn fails(dir: &Path, args: &str, code: i32, needles: &[&str]) {
     let out = job(dir, args);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+    assert_eq!(out.status.code(), Some(code), "{args}: {out:?}");
     assert!(out.stdout.is_empty(), "no summary on failure");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    for needle in needles {
+        assert!(err.contains(needle), "{args}: {needle:?} not in {err}");
+    }
 }
 
 #[test]
@@ -54,23 +57,9 @@ fn the_loop_learns_to_beat_random_play() {
     // Round 1: no model yet, so self-play is random.
     let s = ok(
         dir,
-        &[
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--board-type",
-            "hex8",
-            "--num-players",
-            "2",
-            "--games",
-            "200",
-            "--db",
-            &db,
-            "--model",
-            &canonical,
-            "--seed",
-            "11",
-        ],
+        &format!(
+            "selfplay --config-key {KEY} --board-type hex8 --num-players 2 --games 200 --db {db} --model {canonical} --seed 11"
+        ),
     );
     assert_eq!(s["games"], 200);
     assert_eq!(s["model"], Value::Null);
@@ -80,7 +69,7 @@ fn the_loop_learns_to_beat_random_play() {
 
     let e = ok(
         dir,
-        &["export", "--config-key", KEY, "--db", &db, "--output", &npz],
+        &format!("export --config-key {KEY} --db {db} --output {npz}"),
     );
     assert_eq!(e["games"], 200);
     assert_eq!(e["samples"], s["moves"]);
@@ -89,21 +78,9 @@ fn the_loop_learns_to_beat_random_play() {
 
     let t = ok(
         dir,
-        &[
-            "train",
-            "--config-key",
-            KEY,
-            "--input",
-            &npz,
-            "--output",
-            &candidate,
-            "--init",
-            &canonical,
-            "--epochs",
-            "10",
-            "--lr",
-            "0.01",
-        ],
+        &format!(
+            "train --config-key {KEY} --input {npz} --output {candidate} --init {canonical} --epochs 10 --lr 0.01"
+        ),
     );
     assert_eq!(t["samples"], e["samples"]);
     let (before, after) = (
@@ -114,19 +91,9 @@ fn the_loop_learns_to_beat_random_play() {
 
     let g = ok(
         dir,
-        &[
-            "gauntlet",
-            "--config-key",
-            KEY,
-            "--candidate",
-            &candidate,
-            "--baseline",
-            &canonical,
-            "--games",
-            "200",
-            "--output",
-            "eval/round1.json",
-        ],
+        &format!(
+            "gauntlet --config-key {KEY} --candidate {candidate} --baseline {canonical} --games 200 --output eval/round1.json"
+        ),
     );
     let rate = g["win_rate_vs_random"].as_f64().unwrap();
     eprintln!("round 1: loss {before} -> {after}, win rate vs random {rate}");
@@ -146,33 +113,13 @@ fn the_loop_learns_to_beat_random_play() {
     // and a gauntlet that includes the baseline.
     let s2 = ok(
         dir,
-        &[
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--games",
-            "50",
-            "--db",
-            &db,
-            "--model",
-            &canonical,
-        ],
+        &format!("selfplay --config-key {KEY} --games 50 --db {db} --model {canonical}"),
     );
     assert_eq!(s2["model"], canonical.as_str());
     assert_eq!(s2["first_game_id"], 201);
     let e2 = ok(
         dir,
-        &[
-            "export",
-            "--config-key",
-            KEY,
-            "--db",
-            &db,
-            "--output",
-            &npz,
-            "--since-id",
-            "200",
-        ],
+        &format!("export --config-key {KEY} --db {db} --output {npz} --since-id 200"),
     );
     assert_eq!(
         (e2["games"].clone(), e2["last_game_id"].clone()),
@@ -180,34 +127,14 @@ fn the_loop_learns_to_beat_random_play() {
     );
     let t2 = ok(
         dir,
-        &[
-            "train",
-            "--config-key",
-            KEY,
-            "--input",
-            &npz,
-            "--output",
-            &candidate,
-            "--init",
-            &canonical,
-        ],
+        &format!("train --config-key {KEY} --input {npz} --output {candidate} --init {canonical}"),
     );
     assert_eq!(t2["init"], canonical.as_str());
     let g2 = ok(
         dir,
-        &[
-            "gauntlet",
-            "--config-key",
-            KEY,
-            "--candidate",
-            &candidate,
-            "--baseline",
-            &canonical,
-            "--games",
-            "40",
-            "--output",
-            "eval/round2.json",
-        ],
+        &format!(
+            "gauntlet --config-key {KEY} --candidate {candidate} --baseline {canonical} --games 40 --output eval/round2.json"
+        ),
     );
     assert_eq!(g2["games_vs_baseline"], 40);
     let vs_baseline = g2["win_rate_vs_baseline"].as_f64().unwrap();
@@ -220,230 +147,98 @@ fn damaged_inputs_fail_with_exit_1_and_a_clear_message() {
     let dir = tmp.path();
     ok(
         dir,
-        &[
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--games",
-            "20",
-            "--db",
-            "g.db",
-            "--seed",
-            "1",
-        ],
+        &format!("selfplay --config-key {KEY} --games 20 --db g.db --seed 1"),
     );
     ok(
         dir,
-        &[
-            "export",
-            "--config-key",
-            KEY,
-            "--db",
-            "g.db",
-            "--output",
-            "d.npz",
-        ],
+        &format!("export --config-key {KEY} --db g.db --output d.npz"),
     );
     ok(
         dir,
-        &[
-            "train",
-            "--config-key",
-            KEY,
-            "--input",
-            "d.npz",
-            "--output",
-            "m.bin",
-        ],
+        &format!("train --config-key {KEY} --input d.npz --output m.bin"),
     );
 
     // A truncated export.
     let npz = std::fs::read(dir.join("d.npz")).unwrap();
     std::fs::write(dir.join("cut.npz"), &npz[..npz.len() * 2 / 3]).unwrap();
-    let err = fails(
+    fails(
         dir,
-        &[
-            "train",
-            "--config-key",
-            KEY,
-            "--input",
-            "cut.npz",
-            "--output",
-            "x.bin",
-        ],
+        &format!("train --config-key {KEY} --input cut.npz --output x.bin"),
         1,
+        &["cut.npz is not a usable export", "truncated"],
     );
-    assert!(err.contains("cut.npz is not a usable export"), "{err}");
-    assert!(err.contains("truncated"), "{err}");
     assert!(!dir.join("x.bin").exists());
 
     // A games DB that is not a database.
     std::fs::write(dir.join("bad.db"), vec![0x42; 4096]).unwrap();
-    let err = fails(
+    fails(
         dir,
-        &[
-            "export",
-            "--config-key",
-            KEY,
-            "--db",
-            "bad.db",
-            "--output",
-            "y.npz",
-        ],
+        &format!("export --config-key {KEY} --db bad.db --output y.npz"),
         1,
-    );
-    assert!(
-        err.contains("bad.db is not a usable sqlite database"),
-        "{err}"
+        &["bad.db is not a usable sqlite database"],
     );
     assert!(!dir.join("y.npz").exists());
-    let err = fails(
+    fails(
         dir,
-        &[
-            "export",
-            "--config-key",
-            KEY,
-            "--db",
-            "none.db",
-            "--output",
-            "y.npz",
-        ],
+        &format!("export --config-key {KEY} --db none.db --output y.npz"),
         1,
+        &["none.db does not exist"],
     );
-    assert!(err.contains("none.db does not exist"), "{err}");
 
     // A model with a flipped byte, and one cut short.
     let mut model = std::fs::read(dir.join("m.bin")).unwrap();
     model[100] ^= 0x10;
     std::fs::write(dir.join("flipped.bin"), &model).unwrap();
-    let err = fails(
+    fails(
         dir,
-        &[
-            "gauntlet",
-            "--config-key",
-            KEY,
-            "--candidate",
-            "flipped.bin",
-            "--games",
-            "2",
-            "--output",
-            "r.json",
-        ],
+        &format!("gauntlet --config-key {KEY} --candidate flipped.bin --games 2 --output r.json"),
         1,
+        &["cannot use --candidate flipped.bin", "checksum mismatch"],
     );
-    assert!(err.contains("cannot use --candidate flipped.bin"), "{err}");
-    assert!(err.contains("checksum mismatch"), "{err}");
     assert!(!dir.join("r.json").exists());
     std::fs::write(dir.join("short.bin"), &model[..50]).unwrap();
-    let err = fails(
+    fails(
         dir,
-        &[
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--games",
-            "1",
-            "--db",
-            "g.db",
-            "--model",
-            "short.bin",
-        ],
+        &format!("selfplay --config-key {KEY} --games 1 --db g.db --model short.bin"),
         1,
+        &["model file is truncated"],
     );
-    assert!(err.contains("model file is truncated"), "{err}");
 
     // A model of another board.
+    ok(dir, "selfplay --config-key hex6_2p --games 5 --db h6.db");
     ok(
         dir,
-        &[
-            "selfplay",
-            "--config-key",
-            "hex6_2p",
-            "--games",
-            "5",
-            "--db",
-            "h6.db",
-        ],
+        "export --config-key hex6_2p --db h6.db --output h6.npz",
     );
     ok(
         dir,
-        &[
-            "export",
-            "--config-key",
-            "hex6_2p",
-            "--db",
-            "h6.db",
-            "--output",
-            "h6.npz",
-        ],
+        "train --config-key hex6_2p --input h6.npz --output h6.bin",
     );
-    ok(
+    fails(
         dir,
-        &[
-            "train",
-            "--config-key",
-            "hex6_2p",
-            "--input",
-            "h6.npz",
-            "--output",
-            "h6.bin",
-        ],
-    );
-    let err = fails(
-        dir,
-        &[
-            "gauntlet",
-            "--config-key",
-            KEY,
-            "--candidate",
-            "h6.bin",
-            "--games",
-            "2",
-            "--output",
-            "r.json",
-        ],
+        &format!("gauntlet --config-key {KEY} --candidate h6.bin --games 2 --output r.json"),
         1,
+        &["model is for hex6_2p, not hex8_2p"],
     );
-    assert!(err.contains("model is for hex6_2p, not hex8_2p"), "{err}");
 }
 
 #[test]
 fn usage_errors_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    fails(
-        dir,
-        &[
-            "selfplay",
-            "--config-key",
-            "chess_2p",
-            "--games",
-            "1",
-            "--db",
-            "g.db",
-        ],
-        2,
-    );
-    fails(dir, &["selfplay", "--config-key", KEY, "--db", "g.db"], 2);
-    fails(dir, &["dance"], 2);
-    let err = fails(
-        dir,
-        &[
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--num-players",
-            "3",
-            "--games",
-            "1",
-            "--db",
-            "g.db",
-        ],
-        2,
-    );
-    assert!(
-        err.contains("--num-players 3 does not match --config-key hex8_2p"),
-        "{err}"
-    );
+    for (args, needles) in [
+        (
+            "selfplay --config-key chess_2p --games 1 --db g.db".to_string(),
+            &[][..],
+        ),
+        (format!("selfplay --config-key {KEY} --db g.db"), &[]),
+        ("dance".to_string(), &[]),
+        (
+            format!("selfplay --config-key {KEY} --num-players 3 --games 1 --db g.db"),
+            &["--num-players 3 does not match --config-key hex8_2p"],
+        ),
+    ] {
+        fails(dir, &args, 2, needles);
+    }
     assert!(!dir.join("g.db").exists());
 }

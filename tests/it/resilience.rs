@@ -33,8 +33,8 @@ fn config(entries: &[String]) -> String {
     )
 }
 
-fn restarts(root: &Root, name: &str) -> u64 {
-    root.daemon(name)["restarts"].as_u64().unwrap()
+fn restarts(root: &Root, name: &str) -> u32 {
+    root.daemon(name).restarts
 }
 
 #[test]
@@ -49,13 +49,13 @@ fn a_killed_daemon_is_back_with_a_new_pid_in_well_under_a_second() {
     signal(old, SIGKILL);
     assert!(
         wait_until(T, || root.pid("victim").is_some_and(|p| p != old)
-            && root.state("victim") == "RUNNING"),
+            && root.state("victim") == DaemonState::Running),
         "{}",
         root.master_log()
     );
     let d = root.daemon("victim");
-    assert_eq!(d["restarts"], 1);
-    assert_eq!(d["last_exit"], "killed by SIGKILL");
+    assert_eq!(d.restarts, 1);
+    assert_eq!(d.last_exit.as_deref(), Some("killed by SIGKILL"));
     // The restart delay the supervisor chose (logged as "restart #1 in N ms").
     let log = root.master_log();
     let line = log
@@ -98,8 +98,8 @@ fn a_crash_loop_backs_off_and_ends_failed_while_others_keep_heartbeating() {
     );
     assert!(stdout(&out).contains("FAILED"), "{}", stdout(&out));
     let d = root.daemon("crasher");
-    assert_eq!(d["state"], "FAILED");
-    let reason = d["reason"].as_str().unwrap();
+    assert_eq!(d.state, DaemonState::Failed);
+    let reason = d.reason.as_deref().unwrap();
     assert!(reason.contains("restarted 4 times"), "{reason}");
     assert!(
         root.ok(&["status"]).contains("restarted 4 times"),
@@ -126,9 +126,9 @@ fn a_crash_loop_backs_off_and_ends_failed_while_others_keep_heartbeating() {
     );
     // Undisturbed neighbour.
     let s = root.daemon("steady");
-    assert_eq!(s["pid"].as_u64(), Some(steady as u64));
-    assert_eq!(s["restarts"], 0);
-    assert!(s["heartbeat_age_secs"].as_f64().unwrap() < 1.0, "{s:#}");
+    assert_eq!(s.pid, Some(steady));
+    assert_eq!(s.restarts, 0);
+    assert!(s.heartbeat_age_secs.unwrap() < 1.0, "{s:#?}");
     // `start` clears FAILED (and it fails again, having the same fault).
     let out = root.run(&["start", "crasher"]);
     assert!(
@@ -149,12 +149,8 @@ fn killed_and_restarted(name: &str, fault_opts: &str, extra: &str, cause: &str) 
         root.master_log()
     );
     let d = root.daemon(name);
-    assert!(d["reason"].as_str().unwrap_or("").contains(cause), "{d:#}");
-    assert!(
-        root.master_log().contains(&format!("{name}: {cause}")),
-        "{}",
-        root.master_log()
-    );
+    assert!(d.reason.as_deref().unwrap_or("").contains(cause), "{d:#?}");
+    root.assert_logged(&format!("{name}: {cause}"));
 }
 
 #[test]
@@ -196,12 +192,7 @@ fn a_daemon_ignoring_sigterm_is_killed_after_its_grace_and_its_grandchild_goes_t
     );
     assert!(!alive(pid), "the daemon is gone");
     assert!(!alive(grandchild), "its grandchild is gone");
-    assert!(
-        root.master_log()
-            .contains("stubborn: still running after the"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("stubborn: still running after the");
 }
 
 /// The pid of the grandchild a `--grandchild` fault worker reports in its log.
@@ -220,28 +211,20 @@ fn grandchild_of(root: &Root, name: &str) -> u32 {
 
 /// Worker processes of this root, by daemon name, found by scanning /proc.
 fn tree_workers(root: &Root) -> Vec<(String, u32)> {
+    let marker = root.path().display().to_string();
     let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in procfs::pids() {
         if !alive(pid) {
             continue;
         }
-        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let marker = format!("RINGRIFT_ROOT={}", root.path().display());
-        if !env.split(|&b| b == 0).any(|kv| kv == marker.as_bytes()) {
+        let env = procfs::environ(pid).unwrap_or_default();
+        if !env
+            .iter()
+            .any(|(k, v)| k == "RINGRIFT_ROOT" && *v == marker)
+        {
             continue;
         }
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmd
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+        let args = procfs::argv(pid).unwrap_or_default();
         // Daemons only: `ringrift-worker <daemon>`, not the jobs they run (`ringrift-worker job ...`).
         if args.first().is_some_and(|a| a.ends_with("ringrift-worker"))
             && args.get(1).is_some_and(|a| a != "job")
@@ -300,11 +283,7 @@ fn processes_left_by_an_earlier_supervisor_are_stopped_before_anything_starts() 
         !alive(grandchild),
         "the new supervisor stopped the leftover"
     );
-    assert!(
-        root.master_log().contains("left by an earlier supervisor"),
-        "{}",
-        root.master_log()
-    );
+    root.assert_logged("left by an earlier supervisor");
 }
 
 #[test]
@@ -323,7 +302,7 @@ fn sighup_restarts_only_the_daemon_whose_configuration_changed() {
     signal(root.supervisor_pid().unwrap(), SIGHUP);
     assert!(
         wait_until(T, || root.pid("alpha").is_some_and(|p| p != alpha)
-            && root.state("alpha") == "RUNNING"),
+            && root.state("alpha") == DaemonState::Running),
         "{}",
         root.master_log()
     );
@@ -342,7 +321,7 @@ fn sighup_restarts_only_the_daemon_whose_configuration_changed() {
     assert!(wait_until(T, || root
         .pid("beta")
         .is_some_and(|p| p != beta)
-        && root.state("beta") == "RUNNING"));
+        && root.state("beta") == DaemonState::Running));
     // An added daemon is started, a removed one stopped; the others keep their pids.
     let alpha = root.pid("alpha").unwrap();
     let beta = root.pid("beta").unwrap();
@@ -353,7 +332,7 @@ fn sighup_restarts_only_the_daemon_whose_configuration_changed() {
     let out = root.ok(&["reload"]);
     assert!(out.contains("gamma") && out.contains("added"), "{out}");
     assert!(out.contains("beta") && out.contains("removed"), "{out}");
-    root.wait_state("gamma", "RUNNING", T);
+    root.wait_state("gamma", DaemonState::Running, T);
     assert!(
         wait_until(T, || !alive(beta)),
         "the removed daemon's process is gone"
@@ -382,7 +361,7 @@ fn a_million_flooded_lines_all_reach_the_rotated_logs_while_heartbeats_stay_on_t
     let mut worst_age = 0.0f64;
     let done = wait_until(Duration::from_secs(120), || {
         let s = root.daemon("steady");
-        worst_age = worst_age.max(s["heartbeat_age_secs"].as_f64().unwrap_or(0.0));
+        worst_age = worst_age.max(s.heartbeat_age_secs.unwrap_or(0.0));
         std::fs::read_to_string(root.log_path("flooder")).is_ok_and(|t| t.contains("flood done"))
     });
     assert!(done, "the flood finished");
@@ -411,11 +390,8 @@ fn a_million_flooded_lines_all_reach_the_rotated_logs_while_heartbeats_stay_on_t
     );
     assert_eq!(count, 1_000_000);
     let s = root.daemon("steady");
-    assert_eq!(
-        s["restarts"], 0,
-        "steady was never killed by its 1 s watchdog"
-    );
-    assert_eq!(s["pid"].as_u64(), Some(steady as u64));
+    assert_eq!(s.restarts, 0, "steady was never killed by its 1 s watchdog");
+    assert_eq!(s.pid, Some(steady));
     assert!(
         worst_age < 1.0,
         "heartbeat age reached {worst_age}s during the flood"

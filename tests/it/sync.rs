@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);
 const KEY: &str = "hex8_2p";
@@ -16,13 +15,6 @@ fn config(daemon: &str, list: &str, dir: &Path) -> String {
         "http:\n  enabled: false\npipeline:\n  config_keys: [{KEY}]\ndaemons:\n  {daemon}:\n    interval: 0.2\n    heartbeat_interval: 0.2\n    {list}: [{:?}]\n",
         dir.display().to_string()
     )
-}
-
-fn events(root: &Root, kind: &str) -> Vec<Value> {
-    root.ok(&["events", "--json", "--type", kind])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn count(db: &Path, sql: &str) -> i64 {
@@ -59,22 +51,21 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
     let completed = "SELECT count(*) FROM games WHERE status = 'completed'";
     assert!(
         wait_until(T, || count(&b_db, completed) >= 50),
-        "B merged {} games; A: {:#}\nB: {:#}",
+        "B merged {} games; A: {:#?}\nB: {:#?}",
         count(&b_db, completed),
-        a.daemon("auto_sync")["health"],
-        b.daemon("cluster_data_sync")["health"]
+        a.daemon("auto_sync").health,
+        b.daemon("cluster_data_sync").health
     );
     // More cycles pass (the peer file is seen unchanged) and nothing is merged twice.
-    assert!(wait_until(T, || {
-        b.daemon("cluster_data_sync")["health"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("1 peer DB(s) unchanged")
-    }));
+    b.wait_health("cluster_data_sync", T, |h| {
+        h.message.contains("1 peer DB(s) unchanged")
+    });
     // Three more passes, then count again.
     let passes = |r: &Root| {
-        r.daemon("cluster_data_sync")["progress"]["passes"]
-            .as_u64()
+        r.daemon("cluster_data_sync")
+            .progress
+            .get("passes")
+            .copied()
             .unwrap_or(0)
     };
     let seen = passes(&b);
@@ -90,29 +81,28 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
         format!("SELECT count(DISTINCT source) FROM games WHERE source LIKE 'peer:{peer}:%'");
     assert_eq!(count(&b_db, &from_peer), 50);
 
-    let new_games = events(&b, "NEW_GAMES_AVAILABLE");
+    let new_games = b.events_of("NEW_GAMES_AVAILABLE");
     assert_eq!(new_games.len(), 1, "{new_games:#?}");
-    let p = &new_games[0]["payload"];
+    let p = &new_games[0].payload;
     assert_eq!(p["config_key"], KEY);
     assert_eq!(p["new_games"], 50);
     assert_eq!(p["total_games"], 50);
     assert_eq!(p["db_path"], b_db.display().to_string());
-    let pulled = events(&b, "DATA_SYNC_COMPLETED");
-    assert_eq!(pulled[0]["payload"]["source"], peer.as_str());
+    let pulled = b.events_of("DATA_SYNC_COMPLETED");
+    assert_eq!(pulled[0].payload["source"], peer.as_str());
 
-    let pushed = events(&a, "DATA_SYNC_COMPLETED");
+    let pushed = a.events_of("DATA_SYNC_COMPLETED");
     assert_eq!(pushed.len(), 1, "one push while A's DB is unchanged");
-    let p = &pushed[0]["payload"];
+    let p = &pushed[0].payload;
     assert_eq!(p["target"], peer.as_str());
     assert_eq!(p["files"], 1);
     assert_eq!(p["source"], a_db.display().to_string());
-    let health = &a.daemon("auto_sync")["health"];
-    assert_eq!(health["healthy"], true, "{health:#}");
+    let health = a.daemon("auto_sync").health;
+    assert!(health.healthy, "{health:#?}");
     assert!(
-        health["message"]
-            .as_str()
-            .unwrap()
+        health
+            .message
             .contains(&format!("last pushed {KEY} → {peer}")),
-        "{health:#}"
+        "{health:#?}"
     );
 }

@@ -15,15 +15,7 @@ fn a_long_line_is_one_record_and_its_marked_continuations() {
          daemons:\n  long:\n    command: [\"sh\", \"-c\", \"head -c 100000 /dev/zero | tr '\\\\0' B; echo; echo done; exec sleep 100\"]\n",
     );
     root.ok(&["start", "long"]);
-    let log = root.log_path("long");
-    let mut text = String::new();
-    assert!(
-        wait_until(T, || {
-            text = std::fs::read_to_string(&log).unwrap_or_default();
-            text.contains("[out] done")
-        }),
-        "no output:\n{text}"
-    );
+    let text = root.wait_log("long", "[out] done", T);
     let records: Vec<&str> = text.lines().collect();
     assert_eq!(records.len(), 3, "a record, its continuation, and `done`");
     // `<24-char timestamp> [out] ` then the first 64 KiB; `[out+] ` marks the rest of that line.
@@ -45,16 +37,11 @@ fn logs_removed_at_run_time_are_created_again() {
          daemons:\n  talker:\n    command: [\"sh\", \"-c\", \"echo before; while [ ! -e go ]; do sleep 0.05; done; echo after; exec sleep 100\"]\n",
     );
     root.ok(&["start", "talker"]);
-    let log = root.log_path("talker");
-    assert!(wait_until(T, || std::fs::read_to_string(&log)
-        .is_ok_and(|t| t.contains("before"))));
+    root.wait_log("talker", "before", T);
     std::fs::remove_dir_all(root.path().join("logs")).unwrap();
     std::fs::write(root.path().join("go"), "").unwrap();
-    assert!(
-        wait_until(T, || std::fs::read_to_string(&log)
-            .is_ok_and(|t| t.contains("[out] after"))),
-        "logs/talker.log was not created again"
-    );
+    // logs/talker.log is created again.
+    root.wait_log("talker", "[out] after", T);
     // The supervisor's own log comes back with its next line.
     root.ok(&["stop", "talker"]);
     assert!(
@@ -70,18 +57,12 @@ fn status_forgets_daemons_that_reload_removed() {
          daemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n  drop_me:\n    command: [\"sleep\", \"1000\"]\n",
     );
     root.ok(&["start", "keep", "drop_me"]);
-    root.wait_state("drop_me", "RUNNING", T);
+    root.wait_state("drop_me", DaemonState::Running, T);
     root.write_config(
         "http:\n  enabled: false\ndaemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n",
     );
     root.ok(&["reload"]);
-    let listed = |root: &Root| {
-        root.status()["daemons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["name"] == "drop_me")
-    };
+    let listed = |root: &Root| root.status().daemons.iter().any(|d| d.name == "drop_me");
     assert!(
         wait_until(T, || !listed(&root)),
         "status still lists drop_me:\n{}",
@@ -92,7 +73,7 @@ fn status_forgets_daemons_that_reload_removed() {
     let one = root.run(&["status", "drop_me"]);
     assert_eq!(one.status.code(), Some(2), "{one:?}");
     assert!(stderr(&one).contains("unknown daemon"), "{}", stderr(&one));
-    assert_eq!(root.state("keep"), "RUNNING");
+    assert_eq!(root.state("keep"), DaemonState::Running);
 }
 
 #[test]
@@ -111,12 +92,10 @@ fn start_and_status_say_when_http_could_not_bind() {
         )),
         "start gave no warning:\n{err}"
     );
-    let status = root.status();
-    let why = status["supervisor"]["http_error"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(why.contains(&addr.to_string()), "{status:#}");
-    assert!(status["supervisor"]["http"].is_null());
+    let sup = root.status().supervisor;
+    let why = sup.http_error.as_deref().unwrap_or_default();
+    assert!(why.contains(&addr.to_string()), "{sup:#?}");
+    assert_eq!(sup.http, None);
     let table = root.ok(&["status"]);
     assert!(table.contains("warning: HTTP monitoring is off"), "{table}");
     drop(taken);
@@ -160,20 +139,19 @@ fn a_removed_daemon_can_still_be_named_while_it_shuts_down() {
         "http:\n  enabled: false\ndaemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n{stubborn}"
     ));
     root.ok(&["start", "keep", "stubborn"]);
-    root.wait_state("stubborn", "RUNNING", T);
+    root.wait_state("stubborn", DaemonState::Running, T);
     root.write_config(
         "http:\n  enabled: false\ndaemons:\n  keep:\n    command: [\"sleep\", \"1000\"]\n",
     );
     root.ok(&["reload"]);
     // It ignores SIGTERM: listed, SHUTTING_DOWN, for its 60 s grace period ...
-    let one = root.ok(&["status", "stubborn", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&one).unwrap();
-    assert_eq!(v["daemons"][0]["state"], "SHUTTING_DOWN", "{v}");
+    let one = parse_status(&root.ok(&["status", "stubborn", "--json"]));
+    assert_eq!(one.daemons[0].state, DaemonState::ShuttingDown, "{one:#?}");
     // ... unless cut short by name.
     let out = root.ok(&["stop", "--force", "stubborn"]);
     assert!(out.contains("STOPPED"), "{out}");
     assert!(wait_until(T, || {
         root.run(&["status", "stubborn"]).status.code() == Some(2)
     }));
-    assert_eq!(root.state("keep"), "RUNNING");
+    assert_eq!(root.state("keep"), DaemonState::Running);
 }

@@ -615,3 +615,56 @@ mod tests {
         assert!(err.contains("not a usable sqlite database"), "{err}");
     }
 }
+
+/// A queue as today's version leaves it (tests/fixtures/work_queue.sql, see the README there)
+/// must open and keep working in later versions.
+#[cfg(test)]
+mod fixture {
+    use super::*;
+
+    const DUMP: &str = include_str!("../../tests/fixtures/work_queue.sql");
+
+    #[test]
+    fn a_queue_written_by_this_version_opens_and_items_are_claimed_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/work_queue.db");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(DUMP)
+            .unwrap();
+        let mut q = WorkQueue::open(&path).unwrap();
+        let counts = q.counts().unwrap();
+        assert_eq!(
+            (counts["completed"], counts["pending"]),
+            (4, 2),
+            "{counts:?}"
+        );
+        assert_eq!(
+            q.pending_by_key().unwrap(),
+            BTreeMap::from([("hex8_2p".to_string(), 2)])
+        );
+
+        // The oldest pending item is claimed, run and completed; ids continue after the last.
+        let now = 1_795_953_600.0;
+        let c = q.claim("test:1", now).unwrap().unwrap();
+        assert_eq!((c.id, c.item_type.as_str(), c.attempts), (5, SELFPLAY, 0));
+        assert_eq!(
+            c.selfplay_spec().unwrap(),
+            SelfplaySpec {
+                config_key: "hex8_2p".into(),
+                games: 2
+            }
+        );
+        assert!(q.mark_running(c.id, "test:1").unwrap());
+        assert!(q.complete(c.id, now + 1.0).unwrap());
+        let weights = BTreeMap::from([("hex8_2p".to_string(), 1.0)]);
+        assert_eq!(q.top_up(2, 2, &weights, now).unwrap()["hex8_2p"], 1);
+        let newest: i64 = q
+            .connection()
+            .query_row("SELECT max(id) FROM work_items", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(newest, 7);
+        assert_eq!(q.counts().unwrap()["completed"], 5);
+    }
+}

@@ -1,6 +1,11 @@
 //! Shared helpers for the integration tests: a temporary root with its own supervisor, CLI calls,
-//! status queries, and waiting for conditions with deadlines. Every process a test starts is
-//! stopped when its `Root` is dropped.
+//! status and event queries, and waiting for conditions with deadlines. Every process a test starts
+//! is stopped when its `Root` is dropped.
+//!
+//! `status --json` and `events --json` are read into the library's own types
+//! ([`StatusReport`], [`Event`]) and checked to carry exactly their fields, so every test that
+//! looks at them is also a contract test of the JSON. Processes are read with `ringrift::procfs`
+//! and signalled with nix.
 
 #![allow(dead_code)]
 
@@ -8,7 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+pub use nix::sys::signal::Signal::{self, SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGSTOP};
+pub use ringrift::events::Event;
+pub use ringrift::lifecycle::DaemonState;
+pub use ringrift::procfs;
+pub use ringrift::protocol::{DaemonStatus, Health, StatusReport};
+pub use serde_json::Value;
 
 pub const SUPERVISOR: &str = env!("CARGO_BIN_EXE_ringrift-supervisor");
 pub const WORKER: &str = env!("CARGO_BIN_EXE_ringrift-worker");
@@ -60,7 +70,16 @@ impl Root {
 
     /// Runs the CLI and insists on exit code 0.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        self.ok_with_env(args, &[])
+    }
+
+    /// Runs the CLI with these extra environment variables and insists on exit code 0.
+    pub fn ok_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self
+            .cmd(args)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run ringrift-supervisor");
         assert!(
             out.status.success(),
             "`ringrift-supervisor {}` failed with {:?}\nstdout:\n{}\nstderr:\n{}\nmaster log:\n{}",
@@ -73,47 +92,110 @@ impl Root {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    pub fn status(&self) -> Value {
-        let text = self.ok(&["status", "--json"]);
-        serde_json::from_str(&text).expect("status --json is JSON")
+    /// `status --json`, read into the library's own types (see [`parse_status`]).
+    pub fn status(&self) -> StatusReport {
+        parse_status(&self.ok(&["status", "--json"]))
     }
 
-    pub fn daemon(&self, name: &str) -> Value {
-        let s = self.status();
-        s["daemons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no daemon {name} in status"))
+    /// One daemon's entry in `status --json`.
+    pub fn daemon(&self, name: &str) -> DaemonStatus {
+        daemon(&self.status(), name).clone()
     }
 
-    pub fn state(&self, name: &str) -> String {
-        self.daemon(name)["state"].as_str().unwrap().to_string()
+    pub fn state(&self, name: &str) -> DaemonState {
+        self.daemon(name).state
     }
 
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.daemon(name)["pid"].as_u64().map(|p| p as u32)
+        self.daemon(name).pid
     }
 
-    /// Waits until `name` is in `state`, returning its status entry.
-    pub fn wait_state(&self, name: &str, state: &str, within: Duration) -> Value {
-        let mut last = Value::Null;
+    /// Waits until `name`'s status entry satisfies `good`, returning it.
+    pub fn wait_daemon(
+        &self,
+        name: &str,
+        within: Duration,
+        good: impl Fn(&DaemonStatus) -> bool,
+    ) -> DaemonStatus {
+        let mut last = None;
         let found = wait_until(within, || {
-            last = self.daemon(name);
-            last["state"] == state
+            let d = self.daemon(name);
+            let done = good(&d);
+            last = Some(d);
+            done
         });
         assert!(
             found,
-            "{name} did not reach {state} within {within:?}; last status: {last:#}\nmaster log:\n{}",
+            "{name} not as expected within {within:?}; last status: {last:#?}\nmaster log:\n{}",
             self.master_log()
         );
-        last
+        last.unwrap()
+    }
+
+    /// Waits until `name` is in `state`, returning its status entry.
+    pub fn wait_state(&self, name: &str, state: DaemonState, within: Duration) -> DaemonStatus {
+        self.wait_daemon(name, within, |d| d.state == state)
+    }
+
+    /// Waits until `name`'s health satisfies `good`, returning it (health is reported when a
+    /// cycle or an event has been handled, which can be a while after what the test did).
+    pub fn wait_health(
+        &self,
+        name: &str,
+        within: Duration,
+        good: impl Fn(&Health) -> bool,
+    ) -> Health {
+        self.wait_daemon(name, within, |d| good(&d.health)).health
+    }
+
+    /// `events --json` with these extra arguments, each line read into the library's [`Event`].
+    pub fn events(&self, extra: &[&str]) -> Vec<Event> {
+        let mut args = vec!["events", "--json"];
+        args.extend_from_slice(extra);
+        self.ok(&args).lines().map(parse_event).collect()
+    }
+
+    /// The events of one type (`events --json --type KIND`).
+    pub fn events_of(&self, kind: &str) -> Vec<Event> {
+        self.events(&["--type", kind])
+    }
+
+    /// Waits until a daemon's log (logs/<name>.log) contains `needle`, returning its text.
+    pub fn wait_log(&self, name: &str, needle: &str, within: Duration) -> String {
+        wait_file_contains(&self.log_path(name), needle, within)
     }
 
     pub fn master_log(&self) -> String {
         std::fs::read_to_string(self.path().join("logs/master_loop.log")).unwrap_or_default()
+    }
+
+    /// Insists that the supervisor's log (logs/master_loop.log) contains `needle`.
+    pub fn assert_logged(&self, needle: &str) {
+        let log = self.master_log();
+        assert!(
+            log.contains(needle),
+            "`{needle}` not in the master log:\n{log}"
+        );
+    }
+
+    /// Starts a CLI command that keeps printing (`logs -f`, `events -f`).
+    pub fn follow(&self, args: &[&str]) -> Follower {
+        let mut child = self
+            .cmd(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the CLI");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
@@ -136,50 +218,77 @@ impl Drop for Root {
         if let Some(pid) = pid
             && !wait_until(Duration::from_secs(20), || !alive(pid))
         {
-            unsafe { libc_kill(pid as i32, 9) };
+            signal(pid, SIGKILL);
         }
     }
 }
 
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+/// A CLI command that keeps printing: its stdout lines arrive on `lines`. Killed when dropped.
+pub struct Follower {
+    child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
 }
 
-/// Sends a signal to a process this test started.
-pub fn signal(pid: u32, sig: i32) {
-    unsafe {
-        libc_kill(pid as i32, sig);
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-pub const SIGKILL: i32 = 9;
-pub const SIGTERM: i32 = 15;
-pub const SIGINT: i32 = 2;
-pub const SIGHUP: i32 = 1;
+/// Waits up to `within` for a child process to exit, returning how it ended.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(within, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    status
+}
+
+/// Sends a signal to a process this test started (a process already gone is not an error).
+pub fn signal(pid: u32, sig: Signal) {
+    let pid = i32::try_from(pid).expect("a pid fits in i32");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
 
 /// True while the process exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(text) => {
-            let state = text.rfind(')').and_then(|i| text[i + 2..].chars().next());
-            state != Some('Z') && state != Some('X')
-        }
-        Err(_) => false,
-    }
+    procfs::stat(pid).is_some_and(|s| !s.is_zombie())
 }
 
 /// Parent pid of a process.
 pub fn ppid(pid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    procfs::stat(pid).map(|s| s.ppid)
+}
+
+/// Process group of a process.
+pub fn pgid(pid: u32) -> Option<u32> {
+    procfs::stat(pid).map(|s| s.pgid)
 }
 
 /// Process state letter (R, S, T, Z, ...).
 pub fn proc_state(pid: u32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text[text.rfind(')')? + 2..].chars().next()
+    procfs::stat(pid).map(|s| s.state)
+}
+
+/// The number of the first line of `log` (the master log) that contains `needle`.
+pub fn line_of(log: &str, needle: &str) -> usize {
+    log.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
+}
+
+/// The number of the last line of `log` (the master log) that contains `needle`.
+pub fn last_line_of(log: &str, needle: &str) -> usize {
+    log.lines()
+        .collect::<Vec<_>>()
+        .iter()
+        .rposition(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
 }
 
 /// Polls `cond` until it holds or `within` passes. Returns whether it held.
@@ -204,39 +313,105 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Names of daemons in a status report that are in `state`.
-pub fn in_state(status: &Value, state: &str) -> Vec<String> {
-    status["daemons"]
-        .as_array()
-        .unwrap()
+/// Reads `status --json` output (or the body of `GET /daemon/status`, the same report) into the
+/// library's [`StatusReport`], and insists that the types carry every field of the JSON: written
+/// back, the report is the same JSON. So every test that reads status is a contract test of it.
+pub fn parse_status(text: &str) -> StatusReport {
+    parse_typed(text, "status report")
+}
+
+/// Reads one line of `events --json` into the library's [`Event`], checked like [`parse_status`].
+pub fn parse_event(line: &str) -> Event {
+    parse_typed(line, "event")
+}
+
+fn parse_typed<T: serde::de::DeserializeOwned + serde::Serialize>(text: &str, what: &str) -> T {
+    let raw: Value =
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("{what} is not JSON ({e}): {text}"));
+    let typed: T = serde_json::from_value(raw.clone())
+        .unwrap_or_else(|e| panic!("{what} does not match the library's types ({e}): {text}"));
+    let again = serde_json::to_value(&typed).unwrap();
+    assert_eq!(
+        again, raw,
+        "{what}: the JSON has fields the library's types do not (or differ): {text}"
+    );
+    typed
+}
+
+/// One daemon's entry in a status report.
+pub fn daemon<'a>(status: &'a StatusReport, name: &str) -> &'a DaemonStatus {
+    status
+        .daemons
         .iter()
-        .filter(|d| d["state"] == state)
-        .map(|d| d["name"].as_str().unwrap().to_string())
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("no daemon {name} in status: {status:#?}"))
+}
+
+/// Names of daemons in a status report that are in `state`.
+pub fn in_state(status: &StatusReport, state: DaemonState) -> Vec<String> {
+    status
+        .daemons
+        .iter()
+        .filter(|d| d.state == state)
+        .map(|d| d.name.clone())
         .collect()
 }
 
 /// Pids of every daemon that has one.
-pub fn pids(status: &Value) -> std::collections::BTreeMap<String, u32> {
-    status["daemons"]
-        .as_array()
-        .unwrap()
+pub fn pids(status: &StatusReport) -> std::collections::BTreeMap<String, u32> {
+    status
+        .daemons
         .iter()
-        .filter_map(|d| {
-            d["pid"]
-                .as_u64()
-                .map(|p| (d["name"].as_str().unwrap().to_string(), p as u32))
+        .filter_map(|d| Some((d.name.clone(), d.pid?)))
+        .collect()
+}
+
+/// Reading a health report's details like JSON: a missing key is null, not a panic.
+pub trait Details {
+    fn detail(&self, key: &str) -> &Value;
+}
+
+impl Details for Health {
+    fn detail(&self, key: &str) -> &Value {
+        static NULL: Value = Value::Null;
+        self.details.get(key).unwrap_or(&NULL)
+    }
+}
+
+/// Waits until the file at `path` contains `needle`, returning its text.
+pub fn wait_file_contains(path: &Path, needle: &str, within: Duration) -> String {
+    let mut text = String::new();
+    let found = wait_until(within, || {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        text.contains(needle)
+    });
+    assert!(
+        found,
+        "`{needle}` not in {} within {within:?}:\n{text}",
+        path.display()
+    );
+    text
+}
+
+/// Ids of the NEW_GAMES_AVAILABLE events a fault worker (`ringrift-worker fault --subscribe ...`)
+/// printed in its log, all its incarnations, in order.
+pub fn received_ids(root: &Root, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root.log_path(name)).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("type=NEW_GAMES_AVAILABLE"))
+        .filter_map(|l| {
+            l.split(" id=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .map(str::to_string)
         })
         .collect()
 }
 
-/// Resident memory of a process, in KiB (VmRSS in /proc/<pid>/status).
+/// Resident memory of a process, in KiB (the rss field of /proc/<pid>/stat).
 pub fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
+    let stat = procfs::stat(pid).expect("/proc/<pid>/stat of a live process");
+    stat.rss_pages * procfs::page_size() / 1024
 }
 
 /// True when the tests run as root (then hostile inputs are tried as user nobody).
