@@ -727,35 +727,30 @@ pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
 ///
 /// Errors: the variable is missing or not a descriptor number, the descriptor is not open, or it is
 /// not a Unix socket (the variable came from somewhere else).
-pub fn inherited_connection() -> Result<std::os::unix::net::UnixStream, String> {
+pub fn inherited_connection() -> Result<std::os::unix::net::UnixStream, InheritedError> {
     use std::os::fd::{FromRawFd, RawFd};
     use std::sync::atomic::{AtomicBool, Ordering};
 
     static TAKEN: AtomicBool = AtomicBool::new(false);
-    let text = std::env::var(FD_ENV).map_err(|_| {
-        format!("{FD_ENV} is not set: daemons are started by ringrift-supervisor, which hands each its connection")
-    })?;
+    let text = std::env::var(FD_ENV).map_err(|_| InheritedError::NotSet)?;
     let fd: RawFd = text
         .parse()
         .ok()
         .filter(|fd| *fd > 2)
-        .ok_or_else(|| format!("{FD_ENV}={text} is not a descriptor number above 2"))?;
+        .ok_or(InheritedError::NotADescriptor(text))?;
     let mut stat = std::mem::MaybeUninit::<nix::libc::stat>::uninit();
     // SAFETY: fstat only writes into `stat`; a descriptor that is not open makes it fail with EBADF
     // (the raw call, because wrapping an unchecked number in a BorrowedFd would assert it is open).
     if unsafe { nix::libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
-        return Err(format!(
-            "{FD_ENV}={fd}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(InheritedError::NotOpen(fd, std::io::Error::last_os_error()));
     }
     // SAFETY: fstat succeeded, so it filled the struct.
     let stat = unsafe { stat.assume_init() };
     if stat.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
-        return Err(format!("{FD_ENV}={fd} is not a socket"));
+        return Err(InheritedError::NotASocket(fd));
     }
     if TAKEN.swap(true, Ordering::SeqCst) {
-        return Err(format!("{FD_ENV}={fd} was already taken by this process"));
+        return Err(InheritedError::Taken(fd));
     }
     // SAFETY: the descriptor is open and a socket (checked above), nothing else in this process
     // owns it (the supervisor passed it for this purpose, and TAKEN makes this the only owner).
@@ -764,8 +759,27 @@ pub fn inherited_connection() -> Result<std::os::unix::net::UnixStream, String> 
         &stream,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
-    .map_err(|e| format!("{FD_ENV}={fd}: cannot set close-on-exec: {e}"))?;
+    .map_err(|e| InheritedError::Cloexec(fd, e))?;
     Ok(stream)
+}
+
+/// Why [`inherited_connection`] found no connection to take.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritedError {
+    #[error(
+        "{FD_ENV} is not set: daemons are started by ringrift-supervisor, which hands each its connection"
+    )]
+    NotSet,
+    #[error("{FD_ENV}={0} is not a descriptor number above 2")]
+    NotADescriptor(String),
+    #[error("{FD_ENV}={0}: {1}")]
+    NotOpen(i32, std::io::Error),
+    #[error("{FD_ENV}={0} is not a socket")]
+    NotASocket(i32),
+    #[error("{FD_ENV}={0} was already taken by this process")]
+    Taken(i32),
+    #[error("{FD_ENV}={0}: cannot set close-on-exec: {1}")]
+    Cloexec(i32, nix::Error),
 }
 
 #[cfg(test)]

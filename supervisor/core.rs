@@ -42,7 +42,7 @@ mod status;
 mod stop;
 mod timers;
 mod waiters;
-mod workers;
+pub(crate) mod workers;
 use daemon::{Daemon, ExitInfo, Intent, set_state};
 use jobs::{Job, JobTimer};
 use waiters::{Goal, Waiter};
@@ -70,7 +70,7 @@ pub(crate) enum Msg {
         generation: u64,
         conn_id: u64,
         tx: ConnTx,
-        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+        reply: oneshot::Sender<Result<serde_json::Value, workers::HelloRefused>>,
     },
     WorkerFrame {
         daemon: String,
@@ -480,7 +480,8 @@ impl Core {
     // ------------------------------------------------------------------ signals, reload, shutdown
 }
 
-fn error(code: protocol::ErrorCode, message: &str) -> FromSupervisor {
+/// A refusal with its code; `message` is what the client prints.
+fn error(code: ErrorCode, message: impl std::fmt::Display) -> FromSupervisor {
     FromSupervisor::Error {
         code,
         message: message.to_string(),

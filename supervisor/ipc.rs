@@ -508,7 +508,7 @@ async fn worker_connection(
         }
         Ok(Err(msg)) => {
             log.warn(&format!("{who}: hello refused: {msg}"));
-            let _ = tx.send(error(ErrorCode::UnexpectedFrame, &msg));
+            let _ = tx.send(error(ErrorCode::UnexpectedFrame, &msg.to_string()));
             drop(tx);
             let _ = writer.await;
             return;

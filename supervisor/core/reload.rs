@@ -19,7 +19,7 @@ impl Core {
                         "reload refused, keeping the running configuration: {e}"
                     ));
                     if let Some(r) = reply {
-                        let _ = r.send(error(protocol::ErrorCode::Config, &e.to_string()));
+                        let _ = r.send(error(protocol::ErrorCode::Config, e));
                     }
                     return;
                 }

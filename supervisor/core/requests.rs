@@ -3,6 +3,7 @@
 //! Each marks what it wants (`want_up`, `want_down`) and leaves the moving to `settle`; the answer
 //! comes from a waiter (waiters.rs) once the daemons reach the goal.
 
+use ringrift::config::UnknownDaemon;
 use ringrift::protocol::{
     Emit, EventsRequest, KillRequest, Request, StartRequest, StatusRequest, StopRequest, Targets,
 };
@@ -98,7 +99,7 @@ impl Core {
                     if ringrift::events::find(&n).is_none() {
                         let _ = reply.send(error(
                             protocol::ErrorCode::BadRequest,
-                            &format!("unknown event type '{t}'"),
+                            format!("unknown event type '{t}'"),
                         ));
                         return;
                     }
@@ -139,7 +140,7 @@ impl Core {
     /// Resolves user-typed names; unknown ones become failed results.
     /// A user-typed name: one of the configuration, or one that a reload removed and that is still
     /// shutting down (listed by `status`, so it can be stopped with `--force` or killed).
-    pub(super) fn resolve_name(&self, name: &str) -> Result<String, String> {
+    pub(super) fn resolve_name(&self, name: &str) -> Result<String, UnknownDaemon> {
         self.config.resolve(name).or_else(|e| {
             let n = ringrift::catalog::normalize(name);
             if self.daemons.contains_key(&n) {
@@ -160,7 +161,7 @@ impl Core {
                         ok.push(n)
                     }
                 }
-                Err(e) => bad.push(OpResult::failed(n, ErrorCode::UnknownDaemon, e)),
+                Err(e) => bad.push(OpResult::failed(n, ErrorCode::UnknownDaemon, e.to_string())),
             }
         }
         (ok, bad)
@@ -195,7 +196,7 @@ impl Core {
                     );
                     let _ = reply.send(error(
                         protocol::ErrorCode::BadRequest,
-                        &format!("unknown profile '{p}': {hint}"),
+                        format!("unknown profile '{p}': {hint}"),
                     ));
                     return;
                 }
@@ -424,11 +425,20 @@ impl Core {
     }
 }
 
+/// A signal `kill --signal` cannot send.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(super) enum BadSignal {
+    #[error("{0} is not a signal number")]
+    Number(i32),
+    #[error("unknown signal '{0}' (e.g. KILL, TERM, INT, HUP, USR1, or a number)")]
+    Name(String),
+}
+
 /// A signal as users write it: `KILL`, `SIGKILL`, `kill` or `9`.
-pub(super) fn parse_signal(text: &str) -> Result<Signal, String> {
+pub(super) fn parse_signal(text: &str) -> Result<Signal, BadSignal> {
     let t = text.trim();
     if let Ok(n) = t.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| format!("{n} is not a signal number"));
+        return Signal::try_from(n).map_err(|_| BadSignal::Number(n));
     }
     let upper = t.to_ascii_uppercase();
     let full = if upper.starts_with("SIG") {
@@ -436,9 +446,8 @@ pub(super) fn parse_signal(text: &str) -> Result<Signal, String> {
     } else {
         format!("SIG{upper}")
     };
-    full.parse::<Signal>().map_err(|_| {
-        format!("unknown signal '{text}' (e.g. KILL, TERM, INT, HUP, USR1, or a number)")
-    })
+    full.parse::<Signal>()
+        .map_err(|_| BadSignal::Name(text.to_string()))
 }
 
 pub(super) fn dependents_in(
@@ -466,15 +475,10 @@ mod tests {
             assert_eq!(parse_signal(text), Ok(Signal::SIGKILL), "{text}");
         }
         assert_eq!(parse_signal("int"), Ok(Signal::SIGINT));
-        assert!(
-            parse_signal("BOGUS")
-                .unwrap_err()
-                .contains("unknown signal 'BOGUS'")
-        );
-        assert!(
-            parse_signal("999")
-                .unwrap_err()
-                .contains("not a signal number")
+        assert_eq!(parse_signal("BOGUS"), Err(BadSignal::Name("BOGUS".into())));
+        assert_eq!(
+            parse_signal("999").unwrap_err().to_string(),
+            "999 is not a signal number"
         );
     }
 }

@@ -110,12 +110,12 @@ impl Core {
     }
 
     /// Sends a waiter its answer: per target its outcome, or (None, at the deadline) its state now.
-    fn answer(&self, w: Waiter, outcomes: Vec<Option<Result<String, String>>>) {
+    fn answer(&self, w: Waiter, outcomes: Vec<Option<Outcome>>) {
         let mut results = w.early;
         for (name, outcome) in w.targets.iter().zip(outcomes) {
             results.push(match outcome {
-                Some(Ok(m)) => OpResult::done(name, m),
-                Some(Err(m)) => OpResult::failed(name, ErrorCode::Failed, m),
+                Some(Outcome::Reached(m)) => OpResult::done(name, m),
+                Some(Outcome::Missed(m)) => OpResult::failed(name, ErrorCode::Failed, m),
                 None => {
                     let d = &self.daemons[name];
                     let why = d
@@ -133,8 +133,8 @@ impl Core {
     }
 
     /// What became of each of a waiter's targets so far: None while it is still on its way.
-    pub(super) fn outcomes(&self, w: &Waiter) -> Vec<Option<Result<String, String>>> {
-        let mut out: Vec<Option<Result<String, String>>> = Vec::with_capacity(w.targets.len());
+    pub(super) fn outcomes(&self, w: &Waiter) -> Vec<Option<Outcome>> {
+        let mut out: Vec<Option<Outcome>> = Vec::with_capacity(w.targets.len());
         for (k, name) in w.targets.iter().enumerate() {
             let d = &self.daemons[name];
             let (overrides, failures) = w.marks[k];
@@ -145,19 +145,19 @@ impl Core {
                     .unwrap_or_else(|| "stopped".into())
             };
             let outcome = match (w.goal, d.state) {
-                (Goal::Down, _) if d.stop_overrides != overrides => Some(Err(format!(
+                (Goal::Down, _) if d.stop_overrides != overrides => Some(Outcome::Missed(format!(
                     "stop overridden by a later start or restart (now {})",
                     d.state
                 ))),
-                (Goal::Down, s) if s.is_at_rest() => Some(Ok(match &d.stop_how {
+                (Goal::Down, s) if s.is_at_rest() => Some(Outcome::Reached(match &d.stop_how {
                     Some(how) => format!("{s} ({how})"),
                     None => format!("{s}"),
                 })),
-                (Goal::Up, DaemonState::Running | DaemonState::Paused) => {
-                    Some(Ok(format!("{} (pid {})", d.state, d.pid.unwrap_or(0))))
-                }
+                (Goal::Up, DaemonState::Running | DaemonState::Paused) => Some(Outcome::Reached(
+                    format!("{} (pid {})", d.state, d.pid.unwrap_or(0)),
+                )),
                 (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => {
-                    Some(Err(format!("{}: {}", d.state, reason())))
+                    Some(Outcome::Missed(format!("{}: {}", d.state, reason())))
                 }
                 // An attempt made for this request failed, and the next one will not come soon
                 // enough to answer by the deadline (or the program cannot be started at all).
@@ -174,22 +174,26 @@ impl Core {
                             )
                         })
                         .unwrap_or_default();
-                    Some(Err(format!("BACKOFF: {}{next}", reason())))
+                    Some(Outcome::Missed(format!("BACKOFF: {}{next}", reason())))
                 }
                 // Waiting for a dependency that has already failed this request.
                 (Goal::Up, DaemonState::Waiting) => d.cfg.depends_on.iter().find_map(|dep| {
                     let j = w.targets.iter().position(|t| t == dep)?;
                     match out.get(j)? {
-                        Some(Err(m)) => {
-                            Some(Err(format!("WAITING: dependency {dep} is not ready ({m})")))
-                        }
+                        Some(Outcome::Missed(m)) => Some(Outcome::Missed(format!(
+                            "WAITING: dependency {dep} is not ready ({m})"
+                        ))),
                         _ => None,
                     }
                 }),
-                (Goal::Paused, DaemonState::Paused) => Some(Ok("PAUSED".into())),
-                (Goal::Paused, s) if s != DaemonState::Running => Some(Err(format!("{s}"))),
-                (Goal::Resumed, DaemonState::Running) => Some(Ok("RUNNING".into())),
-                (Goal::Resumed, s) if s != DaemonState::Paused => Some(Err(format!("{s}"))),
+                (Goal::Paused, DaemonState::Paused) => Some(Outcome::Reached("PAUSED".into())),
+                (Goal::Paused, s) if s != DaemonState::Running => {
+                    Some(Outcome::Missed(format!("{s}")))
+                }
+                (Goal::Resumed, DaemonState::Running) => Some(Outcome::Reached("RUNNING".into())),
+                (Goal::Resumed, s) if s != DaemonState::Paused => {
+                    Some(Outcome::Missed(format!("{s}")))
+                }
                 _ => None,
             };
             out.push(outcome);
@@ -218,4 +222,12 @@ pub(super) enum Goal {
     Down,
     Paused,
     Resumed,
+}
+
+/// What became of one target of a request: the goal reached (its state, `RUNNING (pid 42)`), or
+/// missed for good (why: `FAILED: exit 1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Reached(String),
+    Missed(String),
 }

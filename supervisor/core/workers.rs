@@ -4,6 +4,19 @@ use ringrift::protocol::{Ack, Emit, Heartbeat, SpawnJob, StateReport, Subscribe,
 
 use super::*;
 
+/// Why a worker's hello is refused although it came on a connection the supervisor made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HelloRefused {
+    /// A reload removed the daemon meanwhile.
+    #[error("unknown daemon '{0}'")]
+    Unknown(String),
+    /// The process this connection was made for has ended (a newer spawn may be running).
+    #[error("daemon {name}'s process of this connection is gone (state {state})")]
+    Gone { name: String, state: DaemonState },
+    #[error("daemon {0} is already connected")]
+    AlreadyConnected(String),
+}
+
 impl Core {
     /// A hello on the socket pair made for spawn `generation` of `name`: the connection is the
     /// proof of identity, so all that is left to check is that this spawn is still the current one.
@@ -13,18 +26,18 @@ impl Core {
         generation: u64,
         conn_id: u64,
         tx: ConnTx,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, HelloRefused> {
         let Some(d) = self.daemons.get_mut(name) else {
-            return Err(format!("unknown daemon '{name}'"));
+            return Err(HelloRefused::Unknown(name.to_string()));
         };
         if d.generation != generation || d.pid.is_none() {
-            return Err(format!(
-                "daemon {name}'s process of this connection is gone (state {})",
-                d.state
-            ));
+            return Err(HelloRefused::Gone {
+                name: name.to_string(),
+                state: d.state,
+            });
         }
         if d.conn.is_some() {
-            return Err(format!("daemon {name} is already connected"));
+            return Err(HelloRefused::AlreadyConnected(name.to_string()));
         }
         d.conn = Some((conn_id, tx));
         d.last_heartbeat = Some(Instant::now());
@@ -128,6 +141,7 @@ impl Core {
                             .log
                             .info(&format!("{name}: subscribed to {}", event_types.join(", "))),
                         Err(e) => {
+                            let e = e.to_string();
                             self.log.warn(&format!("{name}: {e}"));
                             self.send_to_worker(name, error(protocol::ErrorCode::BadRequest, &e));
                         }
@@ -153,7 +167,7 @@ impl Core {
         }
         self.events
             .publish(event_type, payload, origin.as_str())
-            .map_err(|e| (protocol::ErrorCode::BadRequest, e))
+            .map_err(|e| (protocol::ErrorCode::BadRequest, e.to_string()))
     }
 
     pub(super) fn send_to_worker(&self, name: &str, frame: FromSupervisor) {
