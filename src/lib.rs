@@ -2,17 +2,17 @@
 //!
 //! Protocol frames, the daemon catalog, configuration loading and validation, the dependency graph,
 //! the lifecycle state machine and the restart policy all live here as plain data and functions, so
-//! that the rules can be tested without starting a process.
+//! that the rules can be tested without starting a process. The one exception is [`os`]: the
+//! readers of /proc and cgroupfs that the supervisor, the worker and the tests share.
 
 pub mod catalog;
-pub mod cgroupfs;
 pub mod config;
 pub mod deps;
 pub mod events;
 pub mod lifecycle;
 pub mod limits;
+pub mod os;
 pub mod plan;
-pub mod procfs;
 pub mod protocol;
 pub mod readiness;
 pub mod reaper;
@@ -22,3 +22,6 @@ pub mod settings;
 pub mod template;
 pub mod timefmt;
 pub mod watchdog;
+
+// Short paths for the OS readers, used throughout the binaries and tests.
+pub use os::{cgroupfs, procfs};

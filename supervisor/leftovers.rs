@@ -11,6 +11,7 @@ use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use ringrift::procfs;
 use ringrift::protocol::{ROOT_ENV, SUPERVISOR_PID_ENV};
 
 use crate::logwriter::SupervisorLog;
@@ -43,7 +44,7 @@ pub(crate) struct Leftover {
 /// Finds what earlier supervisors of this root left running.
 pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
     let me = std::process::id();
-    let my_pgid = unix::proc_stat(me).map(|s| s.pgid).unwrap_or(0);
+    let my_pgid = procfs::stat(me).map(|s| s.pgid).unwrap_or(0);
     let mut out = BTreeSet::new();
     if let Ok(text) = std::fs::read_to_string(paths.run_dir.join(FILE)) {
         for line in text.lines() {
@@ -55,7 +56,7 @@ pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
                 continue;
             };
             let what = it.next().unwrap_or("?");
-            if let Some(stat) = unix::proc_stat(pgid)
+            if let Some(stat) = procfs::stat(pgid)
                 && start != 0
                 && stat.start_time == start
                 && stat.state != 'Z'
@@ -69,17 +70,11 @@ pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
         }
     }
     let root = paths.root.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out.into_iter().collect();
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for pid in procfs::pids() {
         if pid == me {
             continue;
         }
-        let Some(env) = unix::environ(pid) else {
+        let Some(env) = procfs::environ(pid) else {
             continue;
         };
         let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
@@ -92,7 +87,7 @@ pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
         if sup == me.to_string() {
             continue;
         }
-        let Some(stat) = unix::proc_stat(pid) else {
+        let Some(stat) = procfs::stat(pid) else {
             continue;
         };
         if stat.state == 'Z' {
@@ -116,9 +111,7 @@ pub(crate) fn clean(paths: &Paths, log: &SupervisorLog) {
         return;
     }
     for l in &found {
-        let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", l.pid))
-            .unwrap_or_default()
-            .replace('\0', " ");
+        let cmd = procfs::cmdline(l.pid);
         log.warn(&format!(
             "stopping a process left by an earlier supervisor: pid {} (group {}), {}: {}",
             l.pid,
@@ -135,7 +128,7 @@ pub(crate) fn clean(paths: &Paths, log: &SupervisorLog) {
     while Instant::now() < deadline
         && found
             .iter()
-            .any(|l| unix::proc_stat(l.pid).is_some_and(|s| s.state != 'Z'))
+            .any(|l| procfs::stat(l.pid).is_some_and(|s| s.state != 'Z'))
     {
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -1,19 +1,17 @@
 //! `ringrift-supervisor`: runs the RingRift pipeline daemons, one OS process each, and is the CLI
 //! that controls them.
 
-mod cgroup;
 mod cli;
-mod containment;
 mod core;
 mod events;
 mod http;
 mod ipc;
 mod leftovers;
 mod logwriter;
+mod os;
 mod paths;
 mod readiness;
 mod server;
-mod unix;
 mod watch;
 
 use std::path::PathBuf;
@@ -27,6 +25,8 @@ use ringrift::protocol::{
 
 use crate::cli::{EXIT_FAILED, EXIT_USAGE};
 use crate::paths::Paths;
+// The OS modules by their short names (`crate::unix`, `crate::cgroup`, `crate::containment`).
+use os::{cgroup, containment, unix};
 
 #[derive(Parser)]
 #[command(

@@ -97,7 +97,7 @@ pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, LockError> {
     match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(RootLock { _lock: lock }),
         Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
-            let holder = lock_holder(id).or_else(|| {
+            let holder = ringrift::procfs::flock_holder(id.0, id.1).or_else(|| {
                 fs::read_to_string(&paths.pid_file)
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
@@ -112,24 +112,6 @@ pub(crate) fn lock_root(paths: &Paths) -> Result<RootLock, LockError> {
             source,
         }),
     }
-}
-
-/// The pid holding a flock on the file (dev, ino), from /proc/locks (proc(5)): lines such as
-/// `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF`, the device as hex `major:minor`.
-fn lock_holder((dev, ino): (u64, u64)) -> Option<u32> {
-    let text = fs::read_to_string("/proc/locks").ok()?;
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    text.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let i = fields.iter().position(|f| *f == "FLOCK")?;
-        let pid: u32 = fields.get(i + 3)?.parse().ok()?;
-        let mut id = fields.get(i + 4)?.split(':');
-        let (ma, mi, n) = (id.next()?, id.next()?, id.next()?);
-        (u64::from_str_radix(ma, 16).ok()? == major
-            && u64::from_str_radix(mi, 16).ok()? == minor
-            && n.parse::<u64>().ok()? == ino)
-            .then_some(pid)
-    })
 }
 
 /// The (device, inode) of a path, if it exists: how the supervisor recognises its own socket.

@@ -239,4 +239,4 @@ pub(crate) fn children_of_self() -> Vec<u32> {
     out
 }
 
-pub(crate) use ringrift::procfs::{environ, stat as proc_stat};
+pub(crate) use ringrift::procfs::stat as proc_stat;

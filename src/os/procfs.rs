@@ -141,6 +141,34 @@ pub fn limit(pid: u32, name: &str) -> Option<Limit> {
     )
 }
 
+/// The pid holding a flock(2) on the file `(dev, ino)`, from /proc/locks (proc(5)); None when
+/// no process holds one or the file cannot be read.
+pub fn flock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    parse_flock_holder(
+        &text,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        ino,
+    )
+}
+
+/// Reads /proc/locks lines such as `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (the
+/// device as hex `major:minor`, then the inode) for the holder of a flock on that file.
+pub fn parse_flock_holder(text: &str, major: u64, minor: u64, ino: u64) -> Option<u32> {
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let i = fields.iter().position(|f| *f == "FLOCK")?;
+        let pid: u32 = fields.get(i + 3)?.parse().ok()?;
+        let mut id = fields.get(i + 4)?.split(':');
+        let (ma, mi, n) = (id.next()?, id.next()?, id.next()?);
+        (u64::from_str_radix(ma, 16).ok()? == major
+            && u64::from_str_radix(mi, 16).ok()? == minor
+            && n.parse::<u64>().ok()? == ino)
+            .then_some(pid)
+    })
+}
+
 /// Every pid in /proc.
 pub fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -264,5 +292,15 @@ mod tests {
             env,
             vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
+    }
+
+    #[test]
+    fn the_holder_of_a_flock_is_read_from_proc_locks() {
+        let text = "1: POSIX  ADVISORY  WRITE 99 08:01:5678 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 77 fd:00:42 0 EOF\n";
+        assert_eq!(parse_flock_holder(text, 8, 1, 5678), Some(1234));
+        assert_eq!(parse_flock_holder(text, 0xfd, 0, 42), Some(77));
+        assert_eq!(parse_flock_holder(text, 8, 1, 1), None);
     }
 }
