@@ -5,6 +5,8 @@
 //! that the rules can be tested without starting a process. The one exception is [`os`]: the
 //! readers of /proc and cgroupfs that the supervisor, the worker and the tests share.
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod config;
 pub mod deps;
