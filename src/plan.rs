@@ -21,6 +21,7 @@ use crate::lifecycle::DaemonState;
 /// What settling needs to know of one daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct View {
+    /// Its lifecycle state now.
     pub state: DaemonState,
     /// A stop was asked for, but it waits until the daemon's dependents are gone.
     pub stop_queued: bool,
@@ -35,10 +36,20 @@ pub enum Step {
     Spawn(String),
     /// It is WAITING for dependencies that are on their way; `reason` names them and their states
     /// (`waiting for db (INITIALIZING) to be ready`), for `status`.
-    Wait { name: String, reason: String },
+    Wait {
+        /// The daemon.
+        name: String,
+        /// For `status`: what it waits for.
+        reason: String,
+    },
     /// A dependency is STOPPED or FAILED and will not come up by itself: this daemon goes to
     /// STOPPED with `reason` (`not started: dependency db is FAILED`).
-    GiveUp { name: String, reason: String },
+    GiveUp {
+        /// The daemon.
+        name: String,
+        /// For `status` and the log: which dependency is at rest.
+        reason: String,
+    },
 }
 
 /// Decides one pass of what can move: first the queued stops whose dependents have no process

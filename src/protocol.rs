@@ -39,10 +39,13 @@ pub const JOB_ID_ENV: &str = "RINGRIFT_JOB_ID";
 /// Set on job processes: the unix time (seconds) after which the job is overdue.
 pub const JOB_DEADLINE_ENV: &str = "RINGRIFT_JOB_DEADLINE";
 
+/// Who speaks on a connection, said in its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// A daemon's process, on the connection it inherited at spawn.
     Worker,
+    /// A client of the control socket: the CLI (or a tool acting like it).
     Cli,
 }
 
@@ -50,20 +53,28 @@ pub enum Role {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReportedState {
+    /// Starting up: not yet doing its work.
     Initializing,
+    /// Doing its work (its dependents may start).
     Running,
+    /// Idle after a pause frame, still connected and heartbeating.
     Paused,
+    /// Finishing its work before it exits (its grace period starts).
     ShuttingDown,
 }
 
+/// A daemon's own account of its health, sent in every heartbeat.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
+    /// False when the daemon cannot do its work (a missing input, repeated failures).
     pub healthy: bool,
     /// One word: "ok", "degraded", "idle", "not_implemented", ...
     #[serde(default)]
     pub status: String,
+    /// One line for people (`status` and `watch` show it).
     #[serde(default)]
     pub message: String,
+    /// Whatever the daemon wants to show (counts, paths, last errors), as JSON values.
     #[serde(default)]
     pub details: BTreeMap<String, Value>,
 }
@@ -72,6 +83,7 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Opening {
+    /// The only opening: who speaks and which protocol version.
     Hello(Hello),
 }
 
@@ -80,12 +92,15 @@ pub enum Opening {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
+    /// The version the client speaks; must equal [`PROTOCOL_VERSION`].
     pub protocol: u32,
+    /// Worker or CLI; a worker hello on the control socket is refused.
     pub role: Role,
     /// The daemon a worker runs (workers only; its connection already says which, so a name
     /// that differs is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub daemon: Option<String>,
+    /// The sender's pid, for the log (proves nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
 }
@@ -94,11 +109,17 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerFrame {
+    /// The worker's own state changed.
     State(StateReport),
+    /// Still alive: health and progress counters.
     Heartbeat(Heartbeat),
+    /// Publish an event the daemon may emit.
     Emit(Emit),
+    /// The event types this worker wants.
     Subscribe(Subscribe),
+    /// Events up to a sequence number are handled.
     Ack(Ack),
+    /// Run a command as a job the supervisor owns.
     SpawnJob(SpawnJob),
 }
 
@@ -107,6 +128,7 @@ pub enum WorkerFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateReport {
+    /// The state it is in now.
     pub state: ReportedState,
     /// Shown as the daemon's health message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +139,7 @@ pub struct StateReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
+    /// Its health now.
     pub health: Health,
     /// Monotonic counters (cycles run, items processed, ...): the stall watchdog watches them move.
     #[serde(default)]
@@ -128,7 +151,9 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Emit {
+    /// The event type, as in the catalog (`NEW_GAMES_AVAILABLE`; case and dashes are normalized).
     pub event_type: String,
+    /// The event's JSON object, checked against the type's schema (at most `events::MAX_PAYLOAD_BYTES`).
     pub payload: Value,
     /// Ignored, kept so that older clients' frames still decode: the supervisor stamps the
     /// origin itself (the daemon's name, "cli" or "http"), a sender cannot choose it.
@@ -141,6 +166,7 @@ pub struct Emit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
+    /// Event types as in the catalog; an unknown one refuses the whole subscription.
     pub event_types: Vec<String>,
 }
 
@@ -148,6 +174,7 @@ pub struct Subscribe {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ack {
+    /// The sequence number of the last event handled.
     pub seq: u64,
 }
 
@@ -158,9 +185,11 @@ pub struct Ack {
 pub struct SpawnJob {
     /// Chosen by the worker; echoed in `job_started` and `job_exit`.
     pub request_id: u64,
+    /// The program and its arguments (no shell).
     pub command: Vec<String>,
     /// The job is stopped (SIGTERM, grace, SIGKILL to its group) after this many seconds.
     pub max_runtime_secs: f64,
+    /// Variables added to the job's environment (the tree's own, such as the root, win).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
@@ -169,16 +198,27 @@ pub struct SpawnJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
+    /// `start`: start daemons and what they depend on.
     Start(StartRequest),
+    /// `stop`: stop daemons and their dependents.
     Stop(StopRequest),
+    /// `kill`: stop daemons by a signal.
     Kill(KillRequest),
+    /// `restart`: stop and start daemons (their dependencies come up too).
     Restart(Targets),
+    /// `pause`: pause RUNNING daemons (a pause frame, or a frozen cgroup or SIGSTOP for plain programs).
     Pause(Targets),
+    /// `resume`: resume PAUSED daemons.
     Resume(Targets),
+    /// `status`: the status report.
     Status(StatusRequest),
+    /// `events`: a page of the event history, and with `follow` the stream after it.
     Events(EventsRequest),
+    /// `emit` (and `POST /event`): publish an event.
     Emit(Emit),
+    /// `reload` (and SIGHUP): read the configuration again and apply what changed.
     Reload,
+    /// `shutdown`: stop every daemon and job, then the supervisor.
     Shutdown,
 }
 
@@ -186,6 +226,7 @@ pub enum Request {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
+    /// Daemon names as typed (case and dashes are normalized); unknown ones fail the request.
     #[serde(default)]
     pub names: Vec<String>,
     /// Every enabled daemon.
@@ -203,8 +244,10 @@ pub struct StartRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StopRequest {
+    /// Daemon names as typed; unknown ones fail the request.
     #[serde(default)]
     pub names: Vec<String>,
+    /// Every daemon.
     #[serde(default)]
     pub all: bool,
     /// Skip the grace period: SIGKILL to each process group at once (dependents too).
@@ -217,6 +260,7 @@ pub struct StopRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KillRequest {
+    /// Daemon names as typed; unknown ones fail the request.
     pub names: Vec<String>,
     /// A signal name (`TERM`, `SIGINT`) or number; None: SIGKILL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -227,6 +271,7 @@ pub struct KillRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Targets {
+    /// Daemon names as typed; unknown ones fail the request.
     pub names: Vec<String>,
 }
 
@@ -234,6 +279,7 @@ pub struct Targets {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRequest {
+    /// One daemon (as typed) instead of all; an unknown one is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -243,10 +289,13 @@ pub struct StatusRequest {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
+    /// Only events with a sequence number above this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
+    /// Only these event types (all when empty).
     #[serde(default)]
     pub types: Vec<String>,
+    /// Keep the connection open and stream new events after the history.
     #[serde(default)]
     pub follow: bool,
     /// Only the most recent `limit` matching events. Either way an answer is one page (at
@@ -278,50 +327,71 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromSupervisor {
+    /// The hello was accepted.
     Welcome {
+        /// The supervisor's [`PROTOCOL_VERSION`].
         protocol: u32,
         /// For workers: the daemon's effective configuration.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config: Option<Value>,
     },
+    /// A refusal: the frame or request was not carried out.
     Error {
+        /// Why, for programs (the CLI's exit code).
         code: ErrorCode,
+        /// Why, for people.
         message: String,
     },
 
     // ---- supervisor → worker
+    /// To a worker: stop taking new work and report PAUSED.
     Pause,
+    /// To a worker: take work again and report RUNNING.
     Resume,
+    /// To a worker: finish up and exit within the grace period.
     Shutdown,
+    /// To a worker: run a cycle now instead of waiting for its interval.
     RunNow,
     /// One event, to a subscribed worker (which acks it) or to a CLI reading the stream.
     Event {
+        /// The event as stored.
         event: crate::events::Event,
     },
     /// An emit was accepted (CLI and HTTP emits).
     Emitted {
+        /// Its sequence number in the log.
         seq: u64,
+        /// Its id (unique across restarts of the supervisor).
         id: String,
+        /// Its type, normalized.
         event_type: String,
     },
     /// The end of one page of an event listing (for `follow`, the end of the history before new
     /// events are streamed).
     EndOfEvents {
+        /// The newest sequence number in the log (0: none yet).
         last_seq: u64,
         /// More matching events remain: ask again with `since` set to this (a page holds at most
         /// 1,000 events). Absent on the last page; old clients ignore it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next_since: Option<u64>,
     },
+    /// To a worker: its job was spawned.
     JobStarted {
+        /// The worker's `SpawnJob::request_id`.
         request_id: u64,
+        /// The job's id (`<daemon>-<n>`).
         job_id: String,
+        /// The pid of the job's process (it leads its own process group).
         pid: u32,
     },
+    /// To a worker: its job ended (or could not be spawned).
     JobExit {
+        /// The worker's `SpawnJob::request_id`.
         request_id: u64,
         /// Empty when the job could not be spawned at all.
         job_id: String,
+        /// Exited with code 0 (and was not stopped for overrunning).
         success: bool,
         /// The exit code, when the job exited by itself.
         code: Option<i32>,
@@ -329,15 +399,19 @@ pub enum FromSupervisor {
         exit: String,
         /// Stopped by the supervisor for overrunning max_runtime_secs.
         timed_out: bool,
+        /// Seconds from spawn to exit.
         runtime_secs: f64,
     },
 
     // ---- supervisor → CLI
     /// The outcome of a control command, one entry per daemon touched.
     Done {
+        /// Every result is ok.
         ok: bool,
+        /// One per daemon (and one per name that was refused up front).
         results: Vec<OpResult>,
     },
+    /// The answer to a status request.
     Status(StatusReport),
 }
 
@@ -388,6 +462,7 @@ impl ErrorCode {
 pub struct OpResult {
     /// The daemon (empty for a result about the request as a whole).
     pub name: String,
+    /// The daemon reached what was asked.
     pub ok: bool,
     /// Its state now (`RUNNING (pid 42)`), or what went wrong.
     pub message: String,
@@ -426,15 +501,19 @@ impl OpResult {
 /// What `status --json` prints and `GET /daemon/status` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
+    /// The supervisor itself.
     pub supervisor: SupervisorInfo,
+    /// Every daemon of the configuration (and removed ones still stopping), by name.
     pub daemons: Vec<DaemonStatus>,
     /// Jobs running now.
     #[serde(default)]
     pub jobs: Vec<JobStatus>,
     #[serde(default)]
+    /// The event log.
     pub events: EventsInfo,
 }
 
+/// The event log at a glance.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventsInfo {
     /// Sequence number of the newest event (0: none yet).
@@ -443,28 +522,42 @@ pub struct EventsInfo {
     pub routed: u64,
     /// Events kept in the log for replay (their index is in memory, their bodies on disk).
     pub retained: u64,
+    /// The durable event log (`logs/events.log` under the root).
     pub log_path: String,
     /// Damaged event files moved aside when the supervisor started (paths), newest last.
     #[serde(default)]
     pub quarantined: Vec<String>,
 }
 
+/// A job running now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
+    /// The job's id (`<daemon>-<n>`), also its log name under logs/jobs/.
     pub id: String,
+    /// The daemon that asked for it.
     pub daemon: String,
+    /// The pid of the job's process (it leads its own process group).
     pub pid: u32,
+    /// The command as spawned.
     pub command: Vec<String>,
+    /// Seconds since it was spawned.
     pub runtime_secs: f64,
+    /// Seconds after which the supervisor stops it.
     pub max_runtime_secs: f64,
 }
 
+/// The supervisor process and where it keeps its state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SupervisorInfo {
+    /// The supervisor's pid.
     pub pid: u32,
+    /// The root directory it supervises (absolute).
     pub root: String,
+    /// Seconds since it started.
     pub uptime_secs: f64,
+    /// The configuration file it loaded, or `<embedded default>`.
     pub config_path: String,
+    /// The supervisor's version (Cargo package version).
     pub version: String,
     /// Where the HTTP server listens, if it does.
     #[serde(default)]
@@ -481,20 +574,30 @@ pub struct SupervisorInfo {
     pub http_error: Option<String>,
 }
 
+/// One daemon as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DaemonStatus {
+    /// The daemon's name (lower-case identifier, as in the configuration).
     pub name: String,
+    /// Its lifecycle state.
     pub state: DaemonState,
+    /// Started by `start --all`.
     pub enabled: bool,
     /// "worker" (the built-in ringrift-worker) or "external" (a configured command).
     pub kind: String,
+    /// The pid of its process (leader of its process group), while it has one.
     pub pid: Option<u32>,
+    /// Seconds since its process was spawned.
     pub uptime_secs: Option<f64>,
+    /// Restarts since the supervisor started.
     pub restarts: u32,
+    /// Its own health report (protocol daemons), or a fixed one for plain programs.
     pub health: Health,
     /// Seconds since the last heartbeat, for protocol-aware daemons.
     pub heartbeat_age_secs: Option<f64>,
+    /// Its progress counters from the last heartbeat.
     pub progress: BTreeMap<String, u64>,
+    /// The daemons it depends on.
     pub depends_on: Vec<String>,
     /// How the last process ended ("exit 1", "signal 9 (SIGKILL)"), if one has.
     pub last_exit: Option<String>,
@@ -503,11 +606,13 @@ pub struct DaemonStatus {
     /// CPU seconds and resident memory of the daemon's process.
     #[serde(default)]
     pub cpu_secs: Option<f64>,
+    /// Resident memory of its process, bytes.
     #[serde(default)]
     pub rss_bytes: Option<u64>,
     /// Event types it subscribed to, and how many matching events it has not acked yet.
     #[serde(default)]
     pub subscriptions: Vec<String>,
+    /// Events of its subscriptions it has not acked yet.
     #[serde(default)]
     pub event_backlog: u64,
     /// How the daemon's processes are contained: "cgroup" or "process-group+environment" (for a
@@ -583,6 +688,7 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// A reader with no bytes buffered.
     pub fn new() -> FrameReader {
         FrameReader::default()
     }
@@ -689,8 +795,10 @@ impl FrameReader {
 /// Errors reading a frame off the wire.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// A frame of this many bytes (newline excluded) is over [`MAX_FRAME_BYTES`].
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
     TooLarge(usize),
+    /// Not JSON, or not a frame of the vocabulary expected (serde's message).
     #[error("malformed frame: {0}")]
     Malformed(String),
 }
@@ -769,15 +877,21 @@ pub enum InheritedError {
     #[error(
         "{FD_ENV} is not set: daemons are started by ringrift-supervisor, which hands each its connection"
     )]
+    /// The variable is missing: the process was not started by the supervisor.
     NotSet,
+    /// The variable is not a number above 2.
     #[error("{FD_ENV}={0} is not a descriptor number above 2")]
     NotADescriptor(String),
+    /// No such open descriptor.
     #[error("{FD_ENV}={0}: {1}")]
     NotOpen(i32, std::io::Error),
+    /// The descriptor is not a socket.
     #[error("{FD_ENV}={0} is not a socket")]
     NotASocket(i32),
+    /// Taken once already by this process.
     #[error("{FD_ENV}={0} was already taken by this process")]
     Taken(i32),
+    /// fcntl(F_SETFD) failed.
     #[error("{FD_ENV}={0}: cannot set close-on-exec: {1}")]
     Cloexec(i32, nix::Error),
 }

@@ -109,7 +109,10 @@ pub enum Change {
     /// Gone from the configuration: stopped, and forgotten once at rest.
     Removed,
     /// New in the configuration; `start` when it is enabled.
-    Added { start: bool },
+    Added {
+        /// It is enabled: start it.
+        start: bool,
+    },
     /// Was enabled, is not: stopped.
     Disabled,
     /// Was disabled and at rest, is enabled: started.
@@ -117,7 +120,9 @@ pub enum Change {
     /// Only policy keys changed. `now` apply to the running process; `next_start` (readiness,
     /// which is judged once per process) from its next start.
     InPlace {
+        /// Keys that apply to the running process at once.
         now: Vec<String>,
+        /// Keys used from the daemon's next start (`ready`, `ready_timeout`).
         next_start: Vec<String>,
     },
     /// Only the job templates changed: used from the daemon's next start, no restart.
@@ -162,7 +167,9 @@ impl Change {
 /// A daemon as the supervisor runs it when a reload comes: its configuration and its state.
 #[derive(Debug, Clone, Copy)]
 pub struct Running<'a> {
+    /// The configuration it runs with.
     pub config: &'a DaemonConfig,
+    /// Its lifecycle state.
     pub state: DaemonState,
 }
 
