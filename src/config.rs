@@ -24,14 +24,23 @@ pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
 /// Where the configuration lives, relative to the root.
 pub const CONFIG_RELATIVE_PATH: &str = "config/unified_loop.yaml";
 
+/// A validated configuration: `config/unified_loop.yaml` (or the embedded default) with the
+/// environment overrides applied. Built by [`load`], [`load_checked`], [`parse`] or [`parse_in`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Where it was read from: a path, or "<embedded default>".
+    /// Where it was read from: a path, or `"<embedded default>"`.
     pub source: String,
+    /// The `http:` section: the status/metrics server.
     pub http: HttpConfig,
+    /// The `logs:` section: rotation of the per-daemon log files.
     pub logs: LogConfig,
+    /// Every daemon by canonical (normalized, lower-case) name: every catalog daemon, configured or
+    /// not, plus the file's own daemons (those with a `command:`).
     pub daemons: BTreeMap<String, DaemonConfig>,
+    /// Profile name → canonical names of its daemons: the catalog's profiles, with those of the
+    /// `profiles:` section added or replacing them (for `start --profile NAME`).
     pub profiles: BTreeMap<String, Vec<String>>,
+    /// The `pipeline:` section: the config keys the loop plays and its job command templates.
     pub pipeline: PipelineConfig,
     /// How daemons and jobs are contained (`containment:`; see the README's "Containment").
     pub containment: ContainmentMode,
@@ -41,23 +50,30 @@ pub struct Config {
 /// have one, else process groups plus the environment sweep) or `process-group` (never cgroups).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ContainmentMode {
+    /// `auto` (the default): a cgroup v2 per daemon and job when the supervisor can make them.
     #[default]
     Auto,
+    /// `process-group`: never cgroups; process groups plus the environment markers only.
     ProcessGroup,
 }
 
 /// The self-improvement loop: which config keys it works on and the command of each kind of job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineConfig {
+    /// The config keys the loop works on (`<board>_<N>p`, e.g. `hex8_2p`), as written, each checked
+    /// by [`crate::events::parse_config_key`]; never empty (default `[hex8_2p]`).
     pub config_keys: Vec<String>,
     /// selfplay, export, train, gauntlet → command template and maximum runtime.
     pub jobs: BTreeMap<String, JobTemplate>,
 }
 
+/// How one kind of job is run (`pipeline.jobs.<kind>`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobTemplate {
     /// Words with `{placeholder}`s, filled in when the job runs.
     pub command: Vec<String>,
+    /// Longest the job may run before the supervisor stops it (1 s to 7 days; default 1800 s for
+    /// selfplay and export, 3600 s for train and gauntlet).
     pub max_runtime: Duration,
 }
 
@@ -186,6 +202,9 @@ impl Default for PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// The section as handed to every daemon in its settings (`settings.pipeline`):
+    /// `{"config_keys": [...], "jobs": {kind: {"command": [...], "max_runtime": seconds}}}`, the
+    /// runtime in (fractional) seconds.
     pub fn to_json(&self) -> Value {
         let jobs: Map<String, Value> = self
             .jobs
@@ -196,45 +215,69 @@ impl PipelineConfig {
     }
 }
 
+/// The `http:` section: the HTTP status and metrics server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpConfig {
+    /// Whether the server runs at all (default true).
     pub enabled: bool,
+    /// Where it listens (default `127.0.0.1:8770`).
     pub addr: SocketAddr,
     /// Connections served at once; one more is refused at once instead of queued.
     pub max_connections: usize,
 }
 
 impl HttpConfig {
+    /// `max_connections` when the file does not say.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
     /// Far below any sensible descriptor limit; more would defeat the point of a cap.
     pub const MAX_MAX_CONNECTIONS: usize = 4096;
 }
 
+/// The `logs:` section: rotation of `logs/<daemon>.log` and the supervisor's own log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
+    /// Size in bytes at which a log file is rotated (4096 to 1 TiB; default 50 MiB).
     pub max_bytes: u64,
+    /// Files kept per log, the live one included: `x.log`, `x.log.1` … `x.log.{max_files-1}` (1 to
+    /// 100; default 5; 1 truncates instead of rotating).
     pub max_files: u32,
 }
 
+/// One daemon's effective settings: its `daemons.<name>` entry over the `defaults:` block over the
+/// catalog's defaults. Durations are checked against the ranges given per field.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
+    /// The canonical name (the key of [`Config::daemons`], normalized by [`catalog::normalize`]).
     pub name: String,
+    /// Whether `start --all` starts it (default: the catalog's say, true for a daemon of
+    /// the user's own with a `command:`).
     pub enabled: bool,
-    /// Seconds between two cycles of the daemon's work.
+    /// Seconds between two cycles of the daemon's work (0.01 s to 1 day; default 60 s).
     pub interval: Duration,
+    /// Canonical names of the daemons that must be ready before this one starts (default: the
+    /// catalog's; an unknown name or a cycle is a [`Problem`]).
     pub depends_on: Vec<String>,
     /// An external program run instead of the built-in worker.
     pub command: Option<Vec<String>>,
     /// Whether the process speaks the IPC protocol (always true for the built-in worker).
     pub protocol: bool,
+    /// Variables added to the process's environment, byte for byte as written (only quoted
+    /// strings are accepted: YAML would turn `1.10` into 1.1).
     pub env: BTreeMap<String, String>,
+    /// Restart policy, backoff and budget (`restart`, `backoff_initial`, `backoff_max`,
+    /// `max_restarts`, `restart_window`, `stable_after`).
     pub restart: RestartSettings,
+    /// How long a stopping process has between SIGTERM and SIGKILL (0 to 3600 s; default 10 s).
     pub grace_period: Duration,
+    /// How often a worker sends a heartbeat (0.01 to 3600 s; default 5 s); handed to it in its
+    /// settings.
     pub heartbeat_interval: Duration,
+    /// No heartbeat for this long → killed and restarted by the watchdog; always longer than
+    /// `heartbeat_interval` (default six intervals, at least 30 s; at most 1 day).
     pub heartbeat_timeout: Duration,
     /// Progress counters flat for this long while heartbeats arrive → killed as "stalled". None: off.
     pub stall_timeout: Option<Duration>,
-    /// Spawned but not RUNNING after this long → killed and restarted.
+    /// Spawned but not RUNNING after this long → killed and restarted (0.01 to 3600 s; default 30 s).
     pub ready_timeout: Duration,
     /// Limits of the daemon's own cgroup (`memory_max`, `cpu_max`).
     pub limits: Limits,
@@ -247,12 +290,14 @@ pub struct DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// Whether it runs a program of the user's (`command:`) rather than the built-in worker.
     pub fn is_external(&self) -> bool {
         self.command.is_some()
     }
 }
 
 impl Config {
+    /// The dependency graph: each daemon's canonical name → its `depends_on`.
     pub fn graph(&self) -> Graph {
         self.daemons
             .iter()
@@ -260,6 +305,7 @@ impl Config {
             .collect()
     }
 
+    /// Canonical names of the daemons with `enabled: true` (what `start --all` starts).
     pub fn enabled(&self) -> BTreeSet<String> {
         self.daemons
             .values()
@@ -330,10 +376,14 @@ pub enum ProgramError {
 /// One thing wrong with a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The file as given (a path, or `"<embedded default>"`), or `environment VAR` when the value
+    /// came from that environment variable.
     pub file: String,
+    /// The 1-based line of the key in the file, when it can be found (never for the environment).
     pub line: Option<usize>,
     /// Dotted key, e.g. `daemons.auto_sync.interval`; empty for whole-file problems.
     pub key: String,
+    /// What is wrong and, where it helps, what would be right (a range, the closest names).
     pub message: String,
 }
 
@@ -354,6 +404,7 @@ impl fmt::Display for Problem {
 /// Every problem found in a configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
+    /// The problems in the order found; never empty.
     pub problems: Vec<Problem>,
 }
 
@@ -372,7 +423,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// The config file for a root: `<root>/config/unified_loop.yaml` when present, else the embedded default.
+/// The config file for a root: `<root>/config/unified_loop.yaml` when present; None means the
+/// embedded default ([`DEFAULT_YAML`]) applies.
 pub fn locate_file(root: &Path) -> Option<PathBuf> {
     let p = root.join(CONFIG_RELATIVE_PATH);
     p.exists().then_some(p)

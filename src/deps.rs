@@ -10,13 +10,20 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Daemon → the daemons it depends on.
 pub type Graph = BTreeMap<String, Vec<String>>;
 
+/// What [`validate`] finds wrong with a graph.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GraphError {
     /// The path of one cycle, first node repeated at the end: `["a", "b", "c", "a"]`.
     #[error("dependency cycle: {}", .0.join(" → "))]
     Cycle(Vec<String>),
+    /// An edge to a daemon that is not in the graph.
     #[error("{daemon} depends on unknown daemon {missing}")]
-    Missing { daemon: String, missing: String },
+    Missing {
+        /// The daemon whose `depends_on` names it.
+        daemon: String,
+        /// The unknown name, as it appears in the graph.
+        missing: String,
+    },
 }
 
 /// Checks that every edge points at a known daemon and that there is no cycle.

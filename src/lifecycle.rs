@@ -15,20 +15,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::ReportedState;
 
+/// The state of one daemon as the supervisor tracks it (the diagram above); written in upper case
+/// (`SHUTTING_DOWN`) in `status`, JSON and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DaemonState {
+    /// No process and none wanted: never started, stopped, or a daemon that decided to stop.
     Stopped,
+    /// Start requested, waiting for its dependencies to be RUNNING or PAUSED.
     Waiting,
+    /// Process spawned, not yet ready (no RUNNING report, or its `ready:` condition not yet met).
     Initializing,
+    /// Ready and working.
     Running,
+    /// Alive but idle: a worker told to pause, or a plain program frozen (cgroup freeze or SIGSTOP).
     Paused,
+    /// Being stopped: shutdown frame and SIGTERM sent, SIGKILL at the end of the grace period.
     ShuttingDown,
+    /// Its process died; a restart is scheduled after the backoff delay.
     Backoff,
+    /// Restart budget exhausted (`max_restarts` within `restart_window`); keeps its reason until
+    /// `start` or `restart`.
     Failed,
 }
 
 impl DaemonState {
+    /// The upper-case name, as shown by `status` and in JSON (`"SHUTTING_DOWN"`).
     pub fn as_str(self) -> &'static str {
         match self {
             DaemonState::Stopped => "STOPPED",
@@ -82,10 +94,13 @@ impl std::fmt::Display for DaemonState {
     }
 }
 
+/// A move [`transition`] refuses: "illegal transition RUNNING → WAITING".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("illegal transition {from} → {to}")]
 pub struct IllegalTransition {
+    /// The state the daemon is in.
     pub from: DaemonState,
+    /// The state the move asked for.
     pub to: DaemonState,
 }
 

@@ -12,7 +12,9 @@ pub const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
 /// A memory limit: bytes, or no limit (`infinity` / `max`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemoryMax {
+    /// At most this many bytes (at least one page, 4096); written to `memory.max` as the number.
     Bytes(u64),
+    /// `infinity` or `max` as written: no limit, `max` in `memory.max`.
     Unlimited,
 }
 
@@ -20,18 +22,29 @@ pub enum MemoryMax {
 /// 50 % is 50 000 per 100 000; 200 % (two CPUs) is 200 000 per 100 000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuMax {
-    Quota { quota_us: u64, period_us: u64 },
+    /// At most `quota_us` of CPU time in each `period_us`; written to `cpu.max` as "QUOTA PERIOD".
+    Quota {
+        /// CPU time allowed per period, in microseconds (at least 1000, the kernel's minimum).
+        quota_us: u64,
+        /// Length of the period, in microseconds (1000 to 1 000 000; [`DEFAULT_CPU_PERIOD_US`]
+        /// for a percentage).
+        period_us: u64,
+    },
+    /// `infinity` or `max` as written: no limit, `max 100000` in `cpu.max`.
     Unlimited,
 }
 
 /// The limits configured for one cgroup (None: not configured, the file is left as it is).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
+    /// `memory_max` (or `job_memory_max`): the cgroup's `memory.max`.
     pub memory_max: Option<MemoryMax>,
+    /// `cpu_max` (or `job_cpu_max`): the cgroup's `cpu.max`.
     pub cpu_max: Option<CpuMax>,
 }
 
 impl Limits {
+    /// Whether no limit is configured (nothing to write).
     pub fn is_empty(&self) -> bool {
         self.memory_max.is_none() && self.cpu_max.is_none()
     }

@@ -34,12 +34,24 @@ pub enum Ready {
     /// Alive for this long after spawn.
     After(Duration),
     /// A TCP connection to `host:port` succeeds.
-    Tcp { addr: String, interval: Duration },
+    Tcp {
+        /// `host:port` as written (checked to end in a port number, 0 to 65535).
+        addr: String,
+        /// Time between attempts, and the bound of each ([`DEFAULT_PROBE_INTERVAL`] unless given).
+        interval: Duration,
+    },
     /// `GET url` answers with a 2xx status.
-    Http { url: HttpUrl, interval: Duration },
+    Http {
+        /// The URL to ask (plain http only).
+        url: HttpUrl,
+        /// Time between attempts, and the bound of each ([`DEFAULT_PROBE_INTERVAL`] unless given).
+        interval: Duration,
+    },
     /// The command (argv) exits 0.
     Command {
+        /// Program and arguments, program first, run from the root; never empty.
         argv: Vec<String>,
+        /// Time between attempts, and the bound of each (at least 1 s for a command).
         interval: Duration,
     },
     /// A line of the daemon's stdout or stderr contains this text.
@@ -51,6 +63,8 @@ pub enum Ready {
 pub struct HttpUrl {
     /// `host:port` (port 80 when the URL names none).
     pub authority: String,
+    /// The host as written, without the port (an IPv6 address keeps its brackets): the `Host:`
+    /// header of the request.
     pub host: String,
     /// The path and query, at least `/`.
     pub path: String,

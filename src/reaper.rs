@@ -12,22 +12,31 @@ use std::collections::BTreeMap;
 /// One process of the snapshot, as the scanner saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TreeProc {
+    /// Process id.
     pub pid: u32,
+    /// Parent's pid (field 4 of `/proc/<pid>/stat`); the one poked for a zombie.
     pub ppid: u32,
+    /// Process group id (field 5 of `/proc/<pid>/stat`); 0 or 1 is never killed as a group.
     pub pgid: u32,
+    /// State letter of `/proc/<pid>/stat` (proc(5)): `R`, `S`, `D`, `T`, `Z` (zombie), `X` (dead), …
     pub state: char,
+    /// CPU time used, user plus system, in clock ticks (utime + stime of `/proc/<pid>/stat`; see
+    /// [`crate::os::procfs::ticks_per_sec`]).
     pub cpu_ticks: u64,
     /// Kernel start time (ticks since boot), to recognise the same process across passes.
     pub start_time: u64,
     /// Seconds since the process started.
     pub age_secs: f64,
+    /// The command line, arguments joined by spaces (empty when unreadable, or not in the tree).
     pub cmd: String,
-    /// RINGRIFT_ROOT matches this root.
+    /// RINGRIFT_ROOT matches this root (and a supervisor pid is recorded): only such processes are
+    /// ever judged.
     pub in_tree: bool,
     /// RINGRIFT_SUPERVISOR_PID: the supervisor that spawned it (or its ancestor).
     pub supervisor_pid: Option<u32>,
-    /// RINGRIFT_JOB_ID and RINGRIFT_JOB_DEADLINE (unix seconds), for job processes and their children.
+    /// RINGRIFT_JOB_ID: the job it runs (or whose child it is), for job processes and their children.
     pub job_id: Option<String>,
+    /// RINGRIFT_JOB_DEADLINE: when the job must be over, in unix seconds; past it the job is overdue.
     pub job_deadline: Option<u64>,
     /// Seconds since the job last wrote output (its log file's age), when known.
     pub output_age_secs: Option<f64>,
@@ -42,9 +51,10 @@ pub struct TreeProc {
 /// daemon in run/processes yet.
 pub const STRAY_MIN_AGE_SECS: f64 = 2.0;
 
+/// The reaper's tunables.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    /// A job with no CPU time and no output for this long is stuck.
+    /// A job with no CPU time and no output for this long, in seconds, is stuck (default 600).
     pub stuck_after_secs: f64,
 }
 
@@ -56,24 +66,36 @@ impl Default for Policy {
     }
 }
 
+/// Why a process is acted on; its `Display` is the text logged and put in the JOB_REAPED event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reason {
+    /// A job process still alive after its RINGRIFT_JOB_DEADLINE.
     OverdueJob {
+        /// RINGRIFT_JOB_ID of the process.
         job_id: String,
+        /// How far past the deadline, in whole seconds.
         overdue_secs: u64,
     },
+    /// A job process with neither CPU time nor output for [`Policy::stuck_after_secs`].
     Stuck {
+        /// RINGRIFT_JOB_ID of the process.
         job_id: String,
+        /// Seconds without CPU time and output (the shorter of the two).
         idle_secs: f64,
     },
+    /// Spawned by a supervisor of this root that is not the live one (or by none recorded).
     Orphan {
+        /// RINGRIFT_SUPERVISOR_PID of the process, when it carries one.
         supervisor_pid: Option<u32>,
     },
     /// Of the live supervisor's tree, but its daemon (or job) has no process any more.
     Stray {
+        /// What is gone, as text: `job <id>`, `daemon <name>`, or `its daemon`.
         of: String,
     },
+    /// A zombie (state `Z` or `X`) whose parent, not the live supervisor, has not reaped it.
     Zombie {
+        /// The parent's pid, which is sent SIGCHLD.
         parent: u32,
     },
 }
@@ -102,6 +124,7 @@ impl std::fmt::Display for Reason {
 }
 
 impl Reason {
+    /// The variant as a short stable name: `overdue_job`, `stuck`, `orphan`, `stray` or `zombie`.
     pub fn kind(&self) -> &'static str {
         match self {
             Reason::OverdueJob { .. } => "overdue_job",
@@ -113,20 +136,34 @@ impl Reason {
     }
 }
 
+/// What to do with a process a [`Reason`] applies to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// SIGTERM, grace, SIGKILL: to the whole group when `group` is set, else to the pid alone.
-    Kill { group: Option<u32> },
+    Kill {
+        /// The process group to signal: set only when every member is of the same job or the same
+        /// dead supervisor and none is the supervisor or the reaper.
+        group: Option<u32>,
+    },
     /// Send SIGCHLD to the parent so it reaps its child.
-    NotifyParent { parent: u32 },
+    NotifyParent {
+        /// The zombie's parent pid.
+        parent: u32,
+    },
 }
 
+/// One decision of [`decide`]: a process, why it is acted on, and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
+    /// The process's pid.
     pub pid: u32,
+    /// Its command line ([`TreeProc::cmd`]), for the log and the event.
     pub cmd: String,
+    /// Seconds since it started ([`TreeProc::age_secs`]).
     pub age_secs: f64,
+    /// Why it is acted on.
     pub reason: Reason,
+    /// What to do.
     pub action: Action,
 }
 

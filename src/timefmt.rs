@@ -48,6 +48,7 @@ pub struct TimestampCache {
 }
 
 impl TimestampCache {
+    /// An empty cache: the first timestamp written formats its second in full.
     pub fn new() -> Self {
         Self::default()
     }

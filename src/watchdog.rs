@@ -26,11 +26,12 @@ pub const TOLERANCE: Duration = Duration::from_millis(900);
 pub struct LagDetector {
     last_tick: Option<Instant>,
     resumed_at: Option<Instant>,
-    /// The longest gap seen, for the log.
+    /// The most recent gap seen (the supervisor not running for this long), for the log.
     pub last_gap: Option<Duration>,
 }
 
 impl LagDetector {
+    /// A detector whose ticker last ran at `now` (the supervisor's start), with no gap seen yet.
     pub fn new(now: Instant) -> LagDetector {
         LagDetector {
             last_tick: Some(now),
@@ -72,7 +73,11 @@ impl LagDetector {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Fine; look again after this long.
-    Healthy { next_check: Duration },
+    Healthy {
+        /// Time until the nearer window would run out if nothing arrives: the heartbeat timeout
+        /// or the stall timeout, minus what has already passed of it.
+        next_check: Duration,
+    },
     /// No heartbeat for this long (counted from the later of the last heartbeat and the resumption).
     Silent(Duration),
     /// Progress flat for this long while heartbeating.
@@ -82,6 +87,7 @@ pub enum Verdict {
 /// The windows a daemon is judged by.
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
+    /// No heartbeat for this long → [`Verdict::Silent`] (the daemon's `heartbeat_timeout`).
     pub heartbeat_timeout: Duration,
     /// None: stalls are not watched (or the daemon is paused).
     pub stall_timeout: Option<Duration>,

@@ -44,7 +44,7 @@ fn unescape_mount(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The v2 cgroup path of a process, from the text of /proc/<pid>/cgroup (the `0::` line).
+/// The v2 cgroup path of a process, from the text of `/proc/<pid>/cgroup` (the `0::` line).
 pub fn parse_own(proc_cgroup: &str) -> Option<String> {
     proc_cgroup
         .lines()
@@ -143,7 +143,7 @@ pub fn kill_tree(dir: &Path) {
     }
 }
 
-/// A cgroup directory that could not be removed: "cannot remove <dir>: <why>".
+/// A cgroup directory that could not be removed: `cannot remove <dir>: <why>`.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot remove {dir}: {source}")]
 pub struct RemoveError {
@@ -185,6 +185,8 @@ pub fn remove(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// The space-separated words of a cgroup file such as `cgroup.controllers` or
+/// `cgroup.subtree_control` (controller names: `cpu`, `memory`, …); empty when it cannot be read.
 pub fn read_set(path: &Path) -> BTreeSet<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -4,27 +4,37 @@
 //!
 //! Parsing is separate from reading so it can be tested on fixed text.
 
-/// The fields of /proc/<pid>/stat that are used here.
+/// The fields of `/proc/<pid>/stat` that are used here (numbered as in proc(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcStat {
+    /// Process id (field 1).
     pub pid: u32,
+    /// State letter (field 3): `R` running, `S` sleeping, `D` disk sleep, `T` stopped, `Z` zombie,
+    /// `X` dead, …
     pub state: char,
+    /// Parent's pid (field 4).
     pub ppid: u32,
+    /// Process group id (field 5, `pgrp`).
     pub pgid: u32,
-    /// User + system CPU time, in clock ticks.
+    /// User + system CPU time (fields 14 `utime` and 15 `stime`), in clock ticks
+    /// ([`ticks_per_sec`]).
     pub cpu_ticks: u64,
-    /// Clock ticks since boot: with the pid, identifies a process across pid reuse.
+    /// When it started, in clock ticks since boot (field 22 `starttime`): with the pid, identifies
+    /// a process across pid reuse.
     pub start_time: u64,
-    /// Resident set size, in pages.
+    /// Resident set size, in pages (field 24 `rss`; times [`page_size`] for bytes).
     pub rss_pages: u64,
 }
 
 impl ProcStat {
+    /// Whether it has exited and waits to be reaped (state `Z`, or `X` while going away).
     pub fn is_zombie(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
     }
 }
 
+/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) is skipped up to its last `)`,
+/// since it may hold spaces and parentheses. None when a needed field is missing or not a number.
 pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let pid = text.split_whitespace().next()?.parse().ok()?;
     // The command name is in parentheses and may itself contain spaces or parentheses.
@@ -42,6 +52,7 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// Reads and parses `/proc/<pid>/stat`; None when the process is gone or the text is malformed.
 pub fn stat(pid: u32) -> Option<ProcStat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
@@ -65,7 +76,7 @@ pub fn environ(pid: u32) -> Option<Vec<(String, String)>> {
         .map(|b| parse_environ(&b))
 }
 
-/// The arguments of a NUL-separated command line block (/proc/<pid>/cmdline), empty ones dropped;
+/// The arguments of a NUL-separated command line block (`/proc/<pid>/cmdline`), empty ones dropped;
 /// bytes that are not UTF-8 are replaced.
 pub fn parse_cmdline(bytes: &[u8]) -> Vec<String> {
     bytes
@@ -89,7 +100,7 @@ pub fn cmdline(pid: u32) -> String {
 }
 
 /// The open file descriptors of a process, lowest first, each with what it refers to (the target
-/// of /proc/<pid>/fd/<n>: a path, or `pipe:[inode]`, `socket:[inode]`, ...). None when the
+/// of `/proc/<pid>/fd/<n>`: a path, or `pipe:[inode]`, `socket:[inode]`, ...). None when the
 /// directory cannot be read (the process is gone, or belongs to another user); descriptors that
 /// close while they are listed are left out.
 pub fn fds(pid: u32) -> Option<Vec<(i32, std::path::PathBuf)>> {
@@ -105,15 +116,18 @@ pub fn fds(pid: u32) -> Option<Vec<(i32, std::path::PathBuf)>> {
     Some(out)
 }
 
-/// One resource limit of a process (a line of /proc/<pid>/limits): None means unlimited.
+/// One resource limit of a process (a line of `/proc/<pid>/limits`): None means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
+    /// The soft limit (the one enforced; setrlimit(2)), in the limit's units (files, processes,
+    /// bytes, seconds: the `Units` column).
     pub soft: Option<u64>,
+    /// The hard limit (the ceiling the soft one may be raised to), in the same units.
     pub hard: Option<u64>,
 }
 
 /// The limit called `name` ("Max open files", "Max processes", ...) in the text of
-/// /proc/<pid>/limits, if it is there and its values are numbers or `unlimited`.
+/// `/proc/<pid>/limits`, if it is there and its values are numbers or `unlimited`.
 pub fn parse_limit(text: &str, name: &str) -> Option<Limit> {
     let value = |v: &str| match v {
         "unlimited" => Some(None),
