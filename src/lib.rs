@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod cgroupfs;
 pub mod config;
+pub mod config_key;
 pub mod deps;
 pub mod events;
 pub mod lifecycle;

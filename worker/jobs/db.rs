@@ -126,7 +126,7 @@ pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGam
             Err(kind) => Err(format!("{what} is {kind}, not an integer")),
         }
     };
-    let players = i64::from(config.num_players);
+    let players = i64::from(config.num_players());
     let n = want("num_players", raw.num_players)?;
     if n != players {
         return Err(format!(
@@ -280,9 +280,9 @@ impl GamesDb {
             )?;
             for game in games {
                 game_stmt.execute(params![
-                    config.key,
-                    config.board_type,
-                    config.num_players,
+                    config.key.to_string(),
+                    config.board_type(),
+                    config.num_players(),
                     game.created_at,
                     game.completed_at,
                     game.record.winner,
@@ -319,7 +319,7 @@ impl GamesDb {
                 )
                 .with_context(read)?;
             let mut rows = stmt
-                .query(params![config.key, since_id])
+                .query(params![config.key.to_string(), since_id])
                 .with_context(read)?;
             while let Some(row) = rows.next().with_context(read)? {
                 raws.push(RawGame {
@@ -341,7 +341,7 @@ impl GamesDb {
             )
             .with_context(read)?;
         let mut rows = stmt
-            .query(params![config.key, since_id])
+            .query(params![config.key.to_string(), since_id])
             .with_context(read)?;
         let mut at = 0;
         while let Some(row) = rows.next().with_context(read)? {
@@ -380,7 +380,7 @@ impl GamesDb {
 mod tests {
     use super::*;
     use crate::jobs::game::play_game;
-    use crate::jobs::game::rng::Rng;
+    use fastrand::Rng;
 
     fn hex6() -> GameConfig {
         GameConfig::parse("hex6_2p").unwrap()
@@ -399,7 +399,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data/games/hex6_2p.db");
         let config = hex6();
-        let mut rng = Rng::new(1);
+        let mut rng = Rng::with_seed(1);
         let records: Vec<GameRecord> = (0..5)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();
@@ -445,7 +445,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
         let config = hex6();
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(2));
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(2));
         let mut db = GamesDb::create(&path).unwrap();
         db.insert_games(&config, "selfplay", &[new_game(&record)])
             .unwrap();
@@ -463,7 +463,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
         let config = hex6();
-        let mut rng = Rng::new(3);
+        let mut rng = Rng::with_seed(3);
         let records: Vec<GameRecord> = (0..4)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();

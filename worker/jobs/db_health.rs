@@ -193,7 +193,7 @@ mod tests {
             &config,
             [None, None],
             0.0,
-            &mut crate::jobs::game::rng::Rng::new(1),
+            &mut fastrand::Rng::with_seed(1),
         );
         super::super::db::GamesDb::create(path)
             .unwrap()

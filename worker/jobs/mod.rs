@@ -27,6 +27,7 @@ use std::process::ExitCode;
 
 use crate::jobs::game::GameConfig;
 use anyhow::{Context, Result};
+use ringrift::config_key::ConfigKey;
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -52,7 +53,7 @@ pub(crate) enum JobKind {
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub(crate) struct GameArgs {
     /// The config key, e.g. hex8_2p or hex6_2p
-    #[arg(long, value_name = "KEY", value_parser = parse_config_key)]
+    #[arg(long, value_name = "KEY", value_parser = GameConfig::parse)]
     pub(crate) config_key: GameConfig,
 
     /// Must match the config key's board (hex8 for hex8_2p) when given
@@ -64,29 +65,34 @@ pub(crate) struct GameArgs {
     pub(crate) num_players: Option<u8>,
 }
 
-fn parse_config_key(s: &str) -> Result<GameConfig, String> {
-    GameConfig::parse(s).map_err(|e| e.to_string())
+/// A `--board-type` or `--num-players` that contradicts `--config-key`: a usage error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Mismatch {
+    #[error("--board-type {given} does not match --config-key {key} (board {})", key.board())]
+    Board { given: String, key: ConfigKey },
+    #[error("--num-players {given} does not match --config-key {key} ({} players)", key.players())]
+    Players { given: u8, key: ConfigKey },
 }
 
 impl GameArgs {
     /// The config, or the usage error of a `--board-type` / `--num-players` that contradicts it.
-    fn check(&self) -> Result<&GameConfig, String> {
+    fn check(&self) -> Result<&GameConfig, Mismatch> {
         let c = &self.config_key;
         if let Some(board) = &self.board_type
-            && *board != c.board_type
+            && board != c.board_type()
         {
-            return Err(format!(
-                "--board-type {board} does not match --config-key {} (board {})",
-                c.key, c.board_type
-            ));
+            return Err(Mismatch::Board {
+                given: board.clone(),
+                key: c.key,
+            });
         }
         if let Some(n) = self.num_players
-            && n != c.num_players
+            && n != c.num_players()
         {
-            return Err(format!(
-                "--num-players {n} does not match --config-key {} ({} players)",
-                c.key, c.num_players
-            ));
+            return Err(Mismatch::Players {
+                given: n,
+                key: c.key,
+            });
         }
         Ok(c)
     }
@@ -175,18 +181,10 @@ pub(crate) fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-/// A seed for runs that did not ask for one: differs per process and per run.
+/// A seed for runs that did not ask for one: differs per process and per run (fastrand's
+/// thread-local generator, seeded afresh in every process).
 pub(crate) fn fresh_seed() -> u64 {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut rng = crate::jobs::game::rng::Rng::new(
-        nanos ^ (u64::from(std::process::id()) << 32) ^ call.rotate_right(7),
-    );
-    rng.next_u64()
+    fastrand::u64(..)
 }
 
 /// A value of an option that must be a probability.
@@ -305,7 +303,10 @@ mod tests {
         .unwrap() else {
             panic!("expected export");
         };
-        assert!(a.game.check().unwrap_err().contains("does not match"));
+        assert_eq!(
+            a.game.check().unwrap_err().to_string(),
+            "--board-type hex6 does not match --config-key hex8_2p (board hex8)"
+        );
     }
 
     #[test]

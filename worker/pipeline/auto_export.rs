@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
-use super::retry::{self, Failing};
+use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
@@ -335,7 +335,7 @@ impl AutoExport {
         self.failures += 1;
         let now = now_secs();
         let mut ks = self.state.keys.get(key).cloned().unwrap_or_default();
-        let failing = Failing::after(ks.failing.as_ref(), error, now, retry::jitter());
+        let failing = Failing::after(ks.failing.as_ref(), error, now, ringrift::restart::jitter());
         let message = failing.describe(now);
         ks.failing = Some(failing);
         self.state.keys.insert(key.to_string(), ks);
@@ -674,8 +674,8 @@ impl Daemon for AutoExport {
 #[cfg(test)]
 mod tests {
     use crate::jobs::game::GameConfig;
-    use crate::jobs::game::rng::Rng;
     use crate::jobs::game::{play_game, samples};
+    use fastrand::Rng;
 
     use super::*;
     use crate::pipeline::save_state;
@@ -765,8 +765,8 @@ mod tests {
     fn a_valid_export_is_summarised_and_a_truncated_one_refused_and_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let mut data = Dataset::new(&config.key, config.num_features());
-        let mut rng = Rng::new(1);
+        let mut data = Dataset::new(&config.key.to_string(), config.num_features());
+        let mut rng = Rng::with_seed(1);
         for id in [3, 4, 9] {
             let record = play_game(&config, [None, None], 0.0, &mut rng);
             samples(&config, &record.moves, |f, o| data.push(f, o, id)).unwrap();
@@ -786,7 +786,7 @@ mod tests {
         let bad = quarantine(&path).unwrap();
         assert!(!path.exists() && bad.ends_with("hex6_2p.npz.bad"));
 
-        let empty = Dataset::new(&config.key, config.num_features());
+        let empty = Dataset::new(&config.key.to_string(), config.num_features());
         std::fs::write(&path, empty.encode().unwrap()).unwrap();
         let err = validate_npz(&path, "hex6_2p").unwrap_err().to_string();
         assert!(err.contains("no samples"), "{err}");

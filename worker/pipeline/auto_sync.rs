@@ -481,12 +481,13 @@ impl Daemon for AutoSync {
 pub(crate) mod tests {
     use super::*;
     use crate::jobs::db::{GamesDb, NewGame};
-    use crate::jobs::game::{GameConfig, play_game, rng::Rng};
+    use crate::jobs::game::{GameConfig, play_game};
+    use fastrand::Rng;
 
     /// A games DB at `path` with `n` more games of hex6_2p.
     pub(crate) fn add_games(path: &Path, n: usize, seed: u64) {
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         let records: Vec<_> = (0..n)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();

@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ringrift::events::{Event, parse_config_key, payload};
+use ringrift::config_key::ConfigKey;
+use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -55,7 +56,7 @@ pub(crate) fn eval_path(candidate: &Path) -> PathBuf {
 /// The config key of a candidate: the name of its directory under models/candidates.
 pub(crate) fn candidate_key(candidate: &Path) -> Option<String> {
     let key = candidate.parent()?.file_name()?.to_str()?;
-    parse_config_key(key).ok().map(|_| key.to_string())
+    key.parse::<ConfigKey>().ok().map(|_| key.to_string())
 }
 
 /// Whether a file name is a candidate's: `<name>.bin`, not hidden (a job's temporary file).

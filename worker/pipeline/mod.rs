@@ -41,6 +41,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ringrift::config_key::ConfigKey;
 use ringrift::events::Event;
 use ringrift::protocol::ROOT_ENV;
 use serde::Serialize;
@@ -165,14 +166,13 @@ impl Pipeline {
             .jobs
             .get(kind)
             .with_context(|| format!("no {kind} job in pipeline.jobs"))?;
-        let (board, players) =
-            ringrift::events::parse_config_key(key).map_err(anyhow::Error::msg)?;
+        let parsed: ConfigKey = key.parse()?;
         let mut all: BTreeMap<&str, String> = BTreeMap::from([
             ("worker", self.worker.display().to_string()),
             ("root", self.root.display().to_string()),
             ("config_key", key.to_string()),
-            ("board_type", board.to_string()),
-            ("num_players", players.to_string()),
+            ("board_type", parsed.board().to_string()),
+            ("num_players", parsed.players().to_string()),
             ("db_path", self.games_db(key).display().to_string()),
             ("npz_path", self.npz(key).display().to_string()),
             ("model_path", self.canonical(key).display().to_string()),

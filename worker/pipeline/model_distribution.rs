@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ringrift::events::{Event, parse_config_key, payload};
+use ringrift::config_key::ConfigKey;
+use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -79,7 +80,7 @@ fn canonical_models(models: &Path) -> Vec<(String, PathBuf)> {
                 .to_string();
             // `DirEntry::file_type` does not follow symlinks: a link there is no canonical model.
             let regular = e.file_type().is_ok_and(|t| t.is_file());
-            (parse_config_key(&key).is_ok() && regular).then(|| (key, e.path()))
+            (key.parse::<ConfigKey>().is_ok() && regular).then(|| (key, e.path()))
         })
         .collect();
     out.sort();

@@ -26,6 +26,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use ringrift::config_key::{Board, ConfigKey};
 use ringrift::events::{Event, payload};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
@@ -120,21 +121,10 @@ pub(crate) fn recent_games(conn: &Connection, key: &str, window: u64) -> Result<
 // ---------------------------------------------------------------- scoring (pure)
 
 /// Cells of a board type, the most distinct opening moves it allows.
-pub(crate) fn board_cells(board_type: &str) -> usize {
-    match board_type {
-        "hex6" => 36,
-        "hex8" | "square8" => 64,
-        "square19" => 361,
-        // The hexagonal board of radius 12: 3·12·13 + 1.
-        "hexagonal" => 469,
-        _ => 64,
-    }
-}
-
 /// How far from fair the first player's win rate may be before balance drops: Hex has a strong
 /// first-player advantage, other boards much less.
-pub(crate) fn balance_tolerance(board_type: &str) -> f64 {
-    if board_type.starts_with("hex") {
+pub(crate) fn balance_tolerance(board: Board) -> f64 {
+    if board.as_str().starts_with("hex") {
         0.25
     } else {
         0.1
@@ -375,13 +365,13 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
 
 impl QualityMonitor {
     fn params(&self, key: &str) -> ScoreParams {
-        let (board, players) = ringrift::events::parse_config_key(key).unwrap_or(("hex8", 2));
+        let key = key.parse().unwrap_or(ConfigKey::HEX8_2P);
         ScoreParams {
             min_moves: self.min_moves,
             max_moves: self.max_moves,
-            cells: board_cells(board),
-            num_players: players,
-            tolerance: balance_tolerance(board),
+            cells: key.board().cells(),
+            num_players: key.players(),
+            tolerance: balance_tolerance(key.board()),
         }
     }
 

@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality_monitor::count_completed;
-use super::retry::{self, Failing};
+use super::retry::Failing;
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
@@ -615,7 +615,12 @@ impl Scheduler {
                 || "selfplay jobs failed".to_string(),
                 |(_, what)| what.clone(),
             );
-            let f = Failing::after(self.failing.as_ref(), error, now_secs(), retry::jitter());
+            let f = Failing::after(
+                self.failing.as_ref(),
+                error,
+                now_secs(),
+                ringrift::restart::jitter(),
+            );
             eprintln!(
                 "{NAME}: every selfplay job of this cycle failed: {}",
                 f.describe(now_secs())
