@@ -1485,7 +1485,7 @@ impl Validator<'_> {
                 None
             }
             Err(e) => {
-                self.problem(at, e);
+                self.problem(at, e.to_string());
                 None
             }
         }

@@ -118,34 +118,36 @@ pub(crate) struct RawMove {
 /// with no gap; players taking turns (player 1 first); every cell on the board
 /// (`0 ≤ cell < size²`). The reason names the first broken rule. Whether the moves are legal and
 /// the winner right is for the caller's replay.
-pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGame, String> {
-    let want = |what: &str, v: Int| -> Result<i64, String> {
+pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGame, BadGame> {
+    let want = |what: &str, v: Int| -> Result<i64, BadGame> {
         match v {
             Ok(Some(i)) => Ok(i),
-            Ok(None) => Err(format!("{what} is NULL")),
-            Err(kind) => Err(format!("{what} is {kind}, not an integer")),
+            Ok(None) => Err(BadGame::Null(what.to_string())),
+            Err(kind) => Err(BadGame::NotInteger {
+                what: what.to_string(),
+                kind,
+            }),
         }
     };
     let players = i64::from(config.num_players());
     let n = want("num_players", raw.num_players)?;
     if n != players {
-        return Err(format!(
-            "num_players is {n}, but {} games have {players}",
-            config.key
-        ));
+        return Err(BadGame::Players {
+            found: n,
+            key: config.key,
+            players,
+        });
     }
     let winner = want("winner", raw.winner)?;
     if !(1..=players).contains(&winner) {
-        return Err(format!(
-            "winner {winner} is not a player of this {players}-player game"
-        ));
+        return Err(BadGame::Winner { winner, players });
     }
     let total = want("total_moves", raw.total_moves)?;
     if total != raw.moves.len() as i64 {
-        return Err(format!(
-            "total_moves is {total} but {} moves are stored",
-            raw.moves.len()
-        ));
+        return Err(BadGame::TotalMoves {
+            total,
+            stored: raw.moves.len(),
+        });
     }
     let cells = (config.size * config.size) as i64;
     let mut moves = Vec::with_capacity(raw.moves.len());
@@ -153,31 +155,63 @@ pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGam
         let expected = i as i64 + 1;
         let number = want("a move_number", m.number)?;
         if number != expected {
-            return Err(format!("move {expected} is missing (found move {number})"));
+            return Err(BadGame::MissingMove { expected, number });
         }
         let player = want(&format!("the player of move {number}"), m.player)?;
         let expected_player = (number - 1) % players + 1;
         if player != expected_player {
-            return Err(format!(
-                "move {number} is by player {player}, expected {expected_player}"
-            ));
+            return Err(BadGame::WrongPlayer {
+                number,
+                player,
+                expected: expected_player,
+            });
         }
         let cell = want(&format!("the cell of move {number}"), m.cell)?;
         if !(0..cells).contains(&cell) {
-            return Err(format!(
-                "move {number} is on cell {cell}, off the board (0..{cells})"
-            ));
+            return Err(BadGame::OffBoard {
+                number,
+                cell,
+                cells,
+            });
         }
-        moves.push(
-            u8::try_from(cell)
-                .map_err(|_| format!("move {number}: cell {cell} does not fit a byte"))?,
-        );
+        moves.push(u8::try_from(cell).map_err(|_| BadGame::CellTooBig { number, cell })?);
     }
     Ok(StoredGame {
         id: raw.id,
         winner: winner as u8,
         moves,
     })
+}
+
+/// Why a stored game breaks what the schema means (see [`check_game`]): the first broken rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadGame {
+    #[error("{0} is NULL")]
+    Null(String),
+    #[error("{what} is {kind}, not an integer")]
+    NotInteger { what: String, kind: &'static str },
+    #[error("num_players is {found}, but {key} games have {players}")]
+    Players {
+        found: i64,
+        key: ringrift::config_key::ConfigKey,
+        players: i64,
+    },
+    #[error("winner {winner} is not a player of this {players}-player game")]
+    Winner { winner: i64, players: i64 },
+    #[error("total_moves is {total} but {stored} moves are stored")]
+    TotalMoves { total: i64, stored: usize },
+    #[error("move {expected} is missing (found move {number})")]
+    MissingMove { expected: i64, number: i64 },
+    #[error("move {number} is by player {player}, expected {expected}")]
+    WrongPlayer {
+        number: i64,
+        player: i64,
+        expected: i64,
+    },
+    #[error("move {number} is on cell {cell}, off the board (0..{cells})")]
+    OffBoard { number: i64, cell: i64, cells: i64 },
+    #[error("move {number}: cell {cell} does not fit a byte")]
+    CellTooBig { number: i64, cell: i64 },
 }
 
 pub(crate) struct GamesDb {
@@ -364,7 +398,10 @@ impl GamesDb {
             out.last_id = Some(raw.id);
             match check_game(config, raw) {
                 Ok(game) => out.games.push(game),
-                Err(reason) => out.skipped.push(Skipped { id: raw.id, reason }),
+                Err(bad) => out.skipped.push(Skipped {
+                    id: raw.id,
+                    reason: bad.to_string(),
+                }),
             }
         }
         Ok(out)
@@ -536,7 +573,7 @@ mod tests {
             })
         );
         let err = |winner: Int, moves: &[(i64, i64, i64)]| {
-            check_game(&c, &raw(winner, moves)).unwrap_err()
+            check_game(&c, &raw(winner, moves)).unwrap_err().to_string()
         };
         assert_eq!(err(Ok(None), &good), "winner is NULL");
         assert_eq!(
@@ -570,13 +607,13 @@ mod tests {
         let mut three = raw(Ok(Some(1)), &good);
         three.num_players = Ok(Some(3));
         assert_eq!(
-            check_game(&c, &three).unwrap_err(),
+            check_game(&c, &three).unwrap_err().to_string(),
             "num_players is 3, but hex6_2p games have 2"
         );
         let mut short = raw(Ok(Some(1)), &good);
         short.total_moves = Ok(Some(5));
         assert_eq!(
-            check_game(&c, &short).unwrap_err(),
+            check_game(&c, &short).unwrap_err().to_string(),
             "total_moves is 5 but 3 moves are stored"
         );
     }

@@ -187,14 +187,35 @@ pub(crate) fn fresh_seed() -> u64 {
     fastrand::u64(..)
 }
 
-/// A value of an option that must be a probability.
-pub(crate) fn parse_probability(s: &str) -> Result<f32, String> {
-    let p: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=1.0).contains(&p) {
-        Ok(p)
+/// A bad value of a numeric option; clap shows it after "invalid value '...' for '--option'".
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum BadNumber {
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    /// `range` as written in the message: `[0, 1]`, `(0, 10]`.
+    #[error("{value} is not in {range}")]
+    OutOfRange { value: f32, range: &'static str },
+}
+
+/// An option's number that must pass `ok`, `range` saying which numbers do (for the message).
+pub(crate) fn parse_number_in(
+    s: &str,
+    ok: impl Fn(f32) -> bool,
+    range: &'static str,
+) -> Result<f32, BadNumber> {
+    let value: f32 = s
+        .parse()
+        .map_err(|_| BadNumber::NotANumber(s.to_string()))?;
+    if ok(value) {
+        Ok(value)
     } else {
-        Err(format!("{p} is not in [0, 1]"))
+        Err(BadNumber::OutOfRange { value, range })
     }
+}
+
+/// A value of an option that must be a probability.
+pub(crate) fn parse_probability(s: &str) -> Result<f32, BadNumber> {
+    parse_number_in(s, |p| (0.0..=1.0).contains(&p), "[0, 1]")
 }
 
 #[cfg(test)]

@@ -45,12 +45,8 @@ pub(crate) struct TrainArgs {
     pub(crate) seed: u64,
 }
 
-fn parse_lr(s: &str) -> Result<f32, String> {
-    match s.parse::<f32>() {
-        Ok(lr) if lr > 0.0 && lr <= 10.0 => Ok(lr),
-        Ok(lr) => Err(format!("{lr} is not in (0, 10]")),
-        Err(_) => Err(format!("{s:?} is not a number")),
-    }
+fn parse_lr(s: &str) -> Result<f32, super::BadNumber> {
+    super::parse_number_in(s, |lr| lr > 0.0 && lr <= 10.0, "(0, 10]")
 }
 
 pub(crate) fn run(config: &GameConfig, args: &TrainArgs) -> Result<Value> {

@@ -30,11 +30,11 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::games_db::{Depth, Quarantined, ensure_usable};
+use super::games_db::{DbUnusable, Depth, Quarantined, ensure_usable};
 use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -323,10 +323,7 @@ impl AutoExport {
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
     }
 
     /// A failed attempt for `key`: schedules the retry ([`Failing::after`]), keeps it in the
@@ -347,7 +344,7 @@ impl AutoExport {
     /// is damaged ([`ensure_usable`]). On a
     /// quarantine the key starts over: the fresh DB's ids begin at 1 and no retry is pending.
     /// `Err(why)`: the DB cannot be checked or moved now.
-    fn guard(&mut self, key: &str) -> Result<bool, String> {
+    fn guard(&mut self, key: &str) -> Result<bool, DbUnusable> {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
         match ensure_usable(&pipeline, &ctx, NAME, key, Depth::Full)? {

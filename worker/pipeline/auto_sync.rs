@@ -356,8 +356,8 @@ impl AutoSync {
                                 at,
                             },
                         );
-                        if let Err(msg) = save_daemon_state(&pipeline, self.name, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, self.name, &self.state) {
+                            failures.push(e.to_string());
                         }
                         self.emit(
                             "DATA_SYNC_COMPLETED",

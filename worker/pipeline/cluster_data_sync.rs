@@ -479,8 +479,8 @@ impl ClusterSync {
                                 at,
                             },
                         );
-                        if let Err(msg) = save_daemon_state(&pipeline, NAME, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, NAME, &self.state) {
+                            failures.push(e.to_string());
                         }
                         println!(
                             "{NAME}: {} new {key} games from {spec} ({} skipped, {} rejected; {} in total)",

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use super::auto_export::quarantine;
 use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
-use super::{Pipeline, job_failure, load_state, now_secs, save_daemon_state, typed};
+use super::{Pipeline, job_failure, load_state, now_secs, save_or_note, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
@@ -300,10 +300,7 @@ impl Evaluation {
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
     }
 
     fn enqueue(&mut self, candidate: PathBuf) {

@@ -233,12 +233,20 @@ impl Pipeline {
     /// the path and what is wrong with it) unless it is a regular file inside `dir`. For daemons
     /// that work on their own files and take only the key from the event: an event that names
     /// a file elsewhere is not one of the pipeline's, and is not acted on.
-    pub(crate) fn check_event_path(event: &Event, field: &str, dir: &Path) -> Result<(), String> {
+    pub(crate) fn check_event_path(
+        event: &Event,
+        field: &str,
+        dir: &Path,
+    ) -> Result<(), RefusedPath> {
         match event.payload.get(field).and_then(Value::as_str) {
             None => Ok(()),
             Some(named) => confine::confined_file(dir, Path::new(named))
                 .map(drop)
-                .map_err(|e| format!("refused {}: {field}: {e}", event.event_type)),
+                .map_err(|why| RefusedPath {
+                    event_type: event.event_type.clone(),
+                    field: field.to_string(),
+                    why,
+                }),
         }
     }
 
@@ -254,6 +262,16 @@ impl Pipeline {
         println!("{kind} job for {key}: {}", command.join(" "));
         Ok(ctx.run_job(command, max, BTreeMap::new()).await)
     }
+}
+
+/// An event whose `field` names a file the step does not act on (see
+/// [`Pipeline::check_event_path`]).
+#[derive(Debug, thiserror::Error)]
+#[error("refused {event_type}: {field}: {why}")]
+pub(crate) struct RefusedPath {
+    pub event_type: String,
+    pub field: String,
+    pub why: confine::ConfinementError,
 }
 
 /// Why a `kind` job did not succeed, for health and logs:
@@ -295,15 +313,36 @@ pub(crate) fn save_state<T: Serialize>(path: &Path, state: &T) -> anyhow::Result
     Ok(())
 }
 
-/// Saves `daemon`'s state to its file under data/coordination (see [`save_state`]). The error is
-/// the message to log: `cannot write state <path>: <cause>`.
+/// Saves `daemon`'s state to its file under data/coordination (see [`save_state`]).
 pub(crate) fn save_daemon_state<T: Serialize>(
     pipeline: &Pipeline,
     daemon: &str,
     state: &T,
-) -> Result<(), String> {
+) -> Result<(), StateNotSaved> {
     let path = pipeline.state_path(daemon);
-    save_state(&path, state).map_err(|e| format!("cannot write state {}: {e:#}", path.display()))
+    save_state(&path, state).map_err(|cause| StateNotSaved { path, cause })
+}
+
+/// A daemon's state file that could not be written: `cannot write state <path>: <cause>`.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write state {}: {cause:#}", path.display())]
+pub(crate) struct StateNotSaved {
+    pub path: PathBuf,
+    pub cause: anyhow::Error,
+}
+
+/// Saves `daemon`'s state (see [`save_daemon_state`]); a failure is logged on stderr as
+/// `<daemon>: cannot write state ...` and kept in `last_error` for health.
+pub(crate) fn save_or_note<T: Serialize>(
+    pipeline: &Pipeline,
+    daemon: &str,
+    state: &T,
+    last_error: &mut Option<String>,
+) {
+    if let Err(e) = save_daemon_state(pipeline, daemon, state) {
+        eprintln!("{daemon}: {e}");
+        *last_error = Some(e.to_string());
+    }
 }
 
 /// The last word about one config key, for health.

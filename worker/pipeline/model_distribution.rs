@@ -381,8 +381,8 @@ impl Distribution {
                             .entry(spec.clone())
                             .or_default()
                             .insert(key.clone(), got);
-                        if let Err(msg) = save_daemon_state(&pipeline, NAME, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, NAME, &self.state) {
+                            failures.push(e.to_string());
                         }
                     }
                     Err(e) => {

@@ -22,7 +22,7 @@
 //! cannot pause training nor a forged QUALITY_SCORE_UPDATED resume it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -282,38 +282,50 @@ pub(crate) fn vouch(
     key: &str,
     event_type: &str,
     score: f64,
-) -> Result<Option<Vouched>, String> {
+) -> Result<Option<Vouched>, Unvouched> {
     let path = pipeline.state_path(NAME);
     if !path.exists() {
         return Ok(None);
     }
     let state: State = load_state(&path);
     let Some(ks) = state.keys.get(key) else {
-        return Err(format!(
-            "the quality monitor has not scored {key} ({})",
-            path.display()
-        ));
+        return Err(Unvouched::NotScored {
+            key: key.to_string(),
+            path,
+        });
     };
     // A warning may carry a score that moved less than UPDATE_DELTA since the last update.
     let last = ks.last_emitted.unwrap_or(f64::NAN);
     let agrees = (score - last).abs() < UPDATE_DELTA + 1e-4;
     if !agrees {
-        return Err(format!(
-            "score {score} is not the quality monitor's ({last} in {})",
-            path.display()
-        ));
+        return Err(Unvouched::Score { score, last, path });
     }
     if event_type == "LOW_QUALITY_DATA_WARNING" && !ks.warned {
-        return Err(format!(
-            "the quality monitor does not flag {key} low ({})",
-            path.display()
-        ));
+        return Err(Unvouched::NotLow {
+            key: key.to_string(),
+            path,
+        });
     }
     Ok(Some(Vouched {
         score: last,
         warned: ks.warned,
         threshold: ks.warned_threshold,
     }))
+}
+
+/// How the quality monitor's state file (`path`) contradicts a quality event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum Unvouched {
+    #[error("the quality monitor has not scored {key} ({})", path.display())]
+    NotScored { key: String, path: PathBuf },
+    #[error("score {score} is not the quality monitor's ({last} in {})", path.display())]
+    Score {
+        score: f64,
+        last: f64,
+        path: PathBuf,
+    },
+    #[error("the quality monitor does not flag {key} low ({})", path.display())]
+    NotLow { key: String, path: PathBuf },
 }
 
 // ---------------------------------------------------------------- the daemon
@@ -708,9 +720,13 @@ mod tests {
         let mut state = State::default();
         state.keys.insert("hex8_2p".into(), good);
         save_state(&pipeline.state_path(NAME), &state).unwrap();
-        let err = vouch(&pipeline, "hex8_2p", warn, 0.9).unwrap_err();
+        let err = vouch(&pipeline, "hex8_2p", warn, 0.9)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not flag"), "{err}");
-        let err = vouch(&pipeline, "hex8_2p", update, 0.2).unwrap_err();
+        let err = vouch(&pipeline, "hex8_2p", update, 0.2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the quality monitor's"), "{err}");
         assert!(
             vouch(&pipeline, "hex6_2p", update, 0.9).is_err(),

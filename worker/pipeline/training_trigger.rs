@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use super::auto_export::{export_failing, quarantine};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::runtime::{Ctx, Settings};
@@ -314,10 +314,7 @@ impl TrainingTrigger {
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
     }
 
     fn key_state(&mut self, key: &str) -> &mut KeyState {
@@ -752,7 +749,10 @@ impl Daemon for TrainingTrigger {
                             Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
                         self.ctx.as_ref().expect("attached").emit(
                             "TRAINING_FAILED",
-                            payload([("config_key", key.as_str().into()), ("error", why.into())]),
+                            payload([
+                                ("config_key", key.as_str().into()),
+                                ("error", why.to_string().into()),
+                            ]),
                         );
                         return Some(self.report());
                     }
