@@ -28,8 +28,10 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::auto_sync::{Fingerprint, fingerprint, locations};
-use super::model_distribution::{SSH_OPTS, Target, pass_backoff, run};
+use super::auto_sync::{Fingerprint, fingerprint};
+use super::transfer::{
+    FailingMap, Passes, SSH_OPTS, Target, locations, record_failure, remote_dir, run,
+};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report};
 use crate::jobs::db::GamesDb;
@@ -255,11 +257,7 @@ async fn fetch_remote(
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let dir = if path.is_empty() {
-        "."
-    } else {
-        path.trim_end_matches('/')
-    };
+    let dir = remote_dir(path);
     let args = vec![
         "-a".to_string(),
         "--ignore-missing-args".to_string(),
@@ -288,16 +286,6 @@ struct State {
     peers: BTreeMap<String, BTreeMap<String, Pulled>>,
 }
 
-/// A (peer, key) that failed: the file it failed on (not read again until it changes), or when a
-/// fetch is tried again.
-#[derive(Debug, Clone)]
-struct Failing {
-    fingerprint: Option<Fingerprint>,
-    failed_passes: u32,
-    next_try: f64,
-    error: String,
-}
-
 #[derive(Default)]
 struct ClusterSync {
     ctx: Option<Ctx>,
@@ -305,11 +293,10 @@ struct ClusterSync {
     peers: Vec<(String, Target)>,
     timeout: Duration,
     state: State,
-    failing: BTreeMap<(String, String), Failing>,
-    last: String,
-    ok: bool,
-    last_error: Option<String>,
-    passes: u64,
+    /// (peer, key) → what failed: the file it failed on (`Some`: not read again until it
+    /// changes), or `None`: a fetch, tried again after a backoff.
+    failing: FailingMap<Option<Fingerprint>>,
+    pass: Passes,
     merges: u64,
     games_merged: u64,
     bytes_read: u64,
@@ -318,31 +305,12 @@ struct ClusterSync {
 
 impl ClusterSync {
     fn report(&self) -> Report {
-        let (healthy, status, message) = super::pass_health(
-            !self.peers.is_empty(),
+        self.pass.report(
+            ("peers", &self.peers),
             "no peers configured: nothing to pull",
-            &self.last,
-            self.ok,
-        );
-        Report::with_status(
-            healthy,
-            status,
-            message,
-            BTreeMap::from([
-                (
-                    "peers".to_string(),
-                    json!(
-                        self.peers
-                            .iter()
-                            .map(|(s, _)| s.clone())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
-                ("pulled".to_string(), json!(self.state.peers)),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            ("pulled", json!(self.state.peers)),
             [
-                ("passes", self.passes),
+                ("passes", self.pass.count),
                 ("merges", self.merges),
                 ("games_merged", self.games_merged),
                 ("bytes_read", self.bytes_read),
@@ -368,24 +336,21 @@ impl ClusterSync {
                 ("error", error.as_str().into()),
             ]),
         );
-        let passes = self
-            .failing
-            .get(&(spec.to_string(), key.to_string()))
-            .map_or(1, |f| f.failed_passes + 1);
-        self.failing.insert(
-            (spec.to_string(), key.to_string()),
-            Failing {
-                fingerprint: fp,
-                failed_passes: passes,
-                next_try: now_secs() + pass_backoff(passes, 5.0, 1),
-                error,
-            },
+        record_failure(
+            &mut self.failing,
+            (spec, key),
+            fp,
+            |_, _| true,
+            error,
+            now_secs(),
+            5.0,
+            1,
         );
     }
 
     /// One pass over every peer and config key.
     async fn pull(&mut self) {
-        self.passes += 1;
+        self.pass.count += 1;
         if self.peers.is_empty() {
             return;
         }
@@ -401,7 +366,7 @@ impl ClusterSync {
                     Target::Local(dir) => dir.join(format!("{key}.db")),
                     Target::Remote { host, path } => {
                         if let Some(f) = self.failing.get(&id)
-                            && f.fingerprint.is_none()
+                            && f.on.is_none()
                             && now < f.next_try
                         {
                             failures.push(format!(
@@ -456,7 +421,7 @@ impl ClusterSync {
                     continue;
                 }
                 if let Some(f) = self.failing.get(&id)
-                    && f.fingerprint == Some(fp)
+                    && f.on == Some(fp)
                 {
                     failures.push(format!("{key} ← {spec}: {} (until it changes)", f.error));
                     continue;
@@ -527,7 +492,6 @@ impl ClusterSync {
             }
         }
         let when = ringrift::timefmt::now_rfc3339();
-        self.ok = failures.is_empty();
         let mut parts = vec![format!(
             "pass at {when}: {} peer(s), {unchanged} peer DB(s) unchanged, {absent} absent",
             self.peers.len()
@@ -545,12 +509,7 @@ impl ClusterSync {
                 "last merge {key} ← {spec} at {at} ({n} games from there in all)"
             ));
         }
-        if !failures.is_empty() {
-            parts.push(format!("FAILED {}", failures.join("; ")));
-            eprintln!("{NAME}: {}", failures.join("; "));
-            self.last_error = Some(format!("{when} {}", failures.join("; ")));
-        }
-        self.last = parts.join("; ");
+        self.pass.end(NAME, &when, parts, &failures);
     }
 }
 
@@ -572,7 +531,7 @@ impl Daemon for ClusterSync {
             self.peers = locations(settings, "peers", &pipeline.root)?;
             self.timeout = typed(settings, ClusterSyncSettings::from_map)?.timeout;
             self.state = load_state(&pipeline.state_path(NAME));
-            self.ok = true;
+            self.pass.ok = true;
             println!("{NAME}: peers {:?}", self.peers);
             self.pipeline = Some(pipeline);
             Ok(self.report())
@@ -611,7 +570,10 @@ mod tests {
             }),
             peers: locations(&settings, "peers", root).unwrap(),
             timeout: Duration::from_secs(5),
-            ok: true,
+            pass: Passes {
+                ok: true,
+                ..Passes::default()
+            },
             ..ClusterSync::default()
         }
     }
@@ -709,12 +671,12 @@ mod tests {
             &[good.display().to_string(), bad.display().to_string()],
         );
         block_on(d.pull());
-        assert_eq!((d.games_merged, d.sync_failures), (4, 1), "{}", d.last);
-        assert!(!d.ok);
+        assert_eq!((d.games_merged, d.sync_failures), (4, 1), "{}", d.pass.last);
+        assert!(!d.pass.ok);
         assert!(
-            d.last.contains("merged 4 hex6_2p games from "),
+            d.pass.last.contains("merged 4 hex6_2p games from "),
             "{}",
-            d.last
+            d.pass.last
         );
         let local = root.join("data/games/hex6_2p.db");
         assert_eq!(count(&local, "SELECT count(*) FROM games"), 4);
@@ -724,10 +686,14 @@ mod tests {
             (d.games_merged, d.sync_failures, d.merges),
             (4, 1, 1),
             "{}",
-            d.last
+            d.pass.last
         );
-        assert!(d.last.contains("until it changes"), "{}", d.last);
-        assert!(d.last.contains("1 peer DB(s) unchanged"), "{}", d.last);
+        assert!(d.pass.last.contains("until it changes"), "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("1 peer DB(s) unchanged"),
+            "{}",
+            d.pass.last
+        );
         // State survives a restart.
         let saved: State = load_state(&root.join("data/coordination/cluster_data_sync.json"));
         assert_eq!(saved.peers.len(), 1);
@@ -735,8 +701,12 @@ mod tests {
         d.state = saved;
         block_on(d.pull());
         assert_eq!(d.games_merged, 0);
-        assert!(d.ok, "{}", d.last);
-        assert!(d.last.contains("last merge hex6_2p ← "), "{}", d.last);
+        assert!(d.pass.ok, "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("last merge hex6_2p ← "),
+            "{}",
+            d.pass.last
+        );
         assert_eq!(count(&local, "SELECT count(*) FROM games"), 4);
     }
 

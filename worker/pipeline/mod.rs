@@ -31,6 +31,7 @@ pub(crate) mod retry;
 pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
 pub(crate) mod training_trigger;
+pub(crate) mod transfer;
 pub(crate) mod work_queue;
 
 use std::collections::BTreeMap;
