@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{self, Ctx, Quirks, Settings};
 
 /// Length of every `--flood` line, newline included.
@@ -344,10 +344,8 @@ impl Daemon for FaultDaemon {
         &self.name
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             println!(
                 "{}: starting fault-injection worker (interval {}s)",
@@ -405,10 +403,6 @@ impl Daemon for FaultDaemon {
             }
             Self::report(n)
         })
-    }
-
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
     }
 
     fn subscriptions(&self) -> Vec<String> {

@@ -36,7 +36,7 @@ use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
 };
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ExportSettings;
 
@@ -609,18 +609,12 @@ impl Daemon for AutoExport {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["NEW_GAMES_AVAILABLE".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, ExportSettings::from_map)?;

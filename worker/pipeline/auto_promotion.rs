@@ -37,7 +37,7 @@ use super::evaluation::{
 };
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::PromotionSettings;
 
@@ -637,18 +637,12 @@ impl Daemon for AutoPromotion {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["EVALUATION_COMPLETED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, PromotionSettings::from_map)?;

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use super::transfer::{FailingMap, Passes, Target, deliver, locations, record_failure};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::SyncSettings;
 
@@ -359,14 +359,8 @@ impl Daemon for AutoSync {
         self.name
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;

@@ -33,7 +33,7 @@ use super::transfer::{
     FailingMap, Passes, SSH_OPTS, Target, locations, record_failure, remote_dir, run,
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::jobs::db::GamesDb;
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ClusterSyncSettings;
@@ -518,14 +518,8 @@ impl Daemon for ClusterSync {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.peers = locations(settings, "peers", &pipeline.root)?;

@@ -31,7 +31,7 @@ use super::auto_export::quarantine;
 use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
 use super::{Pipeline, job_failure, load_state, now_secs, save_or_note, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
 
@@ -601,18 +601,12 @@ impl Daemon for Evaluation {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["TRAINING_COMPLETED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, EvaluationSettings::from_map)?;

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use super::sha256;
 use super::transfer::{FailingMap, Passes, Target, deliver, locations, record_failure};
 use super::{Pipeline, load_state, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::DistributionSettings;
 
@@ -233,18 +233,12 @@ impl Daemon for Distribution {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["MODEL_PROMOTED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Pipeline, load_state, save_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::QualitySettings;
 
@@ -528,18 +528,12 @@ impl Daemon for QualityMonitor {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["NEW_GAMES_AVAILABLE".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, QualitySettings::from_map)?;

@@ -34,7 +34,7 @@ use super::quality_monitor::count_completed;
 use super::retry::Failing;
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
 
@@ -738,10 +738,6 @@ impl Daemon for Scheduler {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec![
             "QUALITY_SCORE_UPDATED".into(),
@@ -750,10 +746,8 @@ impl Daemon for Scheduler {
         ]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, SchedulerSettings::from_map)?;

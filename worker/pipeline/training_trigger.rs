@@ -36,7 +36,7 @@ use super::auto_export::{export_failing, quarantine};
 use super::{
     KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
 };
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::TrainingSettings;
 
@@ -631,10 +631,6 @@ impl Daemon for TrainingTrigger {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec![
             "NPZ_EXPORT_COMPLETE".into(),
@@ -643,10 +639,8 @@ impl Daemon for TrainingTrigger {
         ]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, TrainingSettings::from_map)?;
