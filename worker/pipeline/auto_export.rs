@@ -34,7 +34,8 @@ use super::games_db::{DbUnusable, Depth, Quarantined, ensure_usable};
 use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, note_error, now_secs, save_or_note,
+    typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -172,8 +173,8 @@ struct ExportSummary {
     last_game_id: Option<i64>,
 }
 
-/// Decodes an export and checks it is usable for `key`.
-fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
+/// Reads and decodes the export at `path`, checking that it holds `key`'s samples.
+pub(crate) fn read_export(path: &Path, key: &str) -> anyhow::Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let data = Dataset::decode(&bytes)
         .with_context(|| format!("{} is not a valid NPZ", path.display()))?;
@@ -183,6 +184,12 @@ fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
         path.display(),
         data.config_key
     );
+    Ok(data)
+}
+
+/// Decodes an export and checks it is usable for `key`.
+fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
+    let data = read_export(path, key)?;
     anyhow::ensure!(!data.is_empty(), "{} has no samples", path.display());
     let mut ids = data.game_ids.clone();
     ids.sort_unstable();
@@ -311,11 +318,7 @@ impl AutoExport {
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
         if !ok {
-            eprintln!("{NAME}: {key}: {message}");
-            self.last_error = Some(format!(
-                "{} {key}: {message}",
-                ringrift::timefmt::now_rfc3339()
-            ));
+            note_error(&mut self.last_error, NAME, &format!("{key}: {message}"));
         }
         self.status
             .insert(key.to_string(), KeyStatus { ok, message });
@@ -651,9 +654,7 @@ impl Daemon for AutoExport {
             // The export reads this pipeline's own games DB; an event naming a DB elsewhere is not
             // one of the pipeline's (there is no export failure event: logged and in health).
             if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {
-                eprintln!("{NAME}: {key}: {why}");
-                self.last_error =
-                    Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                note_error(&mut self.last_error, NAME, &format!("{key}: {why}"));
                 return Some(self.report());
             }
             self.check_key(&key).await;

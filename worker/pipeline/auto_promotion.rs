@@ -497,8 +497,7 @@ impl AutoPromotion {
     fn error(&mut self, message: String) {
         self.errors += 1;
         self.ok = false;
-        eprintln!("{NAME}: {message}");
-        self.last_error = Some(format!("{} {message}", ringrift::timefmt::now_rfc3339()));
+        super::note_error(&mut self.last_error, NAME, &message);
         self.last = message;
     }
 

@@ -174,7 +174,6 @@ impl AutoSync {
             "no targets configured: nothing to push",
             ("pushed", json!(self.state.pushed)),
             [
-                ("passes", self.pass.count),
                 ("pushes", self.pushes),
                 ("push_failures", self.push_failures),
                 ("bytes_pushed", self.bytes_pushed),

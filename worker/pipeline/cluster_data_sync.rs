@@ -310,7 +310,6 @@ impl ClusterSync {
             "no peers configured: nothing to pull",
             ("pulled", json!(self.state.peers)),
             [
-                ("passes", self.pass.count),
                 ("merges", self.merges),
                 ("games_merged", self.games_merged),
                 ("bytes_read", self.bytes_read),

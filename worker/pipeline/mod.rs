@@ -346,6 +346,13 @@ pub(crate) fn save_or_note<T: Serialize>(
     }
 }
 
+/// Logs a problem on stderr as `<daemon>: <message>` and keeps it, stamped with the time, as the
+/// daemon's last error for health: `<RFC 3339 time> <message>`.
+pub(crate) fn note_error(last_error: &mut Option<String>, daemon: &str, message: &str) {
+    eprintln!("{daemon}: {message}");
+    *last_error = Some(format!("{} {message}", ringrift::timefmt::now_rfc3339()));
+}
+
 /// The last word about one config key, for health.
 #[derive(Debug, Clone)]
 pub(crate) struct KeyStatus {

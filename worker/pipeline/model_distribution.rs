@@ -102,7 +102,6 @@ impl Distribution {
             "no targets configured: nothing to distribute",
             ("delivered", json!(self.state.delivered)),
             [
-                ("passes", self.pass.count),
                 ("copies", self.copies),
                 ("copy_failures", self.copy_failures),
                 ("distributions", self.distributions),
@@ -275,8 +274,7 @@ impl Daemon for Distribution {
             // Distribution copies the canonical models it finds itself; an event naming a model
             // elsewhere is not one of the pipeline's.
             if let Err(why) = Pipeline::check_event_path(&event, "model_path", &models) {
-                eprintln!("{NAME}: {why}");
-                self.pass.last_error = Some(format!("{} {why}", ringrift::timefmt::now_rfc3339()));
+                super::note_error(&mut self.pass.last_error, NAME, &why.to_string());
                 return Some(self.report());
             }
             self.distribute(key.as_deref()).await;

@@ -26,7 +26,6 @@ use std::path::Path;
 
 use crate::jobs::game::GameConfig;
 use crate::jobs::game::model::Model;
-use crate::jobs::game::npz::Dataset;
 use anyhow::Context;
 use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
@@ -34,7 +33,8 @@ use serde_json::{Value, json};
 
 use super::auto_export::{export_failing, quarantine};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_or_note, typed,
+    KeyStatus, Pipeline, job_failure, key_messages, load_state, note_error, now_secs, save_or_note,
+    typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -210,16 +210,7 @@ pub(crate) fn check_model(path: &Path, key: &str) -> anyhow::Result<()> {
 
 /// The number of samples of an export, or why it is unusable.
 fn count_samples(path: &Path, key: &str) -> anyhow::Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let data = Dataset::decode(&bytes)
-        .with_context(|| format!("{} is not a valid NPZ", path.display()))?;
-    anyhow::ensure!(
-        data.config_key == key,
-        "{} holds {} samples, not {key}",
-        path.display(),
-        data.config_key
-    );
-    Ok(data.len() as u64)
+    Ok(super::auto_export::read_export(path, key)?.len() as u64)
 }
 
 #[derive(Default)]
@@ -705,11 +696,7 @@ impl Daemon for TrainingTrigger {
                     ) {
                         Err(why) => {
                             let error = format!("refused {}: {why}", event.event_type);
-                            eprintln!("{NAME}: {key}: {error}");
-                            self.last_error = Some(format!(
-                                "{} {key}: {error}",
-                                ringrift::timefmt::now_rfc3339()
-                            ));
+                            note_error(&mut self.last_error, NAME, &format!("{key}: {error}"));
                             return Some(self.report());
                         }
                         // The monitor's state decides, whatever the event claims.
@@ -738,9 +725,7 @@ impl Daemon for TrainingTrigger {
                         Pipeline::check_event_path(&event, "npz_path", &pipeline.training_dir())
                     {
                         // Not a failed run: no backoff, no change to the key's health.
-                        eprintln!("{NAME}: {key}: {why}");
-                        self.last_error =
-                            Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                        note_error(&mut self.last_error, NAME, &format!("{key}: {why}"));
                         self.ctx.as_ref().expect("attached").emit(
                             "TRAINING_FAILED",
                             payload([

@@ -325,7 +325,7 @@ impl Passes {
 
     /// The daemon's report: health from [`super::pass_health`] (`idle_message` while no
     /// destination is configured), details `<list_name>` (the destination specs), `record`
-    /// (what the state file says was delivered) and `last_error`, and the counters.
+    /// (what the state file says was delivered) and `last_error`, and the counters with `passes`.
     pub(super) fn report<const N: usize>(
         &self,
         (list_name, specs): (&str, &[(String, Target)]),
@@ -336,7 +336,7 @@ impl Passes {
         let (healthy, status, message) =
             super::pass_health(!specs.is_empty(), idle_message, &self.last, self.ok);
         let names: Vec<&str> = specs.iter().map(|(s, _)| s.as_str()).collect();
-        Report::with_status(
+        let mut report = Report::with_status(
             healthy,
             status,
             message,
@@ -346,7 +346,9 @@ impl Passes {
                 ("last_error".to_string(), json!(self.last_error)),
             ]),
             counters,
-        )
+        );
+        report.counters.insert("passes".to_string(), self.count);
+        report
     }
 }
 
