@@ -214,6 +214,25 @@ pub(crate) enum BadGame {
     CellTooBig { number: i64, cell: i64 },
 }
 
+/// Checks that `conn` (the DB at `path`, named `what` in messages) has the games schema's
+/// tables: an error says it is unreadable or not a games DB.
+pub(crate) fn check_games_tables(conn: &Connection, what: &str, path: &Path) -> Result<()> {
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
+            [],
+            |row| row.get(0),
+        )
+        .with_context(|| format!("{what} {} is not readable", path.display()))?;
+    if tables != 2 {
+        bail!(
+            "{what} {} has no games/moves tables (not a games db?)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) struct GamesDb {
     conn: Connection,
     path: PathBuf,
@@ -222,13 +241,8 @@ pub(crate) struct GamesDb {
 impl GamesDb {
     /// Opens the DB at `path`, creating it (and its directory) and the schema if needed.
     pub(crate) fn create(path: &Path) -> Result<GamesDb> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory {}", dir.display()))?;
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open games db {}", path.display()))?;
-        let db = GamesDb::configure(conn, path)?;
+        let conn = crate::sqlite::create(path, "games db", BUSY_TIMEOUT)?;
+        let db = GamesDb::with_foreign_keys(conn, path)?;
         db.conn
             .execute_batch(SCHEMA)
             .with_context(|| format!("cannot create the schema of games db {}", path.display()))?;
@@ -245,44 +259,16 @@ impl GamesDb {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .with_context(|| format!("cannot open games db {}", path.display()))?;
-        let db = GamesDb::configure(conn, path)?;
-        let tables: i64 = db
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
-                [],
-                |row| row.get(0),
-            )
-            .with_context(|| format!("games db {} is not readable", path.display()))?;
-        if tables != 2 {
-            bail!(
-                "games db {} has no games/moves tables (not a games db?)",
-                path.display()
-            );
-        }
+        let conn = crate::sqlite::configure(conn, path, "games db", BUSY_TIMEOUT)?;
+        let db = GamesDb::with_foreign_keys(conn, path)?;
+        check_games_tables(&db.conn, "games db", path)?;
         Ok(db)
     }
 
     /// WAL, busy timeout, foreign keys. The first statement is also where SQLite notices a file
     /// that is not a database.
-    fn configure(conn: Connection, path: &Path) -> Result<GamesDb> {
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .context("cannot set the busy timeout")?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .with_context(|| {
-                format!(
-                    "games db {} is not a usable sqlite database",
-                    path.display()
-                )
-            })?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            bail!(
-                "games db {}: cannot switch to WAL mode (journal mode is {mode})",
-                path.display()
-            );
-        }
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+    fn with_foreign_keys(conn: Connection, path: &Path) -> Result<GamesDb> {
+        conn.execute_batch("PRAGMA foreign_keys = ON;")
             .context("cannot configure the games db")?;
         Ok(GamesDb {
             conn,

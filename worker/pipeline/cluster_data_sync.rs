@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use ringrift::events::payload;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ use super::transfer::{
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::jobs::db::GamesDb;
+use crate::jobs::db::{GamesDb, check_games_tables};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ClusterSyncSettings;
 
@@ -103,19 +103,7 @@ fn merge(
     )
     .with_context(|| format!("cannot open peer db {}", peer_db.display()))?;
     remote.busy_timeout(BUSY_TIMEOUT)?;
-    let tables: i64 = remote
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
-            [],
-            |r| r.get(0),
-        )
-        .with_context(|| format!("peer db {} is not readable", peer_db.display()))?;
-    if tables != 2 {
-        bail!(
-            "peer db {} has no games/moves tables (not a games db?)",
-            peer_db.display()
-        );
-    }
+    check_games_tables(&remote, "peer db", peer_db)?;
     // Creates the file and schema if needed; the merge uses its own connection for the
     // transaction.
     drop(GamesDb::create(local_db)?);
