@@ -159,15 +159,9 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
         }
     };
 
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::tokio_runtime("fault") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fault: failed to start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async {
         let crash_at = args

@@ -230,25 +230,17 @@ mod tests {
         kind: JobKind,
     }
 
-    fn parse(args: &[&str]) -> Result<JobKind, clap::Error> {
-        Cli::try_parse_from(std::iter::once("job").chain(args.iter().copied())).map(|c| c.kind)
+    /// Parses a job's command line, words separated by single spaces.
+    fn parse(args: &str) -> Result<JobKind, clap::Error> {
+        Cli::try_parse_from(std::iter::once("job").chain(args.split(' '))).map(|c| c.kind)
     }
 
     #[test]
     fn template_placeholders_parse() {
-        let kind = parse(&[
-            "selfplay",
-            "--config-key",
-            "hex8_2p",
-            "--board-type",
-            "hex8",
-            "--num-players",
-            "2",
-            "--games",
-            "10",
-            "--db",
-            "data/games/hex8_2p.db",
-        ])
+        let kind = parse(
+            "selfplay --config-key hex8_2p --board-type hex8 --num-players 2 --games 10 \
+             --db data/games/hex8_2p.db",
+        )
         .unwrap();
         let JobKind::Selfplay(a) = kind else {
             panic!("expected selfplay");
@@ -260,68 +252,18 @@ mod tests {
 
     #[test]
     fn usage_errors_are_caught_by_clap_or_the_check() {
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "chess_2p",
-                "--games",
-                "1",
-                "--db",
-                "x"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "0",
-                "--db",
-                "x"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "gauntlet",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "2",
-                "--output",
-                "o"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "1",
-                "--db",
-                "x",
-                "--epsilon",
-                "2"
-            ])
-            .is_err()
-        );
-        let JobKind::Export(a) = parse(&[
-            "export",
-            "--config-key",
-            "hex8_2p",
-            "--board-type",
-            "hex6",
-            "--db",
-            "d",
-            "--output",
-            "o",
-        ])
-        .unwrap() else {
+        for bad in [
+            "selfplay --config-key chess_2p --games 1 --db x",
+            "selfplay --config-key square8_2p --games 1 --db x",
+            "selfplay --config-key hex8_2p --games 0 --db x",
+            "gauntlet --config-key hex8_2p --games 2 --output o",
+            "selfplay --config-key hex8_2p --games 1 --db x --epsilon 2",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let JobKind::Export(a) =
+            parse("export --config-key hex8_2p --board-type hex6 --db d --output o").unwrap()
+        else {
             panic!("expected export");
         };
         assert_eq!(
