@@ -24,6 +24,16 @@ use crate::jobs::game::{GameConfig, GameRecord};
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, params};
 
+/// Stores one completed game: config_key, board_type, num_players, created_at, completed_at,
+/// winner, total_moves, source (`?1`..`?8`).
+pub(crate) const INSERT_GAME: &str = "INSERT INTO games (config_key, board_type, num_players,
+    created_at, completed_at, status, winner, total_moves, source)
+    VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)";
+
+/// Stores one move: game_id, move_number, player, cell (`?1`..`?4`).
+pub(crate) const INSERT_MOVE: &str =
+    "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)";
+
 /// How long a writer waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -290,14 +300,8 @@ impl GamesDb {
             .with_context(|| format!("cannot start a transaction on games db {path}"))?;
         let mut ids = Vec::with_capacity(games.len());
         {
-            let mut game_stmt = tx.prepare(
-                "INSERT INTO games (config_key, board_type, num_players, created_at, completed_at,
-                                    status, winner, total_moves, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)",
-            )?;
-            let mut move_stmt = tx.prepare(
-                "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut game_stmt = tx.prepare(INSERT_GAME)?;
+            let mut move_stmt = tx.prepare(INSERT_MOVE)?;
             for game in games {
                 game_stmt.execute(params![
                     config.key.to_string(),

@@ -645,12 +645,8 @@ impl Daemon for AutoExport {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = self
-                .pipeline
-                .as_ref()
-                .expect("started")
-                .event_config_key(NAME, &event)?;
             let games_dir = self.pipeline.as_ref().expect("started").games_dir();
+            let key = self.pipeline.as_ref()?.event_config_key(NAME, &event)?;
             // The export reads this pipeline's own games DB; an event naming a DB elsewhere is not
             // one of the pipeline's (there is no export failure event: logged and in health).
             if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {

@@ -24,7 +24,7 @@ use anyhow::{Context, bail};
 use ringrift::events::payload;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::transfer::{FailingMap, Passes, Target, deliver, locations, record_failure};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
@@ -181,12 +181,6 @@ impl AutoSync {
         )
     }
 
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
-    }
-
     fn fail(&mut self, spec: &str, key: &str, error: String) {
         self.push_failures += 1;
         record_failure(
@@ -259,7 +253,8 @@ impl AutoSync {
                 Ok(b) => b,
                 Err(e) => {
                     let error = format!("{e:#}");
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "DATA_SYNC_FAILED",
                         payload([
                             ("config_key", key.as_str().into()),
@@ -309,7 +304,8 @@ impl AutoSync {
                         if let Err(e) = save_daemon_state(&pipeline, self.name, &self.state) {
                             failures.push(e.to_string());
                         }
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_COMPLETED",
                             payload([
                                 ("config_key", key.as_str().into()),
@@ -321,7 +317,8 @@ impl AutoSync {
                         );
                     }
                     Err(error) => {
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_FAILED",
                             payload([
                                 ("config_key", key.as_str().into()),

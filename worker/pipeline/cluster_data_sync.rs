@@ -26,7 +26,7 @@ use anyhow::Context;
 use ringrift::events::payload;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::auto_sync::{Fingerprint, fingerprint};
 use super::transfer::{
@@ -34,7 +34,7 @@ use super::transfer::{
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::jobs::db::{GamesDb, check_games_tables};
+use crate::jobs::db::{GamesDb, INSERT_GAME, INSERT_MOVE, check_games_tables};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ClusterSyncSettings;
 
@@ -178,14 +178,8 @@ fn merge(
         }
         let tx = local.transaction()?;
         {
-            let mut game_stmt = tx.prepare(
-                "INSERT INTO games (config_key, board_type, num_players, created_at, completed_at,
-                                    status, winner, total_moves, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)",
-            )?;
-            let mut move_stmt = tx.prepare(
-                "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut game_stmt = tx.prepare(INSERT_GAME)?;
+            let mut move_stmt = tx.prepare(INSERT_MOVE)?;
             for game in &games {
                 if game.source.starts_with("peer:") || known.contains(&game.id) {
                     out.skipped += 1;
@@ -306,16 +300,11 @@ impl ClusterSync {
         )
     }
 
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
-    }
-
     /// Records and reports a failure of (`spec`, `key`).
     fn fail(&mut self, spec: &str, key: &str, fp: Option<Fingerprint>, error: String) {
         self.sync_failures += 1;
-        self.emit(
+        super::emit(
+            self.ctx.as_ref(),
             "DATA_SYNC_FAILED",
             payload([
                 ("config_key", key.into()),
@@ -449,7 +438,8 @@ impl ClusterSync {
                                 m.rejected.join("; ")
                             ));
                         }
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_COMPLETED",
                             payload([
                                 ("config_key", key.as_str().into()),
@@ -459,7 +449,8 @@ impl ClusterSync {
                             ]),
                         );
                         if m.merged > 0 {
-                            self.emit(
+                            super::emit(
+                                self.ctx.as_ref(),
                                 "NEW_GAMES_AVAILABLE",
                                 payload([
                                     ("config_key", key.as_str().into()),

@@ -346,6 +346,13 @@ pub(crate) fn save_or_note<T: Serialize>(
     }
 }
 
+/// Emits an event through `ctx` when there is one (a daemon built by a unit test has none).
+pub(crate) fn emit(ctx: Option<&Ctx>, event_type: &str, payload: Value) {
+    if let Some(ctx) = ctx {
+        ctx.emit(event_type, payload);
+    }
+}
+
 /// Logs a problem on stderr as `<daemon>: <message>` and keeps it, stamped with the time, as the
 /// daemon's last error for health: `<RFC 3339 time> <message>`.
 pub(crate) fn note_error(last_error: &mut Option<String>, daemon: &str, message: &str) {

@@ -425,7 +425,8 @@ impl QualityMonitor {
                         "{NAME}: {key}: score {score} over {} games (length {:.2}, balance {:.2}, diversity {:.2})",
                         q.games, q.length, q.balance, q.diversity
                     );
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "QUALITY_SCORE_UPDATED",
                         payload([
                             ("config_key", key.into()),
@@ -438,7 +439,8 @@ impl QualityMonitor {
                     self.warnings += 1;
                     let reason = q.reason(&params);
                     println!("{NAME}: {key}: LOW QUALITY: {reason}");
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "LOW_QUALITY_DATA_WARNING",
                         payload([
                             ("config_key", key.into()),
@@ -452,12 +454,6 @@ impl QualityMonitor {
             }
         };
         self.seen.insert(key.to_string(), (seen, when));
-    }
-
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
     }
 
     fn report(&self) -> Report {

@@ -673,12 +673,8 @@ impl Daemon for TrainingTrigger {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = self
-                .pipeline
-                .as_ref()
-                .expect("started")
-                .event_config_key(NAME, &event)?;
             let pipeline = self.pipeline.clone().expect("started");
+            let key = pipeline.event_config_key(NAME, &event)?;
             match event.event_type.as_str() {
                 "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
                     let score = event
