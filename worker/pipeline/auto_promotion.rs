@@ -781,12 +781,7 @@ mod tests {
     #[test]
     fn events_are_checked_against_the_results_file() {
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = Pipeline {
-            root: dir.path().to_path_buf(),
-            config_keys: vec!["hex6_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: "/bin/true".into(),
-        };
+        let pipeline = Pipeline::for_test(dir.path(), vec!["hex6_2p".into()]);
         let cands = pipeline.candidates_dir("hex6_2p");
         std::fs::create_dir_all(&cands).unwrap();
         let cand = cands.join("hex6_2p-1.bin");

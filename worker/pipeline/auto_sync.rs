@@ -423,12 +423,10 @@ pub(crate) mod tests {
             name: "auto_sync",
             ..AutoSync::default()
         };
-        d.pipeline = Some(Pipeline {
-            root: root.to_path_buf(),
-            config_keys: vec!["hex6_2p".into(), "hex8_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: PathBuf::from("ringrift-worker"),
-        });
+        d.pipeline = Some(Pipeline::for_test(
+            root,
+            vec!["hex6_2p".into(), "hex8_2p".into()],
+        ));
         d.targets = locations(&settings, "targets", root).unwrap();
         d.retries = 1;
         d.timeout = Duration::from_secs(5);
@@ -436,13 +434,7 @@ pub(crate) mod tests {
         d
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::pipeline::tests::block_on;
 
     #[test]
     fn a_snapshot_is_a_complete_readable_copy_in_rollback_mode() {

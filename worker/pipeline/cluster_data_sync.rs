@@ -522,7 +522,6 @@ impl Daemon for ClusterSync {
 mod tests {
     use super::*;
     use crate::pipeline::auto_sync::tests::add_games;
-    use std::path::PathBuf;
 
     fn count(db: &Path, sql: &str) -> i64 {
         Connection::open(db)
@@ -534,12 +533,10 @@ mod tests {
     fn daemon(root: &Path, peers: &[String]) -> ClusterSync {
         let settings = Settings::from_config(Some(&json!({ "peers": peers }))).unwrap();
         ClusterSync {
-            pipeline: Some(Pipeline {
-                root: root.to_path_buf(),
-                config_keys: vec!["hex6_2p".into(), "hex8_2p".into()],
-                jobs: BTreeMap::new(),
-                worker: PathBuf::from("ringrift-worker"),
-            }),
+            pipeline: Some(Pipeline::for_test(
+                root,
+                vec!["hex6_2p".into(), "hex8_2p".into()],
+            )),
             peers: locations(&settings, "peers", root).unwrap(),
             timeout: Duration::from_secs(5),
             pass: Passes {
@@ -550,13 +547,7 @@ mod tests {
         }
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::pipeline::tests::block_on;
 
     #[test]
     fn games_are_merged_once_even_without_state() {

@@ -83,6 +83,9 @@ impl Pipeline {
         if config_keys.is_empty() {
             bail!("pipeline.config_keys is empty");
         }
+        for key in &config_keys {
+            key.parse::<ConfigKey>().context("pipeline.config_keys")?;
+        }
         let mut jobs = BTreeMap::new();
         if let Some(map) = p.get("jobs").and_then(Value::as_object) {
             for (kind, spec) in map {
@@ -109,6 +112,17 @@ impl Pipeline {
             jobs,
             worker,
         })
+    }
+
+    /// A pipeline at `root` with `config_keys` and no job templates, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(root: &Path, config_keys: Vec<String>) -> Pipeline {
+        Pipeline {
+            root: root.to_path_buf(),
+            config_keys,
+            jobs: BTreeMap::new(),
+            worker: PathBuf::from("ringrift-worker"),
+        }
     }
 
     /// Where selfplay writes games DBs: NEW_GAMES_AVAILABLE.db_path must be in it.
@@ -444,8 +458,17 @@ pub(crate) fn now_secs() -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Runs `f` to the end on a fresh single-threaded runtime.
+    pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
 
     fn pipeline() -> Pipeline {
         let defaults = ringrift::config::PipelineConfig::default().to_json();

@@ -696,12 +696,7 @@ mod tests {
     #[test]
     fn quality_events_are_checked_against_the_monitors_state() {
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = Pipeline {
-            root: dir.path().to_path_buf(),
-            config_keys: vec!["hex8_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: "/bin/true".into(),
-        };
+        let pipeline = Pipeline::for_test(dir.path(), vec!["hex8_2p".into()]);
         let warn = "LOW_QUALITY_DATA_WARNING";
         let update = "QUALITY_SCORE_UPDATED";
         // No state file: nothing to check against.

@@ -343,12 +343,7 @@ mod tests {
     /// A populator over `root` with a depth of 4 items of 20 games.
     fn populator(root: &std::path::Path) -> QueuePopulator {
         QueuePopulator {
-            pipeline: Some(Pipeline {
-                root: root.to_path_buf(),
-                config_keys: keys(),
-                jobs: BTreeMap::new(),
-                worker: "/bin/true".into(),
-            }),
+            pipeline: Some(Pipeline::for_test(root, keys())),
             queue: None,
             target_depth: 4,
             games_per_item: 20,
