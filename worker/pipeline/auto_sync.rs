@@ -26,7 +26,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::transfer::{FailingMap, Passes, Target, deliver, locations, record_failure};
+use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -142,9 +142,7 @@ struct AutoSync {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     targets: Vec<(String, Target)>,
-    retries: u32,
-    retry_backoff: f64,
-    timeout: Duration,
+    delivery: Delivery,
     state: State,
     failing: FailingMap<()>,
     pass: Passes,
@@ -183,16 +181,8 @@ impl AutoSync {
 
     fn fail(&mut self, spec: &str, key: &str, error: String) {
         self.push_failures += 1;
-        record_failure(
-            &mut self.failing,
-            (spec, key),
-            (),
-            |_, _| true,
-            error,
-            now_secs(),
-            self.retry_backoff,
-            self.retries,
-        );
+        self.delivery
+            .record_failure(&mut self.failing, (spec, key), (), |_, _| true, error);
     }
 
     /// One pass: every changed DB to every target that needs it.
@@ -232,14 +222,12 @@ impl AutoSync {
                     self.failing.remove(&(spec.clone(), key.clone()));
                     continue;
                 }
-                if let Some(f) = self.failing.get(&(spec.clone(), key.clone()))
-                    && now < f.next_try
+                if let Some(wait) = self
+                    .failing
+                    .get(&(spec.clone(), key.clone()))
+                    .and_then(|f| f.waiting(now, &format!("{key} → {spec}")))
                 {
-                    failures.push(format!(
-                        "{key} → {spec}: {} (next try in {:.0}s)",
-                        f.error,
-                        f.next_try - now
-                    ));
+                    failures.push(wait);
                     continue;
                 }
                 due.push((spec.clone(), target.clone()));
@@ -270,16 +258,11 @@ impl AutoSync {
                 }
             };
             for (spec, target) in due {
-                let delivered = deliver(
-                    self.name,
-                    &snap,
-                    &target,
-                    self.retries,
-                    self.retry_backoff,
-                    self.timeout,
-                )
-                .await
-                .map_err(|e| e.to_string());
+                let delivered = self
+                    .delivery
+                    .deliver(self.name, &snap, &target)
+                    .await
+                    .map_err(|e| e.to_string());
                 match delivered {
                     Ok(sha) => {
                         let at = ringrift::timefmt::now_rfc3339();
@@ -361,14 +344,16 @@ impl Daemon for AutoSync {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;
             let s = typed(settings, SyncSettings::from_map)?;
-            self.retries = s.retries;
-            self.retry_backoff = s.retry_backoff.as_secs_f64();
-            self.timeout = s.timeout;
+            self.delivery = Delivery {
+                retries: s.retries,
+                retry_backoff: s.retry_backoff.as_secs_f64(),
+                timeout: s.timeout,
+            };
             self.state = load_state(&pipeline.state_path(self.name));
             self.pass.ok = true;
             println!(
-                "{}: targets {:?} ({} attempts, backoff {}s)",
-                self.name, self.targets, self.retries, self.retry_backoff
+                "{}: targets {:?} ({})",
+                self.name, self.targets, self.delivery
             );
             self.pipeline = Some(pipeline);
             Ok(self.report())
@@ -428,8 +413,11 @@ pub(crate) mod tests {
             vec!["hex6_2p".into(), "hex8_2p".into()],
         ));
         d.targets = locations(&settings, "targets", root).unwrap();
-        d.retries = 1;
-        d.timeout = Duration::from_secs(5);
+        d.delivery = Delivery {
+            retries: 1,
+            retry_backoff: 0.0,
+            timeout: Duration::from_secs(5),
+        };
         d.pass.ok = true;
         d
     }

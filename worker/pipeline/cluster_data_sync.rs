@@ -341,15 +341,13 @@ impl ClusterSync {
                 let file = match &peer {
                     Target::Local(dir) => dir.join(format!("{key}.db")),
                     Target::Remote { host, path } => {
-                        if let Some(f) = self.failing.get(&id)
-                            && f.on.is_none()
-                            && now < f.next_try
+                        if let Some(wait) = self
+                            .failing
+                            .get(&id)
+                            .filter(|f| f.on.is_none())
+                            .and_then(|f| f.waiting(now, &format!("{key} ← {spec}")))
                         {
-                            failures.push(format!(
-                                "{key} ← {spec}: {} (next try in {:.0}s)",
-                                f.error,
-                                f.next_try - now
-                            ));
+                            failures.push(wait);
                             continue;
                         }
                         let dest = pipeline

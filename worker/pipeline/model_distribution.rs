@@ -16,7 +16,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ringrift::config_key::ConfigKey;
 use ringrift::events::{Event, payload};
@@ -24,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sha256;
-use super::transfer::{FailingMap, Passes, Target, deliver, locations, record_failure};
+use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
 use super::{Pipeline, load_state, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -83,9 +82,7 @@ struct Distribution {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     targets: Vec<(String, Target)>,
-    retries: u32,
-    retry_backoff: f64,
-    timeout: Duration,
+    delivery: Delivery,
     state: State,
     /// (target spec, config key) → the failure it is backing off from.
     failing: FailingMap<String>,
@@ -138,29 +135,19 @@ impl Distribution {
                     continue;
                 }
                 let now = super::now_secs();
-                if let Some(f) = self.failing.get(&(spec.clone(), key.clone()))
-                    && f.on == sha
-                    && now < f.next_try
+                if let Some(wait) = self
+                    .failing
+                    .get(&(spec.clone(), key.clone()))
+                    .filter(|f| f.on == sha)
+                    .and_then(|f| f.waiting(now, &format!("{key} → {spec}")))
                 {
                     // Still backing off from the last failed pass: counted, not retried yet.
                     failed += 1;
-                    failures.push(format!(
-                        "{key} → {spec}: {} (next try in {:.0}s)",
-                        f.error,
-                        f.next_try - now
-                    ));
+                    failures.push(wait);
                     continue;
                 }
                 worked = true;
-                let copied_to = deliver(
-                    NAME,
-                    model,
-                    &target,
-                    self.retries,
-                    self.retry_backoff,
-                    self.timeout,
-                )
-                .await;
+                let copied_to = self.delivery.deliver(NAME, model, &target).await;
                 match copied_to {
                     Ok(got) => {
                         self.failing.remove(&(spec.clone(), key.clone()));
@@ -185,15 +172,12 @@ impl Distribution {
                         self.copy_failures += 1;
                         failed += 1;
                         failures.push(format!("{key} → {spec}: {e}"));
-                        record_failure(
+                        self.delivery.record_failure(
                             &mut self.failing,
                             (&spec, key),
                             sha.clone(),
                             |a, b| a == b,
                             e.to_string(),
-                            super::now_secs(),
-                            self.retry_backoff,
-                            self.retries,
                         );
                     }
                 }
@@ -242,15 +226,14 @@ impl Daemon for Distribution {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;
             let s = typed(settings, DistributionSettings::from_map)?;
-            self.retries = s.retries;
-            self.retry_backoff = s.retry_backoff.as_secs_f64();
-            self.timeout = s.timeout;
+            self.delivery = Delivery {
+                retries: s.retries,
+                retry_backoff: s.retry_backoff.as_secs_f64(),
+                timeout: s.timeout,
+            };
             self.state = load_state(&pipeline.state_path(NAME));
             self.pass.ok = true;
-            println!(
-                "{NAME}: targets {:?} ({} attempts, backoff {}s)",
-                self.targets, self.retries, self.retry_backoff
-            );
+            println!("{NAME}: targets {:?} ({})", self.targets, self.delivery);
             self.pipeline = Some(pipeline);
             Ok(self.report())
         })

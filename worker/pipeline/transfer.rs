@@ -217,6 +217,70 @@ pub(super) struct DeliveryFailed {
     pub(super) last: anyhow::Error,
 }
 
+/// How a daemon delivers files: its `retries`, `retry_backoff` and `timeout` settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Delivery {
+    /// Attempts per delivery (at least one is made).
+    pub(super) retries: u32,
+    /// Seconds before the first retry; doubles per attempt.
+    pub(super) retry_backoff: f64,
+    /// How long one rsync or ssh may run.
+    pub(super) timeout: Duration,
+}
+
+impl Delivery {
+    /// Copies `src` to `target` (see [`copy_local`], [`copy_remote`]): see [`deliver`].
+    pub(super) async fn deliver(
+        &self,
+        who: &str,
+        src: &Path,
+        target: &Target,
+    ) -> Result<String, DeliveryFailed> {
+        deliver(
+            who,
+            src,
+            target,
+            self.retries,
+            self.retry_backoff,
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Records one more failed pass of (`spec`, `key`), backing off from `retry_backoff` past
+    /// the in-pass retries (see [`record_failure`]).
+    pub(super) fn record_failure<T>(
+        &self,
+        failing: &mut FailingMap<T>,
+        id: (&str, &str),
+        on: T,
+        same: impl Fn(&T, &T) -> bool,
+        error: String,
+    ) {
+        record_failure(
+            failing,
+            id,
+            on,
+            same,
+            error,
+            super::now_secs(),
+            self.retry_backoff,
+            self.retries,
+        );
+    }
+}
+
+impl std::fmt::Display for Delivery {
+    /// `3 attempts, backoff 5s`, for the start-up line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} attempts, backoff {}s",
+            self.retries, self.retry_backoff
+        )
+    }
+}
+
 /// Copies `src` to `target` (see [`copy_local`], [`copy_remote`]), up to `retries` attempts (at
 /// least one) with [`retry_delay`] from `retry_backoff` seconds between them; each failed attempt
 /// is logged as `<who>: attempt N of M: <error>`. Returns the verified SHA-256.
@@ -258,6 +322,20 @@ pub(super) struct Failing<T> {
     pub(super) failed_passes: u32,
     pub(super) next_try: f64,
     pub(super) error: String,
+}
+
+impl<T> Failing<T> {
+    /// While backing off at `now` (unix seconds): `<what>: <error> (next try in Ns)`, the line
+    /// for the pass summary; `None` once it is time to try again.
+    pub(super) fn waiting(&self, now: f64, what: &str) -> Option<String> {
+        (now < self.next_try).then(|| {
+            format!(
+                "{what}: {} (next try in {:.0}s)",
+                self.error,
+                self.next_try - now
+            )
+        })
+    }
 }
 
 /// The failures a daemon is backing off from, by (destination spec, config key).
