@@ -34,8 +34,8 @@ use super::games_db::{DbUnusable, Depth, Quarantined, ensure_usable};
 use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, note_error, now_secs, save_or_note,
-    typed,
+    KeyHealth, KeyLog, KeyStatus, Pipeline, job_failure, load_state, note_error, now_secs,
+    save_or_note, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -245,7 +245,7 @@ struct AutoExport {
     threshold: u64,
     batch_timeout: f64,
     state: State,
-    status: BTreeMap<String, KeyStatus>,
+    health: KeyHealth,
     scans: u64,
     exports: u64,
     failures: u64,
@@ -255,18 +255,18 @@ struct AutoExport {
     dbs_quarantined: u64,
     /// Games DBs this process moved aside, the latest last.
     quarantined: Vec<Quarantined>,
-    last_error: Option<String>,
 }
 
 impl AutoExport {
     fn report(&self) -> Report {
-        let healthy = self.status.values().all(|s| s.ok);
-        let idle = self.status.is_empty()
+        let healthy = self.health.healthy();
+        let idle = self.health.status.is_empty()
             || self
+                .health
                 .status
                 .values()
                 .all(|s| s.message.contains("no games yet"));
-        let mut message = key_messages(&self.status, "no scan yet");
+        let mut message = self.health.message("no scan yet");
         if let Some(q) = self.quarantined.last() {
             message = format!("{message}; {}", q.describe());
         }
@@ -298,7 +298,7 @@ impl AutoExport {
                 ("keys".to_string(), Value::Object(keys)),
                 ("threshold_games".to_string(), Value::from(self.threshold)),
                 ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
-                ("last_error".to_string(), json!(self.last_error)),
+                ("last_error".to_string(), json!(self.health.last_error)),
                 (
                     "quarantined".to_string(),
                     Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
@@ -317,16 +317,12 @@ impl AutoExport {
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
-        if !ok {
-            note_error(&mut self.last_error, NAME, &format!("{key}: {message}"));
-        }
-        self.status
-            .insert(key.to_string(), KeyStatus { ok, message });
+        self.health.set(NAME, key, ok, message, KeyLog::Failures);
     }
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
+        save_or_note(pipeline, NAME, &self.state, &mut self.health.last_error);
     }
 
     /// A failed attempt for `key`: schedules the retry ([`Failing::after`]), keeps it in the
@@ -375,7 +371,8 @@ impl AutoExport {
         {
             // Logged when the attempt failed; while waiting, only health follows the countdown.
             let message = f.describe(now_secs());
-            self.status
+            self.health
+                .status
                 .insert(key.to_string(), KeyStatus { ok: false, message });
             return;
         }
@@ -650,7 +647,7 @@ impl Daemon for AutoExport {
             // The export reads this pipeline's own games DB; an event naming a DB elsewhere is not
             // one of the pipeline's (there is no export failure event: logged and in health).
             if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {
-                note_error(&mut self.last_error, NAME, &format!("{key}: {why}"));
+                note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
                 return Some(self.report());
             }
             self.check_key(&key).await;

@@ -381,17 +381,64 @@ pub(crate) struct KeyStatus {
     pub(crate) message: String,
 }
 
-/// The health message of per-key statuses: `key: message` for every key, joined with "; ", or
-/// `none_yet` while there are none.
-pub(crate) fn key_messages(status: &BTreeMap<String, KeyStatus>, none_yet: &str) -> String {
-    if status.is_empty() {
-        none_yet.to_string()
-    } else {
-        status
-            .iter()
-            .map(|(k, s)| format!("{k}: {}", s.message))
-            .collect::<Vec<_>>()
-            .join("; ")
+/// Which of a key's messages [`KeyHealth::set`] logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLog {
+    /// Every failure, on stderr; successes not at all.
+    Failures,
+    /// Every change of a key's message: successes on stdout, failures on stderr.
+    Changes,
+}
+
+/// The health of a daemon that works key by key: the last word about each config key, and the
+/// last error with its time.
+#[derive(Debug, Default)]
+pub(crate) struct KeyHealth {
+    pub(crate) status: BTreeMap<String, KeyStatus>,
+    pub(crate) last_error: Option<String>,
+}
+
+impl KeyHealth {
+    /// True while no key's last word is a failure.
+    pub(crate) fn healthy(&self) -> bool {
+        self.status.values().all(|s| s.ok)
+    }
+
+    /// The health message: `key: message` for every key, joined with "; ", or `none_yet` while
+    /// there are none.
+    pub(crate) fn message(&self, none_yet: &str) -> String {
+        if self.status.is_empty() {
+            none_yet.to_string()
+        } else {
+            self.status
+                .iter()
+                .map(|(k, s)| format!("{k}: {}", s.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    }
+
+    /// Records the last word about `key`, logged as `<daemon>: <key>: <message>` as `log` says;
+    /// a failure also becomes the last error (`<time> <key>: <message>`).
+    pub(crate) fn set(&mut self, daemon: &str, key: &str, ok: bool, message: String, log: KeyLog) {
+        let line = format!("{key}: {message}");
+        match log {
+            KeyLog::Failures if !ok => note_error(&mut self.last_error, daemon, &line),
+            KeyLog::Failures => {}
+            KeyLog::Changes => {
+                let changed = self.status.get(key).is_none_or(|s| s.message != message);
+                if changed && ok {
+                    println!("{daemon}: {line}");
+                } else if !ok {
+                    if changed {
+                        eprintln!("{daemon}: {line}");
+                    }
+                    self.last_error = Some(format!("{} {line}", ringrift::timefmt::now_rfc3339()));
+                }
+            }
+        }
+        self.status
+            .insert(key.to_string(), KeyStatus { ok, message });
     }
 }
 

@@ -33,8 +33,7 @@ use serde_json::{Value, json};
 
 use super::auto_export::{export_failing, quarantine};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, note_error, now_secs, save_or_note,
-    typed,
+    KeyHealth, KeyLog, Pipeline, job_failure, load_state, note_error, now_secs, save_or_note, typed,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -226,21 +225,20 @@ struct TrainingTrigger {
     training: BTreeSet<String>,
     /// Sample counts of exports already decoded, so an unchanged file is not decoded every cycle.
     samples_cache: BTreeMap<String, (Fingerprint, u64)>,
-    status: BTreeMap<String, KeyStatus>,
+    health: KeyHealth,
     checks: u64,
     started: u64,
     completed: u64,
     failed: u64,
     bad_exports: u64,
-    last_error: Option<String>,
     /// Keys whose export keeps failing (auto_export's state says so): no new data can come.
     starved: BTreeSet<String>,
 }
 
 impl TrainingTrigger {
     fn report(&self) -> Report {
-        let healthy = self.status.values().all(|s| s.ok);
-        let message = key_messages(&self.status, "no check yet");
+        let healthy = self.health.healthy();
+        let message = self.health.message("no check yet");
         let keys: serde_json::Map<String, Value> = self
             .state
             .keys
@@ -272,7 +270,7 @@ impl TrainingTrigger {
                 ),
                 ("min_samples".to_string(), Value::from(self.min_samples)),
                 ("cooldown".to_string(), Value::from(self.cooldown)),
-                ("last_error".to_string(), json!(self.last_error)),
+                ("last_error".to_string(), json!(self.health.last_error)),
             ]),
             [
                 ("checks", self.checks),
@@ -285,27 +283,12 @@ impl TrainingTrigger {
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
-        let changed = self.status.get(key).is_none_or(|s| s.message != message);
-        if changed {
-            if ok {
-                println!("{NAME}: {key}: {message}");
-            } else {
-                eprintln!("{NAME}: {key}: {message}");
-            }
-        }
-        if !ok {
-            self.last_error = Some(format!(
-                "{} {key}: {message}",
-                ringrift::timefmt::now_rfc3339()
-            ));
-        }
-        self.status
-            .insert(key.to_string(), KeyStatus { ok, message });
+        self.health.set(NAME, key, ok, message, KeyLog::Changes);
     }
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
+        save_or_note(pipeline, NAME, &self.state, &mut self.health.last_error);
     }
 
     fn key_state(&mut self, key: &str) -> &mut KeyState {
@@ -692,7 +675,11 @@ impl Daemon for TrainingTrigger {
                     ) {
                         Err(why) => {
                             let error = format!("refused {}: {why}", event.event_type);
-                            note_error(&mut self.last_error, NAME, &format!("{key}: {error}"));
+                            note_error(
+                                &mut self.health.last_error,
+                                NAME,
+                                &format!("{key}: {error}"),
+                            );
                             return Some(self.report());
                         }
                         // The monitor's state decides, whatever the event claims.
@@ -721,7 +708,7 @@ impl Daemon for TrainingTrigger {
                         Pipeline::check_event_path(&event, "npz_path", &pipeline.training_dir())
                     {
                         // Not a failed run: no backoff, no change to the key's health.
-                        note_error(&mut self.last_error, NAME, &format!("{key}: {why}"));
+                        note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
                         self.ctx.as_ref().expect("attached").emit(
                             "TRAINING_FAILED",
                             payload([
