@@ -10,9 +10,9 @@
 //!   the size and modification time of the DB and of its `-wal` file, kept per target in
 //!   data/coordination/<name>.json, so a restart does not push everything again. A local target
 //!   whose copy went missing is pushed again.
-//! - Delivery is model_distribution's: a local directory gets a hidden temporary file, fsynced,
-//!   renamed into place and hashed again (SHA-256); `host:path` is rsync over ssh with a timeout,
-//!   verified with `sha256sum` there. Each delivery is tried `retries` times with an exponential
+//! - Delivery is shared with model_distribution (`super::transfer`): a local directory gets a
+//!   hidden temporary file, fsynced, renamed into place and hashed again (SHA-256); `host:path` is
+//!   rsync over ssh with a timeout, verified with `sha256sum` there. Each delivery is tried `retries` times with an exponential
 //!   backoff from `retry_backoff`; a target that still fails is tried again on a later cycle, after
 //!   a backoff that keeps doubling (up to an hour).
 

@@ -318,7 +318,6 @@ impl ClusterSync {
             fp,
             |_, _| true,
             error,
-            now_secs(),
             5.0,
             1,
         );

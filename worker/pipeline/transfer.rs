@@ -2,8 +2,8 @@
 //! ephemeral_sync push games DB snapshots, model_distribution pushes canonical models,
 //! cluster_data_sync fetches peers' snapshots): where a file goes ([`Target`], read from the
 //! `targets`/`peers` setting by [`locations`]), a verified copy ([`copy_local`], [`copy_remote`],
-//! tried several times by [`deliver`]), the backoff of a destination that keeps failing
-//! ([`Failing`]) and the pass bookkeeping behind their health ([`Passes`]).
+//! tried several times by [`Delivery::deliver`]), the backoff of a destination that keeps
+//! failing ([`Failing`]) and the pass bookkeeping behind their health ([`Passes`]).
 //!
 //! A local copy goes to a hidden temporary file, is fsynced, renamed into place and hashed again
 //! (SHA-256); a `host:path` copy is `rsync -a` over ssh (a child process with a timeout, killed if
@@ -263,7 +263,6 @@ impl Delivery {
             on,
             same,
             error,
-            super::now_secs(),
             self.retry_backoff,
             self.retries,
         );
@@ -284,7 +283,7 @@ impl std::fmt::Display for Delivery {
 /// Copies `src` to `target` (see [`copy_local`], [`copy_remote`]), up to `retries` attempts (at
 /// least one) with [`retry_delay`] from `retry_backoff` seconds between them; each failed attempt
 /// is logged as `<who>: attempt N of M: <error>`. Returns the verified SHA-256.
-pub(super) async fn deliver(
+async fn deliver(
     who: &str,
     src: &Path,
     target: &Target,
@@ -343,15 +342,13 @@ pub(super) type FailingMap<T> = BTreeMap<(String, String), Failing<T>>;
 
 /// Records one more failed pass of (`spec`, `key`) on `on`: the count goes on from the previous
 /// failure when `same` says it failed on the same thing, and the next try waits [`pass_backoff`]
-/// from `base` seconds past `retries` in-pass attempts.
-#[allow(clippy::too_many_arguments)]
+/// from `base` seconds past `retries` in-pass attempts (from now).
 pub(super) fn record_failure<T>(
     failing: &mut FailingMap<T>,
     (spec, key): (&str, &str),
     on: T,
     same: impl Fn(&T, &T) -> bool,
     error: String,
-    now: f64,
     base: f64,
     retries: u32,
 ) {
@@ -365,7 +362,7 @@ pub(super) fn record_failure<T>(
         Failing {
             on,
             failed_passes: passes,
-            next_try: now + pass_backoff(passes, base, retries),
+            next_try: super::now_secs() + pass_backoff(passes, base, retries),
             error,
         },
     );
