@@ -3,6 +3,8 @@
 //! This is the seed system's `DaemonType` enum as data: the config file may override any of it, but
 //! a name that is not here (and has no `command:` of its own) is a typo, and is refused as one.
 
+use crate::config_key::ConfigKey;
+
 /// One built-in daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DaemonSpec {
@@ -273,8 +275,23 @@ pub fn find(name: &str) -> Option<&'static DaemonSpec> {
 
 /// The config keys the built-in reference jobs (`ringrift-worker job selfplay|export|train|gauntlet`)
 /// can play: Hex on 8×8 and 6×6 boards, two players. `config check` holds a configuration that
-/// runs a built-in job to these; the game itself lives with the jobs (worker/jobs/game).
-pub const REFERENCE_CONFIG_KEYS: &[&str] = &["hex8_2p", "hex6_2p"];
+/// runs a built-in job to these, and the jobs refuse any other key; the game itself lives with the
+/// jobs (worker/jobs/game).
+pub const REFERENCE_CONFIG_KEYS: &[ConfigKey] = &[ConfigKey::HEX8_2P, ConfigKey::HEX6_2P];
+
+/// True when the built-in reference jobs can play `key` (see [`REFERENCE_CONFIG_KEYS`]).
+pub fn is_reference_key(key: &ConfigKey) -> bool {
+    REFERENCE_CONFIG_KEYS.contains(key)
+}
+
+/// [`REFERENCE_CONFIG_KEYS`] for messages: `hex8_2p, hex6_2p`.
+pub fn reference_keys_text() -> String {
+    let keys: Vec<String> = REFERENCE_CONFIG_KEYS
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    keys.join(", ")
+}
 
 /// Longest daemon name, in bytes. A name becomes a file name (`logs/<name>.log`) and a label value.
 pub const MAX_NAME_LEN: usize = 64;

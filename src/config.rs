@@ -973,7 +973,10 @@ impl Validator<'_> {
             return;
         }
         for key in &pipeline.config_keys {
-            if !crate::catalog::REFERENCE_CONFIG_KEYS.contains(&key.as_str()) {
+            if !key
+                .parse()
+                .is_ok_and(|k| crate::catalog::is_reference_key(&k))
+            {
                 self.problem(
                     &["pipeline", "config_keys"],
                     format!(
@@ -981,7 +984,7 @@ impl Validator<'_> {
                          configure jobs of your own for it under pipeline.jobs",
                         builtin.join(", "),
                         if builtin.len() == 1 { "" } else { "s" },
-                        crate::catalog::REFERENCE_CONFIG_KEYS.join(", ")
+                        crate::catalog::reference_keys_text()
                     ),
                 );
             }
@@ -997,9 +1000,9 @@ impl Validator<'_> {
         if let Some(keys) = self.string_list(map.get("config_keys"), &["pipeline", "config_keys"]) {
             let mut good = Vec::new();
             for k in keys {
-                match crate::events::parse_config_key(&k) {
+                match k.parse::<crate::config_key::ConfigKey>() {
                     Ok(_) => good.push(k),
-                    Err(e) => self.problem(&["pipeline", "config_keys"], e),
+                    Err(e) => self.problem(&["pipeline", "config_keys"], e.to_string()),
                 }
             }
             if good.is_empty() {

@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config_key::{self, ConfigKeyError};
+
 /// Largest accepted payload, serialized as compact JSON: 64 KiB.
 ///
 /// Events are facts ("a model was promoted, here is its path"), not a way to move data: anything
@@ -39,7 +41,8 @@ pub enum FieldType {
     Int,
     Number,
     Bool,
-    /// "<board>_<players>p": board hex8|hex6|square8|square19|hexagonal, 2–4 players.
+    /// A [`crate::config_key::ConfigKey`]: "<board>_<players>p", board
+    /// hex8|hex6|square8|square19|hexagonal, 2–4 players.
     ConfigKey,
     Object,
 }
@@ -521,7 +524,16 @@ fn type_name(ty: FieldType) -> &'static str {
     }
 }
 
-fn check(ty: FieldType, v: &Value) -> Result<(), String> {
+/// Why a field's value does not fit its type; the message follows "field '<name>' ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum FieldError {
+    #[error("must be {}", type_name(*.0))]
+    WrongType(FieldType),
+    #[error(transparent)]
+    ConfigKey(#[from] ConfigKeyError),
+}
+
+fn check(ty: FieldType, v: &Value) -> Result<(), FieldError> {
     let ok = match ty {
         Str => v.is_string(),
         Int => v.is_i64() || v.is_u64(),
@@ -530,38 +542,19 @@ fn check(ty: FieldType, v: &Value) -> Result<(), String> {
         Object => v.is_object(),
         ConfigKey => {
             return match v.as_str() {
-                Some(s) => parse_config_key(s).map(|_| ()),
-                None => Err(format!("must be {}", type_name(ty))),
+                Some(s) => s
+                    .parse::<config_key::ConfigKey>()
+                    .map(drop)
+                    .map_err(Into::into),
+                None => Err(FieldError::WrongType(ty)),
             };
         }
     };
     if ok {
         Ok(())
     } else {
-        Err(format!("must be {}", type_name(ty)))
+        Err(FieldError::WrongType(ty))
     }
-}
-
-/// Board types a config key may name.
-pub const BOARD_TYPES: &[&str] = &["hex8", "hex6", "square8", "square19", "hexagonal"];
-
-/// Splits "hex8_2p" into ("hex8", 2), or says what is wrong.
-pub fn parse_config_key(key: &str) -> Result<(&str, u8), String> {
-    let bad = || {
-        format!(
-            "'{key}' is not a config key like \"hex8_2p\" (board {}, 2–4 players)",
-            BOARD_TYPES.join("|")
-        )
-    };
-    let (board, players) = key.rsplit_once('_').ok_or_else(bad)?;
-    let n: u8 = players
-        .strip_suffix('p')
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)?;
-    if !BOARD_TYPES.contains(&board) || !(2..=4).contains(&n) {
-        return Err(bad());
-    }
-    Ok((board, n))
 }
 
 /// A payload builder for code that emits events: `payload([("config_key", "hex8_2p".into())])`.
@@ -732,10 +725,18 @@ mod tests {
     }
 
     #[test]
-    fn config_keys_parse() {
-        assert_eq!(parse_config_key("hex8_2p"), Ok(("hex8", 2)));
-        assert_eq!(parse_config_key("square19_4p"), Ok(("square19", 4)));
-        assert!(parse_config_key("hex8_5p").is_err());
-        assert!(parse_config_key("hex8").is_err());
+    fn config_key_fields_take_every_board_and_2_to_4_players() {
+        for key in ["hex8_2p", "square19_4p", "hexagonal_3p"] {
+            validate("TRAINING_STARTED", &json!({ "config_key": key })).unwrap();
+        }
+        for key in ["hex8_5p", "hex8"] {
+            let e = validate("TRAINING_STARTED", &json!({ "config_key": key }))
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains(&format!("field 'config_key' '{key}' is not a config key")),
+                "{e}"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod config_key;
 pub mod deps;
 pub mod events;
 pub mod lifecycle;

@@ -214,30 +214,27 @@ fn fmt_secs(d: Duration) -> String {
     format!("{}s", d.as_secs_f64())
 }
 
-/// A small dependency-free jitter source: xorshift64*, seeded by the caller.
+/// A seeded jitter source for [`backoff_delay`] / [`capped_backoff`]: the project's one PRNG
+/// (`fastrand`, see docs/DECISIONS.md), so a seed replays the same schedule.
 #[derive(Debug, Clone)]
-pub struct Jitter(u64);
+pub struct Jitter(fastrand::Rng);
 
 impl Jitter {
-    /// A zero seed (which would stick at zero) is replaced by a fixed non-zero one.
+    /// A source whose values are fully determined by `seed` (any seed, zero included).
     pub fn new(seed: u64) -> Self {
-        Jitter(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
+        Jitter(fastrand::Rng::with_seed(seed))
     }
 
     /// The next value in [0,1).
     pub fn next_f64(&mut self) -> f64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        let out = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        (out >> 11) as f64 / (1u64 << 53) as f64
+        self.0.f64()
     }
+}
+
+/// A jitter value in [0,1) that differs between processes and calls, for callers that need no
+/// replay (fastrand's thread-local generator, seeded afresh in every process).
+pub fn jitter() -> f64 {
+    fastrand::f64()
 }
 
 #[cfg(test)]

@@ -10,13 +10,25 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+/// A value that is not a duration (see [`parse_duration`]): says what was found and, for a string
+/// humantime could not read, why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "must be a duration: seconds, or a string such as \"500ms\", \"10s\", \"5m\", \"1m30s\"; found {found}{}",
+    humantime.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+)]
+pub struct DurationError {
+    /// The value as written (see [`crate::config::show_value`]).
+    pub found: String,
+    /// humantime's reason, for a string that is neither a number nor a humantime duration.
+    pub humantime: Option<humantime::DurationError>,
+}
+
 /// Parses a duration value (see the module doc). The error says what was found.
-pub fn parse_duration(v: &Value) -> Result<Duration, String> {
-    let bad = || {
-        format!(
-            "must be a duration: seconds, or a string such as \"500ms\", \"10s\", \"5m\", \"1m30s\"; found {}",
-            crate::config::show_value(v)
-        )
+pub fn parse_duration(v: &Value) -> Result<Duration, DurationError> {
+    let bad = || DurationError {
+        found: crate::config::show_value(v),
+        humantime: None,
     };
     let secs = match v {
         Value::Number(n) => n.as_f64().ok_or_else(bad)?,
@@ -25,7 +37,10 @@ pub fn parse_duration(v: &Value) -> Result<Duration, String> {
             match s.parse::<f64>() {
                 Ok(n) => n,
                 Err(_) => {
-                    return humantime::parse_duration(s).map_err(|e| format!("{}: {e}", bad()));
+                    return humantime::parse_duration(s).map_err(|e| DurationError {
+                        humantime: Some(e),
+                        ..bad()
+                    });
                 }
             }
         }
@@ -87,7 +102,7 @@ impl<'a> Reader<'a> {
                 default
             }
             Err(e) => {
-                self.complain(key, e);
+                self.complain(key, e.to_string());
                 default
             }
         }
@@ -411,7 +426,11 @@ mod tests {
         assert_eq!(d(json!("5m")), Ok(secs(300)));
         assert_eq!(d(json!("1m30s")), Ok(secs(90)));
         assert_eq!(d(json!("2h")), Ok(secs(7200)));
-        assert!(d(json!("soon")).unwrap_err().contains("'soon'"));
+        let e = d(json!("soon")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("must be a duration: ") && e.contains("'soon': "),
+            "{e}"
+        );
         assert!(d(json!(-3)).is_err());
         assert!(d(json!(true)).is_err());
     }

@@ -59,22 +59,20 @@ impl Report {
     }
 }
 
+/// What [`Daemon::start`] returns: the first report, or why start-up failed.
+pub(crate) type Start<'a> = LocalBoxFuture<'a, anyhow::Result<Report>>;
+
 /// One kind of daemon. The runtime owns the process's protocol (handshake, heartbeats, pause, shutdown);
 /// a daemon only starts and runs cycles.
 pub(crate) trait Daemon {
     fn name(&self) -> &str;
 
-    /// One-time start-up, between the INITIALIZING and RUNNING reports.
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>>;
+    /// One-time start-up, between the INITIALIZING and RUNNING reports. `ctx` is the handle for
+    /// emitting events and running jobs, for the daemon to keep.
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a>;
 
     /// Runs cycle number `n` (1-based). The runtime keeps heartbeating while the future is pending.
     fn cycle(&mut self, n: u64) -> LocalBoxFuture<'_, Report>;
-
-    /// Called once before `start`: the handle for emitting events and running jobs.
-    fn attach(&mut self, _ctx: Ctx) {}
 
     /// Event types to receive; the runtime subscribes once the daemon is RUNNING.
     fn subscriptions(&self) -> Vec<String> {

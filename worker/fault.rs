@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{self, Ctx, Quirks, Settings};
 
 /// Length of every `--flood` line, newline included.
@@ -159,15 +159,9 @@ pub(crate) fn main(args: FaultArgs) -> ExitCode {
         }
     };
 
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::tokio_runtime("fault") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("fault: failed to start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async {
         let crash_at = args
@@ -344,10 +338,8 @@ impl Daemon for FaultDaemon {
         &self.name
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             println!(
                 "{}: starting fault-injection worker (interval {}s)",
@@ -405,10 +397,6 @@ impl Daemon for FaultDaemon {
             }
             Self::report(n)
         })
-    }
-
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
     }
 
     fn subscriptions(&self) -> Vec<String> {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
-use crate::runtime::Settings;
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
+use crate::runtime::{Ctx, Settings};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
@@ -389,14 +389,8 @@ impl Daemon for JobReaperDaemon {
         "job_reaper"
     }
 
-    fn attach(&mut self, ctx: crate::runtime::Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let root = std::env::var_os(ROOT_ENV)
                 .map(PathBuf::from)

@@ -10,6 +10,7 @@ mod job_reaper;
 mod jobs;
 mod pipeline;
 mod runtime;
+mod sqlite;
 mod unified_idle_shutdown;
 mod unified_node_health;
 
@@ -92,17 +93,22 @@ fn run_daemon(name: &str) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    match tokio_runtime("ringrift-worker") {
+        Ok(rt) => rt.block_on(runtime::run(connection, daemon, Quirks::default())),
+        Err(code) => code,
+    }
+}
+
+/// The worker's single-threaded tokio runtime (daemon futures are not `Send`), or, when it cannot
+/// start, exit code 1 after saying so on stderr as `<who>: failed to start the tokio runtime: ...`.
+pub(crate) fn tokio_runtime(who: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ringrift-worker: failed to start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(runtime::run(connection, daemon, Quirks::default()))
+        .map_err(|e| {
+            eprintln!("{who}: failed to start the tokio runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 #[cfg(test)]

@@ -486,8 +486,7 @@ async fn serve(
     session.state(ReportedState::Initializing, None).await?;
     let mut daemon = daemon;
     let (ctx, mut outgoing) = Ctx::new();
-    daemon.attach(ctx.clone());
-    let mut report = match daemon.start(settings).await {
+    let mut report = match daemon.start(ctx.clone(), settings).await {
         Ok(report) => report,
         Err(e) => return Err(Gone(format!("start-up failed: {e:#}"))),
     };
@@ -729,7 +728,7 @@ mod tests {
             "slow"
         }
 
-        fn start<'a>(&'a mut self, _: &'a Settings) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+        fn start<'a>(&'a mut self, _: Ctx, _: &'a Settings) -> crate::daemons::Start<'a> {
             Box::pin(async { Ok(report()) })
         }
 

@@ -14,9 +14,9 @@ use std::time::Duration;
 use ringrift::protocol::SOCKET_ENV;
 use serde_json::json;
 
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::pipeline::idle_resource::{CpuTimes, IdleTracker, cpu_percent, parse_proc_stat};
-use crate::runtime::Settings;
+use crate::runtime::{Ctx, Settings};
 
 const NAME: &str = "unified_idle_shutdown";
 /// How long the shutdown command may take.
@@ -161,10 +161,7 @@ impl Daemon for IdleShutdown {
         NAME
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, _ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         Box::pin(async move {
             let s = crate::pipeline::typed(
                 settings,

@@ -19,7 +19,7 @@ use ringrift::protocol::{
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 
 const NAME: &str = "unified_node_health";
@@ -210,14 +210,8 @@ impl Daemon for NodeHealth {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             self.root = std::env::var_os(ROOT_ENV)
                 .map(PathBuf::from)

@@ -24,6 +24,16 @@ use crate::jobs::game::{GameConfig, GameRecord};
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, params};
 
+/// Stores one completed game: config_key, board_type, num_players, created_at, completed_at,
+/// winner, total_moves, source (`?1`..`?8`).
+pub(crate) const INSERT_GAME: &str = "INSERT INTO games (config_key, board_type, num_players,
+    created_at, completed_at, status, winner, total_moves, source)
+    VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)";
+
+/// Stores one move: game_id, move_number, player, cell (`?1`..`?4`).
+pub(crate) const INSERT_MOVE: &str =
+    "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)";
+
 /// How long a writer waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -118,34 +128,36 @@ pub(crate) struct RawMove {
 /// with no gap; players taking turns (player 1 first); every cell on the board
 /// (`0 ≤ cell < size²`). The reason names the first broken rule. Whether the moves are legal and
 /// the winner right is for the caller's replay.
-pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGame, String> {
-    let want = |what: &str, v: Int| -> Result<i64, String> {
+pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGame, BadGame> {
+    let want = |what: &str, v: Int| -> Result<i64, BadGame> {
         match v {
             Ok(Some(i)) => Ok(i),
-            Ok(None) => Err(format!("{what} is NULL")),
-            Err(kind) => Err(format!("{what} is {kind}, not an integer")),
+            Ok(None) => Err(BadGame::Null(what.to_string())),
+            Err(kind) => Err(BadGame::NotInteger {
+                what: what.to_string(),
+                kind,
+            }),
         }
     };
-    let players = i64::from(config.num_players);
+    let players = i64::from(config.num_players());
     let n = want("num_players", raw.num_players)?;
     if n != players {
-        return Err(format!(
-            "num_players is {n}, but {} games have {players}",
-            config.key
-        ));
+        return Err(BadGame::Players {
+            found: n,
+            key: config.key,
+            players,
+        });
     }
     let winner = want("winner", raw.winner)?;
     if !(1..=players).contains(&winner) {
-        return Err(format!(
-            "winner {winner} is not a player of this {players}-player game"
-        ));
+        return Err(BadGame::Winner { winner, players });
     }
     let total = want("total_moves", raw.total_moves)?;
     if total != raw.moves.len() as i64 {
-        return Err(format!(
-            "total_moves is {total} but {} moves are stored",
-            raw.moves.len()
-        ));
+        return Err(BadGame::TotalMoves {
+            total,
+            stored: raw.moves.len(),
+        });
     }
     let cells = (config.size * config.size) as i64;
     let mut moves = Vec::with_capacity(raw.moves.len());
@@ -153,31 +165,82 @@ pub(crate) fn check_game(config: &GameConfig, raw: &RawGame) -> Result<StoredGam
         let expected = i as i64 + 1;
         let number = want("a move_number", m.number)?;
         if number != expected {
-            return Err(format!("move {expected} is missing (found move {number})"));
+            return Err(BadGame::MissingMove { expected, number });
         }
         let player = want(&format!("the player of move {number}"), m.player)?;
         let expected_player = (number - 1) % players + 1;
         if player != expected_player {
-            return Err(format!(
-                "move {number} is by player {player}, expected {expected_player}"
-            ));
+            return Err(BadGame::WrongPlayer {
+                number,
+                player,
+                expected: expected_player,
+            });
         }
         let cell = want(&format!("the cell of move {number}"), m.cell)?;
         if !(0..cells).contains(&cell) {
-            return Err(format!(
-                "move {number} is on cell {cell}, off the board (0..{cells})"
-            ));
+            return Err(BadGame::OffBoard {
+                number,
+                cell,
+                cells,
+            });
         }
-        moves.push(
-            u8::try_from(cell)
-                .map_err(|_| format!("move {number}: cell {cell} does not fit a byte"))?,
-        );
+        moves.push(u8::try_from(cell).map_err(|_| BadGame::CellTooBig { number, cell })?);
     }
     Ok(StoredGame {
         id: raw.id,
         winner: winner as u8,
         moves,
     })
+}
+
+/// Why a stored game breaks what the schema means (see [`check_game`]): the first broken rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BadGame {
+    #[error("{0} is NULL")]
+    Null(String),
+    #[error("{what} is {kind}, not an integer")]
+    NotInteger { what: String, kind: &'static str },
+    #[error("num_players is {found}, but {key} games have {players}")]
+    Players {
+        found: i64,
+        key: ringrift::config_key::ConfigKey,
+        players: i64,
+    },
+    #[error("winner {winner} is not a player of this {players}-player game")]
+    Winner { winner: i64, players: i64 },
+    #[error("total_moves is {total} but {stored} moves are stored")]
+    TotalMoves { total: i64, stored: usize },
+    #[error("move {expected} is missing (found move {number})")]
+    MissingMove { expected: i64, number: i64 },
+    #[error("move {number} is by player {player}, expected {expected}")]
+    WrongPlayer {
+        number: i64,
+        player: i64,
+        expected: i64,
+    },
+    #[error("move {number} is on cell {cell}, off the board (0..{cells})")]
+    OffBoard { number: i64, cell: i64, cells: i64 },
+    #[error("move {number}: cell {cell} does not fit a byte")]
+    CellTooBig { number: i64, cell: i64 },
+}
+
+/// Checks that `conn` (the DB at `path`, named `what` in messages) has the games schema's
+/// tables: an error says it is unreadable or not a games DB.
+pub(crate) fn check_games_tables(conn: &Connection, what: &str, path: &Path) -> Result<()> {
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
+            [],
+            |row| row.get(0),
+        )
+        .with_context(|| format!("{what} {} is not readable", path.display()))?;
+    if tables != 2 {
+        bail!(
+            "{what} {} has no games/moves tables (not a games db?)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) struct GamesDb {
@@ -188,13 +251,8 @@ pub(crate) struct GamesDb {
 impl GamesDb {
     /// Opens the DB at `path`, creating it (and its directory) and the schema if needed.
     pub(crate) fn create(path: &Path) -> Result<GamesDb> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory {}", dir.display()))?;
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open games db {}", path.display()))?;
-        let db = GamesDb::configure(conn, path)?;
+        let conn = crate::sqlite::create(path, "games db", BUSY_TIMEOUT)?;
+        let db = GamesDb::with_foreign_keys(conn, path)?;
         db.conn
             .execute_batch(SCHEMA)
             .with_context(|| format!("cannot create the schema of games db {}", path.display()))?;
@@ -211,44 +269,16 @@ impl GamesDb {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .with_context(|| format!("cannot open games db {}", path.display()))?;
-        let db = GamesDb::configure(conn, path)?;
-        let tables: i64 = db
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
-                [],
-                |row| row.get(0),
-            )
-            .with_context(|| format!("games db {} is not readable", path.display()))?;
-        if tables != 2 {
-            bail!(
-                "games db {} has no games/moves tables (not a games db?)",
-                path.display()
-            );
-        }
+        let conn = crate::sqlite::configure(conn, path, "games db", BUSY_TIMEOUT)?;
+        let db = GamesDb::with_foreign_keys(conn, path)?;
+        check_games_tables(&db.conn, "games db", path)?;
         Ok(db)
     }
 
     /// WAL, busy timeout, foreign keys. The first statement is also where SQLite notices a file
     /// that is not a database.
-    fn configure(conn: Connection, path: &Path) -> Result<GamesDb> {
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .context("cannot set the busy timeout")?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .with_context(|| {
-                format!(
-                    "games db {} is not a usable sqlite database",
-                    path.display()
-                )
-            })?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            bail!(
-                "games db {}: cannot switch to WAL mode (journal mode is {mode})",
-                path.display()
-            );
-        }
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+    fn with_foreign_keys(conn: Connection, path: &Path) -> Result<GamesDb> {
+        conn.execute_batch("PRAGMA foreign_keys = ON;")
             .context("cannot configure the games db")?;
         Ok(GamesDb {
             conn,
@@ -270,19 +300,13 @@ impl GamesDb {
             .with_context(|| format!("cannot start a transaction on games db {path}"))?;
         let mut ids = Vec::with_capacity(games.len());
         {
-            let mut game_stmt = tx.prepare(
-                "INSERT INTO games (config_key, board_type, num_players, created_at, completed_at,
-                                    status, winner, total_moves, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)",
-            )?;
-            let mut move_stmt = tx.prepare(
-                "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut game_stmt = tx.prepare(INSERT_GAME)?;
+            let mut move_stmt = tx.prepare(INSERT_MOVE)?;
             for game in games {
                 game_stmt.execute(params![
-                    config.key,
-                    config.board_type,
-                    config.num_players,
+                    config.key.to_string(),
+                    config.board_type(),
+                    config.num_players(),
                     game.created_at,
                     game.completed_at,
                     game.record.winner,
@@ -319,7 +343,7 @@ impl GamesDb {
                 )
                 .with_context(read)?;
             let mut rows = stmt
-                .query(params![config.key, since_id])
+                .query(params![config.key.to_string(), since_id])
                 .with_context(read)?;
             while let Some(row) = rows.next().with_context(read)? {
                 raws.push(RawGame {
@@ -341,7 +365,7 @@ impl GamesDb {
             )
             .with_context(read)?;
         let mut rows = stmt
-            .query(params![config.key, since_id])
+            .query(params![config.key.to_string(), since_id])
             .with_context(read)?;
         let mut at = 0;
         while let Some(row) = rows.next().with_context(read)? {
@@ -364,7 +388,10 @@ impl GamesDb {
             out.last_id = Some(raw.id);
             match check_game(config, raw) {
                 Ok(game) => out.games.push(game),
-                Err(reason) => out.skipped.push(Skipped { id: raw.id, reason }),
+                Err(bad) => out.skipped.push(Skipped {
+                    id: raw.id,
+                    reason: bad.to_string(),
+                }),
             }
         }
         Ok(out)
@@ -380,7 +407,7 @@ impl GamesDb {
 mod tests {
     use super::*;
     use crate::jobs::game::play_game;
-    use crate::jobs::game::rng::Rng;
+    use fastrand::Rng;
 
     fn hex6() -> GameConfig {
         GameConfig::parse("hex6_2p").unwrap()
@@ -399,7 +426,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data/games/hex6_2p.db");
         let config = hex6();
-        let mut rng = Rng::new(1);
+        let mut rng = Rng::with_seed(1);
         let records: Vec<GameRecord> = (0..5)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();
@@ -445,7 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
         let config = hex6();
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(2));
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(2));
         let mut db = GamesDb::create(&path).unwrap();
         db.insert_games(&config, "selfplay", &[new_game(&record)])
             .unwrap();
@@ -463,7 +490,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("g.db");
         let config = hex6();
-        let mut rng = Rng::new(3);
+        let mut rng = Rng::with_seed(3);
         let records: Vec<GameRecord> = (0..4)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();
@@ -536,7 +563,7 @@ mod tests {
             })
         );
         let err = |winner: Int, moves: &[(i64, i64, i64)]| {
-            check_game(&c, &raw(winner, moves)).unwrap_err()
+            check_game(&c, &raw(winner, moves)).unwrap_err().to_string()
         };
         assert_eq!(err(Ok(None), &good), "winner is NULL");
         assert_eq!(
@@ -570,13 +597,13 @@ mod tests {
         let mut three = raw(Ok(Some(1)), &good);
         three.num_players = Ok(Some(3));
         assert_eq!(
-            check_game(&c, &three).unwrap_err(),
+            check_game(&c, &three).unwrap_err().to_string(),
             "num_players is 3, but hex6_2p games have 2"
         );
         let mut short = raw(Ok(Some(1)), &good);
         short.total_moves = Ok(Some(5));
         assert_eq!(
-            check_game(&c, &short).unwrap_err(),
+            check_game(&c, &short).unwrap_err().to_string(),
             "total_moves is 5 but 3 moves are stored"
         );
     }

@@ -149,7 +149,7 @@ pub(crate) fn check(path: &Path, depth: Depth) -> DbHealth {
 /// that name is taken, so an earlier quarantine is never overwritten), and its `-wal` and `-shm`
 /// files to the same name plus `-wal`/`-shm`: left behind, SQLite would replay the old WAL into
 /// the fresh DB. Returns where the DB went; the error names the file that could not be moved.
-pub(crate) fn quarantine(path: &Path, now_secs: u64) -> Result<PathBuf, String> {
+pub(crate) fn quarantine(path: &Path, now_secs: u64) -> Result<PathBuf, QuarantineError> {
     let with = |suffix: &str| {
         let mut s = path.as_os_str().to_owned();
         s.push(suffix);
@@ -161,8 +161,10 @@ pub(crate) fn quarantine(path: &Path, now_secs: u64) -> Result<PathBuf, String> 
         n += 1;
         target = with(&format!(".bad-{now_secs}-{n}"));
     }
-    std::fs::rename(path, &target)
-        .map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+    std::fs::rename(path, &target).map_err(|source| QuarantineError::Move {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for side in ["-wal", "-shm"] {
         let from = with(side);
         if from.symlink_metadata().is_ok() {
@@ -171,16 +173,31 @@ pub(crate) fn quarantine(path: &Path, now_secs: u64) -> Result<PathBuf, String> 
             if let Err(e) = std::fs::rename(&from, &to) {
                 // The DB itself is gone from its path; a leftover that cannot be moved must not
                 // meet the fresh DB.
-                std::fs::remove_file(&from).map_err(|e2| {
-                    format!(
-                        "cannot move {} aside ({e}) nor remove it ({e2})",
-                        from.display()
-                    )
+                std::fs::remove_file(&from).map_err(|removing| QuarantineError::Leftover {
+                    path: from.clone(),
+                    moving: e,
+                    removing,
                 })?;
             }
         }
     }
     Ok(target)
+}
+
+/// A damaged games DB (or its `-wal`/`-shm` file) that could not be moved aside.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QuarantineError {
+    #[error("cannot move {path} aside: {source}")]
+    Move {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot move {path} aside ({moving}) nor remove it ({removing})")]
+    Leftover {
+        path: PathBuf,
+        moving: std::io::Error,
+        removing: std::io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -193,7 +210,7 @@ mod tests {
             &config,
             [None, None],
             0.0,
-            &mut crate::jobs::game::rng::Rng::new(1),
+            &mut fastrand::Rng::with_seed(1),
         );
         super::super::db::GamesDb::create(path)
             .unwrap()
@@ -305,7 +322,7 @@ mod tests {
         assert_eq!(std::fs::read(&first).unwrap(), b"garbage one");
         assert_eq!(std::fs::read(&second).unwrap(), b"garbage two");
 
-        let err = quarantine(&db, 1701).unwrap_err();
+        let err = quarantine(&db, 1701).unwrap_err().to_string();
         assert!(
             err.starts_with("cannot move") && err.contains("hex8_2p.db"),
             "{err}"

@@ -54,11 +54,11 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
     let db = GamesDb::open_existing(&args.db)?;
     let read = db.completed_games(config, args.since_id)?;
     let mut skipped = read.skipped;
-    let mut data = Dataset::new(&config.key, config.num_features());
+    let mut data = Dataset::new(&config.key.to_string(), config.num_features());
     let mut exported = 0usize;
     for game in &read.games {
         // Replay into a scratch set first: a game that breaks the rules midway adds nothing.
-        let mut one = Dataset::new(&config.key, config.num_features());
+        let mut one = Dataset::new(&config.key.to_string(), config.num_features());
         let replay = samples(config, &game.moves, |features, outcome| {
             one.push(features, outcome, game.id);
         });
@@ -132,8 +132,8 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
-    use crate::jobs::game::rng::Rng;
     use crate::jobs::game::{GameRecord, play_game};
+    use fastrand::Rng;
 
     use super::super::db::NewGame;
     use super::*;
@@ -141,7 +141,7 @@ mod tests {
     fn setup(dir: &std::path::Path, games: usize) -> (GameConfig, ExportArgs, Vec<GameRecord>) {
         let config = GameConfig::parse("hex6_2p").unwrap();
         let db_path = dir.join("g.db");
-        let mut rng = Rng::new(8);
+        let mut rng = Rng::with_seed(8);
         let records: Vec<GameRecord> = (0..games)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::jobs::game::model::Model;
-use crate::jobs::game::rng::Rng;
 use crate::jobs::game::{GameConfig, play_game};
 use anyhow::{Context, Result};
+use fastrand::Rng;
 use serde_json::{Value, json};
 
 use super::{GameArgs, parse_probability, round6, write_atomic};
@@ -88,7 +88,7 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
             }
         },
     };
-    let mut rng = Rng::new(args.seed);
+    let mut rng = Rng::with_seed(args.seed);
     let (wins_random, seats_random) =
         play_match(config, &candidate, None, args.games, args.epsilon, &mut rng);
     let vs_baseline = baseline.as_ref().map(|b| {

@@ -27,6 +27,7 @@ use std::process::ExitCode;
 
 use crate::jobs::game::GameConfig;
 use anyhow::{Context, Result};
+use ringrift::config_key::ConfigKey;
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
@@ -52,7 +53,7 @@ pub(crate) enum JobKind {
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub(crate) struct GameArgs {
     /// The config key, e.g. hex8_2p or hex6_2p
-    #[arg(long, value_name = "KEY", value_parser = parse_config_key)]
+    #[arg(long, value_name = "KEY", value_parser = GameConfig::parse)]
     pub(crate) config_key: GameConfig,
 
     /// Must match the config key's board (hex8 for hex8_2p) when given
@@ -64,29 +65,34 @@ pub(crate) struct GameArgs {
     pub(crate) num_players: Option<u8>,
 }
 
-fn parse_config_key(s: &str) -> Result<GameConfig, String> {
-    GameConfig::parse(s).map_err(|e| e.to_string())
+/// A `--board-type` or `--num-players` that contradicts `--config-key`: a usage error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Mismatch {
+    #[error("--board-type {given} does not match --config-key {key} (board {})", key.board())]
+    Board { given: String, key: ConfigKey },
+    #[error("--num-players {given} does not match --config-key {key} ({} players)", key.players())]
+    Players { given: u8, key: ConfigKey },
 }
 
 impl GameArgs {
     /// The config, or the usage error of a `--board-type` / `--num-players` that contradicts it.
-    fn check(&self) -> Result<&GameConfig, String> {
+    fn check(&self) -> Result<&GameConfig, Mismatch> {
         let c = &self.config_key;
         if let Some(board) = &self.board_type
-            && *board != c.board_type
+            && board != c.board_type()
         {
-            return Err(format!(
-                "--board-type {board} does not match --config-key {} (board {})",
-                c.key, c.board_type
-            ));
+            return Err(Mismatch::Board {
+                given: board.clone(),
+                key: c.key,
+            });
         }
         if let Some(n) = self.num_players
-            && n != c.num_players
+            && n != c.num_players()
         {
-            return Err(format!(
-                "--num-players {n} does not match --config-key {} ({} players)",
-                c.key, c.num_players
-            ));
+            return Err(Mismatch::Players {
+                given: n,
+                key: c.key,
+            });
         }
         Ok(c)
     }
@@ -175,28 +181,41 @@ pub(crate) fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-/// A seed for runs that did not ask for one: differs per process and per run.
+/// A seed for runs that did not ask for one: differs per process and per run (fastrand's
+/// thread-local generator, seeded afresh in every process).
 pub(crate) fn fresh_seed() -> u64 {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut rng = crate::jobs::game::rng::Rng::new(
-        nanos ^ (u64::from(std::process::id()) << 32) ^ call.rotate_right(7),
-    );
-    rng.next_u64()
+    fastrand::u64(..)
+}
+
+/// A bad value of a numeric option; clap shows it after "invalid value '...' for '--option'".
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum BadNumber {
+    #[error("{0:?} is not a number")]
+    NotANumber(String),
+    /// `range` as written in the message: `[0, 1]`, `(0, 10]`.
+    #[error("{value} is not in {range}")]
+    OutOfRange { value: f32, range: &'static str },
+}
+
+/// An option's number that must pass `ok`, `range` saying which numbers do (for the message).
+pub(crate) fn parse_number_in(
+    s: &str,
+    ok: impl Fn(f32) -> bool,
+    range: &'static str,
+) -> Result<f32, BadNumber> {
+    let value: f32 = s
+        .parse()
+        .map_err(|_| BadNumber::NotANumber(s.to_string()))?;
+    if ok(value) {
+        Ok(value)
+    } else {
+        Err(BadNumber::OutOfRange { value, range })
+    }
 }
 
 /// A value of an option that must be a probability.
-pub(crate) fn parse_probability(s: &str) -> Result<f32, String> {
-    let p: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=1.0).contains(&p) {
-        Ok(p)
-    } else {
-        Err(format!("{p} is not in [0, 1]"))
-    }
+pub(crate) fn parse_probability(s: &str) -> Result<f32, BadNumber> {
+    parse_number_in(s, |p| (0.0..=1.0).contains(&p), "[0, 1]")
 }
 
 #[cfg(test)]
@@ -211,25 +230,17 @@ mod tests {
         kind: JobKind,
     }
 
-    fn parse(args: &[&str]) -> Result<JobKind, clap::Error> {
-        Cli::try_parse_from(std::iter::once("job").chain(args.iter().copied())).map(|c| c.kind)
+    /// Parses a job's command line, words separated by single spaces.
+    fn parse(args: &str) -> Result<JobKind, clap::Error> {
+        Cli::try_parse_from(std::iter::once("job").chain(args.split(' '))).map(|c| c.kind)
     }
 
     #[test]
     fn template_placeholders_parse() {
-        let kind = parse(&[
-            "selfplay",
-            "--config-key",
-            "hex8_2p",
-            "--board-type",
-            "hex8",
-            "--num-players",
-            "2",
-            "--games",
-            "10",
-            "--db",
-            "data/games/hex8_2p.db",
-        ])
+        let kind = parse(
+            "selfplay --config-key hex8_2p --board-type hex8 --num-players 2 --games 10 \
+             --db data/games/hex8_2p.db",
+        )
         .unwrap();
         let JobKind::Selfplay(a) = kind else {
             panic!("expected selfplay");
@@ -241,71 +252,24 @@ mod tests {
 
     #[test]
     fn usage_errors_are_caught_by_clap_or_the_check() {
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "chess_2p",
-                "--games",
-                "1",
-                "--db",
-                "x"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "0",
-                "--db",
-                "x"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "gauntlet",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "2",
-                "--output",
-                "o"
-            ])
-            .is_err()
-        );
-        assert!(
-            parse(&[
-                "selfplay",
-                "--config-key",
-                "hex8_2p",
-                "--games",
-                "1",
-                "--db",
-                "x",
-                "--epsilon",
-                "2"
-            ])
-            .is_err()
-        );
-        let JobKind::Export(a) = parse(&[
-            "export",
-            "--config-key",
-            "hex8_2p",
-            "--board-type",
-            "hex6",
-            "--db",
-            "d",
-            "--output",
-            "o",
-        ])
-        .unwrap() else {
+        for bad in [
+            "selfplay --config-key chess_2p --games 1 --db x",
+            "selfplay --config-key square8_2p --games 1 --db x",
+            "selfplay --config-key hex8_2p --games 0 --db x",
+            "gauntlet --config-key hex8_2p --games 2 --output o",
+            "selfplay --config-key hex8_2p --games 1 --db x --epsilon 2",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        let JobKind::Export(a) =
+            parse("export --config-key hex8_2p --board-type hex6 --db d --output o").unwrap()
+        else {
             panic!("expected export");
         };
-        assert!(a.game.check().unwrap_err().contains("does not match"));
+        assert_eq!(
+            a.game.check().unwrap_err().to_string(),
+            "--board-type hex6 does not match --config-key hex8_2p (board hex8)"
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::jobs::game::model::Model;
-use crate::jobs::game::rng::Rng;
 use crate::jobs::game::{GameConfig, GameRecord, play_game};
 use anyhow::{Context, Result};
+use fastrand::Rng;
 use ringrift::timefmt::now_rfc3339;
 use serde_json::{Value, json};
 
@@ -58,7 +58,7 @@ pub(crate) fn run(config: &GameConfig, args: &SelfplayArgs) -> Result<Value> {
         _ => None,
     };
     let seed = args.seed.unwrap_or_else(fresh_seed);
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut db = GamesDb::create(&args.db)?;
 
     let mut wins = [0u64; 2];

@@ -45,12 +45,8 @@ pub(crate) struct TrainArgs {
     pub(crate) seed: u64,
 }
 
-fn parse_lr(s: &str) -> Result<f32, String> {
-    match s.parse::<f32>() {
-        Ok(lr) if lr > 0.0 && lr <= 10.0 => Ok(lr),
-        Ok(lr) => Err(format!("{lr} is not in (0, 10]")),
-        Err(_) => Err(format!("{s:?} is not a number")),
-    }
+fn parse_lr(s: &str) -> Result<f32, super::BadNumber> {
+    super::parse_number_in(s, |lr| lr > 0.0 && lr <= 10.0, "(0, 10]")
 }
 
 pub(crate) fn run(config: &GameConfig, args: &TrainArgs) -> Result<Value> {
@@ -60,7 +56,7 @@ pub(crate) fn run(config: &GameConfig, args: &TrainArgs) -> Result<Value> {
     let data = Dataset::decode(&bytes)
         .with_context(|| format!("--input {} is not a usable export", args.input.display()))?;
     ensure!(
-        data.config_key == config.key,
+        data.config_key == config.key.to_string(),
         "--input {} holds {} samples, not {}",
         args.input.display(),
         data.config_key,
@@ -125,15 +121,15 @@ pub(crate) fn run(config: &GameConfig, args: &TrainArgs) -> Result<Value> {
 
 #[cfg(test)]
 mod tests {
-    use crate::jobs::game::rng::Rng;
     use crate::jobs::game::{play_game, samples};
+    use fastrand::Rng;
 
     use super::*;
 
     fn setup(dir: &std::path::Path) -> (GameConfig, TrainArgs) {
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let mut data = Dataset::new(&config.key, config.num_features());
-        let mut rng = Rng::new(4);
+        let mut data = Dataset::new(&config.key.to_string(), config.num_features());
+        let mut rng = Rng::with_seed(4);
         for id in 1..=100 {
             let record = play_game(&config, [None, None], 0.0, &mut rng);
             samples(&config, &record.moves, |f, o| data.push(f, o, id)).unwrap();

@@ -30,13 +30,14 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::games_db::{Depth, Quarantined, ensure_usable};
-use super::retry::{self, Failing};
+use super::games_db::{DbUnusable, Depth, Quarantined, ensure_usable};
+use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
+    KeyHealth, KeyLog, KeyStatus, Pipeline, job_failure, load_state, note_error, now_secs,
+    save_or_note, typed,
 };
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ExportSettings;
 
@@ -172,8 +173,8 @@ struct ExportSummary {
     last_game_id: Option<i64>,
 }
 
-/// Decodes an export and checks it is usable for `key`.
-fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
+/// Reads and decodes the export at `path`, checking that it holds `key`'s samples.
+pub(crate) fn read_export(path: &Path, key: &str) -> anyhow::Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let data = Dataset::decode(&bytes)
         .with_context(|| format!("{} is not a valid NPZ", path.display()))?;
@@ -183,6 +184,12 @@ fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
         path.display(),
         data.config_key
     );
+    Ok(data)
+}
+
+/// Decodes an export and checks it is usable for `key`.
+fn validate_npz(path: &Path, key: &str) -> anyhow::Result<ExportSummary> {
+    let data = read_export(path, key)?;
     anyhow::ensure!(!data.is_empty(), "{} has no samples", path.display());
     let mut ids = data.game_ids.clone();
     ids.sort_unstable();
@@ -238,7 +245,7 @@ struct AutoExport {
     threshold: u64,
     batch_timeout: f64,
     state: State,
-    status: BTreeMap<String, KeyStatus>,
+    health: KeyHealth,
     scans: u64,
     exports: u64,
     failures: u64,
@@ -248,18 +255,18 @@ struct AutoExport {
     dbs_quarantined: u64,
     /// Games DBs this process moved aside, the latest last.
     quarantined: Vec<Quarantined>,
-    last_error: Option<String>,
 }
 
 impl AutoExport {
     fn report(&self) -> Report {
-        let healthy = self.status.values().all(|s| s.ok);
-        let idle = self.status.is_empty()
+        let healthy = self.health.healthy();
+        let idle = self.health.status.is_empty()
             || self
+                .health
                 .status
                 .values()
                 .all(|s| s.message.contains("no games yet"));
-        let mut message = key_messages(&self.status, "no scan yet");
+        let mut message = self.health.message("no scan yet");
         if let Some(q) = self.quarantined.last() {
             message = format!("{message}; {}", q.describe());
         }
@@ -291,7 +298,7 @@ impl AutoExport {
                 ("keys".to_string(), Value::Object(keys)),
                 ("threshold_games".to_string(), Value::from(self.threshold)),
                 ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
-                ("last_error".to_string(), json!(self.last_error)),
+                ("last_error".to_string(), json!(self.health.last_error)),
                 (
                     "quarantined".to_string(),
                     Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
@@ -310,23 +317,12 @@ impl AutoExport {
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
-        if !ok {
-            eprintln!("{NAME}: {key}: {message}");
-            self.last_error = Some(format!(
-                "{} {key}: {message}",
-                ringrift::timefmt::now_rfc3339()
-            ));
-        }
-        self.status
-            .insert(key.to_string(), KeyStatus { ok, message });
+        self.health.set(NAME, key, ok, message, KeyLog::Failures);
     }
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.health.last_error);
     }
 
     /// A failed attempt for `key`: schedules the retry ([`Failing::after`]), keeps it in the
@@ -335,7 +331,7 @@ impl AutoExport {
         self.failures += 1;
         let now = now_secs();
         let mut ks = self.state.keys.get(key).cloned().unwrap_or_default();
-        let failing = Failing::after(ks.failing.as_ref(), error, now, retry::jitter());
+        let failing = Failing::after(ks.failing.as_ref(), error, now, ringrift::restart::jitter());
         let message = failing.describe(now);
         ks.failing = Some(failing);
         self.state.keys.insert(key.to_string(), ks);
@@ -347,7 +343,7 @@ impl AutoExport {
     /// is damaged ([`ensure_usable`]). On a
     /// quarantine the key starts over: the fresh DB's ids begin at 1 and no retry is pending.
     /// `Err(why)`: the DB cannot be checked or moved now.
-    fn guard(&mut self, key: &str) -> Result<bool, String> {
+    fn guard(&mut self, key: &str) -> Result<bool, DbUnusable> {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
         match ensure_usable(&pipeline, &ctx, NAME, key, Depth::Full)? {
@@ -375,7 +371,8 @@ impl AutoExport {
         {
             // Logged when the attempt failed; while waiting, only health follows the countdown.
             let message = f.describe(now_secs());
-            self.status
+            self.health
+                .status
                 .insert(key.to_string(), KeyStatus { ok: false, message });
             return;
         }
@@ -612,18 +609,12 @@ impl Daemon for AutoExport {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["NEW_GAMES_AVAILABLE".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, ExportSettings::from_map)?;
@@ -651,18 +642,12 @@ impl Daemon for AutoExport {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = self
-                .pipeline
-                .as_ref()
-                .expect("started")
-                .event_config_key(NAME, &event)?;
             let games_dir = self.pipeline.as_ref().expect("started").games_dir();
+            let key = self.pipeline.as_ref()?.event_config_key(NAME, &event)?;
             // The export reads this pipeline's own games DB; an event naming a DB elsewhere is not
             // one of the pipeline's (there is no export failure event: logged and in health).
             if let Err(why) = Pipeline::check_event_path(&event, "db_path", &games_dir) {
-                eprintln!("{NAME}: {key}: {why}");
-                self.last_error =
-                    Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
                 return Some(self.report());
             }
             self.check_key(&key).await;
@@ -674,8 +659,8 @@ impl Daemon for AutoExport {
 #[cfg(test)]
 mod tests {
     use crate::jobs::game::GameConfig;
-    use crate::jobs::game::rng::Rng;
     use crate::jobs::game::{play_game, samples};
+    use fastrand::Rng;
 
     use super::*;
     use crate::pipeline::save_state;
@@ -765,8 +750,8 @@ mod tests {
     fn a_valid_export_is_summarised_and_a_truncated_one_refused_and_quarantined() {
         let dir = tempfile::tempdir().unwrap();
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let mut data = Dataset::new(&config.key, config.num_features());
-        let mut rng = Rng::new(1);
+        let mut data = Dataset::new(&config.key.to_string(), config.num_features());
+        let mut rng = Rng::with_seed(1);
         for id in [3, 4, 9] {
             let record = play_game(&config, [None, None], 0.0, &mut rng);
             samples(&config, &record.moves, |f, o| data.push(f, o, id)).unwrap();
@@ -786,7 +771,7 @@ mod tests {
         let bad = quarantine(&path).unwrap();
         assert!(!path.exists() && bad.ends_with("hex6_2p.npz.bad"));
 
-        let empty = Dataset::new(&config.key, config.num_features());
+        let empty = Dataset::new(&config.key.to_string(), config.num_features());
         std::fs::write(&path, empty.encode().unwrap()).unwrap();
         let err = validate_npz(&path, "hex6_2p").unwrap_err().to_string();
         assert!(err.contains("no samples"), "{err}");

@@ -31,13 +31,13 @@ use serde_json::{Value, json};
 
 use super::auto_export::quarantine;
 use super::canonical::{Candidate, Layout, point_link, swap_in};
-use super::confine::{confined_file, read_confined};
+use super::confine::{ConfinementError, confined_file, read_confined};
 use super::evaluation::{
     Record, Results, candidate_key, candidate_name, candidates, eval_path, read_record,
 };
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::PromotionSettings;
 
@@ -118,47 +118,42 @@ fn decide(
 
 /// Why an EVALUATION_COMPLETED is not acted on: the event's claims checked against the files.
 /// Gives the candidate (named as the daemon names it) and its results file on success.
-fn verify_event(pipeline: &Pipeline, key: &str, p: &Value) -> Result<(PathBuf, Record), String> {
+fn verify_event(pipeline: &Pipeline, key: &str, p: &Value) -> Result<(PathBuf, Record), Refused> {
     let dir = pipeline.candidates_dir(key);
     let named = p
         .get("model_path")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let candidate =
-        confined_file(&dir, Path::new(named)).map_err(|e| format!("model_path: {e}"))?;
+    let candidate = confined_file(&dir, Path::new(named)).map_err(Refused::ModelPath)?;
     if candidate.parent() != Some(dir.as_path()) || !candidate_name(&candidate) {
-        return Err(format!(
-            "model_path: {named} is not a candidate (<name>.bin directly in {})",
-            dir.display()
-        ));
+        return Err(Refused::NotCandidate {
+            named: named.to_string(),
+            dir,
+        });
     }
     let results_path = eval_path(&candidate);
     if let Some(claimed) = p.get("results_path").and_then(Value::as_str) {
-        let claimed =
-            confined_file(&dir, Path::new(claimed)).map_err(|e| format!("results_path: {e}"))?;
+        let claimed = confined_file(&dir, Path::new(claimed)).map_err(Refused::ResultsPath)?;
         if claimed != results_path {
-            return Err(format!(
-                "results_path {} is not the results of {} ({})",
-                claimed.display(),
-                candidate.display(),
-                results_path.display()
-            ));
+            return Err(Refused::NotResultsOf {
+                claimed,
+                candidate,
+                results_path,
+            });
         }
     }
-    let record = read_record(&dir, &candidate).map_err(|e| {
-        format!(
-            "no usable evaluation results for {} ({e:#})",
-            candidate.display()
-        )
-    })?;
+    let record = match read_record(&dir, &candidate) {
+        Ok(r) => r,
+        Err(cause) => return Err(Refused::NoResults { candidate, cause }),
+    };
     if let Some(other) = record.model_path.as_deref()
         && other != candidate.display().to_string()
     {
-        return Err(format!(
-            "{} is the evaluation of {other}, not of {}",
-            results_path.display(),
-            candidate.display()
-        ));
+        return Err(Refused::OtherModel {
+            results_path,
+            other: other.to_string(),
+            candidate,
+        });
     }
     let claimed = Results {
         win_rate_vs_random: p
@@ -169,14 +164,52 @@ fn verify_event(pipeline: &Pipeline, key: &str, p: &Value) -> Result<(PathBuf, R
         games: p.get("games").and_then(Value::as_u64).unwrap_or(0),
     };
     if !same_results(&claimed, &record.results) {
-        return Err(format!(
-            "the event's numbers ({}) disagree with {} ({})",
-            describe(&claimed),
-            results_path.display(),
-            describe(&record.results)
-        ));
+        return Err(Refused::Numbers {
+            claimed: describe(&claimed),
+            results_path,
+            recorded: describe(&record.results),
+        });
     }
     Ok((candidate, record))
+}
+
+/// Why an EVALUATION_COMPLETED is not acted on (see [`verify_event`]).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("model_path: {0}")]
+    ModelPath(ConfinementError),
+    #[error("model_path: {named} is not a candidate (<name>.bin directly in {})", dir.display())]
+    NotCandidate { named: String, dir: PathBuf },
+    #[error("results_path: {0}")]
+    ResultsPath(ConfinementError),
+    #[error(
+        "results_path {} is not the results of {} ({})",
+        claimed.display(),
+        candidate.display(),
+        results_path.display()
+    )]
+    NotResultsOf {
+        claimed: PathBuf,
+        candidate: PathBuf,
+        results_path: PathBuf,
+    },
+    #[error("no usable evaluation results for {} ({cause:#})", candidate.display())]
+    NoResults {
+        candidate: PathBuf,
+        cause: anyhow::Error,
+    },
+    #[error("{} is the evaluation of {other}, not of {}", results_path.display(), candidate.display())]
+    OtherModel {
+        results_path: PathBuf,
+        other: String,
+        candidate: PathBuf,
+    },
+    #[error("the event's numbers ({claimed}) disagree with {} ({recorded})", results_path.display())]
+    Numbers {
+        claimed: String,
+        results_path: PathBuf,
+        recorded: String,
+    },
 }
 
 fn same_results(a: &Results, b: &Results) -> bool {
@@ -276,9 +309,9 @@ impl AutoPromotion {
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
+        if let Err(e) = save_daemon_state(pipeline, NAME, &self.state) {
+            eprintln!("{NAME}: {e}");
+            self.last_error = Some(e.to_string());
             self.ok = false;
         }
     }
@@ -464,8 +497,7 @@ impl AutoPromotion {
     fn error(&mut self, message: String) {
         self.errors += 1;
         self.ok = false;
-        eprintln!("{NAME}: {message}");
-        self.last_error = Some(format!("{} {message}", ringrift::timefmt::now_rfc3339()));
+        super::note_error(&mut self.last_error, NAME, &message);
         self.last = message;
     }
 
@@ -604,18 +636,12 @@ impl Daemon for AutoPromotion {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["EVALUATION_COMPLETED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, PromotionSettings::from_map)?;
@@ -656,7 +682,7 @@ impl Daemon for AutoPromotion {
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_string();
-                    self.refuse(&key, &named, reason);
+                    self.refuse(&key, &named, reason.to_string());
                 }
             }
             Some(self.report())
@@ -755,12 +781,7 @@ mod tests {
     #[test]
     fn events_are_checked_against_the_results_file() {
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = Pipeline {
-            root: dir.path().to_path_buf(),
-            config_keys: vec!["hex6_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: "/bin/true".into(),
-        };
+        let pipeline = Pipeline::for_test(dir.path(), vec!["hex6_2p".into()]);
         let cands = pipeline.candidates_dir("hex6_2p");
         std::fs::create_dir_all(&cands).unwrap();
         let cand = cands.join("hex6_2p-1.bin");
@@ -777,29 +798,41 @@ mod tests {
         };
         let (c, record) = verify_event(&pipeline, "hex6_2p", &event(&cand, 0.3)).unwrap();
         assert_eq!((c, record.results), (cand.clone(), real));
-        let err = verify_event(&pipeline, "hex6_2p", &event(&cand, 1.0)).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&cand, 1.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("disagree"), "{err}");
         // A file outside the candidates directory, and a symlink to it inside.
         let outside = dir.path().join("evil.bin");
         std::fs::write(&outside, b"secret").unwrap();
-        let err = verify_event(&pipeline, "hex6_2p", &event(&outside, 1.0)).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&outside, 1.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is outside"), "{err}");
         let link = cands.join("evil.bin");
         std::os::unix::fs::symlink(&outside, &link).unwrap();
-        let err = verify_event(&pipeline, "hex6_2p", &event(&link, 1.0)).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&link, 1.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("symlink"), "{err}");
         // A candidate without results, and a results file that names another model.
         let other = cands.join("hex6_2p-2.bin");
         std::fs::write(&other, b"model").unwrap();
-        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3)).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no usable evaluation results"), "{err}");
         std::fs::copy(eval_path(&cand), eval_path(&other)).unwrap();
-        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3)).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &event(&other, 0.3))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is the evaluation of"), "{err}");
         // results_path, when given, must be the candidate's own results file.
         let mut e = event(&cand, 0.3);
         e["results_path"] = eval_path(&other).display().to_string().into();
-        let err = verify_event(&pipeline, "hex6_2p", &e).unwrap_err();
+        let err = verify_event(&pipeline, "hex6_2p", &e)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not the results of"), "{err}");
     }
 }

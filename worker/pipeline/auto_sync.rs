@@ -10,9 +10,9 @@
 //!   the size and modification time of the DB and of its `-wal` file, kept per target in
 //!   data/coordination/<name>.json, so a restart does not push everything again. A local target
 //!   whose copy went missing is pushed again.
-//! - Delivery is model_distribution's: a local directory gets a hidden temporary file, fsynced,
-//!   renamed into place and hashed again (SHA-256); `host:path` is rsync over ssh with a timeout,
-//!   verified with `sha256sum` there. Each delivery is tried `retries` times with an exponential
+//! - Delivery is shared with model_distribution (`super::transfer`): a local directory gets a
+//!   hidden temporary file, fsynced, renamed into place and hashed again (SHA-256); `host:path` is
+//!   rsync over ssh with a timeout, verified with `sha256sum` there. Each delivery is tried `retries` times with an exponential
 //!   backoff from `retry_backoff`; a target that still fails is tried again on a later cycle, after
 //!   a backoff that keeps doubling (up to an hour).
 
@@ -24,13 +24,11 @@ use anyhow::{Context, bail};
 use ringrift::events::payload;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::model_distribution::{
-    Target, copy_local, copy_remote, parse_target, pass_backoff, retry_delay,
-};
+use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::SyncSettings;
 
@@ -138,29 +136,16 @@ struct State {
     pushed: BTreeMap<String, BTreeMap<String, Pushed>>,
 }
 
-/// A (target, key) that failed: when to try again.
-#[derive(Debug, Clone)]
-struct Failing {
-    failed_passes: u32,
-    next_try: f64,
-    error: String,
-}
-
 #[derive(Default)]
 struct AutoSync {
     name: &'static str,
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     targets: Vec<(String, Target)>,
-    retries: u32,
-    retry_backoff: f64,
-    timeout: Duration,
+    delivery: Delivery,
     state: State,
-    failing: BTreeMap<(String, String), Failing>,
-    last: String,
-    ok: bool,
-    last_error: Option<String>,
-    passes: u64,
+    failing: FailingMap<()>,
+    pass: Passes,
     pushes: u64,
     push_failures: u64,
     bytes_pushed: u64,
@@ -182,31 +167,11 @@ impl AutoSync {
     }
 
     fn report(&self) -> Report {
-        let (healthy, status, message) = super::pass_health(
-            !self.targets.is_empty(),
+        self.pass.report(
+            ("targets", &self.targets),
             "no targets configured: nothing to push",
-            &self.last,
-            self.ok,
-        );
-        Report::with_status(
-            healthy,
-            status,
-            message,
-            BTreeMap::from([
-                (
-                    "targets".to_string(),
-                    json!(
-                        self.targets
-                            .iter()
-                            .map(|(s, _)| s.clone())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
-                ("pushed".to_string(), json!(self.state.pushed)),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            ("pushed", json!(self.state.pushed)),
             [
-                ("passes", self.passes),
                 ("pushes", self.pushes),
                 ("push_failures", self.push_failures),
                 ("bytes_pushed", self.bytes_pushed),
@@ -214,56 +179,15 @@ impl AutoSync {
         )
     }
 
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
-    }
-
-    /// One delivery with retries; returns the verified hash or the last error.
-    async fn deliver(&self, snap: &Path, target: &Target) -> Result<String, String> {
-        let mut last = String::new();
-        let attempts = self.retries.max(1);
-        for attempt in 1..=attempts {
-            if attempt > 1 {
-                let delay = retry_delay(attempt - 1, self.retry_backoff);
-                tokio::time::sleep(Duration::from_secs_f64(delay)).await;
-            }
-            let result = match target {
-                Target::Local(dir) => copy_local(snap, dir),
-                Target::Remote { host, path } => copy_remote(snap, host, path, self.timeout).await,
-            };
-            match result {
-                Ok(sha) => return Ok(sha),
-                Err(e) => {
-                    last = format!("{e:#}");
-                    eprintln!("{}: attempt {attempt} of {attempts}: {last}", self.name);
-                }
-            }
-        }
-        Err(last)
-    }
-
     fn fail(&mut self, spec: &str, key: &str, error: String) {
         self.push_failures += 1;
-        let passes = self
-            .failing
-            .get(&(spec.to_string(), key.to_string()))
-            .map_or(1, |f| f.failed_passes + 1);
-        let wait = pass_backoff(passes, self.retry_backoff, self.retries);
-        self.failing.insert(
-            (spec.to_string(), key.to_string()),
-            Failing {
-                failed_passes: passes,
-                next_try: now_secs() + wait,
-                error,
-            },
-        );
+        self.delivery
+            .record_failure(&mut self.failing, (spec, key), (), |_, _| true, error);
     }
 
     /// One pass: every changed DB to every target that needs it.
     async fn push(&mut self) {
-        self.passes += 1;
+        self.pass.count += 1;
         if self.targets.is_empty() {
             return;
         }
@@ -298,14 +222,12 @@ impl AutoSync {
                     self.failing.remove(&(spec.clone(), key.clone()));
                     continue;
                 }
-                if let Some(f) = self.failing.get(&(spec.clone(), key.clone()))
-                    && now < f.next_try
+                if let Some(wait) = self
+                    .failing
+                    .get(&(spec.clone(), key.clone()))
+                    .and_then(|f| f.waiting(now, &format!("{key} → {spec}")))
                 {
-                    failures.push(format!(
-                        "{key} → {spec}: {} (next try in {:.0}s)",
-                        f.error,
-                        f.next_try - now
-                    ));
+                    failures.push(wait);
                     continue;
                 }
                 due.push((spec.clone(), target.clone()));
@@ -319,7 +241,8 @@ impl AutoSync {
                 Ok(b) => b,
                 Err(e) => {
                     let error = format!("{e:#}");
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "DATA_SYNC_FAILED",
                         payload([
                             ("config_key", key.as_str().into()),
@@ -335,7 +258,12 @@ impl AutoSync {
                 }
             };
             for (spec, target) in due {
-                match self.deliver(&snap, &target).await {
+                let delivered = self
+                    .delivery
+                    .deliver(self.name, &snap, &target)
+                    .await
+                    .map_err(|e| e.to_string());
+                match delivered {
                     Ok(sha) => {
                         let at = ringrift::timefmt::now_rfc3339();
                         self.failing.remove(&(spec.clone(), key.clone()));
@@ -356,10 +284,11 @@ impl AutoSync {
                                 at,
                             },
                         );
-                        if let Err(msg) = save_daemon_state(&pipeline, self.name, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, self.name, &self.state) {
+                            failures.push(e.to_string());
                         }
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_COMPLETED",
                             payload([
                                 ("config_key", key.as_str().into()),
@@ -371,7 +300,8 @@ impl AutoSync {
                         );
                     }
                     Err(error) => {
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_FAILED",
                             payload([
                                 ("config_key", key.as_str().into()),
@@ -387,7 +317,6 @@ impl AutoSync {
             let _ = std::fs::remove_file(&snap);
         }
         let when = ringrift::timefmt::now_rfc3339();
-        self.ok = failures.is_empty();
         let mut parts = vec![format!(
             "pass at {when}: {in_sync} DB copies up to date on {} target(s)",
             self.targets.len()
@@ -400,42 +329,8 @@ impl AutoSync {
         if !no_db.is_empty() {
             parts.push(format!("no games DB yet for {}", no_db.join(", ")));
         }
-        if !failures.is_empty() {
-            parts.push(format!("FAILED {}", failures.join("; ")));
-            eprintln!("{}: {}", self.name, failures.join("; "));
-            self.last_error = Some(format!("{when} {}", failures.join("; ")));
-        }
-        self.last = parts.join("; ");
+        self.pass.end(self.name, &when, parts, &failures);
     }
-}
-
-/// The `targets` (or `peers`) setting: a list of strings, blanks dropped, each parsed as a local
-/// directory (relative to the root) or `host:path`.
-pub(super) fn locations(
-    settings: &Settings,
-    key: &str,
-    root: &Path,
-) -> anyhow::Result<Vec<(String, Target)>> {
-    let specs: Vec<String> = match settings.config.get(key) {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|t| {
-                t.as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("{key} must be a list of strings"))
-            })
-            .collect::<anyhow::Result<_>>()?,
-        Some(other) => bail!("{key} must be a list of strings, not {other}"),
-    };
-    Ok(specs
-        .into_iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            let t = parse_target(&s, root);
-            (s, t)
-        })
-        .collect())
 }
 
 impl Daemon for AutoSync {
@@ -443,26 +338,22 @@ impl Daemon for AutoSync {
         self.name
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.targets = locations(settings, "targets", &pipeline.root)?;
             let s = typed(settings, SyncSettings::from_map)?;
-            self.retries = s.retries;
-            self.retry_backoff = s.retry_backoff.as_secs_f64();
-            self.timeout = s.timeout;
+            self.delivery = Delivery {
+                retries: s.retries,
+                retry_backoff: s.retry_backoff.as_secs_f64(),
+                timeout: s.timeout,
+            };
             self.state = load_state(&pipeline.state_path(self.name));
-            self.ok = true;
+            self.pass.ok = true;
             println!(
-                "{}: targets {:?} ({} attempts, backoff {}s)",
-                self.name, self.targets, self.retries, self.retry_backoff
+                "{}: targets {:?} ({})",
+                self.name, self.targets, self.delivery
             );
             self.pipeline = Some(pipeline);
             Ok(self.report())
@@ -481,12 +372,13 @@ impl Daemon for AutoSync {
 pub(crate) mod tests {
     use super::*;
     use crate::jobs::db::{GamesDb, NewGame};
-    use crate::jobs::game::{GameConfig, play_game, rng::Rng};
+    use crate::jobs::game::{GameConfig, play_game};
+    use fastrand::Rng;
 
     /// A games DB at `path` with `n` more games of hex6_2p.
     pub(crate) fn add_games(path: &Path, n: usize, seed: u64) {
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         let records: Vec<_> = (0..n)
             .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
             .collect();
@@ -516,26 +408,21 @@ pub(crate) mod tests {
             name: "auto_sync",
             ..AutoSync::default()
         };
-        d.pipeline = Some(Pipeline {
-            root: root.to_path_buf(),
-            config_keys: vec!["hex6_2p".into(), "hex8_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: PathBuf::from("ringrift-worker"),
-        });
+        d.pipeline = Some(Pipeline::for_test(
+            root,
+            vec!["hex6_2p".into(), "hex8_2p".into()],
+        ));
         d.targets = locations(&settings, "targets", root).unwrap();
-        d.retries = 1;
-        d.timeout = Duration::from_secs(5);
-        d.ok = true;
+        d.delivery = Delivery {
+            retries: 1,
+            retry_backoff: 0.0,
+            timeout: Duration::from_secs(5),
+        };
+        d.pass.ok = true;
         d
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::pipeline::tests::block_on;
 
     #[test]
     fn a_snapshot_is_a_complete_readable_copy_in_rollback_mode() {
@@ -573,20 +460,20 @@ pub(crate) mod tests {
             &[shared.display().to_string(), blocked.display().to_string()],
         );
         block_on(d.push());
-        assert!(d.ok, "{}", d.last);
+        assert!(d.pass.ok, "{}", d.pass.last);
         assert!(
-            d.last.contains("no games DB yet for hex6_2p, hex8_2p"),
+            d.pass.last.contains("no games DB yet for hex6_2p, hex8_2p"),
             "{}",
-            d.last
+            d.pass.last
         );
         assert_eq!(d.pushes, 0);
 
         add_games(&root.join("data/games/hex6_2p.db"), 3, 2);
         block_on(d.push());
-        assert_eq!((d.pushes, d.push_failures), (1, 1), "{}", d.last);
-        assert!(!d.ok);
-        assert!(d.last.contains("pushed hex6_2p → "), "{}", d.last);
-        assert!(d.last.contains("FAILED hex6_2p → "), "{}", d.last);
+        assert_eq!((d.pushes, d.push_failures), (1, 1), "{}", d.pass.last);
+        assert!(!d.pass.ok);
+        assert!(d.pass.last.contains("pushed hex6_2p → "), "{}", d.pass.last);
+        assert!(d.pass.last.contains("FAILED hex6_2p → "), "{}", d.pass.last);
         let copy = shared.join("hex6_2p.db");
         let conn = Connection::open_with_flags(&copy, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
         let n: i64 = conn
@@ -597,9 +484,13 @@ pub(crate) mod tests {
 
         // Unchanged: nothing pushed; the failed target waits for its backoff.
         block_on(d.push());
-        assert_eq!((d.pushes, d.push_failures), (1, 1), "{}", d.last);
-        assert!(d.last.contains("next try in"), "{}", d.last);
-        assert!(d.last.contains("1 DB copies up to date"), "{}", d.last);
+        assert_eq!((d.pushes, d.push_failures), (1, 1), "{}", d.pass.last);
+        assert!(d.pass.last.contains("next try in"), "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("1 DB copies up to date"),
+            "{}",
+            d.pass.last
+        );
 
         // State survives a restart: a new daemon does not push again; a change is pushed.
         let saved: State = load_state(&root.join("data/coordination/auto_sync.json"));
@@ -607,21 +498,25 @@ pub(crate) mod tests {
         let mut d = daemon(root, &[shared.display().to_string()]);
         d.state = saved;
         block_on(d.push());
-        assert_eq!(d.pushes, 0, "{}", d.last);
-        assert!(d.last.contains("last pushed hex6_2p → "), "{}", d.last);
+        assert_eq!(d.pushes, 0, "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("last pushed hex6_2p → "),
+            "{}",
+            d.pass.last
+        );
         add_games(&root.join("data/games/hex6_2p.db"), 2, 3);
         block_on(d.push());
-        assert_eq!(d.pushes, 1, "{}", d.last);
+        assert_eq!(d.pushes, 1, "{}", d.pass.last);
         // A copy that went missing is delivered again.
         std::fs::remove_file(&copy).unwrap();
         block_on(d.push());
-        assert_eq!(d.pushes, 2, "{}", d.last);
+        assert_eq!(d.pushes, 2, "{}", d.pass.last);
         let conn = Connection::open_with_flags(&copy, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
         let n: i64 = conn
             .query_row("SELECT count(*) FROM games", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 5);
-        assert!(d.ok, "{}", d.last);
+        assert!(d.pass.ok, "{}", d.pass.last);
     }
 
     #[test]

@@ -22,17 +22,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use ringrift::events::payload;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::auto_sync::{Fingerprint, fingerprint, locations};
-use super::model_distribution::{SSH_OPTS, Target, pass_backoff, run};
+use super::auto_sync::{Fingerprint, fingerprint};
+use super::transfer::{
+    FailingMap, Passes, SSH_OPTS, Target, locations, record_failure, remote_dir, run,
+};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
-use crate::jobs::db::GamesDb;
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
+use crate::jobs::db::{GamesDb, INSERT_GAME, INSERT_MOVE, check_games_tables};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ClusterSyncSettings;
 
@@ -101,19 +103,7 @@ fn merge(
     )
     .with_context(|| format!("cannot open peer db {}", peer_db.display()))?;
     remote.busy_timeout(BUSY_TIMEOUT)?;
-    let tables: i64 = remote
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('games', 'moves')",
-            [],
-            |r| r.get(0),
-        )
-        .with_context(|| format!("peer db {} is not readable", peer_db.display()))?;
-    if tables != 2 {
-        bail!(
-            "peer db {} has no games/moves tables (not a games db?)",
-            peer_db.display()
-        );
-    }
+    check_games_tables(&remote, "peer db", peer_db)?;
     // Creates the file and schema if needed; the merge uses its own connection for the
     // transaction.
     drop(GamesDb::create(local_db)?);
@@ -188,14 +178,8 @@ fn merge(
         }
         let tx = local.transaction()?;
         {
-            let mut game_stmt = tx.prepare(
-                "INSERT INTO games (config_key, board_type, num_players, created_at, completed_at,
-                                    status, winner, total_moves, source)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)",
-            )?;
-            let mut move_stmt = tx.prepare(
-                "INSERT INTO moves (game_id, move_number, player, cell) VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut game_stmt = tx.prepare(INSERT_GAME)?;
+            let mut move_stmt = tx.prepare(INSERT_MOVE)?;
             for game in &games {
                 if game.source.starts_with("peer:") || known.contains(&game.id) {
                     out.skipped += 1;
@@ -255,11 +239,7 @@ async fn fetch_remote(
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let dir = if path.is_empty() {
-        "."
-    } else {
-        path.trim_end_matches('/')
-    };
+    let dir = remote_dir(path);
     let args = vec![
         "-a".to_string(),
         "--ignore-missing-args".to_string(),
@@ -288,16 +268,6 @@ struct State {
     peers: BTreeMap<String, BTreeMap<String, Pulled>>,
 }
 
-/// A (peer, key) that failed: the file it failed on (not read again until it changes), or when a
-/// fetch is tried again.
-#[derive(Debug, Clone)]
-struct Failing {
-    fingerprint: Option<Fingerprint>,
-    failed_passes: u32,
-    next_try: f64,
-    error: String,
-}
-
 #[derive(Default)]
 struct ClusterSync {
     ctx: Option<Ctx>,
@@ -305,11 +275,10 @@ struct ClusterSync {
     peers: Vec<(String, Target)>,
     timeout: Duration,
     state: State,
-    failing: BTreeMap<(String, String), Failing>,
-    last: String,
-    ok: bool,
-    last_error: Option<String>,
-    passes: u64,
+    /// (peer, key) → what failed: the file it failed on (`Some`: not read again until it
+    /// changes), or `None`: a fetch, tried again after a backoff.
+    failing: FailingMap<Option<Fingerprint>>,
+    pass: Passes,
     merges: u64,
     games_merged: u64,
     bytes_read: u64,
@@ -318,31 +287,11 @@ struct ClusterSync {
 
 impl ClusterSync {
     fn report(&self) -> Report {
-        let (healthy, status, message) = super::pass_health(
-            !self.peers.is_empty(),
+        self.pass.report(
+            ("peers", &self.peers),
             "no peers configured: nothing to pull",
-            &self.last,
-            self.ok,
-        );
-        Report::with_status(
-            healthy,
-            status,
-            message,
-            BTreeMap::from([
-                (
-                    "peers".to_string(),
-                    json!(
-                        self.peers
-                            .iter()
-                            .map(|(s, _)| s.clone())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
-                ("pulled".to_string(), json!(self.state.peers)),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            ("pulled", json!(self.state.peers)),
             [
-                ("passes", self.passes),
                 ("merges", self.merges),
                 ("games_merged", self.games_merged),
                 ("bytes_read", self.bytes_read),
@@ -351,16 +300,11 @@ impl ClusterSync {
         )
     }
 
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
-    }
-
     /// Records and reports a failure of (`spec`, `key`).
     fn fail(&mut self, spec: &str, key: &str, fp: Option<Fingerprint>, error: String) {
         self.sync_failures += 1;
-        self.emit(
+        super::emit(
+            self.ctx.as_ref(),
             "DATA_SYNC_FAILED",
             payload([
                 ("config_key", key.into()),
@@ -368,24 +312,20 @@ impl ClusterSync {
                 ("error", error.as_str().into()),
             ]),
         );
-        let passes = self
-            .failing
-            .get(&(spec.to_string(), key.to_string()))
-            .map_or(1, |f| f.failed_passes + 1);
-        self.failing.insert(
-            (spec.to_string(), key.to_string()),
-            Failing {
-                fingerprint: fp,
-                failed_passes: passes,
-                next_try: now_secs() + pass_backoff(passes, 5.0, 1),
-                error,
-            },
+        record_failure(
+            &mut self.failing,
+            (spec, key),
+            fp,
+            |_, _| true,
+            error,
+            5.0,
+            1,
         );
     }
 
     /// One pass over every peer and config key.
     async fn pull(&mut self) {
-        self.passes += 1;
+        self.pass.count += 1;
         if self.peers.is_empty() {
             return;
         }
@@ -400,15 +340,13 @@ impl ClusterSync {
                 let file = match &peer {
                     Target::Local(dir) => dir.join(format!("{key}.db")),
                     Target::Remote { host, path } => {
-                        if let Some(f) = self.failing.get(&id)
-                            && f.fingerprint.is_none()
-                            && now < f.next_try
+                        if let Some(wait) = self
+                            .failing
+                            .get(&id)
+                            .filter(|f| f.on.is_none())
+                            .and_then(|f| f.waiting(now, &format!("{key} ← {spec}")))
                         {
-                            failures.push(format!(
-                                "{key} ← {spec}: {} (next try in {:.0}s)",
-                                f.error,
-                                f.next_try - now
-                            ));
+                            failures.push(wait);
                             continue;
                         }
                         let dest = pipeline
@@ -456,7 +394,7 @@ impl ClusterSync {
                     continue;
                 }
                 if let Some(f) = self.failing.get(&id)
-                    && f.fingerprint == Some(fp)
+                    && f.on == Some(fp)
                 {
                     failures.push(format!("{key} ← {spec}: {} (until it changes)", f.error));
                     continue;
@@ -479,8 +417,8 @@ impl ClusterSync {
                                 at,
                             },
                         );
-                        if let Err(msg) = save_daemon_state(&pipeline, NAME, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, NAME, &self.state) {
+                            failures.push(e.to_string());
                         }
                         println!(
                             "{NAME}: {} new {key} games from {spec} ({} skipped, {} rejected; {} in total)",
@@ -497,7 +435,8 @@ impl ClusterSync {
                                 m.rejected.join("; ")
                             ));
                         }
-                        self.emit(
+                        super::emit(
+                            self.ctx.as_ref(),
                             "DATA_SYNC_COMPLETED",
                             payload([
                                 ("config_key", key.as_str().into()),
@@ -507,7 +446,8 @@ impl ClusterSync {
                             ]),
                         );
                         if m.merged > 0 {
-                            self.emit(
+                            super::emit(
+                                self.ctx.as_ref(),
                                 "NEW_GAMES_AVAILABLE",
                                 payload([
                                     ("config_key", key.as_str().into()),
@@ -527,7 +467,6 @@ impl ClusterSync {
             }
         }
         let when = ringrift::timefmt::now_rfc3339();
-        self.ok = failures.is_empty();
         let mut parts = vec![format!(
             "pass at {when}: {} peer(s), {unchanged} peer DB(s) unchanged, {absent} absent",
             self.peers.len()
@@ -545,12 +484,7 @@ impl ClusterSync {
                 "last merge {key} ← {spec} at {at} ({n} games from there in all)"
             ));
         }
-        if !failures.is_empty() {
-            parts.push(format!("FAILED {}", failures.join("; ")));
-            eprintln!("{NAME}: {}", failures.join("; "));
-            self.last_error = Some(format!("{when} {}", failures.join("; ")));
-        }
-        self.last = parts.join("; ");
+        self.pass.end(NAME, &when, parts, &failures);
     }
 }
 
@@ -559,20 +493,14 @@ impl Daemon for ClusterSync {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             self.peers = locations(settings, "peers", &pipeline.root)?;
             self.timeout = typed(settings, ClusterSyncSettings::from_map)?.timeout;
             self.state = load_state(&pipeline.state_path(NAME));
-            self.ok = true;
+            self.pass.ok = true;
             println!("{NAME}: peers {:?}", self.peers);
             self.pipeline = Some(pipeline);
             Ok(self.report())
@@ -591,7 +519,6 @@ impl Daemon for ClusterSync {
 mod tests {
     use super::*;
     use crate::pipeline::auto_sync::tests::add_games;
-    use std::path::PathBuf;
 
     fn count(db: &Path, sql: &str) -> i64 {
         Connection::open(db)
@@ -603,26 +530,21 @@ mod tests {
     fn daemon(root: &Path, peers: &[String]) -> ClusterSync {
         let settings = Settings::from_config(Some(&json!({ "peers": peers }))).unwrap();
         ClusterSync {
-            pipeline: Some(Pipeline {
-                root: root.to_path_buf(),
-                config_keys: vec!["hex6_2p".into(), "hex8_2p".into()],
-                jobs: BTreeMap::new(),
-                worker: PathBuf::from("ringrift-worker"),
-            }),
+            pipeline: Some(Pipeline::for_test(
+                root,
+                vec!["hex6_2p".into(), "hex8_2p".into()],
+            )),
             peers: locations(&settings, "peers", root).unwrap(),
             timeout: Duration::from_secs(5),
-            ok: true,
+            pass: Passes {
+                ok: true,
+                ..Passes::default()
+            },
             ..ClusterSync::default()
         }
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
+    use crate::pipeline::tests::block_on;
 
     #[test]
     fn games_are_merged_once_even_without_state() {
@@ -709,12 +631,12 @@ mod tests {
             &[good.display().to_string(), bad.display().to_string()],
         );
         block_on(d.pull());
-        assert_eq!((d.games_merged, d.sync_failures), (4, 1), "{}", d.last);
-        assert!(!d.ok);
+        assert_eq!((d.games_merged, d.sync_failures), (4, 1), "{}", d.pass.last);
+        assert!(!d.pass.ok);
         assert!(
-            d.last.contains("merged 4 hex6_2p games from "),
+            d.pass.last.contains("merged 4 hex6_2p games from "),
             "{}",
-            d.last
+            d.pass.last
         );
         let local = root.join("data/games/hex6_2p.db");
         assert_eq!(count(&local, "SELECT count(*) FROM games"), 4);
@@ -724,10 +646,14 @@ mod tests {
             (d.games_merged, d.sync_failures, d.merges),
             (4, 1, 1),
             "{}",
-            d.last
+            d.pass.last
         );
-        assert!(d.last.contains("until it changes"), "{}", d.last);
-        assert!(d.last.contains("1 peer DB(s) unchanged"), "{}", d.last);
+        assert!(d.pass.last.contains("until it changes"), "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("1 peer DB(s) unchanged"),
+            "{}",
+            d.pass.last
+        );
         // State survives a restart.
         let saved: State = load_state(&root.join("data/coordination/cluster_data_sync.json"));
         assert_eq!(saved.peers.len(), 1);
@@ -735,8 +661,12 @@ mod tests {
         d.state = saved;
         block_on(d.pull());
         assert_eq!(d.games_merged, 0);
-        assert!(d.ok, "{}", d.last);
-        assert!(d.last.contains("last merge hex6_2p ← "), "{}", d.last);
+        assert!(d.pass.ok, "{}", d.pass.last);
+        assert!(
+            d.pass.last.contains("last merge hex6_2p ← "),
+            "{}",
+            d.pass.last
+        );
         assert_eq!(count(&local, "SELECT count(*) FROM games"), 4);
     }
 

@@ -22,15 +22,16 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ringrift::events::{Event, parse_config_key, payload};
+use ringrift::config_key::ConfigKey;
+use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::auto_export::quarantine;
 use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
-use super::{Pipeline, job_failure, load_state, now_secs, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use super::{Pipeline, job_failure, load_state, now_secs, save_or_note, typed};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
 
@@ -55,7 +56,7 @@ pub(crate) fn eval_path(candidate: &Path) -> PathBuf {
 /// The config key of a candidate: the name of its directory under models/candidates.
 pub(crate) fn candidate_key(candidate: &Path) -> Option<String> {
     let key = candidate.parent()?.file_name()?.to_str()?;
-    parse_config_key(key).ok().map(|_| key.to_string())
+    key.parse::<ConfigKey>().ok().map(|_| key.to_string())
 }
 
 /// Whether a file name is a candidate's: `<name>.bin`, not hidden (a job's temporary file).
@@ -299,10 +300,7 @@ impl Evaluation {
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.last_error);
     }
 
     fn enqueue(&mut self, candidate: PathBuf) {
@@ -603,18 +601,12 @@ impl Daemon for Evaluation {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["TRAINING_COMPLETED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, EvaluationSettings::from_map)?;

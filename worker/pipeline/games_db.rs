@@ -8,6 +8,8 @@
 //! GAMES_DB_QUARANTINED `{config_key, db_path, moved_to, error}`; the next selfplay job creates a
 //! fresh DB at the old path. The daemon keeps the [`Quarantined`] record for its health.
 
+use std::path::PathBuf;
+
 use serde_json::{Value, json};
 
 use super::{Pipeline, now_secs};
@@ -52,17 +54,16 @@ pub(crate) fn ensure_usable(
     who: &str,
     key: &str,
     depth: Depth,
-) -> Result<Option<Quarantined>, String> {
+) -> Result<Option<Quarantined>, DbUnusable> {
     let db = pipeline.games_db(key);
     match db_health::check(&db, depth) {
         DbHealth::Missing | DbHealth::Usable => Ok(None),
-        DbHealth::Unavailable(why) => Err(format!(
-            "games db {} cannot be checked now: {why}",
-            db.display()
-        )),
+        DbHealth::Unavailable(why) => Err(DbUnusable::Unavailable { db, why }),
         DbHealth::Damaged(why) => {
-            let moved = db_health::quarantine(&db, now_secs() as u64)
-                .map_err(|e| format!("games db {} is damaged ({why}) and {e}", db.display()))?;
+            let moved = match db_health::quarantine(&db, now_secs() as u64) {
+                Ok(moved) => moved,
+                Err(source) => return Err(DbUnusable::NotMoved { db, why, source }),
+            };
             let q = Quarantined {
                 key: key.to_string(),
                 db_path: db.display().to_string(),
@@ -83,4 +84,17 @@ pub(crate) fn ensure_usable(
             Ok(Some(q))
         }
     }
+}
+
+/// A games DB that can be neither used nor replaced now (see [`ensure_usable`]); retry later.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DbUnusable {
+    #[error("games db {db} cannot be checked now: {why}")]
+    Unavailable { db: PathBuf, why: String },
+    #[error("games db {db} is damaged ({why}) and {source}")]
+    NotMoved {
+        db: PathBuf,
+        why: String,
+        source: db_health::QuarantineError,
+    },
 }

@@ -23,7 +23,7 @@ use serde_json::Value;
 use super::games_db::Quarantined;
 use super::selfplay_scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
 use super::{Pipeline, join_all, now_secs, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::IdleSettings;
 
@@ -405,14 +405,8 @@ impl Daemon for IdleResource {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
-    }
-
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, IdleSettings::from_map)?;

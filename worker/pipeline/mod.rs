@@ -31,6 +31,7 @@ pub(crate) mod retry;
 pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
 pub(crate) mod training_trigger;
+pub(crate) mod transfer;
 pub(crate) mod work_queue;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ringrift::config_key::ConfigKey;
 use ringrift::events::Event;
 use ringrift::protocol::ROOT_ENV;
 use serde::Serialize;
@@ -81,6 +83,9 @@ impl Pipeline {
         if config_keys.is_empty() {
             bail!("pipeline.config_keys is empty");
         }
+        for key in &config_keys {
+            key.parse::<ConfigKey>().context("pipeline.config_keys")?;
+        }
         let mut jobs = BTreeMap::new();
         if let Some(map) = p.get("jobs").and_then(Value::as_object) {
             for (kind, spec) in map {
@@ -107,6 +112,17 @@ impl Pipeline {
             jobs,
             worker,
         })
+    }
+
+    /// A pipeline at `root` with `config_keys` and no job templates, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(root: &Path, config_keys: Vec<String>) -> Pipeline {
+        Pipeline {
+            root: root.to_path_buf(),
+            config_keys,
+            jobs: BTreeMap::new(),
+            worker: PathBuf::from("ringrift-worker"),
+        }
     }
 
     /// Where selfplay writes games DBs: NEW_GAMES_AVAILABLE.db_path must be in it.
@@ -165,14 +181,13 @@ impl Pipeline {
             .jobs
             .get(kind)
             .with_context(|| format!("no {kind} job in pipeline.jobs"))?;
-        let (board, players) =
-            ringrift::events::parse_config_key(key).map_err(anyhow::Error::msg)?;
+        let parsed: ConfigKey = key.parse()?;
         let mut all: BTreeMap<&str, String> = BTreeMap::from([
             ("worker", self.worker.display().to_string()),
             ("root", self.root.display().to_string()),
             ("config_key", key.to_string()),
-            ("board_type", board.to_string()),
-            ("num_players", players.to_string()),
+            ("board_type", parsed.board().to_string()),
+            ("num_players", parsed.players().to_string()),
             ("db_path", self.games_db(key).display().to_string()),
             ("npz_path", self.npz(key).display().to_string()),
             ("model_path", self.canonical(key).display().to_string()),
@@ -233,12 +248,20 @@ impl Pipeline {
     /// the path and what is wrong with it) unless it is a regular file inside `dir`. For daemons
     /// that work on their own files and take only the key from the event: an event that names
     /// a file elsewhere is not one of the pipeline's, and is not acted on.
-    pub(crate) fn check_event_path(event: &Event, field: &str, dir: &Path) -> Result<(), String> {
+    pub(crate) fn check_event_path(
+        event: &Event,
+        field: &str,
+        dir: &Path,
+    ) -> Result<(), RefusedPath> {
         match event.payload.get(field).and_then(Value::as_str) {
             None => Ok(()),
             Some(named) => confine::confined_file(dir, Path::new(named))
                 .map(drop)
-                .map_err(|e| format!("refused {}: {field}: {e}", event.event_type)),
+                .map_err(|why| RefusedPath {
+                    event_type: event.event_type.clone(),
+                    field: field.to_string(),
+                    why,
+                }),
         }
     }
 
@@ -254,6 +277,16 @@ impl Pipeline {
         println!("{kind} job for {key}: {}", command.join(" "));
         Ok(ctx.run_job(command, max, BTreeMap::new()).await)
     }
+}
+
+/// An event whose `field` names a file the step does not act on (see
+/// [`Pipeline::check_event_path`]).
+#[derive(Debug, thiserror::Error)]
+#[error("refused {event_type}: {field}: {why}")]
+pub(crate) struct RefusedPath {
+    pub event_type: String,
+    pub field: String,
+    pub why: confine::ConfinementError,
 }
 
 /// Why a `kind` job did not succeed, for health and logs:
@@ -295,15 +328,50 @@ pub(crate) fn save_state<T: Serialize>(path: &Path, state: &T) -> anyhow::Result
     Ok(())
 }
 
-/// Saves `daemon`'s state to its file under data/coordination (see [`save_state`]). The error is
-/// the message to log: `cannot write state <path>: <cause>`.
+/// Saves `daemon`'s state to its file under data/coordination (see [`save_state`]).
 pub(crate) fn save_daemon_state<T: Serialize>(
     pipeline: &Pipeline,
     daemon: &str,
     state: &T,
-) -> Result<(), String> {
+) -> Result<(), StateNotSaved> {
     let path = pipeline.state_path(daemon);
-    save_state(&path, state).map_err(|e| format!("cannot write state {}: {e:#}", path.display()))
+    save_state(&path, state).map_err(|cause| StateNotSaved { path, cause })
+}
+
+/// A daemon's state file that could not be written: `cannot write state <path>: <cause>`.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write state {}: {cause:#}", path.display())]
+pub(crate) struct StateNotSaved {
+    pub path: PathBuf,
+    pub cause: anyhow::Error,
+}
+
+/// Saves `daemon`'s state (see [`save_daemon_state`]); a failure is logged on stderr as
+/// `<daemon>: cannot write state ...` and kept in `last_error` for health.
+pub(crate) fn save_or_note<T: Serialize>(
+    pipeline: &Pipeline,
+    daemon: &str,
+    state: &T,
+    last_error: &mut Option<String>,
+) {
+    if let Err(e) = save_daemon_state(pipeline, daemon, state) {
+        eprintln!("{daemon}: {e}");
+        *last_error = Some(e.to_string());
+    }
+}
+
+/// Emits an event through `ctx` when there is one (a daemon built by a unit test has none).
+pub(crate) fn emit(ctx: Option<&Ctx>, event_type: &str, payload: Value) {
+    if let Some(ctx) = ctx {
+        ctx.emit(event_type, payload);
+    }
+}
+
+/// Logs a problem on stderr as `<daemon>: <message>` and keeps it, stamped with the time, as the
+/// daemon's last error for health: `<RFC 3339 time> <message>`.
+pub(crate) fn note_error(last_error: &mut Option<String>, daemon: &str, message: &str) {
+    eprintln!("{daemon}: {message}");
+    *last_error = Some(format!("{} {message}", ringrift::timefmt::now_rfc3339()));
 }
 
 /// The last word about one config key, for health.
@@ -313,17 +381,64 @@ pub(crate) struct KeyStatus {
     pub(crate) message: String,
 }
 
-/// The health message of per-key statuses: `key: message` for every key, joined with "; ", or
-/// `none_yet` while there are none.
-pub(crate) fn key_messages(status: &BTreeMap<String, KeyStatus>, none_yet: &str) -> String {
-    if status.is_empty() {
-        none_yet.to_string()
-    } else {
-        status
-            .iter()
-            .map(|(k, s)| format!("{k}: {}", s.message))
-            .collect::<Vec<_>>()
-            .join("; ")
+/// Which of a key's messages [`KeyHealth::set`] logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyLog {
+    /// Every failure, on stderr; successes not at all.
+    Failures,
+    /// Every change of a key's message: successes on stdout, failures on stderr.
+    Changes,
+}
+
+/// The health of a daemon that works key by key: the last word about each config key, and the
+/// last error with its time.
+#[derive(Debug, Default)]
+pub(crate) struct KeyHealth {
+    pub(crate) status: BTreeMap<String, KeyStatus>,
+    pub(crate) last_error: Option<String>,
+}
+
+impl KeyHealth {
+    /// True while no key's last word is a failure.
+    pub(crate) fn healthy(&self) -> bool {
+        self.status.values().all(|s| s.ok)
+    }
+
+    /// The health message: `key: message` for every key, joined with "; ", or `none_yet` while
+    /// there are none.
+    pub(crate) fn message(&self, none_yet: &str) -> String {
+        if self.status.is_empty() {
+            none_yet.to_string()
+        } else {
+            self.status
+                .iter()
+                .map(|(k, s)| format!("{k}: {}", s.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    }
+
+    /// Records the last word about `key`, logged as `<daemon>: <key>: <message>` as `log` says;
+    /// a failure also becomes the last error (`<time> <key>: <message>`).
+    pub(crate) fn set(&mut self, daemon: &str, key: &str, ok: bool, message: String, log: KeyLog) {
+        let line = format!("{key}: {message}");
+        match log {
+            KeyLog::Failures if !ok => note_error(&mut self.last_error, daemon, &line),
+            KeyLog::Failures => {}
+            KeyLog::Changes => {
+                let changed = self.status.get(key).is_none_or(|s| s.message != message);
+                if changed && ok {
+                    println!("{daemon}: {line}");
+                } else if !ok {
+                    if changed {
+                        eprintln!("{daemon}: {line}");
+                    }
+                    self.last_error = Some(format!("{} {line}", ringrift::timefmt::now_rfc3339()));
+                }
+            }
+        }
+        self.status
+            .insert(key.to_string(), KeyStatus { ok, message });
     }
 }
 
@@ -390,8 +505,17 @@ pub(crate) fn now_secs() -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Runs `f` to the end on a fresh single-threaded runtime.
+    pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
 
     fn pipeline() -> Pipeline {
         let defaults = ringrift::config::PipelineConfig::default().to_json();

@@ -15,18 +15,17 @@
 //!   tried again next cycle.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use ringrift::events::{Event, parse_config_key, payload};
+use ringrift::config_key::ConfigKey;
+use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sha256;
+use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
 use super::{Pipeline, load_state, save_daemon_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::DistributionSettings;
 
@@ -34,34 +33,6 @@ const NAME: &str = "model_distribution";
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(Distribution::default())
-}
-
-/// Where models go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Target {
-    Local(PathBuf),
-    /// `host:path`, copied with rsync over ssh.
-    Remote {
-        host: String,
-        path: String,
-    },
-}
-
-/// `host:path` (no `/` before the colon) is remote; anything else is a local directory, relative
-/// paths taken from the root.
-pub(super) fn parse_target(spec: &str, root: &Path) -> Target {
-    if let Some((host, path)) = spec.split_once(':')
-        && !host.is_empty()
-        && !host.contains('/')
-        && !spec.starts_with('.')
-        && !spec.starts_with('~')
-    {
-        return Target::Remote {
-            host: host.to_string(),
-            path: path.to_string(),
-        };
-    }
-    Target::Local(root.join(spec))
 }
 
 /// The canonical models under `models`: (config key, path), sorted by key.
@@ -79,124 +50,11 @@ fn canonical_models(models: &Path) -> Vec<(String, PathBuf)> {
                 .to_string();
             // `DirEntry::file_type` does not follow symlinks: a link there is no canonical model.
             let regular = e.file_type().is_ok_and(|t| t.is_file());
-            (parse_config_key(&key).is_ok() && regular).then(|| (key, e.path()))
+            (key.parse::<ConfigKey>().is_ok() && regular).then(|| (key, e.path()))
         })
         .collect();
     out.sort();
     out
-}
-
-/// Copies `src` into directory `dir` as the same file name: temporary file, fsync, rename, then
-/// checks the SHA-256 of what landed. Returns the hash.
-pub(super) fn copy_local(src: &Path, dir: &Path) -> anyhow::Result<String> {
-    let name = src
-        .file_name()
-        .context("model path has no name")?
-        .to_string_lossy()
-        .to_string();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let bytes = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let want = sha256::hex_of(&bytes);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dest = dir.join(&name);
-    let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("cannot rename into {}", dest.display()))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    let got =
-        sha256::file_hex(&dest).with_context(|| format!("cannot read back {}", dest.display()))?;
-    if got != want {
-        bail!(
-            "{} has SHA-256 {got} after copying, expected {want}",
-            dest.display()
-        );
-    }
-    Ok(want)
-}
-
-/// Single-quotes `s` for the remote shell.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Runs a command with a timeout; the child is killed if it overruns. Returns its stdout.
-pub(super) async fn run(
-    program: &str,
-    args: &[String],
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args)
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null());
-    let out = match tokio::time::timeout(timeout, cmd.output()).await {
-        Err(_) => bail!("{program} timed out after {}s", timeout.as_secs_f64()),
-        Ok(r) => r.with_context(|| format!("cannot run {program}"))?,
-    };
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        bail!("{program} failed ({}): {}", out.status, err.trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub(super) const SSH_OPTS: &str = "ssh -o BatchMode=yes -o ConnectTimeout=10";
-
-/// rsync to `host:path/`, then `sha256sum` there. Returns the hash.
-pub(super) async fn copy_remote(
-    src: &Path,
-    host: &str,
-    path: &str,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let name = src
-        .file_name()
-        .context("model path has no name")?
-        .to_string_lossy()
-        .to_string();
-    let want = sha256::file_hex(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let dir = if path.is_empty() {
-        "."
-    } else {
-        path.trim_end_matches('/')
-    };
-    let remote_file = format!("{dir}/{name}");
-    let args = vec![
-        "-a".to_string(),
-        "--mkpath".to_string(),
-        "-e".to_string(),
-        SSH_OPTS.to_string(),
-        src.display().to_string(),
-        format!("{host}:{remote_file}"),
-    ];
-    run("rsync", &args, timeout).await?;
-    let check = vec![
-        "-o".to_string(),
-        "BatchMode=yes".to_string(),
-        "-o".to_string(),
-        "ConnectTimeout=10".to_string(),
-        host.to_string(),
-        format!("sha256sum -- {}", shell_quote(&remote_file)),
-    ];
-    let out = run("ssh", &check, timeout).await?;
-    let got = out.split_whitespace().next().unwrap_or_default();
-    if got != want {
-        bail!("{host}:{remote_file} has SHA-256 {got:?} after copying, expected {want}");
-    }
-    Ok(want)
 }
 
 /// Does `target` need `model` (whose hash is `sha`)? Local: the copy is missing or differs.
@@ -213,28 +71,6 @@ fn needs_copy(target: &Target, model: &Path, sha: &str, delivered: Option<&Strin
     }
 }
 
-/// Seconds before retry `attempt` (1-based) of a copy.
-pub(super) fn retry_delay(attempt: u32, base: f64) -> f64 {
-    base * f64::from(1u32 << attempt.saturating_sub(1).min(10))
-}
-
-/// Seconds before a target that failed `passes` whole passes in a row (each of `retries`
-/// attempts) is tried again: it goes on doubling past the in-pass retries, up to an hour, so a dead
-/// target is neither hammered every cycle nor given up on.
-pub(super) fn pass_backoff(passes: u32, base: f64, retries: u32) -> f64 {
-    let doublings = (retries + passes.saturating_sub(1)).min(20);
-    (base.max(1.0) * f64::from(1u32 << doublings)).min(3600.0)
-}
-
-/// A target that failed for one model: when to try again.
-#[derive(Debug, Clone)]
-struct Failing {
-    sha: String,
-    failed_passes: u32,
-    next_try: f64,
-    error: String,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct State {
     /// Target spec → config key → SHA-256 last delivered and verified there.
@@ -246,16 +82,11 @@ struct Distribution {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     targets: Vec<(String, Target)>,
-    retries: u32,
-    retry_backoff: f64,
-    timeout: Duration,
+    delivery: Delivery,
     state: State,
     /// (target spec, config key) → the failure it is backing off from.
-    failing: BTreeMap<(String, String), Failing>,
-    last: String,
-    ok: bool,
-    last_error: Option<String>,
-    passes: u64,
+    failing: FailingMap<String>,
+    pass: Passes,
     copies: u64,
     copy_failures: u64,
     distributions: u64,
@@ -263,31 +94,11 @@ struct Distribution {
 
 impl Distribution {
     fn report(&self) -> Report {
-        let (healthy, status, message) = super::pass_health(
-            !self.targets.is_empty(),
+        self.pass.report(
+            ("targets", &self.targets),
             "no targets configured: nothing to distribute",
-            &self.last,
-            self.ok,
-        );
-        Report::with_status(
-            healthy,
-            status,
-            message,
-            BTreeMap::from([
-                (
-                    "targets".to_string(),
-                    json!(
-                        self.targets
-                            .iter()
-                            .map(|(s, _)| s.clone())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
-                ("delivered".to_string(), json!(self.state.delivered)),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            ("delivered", json!(self.state.delivered)),
             [
-                ("passes", self.passes),
                 ("copies", self.copies),
                 ("copy_failures", self.copy_failures),
                 ("distributions", self.distributions),
@@ -295,35 +106,9 @@ impl Distribution {
         )
     }
 
-    /// One copy with retries; returns the verified hash or the last error.
-    async fn copy_with_retries(&mut self, model: &Path, target: &Target) -> Result<String, String> {
-        let mut last = String::new();
-        for attempt in 1..=self.retries.max(1) {
-            if attempt > 1 {
-                let delay = retry_delay(attempt - 1, self.retry_backoff);
-                tokio::time::sleep(Duration::from_secs_f64(delay)).await;
-            }
-            let result = match target {
-                Target::Local(dir) => copy_local(model, dir),
-                Target::Remote { host, path } => copy_remote(model, host, path, self.timeout).await,
-            };
-            match result {
-                Ok(sha) => return Ok(sha),
-                Err(e) => {
-                    last = format!("{e:#}");
-                    eprintln!(
-                        "{NAME}: attempt {attempt} of {}: {last}",
-                        self.retries.max(1)
-                    );
-                }
-            }
-        }
-        Err(last)
-    }
-
     /// Brings every target up to date with the canonical model of `only` (or all of them).
     async fn distribute(&mut self, only: Option<&str>) {
-        self.passes += 1;
+        self.pass.count += 1;
         if self.targets.is_empty() {
             return;
         }
@@ -350,21 +135,20 @@ impl Distribution {
                     continue;
                 }
                 let now = super::now_secs();
-                if let Some(f) = self.failing.get(&(spec.clone(), key.clone()))
-                    && f.sha == sha
-                    && now < f.next_try
+                if let Some(wait) = self
+                    .failing
+                    .get(&(spec.clone(), key.clone()))
+                    .filter(|f| f.on == sha)
+                    .and_then(|f| f.waiting(now, &format!("{key} → {spec}")))
                 {
                     // Still backing off from the last failed pass: counted, not retried yet.
                     failed += 1;
-                    failures.push(format!(
-                        "{key} → {spec}: {} (next try in {:.0}s)",
-                        f.error,
-                        f.next_try - now
-                    ));
+                    failures.push(wait);
                     continue;
                 }
                 worked = true;
-                match self.copy_with_retries(model, &target).await {
+                let copied_to = self.delivery.deliver(NAME, model, &target).await;
+                match copied_to {
                     Ok(got) => {
                         self.failing.remove(&(spec.clone(), key.clone()));
                         self.copies += 1;
@@ -380,28 +164,20 @@ impl Distribution {
                             .entry(spec.clone())
                             .or_default()
                             .insert(key.clone(), got);
-                        if let Err(msg) = save_daemon_state(&pipeline, NAME, &self.state) {
-                            failures.push(msg);
+                        if let Err(e) = save_daemon_state(&pipeline, NAME, &self.state) {
+                            failures.push(e.to_string());
                         }
                     }
                     Err(e) => {
                         self.copy_failures += 1;
                         failed += 1;
                         failures.push(format!("{key} → {spec}: {e}"));
-                        let passes = self
-                            .failing
-                            .get(&(spec.clone(), key.clone()))
-                            .filter(|f| f.sha == sha)
-                            .map_or(1, |f| f.failed_passes + 1);
-                        let wait = pass_backoff(passes, self.retry_backoff, self.retries);
-                        self.failing.insert(
-                            (spec.clone(), key.clone()),
-                            Failing {
-                                sha: sha.clone(),
-                                failed_passes: passes,
-                                next_try: super::now_secs() + wait,
-                                error: e,
-                            },
+                        self.delivery.record_failure(
+                            &mut self.failing,
+                            (&spec, key),
+                            sha.clone(),
+                            |a, b| a == b,
+                            e.to_string(),
                         );
                     }
                 }
@@ -420,29 +196,18 @@ impl Distribution {
             }
         }
         let when = ringrift::timefmt::now_rfc3339();
-        self.ok = failures.is_empty();
-        self.last = if models.is_empty() {
-            format!("pass at {when}: no canonical model yet")
+        let mut parts = if models.is_empty() {
+            vec![format!("pass at {when}: no canonical model yet")]
         } else {
-            format!(
-                "pass at {when}: {in_sync} model copies in sync on {} target(s){}{}",
-                self.targets.len(),
-                if copied.is_empty() {
-                    String::new()
-                } else {
-                    format!("; copied {}", copied.join(", "))
-                },
-                if failures.is_empty() {
-                    String::new()
-                } else {
-                    format!("; FAILED {}", failures.join("; "))
-                }
-            )
+            vec![format!(
+                "pass at {when}: {in_sync} model copies in sync on {} target(s)",
+                self.targets.len()
+            )]
         };
-        if !failures.is_empty() {
-            eprintln!("{NAME}: {}", self.last);
-            self.last_error = Some(format!("{when} {}", failures.join("; ")));
+        if !models.is_empty() && !copied.is_empty() {
+            parts.push(format!("copied {}", copied.join(", ")));
         }
+        self.pass.end(NAME, &when, parts, &failures);
     }
 }
 
@@ -451,50 +216,24 @@ impl Daemon for Distribution {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["MODEL_PROMOTED".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            let specs: Vec<String> = match settings.config.get("targets") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .map(|t| {
-                        t.as_str()
-                            .map(str::to_string)
-                            .context("targets must be a list of strings")
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-                Some(other) => bail!("targets must be a list of strings, not {other}"),
-            };
-            self.targets = specs
-                .into_iter()
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| {
-                    let t = parse_target(&s, &pipeline.root);
-                    (s, t)
-                })
-                .collect();
+            self.targets = locations(settings, "targets", &pipeline.root)?;
             let s = typed(settings, DistributionSettings::from_map)?;
-            self.retries = s.retries;
-            self.retry_backoff = s.retry_backoff.as_secs_f64();
-            self.timeout = s.timeout;
+            self.delivery = Delivery {
+                retries: s.retries,
+                retry_backoff: s.retry_backoff.as_secs_f64(),
+                timeout: s.timeout,
+            };
             self.state = load_state(&pipeline.state_path(NAME));
-            self.ok = true;
-            println!(
-                "{NAME}: targets {:?} ({} attempts, backoff {}s)",
-                self.targets, self.retries, self.retry_backoff
-            );
+            self.pass.ok = true;
+            println!("{NAME}: targets {:?} ({})", self.targets, self.delivery);
             self.pipeline = Some(pipeline);
             Ok(self.report())
         })
@@ -518,8 +257,7 @@ impl Daemon for Distribution {
             // Distribution copies the canonical models it finds itself; an event naming a model
             // elsewhere is not one of the pipeline's.
             if let Err(why) = Pipeline::check_event_path(&event, "model_path", &models) {
-                eprintln!("{NAME}: {why}");
-                self.last_error = Some(format!("{} {why}", ringrift::timefmt::now_rfc3339()));
+                super::note_error(&mut self.pass.last_error, NAME, &why.to_string());
                 return Some(self.report());
             }
             self.distribute(key.as_deref()).await;
@@ -531,37 +269,7 @@ impl Daemon for Distribution {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_are_local_dirs_or_host_paths() {
-        let root = Path::new("/srv/rr");
-        assert_eq!(
-            parse_target("/mnt/models", root),
-            Target::Local("/mnt/models".into())
-        );
-        assert_eq!(
-            parse_target("shared/models", root),
-            Target::Local("/srv/rr/shared/models".into())
-        );
-        assert_eq!(
-            parse_target("./a:b", root),
-            Target::Local("/srv/rr/./a:b".into())
-        );
-        assert_eq!(
-            parse_target("gpu1:/data/models", root),
-            Target::Remote {
-                host: "gpu1".into(),
-                path: "/data/models".into()
-            }
-        );
-        assert_eq!(
-            parse_target("me@gpu1:models", root),
-            Target::Remote {
-                host: "me@gpu1".into(),
-                path: "models".into()
-            }
-        );
-    }
+    use crate::pipeline::transfer::copy_local;
 
     #[test]
     fn only_canonical_models_are_listed() {
@@ -619,39 +327,5 @@ mod tests {
         assert!(needs_copy(&t, m, "abc", None));
         assert!(needs_copy(&t, m, "abc", Some(&"old".to_string())));
         assert!(!needs_copy(&t, m, "abc", Some(&"abc".to_string())));
-    }
-
-    #[test]
-    fn retries_back_off_exponentially_and_quoting_is_safe() {
-        assert_eq!(retry_delay(1, 5.0), 5.0);
-        assert_eq!(retry_delay(3, 5.0), 20.0);
-        // Between passes: beyond the in-pass retries, capped at an hour.
-        assert_eq!(pass_backoff(1, 5.0, 3), 40.0);
-        assert_eq!(pass_backoff(2, 5.0, 3), 80.0);
-        assert_eq!(pass_backoff(30, 5.0, 3), 3600.0);
-        assert_eq!(pass_backoff(1, 0.0, 1), 2.0);
-        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
-    }
-
-    #[test]
-    fn a_command_that_overruns_is_killed_and_a_failure_reported() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let err = run("sleep", &["5".into()], Duration::from_millis(100))
-                .await
-                .unwrap_err();
-            assert!(err.to_string().contains("timed out"), "{err}");
-            let err = run("false", &[], Duration::from_secs(5)).await.unwrap_err();
-            assert!(err.to_string().contains("false failed"), "{err}");
-            assert_eq!(
-                run("echo", &["hi".into()], Duration::from_secs(5))
-                    .await
-                    .unwrap(),
-                "hi\n"
-            );
-        });
     }
 }

@@ -22,17 +22,18 @@
 //! cannot pause training nor a forged QUALITY_SCORE_UPDATED resume it.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use ringrift::config_key::{Board, ConfigKey};
 use ringrift::events::{Event, payload};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Pipeline, load_state, save_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::QualitySettings;
 
@@ -120,21 +121,10 @@ pub(crate) fn recent_games(conn: &Connection, key: &str, window: u64) -> Result<
 // ---------------------------------------------------------------- scoring (pure)
 
 /// Cells of a board type, the most distinct opening moves it allows.
-pub(crate) fn board_cells(board_type: &str) -> usize {
-    match board_type {
-        "hex6" => 36,
-        "hex8" | "square8" => 64,
-        "square19" => 361,
-        // The hexagonal board of radius 12: 3·12·13 + 1.
-        "hexagonal" => 469,
-        _ => 64,
-    }
-}
-
 /// How far from fair the first player's win rate may be before balance drops: Hex has a strong
 /// first-player advantage, other boards much less.
-pub(crate) fn balance_tolerance(board_type: &str) -> f64 {
-    if board_type.starts_with("hex") {
+pub(crate) fn balance_tolerance(board: Board) -> f64 {
+    if board.as_str().starts_with("hex") {
         0.25
     } else {
         0.1
@@ -292,38 +282,50 @@ pub(crate) fn vouch(
     key: &str,
     event_type: &str,
     score: f64,
-) -> Result<Option<Vouched>, String> {
+) -> Result<Option<Vouched>, Unvouched> {
     let path = pipeline.state_path(NAME);
     if !path.exists() {
         return Ok(None);
     }
     let state: State = load_state(&path);
     let Some(ks) = state.keys.get(key) else {
-        return Err(format!(
-            "the quality monitor has not scored {key} ({})",
-            path.display()
-        ));
+        return Err(Unvouched::NotScored {
+            key: key.to_string(),
+            path,
+        });
     };
     // A warning may carry a score that moved less than UPDATE_DELTA since the last update.
     let last = ks.last_emitted.unwrap_or(f64::NAN);
     let agrees = (score - last).abs() < UPDATE_DELTA + 1e-4;
     if !agrees {
-        return Err(format!(
-            "score {score} is not the quality monitor's ({last} in {})",
-            path.display()
-        ));
+        return Err(Unvouched::Score { score, last, path });
     }
     if event_type == "LOW_QUALITY_DATA_WARNING" && !ks.warned {
-        return Err(format!(
-            "the quality monitor does not flag {key} low ({})",
-            path.display()
-        ));
+        return Err(Unvouched::NotLow {
+            key: key.to_string(),
+            path,
+        });
     }
     Ok(Some(Vouched {
         score: last,
         warned: ks.warned,
         threshold: ks.warned_threshold,
     }))
+}
+
+/// How the quality monitor's state file (`path`) contradicts a quality event.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum Unvouched {
+    #[error("the quality monitor has not scored {key} ({})", path.display())]
+    NotScored { key: String, path: PathBuf },
+    #[error("score {score} is not the quality monitor's ({last} in {})", path.display())]
+    Score {
+        score: f64,
+        last: f64,
+        path: PathBuf,
+    },
+    #[error("the quality monitor does not flag {key} low ({})", path.display())]
+    NotLow { key: String, path: PathBuf },
 }
 
 // ---------------------------------------------------------------- the daemon
@@ -375,13 +377,13 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
 
 impl QualityMonitor {
     fn params(&self, key: &str) -> ScoreParams {
-        let (board, players) = ringrift::events::parse_config_key(key).unwrap_or(("hex8", 2));
+        let key = key.parse().unwrap_or(ConfigKey::HEX8_2P);
         ScoreParams {
             min_moves: self.min_moves,
             max_moves: self.max_moves,
-            cells: board_cells(board),
-            num_players: players,
-            tolerance: balance_tolerance(board),
+            cells: key.board().cells(),
+            num_players: key.players(),
+            tolerance: balance_tolerance(key.board()),
         }
     }
 
@@ -423,7 +425,8 @@ impl QualityMonitor {
                         "{NAME}: {key}: score {score} over {} games (length {:.2}, balance {:.2}, diversity {:.2})",
                         q.games, q.length, q.balance, q.diversity
                     );
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "QUALITY_SCORE_UPDATED",
                         payload([
                             ("config_key", key.into()),
@@ -436,7 +439,8 @@ impl QualityMonitor {
                     self.warnings += 1;
                     let reason = q.reason(&params);
                     println!("{NAME}: {key}: LOW QUALITY: {reason}");
-                    self.emit(
+                    super::emit(
+                        self.ctx.as_ref(),
                         "LOW_QUALITY_DATA_WARNING",
                         payload([
                             ("config_key", key.into()),
@@ -450,12 +454,6 @@ impl QualityMonitor {
             }
         };
         self.seen.insert(key.to_string(), (seen, when));
-    }
-
-    fn emit(&self, event_type: &str, payload: Value) {
-        if let Some(ctx) = &self.ctx {
-            ctx.emit(event_type, payload);
-        }
     }
 
     fn report(&self) -> Report {
@@ -526,18 +524,12 @@ impl Daemon for QualityMonitor {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec!["NEW_GAMES_AVAILABLE".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, QualitySettings::from_map)?;
@@ -704,12 +696,7 @@ mod tests {
     #[test]
     fn quality_events_are_checked_against_the_monitors_state() {
         let dir = tempfile::tempdir().unwrap();
-        let pipeline = Pipeline {
-            root: dir.path().to_path_buf(),
-            config_keys: vec!["hex8_2p".into()],
-            jobs: BTreeMap::new(),
-            worker: "/bin/true".into(),
-        };
+        let pipeline = Pipeline::for_test(dir.path(), vec!["hex8_2p".into()]);
         let warn = "LOW_QUALITY_DATA_WARNING";
         let update = "QUALITY_SCORE_UPDATED";
         // No state file: nothing to check against.
@@ -718,9 +705,13 @@ mod tests {
         let mut state = State::default();
         state.keys.insert("hex8_2p".into(), good);
         save_state(&pipeline.state_path(NAME), &state).unwrap();
-        let err = vouch(&pipeline, "hex8_2p", warn, 0.9).unwrap_err();
+        let err = vouch(&pipeline, "hex8_2p", warn, 0.9)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not flag"), "{err}");
-        let err = vouch(&pipeline, "hex8_2p", update, 0.2).unwrap_err();
+        let err = vouch(&pipeline, "hex8_2p", update, 0.2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not the quality monitor's"), "{err}");
         assert!(
             vouch(&pipeline, "hex6_2p", update, 0.9).is_err(),

@@ -20,8 +20,8 @@ use serde_json::Value;
 use super::selfplay_scheduler::read_priorities;
 use super::work_queue::WorkQueue;
 use super::{Pipeline, now_secs, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
-use crate::runtime::Settings;
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
+use crate::runtime::{Ctx, Settings};
 use ringrift::settings::QueueSettings;
 
 const NAME: &str = "queue_populator";
@@ -273,10 +273,7 @@ impl Daemon for QueuePopulator {
         vec!["SELFPLAY_COMPLETE".into()]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, _ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, QueueSettings::from_map)?;
@@ -346,12 +343,7 @@ mod tests {
     /// A populator over `root` with a depth of 4 items of 20 games.
     fn populator(root: &std::path::Path) -> QueuePopulator {
         QueuePopulator {
-            pipeline: Some(Pipeline {
-                root: root.to_path_buf(),
-                config_keys: keys(),
-                jobs: BTreeMap::new(),
-                worker: "/bin/true".into(),
-            }),
+            pipeline: Some(Pipeline::for_test(root, keys())),
             queue: None,
             target_depth: 4,
             games_per_item: 20,

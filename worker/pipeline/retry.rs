@@ -74,15 +74,6 @@ fn utc(secs: f64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A jitter value in [0,1) that differs between processes and calls.
-pub(crate) fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    ringrift::restart::Jitter::new(nanos ^ (u64::from(std::process::id()) << 40)).next_f64()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +122,7 @@ mod tests {
             "{text}"
         );
         assert!(f.describe(200.0).starts_with("retrying now after:"));
-        let j = jitter();
+        let j = ringrift::restart::jitter();
         assert!((0.0..1.0).contains(&j), "{j}");
     }
 }

@@ -31,10 +31,10 @@ use serde_json::Value;
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality_monitor::count_completed;
-use super::retry::{self, Failing};
+use super::retry::Failing;
 use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
 
@@ -114,12 +114,33 @@ type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun)> + 'a>>;
 pub(crate) struct SelfplayRun {
     pub key: String,
     pub games: u64,
-    /// `Err`: the job could not be started, failed or timed out; the text says how.
-    pub result: Result<JobOutcome, String>,
+    /// `Err`: the job could not be started, failed or timed out.
+    pub result: Result<JobOutcome, SelfplayFailure>,
     /// Games this run found added to the DB (see [`Announcer`]).
     pub new_games: u64,
     /// A problem counting the DB's games, if there was one.
     pub count_error: Option<String>,
+}
+
+/// How a selfplay job did not succeed, for logs, health and the work queue.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum SelfplayFailure {
+    /// The supervisor did not start it (the cause, with its chain).
+    #[error("cannot start the selfplay job: {0}")]
+    NotStarted(String),
+    #[error("job {job_id} timed out after {secs:.0}s ({exit})")]
+    TimedOut {
+        job_id: String,
+        secs: f64,
+        exit: String,
+    },
+    /// `last_line` is `: <the job's last error line>`, or empty.
+    #[error("job {job_id} failed: {exit}{last_line}")]
+    Failed {
+        job_id: String,
+        exit: String,
+        last_line: String,
+    },
 }
 
 /// Runs selfplay jobs and announces their games. Games are counted in the DB before the jobs and
@@ -161,7 +182,7 @@ impl<'a> Announcer<'a> {
             }
             Err(why) => {
                 eprintln!("{}: {key}: {why}", self.who);
-                self.db_problems.borrow_mut().push(why);
+                self.db_problems.borrow_mut().push(why.to_string());
                 false
             }
         }
@@ -200,20 +221,20 @@ impl<'a> Announcer<'a> {
             )
             .await
         {
-            Err(e) => Err(format!("cannot start the selfplay job: {e:#}")),
+            Err(e) => Err(SelfplayFailure::NotStarted(format!("{e:#}"))),
             Ok(outcome) if outcome.success => Ok(outcome),
-            Ok(outcome) if outcome.timed_out => Err(format!(
-                "job {} timed out after {:.0}s ({})",
-                outcome.job_id, outcome.runtime_secs, outcome.exit
-            )),
-            Ok(outcome) => Err(format!(
-                "job {} failed: {}{}",
-                outcome.job_id,
-                outcome.exit,
-                last_error_line(&self.pipeline.root, &outcome.job_id)
+            Ok(outcome) if outcome.timed_out => Err(SelfplayFailure::TimedOut {
+                job_id: outcome.job_id,
+                secs: outcome.runtime_secs,
+                exit: outcome.exit,
+            }),
+            Ok(outcome) => Err(SelfplayFailure::Failed {
+                last_line: last_error_line(&self.pipeline.root, &outcome.job_id)
                     .map(|line| format!(": {line}"))
-                    .unwrap_or_default()
-            )),
+                    .unwrap_or_default(),
+                job_id: outcome.job_id,
+                exit: outcome.exit,
+            }),
         };
         if let Ok(outcome) = &result {
             self.ctx.emit(
@@ -512,7 +533,7 @@ impl Scheduler {
                     // Settle the item as soon as its job ends, not when the slowest one does.
                     let settled = match &run.result {
                         Ok(_) => queue.complete(item.id, now_secs()),
-                        Err(e) => queue.fail(item.id, e, now_secs()),
+                        Err(e) => queue.fail(item.id, &e.to_string(), now_secs()),
                     };
                     if let Err(e) = settled {
                         eprintln!(
@@ -615,7 +636,12 @@ impl Scheduler {
                 || "selfplay jobs failed".to_string(),
                 |(_, what)| what.clone(),
             );
-            let f = Failing::after(self.failing.as_ref(), error, now_secs(), retry::jitter());
+            let f = Failing::after(
+                self.failing.as_ref(),
+                error,
+                now_secs(),
+                ringrift::restart::jitter(),
+            );
             eprintln!(
                 "{NAME}: every selfplay job of this cycle failed: {}",
                 f.describe(now_secs())
@@ -712,10 +738,6 @@ impl Daemon for Scheduler {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec![
             "QUALITY_SCORE_UPDATED".into(),
@@ -724,10 +746,8 @@ impl Daemon for Scheduler {
         ]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, SchedulerSettings::from_map)?;

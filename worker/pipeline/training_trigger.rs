@@ -26,7 +26,6 @@ use std::path::Path;
 
 use crate::jobs::game::GameConfig;
 use crate::jobs::game::model::Model;
-use crate::jobs::game::npz::Dataset;
 use anyhow::Context;
 use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
@@ -34,9 +33,9 @@ use serde_json::{Value, json};
 
 use super::auto_export::{export_failing, quarantine};
 use super::{
-    KeyStatus, Pipeline, job_failure, key_messages, load_state, now_secs, save_daemon_state, typed,
+    KeyHealth, KeyLog, Pipeline, job_failure, load_state, note_error, now_secs, save_or_note, typed,
 };
-use crate::daemons::{Daemon, LocalBoxFuture, Report};
+use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::TrainingSettings;
 
@@ -210,16 +209,7 @@ pub(crate) fn check_model(path: &Path, key: &str) -> anyhow::Result<()> {
 
 /// The number of samples of an export, or why it is unusable.
 fn count_samples(path: &Path, key: &str) -> anyhow::Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let data = Dataset::decode(&bytes)
-        .with_context(|| format!("{} is not a valid NPZ", path.display()))?;
-    anyhow::ensure!(
-        data.config_key == key,
-        "{} holds {} samples, not {key}",
-        path.display(),
-        data.config_key
-    );
-    Ok(data.len() as u64)
+    Ok(super::auto_export::read_export(path, key)?.len() as u64)
 }
 
 #[derive(Default)]
@@ -235,21 +225,20 @@ struct TrainingTrigger {
     training: BTreeSet<String>,
     /// Sample counts of exports already decoded, so an unchanged file is not decoded every cycle.
     samples_cache: BTreeMap<String, (Fingerprint, u64)>,
-    status: BTreeMap<String, KeyStatus>,
+    health: KeyHealth,
     checks: u64,
     started: u64,
     completed: u64,
     failed: u64,
     bad_exports: u64,
-    last_error: Option<String>,
     /// Keys whose export keeps failing (auto_export's state says so): no new data can come.
     starved: BTreeSet<String>,
 }
 
 impl TrainingTrigger {
     fn report(&self) -> Report {
-        let healthy = self.status.values().all(|s| s.ok);
-        let message = key_messages(&self.status, "no check yet");
+        let healthy = self.health.healthy();
+        let message = self.health.message("no check yet");
         let keys: serde_json::Map<String, Value> = self
             .state
             .keys
@@ -281,7 +270,7 @@ impl TrainingTrigger {
                 ),
                 ("min_samples".to_string(), Value::from(self.min_samples)),
                 ("cooldown".to_string(), Value::from(self.cooldown)),
-                ("last_error".to_string(), json!(self.last_error)),
+                ("last_error".to_string(), json!(self.health.last_error)),
             ]),
             [
                 ("checks", self.checks),
@@ -294,30 +283,12 @@ impl TrainingTrigger {
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
-        let changed = self.status.get(key).is_none_or(|s| s.message != message);
-        if changed {
-            if ok {
-                println!("{NAME}: {key}: {message}");
-            } else {
-                eprintln!("{NAME}: {key}: {message}");
-            }
-        }
-        if !ok {
-            self.last_error = Some(format!(
-                "{} {key}: {message}",
-                ringrift::timefmt::now_rfc3339()
-            ));
-        }
-        self.status
-            .insert(key.to_string(), KeyStatus { ok, message });
+        self.health.set(NAME, key, ok, message, KeyLog::Changes);
     }
 
     fn save(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
-        if let Err(msg) = save_daemon_state(pipeline, NAME, &self.state) {
-            eprintln!("{NAME}: {msg}");
-            self.last_error = Some(msg);
-        }
+        save_or_note(pipeline, NAME, &self.state, &mut self.health.last_error);
     }
 
     fn key_state(&mut self, key: &str) -> &mut KeyState {
@@ -634,10 +605,6 @@ impl Daemon for TrainingTrigger {
         NAME
     }
 
-    fn attach(&mut self, ctx: Ctx) {
-        self.ctx = Some(ctx);
-    }
-
     fn subscriptions(&self) -> Vec<String> {
         vec![
             "NPZ_EXPORT_COMPLETE".into(),
@@ -646,10 +613,8 @@ impl Daemon for TrainingTrigger {
         ]
     }
 
-    fn start<'a>(
-        &'a mut self,
-        settings: &'a Settings,
-    ) -> LocalBoxFuture<'a, anyhow::Result<Report>> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, TrainingSettings::from_map)?;
@@ -691,12 +656,8 @@ impl Daemon for TrainingTrigger {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let key = self
-                .pipeline
-                .as_ref()
-                .expect("started")
-                .event_config_key(NAME, &event)?;
             let pipeline = self.pipeline.clone().expect("started");
+            let key = pipeline.event_config_key(NAME, &event)?;
             match event.event_type.as_str() {
                 "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
                     let score = event
@@ -714,11 +675,11 @@ impl Daemon for TrainingTrigger {
                     ) {
                         Err(why) => {
                             let error = format!("refused {}: {why}", event.event_type);
-                            eprintln!("{NAME}: {key}: {error}");
-                            self.last_error = Some(format!(
-                                "{} {key}: {error}",
-                                ringrift::timefmt::now_rfc3339()
-                            ));
+                            note_error(
+                                &mut self.health.last_error,
+                                NAME,
+                                &format!("{key}: {error}"),
+                            );
                             return Some(self.report());
                         }
                         // The monitor's state decides, whatever the event claims.
@@ -747,12 +708,13 @@ impl Daemon for TrainingTrigger {
                         Pipeline::check_event_path(&event, "npz_path", &pipeline.training_dir())
                     {
                         // Not a failed run: no backoff, no change to the key's health.
-                        eprintln!("{NAME}: {key}: {why}");
-                        self.last_error =
-                            Some(format!("{} {key}: {why}", ringrift::timefmt::now_rfc3339()));
+                        note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
                         self.ctx.as_ref().expect("attached").emit(
                             "TRAINING_FAILED",
-                            payload([("config_key", key.as_str().into()), ("error", why.into())]),
+                            payload([
+                                ("config_key", key.as_str().into()),
+                                ("error", why.to_string().into()),
+                            ]),
                         );
                         return Some(self.report());
                     }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -91,29 +91,7 @@ pub(crate) struct WorkQueue {
 impl WorkQueue {
     /// Opens (creating the file, its directory and the schema if needed) the queue at `path`.
     pub(crate) fn open(path: &Path) -> Result<WorkQueue> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory {}", dir.display()))?;
-        }
-        let conn = Connection::open(path)
-            .with_context(|| format!("cannot open work queue {}", path.display()))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .context("cannot set the busy timeout")?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .with_context(|| {
-                format!(
-                    "work queue {} is not a usable sqlite database",
-                    path.display()
-                )
-            })?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            bail!(
-                "work queue {}: cannot switch to WAL mode (journal mode is {mode})",
-                path.display()
-            );
-        }
-        conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+        let conn = crate::sqlite::create(path, "work queue", BUSY_TIMEOUT)?;
         conn.execute_batch(SCHEMA).with_context(|| {
             format!("cannot create the schema of work queue {}", path.display())
         })?;

@@ -397,14 +397,14 @@ mod tests {
 
     #[test]
     fn every_full_random_game_has_exactly_one_winner() {
-        let mut rng = crate::jobs::game::rng::Rng::new(11);
+        let mut rng = fastrand::Rng::with_seed(11);
         for n in [2, 3, 6, 8] {
             for _ in 0..200 {
                 let mut h = Hex::new(n);
                 while !h.is_over() {
                     let moves: Vec<usize> = h.legal_moves().collect();
                     assert!(!moves.is_empty(), "a full board must have a winner");
-                    h.play(moves[rng.below(moves.len())]).unwrap();
+                    h.play(moves[rng.usize(..moves.len())]).unwrap();
                 }
                 let w = h.winner().unwrap();
                 assert_eq!(h.distance(w), Some(0));

