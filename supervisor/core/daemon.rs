@@ -214,3 +214,72 @@ pub(super) fn set_state(log: &SupervisorLog, name: &str, d: &mut Daemon, to: Dae
         Err(e) => log.error(&format!("{name}: refused {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn daemon() -> Daemon {
+        let c = ringrift::config::parse("daemons:\n  x:\n    command: [sh]\n", "t.yaml", &[])
+            .expect("valid config");
+        Daemon::new(c.daemons["x"].clone())
+    }
+
+    /// A process led by `pid`, contained by the fallback (no cgroup is made, nothing is signalled).
+    fn process(d: &Daemon, pid: u32) -> Process {
+        let nowhere = Path::new("/nonexistent");
+        let (containment, _) = Containment::new(nowhere, nowhere, Some("tests"));
+        let member = Member::Daemon(d.cfg.name.clone());
+        let prepared = containment.prepare(&member, &d.cfg.limits);
+        Process::new(containment.unit(member, pid, prepared))
+    }
+
+    #[test]
+    fn a_daemon_without_a_process_has_no_pid_group_or_connection() {
+        let d = daemon();
+        assert!(d.process.is_none());
+        assert_eq!((d.pid(), d.group()), (None, None));
+        assert!(d.live().is_none() && !d.is_draining());
+        assert!(d.conn().is_none() && !d.is_connection(1));
+    }
+
+    #[test]
+    fn a_running_leader_is_the_pid_and_the_group() {
+        let mut d = daemon();
+        d.process = Some(process(&d, 4242));
+        assert_eq!((d.pid(), d.group()), (Some(4242), Some(4242)));
+        assert!(d.live().is_some() && d.live_mut().is_some());
+        assert!(!d.is_draining());
+    }
+
+    #[test]
+    fn while_draining_the_group_stays_but_the_pid_is_gone() {
+        let mut d = daemon();
+        let mut p = process(&d, 4242);
+        p.draining = Some(ExitInfo {
+            kind: ExitKind::Failure,
+            desc: "exit 1".into(),
+        });
+        d.process = Some(p);
+        assert_eq!((d.pid(), d.group()), (None, Some(4242)));
+        assert!(d.is_draining());
+        assert!(d.live().is_none() && d.live_mut().is_none());
+    }
+
+    #[test]
+    fn only_the_current_connection_counts() {
+        let mut d = daemon();
+        let mut p = process(&d, 4242);
+        let (tx, _rx) = ConnTx::new(1024);
+        p.conn = Some((7, tx));
+        d.process = Some(p);
+        assert!(d.is_connection(7));
+        assert!(!d.is_connection(8));
+        assert!(d.conn().is_some());
+        // The connection belongs to the process: without one, no frame is current.
+        d.process = None;
+        assert!(!d.is_connection(7));
+    }
+}
