@@ -43,7 +43,7 @@ mod stop;
 mod timers;
 mod waiters;
 pub(crate) mod workers;
-use daemon::{Daemon, ExitInfo, Intent, set_state};
+use daemon::{Daemon, ExitInfo, Intent, Process, set_state};
 use jobs::{Job, JobTimer};
 use waiters::{Goal, Waiter};
 
@@ -300,9 +300,10 @@ impl Core {
             } => self.worker_frame(&daemon, conn_id, frame),
             Msg::WorkerGone { daemon, conn_id } => {
                 if let Some(d) = self.daemons.get_mut(&daemon)
-                    && d.conn.as_ref().is_some_and(|(id, _)| *id == conn_id)
+                    && d.is_connection(conn_id)
+                    && let Some(p) = d.process.as_mut()
                 {
-                    d.conn = None;
+                    p.conn = None;
                     self.events.disconnect(&daemon);
                 }
             }
@@ -331,7 +332,7 @@ impl Core {
                 let draining: Vec<String> = self
                     .daemons
                     .iter()
-                    .filter(|(_, d)| d.draining.is_some())
+                    .filter(|(_, d)| d.is_draining())
                     .map(|(n, _)| n.clone())
                     .collect();
                 for name in draining {
@@ -428,7 +429,7 @@ impl Core {
             && self
                 .daemons
                 .values()
-                .all(|d| d.state.is_at_rest() && d.pid.is_none())
+                .all(|d| d.state.is_at_rest() && d.pid().is_none())
         {
             if self.jobs.is_empty() {
                 self.finish_shutdown();
@@ -447,7 +448,7 @@ impl Core {
             let mut live: Vec<(u32, String)> = self
                 .daemons
                 .values()
-                .filter_map(|d| Self::group_of(d).map(|p| (p, d.cfg.name.clone())))
+                .filter_map(|d| d.group().map(|p| (p, d.cfg.name.clone())))
                 .collect();
             live.extend(self.jobs.values().map(|j| (j.pid, format!("job {}", j.id))));
             // Each group's start time is read once, when it is first recorded.

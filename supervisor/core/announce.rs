@@ -43,7 +43,7 @@ impl Core {
                 let payload = match a {
                     plan::Announcement::Started => ringrift::events::payload([
                         ("daemon", name.into()),
-                        ("pid", d.pid.unwrap_or(0).into()),
+                        ("pid", d.pid().unwrap_or(0).into()),
                     ]),
                     plan::Announcement::Stopped => ringrift::events::payload([
                         ("daemon", name.into()),

@@ -22,39 +22,38 @@ impl Core {
             Ok(s) => (ExitKind::Signaled, unix::describe_exit(s)),
             Err(e) => (ExitKind::Failure, format!("wait failed: {e}")),
         };
-        let pgid = d.pid.take();
-        d.conn = None;
-        if let Some(p) = d.probe.take() {
-            p.abort();
-        }
-        self.events.disconnect(name);
-        d.last_exit = Some(desc.clone());
-        let info = match d.kill_cause.take() {
+        // Only the running leader's exit is news (there is one per spawn).
+        let Some(p) = d.process.as_mut().filter(|p| p.leader_alive()) else {
+            return;
+        };
+        let pgid = p.pgid();
+        p.conn = None;
+        p.abort_probe();
+        let info = match p.kill_cause.take() {
             Some(cause) => ExitInfo {
                 kind: ExitKind::Signaled,
                 desc: format!("{cause} ({desc})"),
             },
-            None => ExitInfo { kind, desc },
+            None => ExitInfo {
+                kind,
+                desc: desc.clone(),
+            },
         };
-        self.log.info(&format!(
-            "{name}: process {} ended: {}",
-            pgid.unwrap_or(0),
-            info.desc
-        ));
+        self.events.disconnect(name);
+        d.last_exit = Some(desc);
+        self.log
+            .info(&format!("{name}: process {pgid} ended: {}", info.desc));
         let stopping = d.state == DaemonState::ShuttingDown;
-        if let Some(pgid) = pgid
-            && let Some(unit) = &d.unit
-            && unit.alive()
-        {
+        if p.unit.alive() {
             if !stopping {
                 // The leader died on its own: whatever it left behind is a stray.
                 self.log.warn(&format!(
                     "{name}: killing what is left of its processes (group {pgid}, {})",
-                    unit.kind()
+                    p.unit.kind()
                 ));
-                unit.kill();
+                p.unit.kill();
             }
-            d.draining = Some((pgid, info));
+            p.draining = Some(info);
             let generation = d.generation;
             self.schedule(
                 name,
@@ -64,54 +63,39 @@ impl Core {
             );
             return;
         }
-        self.release_unit(name);
         self.after_exit(name, info);
     }
 
     /// Finishes an exit once the drained unit has no process left.
     pub(super) fn check_drained(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("known");
-        let Some((pgid, _)) = &d.draining else { return };
-        let alive = match &d.unit {
-            Some(unit) => unit.alive(),
-            None => unix::group_alive(*pgid),
-        };
-        if alive {
+        let Some(p) = d.process.as_mut() else { return };
+        if p.leader_alive() || p.unit.alive() {
             return;
         }
-        if let Some((_, info)) = d.draining.take() {
-            self.release_unit(name);
+        if let Some(info) = p.draining.take() {
             self.after_exit(name, info);
         }
     }
 
-    /// The daemon's processes are all gone: remove its cgroup.
-    pub(super) fn release_unit(&mut self, name: &str) {
-        let d = self.daemons.get_mut(name).expect("known");
-        if let Some(unit) = d.unit.take()
-            && let Err(e) = unit.remove()
-        {
-            self.log.warn(&format!("{name}: {e}"));
-        }
-    }
-
-    /// The process group a daemon owns right now: its live leader's, or the one being drained.
-    pub(super) fn group_of(d: &Daemon) -> Option<u32> {
-        d.pid.or(d.draining.as_ref().map(|(p, _)| *p))
-    }
-
-    /// The daemon's process group is gone: decide what comes next.
+    /// The daemon's process group is gone (or its spawn failed): forget the process, decide what
+    /// comes next.
     pub(super) fn after_exit(&mut self, name: &str, info: ExitInfo) {
         let now = self.started.elapsed();
         let jitter = self.jitter.next_f64();
         let d = self.daemons.get_mut(name).expect("known");
-        // A daemon that ran long enough before dying starts its backoff from the beginning.
-        if let Some(since) = d.running_since {
-            d.history
-                .note_stable(since - self.started, now, &d.cfg.restart);
+        // The process and everything it started are gone (or it never started): forget it, and
+        // remove its cgroup.
+        if let Some(p) = d.process.take() {
+            if let Err(e) = p.unit.remove() {
+                self.log.warn(&format!("{name}: {e}"));
+            }
+            // A daemon that ran long enough before dying starts its backoff from the beginning.
+            if let Some(since) = p.running_since {
+                d.history
+                    .note_stable(since - self.started, now, &d.cfg.restart);
+            }
         }
-        d.running_since = None;
-        d.spawned_at = None;
         self.records_dirty = true;
         if d.state == DaemonState::ShuttingDown || d.intent != Intent::None {
             let intent = std::mem::replace(&mut d.intent, Intent::None);

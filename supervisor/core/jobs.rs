@@ -48,7 +48,7 @@ impl Core {
         env: std::collections::BTreeMap<String, String>,
     ) {
         let reply = |core: &Core, frame: FromSupervisor| {
-            if let Some((_, tx)) = core.daemons.get(daemon).and_then(|d| d.conn.as_ref()) {
+            if let Some(tx) = core.daemons.get(daemon).and_then(|d| d.conn()) {
                 let _ = tx.send(frame);
             }
         };
@@ -284,7 +284,7 @@ impl Core {
             job.daemon,
             runtime.as_secs_f64()
         ));
-        if let Some((_, tx)) = self.daemons.get(&job.daemon).and_then(|d| d.conn.as_ref()) {
+        if let Some(tx) = self.daemons.get(&job.daemon).and_then(|d| d.conn()) {
             let _ = tx.send(FromSupervisor::JobExit {
                 request_id: job.request_id,
                 job_id: job.id.clone(),

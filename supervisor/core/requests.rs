@@ -234,7 +234,9 @@ impl Core {
             self.log.info(&format!("{name}: stop overridden by start"));
         }
         d.stop_queued = false;
-        d.stop_signal = None;
+        if let Some(p) = d.process.as_mut() {
+            p.stop_signal = None;
+        }
         if d.intent == Intent::Stop {
             d.intent = Intent::Restart;
         }
@@ -320,7 +322,10 @@ impl Core {
         if d.state.is_at_rest() {
             return;
         }
-        d.stop_signal = Some(sig);
+        // After `want_down`, only a daemon with a process is not at rest: the signal is for it.
+        if let Some(p) = d.process.as_mut() {
+            p.stop_signal = Some(sig);
+        }
         if d.state == DaemonState::ShuttingDown {
             self.begin_stop(name);
         }
@@ -394,7 +399,7 @@ impl Core {
                 continue;
             }
             if d.cfg.protocol {
-                if let Some((_, tx)) = &d.conn {
+                if let Some(tx) = d.conn() {
                     let _ = tx.send(if pause {
                         FromSupervisor::Pause
                     } else {
@@ -408,9 +413,9 @@ impl Core {
                         "not connected to the supervisor",
                     ));
                 }
-            } else if let Some(unit) = &d.unit {
+            } else if let Some(p) = &d.process {
                 // The whole tree: cgroup.freeze, or SIGSTOP/SIGCONT to the group and its strays.
-                unit.freeze(pause);
+                p.unit.freeze(pause);
                 let to = if pause {
                     DaemonState::Paused
                 } else {

@@ -31,11 +31,8 @@ impl Core {
 
     pub(crate) fn kill_everything(&mut self) {
         for d in self.daemons.values() {
-            if let Some(unit) = &d.unit {
-                unit.kill();
-            } else if let Some(p) = Self::group_of(d) {
-                unix::signal_group(p, Signal::SIGCONT);
-                unix::signal_group(p, Signal::SIGKILL);
+            if let Some(p) = &d.process {
+                p.unit.kill();
             }
         }
         for j in self.jobs.values() {

@@ -51,19 +51,13 @@ impl Core {
         if d.state == DaemonState::Waiting {
             d.reason = None;
         }
-        d.kill_cause = None;
-        d.terminated = false;
+        // What the last process left for `status` and its stop's answer goes now; the process
+        // itself (connection, probe, timers' marks) went with it in `after_exit`.
+        debug_assert!(d.process.is_none(), "{name}: spawned over a live process");
         d.stop_how = None;
-        d.stop_signal = None;
         d.next_attempt = None;
-        if let Some(p) = d.probe.take() {
-            p.abort();
-        }
-        d.draining = None;
         d.health = Health::default();
         d.progress.clear();
-        d.last_heartbeat = None;
-        d.conn = None;
         let prepared = self
             .containment
             .prepare(&Member::Daemon(name.to_string()), &d.cfg.limits);
@@ -105,11 +99,7 @@ impl Core {
                 for p in &unit.limit_problems {
                     self.log.warn(&format!("{name}: {p}"));
                 }
-                d.unit = Some(unit);
-                d.pid = Some(pid);
-                d.spawned_at = Some(Instant::now());
-                d.running_since = None;
-                d.last_progress_change = Instant::now();
+                d.process = Some(Process::new(unit));
                 d.spawn_failed = false;
                 // A `ready: {log: ...}` condition watches the output on its way to the log.
                 let watch = match &d.cfg.ready {
@@ -157,7 +147,9 @@ impl Core {
                 }
                 match d.cfg.ready.clone() {
                     None if !d.cfg.protocol => {
-                        d.running_since = Some(Instant::now());
+                        if let Some(p) = d.process.as_mut() {
+                            p.running_since = Some(Instant::now());
+                        }
                         set_state(&self.log, name, d, DaemonState::Running);
                     }
                     None | Some(Ready::Log(_)) => {}
@@ -165,7 +157,7 @@ impl Core {
                         self.schedule(name, generation, TimerKind::ReadyAfter, after)
                     }
                     Some(probe) => {
-                        d.probe = crate::readiness::spawn_probe(
+                        let probe = crate::readiness::spawn_probe(
                             &probe,
                             name.to_string(),
                             generation,
@@ -173,6 +165,9 @@ impl Core {
                             tree_env(&root, &socket),
                             self.tx.clone(),
                         );
+                        if let Some(p) = d.process.as_mut() {
+                            p.probe = probe;
+                        }
                     }
                 }
                 if self.daemons[name].state == DaemonState::Initializing {
@@ -231,7 +226,6 @@ impl Core {
     }
 }
 
-/// The one place a daemon's state changes: checked against the lifecycle rules and logged.
 /// Copies a child's output into its log, through the `ready: {log: ...}` watch when there is one.
 pub(super) fn spawn_pump<R>(
     reader: R,

@@ -14,8 +14,9 @@ impl Core {
             .values()
             .map(|d| {
                 let progress = d.progress.clone();
+                let process = d.process.as_ref();
                 let usage = d
-                    .pid
+                    .pid()
                     .and_then(ringrift::procfs::stat)
                     .map(|st| (round3(st.cpu_ticks as f64 / ticks), st.rss_pages * page));
                 let (subscriptions, event_backlog) = self.events.backlog(&d.cfg.name);
@@ -34,14 +35,15 @@ impl Core {
                     } else {
                         "worker".into()
                     },
-                    pid: d.pid,
-                    uptime_secs: d.spawned_at.map(|t| round3((now - t).as_secs_f64())),
+                    pid: d.pid(),
+                    uptime_secs: process.map(|p| round3((now - p.spawned_at).as_secs_f64())),
                     restarts: d.restarts,
                     health,
-                    heartbeat_age_secs: if d.cfg.protocol && d.pid.is_some() {
-                        d.last_heartbeat.map(|t| round3((now - t).as_secs_f64()))
-                    } else {
-                        None
+                    heartbeat_age_secs: match d.live() {
+                        Some(p) if d.cfg.protocol => {
+                            p.last_heartbeat.map(|t| round3((now - t).as_secs_f64()))
+                        }
+                        _ => None,
                     },
                     progress,
                     depends_on: d.cfg.depends_on.clone(),
@@ -52,15 +54,15 @@ impl Core {
                     subscriptions,
                     event_backlog,
                     containment: Some(
-                        d.unit
-                            .as_ref()
-                            .map_or(self.containment.kind(), |u| u.kind())
+                        process
+                            .map_or(self.containment.kind(), |p| p.unit.kind())
                             .to_string(),
                     ),
-                    containment_problems: d
-                        .unit
-                        .as_ref()
-                        .map(|u| u.why_not.iter().chain(&u.limit_problems).cloned().collect())
+                    containment_problems: process
+                        .map(|p| {
+                            let u = &p.unit;
+                            u.why_not.iter().chain(&u.limit_problems).cloned().collect()
+                        })
                         .unwrap_or_default(),
                 }
             })

@@ -5,9 +5,9 @@ use super::*;
 
 impl Core {
     /// Asks a daemon's process to go: shutdown frame, SIGTERM to the group, SIGKILL after the grace
-    /// period. A forced stop (`stop_signal`) sends its signal instead, at once, even to a daemon
-    /// already shutting down. A daemon that reported SHUTTING_DOWN by itself gets its SIGTERM now;
-    /// its grace period began with the report.
+    /// period. A forced stop (the process's `stop_signal`) sends its signal instead, at once, even
+    /// to a daemon already shutting down. A daemon that reported SHUTTING_DOWN by itself gets its
+    /// SIGTERM now; its grace period began with the report.
     pub(super) fn begin_stop(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("known");
         if !d.state.has_process() {
@@ -17,26 +17,24 @@ impl Core {
             return;
         }
         let already = d.state == DaemonState::ShuttingDown;
-        let Some(pgid) = Self::group_of(d) else {
+        let Some(p) = &d.process else {
             if !already {
                 set_state(&self.log, name, d, DaemonState::ShuttingDown);
             }
             return;
         };
-        if let Some(sig) = d.stop_signal {
+        let (pgid, forced, terminated) = (p.pgid(), p.stop_signal, p.terminated);
+        if let Some(sig) = forced {
             set_state(&self.log, name, d, DaemonState::ShuttingDown);
-            match &d.unit {
-                Some(unit) if sig == Signal::SIGKILL => unit.kill(),
-                Some(unit) => {
-                    unit.freeze(false);
-                    unit.signal(sig);
+            if let Some(p) = d.process.as_mut() {
+                if sig == Signal::SIGKILL {
+                    p.unit.kill();
+                } else {
+                    p.unit.freeze(false);
+                    p.unit.signal(sig);
                 }
-                None => {
-                    unix::signal_group(pgid, Signal::SIGCONT);
-                    unix::signal_group(pgid, sig);
-                }
+                p.terminated = true;
             }
-            d.terminated = true;
             if sig == Signal::SIGKILL {
                 d.stop_how = Some("killed at once, no grace period".into());
                 self.log.info(&format!(
@@ -55,33 +53,24 @@ impl Core {
             }
             return;
         }
-        if already && d.terminated {
+        if already && terminated {
             return;
         }
         set_state(&self.log, name, d, DaemonState::ShuttingDown);
-        d.terminated = true;
-        if let Some((_, tx)) = &d.conn {
-            let _ = tx.send(FromSupervisor::Shutdown);
-        }
-        if let Some(unit) = &d.unit {
+        if let Some(p) = d.process.as_mut() {
+            p.terminated = true;
+            if let Some((_, tx)) = &p.conn {
+                let _ = tx.send(FromSupervisor::Shutdown);
+            }
             if !d.cfg.protocol {
                 // A frozen (paused) process cannot act on SIGTERM.
-                unit.freeze(false);
+                p.unit.freeze(false);
             }
             // Every process of the daemon, including those that left its process group.
-            unit.signal(Signal::SIGTERM);
+            p.unit.signal(Signal::SIGTERM);
             self.log.info(&format!(
                 "{name}: SIGTERM to process group {pgid} and every process it started ({}), SIGKILL in {:?}",
-                unit.kind(),
-                d.cfg.grace_period
-            ));
-        } else {
-            if !d.cfg.protocol {
-                unix::signal_group(pgid, Signal::SIGCONT);
-            }
-            unix::signal_group(pgid, Signal::SIGTERM);
-            self.log.info(&format!(
-                "{name}: SIGTERM to process group {pgid}, SIGKILL in {:?}",
+                p.unit.kind(),
                 d.cfg.grace_period
             ));
         }
@@ -93,14 +82,14 @@ impl Core {
 
     /// Kills a process the supervisor gave up on (watchdog, stall, ready timeout); the exit then restarts it.
     pub(super) fn kill_for(&mut self, name: &str, cause: String) {
-        let d = self.daemons.get_mut(name).expect("known");
-        let Some(pid) = d.pid else { return };
+        let Some(p) = self.daemons.get_mut(name).and_then(Daemon::live_mut) else {
+            return;
+        };
         self.log.warn(&format!(
-            "{name}: {cause}: SIGKILL to process group {pid} and everything it started"
+            "{name}: {cause}: SIGKILL to process group {} and everything it started",
+            p.pgid()
         ));
-        d.kill_cause = Some(cause);
-        if let Some(unit) = &d.unit {
-            unit.kill();
-        }
+        p.kill_cause = Some(cause);
+        p.unit.kill();
     }
 }

@@ -19,30 +19,29 @@ impl Core {
                 }
             }
             TimerKind::Grace => {
-                let pgid = Self::group_of(d);
                 if d.state == DaemonState::ShuttingDown
-                    && let Some(pgid) = pgid
-                    && let Some(unit) = &d.unit
-                    && unit.alive()
+                    && let Some(p) = &d.process
+                    && p.unit.alive()
                 {
                     let grace = d.cfg.grace_period;
                     self.log.warn(&format!(
-                        "{name}: still running after the {grace:?} grace period: SIGKILL to process group {pgid} and every process it started ({})",
-                        unit.kind()
+                        "{name}: still running after the {grace:?} grace period: SIGKILL to process group {} and every process it started ({})",
+                        p.pgid(),
+                        p.unit.kind()
                     ));
-                    unit.kill();
+                    p.unit.kill();
                     let d = self.daemons.get_mut(name).expect("known");
                     d.stop_how = Some(format!("killed after the {grace:?} grace period"));
                 }
             }
             TimerKind::ReadyTimeout => {
-                if d.state == DaemonState::Initializing && d.pid.is_some() {
+                if d.state == DaemonState::Initializing && d.pid().is_some() {
                     let cause = format!("not ready after {:?}", d.cfg.ready_timeout);
                     self.kill_for(name, cause);
                 }
             }
             TimerKind::ReadyAfter => {
-                if d.state == DaemonState::Initializing && d.pid.is_some() {
+                if d.state == DaemonState::Initializing && d.pid().is_some() {
                     self.became_ready(name, generation);
                 }
             }
@@ -50,7 +49,7 @@ impl Core {
             TimerKind::DrainCheck => {
                 self.check_drained(name);
                 let d = &self.daemons[name];
-                if d.draining.is_some() {
+                if d.is_draining() {
                     self.schedule(
                         name,
                         generation,
@@ -67,29 +66,31 @@ impl Core {
         let Some(d) = self.daemons.get_mut(name) else {
             return;
         };
-        if d.generation != generation || d.state != DaemonState::Initializing || d.pid.is_none() {
+        if d.generation != generation || d.state != DaemonState::Initializing {
             return;
         }
-        if let Some(p) = d.probe.take() {
-            p.abort();
-        }
+        let Some(p) = d.process.as_mut().filter(|p| p.leader_alive()) else {
+            return;
+        };
+        p.abort_probe();
         if let Some(r) = &d.cfg.ready {
             self.log.info(&format!("{name}: ready ({})", r.describe()));
         }
-        d.running_since = Some(Instant::now());
+        p.running_since = Some(Instant::now());
         d.reason = None;
         set_state(&self.log, name, d, DaemonState::Running);
     }
 
     pub(super) fn watchdog(&mut self, name: &str) {
         let d = &self.daemons[name];
-        if !matches!(d.state, DaemonState::Running | DaemonState::Paused) || d.pid.is_none() {
+        if !matches!(d.state, DaemonState::Running | DaemonState::Paused) {
             return;
         }
+        let Some(p) = d.live() else { return };
         let now = Instant::now();
         // Time the supervisor itself did not run never counts against the daemon.
         let resumed = self.lag.lock().expect("lag lock").resumed_at(now);
-        let last = d.last_heartbeat.or(d.running_since).unwrap_or(now);
+        let last = p.last_heartbeat.or(p.running_since).unwrap_or(now);
         let windows = ringrift::watchdog::Windows {
             heartbeat_timeout: d.cfg.heartbeat_timeout,
             stall_timeout: d
@@ -98,7 +99,7 @@ impl Core {
                 .filter(|_| d.state == DaemonState::Running),
         };
         let next =
-            match ringrift::watchdog::judge(now, last, d.last_progress_change, resumed, windows) {
+            match ringrift::watchdog::judge(now, last, p.last_progress_change, resumed, windows) {
                 Verdict::Silent(silent) => {
                     let cause = format!("watchdog: no heartbeat for {:.1}s", silent.as_secs_f64());
                     self.kill_for(name, cause);

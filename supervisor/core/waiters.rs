@@ -154,7 +154,7 @@ impl Core {
                     None => format!("{s}"),
                 })),
                 (Goal::Up, DaemonState::Running | DaemonState::Paused) => Some(Outcome::Reached(
-                    format!("{} (pid {})", d.state, d.pid.unwrap_or(0)),
+                    format!("{} (pid {})", d.state, d.pid().unwrap_or(0)),
                 )),
                 (Goal::Up, DaemonState::Failed | DaemonState::Stopped) => {
                     Some(Outcome::Missed(format!("{}: {}", d.state, reason())))

@@ -30,17 +30,18 @@ impl Core {
         let Some(d) = self.daemons.get_mut(name) else {
             return Err(HelloRefused::Unknown(name.to_string()));
         };
-        if d.generation != generation || d.pid.is_none() {
+        let current = d.generation == generation;
+        let Some(p) = d.process.as_mut().filter(|p| current && p.leader_alive()) else {
             return Err(HelloRefused::Gone {
                 name: name.to_string(),
                 state: d.state,
             });
-        }
-        if d.conn.is_some() {
+        };
+        if p.conn.is_some() {
             return Err(HelloRefused::AlreadyConnected(name.to_string()));
         }
-        d.conn = Some((conn_id, tx));
-        d.last_heartbeat = Some(Instant::now());
+        p.conn = Some((conn_id, tx));
+        p.last_heartbeat = Some(Instant::now());
         Ok(d.cfg.settings.clone())
     }
 
@@ -48,7 +49,7 @@ impl Core {
         let Some(d) = self.daemons.get_mut(name) else {
             return;
         };
-        if d.conn.as_ref().is_none_or(|(id, _)| *id != conn_id) {
+        if !d.is_connection(conn_id) {
             return;
         }
         match frame {
@@ -79,14 +80,16 @@ impl Core {
                     self.schedule(name, generation, TimerKind::Grace, grace);
                     return;
                 }
+                // A report comes on the live process's connection.
+                let Some(p) = d.process.as_mut() else { return };
                 if to == DaemonState::Running && was == DaemonState::Paused {
-                    d.last_progress_change = Instant::now();
+                    p.last_progress_change = Instant::now();
                 }
                 if to == DaemonState::Running && was == DaemonState::Initializing {
                     let now = Instant::now();
-                    d.running_since = Some(now);
-                    d.last_heartbeat = Some(now);
-                    d.last_progress_change = now;
+                    p.running_since = Some(now);
+                    p.last_heartbeat = Some(now);
+                    p.last_progress_change = now;
                     let (generation, timeout) = (
                         d.generation,
                         d.cfg
@@ -97,14 +100,15 @@ impl Core {
                 }
             }
             WorkerFrame::Heartbeat(Heartbeat { health, progress }) => {
+                let Some(p) = d.process.as_mut() else { return };
                 let now = Instant::now();
-                d.last_heartbeat = Some(now);
+                p.last_heartbeat = Some(now);
                 if progress != d.progress {
-                    d.last_progress_change = now;
+                    p.last_progress_change = now;
                 }
                 d.health = health;
                 d.progress = progress;
-                if let Some(since) = d.running_since {
+                if let Some(since) = p.running_since {
                     d.history
                         .note_stable(since - self.started, now - self.started, &d.cfg.restart);
                 }
@@ -131,10 +135,7 @@ impl Core {
                 }
             }
             WorkerFrame::Subscribe(Subscribe { event_types }) => {
-                let tx = self
-                    .daemons
-                    .get(name)
-                    .and_then(|d| d.conn.as_ref().map(|(_, tx)| tx.clone()));
+                let tx = self.daemons.get(name).and_then(|d| d.conn().cloned());
                 if let Some(tx) = tx {
                     match self.events.subscribe(name, &event_types, tx) {
                         Ok(()) => self
@@ -171,7 +172,7 @@ impl Core {
     }
 
     pub(super) fn send_to_worker(&self, name: &str, frame: FromSupervisor) {
-        if let Some((_, tx)) = self.daemons.get(name).and_then(|d| d.conn.as_ref()) {
+        if let Some(tx) = self.daemons.get(name).and_then(|d| d.conn()) {
             let _ = tx.send(frame);
         }
     }

@@ -8,7 +8,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -151,11 +151,6 @@ fn libc_prctl_pdeathsig() -> i32 {
 /// Sends `sig` to every process of the group. Returns false when the group no longer exists.
 pub(crate) fn signal_group(pgid: u32, sig: Signal) -> bool {
     !matches!(killpg(Pid::from_raw(pgid as i32), sig), Err(Errno::ESRCH))
-}
-
-/// True while any process (zombies included) is left in the group.
-pub(crate) fn group_alive(pgid: u32) -> bool {
-    !matches!(kill(Pid::from_raw(-(pgid as i32)), None), Err(Errno::ESRCH))
 }
 
 /// Makes this process the reaper of orphaned descendants.
