@@ -637,7 +637,7 @@ mod tests {
 mod fixture {
     use super::*;
     use crate::jobs::game::play_game;
-    use crate::jobs::game::rng::Rng;
+    use fastrand::Rng;
 
     const DUMP: &str = include_str!("../../tests/fixtures/games_hex6_2p.sql");
 
@@ -670,7 +670,7 @@ mod fixture {
 
         // `create` on the existing file keeps its games and appends after them.
         let mut db = GamesDb::create(&path).unwrap();
-        let record = play_game(&config, [None, None], 0.0, &mut Rng::new(3));
+        let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(3));
         let added = db
             .insert_games(
                 &config,
