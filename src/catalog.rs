@@ -8,9 +8,13 @@ use crate::config_key::ConfigKey;
 /// One built-in daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DaemonSpec {
+    /// The daemon's name (lower-case identifier).
     pub name: &'static str,
+    /// One line on what it does, for `list` and the docs.
     pub purpose: &'static str,
+    /// What kind of work it does.
     pub category: Category,
+    /// The daemons it needs RUNNING before it starts (the defaults; the configuration may change them).
     pub depends_on: &'static [&'static str],
     /// Enabled in the embedded default configuration (single box).
     pub enabled_by_default: bool,
@@ -18,12 +22,18 @@ pub struct DaemonSpec {
     pub extra_keys: &'static [&'static str],
 }
 
+/// The kind of work a built-in daemon does (the seed system's grouping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Category {
+    /// Moves games or models between nodes.
     Sync,
+    /// Sync for short-lived (spot) nodes.
     Ephemeral,
+    /// The self-improvement loop: export, training, evaluation, promotion.
     Training,
+    /// Watches the node and its jobs.
     Health,
+    /// Feeds the selfplay work queue.
     Queue,
 }
 
@@ -34,6 +44,7 @@ const SOURCES: &[&str] = &[
     "quality_monitor",
 ];
 
+/// Every built-in daemon, in the order `list` shows them.
 pub const DAEMONS: &[DaemonSpec] = &[
     spec(
         "auto_sync",
@@ -269,6 +280,7 @@ pub const PROFILES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The built-in daemon of that (normalized) name.
 pub fn find(name: &str) -> Option<&'static DaemonSpec> {
     DAEMONS.iter().find(|d| d.name == name)
 }

@@ -61,7 +61,7 @@ pub enum ContainmentMode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineConfig {
     /// The config keys the loop works on (`<board>_<N>p`, e.g. `hex8_2p`), as written, each checked
-    /// by [`crate::events::parse_config_key`]; never empty (default `[hex8_2p]`).
+    /// by [`crate::config_key::ConfigKey`]; never empty (default `[hex8_2p]`).
     pub config_keys: Vec<String>,
     /// selfplay, export, train, gauntlet → command template and maximum runtime.
     pub jobs: BTreeMap<String, JobTemplate>,

@@ -14,10 +14,15 @@ use thiserror::Error;
 /// A board type a config key may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Board {
+    /// Hexagonal board of side 8 (`hex8`).
     Hex8,
+    /// Hexagonal board of side 6 (`hex6`).
     Hex6,
+    /// Square 8×8 board (`square8`).
     Square8,
+    /// Square 19×19 board (`square19`).
     Square19,
+    /// The full hexagonal board (`hexagonal`).
     Hexagonal,
 }
 

@@ -26,8 +26,10 @@ pub struct Event {
     pub seq: u64,
     /// Unique id, for consumers to drop duplicates (delivery is at-least-once).
     pub id: String,
+    /// Its type, as in the catalog (`NEW_GAMES_AVAILABLE`); `type` in JSON.
     #[serde(rename = "type")]
     pub event_type: String,
+    /// Its JSON object, valid against the type's schema.
     pub payload: Value,
     /// Who emitted it: a daemon name, "supervisor", "cli" or "http".
     pub source: String,
@@ -35,33 +37,47 @@ pub struct Event {
     pub timestamp: String,
 }
 
+/// The JSON type a payload field must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldType {
+    /// A string.
     Str,
+    /// An integer (JSON number without a fraction).
     Int,
+    /// Any JSON number.
     Number,
+    /// true or false.
     Bool,
-    /// A [`crate::config_key::ConfigKey`]: "<board>_<players>p", board
+    /// A [`crate::config_key::ConfigKey`]: `<board>_<players>p`, board
     /// hex8|hex6|square8|square19|hexagonal, 2–4 players.
     ConfigKey,
+    /// A JSON object.
     Object,
 }
 
+/// One field of an event type's payload schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Field {
+    /// The field's key in the payload.
     pub name: &'static str,
+    /// Its JSON type.
     pub ty: FieldType,
+    /// A payload without it is refused.
     pub required: bool,
     /// May be JSON null.
     pub nullable: bool,
 }
 
+/// One event type of the catalog: its name, what it means, who may emit it and its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventSpec {
+    /// The type's name (`NEW_GAMES_AVAILABLE`).
     pub name: &'static str,
+    /// What the event means, for `events --types` and the docs.
     pub description: &'static str,
     /// Who may emit it; checked by the supervisor against the origin it stamps itself.
     pub emitters: Emitters,
+    /// The payload's fields; fields not listed are refused.
     pub fields: &'static [Field],
 }
 
@@ -407,6 +423,7 @@ pub const EVENTS: &[EventSpec] = &[
     },
 ];
 
+/// The catalog entry of a (normalized) event type.
 pub fn find(name: &str) -> Option<&'static EventSpec> {
     EVENTS.iter().find(|e| e.name == name)
 }
@@ -416,6 +433,7 @@ pub fn normalize(name: &str) -> String {
     name.trim().to_ascii_uppercase().replace('-', "_")
 }
 
+/// Why an event is refused: its type is unknown or its payload does not match the schema.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InvalidEvent(pub String);

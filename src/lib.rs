@@ -5,7 +5,7 @@
 //! that the rules can be tested without starting a process. The one exception is [`os`]: the
 //! readers of /proc and cgroupfs that the supervisor, the worker and the tests share.
 
-#![cfg_attr(any(), warn(missing_docs))] // on once every public item is documented
+#![warn(missing_docs)]
 
 pub mod catalog;
 pub mod config;

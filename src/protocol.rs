@@ -179,7 +179,7 @@ pub struct Ack {
 }
 
 /// Ask the supervisor to run a command as a job it owns (own process group or cgroup,
-/// logs/jobs/<id>.log).
+/// `logs/jobs/<id>.log`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpawnJob {

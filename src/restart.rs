@@ -14,12 +14,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// When a daemon whose process ended by itself is restarted (systemd's `Restart=`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RestartPolicy {
+    /// Whatever the exit (systemd `always`).
     #[default]
     Always,
+    /// After a non-zero exit or a signal, not after exit 0 (systemd `on-failure`).
     OnFailure,
+    /// Never: the daemon goes to STOPPED (systemd `no`).
     Never,
 }
 
@@ -34,6 +38,7 @@ impl RestartPolicy {
         }
     }
 
+    /// The policy as written in the configuration.
     pub fn as_str(self) -> &'static str {
         match self {
             RestartPolicy::Always => "always",
@@ -49,8 +54,10 @@ impl std::fmt::Display for RestartPolicy {
     }
 }
 
+/// A daemon's restart policy and budget (Erlang/OTP's intensity and period, s6's backoff).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RestartSettings {
+    /// When to restart.
     pub policy: RestartPolicy,
     /// Delay before the first restart: well under a second.
     pub backoff_initial: Duration,
@@ -58,6 +65,7 @@ pub struct RestartSettings {
     pub backoff_max: Duration,
     /// Intensity limit: this many restarts within `restart_window` and the next death is FAILED.
     pub max_restarts: u32,
+    /// The intensity window that `max_restarts` counts in.
     pub restart_window: Duration,
     /// RUNNING this long without dying resets the backoff (not the intensity window).
     pub stable_after: Duration,
@@ -79,6 +87,7 @@ impl Default for RestartSettings {
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {
+    /// Exit code 0.
     Success,
     /// Non-zero exit code.
     Failure,
@@ -96,6 +105,7 @@ pub struct RestartHistory {
 }
 
 impl RestartHistory {
+    /// A history with no restart yet.
     pub fn new() -> Self {
         Self::default()
     }
@@ -108,6 +118,7 @@ impl RestartHistory {
         }
     }
 
+    /// Restarts since the daemon was last stable: the exponent of the backoff.
     pub fn consecutive(&self) -> u32 {
         self.consecutive
     }
@@ -128,14 +139,23 @@ impl RestartHistory {
     }
 }
 
+/// What follows a process's end (see [`decide_after_exit`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExitDecision {
     /// Restart after this delay (already recorded in the history).
-    Restart { delay: Duration, attempt: u32 },
+    Restart {
+        /// How long to wait before the new spawn (backoff with jitter).
+        delay: Duration,
+        /// Restarts since the daemon was last stable, this one included (1 for the first).
+        attempt: u32,
+    },
     /// Leave it stopped: the policy says so.
     Stop,
     /// Too many restarts in the window: give up.
-    Fail { reason: String },
+    Fail {
+        /// For `status` and the DAEMON_FAILED event: the restarts counted and the window.
+        reason: String,
+    },
 }
 
 /// Decides what follows an unrequested exit, and records the restart if there is one.

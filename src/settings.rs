@@ -61,6 +61,7 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of one daemon's settings map, with no problem noted yet.
     pub fn new(map: &'a Map<String, Value>) -> Self {
         Reader {
             map,
@@ -153,6 +154,7 @@ impl<'a> Reader<'a> {
         self.number(key, default, 0.0, 1.0, " (a fraction: 0.75 means 75 %)")
     }
 
+    /// A true/false setting; `default` when absent; anything else is a problem.
     pub fn boolean(&mut self, key: &str, default: bool) -> bool {
         let Some(v) = self.get(key) else {
             return default;
@@ -248,7 +250,9 @@ daemon_settings!(
 daemon_settings!(
     /// cluster_data_sync: merge the games other nodes pushed from `peers`.
     ClusterSyncSettings {
+        /// Directories or `host:path` of the other nodes' games DBs.
         peers: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        /// How long one rsync/ssh may run.
         timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(300), secs(1), DAY),
     }
 );
@@ -256,9 +260,13 @@ daemon_settings!(
 daemon_settings!(
     /// model_distribution: copy canonical models to `targets`.
     DistributionSettings {
+        /// Directories or `host:path` that receive the canonical models.
         targets: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        /// Delivery attempts per target before a failure is reported.
         retries: u32 = |r: &mut Reader, k| r.count(k, 3, 1, 100) as u32,
+        /// Before the first retry; doubles per attempt.
         retry_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(5), Duration::ZERO, secs(3600)),
+        /// How long one rsync/ssh may run.
         timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(300), secs(1), DAY),
     }
 );
@@ -282,7 +290,9 @@ daemon_settings!(
         min_samples: u64 = |r: &mut Reader, k| r.count(k, 1000, 0, 1 << 40),
         /// Between two training runs of a config key.
         cooldown: Duration = |r: &mut Reader, k| r.duration(k, secs(300), Duration::ZERO, WEEK),
+        /// Passes over the exported samples per training run.
         epochs: u64 = |r: &mut Reader, k| r.count(k, 10, 1, 100_000),
+        /// SGD step size of the reference trainer (0 to 10).
         learning_rate: f64 = |r: &mut Reader, k| r.number(k, 0.01, 0.0, 10.0, ""),
         /// After a failed run; doubles per consecutive failure.
         failure_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(60), Duration::ZERO, DAY),
@@ -302,8 +312,11 @@ daemon_settings!(
 daemon_settings!(
     /// auto_promotion: the gates a candidate must pass.
     PromotionSettings {
+        /// Fraction of games a candidate must win against random play.
         min_win_rate_vs_random: f64 = |r: &mut Reader, k| r.fraction(k, 0.6),
+        /// Fraction of games it must win against the current canonical model (when there is one).
         min_win_rate_vs_baseline: f64 = |r: &mut Reader, k| r.fraction(k, 0.55),
+        /// Evaluation games it must have played.
         min_games: u64 = |r: &mut Reader, k| r.count(k, 100, 0, 1_000_000),
         /// Between two promotions of a config key.
         cooldown: Duration = |r: &mut Reader, k| r.duration(k, Duration::ZERO, Duration::ZERO, WEEK),
@@ -313,8 +326,11 @@ daemon_settings!(
 daemon_settings!(
     /// unified_node_health: the thresholds of a healthy node.
     NodeHealthSettings {
+        /// Free disk under the root below this (GB, 10^9 bytes) is unhealthy.
         min_free_disk_gb: f64 = |r: &mut Reader, k| r.number(k, 5.0, 0.0, 1e9, " GB"),
+        /// MemAvailable below this (MB, 10^6 bytes) is unhealthy.
         min_available_memory_mb: f64 = |r: &mut Reader, k| r.number(k, 512.0, 0.0, 1e12, " MB"),
+        /// The 1-minute load average per core above this is unhealthy.
         max_load_per_core: f64 = |r: &mut Reader, k| r.number(k, 4.0, 0.0, 1e6, ""),
     }
 );
@@ -322,10 +338,13 @@ daemon_settings!(
 daemon_settings!(
     /// quality_monitor: how games are scored.
     QualitySettings {
+        /// The newest games of a config key that are scored.
         window_games: u64 = |r: &mut Reader, k| r.count(k, 200, 1, 1_000_000),
         /// Under this score → LOW_QUALITY_DATA_WARNING.
         threshold: f64 = |r: &mut Reader, k| r.fraction(k, 0.5),
+        /// A game shorter than this (moves) counts as degenerate.
         min_moves: u64 = |r: &mut Reader, k| r.count(k, 5, 0, 1_000_000),
+        /// A game longer than this (moves) counts as degenerate.
         max_moves: u64 = |r: &mut Reader, k| r.count(k, 500, 1, 1_000_000),
     }
 );
@@ -335,8 +354,11 @@ daemon_settings!(
     IdleSettings {
         /// Percent of CPU (and GPU) below which the node counts as idle.
         cpu_threshold: f64 = |r: &mut Reader, k| r.number(k, 50.0, 0.0, 100.0, " percent"),
+        /// Idle this long before extra selfplay starts.
         idle_window: Duration = |r: &mut Reader, k| r.duration(k, secs(120), Duration::ZERO, WEEK),
+        /// Extra selfplay jobs at once on an idle node.
         max_extra_jobs: u64 = |r: &mut Reader, k| r.count(k, 1, 0, 1000),
+        /// Games each extra selfplay job plays.
         games_per_job: u64 = |r: &mut Reader, k| r.count(k, 50, 1, 1_000_000),
     }
 );
@@ -346,7 +368,9 @@ daemon_settings!(
     IdleShutdownSettings {
         /// Empty: never shuts down.
         shutdown_command: Vec<String> = |r: &mut Reader, k| r.strings(k),
+        /// Idle this many minutes (CPU under `cpu_threshold`, no jobs) before the command runs.
         idle_minutes: f64 = |r: &mut Reader, k| r.number(k, 30.0, 0.0, 1e6, " minutes"),
+        /// Percent of CPU below which the node counts as idle.
         cpu_threshold: f64 = |r: &mut Reader, k| r.number(k, 10.0, 0.0, 100.0, " percent"),
     }
 );
@@ -354,7 +378,9 @@ daemon_settings!(
 daemon_settings!(
     /// queue_populator: how many selfplay items to keep queued.
     QueueSettings {
+        /// Selfplay items to keep pending in the work queue.
         target_depth: u64 = |r: &mut Reader, k| r.count(k, 20, 0, 1_000_000),
+        /// Games per queued selfplay item.
         games_per_item: u64 = |r: &mut Reader, k| r.count(k, 50, 1, 1_000_000),
     }
 );
@@ -362,8 +388,11 @@ daemon_settings!(
 daemon_settings!(
     /// selfplay_scheduler: slots and the weights of config keys.
     SchedulerSettings {
+        /// Selfplay jobs this node runs at once.
         slots: u64 = |r: &mut Reader, k| r.count(k, 1, 1, 1024),
+        /// Completed games per config key the scheduler aims for; keys further from it weigh more.
         target_games: f64 = |r: &mut Reader, k| r.number(k, 5000.0, 1.0, 1e12, " games"),
+        /// A canonical model this many hours old counts as fully stale (no model: most stale); staler keys weigh more.
         staleness_hours: f64 = |r: &mut Reader, k| r.number(k, 24.0, 0.0, 1e6, " hours"),
     }
 );
@@ -371,8 +400,11 @@ daemon_settings!(
 daemon_settings!(
     /// job_reaper: when a job is stuck and how it is stopped.
     ReaperSettings {
+        /// A job with no CPU time and no output for this long is stuck.
         stuck_after: Duration = |r: &mut Reader, k| r.duration(k, secs(600), secs(1), WEEK),
+        /// Between SIGTERM and SIGKILL when a stuck job is stopped.
         reap_grace: Duration = |r: &mut Reader, k| r.duration(k, secs(5), Duration::ZERO, secs(3600)),
+        /// Only report what would be reaped.
         dry_run: bool = |r: &mut Reader, k| r.boolean(k, false),
     }
 );
