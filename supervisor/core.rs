@@ -458,7 +458,9 @@ impl Core {
                 .into_iter()
                 .map(|(pgid, what)| {
                     let start = *self.start_times.entry(pgid).or_insert_with(|| {
-                        unix::proc_stat(pgid).map(|s| s.start_time).unwrap_or(0)
+                        ringrift::procfs::stat(pgid)
+                            .map(|s| s.start_time)
+                            .unwrap_or(0)
                     });
                     (pgid, start, what)
                 })

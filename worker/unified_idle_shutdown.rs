@@ -15,7 +15,9 @@ use ringrift::protocol::SOCKET_ENV;
 use serde_json::json;
 
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::pipeline::idle_resource::{CpuTimes, IdleTracker, cpu_percent, parse_proc_stat};
+use ringrift::procfs::{self, CpuTimes, cpu_percent};
+
+use crate::pipeline::idle_resource::IdleTracker;
 use crate::runtime::{Ctx, Settings};
 
 const NAME: &str = "unified_idle_shutdown";
@@ -95,9 +97,7 @@ impl IdleShutdown {
 
     async fn sample(&mut self) {
         let t = now();
-        let cur = std::fs::read_to_string("/proc/stat")
-            .map_err(anyhow::Error::from)
-            .and_then(|s| parse_proc_stat(&s));
+        let cur = procfs::cpu_times();
         let (cpu, start) = match (&cur, self.last_cpu) {
             (Ok(c), Some((prev, at))) => (cpu_percent(&prev, c), at),
             _ => (None, t),

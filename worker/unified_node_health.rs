@@ -77,18 +77,6 @@ pub(crate) fn judge(r: &Reading, l: &Limits) -> (bool, Vec<String>) {
     (problems.is_empty(), problems)
 }
 
-/// MemAvailable from /proc/meminfo, in MB.
-pub(crate) fn parse_meminfo(text: &str) -> Option<f64> {
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// The 1-minute load average from /proc/loadavg.
-pub(crate) fn parse_loadavg(text: &str) -> Option<f64> {
-    text.split_whitespace().next()?.parse().ok()
-}
-
 /// Daemons that are FAILED, or RUNNING but unhealthy by their own account.
 pub(crate) fn troubled(report: &StatusReport) -> Vec<String> {
     report
@@ -241,13 +229,9 @@ impl Daemon for NodeHealth {
                 .unwrap_or(1) as f64;
             let mut reading = Reading {
                 free_disk_gb: free_disk_gb(&self.root),
-                available_memory_mb: std::fs::read_to_string("/proc/meminfo")
-                    .ok()
-                    .and_then(|t| parse_meminfo(&t)),
-                load_per_core: std::fs::read_to_string("/proc/loadavg")
-                    .ok()
-                    .and_then(|t| parse_loadavg(&t))
-                    .map(|l| l / cores),
+                available_memory_mb: ringrift::procfs::mem_available()
+                    .map(|b| b as f64 / 1_048_576.0),
+                load_per_core: ringrift::procfs::loadavg().map(|l| l / cores),
                 troubled: Vec::new(),
             };
             if let Some(socket) = &self.socket {
@@ -343,15 +327,5 @@ mod tests {
                 && problems[1].contains("MB memory")
                 && problems[2].contains("per core")
         );
-    }
-
-    #[test]
-    fn proc_files_parse() {
-        assert_eq!(
-            parse_meminfo("MemTotal: 100 kB\nMemAvailable:    2048 kB\n"),
-            Some(2.0)
-        );
-        assert_eq!(parse_loadavg("0.52 0.40 0.30 1/200 1234\n"), Some(0.52));
-        assert_eq!(parse_meminfo("nothing"), None);
     }
 }

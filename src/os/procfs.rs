@@ -183,6 +183,93 @@ pub fn parse_flock_holder(text: &str, major: u64, minor: u64, ino: u64) -> Optio
     })
 }
 
+/// The aggregate `cpu` line of /proc/stat (proc(5)), in clock ticks since boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// idle + iowait
+    pub idle: u64,
+    /// user + nice + system + idle + iowait + irq + softirq + steal (guest time is part of user).
+    pub total: u64,
+}
+
+/// Why /proc/stat gave no CPU times.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuStatError {
+    /// The file could not be read.
+    #[error("cannot read /proc/stat: {0}")]
+    Read(#[from] std::io::Error),
+    /// No line starts with `cpu ` (the aggregate of all CPUs).
+    #[error("/proc/stat has no aggregate cpu line")]
+    NoCpuLine,
+    /// A field of the line is not a number.
+    #[error("bad /proc/stat cpu line: {0:?}")]
+    BadLine(String),
+    /// Fewer than the four fields every kernel has (user, nice, system, idle).
+    #[error("bad /proc/stat cpu line (fewer than 4 fields): {0:?}")]
+    TooFewFields(String),
+}
+
+/// Parses the first (`cpu `) line of /proc/stat. Kernels before 2.6 have only four fields; the
+/// missing ones count as 0.
+pub fn parse_cpu_times(text: &str) -> Result<CpuTimes, CpuStatError> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or(CpuStatError::NoCpuLine)?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| CpuStatError::BadLine(line.to_string()))?;
+    if fields.len() < 4 {
+        return Err(CpuStatError::TooFewFields(line.to_string()));
+    }
+    let get = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let idle = get(3) + get(4);
+    let total: u64 = (0..8).map(get).sum();
+    Ok(CpuTimes { idle, total })
+}
+
+/// The CPU times of the whole machine now.
+pub fn cpu_times() -> Result<CpuTimes, CpuStatError> {
+    parse_cpu_times(&std::fs::read_to_string("/proc/stat")?)
+}
+
+/// Busy percent (0 to 100) of all CPU time between two readings; `None` when no time passed (or
+/// the counters went backwards, as after a CPU went offline).
+pub fn cpu_percent(prev: &CpuTimes, cur: &CpuTimes) -> Option<f64> {
+    let total = cur.total.checked_sub(prev.total)?;
+    let idle = cur.idle.checked_sub(prev.idle)?;
+    if total == 0 || idle > total {
+        return None;
+    }
+    Some(100.0 * (total - idle) as f64 / total as f64)
+}
+
+/// `MemAvailable` of /proc/meminfo (the kernel's estimate of memory available without swapping),
+/// in bytes.
+pub fn parse_mem_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory available now, in bytes (see [`parse_mem_available`]).
+pub fn mem_available() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// The 1-minute load average, the first field of /proc/loadavg.
+pub fn parse_loadavg(text: &str) -> Option<f64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// The 1-minute load average now (not per core).
+pub fn loadavg() -> Option<f64> {
+    parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
 /// Every pid in /proc.
 pub fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -316,5 +403,54 @@ mod tests {
         assert_eq!(parse_flock_holder(text, 8, 1, 5678), Some(1234));
         assert_eq!(parse_flock_holder(text, 0xfd, 0, 42), Some(77));
         assert_eq!(parse_flock_holder(text, 8, 1, 1), None);
+    }
+
+    const STAT_A: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
+    const STAT_B: &str = "cpu  160 0 70 900 70 0 0 0 0 0\ncpu0 80 0 35 450 35 0 0 0 0 0\nintr 2\n";
+
+    #[test]
+    fn cpu_percent_is_the_busy_share_between_two_readings() {
+        let a = parse_cpu_times(STAT_A).unwrap();
+        assert_eq!(
+            a,
+            CpuTimes {
+                idle: 850,
+                total: 1000
+            }
+        );
+        let b = parse_cpu_times(STAT_B).unwrap();
+        // +80 busy (60 user, 20 system), +120 idle (100 idle, 20 iowait): 40 %.
+        assert_eq!(cpu_percent(&a, &b), Some(40.0));
+        assert_eq!(cpu_percent(&a, &a), None, "no time passed");
+        assert_eq!(cpu_percent(&b, &a), None, "counters went backwards");
+        // Older kernels have only four fields.
+        assert_eq!(
+            parse_cpu_times("cpu 1 2 3 4\n").unwrap(),
+            CpuTimes { idle: 4, total: 10 }
+        );
+        assert!(matches!(
+            parse_cpu_times("cpu0 1 2 3 4\n"),
+            Err(CpuStatError::NoCpuLine)
+        ));
+        assert!(matches!(
+            parse_cpu_times("cpu  1 x 3 4\n"),
+            Err(CpuStatError::BadLine(_))
+        ));
+        assert!(matches!(
+            parse_cpu_times("cpu  1 2\n"),
+            Err(CpuStatError::TooFewFields(_))
+        ));
+        assert!(cpu_times().is_ok(), "this machine's /proc/stat reads");
+    }
+
+    #[test]
+    fn memory_and_load_parse() {
+        assert_eq!(
+            parse_mem_available("MemTotal: 100 kB\nMemAvailable:    2048 kB\n"),
+            Some(2048 * 1024)
+        );
+        assert_eq!(parse_mem_available("nothing"), None);
+        assert_eq!(parse_loadavg("0.52 0.40 0.30 1/200 1234\n"), Some(0.52));
+        assert!(mem_available().is_some() && loadavg().is_some());
     }
 }

@@ -229,9 +229,7 @@ pub(crate) fn children_of_self() -> Vec<u32> {
     out.extend(
         ringrift::procfs::pids()
             .into_iter()
-            .filter(|&pid| proc_stat(pid).is_some_and(|s| s.ppid == me)),
+            .filter(|&pid| ringrift::procfs::stat(pid).is_some_and(|s| s.ppid == me)),
     );
     out
 }
-
-pub(crate) use ringrift::procfs::stat as proc_stat;

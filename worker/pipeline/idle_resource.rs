@@ -1,7 +1,7 @@
 //! idle_resource: turns a node's idle time into extra selfplay.
 //!
 //! Each cycle it samples CPU utilisation from /proc/stat (the busy share of all CPU time since the
-//! previous sample, [`cpu_percent`]) and, where `nvidia-smi` exists, GPU utilisation (the busiest
+//! previous sample, [`cpu_percent`](ringrift::procfs::cpu_percent)) and, where `nvidia-smi` exists, GPU utilisation (the busiest
 //! GPU). Once utilisation has stayed under `cpu_threshold` percent for `idle_window` seconds
 //! ([`IdleTracker`]), it announces IDLE_RESOURCE_DETECTED and runs up to `max_extra_jobs` selfplay
 //! jobs of `games_per_job` games for the key the scheduler rates highest (priorities.json; the
@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ringrift::events::payload;
+use ringrift::procfs::{self, CpuTimes, cpu_percent};
 use serde_json::Value;
 
 use super::games_db::Quarantined;
@@ -33,47 +34,6 @@ const NAME: &str = "idle_resource";
 const GPU_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------- sampling (pure)
-
-/// The aggregate `cpu` line of /proc/stat, in clock ticks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct CpuTimes {
-    /// idle + iowait
-    pub idle: u64,
-    /// user + nice + system + idle + iowait + irq + softirq + steal (guest time is part of user).
-    pub total: u64,
-}
-
-/// Parses the first (`cpu `) line of /proc/stat.
-pub(crate) fn parse_proc_stat(text: &str) -> Result<CpuTimes> {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("/proc/stat has no aggregate cpu line")?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse::<u64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad /proc/stat cpu line: {line:?}"))?;
-    if fields.len() < 4 {
-        bail!("bad /proc/stat cpu line (fewer than 4 fields): {line:?}");
-    }
-    let get = |i: usize| fields.get(i).copied().unwrap_or(0);
-    let idle = get(3) + get(4);
-    let total: u64 = (0..8).map(get).sum();
-    Ok(CpuTimes { idle, total })
-}
-
-/// Busy percent of all CPU time between two readings; `None` when no time passed (or the counters
-/// went backwards, as after a CPU went offline).
-pub(crate) fn cpu_percent(prev: &CpuTimes, cur: &CpuTimes) -> Option<f64> {
-    let total = cur.total.checked_sub(prev.total)?;
-    let idle = cur.idle.checked_sub(prev.idle)?;
-    if total == 0 || idle > total {
-        return None;
-    }
-    Some(100.0 * (total - idle) as f64 / total as f64)
-}
 
 /// The busiest GPU's utilisation from `nvidia-smi --query-gpu=utilization.gpu
 /// --format=csv,noheader,nounits` (one number per GPU per line).
@@ -225,9 +185,7 @@ impl IdleResource {
     async fn sample(&mut self) -> bool {
         self.problems.clear();
         let now = now_secs();
-        let reading = std::fs::read_to_string("/proc/stat")
-            .context("cannot read /proc/stat")
-            .and_then(|t| parse_proc_stat(&t));
+        let reading = procfs::cpu_times();
         let cur = match reading {
             Ok(cur) => cur,
             Err(e) => {
@@ -326,10 +284,7 @@ impl IdleResource {
         // The window starts over from now: the time the jobs ran was not idle.
         self.tracker.reset();
         self.idle_for = 0.0;
-        self.prev = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|t| parse_proc_stat(&t).ok())
-            .map(|c| (now_secs(), c));
+        self.prev = procfs::cpu_times().ok().map(|c| (now_secs(), c));
     }
 
     fn report(&self) -> Report {
@@ -447,33 +402,6 @@ impl Daemon for IdleResource {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const STAT_A: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\nintr 1\n";
-    const STAT_B: &str = "cpu  160 0 70 900 70 0 0 0 0 0\ncpu0 80 0 35 450 35 0 0 0 0 0\nintr 2\n";
-
-    #[test]
-    fn cpu_percent_is_the_busy_share_between_two_readings() {
-        let a = parse_proc_stat(STAT_A).unwrap();
-        assert_eq!(
-            a,
-            CpuTimes {
-                idle: 850,
-                total: 1000
-            }
-        );
-        let b = parse_proc_stat(STAT_B).unwrap();
-        // +80 busy (60 user, 20 system), +120 idle (100 idle, 20 iowait): 40 %.
-        assert_eq!(cpu_percent(&a, &b), Some(40.0));
-        assert_eq!(cpu_percent(&a, &a), None, "no time passed");
-        assert_eq!(cpu_percent(&b, &a), None, "counters went backwards");
-        // Older kernels have only four fields.
-        assert_eq!(
-            parse_proc_stat("cpu 1 2 3 4\n").unwrap(),
-            CpuTimes { idle: 4, total: 10 }
-        );
-        assert!(parse_proc_stat("cpu0 1 2 3 4\n").is_err());
-        assert!(parse_proc_stat("cpu  1 x 3 4\n").is_err());
-    }
 
     #[test]
     fn gpu_output_gives_the_busiest_gpu() {
