@@ -677,7 +677,7 @@ fn progress(report: &Report, cycles: u64) -> BTreeMap<String, u64> {
 mod tests {
     use ringrift::protocol::Health;
     use serde_json::json;
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::io::BufReader;
 
     use super::*;
 
@@ -751,15 +751,22 @@ mod tests {
         }
     }
 
-    async fn next_frame<T: serde::de::DeserializeOwned>(
-        lines: &mut tokio::io::Lines<BufReader<OwnedReadHalf>>,
-    ) -> T {
-        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
-            .await
-            .expect("worker answered in time")
-            .unwrap()
-            .expect("worker kept the connection open");
-        protocol::decode(line.as_bytes()).unwrap()
+    /// The worker's side of the wire, read the way the supervisor reads it.
+    struct Wire {
+        reader: BufReader<OwnedReadHalf>,
+        frames: protocol::FrameReader,
+    }
+
+    async fn next_frame<T: serde::de::DeserializeOwned>(wire: &mut Wire) -> T {
+        let frame = tokio::time::timeout(
+            Duration::from_secs(5),
+            wire.frames.read_async(&mut wire.reader),
+        )
+        .await
+        .expect("worker answered in time")
+        .unwrap()
+        .expect("worker kept the connection open");
+        protocol::decode(frame.unwrap()).unwrap()
     }
 
     /// Plays the supervisor against the real runtime over a real socket.
@@ -778,7 +785,10 @@ mod tests {
             ours.set_nonblocking(true).unwrap();
             let stream = UnixStream::from_std(ours).unwrap();
             let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
+            let mut lines = Wire {
+                reader: BufReader::new(read),
+                frames: protocol::FrameReader::new(),
+            };
 
             let Opening::Hello(Hello {
                 role, daemon, pid, ..

@@ -351,6 +351,7 @@ fn a_restart_without_delay_is_announced_as_a_stop_and_a_start() {
 struct Conn {
     reader: std::io::BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
+    frames: ringrift::protocol::FrameReader,
 }
 
 impl Conn {
@@ -363,6 +364,7 @@ impl Conn {
         let mut c = Conn {
             reader: std::io::BufReader::new(stream.try_clone().unwrap()),
             writer: stream,
+            frames: ringrift::protocol::FrameReader::new(),
         };
         c.send(&Opening::Hello(Hello {
             protocol: PROTOCOL_VERSION,
@@ -382,10 +384,13 @@ impl Conn {
     }
 
     fn recv(&mut self) -> ringrift::protocol::FromSupervisor {
-        use std::io::BufRead;
-        let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).unwrap();
-        ringrift::protocol::decode(line.strip_suffix(b"\n").unwrap_or(&line)).unwrap()
+        let frame = self.frames.read_blocking(&mut self.reader).unwrap();
+        ringrift::protocol::decode(
+            frame
+                .expect("the supervisor kept the connection open")
+                .unwrap(),
+        )
+        .unwrap()
     }
 
     /// Emits `n` NEW_GAMES_AVAILABLE events with a `pad`-byte path each, a batch at a time.
