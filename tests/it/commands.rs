@@ -716,8 +716,9 @@ fn a_client_that_never_reads_is_cut_off_and_connections_are_capped() {
     let mut refused = None;
     for _ in 0..300 {
         let (mut r, mut w) = connect(&root);
-        w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n")
-            .unwrap();
+        // At the cap the supervisor answers `busy` and closes at once, possibly before this
+        // hello arrives (EPIPE): the answer is read all the same.
+        let _ = w.write_all(b"{\"type\":\"hello\",\"protocol\":1,\"role\":\"cli\"}\n");
         let v = read_json(&mut r);
         if v["type"] == "error" {
             refused = Some(v);
