@@ -52,6 +52,33 @@ pub enum Step {
     },
 }
 
+/// What asking a daemon to stop does, by its state (`stop`, `shutdown`, a reload that removes or
+/// disables it, a dependency that is stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStop {
+    /// WAITING or BACKOFF: no process, so it is STOPPED at once.
+    StopNow,
+    /// Already STOPPED or FAILED: nothing to do.
+    AtRest,
+    /// It has a process: the stop is queued, and [`settle`] sends it once its dependents are gone.
+    Queue,
+}
+
+/// The rule behind [`OnStop`].
+pub fn on_stop(state: DaemonState) -> OnStop {
+    match state {
+        DaemonState::Waiting | DaemonState::Backoff => OnStop::StopNow,
+        DaemonState::Stopped | DaemonState::Failed => OnStop::AtRest,
+        _ => OnStop::Queue,
+    }
+}
+
+/// Whether asking a daemon to start puts it in WAITING (where [`settle`] spawns it once its
+/// dependencies are up): only from rest; a daemon on its way or running is left as it is.
+pub fn on_start(state: DaemonState) -> bool {
+    state.is_at_rest()
+}
+
 /// Decides one pass of what can move: first the queued stops whose dependents have no process
 /// left, then (unless `may_start` is false, during shutdown) the WAITING daemons in dependency
 /// order. Within the pass each step's expected effect is taken into account (a daemon told to stop
@@ -237,7 +264,7 @@ mod tests {
         fn start(&mut self, names: &[&str]) {
             let set = names.iter().map(|s| s.to_string()).collect();
             for n in deps::with_dependencies(&self.graph, &set) {
-                if self.state(&n).is_at_rest() {
+                if on_start(self.state(&n)) {
                     self.set(&n, Waiting);
                 }
             }
@@ -249,10 +276,10 @@ mod tests {
             let set = names.iter().map(|s| s.to_string()).collect();
             for n in deps::with_dependents(&self.graph, &set) {
                 let v = self.daemons.get_mut(&n).unwrap();
-                match v.state {
-                    Waiting | Backoff => v.state = Stopped,
-                    Stopped | Failed => {}
-                    _ => v.stop_queued = true,
+                match on_stop(v.state) {
+                    OnStop::StopNow => v.state = Stopped,
+                    OnStop::AtRest => {}
+                    OnStop::Queue => v.stop_queued = true,
                 }
             }
             self.settle();
@@ -428,6 +455,18 @@ mod tests {
             name: "a".into(),
             reason: String::new()
         }]));
+    }
+
+    #[test]
+    fn a_stop_or_start_request_depends_only_on_the_state() {
+        assert_eq!(on_stop(Waiting), OnStop::StopNow);
+        assert_eq!(on_stop(Backoff), OnStop::StopNow);
+        assert_eq!(on_stop(Failed), OnStop::AtRest);
+        for s in [Initializing, Running, Paused, ShuttingDown] {
+            assert_eq!(on_stop(s), OnStop::Queue, "{s}");
+        }
+        assert!(on_start(Stopped) && on_start(Failed));
+        assert!(!on_start(Backoff) && !on_start(Running) && !on_start(ShuttingDown));
     }
 
     #[test]

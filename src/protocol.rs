@@ -18,8 +18,13 @@ use crate::lifecycle::DaemonState;
 /// Bumped on every incompatible change of the frames below.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Longest accepted frame, newline excluded.
+/// Longest accepted frame, newline excluded: what the supervisor reads from workers and clients.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Longest answer a client reads from the supervisor, newline excluded. A `status` report holds
+/// every daemon's last heartbeat (each up to [`MAX_FRAME_BYTES`]), so it can outgrow one frame
+/// of the inbound limit; 64 MiB is the bound of a worker's outgoing queue as well.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 /// Environment variable that carries the socket path to workers and external daemons.
 pub const SOCKET_ENV: &str = "RINGRIFT_SUPERVISOR_SOCKET";
@@ -421,12 +426,15 @@ pub enum FromSupervisor {
 pub enum ErrorCode {
     /// The hello's protocol version is not [`PROTOCOL_VERSION`].
     ProtocolMismatch,
-    /// A frame that is not JSON, or not a frame of this vocabulary.
+    /// A frame that is not JSON, or not a frame of this connection's vocabulary (serde's message
+    /// lists the types expected).
     BadFrame,
     /// A frame longer than [`MAX_FRAME_BYTES`].
     FrameTooLarge,
-    /// A frame that is well formed but not expected here (a CLI hello on a worker's connection,
-    /// a second hello from the same process).
+    /// A frame that is well formed but not expected here: a first frame that is not a hello, a
+    /// CLI hello on a worker's connection, a worker hello for a process that is gone. (A frame of
+    /// the other vocabulary after the hello, such as a worker frame on the control socket, does
+    /// not decode: [`ErrorCode::BadFrame`].)
     UnexpectedFrame,
     /// A daemon name that the configuration does not have.
     UnknownDaemon,
@@ -672,14 +680,17 @@ impl DaemonStatus {
     }
 }
 
-/// Splits a byte stream into frames: newline-delimited, at most [`MAX_FRAME_BYTES`] each. The one
+/// Splits a byte stream into frames: newline-delimited, at most [`MAX_FRAME_BYTES`] each (or the
+/// limit given to [`FrameReader::with_limit`]). The one
 /// framing rule of every reader (the supervisor's connections, the worker's, the CLI's); the
 /// reading itself is left to the caller, sync or async, which hands over what it has read.
 ///
 /// An oversized frame is dropped as it arrives (memory stays bounded) and reported once its
 /// newline comes, with its length, so the stream stays usable.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameReader {
+    /// Longest accepted frame, bytes.
+    limit: usize,
     buf: Vec<u8>,
     /// Bytes of the current frame dropped for being over the limit.
     oversized: usize,
@@ -687,10 +698,27 @@ pub struct FrameReader {
     handed_out: bool,
 }
 
+impl Default for FrameReader {
+    fn default() -> Self {
+        FrameReader::new()
+    }
+}
+
 impl FrameReader {
-    /// A reader with no bytes buffered.
+    /// A reader that accepts frames of up to [`MAX_FRAME_BYTES`], with no bytes buffered.
     pub fn new() -> FrameReader {
-        FrameReader::default()
+        FrameReader::with_limit(MAX_FRAME_BYTES)
+    }
+
+    /// A reader that accepts frames of up to `limit` bytes (newline excluded), such as
+    /// [`MAX_ANSWER_BYTES`] for a client reading the supervisor's answers.
+    pub fn with_limit(limit: usize) -> FrameReader {
+        FrameReader {
+            limit,
+            buf: Vec::new(),
+            oversized: 0,
+            handed_out: false,
+        }
     }
 
     /// Takes bytes from `available` up to and including the first newline. Returns how many
@@ -702,7 +730,7 @@ impl FrameReader {
             Some(i) => (&available[..i], i + 1, true),
             None => (available, available.len(), false),
         };
-        if self.oversized > 0 || self.buf.len() + chunk.len() > MAX_FRAME_BYTES {
+        if self.oversized > 0 || self.buf.len() + chunk.len() > self.limit {
             self.oversized += self.buf.len() + chunk.len();
             self.buf.clear();
             self.buf.shrink_to(64 * 1024);
@@ -787,7 +815,7 @@ impl FrameReader {
     fn frame(&self) -> Result<&[u8], FrameError> {
         match self.oversized {
             0 => Ok(&self.buf),
-            n => Err(FrameError::TooLarge(n)),
+            n => Err(FrameError::TooLarge(n, self.limit)),
         }
     }
 }
@@ -796,18 +824,16 @@ impl FrameReader {
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// A frame of this many bytes (newline excluded) is over [`MAX_FRAME_BYTES`].
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes")]
+    TooLarge(usize, usize),
     /// Not JSON, or not a frame of the vocabulary expected (serde's message).
     #[error("malformed frame: {0}")]
     Malformed(String),
 }
 
-/// Parses one frame (without its newline).
+/// Parses one frame (without its newline). Its length was bounded by the [`FrameReader`] that
+/// read it.
 pub fn decode<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, FrameError> {
-    if line.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(line.len()));
-    }
     serde_json::from_slice(line).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
@@ -929,12 +955,18 @@ mod tests {
     }
 
     #[test]
-    fn oversized_frames_are_refused_before_parsing() {
-        let big = vec![b' '; MAX_FRAME_BYTES + 1];
+    fn a_client_reads_answers_larger_than_an_inbound_frame() {
+        let mut answer = vec![b' '; MAX_FRAME_BYTES + 1];
+        answer.push(b'\n');
         assert!(matches!(
-            decode::<Request>(&big),
-            Err(FrameError::TooLarge(_))
+            FrameReader::new().feed(&answer).1,
+            Some(Err(FrameError::TooLarge(n, MAX_FRAME_BYTES))) if n == MAX_FRAME_BYTES + 1
         ));
+        let mut r = FrameReader::with_limit(MAX_ANSWER_BYTES);
+        assert_eq!(
+            r.feed(&answer).1.unwrap().unwrap().len(),
+            MAX_FRAME_BYTES + 1
+        );
     }
 
     #[test]
@@ -984,7 +1016,7 @@ mod tests {
         assert!(r.feed(b"yy").1.is_none());
         assert!(r.buf.capacity() <= 64 * 1024, "memory stays bounded");
         match r.feed(b"z\n").1 {
-            Some(Err(FrameError::TooLarge(n))) => assert_eq!(n, MAX_FRAME_BYTES + 3),
+            Some(Err(FrameError::TooLarge(n, _))) => assert_eq!(n, MAX_FRAME_BYTES + 3),
             other => panic!("{other:?}"),
         }
         assert_eq!(r.feed(b"{}\n").1.unwrap().unwrap(), b"{}");

@@ -111,7 +111,7 @@ impl Client {
         let mut client = Client {
             reader: BufReader::new(stream),
             writer,
-            frames: FrameReader::new(),
+            frames: FrameReader::with_limit(protocol::MAX_ANSWER_BYTES),
             welcomed: false,
         };
         // The hello goes out now; its answer is read together with the first request's (one round

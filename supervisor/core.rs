@@ -403,6 +403,9 @@ impl Core {
         let graph = self.config.graph();
         // Ask `ringrift::plan::settle`, carry out its steps, ask again until nothing moves: a
         // spawn can make a dependent startable at once, a failed one leaves it unable to start.
+        // Each pass that moves takes a daemon out of WAITING or sends a queued stop, so this ends
+        // within a pass per daemon; the bound only guards against a bug, which it reports.
+        let mut at_rest = false;
         for _ in 0..=self.daemons.len() + 1 {
             let view: BTreeMap<String, plan::View> = self
                 .daemons
@@ -421,8 +424,13 @@ impl Core {
                 self.carry_out(step);
             }
             if !again {
+                at_rest = true;
                 break;
             }
+        }
+        if !at_rest {
+            self.log
+                .warn("settling did not come to rest; the next message moves on from here");
         }
         self.resolve_waiters();
         if self.shutting_down.is_some()

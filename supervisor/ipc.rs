@@ -569,7 +569,7 @@ async fn wait_for_hangup<R: AsyncBufRead + Unpin>(r: &mut R) {
 }
 
 fn frame_error_code(e: &FrameError) -> ErrorCode {
-    if matches!(e, FrameError::TooLarge(_)) {
+    if matches!(e, FrameError::TooLarge(..)) {
         ErrorCode::FrameTooLarge
     } else {
         ErrorCode::BadFrame

@@ -59,7 +59,7 @@ pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
             if let Some(stat) = procfs::stat(pgid)
                 && start != 0
                 && stat.start_time == start
-                && stat.state != 'Z'
+                && !stat.is_zombie()
             {
                 out.insert(Leftover {
                     pid: pgid,
@@ -90,7 +90,7 @@ pub(crate) fn find(paths: &Paths) -> Vec<Leftover> {
         let Some(stat) = procfs::stat(pid) else {
             continue;
         };
-        if stat.state == 'Z' {
+        if stat.is_zombie() {
             continue;
         }
         // Never signal our own group, whatever a process claims.
@@ -128,7 +128,7 @@ pub(crate) fn clean(paths: &Paths, log: &SupervisorLog) {
     while Instant::now() < deadline
         && found
             .iter()
-            .any(|l| procfs::stat(l.pid).is_some_and(|s| s.state != 'Z'))
+            .any(|l| procfs::stat(l.pid).is_some_and(|s| !s.is_zombie()))
     {
         std::thread::sleep(Duration::from_millis(5));
     }

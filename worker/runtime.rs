@@ -373,7 +373,7 @@ async fn read_frames(read: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
         let incoming = match frames.read_async(&mut reader).await {
             Err(e) => Incoming::Closed(format!("failed to read from the supervisor: {e}")),
             Ok(None) => Incoming::Closed("the supervisor closed the connection".into()),
-            Ok(Some(Err(protocol::FrameError::TooLarge(_)))) => Incoming::Closed(format!(
+            Ok(Some(Err(protocol::FrameError::TooLarge(..)))) => Incoming::Closed(format!(
                 "the supervisor sent a frame longer than {MAX_FRAME_BYTES} bytes"
             )),
             Ok(Some(Err(e))) => Incoming::Bad(e.to_string()),

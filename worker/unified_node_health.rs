@@ -120,7 +120,7 @@ pub(crate) async fn supervisor_status(socket: &Path) -> anyhow::Result<StatusRep
     ));
     write.write_all(&out).await?;
     let mut reader = tokio::io::BufReader::new(read);
-    let mut frames = protocol::FrameReader::new();
+    let mut frames = protocol::FrameReader::with_limit(protocol::MAX_ANSWER_BYTES);
     let mut read_one = async || -> anyhow::Result<FromSupervisor> {
         let frame = frames
             .read_async(&mut reader)

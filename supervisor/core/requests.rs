@@ -240,7 +240,7 @@ impl Core {
         if d.intent == Intent::Stop {
             d.intent = Intent::Restart;
         }
-        if d.state.is_at_rest() {
+        if plan::on_start(d.state) {
             d.history.clear();
             d.reason = None;
             set_state(&self.log, name, d, DaemonState::Waiting);
@@ -299,14 +299,14 @@ impl Core {
 
     pub(super) fn want_down(&mut self, name: &str) {
         let d = self.daemons.get_mut(name).expect("resolved name");
-        match d.state {
-            DaemonState::Waiting | DaemonState::Backoff => {
+        match plan::on_stop(d.state) {
+            plan::OnStop::StopNow => {
                 d.intent = Intent::None;
                 d.stop_queued = false;
                 set_state(&self.log, name, d, DaemonState::Stopped);
             }
-            DaemonState::Stopped | DaemonState::Failed => {}
-            _ => {
+            plan::OnStop::AtRest => {}
+            plan::OnStop::Queue => {
                 d.stop_queued = true;
                 if d.intent == Intent::Restart {
                     d.intent = Intent::Stop;
