@@ -17,7 +17,10 @@ use crate::catalog::{self, Category};
 use crate::deps::{self, Graph};
 use crate::limits::{self, Limits};
 use crate::readiness::Ready;
+
+mod cluster;
 use crate::restart::{RestartPolicy, RestartSettings};
+pub use cluster::{ClusterConfig, ROLES, TlsConfig, default_node_id};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
 pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");
@@ -44,6 +47,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// How daemons and jobs are contained (`containment:`; see the README's "Containment").
     pub containment: ContainmentMode,
+    /// The `cluster:` section (off by default).
+    pub cluster: ClusterConfig,
 }
 
 /// The top-level `containment:` key: `auto` (a cgroup v2 per daemon and job where the supervisor can
@@ -620,6 +625,7 @@ const TOP_KEYS: &[&str] = &[
     "defaults",
     "pipeline",
     "containment",
+    "cluster",
 ];
 const HTTP_KEYS: &[&str] = &["enabled", "addr", "max_connections"];
 const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
@@ -897,6 +903,7 @@ impl Validator<'_> {
             }
         };
         let profiles = self.profiles(top.get("profiles"), &daemons);
+        let cluster = self.cluster(top.get("cluster"));
         let pipeline = self.pipeline(top.get("pipeline"));
         self.check_playable(&pipeline);
         // Every daemon sees the pipeline section in its settings: the keys it works on and the job templates.
@@ -914,6 +921,7 @@ impl Validator<'_> {
             profiles,
             pipeline,
             containment,
+            cluster,
         }
     }
 

@@ -1,0 +1,299 @@
+//! The `cluster:` section: opt-in membership of a cluster of nodes on NATS JetStream.
+//!
+//! Off by default: a single node runs exactly as without it, with no server to start. On, the
+//! supervisor keeps this node's record in a replicated key-value bucket that expires when the node
+//! stops renewing it (see supervisor/cluster.rs and the README's "Cluster" section).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::Validator;
+
+/// Keys of the `cluster:` section.
+pub(super) const CLUSTER_KEYS: &[&str] = &[
+    "enabled",
+    "node_id",
+    "servers",
+    "roles",
+    "credentials",
+    "user",
+    "password",
+    "tls",
+    "heartbeat_interval",
+    "node_expiry",
+    "lease_ttl",
+];
+const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
+
+/// The parts of the loop a node can take part in (`cluster.roles`).
+pub const ROLES: &[&str] = &["coordinator", "training", "selfplay", "evaluation"];
+
+/// The `cluster:` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// Whether this node joins a cluster at all (default false: a single node, no NATS).
+    pub enabled: bool,
+    /// This node's id in the cluster: a lower-case identifier of at most 64 characters (default:
+    /// the host name, lower-cased, with characters other than `a-z0-9_-` replaced by `-`).
+    pub node_id: String,
+    /// NATS server URLs (`nats://127.0.0.1:4222`); at least one when enabled.
+    pub servers: Vec<String>,
+    /// The parts of the loop this node takes part in, from [`ROLES`] (default: all of them).
+    pub roles: Vec<String>,
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed), if the bus asks for one.
+    pub credentials: Option<PathBuf>,
+    /// User and password, if the bus asks for them instead.
+    pub user: Option<(String, String)>,
+    /// TLS: a CA to trust, and a client certificate and key for mutual TLS.
+    pub tls: TlsConfig,
+    /// Seconds between two renewals of this node's record (0.1 s to 1 hour; default 2 s).
+    pub heartbeat_interval: Duration,
+    /// A node whose record is this old is gone: NODE_LEFT (at least three heartbeats; 1 s to 1 day;
+    /// default 10 s). The bucket's max age: the record expires by itself.
+    pub node_expiry: Duration,
+    /// How long a leader's lease lasts unless renewed, for cluster-scoped daemons (1 s to 1 hour;
+    /// default 10 s).
+    pub lease_ttl: Duration,
+}
+
+/// `cluster.tls`: files in PEM form.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TlsConfig {
+    /// Certificate authority that signed the servers' certificates.
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate (with `key`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key: Option<PathBuf>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            node_id: default_node_id(),
+            servers: Vec::new(),
+            roles: ROLES.iter().map(|r| r.to_string()).collect(),
+            credentials: None,
+            user: None,
+            tls: TlsConfig::default(),
+            heartbeat_interval: Duration::from_secs(2),
+            node_expiry: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The host name as a node id: lower-cased, characters other than `a-z0-9_-` replaced by `-`,
+/// at most 64 characters; `node` when there is no host name.
+pub fn default_node_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let id: String = host
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() { "node".into() } else { id }
+}
+
+fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+impl Validator<'_> {
+    /// Reads the `cluster:` section, noting every problem.
+    pub(super) fn cluster(&mut self, v: Option<&Value>) -> ClusterConfig {
+        let mut c = ClusterConfig::default();
+        let empty = Map::new();
+        let map = self.mapping(v, &["cluster"]).unwrap_or(&empty);
+        self.unknown_keys(map, &["cluster"], CLUSTER_KEYS);
+        if let Some(e) = self.boolean(map.get("enabled"), &["cluster", "enabled"]) {
+            c.enabled = e;
+        }
+        if let Some(id) = self.string(map.get("node_id"), &["cluster", "node_id"]) {
+            if valid_node_id(&id) {
+                c.node_id = id;
+            } else {
+                self.problem(
+                    &["cluster", "node_id"],
+                    format!("'{id}' is not a node id: a-z, 0-9, '_' and '-', 1 to 64 characters"),
+                );
+            }
+        }
+        if let Some(servers) = self.string_list(map.get("servers"), &["cluster", "servers"]) {
+            for s in &servers {
+                let ok = ["nats://", "tls://", "ws://", "wss://"]
+                    .iter()
+                    .any(|p| s.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+                if !ok {
+                    self.problem(
+                        &["cluster", "servers"],
+                        format!("'{s}' is not a NATS URL like nats://127.0.0.1:4222"),
+                    );
+                }
+            }
+            c.servers = servers;
+        }
+        if c.enabled && c.servers.is_empty() {
+            self.problem(
+                &["cluster", "servers"],
+                "the cluster is enabled but names no NATS server (e.g. [nats://127.0.0.1:4222])",
+            );
+        }
+        if let Some(roles) = self.string_list(map.get("roles"), &["cluster", "roles"]) {
+            for r in &roles {
+                if !ROLES.contains(&r.as_str()) {
+                    self.problem(
+                        &["cluster", "roles"],
+                        format!("unknown role '{r}' (roles: {})", ROLES.join(", ")),
+                    );
+                }
+            }
+            c.roles = roles;
+        }
+        c.credentials = self
+            .string(map.get("credentials"), &["cluster", "credentials"])
+            .map(PathBuf::from);
+        let user = self.string(map.get("user"), &["cluster", "user"]);
+        let password = self.string(map.get("password"), &["cluster", "password"]);
+        match (user, password) {
+            (Some(u), Some(p)) => c.user = Some((u, p)),
+            (None, None) => {}
+            _ => self.problem(
+                &["cluster", "user"],
+                "user and password go together: give both or neither",
+            ),
+        }
+        if c.credentials.is_some() && c.user.is_some() {
+            self.problem(
+                &["cluster", "credentials"],
+                "give a credentials file or a user and password, not both",
+            );
+        }
+        let tls = self
+            .mapping(map.get("tls"), &["cluster", "tls"])
+            .unwrap_or(&empty);
+        self.unknown_keys(tls, &["cluster", "tls"], TLS_KEYS);
+        let file = |s: &mut Self, k: &str| {
+            s.string(tls.get(k), &["cluster", "tls", k])
+                .map(PathBuf::from)
+        };
+        c.tls = TlsConfig {
+            ca: file(self, "ca"),
+            cert: file(self, "cert"),
+            key: file(self, "key"),
+        };
+        if c.tls.cert.is_some() != c.tls.key.is_some() {
+            self.problem(
+                &["cluster", "tls"],
+                "cert and key go together: give both or neither",
+            );
+        }
+        let d = |s: &mut Self, k: &str, min: f64, max: f64| {
+            s.duration(map.get(k), &["cluster", k], min, max)
+        };
+        if let Some(x) = d(self, "heartbeat_interval", 0.1, 3600.0) {
+            c.heartbeat_interval = x;
+        }
+        if let Some(x) = d(self, "node_expiry", 1.0, 86_400.0) {
+            c.node_expiry = x;
+        }
+        if let Some(x) = d(self, "lease_ttl", 1.0, 3600.0) {
+            c.lease_ttl = x;
+        }
+        if c.node_expiry < c.heartbeat_interval * 3 {
+            self.problem(
+                &["cluster", "node_expiry"],
+                format!(
+                    "{} seconds is under three heartbeats ({} seconds): one late renewal would \
+                     make the node leave",
+                    c.node_expiry.as_secs_f64(),
+                    (c.heartbeat_interval * 3).as_secs_f64()
+                ),
+            );
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        match parse(yaml, "test.yaml", &[]) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn off_by_default_with_the_host_name_and_every_role() {
+        let c = parse("daemons: {}\n", "test.yaml", &[]).unwrap().cluster;
+        assert!(!c.enabled);
+        assert!(valid_node_id(&c.node_id), "{}", c.node_id);
+        assert_eq!(c.roles, ROLES);
+        assert_eq!(c.node_expiry, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_full_section_reads() {
+        let c = parse(
+            "cluster:\n  enabled: true\n  node_id: gpu-07\n  servers: [nats://10.0.0.1:4222, tls://b:4222]\n  roles: [selfplay]\n  credentials: /etc/ringrift/node.creds\n  tls:\n    ca: ca.pem\n  heartbeat_interval: 500ms\n  node_expiry: 5s\n",
+            "test.yaml",
+            &[],
+        )
+        .unwrap()
+        .cluster;
+        assert!(c.enabled);
+        assert_eq!(c.node_id, "gpu-07");
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.roles, ["selfplay"]);
+        assert_eq!(
+            c.credentials,
+            Some(PathBuf::from("/etc/ringrift/node.creds"))
+        );
+        assert_eq!(c.tls.ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_key() {
+        let p = problems(
+            "cluster:\n  enabled: true\n  node_id: GPU 7\n  roles: [trainer]\n  user: a\n  heartbeat_interval: 5s\n  node_expiry: 10s\n  colour: red\n",
+        );
+        let all = p.join("\n");
+        for want in [
+            "cluster.node_id: 'GPU 7' is not a node id",
+            "cluster.servers: the cluster is enabled but names no NATS server",
+            "cluster.roles: unknown role 'trainer'",
+            "cluster.user: user and password go together",
+            "cluster.node_expiry: 10 seconds is under three heartbeats",
+            "cluster.colour",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        assert!(
+            problems("cluster:\n  servers: [http://x]\n")
+                .join("")
+                .contains("is not a NATS URL")
+        );
+    }
+}
