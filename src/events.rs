@@ -412,6 +412,18 @@ pub const EVENTS: &[EventSpec] = &[
         fields: &[req("daemon", Str), req("reason", Str)],
     },
     EventSpec {
+        name: "NODE_JOINED",
+        description: "a node of the cluster appeared (its record in the membership bucket)",
+        emitters: Emitters::Supervisor,
+        fields: &[req("node_id", Str), opt("roles", Str), opt("version", Str)],
+    },
+    EventSpec {
+        name: "NODE_LEFT",
+        description: "a node of the cluster stopped renewing its record, which expired",
+        emitters: Emitters::Supervisor,
+        fields: &[req("node_id", Str), opt("last_seen_secs", Number)],
+    },
+    EventSpec {
         name: "NODE_HEALTH_CHANGED",
         description: "the node's health changed",
         emitters: Emitters::Owners(&["unified_node_health"]),
@@ -683,6 +695,8 @@ mod tests {
             "DAEMON_STARTED",
             "DAEMON_STOPPED",
             "DAEMON_FAILED",
+            "NODE_JOINED",
+            "NODE_LEFT",
             "NODE_HEALTH_CHANGED",
         ] {
             assert!(find(name).is_some(), "{name}");

@@ -225,6 +225,8 @@ pub enum Request {
     Reload,
     /// `shutdown`: stop every daemon and job, then the supervisor.
     Shutdown,
+    /// `cluster status`: every node of the cluster as this node sees it.
+    ClusterStatus,
 }
 
 /// Start daemons (and what they depend on); answered when they are RUNNING or cannot be.
@@ -324,6 +326,7 @@ impl Request {
             Request::Emit(_) => "emit",
             Request::Reload => "reload",
             Request::Shutdown => "shutdown",
+            Request::ClusterStatus => "cluster_status",
         }
     }
 }
@@ -418,6 +421,8 @@ pub enum FromSupervisor {
     },
     /// The answer to a status request.
     Status(StatusReport),
+    /// The answer to a cluster status request.
+    Cluster(ClusterReport),
 }
 
 /// Why the supervisor refused a frame or a request, or could not do it for one daemon.
@@ -631,6 +636,63 @@ pub struct DaemonStatus {
     /// process has no cgroup when the supervisor has a subtree.
     #[serde(default)]
     pub containment_problems: Vec<String>,
+}
+
+/// What `cluster status --json` prints and `GET /cluster/status` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterReport {
+    /// This node's id.
+    pub node_id: String,
+    /// Connected to the bus now.
+    pub connected: bool,
+    /// Why the membership is not up to date (cannot connect, the bucket cannot be made), if so.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Every node with a live record, by id (this one included once it has renewed).
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node of the cluster: its record and how long ago it was renewed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Seconds since the node last renewed its record, by this node's clock.
+    pub last_seen_secs: f64,
+    /// The record itself.
+    #[serde(flatten)]
+    pub record: NodeRecord,
+}
+
+/// What each node keeps in the membership bucket (`ringrift_nodes`, key = node id), renewed every
+/// `cluster.heartbeat_interval`; it expires `cluster.node_expiry` after the last renewal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node's id (`cluster.node_id`).
+    pub node_id: String,
+    /// The parts of the loop it takes part in (`cluster.roles`).
+    pub roles: Vec<String>,
+    /// Its supervisor's version.
+    pub version: String,
+    /// Where others reach its HTTP monitoring, if it serves it.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// CPU cores.
+    pub cores: u32,
+    /// Total memory, bytes.
+    pub memory_bytes: u64,
+    /// GPUs that `nvidia-smi -L` lists (0 without nvidia-smi).
+    #[serde(default)]
+    pub gpus: u32,
+    /// Free disk under its root, bytes.
+    pub free_disk_bytes: u64,
+    /// unified_node_health's verdict when it runs: healthy, and its message.
+    #[serde(default)]
+    pub health: Option<(bool, String)>,
+    /// Its daemons' states, by name.
+    pub daemons: BTreeMap<String, DaemonState>,
+    /// Jobs running now.
+    pub jobs: u32,
+    /// When it wrote this record: unix seconds.
+    pub updated_unix: f64,
 }
 
 /// A daemon's health at a glance: what `status`, `watch` and `GET /daemon/health/NAME` show.

@@ -9,14 +9,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ringrift::protocol::{
-    self, ErrorCode, EventsRequest, FrameReader, FromSupervisor, Hello, Opening, PROTOCOL_VERSION,
-    Request, Role, StatusReport,
+    self, ClusterReport, ErrorCode, EventsRequest, FrameReader, FromSupervisor, Hello, Opening,
+    PROTOCOL_VERSION, Request, Role, StatusReport,
 };
 
 use crate::paths::Paths;
 
+mod cluster;
 mod events;
 mod logs;
+pub(crate) use cluster::cluster_status;
 pub(crate) use events::{EventsQuery, print_events};
 pub(crate) use logs::show_logs;
 

@@ -192,6 +192,8 @@ pub(crate) struct Core {
     last_flush: Instant,
     flush_pending: bool,
     pub(crate) exit_now: bool,
+    /// The cluster membership view (`cluster.enabled`), kept by supervisor/cluster.rs.
+    pub(crate) cluster: Option<crate::cluster::View>,
     /// Notices when the supervisor itself did not run (stopped, frozen, starved); shared with its ticker.
     lag: Arc<Mutex<LagDetector>>,
 }
@@ -246,6 +248,7 @@ impl Core {
             last_flush: Instant::now(),
             flush_pending: false,
             exit_now: false,
+            cluster: None,
             lag: Arc::new(Mutex::new(LagDetector::new(Instant::now()))),
         }
     }

@@ -2,6 +2,7 @@
 //! that controls them.
 
 mod cli;
+mod cluster;
 mod core;
 mod events;
 mod http;
@@ -49,6 +50,17 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `cluster` subcommands.
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every node of the cluster with its roles, daemons, jobs and how long ago it was last seen
+    Status {
+        /// Machine-readable output (the same JSON as GET /cluster/status)
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +135,11 @@ enum Command {
         /// Machine-readable output (the format is documented in the README)
         #[arg(long)]
         json: bool,
+    },
+    /// The cluster this node belongs to (`cluster.enabled`): `cluster status`
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Show a daemon's log (logs/<daemon>.log), or the supervisor's with `master_loop`
     Logs {
@@ -514,6 +531,12 @@ fn run(cli: Cli, paths: Paths) -> i32 {
         }
         Command::Shutdown { timeout } => with_client(&paths, &Request::Shutdown, timeout),
         Command::Status { name, json } => status(&paths, name, json),
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+        } => match cli::connect_or_explain(&paths) {
+            Ok(mut client) => cli::cluster_status(&mut client, json),
+            Err(code) => code,
+        },
         Command::Logs {
             name,
             lines,

@@ -297,6 +297,9 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             why.as_deref().unwrap_or("unknown reason")
         )),
     }
+    let cluster_cfg = opts.config.cluster.clone();
+    let cluster_root = paths.root.clone();
+    let cluster_tx = tx.clone();
     let core = Core::new(crate::core::CoreParts {
         paths,
         config: opts.config,
@@ -324,6 +327,21 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
                 core.http_error = Some(why);
             }
         }
+    }
+    if cluster_cfg.enabled {
+        log.info(&format!(
+            "cluster: node {} (roles {}), bus {}",
+            cluster_cfg.node_id,
+            cluster_cfg.roles.join(", "),
+            cluster_cfg.servers.join(", ")
+        ));
+        core.cluster = Some(crate::cluster::start(
+            cluster_cfg,
+            cluster_root,
+            core.http_addr.clone(),
+            cluster_tx,
+            log.clone(),
+        ));
     }
     core.run(rx).await;
     // The socket is gone on purpose now: it must not be made again while the last answers drain,

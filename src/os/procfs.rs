@@ -250,9 +250,19 @@ pub fn cpu_percent(prev: &CpuTimes, cur: &CpuTimes) -> Option<f64> {
 /// `MemAvailable` of /proc/meminfo (the kernel's estimate of memory available without swapping),
 /// in bytes.
 pub fn parse_mem_available(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    parse_meminfo_field(text, "MemAvailable")
+}
+
+/// A `/proc/meminfo` line's value (`MemTotal:  16318464 kB`), in bytes.
+pub fn parse_meminfo_field(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Total memory of the machine, in bytes (`MemTotal` of /proc/meminfo).
+pub fn mem_total() -> Option<u64> {
+    parse_meminfo_field(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal")
 }
 
 /// Memory available now, in bytes (see [`parse_mem_available`]).
@@ -450,6 +460,11 @@ mod tests {
             Some(2048 * 1024)
         );
         assert_eq!(parse_mem_available("nothing"), None);
+        assert_eq!(
+            parse_meminfo_field("MemTotal: 100 kB\n", "MemTotal"),
+            Some(100 * 1024)
+        );
+        assert!(mem_total().is_some_and(|t| t > 0));
         assert_eq!(parse_loadavg("0.52 0.40 0.30 1/200 1234\n"), Some(0.52));
         assert!(mem_available().is_some() && loadavg().is_some());
     }

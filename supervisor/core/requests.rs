@@ -134,6 +134,18 @@ impl Core {
                 }
             }
             Request::Shutdown => self.begin_shutdown(Some(reply)),
+            Request::ClusterStatus => {
+                let answer = match &self.cluster {
+                    Some(view) => {
+                        FromSupervisor::Cluster(view.lock().expect("cluster view lock").clone())
+                    }
+                    None => error(
+                        ErrorCode::BadRequest,
+                        "this node is not in a cluster (cluster.enabled is false)",
+                    ),
+                };
+                let _ = reply.send(answer);
+            }
         }
     }
 

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Msg, Requester};
 
-pub(crate) const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /metrics, GET /events, POST /event (HEAD wherever GET)";
+pub(crate) const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /metrics, GET /events, GET /cluster/status, POST /event (HEAD wherever GET)";
 
 /// Default page of `GET /events`.
 const DEFAULT_PAGE: usize = 100;
@@ -26,6 +26,8 @@ pub(crate) enum Route {
     DaemonHealth(String),
     Metrics,
     Events,
+    /// `GET /cluster/status`: `cluster status --json`.
+    Cluster,
     /// A write route: needs the bearer token, and has a body.
     PostEvent,
 }
@@ -41,6 +43,7 @@ impl Route {
             ["daemon", name, "health"] => (Route::DaemonHealth((*name).to_string()), "GET"),
             ["metrics"] => (Route::Metrics, "GET"),
             ["events"] => (Route::Events, "GET"),
+            ["cluster", "status"] => (Route::Cluster, "GET"),
             ["event"] => (Route::PostEvent, "POST"),
             _ => {
                 return Err(Response::error(
@@ -121,6 +124,13 @@ pub(crate) async fn read(
             body: super::metrics::metrics(&s).into_bytes(),
         }),
         Route::Events => Ok(list_events(core, query).await),
+        Route::Cluster => Ok(match ask(core, Request::ClusterStatus).await {
+            Some(FromSupervisor::Cluster(c)) => {
+                Response::json(200, &serde_json::to_value(&c).expect("serializes"))
+            }
+            Some(FromSupervisor::Error { message, .. }) => Response::error(404, &message),
+            _ => Response::error(503, "the supervisor is shutting down"),
+        }),
         Route::PostEvent => Err(Response::error(500, "a write route reached read()")),
     };
     result.unwrap_or_else(|r| r)

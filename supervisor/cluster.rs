@@ -1,0 +1,352 @@
+//! Cluster membership on NATS JetStream (issue 12, part 1): this node's record in a replicated
+//! key-value bucket that expires when the node stops renewing it, and the view of every node.
+//!
+//! One task per supervisor, started only when `cluster.enabled`. Every `heartbeat_interval` it
+//! asks the core for the status, writes this node's [`NodeRecord`] to the bucket
+//! `ringrift_nodes` (key = node id), then reads every record back: a node seen for the first time
+//! is announced as NODE_JOINED, one whose record has expired (the bucket's max age is
+//! `node_expiry`) as NODE_LEFT. The view is shared with the core, which answers `cluster status`
+//! and `GET /cluster/status` from it. The task never blocks the core: when the bus is unreachable
+//! the view says so (`connected: false`, `error`) and the node keeps supervising.
+//!
+//! Facts from CLUSTER-NOTES.md this relies on (nats-server 2.9 with async-nats 0.51): the bucket's
+//! backing stream is made by hand (`create_key_value` fails against 2.9), and 2.9 sends no watch
+//! event when a key expires, so departures are found by sweeping the keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use futures_util::StreamExt;
+use ringrift::config::ClusterConfig;
+use ringrift::protocol::{
+    ClusterReport, FromSupervisor, NodeRecord, NodeStatus, Request, StatusReport, StatusRequest,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{Msg, Requester};
+use crate::logwriter::SupervisorLog;
+
+/// The membership bucket.
+pub(crate) const BUCKET: &str = "ringrift_nodes";
+
+/// JetStream API calls hang during leader elections until the client's timeout (CLUSTER-NOTES
+/// pitfall 7): a short one, and the next heartbeat tries again.
+const API_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The view of the cluster that `cluster status` shows.
+pub(crate) type View = Arc<Mutex<ClusterReport>>;
+
+/// Starts the membership task; returns the view it keeps up to date.
+pub(crate) fn start(
+    cfg: ClusterConfig,
+    root: std::path::PathBuf,
+    http: Option<String>,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) -> View {
+    let view = Arc::new(Mutex::new(ClusterReport {
+        node_id: cfg.node_id.clone(),
+        connected: false,
+        error: Some("connecting".into()),
+        nodes: Vec::new(),
+    }));
+    let member = Member {
+        cfg,
+        root,
+        http,
+        core,
+        log,
+        view: view.clone(),
+        known: None,
+        gpus: count_gpus(),
+    };
+    tokio::spawn(member.run());
+    view
+}
+
+struct Member {
+    cfg: ClusterConfig,
+    root: std::path::PathBuf,
+    http: Option<String>,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+    view: View,
+    /// Nodes seen in the last sweep, with when they last renewed (unix seconds); None before the
+    /// first sweep, whose nodes were there already (only this node is announced as joining then).
+    known: Option<BTreeMap<String, f64>>,
+    gpus: u32,
+}
+
+impl Member {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut store: Option<kv::Store> = None;
+        let mut last_error: Option<String> = None;
+        loop {
+            tick.tick().await;
+            if self.core.is_closed() {
+                return;
+            }
+            if store.is_none() {
+                match self.open().await {
+                    Ok(s) => {
+                        self.log.info(&format!(
+                            "cluster: node {} joined the bus at {}",
+                            self.cfg.node_id,
+                            self.cfg.servers.join(", ")
+                        ));
+                        store = Some(s);
+                    }
+                    Err(e) => {
+                        self.note_error(&mut last_error, format!("cannot join the bus: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let s = store.as_ref().expect("opened above");
+            match self.beat(s).await {
+                Ok(()) => {
+                    if last_error.take().is_some() {
+                        self.log.info("cluster: membership up to date again");
+                    }
+                }
+                Err(e) => self.note_error(&mut last_error, e),
+            }
+        }
+    }
+
+    /// Logs an error once until it changes, and shows it in the view.
+    fn note_error(&self, last: &mut Option<String>, e: String) {
+        if last.as_deref() != Some(e.as_str()) {
+            self.log.warn(&format!("cluster: {e}"));
+        }
+        let mut v = self.view.lock().expect("cluster view lock");
+        v.connected = false;
+        v.error = Some(e.clone());
+        *last = Some(e);
+    }
+
+    /// Connects and makes (or finds) the membership bucket.
+    async fn open(&self) -> Result<kv::Store, String> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("ringrift-supervisor {}", self.cfg.node_id))
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(API_TIMEOUT));
+        if let Some(creds) = &self.cfg.credentials {
+            opts = opts
+                .credentials_file(creds)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", creds.display()))?;
+        }
+        if let Some((user, password)) = &self.cfg.user {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &self.cfg.tls.ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.cfg.tls.cert, &self.cfg.tls.key) {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = opts
+            .connect(self.cfg.servers.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client);
+        let expiry = self.cfg.node_expiry;
+        // The KV bucket's backing stream, as async-nats would make it (CLUSTER-NOTES pitfall 1).
+        js.get_or_create_stream(stream::Config {
+            name: format!("KV_{BUCKET}"),
+            subjects: vec![format!("$KV.{BUCKET}.>")],
+            max_messages_per_subject: 1,
+            max_age: expiry,
+            storage: stream::StorageType::File,
+            num_replicas: self.cfg.servers.len().clamp(1, 3),
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            duplicate_window: expiry.min(Duration::from_secs(120)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
+        js.get_key_value(BUCKET)
+            .await
+            .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))
+    }
+
+    /// One heartbeat: renew this node's record, then read every record and announce changes.
+    async fn beat(&mut self, store: &kv::Store) -> Result<(), String> {
+        let record = self.record().await;
+        let bytes = serde_json::to_vec(&record).expect("a record serializes");
+        store
+            .put(&self.cfg.node_id, bytes.into())
+            .await
+            .map_err(|e| format!("cannot renew this node's record: {e}"))?;
+        let mut keys = store
+            .keys()
+            .await
+            .map_err(|e| format!("cannot list the nodes: {e}"))?;
+        let mut nodes = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            let Ok(Some(value)) = store.get(&key).await else {
+                continue;
+            };
+            match serde_json::from_slice::<NodeRecord>(&value) {
+                Ok(r) => nodes.push(r),
+                Err(e) => self
+                    .log
+                    .warn(&format!("cluster: ignored the record of '{key}': {e}")),
+            }
+        }
+        let now = unix_now();
+        let seen: BTreeSet<&str> = nodes.iter().map(|r| r.node_id.as_str()).collect();
+        let known = self.known.take();
+        for r in &nodes {
+            let new = match &known {
+                Some(k) => !k.contains_key(&r.node_id),
+                None => r.node_id == self.cfg.node_id,
+            };
+            if new {
+                self.log
+                    .info(&format!("cluster: node {} joined", r.node_id));
+                self.announce(
+                    "NODE_JOINED",
+                    serde_json::json!({"node_id": r.node_id, "roles": r.roles.join(","), "version": r.version}),
+                );
+            }
+        }
+        let left: Vec<(String, f64)> = known
+            .iter()
+            .flatten()
+            .filter(|(id, _)| !seen.contains(id.as_str()))
+            .map(|(id, t)| (id.clone(), *t))
+            .collect();
+        for (id, last) in left {
+            let ago = (now - last).max(0.0);
+            self.log.warn(&format!(
+                "cluster: node {id} left (its record expired; last renewed {ago:.1}s ago)"
+            ));
+            self.announce(
+                "NODE_LEFT",
+                serde_json::json!({"node_id": id, "last_seen_secs": (ago * 1000.0).round() / 1000.0}),
+            );
+        }
+        self.known = Some(
+            nodes
+                .iter()
+                .map(|r| (r.node_id.clone(), r.updated_unix))
+                .collect(),
+        );
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let mut v = self.view.lock().expect("cluster view lock");
+        v.connected = true;
+        v.error = None;
+        v.nodes = nodes
+            .into_iter()
+            .map(|record| NodeStatus {
+                last_seen_secs: ((now - record.updated_unix).max(0.0) * 1000.0).round() / 1000.0,
+                record,
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// This node's record now.
+    async fn record(&self) -> NodeRecord {
+        let status = self.status().await;
+        let daemons = status
+            .as_ref()
+            .map(|s| {
+                s.daemons
+                    .iter()
+                    .map(|d| (d.name.clone(), d.state))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let health = status.as_ref().and_then(|s| {
+            s.daemons
+                .iter()
+                .find(|d| d.name == "unified_node_health" && d.pid.is_some())
+                .map(|d| (d.health.healthy, d.health.message.clone()))
+        });
+        let jobs = status.as_ref().map_or(0, |s| s.jobs.len() as u32);
+        NodeRecord {
+            node_id: self.cfg.node_id.clone(),
+            roles: self.cfg.roles.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            http: self.http.clone(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            memory_bytes: ringrift::procfs::mem_total().unwrap_or(0),
+            gpus: self.gpus,
+            free_disk_bytes: nix::sys::statvfs::statvfs(&self.root)
+                .map(|st| st.blocks_available() * st.fragment_size())
+                .unwrap_or(0),
+            health,
+            daemons,
+            jobs,
+            updated_unix: unix_now(),
+        }
+    }
+
+    /// The core's status report, as `status --json` shows it.
+    async fn status(&self) -> Option<StatusReport> {
+        let (reply, answer) = oneshot::channel();
+        self.core
+            .send(Msg::Request {
+                frame: Request::Status(StatusRequest::default()),
+                reply,
+                stream: None,
+                from: Requester::Supervisor,
+            })
+            .ok()?;
+        match answer.await {
+            Ok(FromSupervisor::Status(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Publishes a NODE_* event through the core, as the supervisor.
+    fn announce(&self, event_type: &str, payload: serde_json::Value) {
+        let (reply, _answer) = oneshot::channel();
+        let _ = self.core.send(Msg::Request {
+            frame: Request::Emit(ringrift::protocol::Emit {
+                event_type: event_type.to_string(),
+                payload,
+                source: None,
+            }),
+            reply,
+            stream: None,
+            from: Requester::Supervisor,
+        });
+    }
+}
+
+/// GPUs that `nvidia-smi -L` lists; 0 without it.
+fn count_gpus() -> u32 {
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or(0, |o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.starts_with("GPU "))
+                .count() as u32
+        })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
