@@ -4,6 +4,7 @@
 mod common;
 
 mod bad_data;
+mod cluster;
 mod commands;
 mod config;
 mod containment;

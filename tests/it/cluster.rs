@@ -1,0 +1,213 @@
+//! The cluster on NATS JetStream (issue 12): each test starts its own `nats-server` on free
+//! loopback ports, with its store in a temporary directory, and supervisor roots that join it.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use ringrift::protocol::ClusterReport;
+
+use nix::sys::signal::Signal::SIGTERM;
+
+use super::common::*;
+
+const T: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `nats-server` with JetStream, on loopback only; stopped when dropped.
+struct Nats {
+    child: Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .expect("nats-server is not installed (apt-get install nats-server; .ci/run does)");
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = std::process::Command::new(program)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .args(["-n", &format!("test-{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let nats = Nats {
+            child,
+            port,
+            _store: store,
+        };
+        assert!(
+            wait_until(T, || std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()),
+            "nats-server did not listen on {port}"
+        );
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        signal(self.child.id(), SIGTERM);
+        if !wait_until(T, || matches!(self.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A node: a root whose configuration joins the cluster at `nats` as `id`.
+fn node(nats: &Nats, id: &str, http: Option<u16>) -> Root {
+    let http = match http {
+        Some(port) => format!("http:\n  addr: 127.0.0.1:{port}\n"),
+        None => "http:\n  enabled: false\n".into(),
+    };
+    Root::with_config(&format!(
+        "{http}cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n\
+         daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n",
+        nats.url()
+    ))
+}
+
+fn cluster(root: &Root) -> ClusterReport {
+    serde_json::from_str(&root.ok(&["cluster", "status", "--json"])).expect("cluster JSON")
+}
+
+fn node_ids(report: &ClusterReport) -> Vec<String> {
+    report
+        .nodes
+        .iter()
+        .map(|n| n.record.node_id.clone())
+        .collect()
+}
+
+/// NODE_JOINED or NODE_LEFT events about `id` after sequence number `after`.
+fn node_events(root: &Root, kind: &str, id: &str, after: u64) -> usize {
+    root.events_of(kind)
+        .iter()
+        .filter(|e| e.seq > after && e.payload["node_id"] == id)
+        .count()
+}
+
+#[test]
+fn three_nodes_see_each_other_and_a_killed_one_leaves_and_comes_back() {
+    let nats = Nats::start();
+    let http = free_port();
+    let a = node(&nats, "node-a", Some(http));
+    let b = node(&nats, "node-b", None);
+    let c = node(&nats, "node-c", None);
+    for r in [&a, &b, &c] {
+        r.ok(&["start", "napper"]);
+    }
+    let all = ["node-a", "node-b", "node-c"];
+    for r in [&a, &b, &c] {
+        assert!(
+            wait_until(T, || node_ids(&cluster(r)) == all),
+            "not every node listed: {:#?}\nmaster log:\n{}",
+            cluster(r),
+            r.master_log()
+        );
+    }
+    let report = cluster(&a);
+    assert!(report.connected && report.error.is_none(), "{report:#?}");
+    let b_entry = &report.nodes[1];
+    assert_eq!(b_entry.record.daemons["napper"], DaemonState::Running);
+    assert!(b_entry.record.cores >= 1 && b_entry.record.memory_bytes > 0);
+    assert!(b_entry.last_seen_secs < 2.0, "{b_entry:#?}");
+    // The table names every node, and GET /cluster/status returns the same view.
+    let table = a.ok(&["cluster", "status"]);
+    for id in all {
+        assert!(table.contains(id), "{table}");
+    }
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    conn.write_all(b"GET /cluster/status HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    let over_http: ClusterReport = serde_json::from_str(body).unwrap();
+    assert_eq!(node_ids(&over_http), all);
+
+    // SIGKILL of b's supervisor: its record expires (node_expiry 2 s) and the others announce
+    // NODE_LEFT within the expiry plus two seconds.
+    let mark = a.events(&[]).last().map_or(0, |e| e.seq);
+    let b_pid = b.supervisor_pid().unwrap();
+    signal(b_pid, SIGKILL);
+    let killed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(4), || node_events(
+            &a,
+            "NODE_LEFT",
+            "node-b",
+            mark
+        ) == 1),
+        "no NODE_LEFT for node-b on node-a within 4 s:\n{}",
+        a.master_log()
+    );
+    eprintln!("NODE_LEFT after {:?}", killed.elapsed());
+    assert!(wait_until(T, || node_events(&c, "NODE_LEFT", "node-b", 0) == 1));
+    assert_eq!(node_ids(&cluster(&a)), ["node-a", "node-c"]);
+
+    // b comes back: NODE_JOINED on the others.
+    b.ok(&["start", "napper"]);
+    assert!(
+        wait_until(T, || node_events(&a, "NODE_JOINED", "node-b", mark) == 1),
+        "no NODE_JOINED for node-b after its restart:\n{}",
+        a.master_log()
+    );
+    assert!(wait_until(T, || node_ids(&cluster(&c)) == all));
+}
+
+#[test]
+fn a_node_without_a_cluster_says_so_and_one_without_a_bus_keeps_supervising() {
+    let single = Root::with_config(
+        "http:\n  enabled: false\ndaemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n",
+    );
+    single.ok(&["start", "napper"]);
+    let out = single.run(&["cluster", "status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in a cluster"),
+        "{out:?}"
+    );
+
+    // A bus that is not there: the node runs its daemons, and `cluster status` says why it is
+    // not connected (exit 1).
+    let port = free_port();
+    let lonely = Root::with_config(&format!(
+        "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: lonely\n  \
+         servers: [nats://127.0.0.1:{port}]\n  heartbeat_interval: 300ms\n  node_expiry: 2s\n\
+         daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n"
+    ));
+    lonely.ok(&["start", "napper"]);
+    assert_eq!(lonely.state("napper"), DaemonState::Running);
+    assert!(wait_until(T, || {
+        let out = lonely.run(&["cluster", "status", "--json"]);
+        let r: ClusterReport = serde_json::from_slice(&out.stdout).unwrap();
+        out.status.code() == Some(1) && !r.connected && r.error.is_some_and(|e| e.contains("bus"))
+    }));
+}
