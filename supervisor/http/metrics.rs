@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use ringrift::lifecycle::DaemonState;
-use ringrift::protocol::StatusReport;
+use ringrift::protocol::{ClusterReport, NodeStatus, StatusReport};
 
 /// Prometheus text exposition of the status report.
 pub(crate) fn metrics(s: &StatusReport) -> String {
@@ -129,6 +129,61 @@ pub(crate) fn metrics(s: &StatusReport) -> String {
         "gauge",
         "seconds since the supervisor started",
         vec![(String::new(), s.supervisor.uptime_secs)],
+    );
+    out
+}
+
+/// The cluster's gauges (`cluster.enabled`): whether this node reaches the bus, and per node
+/// (`node` label) how long ago it renewed its record, its running daemons, jobs and free disk.
+pub(crate) fn cluster_metrics(c: &ClusterReport) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let per_node = |f: &dyn Fn(&NodeStatus) -> f64| -> Vec<(String, f64)> {
+        c.nodes
+            .iter()
+            .map(|n| (format!("{{node=\"{}\"}}", escape(&n.record.node_id)), f(n)))
+            .collect()
+    };
+    family(
+        "ringrift_cluster_connected",
+        "1 when this node reaches the bus and its membership view is current",
+        vec![(String::new(), f64::from(u8::from(c.connected)))],
+    );
+    family(
+        "ringrift_cluster_nodes",
+        "nodes with a live record in the membership bucket",
+        vec![(String::new(), c.nodes.len() as f64)],
+    );
+    family(
+        "ringrift_cluster_node_last_seen_seconds",
+        "seconds since the node last renewed its record",
+        per_node(&|n| n.last_seen_secs),
+    );
+    family(
+        "ringrift_cluster_node_daemons_running",
+        "the node's daemons in RUNNING",
+        per_node(&|n| {
+            n.record
+                .daemons
+                .values()
+                .filter(|s| **s == DaemonState::Running)
+                .count() as f64
+        }),
+    );
+    family(
+        "ringrift_cluster_node_jobs_running",
+        "jobs running on the node",
+        per_node(&|n| f64::from(n.record.jobs)),
+    );
+    family(
+        "ringrift_cluster_node_free_disk_bytes",
+        "free disk under the node's root, bytes",
+        per_node(&|n| n.record.free_disk_bytes as f64),
     );
     out
 }

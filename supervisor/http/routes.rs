@@ -117,12 +117,21 @@ pub(crate) async fn read(
             Response::json(200, &serde_json::to_value(&s).expect("serializes"))
         }),
         Route::DaemonHealth(name) => Ok(daemon_health(core, name).await),
-        Route::Metrics => status(core).await.map(|s| Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4",
-            headers: Vec::new(),
-            body: super::metrics::metrics(&s).into_bytes(),
-        }),
+        Route::Metrics => match status(core).await {
+            Ok(s) => {
+                let mut text = super::metrics::metrics(&s);
+                if let Some(FromSupervisor::Cluster(c)) = ask(core, Request::ClusterStatus).await {
+                    text.push_str(&super::metrics::cluster_metrics(&c));
+                }
+                Ok(Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    headers: Vec::new(),
+                    body: text.into_bytes(),
+                })
+            }
+            Err(r) => Err(r),
+        },
         Route::Events => Ok(list_events(core, query).await),
         Route::Cluster => Ok(match ask(core, Request::ClusterStatus).await {
             Some(FromSupervisor::Cluster(c)) => {

@@ -151,6 +151,16 @@ fn three_nodes_see_each_other_and_a_killed_one_leaves_and_comes_back() {
     let body = answer.split("\r\n\r\n").nth(1).unwrap();
     let over_http: ClusterReport = serde_json::from_str(body).unwrap();
     assert_eq!(node_ids(&over_http), all);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    conn.read_to_string(&mut metrics).unwrap();
+    assert!(metrics.contains("ringrift_cluster_nodes 3\n"), "{metrics}");
+    assert!(
+        metrics.contains("ringrift_cluster_node_daemons_running{node=\"node-b\"} 1\n"),
+        "{metrics}"
+    );
 
     // SIGKILL of b's supervisor: its record expires (node_expiry 2 s) and the others announce
     // NODE_LEFT within the expiry plus two seconds.
