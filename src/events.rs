@@ -35,6 +35,44 @@ pub struct Event {
     pub source: String,
     /// RFC 3339 UTC time of acceptance.
     pub timestamp: String,
+    /// For an event from another node of the cluster: that node's id (its `seq` is this node's,
+    /// its `id` the one it was given there). Absent for this node's own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// The event types that cross the cluster (README, "Cluster"): facts of the loop that other nodes
+/// act on or show. Lifecycle (DAEMON_*) and membership (NODE_*) events stay on their node: each
+/// node announces membership itself.
+pub const CLUSTER_WIDE: &[&str] = &[
+    "NEW_GAMES_AVAILABLE",
+    "SELFPLAY_COMPLETE",
+    "NPZ_EXPORT_COMPLETE",
+    "TRAINING_COMPLETED",
+    "TRAINING_FAILED",
+    "EVALUATION_COMPLETED",
+    "EVALUATION_FAILED",
+    "MODEL_PROMOTED",
+    "PROMOTION_REJECTED",
+    "MODEL_DISTRIBUTION_COMPLETE",
+    "QUALITY_SCORE_UPDATED",
+];
+
+/// True for a (normalized) type in [`CLUSTER_WIDE`].
+pub fn is_cluster_wide(event_type: &str) -> bool {
+    CLUSTER_WIDE.contains(&event_type)
+}
+
+impl Origin<'_> {
+    /// The origin an event's `source` names (the inverse of [`Origin::as_str`]).
+    pub fn from_source(source: &str) -> Origin<'_> {
+        match source {
+            "supervisor" => Origin::Supervisor,
+            "cli" => Origin::Cli,
+            "http" => Origin::Http,
+            daemon => Origin::Daemon(daemon),
+        }
+    }
 }
 
 /// The JSON type a payload field must have.

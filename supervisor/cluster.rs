@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::core::{Msg, Requester};
 use crate::logwriter::SupervisorLog;
 
+mod bus;
+
 /// The membership bucket.
 pub(crate) const BUCKET: &str = "ringrift_nodes";
 
@@ -92,7 +94,14 @@ impl Member {
             }
             if store.is_none() {
                 match self.open().await {
-                    Ok(s) => {
+                    Ok((js, s)) => {
+                        bus::start(
+                            js,
+                            self.cfg.node_id.clone(),
+                            self.root.clone(),
+                            self.core.clone(),
+                            self.log.clone(),
+                        );
                         self.log.info(&format!(
                             "cluster: node {} joined the bus at {}",
                             self.cfg.node_id,
@@ -130,7 +139,7 @@ impl Member {
     }
 
     /// Connects and makes (or finds) the membership bucket.
-    async fn open(&self) -> Result<kv::Store, String> {
+    async fn open(&self) -> Result<(jetstream::Context, kv::Store), String> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("ringrift-supervisor {}", self.cfg.node_id))
             .connection_timeout(Duration::from_secs(2))
@@ -175,9 +184,12 @@ impl Member {
         })
         .await
         .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
-        js.get_key_value(BUCKET)
+        let store = js
+            .get_key_value(BUCKET)
             .await
-            .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))
+            .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
+        bus::ensure_stream(&js, self.cfg.servers.len().clamp(1, 3)).await?;
+        Ok((js, store))
     }
 
     /// One heartbeat: renew this node's record, then read every record and announce changes.

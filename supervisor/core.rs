@@ -123,6 +123,14 @@ pub(crate) enum Msg {
         id: u64,
     },
     Signal(SignalKind),
+    /// An event another node of the cluster published (supervisor/cluster/bus.rs): logged and
+    /// delivered like a local one once its provenance checks out. The reply says it was handled
+    /// (taken, a duplicate, or refused), so the bus may acknowledge it.
+    RemoteEvent {
+        node: String,
+        event: ringrift::events::Event,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +355,10 @@ impl Core {
             Msg::WaiterDeadline { id } => self.waiter_deadline(id),
             Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),
             Msg::JobTimer { job_id, kind } => self.on_job_timer(&job_id, kind),
+            Msg::RemoteEvent { node, event, reply } => {
+                self.take_remote(&node, event);
+                let _ = reply.send(());
+            }
         }
     }
 

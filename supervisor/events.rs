@@ -15,7 +15,7 @@
 mod recovery;
 mod store;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,7 +131,14 @@ pub(crate) struct Router {
     quarantined: Vec<String>,
     /// subscribers.json or state.json is behind.
     pub(crate) dirty: bool,
+    /// Ids of the latest events taken from other nodes, oldest first: one delivered again (its
+    /// ack was lost) is dropped, not logged twice.
+    remote_seen: (HashSet<String>, VecDeque<String>),
 }
+
+/// Remote event ids remembered for deduplication; JetStream redelivers only unacked messages, so
+/// a duplicate can only be recent.
+const REMOTE_SEEN: usize = 65_536;
 
 impl Router {
     /// Opens (creating) data/events, moves damaged parts aside and indexes the retained log.
@@ -171,6 +178,7 @@ impl Router {
                 .collect(),
             // The high-water mark and a reset of positions are written soon.
             dirty: !rec.warnings.is_empty(),
+            remote_seen: Default::default(),
         };
         Ok((router, rec.warnings))
     }
@@ -184,14 +192,48 @@ impl Router {
     ) -> Result<Arc<Event>, PublishError> {
         let event_type = events::validate(event_type, &payload)?;
         let seq = self.next_seq;
-        let ev = Arc::new(Event {
+        self.append(Event {
             seq,
             id: format!("{}-{seq}", self.id_prefix),
             event_type,
             payload,
             source: source.to_string(),
             timestamp: ringrift::timefmt::now_rfc3339(),
-        });
+            node: None,
+        })
+    }
+
+    /// Takes an event first published on `node` of the cluster: validated like a local one, kept
+    /// with its id, source and time, numbered in this node's log. None when it was taken already.
+    pub(crate) fn publish_remote(
+        &mut self,
+        node: &str,
+        remote: Event,
+    ) -> Result<Option<Arc<Event>>, PublishError> {
+        let event_type = events::validate(&remote.event_type, &remote.payload)?;
+        let (seen, order) = &mut self.remote_seen;
+        if !seen.insert(remote.id.clone()) {
+            return Ok(None);
+        }
+        order.push_back(remote.id.clone());
+        if order.len() > REMOTE_SEEN
+            && let Some(old) = order.pop_front()
+        {
+            seen.remove(&old);
+        }
+        let seq = self.next_seq;
+        self.append(Event {
+            seq,
+            event_type,
+            node: Some(node.to_string()),
+            ..remote
+        })
+        .map(Some)
+    }
+
+    /// Appends to the log, then delivers to subscribers and watchers.
+    fn append(&mut self, ev: Event) -> Result<Arc<Event>, PublishError> {
+        let ev = Arc::new(ev);
         self.store.append(&ev)?;
         self.next_seq += 1;
         self.routed += 1;

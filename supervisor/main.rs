@@ -174,6 +174,10 @@ enum Command {
         /// One JSON object per line
         #[arg(long)]
         json: bool,
+        /// Only the types that cross the cluster (this node's and other nodes'; an event from
+        /// another node shows its source as NODE/SOURCE)
+        #[arg(long)]
+        cluster: bool,
     },
     /// Live view of daemons (state, pid, uptime, restarts, CPU, RSS, health) and the latest events; q quits
     Watch {
@@ -474,7 +478,15 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             since,
             lines,
             json,
+            cluster,
         } => {
+            let mut types = types;
+            if cluster && types.is_empty() {
+                types = ringrift::events::CLUSTER_WIDE
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect();
+            }
             let mut client = match cli::connect_or_explain(&paths) {
                 Ok(c) => c,
                 Err(code) => return code,

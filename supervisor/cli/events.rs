@@ -48,7 +48,10 @@ pub(crate) fn print_events(client: &mut Client, q: &EventsQuery) -> i32 {
                             event.seq,
                             event.timestamp,
                             event.event_type,
-                            event.source,
+                            match &event.node {
+                                Some(node) => format!("{node}/{}", event.source),
+                                None => event.source.clone(),
+                            },
                             event.payload
                         )
                     };

@@ -64,4 +64,33 @@ impl Core {
             }
         }
     }
+
+    /// An event from another node: the same provenance rule as a local one (its source must be
+    /// allowed to emit the type: a remote node announces facts, never what this node does), then
+    /// into the log and to the subscribers.
+    pub(super) fn take_remote(&mut self, node: &str, event: ringrift::events::Event) {
+        let t = ringrift::events::normalize(&event.event_type);
+        let refused = match ringrift::events::find(&t) {
+            None => Some(format!("unknown event type '{}'", event.event_type)),
+            Some(_) if !ringrift::events::is_cluster_wide(&t) => {
+                Some(format!("{t} does not cross the cluster"))
+            }
+            Some(spec) => ringrift::events::may_emit(spec, Origin::from_source(&event.source))
+                .err()
+                .map(|e| e.0),
+        };
+        if let Some(why) = refused {
+            self.log.warn(&format!(
+                "cluster: refused event {} from node {node}: {why}",
+                event.id
+            ));
+            return;
+        }
+        match self.events.publish_remote(node, event) {
+            Ok(_) => {}
+            Err(e) => self
+                .log
+                .warn(&format!("cluster: refused an event from node {node}: {e}")),
+        }
+    }
 }

@@ -221,3 +221,75 @@ fn a_node_without_a_cluster_says_so_and_one_without_a_bus_keeps_supervising() {
         out.status.code() == Some(1) && !r.connected && r.error.is_some_and(|e| e.contains("bus"))
     }));
 }
+
+/// NEW_GAMES_AVAILABLE events on `root` that came from `node`, by their `new_games`.
+fn remote_games(root: &Root, node: &str) -> Vec<i64> {
+    root.events_of("NEW_GAMES_AVAILABLE")
+        .iter()
+        .filter(|e| e.node.as_deref() == Some(node))
+        .map(|e| e.payload["new_games"].as_i64().unwrap())
+        .collect()
+}
+
+fn emit_games(root: &Root, n: u32) {
+    root.ok(&[
+        "emit",
+        "NEW_GAMES_AVAILABLE",
+        &format!("{{\"config_key\":\"hex8_2p\",\"new_games\":{n}}}"),
+    ]);
+}
+
+#[test]
+fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
+    let nats = Nats::start();
+    let a = node(&nats, "node-a", None);
+    let c = node(&nats, "node-c", None);
+    for r in [&a, &c] {
+        r.ok(&["start", "napper"]);
+    }
+    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+
+    // Emitted on A, it reaches C's log with A as its node, its id and source kept; a type that
+    // stays on its node (DAEMON_*) does not cross.
+    emit_games(&a, 1);
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a") == [1]),
+        "not on node-c:\n{}",
+        c.master_log()
+    );
+    let on_a = &a.events_of("NEW_GAMES_AVAILABLE")[0];
+    let on_c = c
+        .events_of("NEW_GAMES_AVAILABLE")
+        .into_iter()
+        .find(|e| e.node.is_some())
+        .unwrap();
+    assert_eq!((&on_c.id, &on_c.source), (&on_a.id, &on_a.source));
+    assert!(on_a.node.is_none(), "A's own event has no node");
+    assert!(
+        c.events_of("DAEMON_STARTED")
+            .iter()
+            .all(|e| e.node.is_none())
+    );
+    let table = c.ok(&["events", "--cluster"]);
+    assert!(table.contains("node-a/cli"), "{table}");
+
+    // Emitted while C is down, it reaches C after C restarts, once.
+    c.ok(&["shutdown"]);
+    emit_games(&a, 2);
+    emit_games(&a, 3);
+    c.ok(&["start", "napper"]);
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a") == [1, 2, 3]),
+        "events sent while node-c was down did not arrive: {:?}\n{}",
+        remote_games(&c, "node-a"),
+        c.master_log()
+    );
+    // Later events follow them, and none came twice on the way.
+    emit_games(&a, 4);
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a").len() >= 4),
+        "{:?}",
+        remote_games(&c, "node-a")
+    );
+    assert_eq!(remote_games(&c, "node-a"), [1, 2, 3, 4]);
+}

@@ -1,0 +1,297 @@
+//! Cross-node events (issue 12, part 2): this node's cluster-wide events go out to the JetStream
+//! stream `RINGRIFT_EVENTS`, and the other nodes' come in through this node's durable consumer.
+//!
+//! - **Out (the outbox).** The local event log is the outbox: a cursor (`data/cluster/outbox_seq`)
+//!   says up to which sequence number this node's cluster-wide events
+//!   (`ringrift::events::CLUSTER_WIDE`) are on the stream. Each is published with its event id as
+//!   `Nats-Msg-Id` (the stream drops a duplicate within its window) and the cursor moves only
+//!   once the stream acknowledged it. With the bus away, events wait in the log and go out when
+//!   it is back: the local pipeline never waits for the bus.
+//! - **In.** A durable pull consumer per node (`node-<id>`) takes every event published after it
+//!   was first made, also those published while this node was down. Each event of another node
+//!   goes to the core (`Msg::RemoteEvent`: provenance checked, logged, delivered, deduplicated by
+//!   id) and is acknowledged (`double_ack`, CLUSTER-NOTES pitfall 5) once the core has it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt;
+use ringrift::events::Event;
+use ringrift::protocol::{EventsRequest, FromSupervisor, Request};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::{ConnTx, Msg, Requester};
+use crate::logwriter::SupervisorLog;
+
+/// The stream of cluster-wide events.
+pub(crate) const STREAM: &str = "RINGRIFT_EVENTS";
+/// How long the stream keeps events for nodes that are down.
+const KEEP: Duration = Duration::from_secs(7 * 86_400);
+/// How long an unacknowledged event waits before the stream delivers it again.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often the outbox looks for new local events.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What goes on the stream: the event as its node logged it, and that node.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    node: String,
+    event: Event,
+}
+
+/// Makes (or finds) the stream; `replicas` as for the membership bucket.
+pub(crate) async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(), String> {
+    js.get_or_create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["ringrift.events.>".into()],
+        max_age: KEEP,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("cannot make the stream {STREAM}: {e}"))
+}
+
+/// Starts the outbox and the inbox of this node.
+pub(crate) fn start(
+    js: jetstream::Context,
+    node: String,
+    root: PathBuf,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) {
+    tokio::spawn(outbox(
+        js.clone(),
+        node.clone(),
+        root,
+        core.clone(),
+        log.clone(),
+    ));
+    tokio::spawn(inbox(js, node, core, log));
+}
+
+fn cursor_path(root: &Path) -> PathBuf {
+    root.join("data/cluster/outbox_seq")
+}
+
+fn read_cursor(root: &Path) -> Option<u64> {
+    std::fs::read_to_string(cursor_path(root))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn write_cursor(root: &Path, seq: u64) -> std::io::Result<()> {
+    let path = cursor_path(root);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{seq}\n"))?;
+    std::fs::rename(tmp, path)
+}
+
+/// One page of local events after `since`, of the cluster-wide types; and where the next begins.
+async fn local_events(
+    core: &mpsc::UnboundedSender<Msg>,
+    since: u64,
+) -> Option<(Vec<Event>, Option<u64>, u64)> {
+    let (tx, mut rx) = ConnTx::new(64 << 20);
+    let (reply, answer) = oneshot::channel();
+    core.send(Msg::Request {
+        frame: Request::Events(EventsRequest {
+            since: Some(since),
+            types: ringrift::events::CLUSTER_WIDE
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            follow: false,
+            limit: None,
+        }),
+        reply,
+        stream: Some(tx),
+        from: Requester::Supervisor,
+    })
+    .ok()?;
+    let FromSupervisor::EndOfEvents {
+        last_seq,
+        next_since,
+    } = answer.await.ok()?
+    else {
+        return None;
+    };
+    let mut events = Vec::new();
+    while let Some(frame) = rx.try_frame() {
+        if let FromSupervisor::Event { event } = frame {
+            events.push(event);
+        }
+    }
+    Some((events, next_since, last_seq))
+}
+
+async fn outbox(
+    js: jetstream::Context,
+    node: String,
+    root: PathBuf,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) {
+    let mut cursor = read_cursor(&root);
+    let mut failing: Option<String> = None;
+    loop {
+        if core.is_closed() {
+            return;
+        }
+        let Some((events, next_since, last_seq)) =
+            local_events(&core, cursor.unwrap_or(u64::MAX)).await
+        else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        // First time on this root: what the log held before the cluster was enabled stays local.
+        let Some(since) = cursor else {
+            cursor = Some(last_seq);
+            if let Err(e) = write_cursor(&root, last_seq) {
+                log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
+            }
+            continue;
+        };
+        let mut at = since;
+        for ev in events.into_iter().filter(|e| e.seq > since) {
+            if ev.node.is_none() {
+                let subject = format!("ringrift.events.{}", ev.event_type);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", ev.id.as_str());
+                let envelope = Envelope {
+                    node: node.clone(),
+                    event: ev.clone(),
+                };
+                let body = serde_json::to_vec(&envelope).expect("an envelope serializes");
+                let sent = match js.publish_with_headers(subject, headers, body.into()).await {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = sent {
+                    let e = format!("events wait in the outbox: cannot publish: {e}");
+                    if failing.as_deref() != Some(e.as_str()) {
+                        log.warn(&format!("cluster: {e}"));
+                    }
+                    failing = Some(e);
+                    break;
+                }
+                if failing.take().is_some() {
+                    log.info("cluster: the outbox is flowing again");
+                }
+            }
+            at = ev.seq;
+        }
+        if at != since {
+            cursor = Some(at);
+            if let Err(e) = write_cursor(&root, at) {
+                log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
+            }
+        }
+        if next_since.is_none() || failing.is_some() {
+            tokio::time::sleep(if failing.is_some() {
+                Duration::from_secs(1)
+            } else {
+                POLL
+            })
+            .await;
+        }
+    }
+}
+
+async fn inbox(
+    js: jetstream::Context,
+    node: String,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+) {
+    let durable = format!("node-{node}");
+    let mut failing: Option<String> = None;
+    loop {
+        if core.is_closed() {
+            return;
+        }
+        if let Err(e) = take_events(&js, &node, &durable, &core).await {
+            if failing.as_deref() != Some(e.as_str()) {
+                log.warn(&format!("cluster: events from other nodes wait: {e}"));
+            }
+            failing = Some(e);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Takes events until an error: fetches of up to 64, each event to the core, then acknowledged.
+async fn take_events(
+    js: &jetstream::Context,
+    node: &str,
+    durable: &str,
+    core: &mpsc::UnboundedSender<Msg>,
+) -> Result<(), String> {
+    let stream = js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| format!("cannot find the stream {STREAM}: {e}"))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            durable,
+            consumer::pull::Config {
+                durable_name: Some(durable.to_string()),
+                deliver_policy: consumer::DeliverPolicy::New,
+                ack_policy: consumer::AckPolicy::Explicit,
+                // An event fetched by a process that died before acking comes back after this
+                // (CLUSTER-NOTES pitfall 6); a live one acks in well under a millisecond.
+                ack_wait: ACK_WAIT,
+                filter_subject: "ringrift.events.>".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("cannot make the consumer {durable}: {e}"))?;
+    loop {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(64)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| format!("cannot fetch: {e}"))?;
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(|e| format!("cannot fetch: {e}"))?;
+            if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload)
+                && env.node != node
+            {
+                let (reply, handled) = oneshot::channel();
+                let taken = core
+                    .send(Msg::RemoteEvent {
+                        node: env.node,
+                        event: env.event,
+                        reply,
+                    })
+                    .is_ok()
+                    && handled.await.is_ok();
+                if !taken {
+                    // The supervisor is stopping: the event goes back to the stream at once, for
+                    // this node's next process.
+                    let _ = msg
+                        .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                        .await;
+                    return Err("the supervisor is stopping".into());
+                }
+            }
+            msg.double_ack()
+                .await
+                .map_err(|e| format!("cannot acknowledge: {e}"))?;
+        }
+    }
+}
