@@ -31,33 +31,51 @@ struct Nats {
 
 impl Nats {
     fn start() -> Nats {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Nats::spawn(port, store.path());
+        Nats {
+            child,
+            port,
+            _store: store,
+        }
+    }
+
+    fn spawn(port: u16, store: &std::path::Path) -> Child {
         let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("nats-server is not installed (apt-get install nats-server; .ci/run does)");
-        let store = tempfile::tempdir().unwrap();
-        let port = free_port();
         let child = std::process::Command::new(program)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
+            .arg(store)
             .args(["-n", &format!("test-{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        let nats = Nats {
-            child,
-            port,
-            _store: store,
-        };
         assert!(
             wait_until(T, || std::net::TcpStream::connect(("127.0.0.1", port))
                 .is_ok()),
             "nats-server did not listen on {port}"
         );
-        nats
+        child
+    }
+
+    /// Stops the server (SIGTERM, as an operator would), keeping its store.
+    fn stop(&mut self) {
+        signal(self.child.id(), SIGTERM);
+        if !wait_until(T, || matches!(self.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and store.
+    fn restart(&mut self) {
+        self.child = Nats::spawn(self.port, self._store.path());
     }
 
     fn url(&self) -> String {
@@ -67,11 +85,7 @@ impl Nats {
 
 impl Drop for Nats {
     fn drop(&mut self) {
-        signal(self.child.id(), SIGTERM);
-        if !wait_until(T, || matches!(self.child.try_wait(), Ok(Some(_)))) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
@@ -292,4 +306,43 @@ fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
         remote_games(&c, "node-a")
     );
     assert_eq!(remote_games(&c, "node-a"), [1, 2, 3, 4]);
+}
+
+#[test]
+fn with_the_bus_away_nodes_go_on_and_their_events_follow_when_it_is_back() {
+    let mut nats = Nats::start();
+    let a = node(&nats, "node-a", None);
+    let c = node(&nats, "node-c", None);
+    for r in [&a, &c] {
+        r.ok(&["start", "napper"]);
+    }
+    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    emit_games(&a, 1);
+    assert!(wait_until(T, || remote_games(&c, "node-a") == [1]));
+
+    nats.stop();
+    // Both nodes notice, and go on: a daemon restarts, events are logged locally.
+    assert!(wait_until(T, || !cluster_view(&a).connected));
+    let before = a.pid("napper").unwrap();
+    a.ok(&["restart", "napper"]);
+    assert_ne!(a.pid("napper"), Some(before));
+    emit_games(&a, 2);
+    emit_games(&a, 3);
+    assert_eq!(a.events_of("NEW_GAMES_AVAILABLE").len(), 3);
+
+    nats.restart();
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a") == [1, 2, 3]),
+        "the events logged while the bus was away did not follow: {:?}\n{}\n{}",
+        remote_games(&c, "node-a"),
+        a.master_log(),
+        c.master_log()
+    );
+    assert!(wait_until(T, || cluster_view(&a).connected));
+}
+
+/// `cluster status --json` whatever its exit code (1 while not connected).
+fn cluster_view(root: &Root) -> ClusterReport {
+    serde_json::from_slice(&root.run(&["cluster", "status", "--json"]).stdout)
+        .expect("cluster JSON")
 }
