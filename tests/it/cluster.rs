@@ -14,14 +14,6 @@ use super::common::*;
 
 const T: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `nats-server` with JetStream, on loopback only; stopped when dropped.
 struct Nats {
     child: Child,
@@ -236,6 +228,17 @@ fn a_node_without_a_cluster_says_so_and_one_without_a_bus_keeps_supervising() {
     }));
 }
 
+/// node-a and node-c, started and listed by each other.
+fn pair(nats: &Nats) -> (Root, Root) {
+    let a = node(nats, "node-a", None);
+    let c = node(nats, "node-c", None);
+    for r in [&a, &c] {
+        r.ok(&["start", "napper"]);
+    }
+    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    (a, c)
+}
+
 /// NEW_GAMES_AVAILABLE events on `root` that came from `node`, by their `new_games`.
 fn remote_games(root: &Root, node: &str) -> Vec<i64> {
     root.events_of("NEW_GAMES_AVAILABLE")
@@ -256,12 +259,7 @@ fn emit_games(root: &Root, n: u32) {
 #[test]
 fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
     let nats = Nats::start();
-    let a = node(&nats, "node-a", None);
-    let c = node(&nats, "node-c", None);
-    for r in [&a, &c] {
-        r.ok(&["start", "napper"]);
-    }
-    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    let (a, c) = pair(&nats);
 
     // Emitted on A, it reaches C's log with A as its node, its id and source kept; a type that
     // stays on its node (DAEMON_*) does not cross.
@@ -311,12 +309,7 @@ fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
 #[test]
 fn with_the_bus_away_nodes_go_on_and_their_events_follow_when_it_is_back() {
     let mut nats = Nats::start();
-    let a = node(&nats, "node-a", None);
-    let c = node(&nats, "node-c", None);
-    for r in [&a, &c] {
-        r.ok(&["start", "napper"]);
-    }
-    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    let (a, c) = pair(&nats);
     emit_games(&a, 1);
     assert!(wait_until(T, || remote_games(&c, "node-a") == [1]));
 

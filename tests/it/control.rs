@@ -40,14 +40,6 @@ fn within<T>(secs: u64, what: &str, f: impl FnOnce() -> T) -> T {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn a_stop_overridden_by_a_start_answers_at_once_and_says_so() {
     let root = Root::with_config(&config(&[fault(

@@ -291,6 +291,15 @@ pub fn last_line_of(log: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("`{needle}` not in master log:\n{log}"))
 }
 
+/// A loopback TCP port that was free a moment ago (the kernel's pick).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `cond` until it holds or `within` passes. Returns whether it held.
 pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
