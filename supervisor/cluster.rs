@@ -11,7 +11,8 @@
 //!
 //! Facts from CLUSTER-NOTES.md this relies on (nats-server 2.9 with async-nats 0.51): the bucket's
 //! backing stream is made by hand (`create_key_value` fails against 2.9), and 2.9 sends no watch
-//! event when a key expires, so departures are found by sweeping the keys.
+//! event when a key expires, so departures are found by sweeping the keys (read from the bucket
+//! stream's subjects, so that a sweep makes no consumer).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -85,7 +86,7 @@ impl Member {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut store: Option<kv::Store> = None;
+        let mut store: Option<(stream::Stream, kv::Store)> = None;
         let mut last_error: Option<String> = None;
         loop {
             tick.tick().await;
@@ -94,7 +95,7 @@ impl Member {
             }
             if store.is_none() {
                 match self.open().await {
-                    Ok((js, s)) => {
+                    Ok((js, bucket, s)) => {
                         bus::start(
                             js,
                             self.cfg.node_id.clone(),
@@ -107,7 +108,7 @@ impl Member {
                             self.cfg.node_id,
                             self.cfg.servers.join(", ")
                         ));
-                        store = Some(s);
+                        store = Some((bucket, s));
                     }
                     Err(e) => {
                         self.note_error(&mut last_error, format!("cannot join the bus: {e}"));
@@ -115,8 +116,8 @@ impl Member {
                     }
                 }
             }
-            let s = store.as_ref().expect("opened above");
-            match self.beat(s).await {
+            let (bucket, s) = store.as_ref().expect("opened above");
+            match self.beat(bucket, s).await {
                 Ok(()) => {
                     if last_error.take().is_some() {
                         self.log.info("cluster: membership up to date again");
@@ -139,7 +140,7 @@ impl Member {
     }
 
     /// Connects and makes (or finds) the membership bucket.
-    async fn open(&self) -> Result<(jetstream::Context, kv::Store), String> {
+    async fn open(&self) -> Result<(jetstream::Context, stream::Stream, kv::Store), String> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("ringrift-supervisor {}", self.cfg.node_id))
             .connection_timeout(Duration::from_secs(2))
@@ -168,45 +169,54 @@ impl Member {
             .build(client);
         let expiry = self.cfg.node_expiry;
         // The KV bucket's backing stream, as async-nats would make it (CLUSTER-NOTES pitfall 1).
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{BUCKET}"),
-            subjects: vec![format!("$KV.{BUCKET}.>")],
-            max_messages_per_subject: 1,
-            max_age: expiry,
-            storage: stream::StorageType::File,
-            num_replicas: self.cfg.servers.len().clamp(1, 3),
-            discard: stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            duplicate_window: expiry.min(Duration::from_secs(120)),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
+        let bucket = js
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{BUCKET}"),
+                subjects: vec![format!("$KV.{BUCKET}.>")],
+                max_messages_per_subject: 1,
+                max_age: expiry,
+                storage: stream::StorageType::File,
+                num_replicas: self.cfg.servers.len().clamp(1, 3),
+                discard: stream::DiscardPolicy::New,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                duplicate_window: expiry.min(Duration::from_secs(120)),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
         let store = js
             .get_key_value(BUCKET)
             .await
             .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
         bus::ensure_stream(&js, self.cfg.servers.len().clamp(1, 3)).await?;
-        Ok((js, store))
+        Ok((js, bucket, store))
     }
 
     /// One heartbeat: renew this node's record, then read every record and announce changes.
-    async fn beat(&mut self, store: &kv::Store) -> Result<(), String> {
+    async fn beat(&mut self, bucket: &stream::Stream, store: &kv::Store) -> Result<(), String> {
         let record = self.record().await;
         let bytes = serde_json::to_vec(&record).expect("a record serializes");
         store
             .put(&self.cfg.node_id, bytes.into())
             .await
             .map_err(|e| format!("cannot renew this node's record: {e}"))?;
-        let mut keys = store
-            .keys()
+        // The keys from the stream's subjects: no consumer per sweep, as `kv.keys()` would make.
+        let prefix = format!("$KV.{BUCKET}.");
+        let mut subjects = bucket
+            .info_with_subjects(format!("{prefix}>"))
             .await
             .map_err(|e| format!("cannot list the nodes: {e}"))?;
+        let mut keys = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|e| format!("cannot list the nodes: {e}"))?;
+            if let Some(key) = subject.strip_prefix(&prefix) {
+                keys.push(key.to_string());
+            }
+        }
         let mut nodes = Vec::new();
-        while let Some(key) = keys.next().await {
-            let Ok(key) = key else { continue };
+        for key in keys {
             let Ok(Some(value)) = store.get(&key).await else {
                 continue;
             };
