@@ -44,6 +44,10 @@ const SOURCES: &[&str] = &[
     "quality_monitor",
 ];
 
+/// The daemons of which one node of a cluster acts at a time (the holder of its lease):
+/// the work queue's producer, the cluster-wide job reaper and promotion.
+pub const CLUSTER_SCOPED: &[&str] = &["queue_populator", "job_reaper", "auto_promotion"];
+
 /// Every built-in daemon, in the order `list` shows them.
 pub const DAEMONS: &[DaemonSpec] = &[
     spec(

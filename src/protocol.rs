@@ -650,6 +650,9 @@ pub struct ClusterReport {
     pub error: Option<String>,
     /// Every node with a live record, by id (this one included once it has renewed).
     pub nodes: Vec<NodeStatus>,
+    /// Leases of the cluster-scoped daemons this node runs, and their holders (None: free).
+    #[serde(default)]
+    pub leases: BTreeMap<String, Option<String>>,
 }
 
 /// One node of the cluster: its record and how long ago it was renewed.

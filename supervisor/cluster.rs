@@ -30,6 +30,7 @@ use crate::core::{Msg, Requester};
 use crate::logwriter::SupervisorLog;
 
 mod bus;
+mod lease;
 
 /// The membership bucket.
 pub(crate) const BUCKET: &str = "ringrift_nodes";
@@ -44,6 +45,7 @@ pub(crate) type View = Arc<Mutex<ClusterReport>>;
 /// Starts the membership task; returns the view it keeps up to date.
 pub(crate) fn start(
     cfg: ClusterConfig,
+    scoped: Vec<String>,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
@@ -54,9 +56,11 @@ pub(crate) fn start(
         connected: false,
         error: Some("connecting".into()),
         nodes: Vec::new(),
+        leases: BTreeMap::new(),
     }));
     let member = Member {
         cfg,
+        scoped,
         root,
         http,
         core,
@@ -71,6 +75,8 @@ pub(crate) fn start(
 
 struct Member {
     cfg: ClusterConfig,
+    /// The cluster-scoped daemons of this node's configuration (`catalog::CLUSTER_SCOPED`).
+    scoped: Vec<String>,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
@@ -191,6 +197,14 @@ impl Member {
             .await
             .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
         bus::ensure_stream(&js, self.cfg.servers.len().clamp(1, 3)).await?;
+        lease::start(
+            &js,
+            &self.cfg,
+            self.scoped.clone(),
+            self.view.clone(),
+            self.log.clone(),
+        )
+        .await?;
         Ok((js, bucket, store))
     }
 

@@ -298,6 +298,13 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         )),
     }
     let cluster_cfg = opts.config.cluster.clone();
+    let cluster_scoped: Vec<String> = opts
+        .config
+        .daemons
+        .values()
+        .filter(|d| d.enabled && ringrift::catalog::CLUSTER_SCOPED.contains(&d.name.as_str()))
+        .map(|d| d.name.clone())
+        .collect();
     let cluster_root = paths.root.clone();
     let cluster_tx = tx.clone();
     let core = Core::new(crate::core::CoreParts {
@@ -337,6 +344,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         ));
         core.cluster = Some(crate::cluster::start(
             cluster_cfg,
+            cluster_scoped,
             cluster_root,
             core.http_addr.clone(),
             cluster_tx,

@@ -94,5 +94,12 @@ fn print_cluster(r: &ClusterReport) {
     for row in &rows {
         let _ = writeln!(out, "{}", line(row));
     }
+    for (daemon, holder) in &r.leases {
+        let _ = writeln!(
+            out,
+            "lease {daemon}: {}",
+            holder.as_deref().unwrap_or("free")
+        );
+    }
     let _ = std::io::stdout().lock().write_all(out.as_bytes());
 }

@@ -339,3 +339,85 @@ fn cluster_view(root: &Root) -> ClusterReport {
     serde_json::from_slice(&root.run(&["cluster", "status", "--json"]).stdout)
         .expect("cluster JSON")
 }
+
+/// A node running queue_populator, a cluster-scoped daemon, with short leases.
+fn leasing_node(nats: &Nats, id: &str) -> Root {
+    let root = Root::with_config(&format!(
+        "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n",
+        nats.url()
+    ));
+    root.ok(&["start", "queue_populator"]);
+    root
+}
+
+/// The times (RFC 3339, sortable) of `what` ("acquired", "lost", "released") in a node's log.
+fn lease_times(root: &Root, what: &str) -> Vec<String> {
+    root.master_log()
+        .lines()
+        .filter_map(|l| {
+            let rest = l
+                .split_once(&format!("lease queue_populator {what} at "))?
+                .1;
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
+    let nats = Nats::start();
+    let nodes = [
+        leasing_node(&nats, "node-a"),
+        leasing_node(&nats, "node-b"),
+        leasing_node(&nats, "node-c"),
+    ];
+    let holder_of = |r: &Root| {
+        cluster_view(r)
+            .leases
+            .get("queue_populator")
+            .cloned()
+            .flatten()
+    };
+    assert!(
+        wait_until(T, || {
+            let h = holder_of(&nodes[0]);
+            h.is_some() && nodes.iter().all(|r| holder_of(r) == h)
+        }),
+        "no agreed holder: {:?}",
+        nodes.iter().map(holder_of).collect::<Vec<_>>()
+    );
+    let first = holder_of(&nodes[0]).unwrap();
+    let acquired: usize = nodes.iter().map(|r| lease_times(r, "acquired").len()).sum();
+    assert_eq!(acquired, 1, "exactly one node took the lease");
+
+    // SIGKILL of the holder: another node holds it within the TTL plus two seconds.
+    let (dead, alive): (Vec<&Root>, Vec<&Root>) = nodes
+        .iter()
+        .partition(|r| lease_times(r, "acquired").len() == 1);
+    let killed_at = ringrift::timefmt::now_rfc3339();
+    signal(dead[0].supervisor_pid().unwrap(), SIGKILL);
+    let killed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(4), || {
+            alive.iter().any(|r| !lease_times(r, "acquired").is_empty())
+        }),
+        "no node took the lease of {first} within 4 s"
+    );
+    eprintln!("lease moved after {:?}", killed.elapsed());
+    let taken: Vec<String> = alive
+        .iter()
+        .flat_map(|r| lease_times(r, "acquired"))
+        .collect();
+    assert_eq!(taken.len(), 1, "one new holder: {taken:?}");
+    assert!(
+        taken[0] > killed_at,
+        "taken at {} before the kill at {killed_at}",
+        taken[0]
+    );
+    let second = holder_of(alive[0]).unwrap();
+    assert_ne!(second, first);
+    assert!(wait_until(T, || alive
+        .iter()
+        .all(|r| holder_of(r).as_deref() == Some(&second))));
+}
