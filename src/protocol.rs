@@ -342,6 +342,10 @@ pub enum FromSupervisor {
         /// For workers: the daemon's effective configuration.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config: Option<Value>,
+        /// For a cluster-scoped daemon of a node in a cluster: its lease as the worker starts
+        /// (standby until this node holds it). Absent: the daemon acts on its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease: Option<LeaseInfo>,
     },
     /// A refusal: the frame or request was not carried out.
     Error {
@@ -423,6 +427,8 @@ pub enum FromSupervisor {
     Status(StatusReport),
     /// The answer to a cluster status request.
     Cluster(ClusterReport),
+    /// To a cluster-scoped worker: its lease changed (it acts only while `leader`).
+    Lease(LeaseInfo),
 }
 
 /// Why the supervisor refused a frame or a request, or could not do it for one daemon.
@@ -636,6 +642,29 @@ pub struct DaemonStatus {
     /// process has no cgroup when the supervisor has a subtree.
     #[serde(default)]
     pub containment_problems: Vec<String>,
+}
+
+/// A cluster-scoped daemon's lease, as its worker hears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// This node holds the lease: the daemon acts. Otherwise it stands by.
+    pub leader: bool,
+    /// The node holding it (None: nobody this node can see).
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// The lease's revision while this node holds it: the fencing token (0 otherwise).
+    #[serde(default)]
+    pub token: u64,
+}
+
+impl LeaseInfo {
+    /// The health message of a daemon standing by: `standby (leader: node-b)`.
+    pub fn standby_message(&self) -> String {
+        format!(
+            "standby (leader: {})",
+            self.holder.as_deref().unwrap_or("none yet")
+        )
+    }
 }
 
 /// What `cluster status --json` prints and `GET /cluster/status` returns.

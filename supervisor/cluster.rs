@@ -202,6 +202,7 @@ impl Member {
             &self.cfg,
             self.scoped.clone(),
             self.view.clone(),
+            self.core.clone(),
             self.log.clone(),
         )
         .await?;

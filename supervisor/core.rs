@@ -70,7 +70,9 @@ pub(crate) enum Msg {
         generation: u64,
         conn_id: u64,
         tx: ConnTx,
-        reply: oneshot::Sender<Result<serde_json::Value, workers::HelloRefused>>,
+        reply: oneshot::Sender<
+            Result<(serde_json::Value, Option<protocol::LeaseInfo>), workers::HelloRefused>,
+        >,
     },
     WorkerFrame {
         daemon: String,
@@ -130,6 +132,11 @@ pub(crate) enum Msg {
         node: String,
         event: ringrift::events::Event,
         reply: oneshot::Sender<()>,
+    },
+    /// A cluster-scoped daemon's lease changed (supervisor/cluster/lease.rs).
+    Lease {
+        daemon: String,
+        lease: protocol::LeaseInfo,
     },
 }
 
@@ -261,6 +268,20 @@ impl Core {
         }
     }
 
+    /// These daemons stand by until this node holds their lease (cluster-scoped daemons of a node
+    /// in a cluster): their workers hear so in their welcome.
+    pub(crate) fn mark_cluster_scoped(&mut self, daemons: &[String]) {
+        for name in daemons {
+            if let Some(d) = self.daemons.get_mut(name) {
+                d.lease = Some(protocol::LeaseInfo {
+                    leader: false,
+                    holder: None,
+                    token: 0,
+                });
+            }
+        }
+    }
+
     /// Runs until shutdown completes.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         // The ticker shows the supervisor ran; a late tick marks a resumption for the watchdog.
@@ -355,6 +376,12 @@ impl Core {
             Msg::WaiterDeadline { id } => self.waiter_deadline(id),
             Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),
             Msg::JobTimer { job_id, kind } => self.on_job_timer(&job_id, kind),
+            Msg::Lease { daemon, lease } => {
+                if let Some(d) = self.daemons.get_mut(&daemon) {
+                    d.lease = Some(lease.clone());
+                    self.send_to_worker(&daemon, FromSupervisor::Lease(lease));
+                }
+            }
             Msg::RemoteEvent { node, event, reply } => {
                 self.take_remote(&node, event);
                 let _ = reply.send(());

@@ -357,6 +357,7 @@ async fn connection(
     let _ = tx.send(FromSupervisor::Welcome {
         protocol: PROTOCOL_VERSION,
         config: None,
+        lease: None,
     });
     cli_session(&mut reader, &mut frames, id, &tx, &core, &log).await;
     drop(tx);
@@ -500,10 +501,11 @@ async fn worker_connection(
         return;
     }
     match reply_rx.await {
-        Ok(Ok(config)) => {
+        Ok(Ok((config, lease))) => {
             let _ = tx.send(FromSupervisor::Welcome {
                 protocol: PROTOCOL_VERSION,
                 config: Some(config),
+                lease,
             });
         }
         Ok(Err(msg)) => {

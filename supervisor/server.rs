@@ -342,6 +342,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             cluster_cfg.roles.join(", "),
             cluster_cfg.servers.join(", ")
         ));
+        core.mark_cluster_scoped(&cluster_scoped);
         core.cluster = Some(crate::cluster::start(
             cluster_cfg,
             cluster_scoped,

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ringrift::protocol::{
-    self, Ack, Emit, FromSupervisor, Heartbeat, Hello, MAX_FRAME_BYTES, Opening, PROTOCOL_VERSION,
-    ReportedState, Role, SpawnJob, StateReport, Subscribe, WorkerFrame,
+    self, Ack, Emit, FromSupervisor, Heartbeat, Hello, LeaseInfo, MAX_FRAME_BYTES, Opening,
+    PROTOCOL_VERSION, ReportedState, Role, SpawnJob, StateReport, Subscribe, WorkerFrame,
 };
 use serde_json::Value;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -272,7 +272,7 @@ pub(crate) async fn run(
             return ExitCode::SUCCESS;
         }
     };
-    let (writer, frames, config) = match handshake {
+    let (writer, frames, config, lease) = match handshake {
         Ok(connection) => connection,
         Err(e) => {
             eprintln!("{name}: {e:#}");
@@ -293,6 +293,7 @@ pub(crate) async fn run(
         quirks,
         closed: false,
         stopping: false,
+        lease,
     };
     match serve(&mut session, daemon, frames, &settings, &mut sigterm).await {
         Ok(()) => {
@@ -318,12 +319,20 @@ async fn next_sigterm(sigterm: &mut Option<Signal>) {
     }
 }
 
-/// Connects, says hello and waits for the welcome. Returns the write half, the frames that follow and
-/// the daemon's configuration.
+/// What the welcome gives a worker: the write half, the frames that follow, the daemon's
+/// configuration, and its lease when it is cluster-scoped.
+type Welcomed = (
+    OwnedWriteHalf,
+    mpsc::Receiver<Incoming>,
+    Option<Value>,
+    Option<LeaseInfo>,
+);
+
+/// Connects, says hello and waits for the welcome.
 async fn handshake(
     connection: std::os::unix::net::UnixStream,
     name: &str,
-) -> anyhow::Result<(OwnedWriteHalf, mpsc::Receiver<Incoming>, Option<Value>)> {
+) -> anyhow::Result<Welcomed> {
     connection
         .set_nonblocking(true)
         .context("failed to set up the connection to the supervisor")?;
@@ -346,13 +355,17 @@ async fn handshake(
     let (tx, mut frames) = mpsc::channel(16);
     tokio::spawn(read_frames(read, tx));
     match frames.recv().await {
-        Some(Incoming::Frame(FromSupervisor::Welcome { protocol, config })) => {
+        Some(Incoming::Frame(FromSupervisor::Welcome {
+            protocol,
+            config,
+            lease,
+        })) => {
             if protocol != PROTOCOL_VERSION {
                 bail!(
                     "the supervisor speaks protocol {protocol}, this worker speaks {PROTOCOL_VERSION}"
                 );
             }
-            Ok((write, frames, config))
+            Ok((write, frames, config, lease))
         }
         Some(Incoming::Frame(FromSupervisor::Error { code, message })) => {
             bail!("the supervisor refused the handshake ({code:?}): {message}")
@@ -398,6 +411,19 @@ struct Session {
     closed: bool,
     /// Shutdown has begun: from here on a lost connection is no longer an error.
     stopping: bool,
+    /// A cluster-scoped daemon's lease: it acts only while this node holds it (None: it is not
+    /// cluster-scoped, and always acts).
+    lease: Option<LeaseInfo>,
+}
+
+impl Session {
+    /// Standing by: another node (or none yet) holds the lease.
+    fn standby(&self) -> Option<String> {
+        self.lease
+            .as_ref()
+            .filter(|l| !l.leader)
+            .map(LeaseInfo::standby_message)
+    }
 }
 
 impl Session {
@@ -530,7 +556,9 @@ async fn serve(
         if session.stopping && in_flight.is_none() {
             return Ok(());
         }
-        let may_start = !paused && !session.stopping && in_flight.is_none();
+        // A standby daemon takes no new work; a cycle under way when the lease went ends.
+        let may_start =
+            !paused && !session.stopping && in_flight.is_none() && session.standby().is_none();
         if may_start && let Some(event) = pending_events.pop_front() {
             in_flight = Some(handle_event(&mut idle, event));
             continue;
@@ -543,8 +571,17 @@ async fn serve(
 
         tokio::select! {
             _ = heartbeat_timer.tick(), if heartbeats => {
+                let health = match session.standby() {
+                    Some(message) => ringrift::protocol::Health {
+                        healthy: true,
+                        status: "standby".into(),
+                        message,
+                        details: Default::default(),
+                    },
+                    None => report.health.clone(),
+                };
                 let heartbeat = WorkerFrame::Heartbeat(Heartbeat {
-                    health: report.health.clone(),
+                    health,
                     progress: frozen.clone().unwrap_or_else(|| progress(&report, cycles)),
                 });
                 session.send(&heartbeat).await?;
@@ -618,6 +655,17 @@ async fn serve(
                     }
                     FromSupervisor::JobExit { request_id, job_id, exit, timed_out, runtime_secs, .. } => {
                         println!("{name}: job {job_id} ended (request {request_id}): {exit}; timed out: {timed_out}; ran {runtime_secs:.3}s");
+                    }
+                    FromSupervisor::Lease(lease) => {
+                        println!(
+                            "{name}: {}",
+                            if lease.leader {
+                                format!("this node holds the lease (fencing token {}): acting", lease.token)
+                            } else {
+                                lease.standby_message()
+                            }
+                        );
+                        session.lease = Some(lease);
                     }
                     FromSupervisor::Pause | FromSupervisor::Resume | FromSupervisor::RunNow => {}
                     other => eprintln!("{name}: ignoring unexpected frame {other:?}"),
@@ -800,6 +848,7 @@ mod tests {
             let welcome = FromSupervisor::Welcome {
                 protocol: PROTOCOL_VERSION,
                 config: Some(json!({"interval": 0.1, "heartbeat_interval": 0.05})),
+                lease: None,
             };
             write.write_all(&protocol::encode(&welcome)).await.unwrap();
             assert!(matches!(

@@ -1,5 +1,6 @@
-//! Leases of cluster-scoped daemons (issue 12, part 3; the daemons do not act on them yet): one
-//! key per daemon in the KV bucket `ringrift_leases`, whose max age is `cluster.lease_ttl`.
+//! Leases of cluster-scoped daemons (issue 12, part 3): one key per daemon in the KV bucket
+//! `ringrift_leases`, whose max age is `cluster.lease_ttl`. The core passes each change to the
+//! daemon's worker (`FromSupervisor::Lease`), which takes work only while this node holds it.
 //!
 //! A node takes a free lease with `create` (create-if-absent) and keeps it with `update` against
 //! the revision it holds (compare-and-set); the revision is the fencing token. It renews every
@@ -16,7 +17,11 @@ use async_nats::jetstream::{self, kv, stream};
 use ringrift::config::ClusterConfig;
 use serde::{Deserialize, Serialize};
 
+use ringrift::protocol::LeaseInfo;
+use tokio::sync::mpsc;
+
 use super::View;
+use crate::core::Msg;
 use crate::logwriter::SupervisorLog;
 
 /// The lease bucket.
@@ -49,6 +54,7 @@ pub(crate) async fn start(
     cfg: &ClusterConfig,
     daemons: Vec<String>,
     view: View,
+    core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
 ) -> Result<(), String> {
     if daemons.is_empty() {
@@ -75,7 +81,15 @@ pub(crate) async fn start(
         .get_key_value(BUCKET)
         .await
         .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
-    tokio::spawn(keep(store, cfg.node_id.clone(), ttl, daemons, view, log));
+    tokio::spawn(keep(
+        store,
+        cfg.node_id.clone(),
+        ttl,
+        daemons,
+        view,
+        core,
+        log,
+    ));
     Ok(())
 }
 
@@ -85,8 +99,11 @@ async fn keep(
     ttl: Duration,
     daemons: Vec<String>,
     view: View,
+    core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
 ) {
+    // What each daemon's worker was last told (the core starts them in standby).
+    let mut told: BTreeMap<String, LeaseInfo> = BTreeMap::new();
     let mut leases: BTreeMap<String, Lease> =
         daemons.into_iter().map(|d| (d, Lease::Standby)).collect();
     let mut tick = tokio::time::interval(ttl / 3);
@@ -175,7 +192,29 @@ async fn keep(
                     _ => None,
                 },
             };
+            let info = LeaseInfo {
+                leader: matches!(lease, Lease::Held { .. }),
+                holder: holder.clone(),
+                token: match lease {
+                    Lease::Held { revision, .. } => *revision,
+                    Lease::Standby => 0,
+                },
+            };
+            // The token changes at every renewal; the worker hears of a change of holder only.
+            let changed = told
+                .get(daemon)
+                .is_none_or(|t| t.leader != info.leader || t.holder != info.holder);
+            if changed {
+                told.insert(daemon.clone(), info.clone());
+                let _ = core.send(Msg::Lease {
+                    daemon: daemon.clone(),
+                    lease: info,
+                });
+            }
             holders.insert(daemon.clone(), holder);
+        }
+        if core.is_closed() {
+            return;
         }
         view.lock().expect("cluster view lock").leases = holders;
     }

@@ -26,7 +26,7 @@ impl Core {
         generation: u64,
         conn_id: u64,
         tx: ConnTx,
-    ) -> Result<serde_json::Value, HelloRefused> {
+    ) -> Result<(serde_json::Value, Option<protocol::LeaseInfo>), HelloRefused> {
         let Some(d) = self.daemons.get_mut(name) else {
             return Err(HelloRefused::Unknown(name.to_string()));
         };
@@ -42,7 +42,7 @@ impl Core {
         }
         p.conn = Some((conn_id, tx));
         p.last_heartbeat = Some(Instant::now());
-        Ok(d.cfg.settings.clone())
+        Ok((d.cfg.settings.clone(), d.lease.clone()))
     }
 
     pub(super) fn worker_frame(&mut self, name: &str, conn_id: u64, frame: WorkerFrame) {

@@ -344,7 +344,8 @@ fn cluster_view(root: &Root) -> ClusterReport {
 fn leasing_node(nats: &Nats, id: &str) -> Root {
     let root = Root::with_config(&format!(
         "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
-         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n",
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n\
+         daemons:\n  queue_populator:\n    heartbeat_interval: 0.2\n",
         nats.url()
     ));
     root.ok(&["start", "queue_populator"]);
@@ -390,6 +391,15 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
     let first = holder_of(&nodes[0]).unwrap();
     let acquired: usize = nodes.iter().map(|r| lease_times(r, "acquired").len()).sum();
     assert_eq!(acquired, 1, "exactly one node took the lease");
+    // Only the holder's queue_populator acts; the others stand by and say who leads.
+    let standby = format!("standby (leader: {first})");
+    for r in &nodes {
+        let holds = lease_times(r, "acquired").len() == 1;
+        let d = r.wait_daemon("queue_populator", T, |d| {
+            (d.health.status == "standby") != holds && (holds || d.health.message == standby)
+        });
+        assert_eq!(d.state, DaemonState::Running);
+    }
 
     // SIGKILL of the holder: another node holds it within the TTL plus two seconds.
     let (dead, alive): (Vec<&Root>, Vec<&Root>) = nodes
