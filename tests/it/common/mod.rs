@@ -220,6 +220,15 @@ impl Drop for Root {
         {
             signal(pid, SIGKILL);
         }
+        // A supervisor a test SIGKILLed leaves its cgroup subtree (its next start would remove
+        // it): remove this root's, and only this root's.
+        if let Ok(own) = ringrift::cgroupfs::own_dir() {
+            let dir = own.join(ringrift::cgroupfs::subtree_name(self.path()));
+            if dir.exists() {
+                ringrift::cgroupfs::kill_tree(&dir);
+                let _ = ringrift::cgroupfs::remove_tree(&dir, Duration::from_secs(5));
+            }
+        }
     }
 }
 
