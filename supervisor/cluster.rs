@@ -173,30 +173,9 @@ impl Member {
         let js = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
             .build(client);
-        let expiry = self.cfg.node_expiry;
-        // The KV bucket's backing stream, as async-nats would make it (CLUSTER-NOTES pitfall 1).
-        let bucket = js
-            .get_or_create_stream(stream::Config {
-                name: format!("KV_{BUCKET}"),
-                subjects: vec![format!("$KV.{BUCKET}.>")],
-                max_messages_per_subject: 1,
-                max_age: expiry,
-                storage: stream::StorageType::File,
-                num_replicas: self.cfg.servers.len().clamp(1, 3),
-                discard: stream::DiscardPolicy::New,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                duplicate_window: expiry.min(Duration::from_secs(120)),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
-        let store = js
-            .get_key_value(BUCKET)
-            .await
-            .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
-        bus::ensure_stream(&js, self.cfg.servers.len().clamp(1, 3)).await?;
+        let replicas = replicas(&self.cfg);
+        let (bucket, store) = kv_bucket(&js, BUCKET, self.cfg.node_expiry, replicas).await?;
+        bus::ensure_stream(&js, replicas).await?;
         lease::start(
             &js,
             &self.cfg,
@@ -380,6 +359,44 @@ fn count_gpus() -> u32 {
                 .filter(|l| l.starts_with("GPU "))
                 .count() as u32
         })
+}
+
+/// Replicas of the cluster's streams and buckets: as many servers as `servers` lists, at most 3.
+fn replicas(cfg: &ClusterConfig) -> usize {
+    cfg.servers.len().clamp(1, 3)
+}
+
+/// Makes (or finds) a KV bucket whose entries expire `max_age` after their last write: its
+/// backing stream as async-nats would make it (`create_key_value` fails against nats-server 2.9,
+/// CLUSTER-NOTES pitfall 1), then the bucket.
+async fn kv_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<(stream::Stream, kv::Store), String> {
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            duplicate_window: max_age.min(Duration::from_secs(120)),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the bucket {bucket}: {e}"))?;
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| format!("cannot open the bucket {bucket}: {e}"))?;
+    Ok((stream, store))
 }
 
 fn unix_now() -> f64 {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use ringrift::config::ClusterConfig;
 use serde::{Deserialize, Serialize};
 
@@ -61,26 +61,7 @@ pub(crate) async fn start(
         return Ok(());
     }
     let ttl = cfg.lease_ttl;
-    js.get_or_create_stream(stream::Config {
-        name: format!("KV_{BUCKET}"),
-        subjects: vec![format!("$KV.{BUCKET}.>")],
-        max_messages_per_subject: 1,
-        max_age: ttl,
-        storage: stream::StorageType::File,
-        num_replicas: cfg.servers.len().clamp(1, 3),
-        discard: stream::DiscardPolicy::New,
-        allow_rollup: true,
-        deny_delete: true,
-        allow_direct: true,
-        duplicate_window: ttl.min(Duration::from_secs(120)),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("cannot make the bucket {BUCKET}: {e}"))?;
-    let store = js
-        .get_key_value(BUCKET)
-        .await
-        .map_err(|e| format!("cannot open the bucket {BUCKET}: {e}"))?;
+    let (_, store) = super::kv_bucket(js, BUCKET, ttl, super::replicas(cfg)).await?;
     tokio::spawn(keep(
         store,
         cfg.node_id.clone(),
@@ -165,7 +146,7 @@ async fn keep(
                 }
                 Lease::Standby if !here => {}
                 Lease::Standby => {
-                    let since = unix_now();
+                    let since = super::unix_now();
                     let value = holder_bytes(&node, since);
                     if let Ok(Ok(revision)) =
                         tokio::time::timeout(ttl / 3, store.create(daemon.as_str(), value.into()))
@@ -226,10 +207,4 @@ fn holder_bytes(node: &str, since_unix: f64) -> Vec<u8> {
         since_unix,
     })
     .expect("a holder serializes")
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
