@@ -5,8 +5,9 @@
 //!   says up to which sequence number this node's cluster-wide events
 //!   (`ringrift::events::CLUSTER_WIDE`) are on the stream. Each is published with its event id as
 //!   `Nats-Msg-Id` (the stream drops a duplicate within its window) and the cursor moves only
-//!   once the stream acknowledged it. With the bus away, events wait in the log and go out when
-//!   it is back: the local pipeline never waits for the bus.
+//!   once the stream acknowledged it. The outbox follows the core's event stream (as `events -f`
+//!   does), so an event goes out as soon as it is logged. With the bus away, events wait in the
+//!   log and go out when it is back: the local pipeline never waits for the bus.
 //! - **In.** A durable pull consumer per node (`node-<id>`) takes every event published after it
 //!   was first made, also those published while this node was down. Each event of another node
 //!   goes to the core (`Msg::RemoteEvent`: provenance checked, logged, delivered, deduplicated by
@@ -32,8 +33,6 @@ pub(crate) const STREAM: &str = "RINGRIFT_EVENTS";
 const KEEP: Duration = Duration::from_secs(7 * 86_400);
 /// How long an unacknowledged event waits before the stream delivers it again.
 const ACK_WAIT: Duration = Duration::from_secs(5);
-/// How often the outbox looks for new local events.
-const POLL: Duration = Duration::from_millis(200);
 
 /// What goes on the stream: the event as its node logged it, and that node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,44 +97,9 @@ fn write_cursor(root: &Path, seq: u64) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// One page of local events after `since`, of the cluster-wide types; and where the next begins.
-async fn local_events(
-    core: &mpsc::UnboundedSender<Msg>,
-    since: u64,
-) -> Option<(Vec<Event>, Option<u64>, u64)> {
-    let (tx, mut rx) = ConnTx::new(64 << 20);
-    let (reply, answer) = oneshot::channel();
-    core.send(Msg::Request {
-        frame: Request::Events(EventsRequest {
-            since: Some(since),
-            types: ringrift::events::CLUSTER_WIDE
-                .iter()
-                .map(|t| t.to_string())
-                .collect(),
-            follow: false,
-            limit: None,
-        }),
-        reply,
-        stream: Some(tx),
-        from: Requester::Supervisor,
-    })
-    .ok()?;
-    let FromSupervisor::EndOfEvents {
-        last_seq,
-        next_since,
-    } = answer.await.ok()?
-    else {
-        return None;
-    };
-    let mut events = Vec::new();
-    while let Some(frame) = rx.try_frame() {
-        if let FromSupervisor::Event { event } = frame {
-            events.push(event);
-        }
-    }
-    Some((events, next_since, last_seq))
-}
-
+/// Sends the outbox's events to the stream, in order: the core's event stream of the
+/// cluster-wide types from the cursor (the history page by page, then each new event as the core
+/// logs it: no polling), each of this node's own events published until the stream has it.
 async fn outbox(
     js: jetstream::Context,
     node: String,
@@ -144,68 +108,120 @@ async fn outbox(
     log: Arc<SupervisorLog>,
 ) {
     let mut cursor = read_cursor(&root);
-    let mut failing: Option<String> = None;
-    loop {
-        if core.is_closed() {
+    let types: Vec<String> = ringrift::events::CLUSTER_WIDE
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    while !core.is_closed() {
+        // A stream cut off (its queue full while the bus was away) or a page boundary: ask again
+        // from the cursor.
+        let (tx, mut rx) = ConnTx::new(64 << 20);
+        let (reply, mut answer) = oneshot::channel();
+        let request = Request::Events(EventsRequest {
+            // First time on this root: what the log held before the cluster was enabled stays
+            // local (the answer's `last_seq` becomes the cursor).
+            since: Some(cursor.unwrap_or(u64::MAX)),
+            types: types.clone(),
+            follow: true,
+            limit: None,
+        });
+        let sent = core.send(Msg::Request {
+            frame: request,
+            reply,
+            stream: Some(tx),
+            from: Requester::Supervisor,
+        });
+        if sent.is_err() {
             return;
         }
-        let Some((events, next_since, last_seq)) =
-            local_events(&core, cursor.unwrap_or(u64::MAX)).await
-        else {
-            tokio::time::sleep(POLL).await;
-            continue;
-        };
-        // First time on this root: what the log held before the cluster was enabled stays local.
-        let Some(since) = cursor else {
-            cursor = Some(last_seq);
-            if let Err(e) = write_cursor(&root, last_seq) {
-                log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
-            }
-            continue;
-        };
-        let mut at = since;
-        for ev in events.into_iter().filter(|e| e.seq > since) {
-            if ev.node.is_none() {
-                let subject = format!("ringrift.events.{}", ev.event_type);
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", ev.id.as_str());
-                let envelope = Envelope {
-                    node: node.clone(),
-                    event: ev.clone(),
-                };
-                let body = serde_json::to_vec(&envelope).expect("an envelope serializes");
-                let sent = match js.publish_with_headers(subject, headers, body.into()).await {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = sent {
-                    let e = format!("events wait in the outbox: cannot publish: {e}");
-                    if failing.as_deref() != Some(e.as_str()) {
-                        log.warn(&format!("cluster: {e}"));
+        let mut answered = false;
+        loop {
+            let frame = tokio::select! {
+                bytes = rx.recv() => match bytes {
+                    Some(b) => serde_json::from_slice::<FromSupervisor>(&b).ok(),
+                    None => break,
+                },
+                a = &mut answer, if !answered => {
+                    answered = true;
+                    match a {
+                        Ok(frame) => Some(frame),
+                        // No answer: the stream follows.
+                        Err(_) => continue,
                     }
-                    failing = Some(e);
+                }
+            };
+            match frame {
+                Some(FromSupervisor::Event { event }) => {
+                    if event.node.is_none() {
+                        publish(&js, &node, &event, &log).await;
+                    }
+                    cursor = Some(event.seq);
+                    note_cursor(&root, event.seq, &log);
+                }
+                Some(FromSupervisor::EndOfEvents {
+                    last_seq,
+                    next_since,
+                }) => {
+                    if cursor.is_none() {
+                        cursor = Some(last_seq);
+                        note_cursor(&root, last_seq, &log);
+                    }
+                    if next_since.is_some() {
+                        break; // one page of the history: the next from the cursor
+                    }
+                }
+                // Refused (the supervisor is stopping) or not understood: ask again shortly.
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     break;
                 }
-                if failing.take().is_some() {
+            }
+        }
+    }
+}
+
+/// Publishes one of this node's events, retrying every second until the stream has it.
+async fn publish(js: &jetstream::Context, node: &str, ev: &Event, log: &SupervisorLog) {
+    let subject = format!("ringrift.events.{}", ev.event_type);
+    let body: Vec<u8> = serde_json::to_vec(&Envelope {
+        node: node.to_string(),
+        event: ev.clone(),
+    })
+    .expect("an envelope serializes");
+    let mut failing: Option<String> = None;
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", ev.id.as_str());
+        let sent = match js
+            .publish_with_headers(subject.clone(), headers, body.clone().into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match sent {
+            Ok(()) => {
+                if failing.is_some() {
                     log.info("cluster: the outbox is flowing again");
                 }
+                return;
             }
-            at = ev.seq;
-        }
-        if at != since {
-            cursor = Some(at);
-            if let Err(e) = write_cursor(&root, at) {
-                log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
+            Err(e) => {
+                if failing.is_none() {
+                    log.warn(&format!(
+                        "cluster: events wait in the outbox: cannot publish: {e}"
+                    ));
+                }
+                failing = Some(e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        if next_since.is_none() || failing.is_some() {
-            tokio::time::sleep(if failing.is_some() {
-                Duration::from_secs(1)
-            } else {
-                POLL
-            })
-            .await;
-        }
+    }
+}
+
+fn note_cursor(root: &Path, seq: u64, log: &SupervisorLog) {
+    if let Err(e) = write_cursor(root, seq) {
+        log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
     }
 }
 
