@@ -1,6 +1,7 @@
 //! The cluster on NATS JetStream (issue 12): each test starts its own `nats-server` on free
 //! loopback ports, with its store in a temporary directory, and supervisor roots that join it.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -17,32 +18,121 @@ const T: Duration = Duration::from_secs(20);
 /// A `nats-server` with JetStream, on loopback only; stopped when dropped.
 struct Nats {
     child: Child,
+    /// Its client port.
     port: u16,
+    /// Its monitoring (HTTP) port.
+    monitor: u16,
+    /// Its name in the NATS cluster.
+    name: String,
+    args: Vec<String>,
     _store: tempfile::TempDir,
 }
 
 impl Nats {
+    /// One server alone.
     fn start() -> Nats {
         let store = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Nats::spawn(port, store.path());
+        let (port, monitor) = (free_port(), free_port());
+        let name = format!("test-{port}");
+        let args: Vec<String> = [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            &monitor.to_string(),
+            "-js",
+            "-sd",
+            &store.path().display().to_string(),
+            "-n",
+            &name,
+        ]
+        .map(String::from)
+        .into();
+        Nats::with_args(port, monitor, name, args, store)
+    }
+
+    /// Three servers in one NATS cluster, each routing to the others (CLUSTER-NOTES).
+    fn trio() -> Vec<Nats> {
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, _, r)| format!("nats-route://127.0.0.1:{r}"))
+            .collect();
+        let confs: Vec<(String, tempfile::TempDir)> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, monitor, route))| {
+                let store = tempfile::tempdir().unwrap();
+                let conf = store.path().join("nats.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "server_name: s{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n\
+                         jetstream {{ store_dir: \"{}\" }}\n\
+                         cluster {{ name: ringrift-test, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                        store.path().display(),
+                        routes.join(", ")
+                    ),
+                )
+                .unwrap();
+                (conf.display().to_string(), store)
+            })
+            .collect();
+        let trio: Vec<Nats> = confs
+            .into_iter()
+            .zip(&ports)
+            .enumerate()
+            .map(|(i, ((conf, store), (port, monitor, _)))| {
+                Nats::with_args(
+                    *port,
+                    *monitor,
+                    format!("s{i}"),
+                    vec!["-c".into(), conf],
+                    store,
+                )
+            })
+            .collect();
+        // Ready once every server answers /healthz (JetStream with a meta leader).
+        for s in &trio {
+            assert!(
+                wait_until(T, || http_get(s.monitor, "/healthz").contains("\"ok\"")),
+                "{} is not healthy: {}",
+                s.name,
+                http_get(s.monitor, "/healthz")
+            );
+        }
+        trio
+    }
+
+    fn with_args(
+        port: u16,
+        monitor: u16,
+        name: String,
+        args: Vec<String>,
+        store: tempfile::TempDir,
+    ) -> Nats {
+        let child = Nats::spawn(port, &args);
         Nats {
             child,
             port,
+            monitor,
+            name,
+            args,
             _store: store,
         }
     }
 
-    fn spawn(port: u16, store: &std::path::Path) -> Child {
+    fn spawn(port: u16, args: &[String]) -> Child {
         let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .expect("nats-server is not installed (apt-get install nats-server; .ci/run does)");
         let child = std::process::Command::new(program)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
-            .args(["-n", &format!("test-{port}")])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -58,6 +148,9 @@ impl Nats {
 
     /// Stops the server (SIGTERM, as an operator would), keeping its store.
     fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return; // stopped (and reaped) already: its pid may be another process's now
+        }
         signal(self.child.id(), SIGTERM);
         if !wait_until(T, || matches!(self.child.try_wait(), Ok(Some(_)))) {
             let _ = self.child.kill();
@@ -67,7 +160,7 @@ impl Nats {
 
     /// Starts it again on the same port and store.
     fn restart(&mut self) {
-        self.child = Nats::spawn(self.port, self._store.path());
+        self.child = Nats::spawn(self.port, &self.args);
     }
 
     fn url(&self) -> String {
@@ -81,18 +174,48 @@ impl Drop for Nats {
     }
 }
 
-/// A node: a root whose configuration joins the cluster at `nats` as `id`.
-fn node(nats: &Nats, id: &str, http: Option<u16>) -> Root {
+/// The whole answer (status line, headers, body) to `GET path` on a loopback port, or "" when
+/// there is none.
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = conn.set_read_timeout(Some(T));
+    if conn
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    answer
+}
+
+/// A node: a root whose configuration joins the cluster at `servers` (NATS URLs, comma-separated)
+/// as `id`, running `napper` and the daemons in `extra` (YAML entries under `daemons:`).
+fn node_at(servers: &str, id: &str, http: Option<u16>, extra: &str) -> Root {
     let http = match http {
         Some(port) => format!("http:\n  addr: 127.0.0.1:{port}\n"),
         None => "http:\n  enabled: false\n".into(),
     };
     Root::with_config(&format!(
-        "{http}cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
+        "{http}cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{servers}]\n  \
          heartbeat_interval: 300ms\n  node_expiry: 2s\n\
-         daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n",
-        nats.url()
+         daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n{extra}"
     ))
+}
+
+fn node(nats: &Nats, id: &str, http: Option<u16>) -> Root {
+    node_at(&nats.url(), id, http, "")
+}
+
+/// A daemon entry: the fault worker subscribed to NEW_GAMES_AVAILABLE, logging each it receives.
+fn subscriber(name: &str) -> String {
+    format!(
+        "  {name}:\n    command: [\"{WORKER}\", \"fault\", \"--subscribe\", \"NEW_GAMES_AVAILABLE\"]\n    \
+         protocol: true\n    heartbeat_interval: 0.2\n"
+    )
 }
 
 fn cluster(root: &Root) -> ClusterReport {
@@ -228,15 +351,38 @@ fn a_node_without_a_cluster_says_so_and_one_without_a_bus_keeps_supervising() {
     }));
 }
 
-/// node-a and node-c, started and listed by each other.
-fn pair(nats: &Nats) -> (Root, Root) {
-    let a = node(nats, "node-a", None);
-    let c = node(nats, "node-c", None);
+/// node-a and node-c on `servers`, started and listed by each other, each with a daemon `sub`
+/// subscribed to NEW_GAMES_AVAILABLE (on node-a it hears local events, on node-c remote ones).
+fn pair(servers: &str) -> (Root, Root) {
+    let a = node_at(servers, "node-a", None, &subscriber("sub"));
+    let c = node_at(servers, "node-c", None, &subscriber("sub"));
     for r in [&a, &c] {
-        r.ok(&["start", "napper"]);
+        r.ok(&["start", "napper", "sub"]);
     }
-    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    for r in [&a, &c] {
+        assert!(wait_until(T, || r
+            .master_log()
+            .contains("sub: subscribed to")));
+        assert!(
+            wait_until(T, || node_ids(&cluster_view(r)) == ["node-a", "node-c"]),
+            "{}",
+            r.master_log()
+        );
+    }
     (a, c)
+}
+
+/// The ids of the NEW_GAMES_AVAILABLE events `sub` on `root` received, each once.
+fn received_by_sub(root: &Root) -> BTreeSet<String> {
+    received_ids(root, "sub").into_iter().collect()
+}
+
+/// The ids of the NEW_GAMES_AVAILABLE events logged on `root` (its own and remote ones).
+fn logged_ids(root: &Root) -> BTreeSet<String> {
+    root.events_of("NEW_GAMES_AVAILABLE")
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
 }
 
 /// NEW_GAMES_AVAILABLE events on `root` that came from `node`, by their `new_games`.
@@ -259,7 +405,7 @@ fn emit_games(root: &Root, n: u32) {
 #[test]
 fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
     let nats = Nats::start();
-    let (a, c) = pair(&nats);
+    let (a, c) = pair(&nats.url());
 
     // Emitted on A, it reaches C's log with A as its node, its id and source kept; a type that
     // stays on its node (DAEMON_*) does not cross.
@@ -284,12 +430,19 @@ fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
     );
     let table = c.ok(&["events", "--cluster"]);
     assert!(table.contains("node-a/cli"), "{table}");
+    // The daemon on node-c subscribed to the type receives it, like a local event.
+    assert!(
+        wait_until(T, || received_by_sub(&c).contains(&on_a.id)),
+        "node-c's subscriber did not receive {}:\n{}",
+        on_a.id,
+        std::fs::read_to_string(c.log_path("sub")).unwrap_or_default()
+    );
 
     // Emitted while C is down, it reaches C after C restarts, once.
     c.ok(&["shutdown"]);
     emit_games(&a, 2);
     emit_games(&a, 3);
-    c.ok(&["start", "napper"]);
+    c.ok(&["start", "napper", "sub"]);
     assert!(
         wait_until(T, || remote_games(&c, "node-a") == [1, 2, 3]),
         "events sent while node-c was down did not arrive: {:?}\n{}",
@@ -304,33 +457,146 @@ fn events_cross_the_cluster_and_wait_for_a_node_that_is_down() {
         remote_games(&c, "node-a")
     );
     assert_eq!(remote_games(&c, "node-a"), [1, 2, 3, 4]);
+    // node-c's subscriber, restarted with it, received all four.
+    let all = logged_ids(&a);
+    assert!(
+        wait_until(T, || received_by_sub(&c) == all),
+        "node-c's subscriber has {:?} of {all:?}",
+        received_by_sub(&c)
+    );
+}
+
+/// The name of the server leading the JetStream stream `stream`, as the servers report it.
+fn stream_leader(servers: &[Nats], stream: &str) -> Option<String> {
+    servers.iter().find_map(|s| {
+        let answer = http_get(s.monitor, "/jsz?accounts=true&streams=true");
+        let body: serde_json::Value =
+            serde_json::from_str(answer.split("\r\n\r\n").nth(1)?).ok()?;
+        body["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|d| d["name"] == stream)
+            .and_then(|d| d["cluster"]["leader"].as_str())
+            .map(str::to_string)
+    })
 }
 
 #[test]
-fn with_the_bus_away_nodes_go_on_and_their_events_follow_when_it_is_back() {
-    let mut nats = Nats::start();
-    let (a, c) = pair(&nats);
+fn with_three_servers_killing_the_stream_leader_loses_no_event() {
+    let mut trio = Nats::trio();
+    let servers: Vec<String> = trio.iter().map(Nats::url).collect();
+    let (a, c) = pair(&servers.join(", "));
     emit_games(&a, 1);
     assert!(wait_until(T, || remote_games(&c, "node-a") == [1]));
+    let leader = stream_leader(&trio, "RINGRIFT_EVENTS").expect("the event stream has a leader");
 
-    nats.stop();
-    // Both nodes notice, and go on: a daemon restarts, events are logged locally.
-    assert!(wait_until(T, || !cluster_view(&a).connected));
-    let before = a.pid("napper").unwrap();
-    a.ok(&["restart", "napper"]);
-    assert_ne!(a.pid("napper"), Some(before));
-    emit_games(&a, 2);
-    emit_games(&a, 3);
-    assert_eq!(a.events_of("NEW_GAMES_AVAILABLE").len(), 3);
-
-    nats.restart();
+    // SIGKILL of the server leading the event stream (replicated on all three), then events
+    // emitted on node-a while the others elect a new leader: each reaches node-c once.
+    let victim = trio.iter_mut().find(|s| s.name == leader).unwrap();
+    victim.child.kill().unwrap();
+    let _ = victim.child.wait();
+    for n in 2..=20 {
+        emit_games(&a, n);
+    }
     assert!(
-        wait_until(T, || remote_games(&c, "node-a") == [1, 2, 3]),
-        "the events logged while the bus was away did not follow: {:?}\n{}\n{}",
+        wait_until(Duration::from_secs(30), || remote_games(&c, "node-a").len()
+            >= 20),
+        "events lost with the stream leader {leader}: node-c has {:?}\n{}\n{}",
         remote_games(&c, "node-a"),
         a.master_log(),
         c.master_log()
     );
+    assert_eq!(remote_games(&c, "node-a"), (1..=20).collect::<Vec<i64>>());
+    let ids = logged_ids(&a);
+    assert!(
+        wait_until(T, || received_by_sub(&c) == ids),
+        "node-c's subscriber has {} of 20",
+        received_by_sub(&c).len()
+    );
+    let new_leader = stream_leader(&trio, "RINGRIFT_EVENTS");
+    assert!(new_leader.is_some_and(|l| l != leader));
+}
+
+/// A daemon entry: the fault worker emitting NEW_GAMES_AVAILABLE (`new_games` 1, 2, ...) every
+/// half second.
+fn publisher() -> String {
+    format!(
+        "  publisher:\n    command: [\"{WORKER}\", \"fault\", \"--emit\", \"NEW_GAMES_AVAILABLE\", \
+         \"--emit-payload\", \"{{\\\"config_key\\\": \\\"hex8_2p\\\", \\\"new_games\\\": {{i}}}}\", \
+         \"--emit-count\", \"100000\"]\n    protocol: true\n    heartbeat_interval: 0.2\n    interval: 0.5\n"
+    )
+}
+
+#[test]
+fn with_the_bus_away_for_30_s_nodes_go_on_and_their_events_follow_when_it_is_back() {
+    let mut nats = Nats::start();
+    let servers = nats.url();
+    let a = node_at(
+        &servers,
+        "node-a",
+        None,
+        &(subscriber("sub") + &publisher()),
+    );
+    let c = node_at(&servers, "node-c", None, &subscriber("sub"));
+    for r in [&a, &c] {
+        r.ok(&["start", "napper", "sub"]);
+        assert!(wait_until(T, || r
+            .master_log()
+            .contains("sub: subscribed to")));
+    }
+    assert!(wait_until(T, || node_ids(&cluster(&c)) == ["node-a", "node-c"]));
+    a.ok(&["start", "publisher"]);
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a").len() >= 2),
+        "{}",
+        c.master_log()
+    );
+
+    nats.stop();
+    let down = std::time::Instant::now();
+    assert!(wait_until(T, || !cluster_view(&a).connected));
+    // For 30 s without a bus the local pipeline goes on: each event the publisher emits reaches
+    // node-a's own subscriber, and a daemon restarts.
+    let mut heard = received_by_sub(&a).len();
+    let mut restarted = false;
+    while down.elapsed() < Duration::from_secs(30) {
+        assert!(
+            wait_until(T, || received_by_sub(&a).len() > heard),
+            "node-a's pipeline stalled without the bus:\n{}",
+            a.master_log()
+        );
+        heard = received_by_sub(&a).len();
+        if !restarted && down.elapsed() > Duration::from_secs(10) {
+            let before = a.pid("napper").unwrap();
+            a.ok(&["restart", "napper"]);
+            assert_ne!(a.pid("napper"), Some(before));
+            restarted = true;
+        }
+    }
+    assert!(!cluster_view(&a).connected && !cluster_view(&c).connected);
+    a.ok(&["stop", "publisher"]);
+    let emitted = a.events_of("NEW_GAMES_AVAILABLE").len();
+    assert!(emitted >= 50, "only {emitted} events in 30 s");
+
+    // The bus is back: every event node-a logged while it was away reaches node-c, in order,
+    // once, and node-c's subscriber.
+    nats.restart();
+    let on_a: Vec<i64> = a
+        .events_of("NEW_GAMES_AVAILABLE")
+        .iter()
+        .map(|e| e.payload["new_games"].as_i64().unwrap())
+        .collect();
+    assert!(
+        wait_until(T, || remote_games(&c, "node-a") == on_a),
+        "the events logged while the bus was away did not follow: {} of {}\n{}\n{}",
+        remote_games(&c, "node-a").len(),
+        on_a.len(),
+        a.master_log(),
+        c.master_log()
+    );
+    let ids = logged_ids(&a);
+    assert!(wait_until(T, || received_by_sub(&c) == ids));
     assert!(wait_until(T, || cluster_view(&a).connected));
 }
 
