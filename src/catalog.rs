@@ -44,9 +44,39 @@ const SOURCES: &[&str] = &[
     "quality_monitor",
 ];
 
-/// The daemons of which one node of a cluster acts at a time (the holder of its lease):
-/// the work queue's producer, the cluster-wide job reaper and promotion.
-pub const CLUSTER_SCOPED: &[&str] = &["queue_populator", "job_reaper", "auto_promotion"];
+/// The daemons of which one node of a cluster acts at a time (the holder of its lease): the work
+/// queue's producer and promotion. `job_reaper` is not among them: what it reaps is this node's
+/// own process tree, which every node must keep clean (a reaper standing by would leave stuck
+/// jobs running); a cluster part of it comes with the shared work queue.
+pub const CLUSTER_SCOPED: &[&str] = &["queue_populator", "auto_promotion"];
+
+/// The cluster-scoped daemons with one lease per config key (`pipeline.config_keys`) rather
+/// than one for the whole daemon: promotion of different boards may lead on different nodes.
+pub const LEASE_PER_CONFIG_KEY: &[&str] = &["auto_promotion"];
+
+/// A lease's name: the daemon's, or `<daemon>.<config key>` for a lease per key.
+pub fn lease_name(daemon: &str, config_key: Option<&str>) -> String {
+    match config_key {
+        Some(k) => format!("{daemon}.{k}"),
+        None => daemon.to_string(),
+    }
+}
+
+/// The leases of a cluster-scoped daemon: `(lease name, config key)`. One named after the daemon,
+/// or, for [`LEASE_PER_CONFIG_KEY`], one per key named `<daemon>.<key>` (a valid JetStream KV key:
+/// config keys are `[a-z0-9_]`). Empty for a daemon that is not cluster-scoped.
+pub fn leases(daemon: &str, config_keys: &[String]) -> Vec<(String, Option<String>)> {
+    if !CLUSTER_SCOPED.contains(&daemon) {
+        Vec::new()
+    } else if LEASE_PER_CONFIG_KEY.contains(&daemon) {
+        config_keys
+            .iter()
+            .map(|k| (lease_name(daemon, Some(k)), Some(k.clone())))
+            .collect()
+    } else {
+        vec![(daemon.to_string(), None)]
+    }
+}
 
 /// Every built-in daemon, in the order `list` shows them.
 pub const DAEMONS: &[DaemonSpec] = &[

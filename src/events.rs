@@ -39,6 +39,21 @@ pub struct Event {
     /// its `id` the one it was given there). Absent for this node's own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// For an event of a cluster-scoped daemon: the lease it acted under and that lease's
+    /// fencing token when it was emitted. A node that has seen a higher token for the lease
+    /// refuses it (a leader that lost its lease cannot act on what its successor decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
+}
+
+/// A fencing token on an event (Kleppmann, "How to do distributed locking", 2016): the lease's
+/// name and its revision in the lease bucket, which only grows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// The lease: a cluster-scoped daemon's name, or `<daemon>.<config key>`.
+    pub lease: String,
+    /// Its revision when the event was emitted.
+    pub token: u64,
 }
 
 /// The event types that cross the cluster (README, "Cluster"): facts of the loop that other nodes

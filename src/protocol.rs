@@ -342,10 +342,11 @@ pub enum FromSupervisor {
         /// For workers: the daemon's effective configuration.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         config: Option<Value>,
-        /// For a cluster-scoped daemon of a node in a cluster: its lease as the worker starts
-        /// (standby until this node holds it). Absent: the daemon acts on its own.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lease: Option<LeaseInfo>,
+        /// For a cluster-scoped daemon of a node in a cluster: its leases as the worker starts
+        /// (one, or one per config key; standby until this node holds one). Empty: the daemon
+        /// acts on its own.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        leases: Vec<LeaseInfo>,
     },
     /// A refusal: the frame or request was not carried out.
     Error {
@@ -427,7 +428,8 @@ pub enum FromSupervisor {
     Status(StatusReport),
     /// The answer to a cluster status request.
     Cluster(ClusterReport),
-    /// To a cluster-scoped worker: its lease changed (it acts only while `leader`).
+    /// To a cluster-scoped worker: one of its leases changed (it acts, for that lease's config
+    /// key or as a whole, only while `leader`).
     Lease(LeaseInfo),
 }
 
@@ -652,18 +654,48 @@ pub struct LeaseInfo {
     /// The node holding it (None: nobody this node can see).
     #[serde(default)]
     pub holder: Option<String>,
-    /// The lease's revision while this node holds it: the fencing token (0 otherwise).
+    /// The lease's revision in the KV bucket while this node holds it: the fencing token (0
+    /// otherwise). It grows at every renewal and every change of holder.
     #[serde(default)]
     pub token: u64,
+    /// For a daemon with a lease per config key (`catalog::LEASE_PER_CONFIG_KEY`): the key.
+    /// None: the lease covers the whole daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_key: Option<String>,
+    /// When the holder took it: RFC 3339 UTC, as the holder's clock read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 impl LeaseInfo {
-    /// The health message of a daemon standing by: `standby (leader: node-b)`.
+    /// A lease nobody is known to hold yet: how a cluster-scoped daemon starts (fail closed).
+    pub fn unknown(config_key: Option<String>) -> LeaseInfo {
+        LeaseInfo {
+            leader: false,
+            holder: None,
+            token: 0,
+            config_key,
+            since: None,
+        }
+    }
+
+    /// The health message of a daemon standing by: `standby (leader: node-b since <time>)`.
     pub fn standby_message(&self) -> String {
-        format!(
-            "standby (leader: {})",
-            self.holder.as_deref().unwrap_or("none yet")
-        )
+        format!("standby ({})", self.leader_text())
+    }
+
+    /// `leader: node-b since <time>`, `leader: none yet`; prefixed with the config key for a
+    /// lease per key (`hex8_2p leader: node-b ...`).
+    pub fn leader_text(&self) -> String {
+        let key = self
+            .config_key
+            .as_deref()
+            .map_or(String::new(), |k| format!("{k} "));
+        match (&self.holder, &self.since) {
+            (Some(h), Some(since)) => format!("{key}leader: {h} since {since}"),
+            (Some(h), None) => format!("{key}leader: {h}"),
+            (None, _) => format!("{key}leader: none yet"),
+        }
     }
 }
 

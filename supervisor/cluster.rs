@@ -32,6 +32,8 @@ use crate::logwriter::SupervisorLog;
 mod bus;
 mod lease;
 
+pub(crate) use lease::Wanted;
+
 /// The membership bucket.
 pub(crate) const BUCKET: &str = "ringrift_nodes";
 
@@ -45,7 +47,7 @@ pub(crate) type View = Arc<Mutex<ClusterReport>>;
 /// Starts the membership task; returns the view it keeps up to date.
 pub(crate) fn start(
     cfg: ClusterConfig,
-    scoped: Vec<String>,
+    scoped: Vec<Wanted>,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
@@ -75,8 +77,8 @@ pub(crate) fn start(
 
 struct Member {
     cfg: ClusterConfig,
-    /// The cluster-scoped daemons of this node's configuration (`catalog::CLUSTER_SCOPED`).
-    scoped: Vec<String>,
+    /// The leases of the cluster-scoped daemons of this node's configuration (`catalog::leases`).
+    scoped: Vec<Wanted>,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,

@@ -71,7 +71,7 @@ pub(crate) enum Msg {
         conn_id: u64,
         tx: ConnTx,
         reply: oneshot::Sender<
-            Result<(serde_json::Value, Option<protocol::LeaseInfo>), workers::HelloRefused>,
+            Result<(serde_json::Value, Vec<protocol::LeaseInfo>), workers::HelloRefused>,
         >,
     },
     WorkerFrame {
@@ -270,14 +270,13 @@ impl Core {
 
     /// These daemons stand by until this node holds their lease (cluster-scoped daemons of a node
     /// in a cluster): their workers hear so in their welcome.
-    pub(crate) fn mark_cluster_scoped(&mut self, daemons: &[String]) {
-        for name in daemons {
-            if let Some(d) = self.daemons.get_mut(name) {
-                d.lease = Some(protocol::LeaseInfo {
-                    leader: false,
-                    holder: None,
-                    token: 0,
-                });
+    pub(crate) fn mark_cluster_scoped(&mut self, leases: &[crate::cluster::Wanted]) {
+        for w in leases {
+            if let Some(d) = self.daemons.get_mut(&w.daemon) {
+                d.leases.insert(
+                    w.name.clone(),
+                    protocol::LeaseInfo::unknown(w.config_key.clone()),
+                );
             }
         }
     }
@@ -377,9 +376,14 @@ impl Core {
             Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),
             Msg::JobTimer { job_id, kind } => self.on_job_timer(&job_id, kind),
             Msg::Lease { daemon, lease } => {
+                let name = ringrift::catalog::lease_name(&daemon, lease.config_key.as_deref());
                 if let Some(d) = self.daemons.get_mut(&daemon) {
-                    d.lease = Some(lease.clone());
-                    self.send_to_worker(&daemon, FromSupervisor::Lease(lease));
+                    let was = d.leases.insert(name, lease.clone());
+                    // The worker hears of a change of holder; a renewal changes only the token,
+                    // which stays here (it is stamped on the daemon's events).
+                    if was.is_none_or(|w| w.leader != lease.leader || w.holder != lease.holder) {
+                        self.send_to_worker(&daemon, FromSupervisor::Lease(lease));
+                    }
                 }
             }
             Msg::RemoteEvent { node, event, reply } => {

@@ -109,6 +109,17 @@ pub(crate) enum PublishError {
     /// The event could not be written to events.log.
     #[error(transparent)]
     Append(#[from] AppendError),
+    /// The event's fencing token is older than one this node has seen for the same lease: it
+    /// comes from a leader that has been replaced.
+    #[error("stale fencing token {token} for the lease {lease} (this node has seen {seen})")]
+    Fenced {
+        /// The lease.
+        lease: String,
+        /// The event's token.
+        token: u64,
+        /// The highest token seen for the lease.
+        seen: u64,
+    },
 }
 
 /// A subscription naming an event type the catalog does not know (`type` as the worker wrote it).
@@ -134,7 +145,13 @@ pub(crate) struct Router {
     /// Ids of the latest events taken from other nodes, oldest first: one delivered again (its
     /// ack was lost) is dropped, not logged twice.
     remote_seen: (HashSet<String>, VecDeque<String>),
+    /// The highest fencing token seen on an event, by lease (at most `FENCES` leases).
+    fences: BTreeMap<String, u64>,
 }
+
+/// Leases whose highest token is remembered: a cluster has a few per daemon and config key, so
+/// this bounds only what a hostile peer could make this node keep.
+const FENCES: usize = 4096;
 
 /// Remote event ids remembered for deduplication; JetStream redelivers only unacked messages, so
 /// a duplicate can only be recent.
@@ -179,6 +196,7 @@ impl Router {
             // The high-water mark and a reset of positions are written soon.
             dirty: !rec.warnings.is_empty(),
             remote_seen: Default::default(),
+            fences: BTreeMap::new(),
         };
         Ok((router, rec.warnings))
     }
@@ -190,7 +208,22 @@ impl Router {
         payload: Value,
         source: &str,
     ) -> Result<Arc<Event>, PublishError> {
+        self.publish_fenced(event_type, payload, source, None)
+    }
+
+    /// As [`Router::publish`], for a daemon acting under a lease: `fence` is stamped on the event,
+    /// and refused if this node has seen a higher token for the lease.
+    pub(crate) fn publish_fenced(
+        &mut self,
+        event_type: &str,
+        payload: Value,
+        source: &str,
+        fence: Option<events::Fence>,
+    ) -> Result<Arc<Event>, PublishError> {
         let event_type = events::validate(event_type, &payload)?;
+        if let Some(f) = &fence {
+            self.check_fence(f)?;
+        }
         let seq = self.next_seq;
         self.append(Event {
             seq,
@@ -200,7 +233,29 @@ impl Router {
             source: source.to_string(),
             timestamp: ringrift::timefmt::now_rfc3339(),
             node: None,
+            fence,
         })
+    }
+
+    /// Refuses a token below the highest seen for its lease; otherwise remembers it.
+    fn check_fence(&mut self, f: &events::Fence) -> Result<(), PublishError> {
+        match self.fences.get_mut(&f.lease) {
+            Some(seen) if f.token < *seen => Err(PublishError::Fenced {
+                lease: f.lease.clone(),
+                token: f.token,
+                seen: *seen,
+            }),
+            Some(seen) => {
+                *seen = f.token;
+                Ok(())
+            }
+            None => {
+                if self.fences.len() < FENCES {
+                    self.fences.insert(f.lease.clone(), f.token);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Takes an event first published on `node` of the cluster: validated like a local one, kept
@@ -211,10 +266,14 @@ impl Router {
         remote: Event,
     ) -> Result<Option<Arc<Event>>, PublishError> {
         let event_type = events::validate(&remote.event_type, &remote.payload)?;
-        let (seen, order) = &mut self.remote_seen;
-        if !seen.insert(remote.id.clone()) {
+        if self.remote_seen.0.contains(&remote.id) {
             return Ok(None);
         }
+        if let Some(f) = &remote.fence {
+            self.check_fence(f)?;
+        }
+        let (seen, order) = &mut self.remote_seen;
+        seen.insert(remote.id.clone());
         order.push_back(remote.id.clone());
         if order.len() > REMOTE_SEEN
             && let Some(old) = order.pop_front()

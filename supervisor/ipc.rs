@@ -357,7 +357,7 @@ async fn connection(
     let _ = tx.send(FromSupervisor::Welcome {
         protocol: PROTOCOL_VERSION,
         config: None,
-        lease: None,
+        leases: Vec::new(),
     });
     cli_session(&mut reader, &mut frames, id, &tx, &core, &log).await;
     drop(tx);
@@ -501,11 +501,11 @@ async fn worker_connection(
         return;
     }
     match reply_rx.await {
-        Ok(Ok((config, lease))) => {
+        Ok(Ok((config, leases))) => {
             let _ = tx.send(FromSupervisor::Welcome {
                 protocol: PROTOCOL_VERSION,
                 config: Some(config),
-                lease,
+                leases,
             });
         }
         Ok(Err(msg)) => {

@@ -298,12 +298,21 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         )),
     }
     let cluster_cfg = opts.config.cluster.clone();
-    let cluster_scoped: Vec<String> = opts
+    // The leases of the cluster-scoped daemons this node may run (`catalog::leases`).
+    let cluster_leases: Vec<crate::cluster::Wanted> = opts
         .config
         .daemons
         .values()
-        .filter(|d| d.enabled && ringrift::catalog::CLUSTER_SCOPED.contains(&d.name.as_str()))
-        .map(|d| d.name.clone())
+        .filter(|d| d.enabled)
+        .flat_map(|d| {
+            ringrift::catalog::leases(&d.name, &opts.config.pipeline.config_keys)
+                .into_iter()
+                .map(|(name, config_key)| crate::cluster::Wanted {
+                    name,
+                    daemon: d.name.clone(),
+                    config_key,
+                })
+        })
         .collect();
     let cluster_root = paths.root.clone();
     let cluster_tx = tx.clone();
@@ -342,10 +351,10 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             cluster_cfg.roles.join(", "),
             cluster_cfg.servers.join(", ")
         ));
-        core.mark_cluster_scoped(&cluster_scoped);
+        core.mark_cluster_scoped(&cluster_leases);
         core.cluster = Some(crate::cluster::start(
             cluster_cfg,
-            cluster_scoped,
+            cluster_leases,
             cluster_root,
             core.http_addr.clone(),
             cluster_tx,

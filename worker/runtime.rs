@@ -11,7 +11,7 @@
 //! status 1: a worker must never outlive the process that owns it.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Duration;
@@ -136,6 +136,9 @@ pub(crate) struct JobOutcome {
 pub(crate) struct Ctx {
     tx: mpsc::UnboundedSender<WorkerFrame>,
     jobs: Rc<RefCell<JobTable>>,
+    /// For a daemon with a lease per config key: the keys whose lease this node holds now
+    /// (None: the daemon has no such leases and acts for every key).
+    leads: Rc<RefCell<Option<BTreeSet<String>>>>,
 }
 
 #[derive(Default)]
@@ -151,9 +154,31 @@ impl Ctx {
             Ctx {
                 tx,
                 jobs: Rc::default(),
+                leads: Rc::default(),
             },
             rx,
         )
+    }
+
+    /// True when this node may act for `config_key`: always, unless the daemon has a lease per
+    /// config key (`catalog::LEASE_PER_CONFIG_KEY`) and another node holds this key's.
+    pub(crate) fn leads(&self, config_key: &str) -> bool {
+        self.leads
+            .borrow()
+            .as_ref()
+            .is_none_or(|held| held.contains(config_key))
+    }
+
+    /// Notes the leases the supervisor told of.
+    fn set_leases(&self, leases: &[LeaseInfo]) {
+        let per_key = leases.iter().any(|l| l.config_key.is_some());
+        *self.leads.borrow_mut() = per_key.then(|| {
+            leases
+                .iter()
+                .filter(|l| l.leader)
+                .filter_map(|l| l.config_key.clone())
+                .collect()
+        });
     }
 
     /// Publishes an event (validated by the supervisor; a refusal is logged to stderr).
@@ -272,7 +297,7 @@ pub(crate) async fn run(
             return ExitCode::SUCCESS;
         }
     };
-    let (writer, frames, config, lease) = match handshake {
+    let (writer, frames, config, leases) = match handshake {
         Ok(connection) => connection,
         Err(e) => {
             eprintln!("{name}: {e:#}");
@@ -293,7 +318,7 @@ pub(crate) async fn run(
         quirks,
         closed: false,
         stopping: false,
-        lease,
+        leases,
     };
     match serve(&mut session, daemon, frames, &settings, &mut sigterm).await {
         Ok(()) => {
@@ -325,7 +350,7 @@ type Welcomed = (
     OwnedWriteHalf,
     mpsc::Receiver<Incoming>,
     Option<Value>,
-    Option<LeaseInfo>,
+    Vec<LeaseInfo>,
 );
 
 /// Connects, says hello and waits for the welcome.
@@ -358,14 +383,14 @@ async fn handshake(
         Some(Incoming::Frame(FromSupervisor::Welcome {
             protocol,
             config,
-            lease,
+            leases,
         })) => {
             if protocol != PROTOCOL_VERSION {
                 bail!(
                     "the supervisor speaks protocol {protocol}, this worker speaks {PROTOCOL_VERSION}"
                 );
             }
-            Ok((write, frames, config, lease))
+            Ok((write, frames, config, leases))
         }
         Some(Incoming::Frame(FromSupervisor::Error { code, message })) => {
             bail!("the supervisor refused the handshake ({code:?}): {message}")
@@ -411,18 +436,32 @@ struct Session {
     closed: bool,
     /// Shutdown has begun: from here on a lost connection is no longer an error.
     stopping: bool,
-    /// A cluster-scoped daemon's lease: it acts only while this node holds it (None: it is not
-    /// cluster-scoped, and always acts).
-    lease: Option<LeaseInfo>,
+    /// A cluster-scoped daemon's leases (one, or one per config key): it acts only while this
+    /// node holds one (empty: it is not cluster-scoped, and always acts).
+    leases: Vec<LeaseInfo>,
 }
 
 impl Session {
-    /// Standing by: another node (or none yet) holds the lease.
+    /// Standing by: another node (or none yet) holds every lease of the daemon. The message
+    /// names the leaders: `standby (leader: node-b since ...)`.
     fn standby(&self) -> Option<String> {
-        self.lease
-            .as_ref()
-            .filter(|l| !l.leader)
-            .map(LeaseInfo::standby_message)
+        if self.leases.is_empty() || self.leases.iter().any(|l| l.leader) {
+            return None;
+        }
+        let leaders: Vec<String> = self.leases.iter().map(LeaseInfo::leader_text).collect();
+        Some(format!("standby ({})", leaders.join("; ")))
+    }
+
+    /// Notes a change of one lease (by its config key).
+    fn lease_changed(&mut self, lease: LeaseInfo) {
+        match self
+            .leases
+            .iter_mut()
+            .find(|l| l.config_key == lease.config_key)
+        {
+            Some(l) => *l = lease,
+            None => self.leases.push(lease),
+        }
     }
 }
 
@@ -512,6 +551,7 @@ async fn serve(
     session.state(ReportedState::Initializing, None).await?;
     let mut daemon = daemon;
     let (ctx, mut outgoing) = Ctx::new();
+    ctx.set_leases(&session.leases);
     let mut report = match daemon.start(ctx.clone(), settings).await {
         Ok(report) => report,
         Err(e) => return Err(Gone(format!("start-up failed: {e:#}"))),
@@ -657,15 +697,17 @@ async fn serve(
                         println!("{name}: job {job_id} ended (request {request_id}): {exit}; timed out: {timed_out}; ran {runtime_secs:.3}s");
                     }
                     FromSupervisor::Lease(lease) => {
+                        let key = lease.config_key.as_deref().map_or(String::new(), |k| format!(" of {k}"));
                         println!(
                             "{name}: {}",
                             if lease.leader {
-                                format!("this node holds the lease (fencing token {}): acting", lease.token)
+                                format!("this node holds the lease{key} (fencing token {}): acting", lease.token)
                             } else {
                                 lease.standby_message()
                             }
                         );
-                        session.lease = Some(lease);
+                        session.lease_changed(lease);
+                        ctx.set_leases(&session.leases);
                     }
                     FromSupervisor::Pause | FromSupervisor::Resume | FromSupervisor::RunNow => {}
                     other => eprintln!("{name}: ignoring unexpected frame {other:?}"),
@@ -848,7 +890,7 @@ mod tests {
             let welcome = FromSupervisor::Welcome {
                 protocol: PROTOCOL_VERSION,
                 config: Some(json!({"interval": 0.1, "heartbeat_interval": 0.05})),
-                lease: None,
+                leases: Vec::new(),
             };
             write.write_all(&protocol::encode(&welcome)).await.unwrap();
             assert!(matches!(

@@ -1,13 +1,17 @@
-//! Leases of cluster-scoped daemons (issue 12, part 3): one key per daemon in the KV bucket
-//! `ringrift_leases`, whose max age is `cluster.lease_ttl`. The core passes each change to the
-//! daemon's worker (`FromSupervisor::Lease`), which takes work only while this node holds it.
+//! Leases of cluster-scoped daemons (issue 12, part 3): one key per daemon, or per daemon and
+//! config key (`catalog::leases`), in the KV bucket `ringrift_leases`, whose max age is
+//! `cluster.lease_ttl`. The core passes each change to the daemon's worker
+//! (`FromSupervisor::Lease`), which takes work only while this node holds it, and stamps the
+//! held revision (the fencing token) on the daemon's events.
 //!
 //! A node takes a free lease with `create` (create-if-absent) and keeps it with `update` against
 //! the revision it holds (compare-and-set); the revision is the fencing token. It renews every
 //! third of the TTL, and steps down by itself once two thirds of the TTL have passed without a
 //! renewal it saw acknowledged, so it stops holding before the key can expire on the server and
 //! another node can take it (fail closed: never two holders at once). A node that dies stops
-//! renewing; the key expires after the TTL and the next `create` of another node wins.
+//! renewing; the key expires after the TTL and the next `create` of another node wins. A node
+//! whose daemon stops deletes the key (compare-and-set on its revision) so another takes it at
+//! its next attempt.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,33 +35,45 @@ pub(crate) const BUCKET: &str = "ringrift_leases";
 #[derive(Debug, Serialize, Deserialize)]
 struct Holder {
     node: String,
-    /// When this holder took the lease: unix seconds.
-    since_unix: f64,
+    /// When this holder took the lease: RFC 3339 UTC, by its clock.
+    #[serde(default)]
+    since: String,
+}
+
+/// One lease this node contends for.
+#[derive(Debug, Clone)]
+pub(crate) struct Wanted {
+    /// The lease's name: the key in the bucket (`queue_populator`, `auto_promotion.hex8_2p`).
+    pub name: String,
+    /// The daemon acting under it; this node contends only while that daemon runs here.
+    pub daemon: String,
+    /// The config key it covers, for a lease per key.
+    pub config_key: Option<String>,
 }
 
 /// This node's view of one lease.
 enum Lease {
-    /// Held since `since` (unix seconds), at `revision` (the fencing token), last renewal
+    /// Held since `since` (RFC 3339), at `revision` (the fencing token), last renewal
     /// acknowledged for a request sent at `renewed`.
     Held {
         revision: u64,
         renewed: Instant,
-        since: f64,
+        since: String,
     },
     /// Held by another node, or by nobody this node could see.
     Standby,
 }
 
-/// Makes (or finds) the lease bucket and keeps this node's leases of `daemons`.
+/// Makes (or finds) the lease bucket and keeps this node's `leases`.
 pub(crate) async fn start(
     js: &jetstream::Context,
     cfg: &ClusterConfig,
-    daemons: Vec<String>,
+    leases: Vec<Wanted>,
     view: View,
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
 ) -> Result<(), String> {
-    if daemons.is_empty() {
+    if leases.is_empty() {
         return Ok(());
     }
     let ttl = cfg.lease_ttl;
@@ -66,7 +82,7 @@ pub(crate) async fn start(
         store,
         cfg.node_id.clone(),
         ttl,
-        daemons,
+        leases,
         view,
         core,
         log,
@@ -74,137 +90,247 @@ pub(crate) async fn start(
     Ok(())
 }
 
+/// The daemons RUNNING (or PAUSED) on `node`, from its own membership record.
+fn running_here(view: &View, node: &str) -> Vec<String> {
+    let v = view.lock().expect("cluster view lock");
+    v.nodes
+        .iter()
+        .find(|n| n.record.node_id == node)
+        .map(|n| {
+            n.record
+                .daemons
+                .iter()
+                .filter(|(_, s)| s.satisfies_dependents())
+                .map(|(d, _)| d.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The lease task's state: the leases, and what the core was last told of each.
+struct Keeper {
+    store: kv::Store,
+    node: String,
+    ttl: Duration,
+    leases: Vec<(Wanted, Lease)>,
+    /// What the core was last told, by lease name (it starts every daemon in standby).
+    told: BTreeMap<String, LeaseInfo>,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+}
+
 async fn keep(
     store: kv::Store,
     node: String,
     ttl: Duration,
-    daemons: Vec<String>,
+    wanted: Vec<Wanted>,
     view: View,
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
 ) {
-    // What each daemon's worker was last told (the core starts them in standby).
-    let mut told: BTreeMap<String, LeaseInfo> = BTreeMap::new();
-    let mut leases: BTreeMap<String, Lease> =
-        daemons.into_iter().map(|d| (d, Lease::Standby)).collect();
+    let mut k = Keeper {
+        store,
+        node,
+        ttl,
+        leases: wanted.into_iter().map(|w| (w, Lease::Standby)).collect(),
+        told: BTreeMap::new(),
+        core,
+        log,
+    };
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let mut holders = BTreeMap::new();
-        let running: Vec<String> = {
-            let v = view.lock().expect("cluster view lock");
-            v.nodes
-                .iter()
-                .find(|n| n.record.node_id == node)
-                .map(|n| {
-                    n.record
-                        .daemons
-                        .iter()
-                        .filter(|(_, s)| s.satisfies_dependents())
-                        .map(|(d, _)| d.clone())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        for (daemon, lease) in leases.iter_mut() {
-            let sent = Instant::now();
-            let here = running.contains(daemon);
-            if !here && let Lease::Held { revision, .. } = lease {
-                // Not running here any more: stop renewing; the key expires after the TTL.
-                log.info(&format!(
-                    "cluster: lease {daemon} released at {} (fencing token {revision}): it does not run here",
-                    ringrift::timefmt::now_rfc3339()
-                ));
-                *lease = Lease::Standby;
-            }
-            match lease {
-                Lease::Held {
-                    revision,
-                    renewed,
-                    since,
-                } => {
-                    if renewed.elapsed() > ttl * 2 / 3 {
-                        log.warn(&format!(
-                            "cluster: lease {daemon} lost at {}: not renewed for {:.1}s (fencing token {revision}); standing by",
-                            ringrift::timefmt::now_rfc3339(),
-                            renewed.elapsed().as_secs_f64()
-                        ));
-                        *lease = Lease::Standby;
-                    } else {
-                        let value = holder_bytes(&node, *since);
-                        if let Ok(Ok(rev)) = tokio::time::timeout(
-                            ttl / 3,
-                            store.update(daemon.as_str(), value.into(), *revision),
-                        )
-                        .await
-                        {
-                            *revision = rev;
-                            *renewed = sent;
-                        }
-                    }
-                }
-                Lease::Standby if !here => {}
-                Lease::Standby => {
-                    let since = super::unix_now();
-                    let value = holder_bytes(&node, since);
-                    if let Ok(Ok(revision)) =
-                        tokio::time::timeout(ttl / 3, store.create(daemon.as_str(), value.into()))
-                            .await
-                    {
-                        log.info(&format!(
-                            "cluster: lease {daemon} acquired at {} (fencing token {revision})",
-                            ringrift::timefmt::now_rfc3339()
-                        ));
-                        *lease = Lease::Held {
-                            revision,
-                            renewed: sent,
-                            since,
-                        };
-                    }
-                }
-            }
-            let holder = match lease {
-                Lease::Held { .. } => Some(node.clone()),
-                Lease::Standby => match store.get(daemon.as_str()).await {
-                    Ok(Some(bytes)) => serde_json::from_slice::<Holder>(&bytes)
-                        .ok()
-                        .map(|h| h.node),
-                    _ => None,
-                },
-            };
-            let info = LeaseInfo {
-                leader: matches!(lease, Lease::Held { .. }),
-                holder: holder.clone(),
-                token: match lease {
-                    Lease::Held { revision, .. } => *revision,
-                    Lease::Standby => 0,
-                },
-            };
-            // The token changes at every renewal; the worker hears of a change of holder only.
-            let changed = told
-                .get(daemon)
-                .is_none_or(|t| t.leader != info.leader || t.holder != info.holder);
-            if changed {
-                told.insert(daemon.clone(), info.clone());
-                let _ = core.send(Msg::Lease {
-                    daemon: daemon.clone(),
-                    lease: info,
-                });
-            }
-            holders.insert(daemon.clone(), holder);
+        // Wake at the next renewal, or at the moment a held lease must be given up, whichever
+        // comes first: stepping down never waits for a slow call.
+        let deadline = k.earliest_deadline();
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {}
         }
-        if core.is_closed() {
+        k.step_down_expired();
+        let running = running_here(&view, &k.node);
+        let mut holders = BTreeMap::new();
+        for i in 0..k.leases.len() {
+            k.renew_or_acquire(i, &running).await;
+            k.step_down_expired();
+            let info = k.info(i).await;
+            holders.insert(k.leases[i].0.name.clone(), info.holder.clone());
+            k.tell(i, info);
+        }
+        if k.core.is_closed() {
             return;
         }
         view.lock().expect("cluster view lock").leases = holders;
     }
 }
 
-fn holder_bytes(node: &str, since_unix: f64) -> Vec<u8> {
+impl Keeper {
+    /// When the first held lease must be given up: two thirds of the TTL after the send time of
+    /// its last acknowledged renewal, at least a third of the TTL before the server can expire it.
+    fn earliest_deadline(&self) -> Option<Instant> {
+        self.leases
+            .iter()
+            .filter_map(|(_, l)| match l {
+                Lease::Held { renewed, .. } => Some(*renewed + self.ttl * 2 / 3),
+                Lease::Standby => None,
+            })
+            .min()
+    }
+
+    /// How long a call to the bus may take now: a third of the TTL, and never past the moment a
+    /// held lease must be given up (a call that cannot finish in time fails, which fails closed).
+    fn budget(&self) -> Duration {
+        let cap = self.ttl / 3;
+        match self.earliest_deadline() {
+            Some(d) => cap.min(d.saturating_duration_since(Instant::now())),
+            None => cap,
+        }
+    }
+
+    /// Gives up, and tells the core at once, every held lease whose renewal is overdue.
+    fn step_down_expired(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.leases.len() {
+            let (w, lease) = &mut self.leases[i];
+            if let Lease::Held {
+                revision, renewed, ..
+            } = lease
+                && now >= *renewed + self.ttl * 2 / 3
+            {
+                self.log.warn(&format!(
+                    "cluster: lease {} lost at {}: not renewed for {:.1}s (fencing token {revision}); standing by",
+                    w.name,
+                    ringrift::timefmt::now_rfc3339(),
+                    renewed.elapsed().as_secs_f64()
+                ));
+                *lease = Lease::Standby;
+                let info = LeaseInfo::unknown(w.config_key.clone());
+                self.tell(i, info);
+            }
+        }
+    }
+
+    /// One round for lease `i`: release it if its daemon no longer runs here, renew it if held,
+    /// try to take it if free and the daemon runs here.
+    async fn renew_or_acquire(&mut self, i: usize, running: &[String]) {
+        let budget = self.budget();
+        let (w, lease) = &mut self.leases[i];
+        let name = w.name.as_str();
+        let here = running.contains(&w.daemon);
+        let sent = Instant::now();
+        match lease {
+            Lease::Held { revision, .. } if !here => {
+                // Not running here any more: hand it over now. The delete is a compare-and-set
+                // on the held revision; if it fails, the key expires after the TTL.
+                let revision = *revision;
+                *lease = Lease::Standby;
+                let deleted = tokio::time::timeout(
+                    budget,
+                    self.store.delete_expect_revision(name, Some(revision)),
+                )
+                .await;
+                self.log.info(&format!(
+                    "cluster: lease {name} released at {} (fencing token {revision}): {} does not run here{}",
+                    ringrift::timefmt::now_rfc3339(),
+                    w.daemon,
+                    if matches!(deleted, Ok(Ok(()))) {
+                        ""
+                    } else {
+                        "; it expires after its TTL"
+                    }
+                ));
+            }
+            Lease::Held {
+                revision,
+                renewed,
+                since,
+            } => {
+                let value = holder_bytes(&self.node, since);
+                if let Ok(Ok(rev)) =
+                    tokio::time::timeout(budget, self.store.update(name, value.into(), *revision))
+                        .await
+                {
+                    *revision = rev;
+                    *renewed = sent;
+                }
+            }
+            Lease::Standby if !here => {}
+            Lease::Standby => {
+                let since = ringrift::timefmt::now_rfc3339();
+                let value = holder_bytes(&self.node, &since);
+                if let Ok(Ok(revision)) =
+                    tokio::time::timeout(budget, self.store.create(name, value.into())).await
+                {
+                    self.log.info(&format!(
+                        "cluster: lease {name} acquired at {since} (fencing token {revision})"
+                    ));
+                    *lease = Lease::Held {
+                        revision,
+                        renewed: sent,
+                        since,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Lease `i` as the core and `cluster status` see it: this node's, or whoever the bucket
+    /// says holds it.
+    async fn info(&self, i: usize) -> LeaseInfo {
+        let (w, lease) = &self.leases[i];
+        match lease {
+            Lease::Held {
+                revision, since, ..
+            } => LeaseInfo {
+                leader: true,
+                holder: Some(self.node.clone()),
+                token: *revision,
+                config_key: w.config_key.clone(),
+                since: Some(since.clone()),
+            },
+            Lease::Standby => {
+                let holder = match tokio::time::timeout(
+                    self.budget(),
+                    self.store.get(w.name.as_str()),
+                )
+                .await
+                {
+                    Ok(Ok(Some(bytes))) => serde_json::from_slice::<Holder>(&bytes).ok(),
+                    _ => None,
+                };
+                LeaseInfo {
+                    leader: false,
+                    since: holder
+                        .as_ref()
+                        .map(|h| h.since.clone())
+                        .filter(|s| !s.is_empty()),
+                    holder: holder.map(|h| h.node),
+                    token: 0,
+                    config_key: w.config_key.clone(),
+                }
+            }
+        }
+    }
+
+    /// Tells the core of a change of lease `i`. The token changes at every renewal: the core
+    /// hears every change (it stamps the token on the daemon's events) and tells the worker of a
+    /// change of holder only.
+    fn tell(&mut self, i: usize, info: LeaseInfo) {
+        let w = &self.leases[i].0;
+        if self.told.get(&w.name) != Some(&info) {
+            self.told.insert(w.name.clone(), info.clone());
+            let _ = self.core.send(Msg::Lease {
+                daemon: w.daemon.clone(),
+                lease: info,
+            });
+        }
+    }
+}
+
+fn holder_bytes(node: &str, since: &str) -> Vec<u8> {
     serde_json::to_vec(&Holder {
         node: node.to_string(),
-        since_unix,
+        since: since.to_string(),
     })
     .expect("a holder serializes")
 }

@@ -53,8 +53,9 @@ pub(super) struct Daemon {
     pub(super) announced_generation: u64,
     /// The daemon's output log, opened at its first spawn and kept across restarts.
     pub(super) log: Option<SharedLog>,
-    /// Its lease, for a cluster-scoped daemon of a node in a cluster (None: it acts on its own).
-    pub(super) lease: Option<protocol::LeaseInfo>,
+    /// Its leases by name (`catalog::leases`), for a cluster-scoped daemon of a node in a
+    /// cluster (empty: it acts on its own).
+    pub(super) leases: BTreeMap<String, protocol::LeaseInfo>,
 }
 
 /// Everything that belongs to one spawned process of a daemon. Created when a spawn succeeds,
@@ -157,7 +158,7 @@ impl Daemon {
             stop_how: None,
             announced: DaemonState::Stopped,
             announced_generation: 0,
-            lease: None,
+            leases: BTreeMap::new(),
             log: None,
         }
     }

@@ -26,7 +26,7 @@ impl Core {
         generation: u64,
         conn_id: u64,
         tx: ConnTx,
-    ) -> Result<(serde_json::Value, Option<protocol::LeaseInfo>), HelloRefused> {
+    ) -> Result<(serde_json::Value, Vec<protocol::LeaseInfo>), HelloRefused> {
         let Some(d) = self.daemons.get_mut(name) else {
             return Err(HelloRefused::Unknown(name.to_string()));
         };
@@ -42,7 +42,7 @@ impl Core {
         }
         p.conn = Some((conn_id, tx));
         p.last_heartbeat = Some(Instant::now());
-        Ok((d.cfg.settings.clone(), d.lease.clone()))
+        Ok((d.cfg.settings.clone(), d.leases.values().cloned().collect()))
     }
 
     pub(super) fn worker_frame(&mut self, name: &str, conn_id: u64, frame: WorkerFrame) {
@@ -127,9 +127,10 @@ impl Core {
                 ..
             }) => {
                 let name = name.to_string();
-                if let Err((code, e)) =
-                    self.publish_from(Origin::Daemon(&name), &event_type, payload)
-                {
+                let published = self.fence_for(&name, &payload).and_then(|fence| {
+                    self.publish_fenced(Origin::Daemon(&name), &event_type, payload, fence)
+                });
+                if let Err((code, e)) = published {
                     self.log.warn(&format!("{name}: event refused: {e}"));
                     self.send_to_worker(&name, error(code, &e));
                 }
@@ -161,14 +162,72 @@ impl Core {
         event_type: &str,
         payload: serde_json::Value,
     ) -> Result<Arc<ringrift::events::Event>, (protocol::ErrorCode, String)> {
+        self.publish_fenced(origin, event_type, payload, None)
+    }
+
+    /// As [`Core::publish_from`], with the fencing token of the lease the daemon acts under.
+    fn publish_fenced(
+        &mut self,
+        origin: Origin<'_>,
+        event_type: &str,
+        payload: serde_json::Value,
+        fence: Option<ringrift::events::Fence>,
+    ) -> Result<Arc<ringrift::events::Event>, (protocol::ErrorCode, String)> {
         if let Some(spec) = ringrift::events::find(&ringrift::events::normalize(event_type))
             && let Err(e) = ringrift::events::may_emit(spec, origin)
         {
             return Err((protocol::ErrorCode::Forbidden, e.0));
         }
         self.events
-            .publish(event_type, payload, origin.as_str())
-            .map_err(|e| (protocol::ErrorCode::BadRequest, e.to_string()))
+            .publish_fenced(event_type, payload, origin.as_str(), fence)
+            .map_err(|e| match e {
+                crate::events::PublishError::Fenced { .. } => {
+                    (protocol::ErrorCode::Forbidden, e.to_string())
+                }
+                e => (protocol::ErrorCode::BadRequest, e.to_string()),
+            })
+    }
+
+    /// The fence of an event a cluster-scoped daemon emits: the lease it acts under (for a lease
+    /// per config key, the one of the payload's `config_key`) and its token. Refused when this
+    /// node does not hold that lease now: a cycle that was under way when the lease went may
+    /// finish, but what it would announce is no longer this node's to say (fail closed).
+    fn fence_for(
+        &self,
+        daemon: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Option<ringrift::events::Fence>, (protocol::ErrorCode, String)> {
+        let Some(d) = self.daemons.get(daemon) else {
+            return Ok(None);
+        };
+        if d.leases.is_empty() {
+            return Ok(None);
+        }
+        let key = payload.get("config_key").and_then(|k| k.as_str());
+        let name = if ringrift::catalog::LEASE_PER_CONFIG_KEY.contains(&daemon) {
+            ringrift::catalog::lease_name(daemon, key)
+        } else {
+            daemon.to_string()
+        };
+        match d.leases.get(&name) {
+            Some(l) if l.leader => Ok(Some(ringrift::events::Fence {
+                lease: name,
+                token: l.token,
+            })),
+            Some(l) => Err((
+                protocol::ErrorCode::Forbidden,
+                format!(
+                    "fenced: this node does not hold the lease {name} ({})",
+                    l.leader_text()
+                ),
+            )),
+            None => Err((
+                protocol::ErrorCode::Forbidden,
+                format!(
+                    "fenced: {daemon} acts under a lease per config key, and this event names none of the configured keys ({name})"
+                ),
+            )),
+        }
     }
 
     pub(super) fn send_to_worker(&self, name: &str, frame: FromSupervisor) {

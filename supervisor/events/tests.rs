@@ -292,3 +292,80 @@ fn a_page_is_bounded_in_bytes_too() {
     let rest = r.query(n as u64, &BTreeSet::new(), None);
     assert_eq!(rest.events[0].seq, n as u64 + 1);
 }
+
+#[test]
+fn an_event_with_a_fencing_token_below_one_seen_for_its_lease_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = open(dir.path(), Limits::default());
+    let fence = |lease: &str, token| {
+        Some(ringrift::events::Fence {
+            lease: lease.into(),
+            token,
+        })
+    };
+    let promoted = json!({"config_key": "hex8_2p", "model_path": "models/x.bin"});
+    let remote = |id: &str, f| Event {
+        seq: 0,
+        id: id.into(),
+        event_type: "MODEL_PROMOTED".into(),
+        payload: promoted.clone(),
+        source: "auto_promotion".into(),
+        timestamp: ringrift::timefmt::now_rfc3339(),
+        node: None,
+        fence: f,
+    };
+    // The old leader's event (token 5), then its successor's (token 9): both taken.
+    assert!(
+        r.publish_remote("node-a", remote("a-1", fence("auto_promotion.hex8_2p", 5)))
+            .is_ok()
+    );
+    assert!(
+        r.publish_remote("node-b", remote("b-1", fence("auto_promotion.hex8_2p", 9)))
+            .is_ok()
+    );
+    // The old leader again, late (token 7 < 9): refused, not logged.
+    let e = r
+        .publish_remote("node-a", remote("a-2", fence("auto_promotion.hex8_2p", 7)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PublishError::Fenced {
+                token: 7,
+                seen: 9,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("stale fencing token 7"), "{e}");
+    // Another lease's tokens are its own; an event without a fence is not fenced.
+    assert!(
+        r.publish_remote(
+            "node-a",
+            remote("a-3", fence("auto_promotion.square8_2p", 6))
+        )
+        .is_ok()
+    );
+    assert!(r.publish_remote("node-a", remote("a-4", None)).is_ok());
+    // This node's own event under the same lease: a local token below the one seen is refused too.
+    let e = r
+        .publish_fenced(
+            "MODEL_PROMOTED",
+            promoted.clone(),
+            "auto_promotion",
+            fence("auto_promotion.hex8_2p", 8),
+        )
+        .unwrap_err();
+    assert!(matches!(e, PublishError::Fenced { .. }), "{e:?}");
+    let ok = r
+        .publish_fenced(
+            "MODEL_PROMOTED",
+            promoted,
+            "auto_promotion",
+            fence("auto_promotion.hex8_2p", 12),
+        )
+        .unwrap();
+    assert_eq!(ok.fence.as_ref().unwrap().token, 12);
+    assert_eq!(r.info().last_seq, 5);
+}

@@ -608,27 +608,75 @@ fn cluster_view(root: &Root) -> ClusterReport {
 
 /// A node running queue_populator, a cluster-scoped daemon, with short leases.
 fn leasing_node(nats: &Nats, id: &str) -> Root {
-    let root = Root::with_config(&format!(
-        "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
-         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n\
-         daemons:\n  queue_populator:\n    heartbeat_interval: 0.2\n",
-        nats.url()
-    ));
+    let root = leasing_root(&nats.url(), id);
     root.ok(&["start", "queue_populator"]);
     root
 }
 
-/// The times (RFC 3339, sortable) of `what` ("acquired", "lost", "released") in a node's log.
+/// The root of a node with queue_populator and a 2 s lease TTL, joining `servers`; not started.
+fn leasing_root(servers: &str, id: &str) -> Root {
+    Root::with_config(&format!(
+        "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{servers}]\n  \
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n\
+         daemons:\n  queue_populator:\n    heartbeat_interval: 0.2\n"
+    ))
+}
+
+/// The times (RFC 3339, sortable) of `what` ("acquired", "lost", "released") of the lease
+/// queue_populator in a node's log.
 fn lease_times(root: &Root, what: &str) -> Vec<String> {
+    lease_records(root, "queue_populator")
+        .into_iter()
+        .filter(|(w, _)| w == what)
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// The records of `lease` in a node's log, in order: ("acquired" | "lost" | "released", time).
+fn lease_records(root: &Root, lease: &str) -> Vec<(String, String)> {
+    let mark = format!("cluster: lease {lease} ");
     root.master_log()
         .lines()
         .filter_map(|l| {
-            let rest = l
-                .split_once(&format!("lease queue_populator {what} at "))?
-                .1;
-            Some(rest.split_whitespace().next()?.to_string())
+            let mut words = l.split_once(&mark)?.1.split_whitespace();
+            let what = words.next()?;
+            (words.next()? == "at").then_some(())?;
+            Some((
+                what.to_string(),
+                words.next()?.trim_end_matches(':').to_string(),
+            ))
         })
         .collect()
+}
+
+/// The spans in which each node held `lease`, from the records of all of them: from an
+/// acquisition to the next loss or release, or to `end` (the node's kill time, or now) for one
+/// still open. Panics when two spans overlap in time.
+fn assert_no_overlap(lease: &str, nodes: &[(&Root, String)]) -> Vec<(String, String, usize)> {
+    let mut spans = Vec::new();
+    for (i, (root, end)) in nodes.iter().enumerate() {
+        let mut open: Option<String> = None;
+        for (what, at) in lease_records(root, lease) {
+            match (what.as_str(), open.take()) {
+                ("acquired", None) => open = Some(at),
+                ("lost" | "released", Some(from)) => spans.push((from, at, i)),
+                (w, o) => panic!("node {i}: {w} at {at} while holding since {o:?}"),
+            }
+        }
+        if let Some(from) = open {
+            spans.push((from, end.clone(), i));
+        }
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "{lease} held by two nodes at once: {:?} and {:?}",
+            pair[0],
+            pair[1]
+        );
+    }
+    spans
 }
 
 #[test]
@@ -657,23 +705,28 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
     let first = holder_of(&nodes[0]).unwrap();
     let acquired: usize = nodes.iter().map(|r| lease_times(r, "acquired").len()).sum();
     assert_eq!(acquired, 1, "exactly one node took the lease");
-    // Only the holder's queue_populator acts; the others stand by and say who leads.
-    let standby = format!("standby (leader: {first})");
+    // Only the holder's queue_populator acts; the others stand by and say who leads since when.
+    let standby = format!("standby (leader: {first} since ");
     for r in &nodes {
         let holds = lease_times(r, "acquired").len() == 1;
         let d = r.wait_daemon("queue_populator", T, |d| {
-            (d.health.status == "standby") != holds && (holds || d.health.message == standby)
+            (d.health.status == "standby") != holds
+                && (holds || d.health.message.starts_with(&standby))
         });
         assert_eq!(d.state, DaemonState::Running);
     }
 
     // SIGKILL of the holder: another node holds it within the TTL plus two seconds.
-    let (dead, alive): (Vec<&Root>, Vec<&Root>) = nodes
+    let dead = nodes
         .iter()
-        .partition(|r| lease_times(r, "acquired").len() == 1);
-    let killed_at = ringrift::timefmt::now_rfc3339();
-    signal(dead[0].supervisor_pid().unwrap(), SIGKILL);
+        .position(|r| lease_times(r, "acquired").len() == 1)
+        .unwrap();
+    let alive: Vec<&Root> = (0..3).filter(|&i| i != dead).map(|i| &nodes[i]).collect();
+    let pid = nodes[dead].supervisor_pid().unwrap();
+    signal(pid, SIGKILL);
     let killed = std::time::Instant::now();
+    assert!(wait_until(T, || !super::common::alive(pid)));
+    let killed_at = ringrift::timefmt::now_rfc3339();
     assert!(
         wait_until(Duration::from_secs(4), || {
             alive.iter().any(|r| !lease_times(r, "acquired").is_empty())
@@ -686,14 +739,342 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
         .flat_map(|r| lease_times(r, "acquired"))
         .collect();
     assert_eq!(taken.len(), 1, "one new holder: {taken:?}");
-    assert!(
-        taken[0] > killed_at,
-        "taken at {} before the kill at {killed_at}",
-        taken[0]
-    );
     let second = holder_of(alive[0]).unwrap();
     assert_ne!(second, first);
     assert!(wait_until(T, || alive
         .iter()
         .all(|r| holder_of(r).as_deref() == Some(&second))));
+
+    // The new holder's daemon stops: it releases the lease at once (no wait for the TTL) and
+    // the third node takes it.
+    let (holder, third): (Vec<&Root>, Vec<&Root>) = alive
+        .iter()
+        .partition(|r| lease_times(r, "acquired").len() == 1);
+    holder[0].ok(&["stop", "queue_populator"]);
+    assert!(
+        wait_until(T, || lease_times(holder[0], "released").len() == 1),
+        "{}",
+        holder[0].master_log()
+    );
+    assert!(
+        wait_until(T, || lease_times(third[0], "acquired").len() == 1),
+        "{}",
+        third[0].master_log()
+    );
+    assert!(lease_times(third[0], "acquired")[0] >= lease_times(holder[0], "released")[0]);
+
+    // Over the whole story, the acquire and release records of all nodes show no overlap.
+    let now = ringrift::timefmt::now_rfc3339();
+    let ends: Vec<(&Root, String)> = (0..3)
+        .map(|i| {
+            let end = if i == dead { &killed_at } else { &now };
+            (&nodes[i], end.clone())
+        })
+        .collect();
+    let spans = assert_no_overlap("queue_populator", &ends);
+    assert_eq!(spans.len(), 3, "{spans:?}");
+}
+
+/// A node whose `auto_promotion` (a cluster-scoped daemon with a lease per config key) is the
+/// fault worker announcing a promotion of hex8_2p every 0.3 s; `keys` are its config keys.
+fn promoting_node(nats: &Nats, id: &str, keys: &str) -> Root {
+    let root = Root::with_config(&format!(
+        "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n  lease_ttl: 2s\n\
+         pipeline:\n  config_keys: [{keys}]\n\
+         daemons:\n  auto_promotion:\n    command: [\"{WORKER}\", \"fault\", \"--emit\", \"MODEL_PROMOTED\", \
+         \"--emit-payload\", \"{{\\\"config_key\\\": \\\"hex8_2p\\\", \\\"model_path\\\": \\\"models/m{{i}}.bin\\\"}}\", \
+         \"--emit-count\", \"100000\"]\n    protocol: true\n    depends_on: []\n    \
+         heartbeat_interval: 0.2\n    interval: 0.3\n",
+        nats.url()
+    ));
+    root.ok(&["start", "auto_promotion"]);
+    root
+}
+
+/// The MODEL_PROMOTED events on `root` emitted by `node` (None: this node) with their fence.
+fn promotions(root: &Root, node: Option<&str>) -> Vec<ringrift::events::Fence> {
+    root.events_of("MODEL_PROMOTED")
+        .into_iter()
+        .filter(|e| e.node.as_deref() == node)
+        .map(|e| e.fence.expect("a promotion carries its fencing token"))
+        .collect()
+}
+
+#[test]
+fn promotion_leads_per_config_key_and_carries_its_fencing_token() {
+    let nats = Nats::start();
+    // node-a promotes hex8_2p only; node-b both keys. node-a leads hex8_2p, node-b hex6_2p.
+    let a = promoting_node(&nats, "node-a", "hex8_2p");
+    let lease_of = |r: &Root, key: &str| {
+        cluster_view(r)
+            .leases
+            .get(&format!("auto_promotion.{key}"))
+            .cloned()
+            .flatten()
+    };
+    assert!(wait_until(T, || lease_of(&a, "hex8_2p").as_deref() == Some("node-a")));
+    let b = promoting_node(&nats, "node-b", "hex8_2p, hex6_2p");
+    assert!(
+        wait_until(T, || lease_of(&b, "hex6_2p").as_deref() == Some("node-b")
+            && lease_of(&b, "hex8_2p").as_deref() == Some("node-a")),
+        "{:?}\n{}",
+        cluster_view(&b).leases,
+        b.master_log()
+    );
+
+    // node-a's promotions of hex8_2p carry its lease and token, on node-a and on node-b.
+    assert!(wait_until(T, || promotions(&b, Some("node-a")).len() >= 3));
+    for f in promotions(&a, None)
+        .iter()
+        .chain(&promotions(&b, Some("node-a")))
+    {
+        assert_eq!(f.lease, "auto_promotion.hex8_2p");
+        assert!(f.token > 0);
+    }
+    // node-b's daemon acts (it leads hex6_2p), but what it says about hex8_2p, whose lease
+    // node-a holds, is refused: fenced.
+    assert!(
+        wait_until(T, || {
+            b
+            .master_log()
+            .contains("auto_promotion: event refused: fenced: this node does not hold the lease auto_promotion.hex8_2p (hex8_2p leader: node-a since ")
+        }),
+        "{}",
+        b.master_log()
+    );
+    assert!(promotions(&b, None).is_empty());
+
+    // node-a dies: node-b takes hex8_2p, and its promotions carry a higher token than any of
+    // node-a's, so a late one of node-a's would be refused everywhere.
+    let old_max = promotions(&b, Some("node-a"))
+        .iter()
+        .map(|f| f.token)
+        .max()
+        .unwrap();
+    signal(a.supervisor_pid().unwrap(), SIGKILL);
+    assert!(
+        wait_until(T, || !promotions(&b, None).is_empty()),
+        "{}",
+        b.master_log()
+    );
+    for f in promotions(&b, None) {
+        assert_eq!(f.lease, "auto_promotion.hex8_2p");
+        assert!(f.token > old_max, "token {} after {old_max}", f.token);
+    }
+}
+
+#[test]
+fn a_partitioned_leader_stops_acting_before_another_node_takes_over() {
+    partition::run();
+}
+
+/// The partition test: root only, in network namespaces it makes and removes.
+mod partition {
+    use std::process::Command;
+
+    use super::*;
+
+    /// Network namespaces and their veth pair, removed when dropped.
+    struct Net {
+        bus: String,
+        cut: String,
+    }
+
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    impl Net {
+        /// Two namespaces: `bus` (the NATS server and two nodes, on its loopback, and 10.213.0.1)
+        /// and `cut` (one node, 10.213.0.2), joined by a veth pair.
+        fn new() -> Net {
+            let id = std::process::id();
+            let net = Net {
+                bus: format!("rrt{id}b"),
+                cut: format!("rrt{id}c"),
+            };
+            ip(&["netns", "add", &net.bus]);
+            ip(&["netns", "add", &net.cut]);
+            let (vb, vc) = (format!("rrv{id}b"), format!("rrv{id}c"));
+            ip(&[
+                "link", "add", &vb, "netns", &net.bus, "type", "veth", "peer", "name", &vc,
+                "netns", &net.cut,
+            ]);
+            for (ns, dev, addr) in [
+                (&net.bus, &vb, "10.213.0.1/24"),
+                (&net.cut, &vc, "10.213.0.2/24"),
+            ] {
+                ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+                ip(&["-n", ns, "link", "set", dev, "up"]);
+                ip(&["-n", ns, "link", "set", "lo", "up"]);
+            }
+            net
+        }
+
+        /// Cuts `cut` off: its end of the pair goes down.
+        fn partition(&self) {
+            ip(&[
+                "-n",
+                &self.cut,
+                "link",
+                "set",
+                &format!("rrv{}c", std::process::id()),
+                "down",
+            ]);
+        }
+
+        fn enter(ns: &str) -> Command {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}"));
+            c
+        }
+    }
+
+    impl Drop for Net {
+        fn drop(&mut self) {
+            // Deleting a namespace removes its end of the pair, and with it the other end.
+            for ns in [&self.bus, &self.cut] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+
+    /// The `nats-server` in the bus namespace; SIGTERM when dropped.
+    struct Server {
+        child: std::process::Child,
+        _store: tempfile::TempDir,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if matches!(self.child.try_wait(), Ok(None)) {
+                signal(self.child.id(), SIGTERM);
+                if !wait_until(T, || matches!(self.child.try_wait(), Ok(Some(_)))) {
+                    let _ = self.child.kill();
+                }
+            }
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Starts `root`'s supervisor (and queue_populator) inside `ns`.
+    fn start_in(ns: &str, root: &Root) {
+        let out = Net::enter(ns)
+            .arg(SUPERVISOR)
+            .args(["start", "queue_populator"])
+            .current_dir(root.path())
+            .env("RINGRIFT_ROOT", root.path())
+            .env_remove("RINGRIFT_CONFIG")
+            .output()
+            .expect("run nsenter");
+        assert!(out.status.success(), "{out:?}\n{}", root.master_log());
+    }
+
+    pub(super) fn run() {
+        let usable = nix::unistd::geteuid().is_root()
+            && Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+            && Command::new("nsenter").arg("--version").output().is_ok();
+        if !usable {
+            eprintln!("skipped: the partition test needs root, `ip netns` and nsenter");
+            return;
+        }
+        let net = Net::new();
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nats-server is installed");
+        let store = tempfile::tempdir().unwrap();
+        let server = Server {
+            child: Net::enter(&net.bus)
+                .args([program, "-a", "0.0.0.0", "-p", "4222", "-js", "-sd"])
+                .arg(store.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start nats-server"),
+            _store: store,
+        };
+        // The leader-to-be, cut off later, reaches the bus over the pair; the others on the bus
+        // namespace's loopback.
+        let a = leasing_root("nats://10.213.0.1:4222", "node-a");
+        start_in(&net.cut, &a);
+        assert!(
+            wait_until(T, || lease_times(&a, "acquired").len() == 1),
+            "node-a never held the lease:\n{}",
+            a.master_log()
+        );
+        let others = [
+            leasing_root("nats://127.0.0.1:4222", "node-b"),
+            leasing_root("nats://127.0.0.1:4222", "node-c"),
+        ];
+        for r in &others {
+            start_in(&net.bus, r);
+        }
+        for r in &others {
+            assert!(
+                wait_until(T, || r
+                    .wait_daemon("queue_populator", T, |_| true)
+                    .health
+                    .message
+                    .starts_with("standby (leader: node-a since ")),
+                "{}",
+                r.master_log()
+            );
+        }
+
+        // node-a is cut off from the bus and the other nodes. It cannot renew: it stops acting
+        // (its daemon stands by) before the key expires, and only then does another node take it.
+        net.partition();
+        assert!(
+            wait_until(T, || lease_times(&a, "lost").len() == 1),
+            "node-a did not step down:\n{}",
+            a.master_log()
+        );
+        a.wait_daemon("queue_populator", T, |d| d.health.status == "standby");
+        assert!(
+            wait_until(T, || others
+                .iter()
+                .any(|r| lease_times(r, "acquired").len() == 1)),
+            "no node took over"
+        );
+        let lost = lease_times(&a, "lost")[0].clone();
+        let taken: Vec<String> = others
+            .iter()
+            .flat_map(|r| lease_times(r, "acquired"))
+            .collect();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        eprintln!(
+            "node-a stepped down at {lost}; the lease was taken at {}",
+            taken[0]
+        );
+        assert!(
+            lost < taken[0],
+            "node-a stepped down at {lost}, after the takeover at {}",
+            taken[0]
+        );
+        let now = ringrift::timefmt::now_rfc3339();
+        assert_no_overlap(
+            "queue_populator",
+            &[
+                (&a, now.clone()),
+                (&others[0], now.clone()),
+                (&others[1], now),
+            ],
+        );
+        drop(others);
+        drop(a);
+        drop(server);
+        drop(net);
+    }
 }

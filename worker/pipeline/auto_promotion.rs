@@ -429,6 +429,9 @@ impl AutoPromotion {
             println!("{NAME}: ignoring {id}: not a candidate under models/candidates/<key>/");
             return;
         };
+        if !self.leads(&key) {
+            return; // another node of the cluster holds the promotion lease of this key
+        }
         if !candidate.exists() {
             println!("{NAME}: {id} is gone (quarantined or deleted): nothing to decide");
             return;
@@ -587,6 +590,11 @@ impl AutoPromotion {
     }
 
     /// Decides every evaluated, undecided candidate on disk, and repairs best-model links.
+    /// This node decides promotions of `key` (in a cluster: it holds the key's lease).
+    fn leads(&self, key: &str) -> bool {
+        self.ctx.as_ref().is_none_or(|c| c.leads(key))
+    }
+
     fn reconcile(&mut self) {
         let pipeline = self.pipeline.clone().expect("started");
         for candidate in candidates(&pipeline.root.join("models/candidates")) {
@@ -610,7 +618,8 @@ impl AutoPromotion {
         }
         for key in &pipeline.config_keys {
             let canonical = pipeline.canonical(key);
-            if canonical.exists()
+            if self.leads(key)
+                && canonical.exists()
                 && let Some(name) = canonical
                     .file_name()
                     .map(|n| n.to_string_lossy().to_string())
@@ -671,6 +680,13 @@ impl Daemon for AutoPromotion {
         Box::pin(async move {
             let pipeline = self.pipeline.clone().expect("started");
             let key = pipeline.event_config_key(NAME, &event)?;
+            if !self.leads(&key) {
+                println!(
+                    "{NAME}: {key}: not deciding on event {}: another node holds the promotion lease of {key}",
+                    event.id
+                );
+                return None;
+            }
             // The event only says where to look: the candidate and its numbers come from the
             // files this pipeline wrote, and an event that disagrees with them is refused.
             match verify_event(&pipeline, &key, &event.payload) {
