@@ -118,13 +118,13 @@ fn a_program_that_cannot_be_run_is_refused_by_check_and_warned_about_by_start() 
     let root = Root::with_config(
         "http:\n  enabled: false\n\
          daemons:\n  fine:\n    command: [\"sleep\", \"1000\"]\n\
-         \x20 ghost:\n    enabled: false\n    command: [\"./bin/ghost\"]\n",
+         \x20 ghost:\n    command: [\"./bin/ghost\"]\n",
     );
     let out = root.run(&["config", "check"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let file = root.path().join("config/unified_loop.yaml");
     let expected = format!(
-        "{}:8: daemons.ghost.command: program \"./bin/ghost\" cannot be run",
+        "{}:7: daemons.ghost.command: program \"./bin/ghost\" cannot be run",
         file.display()
     );
     assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
