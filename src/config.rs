@@ -1816,9 +1816,39 @@ mod tests {
     #[test]
     fn embedded_default_is_valid_and_has_the_catalog() {
         let c = ok(DEFAULT_YAML);
-        assert_eq!(c.daemons.len(), 15);
+        assert_eq!(c.daemons.len(), 16, "the catalog's fifteen and nats");
         assert!(c.daemons["auto_sync"].enabled);
         assert!(!c.daemons["unified_idle_shutdown"].enabled);
+        // The bus: a plain program, off, ready on its monitoring port, and nothing depends on it
+        // (the cluster is opt-in; `start --all` must not start it).
+        let nats = &c.daemons["nats"];
+        assert!(!nats.enabled);
+        assert!(!nats.protocol);
+        assert_eq!(
+            nats.command.as_deref(),
+            Some(
+                &[
+                    "nats-server".to_string(),
+                    "-c".into(),
+                    "config/nats.conf".into()
+                ][..]
+            )
+        );
+        let Some(Ready::Http { url, .. }) = &nats.ready else {
+            panic!("nats is ready on its monitoring port: {:?}", nats.ready)
+        };
+        assert_eq!(
+            (url.authority.as_str(), url.path.as_str()),
+            ("127.0.0.1:8222", "/healthz")
+        );
+        assert!(nats.depends_on.is_empty());
+        assert!(
+            c.daemons
+                .values()
+                .all(|d| !d.depends_on.contains(&nats.name))
+        );
+        assert!(c.profiles.values().all(|p| !p.contains(&nats.name)));
+        assert!(!deps::with_dependencies(&c.graph(), &c.enabled()).contains("nats"));
         assert_eq!(c.daemons["evaluation"].depends_on, vec!["training_trigger"]);
         assert_eq!(c.profiles.len(), 6);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:8770");
@@ -2176,6 +2206,16 @@ mod tests {
             "{}",
             missing.disabled[0]
         );
+
+        // The embedded default's `nats` entry: a note while disabled, needed once enabled.
+        let (c, missing) = parse_in(DEFAULT_YAML, "d", &env(&[]), dir.path()).unwrap();
+        assert!(missing.needed.is_empty(), "{:?}", missing.needed);
+        assert_eq!(keys(&missing.disabled), ["daemons.nats.command"]);
+        assert!(!c.enabled().contains("nats"));
+        let on = [("RINGRIFT_DAEMONS__NATS__ENABLED", "true")];
+        let (_, missing) = parse_in(DEFAULT_YAML, "d", &env(&on), dir.path()).unwrap();
+        assert_eq!(keys(&missing.needed), ["daemons.nats.command"]);
+        assert!(missing.disabled.is_empty());
     }
 
     #[test]
