@@ -435,20 +435,34 @@ pub fn locate_file(root: &Path) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Programs that commands name and that cannot be run now, found by [`parse_in`] and
+/// [`load_checked`]. Each is a [`Problem`] at the key that names the program.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MissingPrograms {
+    /// Programs `start --all` would need: those of the enabled daemons, of the daemons they
+    /// depend on (started with them, enabled or not), and of the job templates. `config check`
+    /// refuses them; `start` and `reload` warn and go on (a program may be installed or mounted
+    /// before its daemon spawns, and one daemon's missing program must not keep the others from
+    /// starting; its spawn fails and `status` says why).
+    pub needed: Vec<Problem>,
+    /// Programs of the other daemons (disabled, and no enabled daemon depends on them, e.g. the
+    /// `nats` entry of the embedded default on a node that does not host the bus). Nothing runs
+    /// them unless they are started by name or profile, so `config check` only notes them.
+    pub disabled: Vec<Problem>,
+}
+
 /// Loads from an explicit path, or the root's file, or the embedded default; applies the process
 /// environment. Programs named by commands are not looked up (see [`load_checked`]).
 pub fn load(root: &Path, explicit: Option<&Path>) -> Result<Config, ConfigError> {
     load_checked(root, explicit).map(|(config, _)| config)
 }
 
-/// [`load`], and the programs commands name that cannot be run now (see [`parse_in`]), as
-/// problems of their own: `config check` refuses them, `start` and `reload` warn and go on (a
-/// program may be installed or mounted before its daemon spawns, and one daemon's missing
-/// program must not keep the others from starting; its spawn fails and `status` says why).
+/// [`load`], and the programs commands name that cannot be run now (see [`parse_in`] and
+/// [`MissingPrograms`]).
 pub fn load_checked(
     root: &Path,
     explicit: Option<&Path>,
-) -> Result<(Config, Vec<Problem>), ConfigError> {
+) -> Result<(Config, MissingPrograms), ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let path = explicit
         .map(Path::to_path_buf)
@@ -477,14 +491,14 @@ pub fn parse(text: &str, file: &str, env: &[(String, String)]) -> Result<Config,
 
 /// [`parse`], and checks that every program a command names exists and is executable: a path
 /// (relative ones from `root`, the daemons' working directory) or a name found on the `PATH` of
-/// `env`. Those problems come back beside the configuration when nothing else is wrong, and
-/// with the rest of the problems otherwise.
+/// `env`. Those problems come back beside the configuration when nothing else is wrong
+/// ([`MissingPrograms`]), and the needed ones with the rest of the problems otherwise.
 pub fn parse_in(
     text: &str,
     file: &str,
     env: &[(String, String)],
     root: &Path,
-) -> Result<(Config, Vec<Problem>), ConfigError> {
+) -> Result<(Config, MissingPrograms), ConfigError> {
     parse_with(text, file, env, Some(root))
 }
 
@@ -493,11 +507,12 @@ fn parse_with(
     file: &str,
     env: &[(String, String)],
     root: Option<&Path>,
-) -> Result<(Config, Vec<Problem>), ConfigError> {
+) -> Result<(Config, MissingPrograms), ConfigError> {
     let mut v = Validator {
         file,
         text,
         problems: Vec::new(),
+        notes: Vec::new(),
         env_origin: BTreeMap::new(),
     };
     if let Some((line, byte)) = control_byte(text) {
@@ -562,7 +577,11 @@ fn parse_with(
         v.check_programs(&config, root, path_var);
     }
     if before == 0 {
-        Ok((config, std::mem::take(&mut v.problems)))
+        let missing = MissingPrograms {
+            needed: std::mem::take(&mut v.problems),
+            disabled: std::mem::take(&mut v.notes),
+        };
+        Ok((config, missing))
     } else {
         Err(ConfigError {
             problems: v.problems,
@@ -664,23 +683,36 @@ struct Validator<'a> {
     file: &'a str,
     text: &'a str,
     problems: Vec<Problem>,
+    /// What is worth knowing but not wrong (see [`MissingPrograms::disabled`]).
+    notes: Vec<Problem>,
     /// Dotted keys set from the environment → the variable that set them.
     env_origin: BTreeMap<String, String>,
 }
 
 impl Validator<'_> {
     fn problem(&mut self, path: &[&str], message: impl Into<String>) {
+        let p = self.at(path, message);
+        self.problems.push(p);
+    }
+
+    fn note(&mut self, path: &[&str], message: impl Into<String>) {
+        let p = self.at(path, message);
+        self.notes.push(p);
+    }
+
+    /// A [`Problem`] at this key: its line in the file, or the variable that set it.
+    fn at(&self, path: &[&str], message: impl Into<String>) -> Problem {
         let key = path.join(".");
         let (file, line) = match self.env_origin.get(&key) {
             Some(var) => (format!("environment {var}"), None),
             None => (self.file.to_string(), locate(self.text, path)),
         };
-        self.problems.push(Problem {
+        Problem {
             file,
             line,
             key,
             message: message.into(),
-        });
+        }
     }
 
     /// Lays environment overrides over the tree: the interval variables, then the generic
@@ -927,12 +959,27 @@ impl Validator<'_> {
 
     /// Every program a command names must exist and be executable (see [`find_program`]): the
     /// daemons' `command`, `shutdown_command`, and job templates whose program is not a placeholder.
+    /// Those of daemons `start --all` would not start are notes (see [`MissingPrograms`]).
     fn check_programs(&mut self, config: &Config, root: &Path, path_var: Option<&str>) {
+        let started = deps::with_dependencies(&config.graph(), &config.enabled());
         for d in config.daemons.values() {
+            let report = |v: &mut Self, key: &str, e: ProgramError| {
+                if started.contains(&d.name) {
+                    v.problem(&["daemons", &d.name, key], e.to_string());
+                } else {
+                    v.note(
+                        &["daemons", &d.name, key],
+                        format!(
+                            "{e} ({} is disabled: needed only once it is enabled, or started by name or profile)",
+                            d.name
+                        ),
+                    );
+                }
+            };
             if let Some(program) = d.command.as_ref().and_then(|c| c.first())
                 && let Err(e) = find_program(program, root, path_var)
             {
-                self.problem(&["daemons", &d.name, "command"], e.to_string());
+                report(self, "command", e);
             }
             if !d.is_external()
                 && let Some(program) = d
@@ -942,7 +989,7 @@ impl Validator<'_> {
                     .and_then(Value::as_str)
                 && let Err(e) = find_program(program, root, path_var)
             {
-                self.problem(&["daemons", &d.name, "shutdown_command"], e.to_string());
+                report(self, "shutdown_command", e);
             }
         }
         for (kind, t) in &config.pipeline.jobs {
@@ -1769,9 +1816,39 @@ mod tests {
     #[test]
     fn embedded_default_is_valid_and_has_the_catalog() {
         let c = ok(DEFAULT_YAML);
-        assert_eq!(c.daemons.len(), 15);
+        assert_eq!(c.daemons.len(), 16, "the catalog's fifteen and nats");
         assert!(c.daemons["auto_sync"].enabled);
         assert!(!c.daemons["unified_idle_shutdown"].enabled);
+        // The bus: a plain program, off, ready on its monitoring port, and nothing depends on it
+        // (the cluster is opt-in; `start --all` must not start it).
+        let nats = &c.daemons["nats"];
+        assert!(!nats.enabled);
+        assert!(!nats.protocol);
+        assert_eq!(
+            nats.command.as_deref(),
+            Some(
+                &[
+                    "nats-server".to_string(),
+                    "-c".into(),
+                    "config/nats.conf".into()
+                ][..]
+            )
+        );
+        let Some(Ready::Http { url, .. }) = &nats.ready else {
+            panic!("nats is ready on its monitoring port: {:?}", nats.ready)
+        };
+        assert_eq!(
+            (url.authority.as_str(), url.path.as_str()),
+            ("127.0.0.1:8222", "/healthz")
+        );
+        assert!(nats.depends_on.is_empty());
+        assert!(
+            c.daemons
+                .values()
+                .all(|d| !d.depends_on.contains(&nats.name))
+        );
+        assert!(c.profiles.values().all(|p| !p.contains(&nats.name)));
+        assert!(!deps::with_dependencies(&c.graph(), &c.enabled()).contains("nats"));
         assert_eq!(c.daemons["evaluation"].depends_on, vec!["training_trigger"]);
         assert_eq!(c.profiles.len(), 6);
         assert_eq!(c.http.addr.to_string(), "127.0.0.1:8770");
@@ -2098,6 +2175,47 @@ mod tests {
             find_program("", dir.path(), None).unwrap_err().to_string(),
             "the program name is empty"
         );
+    }
+
+    #[test]
+    fn programs_of_daemons_start_all_would_not_start_are_only_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = |extra: &[(&str, &str)]| -> Vec<(String, String)> {
+            [("PATH", "/nonexistent")]
+                .iter()
+                .chain(extra)
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let text = "daemons:\n\
+                    \x20 off:\n    enabled: false\n    command: [\"no-such-off-rr\"]\n\
+                    \x20 dep:\n    enabled: false\n    command: [\"no-such-dep-rr\"]\n\
+                    \x20 on:\n    command: [\"no-such-on-rr\"]\n    depends_on: [dep]\n";
+        let (_, missing) = parse_in(text, "t.yaml", &env(&[]), dir.path()).unwrap();
+        let keys = |ps: &[Problem]| ps.iter().map(|p| p.key.clone()).collect::<Vec<_>>();
+        // `dep` is disabled, but `start --all` starts it with `on`, which depends on it.
+        assert_eq!(
+            keys(&missing.needed),
+            ["daemons.dep.command", "daemons.on.command"]
+        );
+        assert_eq!(keys(&missing.disabled), ["daemons.off.command"]);
+        assert!(
+            missing.disabled[0]
+                .message
+                .contains("off is disabled: needed only once it is enabled"),
+            "{}",
+            missing.disabled[0]
+        );
+
+        // The embedded default's `nats` entry: a note while disabled, needed once enabled.
+        let (c, missing) = parse_in(DEFAULT_YAML, "d", &env(&[]), dir.path()).unwrap();
+        assert!(missing.needed.is_empty(), "{:?}", missing.needed);
+        assert_eq!(keys(&missing.disabled), ["daemons.nats.command"]);
+        assert!(!c.enabled().contains("nats"));
+        let on = [("RINGRIFT_DAEMONS__NATS__ENABLED", "true")];
+        let (_, missing) = parse_in(DEFAULT_YAML, "d", &env(&on), dir.path()).unwrap();
+        assert_eq!(keys(&missing.needed), ["daemons.nats.command"]);
+        assert!(missing.disabled.is_empty());
     }
 
     #[test]

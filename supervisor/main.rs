@@ -303,12 +303,21 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 eprint!("error: {e}");
                 EXIT_USAGE
             }
-            // Programs that cannot be run are only warned about by `start`; the check refuses them.
-            Ok((_, missing)) if !missing.is_empty() => {
-                eprint!("error: {}", config::ConfigError { problems: missing });
+            // Programs that cannot be run are only warned about by `start`; the check refuses
+            // those `start --all` needs, and notes those of disabled daemons.
+            Ok((_, missing)) if !missing.needed.is_empty() => {
+                eprint!(
+                    "error: {}",
+                    config::ConfigError {
+                        problems: missing.needed
+                    }
+                );
                 EXIT_USAGE
             }
-            Ok((c, _)) => {
+            Ok((c, missing)) => {
+                for p in missing.disabled {
+                    eprintln!("note: {p}");
+                }
                 let enabled = c.enabled();
                 println!(
                     "{}: ok ({} daemons, {} enabled: {})",
@@ -345,7 +354,7 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             // run now is a warning (its daemon's spawn fails and `status` says why).
             let config = match config::load_checked(&paths.root, config_path.as_deref()) {
                 Ok((c, missing)) => {
-                    for p in missing {
+                    for p in missing.needed {
                         eprintln!("warning: {p}");
                     }
                     c

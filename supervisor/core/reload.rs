@@ -9,7 +9,7 @@ impl Core {
         let new =
             match ringrift::config::load_checked(&self.paths.root, self.config_path.as_deref()) {
                 Ok((c, missing)) => {
-                    for p in missing {
+                    for p in missing.needed {
                         self.log.warn(&format!("reload: {p}"));
                     }
                     c

@@ -15,6 +15,14 @@ use super::common::*;
 
 const T: Duration = Duration::from_secs(20);
 
+/// Where Debian (or another system) installed nats-server.
+fn nats_server() -> Option<PathBuf> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
 /// A `nats-server` with JetStream, on loopback only; stopped when dropped.
 struct Nats {
     child: Child,
@@ -126,10 +134,7 @@ impl Nats {
     }
 
     fn spawn(port: u16, args: &[String]) -> Child {
-        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
+        let program = nats_server()
             .expect("nats-server is not installed (apt-get install nats-server; .ci/run does)");
         let child = std::process::Command::new(program)
             .args(args)
@@ -1077,4 +1082,98 @@ mod partition {
         drop(server);
         drop(net);
     }
+}
+
+/// `text` with `from` replaced by `to`, which must occur exactly once (so that a change to the
+/// shipped files that this test edits fails here, not in some later assertion).
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "{from:?} once in:\n{text}");
+    text.replacen(from, to, 1)
+}
+
+/// The bus as a daemon: the embedded default's `nats` entry, enabled, runs nats-server with the
+/// shipped config/nats.conf (on this test's ports) from the root, is RUNNING once the monitoring
+/// port says healthy, keeps its JetStream store under the root, and `stop nats` ends the server.
+#[test]
+fn the_nats_entry_runs_the_bus_as_a_daemon() {
+    let Some(program) = nats_server() else {
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+        return;
+    };
+    let (client, monitor) = (free_port(), free_port());
+    // The shipped files, changed only where this test must: this test's ports, HTTP off (tests
+    // run side by side), and the entry enabled.
+    let yaml = replace_once(
+        ringrift::config::DEFAULT_YAML,
+        "http:\n  enabled: true",
+        "http:\n  enabled: false",
+    );
+    let yaml = replace_once(
+        &yaml,
+        "  nats:\n    enabled: false",
+        "  nats:\n    enabled: true",
+    );
+    let yaml = replace_once(
+        &yaml,
+        "http://127.0.0.1:8222/healthz",
+        &format!("http://127.0.0.1:{monitor}/healthz"),
+    );
+    let root = Root::with_config(&yaml);
+    let conf = include_str!("../../config/nats.conf");
+    let conf = replace_once(
+        conf,
+        "\nlisten: 127.0.0.1:4222",
+        &format!("\nlisten: 127.0.0.1:{client}"),
+    );
+    let conf = replace_once(
+        &conf,
+        "\nhttp: 127.0.0.1:8222",
+        &format!("\nhttp: 127.0.0.1:{monitor}"),
+    );
+    std::fs::write(root.path().join("config/nats.conf"), conf).unwrap();
+    // nats-server is found on the PATH the supervisor is started with, as a user would have it.
+    let dir = program.parent().unwrap().display().to_string();
+    let path = format!("{dir}:{}", std::env::var("PATH").unwrap_or_default());
+    let env = [("PATH", path.as_str())];
+
+    let check = root.ok_with_env(&["config", "check"], &env);
+    assert!(
+        check.contains("14 enabled") && check.contains("nats"),
+        "{check}"
+    );
+    // `start` returns once nats is RUNNING: its /healthz answered.
+    root.ok_with_env(&["start", "nats"], &env);
+    let d = root.wait_state("nats", DaemonState::Running, T);
+    assert_eq!(d.kind, "external", "{d:#?}");
+    let pid = d.pid.expect("a RUNNING daemon has a pid");
+    assert_eq!(
+        procfs::stat(pid).map(|s| s.ppid),
+        root.supervisor_pid(),
+        "nats-server is the supervisor's child"
+    );
+    // Clients are served on the configured port: the server greets with INFO.
+    let mut greeting = [0u8; 5];
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", client)).expect("client port");
+    conn.set_read_timeout(Some(T)).unwrap();
+    conn.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting, b"INFO ");
+    drop(conn);
+    // The store is under the root (2.9 resolves store_dir from its working directory, the root).
+    assert!(
+        root.path().join("data/nats/jetstream").is_dir(),
+        "no JetStream store under {}",
+        root.path().display()
+    );
+    root.wait_log("nats", "Server is ready", T);
+
+    root.ok(&["stop", "nats"]);
+    assert_eq!(root.state("nats"), DaemonState::Stopped);
+    assert!(
+        wait_until(T, || !alive(pid)),
+        "nats-server {pid} outlived `stop nats`"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", client)).is_err(),
+        "the client port is closed"
+    );
 }

@@ -16,9 +16,11 @@ fn start_all_runs_every_enabled_daemon_as_its_own_child_in_dependency_order() {
     let status = root.status();
     let running = in_state(&status, DaemonState::Running);
     assert_eq!(running.len(), 13, "{out}\n{status:#?}");
-    for disabled in ["ephemeral_sync", "unified_idle_shutdown"] {
+    // The bus (`nats`) is off by default: no server is started, none is needed.
+    for disabled in ["ephemeral_sync", "unified_idle_shutdown", "nats"] {
         assert!(!running.contains(&disabled.to_string()));
     }
+    assert_eq!(daemon(&status, "nats").pid, None);
     let sup = status.supervisor.pid;
     let pids = pids(&status);
     let distinct: std::collections::BTreeSet<_> = pids.values().collect();
@@ -90,7 +92,11 @@ fn restart_pause_resume_stop_and_shutdown() {
     let sup = root.supervisor_pid().unwrap();
     let out = root.ok(&["stop", "--all"]);
     let status = root.status();
-    assert_eq!(in_state(&status, DaemonState::Stopped).len(), 15, "{out}");
+    assert_eq!(
+        in_state(&status, DaemonState::Stopped).len(),
+        16,
+        "the catalog's fifteen and nats: {out}"
+    );
     // Dependents stop first.
     let log = root.master_log();
     assert!(

@@ -118,13 +118,13 @@ fn a_program_that_cannot_be_run_is_refused_by_check_and_warned_about_by_start() 
     let root = Root::with_config(
         "http:\n  enabled: false\n\
          daemons:\n  fine:\n    command: [\"sleep\", \"1000\"]\n\
-         \x20 ghost:\n    enabled: false\n    command: [\"./bin/ghost\"]\n",
+         \x20 ghost:\n    command: [\"./bin/ghost\"]\n",
     );
     let out = root.run(&["config", "check"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let file = root.path().join("config/unified_loop.yaml");
     let expected = format!(
-        "{}:8: daemons.ghost.command: program \"./bin/ghost\" cannot be run",
+        "{}:7: daemons.ghost.command: program \"./bin/ghost\" cannot be run",
         file.display()
     );
     assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
@@ -148,4 +148,64 @@ fn a_program_that_cannot_be_run_is_refused_by_check_and_warned_about_by_start() 
         stderr(&out)
     );
     assert_eq!(root.state("fine"), DaemonState::Running);
+}
+
+/// Issue 12: the embedded default carries the bus as a disabled `nats` entry. A disabled daemon's
+/// program need not exist (`config check` notes it and passes), an enabled one's must.
+#[test]
+fn a_disabled_daemon_needs_no_program_and_an_enabled_one_does() {
+    let root = Root::new();
+    // A PATH on which no nats-server can be found (Debian installs it in /usr/sbin).
+    let empty = tempfile::tempdir().unwrap();
+    let check = |env: &[(&str, &str)]| {
+        root.cmd(&["config", "check"])
+            .env("PATH", empty.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = check(&[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout(&out).starts_with("<embedded default>: ok (16 daemons, 13 enabled: "),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("nats"), "{}", stdout(&out));
+    let note = stderr(&out);
+    assert!(
+        note.starts_with("note: <embedded default>:")
+            && note.contains(
+                "daemons.nats.command: program \"nats-server\" is not found on PATH (or not \
+                 executable); give its full path (nats is disabled: needed only once it is enabled"
+            ),
+        "{note}"
+    );
+
+    // Enabled (here from the environment), the same entry is refused, naming the daemon.
+    let out = check(&[("RINGRIFT_DAEMONS__NATS__ENABLED", "true")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr(&out).contains(
+            "daemons.nats.command: program \"nats-server\" is not found on PATH (or not executable)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    // A file that enables nats with a program that does not exist: refused at its line.
+    root.write_config(
+        "http:\n  enabled: false\n\
+         daemons:\n  nats:\n    enabled: true\n\
+         \x20   command: [\"no-such-nats-server-rr\", \"-c\", \"config/nats.conf\"]\n\
+         \x20   ready: {http: \"http://127.0.0.1:8222/healthz\"}\n",
+    );
+    let out = root.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let expected = format!(
+        "{}:6: daemons.nats.command: program \"no-such-nats-server-rr\" is not found on PATH",
+        root.path().join("config/unified_loop.yaml").display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    assert!(stderr(&out).contains("(1 problem)"), "{}", stderr(&out));
 }
