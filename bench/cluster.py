@@ -17,7 +17,7 @@ For each topology (1 server, 3 servers in a NATS cluster), in a temporary direct
   to the arrival of the last on node c, every one of them checked to arrive exactly once on b and c;
 - failover: queue_populator (cluster-scoped) on all three nodes, the lease holder's supervisor
   SIGKILLed, and the time from the kill until another node's master_loop.log says "acquired";
-  the killed node is restarted between rounds, and each kill waits a random 0-1 s first, so that
+  the killed node is restarted between rounds, and each kill waits a random 1-2 s first, so that
   kills fall anywhere in the renewal period;
 - NATS itself: bench/natsbench.rs on the same servers, same payload size as the supervisor's
   envelope, same stream settings.
