@@ -164,6 +164,11 @@ impl ConnTx {
 }
 
 impl ConnRx {
+    /// True when no frame is waiting.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The next frame's bytes, or None once every sender is gone or the connection was cut.
     pub(crate) async fn recv(&mut self) -> Option<Vec<u8>> {
         if self.shared.dropped.load(Ordering::Relaxed) {

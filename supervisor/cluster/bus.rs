@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
@@ -135,6 +135,7 @@ async fn outbox(
             return;
         }
         let mut answered = false;
+        let (mut saved, mut published, mut written) = (cursor, false, Instant::now());
         loop {
             let frame = tokio::select! {
                 bytes = rx.recv() => match bytes {
@@ -154,9 +155,18 @@ async fn outbox(
                 Some(FromSupervisor::Event { event }) => {
                     if event.node.is_none() {
                         publish(&js, &node, &event, &log).await;
+                        published = true;
                     }
                     cursor = Some(event.seq);
-                    note_cursor(&root, event.seq, &log);
+                    // Not one write per event (each a file created and renamed, on the
+                    // supervisor's only thread): after this node's own events, once no further
+                    // event waits (a crash before it publishes them again; the stream drops them
+                    // by id, and so would the other nodes); past other nodes' events, which
+                    // only need skipping again, at most once a second.
+                    if rx.is_empty() && (published || written.elapsed() >= Duration::from_secs(1)) {
+                        note_cursor(&root, event.seq, &log);
+                        (saved, published, written) = (cursor, false, Instant::now());
+                    }
                 }
                 Some(FromSupervisor::EndOfEvents {
                     last_seq,
@@ -165,6 +175,7 @@ async fn outbox(
                     if cursor.is_none() {
                         cursor = Some(last_seq);
                         note_cursor(&root, last_seq, &log);
+                        saved = cursor;
                     }
                     if next_since.is_some() {
                         break; // one page of the history: the next from the cursor
@@ -176,6 +187,11 @@ async fn outbox(
                     break;
                 }
             }
+        }
+        if let Some(seq) = cursor
+            && cursor != saved
+        {
+            note_cursor(&root, seq, &log);
         }
     }
 }
