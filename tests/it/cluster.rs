@@ -971,12 +971,11 @@ mod partition {
 
     /// Starts `root`'s supervisor (and queue_populator) inside `ns`.
     fn start_in(ns: &str, root: &Root) {
-        let out = Net::enter(ns)
-            .arg(SUPERVISOR)
-            .args(["start", "queue_populator"])
-            .current_dir(root.path())
-            .env("RINGRIFT_ROOT", root.path())
-            .env_remove("RINGRIFT_CONFIG")
+        let out = root
+            .cmd_via(
+                &["nsenter", &format!("--net=/run/netns/{ns}")],
+                &["start", "queue_populator"],
+            )
             .output()
             .expect("run nsenter");
         assert!(out.status.success(), "{out:?}\n{}", root.master_log());

@@ -562,13 +562,8 @@ fn a_request_line_without_newline_is_cut_off() {
 fn a_thousand_idle_connections_do_not_starve_supervision() {
     let root = root_with(IDLE_DAEMON);
     // The supervisor (booted by this `start`) inherits the 1024-descriptor limit.
-    let out = Command::new("prlimit")
-        .arg("--nofile=1024")
-        .arg(SUPERVISOR)
-        .args(["start", "idle"])
-        .current_dir(root.path())
-        .env("RINGRIFT_ROOT", root.path())
-        .env_remove("RINGRIFT_CONFIG")
+    let out = root
+        .cmd_via(&["prlimit", "--nofile=1024"], &["start", "idle"])
         .output()
         .expect("prlimit (util-linux)");
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));

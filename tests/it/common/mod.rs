@@ -63,6 +63,19 @@ impl Root {
         c
     }
 
+    /// The CLI run through `wrapper` (a program and its arguments, e.g. `prlimit --nofile=1024`
+    /// or `nsenter --net=...`), with the same environment as [`Root::cmd`].
+    pub fn cmd_via(&self, wrapper: &[&str], args: &[&str]) -> Command {
+        let mut c = Command::new(wrapper[0]);
+        c.args(&wrapper[1..])
+            .arg(SUPERVISOR)
+            .args(args)
+            .current_dir(self.path())
+            .env("RINGRIFT_ROOT", self.path())
+            .env_remove("RINGRIFT_CONFIG");
+        c
+    }
+
     /// Runs the CLI and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().expect("run ringrift-supervisor")
