@@ -567,7 +567,7 @@ fn parse_with(
         });
     }
     v.apply_env(&mut tree, env);
-    let config = v.build(&tree);
+    let mut config = v.build(&tree);
     let before = v.problems.len();
     if let Some(root) = root {
         let path_var = env
@@ -575,6 +575,7 @@ fn parse_with(
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| v.as_str());
         v.check_programs(&config, root, path_var);
+        v.check_cluster_files(&mut config.cluster, root);
     }
     if before == 0 {
         let missing = MissingPrograms {
@@ -2083,6 +2084,18 @@ mod tests {
                 .all(|p| p.key == "defaults.heartbeat_timeout"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_negative_duration_is_called_negative() {
+        for v in ["-1", "\"-2s\""] {
+            let e = err(&format!("cluster:\n  lease_ttl: {v}\n"), &[]);
+            assert!(
+                e.problems.iter().any(|p| p.key == "cluster.lease_ttl"
+                    && p.message.starts_with("must not be negative")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

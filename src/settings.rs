@@ -12,28 +12,53 @@ use serde_json::{Map, Value};
 
 /// A value that is not a duration (see [`parse_duration`]): says what was found and, for a string
 /// humantime could not read, why.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error(
-    "must be a duration: seconds, or a string such as \"500ms\", \"10s\", \"5m\", \"1m30s\"; found {found}{}",
-    humantime.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
-)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DurationError {
     /// The value as written (see [`crate::config::show_value`]).
     pub found: String,
     /// humantime's reason, for a string that is neither a number nor a humantime duration.
     pub humantime: Option<humantime::DurationError>,
+    /// It reads as a duration below zero (`-1`, `"-2s"`).
+    pub negative: bool,
 }
+
+impl std::fmt::Display for DurationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.negative {
+            return write!(f, "must not be negative; found {}", self.found);
+        }
+        write!(
+            f,
+            "must be a duration: seconds, or a string such as \"500ms\", \"10s\", \"5m\", \"1m30s\"; found {}",
+            self.found
+        )?;
+        match &self.humantime {
+            Some(e) => write!(f, ": {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for DurationError {}
 
 /// Parses a duration value (see the module doc). The error says what was found.
 pub fn parse_duration(v: &Value) -> Result<Duration, DurationError> {
     let bad = || DurationError {
         found: crate::config::show_value(v),
         humantime: None,
+        negative: false,
+    };
+    let negative = || DurationError {
+        negative: true,
+        ..bad()
     };
     let secs = match v {
         Value::Number(n) => n.as_f64().ok_or_else(bad)?,
         Value::String(s) => {
             let s = s.trim();
+            if s.starts_with('-') {
+                return Err(negative());
+            }
             match s.parse::<f64>() {
                 Ok(n) => n,
                 Err(_) => {
@@ -46,7 +71,10 @@ pub fn parse_duration(v: &Value) -> Result<Duration, DurationError> {
         }
         _ => return Err(bad()),
     };
-    if !secs.is_finite() || secs < 0.0 {
+    if secs < 0.0 {
+        return Err(negative());
+    }
+    if !secs.is_finite() {
         return Err(bad());
     }
     Duration::try_from_secs_f64(secs).map_err(|_| bad())

@@ -44,6 +44,31 @@ const API_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The view of the cluster that `cluster status` shows.
 pub(crate) type View = Arc<Mutex<ClusterReport>>;
 
+/// Where the lease task takes a request to release every lease this node holds (set once it
+/// runs): the supervisor asks as it exits, so the next node takes over at once.
+pub(crate) type ReleaseSlot =
+    Arc<Mutex<Option<mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>>>;
+
+/// The cluster part of a running supervisor.
+pub(crate) struct Handle {
+    /// What `cluster status` shows.
+    pub view: View,
+    release: ReleaseSlot,
+}
+
+impl Handle {
+    /// Releases every lease this node holds (its daemons have stopped), waiting at most `bound`.
+    pub(crate) async fn release_leases(&self, bound: Duration) {
+        let Some(tx) = self.release.lock().expect("release slot lock").take() else {
+            return;
+        };
+        let (done, released) = tokio::sync::oneshot::channel();
+        if tx.send(done).is_ok() {
+            let _ = tokio::time::timeout(bound, released).await;
+        }
+    }
+}
+
 /// Starts the membership task; returns the view it keeps up to date.
 pub(crate) fn start(
     cfg: ClusterConfig,
@@ -52,7 +77,7 @@ pub(crate) fn start(
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
-) -> View {
+) -> Handle {
     let view = Arc::new(Mutex::new(ClusterReport {
         node_id: cfg.node_id.clone(),
         connected: false,
@@ -70,15 +95,19 @@ pub(crate) fn start(
         view: view.clone(),
         known: None,
         gpus: count_gpus(),
+        release: ReleaseSlot::default(),
     };
+    let release = member.release.clone();
     tokio::spawn(member.run());
-    view
+    Handle { view, release }
 }
 
 struct Member {
     cfg: ClusterConfig,
     /// The leases of the cluster-scoped daemons of this node's configuration (`catalog::leases`).
     scoped: Vec<Wanted>,
+    /// Where the lease task listens for the supervisor's last request.
+    release: ReleaseSlot,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
@@ -114,7 +143,7 @@ impl Member {
                         self.log.info(&format!(
                             "cluster: node {} joined the bus at {}",
                             self.cfg.node_id,
-                            self.cfg.servers.join(", ")
+                            self.cfg.servers_shown()
                         ));
                         store = Some((bucket, s));
                     }
@@ -175,19 +204,19 @@ impl Member {
         let js = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
             .build(client);
-        let replicas = replicas(&self.cfg);
-        let (bucket, store) = kv_bucket(&js, BUCKET, self.cfg.node_expiry, replicas).await?;
-        bus::ensure_stream(&js, replicas).await?;
-        lease::start(
+        let replicas = replicas(&self.cfg, &js.client());
+        let Bucket { stream, store, .. } = kv_bucket(
             &js,
-            &self.cfg,
-            self.scoped.clone(),
-            self.view.clone(),
-            self.core.clone(),
-            self.log.clone(),
+            BUCKET,
+            self.cfg.node_expiry,
+            replicas,
+            "node_expiry",
+            &self.log,
         )
         .await?;
-        Ok((js, bucket, store))
+        bus::ensure_stream(&js, replicas, &self.log).await?;
+        lease::start(&js, self, replicas).await?;
+        Ok((js, stream, store))
     }
 
     /// One heartbeat: renew this node's record, then read every record and announce changes.
@@ -363,21 +392,37 @@ fn count_gpus() -> u32 {
         })
 }
 
-/// Replicas of the cluster's streams and buckets: as many servers as `servers` lists, at most 3.
-fn replicas(cfg: &ClusterConfig) -> usize {
-    cfg.servers.len().clamp(1, 3)
+/// Replicas of the cluster's streams and buckets: as many servers as the bus has (those this
+/// node lists, or those the server it reached advertises, whichever is more), at most 3.
+fn replicas(cfg: &ClusterConfig, client: &async_nats::Client) -> usize {
+    let advertised = client.server_info().connect_urls.len();
+    cfg.servers.len().max(advertised).clamp(1, 3)
+}
+
+/// A KV bucket as found on the bus.
+pub(crate) struct Bucket {
+    /// Its backing stream (`KV_<bucket>`).
+    pub stream: stream::Stream,
+    pub store: kv::Store,
+    /// How long its entries live after their last write: the bucket's own setting, which holds
+    /// for the whole cluster (the node that made the bucket chose it).
+    pub max_age: Duration,
 }
 
 /// Makes (or finds) a KV bucket whose entries expire `max_age` after their last write: its
 /// backing stream as async-nats would make it (`create_key_value` fails against nats-server 2.9,
-/// CLUSTER-NOTES pitfall 1), then the bucket.
+/// CLUSTER-NOTES pitfall 1), then the bucket. A bucket that exists keeps its max age (a warning
+/// says so when this node asked for another: every node must time its entries by the same
+/// clock), and gains replicas if it has fewer than `replicas`.
 async fn kv_bucket(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,
     replicas: usize,
-) -> Result<(stream::Stream, kv::Store), String> {
-    let stream = js
+    what: &str,
+    log: &SupervisorLog,
+) -> Result<Bucket, String> {
+    let mut stream = js
         .get_or_create_stream(stream::Config {
             name: format!("KV_{bucket}"),
             subjects: vec![format!("$KV.{bucket}.>")],
@@ -394,11 +439,60 @@ async fn kv_bucket(
         })
         .await
         .map_err(|e| format!("cannot make the bucket {bucket}: {e}"))?;
+    let config = stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the bucket {bucket}: {e}"))?
+        .config
+        .clone();
+    if config.max_age != max_age {
+        log.warn(&format!(
+            "cluster: the bucket {bucket} keeps entries {}, not the {} of this node's {what}: \
+             the bucket's figure holds for the whole cluster (the node that made it chose it); \
+             set the same value on every node, and change the bucket's max age with the NATS \
+             tools (natscli: nats stream edit KV_{bucket} --max-age ...) while no node runs",
+            humantime::format_duration(config.max_age),
+            humantime::format_duration(max_age)
+        ));
+    }
+    scale_up(js, &config, replicas, log).await;
     let store = js
         .get_key_value(bucket)
         .await
         .map_err(|e| format!("cannot open the bucket {bucket}: {e}"))?;
-    Ok((stream, store))
+    Ok(Bucket {
+        stream,
+        store,
+        max_age: config.max_age,
+    })
+}
+
+/// Gives a stream `replicas` replicas if it has fewer (a node that made it knew of fewer
+/// servers); a warning when the bus refuses.
+async fn scale_up(
+    js: &jetstream::Context,
+    config: &stream::Config,
+    replicas: usize,
+    log: &SupervisorLog,
+) {
+    if config.num_replicas >= replicas {
+        return;
+    }
+    let wanted = stream::Config {
+        num_replicas: replicas,
+        ..config.clone()
+    };
+    match js.update_stream(&wanted).await {
+        Ok(_) => log.info(&format!(
+            "cluster: the stream {} now has {replicas} replicas (it had {})",
+            config.name, config.num_replicas
+        )),
+        Err(e) => log.warn(&format!(
+            "cluster: the stream {} has {} replica(s), fewer than the {replicas} servers of the bus, \
+             and cannot be given more: {e}",
+            config.name, config.num_replicas
+        )),
+    }
 }
 
 fn unix_now() -> f64 {

@@ -349,19 +349,26 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             "cluster: node {} (roles {}), bus {}",
             cluster_cfg.node_id,
             cluster_cfg.roles.join(", "),
-            cluster_cfg.servers.join(", ")
+            cluster_cfg.servers_shown()
         ));
         core.mark_cluster_scoped(&cluster_leases);
-        core.cluster = Some(crate::cluster::start(
+    }
+    let cluster = cluster_cfg.enabled.then(|| {
+        crate::cluster::start(
             cluster_cfg,
             cluster_leases,
             cluster_root,
             core.http_addr.clone(),
             cluster_tx,
             log.clone(),
-        ));
-    }
+        )
+    });
+    core.cluster = cluster.as_ref().map(|c| c.view.clone());
     core.run(rx).await;
+    // Every daemon has stopped: hand this node's leases over now rather than after their TTL.
+    if let Some(c) = &cluster {
+        c.release_leases(std::time::Duration::from_secs(2)).await;
+    }
     // The socket is gone on purpose now: it must not be made again while the last answers drain,
     // or a `start` right after the shutdown would reach this exiting supervisor.
     keeper.abort();

@@ -86,6 +86,64 @@ impl Default for ClusterConfig {
     }
 }
 
+/// A server URL fit for a log or a status line: its password, if it carries one, replaced by
+/// `***` (`nats://ring:***@10.0.0.1:4222`).
+pub fn redact(server: &str) -> String {
+    match server.parse::<async_nats::ServerAddr>() {
+        Ok(addr) if addr.password().is_some() => {
+            let mut url = addr.into_inner();
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(_) => server.to_string(),
+        // Not parsed: show no more than the scheme and what follows an '@', if any.
+        Err(_) => match server.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => server.to_string(),
+        },
+    }
+}
+
+impl ClusterConfig {
+    /// The servers as a log line shows them: passwords in URLs redacted ([`redact`]).
+    pub fn servers_shown(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| redact(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Validator<'_> {
+    /// The credentials and TLS files of an enabled cluster must exist: relative ones are taken
+    /// from `root` (and made absolute here, so the supervisor reads the same file whatever its
+    /// working directory).
+    pub(super) fn check_cluster_files(&mut self, c: &mut ClusterConfig, root: &std::path::Path) {
+        let enabled = c.enabled;
+        let mut files: Vec<(&str, &mut Option<PathBuf>)> = vec![
+            ("credentials", &mut c.credentials),
+            ("ca", &mut c.tls.ca),
+            ("cert", &mut c.tls.cert),
+            ("key", &mut c.tls.key),
+        ];
+        for (key, file) in files.iter_mut() {
+            let Some(path) = file.as_mut() else { continue };
+            if path.is_relative() {
+                *path = root.join(&*path);
+            }
+            if enabled && !path.is_file() {
+                let at: &[&str] = if *key == "credentials" {
+                    &["cluster", "credentials"]
+                } else {
+                    &["cluster", "tls", key]
+                };
+                self.problem(at, format!("{} is not a file", path.display()));
+            }
+        }
+    }
+}
+
 /// The host name as a node id: lower-cased, characters other than `a-z0-9_-` replaced by `-`,
 /// at most 64 characters; `node` when there is no host name.
 pub fn default_node_id() -> String {
@@ -141,11 +199,16 @@ impl Validator<'_> {
                 let ok = ["nats://", "tls://", "ws://", "wss://"]
                     .iter()
                     .any(|p| s.strip_prefix(p).is_some_and(|rest| !rest.is_empty()));
+                // The client's own parser (the `url` crate, WHATWG rules): a port over 65535 or
+                // a malformed host is refused here rather than at the first connection.
+                let parsed = s.parse::<async_nats::ServerAddr>();
                 if !ok {
                     self.problem(
                         &["cluster", "servers"],
                         format!("'{s}' is not a NATS URL like nats://127.0.0.1:4222"),
                     );
+                } else if let Err(e) = parsed {
+                    self.problem(&["cluster", "servers"], format!("'{}': {e}", redact(s)));
                 }
             }
             c.servers = servers;
@@ -295,5 +358,48 @@ mod tests {
                 .join("")
                 .contains("is not a NATS URL")
         );
+    }
+
+    #[test]
+    fn a_server_url_must_parse_and_its_password_stays_out_of_logs() {
+        let p = problems("cluster:\n  servers: [nats://127.0.0.1:99999]\n");
+        assert!(
+            p.iter()
+                .any(|p| p.contains("cluster.servers") && p.contains("invalid port")),
+            "{p:?}"
+        );
+        assert_eq!(
+            redact("nats://ring:secretpw@10.0.0.1:4222"),
+            "nats://ring:***@10.0.0.1:4222"
+        );
+        assert_eq!(redact("nats://10.0.0.1:4222"), "nats://10.0.0.1:4222");
+        let c = ClusterConfig {
+            servers: vec!["nats://a:pw@h:1".into(), "tls://h2:2".into()],
+            ..Default::default()
+        };
+        assert_eq!(c.servers_shown(), "nats://a:***@h:1, tls://h2:2");
+    }
+
+    #[test]
+    fn credentials_and_tls_files_must_exist_and_are_taken_from_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("node.creds"), "x").unwrap();
+        let yaml = |creds: &str| {
+            format!(
+                "cluster:\n  enabled: true\n  servers: [nats://127.0.0.1:4222]\n  credentials: {creds}\n  tls:\n    ca: missing-ca.pem\n"
+            )
+        };
+        let err = crate::config::parse_in(&yaml("node.creds"), "t.yaml", &[], root.path())
+            .map(|(_, missing)| missing.needed)
+            .unwrap();
+        let text: Vec<String> = err.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].contains("cluster.tls.ca") && text[0].contains("missing-ca.pem is not a file"),
+            "{text:?}"
+        );
+        let (c, _) =
+            crate::config::parse_in(&yaml("node.creds"), "t.yaml", &[], root.path()).unwrap();
+        assert_eq!(c.cluster.credentials, Some(root.path().join("node.creds")));
     }
 }

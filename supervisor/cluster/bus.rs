@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use futures_util::StreamExt;
 use ringrift::events::Event;
 use ringrift::protocol::{EventsRequest, FromSupervisor, Request};
@@ -42,19 +42,29 @@ struct Envelope {
 }
 
 /// Makes (or finds) the stream; `replicas` as for the membership bucket.
-pub(crate) async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<(), String> {
-    js.get_or_create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["ringrift.events.>".into()],
-        max_age: KEEP,
-        storage: stream::StorageType::File,
-        num_replicas: replicas,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map(|_| ())
-    .map_err(|e| format!("cannot make the stream {STREAM}: {e}"))
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+    log: &SupervisorLog,
+) -> Result<(), String> {
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["ringrift.events.>".into()],
+            max_age: KEEP,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("cannot make the stream {STREAM}: {e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the stream {STREAM}: {e}"))?;
+    super::scale_up(js, &info.config, replicas, log).await;
+    Ok(())
 }
 
 /// Starts the outbox and the inbox of this node.
@@ -198,7 +208,7 @@ async fn outbox(
 
 /// Publishes one of this node's events, retrying every second until the stream has it.
 async fn publish(js: &jetstream::Context, node: &str, ev: &Event, log: &SupervisorLog) {
-    let subject = format!("ringrift.events.{}", ev.event_type);
+    let subject = subject(node, &ev.event_type);
     let body: Vec<u8> = serde_json::to_vec(&Envelope {
         node: node.to_string(),
         event: ev.clone(),
@@ -235,6 +245,71 @@ async fn publish(js: &jetstream::Context, node: &str, ev: &Event, log: &Supervis
     }
 }
 
+/// The subject of an event of `node`: `ringrift.events.<node>.<TYPE>`. The node in the subject
+/// lets the bus's own permissions say who may publish as whom (a node's NATS user allowed to
+/// publish on `ringrift.events.<its id>.>` only), and receivers check that the envelope names
+/// the same node.
+fn subject(node: &str, event_type: &str) -> String {
+    format!("ringrift.events.{node}.{event_type}")
+}
+
+/// Why an event that came over the bus is not taken, if it is not: its envelope names another
+/// node than its subject, or its fencing token does not fit the lease it names (a lease the
+/// event's source does not act under, or a token the lease bucket has not reached: forged).
+async fn refusal(
+    leases: &mut Option<kv::Store>,
+    js: &jetstream::Context,
+    subject: &str,
+    env: &Envelope,
+) -> Result<Option<String>, String> {
+    if subject != self::subject(&env.node, &env.event.event_type) {
+        return Ok(Some(format!(
+            "it came on {subject}, not on the subject of node {}",
+            env.node
+        )));
+    }
+    let Some(fence) = &env.event.fence else {
+        return Ok(None);
+    };
+    let source = env.event.source.as_str();
+    let key = env.event.payload.get("config_key").and_then(|k| k.as_str());
+    let expected = if ringrift::catalog::LEASE_PER_CONFIG_KEY.contains(&source) {
+        ringrift::catalog::lease_name(source, key)
+    } else {
+        source.to_string()
+    };
+    if !ringrift::catalog::CLUSTER_SCOPED.contains(&source) || fence.lease != expected {
+        return Ok(Some(format!(
+            "its fence names the lease {}, which {source} does not act under",
+            fence.lease
+        )));
+    }
+    if leases.is_none() {
+        *leases = Some(
+            js.get_key_value(super::lease::BUCKET)
+                .await
+                .map_err(|e| format!("cannot open the lease bucket: {e}"))?,
+        );
+    }
+    let store = leases.as_ref().expect("opened above");
+    let revision = store
+        .entry(fence.lease.as_str())
+        .await
+        .map_err(|e| format!("cannot read the lease {}: {e}", fence.lease))?
+        .map(|e| e.revision);
+    Ok(match revision {
+        Some(r) if fence.token <= r => None,
+        Some(r) => Some(format!(
+            "its fencing token {} is beyond the lease's revision {r}: forged",
+            fence.token
+        )),
+        None => Some(format!(
+            "its fence names the lease {}, which nobody has held",
+            fence.lease
+        )),
+    })
+}
+
 fn note_cursor(root: &Path, seq: u64, log: &SupervisorLog) {
     if let Err(e) = write_cursor(root, seq) {
         log.warn(&format!("cluster: cannot write the outbox cursor: {e}"));
@@ -253,7 +328,7 @@ async fn inbox(
         if core.is_closed() {
             return;
         }
-        if let Err(e) = take_events(&js, &node, &durable, &core).await {
+        if let Err(e) = take_events(&js, &node, &durable, &core, &log).await {
             if failing.as_deref() != Some(e.as_str()) {
                 log.warn(&format!("cluster: events from other nodes wait: {e}"));
             }
@@ -269,7 +344,10 @@ async fn take_events(
     node: &str,
     durable: &str,
     core: &mpsc::UnboundedSender<Msg>,
+    log: &SupervisorLog,
 ) -> Result<(), String> {
+    // The lease bucket, opened at the first fenced event (its tokens are checked against it).
+    let mut leases: Option<kv::Store> = None;
     let stream = js
         .get_stream(STREAM)
         .await
@@ -300,9 +378,31 @@ async fn take_events(
             .map_err(|e| format!("cannot fetch: {e}"))?;
         while let Some(msg) = batch.next().await {
             let msg = msg.map_err(|e| format!("cannot fetch: {e}"))?;
-            if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload)
-                && env.node != node
-            {
+            let env = match serde_json::from_slice::<Envelope>(&msg.payload) {
+                Ok(env) if env.node != node => Some(env),
+                Ok(_) => None,
+                Err(e) => {
+                    log.warn(&format!(
+                        "cluster: ignored a message on {}: not an event envelope: {e}",
+                        msg.subject
+                    ));
+                    None
+                }
+            };
+            let env = match env {
+                Some(env) => match refusal(&mut leases, js, msg.subject.as_str(), &env).await? {
+                    Some(why) => {
+                        log.warn(&format!(
+                            "cluster: refused event {} from node {}: {why}",
+                            env.event.id, env.node
+                        ));
+                        None
+                    }
+                    None => Some(env),
+                },
+                None => None,
+            };
+            if let Some(env) = env {
                 let (reply, handled) = oneshot::channel();
                 let taken = core
                     .send(Msg::RemoteEvent {

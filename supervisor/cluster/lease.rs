@@ -18,11 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
-use ringrift::config::ClusterConfig;
 use serde::{Deserialize, Serialize};
 
 use ringrift::protocol::LeaseInfo;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::View;
 use crate::core::Msg;
@@ -64,28 +63,40 @@ enum Lease {
     Standby,
 }
 
-/// Makes (or finds) the lease bucket and keeps this node's `leases`.
+/// Makes (or finds) the lease bucket and keeps the leases of `member`'s cluster-scoped daemons.
 pub(crate) async fn start(
     js: &jetstream::Context,
-    cfg: &ClusterConfig,
-    leases: Vec<Wanted>,
-    view: View,
-    core: mpsc::UnboundedSender<Msg>,
-    log: Arc<SupervisorLog>,
+    member: &super::Member,
+    replicas: usize,
 ) -> Result<(), String> {
-    if leases.is_empty() {
+    if member.scoped.is_empty() {
         return Ok(());
     }
-    let ttl = cfg.lease_ttl;
-    let (_, store) = super::kv_bucket(js, BUCKET, ttl, super::replicas(cfg)).await?;
+    let cfg = &member.cfg;
+    // The TTL is the bucket's: every node must step down by the clock the server expires by.
+    let super::Bucket {
+        store,
+        max_age: ttl,
+        ..
+    } = super::kv_bucket(
+        js,
+        BUCKET,
+        cfg.lease_ttl,
+        replicas,
+        "lease_ttl",
+        &member.log,
+    )
+    .await?;
+    let (release_tx, release_rx) = mpsc::unbounded_channel();
+    *member.release.lock().expect("release slot lock") = Some(release_tx);
     tokio::spawn(keep(
         store,
         cfg.node_id.clone(),
         ttl,
-        leases,
-        view,
-        core,
-        log,
+        member.scoped.clone(),
+        member.view.clone(),
+        (member.core.clone(), release_rx),
+        member.log.clone(),
     ));
     Ok(())
 }
@@ -132,7 +143,10 @@ async fn keep(
     ttl: Duration,
     wanted: Vec<Wanted>,
     view: View,
-    core: mpsc::UnboundedSender<Msg>,
+    (core, mut release): (
+        mpsc::UnboundedSender<Msg>,
+        mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    ),
     log: Arc<SupervisorLog>,
 ) {
     let mut k = Keeper {
@@ -151,6 +165,15 @@ async fn keep(
         // comes first: stepping down never waits for a slow call.
         let deadline = k.earliest_deadline();
         tokio::select! {
+            biased;
+            asked = release.recv() => {
+                // The supervisor is exiting (its daemons have stopped), or gone.
+                k.release_all("the supervisor is stopping").await;
+                if let Some(done) = asked {
+                    let _ = done.send(());
+                }
+                return;
+            }
             _ = tick.tick() => {}
             () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {}
         }
@@ -165,6 +188,7 @@ async fn keep(
             k.tell(i, info);
         }
         if k.core.is_closed() {
+            k.release_all("the supervisor is stopping").await;
             return;
         }
         view.lock().expect("cluster view lock").leases = holders;
@@ -226,26 +250,9 @@ impl Keeper {
         let here = running.contains(&w.daemon);
         let sent = Instant::now();
         match lease {
-            Lease::Held { revision, .. } if !here => {
-                // Not running here any more: hand it over now. The delete is a compare-and-set
-                // on the held revision; if it fails, the key expires after the TTL.
-                let revision = *revision;
-                *lease = Lease::Standby;
-                let deleted = tokio::time::timeout(
-                    budget,
-                    self.store.delete_expect_revision(name, Some(revision)),
-                )
-                .await;
-                self.log.info(&format!(
-                    "cluster: lease {name} released at {} (fencing token {revision}): {} does not run here{}",
-                    ringrift::timefmt::now_rfc3339(),
-                    w.daemon,
-                    if matches!(deleted, Ok(Ok(()))) {
-                        ""
-                    } else {
-                        "; it expires after its TTL"
-                    }
-                ));
+            Lease::Held { .. } if !here => {
+                let why = format!("{} does not run here", w.daemon);
+                self.release(i, budget, &why).await;
             }
             // Renewed recently enough that the next round still comes within a third of the
             // TTL of it: nothing to do yet.
@@ -282,6 +289,40 @@ impl Keeper {
                     };
                 }
             }
+        }
+    }
+
+    /// Hands lease `i` over now, if held: the daemon no longer acts under it. The delete is a
+    /// compare-and-set on the held revision; if it fails, the key expires after the TTL.
+    async fn release(&mut self, i: usize, budget: Duration, why: &str) {
+        let (w, lease) = &mut self.leases[i];
+        let Lease::Held { revision, .. } = *lease else {
+            return;
+        };
+        *lease = Lease::Standby;
+        let deleted = tokio::time::timeout(
+            budget,
+            self.store
+                .delete_expect_revision(w.name.as_str(), Some(revision)),
+        )
+        .await;
+        self.log.info(&format!(
+            "cluster: lease {} released at {} (fencing token {revision}): {why}{}",
+            w.name,
+            ringrift::timefmt::now_rfc3339(),
+            if matches!(deleted, Ok(Ok(()))) {
+                ""
+            } else {
+                "; it expires after its TTL"
+            }
+        ));
+    }
+
+    /// Releases every held lease (bounded by the budget of each call).
+    async fn release_all(&mut self, why: &str) {
+        for i in 0..self.leases.len() {
+            let budget = self.budget();
+            self.release(i, budget, why).await;
         }
     }
 

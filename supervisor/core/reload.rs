@@ -70,6 +70,25 @@ impl Core {
                 | reload::Change::Changed => {}
             }
         }
+        // The bus connection, the HTTP listener and the containment mode are set up once, at
+        // start: say so rather than let a changed section look applied.
+        let mut new = new;
+        for (section, changed) in [
+            ("cluster", new.cluster != self.config.cluster),
+            ("http", new.http != self.config.http),
+            ("containment", new.containment != self.config.containment),
+        ] {
+            if changed {
+                results.push(OpResult::done(
+                    section,
+                    "changed: not applied by reload; it takes effect when the supervisor next starts \
+                     (shutdown, then start)",
+                ));
+            }
+        }
+        new.cluster = self.config.cluster.clone();
+        new.http = self.config.http.clone();
+        new.containment = self.config.containment;
         self.config = new;
         // Removed daemons are dropped once they are at rest.
         for name in gone {

@@ -523,6 +523,109 @@ fn with_three_servers_killing_the_stream_leader_loses_no_event() {
     assert!(new_leader.is_some_and(|l| l != leader));
 }
 
+/// Publishes `envelope` on the bus as a stranger would: a plain client, no supervisor.
+fn publish_raw(url: &str, subject: &str, envelope: serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(url).await.expect("connect to the bus");
+        let js = async_nats::jetstream::new(client);
+        js.publish(subject.to_string(), envelope.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("the stream has it");
+    });
+}
+
+#[test]
+fn forged_events_on_the_bus_are_refused_and_do_not_block_the_real_ones() {
+    let nats = Nats::start();
+    let (a, c) = pair(&nats.url());
+    let forged = |node: &str, kind: &str, source: &str, payload: serde_json::Value, fence| {
+        serde_json::json!({"node": node, "event": {
+            "seq": 1, "id": format!("forged-{kind}-{source}"), "type": kind, "payload": payload,
+            "source": source, "timestamp": "2026-11-29T00:00:00.000Z", "fence": fence}})
+    };
+    let promoted = serde_json::json!({"config_key": "hex8_2p", "model_path": "models/evil.bin"});
+    let poison = serde_json::json!({"lease": "auto_promotion.hex8_2p", "token": 9_000_000_000_000_000_000u64});
+    let cases = [
+        // Posing as node-b on node-a's subject.
+        (
+            "ringrift.events.node-a.MODEL_PROMOTED",
+            forged(
+                "node-b",
+                "MODEL_PROMOTED",
+                "auto_promotion",
+                promoted.clone(),
+                serde_json::Value::Null,
+            ),
+            "not on the subject of node node-b",
+        ),
+        // A fencing token no lease has reached: it would make every node refuse the real
+        // leader's promotions.
+        (
+            "ringrift.events.node-b.MODEL_PROMOTED",
+            forged(
+                "node-b",
+                "MODEL_PROMOTED",
+                "auto_promotion",
+                promoted.clone(),
+                poison,
+            ),
+            "which nobody has held",
+        ),
+        // A type that stays on its node.
+        (
+            "ringrift.events.node-b.DAEMON_STARTED",
+            forged(
+                "node-b",
+                "DAEMON_STARTED",
+                "supervisor",
+                serde_json::json!({"daemon": "x", "pid": 1}),
+                serde_json::Value::Null,
+            ),
+            "does not cross the cluster",
+        ),
+        // A daemon that may not state this fact.
+        (
+            "ringrift.events.node-b.MODEL_PROMOTED",
+            forged(
+                "node-b",
+                "MODEL_PROMOTED",
+                "evaluation",
+                promoted,
+                serde_json::Value::Null,
+            ),
+            "MODEL_PROMOTED",
+        ),
+    ];
+    for (subject, envelope, _) in &cases {
+        publish_raw(&nats.url(), subject, envelope.clone());
+    }
+    for (_, envelope, why) in &cases {
+        let id = envelope["event"]["id"].as_str().unwrap();
+        assert!(
+            wait_until(T, || c.master_log().lines().any(|l| l
+                .contains(&format!("refused event {id} "))
+                && l.contains(why))),
+            "{id} not refused ({why}):\n{}",
+            c.master_log()
+        );
+    }
+    assert!(c.events_of("MODEL_PROMOTED").is_empty());
+    assert!(
+        c.events_of("DAEMON_STARTED")
+            .iter()
+            .all(|e| e.node.is_none())
+    );
+    // The real ones still cross.
+    emit_games(&a, 7);
+    assert!(wait_until(T, || remote_games(&c, "node-a") == [7]));
+}
+
 /// A daemon entry: the fault worker emitting NEW_GAMES_AVAILABLE (`new_games` 1, 2, ...) every
 /// half second.
 fn publisher() -> String {
@@ -690,8 +793,24 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
     let nodes = [
         leasing_node(&nats, "node-a"),
         leasing_node(&nats, "node-b"),
-        leasing_node(&nats, "node-c"),
+        // Configured with another TTL: the bucket's (made by node-a) holds for all.
+        {
+            let root = leasing_root(&nats.url(), "node-c");
+            let yaml = std::fs::read_to_string(root.path().join("config/unified_loop.yaml"))
+                .unwrap()
+                .replace("lease_ttl: 2s", "lease_ttl: 10s");
+            root.write_config(&yaml);
+            root.ok(&["start", "queue_populator"]);
+            root
+        },
     ];
+    assert!(
+        wait_until(T, || nodes[2].master_log().contains(
+            "the bucket ringrift_leases keeps entries 2s, not the 10s of this node's lease_ttl"
+        )),
+        "{}",
+        nodes[2].master_log()
+    );
     let holder_of = |r: &Root| {
         cluster_view(r)
             .leases
@@ -768,6 +887,23 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
     );
     assert!(lease_times(third[0], "acquired")[0] >= lease_times(holder[0], "released")[0]);
 
+    // The third node's supervisor shuts down: it releases the lease as it exits, and the node
+    // that runs queue_populator again takes it.
+    holder[0].ok(&["start", "queue_populator"]);
+    third[0].ok(&["shutdown"]);
+    assert!(
+        wait_until(T, || third[0]
+            .master_log()
+            .contains("the supervisor is stopping")),
+        "{}",
+        third[0].master_log()
+    );
+    assert!(
+        wait_until(T, || lease_times(holder[0], "acquired").len() == 2),
+        "{}",
+        holder[0].master_log()
+    );
+
     // Over the whole story, the acquire and release records of all nodes show no overlap.
     let now = ringrift::timefmt::now_rfc3339();
     let ends: Vec<(&Root, String)> = (0..3)
@@ -777,7 +913,7 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
         })
         .collect();
     let spans = assert_no_overlap("queue_populator", &ends);
-    assert_eq!(spans.len(), 3, "{spans:?}");
+    assert_eq!(spans.len(), 4, "{spans:?}");
 }
 
 /// A node whose `auto_promotion` (a cluster-scoped daemon with a lease per config key) is the
