@@ -22,9 +22,11 @@ pub mod reaper;
 pub mod reload;
 pub mod restart;
 pub mod settings;
+pub mod sqlite;
 pub mod template;
 pub mod timefmt;
 pub mod watchdog;
+pub mod work_queue;
 
 // Short paths for the OS readers, used throughout the binaries and tests.
 pub use os::{cgroupfs, procfs};

@@ -18,9 +18,11 @@ use crate::paths::Paths;
 mod cluster;
 mod events;
 mod logs;
+mod queue;
 pub(crate) use cluster::cluster_status;
 pub(crate) use events::{EventsQuery, print_events};
 pub(crate) use logs::show_logs;
+pub(crate) use queue::{QueueAction, queue};
 
 /// Exit codes: 0 done, 1 an operation failed, 2 bad input (name, config, usage), 3 no supervisor.
 pub(crate) const EXIT_FAILED: i32 = 1;
@@ -468,4 +470,32 @@ pub(crate) fn human_duration(secs: f64) -> String {
     } else {
         format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600)
     }
+}
+
+/// A table: the headers, then each row, columns padded to their widest cell (the last column not
+/// padded), lines ending in `\n`.
+pub(crate) fn table<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
+    let mut width = headers.map(str::len);
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(c);
+                l.extend(std::iter::repeat_n(' ', width[i] - c.chars().count() + 2));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&headers.map(String::from));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }

@@ -52,6 +52,42 @@ struct Cli {
     command: Command,
 }
 
+/// `queue` subcommands.
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Items, newest first, and the count per status
+    List {
+        /// Only items with this status: pending, claimed, running, completed, failed, timeout
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many items
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: u64,
+        /// Machine-readable output (a JSON list of items)
+        #[arg(long)]
+        json: bool,
+    },
+    /// One item: what it asks for, who claimed it, when, and why it failed
+    Show {
+        /// The item's id (the ID column of `queue list`)
+        id: i64,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Makes a failed or timed-out item pending again, with its attempts reset
+    Retry {
+        /// The item's id
+        id: i64,
+    },
+    /// Cancels an item no job runs yet (pending or claimed): it becomes failed, "cancelled by
+    /// the operator". A running item's job ends by itself within its maximum runtime
+    Cancel {
+        /// The item's id
+        id: i64,
+    },
+}
+
 /// `cluster` subcommands.
 #[derive(Subcommand)]
 enum ClusterCommand {
@@ -140,6 +176,12 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// The selfplay work queue (data/work_queue.db): list, show, retry or cancel items. Works
+    /// with or without a running supervisor
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
     },
     /// Show a daemon's log (logs/<daemon>.log), or the supervisor's with `master_loop`
     Logs {
@@ -558,6 +600,21 @@ fn run(cli: Cli, paths: Paths) -> i32 {
             Ok(mut client) => cli::cluster_status(&mut client, json),
             Err(code) => code,
         },
+        Command::Queue { command } => {
+            let in_cluster =
+                config::load(&paths.root, config_path.as_deref()).is_ok_and(|c| c.cluster.enabled);
+            let (action, json) = match command {
+                QueueCommand::List {
+                    status,
+                    limit,
+                    json,
+                } => (cli::QueueAction::List { status, limit }, json),
+                QueueCommand::Show { id, json } => (cli::QueueAction::Show { id }, json),
+                QueueCommand::Retry { id } => (cli::QueueAction::Retry { id }, false),
+                QueueCommand::Cancel { id } => (cli::QueueAction::Cancel { id }, false),
+            };
+            cli::queue(&paths.root, in_cluster, action, json)
+        }
         Command::Logs {
             name,
             lines,

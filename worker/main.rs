@@ -10,7 +10,6 @@ mod job_reaper;
 mod jobs;
 mod pipeline;
 mod runtime;
-mod sqlite;
 mod unified_idle_shutdown;
 mod unified_node_health;
 

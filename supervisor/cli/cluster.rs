@@ -73,27 +73,7 @@ fn print_cluster(r: &ClusterReport) {
     let headers = [
         "NODE", "SEEN", "ROLES", "RUNNING", "JOBS", "CAPACITY", "DISK", "HEALTH",
     ];
-    let mut width = headers.map(str::len);
-    for row in &rows {
-        for (w, cell) in width.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                let _ = write!(l, "{c:<w$}  ", w = width[i]);
-            }
-        }
-        l.trim_end().to_string()
-    };
-    let _ = writeln!(out, "{}", line(&headers.map(String::from)));
-    for row in &rows {
-        let _ = writeln!(out, "{}", line(row));
-    }
+    out.push_str(&table(headers, &rows));
     for (daemon, holder) in &r.leases {
         let _ = writeln!(
             out,

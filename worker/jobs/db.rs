@@ -251,7 +251,7 @@ pub(crate) struct GamesDb {
 impl GamesDb {
     /// Opens the DB at `path`, creating it (and its directory) and the schema if needed.
     pub(crate) fn create(path: &Path) -> Result<GamesDb> {
-        let conn = crate::sqlite::create(path, "games db", BUSY_TIMEOUT)?;
+        let conn = ringrift::sqlite::create(path, "games db", BUSY_TIMEOUT)?;
         let db = GamesDb::with_foreign_keys(conn, path)?;
         db.conn
             .execute_batch(SCHEMA)
@@ -269,7 +269,7 @@ impl GamesDb {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .with_context(|| format!("cannot open games db {}", path.display()))?;
-        let conn = crate::sqlite::configure(conn, path, "games db", BUSY_TIMEOUT)?;
+        let conn = ringrift::sqlite::configure(conn, path, "games db", BUSY_TIMEOUT)?;
         let db = GamesDb::with_foreign_keys(conn, path)?;
         check_games_tables(&db.conn, "games db", path)?;
         Ok(db)

@@ -32,7 +32,6 @@ pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
 pub(crate) mod training_trigger;
 pub(crate) mod transfer;
-pub(crate) mod work_queue;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -18,11 +18,11 @@ use ringrift::events::Event;
 use serde_json::Value;
 
 use super::selfplay_scheduler::read_priorities;
-use super::work_queue::WorkQueue;
 use super::{Pipeline, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::QueueSettings;
+use ringrift::work_queue::WorkQueue;
 
 const NAME: &str = "queue_populator";
 

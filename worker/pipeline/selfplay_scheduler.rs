@@ -32,11 +32,11 @@ use serde_json::Value;
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality_monitor::count_completed;
 use super::retry::Failing;
-use super::work_queue::{Claimed, SELFPLAY, WorkQueue};
 use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
+use ringrift::work_queue::{Claimed, SELFPLAY, WorkQueue};
 
 const NAME: &str = "selfplay_scheduler";
 

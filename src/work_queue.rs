@@ -27,12 +27,13 @@ use serde::{Deserialize, Serialize};
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The only item type so far.
-pub(crate) const SELFPLAY: &str = "selfplay";
+pub const SELFPLAY: &str = "selfplay";
 
 /// An item that timed out this many times is not requeued again (it stays `timeout`).
-pub(crate) const MAX_ATTEMPTS: i64 = 3;
+pub const MAX_ATTEMPTS: i64 = 3;
 
-pub(crate) const STATUSES: &[&str] = &[
+/// Every status an item can have, in the order of its life.
+pub const STATUSES: &[&str] = &[
     "pending",
     "claimed",
     "running",
@@ -61,36 +62,116 @@ CREATE INDEX IF NOT EXISTS work_items_by_status ON work_items (status, type, pri
 
 /// What a selfplay item asks for (the `config` column).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SelfplaySpec {
+pub struct SelfplaySpec {
+    /// The board and players (`hex8_2p`).
     pub config_key: String,
+    /// How many games the job plays.
     pub games: u64,
 }
 
 /// A claimed item.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Claimed {
+pub struct Claimed {
+    /// The item's id (the row id).
     pub id: i64,
+    /// Its type: [`SELFPLAY`].
     pub item_type: String,
+    /// Higher is claimed first.
     pub priority: f64,
     /// The raw `config` JSON.
     pub config: String,
+    /// Earlier attempts that timed out (0 the first time).
     pub attempts: i64,
 }
 
 impl Claimed {
-    pub(crate) fn selfplay_spec(&self) -> Result<SelfplaySpec> {
+    /// What a selfplay item asks for; an error names the item and its bad `config`.
+    pub fn selfplay_spec(&self) -> Result<SelfplaySpec> {
         serde_json::from_str(&self.config)
             .with_context(|| format!("work item {}: bad config {:?}", self.id, self.config))
     }
 }
 
-pub(crate) struct WorkQueue {
+/// The columns of an [`Item`], in the order [`Item::from_row`] reads them.
+const ITEM_COLUMNS: &str = "id, type, priority, config, status, attempts, created_at, claimed_at, \
+                            completed_at, claimed_by, error";
+
+/// One item as `queue list` and `queue show` print it. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// Its id.
+    pub id: i64,
+    /// Its type ([`SELFPLAY`]).
+    #[serde(rename = "type")]
+    pub item_type: String,
+    /// Higher is claimed first.
+    pub priority: f64,
+    /// What it asks for (for selfplay, a [`SelfplaySpec`]), as stored.
+    pub config: serde_json::Value,
+    /// One of [`STATUSES`].
+    pub status: String,
+    /// Earlier attempts that timed out.
+    pub attempts: i64,
+    /// When it was added (or retried).
+    pub created_at: f64,
+    /// When it was last claimed.
+    pub claimed_at: Option<f64>,
+    /// When it ended (completed, failed, timeout).
+    pub completed_at: Option<f64>,
+    /// Who claimed it: `<daemon>:<pid>`.
+    pub claimed_by: Option<String>,
+    /// Why it failed or timed out.
+    pub error: Option<String>,
+}
+
+impl Item {
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
+        let config: String = row.get(3)?;
+        Ok(Item {
+            id: row.get(0)?,
+            item_type: row.get(1)?,
+            priority: row.get(2)?,
+            config: serde_json::from_str(&config).unwrap_or(serde_json::Value::String(config)),
+            status: row.get(4)?,
+            attempts: row.get(5)?,
+            created_at: row.get(6)?,
+            claimed_at: row.get(7)?,
+            completed_at: row.get(8)?,
+            claimed_by: row.get(9)?,
+            error: row.get(10)?,
+        })
+    }
+}
+
+/// Why an operator's change of an item was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// No item has this id.
+    #[error("no work item {0}")]
+    NotFound(i64),
+    /// The item is not in a status the change applies to.
+    #[error("work item {id} is {status}: this applies only to an item that is {allowed}")]
+    WrongStatus {
+        /// The item.
+        id: i64,
+        /// Its status now.
+        status: String,
+        /// The statuses the change applies to.
+        allowed: String,
+    },
+    /// The queue could not be read or written.
+    #[error(transparent)]
+    Db(#[from] anyhow::Error),
+}
+
+/// An open connection to the queue.
+pub struct WorkQueue {
     conn: Connection,
 }
 
 impl WorkQueue {
     /// Opens (creating the file, its directory and the schema if needed) the queue at `path`.
-    pub(crate) fn open(path: &Path) -> Result<WorkQueue> {
+    pub fn open(path: &Path) -> Result<WorkQueue> {
         let conn = crate::sqlite::create(path, "work queue", BUSY_TIMEOUT)?;
         conn.execute_batch(SCHEMA).with_context(|| {
             format!("cannot create the schema of work queue {}", path.display())
@@ -100,13 +181,7 @@ impl WorkQueue {
 
     /// Adds one pending item.
     #[cfg(test)]
-    pub(crate) fn push(
-        &self,
-        item_type: &str,
-        priority: f64,
-        config: &str,
-        now: f64,
-    ) -> Result<i64> {
+    pub fn push(&self, item_type: &str, priority: f64, config: &str, now: f64) -> Result<i64> {
         self.conn.execute(
             "INSERT INTO work_items (type, priority, config, status, attempts, created_at)
              VALUES (?1, ?2, ?3, 'pending', 0, ?4)",
@@ -116,13 +191,13 @@ impl WorkQueue {
     }
 
     /// Pending selfplay items per config key.
-    pub(crate) fn pending_by_key(&self) -> Result<BTreeMap<String, u64>> {
+    pub fn pending_by_key(&self) -> Result<BTreeMap<String, u64>> {
         pending_by_key(&self.conn)
     }
 
     /// Adds pending selfplay items until `target` are pending, spread over the keys of `weights`
     /// by [`allocate`]; each item's priority is its key's weight. Returns the items added per key.
-    pub(crate) fn top_up(
+    pub fn top_up(
         &mut self,
         target: u64,
         games_per_item: u64,
@@ -154,7 +229,7 @@ impl WorkQueue {
 
     /// Sets the priority of every pending selfplay item of each key to its current weight, so claims
     /// follow the scheduler's latest priorities rather than those of the day an item was created.
-    pub(crate) fn reprioritize(&self, weights: &BTreeMap<String, f64>) -> Result<u64> {
+    pub fn reprioritize(&self, weights: &BTreeMap<String, f64>) -> Result<u64> {
         let mut changed = 0;
         for (key, weight) in weights {
             changed += self.conn.execute(
@@ -169,7 +244,7 @@ impl WorkQueue {
 
     /// Claims the highest-priority pending item (oldest first among equals) for `worker_id`, in one
     /// statement: two claimers never get the same item.
-    pub(crate) fn claim(&self, worker_id: &str, now: f64) -> Result<Option<Claimed>> {
+    pub fn claim(&self, worker_id: &str, now: f64) -> Result<Option<Claimed>> {
         let claimed = self
             .conn
             .query_row(
@@ -194,7 +269,7 @@ impl WorkQueue {
     }
 
     /// claimed → running. False if the item is no longer claimed by `worker_id` (requeued as stale).
-    pub(crate) fn mark_running(&self, id: i64, worker_id: &str) -> Result<bool> {
+    pub fn mark_running(&self, id: i64, worker_id: &str) -> Result<bool> {
         let n = self.conn.execute(
             "UPDATE work_items SET status = 'running'
              WHERE id = ?1 AND status = 'claimed' AND claimed_by = ?2",
@@ -204,7 +279,7 @@ impl WorkQueue {
     }
 
     /// claimed/running → completed.
-    pub(crate) fn complete(&self, id: i64, now: f64) -> Result<bool> {
+    pub fn complete(&self, id: i64, now: f64) -> Result<bool> {
         let n = self.conn.execute(
             "UPDATE work_items SET status = 'completed', completed_at = ?2, error = NULL
              WHERE id = ?1 AND status IN ('claimed', 'running')",
@@ -214,7 +289,7 @@ impl WorkQueue {
     }
 
     /// claimed/running (or pending, for an item that cannot be run at all) → failed with `error`.
-    pub(crate) fn fail(&self, id: i64, error: &str, now: f64) -> Result<bool> {
+    pub fn fail(&self, id: i64, error: &str, now: f64) -> Result<bool> {
         let n = self.conn.execute(
             "UPDATE work_items SET status = 'failed', completed_at = ?2, error = ?3
              WHERE id = ?1 AND status IN ('pending', 'claimed', 'running')",
@@ -224,7 +299,7 @@ impl WorkQueue {
     }
 
     /// Items per status (every status present, zero when none).
-    pub(crate) fn counts(&self) -> Result<BTreeMap<String, u64>> {
+    pub fn counts(&self) -> Result<BTreeMap<String, u64>> {
         let mut out: BTreeMap<String, u64> = STATUSES.iter().map(|s| (s.to_string(), 0)).collect();
         let mut stmt = self
             .conn
@@ -241,7 +316,7 @@ impl WorkQueue {
     /// Items claimed or running since before `now - stale_after` become `timeout`; each gets a new
     /// pending copy with attempts + 1, unless it already had [`MAX_ATTEMPTS`]. One transaction.
     /// Returns (requeued, abandoned).
-    pub(crate) fn requeue_stale(&mut self, stale_after: f64, now: f64) -> Result<(u64, u64)> {
+    pub fn requeue_stale(&mut self, stale_after: f64, now: f64) -> Result<(u64, u64)> {
         self.requeue_where(
             "status IN ('claimed', 'running') AND claimed_at < ?1",
             vec![(now - stale_after).into()],
@@ -252,12 +327,7 @@ impl WorkQueue {
 
     /// Items claimed or running by a claimer whose id starts with `prefix` but is not `keep`: a
     /// previous process of the same consumer, which died with them. Same treatment as stale items.
-    pub(crate) fn requeue_orphans(
-        &mut self,
-        prefix: &str,
-        keep: &str,
-        now: f64,
-    ) -> Result<(u64, u64)> {
+    pub fn requeue_orphans(&mut self, prefix: &str, keep: &str, now: f64) -> Result<(u64, u64)> {
         self.requeue_where(
             "status IN ('claimed', 'running')
              AND substr(claimed_by, 1, length(?1)) = ?1 AND claimed_by != ?2",
@@ -315,7 +385,7 @@ impl WorkQueue {
     }
 
     /// Deletes finished items (completed, failed, timeout) that finished before `before`.
-    pub(crate) fn prune(&self, before: f64) -> Result<u64> {
+    pub fn prune(&self, before: f64) -> Result<u64> {
         Ok(self.conn.execute(
             "DELETE FROM work_items
              WHERE status IN ('completed', 'failed', 'timeout') AND completed_at < ?1",
@@ -323,8 +393,84 @@ impl WorkQueue {
         )? as u64)
     }
 
+    /// The items with `status` (all when None), newest first, at most `limit`.
+    pub fn list(&self, status: Option<&str>, limit: u64) -> Result<Vec<Item>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ITEM_COLUMNS} FROM work_items WHERE ?1 IS NULL OR status = ?1
+             ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![status, limit as i64], Item::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The item `id`, if there is one.
+    pub fn item(&self, id: i64) -> Result<Option<Item>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {ITEM_COLUMNS} FROM work_items WHERE id = ?1"),
+                [id],
+                Item::from_row,
+            )
+            .optional()?)
+    }
+
+    /// An operator's retry of a finished item that did not succeed (failed or timeout): it is
+    /// pending again, with its attempts reset and its last claim and error cleared.
+    pub fn retry(&self, id: i64, now: f64) -> Result<Item, OpError> {
+        self.change(
+            id,
+            &["failed", "timeout"],
+            "UPDATE work_items SET status = 'pending', attempts = 0, created_at = ?2,
+                 claimed_at = NULL, claimed_by = NULL, completed_at = NULL, error = NULL
+             WHERE id = ?1 AND status IN ('failed', 'timeout')",
+            params![id, now],
+        )
+    }
+
+    /// An operator's cancel of an item no job runs yet (pending, or claimed and not started): it
+    /// becomes `failed` with the error "cancelled by the operator". A running item's job is not
+    /// cut off (it ends within its maximum runtime), so it cannot be cancelled.
+    pub fn cancel(&self, id: i64, now: f64) -> Result<Item, OpError> {
+        self.change(
+            id,
+            &["pending", "claimed"],
+            "UPDATE work_items SET status = 'failed', completed_at = ?2,
+                 error = 'cancelled by the operator (queue cancel)'
+             WHERE id = ?1 AND status IN ('pending', 'claimed')",
+            params![id, now],
+        )
+    }
+
+    fn change(
+        &self,
+        id: i64,
+        from: &[&str],
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Item, OpError> {
+        let n = self
+            .conn
+            .execute(sql, args)
+            .map_err(|e| OpError::Db(e.into()))?;
+        let item = self
+            .item(id)
+            .map_err(OpError::Db)?
+            .ok_or(OpError::NotFound(id))?;
+        if n == 1 {
+            Ok(item)
+        } else {
+            Err(OpError::WrongStatus {
+                id,
+                status: item.status,
+                allowed: from.join(" or "),
+            })
+        }
+    }
+
+    /// The SQLite connection, for tests that look at the table itself.
     #[cfg(test)]
-    pub(crate) fn connection(&self) -> &Connection {
+    pub fn connection(&self) -> &Connection {
         &self.conn
     }
 }
@@ -349,7 +495,7 @@ fn pending_by_key(conn: &Connection) -> Result<BTreeMap<String, u64>> {
 /// `weights`: each new item goes to the key with the highest weight / (pending + 1) (the D'Hondt
 /// rule), so a key with twice the weight ends up with about twice the items. Keys with a weight ≤ 0
 /// (or not a number) get nothing; if no key has a positive weight, all get equal weights.
-pub(crate) fn allocate(
+pub fn allocate(
     weights: &BTreeMap<String, f64>,
     pending: &BTreeMap<String, u64>,
     target: u64,
@@ -429,6 +575,45 @@ mod tests {
         );
         let one_zero = w(&[("hex6_2p", 0.0), ("hex8_2p", 1.0)]);
         assert_eq!(allocate(&one_zero, &p(&[]), 3), p(&[("hex8_2p", 3)]));
+    }
+
+    #[test]
+    fn an_operator_cancels_only_waiting_items_and_retries_only_ended_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
+        let cfg = r#"{"config_key": "hex8_2p", "games": 5}"#;
+        let waiting = q.push(SELFPLAY, 1.0, cfg, 10.0).unwrap();
+        let running = q.push(SELFPLAY, 2.0, cfg, 10.0).unwrap();
+        let c = q.claim("w", 11.0).unwrap().unwrap();
+        assert_eq!(c.id, running);
+        assert!(q.mark_running(running, "w").unwrap());
+        // A running job is not cut off by a cancel; a waiting item is cancelled.
+        let e = q.cancel(running, 12.0).unwrap_err();
+        assert!(matches!(e, OpError::WrongStatus { .. }), "{e}");
+        assert!(e.to_string().contains("is running"), "{e}");
+        let item = q.cancel(waiting, 12.0).unwrap();
+        assert_eq!(item.status, "failed");
+        assert!(matches!(q.cancel(99, 12.0), Err(OpError::NotFound(99))));
+        // Retry: a failed item is pending again with a clean slate; a running one is not.
+        assert!(matches!(
+            q.retry(running, 13.0),
+            Err(OpError::WrongStatus { .. })
+        ));
+        let item = q.retry(waiting, 13.0).unwrap();
+        assert_eq!(
+            (
+                item.status.as_str(),
+                item.attempts,
+                item.error,
+                item.created_at
+            ),
+            ("pending", 0, None, 13.0)
+        );
+        // Listing: newest first, by status.
+        let ids: Vec<i64> = q.list(None, 10).unwrap().iter().map(|i| i.id).collect();
+        assert_eq!(ids, [running, waiting]);
+        assert_eq!(q.list(Some("running"), 10).unwrap()[0].id, running);
+        assert_eq!(q.item(waiting).unwrap().unwrap().config["games"], 5);
     }
 
     #[test]
@@ -600,7 +785,7 @@ mod tests {
 mod fixture {
     use super::*;
 
-    const DUMP: &str = include_str!("../../tests/fixtures/work_queue.sql");
+    const DUMP: &str = include_str!("../tests/fixtures/work_queue.sql");
 
     #[test]
     fn a_queue_written_by_this_version_opens_and_items_are_claimed_from_it() {

@@ -1,4 +1,4 @@
-//! How the worker opens the SQLite files that a job and a daemon share (the games DBs, the work
+//! How the SQLite files that jobs, daemons and the CLI share are opened (the games DBs, the work
 //! queue): WAL mode, so a reader works while a writer appends, with a busy timeout, so a writer
 //! waits for another's lock instead of failing at once.
 
@@ -10,7 +10,7 @@ use rusqlite::Connection;
 
 /// Opens the DB at `path`, creating the file and its directory if needed, and sets it up as
 /// [`configure`] does. `what` names the DB in messages (`games db`, `work queue`).
-pub(crate) fn create(path: &Path, what: &str, busy: Duration) -> Result<Connection> {
+pub fn create(path: &Path, what: &str, busy: Duration) -> Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
@@ -23,12 +23,7 @@ pub(crate) fn create(path: &Path, what: &str, busy: Duration) -> Result<Connecti
 /// Sets up an open connection to the DB at `path`: waits up to `busy` for another connection's
 /// lock, switches to WAL mode (an error names a file that is not a usable SQLite DB) and to
 /// `synchronous = NORMAL` (durable at each checkpoint, which is enough for WAL).
-pub(crate) fn configure(
-    conn: Connection,
-    path: &Path,
-    what: &str,
-    busy: Duration,
-) -> Result<Connection> {
+pub fn configure(conn: Connection, path: &Path, what: &str, busy: Duration) -> Result<Connection> {
     conn.busy_timeout(busy)
         .context("cannot set the busy timeout")?;
     let mode: String = conn
