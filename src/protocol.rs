@@ -739,6 +739,10 @@ pub struct NodeRecord {
     /// Where others reach its HTTP monitoring, if it serves it.
     #[serde(default)]
     pub http: Option<String>,
+    /// Where others send it data (`cluster.data_address`): its root as they reach it, a
+    /// directory or `host:path`.
+    #[serde(default)]
+    pub data_address: Option<String>,
     /// CPU cores.
     pub cores: u32,
     /// Total memory, bytes.

@@ -329,6 +329,7 @@ impl Member {
             roles: self.cfg.roles.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             http: self.http.clone(),
+            data_address: self.cfg.data_address.clone(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             memory_bytes: ringrift::procfs::mem_total().unwrap_or(0),
             gpus: self.gpus,

@@ -24,6 +24,7 @@ pub(super) const CLUSTER_KEYS: &[&str] = &[
     "heartbeat_interval",
     "node_expiry",
     "lease_ttl",
+    "data_address",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
 
@@ -56,6 +57,11 @@ pub struct ClusterConfig {
     /// How long a leader's lease lasts unless renewed, for cluster-scoped daemons (1 s to 1 hour;
     /// default 10 s).
     pub lease_ttl: Duration,
+    /// Where other nodes send this node data: its root as they reach it, a local directory
+    /// (`/srv/ringrift`, on a shared or the same machine) or `host:path` (rsync over ssh to
+    /// `host`). Games go under `data/incoming/`, models under `models/` there. None: other nodes
+    /// cannot send this node anything.
+    pub data_address: Option<String>,
 }
 
 /// `cluster.tls`: files in PEM form.
@@ -82,6 +88,7 @@ impl Default for ClusterConfig {
             heartbeat_interval: Duration::from_secs(2),
             node_expiry: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(10),
+            data_address: None,
         }
     }
 }
@@ -229,6 +236,15 @@ impl Validator<'_> {
                 }
             }
             c.roles = roles;
+        }
+        c.data_address = self.string(map.get("data_address"), &["cluster", "data_address"]);
+        if let Some(a) = &c.data_address
+            && (a.is_empty() || a.contains(char::is_whitespace) || a.starts_with('-'))
+        {
+            self.problem(
+                &["cluster", "data_address"],
+                format!("'{a}' is not a directory or host:path (no spaces, not starting with '-')"),
+            );
         }
         c.credentials = self
             .string(map.get("credentials"), &["cluster", "credentials"])

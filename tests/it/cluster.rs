@@ -206,7 +206,7 @@ fn node_at(servers: &str, id: &str, http: Option<u16>, extra: &str) -> Root {
     };
     Root::with_config(&format!(
         "{http}cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{servers}]\n  \
-         heartbeat_interval: 300ms\n  node_expiry: 2s\n\
+         heartbeat_interval: 300ms\n  node_expiry: 2s\n  data_address: \"{id}:/srv/ringrift\"\n\
          daemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n{extra}"
     ))
 }
@@ -268,6 +268,10 @@ fn three_nodes_see_each_other_and_a_killed_one_leaves_and_comes_back() {
     let b_entry = &report.nodes[1];
     assert_eq!(b_entry.record.daemons["napper"], DaemonState::Running);
     assert!(b_entry.record.cores >= 1 && b_entry.record.memory_bytes > 0);
+    assert_eq!(
+        b_entry.record.data_address.as_deref(),
+        Some("node-b:/srv/ringrift")
+    );
     assert!(b_entry.last_seen_secs < 2.0, "{b_entry:#?}");
     // The table names every node, and GET /cluster/status returns the same view.
     let table = a.ok(&["cluster", "status"]);
