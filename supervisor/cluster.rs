@@ -132,14 +132,7 @@ impl Member {
             }
             if store.is_none() {
                 match self.open().await {
-                    Ok((js, bucket, s)) => {
-                        bus::start(
-                            js,
-                            self.cfg.node_id.clone(),
-                            self.root.clone(),
-                            self.core.clone(),
-                            self.log.clone(),
-                        );
+                    Ok((bucket, s)) => {
                         self.log.info(&format!(
                             "cluster: node {} joined the bus at {}",
                             self.cfg.node_id,
@@ -177,7 +170,9 @@ impl Member {
     }
 
     /// Connects and makes (or finds) the membership bucket.
-    async fn open(&self) -> Result<(jetstream::Context, stream::Stream, kv::Store), String> {
+    /// Connects, makes (or finds) the buckets and the event stream, and starts the lease task,
+    /// the outbox and the inbox; returns the membership bucket.
+    async fn open(&self) -> Result<(stream::Stream, kv::Store), String> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("ringrift-supervisor {}", self.cfg.node_id))
             .connection_timeout(Duration::from_secs(2))
@@ -214,9 +209,27 @@ impl Member {
             &self.log,
         )
         .await?;
+        // The lease bucket, made by every node: the inbox checks fencing tokens against it.
+        let leases = kv_bucket(
+            &js,
+            lease::BUCKET,
+            self.cfg.lease_ttl,
+            replicas,
+            "lease_ttl",
+            &self.log,
+        )
+        .await?;
         bus::ensure_stream(&js, replicas, &self.log).await?;
-        lease::start(&js, self, replicas).await?;
-        Ok((js, stream, store))
+        lease::start(leases.store.clone(), leases.max_age, self);
+        bus::start(
+            js,
+            self.cfg.node_id.clone(),
+            self.root.clone(),
+            self.core.clone(),
+            self.log.clone(),
+            leases,
+        );
+        Ok((stream, store))
     }
 
     /// One heartbeat: renew this node's record, then read every record and announce changes.
@@ -345,19 +358,7 @@ impl Member {
 
     /// The core's status report, as `status --json` shows it.
     async fn status(&self) -> Option<StatusReport> {
-        let (reply, answer) = oneshot::channel();
-        self.core
-            .send(Msg::Request {
-                frame: Request::Status(StatusRequest::default()),
-                reply,
-                stream: None,
-                from: Requester::Supervisor,
-            })
-            .ok()?;
-        match answer.await {
-            Ok(FromSupervisor::Status(s)) => Some(s),
-            _ => None,
-        }
+        status(&self.core).await
     }
 
     /// Publishes a NODE_* event through the core, as the supervisor.
@@ -391,6 +392,22 @@ fn count_gpus() -> u32 {
                 .filter(|l| l.starts_with("GPU "))
                 .count() as u32
         })
+}
+
+/// The core's status report, asked for as any client would (None when the core is gone).
+async fn status(core: &mpsc::UnboundedSender<Msg>) -> Option<StatusReport> {
+    let (reply, answer) = oneshot::channel();
+    core.send(Msg::Request {
+        frame: Request::Status(StatusRequest::default()),
+        reply,
+        stream: None,
+        from: Requester::Supervisor,
+    })
+    .ok()?;
+    match answer.await {
+        Ok(FromSupervisor::Status(s)) => Some(s),
+        _ => None,
+    }
 }
 
 /// Replicas of the cluster's streams and buckets: as many servers as the bus has (those this

@@ -214,8 +214,17 @@ impl Validator<'_> {
                         &["cluster", "servers"],
                         format!("'{s}' is not a NATS URL like nats://127.0.0.1:4222"),
                     );
-                } else if let Err(e) = parsed {
-                    self.problem(&["cluster", "servers"], format!("'{}': {e}", redact(s)));
+                } else {
+                    match parsed {
+                        Err(e) => {
+                            self.problem(&["cluster", "servers"], format!("'{}': {e}", redact(s)))
+                        }
+                        Ok(a) if a.port() == 0 => self.problem(
+                            &["cluster", "servers"],
+                            format!("'{}': port 0 is not a port a server listens on", redact(s)),
+                        ),
+                        Ok(_) => {}
+                    }
                 }
             }
             c.servers = servers;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use ringrift::events::Event;
 use ringrift::protocol::{EventsRequest, FromSupervisor, Request};
@@ -74,6 +74,7 @@ pub(crate) fn start(
     root: PathBuf,
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
+    leases: super::Bucket,
 ) {
     tokio::spawn(outbox(
         js.clone(),
@@ -82,7 +83,7 @@ pub(crate) fn start(
         core.clone(),
         log.clone(),
     ));
-    tokio::spawn(inbox(js, node, core, log));
+    tokio::spawn(inbox(js, node, core, log, leases));
 }
 
 fn cursor_path(root: &Path) -> PathBuf {
@@ -253,12 +254,18 @@ fn subject(node: &str, event_type: &str) -> String {
     format!("ringrift.events.{node}.{event_type}")
 }
 
-/// Why an event that came over the bus is not taken, if it is not: its envelope names another
-/// node than its subject, or its fencing token does not fit the lease it names (a lease the
-/// event's source does not act under, or a token the lease bucket has not reached: forged).
+/// Why an event that came over the bus is not taken, if it is not:
+/// - its envelope names another node than its subject;
+/// - it comes from a cluster-scoped daemon without a fence (every such event a node sends carries
+///   one), or with a fence on a lease its source does not act under;
+/// - its token is beyond every revision the lease bucket has reached (forged: such a token would
+///   make every node refuse the real leader), or is the lease's current revision while the
+///   bucket names another holder.
+///
+/// An older token cannot be tied to its holder (the bucket keeps one revision per key, for the
+/// TTL): it is taken, and the router refuses it if a higher one was seen for the lease.
 async fn refusal(
-    leases: &mut Option<kv::Store>,
-    js: &jetstream::Context,
+    leases: &mut super::Bucket,
     subject: &str,
     env: &Envelope,
 ) -> Result<Option<String>, String> {
@@ -268,46 +275,56 @@ async fn refusal(
             env.node
         )));
     }
-    let Some(fence) = &env.event.fence else {
-        return Ok(None);
-    };
     let source = env.event.source.as_str();
+    if !ringrift::catalog::CLUSTER_SCOPED.contains(&source) {
+        return Ok(None);
+    }
+    let Some(fence) = &env.event.fence else {
+        return Ok(Some(format!(
+            "{source} acts under a lease, and the event carries no fencing token"
+        )));
+    };
     let key = env.event.payload.get("config_key").and_then(|k| k.as_str());
     let expected = if ringrift::catalog::LEASE_PER_CONFIG_KEY.contains(&source) {
         ringrift::catalog::lease_name(source, key)
     } else {
         source.to_string()
     };
-    if !ringrift::catalog::CLUSTER_SCOPED.contains(&source) || fence.lease != expected {
+    if fence.lease != expected {
         return Ok(Some(format!(
-            "its fence names the lease {}, which {source} does not act under",
+            "its fence names the lease {}, which {source} does not act under here ({expected})",
             fence.lease
         )));
     }
-    if leases.is_none() {
-        *leases = Some(
-            js.get_key_value(super::lease::BUCKET)
-                .await
-                .map_err(|e| format!("cannot open the lease bucket: {e}"))?,
-        );
+    let reached = leases
+        .stream
+        .info()
+        .await
+        .map_err(|e| format!("cannot read the lease bucket: {e}"))?
+        .state
+        .last_sequence;
+    if fence.token > reached {
+        return Ok(Some(format!(
+            "its fencing token {} is beyond every revision of the lease bucket ({reached}): forged",
+            fence.token
+        )));
     }
-    let store = leases.as_ref().expect("opened above");
-    let revision = store
+    let current = leases
+        .store
         .entry(fence.lease.as_str())
         .await
-        .map_err(|e| format!("cannot read the lease {}: {e}", fence.lease))?
-        .map(|e| e.revision);
-    Ok(match revision {
-        Some(r) if fence.token <= r => None,
-        Some(r) => Some(format!(
-            "its fencing token {} is beyond the lease's revision {r}: forged",
-            fence.token
-        )),
-        None => Some(format!(
-            "its fence names the lease {}, which nobody has held",
-            fence.lease
-        )),
-    })
+        .map_err(|e| format!("cannot read the lease {}: {e}", fence.lease))?;
+    if let Some(entry) = current
+        && entry.revision == fence.token
+        && let Ok(holder) = serde_json::from_slice::<super::lease::Holder>(&entry.value)
+        && holder.node != env.node
+    {
+        return Ok(Some(format!(
+            "revision {} of the lease {} is node {}'s, not node {}'s",
+            fence.token, fence.lease, holder.node, env.node
+        )));
+    }
+    Ok(None)
 }
 
 fn note_cursor(root: &Path, seq: u64, log: &SupervisorLog) {
@@ -321,6 +338,7 @@ async fn inbox(
     node: String,
     core: mpsc::UnboundedSender<Msg>,
     log: Arc<SupervisorLog>,
+    mut leases: super::Bucket,
 ) {
     let durable = format!("node-{node}");
     let mut failing: Option<String> = None;
@@ -328,7 +346,7 @@ async fn inbox(
         if core.is_closed() {
             return;
         }
-        if let Err(e) = take_events(&js, &node, &durable, &core, &log).await {
+        if let Err(e) = take_events(&js, &node, &durable, &core, &log, &mut leases).await {
             if failing.as_deref() != Some(e.as_str()) {
                 log.warn(&format!("cluster: events from other nodes wait: {e}"));
             }
@@ -345,9 +363,8 @@ async fn take_events(
     durable: &str,
     core: &mpsc::UnboundedSender<Msg>,
     log: &SupervisorLog,
+    leases: &mut super::Bucket,
 ) -> Result<(), String> {
-    // The lease bucket, opened at the first fenced event (its tokens are checked against it).
-    let mut leases: Option<kv::Store> = None;
     let stream = js
         .get_stream(STREAM)
         .await
@@ -390,7 +407,7 @@ async fn take_events(
                 }
             };
             let env = match env {
-                Some(env) => match refusal(&mut leases, js, msg.subject.as_str(), &env).await? {
+                Some(env) => match refusal(leases, msg.subject.as_str(), &env).await? {
                     Some(why) => {
                         log.warn(&format!(
                             "cluster: refused event {} from node {}: {why}",

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use serde::{Deserialize, Serialize};
 
 use ringrift::protocol::LeaseInfo;
@@ -32,11 +32,12 @@ pub(crate) const BUCKET: &str = "ringrift_leases";
 
 /// What a lease key holds.
 #[derive(Debug, Serialize, Deserialize)]
-struct Holder {
-    node: String,
+pub(crate) struct Holder {
+    /// The holder's node id.
+    pub node: String,
     /// When this holder took the lease: RFC 3339 UTC, by its clock.
     #[serde(default)]
-    since: String,
+    pub since: String,
 }
 
 /// One lease this node contends for.
@@ -63,59 +64,38 @@ enum Lease {
     Standby,
 }
 
-/// Makes (or finds) the lease bucket and keeps the leases of `member`'s cluster-scoped daemons.
-pub(crate) async fn start(
-    js: &jetstream::Context,
-    member: &super::Member,
-    replicas: usize,
-) -> Result<(), String> {
+/// Keeps the leases of `member`'s cluster-scoped daemons in `store` (the lease bucket, whose
+/// max age `ttl` every node times its leases by: the server expires keys by it).
+pub(crate) fn start(store: kv::Store, ttl: Duration, member: &super::Member) {
     if member.scoped.is_empty() {
-        return Ok(());
+        return;
     }
-    let cfg = &member.cfg;
-    // The TTL is the bucket's: every node must step down by the clock the server expires by.
-    let super::Bucket {
-        store,
-        max_age: ttl,
-        ..
-    } = super::kv_bucket(
-        js,
-        BUCKET,
-        cfg.lease_ttl,
-        replicas,
-        "lease_ttl",
-        &member.log,
-    )
-    .await?;
     let (release_tx, release_rx) = mpsc::unbounded_channel();
     *member.release.lock().expect("release slot lock") = Some(release_tx);
     tokio::spawn(keep(
         store,
-        cfg.node_id.clone(),
+        member.cfg.node_id.clone(),
         ttl,
         member.scoped.clone(),
         member.view.clone(),
         (member.core.clone(), release_rx),
         member.log.clone(),
     ));
-    Ok(())
 }
 
-/// The daemons RUNNING (or PAUSED) on `node`, from its own membership record.
-fn running_here(view: &View, node: &str) -> Vec<String> {
-    let v = view.lock().expect("cluster view lock");
-    v.nodes
-        .iter()
-        .find(|n| n.record.node_id == node)
-        .map(|n| {
-            n.record
-                .daemons
-                .iter()
-                .filter(|(_, s)| s.satisfies_dependents())
-                .map(|(d, _)| d.clone())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The daemons RUNNING (or PAUSED) here, from the core itself (not this node's membership
+/// record, which is a heartbeat old): a daemon that stops hands its lease over at the next round.
+/// None when the core did not answer (it is stopping).
+async fn running_here(core: &mpsc::UnboundedSender<Msg>) -> Option<Vec<String>> {
+    let report = super::status(core).await?;
+    Some(
+        report
+            .daemons
+            .into_iter()
+            .filter(|d| d.state.satisfies_dependents())
+            .map(|d| d.name)
+            .collect(),
+    )
 }
 
 /// How often the lease task runs: a free lease is tried for this often (so a dead leader is
@@ -178,7 +158,8 @@ async fn keep(
             () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {}
         }
         k.step_down_expired();
-        let running = running_here(&view, &k.node);
+        // No answer: the core is stopping; what this node holds is released below.
+        let running = running_here(&k.core).await.unwrap_or_default();
         let mut holders = BTreeMap::new();
         for i in 0..k.leases.len() {
             k.renew_or_acquire(i, &running).await;

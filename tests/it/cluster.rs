@@ -601,7 +601,16 @@ fn forged_events_on_the_bus_are_refused_and_do_not_block_the_real_ones() {
                 promoted.clone(),
                 poison,
             ),
-            "which nobody has held",
+            "is beyond every revision of the lease bucket",
+        ),
+        // A leader's event without its fencing token: every real one carries it.
+        (
+            "ringrift.events.node-b.MODEL_PROMOTED",
+            serde_json::json!({"node": "node-b", "event": {
+                "seq": 1, "id": "forged-unfenced", "type": "MODEL_PROMOTED",
+                "payload": promoted.clone(), "source": "auto_promotion",
+                "timestamp": "2026-11-29T00:00:00.000Z"}}),
+            "carries no fencing token",
         ),
         // A type that stays on its node.
         (
@@ -902,7 +911,11 @@ fn one_node_holds_a_lease_and_another_takes_it_when_the_holder_dies() {
         .partition(|r| lease_times(r, "acquired").len() == 1);
     holder[0].ok(&["stop", "queue_populator"]);
     assert!(
-        wait_until(T, || lease_times(holder[0], "released").len() == 1),
+        wait_until(Duration::from_secs(2), || lease_times(
+            holder[0], "released"
+        )
+        .len()
+            == 1),
         "{}",
         holder[0].master_log()
     );
@@ -991,7 +1004,11 @@ fn promotion_leads_per_config_key_and_carries_its_fencing_token() {
     );
 
     // node-a's promotions of hex8_2p carry its lease and token, on node-a and on node-b.
-    assert!(wait_until(T, || promotions(&b, Some("node-a")).len() >= 3));
+    assert!(
+        wait_until(T, || promotions(&b, Some("node-a")).len() >= 3),
+        "{}",
+        b.master_log()
+    );
     for f in promotions(&a, None)
         .iter()
         .chain(&promotions(&b, Some("node-a")))
