@@ -96,6 +96,7 @@ pub(crate) fn start(
         known: None,
         gpus: count_gpus(),
         release: ReleaseSlot::default(),
+        view_error: None,
     };
     let release = member.release.clone();
     tokio::spawn(member.run());
@@ -108,6 +109,8 @@ struct Member {
     scoped: Vec<Wanted>,
     /// Where the lease task listens for the supervisor's last request.
     release: ReleaseSlot,
+    /// Why run/cluster.json could not be written last time, if it could not.
+    view_error: Option<String>,
     root: std::path::PathBuf,
     http: Option<String>,
     core: mpsc::UnboundedSender<Msg>,
@@ -305,17 +308,42 @@ impl Member {
                 .collect(),
         );
         nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        let mut v = self.view.lock().expect("cluster view lock");
-        v.connected = true;
-        v.error = None;
-        v.nodes = nodes
-            .into_iter()
-            .map(|record| NodeStatus {
-                last_seen_secs: ((now - record.updated_unix).max(0.0) * 1000.0).round() / 1000.0,
-                record,
-            })
-            .collect();
+        let view = {
+            let mut v = self.view.lock().expect("cluster view lock");
+            v.connected = true;
+            v.error = None;
+            v.nodes = nodes
+                .into_iter()
+                .map(|record| NodeStatus {
+                    last_seen_secs: ((now - record.updated_unix).max(0.0) * 1000.0).round()
+                        / 1000.0,
+                    record,
+                })
+                .collect();
+            serde_json::to_vec_pretty(&*v).expect("the view serializes")
+        };
+        self.write_view(&view);
         Ok(())
+    }
+
+    /// Writes the view to `run/cluster.json` (renamed into place), where the daemons resolve
+    /// `role:` targets from (worker/pipeline/transfer.rs). A failure is logged once until it
+    /// changes.
+    fn write_view(&mut self, bytes: &[u8]) {
+        let path = self.root.join("run/cluster.json");
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => self.view_error = None,
+            Err(e) => {
+                let e = e.to_string();
+                if self.view_error.as_deref() != Some(e.as_str()) {
+                    self.log
+                        .warn(&format!("cluster: cannot write {}: {e}", path.display()));
+                }
+                self.view_error = Some(e);
+            }
+        }
     }
 
     /// This node's record now.

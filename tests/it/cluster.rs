@@ -1355,3 +1355,105 @@ fn the_nats_entry_runs_the_bus_as_a_daemon() {
         "the client port is closed"
     );
 }
+
+/// A node of the loop test: `roles`, its root as its data address, and `daemons` (YAML entries).
+fn loop_node(nats: &Nats, id: &str, roles: &str, daemons: &str) -> Root {
+    let root = Root::new();
+    root.write_config(&format!(
+        "http:\n  enabled: false\npipeline:\n  config_keys: [hex8_2p]\ncluster:\n  enabled: true\n  \
+         node_id: {id}\n  servers: [{}]\n  roles: [{roles}]\n  data_address: {:?}\n  \
+         heartbeat_interval: 300ms\n  node_expiry: 2s\ndaemons:\n  napper:\n    command: [\"sleep\", \"1000\"]\n{daemons}",
+        nats.url(),
+        root.path().display().to_string()
+    ));
+    root
+}
+
+#[test]
+fn games_go_to_the_nodes_that_train_and_models_to_the_nodes_that_play() {
+    let nats = Nats::start();
+    let quick = "    interval: 0.2\n    heartbeat_interval: 0.2\n";
+    // node-a and node-c play; node-b trains. Nobody lists another node's address: `role:`
+    // targets are resolved from the cluster's records.
+    let a = loop_node(
+        &nats,
+        "node-a",
+        "selfplay",
+        &format!("  auto_sync:\n{quick}    targets: [\"role:training\"]\n"),
+    );
+    let b = loop_node(
+        &nats,
+        "node-b",
+        "training",
+        &format!(
+            "  cluster_data_sync:\n{quick}    peers: [incoming]\n  model_distribution:\n{quick}    targets: [\"role:selfplay\"]\n"
+        ),
+    );
+    let c = loop_node(&nats, "node-c", "selfplay", "");
+    let a_db = a.path().join("data/games/hex8_2p.db");
+    let out = std::process::Command::new(WORKER)
+        .args([
+            "job",
+            "selfplay",
+            "--config-key",
+            "hex8_2p",
+            "--games",
+            "30",
+        ])
+        .arg("--db")
+        .arg(&a_db)
+        .args(["--seed", "7"])
+        .current_dir(a.path())
+        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "selfplay: {}", stderr(&out));
+    let model = b.path().join("models/canonical_hex8_2p.bin");
+    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    std::fs::write(&model, b"a promoted model").unwrap();
+
+    a.ok(&["start", "napper", "auto_sync"]);
+    b.ok(&["start", "napper", "cluster_data_sync", "model_distribution"]);
+    c.ok(&["start", "napper"]);
+
+    // a's games reach b, the trainer, under data/incoming/games/node-a, and are merged there.
+    let b_db = b.path().join("data/games/hex8_2p.db");
+    let completed = |db: &std::path::Path| -> i64 {
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM games WHERE status = 'completed'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(T, || completed(&b_db) >= 30),
+        "node-b merged {} games\nauto_sync on a: {:#?}\ncluster_data_sync on b: {:#?}",
+        completed(&b_db),
+        a.daemon("auto_sync").health,
+        b.daemon("cluster_data_sync").health
+    );
+    assert!(
+        b.path()
+            .join("data/incoming/games/node-a/hex8_2p.db")
+            .is_file()
+    );
+    // b's model reaches both players, a and c, in place of their canonical model.
+    for player in [&a, &c] {
+        let theirs = player.path().join("models/canonical_hex8_2p.bin");
+        assert!(
+            wait_until(T, || std::fs::read(&theirs)
+                .is_ok_and(|m| m == b"a promoted model")),
+            "not on {}: {:#?}",
+            player.path().display(),
+            b.daemon("model_distribution").health
+        );
+    }
+    // Nothing went to a node without the role, nor back to the sender.
+    assert!(!a.path().join("data/incoming").exists());
+    assert!(!c.path().join("data/incoming").exists());
+    assert!(!b.path().join("data/incoming/games/node-b").exists());
+}

@@ -26,7 +26,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
+use super::transfer::{Delivery, FailingMap, Passes, Purpose, Target, resolve, specs};
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -141,6 +141,9 @@ struct AutoSync {
     name: &'static str,
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
+    /// `targets` as configured (`role:` entries included).
+    configured: Vec<String>,
+    /// The targets as last resolved (each pass resolves them again).
     targets: Vec<(String, Target)>,
     delivery: Delivery,
     state: State,
@@ -169,7 +172,11 @@ impl AutoSync {
     fn report(&self) -> Report {
         self.pass.report(
             ("targets", &self.targets),
-            "no targets configured: nothing to push",
+            &if self.configured.is_empty() {
+                "no targets configured: nothing to push".to_string()
+            } else {
+                super::transfer::idle_message(&self.configured, "targets")
+            },
             ("pushed", json!(self.state.pushed)),
             [
                 ("pushes", self.pushes),
@@ -188,10 +195,11 @@ impl AutoSync {
     /// One pass: every changed DB to every target that needs it.
     async fn push(&mut self) {
         self.pass.count += 1;
+        let pipeline = self.pipeline.clone().expect("started");
+        self.targets = resolve(&self.configured, &pipeline.root, Purpose::Games);
         if self.targets.is_empty() {
             return;
         }
-        let pipeline = self.pipeline.clone().expect("started");
         let outgoing = self.outgoing(&pipeline);
         let (mut in_sync, mut no_db) = (0usize, Vec::new());
         let mut pushed: Vec<String> = Vec::new();
@@ -342,7 +350,8 @@ impl Daemon for AutoSync {
         self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.targets = locations(settings, "targets", &pipeline.root)?;
+            self.configured = specs(settings, "targets")?;
+            self.targets = resolve(&self.configured, &pipeline.root, Purpose::Games);
             let s = typed(settings, SyncSettings::from_map)?;
             self.delivery = Delivery {
                 retries: s.retries,
@@ -412,7 +421,7 @@ pub(crate) mod tests {
             root,
             vec!["hex6_2p".into(), "hex8_2p".into()],
         ));
-        d.targets = locations(&settings, "targets", root).unwrap();
+        d.configured = specs(&settings, "targets").unwrap();
         d.delivery = Delivery {
             retries: 1,
             retry_backoff: 0.0,

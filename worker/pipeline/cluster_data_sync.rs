@@ -30,7 +30,7 @@ use serde_json::json;
 
 use super::auto_sync::{Fingerprint, fingerprint};
 use super::transfer::{
-    FailingMap, Passes, SSH_OPTS, Target, locations, record_failure, remote_dir, run,
+    FailingMap, Passes, Purpose, SSH_OPTS, Target, record_failure, remote_dir, resolve, run, specs,
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
@@ -272,6 +272,9 @@ struct State {
 struct ClusterSync {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
+    /// `peers` as configured (`incoming` included).
+    configured: Vec<String>,
+    /// The peers as last resolved (each pass resolves them again).
     peers: Vec<(String, Target)>,
     timeout: Duration,
     state: State,
@@ -289,7 +292,11 @@ impl ClusterSync {
     fn report(&self) -> Report {
         self.pass.report(
             ("peers", &self.peers),
-            "no peers configured: nothing to pull",
+            &if self.configured.is_empty() {
+                "no peers configured: nothing to pull".to_string()
+            } else {
+                super::transfer::idle_message(&self.configured, "peers")
+            },
             ("pulled", json!(self.state.peers)),
             [
                 ("merges", self.merges),
@@ -326,10 +333,11 @@ impl ClusterSync {
     /// One pass over every peer and config key.
     async fn pull(&mut self) {
         self.pass.count += 1;
+        let pipeline = self.pipeline.clone().expect("started");
+        self.peers = resolve(&self.configured, &pipeline.root, Purpose::Pulled);
         if self.peers.is_empty() {
             return;
         }
-        let pipeline = self.pipeline.clone().expect("started");
         let (mut unchanged, mut absent) = (0usize, 0usize);
         let mut merged: Vec<String> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
@@ -497,7 +505,8 @@ impl Daemon for ClusterSync {
         self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.peers = locations(settings, "peers", &pipeline.root)?;
+            self.configured = specs(settings, "peers")?;
+            self.peers = resolve(&self.configured, &pipeline.root, Purpose::Pulled);
             self.timeout = typed(settings, ClusterSyncSettings::from_map)?.timeout;
             self.state = load_state(&pipeline.state_path(NAME));
             self.pass.ok = true;
@@ -534,7 +543,8 @@ mod tests {
                 root,
                 vec!["hex6_2p".into(), "hex8_2p".into()],
             )),
-            peers: locations(&settings, "peers", root).unwrap(),
+            configured: specs(&settings, "peers").unwrap(),
+            peers: Vec::new(),
             timeout: Duration::from_secs(5),
             pass: Passes {
                 ok: true,

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sha256;
-use super::transfer::{Delivery, FailingMap, Passes, Target, locations};
+use super::transfer::{Delivery, FailingMap, Passes, Purpose, Target, resolve, specs};
 use super::{Pipeline, load_state, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -81,6 +81,9 @@ struct State {
 struct Distribution {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
+    /// `targets` as configured (`role:` entries included).
+    configured: Vec<String>,
+    /// The targets as last resolved (each pass resolves them again).
     targets: Vec<(String, Target)>,
     delivery: Delivery,
     state: State,
@@ -96,7 +99,11 @@ impl Distribution {
     fn report(&self) -> Report {
         self.pass.report(
             ("targets", &self.targets),
-            "no targets configured: nothing to distribute",
+            &if self.configured.is_empty() {
+                "no targets configured: nothing to distribute".to_string()
+            } else {
+                super::transfer::idle_message(&self.configured, "targets")
+            },
             ("delivered", json!(self.state.delivered)),
             [
                 ("copies", self.copies),
@@ -109,10 +116,11 @@ impl Distribution {
     /// Brings every target up to date with the canonical model of `only` (or all of them).
     async fn distribute(&mut self, only: Option<&str>) {
         self.pass.count += 1;
+        let pipeline = self.pipeline.clone().expect("started");
+        self.targets = resolve(&self.configured, &pipeline.root, Purpose::Models);
         if self.targets.is_empty() {
             return;
         }
-        let pipeline = self.pipeline.clone().expect("started");
         let models = canonical_models(&pipeline.root.join("models"));
         let mut in_sync = 0usize;
         let mut failures: Vec<String> = Vec::new();
@@ -224,7 +232,8 @@ impl Daemon for Distribution {
         self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
-            self.targets = locations(settings, "targets", &pipeline.root)?;
+            self.configured = specs(settings, "targets")?;
+            self.targets = resolve(&self.configured, &pipeline.root, Purpose::Models);
             let s = typed(settings, DistributionSettings::from_map)?;
             self.delivery = Delivery {
                 retries: s.retries,

@@ -1,7 +1,7 @@
 //! Moving files between this node and others, for the daemons that do it (auto_sync and
 //! ephemeral_sync push games DB snapshots, model_distribution pushes canonical models,
 //! cluster_data_sync fetches peers' snapshots): where a file goes ([`Target`], read from the
-//! `targets`/`peers` setting by [`locations`]), a verified copy ([`copy_local`], [`copy_remote`],
+//! `targets`/`peers` setting by [`specs`] and [`resolve`]), a verified copy ([`copy_local`], [`copy_remote`],
 //! tried several times by [`Delivery::deliver`]), the backoff of a destination that keeps
 //! failing ([`Failing`]) and the pass bookkeeping behind their health ([`Passes`]).
 //!
@@ -49,13 +49,8 @@ pub(super) fn parse_target(spec: &str, root: &Path) -> Target {
     Target::Local(root.join(spec))
 }
 
-/// The `targets` (or `peers`) setting: a list of strings, blanks dropped, each parsed as a local
-/// directory (relative to the root) or `host:path`.
-pub(super) fn locations(
-    settings: &Settings,
-    key: &str,
-    root: &Path,
-) -> anyhow::Result<Vec<(String, Target)>> {
+/// The `targets` (or `peers`) setting: a list of strings, blanks dropped (see [`resolve`]).
+pub(super) fn specs(settings: &Settings, key: &str) -> anyhow::Result<Vec<String>> {
     let specs: Vec<String> = match settings.config.get(key) {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a
@@ -68,14 +63,86 @@ pub(super) fn locations(
             .collect::<anyhow::Result<_>>()?,
         Some(other) => bail!("{key} must be a list of strings, not {other}"),
     };
-    Ok(specs
-        .into_iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| {
-            let t = parse_target(&s, root);
-            (s, t)
-        })
-        .collect())
+    Ok(specs.into_iter().filter(|s| !s.trim().is_empty()).collect())
+}
+
+/// The cluster view the supervisor writes at each heartbeat (`run/cluster.json`, the JSON of
+/// `cluster status --json`), from which `role:` entries are resolved.
+pub(super) const CLUSTER_VIEW: &str = "run/cluster.json";
+
+/// What the files of a `role:` or `incoming` entry are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// auto_sync's games DB snapshots: `role:<role>` is `<data_address>/data/incoming/games/<this
+    /// node>` of every other node with the role.
+    Games,
+    /// model_distribution's canonical models: `role:<role>` is `<data_address>/models` of every
+    /// other node with the role, where they replace that node's canonical models.
+    Models,
+    /// cluster_data_sync's peers: `incoming` is every directory other nodes pushed their games to
+    /// here (`data/incoming/games/<node>`).
+    Pulled,
+}
+
+/// What a daemon whose configured entries resolve to no location says: `role:` entries while no
+/// other node has the role (or the node is not in a cluster), `incoming` while nothing was pushed.
+pub(super) fn idle_message(configured: &[String], what: &str) -> String {
+    format!(
+        "no {what} now: {} name no node yet (resolved again every pass)",
+        configured.join(", ")
+    )
+}
+
+/// The configured entries as locations now (read again each pass, as nodes come and go): a
+/// directory or `host:path` as is; `role:<role>` (in a cluster) the nodes with that role in the
+/// view the supervisor keeps ([`CLUSTER_VIEW`]; none while there is no view, this node itself
+/// never); `incoming` the directories under `data/incoming/games/`. The string naming each is
+/// what the daemon keeps its per-location state under.
+pub(super) fn resolve(specs: &[String], root: &Path, purpose: Purpose) -> Vec<(String, Target)> {
+    let mut view: Option<Option<ringrift::protocol::ClusterReport>> = None;
+    let mut out = Vec::new();
+    for spec in specs {
+        if let Some(role) = spec.strip_prefix("role:") {
+            let view = view.get_or_insert_with(|| {
+                let bytes = std::fs::read(root.join(CLUSTER_VIEW)).ok()?;
+                serde_json::from_slice(&bytes).ok()
+            });
+            let Some(v) = view.as_ref() else { continue };
+            for n in &v.nodes {
+                let r = &n.record;
+                if r.node_id == v.node_id || !r.roles.iter().any(|x| x == role) {
+                    continue;
+                }
+                let Some(addr) = &r.data_address else {
+                    continue;
+                };
+                let sub = match purpose {
+                    Purpose::Games => format!("data/incoming/games/{}", v.node_id),
+                    Purpose::Models => "models".to_string(),
+                    Purpose::Pulled => continue,
+                };
+                let at = format!("{}/{sub}", addr.trim_end_matches('/'));
+                out.push((at.clone(), parse_target(&at, root)));
+            }
+        } else if spec == "incoming" {
+            let dir = root.join("data/incoming/games");
+            let mut nodes: Vec<String> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            nodes.sort();
+            for n in nodes {
+                out.push((format!("incoming/{n}"), Target::Local(dir.join(&n))));
+            }
+        } else {
+            out.push((spec.clone(), parse_target(spec, root)));
+        }
+    }
+    out
 }
 
 /// Copies `src` into directory `dir` as the same file name: temporary file, fsync, rename, then
