@@ -84,6 +84,13 @@ pub(crate) trait Daemon {
     fn on_event(&mut self, _event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async { None })
     }
+
+    /// The last step before the process exits after `shutdown` or SIGTERM, once any cycle or
+    /// event in flight has ended (heartbeats go on meanwhile; the supervisor's stop grace bounds
+    /// it). For work that must not be lost with the node: the sync daemons push once more.
+    fn on_stop(&mut self) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async { None })
+    }
 }
 
 struct Entry {

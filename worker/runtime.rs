@@ -592,9 +592,24 @@ async fn serve(
     let mut cycle_timer = tokio::time::interval(settings.interval);
     cycle_timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
+    let mut stopped = false;
     loop {
         if session.stopping && in_flight.is_none() {
-            return Ok(());
+            if stopped {
+                return Ok(());
+            }
+            // The daemon's last step (Daemon::on_stop), in flight like a cycle.
+            stopped = true;
+            let mut daemon = idle.take().expect("nothing is in flight");
+            in_flight = Some(Box::pin(async move {
+                let report = daemon.on_stop().await;
+                Done {
+                    daemon,
+                    report,
+                    ack: None,
+                }
+            }));
+            continue;
         }
         // A standby daemon takes no new work; a cycle under way when the lease went ends.
         let may_start =

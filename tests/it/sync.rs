@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
+use nix::sys::signal::Signal::SIGTERM;
 
 const T: Duration = Duration::from_secs(20);
 const KEY: &str = "hex8_2p";
@@ -104,5 +105,66 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
             .message
             .contains(&format!("last pushed {KEY} → {peer}")),
         "{health:#?}"
+    );
+}
+
+/// Plays `games` more games into `db` (a selfplay job run directly, as the scheduler would).
+fn play(root: &Root, db: &Path, games: u32, seed: u32) {
+    let out = Command::new(WORKER)
+        .args([
+            "job",
+            "selfplay",
+            "--config-key",
+            KEY,
+            "--games",
+            &games.to_string(),
+        ])
+        .arg("--db")
+        .arg(db)
+        .args(["--seed", &seed.to_string()])
+        .current_dir(root.path())
+        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "selfplay: {}", stderr(&out));
+}
+
+#[test]
+fn a_node_told_to_stop_pushes_its_last_games_before_it_exits() {
+    let shared = tempfile::tempdir().unwrap();
+    // ephemeral_sync with a long interval: after its first pass, only the stop can push again.
+    let a = Root::with_config(&format!(
+        "http:\n  enabled: false\npipeline:\n  config_keys: [{KEY}]\ndaemons:\n  ephemeral_sync:\n    \
+         enabled: true\n    interval: 3600\n    heartbeat_interval: 0.2\n    targets: [{:?}]\n",
+        shared.path().display().to_string()
+    ));
+    let db = a.path().join(format!("data/games/{KEY}.db"));
+    play(&a, &db, 20, 5);
+    a.ok(&["start", "ephemeral_sync"]);
+    let pushed = shared.path().join(format!("{KEY}.db"));
+    let completed = "SELECT count(*) FROM games WHERE status = 'completed'";
+    assert!(
+        wait_until(T, || count(&pushed, completed) == 20),
+        "{:#?}",
+        a.daemon("ephemeral_sync").health
+    );
+
+    // Selfplay goes on; then the node is told to stop (SIGTERM to its supervisor, as a host's
+    // shutdown would): the games written since the last pass are pushed before it exits.
+    play(&a, &db, 10, 6);
+    assert_eq!(count(&pushed, completed), 20);
+    let pid = a.supervisor_pid().unwrap();
+    signal(pid, SIGTERM);
+    assert!(wait_until(T, || !alive(pid)), "the supervisor did not exit");
+    assert_eq!(
+        count(&pushed, completed),
+        30,
+        "the last games were not pushed:\n{}",
+        std::fs::read_to_string(a.log_path("ephemeral_sync")).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(a.log_path("ephemeral_sync"))
+            .unwrap()
+            .contains("stopping: a last push")
     );
 }

@@ -346,6 +346,17 @@ impl Daemon for AutoSync {
         self.name
     }
 
+    /// One more push as the node stops: on a rented host that is about to vanish, what selfplay
+    /// wrote since the last pass goes out now (ephemeral_sync's reason to exist).
+    fn on_stop(&mut self) -> LocalBoxFuture<'_, Option<Report>> {
+        Box::pin(async move {
+            self.pipeline.as_ref()?;
+            println!("{}: stopping: a last push", self.name);
+            self.push().await;
+            Some(self.report())
+        })
+    }
+
     fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
         self.ctx = Some(ctx);
         Box::pin(async move {
