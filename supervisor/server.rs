@@ -353,6 +353,9 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         ));
         core.mark_cluster_scoped(&cluster_leases);
     }
+    // The view of a previous run, if any, is not this run's: the membership task writes it anew
+    // (and a node no longer in a cluster must not resolve `role:` targets from an old one).
+    let _ = std::fs::remove_file(run_dir.join("cluster.json"));
     let cluster = cluster_cfg.enabled.then(|| {
         crate::cluster::start(
             cluster_cfg,

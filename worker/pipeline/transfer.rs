@@ -67,7 +67,8 @@ pub(super) fn specs(settings: &Settings, key: &str) -> anyhow::Result<Vec<String
 }
 
 /// The cluster view the supervisor writes at each heartbeat (`run/cluster.json`, the JSON of
-/// `cluster status --json`), from which `role:` entries are resolved.
+/// `cluster status --json`), from which `role:` entries are resolved. Absent when this node is not
+/// in a cluster (the supervisor removes it at start).
 pub(super) const CLUSTER_VIEW: &str = "run/cluster.json";
 
 /// What the files of a `role:` or `incoming` entry are.
