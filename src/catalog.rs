@@ -195,7 +195,12 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Health,
         &[],
         false,
-        &["shutdown_command", "idle_minutes", "cpu_threshold"],
+        &[
+            "shutdown_command",
+            "idle_minutes",
+            "cpu_threshold",
+            "min_nodes",
+        ],
     ),
     spec(
         "queue_populator",

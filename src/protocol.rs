@@ -743,6 +743,19 @@ pub struct NodeRecord {
     /// directory or `host:path`.
     #[serde(default)]
     pub data_address: Option<String>,
+    /// What it costs per hour (`cluster.cost_per_hour`), if known.
+    #[serde(default)]
+    pub cost_per_hour: Option<f64>,
+    /// How long it has been idle, seconds, by its unified_idle_shutdown (None when that daemon
+    /// does not run there, or cannot tell).
+    #[serde(default)]
+    pub idle_secs: Option<f64>,
+    /// Its unified_idle_shutdown intends to shut it down, or has: the others count it as gone.
+    #[serde(default)]
+    pub leaving: bool,
+    /// Its `cluster.heartbeat_interval`, seconds: how stale its record can be.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: f64,
     /// CPU cores.
     pub cores: u32,
     /// Total memory, bytes.
@@ -761,6 +774,10 @@ pub struct NodeRecord {
     pub jobs: u32,
     /// When it wrote this record: unix seconds.
     pub updated_unix: f64,
+}
+
+fn default_heartbeat_secs() -> f64 {
+    2.0
 }
 
 /// A daemon's health at a glance: what `status`, `watch` and `GET /daemon/health/NAME` show.

@@ -400,6 +400,9 @@ daemon_settings!(
         idle_minutes: f64 = |r: &mut Reader, k| r.number(k, 30.0, 0.0, 1e6, " minutes"),
         /// Percent of CPU below which the node counts as idle.
         cpu_threshold: f64 = |r: &mut Reader, k| r.number(k, 10.0, 0.0, 100.0, " percent"),
+        /// In a cluster: nodes that must remain; a node leaves only if at least this many others
+        /// stay (default 1).
+        min_nodes: u64 = |r: &mut Reader, k| r.count(k, 1, 0, 100_000),
     }
 );
 

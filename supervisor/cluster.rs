@@ -365,12 +365,32 @@ impl Member {
                 .map(|d| (d.health.healthy, d.health.message.clone()))
         });
         let jobs = status.as_ref().map_or(0, |s| s.jobs.len() as u32);
+        // unified_idle_shutdown's own measure and intent, from its health details while it runs.
+        let idle = status.as_ref().and_then(|s| {
+            s.daemons
+                .iter()
+                .find(|d| d.name == "unified_idle_shutdown" && d.pid.is_some())
+                .map(|d| d.health.details.clone())
+        });
+        let idle_secs = idle
+            .as_ref()
+            .and_then(|d| d.get("idle_secs"))
+            .and_then(|v| v.as_f64());
+        let leaving = idle
+            .as_ref()
+            .and_then(|d| d.get("leaving"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         NodeRecord {
             node_id: self.cfg.node_id.clone(),
             roles: self.cfg.roles.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             http: self.http.clone(),
             data_address: self.cfg.data_address.clone(),
+            cost_per_hour: self.cfg.cost_per_hour,
+            idle_secs,
+            leaving,
+            heartbeat_secs: self.cfg.heartbeat_interval.as_secs_f64(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             memory_bytes: ringrift::procfs::mem_total().unwrap_or(0),
             gpus: self.gpus,

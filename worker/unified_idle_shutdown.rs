@@ -5,7 +5,8 @@
 //! disabled in the default configuration). The node counts as idle when its CPU stays under
 //! `cpu_threshold` percent AND the supervisor runs no job, continuously for `idle_minutes`; then the
 //! command runs once (with a timeout), and its outcome goes to the daemon's health and log. Any busy
-//! sample starts the idle clock over.
+//! sample starts the idle clock over. In a cluster the cluster decides whether this node goes,
+//! and when ([`may_leave`]): the costliest idle node first, never below `min_nodes`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +39,78 @@ pub(crate) fn node_idle(
     matches!(cpu_percent, Some(c) if c < threshold || threshold >= 100.0) && jobs_running == Some(0)
 }
 
+/// In a cluster, whether this node (idle for `idle_secs`, at least `need_secs`) may intend to
+/// leave: no node ranked before it is idle at least `need_secs` without leaving yet (that one
+/// goes first), and at least `min_nodes` other nodes stay (a node that says it is leaving, or
+/// has left, counts as gone). The rank:
+/// the costliest per hour first (unknown cost counts as 0), then the one idle longest, then the
+/// smallest node id. Err says why not. A view that is not connected says nothing of the others:
+/// the node stays. Pure, for tests.
+///
+/// Deciding on records a heartbeat old, two nodes could both find that enough others stay; so
+/// a node first publishes its intent (`leaving` in its record) and fires only once that has been
+/// visible for [`settle_secs`]: by then every other node has seen it and counts it as gone, so
+/// two that intend to leave at once each see the other's intent before either fires.
+pub(crate) fn may_leave(
+    view: &ringrift::protocol::ClusterReport,
+    idle_secs: f64,
+    need_secs: f64,
+    min_nodes: u64,
+) -> Result<(), String> {
+    if !view.connected {
+        return Err(format!(
+            "idle, but this node cannot see the cluster ({}): it stays",
+            view.error.as_deref().unwrap_or("not connected")
+        ));
+    }
+    let me = view.node_id.as_str();
+    let others: Vec<&ringrift::protocol::NodeRecord> = view
+        .nodes
+        .iter()
+        .map(|n| &n.record)
+        .filter(|r| r.node_id != me)
+        .collect();
+    let my_cost = view
+        .nodes
+        .iter()
+        .find(|n| n.record.node_id == me)
+        .and_then(|n| n.record.cost_per_hour)
+        .unwrap_or(0.0);
+    let ahead = |r: &ringrift::protocol::NodeRecord| {
+        let (cost, idle) = (r.cost_per_hour.unwrap_or(0.0), r.idle_secs.unwrap_or(0.0));
+        cost > my_cost
+            || (cost == my_cost && (idle > idle_secs || (idle == idle_secs && *r.node_id < *me)))
+    };
+    if let Some(first) = others
+        .iter()
+        .find(|r| !r.leaving && r.idle_secs.is_some_and(|i| i >= need_secs) && ahead(r))
+    {
+        return Err(format!(
+            "idle, but node {} (cost {}/h, idle {:.0}s) goes first",
+            first.node_id,
+            first.cost_per_hour.unwrap_or(0.0),
+            first.idle_secs.unwrap_or(0.0)
+        ));
+    }
+    let staying = others.iter().filter(|r| !r.leaving).count();
+    if (staying as u64) < min_nodes {
+        return Err(format!(
+            "idle, but only {staying} other node(s) would stay (min_nodes {min_nodes})"
+        ));
+    }
+    Ok(())
+}
+
+/// How long a node's intent to leave must have been visible in its own record before it fires:
+/// three of the slowest heartbeat of the cluster, so every other node's view has it.
+pub(crate) fn settle_secs(view: &ringrift::protocol::ClusterReport) -> f64 {
+    3.0 * view
+        .nodes
+        .iter()
+        .map(|n| n.record.heartbeat_secs)
+        .fold(0.0, f64::max)
+}
+
 #[derive(Default)]
 struct IdleShutdown {
     command: Vec<String>,
@@ -52,6 +125,13 @@ struct IdleShutdown {
     fired: Option<String>,
     samples: u64,
     error: Option<String>,
+    min_nodes: u64,
+    /// Why this idle node does not leave yet (the cluster needs it, or another goes first).
+    waiting: Option<String>,
+    /// In a cluster: this node intends to leave (published as `leaving` in its record).
+    leaving: bool,
+    /// When this node first saw its intent in its own record (local unix seconds).
+    intent_seen: Option<f64>,
 }
 
 fn now() -> f64 {
@@ -67,6 +147,8 @@ impl IdleShutdown {
             "no shutdown_command configured: this node is never shut down".to_string()
         } else if let Some(f) = &self.fired {
             f.clone()
+        } else if let Some(w) = &self.waiting {
+            w.clone()
         } else {
             format!(
                 "idle for {:.0}s of {:.0}s needed (cpu {}%, jobs {}); then runs: {}",
@@ -91,6 +173,7 @@ impl IdleShutdown {
             ("cpu_percent".to_string(), json!(self.cpu)),
             ("jobs_running".to_string(), json!(self.jobs)),
             ("shutdown_command".to_string(), json!(self.command)),
+            ("leaving".to_string(), json!(self.leaving)),
         ]);
         Report::new(healthy, message, details, [("samples", self.samples)])
     }
@@ -169,6 +252,7 @@ impl Daemon for IdleShutdown {
             )?;
             self.idle_minutes = s.idle_minutes;
             self.threshold = s.cpu_threshold;
+            self.min_nodes = s.min_nodes;
             self.command = s.shutdown_command;
             self.socket = std::env::var_os(SOCKET_ENV).map(PathBuf::from);
             println!(
@@ -194,9 +278,45 @@ impl Daemon for IdleShutdown {
                 return self.report();
             }
             self.error = None;
+            self.waiting = None;
             self.sample().await;
-            if self.idle_secs >= self.idle_minutes * 60.0 {
+            let need = self.idle_minutes * 60.0;
+            if self.idle_secs < need {
+                (self.leaving, self.intent_seen) = (false, None);
+                return self.report();
+            }
+            // In a cluster (the supervisor keeps run/cluster.json; the daemon's working
+            // directory is the root), the cluster decides whether this node goes, and when.
+            let Some(view) = crate::pipeline::transfer::cluster_view(std::path::Path::new("."))
+            else {
                 self.shut_down().await;
+                return self.report();
+            };
+            if let Err(why) = may_leave(&view, self.idle_secs, need, self.min_nodes) {
+                (self.leaving, self.intent_seen) = (false, None);
+                self.waiting = Some(why);
+                return self.report();
+            }
+            self.leaving = true;
+            let published = view
+                .nodes
+                .iter()
+                .any(|n| n.record.node_id == view.node_id && n.record.leaving);
+            let t = now();
+            let seen = if published {
+                *self.intent_seen.get_or_insert(t)
+            } else {
+                self.intent_seen = None;
+                t
+            };
+            let settle = settle_secs(&view);
+            if published && t - seen >= settle {
+                self.shut_down().await;
+            } else {
+                self.waiting = Some(format!(
+                    "idle: leaving once every node has seen it ({:.1}s of {settle:.1}s)",
+                    t - seen
+                ));
             }
             self.report()
         })
@@ -206,6 +326,87 @@ impl Daemon for IdleShutdown {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(
+        me: &str,
+        nodes: &[(&str, Option<f64>, Option<f64>)],
+    ) -> ringrift::protocol::ClusterReport {
+        let nodes = nodes
+            .iter()
+            .map(|(id, cost, idle)| {
+                let mut record: ringrift::protocol::NodeRecord = serde_json::from_value(json!({
+                    "node_id": id, "roles": [], "version": "0", "cores": 1, "memory_bytes": 1,
+                    "gpus": 0, "free_disk_bytes": 1, "daemons": {}, "jobs": 0, "updated_unix": 0.0
+                }))
+                .unwrap();
+                record.cost_per_hour = *cost;
+                record.idle_secs = *idle;
+                ringrift::protocol::NodeStatus {
+                    last_seen_secs: 0.0,
+                    record,
+                }
+            })
+            .collect();
+        ringrift::protocol::ClusterReport {
+            node_id: me.into(),
+            connected: true,
+            error: None,
+            nodes,
+            leases: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_costliest_idle_node_leaves_first_and_min_nodes_stay() {
+        let three = [
+            ("a", Some(1.0), Some(100.0)),
+            ("b", Some(3.0), Some(100.0)),
+            ("c", Some(2.0), Some(100.0)),
+        ];
+        // b is the costliest idle node: it goes; a and c wait for it.
+        assert_eq!(may_leave(&view("b", &three), 100.0, 60.0, 1), Ok(()));
+        let e = may_leave(&view("c", &three), 100.0, 60.0, 1).unwrap_err();
+        assert!(e.contains("node b (cost 3/h"), "{e}");
+        // A costlier node that is not idle long enough does not hold the others back.
+        let busy_b = [three[0], ("b", Some(3.0), Some(5.0)), three[2]];
+        assert_eq!(may_leave(&view("c", &busy_b), 100.0, 60.0, 1), Ok(()));
+        // Unknown idleness (no unified_idle_shutdown there) is not idle.
+        let unknown_b = [three[0], ("b", Some(3.0), None), three[2]];
+        assert_eq!(may_leave(&view("c", &unknown_b), 100.0, 60.0, 1), Ok(()));
+        // Equal costs: the one idle longest, then the smaller id.
+        let even = [("a", None, Some(100.0)), ("b", None, Some(200.0))];
+        assert!(may_leave(&view("a", &even), 100.0, 60.0, 0).is_err());
+        assert_eq!(may_leave(&view("b", &even), 200.0, 60.0, 0), Ok(()));
+        // min_nodes: with two nodes and min_nodes 2, nobody leaves.
+        let e = may_leave(&view("b", &three[..2]), 100.0, 60.0, 2).unwrap_err();
+        assert!(
+            e.contains("only 1 other node(s) would stay (min_nodes 2)"),
+            "{e}"
+        );
+        // A node that says it is leaving counts as gone; one ahead that leaves goes first.
+        let mut b_leaves = view("c", &three);
+        b_leaves.nodes[1].record.leaving = true;
+        assert_eq!(
+            may_leave(&b_leaves, 100.0, 60.0, 1),
+            Ok(()),
+            "b is gone: c is next"
+        );
+        let e = may_leave(&b_leaves, 100.0, 60.0, 2).unwrap_err();
+        assert!(e.contains("only 1 other node(s) would stay"), "{e}");
+        // Two that intend to leave at once each count the other as gone.
+        let mut both = view("c", &three);
+        both.nodes[1].record.leaving = true;
+        both.nodes[0].record.leaving = true;
+        assert!(
+            may_leave(&both, 100.0, 60.0, 1)
+                .unwrap_err()
+                .contains("only 0 other")
+        );
+        // A node that cannot see the cluster stays.
+        let mut cut = view("b", &three);
+        cut.connected = false;
+        assert!(may_leave(&cut, 100.0, 60.0, 1).is_err());
+    }
 
     #[test]
     fn idle_needs_low_cpu_and_no_jobs() {

@@ -25,6 +25,7 @@ pub(super) const CLUSTER_KEYS: &[&str] = &[
     "node_expiry",
     "lease_ttl",
     "data_address",
+    "cost_per_hour",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
 
@@ -62,6 +63,9 @@ pub struct ClusterConfig {
     /// `host`). Games go under `data/incoming/`, models under `models/` there. None: other nodes
     /// cannot send this node anything.
     pub data_address: Option<String>,
+    /// What this node costs per hour (any currency, the same on every node): of several idle
+    /// nodes, unified_idle_shutdown shuts the costliest down first. None: unknown (cheapest).
+    pub cost_per_hour: Option<f64>,
 }
 
 /// `cluster.tls`: files in PEM form.
@@ -89,6 +93,7 @@ impl Default for ClusterConfig {
             node_expiry: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(10),
             data_address: None,
+            cost_per_hour: None,
         }
     }
 }
@@ -254,6 +259,19 @@ impl Validator<'_> {
                 &["cluster", "data_address"],
                 format!("'{a}' is not a directory or host:path (no spaces, not starting with '-')"),
             );
+        }
+        match map.get("cost_per_hour") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| x.is_finite() && x >= 0.0) => {
+                c.cost_per_hour = n.as_f64();
+            }
+            Some(other) => self.problem(
+                &["cluster", "cost_per_hour"],
+                format!(
+                    "must be a number of at least 0 (what an hour of this node costs), found {}",
+                    super::show_value(other)
+                ),
+            ),
         }
         c.credentials = self
             .string(map.get("credentials"), &["cluster", "credentials"])

@@ -1457,3 +1457,44 @@ fn games_go_to_the_nodes_that_train_and_models_to_the_nodes_that_play() {
     assert!(!c.path().join("data/incoming").exists());
     assert!(!b.path().join("data/incoming/games/node-b").exists());
 }
+
+#[test]
+fn idle_nodes_leave_costliest_first_and_min_nodes_stay() {
+    let nats = Nats::start();
+    // Idle at once (any CPU load counts, no jobs): each would run its shutdown command (here it
+    // only leaves a file behind). min_nodes 1: of three, two may go, the costliest first.
+    let node = |id: &str, cost: f64| {
+        Root::with_config(&format!(
+            "http:\n  enabled: false\ncluster:\n  enabled: true\n  node_id: {id}\n  servers: [{}]\n  \
+             heartbeat_interval: 300ms\n  node_expiry: 2s\n  cost_per_hour: {cost}\n\
+             daemons:\n  unified_idle_shutdown:\n    enabled: true\n    interval: 0.2\n    heartbeat_interval: 0.2\n    \
+             shutdown_command: [\"touch\", \"left\"]\n    idle_minutes: 0.005\n    cpu_threshold: 100\n    min_nodes: 1\n",
+            nats.url()
+        ))
+    };
+    let nodes = [
+        node("node-a", 1.0),
+        node("node-b", 3.0),
+        node("node-c", 2.0),
+    ];
+    for r in &nodes {
+        r.ok(&["start", "unified_idle_shutdown"]);
+    }
+    let left = |r: &Root| r.path().join("left");
+    let [a, b, c] = &nodes;
+    assert!(
+        wait_until(T, || left(c).exists()),
+        "node-c never left:\n{:#?}\n{:#?}",
+        c.daemon("unified_idle_shutdown").health,
+        b.daemon("unified_idle_shutdown").health
+    );
+    // node-b, the costliest, went first; node-a stays, the one node min_nodes keeps.
+    let when = |r: &Root| std::fs::metadata(left(r)).unwrap().modified().unwrap();
+    assert!(left(b).exists(), "node-c left before node-b");
+    assert!(when(b) <= when(c));
+    a.wait_health("unified_idle_shutdown", T, |h| {
+        h.message
+            .contains("only 0 other node(s) would stay (min_nodes 1)")
+    });
+    assert!(!left(a).exists());
+}

@@ -69,7 +69,13 @@ pub(super) fn specs(settings: &Settings, key: &str) -> anyhow::Result<Vec<String
 /// The cluster view the supervisor writes at each heartbeat (`run/cluster.json`, the JSON of
 /// `cluster status --json`), from which `role:` entries are resolved. Absent when this node is not
 /// in a cluster (the supervisor removes it at start).
-pub(super) const CLUSTER_VIEW: &str = "run/cluster.json";
+pub(crate) const CLUSTER_VIEW: &str = "run/cluster.json";
+
+/// The cluster view under `root`, if this node is in a cluster and the supervisor wrote one.
+pub(crate) fn cluster_view(root: &Path) -> Option<ringrift::protocol::ClusterReport> {
+    let bytes = std::fs::read(root.join(CLUSTER_VIEW)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
 
 /// What the files of a `role:` or `incoming` entry are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,10 +110,7 @@ pub(super) fn resolve(specs: &[String], root: &Path, purpose: Purpose) -> Vec<(S
     let mut out = Vec::new();
     for spec in specs {
         if let Some(role) = spec.strip_prefix("role:") {
-            let view = view.get_or_insert_with(|| {
-                let bytes = std::fs::read(root.join(CLUSTER_VIEW)).ok()?;
-                serde_json::from_slice(&bytes).ok()
-            });
+            let view = view.get_or_insert_with(|| cluster_view(root));
             let Some(v) = view.as_ref() else { continue };
             for n in &v.nodes {
                 let r = &n.record;
