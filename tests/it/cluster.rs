@@ -1391,23 +1391,7 @@ fn games_go_to_the_nodes_that_train_and_models_to_the_nodes_that_play() {
     );
     let c = loop_node(&nats, "node-c", "selfplay", "");
     let a_db = a.path().join("data/games/hex8_2p.db");
-    let out = std::process::Command::new(WORKER)
-        .args([
-            "job",
-            "selfplay",
-            "--config-key",
-            "hex8_2p",
-            "--games",
-            "30",
-        ])
-        .arg("--db")
-        .arg(&a_db)
-        .args(["--seed", "7"])
-        .current_dir(a.path())
-        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "selfplay: {}", stderr(&out));
+    play_games(&a, &a_db, "hex8_2p", 30, 7);
     let model = b.path().join("models/canonical_hex8_2p.bin");
     std::fs::create_dir_all(model.parent().unwrap()).unwrap();
     std::fs::write(&model, b"a promoted model").unwrap();

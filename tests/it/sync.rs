@@ -2,7 +2,6 @@
 //! B's cluster_data_sync merges them into its own games DB, once.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -34,16 +33,7 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
     let b = Root::with_config(&config("cluster_data_sync", "peers", shared.path()));
 
     let a_db = a.path().join(format!("data/games/{KEY}.db"));
-    let out = Command::new(WORKER)
-        .args(["job", "selfplay", "--config-key", KEY, "--games", "50"])
-        .arg("--db")
-        .arg(&a_db)
-        .args(["--seed", "5"])
-        .current_dir(a.path())
-        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "selfplay: {}", stderr(&out));
+    play_games(&a, &a_db, KEY, 50, 5);
 
     a.ok(&["start", "auto_sync"]);
     b.ok(&["start", "cluster_data_sync"]);
@@ -108,27 +98,6 @@ fn games_pushed_by_one_node_are_merged_by_another_exactly_once() {
     );
 }
 
-/// Plays `games` more games into `db` (a selfplay job run directly, as the scheduler would).
-fn play(root: &Root, db: &Path, games: u32, seed: u32) {
-    let out = Command::new(WORKER)
-        .args([
-            "job",
-            "selfplay",
-            "--config-key",
-            KEY,
-            "--games",
-            &games.to_string(),
-        ])
-        .arg("--db")
-        .arg(db)
-        .args(["--seed", &seed.to_string()])
-        .current_dir(root.path())
-        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "selfplay: {}", stderr(&out));
-}
-
 #[test]
 fn a_node_told_to_stop_pushes_its_last_games_before_it_exits() {
     let shared = tempfile::tempdir().unwrap();
@@ -139,7 +108,7 @@ fn a_node_told_to_stop_pushes_its_last_games_before_it_exits() {
         shared.path().display().to_string()
     ));
     let db = a.path().join(format!("data/games/{KEY}.db"));
-    play(&a, &db, 20, 5);
+    play_games(&a, &db, KEY, 20, 5);
     a.ok(&["start", "ephemeral_sync"]);
     let pushed = shared.path().join(format!("{KEY}.db"));
     let completed = "SELECT count(*) FROM games WHERE status = 'completed'";
@@ -151,7 +120,7 @@ fn a_node_told_to_stop_pushes_its_last_games_before_it_exits() {
 
     // Selfplay goes on; then the node is told to stop (SIGTERM to its supervisor, as a host's
     // shutdown would): the games written since the last pass are pushed before it exits.
-    play(&a, &db, 10, 6);
+    play_games(&a, &db, KEY, 10, 6);
     assert_eq!(count(&pushed, completed), 20);
     let pid = a.supervisor_pid().unwrap();
     signal(pid, SIGTERM);

@@ -463,3 +463,22 @@ pub fn as_nobody(program: &str, args: &[&str]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("run {program} as nobody: {e}"))
 }
+
+/// Plays `games` games of `key` into the games DB `db`: a selfplay job run directly, from the
+/// root, as selfplay_scheduler would run it.
+pub fn play_games(root: &Root, db: &Path, key: &str, games: u32, seed: u32) {
+    let out = Command::new(WORKER)
+        .args(["job", "selfplay", "--config-key", key])
+        .args(["--games", &games.to_string(), "--seed", &seed.to_string()])
+        .arg("--db")
+        .arg(db)
+        .current_dir(root.path())
+        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
+        .output()
+        .expect("run ringrift-worker job selfplay");
+    assert!(
+        out.status.success(),
+        "selfplay: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
