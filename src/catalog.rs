@@ -216,7 +216,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Queue,
         &[],
         true,
-        &["slots", "target_games", "staleness_hours"],
+        &["slots", "target_games", "staleness_hours", "retry_backoff"],
     ),
     spec(
         "job_reaper",

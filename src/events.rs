@@ -71,6 +71,7 @@ pub const CLUSTER_WIDE: &[&str] = &[
     "PROMOTION_REJECTED",
     "MODEL_DISTRIBUTION_COMPLETE",
     "QUALITY_SCORE_UPDATED",
+    "WORK_FAILED",
 ];
 
 /// True for a (normalized) type in [`CLUSTER_WIDE`].
@@ -428,6 +429,19 @@ pub const EVENTS: &[EventSpec] = &[
         description: "a bounded queue drained again",
         emitters: Emitters::Owners(&["evaluation"]),
         fields: &[req("queue", Str), req("depth", Int), req("limit", Int)],
+    },
+    EventSpec {
+        name: "WORK_FAILED",
+        description: "a work item failed its last attempt and was set aside (dead-letter)",
+        emitters: Emitters::Owners(&["selfplay_scheduler"]),
+        fields: &[
+            req("item_id", Int),
+            req("item_type", Str),
+            CK,
+            opt("node", Str),
+            req("error", Str),
+            req("attempts", Int),
+        ],
     },
     EventSpec {
         name: "JOB_REAPED",

@@ -425,6 +425,9 @@ daemon_settings!(
         target_games: f64 = |r: &mut Reader, k| r.number(k, 5000.0, 1.0, 1e12, " games"),
         /// A canonical model this many hours old counts as fully stale (no model: most stale); staler keys weigh more.
         staleness_hours: f64 = |r: &mut Reader, k| r.number(k, 24.0, 0.0, 1e6, " hours"),
+        /// A failed item waits this long before it is claimed again, doubled per failure; after
+        /// its third failure it is set aside (WORK_FAILED).
+        retry_backoff: Duration = |r: &mut Reader, k| r.duration(k, secs(30), Duration::ZERO, secs(86_400)),
     }
 );
 

@@ -11,7 +11,8 @@
 //! work_items(id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT ('selfplay'), priority REAL,
 //!            config TEXT ({"config_key": "...", "games": N}),
 //!            status TEXT (pending|claimed|running|completed|failed|timeout), attempts INTEGER,
-//!            created_at REAL, claimed_at REAL, completed_at REAL, claimed_by TEXT, error TEXT)
+//!            created_at REAL, claimed_at REAL, completed_at REAL, claimed_by TEXT, error TEXT,
+//!            not_before REAL (a failed item waits until then before it is claimed again))
 //! ```
 //! Times are unix seconds.
 
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS work_items (
     claimed_at REAL,
     completed_at REAL,
     claimed_by TEXT,
-    error TEXT
+    error TEXT,
+    not_before REAL
 );
 CREATE INDEX IF NOT EXISTS work_items_by_status ON work_items (status, type, priority DESC, id);
 ";
@@ -92,6 +94,23 @@ impl Claimed {
     }
 }
 
+/// What became of an item whose job failed ([`WorkQueue::fail_attempt`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// Pending again, claimable from `at` (unix seconds); `attempts` failures so far.
+    Retry {
+        /// Failures so far.
+        attempts: i64,
+        /// When it may be claimed again.
+        at: f64,
+    },
+    /// Failed for good after `attempts` failures (the dead-letter state).
+    Dead {
+        /// Failures in all.
+        attempts: i64,
+    },
+}
+
 /// The columns of an [`Item`], in the order [`Item::from_row`] reads them.
 const ITEM_COLUMNS: &str = "id, type, priority, config, status, attempts, created_at, claimed_at, \
                             completed_at, claimed_by, error";
@@ -110,7 +129,7 @@ pub struct Item {
     pub config: serde_json::Value,
     /// One of [`STATUSES`].
     pub status: String,
-    /// Earlier attempts that timed out.
+    /// Earlier attempts that failed or timed out.
     pub attempts: i64,
     /// When it was added (or retried).
     pub created_at: f64,
@@ -176,6 +195,21 @@ impl WorkQueue {
         conn.execute_batch(SCHEMA).with_context(|| {
             format!("cannot create the schema of work queue {}", path.display())
         })?;
+        // Queues made before retries with a delay have no not_before column.
+        let has_not_before: bool = conn
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('work_items') WHERE name = 'not_before'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .with_context(|| format!("cannot read the schema of work queue {}", path.display()))?;
+        if !has_not_before {
+            conn.execute_batch("ALTER TABLE work_items ADD COLUMN not_before REAL")
+                .with_context(|| {
+                    format!("cannot add not_before to work queue {}", path.display())
+                })?;
+        }
         Ok(WorkQueue { conn })
     }
 
@@ -250,6 +284,7 @@ impl WorkQueue {
             .query_row(
                 "UPDATE work_items SET status = 'claimed', claimed_at = ?1, claimed_by = ?2
                  WHERE id = (SELECT id FROM work_items WHERE status = 'pending'
+                               AND (not_before IS NULL OR not_before <= ?1)
                              ORDER BY priority DESC, id LIMIT 1)
                    AND status = 'pending'
                  RETURNING id, type, priority, config, attempts",
@@ -286,6 +321,50 @@ impl WorkQueue {
             params![id, now],
         )?;
         Ok(n == 1)
+    }
+
+    /// A job of the item failed: it is pending again after `backoff` doubled per earlier failure
+    /// (attempts + 1, not claimed before then), or, at its [`MAX_ATTEMPTS`]th failure, `failed`
+    /// for good: the dead-letter state, which `queue list --status failed` shows and `queue
+    /// retry` revives. None when the item was not claimed or running (a stale requeue took it).
+    pub fn fail_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        now: f64,
+        backoff: f64,
+    ) -> Result<Option<Attempt>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let attempts: Option<i64> = tx
+            .query_row(
+                "SELECT attempts FROM work_items WHERE id = ?1 AND status IN ('claimed', 'running')",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(attempts) = attempts.map(|a| a + 1) else {
+            return Ok(None);
+        };
+        let outcome = if attempts >= MAX_ATTEMPTS {
+            tx.execute(
+                "UPDATE work_items SET status = 'failed', attempts = ?2, completed_at = ?3,
+                     error = ?4
+                 WHERE id = ?1",
+                params![id, attempts, now, error],
+            )?;
+            Attempt::Dead { attempts }
+        } else {
+            let at = now + backoff * 2f64.powi(attempts as i32 - 1);
+            tx.execute(
+                "UPDATE work_items SET status = 'pending', attempts = ?2, not_before = ?3,
+                     claimed_at = NULL, claimed_by = NULL, error = ?4
+                 WHERE id = ?1",
+                params![id, attempts, at, error],
+            )?;
+            Attempt::Retry { attempts, at }
+        };
+        tx.commit()?;
+        Ok(Some(outcome))
     }
 
     /// claimed/running (or pending, for an item that cannot be run at all) → failed with `error`.
@@ -422,7 +501,8 @@ impl WorkQueue {
             id,
             &["failed", "timeout"],
             "UPDATE work_items SET status = 'pending', attempts = 0, created_at = ?2,
-                 claimed_at = NULL, claimed_by = NULL, completed_at = NULL, error = NULL
+                 claimed_at = NULL, claimed_by = NULL, completed_at = NULL, error = NULL,
+                 not_before = NULL
              WHERE id = ?1 AND status IN ('failed', 'timeout')",
             params![id, now],
         )
@@ -575,6 +655,60 @@ mod tests {
         );
         let one_zero = w(&[("hex6_2p", 0.0), ("hex8_2p", 1.0)]);
         assert_eq!(allocate(&one_zero, &p(&[]), 3), p(&[("hex8_2p", 3)]));
+    }
+
+    #[test]
+    fn a_failed_item_waits_its_backoff_and_is_set_aside_after_its_last_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
+        let id = q
+            .push(
+                SELFPLAY,
+                1.0,
+                r#"{"config_key": "hex8_2p", "games": 5}"#,
+                0.0,
+            )
+            .unwrap();
+        let mut now = 10.0;
+        for attempt in 1..MAX_ATTEMPTS {
+            let c = q.claim("w", now).unwrap().expect("claimable");
+            assert_eq!(c.id, id);
+            let a = q.fail_attempt(id, "boom", now, 2.0).unwrap().unwrap();
+            let wait = 2.0 * 2f64.powi(attempt as i32 - 1);
+            assert_eq!(
+                a,
+                Attempt::Retry {
+                    attempts: attempt,
+                    at: now + wait
+                }
+            );
+            // Not before its time.
+            assert!(q.claim("w", now + wait - 0.5).unwrap().is_none());
+            now += wait;
+        }
+        q.claim("w", now).unwrap().unwrap();
+        let a = q
+            .fail_attempt(id, "boom at last", now, 2.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a,
+            Attempt::Dead {
+                attempts: MAX_ATTEMPTS
+            }
+        );
+        let item = q.item(id).unwrap().unwrap();
+        assert_eq!(item.status, "failed");
+        assert_eq!(item.error.as_deref(), Some("boom at last"));
+        assert!(
+            q.claim("w", now + 1e6).unwrap().is_none(),
+            "set aside for good"
+        );
+        // Not claimed (any more): nothing to record.
+        assert_eq!(q.fail_attempt(id, "again", now, 2.0).unwrap(), None);
+        // The operator's retry makes it claimable at once.
+        q.retry(id, now).unwrap();
+        assert_eq!(q.claim("w", now).unwrap().unwrap().id, id);
     }
 
     #[test]

@@ -105,3 +105,54 @@ fn an_operator_lists_shows_cancels_and_retries_work_items() {
     let out = root.run(&["queue", "show", "one"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[test]
+fn an_item_that_always_fails_is_set_aside_with_work_failed_and_the_queue_goes_on() {
+    // Selfplay of hex6_2p always fails (exit 3); hex8_2p plays. A failed item waits 0.1 s,
+    // doubling, and is set aside after its third failure.
+    let root = Root::with_config(concat!(
+        "http:\n  enabled: false\n",
+        "pipeline:\n  config_keys: [hex8_2p, hex6_2p]\n  jobs:\n    selfplay:\n",
+        "      command: [\"sh\", \"-c\", \"if [ \\\"$1\\\" = hex6_2p ]; then echo \\\"no board for $1\\\" >&2; exit 3; fi; ",
+        "exec \\\"$0\\\" job selfplay --config-key \\\"$1\\\" --games \\\"$2\\\" --db \\\"$3\\\" --seed \\\"$4\\\"\", ",
+        "\"{worker}\", \"{config_key}\", \"{games}\", \"{db_path}\", \"{seed}\"]\n",
+        "      max_runtime: 60\n",
+        "daemons:\n",
+        "  queue_populator:\n    interval: 0.5\n    heartbeat_interval: 0.2\n    target_depth: 4\n    games_per_item: 2\n",
+        "  selfplay_scheduler:\n    interval: 0.2\n    heartbeat_interval: 0.2\n    slots: 2\n    retry_backoff: 0.1\n",
+    ));
+    root.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+    let failed = || {
+        root.events_of("WORK_FAILED")
+            .into_iter()
+            .find(|e| e.payload["config_key"] == "hex6_2p")
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || failed().is_some()),
+        "no WORK_FAILED:\n{}\n{}",
+        root.ok(&["queue", "list"]),
+        std::fs::read_to_string(root.log_path("selfplay_scheduler")).unwrap_or_default()
+    );
+    let e = failed().unwrap();
+    assert_eq!(e.source, "selfplay_scheduler");
+    assert_eq!(e.payload["attempts"], 3);
+    assert_eq!(e.payload["item_type"], "selfplay");
+    let error = e.payload["error"].as_str().unwrap();
+    assert!(error.contains("exit 3: no board for hex6_2p"), "{e:?}");
+    // The item is in the dead-letter state, with its last error; it ran three times.
+    let id = e.payload["item_id"].as_i64().unwrap();
+    let dead = item(&root, id);
+    assert_eq!((dead.status.as_str(), dead.attempts), ("failed", 3));
+    assert_eq!(dead.error.as_deref(), Some(error));
+    // The queue goes on: hex8_2p items complete.
+    assert!(
+        wait_until(Duration::from_secs(60), || items(
+            &root,
+            &["--status", "completed"]
+        )
+        .iter()
+        .any(|i| i.config["config_key"] == "hex8_2p")),
+        "{}",
+        root.ok(&["queue", "list"])
+    );
+}

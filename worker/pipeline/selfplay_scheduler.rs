@@ -36,7 +36,7 @@ use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
-use ringrift::work_queue::{Claimed, SELFPLAY, WorkQueue};
+use ringrift::work_queue::{Attempt, Claimed, SELFPLAY, WorkQueue};
 
 const NAME: &str = "selfplay_scheduler";
 
@@ -107,7 +107,7 @@ fn seed(salt: u64) -> u64 {
 }
 
 /// A running job of a round: its item id and how it went.
-type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun)> + 'a>>;
+type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun, Option<Attempt>)> + 'a>>;
 
 /// How one selfplay job went.
 #[derive(Debug, Clone)]
@@ -355,6 +355,8 @@ pub(crate) struct Scheduler {
     slots: usize,
     target_games: f64,
     staleness_hours: f64,
+    /// A failed item's first wait before it is claimed again (doubling per failure).
+    retry_backoff: std::time::Duration,
     state: State,
     priorities: BTreeMap<String, f64>,
     totals: Totals,
@@ -394,6 +396,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         slots: 1,
         target_games: 5000.0,
         staleness_hours: 24.0,
+        retry_backoff: std::time::Duration::from_secs(30),
         state: State::default(),
         priorities: BTreeMap::new(),
         totals: Totals::default(),
@@ -524,6 +527,9 @@ impl Scheduler {
                 eprintln!("{NAME}: {key}: cannot count games before the job: {e:#}");
             }
         }
+        let backoff = self.retry_backoff.as_secs_f64();
+        // In a cluster, the node a WORK_FAILED names.
+        let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
         let futs: Vec<JobFuture<'_>> = work
             .iter()
             .map(|(item, key, games)| -> JobFuture<'_> {
@@ -531,17 +537,19 @@ impl Scheduler {
                 Box::pin(async move {
                     let run = announcer.run(key, *games, item.id as u64).await;
                     // Settle the item as soon as its job ends, not when the slowest one does.
+                    // A failed item waits out its backoff, or is set aside after its last try.
                     let settled = match &run.result {
-                        Ok(_) => queue.complete(item.id, now_secs()),
-                        Err(e) => queue.fail(item.id, &e.to_string(), now_secs()),
+                        Ok(_) => queue.complete(item.id, now_secs()).map(|_| None),
+                        Err(e) => queue.fail_attempt(item.id, &e.to_string(), now_secs(), backoff),
                     };
-                    if let Err(e) = settled {
+                    let attempt = settled.unwrap_or_else(|e| {
                         eprintln!(
                             "{NAME}: cannot record the end of work item {}: {e:#}",
                             item.id
                         );
-                    }
-                    (item.id, run)
+                        None
+                    });
+                    (item.id, run, attempt)
                 })
             })
             .collect();
@@ -550,7 +558,33 @@ impl Scheduler {
         self.note_db_news(quarantined, db_problems);
         self.totals.jobs_started += runs.len() as u64;
         let when = ringrift::timefmt::now_rfc3339();
-        for (id, run) in runs {
+        for (id, run, attempt) in runs {
+            match (&attempt, &run.result) {
+                (Some(Attempt::Dead { attempts }), Err(e)) => {
+                    let attempts = *attempts;
+                    eprintln!(
+                        "{NAME}: work item {id} ({}) failed its last attempt ({attempts}): set aside: {e}",
+                        run.key
+                    );
+                    self.ctx.as_ref().expect("attached").emit(
+                        "WORK_FAILED",
+                        payload([
+                            ("item_id", id.into()),
+                            ("item_type", SELFPLAY.into()),
+                            ("config_key", run.key.clone().into()),
+                            ("node", node.clone().map_or(Value::Null, Into::into)),
+                            ("error", e.to_string().into()),
+                            ("attempts", attempts.into()),
+                        ]),
+                    );
+                }
+                (Some(Attempt::Retry { attempts, at }), Err(_)) => eprintln!(
+                    "{NAME}: work item {id} ({}) failed (attempt {attempts}): claimable again in {:.0}s",
+                    run.key,
+                    (at - now_secs()).max(0.0)
+                ),
+                _ => {}
+            }
             round.games += run.new_games;
             self.totals.games_added += run.new_games;
             if let Some(e) = &run.count_error {
@@ -754,6 +788,7 @@ impl Daemon for Scheduler {
             self.slots = usize::try_from(s.slots).unwrap_or(usize::MAX);
             self.target_games = s.target_games;
             self.staleness_hours = s.staleness_hours;
+            self.retry_backoff = s.retry_backoff;
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: {} slot(s), target {} games per key, models stale after {}h, keys {}",
