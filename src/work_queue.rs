@@ -494,16 +494,21 @@ impl WorkQueue {
             .optional()?)
     }
 
-    /// An operator's retry of a finished item that did not succeed (failed or timeout): it is
-    /// pending again, with its attempts reset and its last claim and error cleared.
+    /// An operator's retry of an item that was set aside: `failed`, or `timeout` after its last
+    /// attempt (an earlier timeout was requeued as a new item already, and retrying it too would
+    /// queue the same work twice). It is pending again, with its attempts reset and its last
+    /// claim and error cleared; it counts as added `now`.
     pub fn retry(&self, id: i64, now: f64) -> Result<Item, OpError> {
         self.change(
             id,
-            &["failed", "timeout"],
-            "UPDATE work_items SET status = 'pending', attempts = 0, created_at = ?2,
-                 claimed_at = NULL, claimed_by = NULL, completed_at = NULL, error = NULL,
-                 not_before = NULL
-             WHERE id = ?1 AND status IN ('failed', 'timeout')",
+            &["failed", "timeout after its last attempt"],
+            &format!(
+                "UPDATE work_items SET status = 'pending', attempts = 0, created_at = ?2,
+                     claimed_at = NULL, claimed_by = NULL, completed_at = NULL, error = NULL,
+                     not_before = NULL
+                 WHERE id = ?1 AND (status = 'failed'
+                                    OR (status = 'timeout' AND attempts + 1 >= {MAX_ATTEMPTS}))"
+            ),
             params![id, now],
         )
     }
@@ -709,6 +714,29 @@ mod tests {
         // The operator's retry makes it claimable at once.
         q.retry(id, now).unwrap();
         assert_eq!(q.claim("w", now).unwrap().unwrap().id, id);
+    }
+
+    #[test]
+    fn a_timed_out_item_that_was_requeued_cannot_be_retried_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
+        let id = q
+            .push(
+                SELFPLAY,
+                1.0,
+                r#"{"config_key": "hex8_2p", "games": 5}"#,
+                0.0,
+            )
+            .unwrap();
+        q.claim("w", 1.0).unwrap().unwrap();
+        assert_eq!(q.requeue_stale(10.0, 100.0).unwrap(), (1, 0));
+        // Its copy is pending: retrying the original would queue the same work twice.
+        let e = q.retry(id, 101.0).unwrap_err();
+        assert!(
+            e.to_string().contains("timeout after its last attempt"),
+            "{e}"
+        );
+        assert_eq!(q.counts().unwrap()["pending"], 1);
     }
 
     #[test]

@@ -162,13 +162,19 @@ impl Member {
     }
 
     /// Logs an error once until it changes, and shows it in the view.
-    fn note_error(&self, last: &mut Option<String>, e: String) {
+    fn note_error(&mut self, last: &mut Option<String>, e: String) {
         if last.as_deref() != Some(e.as_str()) {
             self.log.warn(&format!("cluster: {e}"));
         }
-        let mut v = self.view.lock().expect("cluster view lock");
-        v.connected = false;
-        v.error = Some(e.clone());
+        let view = {
+            let mut v = self.view.lock().expect("cluster view lock");
+            v.connected = false;
+            v.error = Some(e.clone());
+            serde_json::to_vec_pretty(&*v).expect("the view serializes")
+        };
+        // The daemons reading run/cluster.json see that the view is not current (a node that
+        // cannot see the cluster does not decide by it).
+        self.write_view(&view);
         *last = Some(e);
     }
 

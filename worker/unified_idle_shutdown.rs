@@ -40,17 +40,17 @@ pub(crate) fn node_idle(
 }
 
 /// In a cluster, whether this node (idle for `idle_secs`, at least `need_secs`) may intend to
-/// leave: no node ranked before it is idle at least `need_secs` without leaving yet (that one
-/// goes first), and at least `min_nodes` other nodes stay (a node that says it is leaving, or
-/// has left, counts as gone). The rank:
+/// leave: no node ranked before it is leaving or idle at least `need_secs` (that one goes first:
+/// one node at a time), and at least `min_nodes` other nodes stay (a node that says it is
+/// leaving, or has left, counts as gone). The rank:
 /// the costliest per hour first (unknown cost counts as 0), then the one idle longest, then the
 /// smallest node id. Err says why not. A view that is not connected says nothing of the others:
 /// the node stays. Pure, for tests.
 ///
-/// Deciding on records a heartbeat old, two nodes could both find that enough others stay; so
-/// a node first publishes its intent (`leaving` in its record) and fires only once that has been
-/// visible for [`settle_secs`]: by then every other node has seen it and counts it as gone, so
-/// two that intend to leave at once each see the other's intent before either fires.
+/// Deciding on records a heartbeat old, two nodes could both find themselves first; so a node
+/// first publishes its intent (`leaving` in its record) and fires only once that has been
+/// visible for [`settle_secs`]: by then every other node has seen it; one behind it withdraws,
+/// one ahead of it counts it as gone.
 pub(crate) fn may_leave(
     view: &ringrift::protocol::ClusterReport,
     idle_secs: f64,
@@ -70,26 +70,30 @@ pub(crate) fn may_leave(
         .map(|n| &n.record)
         .filter(|r| r.node_id != me)
         .collect();
-    let my_cost = view
-        .nodes
-        .iter()
-        .find(|n| n.record.node_id == me)
-        .and_then(|n| n.record.cost_per_hour)
-        .unwrap_or(0.0);
+    // Rank by what every node sees: this node's published record too, not its live figure, or
+    // each node would find itself idle longest (its own figure is fresher than the others').
+    let Some(mine) = view.nodes.iter().find(|n| n.record.node_id == me) else {
+        return Err("idle, but this node's record is not in the cluster view yet".into());
+    };
+    let my_cost = mine.record.cost_per_hour.unwrap_or(0.0);
+    let my_idle = mine.record.idle_secs.unwrap_or(idle_secs);
     let ahead = |r: &ringrift::protocol::NodeRecord| {
         let (cost, idle) = (r.cost_per_hour.unwrap_or(0.0), r.idle_secs.unwrap_or(0.0));
         cost > my_cost
-            || (cost == my_cost && (idle > idle_secs || (idle == idle_secs && *r.node_id < *me)))
+            || (cost == my_cost && (idle > my_idle || (idle == my_idle && *r.node_id < *me)))
     };
+    // One at a time: a node ahead that is leaving (until its record expires) or idle long
+    // enough goes first.
     if let Some(first) = others
         .iter()
-        .find(|r| !r.leaving && r.idle_secs.is_some_and(|i| i >= need_secs) && ahead(r))
+        .find(|r| (r.leaving || r.idle_secs.is_some_and(|i| i >= need_secs)) && ahead(r))
     {
         return Err(format!(
-            "idle, but node {} (cost {}/h, idle {:.0}s) goes first",
+            "idle, but node {} (cost {}/h, idle {:.0}s{}) goes first",
             first.node_id,
             first.cost_per_hour.unwrap_or(0.0),
-            first.idle_secs.unwrap_or(0.0)
+            first.idle_secs.unwrap_or(0.0),
+            if first.leaving { ", leaving" } else { "" }
         ));
     }
     let staying = others.iter().filter(|r| !r.leaving).count();
@@ -383,24 +387,34 @@ mod tests {
             e.contains("only 1 other node(s) would stay (min_nodes 2)"),
             "{e}"
         );
-        // A node that says it is leaving counts as gone; one ahead that leaves goes first.
+        // One at a time: b, ahead and leaving, goes first (until its record expires)...
         let mut b_leaves = view("c", &three);
         b_leaves.nodes[1].record.leaving = true;
-        assert_eq!(
-            may_leave(&b_leaves, 100.0, 60.0, 1),
-            Ok(()),
-            "b is gone: c is next"
-        );
-        let e = may_leave(&b_leaves, 100.0, 60.0, 2).unwrap_err();
-        assert!(e.contains("only 1 other node(s) would stay"), "{e}");
-        // Two that intend to leave at once each count the other as gone.
-        let mut both = view("c", &three);
-        both.nodes[1].record.leaving = true;
-        both.nodes[0].record.leaving = true;
+        let e = may_leave(&b_leaves, 100.0, 60.0, 1).unwrap_err();
         assert!(
-            may_leave(&both, 100.0, 60.0, 1)
-                .unwrap_err()
-                .contains("only 0 other")
+            e.contains("node b (cost 3/h, idle 100s, leaving) goes first"),
+            "{e}"
+        );
+        // ... and a node behind that says it is leaving counts as gone for min_nodes.
+        let mut a_leaves = view("b", &three);
+        a_leaves.nodes[0].record.leaving = true;
+        assert_eq!(may_leave(&a_leaves, 100.0, 60.0, 1), Ok(()));
+        let e = may_leave(&a_leaves, 100.0, 60.0, 2).unwrap_err();
+        assert!(e.contains("only 1 other node(s) would stay"), "{e}");
+        // Equal costs: every node ranks by the published figures, its own too, so they agree.
+        let tie = [
+            ("x", None, Some(100.0)),
+            ("y", None, Some(100.0)),
+            ("z", None, Some(100.0)),
+        ];
+        let firsts: Vec<&str> = ["x", "y", "z"]
+            .into_iter()
+            .filter(|me| may_leave(&view(me, &tie), 105.0, 60.0, 1).is_ok())
+            .collect();
+        assert_eq!(
+            firsts,
+            ["x"],
+            "exactly one goes first, whatever its live figure"
         );
         // A node that cannot see the cluster stays.
         let mut cut = view("b", &three);

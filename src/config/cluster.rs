@@ -98,6 +98,19 @@ impl Default for ClusterConfig {
     }
 }
 
+/// A data address other nodes can use as is: an absolute directory (`/srv/ringrift`) or
+/// `host:/path` (rsync over ssh to `host`), without spaces, not starting with `-` (it becomes an
+/// argument of rsync). A relative path would be taken from the sender's root.
+pub fn valid_data_address(a: &str) -> bool {
+    if a.is_empty() || a.contains(char::is_whitespace) || a.starts_with('-') {
+        return false;
+    }
+    match a.split_once(':') {
+        Some((host, path)) if !host.is_empty() && !host.contains('/') => path.starts_with('/'),
+        _ => a.starts_with('/'),
+    }
+}
+
 /// A server URL fit for a log or a status line: its password, if it carries one, replaced by
 /// `***` (`nats://ring:***@10.0.0.1:4222`).
 pub fn redact(server: &str) -> String {
@@ -253,11 +266,13 @@ impl Validator<'_> {
         }
         c.data_address = self.string(map.get("data_address"), &["cluster", "data_address"]);
         if let Some(a) = &c.data_address
-            && (a.is_empty() || a.contains(char::is_whitespace) || a.starts_with('-'))
+            && !valid_data_address(a)
         {
             self.problem(
                 &["cluster", "data_address"],
-                format!("'{a}' is not a directory or host:path (no spaces, not starting with '-')"),
+                format!(
+                    "'{a}' is not an absolute directory or host:/path (others reach this node's root there; no spaces, not starting with '-')"
+                ),
             );
         }
         match map.get("cost_per_hour") {
@@ -444,5 +459,32 @@ mod tests {
         let (c, _) =
             crate::config::parse_in(&yaml("node.creds"), "t.yaml", &[], root.path()).unwrap();
         assert_eq!(c.cluster.credentials, Some(root.path().join("node.creds")));
+    }
+
+    #[test]
+    fn a_data_address_is_absolute_or_host_and_absolute_path() {
+        for ok in [
+            "/srv/ringrift",
+            "gpu-07:/srv/ringrift",
+            "10.0.0.7:/data/root",
+        ] {
+            assert!(valid_data_address(ok), "{ok}");
+        }
+        for bad in [
+            "relative/dir",
+            "./c",
+            "~/x",
+            "gpu-07:relative",
+            "-e sh",
+            "/a b",
+            "",
+        ] {
+            assert!(!valid_data_address(bad), "{bad}");
+        }
+        let p = problems("cluster:\n  data_address: relative/dir\n");
+        assert!(
+            p.iter().any(|p| p.contains("cluster.data_address")),
+            "{p:?}"
+        );
     }
 }

@@ -1466,16 +1466,26 @@ fn idle_nodes_leave_costliest_first_and_min_nodes_stay() {
     }
     let left = |r: &Root| r.path().join("left");
     let [a, b, c] = &nodes;
+    // node-b, the costliest, goes first; the others wait for it, one at a time.
     assert!(
-        wait_until(T, || left(c).exists()),
-        "node-c never left:\n{:#?}\n{:#?}",
-        c.daemon("unified_idle_shutdown").health,
+        wait_until(T, || left(b).exists()),
+        "node-b never left:\n{:#?}",
         b.daemon("unified_idle_shutdown").health
     );
-    // node-b, the costliest, went first; node-a stays, the one node min_nodes keeps.
-    let when = |r: &Root| std::fs::metadata(left(r)).unwrap().modified().unwrap();
-    assert!(left(b).exists(), "node-c left before node-b");
-    assert!(when(b) <= when(c));
+    c.wait_health("unified_idle_shutdown", T, |h| {
+        h.message.contains("node node-b (cost 3/h")
+    });
+    assert!(!left(c).exists() && !left(a).exists());
+    // node-b is gone (its supervisor stops, as the host would): node-c, next in cost, leaves;
+    // node-a stays, the one node min_nodes keeps.
+    b.ok(&["shutdown"]);
+    assert!(
+        wait_until(T, || left(c).exists()),
+        "node-c never left:\n{:#?}",
+        c.daemon("unified_idle_shutdown").health
+    );
+    // node-c gone too, node-a is the last node: it stays.
+    c.ok(&["shutdown"]);
     a.wait_health("unified_idle_shutdown", T, |h| {
         h.message
             .contains("only 0 other node(s) would stay (min_nodes 1)")

@@ -117,7 +117,12 @@ pub(super) fn resolve(specs: &[String], root: &Path, purpose: Purpose) -> Vec<(S
                 if r.node_id == v.node_id || !r.roles.iter().any(|x| x == role) {
                     continue;
                 }
-                let Some(addr) = &r.data_address else {
+                // An address from the bus is checked as this node's own config would be.
+                let Some(addr) = r
+                    .data_address
+                    .as_ref()
+                    .filter(|a| ringrift::config::valid_data_address(a))
+                else {
                     continue;
                 };
                 let sub = match purpose {
