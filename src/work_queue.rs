@@ -662,10 +662,9 @@ mod tests {
         assert_eq!(allocate(&one_zero, &p(&[]), 3), p(&[("hex8_2p", 3)]));
     }
 
-    #[test]
-    fn a_failed_item_waits_its_backoff_and_is_set_aside_after_its_last_attempt() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
+    /// A queue in `dir` with one pending selfplay item, and its id.
+    fn one_item(dir: &Path) -> (WorkQueue, i64) {
+        let q = WorkQueue::open(&dir.join("q.db")).unwrap();
         let id = q
             .push(
                 SELFPLAY,
@@ -674,6 +673,13 @@ mod tests {
                 0.0,
             )
             .unwrap();
+        (q, id)
+    }
+
+    #[test]
+    fn a_failed_item_waits_its_backoff_and_is_set_aside_after_its_last_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, id) = one_item(dir.path());
         let mut now = 10.0;
         for attempt in 1..MAX_ATTEMPTS {
             let c = q.claim("w", now).unwrap().expect("claimable");
@@ -719,15 +725,7 @@ mod tests {
     #[test]
     fn a_timed_out_item_that_was_requeued_cannot_be_retried_too() {
         let dir = tempfile::tempdir().unwrap();
-        let mut q = WorkQueue::open(&dir.path().join("q.db")).unwrap();
-        let id = q
-            .push(
-                SELFPLAY,
-                1.0,
-                r#"{"config_key": "hex8_2p", "games": 5}"#,
-                0.0,
-            )
-            .unwrap();
+        let (mut q, id) = one_item(dir.path());
         q.claim("w", 1.0).unwrap().unwrap();
         assert_eq!(q.requeue_stale(10.0, 100.0).unwrap(), (1, 0));
         // Its copy is pending: retrying the original would queue the same work twice.
