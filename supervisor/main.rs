@@ -608,7 +608,14 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                     status,
                     limit,
                     json,
-                } => (cli::QueueAction::List { status, limit }, json),
+                } => (
+                    cli::QueueAction::List {
+                        // Statuses in either case, as daemon names.
+                        status: status.map(|s| s.to_ascii_lowercase()),
+                        limit,
+                    },
+                    json,
+                ),
                 QueueCommand::Show { id, json } => (cli::QueueAction::Show { id }, json),
                 QueueCommand::Retry { id } => (cli::QueueAction::Retry { id }, false),
                 QueueCommand::Cancel { id } => (cli::QueueAction::Cancel { id }, false),

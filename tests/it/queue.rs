@@ -37,7 +37,7 @@ fn an_operator_lists_shows_cancels_and_retries_work_items() {
         "{}",
         root.master_log()
     );
-    let pending = items(&root, &["--status", "pending"]);
+    let pending = items(&root, &["--status", "PENDING"]);
     assert!(
         pending
             .iter()
