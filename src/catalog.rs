@@ -62,6 +62,21 @@ pub fn lease_name(daemon: &str, config_key: Option<&str>) -> String {
     }
 }
 
+/// The lease an event of `daemon` is emitted under, from its payload: the daemon's own, or for
+/// [`LEASE_PER_CONFIG_KEY`] the one of the payload's `config_key` (`<daemon>` alone when it names
+/// none, a lease nobody holds). None when `daemon` is not cluster-scoped.
+pub fn event_lease(daemon: &str, payload: &serde_json::Value) -> Option<String> {
+    if !CLUSTER_SCOPED.contains(&daemon) {
+        return None;
+    }
+    let key = payload.get("config_key").and_then(|k| k.as_str());
+    Some(if LEASE_PER_CONFIG_KEY.contains(&daemon) {
+        lease_name(daemon, key)
+    } else {
+        daemon.to_string()
+    })
+}
+
 /// The leases of a cluster-scoped daemon: `(lease name, config key)`. One named after the daemon,
 /// or, for [`LEASE_PER_CONFIG_KEY`], one per key named `<daemon>.<key>` (a valid JetStream KV key:
 /// config keys are `[a-z0-9_]`). Empty for a daemon that is not cluster-scoped.

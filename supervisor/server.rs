@@ -344,7 +344,10 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             }
         }
     }
-    if cluster_cfg.enabled {
+    // The view of a previous run, if any, is not this run's: the membership task writes it anew
+    // (and a node no longer in a cluster must not resolve `role:` targets from an old one).
+    let _ = std::fs::remove_file(run_dir.join("cluster.json"));
+    let cluster = if cluster_cfg.enabled {
         log.info(&format!(
             "cluster: node {} (roles {}), bus {}",
             cluster_cfg.node_id,
@@ -352,20 +355,17 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
             cluster_cfg.servers_shown()
         ));
         core.mark_cluster_scoped(&cluster_leases);
-    }
-    // The view of a previous run, if any, is not this run's: the membership task writes it anew
-    // (and a node no longer in a cluster must not resolve `role:` targets from an old one).
-    let _ = std::fs::remove_file(run_dir.join("cluster.json"));
-    let cluster = cluster_cfg.enabled.then(|| {
-        crate::cluster::start(
+        Some(crate::cluster::start(
             cluster_cfg,
             cluster_leases,
             cluster_root,
             core.http_addr.clone(),
             cluster_tx,
             log.clone(),
-        )
-    });
+        ))
+    } else {
+        None
+    };
     core.cluster = cluster.as_ref().map(|c| c.view.clone());
     core.run(rx).await;
     // Every daemon has stopped: hand this node's leases over now rather than after their TTL.

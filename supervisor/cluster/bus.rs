@@ -276,19 +276,13 @@ async fn refusal(
         )));
     }
     let source = env.event.source.as_str();
-    if !ringrift::catalog::CLUSTER_SCOPED.contains(&source) {
+    let Some(expected) = ringrift::catalog::event_lease(source, &env.event.payload) else {
         return Ok(None);
-    }
+    };
     let Some(fence) = &env.event.fence else {
         return Ok(Some(format!(
             "{source} acts under a lease, and the event carries no fencing token"
         )));
-    };
-    let key = env.event.payload.get("config_key").and_then(|k| k.as_str());
-    let expected = if ringrift::catalog::LEASE_PER_CONFIG_KEY.contains(&source) {
-        ringrift::catalog::lease_name(source, key)
-    } else {
-        source.to_string()
     };
     if fence.lease != expected {
         return Ok(Some(format!(

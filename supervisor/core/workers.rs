@@ -203,11 +203,8 @@ impl Core {
         if d.leases.is_empty() {
             return Ok(None);
         }
-        let key = payload.get("config_key").and_then(|k| k.as_str());
-        let name = if ringrift::catalog::LEASE_PER_CONFIG_KEY.contains(&daemon) {
-            ringrift::catalog::lease_name(daemon, key)
-        } else {
-            daemon.to_string()
+        let Some(name) = ringrift::catalog::event_lease(daemon, payload) else {
+            return Ok(None);
         };
         match d.leases.get(&name) {
             Some(l) if l.leader => Ok(Some(ringrift::events::Fence {
