@@ -82,6 +82,10 @@ pub struct JobTemplate {
     pub max_runtime: Duration,
 }
 
+/// The key a daemon's settings carry when its node is in a cluster (`cluster.enabled`): its work
+/// queue is then the cluster's shared one, reached through the supervisor, not data/work_queue.db.
+pub const SHARED_WORK_QUEUE: &str = "shared_work_queue";
+
 /// The kinds of job the pipeline runs.
 pub const JOB_KINDS: &[&str] = &["selfplay", "export", "train", "gauntlet"];
 
@@ -944,6 +948,10 @@ impl Validator<'_> {
         for d in daemons.values_mut() {
             if let Value::Object(m) = &mut d.settings {
                 m.insert("pipeline".into(), pipeline_json.clone());
+                // In a cluster the work queue is the shared one on the bus (through the supervisor).
+                if cluster.enabled {
+                    m.insert(SHARED_WORK_QUEUE.into(), Value::Bool(true));
+                }
             }
         }
         Config {

@@ -126,6 +126,8 @@ pub enum WorkerFrame {
     Ack(Ack),
     /// Run a command as a job the supervisor owns.
     SpawnJob(SpawnJob),
+    /// An operation on the cluster's shared work queue (a node in a cluster only).
+    Work(WorkRequest),
 }
 
 /// The worker's own view of its state (`lifecycle::apply_report` decides what the supervisor
@@ -197,6 +199,119 @@ pub struct SpawnJob {
     /// Variables added to the job's environment (the tree's own, such as the root, win).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The shared work queue's item this job runs, if it runs one: the supervisor keeps the
+    /// item's claim alive while the job runs, and stops the job if the claim is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_item: Option<i64>,
+}
+
+/// An operation on the cluster's shared work queue (JetStream, supervisor/cluster/work.rs),
+/// answered by [`FromSupervisor::Work`] with the same `request_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkRequest {
+    /// Chosen by the worker; echoed in the answer.
+    pub request_id: u64,
+    /// What to do.
+    pub op: WorkOp,
+}
+
+/// What a daemon asks of the shared work queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkOp {
+    /// Claim up to `max` items of `item_type` (for this node's free slots; fewer or none when
+    /// fewer are ready). Answered by [`WorkAnswer::Claimed`].
+    Claim {
+        /// `selfplay`.
+        item_type: String,
+        /// At most this many (1 to 64).
+        max: u32,
+    },
+    /// The item's job succeeded: it leaves the queue. Answered by [`WorkAnswer::Settled`].
+    Complete {
+        /// The claimed item.
+        item_id: i64,
+    },
+    /// The item's job failed: it is handed back and redelivered after `backoff_secs` doubled per
+    /// earlier attempt, or set aside (dead-lettered, WORK_FAILED) after its last attempt.
+    /// Answered by [`WorkAnswer::Settled`].
+    Fail {
+        /// The claimed item.
+        item_id: i64,
+        /// Why (the job's last error line, or its exit).
+        error: String,
+        /// The first retry's delay, seconds.
+        backoff_secs: f64,
+    },
+    /// Adds selfplay items until `target` are outstanding (queued or running), spread over the
+    /// keys of `weights` by `work_queue::allocate`. Answered by [`WorkAnswer::ToppedUp`].
+    TopUp {
+        /// Outstanding items wanted.
+        target: u64,
+        /// Games each new item asks for.
+        games_per_item: u64,
+        /// Each config key's priority (the scheduler's `priorities.json`).
+        weights: BTreeMap<String, f64>,
+    },
+}
+
+/// The answer to a [`WorkOp`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum WorkAnswer {
+    /// The items claimed (none when nothing is ready).
+    Claimed {
+        /// Oldest first.
+        items: Vec<crate::work_queue::Claimed>,
+    },
+    /// The item was settled; for a failure, whether it comes back or was set aside.
+    Settled {
+        /// None for a completion.
+        attempt: Option<crate::work_queue::Attempt>,
+    },
+    /// Items added by a top-up, per config key, and the outstanding items per key after it.
+    ToppedUp {
+        /// Added now.
+        added: BTreeMap<String, u64>,
+        /// Queued or running now.
+        outstanding: BTreeMap<String, u64>,
+    },
+    /// Not done: the bus is unreachable, the claim was lost, the request was bad.
+    Refused {
+        /// Why, for the daemon's log and health.
+        message: String,
+    },
+}
+
+/// An operator's request on the work queue of a node in a cluster (`queue ...` asks the
+/// supervisor, which reads the shared queue on JetStream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QueueRequest {
+    /// Items by status (`pending`, `running`, `failed`; all when None), at most `limit` of each.
+    List {
+        /// One of `pending`, `running`, `failed`.
+        #[serde(default)]
+        status: Option<String>,
+        /// At most this many items per status.
+        limit: u64,
+    },
+    /// One item.
+    Show {
+        /// Its id.
+        id: i64,
+    },
+    /// Queue a dead-lettered item again, with its attempts reset.
+    Retry {
+        /// Its id in the dead-letter stream.
+        id: i64,
+    },
+    /// Remove a pending or running item (a running item's job is stopped by its node).
+    Cancel {
+        /// Its id.
+        id: i64,
+    },
 }
 
 /// What the CLI (and the HTTP server, for its routes) asks the supervisor, after the hello.
@@ -227,6 +342,8 @@ pub enum Request {
     Shutdown,
     /// `cluster status`: every node of the cluster as this node sees it.
     ClusterStatus,
+    /// `queue ...` on a node in a cluster: the shared work queue.
+    Queue(QueueRequest),
 }
 
 /// Start daemons (and what they depend on); answered when they are RUNNING or cannot be.
@@ -327,6 +444,7 @@ impl Request {
             Request::Reload => "reload",
             Request::Shutdown => "shutdown",
             Request::ClusterStatus => "cluster_status",
+            Request::Queue(_) => "queue",
         }
     }
 }
@@ -428,6 +546,18 @@ pub enum FromSupervisor {
     Status(StatusReport),
     /// The answer to a cluster status request.
     Cluster(ClusterReport),
+    /// To a worker: the answer to its [`WorkRequest`].
+    Work {
+        /// The request's `request_id`.
+        request_id: u64,
+        /// What came of it.
+        answer: WorkAnswer,
+    },
+    /// The answer to a [`QueueRequest`]: the items listed, shown or changed.
+    QueueItems {
+        /// Pending, then running, then failed; oldest first within each.
+        items: Vec<crate::work_queue::Item>,
+    },
     /// To a cluster-scoped worker: one of its leases changed (it acts, for that lease's config
     /// key or as a whole, only while `leader`).
     Lease(LeaseInfo),

@@ -72,9 +72,10 @@ pub struct SelfplaySpec {
 }
 
 /// A claimed item.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Claimed {
-    /// The item's id (the row id).
+    /// The item's id (the row id; in the cluster's shared queue, its sequence number in the
+    /// JetStream stream, which a redelivery keeps).
     pub id: i64,
     /// Its type: [`SELFPLAY`].
     pub item_type: String,
@@ -82,7 +83,8 @@ pub struct Claimed {
     pub priority: f64,
     /// The raw `config` JSON.
     pub config: String,
-    /// Earlier attempts that timed out (0 the first time).
+    /// Earlier attempts that failed or timed out (0 the first time; in the shared queue, earlier
+    /// deliveries, including those to nodes that died).
     pub attempts: i64,
 }
 
@@ -95,7 +97,8 @@ impl Claimed {
 }
 
 /// What became of an item whose job failed ([`WorkQueue::fail_attempt`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Attempt {
     /// Pending again, claimable from `at` (unix seconds); `attempts` failures so far.
     Retry {
@@ -141,6 +144,10 @@ pub struct Item {
     pub claimed_by: Option<String>,
     /// Why it failed or timed out.
     pub error: Option<String>,
+    /// In the cluster's shared queue: the node that runs it now (running), or ran its last
+    /// attempt (failed). Always None in the local queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Item {
@@ -158,6 +165,7 @@ impl Item {
             completed_at: row.get(8)?,
             claimed_by: row.get(9)?,
             error: row.get(10)?,
+            node: None,
         })
     }
 }

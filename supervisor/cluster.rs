@@ -31,6 +31,7 @@ use crate::logwriter::SupervisorLog;
 
 mod bus;
 mod lease;
+pub(crate) mod work;
 
 pub(crate) use lease::Wanted;
 
@@ -53,6 +54,8 @@ pub(crate) type ReleaseSlot =
 pub(crate) struct Handle {
     /// What `cluster status` shows.
     pub view: View,
+    /// Where the shared work queue's task listens, once this node is on the bus.
+    pub work: work::Slot,
     release: ReleaseSlot,
 }
 
@@ -96,11 +99,17 @@ pub(crate) fn start(
         known: None,
         gpus: count_gpus(),
         release: ReleaseSlot::default(),
+        work: work::Slot::default(),
         view_error: None,
     };
     let release = member.release.clone();
+    let work = member.work.clone();
     tokio::spawn(member.run());
-    Handle { view, release }
+    Handle {
+        view,
+        work,
+        release,
+    }
 }
 
 struct Member {
@@ -109,6 +118,8 @@ struct Member {
     scoped: Vec<Wanted>,
     /// Where the lease task listens for the supervisor's last request.
     release: ReleaseSlot,
+    /// Where the work task listens.
+    work: work::Slot,
     /// Why run/cluster.json could not be written last time, if it could not.
     view_error: Option<String>,
     root: std::path::PathBuf,
@@ -229,6 +240,16 @@ impl Member {
         )
         .await?;
         bus::ensure_stream(&js, replicas, &self.log).await?;
+        work::start(
+            js.clone(),
+            self.cfg.node_id.clone(),
+            self.cfg.work_ack_wait,
+            replicas,
+            self.core.clone(),
+            self.log.clone(),
+            self.work.clone(),
+        )
+        .await?;
         lease::start(leases.store.clone(), leases.max_age, self);
         bus::start(
             js,

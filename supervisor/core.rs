@@ -138,6 +138,10 @@ pub(crate) enum Msg {
         daemon: String,
         lease: protocol::LeaseInfo,
     },
+    /// This node lost the claim of a shared work item (supervisor/cluster/work.rs): its job stops.
+    WorkLost {
+        item: i64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +213,8 @@ pub(crate) struct Core {
     pub(crate) exit_now: bool,
     /// The cluster membership view (`cluster.enabled`), kept by supervisor/cluster.rs.
     pub(crate) cluster: Option<crate::cluster::View>,
+    /// The shared work queue's task, once this node is on the bus (`cluster.enabled`).
+    pub(crate) work: Option<crate::cluster::work::Slot>,
     /// Notices when the supervisor itself did not run (stopped, frozen, starved); shared with its ticker.
     lag: Arc<Mutex<LagDetector>>,
 }
@@ -264,6 +270,7 @@ impl Core {
             flush_pending: false,
             exit_now: false,
             cluster: None,
+            work: None,
             lag: Arc::new(Mutex::new(LagDetector::new(Instant::now()))),
         }
     }
@@ -371,6 +378,7 @@ impl Core {
                 }
             }
             Msg::Signal(kind) => self.signal(kind),
+            Msg::WorkLost { item } => self.work_lost(item),
             Msg::Ready { daemon, generation } => self.became_ready(&daemon, generation),
             Msg::WaiterDeadline { id } => self.waiter_deadline(id),
             Msg::JobExited { job_id, status } => self.on_job_exited(&job_id, status),

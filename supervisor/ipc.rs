@@ -112,6 +112,11 @@ impl ConnTx {
         )
     }
 
+    /// The connection has ended (or was cut): nothing sent now would arrive.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.dropped.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+
     pub(crate) fn send(&self, frame: FromSupervisor) -> Result<(), Disconnected> {
         if self.shared.dropped.load(Ordering::Relaxed) {
             return Err(Disconnected);

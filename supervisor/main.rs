@@ -620,7 +620,14 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 QueueCommand::Retry { id } => (cli::QueueAction::Retry { id }, false),
                 QueueCommand::Cancel { id } => (cli::QueueAction::Cancel { id }, false),
             };
-            cli::queue(&paths.root, in_cluster, action, json)
+            if in_cluster {
+                match cli::connect_or_explain(&paths) {
+                    Ok(mut client) => cli::shared_queue(&mut client, action, json),
+                    Err(code) => code,
+                }
+            } else {
+                cli::queue(&paths.root, action, json)
+            }
         }
         Command::Logs {
             name,

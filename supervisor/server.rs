@@ -367,6 +367,7 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
         None
     };
     core.cluster = cluster.as_ref().map(|c| c.view.clone());
+    core.work = cluster.as_ref().map(|c| c.work.clone());
     core.run(rx).await;
     // Every daemon has stopped: hand this node's leases over now rather than after their TTL.
     if let Some(c) = &cluster {

@@ -19,7 +19,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ringrift::protocol::{
     self, Ack, Emit, FromSupervisor, Heartbeat, Hello, LeaseInfo, MAX_FRAME_BYTES, Opening,
-    PROTOCOL_VERSION, ReportedState, Role, SpawnJob, StateReport, Subscribe, WorkerFrame,
+    PROTOCOL_VERSION, ReportedState, Role, SpawnJob, StateReport, Subscribe, WorkAnswer, WorkOp,
+    WorkRequest, WorkerFrame,
 };
 use serde_json::Value;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -145,6 +146,8 @@ pub(crate) struct Ctx {
 struct JobTable {
     next: u64,
     waiting: BTreeMap<u64, oneshot::Sender<JobOutcome>>,
+    /// Shared work queue requests waiting for their answer (ids from `next` too).
+    work: BTreeMap<u64, oneshot::Sender<WorkAnswer>>,
 }
 
 impl Ctx {
@@ -205,6 +208,48 @@ impl Ctx {
         max_runtime: Duration,
         env: BTreeMap<String, String>,
     ) -> JobOutcome {
+        self.run_job_for(command, max_runtime, env, None).await
+    }
+
+    /// Asks the cluster's shared work queue (through the supervisor) and waits for the answer.
+    pub(crate) async fn work(&self, op: WorkOp) -> WorkAnswer {
+        let (done_tx, done_rx) = oneshot::channel();
+        let request_id = {
+            let mut jobs = self.jobs.borrow_mut();
+            jobs.next += 1;
+            let id = jobs.next;
+            jobs.work.insert(id, done_tx);
+            id
+        };
+        if self
+            .tx
+            .send(WorkerFrame::Work(WorkRequest { request_id, op }))
+            .is_err()
+        {
+            self.jobs.borrow_mut().work.remove(&request_id);
+        }
+        done_rx.await.unwrap_or_else(|_| WorkAnswer::Refused {
+            message: "the worker is shutting down".into(),
+        })
+    }
+
+    /// Hands a work answer to whoever waits for it. False if nobody does.
+    fn work_answered(&self, request_id: u64, answer: WorkAnswer) -> bool {
+        match self.jobs.borrow_mut().work.remove(&request_id) {
+            Some(tx) => tx.send(answer).is_ok(),
+            None => false,
+        }
+    }
+
+    /// As [`Ctx::run_job`], for a job that runs the shared work queue's item `work_item`: the
+    /// supervisor keeps the item's claim alive while it runs and stops it if the claim is lost.
+    pub(crate) async fn run_job_for(
+        &self,
+        command: Vec<String>,
+        max_runtime: Duration,
+        env: BTreeMap<String, String>,
+        work_item: Option<i64>,
+    ) -> JobOutcome {
         let (done_tx, done_rx) = oneshot::channel();
         let request_id = {
             let mut jobs = self.jobs.borrow_mut();
@@ -218,6 +263,7 @@ impl Ctx {
             command,
             max_runtime_secs: max_runtime.as_secs_f64(),
             env,
+            work_item,
         });
         if self.tx.send(frame).is_err() {
             self.jobs.borrow_mut().waiting.remove(&request_id);
@@ -705,6 +751,10 @@ async fn serve(
                     }
                     FromSupervisor::JobExit { request_id, job_id, success, code, exit, timed_out, runtime_secs }
                         if ctx.job_ended(request_id, JobOutcome { job_id: job_id.clone(), success, code, exit: exit.clone(), timed_out, runtime_secs }) => {}
+                    FromSupervisor::Work { request_id, answer } if ctx.work_answered(request_id, answer.clone()) => {}
+                    FromSupervisor::Work { request_id, answer } => {
+                        eprintln!("{name}: work answer {request_id} nobody waits for: {answer:?}");
+                    }
                     FromSupervisor::JobStarted { request_id, job_id, pid } => {
                         println!("{name}: job {job_id} started (request {request_id}, pid {pid})");
                     }

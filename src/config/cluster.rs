@@ -26,6 +26,7 @@ pub(super) const CLUSTER_KEYS: &[&str] = &[
     "lease_ttl",
     "data_address",
     "cost_per_hour",
+    "work_ack_wait",
 ];
 const TLS_KEYS: &[&str] = &["ca", "cert", "key"];
 
@@ -66,6 +67,11 @@ pub struct ClusterConfig {
     /// What this node costs per hour (any currency, the same on every node): of several idle
     /// nodes, unified_idle_shutdown shuts the costliest down first. None: unknown (cheapest).
     pub cost_per_hour: Option<f64>,
+    /// How long a claimed item of the shared work queue stays this node's without a progress
+    /// acknowledgement (JetStream's `ack_wait`): the supervisor acknowledges progress every third
+    /// of it while the job runs, and an item whose node died is redelivered to another node this
+    /// long after its last acknowledgement (1 s to 1 hour; default 30 s, JetStream's own default).
+    pub work_ack_wait: Duration,
 }
 
 /// `cluster.tls`: files in PEM form.
@@ -94,6 +100,7 @@ impl Default for ClusterConfig {
             lease_ttl: Duration::from_secs(10),
             data_address: None,
             cost_per_hour: None,
+            work_ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -337,6 +344,9 @@ impl Validator<'_> {
         }
         if let Some(x) = d(self, "lease_ttl", 1.0, 3600.0) {
             c.lease_ttl = x;
+        }
+        if let Some(x) = d(self, "work_ack_wait", 1.0, 3600.0) {
+            c.work_ack_wait = x;
         }
         if c.node_expiry < c.heartbeat_interval * 3 {
             self.problem(

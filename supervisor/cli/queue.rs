@@ -1,7 +1,10 @@
-//! `queue list|show|retry|cancel`: the work queue (`data/work_queue.db`), read and changed by the
-//! CLI process itself, so it works whether or not the supervisor runs. SQLite's locking (WAL and
-//! a busy timeout) keeps the CLI and the daemons that use the queue out of each other's way.
+//! `queue list|show|retry|cancel`: the work queue. On a single node it is `data/work_queue.db`,
+//! read and changed by the CLI process itself, so it works whether or not the supervisor runs
+//! (SQLite's locking, WAL and a busy timeout, keeps the CLI and the daemons out of each other's
+//! way). On a node in a cluster it is the cluster's shared queue on JetStream, which the CLI asks
+//! its supervisor about (the supervisor is the node's only client of the bus).
 
+use ringrift::protocol::QueueRequest;
 use ringrift::work_queue::{Item, OpError, WorkQueue};
 
 use super::*;
@@ -20,14 +23,8 @@ pub(crate) enum QueueAction {
 
 /// Runs `action` on the root's queue; exit 0, 1 when the queue cannot be read or the item is not
 /// in a status the action applies to, 2 for an unknown item or status.
-pub(crate) fn queue(root: &Path, cluster: bool, action: QueueAction, json: bool) -> i32 {
+pub(crate) fn queue(root: &Path, action: QueueAction, json: bool) -> i32 {
     let path = root.join("data/work_queue.db");
-    if cluster {
-        eprintln!(
-            "note: this node is in a cluster; the queue shared by the cluster is not built yet \
-             (issue 13): this is the node's own queue"
-        );
-    }
     if !path.exists() {
         if json {
             println!("[]");
@@ -131,6 +128,80 @@ pub(crate) fn queue(root: &Path, cluster: bool, action: QueueAction, json: bool)
     }
 }
 
+/// The statuses an item of the shared queue can have (completed items leave the stream).
+const SHARED_STATUSES: &[&str] = &["pending", "running", "failed"];
+
+/// Runs `action` on the cluster's shared queue through this node's supervisor; the same exit
+/// codes as [`queue`].
+pub(crate) fn shared_queue(client: &mut Client, action: QueueAction, json: bool) -> i32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let (request, what) = match &action {
+        QueueAction::List { status, limit } => {
+            if let Some(s) = status
+                && !SHARED_STATUSES.contains(&s.as_str())
+            {
+                eprintln!(
+                    "error: unknown status '{s}' (statuses of the shared queue: {}; a completed \
+                     item leaves it)",
+                    SHARED_STATUSES.join(", ")
+                );
+                return EXIT_USAGE;
+            }
+            (
+                QueueRequest::List {
+                    status: status.clone(),
+                    limit: *limit,
+                },
+                "",
+            )
+        }
+        QueueAction::Show { id } => (QueueRequest::Show { id: *id }, ""),
+        QueueAction::Retry { id } => (QueueRequest::Retry { id: *id }, "queued again"),
+        QueueAction::Cancel { id } => (QueueRequest::Cancel { id: *id }, "cancelled"),
+    };
+    let items = match client.call(&Request::Queue(request), Duration::from_secs(30)) {
+        Ok(FromSupervisor::QueueItems { items }) => items,
+        Ok(other) => return report(&other),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    match action {
+        QueueAction::List { .. } if json => print_json(&items),
+        QueueAction::List { .. } => {
+            print!("{}", items_table(&items, now));
+            println!(
+                "{} (the cluster's shared queue)",
+                SHARED_STATUSES
+                    .iter()
+                    .map(|s| format!("{s} {}", items.iter().filter(|i| i.status == *s).count()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        QueueAction::Show { .. } => match items.first() {
+            Some(item) if json => print_json(item),
+            Some(item) => print!("{}", item_text(item, now)),
+            None => {}
+        },
+        QueueAction::Retry { id } | QueueAction::Cancel { id } => match items.first() {
+            Some(item) if json => print_json(item),
+            Some(item) if item.id != id => {
+                println!(
+                    "work item {id} {what}: now item {} ({})",
+                    item.id, item.status
+                )
+            }
+            Some(item) => println!("work item {id} {what}: now {}", item.status),
+            None => {}
+        },
+    }
+    0
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     let mut text = serde_json::to_string_pretty(v).expect("items serialize");
     text.push('\n');
@@ -155,10 +226,11 @@ fn items_table(items: &[Item], now: f64) -> String {
                 i.config["config_key"].as_str().unwrap_or("-").to_string(),
                 i.attempts.to_string(),
                 ago(Some(i.created_at), now),
-                i.error
-                    .clone()
-                    .or_else(|| i.claimed_by.clone())
-                    .unwrap_or_default(),
+                match (&i.error, &i.node) {
+                    (Some(e), Some(node)) => format!("{e} (on {node})"),
+                    (Some(e), None) => e.clone(),
+                    (None, _) => i.claimed_by.clone().unwrap_or_default(),
+                },
             ]
         })
         .collect();

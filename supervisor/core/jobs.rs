@@ -29,6 +29,8 @@ pub(crate) struct Job {
     pub exited: Option<(bool, Option<i32>, String)>,
     /// Every process of the job: its cgroup, or its group + environment.
     pub unit: Unit,
+    /// The shared work queue's item it runs, if any.
+    pub work_item: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,7 @@ impl Core {
         command: Vec<String>,
         max_runtime_secs: f64,
         env: std::collections::BTreeMap<String, String>,
+        work_item: Option<i64>,
     ) {
         let reply = |core: &Core, frame: FromSupervisor| {
             if let Some(tx) = core.daemons.get(daemon).and_then(|d| d.conn()) {
@@ -174,8 +177,15 @@ impl Core {
                 timed_out: false,
                 exited: None,
                 unit,
+                work_item,
             },
         );
+        if let Some(item) = work_item {
+            self.work_cmd(crate::cluster::work::Cmd::Job {
+                item,
+                job: Some(id.clone()),
+            });
+        }
         self.job_timer(&id, JobTimer::Deadline, max_runtime);
         reply(
             self,
@@ -225,6 +235,32 @@ impl Core {
         }
     }
 
+    /// Hands the shared work queue's task a command; false when this node has no such task (not
+    /// in a cluster, or not on the bus yet).
+    pub(super) fn work_cmd(&self, cmd: crate::cluster::work::Cmd) -> bool {
+        let tx = self
+            .work
+            .as_ref()
+            .and_then(|slot| slot.lock().expect("work slot lock").clone());
+        tx.is_some_and(|tx| tx.send(cmd).is_ok())
+    }
+
+    /// The claim of shared work item `item` was lost: whatever job runs it stops.
+    pub(super) fn work_lost(&mut self, item: i64) {
+        let ids: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.work_item == Some(item))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in ids {
+            self.log.warn(&format!(
+                "job {id}: stopped: this node lost the claim of work item {item}"
+            ));
+            self.stop_job(&id);
+        }
+    }
+
     /// Stops a job now (SIGTERM, then SIGKILL after its grace period).
     pub(super) fn stop_job(&mut self, id: &str) {
         let Some(job) = self.jobs.get(id) else { return };
@@ -269,6 +305,9 @@ impl Core {
             return;
         }
         let job = self.jobs.remove(id).expect("present");
+        if let Some(item) = job.work_item {
+            self.work_cmd(crate::cluster::work::Cmd::Job { item, job: None });
+        }
         if let Err(e) = job.unit.remove() {
             self.log.warn(&format!("job {id}: {e}"));
         }

@@ -146,6 +146,41 @@ impl Core {
                 };
                 let _ = reply.send(answer);
             }
+            Request::Queue(req) => {
+                if self.work.is_none() {
+                    let _ = reply.send(error(
+                        ErrorCode::BadRequest,
+                        "this node is not in a cluster: its work queue is data/work_queue.db \
+                         (queue commands read it without the supervisor)",
+                    ));
+                } else if let Err(e) = self.try_work(req, reply) {
+                    let _ = e.send(error(
+                        ErrorCode::Failed,
+                        "the shared work queue is not reachable yet: this node is not on the bus",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Hands a `queue` request to the work task; gives the reply back when there is none.
+    fn try_work(
+        &self,
+        req: protocol::QueueRequest,
+        reply: super::Reply,
+    ) -> Result<(), super::Reply> {
+        let tx = self
+            .work
+            .as_ref()
+            .and_then(|slot| slot.lock().expect("work slot lock").clone());
+        match tx {
+            Some(tx) => tx
+                .send(crate::cluster::work::Cmd::Queue { req, reply })
+                .map_err(|e| match e.0 {
+                    crate::cluster::work::Cmd::Queue { reply, .. } => reply,
+                    _ => unreachable!("sent a queue command"),
+                }),
+            None => Err(reply),
         }
     }
 

@@ -118,8 +118,33 @@ impl Core {
                 command,
                 max_runtime_secs,
                 env,
+                work_item,
             }) => {
-                self.spawn_job(name, request_id, command, max_runtime_secs, env);
+                self.spawn_job(name, request_id, command, max_runtime_secs, env, work_item);
+            }
+            WorkerFrame::Work(protocol::WorkRequest { request_id, op }) => {
+                let Some(conn) = d.conn().cloned() else {
+                    return;
+                };
+                let cmd = crate::cluster::work::Cmd::Op {
+                    daemon: name.to_string(),
+                    conn: conn.clone(),
+                    request_id,
+                    op,
+                };
+                if !self.work_cmd(cmd) {
+                    let message = if self.work.is_some() {
+                        "the shared work queue is not reachable yet: this node is not on the bus"
+                    } else {
+                        "this node is not in a cluster: there is no shared work queue"
+                    };
+                    let _ = conn.send(FromSupervisor::Work {
+                        request_id,
+                        answer: protocol::WorkAnswer::Refused {
+                            message: message.into(),
+                        },
+                    });
+                }
             }
             WorkerFrame::Emit(Emit {
                 event_type,

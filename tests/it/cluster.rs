@@ -1497,3 +1497,240 @@ fn idle_nodes_leave_costliest_first_and_min_nodes_stay() {
     });
     assert!(!left(a).exists());
 }
+
+/// A node of the shared-queue tests: selfplay (and, with `populator`, the queue's producer) on
+/// `keys`. Each selfplay job first appends `<unix time> start <node> <item> <key>` to `records`;
+/// hex6_2p jobs always fail (exit 3), hex8_2p jobs take a second and a half.
+fn queue_node(
+    nats: &Nats,
+    id: &str,
+    records: &std::path::Path,
+    keys: &str,
+    populator: bool,
+) -> Root {
+    let root = Root::new();
+    let quick = "    interval: 0.2\n    heartbeat_interval: 0.2\n";
+    let populator = if populator {
+        format!("  queue_populator:\n{quick}    target_depth: 3\n    games_per_item: 2\n")
+    } else {
+        String::new()
+    };
+    root.write_config(&format!(
+        concat!(
+            "http:\n  enabled: false\n",
+            "pipeline:\n  config_keys: [{keys}]\n  jobs:\n    selfplay:\n",
+            "      command: [\"sh\", \"-c\", \"echo \\\"$(date +%s.%N) start {id} $RINGRIFT_WORK_ITEM $1\\\" >> {records}; ",
+            "if [ \\\"$1\\\" = hex6_2p ]; then echo \\\"no board for $1\\\" >&2; exit 3; fi; sleep 1.5; ",
+            "exec \\\"$0\\\" job selfplay --config-key \\\"$1\\\" --games \\\"$2\\\" --db \\\"$3\\\" --seed \\\"$4\\\"\", ",
+            "\"{{worker}}\", \"{{config_key}}\", \"{{games}}\", \"{{db_path}}\", \"{{seed}}\"]\n",
+            "      max_runtime: 60\n",
+            "cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{url}]\n  roles: [selfplay]\n  ",
+            "heartbeat_interval: 300ms\n  node_expiry: 2s\n  work_ack_wait: 2s\n",
+            "daemons:\n{populator}",
+            "  selfplay_scheduler:\n{quick}    slots: 2\n    retry_backoff: 0.1\n",
+        ),
+        id = id,
+        keys = keys,
+        records = records.display(),
+        url = nats.url(),
+        populator = populator,
+        quick = quick,
+    ));
+    root
+}
+
+/// The records' `start` lines: (unix time, node, item, key).
+fn starts(records: &std::path::Path) -> Vec<(f64, String, i64, String)> {
+    std::fs::read_to_string(records)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                [t, "start", node, item, key] => Some((
+                    t.parse().ok()?,
+                    node.to_string(),
+                    item.parse().ok()?,
+                    key.to_string(),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn shared_items(root: &Root, args: &[&str]) -> Vec<ringrift::work_queue::Item> {
+    let mut all = vec!["queue", "list", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&root.ok(&all)).expect("queue list --json")
+}
+
+#[test]
+fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true);
+    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false);
+    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+    b.ok(&["start", "selfplay_scheduler"]);
+
+    // Both nodes take items from the one queue.
+    let ran_on = |node: &str| starts(&records).iter().any(|s| s.1 == node);
+    assert!(
+        wait_until(T, || ran_on("node-a") && ran_on("node-b")),
+        "records:\n{}\nqueue:\n{}\nscheduler on b:\n{}",
+        std::fs::read_to_string(&records).unwrap_or_default(),
+        a.ok(&["queue", "list"]),
+        std::fs::read_to_string(b.log_path("selfplay_scheduler")).unwrap_or_default()
+    );
+
+    // node-b dies in the middle of a hex8_2p job: its supervisor is killed (and the job with it).
+    let running_on_b = || {
+        shared_items(&a, &["--status", "running"])
+            .into_iter()
+            .find(|i| i.node.as_deref() == Some("node-b"))
+    };
+    let mut victim = None;
+    assert!(
+        wait_until(T, || {
+            victim = running_on_b();
+            victim.is_some()
+        }),
+        "no hex8_2p item running on node-b:\n{}",
+        a.ok(&["queue", "list"])
+    );
+    let victim = victim.unwrap();
+    assert!(
+        victim
+            .claimed_by
+            .as_deref()
+            .unwrap()
+            .starts_with("node-b/selfplay_scheduler")
+    );
+    let b_pid = b.supervisor_pid().unwrap();
+    signal(b_pid, nix::sys::signal::Signal::SIGKILL);
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(wait_until(T, || !alive(b_pid)));
+
+    // After work_ack_wait the item is delivered to node-a, which runs it to the end.
+    let on_a = || {
+        starts(&records)
+            .into_iter()
+            .find(|s| s.2 == victim.id && s.1 == "node-a")
+    };
+    assert!(
+        wait_until(T, || on_a().is_some()),
+        "item {} never ran on node-a:\n{}\n{}",
+        victim.id,
+        std::fs::read_to_string(&records).unwrap_or_default(),
+        a.master_log()
+    );
+    let gone = || {
+        a.run(&["queue", "show", &victim.id.to_string()])
+            .status
+            .code()
+            == Some(2)
+    };
+    assert!(
+        wait_until(T, gone),
+        "item {} not completed: {}",
+        victim.id,
+        a.ok(&["queue", "show", &victim.id.to_string()])
+    );
+    // Never on two nodes at once: node-a started it after node-b's job was killed, and no other
+    // item was started by two nodes.
+    let (started_on_a, ..) = on_a().unwrap();
+    assert!(
+        started_on_a > killed_at,
+        "node-a started item {} before node-b died",
+        victim.id
+    );
+    let records_now = starts(&records);
+    for s in &records_now {
+        if s.2 != victim.id {
+            let nodes: BTreeSet<&str> = records_now
+                .iter()
+                .filter(|o| o.2 == s.2)
+                .map(|o| o.1.as_str())
+                .collect();
+            assert_eq!(nodes.len(), 1, "item {} ran on {nodes:?}", s.2);
+        }
+    }
+}
+
+#[test]
+fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_cancel() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p, hex6_2p", true);
+    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+
+    // hex6_2p items always fail: after their third attempt they are set aside, with WORK_FAILED
+    // naming the item, the node and the job's last error, and the queue goes on.
+    let failed = || a.events_of("WORK_FAILED").into_iter().next();
+    assert!(
+        wait_until(Duration::from_secs(60), || failed().is_some()),
+        "no WORK_FAILED:\n{}",
+        a.ok(&["queue", "list"])
+    );
+    let e = failed().unwrap();
+    assert_eq!(e.payload["config_key"], "hex6_2p");
+    assert_eq!(e.payload["attempts"], 3);
+    assert_eq!(e.payload["node"], "node-a");
+    assert!(
+        e.payload["error"]
+            .as_str()
+            .unwrap()
+            .contains("no board for hex6_2p"),
+        "{e:?}"
+    );
+    let dead_id = e.payload["item_id"].as_i64().unwrap();
+    let dead = shared_items(&a, &["--status", "failed"]);
+    let d = dead
+        .iter()
+        .find(|i| i.id == dead_id)
+        .expect("listed as failed");
+    assert_eq!((d.attempts, d.node.as_deref()), (3, Some("node-a")));
+    assert_eq!(
+        starts(&records).iter().filter(|s| s.2 == dead_id).count(),
+        3,
+        "ran three times"
+    );
+    let hex8_done = starts(&records).iter().filter(|s| s.3 == "hex8_2p").count();
+    assert!(wait_until(T, || starts(&records)
+        .iter()
+        .filter(|s| s.3 == "hex8_2p")
+        .count()
+        > hex8_done + 1));
+
+    // The operator: retry the dead item (queued again as a new item), cancel a pending one.
+    let out = a.ok(&["queue", "retry", &dead_id.to_string()]);
+    assert!(
+        out.contains(&format!("work item {dead_id} queued again: now item")),
+        "{out}"
+    );
+    a.ok(&["stop", "selfplay_scheduler", "queue_populator"]);
+    let pending = shared_items(&a, &["--status", "pending"]);
+    let p = pending.first().expect("a pending item");
+    let out = a.ok(&["queue", "cancel", &p.id.to_string()]);
+    assert!(out.contains("cancelled: now cancelled"), "{out}");
+    assert!(!shared_items(&a, &[]).iter().any(|i| i.id == p.id));
+    for (args, code, says) in [
+        (vec!["queue", "show", "999999"], 2, "no work item 999999"),
+        (
+            vec!["queue", "list", "--status", "completed"],
+            2,
+            "unknown status 'completed'",
+        ),
+        (vec!["queue", "retry", &p.id.to_string()], 2, "no work item"),
+    ] {
+        let out = a.run(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {out:?}");
+    }
+}

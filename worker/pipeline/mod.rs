@@ -32,6 +32,7 @@ pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
 pub(crate) mod training_trigger;
 pub(crate) mod transfer;
+pub(crate) mod work;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -50,6 +51,9 @@ use serde_json::Value;
 
 use crate::runtime::{Ctx, JobOutcome, Settings};
 
+/// The variable that gives a job of the shared work queue its item's id.
+pub(crate) const WORK_ITEM_ENV: &str = "RINGRIFT_WORK_ITEM";
+
 /// The loop's shared facts, built from a daemon's settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Pipeline {
@@ -59,6 +63,9 @@ pub(crate) struct Pipeline {
     pub jobs: BTreeMap<String, (Vec<String>, Duration)>,
     /// This worker binary, for `{worker}`.
     pub worker: PathBuf,
+    /// The node is in a cluster: the work queue is the cluster's shared one (through the
+    /// supervisor), not data/work_queue.db.
+    pub shared_queue: bool,
 }
 
 impl Pipeline {
@@ -105,11 +112,17 @@ impl Pipeline {
             }
         }
         let worker = std::env::current_exe().context("cannot find the worker binary")?;
+        let shared_queue = settings
+            .config
+            .get(ringrift::config::SHARED_WORK_QUEUE)
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(Pipeline {
             root,
             config_keys,
             jobs,
             worker,
+            shared_queue,
         })
     }
 
@@ -121,6 +134,7 @@ impl Pipeline {
             config_keys,
             jobs: BTreeMap::new(),
             worker: PathBuf::from("ringrift-worker"),
+            shared_queue: false,
         }
     }
 
@@ -272,9 +286,27 @@ impl Pipeline {
         key: &str,
         vars: &[(&str, String)],
     ) -> anyhow::Result<JobOutcome> {
+        self.run_job_for(ctx, kind, key, vars, None).await
+    }
+
+    /// As [`Pipeline::run_job`], for a job that runs the shared work queue's item `item` (its id
+    /// is in the job's environment as `RINGRIFT_WORK_ITEM`).
+    pub(crate) async fn run_job_for(
+        &self,
+        ctx: &Ctx,
+        kind: &str,
+        key: &str,
+        vars: &[(&str, String)],
+        item: Option<i64>,
+    ) -> anyhow::Result<JobOutcome> {
         let (command, max) = self.job_command(kind, key, vars)?;
         println!("{kind} job for {key}: {}", command.join(" "));
-        Ok(ctx.run_job(command, max, BTreeMap::new()).await)
+        // The job may name its item (in its own records, or to a script wrapping it).
+        let env = item
+            .map(|id| (WORK_ITEM_ENV.to_string(), id.to_string()))
+            .into_iter()
+            .collect();
+        Ok(ctx.run_job_for(command, max, env, item).await)
     }
 }
 

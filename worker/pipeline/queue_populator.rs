@@ -10,6 +10,12 @@
 //! 4. prunes finished items older than [`PRUNE_AFTER_SECS`].
 //!
 //! Everything it needs is in the queue DB itself, so it keeps no state file: a restart loses nothing.
+//!
+//! On a node in a cluster the queue is the cluster's shared one (worker/pipeline/work.rs) and this
+//! daemon runs on one node at a time (its lease): each scan tops the shared queue up to
+//! `target_depth` items outstanding (queued or running, counted per key by the stream), spread by
+//! the same priorities. Steps 1 and 4 are the bus's there: an item whose node died comes back by
+//! itself after `cluster.work_ack_wait`, and a completed item leaves the stream.
 
 use std::collections::BTreeMap;
 
@@ -66,6 +72,7 @@ struct Totals {
 }
 
 pub(crate) struct QueuePopulator {
+    ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     queue: Option<WorkQueue>,
     target_depth: u64,
@@ -95,6 +102,7 @@ struct Scan {
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(QueuePopulator {
+        ctx: None,
         pipeline: None,
         queue: None,
         target_depth: 20,
@@ -108,7 +116,70 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
 }
 
 impl QueuePopulator {
-    fn scan(&mut self) {
+    async fn scan(&mut self) {
+        if self.pipeline.as_ref().expect("started").shared_queue {
+            self.scan_shared().await;
+        } else {
+            self.scan_local();
+        }
+    }
+
+    /// One scan of the cluster's shared queue: a top-up through the supervisor.
+    async fn scan_shared(&mut self) {
+        let (weights, equal_weights) = self.weights();
+        let ctx = self.ctx.as_ref().expect("attached");
+        let answer = ctx
+            .work(ringrift::protocol::WorkOp::TopUp {
+                target: self.target_depth,
+                games_per_item: self.games_per_item,
+                weights: weights.clone(),
+            })
+            .await;
+        self.totals.scans += 1;
+        match answer {
+            ringrift::protocol::WorkAnswer::ToppedUp { added, outstanding } => {
+                let n: u64 = added.values().sum();
+                self.totals.items_added += n;
+                let total: u64 = outstanding.values().sum();
+                if n > 0 {
+                    println!(
+                        "{NAME}: added {n} item(s) to the shared queue ({}); now {total} outstanding",
+                        fmt_counts(&added)
+                    );
+                }
+                let counts = BTreeMap::from([
+                    ("pending".to_string(), total),
+                    ("claimed".to_string(), 0),
+                    ("running".to_string(), 0),
+                    ("completed".to_string(), 0),
+                    ("failed".to_string(), 0),
+                    ("timeout".to_string(), 0),
+                ]);
+                self.problem = None;
+                self.last = Some(Scan {
+                    when: ringrift::timefmt::now_rfc3339(),
+                    added,
+                    requeued: 0,
+                    abandoned: 0,
+                    counts,
+                    pending_by_key: outstanding,
+                    weights,
+                    equal_weights,
+                });
+            }
+            other => {
+                let why = match other {
+                    ringrift::protocol::WorkAnswer::Refused { message } => message,
+                    other => format!("unexpected answer {other:?}"),
+                };
+                eprintln!("{NAME}: shared work queue: {why}");
+                self.problem = Some(format!("shared work queue: {why}"));
+            }
+        }
+    }
+
+    /// The weight of each key (see [`weights`]) and whether they are equal for want of priorities.
+    fn weights(&mut self) -> (BTreeMap<String, f64>, bool) {
         let pipeline = self.pipeline.as_ref().expect("started");
         let (priorities, equal_weights) = match read_priorities(pipeline) {
             Ok(p) => {
@@ -122,7 +193,15 @@ impl QueuePopulator {
                 (None, true)
             }
         };
-        let weights = weights(&pipeline.config_keys, priorities.as_ref());
+        (
+            weights(&pipeline.config_keys, priorities.as_ref()),
+            equal_weights,
+        )
+    }
+
+    fn scan_local(&mut self) {
+        let (weights, equal_weights) = self.weights();
+        let pipeline = self.pipeline.as_ref().expect("started");
         if self.queue.is_none() {
             match WorkQueue::open(&pipeline.work_queue()) {
                 Ok(q) => self.queue = Some(q),
@@ -212,28 +291,45 @@ impl QueuePopulator {
                     serde_json::to_value(&s.weights).unwrap_or(Value::Null),
                 );
                 details.insert("last_scan".into(), Value::from(s.when.clone()));
-                format!(
-                    "last scan {}: {} pending of {} (added {}, requeued {}), {} running, {} completed, {} failed, {} timed out; weights {}{}",
-                    s.when,
-                    s.counts["pending"],
-                    self.target_depth,
-                    s.added.values().sum::<u64>(),
-                    s.requeued,
-                    s.counts["claimed"] + s.counts["running"],
-                    s.counts["completed"],
-                    s.counts["failed"],
-                    s.counts["timeout"],
-                    s.weights
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    if s.equal_weights {
-                        " (no priorities yet: equal)"
-                    } else {
-                        ""
-                    }
-                )
+                let shared = self.pipeline.as_ref().is_some_and(|p| p.shared_queue);
+                if shared {
+                    format!(
+                        "last scan {}: {} outstanding in the shared queue of {} (added {}); weights {}{}",
+                        s.when,
+                        s.counts["pending"],
+                        self.target_depth,
+                        s.added.values().sum::<u64>(),
+                        fmt_weights(&s.weights),
+                        if s.equal_weights {
+                            " (no priorities yet: equal)"
+                        } else {
+                            ""
+                        }
+                    )
+                } else {
+                    format!(
+                        "last scan {}: {} pending of {} (added {}, requeued {}), {} running, {} completed, {} failed, {} timed out; weights {}{}",
+                        s.when,
+                        s.counts["pending"],
+                        self.target_depth,
+                        s.added.values().sum::<u64>(),
+                        s.requeued,
+                        s.counts["claimed"] + s.counts["running"],
+                        s.counts["completed"],
+                        s.counts["failed"],
+                        s.counts["timeout"],
+                        s.weights
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if s.equal_weights {
+                            " (no priorities yet: equal)"
+                        } else {
+                            ""
+                        }
+                    )
+                }
             }
         };
         let message = if healthy {
@@ -257,6 +353,13 @@ impl QueuePopulator {
     }
 }
 
+fn fmt_weights(m: &BTreeMap<String, f64>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn fmt_counts(m: &BTreeMap<String, u64>) -> String {
     m.iter()
         .map(|(k, v)| format!("{k} x{v}"))
@@ -273,7 +376,8 @@ impl Daemon for QueuePopulator {
         vec!["SELFPLAY_COMPLETE".into()]
     }
 
-    fn start<'a>(&'a mut self, _ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+    fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
+        self.ctx = Some(ctx);
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, QueueSettings::from_map)?;
@@ -299,14 +403,14 @@ impl Daemon for QueuePopulator {
 
     fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
-            self.scan();
+            self.scan().await;
             self.report()
         })
     }
 
     fn on_event(&mut self, _event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            self.scan();
+            self.scan().await;
             Some(self.report())
         })
     }
@@ -343,6 +447,7 @@ mod tests {
     /// A populator over `root` with a depth of 4 items of 20 games.
     fn populator(root: &std::path::Path) -> QueuePopulator {
         QueuePopulator {
+            ctx: None,
             pipeline: Some(Pipeline::for_test(root, keys())),
             queue: None,
             target_depth: 4,
@@ -359,7 +464,7 @@ mod tests {
     fn a_scan_tops_up_requeues_and_reports() {
         let dir = tempfile::tempdir().unwrap();
         let mut daemon = populator(dir.path());
-        daemon.scan();
+        daemon.scan_local();
         let report = daemon.report();
         assert!(report.health.healthy, "{}", report.health.message);
         assert_eq!(report.counters["items_added"], 4);
@@ -377,7 +482,7 @@ mod tests {
         // An item claimed long ago is requeued; the queue stays at its depth.
         let q = WorkQueue::open(&dir.path().join("data/work_queue.db")).unwrap();
         let item = q.claim("elsewhere", now_secs() - 100.0).unwrap().unwrap();
-        daemon.scan();
+        daemon.scan_local();
         let report = daemon.report();
         assert_eq!(report.counters["items_requeued"], 1);
         assert_eq!(
@@ -394,7 +499,7 @@ mod tests {
             b"{oops",
         )
         .unwrap();
-        daemon.scan();
+        daemon.scan_local();
         let report = daemon.report();
         assert!(!report.health.healthy);
         assert_eq!(report.health.status, "degraded");
@@ -412,7 +517,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("data")).unwrap();
         std::fs::write(dir.path().join("data/work_queue.db"), vec![0x5a; 8192]).unwrap();
         let mut daemon = populator(dir.path());
-        daemon.scan();
+        daemon.scan_local();
         let report = daemon.report();
         assert!(!report.health.healthy);
         assert!(

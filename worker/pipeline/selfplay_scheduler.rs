@@ -36,7 +36,9 @@ use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
-use ringrift::work_queue::{Attempt, Claimed, SELFPLAY, WorkQueue};
+use ringrift::work_queue::{Attempt, Claimed, SELFPLAY};
+
+use super::work::Queue;
 
 const NAME: &str = "selfplay_scheduler";
 
@@ -207,10 +209,22 @@ impl<'a> Announcer<'a> {
 
     /// Runs one selfplay job of `games` games for `key` and emits its events.
     pub(crate) async fn run(&self, key: &str, games: u64, salt: u64) -> SelfplayRun {
+        self.run_item(key, games, salt, None).await
+    }
+
+    /// As [`Announcer::run`], for the shared work queue's item `item` (its claim lives as long
+    /// as the job).
+    pub(crate) async fn run_item(
+        &self,
+        key: &str,
+        games: u64,
+        salt: u64,
+        item: Option<i64>,
+    ) -> SelfplayRun {
         let started = Instant::now();
         let result = match self
             .pipeline
-            .run_job(
+            .run_job_for(
                 self.ctx,
                 "selfplay",
                 key,
@@ -218,6 +232,7 @@ impl<'a> Announcer<'a> {
                     ("games", games.to_string()),
                     ("seed", seed(salt).to_string()),
                 ],
+                item,
             )
             .await
         {
@@ -350,7 +365,7 @@ struct Totals {
 pub(crate) struct Scheduler {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
-    queue: Option<WorkQueue>,
+    queue: Option<Queue>,
     worker_id: String,
     slots: usize,
     target_games: f64,
@@ -469,9 +484,10 @@ impl Scheduler {
         self.priority_problems = problems;
     }
 
-    fn open_queue(&mut self) -> Option<&WorkQueue> {
+    fn open_queue(&mut self) -> Option<&Queue> {
         if self.queue.is_none() {
-            match WorkQueue::open(&self.pipeline().work_queue()) {
+            let opened = Queue::open(self.pipeline(), self.ctx.as_ref().expect("attached"));
+            match opened {
                 Ok(q) => self.queue = Some(q),
                 Err(e) => {
                     self.queue_problem = Some(format!("{e:#}"));
@@ -490,10 +506,7 @@ impl Scheduler {
         let ctx = self.ctx.as_ref().expect("attached");
         let mut work: Vec<(Claimed, String, u64)> = Vec::new();
         let mut round = Round::default();
-        while work.len() < self.slots {
-            let Some(item) = queue.claim(&self.worker_id, now)? else {
-                break;
-            };
+        for item in queue.claim(&self.worker_id, self.slots, now).await? {
             round.claimed += 1;
             let problem = if item.item_type != SELFPLAY {
                 Some(format!("unknown item type {:?}", item.item_type))
@@ -514,7 +527,7 @@ impl Scheduler {
             };
             if let Some(problem) = problem {
                 eprintln!("{NAME}: work item {}: {problem}", item.id);
-                queue.fail(item.id, &problem, now)?;
+                queue.reject(item.id, &problem, now).await?;
                 round.failed += 1;
             }
         }
@@ -535,12 +548,19 @@ impl Scheduler {
             .map(|(item, key, games)| -> JobFuture<'_> {
                 let announcer = &announcer;
                 Box::pin(async move {
-                    let run = announcer.run(key, *games, item.id as u64).await;
+                    let shared = queue.is_shared().then_some(item.id);
+                    let run = announcer
+                        .run_item(key, *games, item.id as u64, shared)
+                        .await;
                     // Settle the item as soon as its job ends, not when the slowest one does.
                     // A failed item waits out its backoff, or is set aside after its last try.
                     let settled = match &run.result {
-                        Ok(_) => queue.complete(item.id, now_secs()).map(|_| None),
-                        Err(e) => queue.fail_attempt(item.id, &e.to_string(), now_secs(), backoff),
+                        Ok(_) => queue.complete(item.id, now_secs()).await.map(|_| None),
+                        Err(e) => {
+                            queue
+                                .fail_attempt(item.id, &e.to_string(), now_secs(), backoff)
+                                .await
+                        }
                     };
                     let attempt = settled.unwrap_or_else(|e| {
                         eprintln!(
@@ -640,7 +660,11 @@ impl Scheduler {
                 total.ok += round.ok;
                 total.failed += round.failed;
                 total.games += round.games;
-                self.pending = self.queue.as_ref().expect("opened").counts()?["pending"];
+                // The shared queue cannot be counted from here: a full round says there may be more.
+                self.pending = match self.queue.as_ref().expect("opened").pending()? {
+                    Some(n) => n,
+                    None => u64::from(round.claimed >= self.slots),
+                };
                 // Only a round that got something done earns another: failing jobs wait for
                 // the next cycle instead of spinning through the queue.
                 if round.claimed == 0 || round.ok == 0 || self.pending == 0 {
@@ -800,7 +824,7 @@ impl Daemon for Scheduler {
             self.pipeline = Some(pipeline);
             let worker_id = self.worker_id.clone();
             if self.open_queue().is_some()
-                && let Some(queue) = self.queue.as_mut()
+                && let Some(Queue::Local(queue)) = self.queue.as_mut()
             {
                 match queue.requeue_orphans(&format!("{NAME}:"), &worker_id, now_secs()) {
                     Ok((0, 0)) => {}

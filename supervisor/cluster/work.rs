@@ -1,0 +1,871 @@
+//! The cluster's shared work queue (issue 13): selfplay items in a JetStream work-queue stream that
+//! every node of the cluster claims from, with the same contract as the single node's SQLite queue
+//! (`ringrift::work_queue`): claim, complete, fail with a growing delay, set aside after
+//! [`MAX_ATTEMPTS`] failures (the dead-letter stream, and WORK_FAILED from the daemon that ran it).
+//!
+//! The supervisor is the node's only NATS client: daemons ask through their own connection
+//! ([`WorkOp`] frames), so a daemon needs no credentials and cannot reach the bus. Layout:
+//!
+//! - stream `RINGRIFT_WORK` (WorkQueue retention, file storage), subjects
+//!   `ringrift.work.<type>.<config_key>`; one durable pull consumer per type (`work_<type>`, a
+//!   single `filter_subject`: CLUSTER-NOTES pitfalls 3 and 4), explicit acks, `ack_wait` =
+//!   `cluster.work_ack_wait`, no `max_deliver` (attempts are counted here, from the delivery
+//!   count, so that nothing is left behind by the server's own limit: pitfall in "What works");
+//! - an item's id is its stream sequence number, which a redelivery keeps;
+//! - bucket `ringrift_claims` (key = item id): which node and delivery holds each claimed item.
+//!   The holder renews its record every third of `ack_wait` by compare-and-set, with a progress
+//!   acknowledgement of the message; a failed compare-and-set means another node was given the
+//!   item (this node was cut off for longer than `ack_wait`), and a holder that cannot confirm
+//!   its record for two thirds of `ack_wait` gives the item up before the server redelivers it.
+//!   Either way the item's job is stopped (`Msg::WorkLost`): never two nodes running one item;
+//! - stream `RINGRIFT_WORK_DEAD` (limits retention, 30 days), subjects `ringrift.dead.<type>.<key>`:
+//!   items whose last attempt failed, with the error, the node and the attempts.
+//!
+//! A claimed item stays this node's while the daemon that claimed it is connected or a job it
+//! started for the item runs; otherwise (the daemon's process died between jobs) it is handed
+//! back at once. An item whose node died comes back `ack_wait` after the node's last renewal.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use futures_util::StreamExt;
+use ringrift::protocol::{ErrorCode, FromSupervisor, QueueRequest, WorkAnswer, WorkOp};
+use ringrift::work_queue::{Attempt, Claimed, Item, MAX_ATTEMPTS, SELFPLAY, SelfplaySpec};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::core::{ConnTx, Msg, Reply};
+use crate::logwriter::SupervisorLog;
+
+/// The work stream.
+pub(crate) const STREAM: &str = "RINGRIFT_WORK";
+/// The dead-letter stream.
+pub(crate) const DEAD: &str = "RINGRIFT_WORK_DEAD";
+/// The claims bucket.
+pub(crate) const CLAIMS: &str = "ringrift_claims";
+/// How long a dead item is kept.
+const KEEP_DEAD: Duration = Duration::from_secs(30 * 86_400);
+/// A failed item's delay doubles per attempt up to this.
+const MAX_DELAY: Duration = Duration::from_secs(3600);
+/// At most this many items in one claim.
+const MAX_CLAIM: u32 = 64;
+
+/// What the core hands the work task.
+pub(crate) enum Cmd {
+    /// A daemon's [`WorkOp`]; the answer goes to its connection.
+    Op {
+        daemon: String,
+        conn: ConnTx,
+        request_id: u64,
+        op: WorkOp,
+    },
+    /// A job for a claimed item started (`job` = its id) or ended (None).
+    Job { item: i64, job: Option<String> },
+    /// An operator's `queue ...`.
+    Queue { req: QueueRequest, reply: Reply },
+}
+
+/// Where the core finds the work task once the node is on the bus.
+pub(crate) type Slot = Arc<Mutex<Option<mpsc::UnboundedSender<Cmd>>>>;
+
+/// An item as it sits in the work stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Body {
+    item_type: String,
+    config_key: String,
+    priority: f64,
+    /// What the item asks for (for selfplay, a [`SelfplaySpec`]), as JSON text.
+    config: String,
+    created_unix: f64,
+}
+
+/// An item as it sits in the dead-letter stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeadBody {
+    /// Its id in the work stream.
+    id: i64,
+    item: Body,
+    error: String,
+    attempts: i64,
+    node: String,
+    failed_unix: f64,
+}
+
+/// Who holds a claimed item (the claims bucket).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClaimRecord {
+    node: String,
+    daemon: String,
+    /// The delivery this claim is (1 the first time).
+    delivered: i64,
+    claimed_unix: f64,
+}
+
+/// A claimed item this node holds.
+struct Held {
+    msg: jetstream::Message,
+    daemon: String,
+    conn: ConnTx,
+    /// The job running it, if one does.
+    job: Option<String>,
+    /// The claim record's revision (compare-and-set).
+    revision: u64,
+    /// When the claim record was last confirmed.
+    confirmed: Instant,
+    delivered: i64,
+    body: Body,
+}
+
+/// Starts the work task; `slot` is where the core finds it.
+pub(crate) async fn start(
+    js: jetstream::Context,
+    node: String,
+    ack_wait: Duration,
+    replicas: usize,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+    slot: Slot,
+) -> Result<(), String> {
+    let make = |name: &str, subjects: &str, retention, max_age| stream::Config {
+        name: name.into(),
+        subjects: vec![subjects.into()],
+        retention,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let work = js
+        .get_or_create_stream(make(
+            STREAM,
+            "ringrift.work.>",
+            stream::RetentionPolicy::WorkQueue,
+            Duration::ZERO,
+        ))
+        .await
+        .map_err(|e| format!("cannot make the stream {STREAM}: {e}"))?;
+    let dead = js
+        .get_or_create_stream(make(
+            DEAD,
+            "ringrift.dead.>",
+            stream::RetentionPolicy::Limits,
+            KEEP_DEAD,
+        ))
+        .await
+        .map_err(|e| format!("cannot make the stream {DEAD}: {e}"))?;
+    // A claim record outlives its holder's last renewal by a little more than the redelivery.
+    let claims = super::kv_bucket(&js, CLAIMS, ack_wait * 3, replicas, "work_ack_wait", &log)
+        .await?
+        .store;
+    let (tx, rx) = mpsc::unbounded_channel();
+    *slot.lock().expect("work slot lock") = Some(tx);
+    let task = Work {
+        js,
+        node,
+        ack_wait,
+        core,
+        log,
+        work,
+        dead,
+        claims,
+        consumers: BTreeMap::new(),
+        held: BTreeMap::new(),
+    };
+    tokio::spawn(task.run(rx));
+    Ok(())
+}
+
+struct Work {
+    js: jetstream::Context,
+    node: String,
+    ack_wait: Duration,
+    core: mpsc::UnboundedSender<Msg>,
+    log: Arc<SupervisorLog>,
+    work: stream::Stream,
+    dead: stream::Stream,
+    claims: kv::Store,
+    consumers: BTreeMap<String, consumer::PullConsumer>,
+    held: BTreeMap<i64, Held>,
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `config_key` as a subject token: the keys are `[a-z0-9_]` (`ringrift::config_key`), anything
+/// else is refused rather than escaped.
+fn token(key: &str) -> Result<&str, String> {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        Ok(key)
+    } else {
+        Err(format!("{key:?} cannot name a work subject"))
+    }
+}
+
+/// The delay before attempt `attempts + 1` of an item that failed `attempts` times.
+fn delay(backoff_secs: f64, attempts: i64) -> Duration {
+    let secs = backoff_secs.max(0.0) * 2f64.powi((attempts - 1).clamp(0, 30) as i32);
+    Duration::from_secs_f64(secs.min(MAX_DELAY.as_secs_f64()))
+}
+
+impl Work {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let period = (self.ack_wait / 3).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(cmd) => self.handle(cmd).await,
+                },
+                _ = tick.tick() => {
+                    if self.core.is_closed() {
+                        return;
+                    }
+                    self.renew().await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Op {
+                daemon,
+                conn,
+                request_id,
+                op,
+            } => {
+                let answer = match self.op(&daemon, &conn, op).await {
+                    Ok(answer) => answer,
+                    Err(message) => WorkAnswer::Refused { message },
+                };
+                let _ = conn.send(FromSupervisor::Work { request_id, answer });
+            }
+            Cmd::Job { item, job } => {
+                if let Some(h) = self.held.get_mut(&item) {
+                    h.job = job;
+                }
+            }
+            Cmd::Queue { req, reply } => {
+                let answer = match self.queue(req).await {
+                    Ok(items) => FromSupervisor::QueueItems { items },
+                    Err((code, message)) => FromSupervisor::Error { code, message },
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    async fn op(&mut self, daemon: &str, conn: &ConnTx, op: WorkOp) -> Result<WorkAnswer, String> {
+        match op {
+            WorkOp::Claim { item_type, max } => {
+                let items = self
+                    .claim(daemon, conn, &item_type, max.clamp(1, MAX_CLAIM))
+                    .await?;
+                Ok(WorkAnswer::Claimed { items })
+            }
+            WorkOp::Complete { item_id } => {
+                let h = self.take(daemon, item_id)?;
+                h.msg
+                    .double_ack()
+                    .await
+                    .map_err(|e| format!("cannot acknowledge work item {item_id}: {e}"))?;
+                self.drop_claim(item_id, h.revision).await;
+                Ok(WorkAnswer::Settled { attempt: None })
+            }
+            WorkOp::Fail {
+                item_id,
+                error,
+                backoff_secs,
+            } => {
+                let h = self.take(daemon, item_id)?;
+                let attempts = h.delivered;
+                if attempts >= MAX_ATTEMPTS {
+                    let dead = DeadBody {
+                        id: item_id,
+                        item: h.body.clone(),
+                        error,
+                        attempts,
+                        node: self.node.clone(),
+                        failed_unix: unix_now(),
+                    };
+                    let subject = format!(
+                        "ringrift.dead.{}.{}",
+                        token(&h.body.item_type)?,
+                        token(&h.body.config_key)?
+                    );
+                    let sent = async {
+                        self.js
+                            .publish(
+                                subject,
+                                serde_json::to_vec(&dead).expect("serializes").into(),
+                            )
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    .await;
+                    if let Err(e) = sent {
+                        // Not set aside: it comes back (and fails again, and is set aside then).
+                        let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                        self.drop_claim(item_id, h.revision).await;
+                        return Err(format!(
+                            "cannot set work item {item_id} aside in {DEAD}: {e}; it is handed back"
+                        ));
+                    }
+                    h.msg
+                        .double_ack()
+                        .await
+                        .map_err(|e| format!("cannot remove work item {item_id}: {e}"))?;
+                    self.drop_claim(item_id, h.revision).await;
+                    self.log.warn(&format!(
+                        "cluster: work item {item_id} ({} {}) failed its last attempt ({attempts}): \
+                         set aside in {DEAD}",
+                        h.body.item_type, h.body.config_key
+                    ));
+                    Ok(WorkAnswer::Settled {
+                        attempt: Some(Attempt::Dead { attempts }),
+                    })
+                } else {
+                    let wait = delay(backoff_secs, attempts);
+                    h.msg
+                        .ack_with(AckKind::Nak(Some(wait)))
+                        .await
+                        .map_err(|e| format!("cannot hand work item {item_id} back: {e}"))?;
+                    self.drop_claim(item_id, h.revision).await;
+                    Ok(WorkAnswer::Settled {
+                        attempt: Some(Attempt::Retry {
+                            attempts,
+                            at: unix_now() + wait.as_secs_f64(),
+                        }),
+                    })
+                }
+            }
+            WorkOp::TopUp {
+                target,
+                games_per_item,
+                weights,
+            } => self.top_up(target, games_per_item, &weights).await,
+        }
+    }
+
+    /// The held item `id`, if `daemon` holds it.
+    fn take(&mut self, daemon: &str, id: i64) -> Result<Held, String> {
+        match self.held.get(&id) {
+            Some(h) if h.daemon == daemon => Ok(self.held.remove(&id).expect("present")),
+            _ => Err(format!(
+                "work item {id} is not claimed by {daemon} on this node (its claim was lost, or \
+                 it was settled or cancelled)"
+            )),
+        }
+    }
+
+    async fn drop_claim(&self, id: i64, revision: u64) {
+        let _ = self
+            .claims
+            .delete_expect_revision(id.to_string(), Some(revision))
+            .await;
+    }
+
+    async fn consumer(&mut self, item_type: &str) -> Result<consumer::PullConsumer, String> {
+        if let Some(c) = self.consumers.get(item_type) {
+            return Ok(c.clone());
+        }
+        let name = format!("work_{}", token(item_type)?);
+        let c = self
+            .work
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("ringrift.work.{item_type}.>"),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("cannot make the consumer {name}: {e}"))?;
+        self.consumers.insert(item_type.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn claim(
+        &mut self,
+        daemon: &str,
+        conn: &ConnTx,
+        item_type: &str,
+        max: u32,
+    ) -> Result<Vec<Claimed>, String> {
+        let consumer = self.consumer(item_type).await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(max as usize)
+            .messages()
+            .await
+            .map_err(|e| format!("cannot claim work: {e}"))?;
+        let mut claimed = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.warn(&format!("cluster: claiming work: {e}"));
+                    break;
+                }
+            };
+            let Ok((id, delivered)) = msg.info().map(|i| (i.stream_sequence as i64, i.delivered))
+            else {
+                continue;
+            };
+            let body: Body = match serde_json::from_slice(&msg.payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Nobody can run it: out of the queue, said once in the log.
+                    self.log.warn(&format!(
+                        "cluster: work item {id} on {} is unreadable ({e}): removed",
+                        msg.subject
+                    ));
+                    let _ = msg.double_ack().await;
+                    continue;
+                }
+            };
+            let record = ClaimRecord {
+                node: self.node.clone(),
+                daemon: daemon.to_string(),
+                delivered,
+                claimed_unix: unix_now(),
+            };
+            let revision = match self
+                .claims
+                .put(
+                    id.to_string(),
+                    serde_json::to_vec(&record).expect("serializes").into(),
+                )
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    // Without its record the claim cannot be fenced: not taken.
+                    self.log.warn(&format!(
+                        "cluster: cannot record the claim of work item {id}: {e}; handed back"
+                    ));
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+            };
+            if delivered > 1 {
+                self.log.info(&format!(
+                    "cluster: work item {id} ({} {}) delivered again (delivery {delivered})",
+                    body.item_type, body.config_key
+                ));
+            }
+            claimed.push(Claimed {
+                id,
+                item_type: body.item_type.clone(),
+                priority: body.priority,
+                config: body.config.clone(),
+                attempts: delivered - 1,
+            });
+            self.held.insert(
+                id,
+                Held {
+                    msg,
+                    daemon: daemon.to_string(),
+                    conn: conn.clone(),
+                    job: None,
+                    revision,
+                    confirmed: Instant::now(),
+                    delivered,
+                    body,
+                },
+            );
+        }
+        Ok(claimed)
+    }
+
+    /// Every third of `ack_wait`: keeps each held item's claim, or lets it go.
+    async fn renew(&mut self) {
+        let ids: Vec<i64> = self.held.keys().copied().collect();
+        let budget = self.ack_wait / 3;
+        for id in ids {
+            let h = self.held.get(&id).expect("listed");
+            if h.job.is_none() && h.conn.is_closed() {
+                let h = self.held.remove(&id).expect("listed");
+                self.log.info(&format!(
+                    "cluster: work item {id}: the process of {} that claimed it is gone and no job \
+                     runs it: handed back",
+                    h.daemon
+                ));
+                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                self.drop_claim(id, h.revision).await;
+                continue;
+            }
+            let _ = h.msg.ack_with(AckKind::Progress).await;
+            let record = ClaimRecord {
+                node: self.node.clone(),
+                daemon: h.daemon.clone(),
+                delivered: h.delivered,
+                claimed_unix: unix_now(),
+            };
+            let renewed = tokio::time::timeout(
+                budget,
+                self.claims.update(
+                    id.to_string(),
+                    serde_json::to_vec(&record).expect("serializes").into(),
+                    h.revision,
+                ),
+            )
+            .await;
+            let lost = match renewed {
+                Ok(Ok(revision)) => {
+                    let h = self.held.get_mut(&id).expect("listed");
+                    h.revision = revision;
+                    h.confirmed = Instant::now();
+                    None
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Some(
+                    "another node was given it (this node did not renew its claim in time), or \
+                     it was cancelled"
+                        .to_string(),
+                ),
+                Ok(Err(_)) | Err(_) if h.confirmed.elapsed() > self.ack_wait * 2 / 3 => {
+                    Some(format!(
+                        "its claim could not be confirmed for {:.1}s (two thirds of \
+                         work_ack_wait): the bus may already have given it to another node",
+                        h.confirmed.elapsed().as_secs_f64()
+                    ))
+                }
+                _ => None,
+            };
+            if let Some(why) = lost {
+                let h = self.held.remove(&id).expect("listed");
+                self.log.warn(&format!(
+                    "cluster: work item {id} ({} {}) is no longer this node's: {why}",
+                    h.body.item_type, h.body.config_key
+                ));
+                let _ = self.core.send(Msg::WorkLost { item: id });
+            }
+        }
+    }
+
+    async fn top_up(
+        &mut self,
+        target: u64,
+        games_per_item: u64,
+        weights: &BTreeMap<String, f64>,
+    ) -> Result<WorkAnswer, String> {
+        let mut outstanding = self.outstanding().await?;
+        let plan = ringrift::work_queue::allocate(weights, &outstanding, target);
+        let mut added = BTreeMap::new();
+        for (key, n) in plan {
+            let subject = format!("ringrift.work.{SELFPLAY}.{}", token(&key)?);
+            let config = serde_json::to_string(&SelfplaySpec {
+                config_key: key.clone(),
+                games: games_per_item,
+            })
+            .expect("serializes");
+            for _ in 0..n {
+                let body = Body {
+                    item_type: SELFPLAY.into(),
+                    config_key: key.clone(),
+                    priority: weights.get(&key).copied().unwrap_or(0.0),
+                    config: config.clone(),
+                    created_unix: unix_now(),
+                };
+                self.js
+                    .publish(
+                        subject.clone(),
+                        serde_json::to_vec(&body).expect("serializes").into(),
+                    )
+                    .await
+                    .map_err(|e| format!("cannot queue work: {e}"))?
+                    .await
+                    .map_err(|e| format!("cannot queue work: {e}"))?;
+                *added.entry(key.clone()).or_insert(0) += 1;
+                *outstanding.entry(key.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(WorkAnswer::ToppedUp { added, outstanding })
+    }
+
+    /// Items queued or running, per config key (the stream's count per subject).
+    async fn outstanding(&self) -> Result<BTreeMap<String, u64>, String> {
+        let mut subjects = self
+            .work
+            .info_with_subjects(format!("ringrift.work.{SELFPLAY}.>"))
+            .await
+            .map_err(|e| format!("cannot count queued work: {e}"))?;
+        let mut counts = BTreeMap::new();
+        while let Some(entry) = subjects.next().await {
+            let (subject, n) = entry.map_err(|e| format!("cannot count queued work: {e}"))?;
+            if let Some(key) = subject.rsplit('.').next() {
+                counts.insert(key.to_string(), n as u64);
+            }
+        }
+        Ok(counts)
+    }
+
+    // ---- the operator's view
+
+    async fn queue(&mut self, req: QueueRequest) -> Result<Vec<Item>, (ErrorCode, String)> {
+        let failed = |e: String| (ErrorCode::Failed, e);
+        match req {
+            QueueRequest::List { status, limit } => {
+                let mut items = Vec::new();
+                let want = |s: &str| status.as_deref().is_none_or(|w| w == s);
+                if want("pending") || want("running") {
+                    let mut live = self.scan_work(u64::MAX).await.map_err(failed)?;
+                    for wanted in ["pending", "running"] {
+                        if want(wanted) {
+                            items.extend(
+                                live.iter()
+                                    .filter(|i| i.status == wanted)
+                                    .take(limit as usize)
+                                    .cloned(),
+                            );
+                        }
+                    }
+                    live.clear();
+                }
+                if want("failed") {
+                    let dead = self.scan_dead().await.map_err(failed)?;
+                    items.extend(dead.into_iter().map(|(_, i)| i).take(limit as usize));
+                }
+                Ok(items)
+            }
+            QueueRequest::Show { id } => Ok(vec![self.find(id).await?.1]),
+            QueueRequest::Retry { id } => {
+                let (where_, item) = self.find(id).await?;
+                let Place::Dead(dead_seq, body) = where_ else {
+                    return Err(wrong(id, &item.status, "failed"));
+                };
+                let subject = format!(
+                    "ringrift.work.{}.{}",
+                    token(&body.item.item_type).map_err(failed)?,
+                    token(&body.item.config_key).map_err(failed)?
+                );
+                let fresh = Body {
+                    created_unix: unix_now(),
+                    ..body.item.clone()
+                };
+                let ack = self
+                    .js
+                    .publish(
+                        subject,
+                        serde_json::to_vec(&fresh).expect("serializes").into(),
+                    )
+                    .await
+                    .map_err(|e| failed(format!("cannot queue work item {id} again: {e}")))?
+                    .await
+                    .map_err(|e| failed(format!("cannot queue work item {id} again: {e}")))?;
+                self.dead.delete_message(dead_seq).await.map_err(|e| {
+                    failed(format!(
+                        "queued again, but cannot remove it from {DEAD}: {e}"
+                    ))
+                })?;
+                self.log.info(&format!(
+                    "cluster: work item {id} queued again by the operator as item {}",
+                    ack.sequence
+                ));
+                Ok(vec![item_of(
+                    ack.sequence as i64,
+                    &fresh,
+                    "pending",
+                    0,
+                    None,
+                )])
+            }
+            QueueRequest::Cancel { id } => {
+                let (where_, mut item) = self.find(id).await?;
+                if !matches!(where_, Place::Work) {
+                    return Err(wrong(id, &item.status, "pending or running"));
+                }
+                self.work
+                    .delete_message(id as u64)
+                    .await
+                    .map_err(|e| failed(format!("cannot cancel work item {id}: {e}")))?;
+                // Its holder (this node or another) finds its record gone and stops the job.
+                let _ = self.claims.delete(id.to_string()).await;
+                self.log.info(&format!(
+                    "cluster: work item {id} cancelled by the operator"
+                ));
+                item.status = "cancelled".into();
+                item.completed_at = Some(unix_now());
+                Ok(vec![item])
+            }
+        }
+    }
+
+    /// Where item `id` is, and what it looks like.
+    async fn find(&self, id: i64) -> Result<(Place, Item), (ErrorCode, String)> {
+        let not_found = || (ErrorCode::BadRequest, format!("no work item {id}"));
+        if id <= 0 {
+            return Err(not_found());
+        }
+        match self.work.get_raw_message(id as u64).await {
+            Ok(m) => {
+                let body: Body = serde_json::from_slice(&m.payload).map_err(|e| {
+                    (
+                        ErrorCode::Failed,
+                        format!("work item {id} is unreadable: {e}"),
+                    )
+                })?;
+                let item = self.live_item(id, &body).await;
+                return Ok((Place::Work, item));
+            }
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err((ErrorCode::Failed, format!("cannot read {STREAM}: {e}"))),
+        }
+        let dead = self.scan_dead().await.map_err(|e| (ErrorCode::Failed, e))?;
+        dead.into_iter()
+            .find(|(_, i)| i.id == id)
+            .ok_or_else(not_found)
+    }
+
+    async fn live_item(&self, id: i64, body: &Body) -> Item {
+        let claim: Option<ClaimRecord> = self
+            .claims
+            .get(id.to_string())
+            .await
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match claim {
+            Some(c) => {
+                let mut item = item_of(id, body, "running", c.delivered - 1, None);
+                item.claimed_at = Some(c.claimed_unix);
+                item.claimed_by = Some(format!("{}/{}", c.node, c.daemon));
+                item.node = Some(c.node);
+                item
+            }
+            None => item_of(id, body, "pending", 0, None),
+        }
+    }
+
+    /// Every item of the work stream, oldest first (at most `limit`).
+    async fn scan_work(&self, limit: u64) -> Result<Vec<Item>, String> {
+        let mut items = Vec::new();
+        let mut seq = 1;
+        while (items.len() as u64) < limit {
+            let m = match self
+                .work
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject("ringrift.work.>")
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(format!("cannot read {STREAM}: {e}")),
+            };
+            seq = m.sequence + 1;
+            if let Ok(body) = serde_json::from_slice::<Body>(&m.payload) {
+                items.push(self.live_item(m.sequence as i64, &body).await);
+            }
+        }
+        Ok(items)
+    }
+
+    /// Every dead item, oldest first.
+    async fn scan_dead(&self) -> Result<Vec<(Place, Item)>, String> {
+        let mut items = Vec::new();
+        let mut seq = 1;
+        loop {
+            let m = match self
+                .dead
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject("ringrift.dead.>")
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(e) => return Err(format!("cannot read {DEAD}: {e}")),
+            };
+            seq = m.sequence + 1;
+            if let Ok(dead) = serde_json::from_slice::<DeadBody>(&m.payload) {
+                let mut item = item_of(
+                    dead.id,
+                    &dead.item,
+                    "failed",
+                    dead.attempts,
+                    Some(dead.error.clone()),
+                );
+                item.completed_at = Some(dead.failed_unix);
+                item.node = Some(dead.node.clone());
+                items.push((Place::Dead(m.sequence, dead), item));
+            }
+        }
+        Ok(items)
+    }
+}
+
+/// Where an item was found.
+enum Place {
+    /// In the work stream (pending or running).
+    Work,
+    /// In the dead-letter stream, at this sequence.
+    Dead(u64, DeadBody),
+}
+
+fn wrong(id: i64, status: &str, allowed: &str) -> (ErrorCode, String) {
+    (
+        ErrorCode::Failed,
+        format!("work item {id} is {status}: this applies only to an item that is {allowed}"),
+    )
+}
+
+fn item_of(id: i64, body: &Body, status: &str, attempts: i64, error: Option<String>) -> Item {
+    Item {
+        id,
+        item_type: body.item_type.clone(),
+        priority: body.priority,
+        config: serde_json::from_str(&body.config)
+            .unwrap_or_else(|_| serde_json::Value::String(body.config.clone())),
+        status: status.into(),
+        attempts,
+        created_at: body.created_unix,
+        claimed_at: None,
+        completed_at: None,
+        claimed_by: None,
+        error,
+        node: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_item_waits_twice_as_long_each_time_up_to_an_hour() {
+        assert_eq!(delay(30.0, 1), Duration::from_secs(30));
+        assert_eq!(delay(30.0, 2), Duration::from_secs(60));
+        assert_eq!(delay(30.0, 40), MAX_DELAY);
+        assert_eq!(delay(-1.0, 1), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_plain_keys_name_subjects() {
+        assert_eq!(token("hex8_2p"), Ok("hex8_2p"));
+        assert!(token("a.b").is_err());
+        assert!(token("*").is_err());
+        assert!(token("").is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! The work queue a node's daemons use, behind one interface: the single node's SQLite queue
+//! (`ringrift::work_queue`, data/work_queue.db) or, on a node in a cluster, the cluster's shared
+//! queue on JetStream, which the daemon reaches through its supervisor (`WorkOp` frames; see
+//! supervisor/cluster/work.rs). Both claim, complete, hand a failed item back with a growing delay
+//! and set it aside after `MAX_ATTEMPTS` failures; the daemon emits WORK_FAILED either way.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, anyhow};
+use ringrift::protocol::{WorkAnswer, WorkOp};
+use ringrift::work_queue::{Attempt, Claimed, SELFPLAY, WorkQueue};
+
+use crate::runtime::Ctx;
+
+/// A daemon's work queue.
+pub(crate) enum Queue {
+    /// data/work_queue.db.
+    Local(WorkQueue),
+    /// The cluster's, through the supervisor.
+    Shared(Ctx),
+}
+
+fn refused(answer: WorkAnswer) -> anyhow::Error {
+    match answer {
+        WorkAnswer::Refused { message } => anyhow!("shared work queue: {message}"),
+        other => anyhow!("shared work queue: unexpected answer {other:?}"),
+    }
+}
+
+impl Queue {
+    /// The queue of a pipeline: shared on a node in a cluster.
+    pub(crate) fn open(pipeline: &super::Pipeline, ctx: &Ctx) -> Result<Queue> {
+        if pipeline.shared_queue {
+            Ok(Queue::Shared(ctx.clone()))
+        } else {
+            Ok(Queue::Local(WorkQueue::open(&pipeline.work_queue())?))
+        }
+    }
+
+    /// The shared queue (items may run on other nodes too).
+    pub(crate) fn is_shared(&self) -> bool {
+        matches!(self, Queue::Shared(_))
+    }
+
+    /// Claims up to `max` selfplay items for `worker_id`.
+    pub(crate) async fn claim(
+        &self,
+        worker_id: &str,
+        max: usize,
+        now: f64,
+    ) -> Result<Vec<Claimed>> {
+        match self {
+            Queue::Local(q) => {
+                let mut items = Vec::new();
+                while items.len() < max {
+                    match q.claim(worker_id, now)? {
+                        Some(item) => items.push(item),
+                        None => break,
+                    }
+                }
+                Ok(items)
+            }
+            Queue::Shared(ctx) => {
+                let max = u32::try_from(max).unwrap_or(u32::MAX);
+                match ctx
+                    .work(WorkOp::Claim {
+                        item_type: SELFPLAY.into(),
+                        max,
+                    })
+                    .await
+                {
+                    WorkAnswer::Claimed { items } => Ok(items),
+                    other => Err(refused(other)),
+                }
+            }
+        }
+    }
+
+    /// The claimed item's job is about to start.
+    pub(crate) fn mark_running(&self, id: i64, worker_id: &str) -> Result<()> {
+        match self {
+            Queue::Local(q) => q.mark_running(id, worker_id).map(|_| ()),
+            // The supervisor knows from the job it spawns for the item.
+            Queue::Shared(_) => Ok(()),
+        }
+    }
+
+    /// The item's job succeeded.
+    pub(crate) async fn complete(&self, id: i64, now: f64) -> Result<()> {
+        match self {
+            Queue::Local(q) => q.complete(id, now).map(|_| ()),
+            Queue::Shared(ctx) => match ctx.work(WorkOp::Complete { item_id: id }).await {
+                WorkAnswer::Settled { .. } => Ok(()),
+                other => Err(refused(other)),
+            },
+        }
+    }
+
+    /// The item's job failed: back after a delay, or set aside after its last attempt.
+    pub(crate) async fn fail_attempt(
+        &self,
+        id: i64,
+        error: &str,
+        now: f64,
+        backoff_secs: f64,
+    ) -> Result<Option<Attempt>> {
+        match self {
+            Queue::Local(q) => q.fail_attempt(id, error, now, backoff_secs),
+            Queue::Shared(ctx) => match ctx
+                .work(WorkOp::Fail {
+                    item_id: id,
+                    error: error.to_string(),
+                    backoff_secs,
+                })
+                .await
+            {
+                WorkAnswer::Settled { attempt } => Ok(attempt),
+                other => Err(refused(other)),
+            },
+        }
+    }
+
+    /// An item this node cannot run at all (unknown type, bad config): failed for good in the
+    /// local queue; handed back in the shared one, where another node may know its key (set
+    /// aside after its last attempt like any failure).
+    pub(crate) async fn reject(&self, id: i64, problem: &str, now: f64) -> Result<Option<Attempt>> {
+        match self {
+            Queue::Local(q) => q.fail(id, problem, now).map(|_| None),
+            Queue::Shared(_) => self.fail_attempt(id, problem, now, 0.0).await,
+        }
+    }
+
+    /// Gives pending items their key's current priority (the local queue; the shared queue is
+    /// first in, first out, and weighted by how many items queue_populator keeps per key).
+    pub(crate) fn reprioritize(&self, weights: &BTreeMap<String, f64>) -> Result<u64> {
+        match self {
+            Queue::Local(q) => q.reprioritize(weights),
+            Queue::Shared(_) => Ok(0),
+        }
+    }
+
+    /// Pending items, where this node can count them (the local queue).
+    pub(crate) fn pending(&self) -> Result<Option<u64>> {
+        match self {
+            Queue::Local(q) => Ok(Some(q.counts()?.get("pending").copied().unwrap_or(0))),
+            Queue::Shared(_) => Ok(None),
+        }
+    }
+}
