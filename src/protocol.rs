@@ -695,6 +695,9 @@ pub struct JobStatus {
     pub runtime_secs: f64,
     /// Seconds after which the supervisor stops it.
     pub max_runtime_secs: f64,
+    /// The cluster's shared work queue's item it runs, if it runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_item: Option<i64>,
 }
 
 /// The supervisor process and where it keeps its state.
@@ -902,6 +905,13 @@ pub struct NodeRecord {
     pub daemons: BTreeMap<String, DaemonState>,
     /// Jobs running now.
     pub jobs: u32,
+    /// Selfplay slots: how many items of the shared work queue its selfplay_scheduler runs at
+    /// once (None while that daemon does not run there).
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// The shared work queue's items whose jobs run there now.
+    #[serde(default)]
+    pub running_items: Vec<i64>,
     /// When it wrote this record: unix seconds.
     pub updated_unix: f64,
 }

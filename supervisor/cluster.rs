@@ -392,6 +392,19 @@ impl Member {
                 .map(|d| (d.health.healthy, d.health.message.clone()))
         });
         let jobs = status.as_ref().map_or(0, |s| s.jobs.len() as u32);
+        let running_items = status
+            .as_ref()
+            .map(|s| s.jobs.iter().filter_map(|j| j.work_item).collect())
+            .unwrap_or_default();
+        // The selfplay slots, from selfplay_scheduler's health details while it runs.
+        let slots = status.as_ref().and_then(|s| {
+            s.daemons
+                .iter()
+                .find(|d| d.name == "selfplay_scheduler" && d.pid.is_some())
+                .and_then(|d| d.health.details.get("slots"))
+                .and_then(|v| v.as_u64())
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        });
         // unified_idle_shutdown's own measure and intent, from its health details while it runs.
         let idle = status.as_ref().and_then(|s| {
             s.daemons
@@ -427,6 +440,8 @@ impl Member {
             health,
             daemons,
             jobs,
+            slots,
+            running_items,
             updated_unix: unix_now(),
         }
     }

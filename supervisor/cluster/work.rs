@@ -100,6 +100,7 @@ struct ClaimRecord {
     daemon: String,
     /// The delivery this claim is (1 the first time).
     delivered: i64,
+    /// When this node claimed it (renewals keep it): unix seconds.
     claimed_unix: f64,
 }
 
@@ -114,6 +115,8 @@ struct Held {
     revision: u64,
     /// When the claim record was last confirmed.
     confirmed: Instant,
+    /// Its record as written at the claim.
+    record: ClaimRecord,
     delivered: i64,
     body: Body,
 }
@@ -449,14 +452,11 @@ impl Work {
                 delivered,
                 claimed_unix: unix_now(),
             };
-            let revision = match self
-                .claims
-                .put(
-                    id.to_string(),
-                    serde_json::to_vec(&record).expect("serializes").into(),
-                )
-                .await
-            {
+            let put = self.claims.put(
+                id.to_string(),
+                serde_json::to_vec(&record).expect("serializes").into(),
+            );
+            let revision = match put.await {
                 Ok(r) => r,
                 Err(e) => {
                     // Without its record the claim cannot be fenced: not taken.
@@ -489,6 +489,7 @@ impl Work {
                     job: None,
                     revision,
                     confirmed: Instant::now(),
+                    record,
                     delivered,
                     body,
                 },
@@ -515,17 +516,11 @@ impl Work {
                 continue;
             }
             let _ = h.msg.ack_with(AckKind::Progress).await;
-            let record = ClaimRecord {
-                node: self.node.clone(),
-                daemon: h.daemon.clone(),
-                delivered: h.delivered,
-                claimed_unix: unix_now(),
-            };
             let renewed = tokio::time::timeout(
                 budget,
                 self.claims.update(
                     id.to_string(),
-                    serde_json::to_vec(&record).expect("serializes").into(),
+                    serde_json::to_vec(&h.record).expect("serializes").into(),
                     h.revision,
                 ),
             )

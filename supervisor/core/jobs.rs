@@ -348,6 +348,7 @@ impl Core {
                 command: j.command.clone(),
                 runtime_secs: (j.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
                 max_runtime_secs: j.max_runtime.as_secs_f64(),
+                work_item: j.work_item,
             })
             .collect()
     }

@@ -1608,6 +1608,21 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
             .unwrap()
             .starts_with("node-b/selfplay_scheduler")
     );
+    // Seen from node-a: node-b's slots and the item running there.
+    let b_record = || {
+        cluster(&a)
+            .nodes
+            .into_iter()
+            .find(|n| n.record.node_id == "node-b")
+            .map(|n| n.record)
+    };
+    assert!(
+        wait_until(T, || b_record().is_some_and(
+            |r| r.slots == Some(2) && r.running_items.contains(&victim.id)
+        )),
+        "{:?}",
+        b_record()
+    );
     let b_pid = b.supervisor_pid().unwrap();
     signal(b_pid, nix::sys::signal::Signal::SIGKILL);
     let killed_at = std::time::SystemTime::now()
@@ -1660,6 +1675,22 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
             assert_eq!(nodes.len(), 1, "item {} ran on {nodes:?}", s.2);
         }
     }
+
+    // An item cancelled while it runs: its node finds its claim gone and stops the job.
+    let mut running = None;
+    assert!(wait_until(T, || {
+        running = shared_items(&a, &["--status", "running"])
+            .into_iter()
+            .next();
+        running.is_some()
+    }));
+    let running = running.unwrap();
+    a.ok(&["queue", "cancel", &running.id.to_string()]);
+    a.wait_log(
+        "master_loop",
+        &format!("this node lost the claim of work item {}", running.id),
+        T,
+    );
 }
 
 #[test]
