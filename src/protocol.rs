@@ -254,6 +254,14 @@ pub enum WorkOp {
         /// Each config key's priority (the scheduler's `priorities.json`).
         weights: BTreeMap<String, f64>,
     },
+    /// Takes the claim away from every item claimed longer than `older_than_secs` ago on any
+    /// node (its job overran everything a supervisor would allow): the holder, if alive, stops
+    /// the job, and the item is redelivered `cluster.work_ack_wait` later. Answered by
+    /// [`WorkAnswer::Reaped`].
+    Reap {
+        /// Seconds since the claim.
+        older_than_secs: f64,
+    },
 }
 
 /// The answer to a [`WorkOp`].
@@ -276,6 +284,11 @@ pub enum WorkAnswer {
         added: BTreeMap<String, u64>,
         /// Queued or running now.
         outstanding: BTreeMap<String, u64>,
+    },
+    /// The items whose claims a [`WorkOp::Reap`] took away.
+    Reaped {
+        /// Their ids.
+        items: Vec<i64>,
     },
     /// Not done: the bus is unreachable, the claim was lost, the request was bad.
     Refused {

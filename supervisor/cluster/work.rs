@@ -362,7 +362,48 @@ impl Work {
                 games_per_item,
                 weights,
             } => self.top_up(target, games_per_item, &weights).await,
+            WorkOp::Reap { older_than_secs } => Ok(WorkAnswer::Reaped {
+                items: self.reap(older_than_secs).await?,
+            }),
         }
+    }
+
+    /// Deletes the claim record of every item claimed more than `older_than_secs` ago.
+    async fn reap(&self, older_than_secs: f64) -> Result<Vec<i64>, String> {
+        let mut keys = self
+            .claims
+            .keys()
+            .await
+            .map_err(|e| format!("cannot list the claims: {e}"))?;
+        let now = unix_now();
+        let mut reaped = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            let Ok(Some(entry)) = self.claims.entry(key.clone()).await else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<ClaimRecord>(&entry.value) else {
+                continue;
+            };
+            let Ok(id) = key.parse::<i64>() else { continue };
+            if now - record.claimed_unix > older_than_secs
+                && self
+                    .claims
+                    .delete_expect_revision(&key, Some(entry.revision))
+                    .await
+                    .is_ok()
+            {
+                self.log.warn(&format!(
+                    "cluster: work item {id} has been claimed by {} for {:.0}s, more than the \
+                     {older_than_secs:.0}s any job of it may run: its claim is taken away and it \
+                     will be delivered again",
+                    record.node,
+                    now - record.claimed_unix
+                ));
+                reaped.push(id);
+            }
+        }
+        Ok(reaped)
     }
 
     /// The held item `id`, if `daemon` holds it.

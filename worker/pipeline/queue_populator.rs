@@ -128,6 +128,27 @@ impl QueuePopulator {
     async fn scan_shared(&mut self) {
         let (weights, equal_weights) = self.weights();
         let ctx = self.ctx.as_ref().expect("attached");
+        // Step 1, for the whole cluster: items claimed for longer than any of their jobs may run
+        // lose their claim and come back.
+        match ctx
+            .work(ringrift::protocol::WorkOp::Reap {
+                older_than_secs: self.stale_after,
+            })
+            .await
+        {
+            ringrift::protocol::WorkAnswer::Reaped { items } if !items.is_empty() => {
+                println!(
+                    "{NAME}: took the claim away from {} item(s) claimed for over {}s: {items:?}",
+                    items.len(),
+                    self.stale_after
+                );
+                self.totals.items_requeued += items.len() as u64;
+            }
+            ringrift::protocol::WorkAnswer::Refused { message } => {
+                eprintln!("{NAME}: shared work queue: {message}");
+            }
+            _ => {}
+        }
         let answer = ctx
             .work(ringrift::protocol::WorkOp::TopUp {
                 target: self.target_depth,

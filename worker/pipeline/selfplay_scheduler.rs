@@ -390,6 +390,8 @@ pub(crate) struct Scheduler {
     db_problems: Vec<String>,
     /// Set while every selfplay job fails: no new jobs before its retry time.
     failing: Option<Failing>,
+    /// This node is leaving the cluster: no new items are claimed.
+    draining: bool,
 }
 
 /// Quarantines listed in health.
@@ -423,6 +425,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         quarantined: Vec::new(),
         db_problems: Vec::new(),
         failing: None,
+        draining: false,
     })
 }
 
@@ -641,6 +644,23 @@ impl Scheduler {
         if let Err(e) = queue.reprioritize(&self.priorities) {
             eprintln!("{NAME}: cannot reprioritize pending items: {e:#}");
         }
+        // A node about to leave the cluster (its unified_idle_shutdown published the intent)
+        // drains: it claims nothing more from the shared queue, so nothing is cut short.
+        self.draining = queue.is_shared() && {
+            let root = &self.pipeline().root;
+            super::transfer::cluster_view(root).is_some_and(|v| {
+                v.nodes
+                    .iter()
+                    .any(|n| n.record.node_id == v.node_id && n.record.leaving)
+            })
+        };
+        if self.draining {
+            self.last_cycle = Some(format!(
+                "last cycle {}: draining: this node is leaving the cluster, no new items",
+                ringrift::timefmt::now_rfc3339()
+            ));
+            return;
+        }
         // Jobs that keep failing are not rerun every cycle: they wait out the retry schedule.
         if let Some(f) = &self.failing
             && f.wait(now_secs()).is_some()
@@ -764,6 +784,7 @@ impl Scheduler {
             ),
             ("pending".to_string(), Value::from(self.pending)),
             ("slots".to_string(), Value::from(self.slots)),
+            ("draining".to_string(), Value::from(self.draining)),
         ]);
         Report::new(
             healthy,
