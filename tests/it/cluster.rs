@@ -1765,3 +1765,145 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
         assert!(stderr(&out).contains(says), "{args:?}: {out:?}");
     }
 }
+
+/// A node of the three-node loop: the shipped configuration with this test's bus, id, roles and
+/// root as its data address, `role:` targets for games and models, and the train job slowed by
+/// three seconds (so that it can be interrupted). Numbers are made small by `pipeline::SMALL_ENV`.
+fn loop_root(nats: &Nats, id: &str, roles: &str) -> Root {
+    let root = Root::new();
+    let mut yaml = ringrift::config::DEFAULT_YAML.to_string();
+    for (from, to) in [
+        ("http:\n  enabled: true", "http:\n  enabled: false".to_string()),
+        (
+            "  enabled: false\n  # node_id: gpu-07",
+            format!("  enabled: true\n  node_id: {id}"),
+        ),
+        ("  servers: []", format!("  servers: [{}]", nats.url())),
+        (
+            "  roles: [coordinator, training, selfplay, evaluation]",
+            format!("  roles: [{roles}]\n  data_address: {:?}\n  work_ack_wait: 2s", root.path().display().to_string()),
+        ),
+        ("  heartbeat_interval: 2s", "  heartbeat_interval: 300ms".into()),
+        ("  node_expiry: 10s", "  node_expiry: 2s".into()),
+        ("  lease_ttl: 10s", "  lease_ttl: 2s".into()),
+        (
+            "    targets: []               # directories, or host:path (rsync over ssh), to push",
+            "    targets: [\"role:training\"] #".into(),
+        ),
+        (
+            "    targets: []               # directories, or host:path (rsync over ssh), to copy",
+            "    targets: [\"role:selfplay\"] #".into(),
+        ),
+        ("    peers: []", "    peers: [incoming]".into()),
+        (
+            "      command: [\"{worker}\", \"job\", \"train\",",
+            "      command: [\"sh\", \"-c\", \"sleep 3; exec \\\"$0\\\" \\\"$@\\\"\", \"{worker}\", \"job\", \"train\",".into(),
+        ),
+    ] {
+        yaml = replace_once(&yaml, from, &to);
+    }
+    root.write_config(&yaml);
+    root
+}
+
+/// `"model": "<path>"` in a selfplay job's summary: the jobs of `root` that played `model`.
+fn played_with(root: &Root, model: &std::path::Path) -> bool {
+    let needle = format!("\"model\":\"{}\"", model.display());
+    std::fs::read_dir(root.path().join("logs/jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.replace(": ", ":").contains(&needle))
+        })
+}
+
+#[test]
+fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finishes_it() {
+    let nats = Nats::start();
+    // node-b trains, evaluates, promotes and fills the shared queue; node-a and node-c play.
+    let b = loop_root(&nats, "node-b", "coordinator, training, evaluation");
+    let a = loop_root(&nats, "node-a", "selfplay");
+    let c = loop_root(&nats, "node-c", "selfplay");
+    let trainer = [
+        "start",
+        "queue_populator",
+        "cluster_data_sync",
+        "auto_export",
+        "quality_monitor",
+        "training_trigger",
+        "evaluation",
+        "auto_promotion",
+        "model_distribution",
+    ];
+    b.ok_with_env(&trainer, crate::pipeline::SMALL_ENV);
+    for player in [&a, &c] {
+        player.ok_with_env(
+            &["start", "selfplay_scheduler", "auto_sync"],
+            crate::pipeline::SMALL_ENV,
+        );
+    }
+
+    // Games from both players reach the trainer, which starts training on them.
+    let incoming = |from: &str| {
+        b.path()
+            .join(format!("data/incoming/games/{from}/hex8_2p.db"))
+            .is_file()
+    };
+    let training = || !b.events_of("TRAINING_STARTED").is_empty();
+    assert!(
+        wait_until(Duration::from_secs(240), || incoming("node-a")
+            && incoming("node-c")
+            && training()),
+        "incoming from a: {}, from c: {}, training: {}\n{}",
+        incoming("node-a"),
+        incoming("node-c"),
+        training(),
+        b.ok(&["status"])
+    );
+
+    // The trainer's supervisor dies in the middle of training (the train job sleeps 3 s first).
+    assert!(
+        b.events_of("TRAINING_COMPLETED").is_empty(),
+        "training ended before the kill"
+    );
+    let b_pid = b.supervisor_pid().unwrap();
+    signal(b_pid, SIGKILL);
+    assert!(wait_until(T, || !alive(b_pid)));
+    // It comes back, and the training is done again to the end, evaluated and promoted there.
+    b.ok_with_env(&trainer, crate::pipeline::SMALL_ENV);
+    let promoted = || b.events_of("MODEL_PROMOTED").into_iter().next();
+    assert!(
+        wait_until(Duration::from_secs(240), || promoted().is_some()),
+        "no promotion on node-b: {:?}\n{}",
+        b.events(&[])
+            .iter()
+            .filter(|e| e.event_type.starts_with("TRAINING")
+                || e.event_type.starts_with("EVALUATION")
+                || e.event_type.starts_with("PROMOTION"))
+            .map(|e| format!("{} {}", e.event_type, e.payload))
+            .collect::<Vec<_>>(),
+        b.ok(&["status"])
+    );
+    // Trained again from the start after the node came back: a second TRAINING_STARTED.
+    assert!(b.events_of("TRAINING_STARTED").len() >= 2);
+    let canonical = b.path().join("models/canonical_hex8_2p.bin");
+    let model = std::fs::read(&canonical).unwrap();
+
+    // The promoted model reaches both players, which then play with it.
+    for player in [&a, &c] {
+        let theirs = player.path().join("models/canonical_hex8_2p.bin");
+        assert!(
+            wait_until(T, || std::fs::read(&theirs).is_ok_and(|m| m == model)),
+            "the model is not on {}: {:#?}",
+            player.path().display(),
+            b.daemon("model_distribution").health
+        );
+        assert!(
+            wait_until(Duration::from_secs(60), || played_with(player, &theirs)),
+            "no selfplay job on {} played {}",
+            player.path().display(),
+            theirs.display()
+        );
+    }
+}

@@ -22,7 +22,7 @@ fn small_config() -> String {
 }
 
 /// Small numbers for the loop, as environment overrides.
-const SMALL_ENV: &[(&str, &str)] = &[
+pub(crate) const SMALL_ENV: &[(&str, &str)] = &[
     ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
     ("RINGRIFT_DAEMON_INTERVAL", "1"),
     ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
