@@ -70,7 +70,16 @@ pub struct PipelineConfig {
     pub config_keys: Vec<String>,
     /// selfplay, export, train, gauntlet → command template and maximum runtime.
     pub jobs: BTreeMap<String, JobTemplate>,
+    /// The ssh command (program and options, no host) that rsync runs to reach a `host:path`
+    /// target and that runs `sha256sum` there to verify a copy (default [`DEFAULT_SSH`]): give
+    /// a port, a key or a known-hosts file here (`[ssh, -p, "2222", -i, /etc/ringrift/id_ed25519]`)
+    /// rather than in a user's ~/.ssh/config the supervisor may not read.
+    pub ssh: Vec<String>,
 }
+
+/// The ssh command of `pipeline.ssh` when the file does not say: never a password prompt
+/// (BatchMode; a daemon has no terminal), and a dead host found within 10 seconds.
+pub const DEFAULT_SSH: &[&str] = &["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"];
 
 /// How one kind of job is run (`pipeline.jobs.<kind>`).
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +215,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             config_keys: vec!["hex8_2p".to_string()],
             jobs,
+            ssh: DEFAULT_SSH.iter().map(|w| w.to_string()).collect(),
         }
     }
 }
@@ -220,7 +230,7 @@ impl PipelineConfig {
             .iter()
             .map(|(k, t)| (k.clone(), serde_json::json!({ "command": t.command, "max_runtime": t.max_runtime.as_secs_f64() })))
             .collect();
-        serde_json::json!({ "config_keys": self.config_keys, "jobs": jobs })
+        serde_json::json!({ "config_keys": self.config_keys, "jobs": jobs, "ssh": self.ssh })
     }
 }
 
@@ -1060,7 +1070,17 @@ impl Validator<'_> {
         let Some(map) = self.mapping(v, &["pipeline"]).cloned() else {
             return out;
         };
-        self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs"]);
+        self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs", "ssh"]);
+        if let Some(ssh) = self.string_list(map.get("ssh"), &["pipeline", "ssh"]) {
+            if ssh.first().is_none_or(|p| p.trim().is_empty()) {
+                self.problem(
+                    &["pipeline", "ssh"],
+                    "name the ssh program first, e.g. [ssh, -p, \"2222\"]",
+                );
+            } else {
+                out.ssh = ssh;
+            }
+        }
         if let Some(keys) = self.string_list(map.get("config_keys"), &["pipeline", "config_keys"]) {
             let mut good = Vec::new();
             for k in keys {

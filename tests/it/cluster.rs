@@ -1766,13 +1766,91 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
     }
 }
 
-/// A node of the three-node loop: the shipped configuration with this test's bus, id, roles and
-/// root as its data address, `role:` targets for games and models, and the train job slowed by
-/// three seconds (so that it can be interrupted). Numbers are made small by `pipeline::SMALL_ENV`.
-fn loop_root(nats: &Nats, id: &str, roles: &str) -> Root {
+/// An sshd on a free loopback port that lets in one key, for rsync between roots; stopped when
+/// dropped. None where sshd is not installed (apt-get install openssh-server).
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Sshd {
+    fn start() -> Option<Sshd> {
+        let sshd = PathBuf::from("/usr/sbin/sshd");
+        if !sshd.exists() {
+            eprintln!("skipped: sshd is not installed (apt-get install openssh-server)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for key in ["host_key", "id_ed25519"] {
+            let out = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+        }
+        std::fs::copy(d.join("id_ed25519.pub"), d.join("authorized_keys")).unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nPidFile {dir}/sshd.pid\n\
+                 AuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PermitRootLogin prohibit-password\nLogLevel ERROR\n",
+                dir = d.display()
+            ),
+        )
+        .unwrap();
+        // sshd's privilege separation needs this directory (made by its service otherwise).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = std::process::Command::new(&sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sshd = Sshd { child, port, dir };
+        assert!(
+            wait_until(T, || std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()),
+            "sshd does not listen on {port}"
+        );
+        Some(sshd)
+    }
+
+    /// `pipeline.ssh` for this server, as YAML.
+    fn ssh_yaml(&self) -> String {
+        format!(
+            "[ssh, -p, \"{}\", -i, {:?}, -o, BatchMode=yes, -o, StrictHostKeyChecking=no, -o, \
+             UserKnownHostsFile=/dev/null, -o, LogLevel=ERROR]",
+            self.port,
+            self.dir.path().join("id_ed25519").display().to_string()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node of the three-node loop: the shipped configuration with this test's bus, id and roles,
+/// its root reached over ssh on loopback as its data address (`127.0.0.1:<root>`, rsync over
+/// `sshd`), `role:` targets for games and models, and the train job slowed by three seconds (so
+/// that it can be interrupted). Numbers are made small by `pipeline::SMALL_ENV`.
+fn loop_root(nats: &Nats, sshd: &Sshd, id: &str, roles: &str) -> Root {
     let root = Root::new();
     let mut yaml = ringrift::config::DEFAULT_YAML.to_string();
     for (from, to) in [
+        (
+            "pipeline:\n  config_keys: [hex8_2p]",
+            format!("pipeline:\n  config_keys: [hex8_2p]\n  ssh: {}", sshd.ssh_yaml()),
+        ),
         ("http:\n  enabled: true", "http:\n  enabled: false".to_string()),
         (
             "  enabled: false\n  # node_id: gpu-07",
@@ -1781,7 +1859,10 @@ fn loop_root(nats: &Nats, id: &str, roles: &str) -> Root {
         ("  servers: []", format!("  servers: [{}]", nats.url())),
         (
             "  roles: [coordinator, training, selfplay, evaluation]",
-            format!("  roles: [{roles}]\n  data_address: {:?}\n  work_ack_wait: 2s", root.path().display().to_string()),
+            format!(
+                "  roles: [{roles}]\n  data_address: \"127.0.0.1:{}\"\n  work_ack_wait: 2s",
+                root.path().display()
+            ),
         ),
         ("  heartbeat_interval: 2s", "  heartbeat_interval: 300ms".into()),
         ("  node_expiry: 10s", "  node_expiry: 2s".into()),
@@ -1820,11 +1901,13 @@ fn played_with(root: &Root, model: &std::path::Path) -> bool {
 
 #[test]
 fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finishes_it() {
+    let Some(sshd) = Sshd::start() else { return };
     let nats = Nats::start();
     // node-b trains, evaluates, promotes and fills the shared queue; node-a and node-c play.
-    let b = loop_root(&nats, "node-b", "coordinator, training, evaluation");
-    let a = loop_root(&nats, "node-a", "selfplay");
-    let c = loop_root(&nats, "node-c", "selfplay");
+    // Games and models go between them with rsync over ssh.
+    let b = loop_root(&nats, &sshd, "node-b", "coordinator, training, evaluation");
+    let a = loop_root(&nats, &sshd, "node-a", "selfplay");
+    let c = loop_root(&nats, &sshd, "node-c", "selfplay");
     let trainer = [
         "start",
         "queue_populator",
@@ -1890,8 +1973,17 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
     let canonical = b.path().join("models/canonical_hex8_2p.bin");
     let model = std::fs::read(&canonical).unwrap();
 
-    // The promoted model reaches both players, which then play with it.
+    // The promoted model reaches both players, over ssh, which then play with it.
+    let over_ssh = |player: &Root| {
+        let to = format!("to 127.0.0.1:{}/models (sha256", player.path().display());
+        std::fs::read_to_string(b.log_path("model_distribution")).is_ok_and(|l| l.contains(&to))
+    };
     for player in [&a, &c] {
+        assert!(
+            wait_until(T, || over_ssh(player)),
+            "{}",
+            std::fs::read_to_string(b.log_path("model_distribution")).unwrap_or_default()
+        );
         let theirs = player.path().join("models/canonical_hex8_2p.bin");
         assert!(
             wait_until(T, || std::fs::read(&theirs).is_ok_and(|m| m == model)),

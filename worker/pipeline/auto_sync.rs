@@ -368,6 +368,7 @@ impl Daemon for AutoSync {
                 retries: s.retries,
                 retry_backoff: s.retry_backoff.as_secs_f64(),
                 timeout: s.timeout,
+                ssh: pipeline.ssh.clone(),
             };
             self.state = load_state(&pipeline.state_path(self.name));
             self.pass.ok = true;
@@ -437,6 +438,7 @@ pub(crate) mod tests {
             retries: 1,
             retry_backoff: 0.0,
             timeout: Duration::from_secs(5),
+            ssh: vec!["ssh".into()],
         };
         d.pass.ok = true;
         d

@@ -30,7 +30,7 @@ use serde_json::json;
 
 use super::auto_sync::{Fingerprint, fingerprint};
 use super::transfer::{
-    FailingMap, Passes, Purpose, SSH_OPTS, Target, record_failure, remote_dir, resolve, run, specs,
+    FailingMap, Passes, Purpose, Target, record_failure, remote_dir, resolve, run, specs,
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
@@ -235,6 +235,7 @@ async fn fetch_remote(
     key: &str,
     dest: &Path,
     timeout: Duration,
+    ssh: &[String],
 ) -> anyhow::Result<()> {
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -244,7 +245,7 @@ async fn fetch_remote(
         "-a".to_string(),
         "--ignore-missing-args".to_string(),
         "-e".to_string(),
-        SSH_OPTS.to_string(),
+        super::transfer::rsh(ssh),
         format!("{host}:{dir}/{key}.db"),
         dest.display().to_string(),
     ];
@@ -362,7 +363,9 @@ impl ClusterSync {
                             .join("data/sync")
                             .join(slug(&spec))
                             .join(format!("{key}.db"));
-                        if let Err(e) = fetch_remote(host, path, key, &dest, self.timeout).await {
+                        if let Err(e) =
+                            fetch_remote(host, path, key, &dest, self.timeout, &pipeline.ssh).await
+                        {
                             let error = format!("cannot fetch {key}.db: {e:#}");
                             failures.push(format!("{key} ← {spec}: {error}"));
                             self.fail(&spec, key, None, error);

@@ -66,6 +66,8 @@ pub(crate) struct Pipeline {
     /// The node is in a cluster: the work queue is the cluster's shared one (through the
     /// supervisor), not data/work_queue.db.
     pub shared_queue: bool,
+    /// `pipeline.ssh`: the ssh program and options for `host:path` copies.
+    pub ssh: Vec<String>,
 }
 
 impl Pipeline {
@@ -117,12 +119,28 @@ impl Pipeline {
             .get(ringrift::config::SHARED_WORK_QUEUE)
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let ssh = p
+            .get("ssh")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|w| w.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|words| !words.is_empty())
+            .unwrap_or_else(|| {
+                ringrift::config::DEFAULT_SSH
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect()
+            });
         Ok(Pipeline {
             root,
             config_keys,
             jobs,
             worker,
             shared_queue,
+            ssh,
         })
     }
 
@@ -135,6 +153,7 @@ impl Pipeline {
             jobs: BTreeMap::new(),
             worker: PathBuf::from("ringrift-worker"),
             shared_queue: false,
+            ssh: vec!["ssh".into()],
         }
     }
 

@@ -239,6 +239,7 @@ impl Daemon for Distribution {
                 retries: s.retries,
                 retry_backoff: s.retry_backoff.as_secs_f64(),
                 timeout: s.timeout,
+                ssh: pipeline.ssh.clone(),
             };
             self.state = load_state(&pipeline.state_path(NAME));
             self.pass.ok = true;

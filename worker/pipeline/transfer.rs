@@ -231,14 +231,31 @@ pub(super) async fn run(
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub(super) const SSH_OPTS: &str = "ssh -o BatchMode=yes -o ConnectTimeout=10";
+/// `pipeline.ssh` as rsync's `-e` wants it: one string, words separated by spaces, a word with
+/// spaces or quotes in quotes (rsync(1), `--rsh`: "single- and/or double-quotes to preserve
+/// spaces in an argument (but not backslashes)").
+pub(super) fn rsh(ssh: &[String]) -> String {
+    ssh.iter()
+        .map(|w| {
+            if !w.is_empty() && !w.contains([' ', '\'', '"']) {
+                w.clone()
+            } else if w.contains('"') {
+                format!("'{w}'")
+            } else {
+                format!("\"{w}\"")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
-/// rsync to `host:path/`, then `sha256sum` there. Returns the hash.
+/// rsync to `host:path/` over `ssh` (`pipeline.ssh`), then `sha256sum` there. Returns the hash.
 pub(super) async fn copy_remote(
     src: &Path,
     host: &str,
     path: &str,
     timeout: Duration,
+    ssh: &[String],
 ) -> anyhow::Result<String> {
     let name = src
         .file_name()
@@ -252,20 +269,16 @@ pub(super) async fn copy_remote(
         "-a".to_string(),
         "--mkpath".to_string(),
         "-e".to_string(),
-        SSH_OPTS.to_string(),
+        rsh(ssh),
         src.display().to_string(),
         format!("{host}:{remote_file}"),
     ];
     run("rsync", &args, timeout).await?;
-    let check = vec![
-        "-o".to_string(),
-        "BatchMode=yes".to_string(),
-        "-o".to_string(),
-        "ConnectTimeout=10".to_string(),
-        host.to_string(),
-        format!("sha256sum -- {}", shell_quote(&remote_file)),
-    ];
-    let out = run("ssh", &check, timeout).await?;
+    let (program, options) = ssh.split_first().context("pipeline.ssh is empty")?;
+    let mut check = options.to_vec();
+    check.push(host.to_string());
+    check.push(format!("sha256sum -- {}", shell_quote(&remote_file)));
+    let out = run(program, &check, timeout).await?;
     let got = out.split_whitespace().next().unwrap_or_default();
     if got != want {
         bail!("{host}:{remote_file} has SHA-256 {got:?} after copying, expected {want}");
@@ -294,7 +307,7 @@ pub(super) struct DeliveryFailed {
 }
 
 /// How a daemon delivers files: its `retries`, `retry_backoff` and `timeout` settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Delivery {
     /// Attempts per delivery (at least one is made).
     pub(super) retries: u32,
@@ -302,6 +315,8 @@ pub(super) struct Delivery {
     pub(super) retry_backoff: f64,
     /// How long one rsync or ssh may run.
     pub(super) timeout: Duration,
+    /// `pipeline.ssh`.
+    pub(super) ssh: Vec<String>,
 }
 
 impl Delivery {
@@ -319,6 +334,7 @@ impl Delivery {
             self.retries,
             self.retry_backoff,
             self.timeout,
+            &self.ssh,
         )
         .await
     }
@@ -366,13 +382,14 @@ async fn deliver(
     retries: u32,
     retry_backoff: f64,
     timeout: Duration,
+    ssh: &[String],
 ) -> Result<String, DeliveryFailed> {
     let attempts = retries.max(1);
     let mut attempt = 1;
     loop {
         let result = match target {
             Target::Local(dir) => copy_local(src, dir),
-            Target::Remote { host, path } => copy_remote(src, host, path, timeout).await,
+            Target::Remote { host, path } => copy_remote(src, host, path, timeout, ssh).await,
         };
         match result {
             Ok(sha) => return Ok(sha),
