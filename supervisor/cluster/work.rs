@@ -508,12 +508,16 @@ impl Work {
                     continue;
                 }
             };
-            if delivered > 1 {
-                self.log.info(&format!(
-                    "cluster: work item {id} ({} {}) delivered again (delivery {delivered})",
-                    body.item_type, body.config_key
-                ));
-            }
+            self.log.info(&format!(
+                "cluster: work item {id} ({} {}) claimed by {daemon}{}",
+                body.item_type,
+                body.config_key,
+                if delivered > 1 {
+                    format!(" (delivered again: delivery {delivered})")
+                } else {
+                    String::new()
+                }
+            ));
             claimed.push(Claimed {
                 id,
                 item_type: body.item_type.clone(),

@@ -134,9 +134,9 @@ impl Core {
                 };
                 if !self.work_cmd(cmd) {
                     let message = if self.work.is_some() {
-                        "the shared work queue is not reachable yet: this node is not on the bus"
+                        "not reachable yet: this node is not on the bus"
                     } else {
-                        "this node is not in a cluster: there is no shared work queue"
+                        "this node is not in a cluster: there is none"
                     };
                     let _ = conn.send(FromSupervisor::Work {
                         request_id,
