@@ -60,6 +60,17 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
+    /// Hands every shared work item this node still holds back to the queue (its daemons have
+    /// stopped), waiting at most `bound`.
+    pub(crate) async fn release_work(&self, bound: Duration) {
+        let tx = self.work.lock().expect("work slot lock").clone();
+        let Some(tx) = tx else { return };
+        let (done, released) = tokio::sync::oneshot::channel();
+        if tx.send(work::Cmd::Release(done)).is_ok() {
+            let _ = tokio::time::timeout(bound, released).await;
+        }
+    }
+
     /// Releases every lease this node holds (its daemons have stopped), waiting at most `bound`.
     pub(crate) async fn release_leases(&self, bound: Duration) {
         let Some(tx) = self.release.lock().expect("release slot lock").take() else {

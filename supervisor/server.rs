@@ -370,8 +370,10 @@ async fn run(opts: ServeOptions, log: Arc<SupervisorLog>, socket_id: SocketId) -
     core.work = cluster.as_ref().map(|c| c.work.clone());
     core.run(rx).await;
     // Every daemon has stopped: hand this node's leases over now rather than after their TTL.
+    // Its shared work items too: another node takes them at once.
     if let Some(c) = &cluster {
         c.release_leases(std::time::Duration::from_secs(2)).await;
+        c.release_work(std::time::Duration::from_secs(2)).await;
     }
     // The socket is gone on purpose now: it must not be made again while the last answers drain,
     // or a `start` right after the shutdown would reach this exiting supervisor.

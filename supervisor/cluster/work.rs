@@ -65,6 +65,8 @@ pub(crate) enum Cmd {
     Job { item: i64, job: Option<String> },
     /// An operator's `queue ...`.
     Queue { req: QueueRequest, reply: Reply },
+    /// The supervisor is exiting: hand every held item back now, then say so.
+    Release(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Where the core finds the work task once the node is on the bus.
@@ -260,6 +262,17 @@ impl Work {
                 if let Some(h) = self.held.get_mut(&item) {
                     h.job = job;
                 }
+            }
+            Cmd::Release(done) => {
+                let held = std::mem::take(&mut self.held);
+                for (id, h) in held {
+                    let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+                    self.drop_claim(id, h.revision).await;
+                    self.log.info(&format!(
+                        "cluster: work item {id} handed back: this supervisor is exiting"
+                    ));
+                }
+                let _ = done.send(());
             }
             Cmd::Queue { req, reply } => {
                 let answer = match self.queue(req).await {
