@@ -175,7 +175,11 @@ impl AutoSync {
             &if self.configured.is_empty() {
                 "no targets configured: nothing to push".to_string()
             } else {
-                super::transfer::idle_message(&self.configured, "targets")
+                super::transfer::idle_message(
+                    &self.configured,
+                    "targets",
+                    self.pipeline.as_ref().map(|p| p.root.as_path()),
+                )
             },
             ("pushed", json!(self.state.pushed)),
             [

@@ -296,7 +296,7 @@ impl ClusterSync {
             &if self.configured.is_empty() {
                 "no peers configured: nothing to pull".to_string()
             } else {
-                super::transfer::idle_message(&self.configured, "peers")
+                super::transfer::idle_message(&self.configured, "peers", None)
             },
             ("pulled", json!(self.state.peers)),
             [

@@ -102,7 +102,11 @@ impl Distribution {
             &if self.configured.is_empty() {
                 "no targets configured: nothing to distribute".to_string()
             } else {
-                super::transfer::idle_message(&self.configured, "targets")
+                super::transfer::idle_message(
+                    &self.configured,
+                    "targets",
+                    self.pipeline.as_ref().map(|p| p.root.as_path()),
+                )
             },
             ("delivered", json!(self.state.delivered)),
             [

@@ -93,11 +93,45 @@ pub(super) enum Purpose {
 
 /// What a daemon whose configured entries resolve to no location says: `role:` entries while no
 /// other node has the role (or the node is not in a cluster), `incoming` while nothing was pushed.
-pub(super) fn idle_message(configured: &[String], what: &str) -> String {
+/// Other nodes a `role:` entry would name that publish no usable `data_address` are listed, as
+/// they cannot be sent anything until they do.
+pub(super) fn idle_message(configured: &[String], what: &str, root: Option<&Path>) -> String {
+    let unreachable = root.map(|r| unaddressed(configured, r)).unwrap_or_default();
     format!(
-        "no {what} now: {} name no node yet (resolved again every pass)",
-        configured.join(", ")
+        "no {what} now: {} name no node yet (resolved again every pass){}",
+        configured.join(", "),
+        if unreachable.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} ha{} the role but no usable cluster.data_address",
+                unreachable.join(", "),
+                if unreachable.len() == 1 { "s" } else { "ve" }
+            )
+        }
     )
+}
+
+/// The other nodes with a role a `role:` entry names that publish no usable `data_address`.
+pub(super) fn unaddressed(specs: &[String], root: &Path) -> Vec<String> {
+    let Some(v) = cluster_view(root) else {
+        return Vec::new();
+    };
+    let roles: Vec<&str> = specs
+        .iter()
+        .filter_map(|s| s.strip_prefix("role:"))
+        .collect();
+    v.nodes
+        .iter()
+        .map(|n| &n.record)
+        .filter(|r| r.node_id != v.node_id && r.roles.iter().any(|x| roles.contains(&x.as_str())))
+        .filter(|r| {
+            !r.data_address
+                .as_ref()
+                .is_some_and(|a| ringrift::config::valid_data_address(a))
+        })
+        .map(|r| r.node_id.clone())
+        .collect()
 }
 
 /// The configured entries as locations now (read again each pass, as nodes come and go): a
@@ -565,6 +599,54 @@ mod tests {
         assert_eq!(pass_backoff(30, 5.0, 3), 3600.0);
         assert_eq!(pass_backoff(1, 0.0, 1), 2.0);
         assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+    }
+
+    #[test]
+    fn the_ssh_command_is_one_rsync_argument_with_quoted_words() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            rsh(&words(&["ssh", "-p", "2222", "-o", "BatchMode=yes"])),
+            "ssh -p 2222 -o BatchMode=yes"
+        );
+        assert_eq!(
+            rsh(&words(&[
+                "ssh",
+                "-i",
+                "/keys/my key",
+                "-o",
+                "ProxyCommand=nc \"h\" 22"
+            ])),
+            r#"ssh -i "/keys/my key" -o 'ProxyCommand=nc "h" 22'"#
+        );
+        assert_eq!(rsh(&words(&["ssh", ""])), r#"ssh """#);
+    }
+
+    #[test]
+    fn nodes_with_a_role_but_no_address_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        let node = |id: &str, roles: &[&str], addr: Option<&str>| {
+            serde_json::json!({"last_seen_secs": 0.1, "node_id": id, "roles": roles,
+                "version": "0", "data_address": addr, "cores": 2, "memory_bytes": 1,
+                "free_disk_bytes": 1, "daemons": {}, "jobs": 0, "updated_unix": 0.0})
+        };
+        let view = serde_json::json!({"node_id": "me", "connected": true, "error": null,
+            "nodes": [node("me", &["training"], None), node("t1", &["training"], Some("t1:/srv")),
+                      node("t2", &["training"], None), node("t3", &["training"], Some("relative")),
+                      node("p1", &["selfplay"], None)]});
+        std::fs::write(dir.path().join(CLUSTER_VIEW), view.to_string()).unwrap();
+        let specs = vec!["role:training".to_string()];
+        assert_eq!(unaddressed(&specs, dir.path()), ["t2", "t3"]);
+        let targets: Vec<String> = resolve(&specs, dir.path(), Purpose::Models)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(targets, ["t1:/srv/models"]);
+        let msg = idle_message(&specs, "targets", Some(dir.path()));
+        assert!(
+            msg.ends_with("t2, t3 have the role but no usable cluster.data_address"),
+            "{msg}"
+        );
     }
 
     #[test]
