@@ -456,13 +456,16 @@ impl<T> Failing<T> {
     pub(super) fn waiting(&self, now: f64, what: &str) -> Option<String> {
         (now < self.next_try).then(|| {
             format!(
-                "{what}: {} (next try in {:.0}s)",
+                "{what}: {}{NEXT_TRY}{:.0}s)",
                 self.error,
                 self.next_try - now
             )
         })
     }
 }
+
+/// What marks a [`Failing::waiting`] line: a failure already logged when it happened.
+const NEXT_TRY: &str = " (next try in ";
 
 /// The failures a daemon is backing off from, by (destination spec, config key).
 pub(super) type FailingMap<T> = BTreeMap<(String, String), Failing<T>>;
@@ -507,8 +510,8 @@ pub(super) struct Passes {
 
 impl Passes {
     /// Ends a pass at `when`: the summary is `parts` joined with "; ", plus `FAILED <failures>`
-    /// when any failed, which are also logged on stderr as `<who>: ...` and kept as the last
-    /// error.
+    /// when any failed, kept as the last error. The failures of this pass are logged on stderr as
+    /// `<who>: ...`; those only waiting out their backoff are not logged again at every pass.
     pub(super) fn end(
         &mut self,
         who: &str,
@@ -519,7 +522,14 @@ impl Passes {
         self.ok = failures.is_empty();
         if !failures.is_empty() {
             parts.push(format!("FAILED {}", failures.join("; ")));
-            eprintln!("{who}: {}", failures.join("; "));
+            let new: Vec<&str> = failures
+                .iter()
+                .map(String::as_str)
+                .filter(|f| !f.contains(NEXT_TRY))
+                .collect();
+            if !new.is_empty() {
+                eprintln!("{who}: {}", new.join("; "));
+            }
             self.last_error = Some(format!("{when} {}", failures.join("; ")));
         }
         self.last = parts.join("; ");
