@@ -1700,10 +1700,48 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
     let records = dir.path().join("records");
     let a = queue_node(&nats, "node-a", &records, "hex8_2p, hex6_2p", true);
     a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+    // What someone else put on the bus: an item that is not one (removed, said in the log) and
+    // one for a key this node does not play (handed back, then set aside like a failure).
+    assert!(wait_until(T, || a
+        .master_log()
+        .contains("claimed by selfplay_scheduler")));
+    publish_raw(
+        &nats.url(),
+        "ringrift.work.selfplay.hex8_2p",
+        serde_json::json!({"hello": "world"}),
+    );
+    let foreign = serde_json::json!({"config_key": "square8_2p", "games": 1}).to_string();
+    publish_raw(
+        &nats.url(),
+        "ringrift.work.selfplay.square8_2p",
+        serde_json::json!({"item_type": "selfplay", "config_key": "square8_2p", "priority": 1.0,
+                           "config": foreign, "created_unix": 0.0}),
+    );
+    a.wait_log("master_loop", "is unreadable (missing field", T);
+    let set_aside = |key: &str| {
+        a.events_of("WORK_FAILED")
+            .into_iter()
+            .find(|e| e.payload["config_key"] == key)
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || set_aside("square8_2p")
+            .is_some()),
+        "{}",
+        a.ok(&["queue", "list"])
+    );
+    let e = set_aside("square8_2p").unwrap();
+    assert_eq!(e.payload["attempts"], 3);
+    assert!(
+        e.payload["error"]
+            .as_str()
+            .unwrap()
+            .contains("config key square8_2p is not in pipeline.config_keys"),
+        "{e:?}"
+    );
 
     // hex6_2p items always fail: after their third attempt they are set aside, with WORK_FAILED
     // naming the item, the node and the job's last error, and the queue goes on.
-    let failed = || a.events_of("WORK_FAILED").into_iter().next();
+    let failed = || set_aside("hex6_2p");
     assert!(
         wait_until(Duration::from_secs(60), || failed().is_some()),
         "no WORK_FAILED:\n{}",

@@ -315,6 +315,23 @@ impl<'a> Announcer<'a> {
     }
 }
 
+/// Says that work item `id` of `key` was set aside after `attempts` attempts (WORK_FAILED, with
+/// this node's id in a cluster).
+fn work_failed(ctx: &Ctx, id: i64, key: &str, error: &str, attempts: i64, pipeline: &Pipeline) {
+    let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
+    ctx.emit(
+        "WORK_FAILED",
+        payload([
+            ("item_id", id.into()),
+            ("item_type", SELFPLAY.into()),
+            ("config_key", key.into()),
+            ("node", node.map_or(Value::Null, Into::into)),
+            ("error", error.into()),
+            ("attempts", attempts.into()),
+        ]),
+    );
+}
+
 /// The last line a job wrote to stderr (from logs/jobs/<id>.log, `<time> [err] <text>`), which
 /// says why it failed far better than its exit status.
 pub(crate) fn last_error_line(root: &std::path::Path, job_id: &str) -> Option<String> {
@@ -530,7 +547,13 @@ impl Scheduler {
             };
             if let Some(problem) = problem {
                 eprintln!("{NAME}: work item {}: {problem}", item.id);
-                queue.reject(item.id, &problem, now).await?;
+                let attempt = queue.reject(item.id, item.attempts, &problem, now).await?;
+                // Set aside: said cluster-wide, when the item names a key to say it of.
+                if let (Some(Attempt::Dead { attempts }), Ok(spec)) =
+                    (attempt, item.selfplay_spec())
+                {
+                    work_failed(ctx, item.id, &spec.config_key, &problem, attempts, pipeline);
+                }
                 round.failed += 1;
             }
         }
@@ -544,8 +567,6 @@ impl Scheduler {
             }
         }
         let backoff = self.retry_backoff.as_secs_f64();
-        // In a cluster, the node a WORK_FAILED names.
-        let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
         let futs: Vec<JobFuture<'_>> = work
             .iter()
             .map(|(item, key, games)| -> JobFuture<'_> {
@@ -589,16 +610,13 @@ impl Scheduler {
                         "{NAME}: work item {id} ({}) failed its last attempt ({attempts}): set aside: {e}",
                         run.key
                     );
-                    self.ctx.as_ref().expect("attached").emit(
-                        "WORK_FAILED",
-                        payload([
-                            ("item_id", id.into()),
-                            ("item_type", SELFPLAY.into()),
-                            ("config_key", run.key.clone().into()),
-                            ("node", node.clone().map_or(Value::Null, Into::into)),
-                            ("error", e.to_string().into()),
-                            ("attempts", attempts.into()),
-                        ]),
+                    work_failed(
+                        self.ctx.as_ref().expect("attached"),
+                        id,
+                        &run.key,
+                        &e.to_string(),
+                        attempts,
+                        self.pipeline(),
                     );
                 }
                 (Some(Attempt::Retry { attempts, at }), Err(_)) => eprintln!(

@@ -122,10 +122,20 @@ impl Queue {
 
     /// An item this node cannot run at all (unknown type, bad config): failed for good in the
     /// local queue; handed back in the shared one, where another node may know its key (set
-    /// aside after its last attempt like any failure).
-    pub(crate) async fn reject(&self, id: i64, problem: &str, now: f64) -> Result<Option<Attempt>> {
+    /// aside after its last attempt like any failure). `attempts`: its earlier attempts.
+    pub(crate) async fn reject(
+        &self,
+        id: i64,
+        attempts: i64,
+        problem: &str,
+        now: f64,
+    ) -> Result<Option<Attempt>> {
         match self {
-            Queue::Local(q) => q.fail(id, problem, now).map(|_| None),
+            Queue::Local(q) => q.fail(id, problem, now).map(|_| {
+                Some(Attempt::Dead {
+                    attempts: attempts + 1,
+                })
+            }),
             Queue::Shared(_) => self.fail_attempt(id, problem, now, 0.0).await,
         }
     }
