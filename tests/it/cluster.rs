@@ -1507,6 +1507,7 @@ fn queue_node(
     records: &std::path::Path,
     keys: &str,
     populator: bool,
+    ack_wait: &str,
 ) -> Root {
     let root = Root::new();
     let quick = "    interval: 0.2\n    heartbeat_interval: 0.2\n";
@@ -1525,11 +1526,12 @@ fn queue_node(
             "\"{{worker}}\", \"{{config_key}}\", \"{{games}}\", \"{{db_path}}\", \"{{seed}}\"]\n",
             "      max_runtime: 60\n",
             "cluster:\n  enabled: true\n  node_id: {id}\n  servers: [{url}]\n  roles: [selfplay]\n  ",
-            "heartbeat_interval: 300ms\n  node_expiry: 2s\n  work_ack_wait: 2s\n",
+            "heartbeat_interval: 300ms\n  node_expiry: 2s\n  work_ack_wait: {ack_wait}\n",
             "daemons:\n{populator}",
-            "  selfplay_scheduler:\n{quick}    slots: 2\n    retry_backoff: 0.1\n",
+            "  selfplay_scheduler:\n{quick}    slots: 2\n    retry_backoff: 0.1\n    grace_period: 1\n",
         ),
         id = id,
+        ack_wait = ack_wait,
         keys = keys,
         records = records.display(),
         url = nats.url(),
@@ -1570,8 +1572,8 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records");
-    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true);
-    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false);
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "2s");
+    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "2s");
     a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
     b.ok(&["start", "selfplay_scheduler"]);
 
@@ -1698,7 +1700,7 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records");
-    let a = queue_node(&nats, "node-a", &records, "hex8_2p, hex6_2p", true);
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p, hex6_2p", true, "2s");
     a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
     // What someone else put on the bus: an item that is not one (removed, said in the log) and
     // one for a key this node does not play (handed back, then set aside like a failure).
@@ -2036,4 +2038,42 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
             theirs.display()
         );
     }
+}
+
+#[test]
+fn a_node_that_shuts_down_hands_its_items_back_at_once() {
+    // work_ack_wait is 60 s: an item that came back after it would take a minute.
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "60s");
+    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "60s");
+    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+    b.ok(&["start", "selfplay_scheduler"]);
+    let mut held = Vec::new();
+    assert!(wait_until(T, || {
+        held = shared_items(&b, &["--status", "running"])
+            .into_iter()
+            .filter(|i| i.node.as_deref() == Some("node-a"))
+            .map(|i| i.id)
+            .collect();
+        !held.is_empty()
+    }));
+    a.ok(&["shutdown"]);
+    let stopped = std::time::Instant::now();
+    // Each comes back at once and node-b runs it (as its slots free up), long before 60 s.
+    for id in &held {
+        assert!(
+            wait_until(Duration::from_secs(30), || starts(&records)
+                .iter()
+                .any(|s| s.2 == *id && s.1 == "node-b")),
+            "item {id} did not run on node-b within 30 s of node-a's shutdown:\n{}",
+            b.ok(&["queue", "list"])
+        );
+    }
+    assert!(stopped.elapsed() < Duration::from_secs(30));
+    assert!(
+        a.master_log()
+            .contains("handed back: this supervisor is exiting")
+    );
 }
