@@ -254,13 +254,23 @@ pub enum WorkOp {
         /// Each config key's priority (the scheduler's `priorities.json`).
         weights: BTreeMap<String, f64>,
     },
-    /// Takes the claim away from every item claimed longer than `older_than_secs` ago on any
+    /// Takes the claim away from every item claimed longer ago than its type's limit on any
     /// node (its job overran everything a supervisor would allow): the holder, if alive, stops
     /// the job, and the item is redelivered `cluster.work_ack_wait` later. Answered by
     /// [`WorkAnswer::Reaped`].
     Reap {
-        /// Seconds since the claim.
-        older_than_secs: f64,
+        /// Seconds since the claim, per item type (`selfplay`, `training`); items of a type not
+        /// listed are left alone.
+        older_than_secs: BTreeMap<String, f64>,
+    },
+    /// Queues one item of `item_type` for `config_key`, unless one for that type and key is
+    /// outstanding already (queued or running on any node): how a training node asks for a
+    /// training run that any training node may take. Answered by [`WorkAnswer::Enqueued`].
+    Enqueue {
+        /// `training`.
+        item_type: String,
+        /// The config key it is for.
+        config_key: String,
     },
 }
 
@@ -284,6 +294,11 @@ pub enum WorkAnswer {
         added: BTreeMap<String, u64>,
         /// Queued or running now.
         outstanding: BTreeMap<String, u64>,
+    },
+    /// A [`WorkOp::Enqueue`] queued this item (None: one was outstanding already).
+    Enqueued {
+        /// The new item's id.
+        item_id: Option<i64>,
     },
     /// The items whose claims a [`WorkOp::Reap`] took away.
     Reaped {

@@ -27,8 +27,12 @@ use serde::{Deserialize, Serialize};
 /// How long a statement waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The only item type so far.
+/// A selfplay item: play `games` games of a config key ([`SelfplaySpec`]).
 pub const SELFPLAY: &str = "selfplay";
+
+/// A training item of the cluster's shared queue: train a config key's next candidate on the
+/// claiming node's latest export (`{"config_key": ...}`).
+pub const TRAINING: &str = "training";
 
 /// An item that timed out this many times is not requeued again (it stays `timeout`).
 pub const MAX_ATTEMPTS: i64 = 3;

@@ -104,6 +104,9 @@ struct ClaimRecord {
     delivered: i64,
     /// When this node claimed it (renewals keep it): unix seconds.
     claimed_unix: f64,
+    /// The item's type (records of older versions have none).
+    #[serde(default)]
+    item_type: String,
 }
 
 /// A claimed item this node holds.
@@ -376,13 +379,49 @@ impl Work {
                 weights,
             } => self.top_up(target, games_per_item, &weights).await,
             WorkOp::Reap { older_than_secs } => Ok(WorkAnswer::Reaped {
-                items: self.reap(older_than_secs).await?,
+                items: self.reap(&older_than_secs).await?,
             }),
+            WorkOp::Enqueue {
+                item_type,
+                config_key,
+            } => self.enqueue(&item_type, &config_key).await,
         }
     }
 
-    /// Deletes the claim record of every item claimed more than `older_than_secs` ago.
-    async fn reap(&self, older_than_secs: f64) -> Result<Vec<i64>, String> {
+    /// Queues an item of `item_type` for `key` unless one is outstanding.
+    async fn enqueue(&mut self, item_type: &str, key: &str) -> Result<WorkAnswer, String> {
+        let subject = format!("ringrift.work.{}.{}", token(item_type)?, token(key)?);
+        if self.outstanding(&subject).await?.values().any(|n| *n > 0) {
+            return Ok(WorkAnswer::Enqueued { item_id: None });
+        }
+        let body = Body {
+            item_type: item_type.to_string(),
+            config_key: key.to_string(),
+            priority: 0.0,
+            config: serde_json::json!({ "config_key": key }).to_string(),
+            created_unix: unix_now(),
+        };
+        let ack = self
+            .js
+            .publish(
+                subject,
+                serde_json::to_vec(&body).expect("serializes").into(),
+            )
+            .await
+            .map_err(|e| format!("cannot queue work: {e}"))?
+            .await
+            .map_err(|e| format!("cannot queue work: {e}"))?;
+        self.log.info(&format!(
+            "cluster: work item {} ({item_type} {key}) queued",
+            ack.sequence
+        ));
+        Ok(WorkAnswer::Enqueued {
+            item_id: Some(ack.sequence as i64),
+        })
+    }
+
+    /// Deletes the claim record of every item claimed longer ago than its type's limit.
+    async fn reap(&self, older_than_secs: &BTreeMap<String, f64>) -> Result<Vec<i64>, String> {
         let mut keys = self
             .claims
             .keys()
@@ -399,6 +438,9 @@ impl Work {
                 continue;
             };
             let Ok(id) = key.parse::<i64>() else { continue };
+            let Some(older_than_secs) = older_than_secs.get(&record.item_type).copied() else {
+                continue;
+            };
             if now - record.claimed_unix > older_than_secs
                 && self
                     .claims
@@ -505,6 +547,7 @@ impl Work {
                 daemon: daemon.to_string(),
                 delivered,
                 claimed_unix: unix_now(),
+                item_type: body.item_type.clone(),
             };
             let put = self.claims.put(
                 id.to_string(),
@@ -621,7 +664,9 @@ impl Work {
         games_per_item: u64,
         weights: &BTreeMap<String, f64>,
     ) -> Result<WorkAnswer, String> {
-        let mut outstanding = self.outstanding().await?;
+        let mut outstanding = self
+            .outstanding(&format!("ringrift.work.{SELFPLAY}.>"))
+            .await?;
         let plan = ringrift::work_queue::allocate(weights, &outstanding, target);
         let mut added = BTreeMap::new();
         for (key, n) in plan {
@@ -655,11 +700,12 @@ impl Work {
         Ok(WorkAnswer::ToppedUp { added, outstanding })
     }
 
-    /// Items queued or running, per config key (the stream's count per subject).
-    async fn outstanding(&self) -> Result<BTreeMap<String, u64>, String> {
+    /// Items queued or running on the subjects `filter` matches, per config key (the stream's
+    /// count per subject).
+    async fn outstanding(&self, filter: &str) -> Result<BTreeMap<String, u64>, String> {
         let mut subjects = self
             .work
-            .info_with_subjects(format!("ringrift.work.{SELFPLAY}.>"))
+            .info_with_subjects(filter)
             .await
             .map_err(|e| format!("cannot count queued work: {e}"))?;
         let mut counts = BTreeMap::new();

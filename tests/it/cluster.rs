@@ -1993,7 +1993,8 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
     let b_pid = b.supervisor_pid().unwrap();
     signal(b_pid, SIGKILL);
     assert!(wait_until(T, || !alive(b_pid)));
-    // It comes back, and the training is done again to the end, evaluated and promoted there.
+    // It comes back; its training item is delivered to it again (it is the only training node)
+    // and trained to the end, evaluated and promoted there.
     b.ok_with_env(&trainer, crate::pipeline::SMALL_ENV);
     let promoted = || b.events_of("MODEL_PROMOTED").into_iter().next();
     assert!(
@@ -2008,7 +2009,15 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
             .collect::<Vec<_>>(),
         b.ok(&["status"])
     );
-    // Trained again from the start after the node came back: a second TRAINING_STARTED.
+    // The training item was delivered again once the node was back, and trained to the end:
+    // a second TRAINING_STARTED.
+    assert!(
+        b.master_log().contains(
+            "(training hex8_2p) claimed by training_trigger (delivered again: delivery 2)"
+        ),
+        "{}",
+        b.master_log()
+    );
     assert!(b.events_of("TRAINING_STARTED").len() >= 2);
     let canonical = b.path().join("models/canonical_hex8_2p.bin");
     let model = std::fs::read(&canonical).unwrap();

@@ -17,6 +17,11 @@
 //! - A candidate is announced only after it loads with `Model::load`; one that does not is renamed
 //!   to `<candidate>.bad` and reported as TRAINING_FAILED. An export that does not decode is
 //!   quarantined the same way, and auto_export writes a fresh one.
+//! - In a cluster (the node's work queue is the cluster's shared one), a key whose gates pass
+//!   gets a training item in the shared queue (one per key at a time), and every training node's
+//!   training_trigger claims training items and trains their key on its own export, the job bound
+//!   to the item: a training node killed mid-run has the item redelivered (to itself when it is
+//!   back, or to another training node) once `cluster.work_ack_wait` has passed.
 //! - "Up to date" means it: while auto_export's state file says exporting a key keeps failing,
 //!   health says that no new data can come and why (status `waiting_for_data`), not that the key
 //!   is up to date.
@@ -37,7 +42,9 @@ use super::{
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::protocol::{WorkAnswer, WorkOp};
 use ringrift::settings::TrainingSettings;
+use ringrift::work_queue::{Attempt, TRAINING};
 
 const NAME: &str = "training_trigger";
 /// The backoff stops doubling after this many consecutive failures.
@@ -385,15 +392,162 @@ impl TrainingTrigger {
                     ),
                 );
             }
+            // In a cluster: a training item any training node may take (this one too, below).
+            Ok(()) if pipeline.shared_queue => self.enqueue(key, samples).await,
             Ok(()) => {
                 self.training.insert(key.to_string());
-                self.train(&pipeline, key, fp, samples).await;
+                let _ = self.train(&pipeline, key, fp, samples, None).await;
                 self.training.remove(key);
             }
         }
     }
 
-    async fn train(&mut self, pipeline: &Pipeline, key: &str, fp: Fingerprint, samples: u64) {
+    /// In a cluster: asks for a training item of `key` (the shared queue keeps one per key at a
+    /// time), which a training node's [`TrainingTrigger::claim_training`] runs.
+    async fn enqueue(&mut self, key: &str, samples: u64) {
+        let ctx = self.ctx.clone().expect("attached");
+        let answer = ctx
+            .work(WorkOp::Enqueue {
+                item_type: TRAINING.into(),
+                config_key: key.into(),
+            })
+            .await;
+        let (ok, message) = match answer {
+            WorkAnswer::Enqueued { item_id: Some(id) } => {
+                println!(
+                    "{NAME}: {key}: new export of {samples} samples: training item {id} queued"
+                );
+                (
+                    true,
+                    format!("new export of {samples} samples: training item {id} queued"),
+                )
+            }
+            WorkAnswer::Enqueued { item_id: None } => (
+                true,
+                format!(
+                    "new export of {samples} samples: a training item of {key} is queued or running"
+                ),
+            ),
+            WorkAnswer::Refused { message } => {
+                (false, format!("cannot queue a training item: {message}"))
+            }
+            other => (
+                false,
+                format!("cannot queue a training item: unexpected answer {other:?}"),
+            ),
+        };
+        self.set(key, ok, message);
+    }
+
+    /// In a cluster: claims one training item from the shared queue and trains its key on this
+    /// node's export, bound to the item (its claim lives as long as the job); the item is done
+    /// when the candidate is announced, handed back (after `failure_backoff`, doubling) when the
+    /// run fails, and set aside after its third failure (WORK_FAILED). An item whose key this
+    /// node's current export is trained on already is done at once.
+    async fn claim_training(&mut self) {
+        let ctx = self.ctx.clone().expect("attached");
+        let pipeline = self.pipeline.clone().expect("started");
+        let items = match ctx
+            .work(WorkOp::Claim {
+                item_type: TRAINING.into(),
+                max: 1,
+            })
+            .await
+        {
+            WorkAnswer::Claimed { items } => items,
+            WorkAnswer::Refused { message } => {
+                eprintln!("{NAME}: cannot claim training work: {message}");
+                return;
+            }
+            other => {
+                eprintln!("{NAME}: cannot claim training work: unexpected answer {other:?}");
+                return;
+            }
+        };
+        for item in items {
+            let key = serde_json::from_str::<Value>(&item.config)
+                .ok()
+                .and_then(|c| c.get("config_key")?.as_str().map(str::to_string));
+            let outcome: Result<(), String> = match &key {
+                None => Err(format!(
+                    "training item {}: no config key in {:?}",
+                    item.id, item.config
+                )),
+                Some(k) if !pipeline.config_keys.contains(k) => {
+                    Err(format!("config key {k} is not in pipeline.config_keys"))
+                }
+                Some(k) => self.train_item(&pipeline, k, item.id).await,
+            };
+            let settle = match &outcome {
+                Ok(()) => WorkOp::Complete { item_id: item.id },
+                Err(e) => WorkOp::Fail {
+                    item_id: item.id,
+                    error: e.clone(),
+                    backoff_secs: self.failure_backoff,
+                },
+            };
+            match ctx.work(settle).await {
+                WorkAnswer::Settled {
+                    attempt: Some(Attempt::Dead { attempts }),
+                } => {
+                    if let Some(k) = &key {
+                        let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
+                        ctx.emit(
+                            "WORK_FAILED",
+                            payload([
+                                ("item_id", item.id.into()),
+                                ("item_type", TRAINING.into()),
+                                ("config_key", k.as_str().into()),
+                                ("node", node.map_or(Value::Null, Into::into)),
+                                ("error", outcome.clone().err().unwrap_or_default().into()),
+                                ("attempts", attempts.into()),
+                            ]),
+                        );
+                    }
+                }
+                WorkAnswer::Settled { .. } => {}
+                WorkAnswer::Refused { message } => {
+                    eprintln!("{NAME}: training item {}: {message}", item.id)
+                }
+                other => eprintln!(
+                    "{NAME}: training item {}: unexpected answer {other:?}",
+                    item.id
+                ),
+            }
+        }
+    }
+
+    /// Runs training item `id` of `key` here: Ok when a candidate was announced, or when this
+    /// node's current export is trained on already.
+    async fn train_item(&mut self, pipeline: &Pipeline, key: &str, id: i64) -> Result<(), String> {
+        let npz = pipeline.npz(key);
+        let fp = Fingerprint::of(&npz)
+            .map_err(|e| format!("no export of {key} on this node ({}: {e})", npz.display()))?;
+        if self.key_state(key).last_trained == Some(fp) {
+            println!("{NAME}: {key}: training item {id}: this node's export is trained on already");
+            return Ok(());
+        }
+        let samples = match self.samples_cache.get(key) {
+            Some((cached, n)) if *cached == fp => *n,
+            _ => count_samples(&npz, key).map_err(|e| format!("unusable export: {e:#}"))?,
+        };
+        println!("{NAME}: {key}: training item {id}: training on this node's export");
+        self.training.insert(key.to_string());
+        let result = self.train(pipeline, key, fp, samples, Some(id)).await;
+        self.training.remove(key);
+        result
+    }
+
+    /// Trains `key` on its export (`fp`, `samples` samples); `item`: the shared queue's training
+    /// item it runs, if any. Err: why it failed (said in health and TRAINING_FAILED already).
+    async fn train(
+        &mut self,
+        pipeline: &Pipeline,
+        key: &str,
+        fp: Fingerprint,
+        samples: u64,
+        item: Option<i64>,
+    ) -> Result<(), String> {
         let ctx = self.ctx.clone().expect("attached");
         let dir = pipeline.candidates_dir(key);
         let ms = (now_secs() * 1000.0) as u64;
@@ -403,13 +557,12 @@ impl TrainingTrigger {
         let staging = staging_path(&candidate);
         let npz = pipeline.npz(key);
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            self.failure(
+            return Err(self.failure(
                 key,
                 None,
                 format!("cannot create {}: {e}", dir.display()),
                 None,
-            );
-            return;
+            ));
         }
         self.key_state(key).in_flight = Some(staging.display().to_string());
         self.save();
@@ -430,30 +583,27 @@ impl TrainingTrigger {
             ("epochs", self.epochs.to_string()),
             ("learning_rate", self.learning_rate.to_string()),
         ];
-        let outcome = match pipeline.run_job(&ctx, "train", key, &vars).await {
+        let outcome = match pipeline.run_job_for(&ctx, "train", key, &vars, item).await {
             Ok(o) => o,
             Err(e) => {
-                self.failure(
+                return Err(self.failure(
                     key,
                     None,
                     format!("cannot start the train job: {e:#}"),
                     Some(&staging),
-                );
-                return;
+                ));
             }
         };
         if !outcome.success {
             let error = job_failure("train", &outcome);
-            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
-            return;
+            return Err(self.failure(key, Some(&outcome.job_id), error, Some(&staging)));
         }
         if let Err(e) = pipeline.check_model(&staging, key) {
             let error = format!(
                 "train job {} succeeded but the candidate is unusable: {e:#}",
                 outcome.job_id
             );
-            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
-            return;
+            return Err(self.failure(key, Some(&outcome.job_id), error, Some(&staging)));
         }
         if let Err(e) = std::fs::rename(&staging, &candidate) {
             let error = format!(
@@ -461,8 +611,7 @@ impl TrainingTrigger {
                 staging.display(),
                 candidate.display()
             );
-            self.failure(key, Some(&outcome.job_id), error, Some(&staging));
-            return;
+            return Err(self.failure(key, Some(&outcome.job_id), error, Some(&staging)));
         }
         let now = now_secs();
         let ks = self.key_state(key);
@@ -493,6 +642,7 @@ impl TrainingTrigger {
             ]),
         )
         .await;
+        Ok(())
     }
 
     fn failure(
@@ -501,7 +651,7 @@ impl TrainingTrigger {
         job_id: Option<&str>,
         error: String,
         candidate: Option<&Path>,
-    ) {
+    ) -> String {
         let moved = candidate
             .filter(|c| c.exists())
             .and_then(quarantine)
@@ -530,6 +680,7 @@ impl TrainingTrigger {
             .as_ref()
             .expect("attached")
             .emit("TRAINING_FAILED", p);
+        format!("{error}{moved}")
     }
 
     /// A run the previous worker did not finish: keep its candidate if it is whole (evaluation
@@ -650,6 +801,9 @@ impl Daemon for TrainingTrigger {
             for key in keys {
                 self.check_key(&key).await;
             }
+            if self.pipeline.as_ref().expect("started").shared_queue {
+                self.claim_training().await;
+            }
             self.report()
         })
     }
@@ -718,7 +872,10 @@ impl Daemon for TrainingTrigger {
                         );
                         return Some(self.report());
                     }
-                    self.check_key(&key).await
+                    self.check_key(&key).await;
+                    if pipeline.shared_queue {
+                        self.claim_training().await;
+                    }
                 }
             }
             Some(self.report())
