@@ -173,14 +173,13 @@ impl Core {
             .work
             .as_ref()
             .and_then(|slot| slot.lock().expect("work slot lock").clone());
-        match tx {
-            Some(tx) => tx
-                .send(crate::cluster::work::Cmd::Queue { req, reply })
-                .map_err(|e| match e.0 {
-                    crate::cluster::work::Cmd::Queue { reply, .. } => reply,
-                    _ => unreachable!("sent a queue command"),
-                }),
-            None => Err(reply),
+        let Some(tx) = tx else { return Err(reply) };
+        match tx.send(crate::cluster::work::Cmd::Queue { req, reply }) {
+            Err(tokio::sync::mpsc::error::SendError(crate::cluster::work::Cmd::Queue {
+                reply,
+                ..
+            })) => Err(reply),
+            _ => Ok(()),
         }
     }
 
