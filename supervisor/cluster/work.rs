@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use futures_util::StreamExt;
 use ringrift::protocol::{ErrorCode, FromSupervisor, QueueRequest, WorkAnswer, WorkOp};
-use ringrift::work_queue::{Attempt, Claimed, Item, MAX_ATTEMPTS, SELFPLAY, SelfplaySpec};
+use ringrift::work_queue::{
+    Attempt, Claimed, Item, MAX_ATTEMPTS, SELFPLAY, SelfplaySpec, TRAINING,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -116,6 +118,8 @@ struct Held {
     conn: ConnTx,
     /// The job running it, if one does.
     job: Option<String>,
+    /// Since when no job runs it (from the claim, or the end of its job); None while one does.
+    idle_since: Option<Instant>,
     /// The claim record's revision (compare-and-set).
     revision: u64,
     /// When the claim record was last confirmed.
@@ -164,13 +168,12 @@ pub(crate) async fn start(
         ))
         .await
         .map_err(|e| format!("cannot make the stream {DEAD}: {e}"))?;
-    // A claim record outlives its holder's last renewal by a little more than the redelivery.
-    let claims = super::kv_bucket(&js, CLAIMS, ack_wait * 3, replicas, "work_ack_wait", &log)
+    // Claim records are fenced by compare-and-set, not by expiry: the bucket only sweeps
+    // records nobody deletes (of items removed behind the supervisors' backs).
+    let claims = super::kv_bucket(&js, CLAIMS, CLAIMS_MAX_AGE, replicas, "claims", &log)
         .await?
         .store;
-    let (tx, rx) = mpsc::unbounded_channel();
-    *slot.lock().expect("work slot lock") = Some(tx);
-    let task = Work {
+    let mut task = Work {
         js,
         node,
         ack_wait,
@@ -182,8 +185,49 @@ pub(crate) async fn start(
         consumers: BTreeMap::new(),
         held: BTreeMap::new(),
     };
+    // The consumers (one per item type) keep the ack_wait of the node that made them; that is
+    // when the server redelivers, so it is what this node times its renewals and gives up by.
+    let mut effective = ack_wait;
+    for item_type in [SELFPLAY, TRAINING] {
+        let c = task.consumer(item_type).await?;
+        let theirs = c.cached_info().config.ack_wait;
+        if theirs != ack_wait {
+            task.log.warn(&format!(
+                "cluster: the consumer work_{item_type} redelivers after {}, not the {} of this \
+                 node's work_ack_wait: the consumer's figure holds for the whole cluster (the node \
+                 that made it chose it), and this node times its claims by it; set the same value \
+                 on every node",
+                humantime::format_duration(theirs),
+                humantime::format_duration(ack_wait)
+            ));
+        }
+        effective = effective.min(theirs.max(Duration::from_millis(300)));
+    }
+    task.ack_wait = effective;
+    let (tx, rx) = mpsc::unbounded_channel();
+    *slot.lock().expect("work slot lock") = Some(tx);
     tokio::spawn(task.run(rx));
     Ok(())
+}
+
+/// The claims bucket's max age: longer than any job.
+const CLAIMS_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+
+/// `s` as a subject token whatever it holds (for the dead-letter subject of an item whose key
+/// came from the bus): characters other than `a-z0-9_-` become `_`.
+fn safe_token(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if t.is_empty() { "_".into() } else { t }
 }
 
 struct Work {
@@ -263,6 +307,7 @@ impl Work {
             }
             Cmd::Job { item, job } => {
                 if let Some(h) = self.held.get_mut(&item) {
+                    h.idle_since = job.is_none().then(Instant::now);
                     h.job = job;
                 }
             }
@@ -322,8 +367,8 @@ impl Work {
                     };
                     let subject = format!(
                         "ringrift.dead.{}.{}",
-                        token(&h.body.item_type)?,
-                        token(&h.body.config_key)?
+                        safe_token(&h.body.item_type),
+                        safe_token(&h.body.config_key)
                     );
                     let sent = async {
                         self.js
@@ -588,6 +633,7 @@ impl Work {
                     daemon: daemon.to_string(),
                     conn: conn.clone(),
                     job: None,
+                    idle_since: Some(Instant::now()),
                     revision,
                     confirmed: Instant::now(),
                     record,
@@ -599,36 +645,61 @@ impl Work {
         Ok(claimed)
     }
 
-    /// Every third of `ack_wait`: keeps each held item's claim, or lets it go.
+    /// Every third of `ack_wait`: keeps each held item's claim, or lets it go. An item goes back
+    /// at once when no job runs it and the daemon that claimed it is gone, or has not run it for
+    /// a whole `ack_wait` (it claimed more than it started). The renewals run side by side, each
+    /// bounded by a third of `ack_wait`, so a slow bus delays none past its deadline.
     async fn renew(&mut self) {
-        let ids: Vec<i64> = self.held.keys().copied().collect();
-        let budget = self.ack_wait / 3;
-        for id in ids {
-            let h = self.held.get(&id).expect("listed");
-            if h.job.is_none() && h.conn.is_closed() {
-                let h = self.held.remove(&id).expect("listed");
-                self.log.info(&format!(
-                    "cluster: work item {id}: the process of {} that claimed it is gone and no job \
-                     runs it: handed back",
-                    h.daemon
-                ));
-                let _ = h.msg.ack_with(AckKind::Nak(None)).await;
-                self.drop_claim(id, h.revision).await;
-                continue;
-            }
-            let _ = h.msg.ack_with(AckKind::Progress).await;
+        let ack_wait = self.ack_wait;
+        let idle: Vec<(i64, &'static str)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.job.is_none())
+            .filter_map(|(id, h)| {
+                if h.conn.is_closed() {
+                    Some((
+                        *id,
+                        "the process that claimed it is gone and no job runs it",
+                    ))
+                } else if h.idle_since.is_some_and(|t| t.elapsed() > ack_wait) {
+                    Some((
+                        *id,
+                        "the daemon that claimed it has not run it for work_ack_wait",
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, why) in idle {
+            let h = self.held.remove(&id).expect("listed");
+            self.log.info(&format!(
+                "cluster: work item {id} ({} {}) handed back: {why} ({})",
+                h.body.item_type, h.body.config_key, h.daemon
+            ));
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+            self.drop_claim(id, h.revision).await;
+        }
+        let budget = ack_wait / 3;
+        let claims = &self.claims;
+        let renewals = self.held.iter().map(|(id, h)| async move {
+            let _ = tokio::time::timeout(budget, h.msg.ack_with(AckKind::Progress)).await;
             let renewed = tokio::time::timeout(
                 budget,
-                self.claims.update(
+                claims.update(
                     id.to_string(),
                     serde_json::to_vec(&h.record).expect("serializes").into(),
                     h.revision,
                 ),
             )
             .await;
+            (*id, renewed)
+        });
+        let results = futures_util::future::join_all(renewals).await;
+        for (id, renewed) in results {
+            let h = self.held.get_mut(&id).expect("listed");
             let lost = match renewed {
                 Ok(Ok(revision)) => {
-                    let h = self.held.get_mut(&id).expect("listed");
                     h.revision = revision;
                     h.confirmed = Instant::now();
                     None
@@ -638,13 +709,11 @@ impl Work {
                      it was cancelled"
                         .to_string(),
                 ),
-                Ok(Err(_)) | Err(_) if h.confirmed.elapsed() > self.ack_wait * 2 / 3 => {
-                    Some(format!(
-                        "its claim could not be confirmed for {:.1}s (two thirds of \
-                         work_ack_wait): the bus may already have given it to another node",
-                        h.confirmed.elapsed().as_secs_f64()
-                    ))
-                }
+                Ok(Err(_)) | Err(_) if h.confirmed.elapsed() > ack_wait * 2 / 3 => Some(format!(
+                    "its claim could not be confirmed for {:.1}s (two thirds of work_ack_wait): \
+                     the bus may already have given it to another node",
+                    h.confirmed.elapsed().as_secs_f64()
+                )),
                 _ => None,
             };
             if let Some(why) = lost {
@@ -845,7 +914,7 @@ impl Work {
             .and_then(|b| serde_json::from_slice(&b).ok());
         match claim {
             Some(c) => {
-                let mut item = item_of(id, body, "running", c.delivered - 1, None);
+                let mut item = item_of(id, body, "running", c.delivered.saturating_sub(1), None);
                 item.claimed_at = Some(c.claimed_unix);
                 item.claimed_by = Some(format!("{}/{}", c.node, c.daemon));
                 item.node = Some(c.node);

@@ -1719,7 +1719,25 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
         serde_json::json!({"item_type": "selfplay", "config_key": "square8_2p", "priority": 1.0,
                            "config": foreign, "created_unix": 0.0}),
     );
+    // An item whose key cannot even name a subject: set aside all the same.
+    let dotted = serde_json::json!({"config_key": "a.b", "games": 1}).to_string();
+    publish_raw(
+        &nats.url(),
+        "ringrift.work.selfplay.x",
+        serde_json::json!({"item_type": "selfplay", "config_key": "a.b", "priority": 1.0,
+                           "config": dotted, "created_unix": 0.0}),
+    );
     a.wait_log("master_loop", "is unreadable (missing field", T);
+    assert!(
+        wait_until(Duration::from_secs(60), || shared_items(
+            &a,
+            &["--status", "failed"]
+        )
+        .iter()
+        .any(|i| i.config["config_key"] == "a.b")),
+        "{}",
+        a.ok(&["queue", "list"])
+    );
     let set_aside = |key: &str| {
         a.events_of("WORK_FAILED")
             .into_iter()

@@ -547,7 +547,14 @@ impl Scheduler {
             };
             if let Some(problem) = problem {
                 eprintln!("{NAME}: work item {}: {problem}", item.id);
-                let attempt = queue.reject(item.id, item.attempts, &problem, now).await?;
+                // The other items of the batch are run whatever becomes of this one.
+                let attempt = queue
+                    .reject(item.id, item.attempts, &problem, now)
+                    .await
+                    .unwrap_or_else(|e| {
+                        eprintln!("{NAME}: work item {}: cannot set it aside: {e:#}", item.id);
+                        None
+                    });
                 // Set aside: said cluster-wide, when the item names a key to say it of.
                 if let (Some(Attempt::Dead { attempts }), Ok(spec)) =
                     (attempt, item.selfplay_spec())
