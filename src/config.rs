@@ -220,6 +220,23 @@ impl Default for PipelineConfig {
     }
 }
 
+impl Config {
+    /// Tells every daemon whether its work queue is the cluster's shared one (the
+    /// [`SHARED_WORK_QUEUE`] key of its settings): true while the supervisor is in a cluster. A
+    /// reload keeps the running supervisor's answer, as it keeps its `cluster:` section.
+    pub fn set_shared_work_queue(&mut self, shared: bool) {
+        for d in self.daemons.values_mut() {
+            if let Value::Object(m) = &mut d.settings {
+                if shared {
+                    m.insert(SHARED_WORK_QUEUE.into(), Value::Bool(true));
+                } else {
+                    m.remove(SHARED_WORK_QUEUE);
+                }
+            }
+        }
+    }
+}
+
 impl PipelineConfig {
     /// The section as handed to every daemon in its settings (`settings.pipeline`):
     /// `{"config_keys": [...], "jobs": {kind: {"command": [...], "max_runtime": seconds}}}`, the
@@ -958,13 +975,9 @@ impl Validator<'_> {
         for d in daemons.values_mut() {
             if let Value::Object(m) = &mut d.settings {
                 m.insert("pipeline".into(), pipeline_json.clone());
-                // In a cluster the work queue is the shared one on the bus (through the supervisor).
-                if cluster.enabled {
-                    m.insert(SHARED_WORK_QUEUE.into(), Value::Bool(true));
-                }
             }
         }
-        Config {
+        let mut config = Config {
             source: self.file.to_string(),
             http,
             logs,
@@ -973,7 +986,9 @@ impl Validator<'_> {
             pipeline,
             containment,
             cluster,
-        }
+        };
+        config.set_shared_work_queue(config.cluster.enabled);
+        config
     }
 
     /// Every program a command names must exist and be executable (see [`find_program`]): the

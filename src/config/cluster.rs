@@ -385,6 +385,26 @@ mod tests {
     }
 
     #[test]
+    fn daemons_use_the_shared_queue_exactly_while_the_node_is_in_a_cluster() {
+        let shared = |c: &crate::config::Config| {
+            c.daemons["selfplay_scheduler"].settings[crate::config::SHARED_WORK_QUEUE] == true
+        };
+        let alone = parse("daemons: {}\n", "test.yaml", &[]).unwrap();
+        assert!(!shared(&alone));
+        let mut on = parse(
+            "cluster:\n  enabled: true\n  servers: [nats://127.0.0.1:4222]\n  work_ack_wait: 5s\n",
+            "test.yaml",
+            &[],
+        )
+        .unwrap();
+        assert!(shared(&on));
+        assert_eq!(on.cluster.work_ack_wait, Duration::from_secs(5));
+        // A reload under a supervisor started alone keeps the local queue.
+        on.set_shared_work_queue(false);
+        assert!(!shared(&on));
+    }
+
+    #[test]
     fn a_full_section_reads() {
         let c = parse(
             "cluster:\n  enabled: true\n  node_id: gpu-07\n  servers: [nats://10.0.0.1:4222, tls://b:4222]\n  roles: [selfplay]\n  credentials: /etc/ringrift/node.creds\n  tls:\n    ca: ca.pem\n  heartbeat_interval: 500ms\n  node_expiry: 5s\n",

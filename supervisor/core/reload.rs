@@ -24,6 +24,9 @@ impl Core {
                     return;
                 }
             };
+        // The daemons' queue follows the running supervisor's cluster, which reload does not change.
+        let mut new = new;
+        new.set_shared_work_queue(self.config.cluster.enabled);
         let current: BTreeMap<String, reload::Running> = self
             .daemons
             .iter()
