@@ -220,6 +220,33 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Why `pipeline.ssh` cannot work, if it cannot: the program first, no empty word, no word
+/// with whitespace in the program's place (`"ssh -p 2222"` is one word, not three).
+fn bad_ssh(words: &[String]) -> Option<String> {
+    let Some(program) = words.first() else {
+        return Some("an empty list: name the ssh program first, e.g. [ssh, -p, \"2222\"]".into());
+    };
+    if program.trim().is_empty() {
+        return Some("name the ssh program first, e.g. [ssh, -p, \"2222\"]".into());
+    }
+    if program.starts_with('-') {
+        return Some(format!(
+            "'{program}' is an option: name the ssh program first, e.g. [ssh, {program}, ...]"
+        ));
+    }
+    if program.contains(char::is_whitespace) {
+        return Some(format!(
+            "'{program}' is one word: give the program and each option as words of the list, \
+             e.g. [{}]",
+            program.split_whitespace().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if words.iter().any(|w| w.is_empty()) {
+        return Some("an empty word: remove it".into());
+    }
+    None
+}
+
 impl Config {
     /// Tells every daemon whether its work queue is the cluster's shared one (the
     /// [`SHARED_WORK_QUEUE`] key of its settings): true while the supervisor is in a cluster. A
@@ -1086,15 +1113,21 @@ impl Validator<'_> {
             return out;
         };
         self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs", "ssh"]);
-        if let Some(ssh) = self.string_list(map.get("ssh"), &["pipeline", "ssh"]) {
-            if ssh.first().is_none_or(|p| p.trim().is_empty()) {
-                self.problem(
-                    &["pipeline", "ssh"],
-                    "name the ssh program first, e.g. [ssh, -p, \"2222\"]",
-                );
-            } else {
-                out.ssh = ssh;
+        match map.get("ssh") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(_)) => {
+                if let Some(ssh) = self.string_list(map.get("ssh"), &["pipeline", "ssh"]) {
+                    if let Some(why) = bad_ssh(&ssh) {
+                        self.problem(&["pipeline", "ssh"], why);
+                    } else {
+                        out.ssh = ssh;
+                    }
+                }
             }
+            Some(_) => self.problem(
+                &["pipeline", "ssh"],
+                "a list of words, the program first: [ssh, -p, \"2222\", -i, /etc/ringrift/key]",
+            ),
         }
         if let Some(keys) = self.string_list(map.get("config_keys"), &["pipeline", "config_keys"]) {
             let mut good = Vec::new();

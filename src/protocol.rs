@@ -583,8 +583,12 @@ pub enum FromSupervisor {
     },
     /// The answer to a [`QueueRequest`]: the items listed, shown or changed.
     QueueItems {
-        /// Pending, then running, then failed; oldest first within each.
+        /// Pending, then running, then failed; newest first within each.
         items: Vec<crate::work_queue::Item>,
+        /// For a listing: how many items have each status in the whole queue (`pending`,
+        /// `running`, `failed`), not only those listed.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        counts: BTreeMap<String, u64>,
     },
     /// To a cluster-scoped worker: one of its leases changed (it acts, for that lease's config
     /// key or as a whole, only while `leader`).

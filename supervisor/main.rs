@@ -55,12 +55,14 @@ struct Cli {
 /// `queue` subcommands.
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// Items, newest first, and the count per status
+    /// Items, newest first, and the count per status. In a cluster: pending and running items of
+    /// the shared queue (running ones with the node that runs them) and the dead-lettered ones
     List {
-        /// Only items with this status: pending, claimed, running, completed, failed, timeout
+        /// Only items with this status: pending, claimed, running, completed, failed, timeout (in
+        /// a cluster: pending, running, failed; a completed item leaves the shared queue)
         #[arg(long)]
         status: Option<String>,
-        /// At most this many items
+        /// At most this many items (in a cluster: of each status)
         #[arg(short = 'n', long, default_value_t = 50)]
         limit: u64,
         /// Machine-readable output (a JSON list of items)
@@ -75,13 +77,16 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Makes a failed or timed-out item pending again, with its attempts reset
+    /// Makes a failed or timed-out item pending again, with its attempts reset (in a cluster: a
+    /// dead-lettered item is queued again as a new item, whose id is printed)
     Retry {
         /// The item's id
         id: i64,
     },
     /// Cancels an item no job runs yet (pending or claimed): it becomes failed, "cancelled by
-    /// the operator". A running item's job ends by itself within its maximum runtime
+    /// the operator"; a running item's job ends by itself within its maximum runtime. In a
+    /// cluster: a pending or running item is removed from the shared queue, and the node running
+    /// it stops its job (within a third of cluster.work_ack_wait)
     Cancel {
         /// The item's id
         id: i64,
@@ -177,8 +182,9 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// The selfplay work queue (data/work_queue.db): list, show, retry or cancel items. Works
-    /// with or without a running supervisor
+    /// The work queue: list, show, retry or cancel items. On a single node it is
+    /// data/work_queue.db, read with or without a running supervisor; on a node in a cluster
+    /// (cluster.enabled) it is the cluster's shared queue, which this node's supervisor reads
     Queue {
         #[command(subcommand)]
         command: QueueCommand,

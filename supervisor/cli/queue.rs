@@ -161,8 +161,8 @@ pub(crate) fn shared_queue(client: &mut Client, action: QueueAction, json: bool)
         QueueAction::Retry { id } => (QueueRequest::Retry { id: *id }, "queued again"),
         QueueAction::Cancel { id } => (QueueRequest::Cancel { id: *id }, "cancelled"),
     };
-    let items = match client.call(&Request::Queue(request), Duration::from_secs(30)) {
-        Ok(FromSupervisor::QueueItems { items }) => items,
+    let (items, counts) = match client.call(&Request::Queue(request), Duration::from_secs(30)) {
+        Ok(FromSupervisor::QueueItems { items, counts }) => (items, counts),
         Ok(other) => return report(&other),
         Err(e) => {
             eprintln!("error: {e}");
@@ -177,7 +177,7 @@ pub(crate) fn shared_queue(client: &mut Client, action: QueueAction, json: bool)
                 "{} (the cluster's shared queue)",
                 SHARED_STATUSES
                     .iter()
-                    .map(|s| format!("{s} {}", items.iter().filter(|i| i.status == *s).count()))
+                    .map(|s| format!("{s} {}", counts.get(*s).copied().unwrap_or(0)))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -265,5 +265,9 @@ fn item_text(i: &Item, now: f64) -> String {
         },
         ago(i.completed_at, now),
         opt(&i.error),
-    )
+    ) + &i
+        .node
+        .as_ref()
+        .map(|n| format!("  node:       {n}\n"))
+        .unwrap_or_default()
 }

@@ -210,6 +210,9 @@ pub(crate) async fn start(
     Ok(())
 }
 
+/// A listing reads at most this many of the newest items of each stream.
+const SCAN_WINDOW: u64 = 2000;
+
 /// The claims bucket's max age: longer than any job.
 const CLAIMS_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 
@@ -323,8 +326,13 @@ impl Work {
                 let _ = done.send(());
             }
             Cmd::Queue { req, reply } => {
+                let counts = if matches!(req, QueueRequest::List { .. }) {
+                    self.counts().await
+                } else {
+                    BTreeMap::new()
+                };
                 let answer = match self.queue(req).await {
-                    Ok(items) => FromSupervisor::QueueItems { items },
+                    Ok(items) => FromSupervisor::QueueItems { items, counts },
                     Err((code, message)) => FromSupervisor::Error { code, message },
                 };
                 let _ = reply.send(answer);
@@ -796,22 +804,22 @@ impl Work {
                 let mut items = Vec::new();
                 let want = |s: &str| status.as_deref().is_none_or(|w| w == s);
                 if want("pending") || want("running") {
-                    let mut live = self.scan_work(u64::MAX).await.map_err(failed)?;
+                    let live = self.scan_work().await.map_err(failed)?;
                     for wanted in ["pending", "running"] {
                         if want(wanted) {
                             items.extend(
                                 live.iter()
+                                    .rev()
                                     .filter(|i| i.status == wanted)
                                     .take(limit as usize)
                                     .cloned(),
                             );
                         }
                     }
-                    live.clear();
                 }
                 if want("failed") {
-                    let dead = self.scan_dead().await.map_err(failed)?;
-                    items.extend(dead.into_iter().map(|(_, i)| i).take(limit as usize));
+                    let dead = self.scan_dead(Some(SCAN_WINDOW)).await.map_err(failed)?;
+                    items.extend(dead.into_iter().rev().map(|(_, i)| i).take(limit as usize));
                 }
                 Ok(items)
             }
@@ -898,7 +906,10 @@ impl Work {
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
             Err(e) => return Err((ErrorCode::Failed, format!("cannot read {STREAM}: {e}"))),
         }
-        let dead = self.scan_dead().await.map_err(|e| (ErrorCode::Failed, e))?;
+        let dead = self
+            .scan_dead(None)
+            .await
+            .map_err(|e| (ErrorCode::Failed, e))?;
         dead.into_iter()
             .find(|(_, i)| i.id == id)
             .ok_or_else(not_found)
@@ -912,23 +923,56 @@ impl Work {
             .ok()
             .flatten()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        match claim {
-            Some(c) => {
-                let mut item = item_of(id, body, "running", c.delivered.saturating_sub(1), None);
-                item.claimed_at = Some(c.claimed_unix);
-                item.claimed_by = Some(format!("{}/{}", c.node, c.daemon));
-                item.node = Some(c.node);
-                item
-            }
-            None => item_of(id, body, "pending", 0, None),
-        }
+        live_item_of(id, body, claim.as_ref())
     }
 
-    /// Every item of the work stream, oldest first (at most `limit`).
-    async fn scan_work(&self, limit: u64) -> Result<Vec<Item>, String> {
+    /// How many items are pending, running and failed in the whole queue.
+    async fn counts(&self) -> BTreeMap<String, u64> {
+        let messages = |s: &stream::Stream| {
+            let mut s = s.clone();
+            async move { s.info().await.map(|i| i.state.messages).unwrap_or(0) }
+        };
+        let outstanding = messages(&self.work).await;
+        let failed = messages(&self.dead).await;
+        let running = self.claim_records().await.len() as u64;
+        BTreeMap::from([
+            ("pending".to_string(), outstanding.saturating_sub(running)),
+            ("running".to_string(), running),
+            ("failed".to_string(), failed),
+        ])
+    }
+
+    /// Every claim record, by item id (as many as items run in the cluster).
+    async fn claim_records(&self) -> BTreeMap<i64, ClaimRecord> {
+        let mut out = BTreeMap::new();
+        let Ok(mut keys) = self.claims.keys().await else {
+            return out;
+        };
+        while let Some(Ok(key)) = keys.next().await {
+            let Ok(id) = key.parse::<i64>() else { continue };
+            if let Ok(Some(bytes)) = self.claims.get(&key).await
+                && let Ok(record) = serde_json::from_slice::<ClaimRecord>(&bytes)
+            {
+                out.insert(id, record);
+            }
+        }
+        out
+    }
+
+    /// The newest [`SCAN_WINDOW`] items of the work stream, oldest first: a listing reads no
+    /// more than that, however long the queue (it runs in the task that renews the claims).
+    async fn scan_work(&self) -> Result<Vec<Item>, String> {
+        let mut work = self.work.clone();
+        let last = work
+            .info()
+            .await
+            .map_err(|e| format!("cannot read {STREAM}: {e}"))?
+            .state
+            .last_sequence;
+        let claims = self.claim_records().await;
         let mut items = Vec::new();
-        let mut seq = 1;
-        while (items.len() as u64) < limit {
+        let mut seq = last.saturating_sub(SCAN_WINDOW).max(1);
+        while (items.len() as u64) < SCAN_WINDOW {
             let m = match self
                 .work
                 .raw_message_builder()
@@ -943,16 +987,29 @@ impl Work {
             };
             seq = m.sequence + 1;
             if let Ok(body) = serde_json::from_slice::<Body>(&m.payload) {
-                items.push(self.live_item(m.sequence as i64, &body).await);
+                let id = m.sequence as i64;
+                items.push(live_item_of(id, &body, claims.get(&id)));
             }
         }
         Ok(items)
     }
 
-    /// Every dead item, oldest first.
-    async fn scan_dead(&self) -> Result<Vec<(Place, Item)>, String> {
+    /// The dead items, oldest first: the newest `window` of them, or all.
+    async fn scan_dead(&self, window: Option<u64>) -> Result<Vec<(Place, Item)>, String> {
         let mut items = Vec::new();
-        let mut seq = 1;
+        let mut seq = match window {
+            None => 1,
+            Some(w) => {
+                let mut dead = self.dead.clone();
+                let last = dead
+                    .info()
+                    .await
+                    .map_err(|e| format!("cannot read {DEAD}: {e}"))?
+                    .state
+                    .last_sequence;
+                last.saturating_sub(w).max(1)
+            }
+        };
         loop {
             let m = match self
                 .dead
@@ -997,6 +1054,20 @@ fn wrong(id: i64, status: &str, allowed: &str) -> (ErrorCode, String) {
         ErrorCode::Failed,
         format!("work item {id} is {status}: this applies only to an item that is {allowed}"),
     )
+}
+
+/// An item of the work stream: running where its claim record says, else pending.
+fn live_item_of(id: i64, body: &Body, claim: Option<&ClaimRecord>) -> Item {
+    match claim {
+        Some(c) => {
+            let mut item = item_of(id, body, "running", c.delivered.saturating_sub(1), None);
+            item.claimed_at = Some(c.claimed_unix);
+            item.claimed_by = Some(format!("{}/{}", c.node, c.daemon));
+            item.node = Some(c.node.clone());
+            item
+        }
+        None => item_of(id, body, "pending", 0, None),
+    }
 }
 
 fn item_of(id: i64, body: &Body, status: &str, attempts: i64, error: Option<String>) -> Item {

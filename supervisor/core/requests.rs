@@ -141,7 +141,7 @@ impl Core {
                     }
                     None => error(
                         ErrorCode::BadRequest,
-                        "this node is not in a cluster (cluster.enabled is false)",
+                        "this supervisor is not in a cluster (cluster.enabled was false when it started; a changed cluster section takes effect when it next starts)",
                     ),
                 };
                 let _ = reply.send(answer);
@@ -150,8 +150,9 @@ impl Core {
                 if self.work.is_none() {
                     let _ = reply.send(error(
                         ErrorCode::BadRequest,
-                        "this node is not in a cluster: its work queue is data/work_queue.db \
-                         (queue commands read it without the supervisor)",
+                        "this supervisor is not in a cluster (cluster.enabled was false when it \
+                         started; a changed cluster section takes effect when it next starts): \
+                         its work queue is data/work_queue.db",
                     ));
                 } else if let Err(e) = self.try_work(req, reply) {
                     let _ = e.send(error(

@@ -1857,7 +1857,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {dir}/host_key\nPidFile {dir}/sshd.pid\n\
                  AuthorizedKeysFile {dir}/authorized_keys\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-                 PermitRootLogin prohibit-password\nLogLevel ERROR\n",
+                 PermitRootLogin prohibit-password\nLogLevel FATAL\nMaxStartups 100\n",
                 dir = d.display()
             ),
         )

@@ -418,10 +418,14 @@ impl Daemon for QueuePopulator {
                 .unwrap_or(3600.0);
             self.stale_after = 2.0 * selfplay_max;
             println!(
-                "{NAME}: keeping {} selfplay items of {} games pending in {}; stale after {}s",
+                "{NAME}: keeping {} selfplay items of {} games {}; stale after {}s",
                 self.target_depth,
                 self.games_per_item,
-                pipeline.work_queue().display(),
+                if pipeline.shared_queue {
+                    "outstanding in the cluster's shared queue".to_string()
+                } else {
+                    format!("pending in {}", pipeline.work_queue().display())
+                },
                 self.stale_after
             );
             self.pipeline = Some(pipeline);
