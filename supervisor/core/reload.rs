@@ -75,7 +75,6 @@ impl Core {
         }
         // The bus connection, the HTTP listener and the containment mode are set up once, at
         // start: say so rather than let a changed section look applied.
-        let mut new = new;
         for (section, changed) in [
             ("cluster", new.cluster != self.config.cluster),
             ("http", new.http != self.config.http),
