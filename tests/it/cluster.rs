@@ -1918,13 +1918,14 @@ fn loop_root(nats: &Nats, sshd: &Sshd, id: &str, roles: &str) -> Root {
         (
             "  roles: [coordinator, training, selfplay, evaluation]",
             format!(
-                "  roles: [{roles}]\n  data_address: \"127.0.0.1:{}\"\n  work_ack_wait: 2s",
+                "  roles: [{roles}]\n  data_address: \"127.0.0.1:{}\"",
                 root.path().display()
             ),
         ),
         ("  heartbeat_interval: 2s", "  heartbeat_interval: 300ms".into()),
         ("  node_expiry: 10s", "  node_expiry: 2s".into()),
         ("  lease_ttl: 10s", "  lease_ttl: 2s".into()),
+        ("  work_ack_wait: 30s", "  work_ack_wait: 2s".into()),
         (
             "    targets: []               # directories, or host:path (rsync over ssh), to push",
             "    targets: [\"role:training\"] #".into(),

@@ -43,6 +43,10 @@ use ringrift::settings::PromotionSettings;
 
 const NAME: &str = "auto_promotion";
 
+/// How old a results file must be before the cycle's scan decides on it without its
+/// EVALUATION_COMPLETED (see `reconcile`).
+const LOST_EVENT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(AutoPromotion::default())
 }
@@ -599,7 +603,14 @@ impl AutoPromotion {
         let pipeline = self.pipeline.clone().expect("started");
         for candidate in candidates(&pipeline.root.join("models/candidates")) {
             let results_path = eval_path(&candidate);
-            if !results_path.exists()
+            // A results file evaluation has just put in place is decided on its
+            // EVALUATION_COMPLETED, which follows at once from another process: the scan, which is
+            // there for a lost event, leaves it that long, so no decision comes before the event.
+            let fresh = std::fs::metadata(&results_path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < LOST_EVENT_GRACE));
+            if fresh
+                || !results_path.exists()
                 || self
                     .state
                     .decided
