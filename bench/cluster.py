@@ -562,16 +562,22 @@ def main():
     finally:
         run.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+    save_and_print(result, started, "cluster-latest.json", table(result))
+
+
+def save_and_print(result, started, name, text):
+    """Writes bench/results/<name> and prints the machine line and the table (shared with
+    bench/queue.py)."""
     result["machine"]["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
     result["elapsed_secs"] = round(time.monotonic() - started, 1)
-    out = REPO / "bench" / "results" / "cluster-latest.json"
+    out = REPO / "bench" / "results" / name
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     print(f"Machine: {m['nproc']} CPUs, {m['cpu']}, {m['mem_total_kib'] // 1024} MiB RAM, Linux {m['kernel']}; "
           f"run {m['date']}, {result['elapsed_secs']:.0f} s in all; nats-server {result['versions']['nats-server']}. "
           f"Load average at start {' '.join(m['loadavg_at_start'])}, at end {' '.join(m['loadavg_at_end'])}.")
     print()
-    print(table(result))
+    print(text)
     print(f"\nsaved {out.relative_to(REPO)}", file=sys.stderr)
 
 

@@ -973,17 +973,8 @@ impl Work {
         let mut items = Vec::new();
         let mut seq = last.saturating_sub(SCAN_WINDOW).max(1);
         while (items.len() as u64) < SCAN_WINDOW {
-            let m = match self
-                .work
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject("ringrift.work.>")
-                .send()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(format!("cannot read {STREAM}: {e}")),
+            let Some(m) = next_message(&self.work, "ringrift.work.>", seq).await? else {
+                break;
             };
             seq = m.sequence + 1;
             if let Ok(body) = serde_json::from_slice::<Body>(&m.payload) {
@@ -1011,17 +1002,8 @@ impl Work {
             }
         };
         loop {
-            let m = match self
-                .dead
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject("ringrift.dead.>")
-                .send()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
-                Err(e) => return Err(format!("cannot read {DEAD}: {e}")),
+            let Some(m) = next_message(&self.dead, "ringrift.dead.>", seq).await? else {
+                break;
             };
             seq = m.sequence + 1;
             if let Ok(dead) = serde_json::from_slice::<DeadBody>(&m.payload) {
@@ -1038,6 +1020,29 @@ impl Work {
             }
         }
         Ok(items)
+    }
+}
+
+/// The first message of `stream` at or after `seq` on a subject `filter` matches (None past the
+/// last).
+async fn next_message(
+    stream: &stream::Stream,
+    filter: &str,
+    seq: u64,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, String> {
+    match stream
+        .raw_message_builder()
+        .sequence(seq)
+        .next_by_subject(filter)
+        .send()
+        .await
+    {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!(
+            "cannot read {}: {e}",
+            stream.cached_info().config.name
+        )),
     }
 }
 
