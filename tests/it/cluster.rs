@@ -1901,7 +1901,7 @@ impl Drop for Sshd {
 /// its root reached over ssh on loopback as its data address (`127.0.0.1:<root>`, rsync over
 /// `sshd`), `role:` targets for games and models, and the train job slowed by three seconds (so
 /// that it can be interrupted). Numbers are made small by `pipeline::SMALL_ENV`.
-fn loop_root(nats: &Nats, sshd: &Sshd, id: &str, roles: &str) -> Root {
+fn loop_root(nats: &Nats, sshd: &Sshd, id: &str, roles: &str, http: u16) -> Root {
     let root = Root::new();
     let mut yaml = ringrift::config::DEFAULT_YAML.to_string();
     for (from, to) in [
@@ -1909,7 +1909,10 @@ fn loop_root(nats: &Nats, sshd: &Sshd, id: &str, roles: &str) -> Root {
             "pipeline:\n  config_keys: [hex8_2p]",
             format!("pipeline:\n  config_keys: [hex8_2p]\n  ssh: {}", sshd.ssh_yaml()),
         ),
-        ("http:\n  enabled: true", "http:\n  enabled: false".to_string()),
+        (
+            "  addr: 127.0.0.1:8770",
+            format!("  addr: 127.0.0.1:{http}"),
+        ),
         (
             "  enabled: false\n  # node_id: gpu-07",
             format!("  enabled: true\n  node_id: {id}"),
@@ -1964,9 +1967,16 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
     let nats = Nats::start();
     // node-b trains, evaluates, promotes and fills the shared queue; node-a and node-c play.
     // Games and models go between them with rsync over ssh.
-    let b = loop_root(&nats, &sshd, "node-b", "coordinator, training, evaluation");
-    let a = loop_root(&nats, &sshd, "node-a", "selfplay");
-    let c = loop_root(&nats, &sshd, "node-c", "selfplay");
+    let b_http = free_port();
+    let b = loop_root(
+        &nats,
+        &sshd,
+        "node-b",
+        "coordinator, training, evaluation",
+        b_http,
+    );
+    let a = loop_root(&nats, &sshd, "node-a", "selfplay", free_port());
+    let c = loop_root(&nats, &sshd, "node-c", "selfplay", free_port());
     let trainer = [
         "start",
         "queue_populator",
@@ -2004,6 +2014,24 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
         b.ok(&["status"])
     );
 
+    // Seen from one place: node-b's GET /cluster/status lists the three nodes, and the players'
+    // selfplay slots.
+    let report: ClusterReport = serde_json::from_str(
+        http_get(b_http, "/cluster/status")
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default(),
+    )
+    .expect("GET /cluster/status");
+    assert_eq!(node_ids(&report).len(), 3, "{report:?}");
+    assert!(
+        report
+            .nodes
+            .iter()
+            .filter(|n| n.record.node_id != "node-b")
+            .all(|n| n.record.slots.is_some()),
+        "{report:?}"
+    );
     // The trainer's supervisor dies in the middle of training (the train job sleeps 3 s first).
     assert!(
         b.events_of("TRAINING_COMPLETED").is_empty(),
