@@ -1567,6 +1567,19 @@ fn shared_items(root: &Root, args: &[&str]) -> Vec<ringrift::work_queue::Item> {
     serde_json::from_str(&root.ok(&all)).expect("queue list --json")
 }
 
+/// As [`shared_items`], for a condition polled until a deadline: nothing while the node cannot
+/// answer yet (it has just started and is not on the bus).
+fn shared_items_now(root: &Root, args: &[&str]) -> Vec<ringrift::work_queue::Item> {
+    let mut all = vec!["queue", "list", "--json"];
+    all.extend_from_slice(args);
+    let out = root.run(&all);
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).expect("queue list --json")
+    } else {
+        Vec::new()
+    }
+}
+
 #[test]
 fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once() {
     let nats = Nats::start();
@@ -1589,7 +1602,7 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
 
     // node-b dies in the middle of a hex8_2p job: its supervisor is killed (and the job with it).
     let running_on_b = || {
-        shared_items(&a, &["--status", "running"])
+        shared_items_now(&a, &["--status", "running"])
             .into_iter()
             .find(|i| i.node.as_deref() == Some("node-b"))
     };
@@ -1681,7 +1694,7 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
     // An item cancelled while it runs: its node finds its claim gone and stops the job.
     let mut running = None;
     assert!(wait_until(T, || {
-        running = shared_items(&a, &["--status", "running"])
+        running = shared_items_now(&a, &["--status", "running"])
             .into_iter()
             .next();
         running.is_some()
@@ -1729,7 +1742,7 @@ fn a_shared_item_that_always_fails_is_set_aside_and_the_operator_can_retry_and_c
     );
     a.wait_log("master_loop", "is unreadable (missing field", T);
     assert!(
-        wait_until(Duration::from_secs(60), || shared_items(
+        wait_until(Duration::from_secs(60), || shared_items_now(
             &a,
             &["--status", "failed"]
         )
@@ -1977,6 +1990,12 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
     );
     let a = loop_root(&nats, &sshd, "node-a", "selfplay", free_port());
     let c = loop_root(&nats, &sshd, "node-c", "selfplay", free_port());
+    // The pipeline test's small numbers, each node on its own HTTP port (not any free one).
+    let small: Vec<(&str, &str)> = crate::pipeline::SMALL_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "RINGRIFT_HTTP__ADDR")
+        .collect();
     let trainer = [
         "start",
         "queue_populator",
@@ -1988,12 +2007,9 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
         "auto_promotion",
         "model_distribution",
     ];
-    b.ok_with_env(&trainer, crate::pipeline::SMALL_ENV);
+    b.ok_with_env(&trainer, &small);
     for player in [&a, &c] {
-        player.ok_with_env(
-            &["start", "selfplay_scheduler", "auto_sync"],
-            crate::pipeline::SMALL_ENV,
-        );
+        player.ok_with_env(&["start", "selfplay_scheduler", "auto_sync"], &small);
     }
 
     // Games from both players reach the trainer, which starts training on them.
@@ -2042,7 +2058,7 @@ fn three_nodes_run_the_whole_loop_and_a_training_node_killed_mid_training_finish
     assert!(wait_until(T, || !alive(b_pid)));
     // It comes back; its training item is delivered to it again (it is the only training node)
     // and trained to the end, evaluated and promoted there.
-    b.ok_with_env(&trainer, crate::pipeline::SMALL_ENV);
+    b.ok_with_env(&trainer, &small);
     let promoted = || b.events_of("MODEL_PROMOTED").into_iter().next();
     assert!(
         wait_until(Duration::from_secs(240), || promoted().is_some()),
@@ -2108,7 +2124,7 @@ fn a_node_that_shuts_down_hands_its_items_back_at_once() {
     b.ok(&["start", "selfplay_scheduler"]);
     let mut held = Vec::new();
     assert!(wait_until(T, || {
-        held = shared_items(&b, &["--status", "running"])
+        held = shared_items_now(&b, &["--status", "running"])
             .into_iter()
             .filter(|i| i.node.as_deref() == Some("node-a"))
             .map(|i| i.id)
