@@ -274,6 +274,38 @@ pub enum WorkOp {
     },
 }
 
+impl WorkOp {
+    /// Whether `daemon` may ask this of the shared queue: the daemons whose work it is, as the
+    /// catalog of events says who may emit what (`events::may_emit`). Claiming and settling
+    /// selfplay items is selfplay_scheduler's, training items training_trigger's (which also
+    /// queues them); topping up and reaping is queue_populator's. Err says why not.
+    pub fn may_ask(&self, daemon: &str) -> Result<(), String> {
+        let owner = match self {
+            WorkOp::Claim { item_type, .. } => match item_type.as_str() {
+                crate::work_queue::SELFPLAY => "selfplay_scheduler",
+                crate::work_queue::TRAINING => "training_trigger",
+                other => return Err(format!("there are no {other:?} items")),
+            },
+            // The supervisor checks that the item is this daemon's claim.
+            WorkOp::Complete { .. } | WorkOp::Fail { .. } => return Ok(()),
+            WorkOp::TopUp { .. } | WorkOp::Reap { .. } => "queue_populator",
+            WorkOp::Enqueue { item_type, .. } if item_type == crate::work_queue::TRAINING => {
+                "training_trigger"
+            }
+            WorkOp::Enqueue { item_type, .. } => {
+                return Err(format!("{item_type:?} items are not queued one by one"));
+            }
+        };
+        if daemon == owner {
+            Ok(())
+        } else {
+            Err(format!(
+                "only {owner} may ask this of the shared work queue"
+            ))
+        }
+    }
+}
+
 /// The answer to a [`WorkOp`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]
@@ -1244,6 +1276,32 @@ pub enum InheritedError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_daemons_whose_work_it_is_may_ask_the_shared_queue() {
+        let claim = |t: &str| WorkOp::Claim {
+            item_type: t.into(),
+            max: 1,
+        };
+        assert!(claim("selfplay").may_ask("selfplay_scheduler").is_ok());
+        assert!(claim("selfplay").may_ask("auto_sync").is_err());
+        assert!(claim("training").may_ask("training_trigger").is_ok());
+        assert!(claim("training").may_ask("selfplay_scheduler").is_err());
+        assert!(claim("bogus").may_ask("selfplay_scheduler").is_err());
+        let reap = WorkOp::Reap {
+            older_than_secs: BTreeMap::new(),
+        };
+        assert!(reap.may_ask("queue_populator").is_ok());
+        assert!(reap.may_ask("job_reaper").is_err());
+        let enqueue = |t: &str| WorkOp::Enqueue {
+            item_type: t.into(),
+            config_key: "hex8_2p".into(),
+        };
+        assert!(enqueue("training").may_ask("training_trigger").is_ok());
+        assert!(enqueue("selfplay").may_ask("training_trigger").is_err());
+        let e = enqueue("training").may_ask("evaluation").unwrap_err();
+        assert!(e.contains("only training_trigger"), "{e}");
+    }
 
     #[test]
     fn hello_round_trips_with_type_tag() {

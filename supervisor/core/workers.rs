@@ -126,6 +126,15 @@ impl Core {
                 let Some(conn) = d.conn().cloned() else {
                     return;
                 };
+                if let Err(message) = op.may_ask(name) {
+                    self.log
+                        .warn(&format!("{name}: work request refused: {message}"));
+                    let _ = conn.send(FromSupervisor::Work {
+                        request_id,
+                        answer: protocol::WorkAnswer::Refused { message },
+                    });
+                    return;
+                }
                 let cmd = crate::cluster::work::Cmd::Op {
                     daemon: name.to_string(),
                     conn: conn.clone(),
