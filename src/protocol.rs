@@ -244,6 +244,16 @@ pub enum WorkOp {
         /// The first retry's delay, seconds.
         backoff_secs: f64,
     },
+    /// This node cannot run the item at all (a key it does not play, no export of it here): it
+    /// goes back for another node at once, and this does not count as a failed attempt; after
+    /// `work_queue::MAX_RELEASES` such hand-backs (no node of the cluster can run it) it is set
+    /// aside like a failed one. Answered by [`WorkAnswer::Settled`].
+    Release {
+        /// The claimed item.
+        item_id: i64,
+        /// Why this node cannot run it.
+        reason: String,
+    },
     /// Adds selfplay items until `target` are outstanding (queued or running), spread over the
     /// keys of `weights` by `work_queue::allocate`. Answered by [`WorkAnswer::ToppedUp`].
     TopUp {
@@ -287,7 +297,9 @@ impl WorkOp {
                 other => return Err(format!("there are no {other:?} items")),
             },
             // The supervisor checks that the item is this daemon's claim.
-            WorkOp::Complete { .. } | WorkOp::Fail { .. } => return Ok(()),
+            WorkOp::Complete { .. } | WorkOp::Fail { .. } | WorkOp::Release { .. } => {
+                return Ok(());
+            }
             WorkOp::TopUp { .. } | WorkOp::Reap { .. } => "queue_populator",
             WorkOp::Enqueue { item_type, .. } if item_type == crate::work_queue::TRAINING => {
                 "training_trigger"

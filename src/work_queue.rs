@@ -37,6 +37,10 @@ pub const TRAINING: &str = "training";
 /// An item that timed out this many times is not requeued again (it stays `timeout`).
 pub const MAX_ATTEMPTS: i64 = 3;
 
+/// In the cluster's shared queue: an item handed back this many times by nodes that cannot run
+/// it at all (`WorkOp::Release`) is set aside: no node of the cluster can.
+pub const MAX_RELEASES: i64 = 10;
+
 /// Every status an item can have, in the order of its life.
 pub const STATUSES: &[&str] = &[
     "pending",

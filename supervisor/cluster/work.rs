@@ -1,4 +1,4 @@
-//! The cluster's shared work queue (issue 13): selfplay items in a JetStream work-queue stream that
+//! The cluster's shared work queue (issue 13): selfplay and training items in a JetStream work-queue stream that
 //! every node of the cluster claims from, with the same contract as the single node's SQLite queue
 //! (`ringrift::work_queue`): claim, complete, fail with a growing delay, set aside after
 //! [`MAX_ATTEMPTS`] failures (the dead-letter stream, and WORK_FAILED from the daemon that ran it).
@@ -9,8 +9,11 @@
 //! - stream `RINGRIFT_WORK` (WorkQueue retention, file storage), subjects
 //!   `ringrift.work.<type>.<config_key>`; one durable pull consumer per type (`work_<type>`, a
 //!   single `filter_subject`: CLUSTER-NOTES pitfalls 3 and 4), explicit acks, `ack_wait` =
-//!   `cluster.work_ack_wait`, no `max_deliver` (attempts are counted here, from the delivery
-//!   count, so that nothing is left behind by the server's own limit: pitfall in "What works");
+//!   `cluster.work_ack_wait`, no `max_deliver` (attempts are counted here, so that nothing is
+//!   left behind by the server's own limit: pitfall in "What works");
+//! - bucket `ringrift_attempts` (key = item id): the item's failed jobs and its hand-backs by
+//!   nodes that cannot run it at all ([`WorkOp::Release`]), so that neither a node's death nor a
+//!   node that does not play its key costs it an attempt;
 //! - an item's id is its stream sequence number, which a redelivery keeps;
 //! - bucket `ringrift_claims` (key = item id): which node and delivery holds each claimed item.
 //!   The holder renews its record every third of `ack_wait` by compare-and-set, with a progress
@@ -19,11 +22,12 @@
 //!   its record for two thirds of `ack_wait` gives the item up before the server redelivers it.
 //!   Either way the item's job is stopped (`Msg::WorkLost`): never two nodes running one item;
 //! - stream `RINGRIFT_WORK_DEAD` (limits retention, 30 days), subjects `ringrift.dead.<type>.<key>`:
-//!   items whose last attempt failed, with the error, the node and the attempts.
+//!   items whose last attempt failed (or that no node could run), with the error, the node and
+//!   the attempts.
 //!
-//! A claimed item stays this node's while the daemon that claimed it is connected or a job it
-//! started for the item runs; otherwise (the daemon's process died between jobs) it is handed
-//! back at once. An item whose node died comes back `ack_wait` after the node's last renewal.
+//! A claimed item stays this node's while a job it started for the item runs, or the daemon that
+//! claimed it is connected and starts one within `ack_wait`; otherwise it is handed back at the
+//! next renewal. An item whose node died comes back `ack_wait` after the node's last renewal.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -33,7 +37,7 @@ use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use futures_util::StreamExt;
 use ringrift::protocol::{ErrorCode, FromSupervisor, QueueRequest, WorkAnswer, WorkOp};
 use ringrift::work_queue::{
-    Attempt, Claimed, Item, MAX_ATTEMPTS, SELFPLAY, SelfplaySpec, TRAINING,
+    Attempt, Claimed, Item, MAX_ATTEMPTS, MAX_RELEASES, SELFPLAY, SelfplaySpec, TRAINING,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -47,6 +51,11 @@ pub(crate) const STREAM: &str = "RINGRIFT_WORK";
 pub(crate) const DEAD: &str = "RINGRIFT_WORK_DEAD";
 /// The claims bucket.
 pub(crate) const CLAIMS: &str = "ringrift_claims";
+/// The bucket of failed attempts and hand-backs per item.
+pub(crate) const ATTEMPTS: &str = "ringrift_attempts";
+/// A handed-back item waits this long, so that nodes that cannot run it do not pass it round
+/// and round.
+const RELEASE_DELAY: Duration = Duration::from_secs(1);
 /// How long a dead item is kept.
 const KEEP_DEAD: Duration = Duration::from_secs(30 * 86_400);
 /// A failed item's delay doubles per attempt up to this.
@@ -126,7 +135,6 @@ struct Held {
     confirmed: Instant,
     /// Its record as written at the claim.
     record: ClaimRecord,
-    delivered: i64,
     body: Body,
 }
 
@@ -173,6 +181,9 @@ pub(crate) async fn start(
     let claims = super::kv_bucket(&js, CLAIMS, CLAIMS_MAX_AGE, replicas, "claims", &log)
         .await?
         .store;
+    let attempts = super::kv_bucket(&js, ATTEMPTS, KEEP_DEAD, replicas, "attempts", &log)
+        .await?
+        .store;
     let mut task = Work {
         js,
         node,
@@ -182,6 +193,7 @@ pub(crate) async fn start(
         work,
         dead,
         claims,
+        attempts,
         consumers: BTreeMap::new(),
         held: BTreeMap::new(),
     };
@@ -242,8 +254,19 @@ struct Work {
     work: stream::Stream,
     dead: stream::Stream,
     claims: kv::Store,
+    /// Failed attempts and hand-backs per item ([`Counts`]).
+    attempts: kv::Store,
     consumers: BTreeMap<String, consumer::PullConsumer>,
     held: BTreeMap<i64, Held>,
+}
+
+/// What the attempts bucket keeps of an item that did not succeed yet.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Counts {
+    /// Jobs that failed (the item is set aside at [`MAX_ATTEMPTS`]).
+    failures: i64,
+    /// Nodes that could not run it at all (set aside at [`MAX_RELEASES`]).
+    releases: i64,
 }
 
 fn unix_now() -> f64 {
@@ -355,6 +378,7 @@ impl Work {
                     .await
                     .map_err(|e| format!("cannot acknowledge work item {item_id}: {e}"))?;
                 self.drop_claim(item_id, h.revision).await;
+                let _ = self.attempts.delete(item_id.to_string()).await;
                 Ok(WorkAnswer::Settled { attempt: None })
             }
             WorkOp::Fail {
@@ -363,68 +387,12 @@ impl Work {
                 backoff_secs,
             } => {
                 let h = self.take(daemon, item_id)?;
-                let attempts = h.delivered;
-                if attempts >= MAX_ATTEMPTS {
-                    let dead = DeadBody {
-                        id: item_id,
-                        item: h.body.clone(),
-                        error,
-                        attempts,
-                        node: self.node.clone(),
-                        failed_unix: unix_now(),
-                    };
-                    let subject = format!(
-                        "ringrift.dead.{}.{}",
-                        safe_token(&h.body.item_type),
-                        safe_token(&h.body.config_key)
-                    );
-                    let sent = async {
-                        self.js
-                            .publish(
-                                subject,
-                                serde_json::to_vec(&dead).expect("serializes").into(),
-                            )
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                    .await;
-                    if let Err(e) = sent {
-                        // Not set aside: it comes back (and fails again, and is set aside then).
-                        let _ = h.msg.ack_with(AckKind::Nak(None)).await;
-                        self.drop_claim(item_id, h.revision).await;
-                        return Err(format!(
-                            "cannot set work item {item_id} aside in {DEAD}: {e}; it is handed back"
-                        ));
-                    }
-                    h.msg
-                        .double_ack()
-                        .await
-                        .map_err(|e| format!("cannot remove work item {item_id}: {e}"))?;
-                    self.drop_claim(item_id, h.revision).await;
-                    self.log.warn(&format!(
-                        "cluster: work item {item_id} ({} {}) failed its last attempt ({attempts}): \
-                         set aside in {DEAD}",
-                        h.body.item_type, h.body.config_key
-                    ));
-                    Ok(WorkAnswer::Settled {
-                        attempt: Some(Attempt::Dead { attempts }),
-                    })
-                } else {
-                    let wait = delay(backoff_secs, attempts);
-                    h.msg
-                        .ack_with(AckKind::Nak(Some(wait)))
-                        .await
-                        .map_err(|e| format!("cannot hand work item {item_id} back: {e}"))?;
-                    self.drop_claim(item_id, h.revision).await;
-                    Ok(WorkAnswer::Settled {
-                        attempt: Some(Attempt::Retry {
-                            attempts,
-                            at: unix_now() + wait.as_secs_f64(),
-                        }),
-                    })
-                }
+                self.settle_failure(h, item_id, error, Some(backoff_secs))
+                    .await
+            }
+            WorkOp::Release { item_id, reason } => {
+                let h = self.take(daemon, item_id)?;
+                self.settle_failure(h, item_id, reason, None).await
             }
             WorkOp::TopUp {
                 target,
@@ -512,6 +480,119 @@ impl Work {
             }
         }
         Ok(reaped)
+    }
+
+    /// A failed attempt (`backoff_secs` given) or a hand-back by a node that cannot run the item
+    /// (None): counted in the attempts bucket; the item goes back with a delay, or is set aside
+    /// after [`MAX_ATTEMPTS`] failures or [`MAX_RELEASES`] hand-backs.
+    async fn settle_failure(
+        &mut self,
+        h: Held,
+        item_id: i64,
+        error: String,
+        backoff_secs: Option<f64>,
+    ) -> Result<WorkAnswer, String> {
+        let key = item_id.to_string();
+        let mut counts: Counts = match self.attempts.get(&key).await {
+            Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
+            _ => Counts::default(),
+        };
+        let (dead, wait, attempts) = match backoff_secs {
+            Some(backoff) => {
+                counts.failures += 1;
+                let n = counts.failures;
+                (n >= MAX_ATTEMPTS, delay(backoff, n), n)
+            }
+            None => {
+                counts.releases += 1;
+                let n = counts.releases;
+                (n >= MAX_RELEASES, RELEASE_DELAY, counts.failures)
+            }
+        };
+        if !dead {
+            // A count not written is one attempt more for the item, never one less for its node.
+            let _ = self
+                .attempts
+                .put(
+                    &key,
+                    serde_json::to_vec(&counts).expect("serializes").into(),
+                )
+                .await;
+            h.msg
+                .ack_with(AckKind::Nak(Some(wait)))
+                .await
+                .map_err(|e| format!("cannot hand work item {item_id} back: {e}"))?;
+            self.drop_claim(item_id, h.revision).await;
+            return Ok(WorkAnswer::Settled {
+                attempt: Some(Attempt::Retry {
+                    attempts,
+                    at: unix_now() + wait.as_secs_f64(),
+                }),
+            });
+        }
+        let (error, attempts) = match backoff_secs {
+            Some(_) => (error, attempts),
+            None => (
+                format!(
+                    "no node could run it ({} hand-backs); the last said: {error}",
+                    counts.releases
+                ),
+                counts.releases,
+            ),
+        };
+        let dead = DeadBody {
+            id: item_id,
+            item: h.body.clone(),
+            error,
+            attempts,
+            node: self.node.clone(),
+            failed_unix: unix_now(),
+        };
+        let subject = format!(
+            "ringrift.dead.{}.{}",
+            safe_token(&h.body.item_type),
+            safe_token(&h.body.config_key)
+        );
+        let sent = async {
+            self.js
+                .publish(
+                    subject,
+                    serde_json::to_vec(&dead).expect("serializes").into(),
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if let Err(e) = sent {
+            // Not set aside: it comes back (and fails again, and is set aside then).
+            let _ = h.msg.ack_with(AckKind::Nak(None)).await;
+            self.drop_claim(item_id, h.revision).await;
+            return Err(format!(
+                "cannot set work item {item_id} aside in {DEAD}: {e}; it is handed back"
+            ));
+        }
+        h.msg
+            .double_ack()
+            .await
+            .map_err(|e| format!("cannot remove work item {item_id}: {e}"))?;
+        self.drop_claim(item_id, h.revision).await;
+        let _ = self.attempts.delete(&key).await;
+        self.log.warn(&format!(
+            "cluster: work item {item_id} ({} {}) set aside in {DEAD} after {attempts} {}: {}",
+            h.body.item_type,
+            h.body.config_key,
+            if backoff_secs.is_some() {
+                "failed attempts"
+            } else {
+                "hand-backs"
+            },
+            dead.error
+        ));
+        Ok(WorkAnswer::Settled {
+            attempt: Some(Attempt::Dead { attempts }),
+        })
     }
 
     /// The held item `id`, if `daemon` holds it.
@@ -627,12 +708,20 @@ impl Work {
                     String::new()
                 }
             ));
+            let failures = match self.attempts.get(id.to_string()).await {
+                Ok(Some(b)) => {
+                    serde_json::from_slice::<Counts>(&b)
+                        .unwrap_or_default()
+                        .failures
+                }
+                _ => 0,
+            };
             claimed.push(Claimed {
                 id,
                 item_type: body.item_type.clone(),
                 priority: body.priority,
                 config: body.config.clone(),
-                attempts: delivered - 1,
+                attempts: failures,
             });
             self.held.insert(
                 id,
@@ -645,7 +734,6 @@ impl Work {
                     revision,
                     confirmed: Instant::now(),
                     record,
-                    delivered,
                     body,
                 },
             );
@@ -876,6 +964,7 @@ impl Work {
                     .map_err(|e| failed(format!("cannot cancel work item {id}: {e}")))?;
                 // Its holder (this node or another) finds its record gone and stops the job.
                 let _ = self.claims.delete(id.to_string()).await;
+                let _ = self.attempts.delete(id.to_string()).await;
                 self.log.info(&format!(
                     "cluster: work item {id} cancelled by the operator"
                 ));

@@ -468,23 +468,43 @@ impl TrainingTrigger {
             let key = serde_json::from_str::<Value>(&item.config)
                 .ok()
                 .and_then(|c| c.get("config_key")?.as_str().map(str::to_string));
-            let outcome: Result<(), String> = match &key {
-                None => Err(format!(
-                    "training item {}: no config key in {:?}",
-                    item.id, item.config
-                )),
+            // What this node cannot train at all goes back for another training node, without
+            // counting as a failed run.
+            let cannot = match &key {
+                None => Some(format!("no config key in {:?}", item.config)),
                 Some(k) if !pipeline.config_keys.contains(k) => {
-                    Err(format!("config key {k} is not in pipeline.config_keys"))
+                    Some(format!("config key {k} is not in pipeline.config_keys"))
                 }
-                Some(k) => self.train_item(&pipeline, k, item.id).await,
+                Some(k) if !pipeline.npz(k).exists() => Some(format!(
+                    "no export of {k} on this node ({} does not exist)",
+                    pipeline.npz(k).display()
+                )),
+                Some(_) => None,
             };
-            let settle = match &outcome {
-                Ok(()) => WorkOp::Complete { item_id: item.id },
-                Err(e) => WorkOp::Fail {
-                    item_id: item.id,
-                    error: e.clone(),
-                    backoff_secs: self.failure_backoff,
-                },
+            let (outcome, settle) = match (&key, cannot) {
+                (Some(k), None) => {
+                    let outcome = self.train_item(&pipeline, k, item.id).await;
+                    let settle = match &outcome {
+                        Ok(()) => WorkOp::Complete { item_id: item.id },
+                        Err(e) => WorkOp::Fail {
+                            item_id: item.id,
+                            error: e.clone(),
+                            backoff_secs: self.failure_backoff,
+                        },
+                    };
+                    (outcome, settle)
+                }
+                (_, reason) => {
+                    let reason = reason.unwrap_or_else(|| "no config key".into());
+                    println!("{NAME}: training item {}: handed back: {reason}", item.id);
+                    (
+                        Err(reason.clone()),
+                        WorkOp::Release {
+                            item_id: item.id,
+                            reason,
+                        },
+                    )
+                }
             };
             match ctx.work(settle).await {
                 WorkAnswer::Settled {

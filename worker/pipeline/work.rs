@@ -120,9 +120,10 @@ impl Queue {
         }
     }
 
-    /// An item this node cannot run at all (unknown type, bad config): failed for good in the
-    /// local queue; handed back in the shared one, where another node may know its key (set
-    /// aside after its last attempt like any failure). `attempts`: its earlier attempts.
+    /// An item this node cannot run at all (unknown type, bad config, a key it does not play):
+    /// failed for good in the local queue; in the shared one handed back for another node,
+    /// without counting as a failed attempt (set aside once no node could run it).
+    /// `attempts`: its earlier attempts.
     pub(crate) async fn reject(
         &self,
         id: i64,
@@ -136,7 +137,16 @@ impl Queue {
                     attempts: attempts + 1,
                 })
             }),
-            Queue::Shared(_) => self.fail_attempt(id, problem, now, 0.0).await,
+            Queue::Shared(ctx) => match ctx
+                .work(WorkOp::Release {
+                    item_id: id,
+                    reason: problem.to_string(),
+                })
+                .await
+            {
+                WorkAnswer::Settled { attempt } => Ok(attempt),
+                other => Err(refused(other)),
+            },
         }
     }
 
