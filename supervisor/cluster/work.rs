@@ -72,8 +72,13 @@ pub(crate) enum Cmd {
         request_id: u64,
         op: WorkOp,
     },
-    /// A job for a claimed item started (`job` = its id) or ended (None).
-    Job { item: i64, job: Option<String> },
+    /// Job `job` of `daemon`, for claimed item `item`, started (`running`) or ended.
+    Job {
+        item: i64,
+        daemon: String,
+        job: String,
+        running: bool,
+    },
     /// An operator's `queue ...`.
     Queue { req: QueueRequest, reply: Reply },
     /// The supervisor is exiting: hand every held item back now, then say so.
@@ -331,10 +336,22 @@ impl Work {
                 };
                 let _ = conn.send(FromSupervisor::Work { request_id, answer });
             }
-            Cmd::Job { item, job } => {
-                if let Some(h) = self.held.get_mut(&item) {
-                    h.idle_since = job.is_none().then(Instant::now);
-                    h.job = job;
+            Cmd::Job {
+                item,
+                daemon,
+                job,
+                running,
+            } => {
+                // Only the daemon holding the item binds a job to it, and only its bound job's
+                // end unbinds it.
+                if let Some(h) = self.held.get_mut(&item).filter(|h| h.daemon == daemon) {
+                    if running {
+                        h.job = Some(job);
+                        h.idle_since = None;
+                    } else if h.job.as_deref() == Some(job.as_str()) {
+                        h.job = None;
+                        h.idle_since = Some(Instant::now());
+                    }
                 }
             }
             Cmd::Release(done) => {
@@ -412,9 +429,6 @@ impl Work {
     /// Queues an item of `item_type` for `key` unless one is outstanding.
     async fn enqueue(&mut self, item_type: &str, key: &str) -> Result<WorkAnswer, String> {
         let subject = format!("ringrift.work.{}.{}", token(item_type)?, token(key)?);
-        if self.outstanding(&subject).await?.values().any(|n| *n > 0) {
-            return Ok(WorkAnswer::Enqueued { item_id: None });
-        }
         let body = Body {
             item_type: item_type.to_string(),
             config_key: key.to_string(),
@@ -422,16 +436,27 @@ impl Work {
             config: serde_json::json!({ "config_key": key }).to_string(),
             created_unix: unix_now(),
         };
-        let ack = self
+        // Queued only if the subject has no message now, checked by the server as it stores it
+        // (one item per key: two nodes asking at once cannot both queue one).
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let published = self
             .js
-            .publish(
+            .publish_with_headers(
                 subject,
+                headers,
                 serde_json::to_vec(&body).expect("serializes").into(),
             )
             .await
             .map_err(|e| format!("cannot queue work: {e}"))?
-            .await
-            .map_err(|e| format!("cannot queue work: {e}"))?;
+            .await;
+        let ack = match published {
+            Ok(ack) => ack,
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                return Ok(WorkAnswer::Enqueued { item_id: None });
+            }
+            Err(e) => return Err(format!("cannot queue work: {e}")),
+        };
         self.log.info(&format!(
             "cluster: work item {} ({item_type} {key}) queued",
             ack.sequence

@@ -31,6 +31,9 @@ pub(crate) struct Job {
     pub unit: Unit,
     /// The shared work queue's item it runs, if any.
     pub work_item: Option<i64>,
+    /// The spawn of the daemon whose process asked for it: only that process hears how it ends
+    /// (a restarted worker numbers its requests from 1 again).
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,12 +181,15 @@ impl Core {
                 exited: None,
                 unit,
                 work_item,
+                generation: self.daemons.get(daemon).map_or(0, |d| d.generation),
             },
         );
         if let Some(item) = work_item {
             self.work_cmd(crate::cluster::work::Cmd::Job {
                 item,
-                job: Some(id.clone()),
+                daemon: daemon.to_string(),
+                job: id.clone(),
+                running: true,
             });
         }
         self.job_timer(&id, JobTimer::Deadline, max_runtime);
@@ -306,7 +312,12 @@ impl Core {
         }
         let job = self.jobs.remove(id).expect("present");
         if let Some(item) = job.work_item {
-            self.work_cmd(crate::cluster::work::Cmd::Job { item, job: None });
+            self.work_cmd(crate::cluster::work::Cmd::Job {
+                item,
+                daemon: job.daemon.clone(),
+                job: job.id.clone(),
+                running: false,
+            });
         }
         if let Err(e) = job.unit.remove() {
             self.log.warn(&format!("job {id}: {e}"));
@@ -323,7 +334,13 @@ impl Core {
             job.daemon,
             runtime.as_secs_f64()
         ));
-        if let Some(tx) = self.daemons.get(&job.daemon).and_then(|d| d.conn()) {
+        // Only the process that asked: another (a restart) would take it for a job of its own.
+        if let Some(tx) = self
+            .daemons
+            .get(&job.daemon)
+            .filter(|d| d.generation == job.generation)
+            .and_then(|d| d.conn())
+        {
             let _ = tx.send(FromSupervisor::JobExit {
                 request_id: job.request_id,
                 job_id: job.id.clone(),

@@ -126,7 +126,15 @@ impl Core {
                 let Some(conn) = d.conn().cloned() else {
                     return;
                 };
-                if let Err(message) = op.may_ask(name) {
+                // Filling and reaping the queue is the leader's: fenced like its events.
+                let fenced = matches!(
+                    op,
+                    protocol::WorkOp::TopUp { .. } | protocol::WorkOp::Reap { .. }
+                )
+                .then(|| self.fence_for(name, &serde_json::json!({})).err())
+                .flatten()
+                .map(|(_, e)| e);
+                if let Some(message) = fenced.or_else(|| op.may_ask(name).err()) {
                     self.log
                         .warn(&format!("{name}: work request refused: {message}"));
                     let _ = conn.send(FromSupervisor::Work {

@@ -479,7 +479,7 @@ impl TrainingTrigger {
                     "no export of {k} on this node ({} does not exist)",
                     pipeline.npz(k).display()
                 )),
-                Some(_) => None,
+                Some(k) => self.held_back(&pipeline, k),
             };
             let (outcome, settle) = match (&key, cannot) {
                 (Some(k), None) => {
@@ -535,6 +535,44 @@ impl TrainingTrigger {
                 ),
             }
         }
+    }
+
+    /// Why this node's own gates hold training of `key` back now (low quality, too few samples,
+    /// its cooldown, its failure backoff), if they do: a training item of another node is then
+    /// handed back rather than trained here. None also when this node's export is trained on
+    /// already (the item is done at once).
+    fn held_back(&mut self, pipeline: &Pipeline, key: &str) -> Option<String> {
+        let npz = pipeline.npz(key);
+        let fp = Fingerprint::of(&npz).ok()?;
+        let ks = self.key_state(key).clone();
+        if ks.last_trained == Some(fp) {
+            return None;
+        }
+        let samples = match self.samples_cache.get(key) {
+            Some((cached, n)) if *cached == fp => *n,
+            _ => match count_samples(&npz, key) {
+                Ok(n) => {
+                    self.samples_cache.insert(key.to_string(), (fp, n));
+                    n
+                }
+                Err(e) => return Some(format!("unusable export of {key} here: {e:#}")),
+            },
+        };
+        let input = GateInput {
+            samples,
+            min_samples: self.min_samples,
+            now: now_secs(),
+            last_training_at: ks.last_training_at,
+            cooldown: self.cooldown,
+            training: self.training.contains(key),
+            quality_low: ks.quality_low,
+            failures: ks.failures,
+            last_failure_at: ks.last_failure_at,
+            failure_backoff: self.failure_backoff,
+        };
+        gates(&input)
+            .err()
+            .map(|b| format!("held back on this node: {}", b.detail))
     }
 
     /// Runs training item `id` of `key` here: Ok when a candidate was announced, or when this
