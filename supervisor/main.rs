@@ -626,13 +626,26 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 QueueCommand::Retry { id } => (cli::QueueAction::Retry { id }, false),
                 QueueCommand::Cancel { id } => (cli::QueueAction::Cancel { id }, false),
             };
-            if in_cluster {
-                match cli::connect_or_explain(&paths) {
-                    Ok(mut client) => cli::shared_queue(&mut client, action, json),
-                    Err(code) => code,
+            // Which queue is the running supervisor's to say (a changed cluster section takes
+            // effect only when it next starts); without one, the configuration's.
+            match cli::Client::connect(&paths) {
+                Ok(mut client) => {
+                    match client.call(&Request::ClusterStatus, Duration::from_secs(10)) {
+                        Ok(FromSupervisor::Cluster(_)) => {
+                            cli::shared_queue(&mut client, action, json)
+                        }
+                        _ => cli::queue(&paths.root, action, json),
+                    }
                 }
-            } else {
-                cli::queue(&paths.root, action, json)
+                Err(_) if in_cluster => {
+                    eprintln!(
+                        "error: no supervisor is running on {}: on a node in a cluster the shared \
+                         work queue is read through it; start it (`ringrift-supervisor start ...`)",
+                        paths.root.display()
+                    );
+                    cli::EXIT_NOT_RUNNING
+                }
+                Err(_) => cli::queue(&paths.root, action, json),
             }
         }
         Command::Logs {
