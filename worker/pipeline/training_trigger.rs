@@ -367,18 +367,7 @@ impl TrainingTrigger {
                 }
             },
         };
-        let input = GateInput {
-            samples,
-            min_samples: self.min_samples,
-            now: now_secs(),
-            last_training_at: ks.last_training_at,
-            cooldown: self.cooldown,
-            training: self.training.contains(key),
-            quality_low: ks.quality_low,
-            failures: ks.failures,
-            last_failure_at: ks.last_failure_at,
-            failure_backoff: self.failure_backoff,
-        };
+        let input = self.gate_input(key, &ks, samples);
         match gates(&input) {
             Err(blocked) => {
                 // A failed run keeps the key unhealthy while it backs off.
@@ -537,6 +526,22 @@ impl TrainingTrigger {
         }
     }
 
+    /// What the gates decide from for `key` (its state `ks`, `samples` in its export), now.
+    fn gate_input(&self, key: &str, ks: &KeyState, samples: u64) -> GateInput {
+        GateInput {
+            samples,
+            min_samples: self.min_samples,
+            now: now_secs(),
+            last_training_at: ks.last_training_at,
+            cooldown: self.cooldown,
+            training: self.training.contains(key),
+            quality_low: ks.quality_low,
+            failures: ks.failures,
+            last_failure_at: ks.last_failure_at,
+            failure_backoff: self.failure_backoff,
+        }
+    }
+
     /// Why this node's own gates hold training of `key` back now (low quality, too few samples,
     /// its cooldown, its failure backoff), if they do: a training item of another node is then
     /// handed back rather than trained here. None also when this node's export is trained on
@@ -558,18 +563,7 @@ impl TrainingTrigger {
                 Err(e) => return Some(format!("unusable export of {key} here: {e:#}")),
             },
         };
-        let input = GateInput {
-            samples,
-            min_samples: self.min_samples,
-            now: now_secs(),
-            last_training_at: ks.last_training_at,
-            cooldown: self.cooldown,
-            training: self.training.contains(key),
-            quality_low: ks.quality_low,
-            failures: ks.failures,
-            last_failure_at: ks.last_failure_at,
-            failure_backoff: self.failure_backoff,
-        };
+        let input = self.gate_input(key, &ks, samples);
         gates(&input)
             .err()
             .map(|b| format!("held back on this node: {}", b.detail))
