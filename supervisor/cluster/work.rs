@@ -42,6 +42,7 @@ use ringrift::work_queue::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::unix_now;
 use crate::core::{ConnTx, Msg, Reply};
 use crate::logwriter::SupervisorLog;
 
@@ -272,13 +273,6 @@ struct Counts {
     failures: i64,
     /// Nodes that could not run it at all (set aside at [`MAX_RELEASES`]).
     releases: i64,
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// `config_key` as a subject token: the keys are `[a-z0-9_]` (`ringrift::config_key`), anything

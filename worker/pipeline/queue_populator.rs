@@ -23,7 +23,7 @@ use anyhow::Result;
 use ringrift::events::Event;
 use serde_json::Value;
 
-use super::selfplay_scheduler::read_priorities;
+use super::selfplay_scheduler::{fmt_map, read_priorities};
 use super::{Pipeline, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
@@ -196,12 +196,9 @@ impl QueuePopulator {
                 });
             }
             other => {
-                let why = match other {
-                    ringrift::protocol::WorkAnswer::Refused { message } => message,
-                    other => format!("unexpected answer {other:?}"),
-                };
-                eprintln!("{NAME}: shared work queue: {why}");
-                self.problem = Some(format!("shared work queue: {why}"));
+                let why = super::work::refused(other);
+                eprintln!("{NAME}: {why:#}");
+                self.problem = Some(format!("{why:#}"));
             }
         }
     }
@@ -327,7 +324,7 @@ impl QueuePopulator {
                         s.counts["pending"],
                         self.target_depth,
                         s.added.values().sum::<u64>(),
-                        fmt_weights(&s.weights),
+                        fmt_map(&s.weights),
                         if s.equal_weights {
                             " (no priorities yet: equal)"
                         } else {
@@ -346,11 +343,7 @@ impl QueuePopulator {
                         s.counts["completed"],
                         s.counts["failed"],
                         s.counts["timeout"],
-                        s.weights
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        fmt_map(&s.weights),
                         if s.equal_weights {
                             " (no priorities yet: equal)"
                         } else {
@@ -379,13 +372,6 @@ impl QueuePopulator {
             ],
         )
     }
-}
-
-fn fmt_weights(m: &BTreeMap<String, f64>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn fmt_counts(m: &BTreeMap<String, u64>) -> String {

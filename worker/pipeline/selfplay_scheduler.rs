@@ -38,7 +38,7 @@ use crate::runtime::{Ctx, JobOutcome, Settings};
 use ringrift::settings::SchedulerSettings;
 use ringrift::work_queue::{Attempt, Claimed, SELFPLAY};
 
-use super::work::Queue;
+use super::work::{Queue, work_failed};
 
 const NAME: &str = "selfplay_scheduler";
 
@@ -315,23 +315,6 @@ impl<'a> Announcer<'a> {
     }
 }
 
-/// Says that work item `id` of `key` was set aside after `attempts` attempts (WORK_FAILED, with
-/// this node's id in a cluster).
-fn work_failed(ctx: &Ctx, id: i64, key: &str, error: &str, attempts: i64, pipeline: &Pipeline) {
-    let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
-    ctx.emit(
-        "WORK_FAILED",
-        payload([
-            ("item_id", id.into()),
-            ("item_type", SELFPLAY.into()),
-            ("config_key", key.into()),
-            ("node", node.map_or(Value::Null, Into::into)),
-            ("error", error.into()),
-            ("attempts", attempts.into()),
-        ]),
-    );
-}
-
 /// The last line a job wrote to stderr (from logs/jobs/<id>.log, `<time> [err] <text>`), which
 /// says why it failed far better than its exit status.
 pub(crate) fn last_error_line(root: &std::path::Path, job_id: &str) -> Option<String> {
@@ -559,7 +542,15 @@ impl Scheduler {
                 if let (Some(Attempt::Dead { attempts }), Ok(spec)) =
                     (attempt, item.selfplay_spec())
                 {
-                    work_failed(ctx, item.id, &spec.config_key, &problem, attempts, pipeline);
+                    work_failed(
+                        ctx,
+                        pipeline,
+                        SELFPLAY,
+                        item.id,
+                        &spec.config_key,
+                        &problem,
+                        attempts,
+                    );
                 }
                 round.failed += 1;
             }
@@ -619,11 +610,12 @@ impl Scheduler {
                     );
                     work_failed(
                         self.ctx.as_ref().expect("attached"),
+                        self.pipeline(),
+                        SELFPLAY,
                         id,
                         &run.key,
                         &e.to_string(),
                         attempts,
-                        self.pipeline(),
                     );
                 }
                 (Some(Attempt::Retry { attempts, at }), Err(_)) => eprintln!(
@@ -827,7 +819,8 @@ impl Scheduler {
     }
 }
 
-fn fmt_map(m: &BTreeMap<String, f64>) -> String {
+/// `k=v, k=v`, or `(none yet)`: priorities and weights as health shows them.
+pub(crate) fn fmt_map(m: &BTreeMap<String, f64>) -> String {
     if m.is_empty() {
         return "(none yet)".into();
     }

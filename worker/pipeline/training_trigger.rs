@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::auto_export::{export_failing, quarantine};
+use super::work::refused;
 use super::{
     KeyHealth, KeyLog, Pipeline, job_failure, load_state, note_error, now_secs, save_or_note, typed,
 };
@@ -417,12 +418,9 @@ impl TrainingTrigger {
                     "new export of {samples} samples: a training item of {key} is queued or running"
                 ),
             ),
-            WorkAnswer::Refused { message } => {
-                (false, format!("cannot queue a training item: {message}"))
-            }
             other => (
                 false,
-                format!("cannot queue a training item: unexpected answer {other:?}"),
+                format!("cannot queue a training item: {:#}", refused(other)),
             ),
         };
         self.set(key, ok, message);
@@ -444,12 +442,8 @@ impl TrainingTrigger {
             .await
         {
             WorkAnswer::Claimed { items } => items,
-            WorkAnswer::Refused { message } => {
-                eprintln!("{NAME}: cannot claim training work: {message}");
-                return;
-            }
             other => {
-                eprintln!("{NAME}: cannot claim training work: unexpected answer {other:?}");
+                eprintln!("{NAME}: cannot claim training work: {:#}", refused(other));
                 return;
             }
         };
@@ -500,28 +494,14 @@ impl TrainingTrigger {
                     attempt: Some(Attempt::Dead { attempts }),
                 } => {
                     if let Some(k) = &key {
-                        let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
-                        ctx.emit(
-                            "WORK_FAILED",
-                            payload([
-                                ("item_id", item.id.into()),
-                                ("item_type", TRAINING.into()),
-                                ("config_key", k.as_str().into()),
-                                ("node", node.map_or(Value::Null, Into::into)),
-                                ("error", outcome.clone().err().unwrap_or_default().into()),
-                                ("attempts", attempts.into()),
-                            ]),
+                        let error = outcome.clone().err().unwrap_or_default();
+                        super::work::work_failed(
+                            &ctx, &pipeline, TRAINING, item.id, k, &error, attempts,
                         );
                     }
                 }
                 WorkAnswer::Settled { .. } => {}
-                WorkAnswer::Refused { message } => {
-                    eprintln!("{NAME}: training item {}: {message}", item.id)
-                }
-                other => eprintln!(
-                    "{NAME}: training item {}: unexpected answer {other:?}",
-                    item.id
-                ),
+                other => eprintln!("{NAME}: training item {}: {:#}", item.id, refused(other)),
             }
         }
     }

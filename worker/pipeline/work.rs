@@ -12,6 +12,31 @@ use ringrift::work_queue::{Attempt, Claimed, SELFPLAY, WorkQueue};
 
 use crate::runtime::Ctx;
 
+/// Says that work item `id` (`item_type`, of `key`) was set aside after `attempts` attempts:
+/// WORK_FAILED, with this node's id in a cluster. The same for both queues.
+pub(crate) fn work_failed(
+    ctx: &Ctx,
+    pipeline: &super::Pipeline,
+    item_type: &str,
+    id: i64,
+    key: &str,
+    error: &str,
+    attempts: i64,
+) {
+    let node = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
+    ctx.emit(
+        "WORK_FAILED",
+        ringrift::events::payload([
+            ("item_id", id.into()),
+            ("item_type", item_type.into()),
+            ("config_key", key.into()),
+            ("node", node.map_or(serde_json::Value::Null, Into::into)),
+            ("error", error.into()),
+            ("attempts", attempts.into()),
+        ]),
+    );
+}
+
 /// A daemon's work queue.
 pub(crate) enum Queue {
     /// data/work_queue.db.
@@ -20,7 +45,8 @@ pub(crate) enum Queue {
     Shared(Ctx),
 }
 
-fn refused(answer: WorkAnswer) -> anyhow::Error {
+/// A shared-queue answer that is not the one asked for, as an error.
+pub(crate) fn refused(answer: WorkAnswer) -> anyhow::Error {
     match answer {
         WorkAnswer::Refused { message } => anyhow!("shared work queue: {message}"),
         other => anyhow!("shared work queue: unexpected answer {other:?}"),
