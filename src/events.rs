@@ -347,6 +347,8 @@ pub const EVENTS: &[EventSpec] = &[
             opt("win_rate_vs_baseline", Number),
             req("games", Int),
             opt("results_path", Str),
+            // In a cluster, when the candidate is another node's: that node (the paths are its).
+            opt("candidate_node", Str),
         ],
     },
     EventSpec {

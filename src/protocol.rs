@@ -223,7 +223,7 @@ pub enum WorkOp {
     /// Claim up to `max` items of `item_type` (for this node's free slots; fewer or none when
     /// fewer are ready). Answered by [`WorkAnswer::Claimed`].
     Claim {
-        /// `selfplay`.
+        /// `selfplay`, `training` or `evaluation`.
         item_type: String,
         /// At most this many (1 to 64).
         max: u32,
@@ -273,16 +273,36 @@ pub enum WorkOp {
         /// listed are left alone.
         older_than_secs: BTreeMap<String, f64>,
     },
-    /// Queues one item of `item_type` for `config_key`, unless one for that type and key is
-    /// outstanding already (queued or running on any node): how a training node asks for a
-    /// training run that any training node may take. Answered by [`WorkAnswer::Enqueued`].
+    /// Queues one item of `item_type` for `config_key`, unless one for that type, key (and
+    /// `unique`) is outstanding already (queued or running on any node): how a training node asks
+    /// for a training run that any training node may take, or for the evaluation of one of its
+    /// candidates that any evaluation node may take. Answered by [`WorkAnswer::Enqueued`].
     Enqueue {
-        /// `training`.
+        /// `training` or `evaluation`.
         item_type: String,
         /// The config key it is for.
         config_key: String,
+        /// What the item asks for, a JSON object of at most [`MAX_ITEM_CONFIG`] bytes (default
+        /// `{"config_key": K}`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<serde_json::Value>,
+        /// Queued once per this, not once per key: dot-separated words of `a-z0-9_-` (an
+        /// evaluation item: `<node>.<candidate's SHA-256>`). An item with one that was set aside
+        /// is not queued again until the operator retries or cancels it (the answer names it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unique: Option<String>,
+    },
+    /// The daemon holding the item is still at work on it without a job (copying its inputs or
+    /// its results): the supervisor does not hand it back as idle for another
+    /// `cluster.work_ack_wait`. Answered by [`WorkAnswer::Settled`].
+    Progress {
+        /// The claimed item.
+        item_id: i64,
     },
 }
+
+/// The largest `config` a [`WorkOp::Enqueue`] may carry, bytes of JSON.
+pub const MAX_ITEM_CONFIG: usize = 4096;
 
 impl WorkOp {
     /// Whether `daemon` may ask this of the shared queue: the daemons whose work it is, as the
@@ -292,17 +312,26 @@ impl WorkOp {
     pub fn may_ask(&self, daemon: &str) -> Result<(), String> {
         let owner = match self {
             WorkOp::Claim { item_type, .. } => match item_type.as_str() {
+                // Extra selfplay on an idle node comes from the same queue.
+                crate::work_queue::SELFPLAY if daemon == "idle_resource" => "idle_resource",
                 crate::work_queue::SELFPLAY => "selfplay_scheduler",
                 crate::work_queue::TRAINING => "training_trigger",
+                crate::work_queue::EVALUATION => "evaluation",
                 other => return Err(format!("there are no {other:?} items")),
             },
             // The supervisor checks that the item is this daemon's claim.
-            WorkOp::Complete { .. } | WorkOp::Fail { .. } | WorkOp::Release { .. } => {
+            WorkOp::Complete { .. }
+            | WorkOp::Fail { .. }
+            | WorkOp::Release { .. }
+            | WorkOp::Progress { .. } => {
                 return Ok(());
             }
             WorkOp::TopUp { .. } | WorkOp::Reap { .. } => "queue_populator",
             WorkOp::Enqueue { item_type, .. } if item_type == crate::work_queue::TRAINING => {
                 "training_trigger"
+            }
+            WorkOp::Enqueue { item_type, .. } if item_type == crate::work_queue::EVALUATION => {
+                "evaluation"
             }
             WorkOp::Enqueue { item_type, .. } => {
                 return Err(format!("{item_type:?} items are not queued one by one"));
@@ -339,10 +368,15 @@ pub enum WorkAnswer {
         /// Queued or running now.
         outstanding: BTreeMap<String, u64>,
     },
-    /// A [`WorkOp::Enqueue`] queued this item (None: one was outstanding already).
+    /// A [`WorkOp::Enqueue`] queued this item (None: one was outstanding already, or was set
+    /// aside).
     Enqueued {
         /// The new item's id.
         item_id: Option<i64>,
+        /// The id of the set-aside item with the same `unique` that kept this one from being
+        /// queued (`queue retry` or `queue cancel` it to go on).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set_aside: Option<i64>,
     },
     /// The items whose claims a [`WorkOp::Reap`] took away.
     Reaped {
@@ -1308,11 +1342,19 @@ mod tests {
         let enqueue = |t: &str| WorkOp::Enqueue {
             item_type: t.into(),
             config_key: "hex8_2p".into(),
+            config: None,
+            unique: None,
         };
         assert!(enqueue("training").may_ask("training_trigger").is_ok());
         assert!(enqueue("selfplay").may_ask("training_trigger").is_err());
         let e = enqueue("training").may_ask("evaluation").unwrap_err();
         assert!(e.contains("only training_trigger"), "{e}");
+        assert!(enqueue("evaluation").may_ask("evaluation").is_ok());
+        assert!(enqueue("evaluation").may_ask("training_trigger").is_err());
+        assert!(claim("evaluation").may_ask("evaluation").is_ok());
+        assert!(claim("evaluation").may_ask("auto_promotion").is_err());
+        assert!(claim("selfplay").may_ask("idle_resource").is_ok());
+        assert!(claim("training").may_ask("idle_resource").is_err());
     }
 
     #[test]

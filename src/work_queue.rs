@@ -34,6 +34,24 @@ pub const SELFPLAY: &str = "selfplay";
 /// claiming node's latest export (`{"config_key": ...}`).
 pub const TRAINING: &str = "training";
 
+/// An evaluation item of the cluster's shared queue: play one candidate through the gauntlet and
+/// put its results beside it on its training node ([`EvaluationSpec`]).
+pub const EVALUATION: &str = "evaluation";
+
+/// What an evaluation item asks for: a candidate as the node that trained it has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationSpec {
+    /// Its config key.
+    pub config_key: String,
+    /// The node whose `models/candidates/<key>/` holds it, and receives its results file.
+    pub node: String,
+    /// Its path on that node (what the results file records as `model_path`).
+    pub model_path: String,
+    /// The SHA-256 of its content, 64 lower-case hex digits: what is played must have it.
+    pub model_sha256: String,
+}
+
 /// An item that timed out this many times is not requeued again (it stays `timeout`).
 pub const MAX_ATTEMPTS: i64 = 3;
 
@@ -97,6 +115,12 @@ pub struct Claimed {
 }
 
 impl Claimed {
+    /// What an evaluation item asks for; an error names the item and its bad `config`.
+    pub fn evaluation_spec(&self) -> Result<EvaluationSpec> {
+        serde_json::from_str(&self.config)
+            .with_context(|| format!("work item {}: bad config {:?}", self.id, self.config))
+    }
+
     /// What a selfplay item asks for; an error names the item and its bad `config`.
     pub fn selfplay_spec(&self) -> Result<SelfplaySpec> {
         serde_json::from_str(&self.config)

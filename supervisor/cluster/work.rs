@@ -1,4 +1,4 @@
-//! The cluster's shared work queue (issue 13): selfplay and training items in a JetStream work-queue stream that
+//! The cluster's shared work queue (issue 13): selfplay, training and evaluation items in a JetStream work-queue stream that
 //! every node of the cluster claims from, with the same contract as the single node's SQLite queue
 //! (`ringrift::work_queue`): claim, complete, fail with a growing delay, set aside after
 //! [`MAX_ATTEMPTS`] failures (the dead-letter stream, and WORK_FAILED from the daemon that ran it).
@@ -7,7 +7,8 @@
 //! ([`WorkOp`] frames), so a daemon needs no credentials and cannot reach the bus. Layout:
 //!
 //! - stream `RINGRIFT_WORK` (WorkQueue retention, file storage), subjects
-//!   `ringrift.work.<type>.<config_key>`; one durable pull consumer per type (`work_<type>`, a
+//!   `ringrift.work.<type>.<config_key>` (an item queued once per candidate adds its words:
+//!   `ringrift.work.evaluation.<key>.<node>.<sha256>`); one durable pull consumer per type (`work_<type>`, a
 //!   single `filter_subject`: CLUSTER-NOTES pitfalls 3 and 4), explicit acks, `ack_wait` =
 //!   `cluster.work_ack_wait`, no `max_deliver` (attempts are counted here, so that nothing is
 //!   left behind by the server's own limit: pitfall in "What works");
@@ -26,7 +27,8 @@
 //!   the attempts.
 //!
 //! A claimed item stays this node's while a job it started for the item runs, or the daemon that
-//! claimed it is connected and starts one within `ack_wait`; otherwise it is handed back at the
+//! claimed it is connected and starts one within `ack_wait` (or says it is still at work on it,
+//! [`WorkOp::Progress`]); otherwise it is handed back at the
 //! next renewal. An item whose node died comes back `ack_wait` after the node's last renewal.
 
 use std::collections::BTreeMap;
@@ -37,7 +39,8 @@ use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
 use futures_util::StreamExt;
 use ringrift::protocol::{ErrorCode, FromSupervisor, QueueRequest, WorkAnswer, WorkOp};
 use ringrift::work_queue::{
-    Attempt, Claimed, Item, MAX_ATTEMPTS, MAX_RELEASES, SELFPLAY, SelfplaySpec, TRAINING,
+    Attempt, Claimed, EVALUATION, Item, MAX_ATTEMPTS, MAX_RELEASES, SELFPLAY, SelfplaySpec,
+    TRAINING,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -98,6 +101,29 @@ struct Body {
     /// What the item asks for (for selfplay, a [`SelfplaySpec`]), as JSON text.
     config: String,
     created_unix: f64,
+    /// An item queued once per this, not per key ([`WorkOp::Enqueue`]): the last words of its
+    /// subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unique: Option<String>,
+}
+
+impl Body {
+    /// Its subject under `prefix` (`ringrift.work`, `ringrift.dead`): `<prefix>.<type>.<key>`,
+    /// then `.<unique>` if it has one. Words that cannot name a subject are an error.
+    fn subject(&self, prefix: &str) -> Result<String, String> {
+        let mut s = format!(
+            "{prefix}.{}.{}",
+            token(&self.item_type)?,
+            token(&self.config_key)?
+        );
+        if let Some(u) = &self.unique {
+            for word in u.split('.') {
+                s.push('.');
+                s.push_str(token(word)?);
+            }
+        }
+        Ok(s)
+    }
 }
 
 /// An item as it sits in the dead-letter stream.
@@ -206,7 +232,7 @@ pub(crate) async fn start(
     // The consumers (one per item type) keep the ack_wait of the node that made them; that is
     // when the server redelivers, so it is what this node times its renewals and gives up by.
     let mut effective = ack_wait;
-    for item_type in [SELFPLAY, TRAINING] {
+    for item_type in [SELFPLAY, TRAINING, EVALUATION] {
         let c = task.consumer(item_type).await?;
         let theirs = c.cached_info().config.ack_wait;
         if theirs != ack_wait {
@@ -416,20 +442,74 @@ impl Work {
             WorkOp::Enqueue {
                 item_type,
                 config_key,
-            } => self.enqueue(&item_type, &config_key).await,
+                config,
+                unique,
+            } => self.enqueue(&item_type, &config_key, config, unique).await,
+            WorkOp::Progress { item_id } => match self.held.get_mut(&item_id) {
+                Some(h) if h.daemon == daemon => {
+                    if h.job.is_none() {
+                        h.idle_since = Some(Instant::now());
+                    }
+                    Ok(WorkAnswer::Settled { attempt: None })
+                }
+                _ => Err(format!(
+                    "work item {item_id} is not claimed by {daemon} on this node (its claim was \
+                     lost, or it was settled or cancelled)"
+                )),
+            },
         }
     }
 
-    /// Queues an item of `item_type` for `key` unless one is outstanding.
-    async fn enqueue(&mut self, item_type: &str, key: &str) -> Result<WorkAnswer, String> {
-        let subject = format!("ringrift.work.{}.{}", token(item_type)?, token(key)?);
+    /// Queues an item of `item_type` for `key` (and `unique`) unless one is outstanding, or one
+    /// with the same `unique` was set aside.
+    async fn enqueue(
+        &mut self,
+        item_type: &str,
+        key: &str,
+        config: Option<serde_json::Value>,
+        unique: Option<String>,
+    ) -> Result<WorkAnswer, String> {
+        let config = match config {
+            None => serde_json::json!({ "config_key": key }).to_string(),
+            Some(c @ serde_json::Value::Object(_)) => c.to_string(),
+            Some(_) => return Err("an item's config must be a JSON object".into()),
+        };
+        if config.len() > ringrift::protocol::MAX_ITEM_CONFIG {
+            return Err(format!(
+                "an item's config is {} bytes, more than {}",
+                config.len(),
+                ringrift::protocol::MAX_ITEM_CONFIG
+            ));
+        }
         let body = Body {
             item_type: item_type.to_string(),
             config_key: key.to_string(),
             priority: 0.0,
-            config: serde_json::json!({ "config_key": key }).to_string(),
+            config,
             created_unix: unix_now(),
+            unique,
         };
+        let subject = body.subject("ringrift.work")?;
+        // One that failed for good stays set aside until the operator says otherwise.
+        if body.unique.is_some() {
+            match self
+                .dead
+                .get_last_raw_message_by_subject(&body.subject("ringrift.dead")?)
+                .await
+            {
+                Ok(m) => {
+                    let id = serde_json::from_slice::<DeadBody>(&m.payload)
+                        .map_or(m.sequence as i64, |d| d.id);
+                    return Ok(WorkAnswer::Enqueued {
+                        item_id: None,
+                        set_aside: Some(id),
+                    });
+                }
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(format!("cannot read {DEAD}: {e}")),
+            }
+        }
         // Queued only if the subject has no message now, checked by the server as it stores it
         // (one item per key: two nodes asking at once cannot both queue one).
         let mut headers = async_nats::HeaderMap::new();
@@ -447,7 +527,10 @@ impl Work {
         let ack = match published {
             Ok(ack) => ack,
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                return Ok(WorkAnswer::Enqueued { item_id: None });
+                return Ok(WorkAnswer::Enqueued {
+                    item_id: None,
+                    set_aside: None,
+                });
             }
             Err(e) => return Err(format!("cannot queue work: {e}")),
         };
@@ -457,6 +540,7 @@ impl Work {
         ));
         Ok(WorkAnswer::Enqueued {
             item_id: Some(ack.sequence as i64),
+            set_aside: None,
         })
     }
 
@@ -567,11 +651,14 @@ impl Work {
             node: self.node.clone(),
             failed_unix: unix_now(),
         };
-        let subject = format!(
-            "ringrift.dead.{}.{}",
-            safe_token(&h.body.item_type),
-            safe_token(&h.body.config_key)
-        );
+        // An item from the bus may carry words no subject can have: set aside under safe ones.
+        let subject = h.body.subject("ringrift.dead").unwrap_or_else(|_| {
+            format!(
+                "ringrift.dead.{}.{}",
+                safe_token(&h.body.item_type),
+                safe_token(&h.body.config_key)
+            )
+        });
         let sent = async {
             self.js
                 .publish(
@@ -867,6 +954,7 @@ impl Work {
                     priority: weights.get(&key).copied().unwrap_or(0.0),
                     config: config.clone(),
                     created_unix: unix_now(),
+                    unique: None,
                 };
                 self.js
                     .publish(
@@ -936,11 +1024,7 @@ impl Work {
                 let Place::Dead(dead_seq, body) = where_ else {
                     return Err(wrong(id, &item.status, "failed"));
                 };
-                let subject = format!(
-                    "ringrift.work.{}.{}",
-                    token(&body.item.item_type).map_err(failed)?,
-                    token(&body.item.config_key).map_err(failed)?
-                );
+                let subject = body.item.subject("ringrift.work").map_err(failed)?;
                 let fresh = Body {
                     created_unix: unix_now(),
                     ..body.item.clone()

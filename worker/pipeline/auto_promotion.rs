@@ -698,6 +698,18 @@ impl Daemon for AutoPromotion {
                 );
                 return None;
             }
+            // A candidate another node trained and a third evaluated is promoted where it is:
+            // on its own node, whose disk has it and its results.
+            if let Some(node) = event.payload.get("candidate_node").and_then(Value::as_str) {
+                let own = super::transfer::cluster_view(&pipeline.root).map(|v| v.node_id);
+                if own.as_deref() != Some(node) {
+                    println!(
+                        "{NAME}: {key}: event {} is about node {node}'s candidate: decided there",
+                        event.id
+                    );
+                    return None;
+                }
+            }
             // The event only says where to look: the candidate and its numbers come from the
             // files this pipeline wrote, and an event that disagrees with them is refused.
             match verify_event(&pipeline, &key, &event.payload) {

@@ -35,6 +35,8 @@ use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
 
+mod shared;
+
 const NAME: &str = "evaluation";
 /// Failed gauntlet runs of one candidate before it is quarantined.
 const MAX_ATTEMPTS: u32 = 3;
@@ -193,6 +195,19 @@ fn publish_results(
     results: &Results,
     sha: &str,
 ) -> anyhow::Result<()> {
+    let model_path = candidate.display().to_string();
+    write_results(&eval_path(candidate), staging, results, sha, &model_path)
+}
+
+/// Writes the results file `dest` from the gauntlet's `staging` output, recording `model_path`
+/// (where the candidate is on the node that trained it) and `sha` as the model played.
+fn write_results(
+    dest: &Path,
+    staging: &Path,
+    results: &Results,
+    sha: &str,
+    model_path: &str,
+) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(staging).with_context(|| format!("cannot read {}", staging.display()))?;
     let mut v: Value = serde_json::from_slice(&bytes)
@@ -200,13 +215,13 @@ fn publish_results(
     let obj = v
         .as_object_mut()
         .with_context(|| format!("{} is not a JSON object", staging.display()))?;
-    obj.insert("model_path".into(), candidate.display().to_string().into());
+    obj.insert("model_path".into(), model_path.into());
     obj.insert("model_sha256".into(), sha.into());
     // The games the numbers are over, as announced (a gauntlet of the user's own may not say).
     obj.insert("games_vs_random".into(), results.games.into());
     let mut text = serde_json::to_vec_pretty(&v)?;
     text.push(b'\n');
-    write_replace(&eval_path(candidate), &text, 0o644, |_| Ok(()))?;
+    write_replace(dest, &text, 0o644, |_| Ok(()))?;
     let _ = std::fs::remove_file(staging);
     Ok(())
 }
@@ -238,15 +253,28 @@ struct Evaluation {
     quarantined: u64,
     activations: u64,
     refused: u64,
+    /// In a cluster: this node's candidates whose evaluation item was set aside, with its id.
+    set_aside: BTreeMap<PathBuf, i64>,
+    /// In a cluster: the SHA-256 of each candidate offered, by its length and modification time.
+    shas: BTreeMap<PathBuf, (u64, std::time::SystemTime, String)>,
+    /// In a cluster: candidates of other nodes evaluated here.
+    remote: u64,
 }
 
 impl Evaluation {
     fn report(&self) -> Report {
         let depth = self.queue.len();
         let message = format!(
-            "{} waiting (limit {}){}; last: {}",
+            "{} waiting (limit {}){}{}; last: {}",
             depth,
             self.limit,
+            match self.set_aside.values().next() {
+                None => String::new(),
+                Some(id) => format!(
+                    ", {} set aside by the cluster (queue retry {id} evaluates it again)",
+                    self.set_aside.len()
+                ),
+            },
             if self.state.backpressure_active {
                 ", backpressure active"
             } else {
@@ -294,6 +322,7 @@ impl Evaluation {
                 ("quarantined", self.quarantined),
                 ("backpressure_activations", self.activations),
                 ("refused_events", self.refused),
+                ("evaluated_for_other_nodes", self.remote),
             ],
         )
     }
@@ -344,10 +373,16 @@ impl Evaluation {
             .into_iter()
             .filter(|c| !eval_path(c).exists())
             .collect();
-        // Drop what was evaluated, quarantined or deleted meanwhile.
-        self.queue.retain(|c| on_disk.contains(c));
+        // Drop what was evaluated, quarantined or deleted meanwhile, and what the cluster set
+        // aside (offered again each cycle, see `offer`, but not waiting).
+        self.set_aside.retain(|c, _| on_disk.contains(c));
+        self.queue
+            .retain(|c| on_disk.contains(c) && !self.set_aside.contains_key(c));
         for c in candidates(&root) {
-            if on_disk.contains(&c) && !self.not_before.contains_key(&c) {
+            if on_disk.contains(&c)
+                && !self.not_before.contains_key(&c)
+                && !self.set_aside.contains_key(&c)
+            {
                 self.enqueue(c);
             }
         }
@@ -381,8 +416,13 @@ impl Evaluation {
         );
     }
 
-    /// Evaluates queued candidates until the queue is empty.
+    /// Evaluates queued candidates until the queue is empty (in a cluster: offers them to the
+    /// cluster, and evaluates the cluster's items if this node evaluates).
     async fn drain(&mut self) {
+        if self.pipeline.as_ref().expect("started").shared_queue {
+            self.drain_shared().await;
+            return;
+        }
         while let Some(candidate) = self.queue.pop_front() {
             self.update_backpressure();
             if candidate.exists() && !eval_path(&candidate).exists() {
@@ -483,8 +523,6 @@ impl Evaluation {
             );
             return;
         }
-        let pipeline = self.pipeline.clone().expect("started");
-        let ctx = self.ctx.clone().expect("attached");
         // What is played is recorded by content: promotion installs only a candidate whose hash
         // is the one evaluated.
         let sha = match candidate_sha(candidate) {
@@ -494,59 +532,14 @@ impl Evaluation {
                 return;
             }
         };
-        // The gauntlet writes a staging file; it becomes the results file (which promotion looks
-        // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
-        let staging = staging_results(candidate);
-        let vars = [
-            ("candidate_path", candidate.display().to_string()),
-            ("games", self.games.to_string()),
-            ("output_path", staging.display().to_string()),
-        ];
-        self.started += 1;
-        println!(
-            "{NAME}: {key}: gauntlet for {} ({} games per opponent)",
-            candidate.display(),
-            self.games
-        );
-        let outcome = match pipeline.run_job(&ctx, "gauntlet", &key, &vars).await {
-            Ok(o) => o,
-            Err(e) => {
-                self.failed_attempt(
-                    &key,
-                    candidate,
-                    format!("cannot start the gauntlet job: {e:#}"),
-                );
-                return;
-            }
-        };
-        if !outcome.success {
-            let error = job_failure("gauntlet", &outcome);
-            self.failed_attempt(&key, candidate, error);
-            return;
-        }
-        let results = match read_results(&staging, self.games) {
+        let results = match self.gauntlet(&key, candidate, &sha, None).await {
             Ok(r) => r,
-            Err(e) => {
-                if staging.exists() {
-                    quarantine(&staging);
-                }
-                let error = format!(
-                    "gauntlet job {} wrote no usable results: {e:#}",
-                    outcome.job_id
-                );
+            Err(error) => {
                 self.failed_attempt(&key, candidate, error);
                 return;
             }
         };
-        if candidate_sha(candidate).ok().as_ref() != Some(&sha) {
-            let _ = std::fs::remove_file(&staging);
-            let error = format!(
-                "{} changed while its gauntlet ran; its results are discarded",
-                candidate.display()
-            );
-            self.failed_attempt(&key, candidate, error);
-            return;
-        }
+        let staging = staging_results(candidate);
         if let Err(e) = publish_results(candidate, &staging, &results, &sha) {
             let error = format!("cannot move {} into place: {e:#}", staging.display());
             self.failed_attempt(&key, candidate, error);
@@ -565,15 +558,82 @@ impl Evaluation {
         tokio::task::yield_now().await;
     }
 
+    /// Plays `candidate` (whose content has SHA-256 `sha`) through the gauntlet job, bound to the
+    /// shared queue's item `item` if any: its results, in the staging file beside it
+    /// ([`staging_results`]), or why there are none.
+    async fn gauntlet(
+        &mut self,
+        key: &str,
+        candidate: &Path,
+        sha: &str,
+        item: Option<i64>,
+    ) -> Result<Results, String> {
+        let pipeline = self.pipeline.clone().expect("started");
+        let ctx = self.ctx.clone().expect("attached");
+        // The gauntlet writes a staging file; it becomes the results file (which promotion looks
+        // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
+        let staging = staging_results(candidate);
+        let vars = [
+            ("candidate_path", candidate.display().to_string()),
+            ("games", self.games.to_string()),
+            ("output_path", staging.display().to_string()),
+        ];
+        self.started += 1;
+        println!(
+            "{NAME}: {key}: gauntlet for {} ({} games per opponent)",
+            candidate.display(),
+            self.games
+        );
+        let outcome = pipeline
+            .run_job_for(&ctx, "gauntlet", key, &vars, item)
+            .await
+            .map_err(|e| format!("cannot start the gauntlet job: {e:#}"))?;
+        if !outcome.success {
+            return Err(job_failure("gauntlet", &outcome));
+        }
+        let results = read_results(&staging, self.games).map_err(|e| {
+            if staging.exists() {
+                quarantine(&staging);
+            }
+            format!(
+                "gauntlet job {} wrote no usable results: {e:#}",
+                outcome.job_id
+            )
+        })?;
+        if candidate_sha(candidate).ok().as_deref() != Some(sha) {
+            let _ = std::fs::remove_file(&staging);
+            return Err(format!(
+                "{} changed while its gauntlet ran; its results are discarded",
+                candidate.display()
+            ));
+        }
+        Ok(results)
+    }
+
     /// Records and publishes a finished evaluation.
     fn announce(&mut self, key: &str, candidate: &Path, results: &Results) {
+        let model_path = candidate.display().to_string();
+        let results_path = eval_path(candidate).display().to_string();
+        self.announce_as(key, &model_path, &results_path, results, None);
+    }
+
+    /// Records and publishes a finished evaluation of the candidate at `model_path` (on
+    /// `candidate_node`, when another node trained it), whose results are at `results_path`
+    /// there.
+    fn announce_as(
+        &mut self,
+        key: &str,
+        model_path: &str,
+        results_path: &str,
+        results: &Results,
+        candidate_node: Option<&str>,
+    ) {
         let ctx = self.ctx.clone().expect("attached");
-        let results_path = eval_path(candidate);
         self.completed += 1;
         self.last_ok = true;
         self.last = format!(
-            "{} at {}: {:.3} vs random, {}, {} games",
-            candidate.display(),
+            "{model_path}{} at {}: {:.3} vs random, {}, {} games",
+            candidate_node.map_or(String::new(), |n| format!(" (of node {n})")),
             ringrift::timefmt::now_rfc3339(),
             results.win_rate_vs_random,
             results
@@ -582,17 +642,18 @@ impl Evaluation {
             results.games
         );
         println!("{NAME}: evaluated {}", self.last);
-        ctx.emit(
-            "EVALUATION_COMPLETED",
-            payload([
-                ("config_key", key.into()),
-                ("model_path", candidate.display().to_string().into()),
-                ("win_rate_vs_random", results.win_rate_vs_random.into()),
-                ("win_rate_vs_baseline", json!(results.win_rate_vs_baseline)),
-                ("games", results.games.into()),
-                ("results_path", results_path.display().to_string().into()),
-            ]),
-        );
+        let mut p = payload([
+            ("config_key", key.into()),
+            ("model_path", model_path.into()),
+            ("win_rate_vs_random", results.win_rate_vs_random.into()),
+            ("win_rate_vs_baseline", json!(results.win_rate_vs_baseline)),
+            ("games", results.games.into()),
+            ("results_path", results_path.into()),
+        ]);
+        if let (Some(n), Some(obj)) = (candidate_node, p.as_object_mut()) {
+            obj.insert("candidate_node".into(), n.into());
+        }
+        ctx.emit("EVALUATION_COMPLETED", p);
     }
 }
 
@@ -644,6 +705,15 @@ impl Daemon for Evaluation {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
+            // Another node's candidate is not on this disk: it reaches this node, if at all, as
+            // an evaluation item of the shared queue.
+            if let Some(node) = &event.node {
+                println!(
+                    "{NAME}: event {} is node {node}'s: its candidate is evaluated through the shared queue",
+                    event.id
+                );
+                return None;
+            }
             let pipeline = self.pipeline.clone().expect("started");
             let key = pipeline.event_config_key(NAME, &event)?;
             let path = event

@@ -8,9 +8,14 @@
 //! first config key without one), announcing their games like the scheduler does. The idle window
 //! then starts over, measured from after the jobs, so it never counts its own jobs' quiet ends.
 //!
+//! On a node in a cluster the extra jobs are the cluster's own: up to `max_extra_jobs` pending
+//! selfplay items of the shared work queue, claimed, run and settled as selfplay_scheduler does
+//! (so an idle node takes more of the cluster's work, and nothing is played that the leader did
+//! not queue by priority). An idle node with nothing pending runs nothing.
+//!
 //! It keeps no state file: an idle window is about the present, and restarting it is harmless.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -22,11 +27,15 @@ use ringrift::procfs::{self, CpuTimes, cpu_percent};
 use serde_json::Value;
 
 use super::games_db::Quarantined;
-use super::selfplay_scheduler::{Announcer, SelfplayRun, keep_quarantined, read_priorities};
+use super::selfplay_scheduler::{
+    Announcer, SelfplayRun, keep_quarantined, read_priorities, run_and_settle, runnable,
+};
+use super::work::{Queue, work_failed};
 use super::{Pipeline, join_all, now_secs, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::IdleSettings;
+use ringrift::work_queue::{Attempt, SELFPLAY};
 
 const NAME: &str = "idle_resource";
 
@@ -138,6 +147,8 @@ pub(crate) struct IdleResource {
     idle_window: f64,
     max_extra_jobs: u64,
     games_per_job: u64,
+    /// Seconds before a failed shared-queue item comes back (doubling): the cycle interval.
+    retry_backoff: f64,
     nvidia_smi: Option<PathBuf>,
     prev: Option<(f64, CpuTimes)>,
     tracker: IdleTracker,
@@ -165,6 +176,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         idle_window: 120.0,
         max_extra_jobs: 1,
         games_per_job: 50,
+        retry_backoff: 60.0,
         nvidia_smi: None,
         prev: None,
         tracker: IdleTracker::default(),
@@ -217,22 +229,63 @@ impl IdleResource {
     async fn burst(&mut self) {
         let pipeline = self.pipeline.as_ref().expect("started");
         let ctx = self.ctx.as_ref().expect("attached");
-        let priorities = read_priorities(pipeline).unwrap_or_else(|e| {
-            eprintln!("{NAME}: {e:#}; using the first config key");
-            None
-        });
-        let Some(key) = pick_key(&pipeline.config_keys, priorities.as_ref()) else {
-            return;
-        };
-        let jobs = self.max_extra_jobs;
+        // (shared queue item, key, games) per job.
+        let mut work: Vec<(Option<i64>, String, u64)> = Vec::new();
+        let queue = pipeline.shared_queue.then(|| Queue::Shared(ctx.clone()));
+        if let Some(queue) = &queue {
+            // In a cluster the extra jobs are the cluster's pending selfplay items: the leader
+            // weighs them by priority, and an idle node takes more of them.
+            let now = now_secs();
+            let items = match queue.claim(NAME, self.max_extra_jobs as usize, now).await {
+                Ok(items) => items,
+                Err(e) => {
+                    self.last_failure = Some(format!(
+                        "{}: cannot claim from the shared queue: {e:#}",
+                        ringrift::timefmt::now_rfc3339()
+                    ));
+                    return;
+                }
+            };
+            for item in items {
+                if let Some((key, games)) = runnable(NAME, queue, ctx, pipeline, &item, now).await {
+                    work.push((Some(item.id), key, games));
+                }
+            }
+            if work.is_empty() {
+                let none = "idle, but the shared queue has no selfplay item ready".to_string();
+                if self.last_burst.as_ref() != Some(&none) {
+                    println!("{NAME}: {none}");
+                }
+                self.last_burst = Some(none);
+                return;
+            }
+        } else {
+            let priorities = read_priorities(pipeline).unwrap_or_else(|e| {
+                eprintln!("{NAME}: {e:#}; using the first config key");
+                None
+            });
+            let Some(key) = pick_key(&pipeline.config_keys, priorities.as_ref()) else {
+                return;
+            };
+            for _ in 0..self.max_extra_jobs {
+                work.push((None, key.clone(), self.games_per_job));
+            }
+        }
+        let jobs = work.len() as u64;
+        let keys: BTreeSet<&str> = work.iter().map(|(_, k, _)| k.as_str()).collect();
+        let keys = keys.into_iter().collect::<Vec<_>>().join(", ");
         let cpu = self.cpu.unwrap_or(0.0);
         println!(
-            "{NAME}: idle for {:.0}s (cpu {cpu:.1}%{}): starting {jobs} selfplay job(s) of {} games for {key}",
+            "{NAME}: idle for {:.0}s (cpu {cpu:.1}%{}): starting {jobs} selfplay job(s) for {keys}{}",
             self.idle_for,
             self.gpu
                 .map(|g| format!(", gpu {g:.0}%"))
                 .unwrap_or_default(),
-            self.games_per_job
+            if queue.is_some() {
+                " from the shared queue"
+            } else {
+                ""
+            }
         );
         self.totals.idle_detections += 1;
         ctx.emit(
@@ -244,15 +297,39 @@ impl IdleResource {
             ]),
         );
         let announcer = Announcer::new(NAME, pipeline, ctx);
-        if let Err(e) = announcer.baseline(&key) {
-            eprintln!("{NAME}: {key}: cannot count games before the jobs: {e:#}");
+        for (_, key, _) in &work {
+            if let Err(e) = announcer.baseline(key) {
+                eprintln!("{NAME}: {key}: cannot count games before the jobs: {e:#}");
+            }
         }
-        let games = self.games_per_job;
-        let futs: Vec<Pin<Box<dyn Future<Output = SelfplayRun> + '_>>> = (0..jobs)
-            .map(|i| -> Pin<Box<dyn Future<Output = SelfplayRun> + '_>> {
-                let (announcer, key) = (&announcer, &key);
-                Box::pin(async move { announcer.run(key, games, 0x1d1e_0000 + i).await })
-            })
+        let backoff = self.retry_backoff;
+        let futs: Vec<Pin<Box<dyn Future<Output = SelfplayRun> + '_>>> = work
+            .iter()
+            .enumerate()
+            .map(
+                |(i, (item, key, games))| -> Pin<Box<dyn Future<Output = SelfplayRun> + '_>> {
+                    let (announcer, queue) = (&announcer, &queue);
+                    Box::pin(async move {
+                        let (Some(id), Some(queue)) = (item, queue) else {
+                            return announcer.run(key, *games, 0x1d1e_0000 + i as u64).await;
+                        };
+                        let (run, attempt) =
+                            run_and_settle(NAME, queue, announcer, *id, key, *games, backoff).await;
+                        if let (Some(Attempt::Dead { attempts }), Err(e)) = (attempt, &run.result) {
+                            work_failed(
+                                ctx,
+                                pipeline,
+                                SELFPLAY,
+                                *id,
+                                key,
+                                &e.to_string(),
+                                attempts,
+                            );
+                        }
+                        run
+                    })
+                },
+            )
             .collect();
         let runs = join_all(futs).await;
         let (quarantined, db_problems) = announcer.take_db_news();
@@ -278,7 +355,7 @@ impl IdleResource {
         self.totals.jobs_failed += failed;
         self.totals.games_added += added;
         self.last_burst = Some(format!(
-            "last extra selfplay {}: {jobs} job(s) for {key}: {ok} ok, {failed} failed, {added} new games",
+            "last extra selfplay {}: {jobs} job(s) for {keys}: {ok} ok, {failed} failed, {added} new games",
             ringrift::timefmt::now_rfc3339()
         ));
         // The window starts over from now: the time the jobs ran was not idle.
@@ -368,6 +445,7 @@ impl Daemon for IdleResource {
             self.cpu_threshold = s.cpu_threshold;
             self.idle_window = s.idle_window.as_secs_f64();
             self.max_extra_jobs = s.max_extra_jobs;
+            self.retry_backoff = settings.interval_secs;
             self.games_per_job = s.games_per_job;
             self.nvidia_smi = find_program("nvidia-smi");
             println!(

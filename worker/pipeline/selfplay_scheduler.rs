@@ -111,6 +111,83 @@ fn seed(salt: u64) -> u64 {
 /// A running job of a round: its item id and how it went.
 type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun, Option<Attempt>)> + 'a>>;
 
+/// Whether claimed `item` is a selfplay item this node can run: its key and games, or (after
+/// rejecting it: set aside in the local queue, handed back in the shared one, WORK_FAILED once
+/// no node could run it) None. `who` is the daemon that claimed it.
+pub(crate) async fn runnable(
+    who: &str,
+    queue: &Queue,
+    ctx: &Ctx,
+    pipeline: &Pipeline,
+    item: &Claimed,
+    now: f64,
+) -> Option<(String, u64)> {
+    let problem = if item.item_type != SELFPLAY {
+        format!("unknown item type {:?}", item.item_type)
+    } else {
+        match item.selfplay_spec() {
+            Err(e) => format!("{e:#}"),
+            Ok(spec) if !pipeline.config_keys.contains(&spec.config_key) => format!(
+                "config key {} is not in pipeline.config_keys",
+                spec.config_key
+            ),
+            Ok(spec) if spec.games == 0 => "asks for 0 games".to_string(),
+            Ok(spec) => return Some((spec.config_key, spec.games)),
+        }
+    };
+    eprintln!("{who}: work item {}: {problem}", item.id);
+    // The other items of the batch are run whatever becomes of this one.
+    let attempt = queue
+        .reject(item.id, item.attempts, &problem, now)
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("{who}: work item {}: cannot set it aside: {e:#}", item.id);
+            None
+        });
+    // Set aside: said cluster-wide, when the item names a key to say it of.
+    if let (Some(Attempt::Dead { attempts }), Ok(spec)) = (attempt, item.selfplay_spec()) {
+        work_failed(
+            ctx,
+            pipeline,
+            SELFPLAY,
+            item.id,
+            &spec.config_key,
+            &problem,
+            attempts,
+        );
+    }
+    None
+}
+
+/// Runs selfplay item `id` (`games` games of `key`) and settles it as soon as its job ends, not
+/// when the slowest of its batch does: done, or failed (back after `backoff` seconds, doubling,
+/// or set aside after its last try; the caller says WORK_FAILED).
+pub(crate) async fn run_and_settle(
+    who: &str,
+    queue: &Queue,
+    announcer: &Announcer<'_>,
+    id: i64,
+    key: &str,
+    games: u64,
+    backoff: f64,
+) -> (SelfplayRun, Option<Attempt>) {
+    let shared = queue.is_shared().then_some(id);
+    let run = announcer.run_item(key, games, id as u64, shared).await;
+    let settled = match &run.result {
+        Ok(_) => queue.complete(id, now_secs()).await.map(|_| None),
+        Err(e) => {
+            queue
+                .fail_attempt(id, &e.to_string(), now_secs(), backoff)
+                .await
+        }
+    };
+    let attempt = settled.unwrap_or_else(|e| {
+        eprintln!("{who}: cannot record the end of work item {id}: {e:#}");
+        None
+    });
+    (run, attempt)
+}
+
 /// How one selfplay job went.
 #[derive(Debug, Clone)]
 pub(crate) struct SelfplayRun {
@@ -511,48 +588,12 @@ impl Scheduler {
         let mut round = Round::default();
         for item in queue.claim(&self.worker_id, self.slots, now).await? {
             round.claimed += 1;
-            let problem = if item.item_type != SELFPLAY {
-                Some(format!("unknown item type {:?}", item.item_type))
-            } else {
-                match item.selfplay_spec() {
-                    Err(e) => Some(format!("{e:#}")),
-                    Ok(spec) if !pipeline.config_keys.contains(&spec.config_key) => Some(format!(
-                        "config key {} is not in pipeline.config_keys",
-                        spec.config_key
-                    )),
-                    Ok(spec) if spec.games == 0 => Some("asks for 0 games".to_string()),
-                    Ok(spec) => {
-                        queue.mark_running(item.id, &self.worker_id)?;
-                        work.push((item.clone(), spec.config_key, spec.games));
-                        None
-                    }
+            match runnable(NAME, queue, ctx, pipeline, &item, now).await {
+                Some((key, games)) => {
+                    queue.mark_running(item.id, &self.worker_id)?;
+                    work.push((item.clone(), key, games));
                 }
-            };
-            if let Some(problem) = problem {
-                eprintln!("{NAME}: work item {}: {problem}", item.id);
-                // The other items of the batch are run whatever becomes of this one.
-                let attempt = queue
-                    .reject(item.id, item.attempts, &problem, now)
-                    .await
-                    .unwrap_or_else(|e| {
-                        eprintln!("{NAME}: work item {}: cannot set it aside: {e:#}", item.id);
-                        None
-                    });
-                // Set aside: said cluster-wide, when the item names a key to say it of.
-                if let (Some(Attempt::Dead { attempts }), Ok(spec)) =
-                    (attempt, item.selfplay_spec())
-                {
-                    work_failed(
-                        ctx,
-                        pipeline,
-                        SELFPLAY,
-                        item.id,
-                        &spec.config_key,
-                        &problem,
-                        attempts,
-                    );
-                }
-                round.failed += 1;
+                None => round.failed += 1,
             }
         }
         if work.is_empty() {
@@ -570,27 +611,8 @@ impl Scheduler {
             .map(|(item, key, games)| -> JobFuture<'_> {
                 let announcer = &announcer;
                 Box::pin(async move {
-                    let shared = queue.is_shared().then_some(item.id);
-                    let run = announcer
-                        .run_item(key, *games, item.id as u64, shared)
-                        .await;
-                    // Settle the item as soon as its job ends, not when the slowest one does.
-                    // A failed item waits out its backoff, or is set aside after its last try.
-                    let settled = match &run.result {
-                        Ok(_) => queue.complete(item.id, now_secs()).await.map(|_| None),
-                        Err(e) => {
-                            queue
-                                .fail_attempt(item.id, &e.to_string(), now_secs(), backoff)
-                                .await
-                        }
-                    };
-                    let attempt = settled.unwrap_or_else(|e| {
-                        eprintln!(
-                            "{NAME}: cannot record the end of work item {}: {e:#}",
-                            item.id
-                        );
-                        None
-                    });
+                    let (run, attempt) =
+                        run_and_settle(NAME, queue, announcer, item.id, key, *games, backoff).await;
                     (item.id, run, attempt)
                 })
             })

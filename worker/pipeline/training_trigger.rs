@@ -400,10 +400,14 @@ impl TrainingTrigger {
             .work(WorkOp::Enqueue {
                 item_type: TRAINING.into(),
                 config_key: key.into(),
+                config: None,
+                unique: None,
             })
             .await;
         let (ok, message) = match answer {
-            WorkAnswer::Enqueued { item_id: Some(id) } => {
+            WorkAnswer::Enqueued {
+                item_id: Some(id), ..
+            } => {
                 println!(
                     "{NAME}: {key}: new export of {samples} samples: training item {id} queued"
                 );
@@ -412,7 +416,7 @@ impl TrainingTrigger {
                     format!("new export of {samples} samples: training item {id} queued"),
                 )
             }
-            WorkAnswer::Enqueued { item_id: None } => (
+            WorkAnswer::Enqueued { item_id: None, .. } => (
                 true,
                 format!(
                     "new export of {samples} samples: a training item of {key} is queued or running"

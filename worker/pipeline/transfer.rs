@@ -320,6 +320,46 @@ pub(super) async fn copy_remote(
     Ok(want)
 }
 
+/// Copies the file `name` of directory `from` (a local directory, or `host:path` fetched with
+/// rsync over `ssh`, which copies only a regular file) to `dest`, by way of a hidden temporary
+/// file beside it that is renamed into place only if its SHA-256 is `want` (hex).
+pub(super) async fn fetch_file(
+    from: &Target,
+    name: &str,
+    dest: &Path,
+    want: &str,
+    timeout: Duration,
+    ssh: &[String],
+) -> anyhow::Result<()> {
+    let dir = dest.parent().context("the destination has no directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(".{name}.fetch"));
+    let _ = std::fs::remove_file(&tmp);
+    match from {
+        Target::Local(src) => {
+            std::fs::copy(src.join(name), &tmp)
+                .with_context(|| format!("cannot copy {}", src.join(name).display()))?;
+        }
+        Target::Remote { host, path } => {
+            let args = vec![
+                "--times".to_string(),
+                "-e".to_string(),
+                rsh(ssh),
+                format!("{host}:{}/{name}", remote_dir(path)),
+                tmp.display().to_string(),
+            ];
+            run("rsync", &args, timeout).await?;
+        }
+    }
+    let got = sha256::file_hex(&tmp).with_context(|| format!("{name} did not arrive"))?;
+    if got != want {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("{name} arrived with SHA-256 {got}, not the {want} asked for");
+    }
+    std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {name} into place"))?;
+    Ok(())
+}
+
 /// Seconds before retry `attempt` (1-based) of a copy.
 pub(super) fn retry_delay(attempt: u32, base: f64) -> f64 {
     base * f64::from(1u32 << attempt.saturating_sub(1).min(10))
