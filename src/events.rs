@@ -435,7 +435,12 @@ pub const EVENTS: &[EventSpec] = &[
     EventSpec {
         name: "WORK_FAILED",
         description: "a work item failed its last attempt and was set aside (dead-letter)",
-        emitters: Emitters::Owners(&["selfplay_scheduler", "training_trigger"]),
+        emitters: Emitters::Owners(&[
+            "selfplay_scheduler",
+            "training_trigger",
+            "evaluation",
+            "idle_resource",
+        ]),
         fields: &[
             req("item_id", Int),
             req("item_type", Str),

@@ -2155,3 +2155,217 @@ fn a_node_that_shuts_down_hands_its_items_back_at_once() {
             .contains("handed back: this supervisor is exiting")
     );
 }
+
+/// Runs a reference job of the worker (`ringrift-worker job <args>`) from `root`, insisting on
+/// success.
+fn worker_job(root: &Root, args: &[&str]) {
+    let out = std::process::Command::new(WORKER)
+        .arg("job")
+        .args(args)
+        .current_dir(root.path())
+        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
+        .output()
+        .expect("run ringrift-worker job");
+    assert!(
+        out.status.success(),
+        "job {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A candidate of hex8_2p trained by hand on `root` (selfplay, export and train, the reference
+/// jobs), as training_trigger leaves one: models/candidates/hex8_2p/`name`.
+fn trained_candidate(root: &Root, name: &str) -> PathBuf {
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("games.db");
+    play_games(root, &db, "hex8_2p", 30, 11);
+    let npz = work.path().join("samples.npz");
+    let (db_s, npz_s) = (db.display().to_string(), npz.display().to_string());
+    worker_job(
+        root,
+        &[
+            "export",
+            "--config-key",
+            "hex8_2p",
+            "--db",
+            &db_s,
+            "--output",
+            &npz_s,
+        ],
+    );
+    let candidate = root.path().join("models/candidates/hex8_2p").join(name);
+    std::fs::create_dir_all(candidate.parent().unwrap()).unwrap();
+    let out = candidate.display().to_string();
+    worker_job(
+        root,
+        &[
+            "train",
+            "--config-key",
+            "hex8_2p",
+            "--input",
+            &npz_s,
+            "--output",
+            &out,
+            "--epochs",
+            "2",
+        ],
+    );
+    candidate
+}
+
+/// The SHA-256 of a file, by `sha256sum`.
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Issue 13, evaluation where there is capacity: a training node's candidate becomes an item of
+/// the shared queue, which an evaluation node (another root, rsync over ssh on loopback) claims:
+/// it fetches the candidate, plays the gauntlet, and delivers the results file back beside the
+/// candidate, where the training node's auto_promotion decides on it. A gauntlet that always
+/// fails sets the item aside after its attempts (WORK_FAILED), the training node does not queue
+/// that candidate again by itself, and `queue retry` evaluates it once the evaluator is fixed.
+#[test]
+fn an_evaluation_node_plays_another_nodes_candidate_and_delivers_its_results_back() {
+    let Some(sshd) = Sshd::start() else { return };
+    let nats = Nats::start();
+    // node-b trains (here: by hand) and promotes, and does not evaluate; node-e only evaluates.
+    let b = loop_root(&nats, &sshd, "node-b", "coordinator, training", free_port());
+    let e = loop_root(&nats, &sshd, "node-e", "evaluation", free_port());
+    let config = e.path().join("config/unified_loop.yaml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    // At first node-e's gauntlet always fails.
+    let gauntlet = "      command: [\"{worker}\", \"job\", \"gauntlet\",";
+    let broken = replace_once(
+        &good,
+        gauntlet,
+        "      command: [\"sh\", \"-c\", \"echo no gauntlet on this node >&2; exit 3\", \"{worker}\", \"job\", \"gauntlet\",",
+    );
+    e.write_config(&broken);
+    let candidate = trained_candidate(&b, "cand-1.bin");
+    let sha = sha256_of(&candidate);
+    let small: Vec<(&str, &str)> = crate::pipeline::SMALL_ENV
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "RINGRIFT_HTTP__ADDR")
+        .collect();
+    b.ok_with_env(&["start", "evaluation", "auto_promotion"], &small);
+    e.ok_with_env(&["start", "evaluation"], &small);
+
+    // Three failed attempts on node-e, then set aside: WORK_FAILED names the item, the node and
+    // the gauntlet's error, on both nodes.
+    let failed = |r: &Root| {
+        r.events_of("WORK_FAILED")
+            .into_iter()
+            .find(|ev| ev.payload["item_type"] == "evaluation")
+    };
+    assert!(
+        wait_until(Duration::from_secs(90), || failed(&b).is_some()),
+        "{}\n{}",
+        std::fs::read_to_string(e.log_path("evaluation")).unwrap_or_default(),
+        e.master_log()
+    );
+    let dead = failed(&e).expect("WORK_FAILED on node-e");
+    assert_eq!(dead.payload["node"], "node-e", "{dead:?}");
+    assert_eq!(dead.payload["attempts"], 3, "{dead:?}");
+    assert!(
+        dead.payload["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("gauntlet job")),
+        "{dead:?}"
+    );
+    let id = dead.payload["item_id"].as_i64().unwrap();
+    assert!(e.events_of("EVALUATION_FAILED").len() >= 3);
+    // node-b says so, and queues no new item for that candidate by itself.
+    assert!(
+        wait_until(T, || b
+            .daemon("evaluation")
+            .health
+            .message
+            .contains(&format!("queue retry {id}"))),
+        "{:?}",
+        b.daemon("evaluation").health
+    );
+    let items = shared_items(&b, &[]);
+    let evaluation: Vec<_> = items
+        .iter()
+        .filter(|i| i.item_type == "evaluation")
+        .collect();
+    assert_eq!(evaluation.len(), 1, "{items:#?}");
+    assert_eq!(evaluation[0].id, id);
+    assert_eq!(evaluation[0].status, "failed");
+    assert_eq!(evaluation[0].config["model_sha256"], sha.as_str());
+    assert!(!candidate.with_extension("eval.json").exists());
+
+    // node-e is fixed and the operator retries the item: node-e fetches the candidate over ssh,
+    // plays it, and delivers the results file beside it on node-b.
+    e.ok(&["shutdown"]);
+    e.write_config(&good);
+    e.ok_with_env(&["start", "evaluation"], &small);
+    b.ok(&["queue", "retry", &id.to_string()]);
+    let results = candidate.with_extension("eval.json");
+    assert!(
+        wait_until(Duration::from_secs(90), || results.is_file()),
+        "{}",
+        std::fs::read_to_string(e.log_path("evaluation")).unwrap_or_default()
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
+    assert_eq!(record["model_sha256"], sha.as_str(), "{record}");
+    assert_eq!(
+        record["model_path"],
+        candidate.display().to_string().as_str(),
+        "{record}"
+    );
+    // EVALUATION_COMPLETED from node-e names node-b's candidate, and node-b decides on it from
+    // the results on its own disk.
+    let completed = || b.events_of("EVALUATION_COMPLETED").into_iter().next();
+    assert!(
+        wait_until(T, || completed().is_some()),
+        "EVALUATION_COMPLETED does not reach node-b"
+    );
+    let completed = completed().unwrap();
+    assert_eq!(completed.node.as_deref(), Some("node-e"), "{completed:?}");
+    assert_eq!(completed.payload["candidate_node"], "node-b");
+    let decided = || {
+        b.events(&[]).into_iter().find(|ev| {
+            (ev.event_type == "MODEL_PROMOTED" || ev.event_type == "PROMOTION_REJECTED")
+                && ev.node.is_none()
+        })
+    };
+    assert!(
+        wait_until(T, || decided().is_some()),
+        "{}",
+        std::fs::read_to_string(b.log_path("auto_promotion")).unwrap_or_default()
+    );
+    assert!(
+        decided().unwrap().payload.to_string().contains("cand-1"),
+        "{:?}",
+        decided()
+    );
+    // The copy on node-e was only for the gauntlet; the item is done.
+    assert!(wait_until(T, || !e
+        .path()
+        .join("models/evaluating/node-b")
+        .exists()));
+    assert!(
+        wait_until(T, || shared_items(&b, &[])
+            .iter()
+            .all(|i| i.item_type != "evaluation")),
+        "{:#?}",
+        shared_items(&b, &[])
+    );
+    // node-b never evaluated (it has no evaluation role): no gauntlet job ran there.
+    assert!(
+        !std::fs::read_to_string(b.log_path("evaluation"))
+            .unwrap_or_default()
+            .contains("gauntlet for"),
+    );
+}

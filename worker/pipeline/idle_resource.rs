@@ -233,6 +233,10 @@ impl IdleResource {
         let mut work: Vec<(Option<i64>, String, u64)> = Vec::new();
         let queue = pipeline.shared_queue.then(|| Queue::Shared(ctx.clone()));
         if let Some(queue) = &queue {
+            if let Err(why) = super::work::may_claim(&pipeline.root, SELFPLAY) {
+                self.last_burst = Some(format!("idle, but no extra selfplay: {why}"));
+                return;
+            }
             // In a cluster the extra jobs are the cluster's pending selfplay items: the leader
             // weighs them by priority, and an idle node takes more of them.
             let now = now_secs();

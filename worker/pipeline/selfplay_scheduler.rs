@@ -700,6 +700,16 @@ impl Scheduler {
             ));
             return;
         }
+        // Only a node with the selfplay role claims the cluster's selfplay items.
+        if queue.is_shared()
+            && let Err(why) = super::work::may_claim(&self.pipeline().root, SELFPLAY)
+        {
+            self.last_cycle = Some(format!(
+                "last cycle {}: no items claimed: {why}",
+                ringrift::timefmt::now_rfc3339()
+            ));
+            return;
+        }
         // Jobs that keep failing are not rerun every cycle: they wait out the retry schedule.
         if let Some(f) = &self.failing
             && f.wait(now_secs()).is_some()

@@ -224,6 +224,8 @@ fn count_samples(path: &Path, key: &str) -> anyhow::Result<u64> {
 struct TrainingTrigger {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
+    /// In a cluster: why this node claims no training items, while it does not (logged once).
+    not_claiming: Option<String>,
     min_samples: u64,
     cooldown: f64,
     epochs: u64,
@@ -438,6 +440,15 @@ impl TrainingTrigger {
     async fn claim_training(&mut self) {
         let ctx = self.ctx.clone().expect("attached");
         let pipeline = self.pipeline.clone().expect("started");
+        // Only a node with the training role trains the cluster's items.
+        if let Err(why) = super::work::may_claim(&pipeline.root, TRAINING) {
+            if self.not_claiming.as_deref() != Some(why.as_str()) {
+                println!("{NAME}: not claiming training items: {why}");
+            }
+            self.not_claiming = Some(why);
+            return;
+        }
+        self.not_claiming = None;
         let items = match ctx
             .work(WorkOp::Claim {
                 item_type: TRAINING.into(),

@@ -37,6 +37,29 @@ pub(crate) fn work_failed(
     );
 }
 
+/// Whether this node claims items of the shared queue for `role` (`selfplay`, `training`,
+/// `evaluation`): its record in the cluster view the supervisor writes has that role among
+/// `cluster.roles` and is not leaving. Err says why not (no view yet, the role, leaving).
+pub(crate) fn may_claim(root: &std::path::Path, role: &str) -> Result<(), String> {
+    let view = super::transfer::cluster_view(root)
+        .ok_or_else(|| "not on the cluster bus yet".to_string())?;
+    let own = view
+        .nodes
+        .iter()
+        .find(|n| n.record.node_id == view.node_id)
+        .ok_or_else(|| "this node's record is not in the cluster view yet".to_string())?;
+    if own.record.leaving {
+        Err("this node is leaving the cluster".into())
+    } else if !own.record.roles.iter().any(|r| r == role) {
+        Err(format!(
+            "cluster.roles of node {} do not include {role}",
+            view.node_id
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// A daemon's work queue.
 pub(crate) enum Queue {
     /// data/work_queue.db.

@@ -66,14 +66,6 @@ async fn with_progress<T>(ctx: &Ctx, item: i64, work: impl Future<Output = T>) -
     }
 }
 
-/// Whether this node's record in `view` gives it the `evaluation` role.
-fn evaluates(view: &ClusterReport) -> bool {
-    view.nodes
-        .iter()
-        .find(|n| n.record.node_id == view.node_id)
-        .is_some_and(|n| n.record.roles.iter().any(|r| r == EVALUATION))
-}
-
 impl Evaluation {
     /// Offers this node's waiting candidates to the cluster, then plays the cluster's evaluation
     /// items while there are any (if this node evaluates).
@@ -84,7 +76,8 @@ impl Evaluation {
             return;
         };
         self.offer(&view.node_id).await;
-        if !evaluates(&view) {
+        // Only a node with the evaluation role plays the cluster's items.
+        if super::super::work::may_claim(&root, EVALUATION).is_err() {
             return;
         }
         for _ in 0..MAX_ITEMS_PER_CYCLE {
@@ -438,6 +431,10 @@ impl Evaluation {
         }
         // The copy is only for the gauntlet; the results live on the candidate's node.
         let _ = std::fs::remove_dir_all(&local_dir);
+        if let Some(node_dir) = local_dir.parent() {
+            // Only when empty: another key's copy may be there.
+            let _ = std::fs::remove_dir(node_dir);
+        }
         outcome
     }
 }
