@@ -2369,3 +2369,59 @@ fn an_evaluation_node_plays_another_nodes_candidate_and_delivers_its_results_bac
             .contains("gauntlet for"),
     );
 }
+
+/// Issue 13, item 2: idle_resource on a node in a cluster adds work from the shared queue (the
+/// leader's pending selfplay items, run bound to their claims and completed), and only on a node
+/// whose roles include selfplay.
+#[test]
+fn an_idle_node_takes_the_clusters_pending_selfplay_items() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "5s");
+    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "5s");
+    let c = queue_node(&nats, "node-c", &records, "hex8_2p", false, "5s");
+    // Idle at once (any CPU use under 100 %), two extra jobs at a time.
+    let idle = "  idle_resource:\n    interval: 0.2\n    heartbeat_interval: 0.2\n    cpu_threshold: 100\n    idle_window: 0\n    max_extra_jobs: 2\n";
+    let config = |r: &Root| r.path().join("config/unified_loop.yaml");
+    for (r, roles) in [(&b, "[selfplay]"), (&c, "[training]")] {
+        let yaml = std::fs::read_to_string(config(r)).unwrap();
+        let yaml = replace_once(&yaml, "roles: [selfplay]", &format!("roles: {roles}"));
+        r.write_config(&format!("{yaml}{idle}"));
+    }
+    a.ok(&["start", "queue_populator"]);
+    b.ok(&["start", "idle_resource"]);
+    c.ok(&["start", "idle_resource"]);
+    let on = |node: &str| -> Vec<i64> {
+        starts(&records)
+            .into_iter()
+            .filter(|s| s.1 == node)
+            .map(|s| s.2)
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || on("node-b").len() >= 4),
+        "{:?}\n{}",
+        b.daemon("idle_resource").health,
+        b.master_log()
+    );
+    // They were the cluster's items, and each is done once its job ends.
+    let first = on("node-b")[0];
+    assert!(
+        wait_until(T, || shared_items(&b, &[]).iter().all(|i| i.id != first)),
+        "{:#?}",
+        shared_items(&b, &[])
+    );
+    assert!(b.master_log().contains("claimed by idle_resource"));
+    // node-c, without the selfplay role, took none and says why.
+    assert!(on("node-c").is_empty());
+    assert!(
+        wait_until(T, || c
+            .daemon("idle_resource")
+            .health
+            .message
+            .contains("do not include selfplay")),
+        "{:?}",
+        c.daemon("idle_resource").health
+    );
+}

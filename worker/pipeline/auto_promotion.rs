@@ -472,6 +472,19 @@ impl AutoPromotion {
                 canonical.display()
             );
         }
+        // Measured against another model than this node's canonical one (an evaluation node
+        // whose copy was older): evaluated again, once.
+        if canonical_ok
+            && let Some(played) = &record.baseline_sha256
+            && sha256::file_hex(&canonical).ok().as_ref() != Some(played)
+            && !self.state.reevaluated.contains(&id)
+        {
+            let why = format!(
+                "evaluated against a baseline with SHA-256 {played}, not the canonical model {}",
+                canonical.display()
+            );
+            return self.send_back(candidate, why);
+        }
         let t = self.thresholds.expect("started");
         let last = self.state.last_promotion_at.get(&key).copied();
         match decide(results, &t, canonical_ok, now_secs(), last) {

@@ -160,6 +160,9 @@ pub(crate) struct Record {
     pub results: Results,
     pub model_path: Option<String>,
     pub model_sha256: Option<String>,
+    /// The SHA-256 of the canonical model the gauntlet played as the baseline (None: there was
+    /// none, or an older version wrote the file).
+    pub baseline_sha256: Option<String>,
 }
 
 /// Reads the published results of `candidate` (`<name>.eval.json` beside it), confined to
@@ -174,6 +177,7 @@ pub(crate) fn read_record(candidates_dir: &Path, candidate: &Path) -> anyhow::Re
         results: parse_results(&v, &path, 0)?,
         model_path: text("model_path"),
         model_sha256: text("model_sha256"),
+        baseline_sha256: text("baseline_sha256"),
     })
 }
 
@@ -194,19 +198,30 @@ fn publish_results(
     staging: &Path,
     results: &Results,
     sha: &str,
+    baseline: Option<&str>,
 ) -> anyhow::Result<()> {
     let model_path = candidate.display().to_string();
-    write_results(&eval_path(candidate), staging, results, sha, &model_path)
+    write_results(
+        &eval_path(candidate),
+        staging,
+        results,
+        sha,
+        &model_path,
+        baseline,
+    )
 }
 
 /// Writes the results file `dest` from the gauntlet's `staging` output, recording `model_path`
-/// (where the candidate is on the node that trained it) and `sha` as the model played.
+/// (where the candidate is on the node that trained it) and `sha` as the model played, and
+/// `baseline` as the SHA-256 of the canonical model it played against (promotion re-evaluates a
+/// candidate measured against another model than its own canonical one).
 fn write_results(
     dest: &Path,
     staging: &Path,
     results: &Results,
     sha: &str,
     model_path: &str,
+    baseline: Option<&str>,
 ) -> anyhow::Result<()> {
     let bytes =
         std::fs::read(staging).with_context(|| format!("cannot read {}", staging.display()))?;
@@ -217,6 +232,9 @@ fn write_results(
         .with_context(|| format!("{} is not a JSON object", staging.display()))?;
     obj.insert("model_path".into(), model_path.into());
     obj.insert("model_sha256".into(), sha.into());
+    if let Some(b) = baseline {
+        obj.insert("baseline_sha256".into(), b.into());
+    }
     // The games the numbers are over, as announced (a gauntlet of the user's own may not say).
     obj.insert("games_vs_random".into(), results.games.into());
     let mut text = serde_json::to_vec_pretty(&v)?;
@@ -360,7 +378,7 @@ impl Evaluation {
                     read_results(&staging, self.games),
                     candidate_sha(&c),
                 )
-                && publish_results(&c, &staging, &results, &sha).is_ok()
+                && publish_results(&c, &staging, &results, &sha, None).is_ok()
             {
                 println!(
                     "{NAME}: {}: results of an interrupted evaluation recovered",
@@ -532,7 +550,7 @@ impl Evaluation {
                 return;
             }
         };
-        let results = match self.gauntlet(&key, candidate, &sha, None).await {
+        let (results, baseline) = match self.gauntlet(&key, candidate, &sha, None).await {
             Ok(r) => r,
             Err(error) => {
                 self.failed_attempt(&key, candidate, error);
@@ -540,7 +558,7 @@ impl Evaluation {
             }
         };
         let staging = staging_results(candidate);
-        if let Err(e) = publish_results(candidate, &staging, &results, &sha) {
+        if let Err(e) = publish_results(candidate, &staging, &results, &sha, baseline.as_deref()) {
             let error = format!("cannot move {} into place: {e:#}", staging.display());
             self.failed_attempt(&key, candidate, error);
             return;
@@ -567,9 +585,11 @@ impl Evaluation {
         candidate: &Path,
         sha: &str,
         item: Option<i64>,
-    ) -> Result<Results, String> {
+    ) -> Result<(Results, Option<String>), String> {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
+        // The baseline is this node's canonical model, as the job's `{model_path}` names it.
+        let baseline = sha256::file_hex(&pipeline.canonical(key)).ok();
         // The gauntlet writes a staging file; it becomes the results file (which promotion looks
         // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
         let staging = staging_results(candidate);
@@ -607,7 +627,7 @@ impl Evaluation {
                 candidate.display()
             ));
         }
-        Ok(results)
+        Ok((results, baseline))
     }
 
     /// Records and publishes a finished evaluation.

@@ -298,7 +298,7 @@ impl Evaluation {
             }
             Err(e) => return Outcome::Failed(format!("cannot read the candidate: {e:#}")),
         }
-        let results = match self
+        let (results, baseline) = match self
             .gauntlet(key, &candidate, &spec.model_sha256, Some(id))
             .await
         {
@@ -309,7 +309,13 @@ impl Evaluation {
             }
         };
         let staging = staging_results(&candidate);
-        if let Err(e) = publish_results(&candidate, &staging, &results, &spec.model_sha256) {
+        if let Err(e) = publish_results(
+            &candidate,
+            &staging,
+            &results,
+            &spec.model_sha256,
+            baseline.as_deref(),
+        ) {
             let error = format!("cannot move {} into place: {e:#}", staging.display());
             self.fail(key, &candidate, error.clone());
             return Outcome::Failed(error);
@@ -375,7 +381,7 @@ impl Evaluation {
             if let Err(e) = pipeline.check_model(&local, key) {
                 return Outcome::Failed(format!("the candidate does not load: {e:#}"));
             }
-            let results = match self
+            let (results, baseline) = match self
                 .gauntlet(key, &local, &spec.model_sha256, Some(id))
                 .await
             {
@@ -389,6 +395,7 @@ impl Evaluation {
                 &results,
                 &spec.model_sha256,
                 &spec.model_path,
+                baseline.as_deref(),
             ) {
                 return Outcome::Failed(format!("cannot write the results: {e:#}"));
             }
