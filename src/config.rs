@@ -20,7 +20,9 @@ use crate::readiness::Ready;
 
 mod cluster;
 use crate::restart::{RestartPolicy, RestartSettings};
-pub use cluster::{ClusterConfig, ROLES, TlsConfig, default_node_id, redact, valid_data_address};
+pub use cluster::{
+    ClusterConfig, ROLES, TlsConfig, default_node_id, redact, valid_data_address, valid_node_id,
+};
 
 /// The embedded default configuration, used when the root has no config/unified_loop.yaml.
 pub const DEFAULT_YAML: &str = include_str!("../config/unified_loop.yaml");

@@ -198,7 +198,8 @@ pub fn default_node_id() -> String {
     if id.is_empty() { "node".into() } else { id }
 }
 
-fn valid_node_id(id: &str) -> bool {
+/// A node id as `cluster.node_id` allows it: 1 to 64 of `a-z0-9_-`.
+pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id

@@ -1290,6 +1290,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_items_subject_has_its_unique_words_and_refuses_odd_ones() {
+        let mut body = Body {
+            item_type: EVALUATION.into(),
+            config_key: "hex8_2p".into(),
+            priority: 0.0,
+            config: "{}".into(),
+            created_unix: 0.0,
+            unique: None,
+        };
+        assert_eq!(
+            body.subject("ringrift.work").unwrap(),
+            "ringrift.work.evaluation.hex8_2p"
+        );
+        body.unique = Some("node-b.0a1f".into());
+        assert_eq!(
+            body.subject("ringrift.dead").unwrap(),
+            "ringrift.dead.evaluation.hex8_2p.node-b.0a1f"
+        );
+        for odd in ["node-b.*", "node-b..x", "a.>", "", "A.b", "a b"] {
+            body.unique = Some(odd.into());
+            assert!(body.subject("ringrift.work").is_err(), "{odd:?}");
+        }
+    }
+
+    #[test]
     fn a_failed_item_waits_twice_as_long_each_time_up_to_an_hour() {
         assert_eq!(delay(30.0, 1), Duration::from_secs(30));
         assert_eq!(delay(30.0, 2), Duration::from_secs(60));

@@ -335,6 +335,18 @@ impl Evaluation {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
         let key = &spec.config_key;
+        // Words of a path here: a node id as the config allows it, and a SHA-256 as hex.
+        let hex = spec.model_sha256.len() == 64
+            && spec
+                .model_sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ringrift::config::valid_node_id(&spec.node) || !hex {
+            return Outcome::HandBack(format!(
+                "node {:?} or model_sha256 {:?} is malformed",
+                spec.node, spec.model_sha256
+            ));
+        }
         let Some(addr) = view
             .nodes
             .iter()
