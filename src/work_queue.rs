@@ -50,6 +50,11 @@ pub struct EvaluationSpec {
     pub model_path: String,
     /// The SHA-256 of its content, 64 lower-case hex digits: what is played must have it.
     pub model_sha256: String,
+    /// The SHA-256 of that node's canonical model of the key when the item was queued: the
+    /// baseline the candidate is played against (None: there was none, and it plays random
+    /// play only).
+    #[serde(default)]
+    pub baseline_sha256: Option<String>,
 }
 
 /// An item that timed out this many times is not requeued again (it stays `timeout`).

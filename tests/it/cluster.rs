@@ -2249,6 +2249,10 @@ fn an_evaluation_node_plays_another_nodes_candidate_and_delivers_its_results_bac
         "      command: [\"sh\", \"-c\", \"echo no gauntlet on this node >&2; exit 3\", \"{worker}\", \"job\", \"gauntlet\",",
     );
     e.write_config(&broken);
+    // node-b has a canonical model (another trained one); node-e has none of its own, so the
+    // baseline it plays can only be node-b's, fetched with the candidate.
+    let canonical = b.path().join("models/canonical_hex8_2p.bin");
+    std::fs::rename(trained_candidate(&b, "first.bin"), &canonical).unwrap();
     let candidate = trained_candidate(&b, "cand-1.bin");
     let sha = sha256_of(&candidate);
     let small: Vec<(&str, &str)> = crate::pipeline::SMALL_ENV
@@ -2319,6 +2323,12 @@ fn an_evaluation_node_plays_another_nodes_candidate_and_delivers_its_results_bac
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
     assert_eq!(record["model_sha256"], sha.as_str(), "{record}");
+    assert_eq!(
+        record["baseline_sha256"],
+        sha256_of(&canonical).as_str(),
+        "the baseline played is node-b's canonical model: {record}"
+    );
+    assert!(!e.path().join("models/canonical_hex8_2p.bin").exists());
     assert_eq!(
         record["model_path"],
         candidate.display().to_string().as_str(),

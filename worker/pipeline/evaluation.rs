@@ -550,7 +550,7 @@ impl Evaluation {
                 return;
             }
         };
-        let (results, baseline) = match self.gauntlet(&key, candidate, &sha, None).await {
+        let (results, baseline) = match self.gauntlet(&key, candidate, &sha, None, None).await {
             Ok(r) => r,
             Err(error) => {
                 self.failed_attempt(&key, candidate, error);
@@ -577,19 +577,23 @@ impl Evaluation {
     }
 
     /// Plays `candidate` (whose content has SHA-256 `sha`) through the gauntlet job, bound to the
-    /// shared queue's item `item` if any: its results, in the staging file beside it
-    /// ([`staging_results`]), or why there are none.
+    /// shared queue's item `item` if any, against `baseline` (default: this node's canonical
+    /// model; a path with no file: no baseline): its results, in the staging file beside it
+    /// ([`staging_results`]), and the baseline's SHA-256 (None: there was none), or why there
+    /// are none.
     async fn gauntlet(
         &mut self,
         key: &str,
         candidate: &Path,
         sha: &str,
         item: Option<i64>,
+        baseline: Option<&Path>,
     ) -> Result<(Results, Option<String>), String> {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
-        // The baseline is this node's canonical model, as the job's `{model_path}` names it.
-        let baseline = sha256::file_hex(&pipeline.canonical(key)).ok();
+        // The job's `{model_path}` is the baseline.
+        let baseline_path = baseline.map_or_else(|| pipeline.canonical(key), Path::to_path_buf);
+        let baseline = sha256::file_hex(&baseline_path).ok();
         // The gauntlet writes a staging file; it becomes the results file (which promotion looks
         // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
         let staging = staging_results(candidate);
@@ -597,6 +601,7 @@ impl Evaluation {
             ("candidate_path", candidate.display().to_string()),
             ("games", self.games.to_string()),
             ("output_path", staging.display().to_string()),
+            ("model_path", baseline_path.display().to_string()),
         ];
         self.started += 1;
         println!(

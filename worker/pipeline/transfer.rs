@@ -337,8 +337,13 @@ pub(super) async fn fetch_file(
     let _ = std::fs::remove_file(&tmp);
     match from {
         Target::Local(src) => {
-            std::fs::copy(src.join(name), &tmp)
-                .with_context(|| format!("cannot copy {}", src.join(name).display()))?;
+            // Off the daemon's thread: a large model must not hold up its progress messages.
+            let (from, to) = (src.join(name), tmp.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))
+            })
+            .await
+            .context("the copy panicked")??;
         }
         Target::Remote { host, path } => {
             let args = vec![

@@ -5,21 +5,25 @@
 //!   an evaluation item ([`EvaluationSpec`]: key, this node, the candidate's path here and its
 //!   SHA-256), queued once per candidate content (`unique` = `<node>.<sha256>`, checked by the
 //!   server). An item set aside after its attempts is not offered again until the operator
-//!   retries it (`queue retry`) or cancels it (`queue cancel`: it is then offered afresh).
+//!   retries it (`queue retry`), or its dead-letter copy expires (30 days).
 //! - **Playing one.** A node that claims an item of its own candidate plays it in place, as a
 //!   single node does. A node that claims another node's fetches the candidate from that node's
 //!   `data_address` (rsync over `pipeline.ssh`, or a local directory) into
-//!   `models/evaluating/<node>/<key>/`, checks its SHA-256 against the item, plays the gauntlet
-//!   bound to the item (the claim lives as long as the job), and delivers the results file back
+//!   `models/evaluating/<node>/<key>/`, checks its SHA-256 against the item, fetches that node's
+//!   canonical model the same way when the item names one (the baseline is the training node's,
+//!   not whatever this node has), plays the gauntlet bound to the item (the claim lives as long as the job), and delivers the results file back
 //!   beside the candidate there (verified by SHA-256 at the destination) before it announces
 //!   EVALUATION_COMPLETED with `candidate_node`. So promotion, on the training node, reads the
 //!   results from its own disk as always. While it copies, it tells the supervisor it is still
-//!   at work on the item ([`WorkOp::Progress`]), so a slow copy is not taken for an idle claim.
+//!   at work on the item ([`WorkOp::Progress`]), so a slow copy is not taken for an idle claim;
+//!   a refused progress (the claim was lost or cancelled) abandons the item at once.
 //! - **Settling.** Success completes the item; a failed gauntlet, fetch or delivery hands it back
 //!   after the retry delay (doubling), and its third failure sets it aside (WORK_FAILED); a node
-//!   that cannot reach the candidate's node at all hands it back for another node without
-//!   counting a failure. An item whose candidate is gone, already evaluated or changed since it
-//!   was queued is completed without a gauntlet.
+//!   that does not know the candidate's node (not in its view, no data address) hands it back
+//!   for another node without counting a failure. An item whose candidate is gone, already
+//!   evaluated or changed since it was queued, or whose baseline is no longer the training
+//!   node's canonical model, is completed without a gauntlet (the training node offers it
+//!   afresh if it still waits).
 
 use std::time::Duration;
 
@@ -49,21 +53,46 @@ enum Outcome {
     Failed(String),
     /// This node cannot run it at all: back for another node.
     HandBack(String),
+    /// The claim was lost or cancelled while this node worked on it: nothing to settle.
+    Lost(String),
 }
 
 /// Runs `work` while telling the supervisor every [`PROGRESS_EVERY`] that item `item` is still
-/// being worked on.
-async fn with_progress<T>(ctx: &Ctx, item: i64, work: impl Future<Output = T>) -> T {
+/// being worked on. Err (and `work` dropped) when the supervisor says the item is no longer
+/// this daemon's: its claim was lost or cancelled.
+async fn with_progress<T>(
+    ctx: &Ctx,
+    item: i64,
+    work: impl Future<Output = T>,
+) -> Result<T, String> {
     let mut work = std::pin::pin!(work);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
         tokio::select! {
-            out = &mut work => return out,
+            out = &mut work => return Ok(out),
             _ = tick.tick() => {
-                let _ = ctx.work(WorkOp::Progress { item_id: item }).await;
+                match ctx.work(WorkOp::Progress { item_id: item }).await {
+                    WorkAnswer::Settled { .. } => {}
+                    other => return Err(format!("{:#}", refused(other))),
+                }
             }
         }
     }
+}
+
+/// A candidate file name safe as a word of a remote path (rsync's remote shell): letters,
+/// digits, `.`, `_`, `-`, ending in `.bin`, not hidden.
+fn plain_candidate_name(name: &str) -> bool {
+    candidate_name(Path::new(name))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Whether a failed copy failed because the source file is not there (rsync: "No such file").
+fn missing_source(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("No such file") || text.contains("not found")
 }
 
 impl Evaluation {
@@ -97,9 +126,6 @@ impl Evaluation {
                 }
             };
             self.run_item(item, &view).await;
-            // Candidates trained meanwhile are offered before the next item.
-            self.scan();
-            self.offer(&view.node_id).await;
         }
     }
 
@@ -131,6 +157,10 @@ impl Evaluation {
             let Some(key) = candidate_key(&candidate) else {
                 continue;
             };
+            // Evaluated since the last scan (its item done): nothing to offer.
+            if eval_path(&candidate).exists() || !candidate.exists() {
+                continue;
+            }
             let fresh = !self.shas.contains_key(&candidate);
             let sha = match self.sha_of(&candidate) {
                 Ok(sha) => sha,
@@ -156,6 +186,7 @@ impl Evaluation {
                 node: node.to_string(),
                 model_path: candidate.display().to_string(),
                 model_sha256: sha.clone(),
+                baseline_sha256: sha256::file_hex(&pipeline.canonical(&key)).ok(),
             };
             let answer = ctx
                 .work(WorkOp::Enqueue {
@@ -222,6 +253,10 @@ impl Evaluation {
         };
         let ctx = self.ctx.clone().expect("attached");
         let (op, error) = match outcome {
+            Outcome::Lost(why) => {
+                eprintln!("{NAME}: evaluation item {}: abandoned: {why}", item.id);
+                return;
+            }
             Outcome::Evaluated => (WorkOp::Complete { item_id: item.id }, None),
             Outcome::Nothing(why) => {
                 println!("{NAME}: evaluation item {}: {why}", item.id);
@@ -299,7 +334,7 @@ impl Evaluation {
             Err(e) => return Outcome::Failed(format!("cannot read the candidate: {e:#}")),
         }
         let (results, baseline) = match self
-            .gauntlet(key, &candidate, &spec.model_sha256, Some(id))
+            .gauntlet(key, &candidate, &spec.model_sha256, Some(id), None)
             .await
         {
             Ok(r) => r,
@@ -363,7 +398,7 @@ impl Evaluation {
         let name = Path::new(&spec.model_path)
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
-            .filter(|n| candidate_name(Path::new(n)) && Path::new(&spec.model_path).is_absolute());
+            .filter(|n| plain_candidate_name(n) && Path::new(&spec.model_path).is_absolute());
         let Some(name) = name else {
             return Outcome::HandBack(format!("{} names no candidate", spec.model_path));
         };
@@ -375,6 +410,7 @@ impl Evaluation {
             .join(&spec.node)
             .join(key);
         let local = local_dir.join(&name);
+        let baseline = local_dir.join(format!(".baseline-{name}"));
         let outcome = async {
             let fetched = transfer::fetch_file(
                 &target,
@@ -384,17 +420,57 @@ impl Evaluation {
                 COPY_TIMEOUT,
                 &pipeline.ssh,
             );
-            if let Err(e) = with_progress(&ctx, id, fetched).await {
-                return Outcome::Failed(format!(
-                    "cannot fetch {name} from node {} ({there}): {e:#}",
-                    spec.node
-                ));
+            match with_progress(&ctx, id, fetched).await {
+                Err(lost) => return Outcome::Lost(lost),
+                Ok(Err(e)) if missing_source(&e) => {
+                    return Outcome::Nothing(format!(
+                        "{name} is no longer on node {} (promoted, quarantined or deleted)",
+                        spec.node
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Outcome::Failed(format!(
+                        "cannot fetch {name} from node {} ({there}): {e:#}",
+                        spec.node
+                    ));
+                }
+                Ok(Ok(())) => {}
             }
             if let Err(e) = pipeline.check_model(&local, key) {
                 return Outcome::Failed(format!("the candidate does not load: {e:#}"));
             }
+            // The baseline is the training node's canonical model as the item names it.
+            if let Some(want) = &spec.baseline_sha256 {
+                let models = format!("{}/models", addr.trim_end_matches('/'));
+                let source = transfer::parse_target(&models, &pipeline.root);
+                let file = format!("canonical_{key}.bin");
+                let fetched = transfer::fetch_file(
+                    &source,
+                    &file,
+                    &baseline,
+                    want,
+                    COPY_TIMEOUT,
+                    &pipeline.ssh,
+                );
+                match with_progress(&ctx, id, fetched).await {
+                    Err(lost) => return Outcome::Lost(lost),
+                    Ok(Err(e)) if format!("{e:#}").contains("arrived with SHA-256") => {
+                        return Outcome::Nothing(format!(
+                            "node {}'s canonical model changed since the item was queued (it offers the candidate again against the new one)",
+                            spec.node
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        return Outcome::Failed(format!(
+                            "cannot fetch the baseline canonical_{key}.bin from node {} ({models}): {e:#}",
+                            spec.node
+                        ));
+                    }
+                    Ok(Ok(())) => {}
+                }
+            }
             let (results, baseline) = match self
-                .gauntlet(key, &local, &spec.model_sha256, Some(id))
+                .gauntlet(key, &local, &spec.model_sha256, Some(id), Some(&baseline))
                 .await
             {
                 Ok(r) => r,
@@ -413,7 +489,12 @@ impl Evaluation {
             }
             let delivered = async {
                 match &target {
-                    Target::Local(dir) => transfer::copy_local(&results_file, dir),
+                    Target::Local(dir) => {
+                        let (file, dir) = (results_file.clone(), dir.clone());
+                        tokio::task::spawn_blocking(move || transfer::copy_local(&file, &dir))
+                            .await
+                            .unwrap_or_else(|e| Err(anyhow::anyhow!("the copy panicked: {e}")))
+                    }
                     Target::Remote { host, path } => {
                         transfer::copy_remote(
                             &results_file,
@@ -426,11 +507,15 @@ impl Evaluation {
                     }
                 }
             };
-            if let Err(e) = with_progress(&ctx, id, delivered).await {
-                return Outcome::Failed(format!(
-                    "cannot deliver the results to node {} ({there}): {e:#}",
-                    spec.node
-                ));
+            match with_progress(&ctx, id, delivered).await {
+                Err(lost) => return Outcome::Lost(lost),
+                Ok(Err(e)) => {
+                    return Outcome::Failed(format!(
+                        "cannot deliver the results to node {} ({there}): {e:#}",
+                        spec.node
+                    ));
+                }
+                Ok(Ok(_)) => {}
             }
             let results_path = eval_path(Path::new(&spec.model_path));
             self.remote += 1;
