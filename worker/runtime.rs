@@ -150,6 +150,14 @@ struct JobTable {
     work: BTreeMap<u64, oneshot::Sender<WorkAnswer>>,
 }
 
+impl JobTable {
+    /// The next request id (one sequence for jobs and work requests).
+    fn next_id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+}
+
 impl Ctx {
     fn new() -> (Ctx, mpsc::UnboundedReceiver<WorkerFrame>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -216,8 +224,7 @@ impl Ctx {
         let (done_tx, done_rx) = oneshot::channel();
         let request_id = {
             let mut jobs = self.jobs.borrow_mut();
-            jobs.next += 1;
-            let id = jobs.next;
+            let id = jobs.next_id();
             jobs.work.insert(id, done_tx);
             id
         };
@@ -253,8 +260,7 @@ impl Ctx {
         let (done_tx, done_rx) = oneshot::channel();
         let request_id = {
             let mut jobs = self.jobs.borrow_mut();
-            jobs.next += 1;
-            let id = jobs.next;
+            let id = jobs.next_id();
             jobs.waiting.insert(id, done_tx);
             id
         };

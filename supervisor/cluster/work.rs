@@ -315,6 +315,18 @@ fn token(key: &str) -> Result<&str, String> {
     }
 }
 
+/// The first sequence number of the newest `window` messages of `stream` (named `name`).
+async fn window_start(stream: &stream::Stream, name: &str, window: u64) -> Result<u64, String> {
+    let last = stream
+        .clone()
+        .info()
+        .await
+        .map_err(|e| format!("cannot read {name}: {e}"))?
+        .state
+        .last_sequence;
+    Ok(last.saturating_sub(window).max(1))
+}
+
 /// The delay before attempt `attempts + 1` of an item that failed `attempts` times.
 fn delay(backoff_secs: f64, attempts: i64) -> Duration {
     let secs = backoff_secs.max(0.0) * 2f64.powi((attempts - 1).clamp(0, 30) as i32);
@@ -1154,16 +1166,9 @@ impl Work {
     /// The newest [`SCAN_WINDOW`] items of the work stream, oldest first: a listing reads no
     /// more than that, however long the queue (it runs in the task that renews the claims).
     async fn scan_work(&self) -> Result<Vec<Item>, String> {
-        let mut work = self.work.clone();
-        let last = work
-            .info()
-            .await
-            .map_err(|e| format!("cannot read {STREAM}: {e}"))?
-            .state
-            .last_sequence;
+        let mut seq = window_start(&self.work, STREAM, SCAN_WINDOW).await?;
         let claims = self.claim_records().await;
         let mut items = Vec::new();
-        let mut seq = last.saturating_sub(SCAN_WINDOW).max(1);
         while (items.len() as u64) < SCAN_WINDOW {
             let Some(m) = next_message(&self.work, "ringrift.work.>", seq).await? else {
                 break;
@@ -1182,16 +1187,7 @@ impl Work {
         let mut items = Vec::new();
         let mut seq = match window {
             None => 1,
-            Some(w) => {
-                let mut dead = self.dead.clone();
-                let last = dead
-                    .info()
-                    .await
-                    .map_err(|e| format!("cannot read {DEAD}: {e}"))?
-                    .state
-                    .last_sequence;
-                last.saturating_sub(w).max(1)
-            }
+            Some(w) => window_start(&self.dead, DEAD, w).await?,
         };
         loop {
             let Some(m) = next_message(&self.dead, "ringrift.dead.>", seq).await? else {

@@ -1541,6 +1541,16 @@ fn queue_node(
     root
 }
 
+/// Two [`queue_node`]s of hex8_2p playing: node-a fills the shared queue and plays, node-b
+/// plays.
+fn playing_pair(nats: &Nats, records: &std::path::Path, ack_wait: &str) -> (Root, Root) {
+    let a = queue_node(nats, "node-a", records, "hex8_2p", true, ack_wait);
+    let b = queue_node(nats, "node-b", records, "hex8_2p", false, ack_wait);
+    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
+    b.ok(&["start", "selfplay_scheduler"]);
+    (a, b)
+}
+
 /// The records' `start` lines: (unix time, node, item, key).
 fn starts(records: &std::path::Path) -> Vec<(f64, String, i64, String)> {
     std::fs::read_to_string(records)
@@ -1585,10 +1595,7 @@ fn the_shared_queue_feeds_every_node_and_a_dead_nodes_item_runs_elsewhere_once()
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records");
-    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "2s");
-    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "2s");
-    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
-    b.ok(&["start", "selfplay_scheduler"]);
+    let (a, b) = playing_pair(&nats, &records, "2s");
 
     // Both nodes take items from the one queue.
     let ran_on = |node: &str| starts(&records).iter().any(|s| s.1 == node);
@@ -2124,10 +2131,7 @@ fn a_node_that_shuts_down_hands_its_items_back_at_once() {
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let records = dir.path().join("records");
-    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "60s");
-    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "60s");
-    a.ok(&["start", "queue_populator", "selfplay_scheduler"]);
-    b.ok(&["start", "selfplay_scheduler"]);
+    let (a, b) = playing_pair(&nats, &records, "60s");
     let mut held = Vec::new();
     assert!(wait_until(T, || {
         held = shared_items_now(&b, &["--status", "running"])
@@ -2153,23 +2157,6 @@ fn a_node_that_shuts_down_hands_its_items_back_at_once() {
     assert!(
         a.master_log()
             .contains("handed back: this supervisor is exiting")
-    );
-}
-
-/// Runs a reference job of the worker (`ringrift-worker job <args>`) from `root`, insisting on
-/// success.
-fn worker_job(root: &Root, args: &[&str]) {
-    let out = std::process::Command::new(WORKER)
-        .arg("job")
-        .args(args)
-        .current_dir(root.path())
-        .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
-        .output()
-        .expect("run ringrift-worker job");
-    assert!(
-        out.status.success(),
-        "job {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 

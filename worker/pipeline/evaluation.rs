@@ -35,7 +35,7 @@ use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
 
-mod shared;
+mod work_items;
 
 const NAME: &str = "evaluation";
 /// Failed gauntlet runs of one candidate before it is quarantined.

@@ -320,6 +320,24 @@ pub(super) async fn copy_remote(
     Ok(want)
 }
 
+/// Why [`fetch_file`] fetched nothing.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchError {
+    /// The source has no such file (rsync: "No such file or directory").
+    #[error("{name} is not there: {cause:#}")]
+    Missing { name: String, cause: anyhow::Error },
+    /// It arrived with other content than asked for (changed at the source since).
+    #[error("{name} arrived with SHA-256 {got}, not the {want} asked for")]
+    Changed {
+        name: String,
+        got: String,
+        want: String,
+    },
+    /// Anything else: the copy, the hash or the rename failed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
 /// Copies the file `name` of directory `from` (a local directory, or `host:path` fetched with
 /// rsync over `ssh`, which copies only a regular file) to `dest`, by way of a hidden temporary
 /// file beside it that is renamed into place only if its SHA-256 is `want` (hex).
@@ -330,20 +348,34 @@ pub(super) async fn fetch_file(
     want: &str,
     timeout: Duration,
     ssh: &[String],
-) -> anyhow::Result<()> {
+) -> Result<(), FetchError> {
     let dir = dest.parent().context("the destination has no directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(format!(".{name}.fetch"));
     let _ = std::fs::remove_file(&tmp);
+    let missing = |cause: anyhow::Error| FetchError::Missing {
+        name: name.to_string(),
+        cause,
+    };
     match from {
         Target::Local(src) => {
             // Off the daemon's thread: a large model must not hold up its progress messages.
             let (from, to) = (src.join(name), tmp.clone());
-            tokio::task::spawn_blocking(move || {
-                std::fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))
-            })
-            .await
-            .context("the copy panicked")??;
+            let copied = tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
+                .await
+                .context("the copy panicked")?;
+            match copied {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(missing(e.into()));
+                }
+                Err(e) => {
+                    let e = anyhow::Error::from(e);
+                    return Err(e
+                        .context(format!("cannot copy {}", src.join(name).display()))
+                        .into());
+                }
+                Ok(_) => {}
+            }
         }
         Target::Remote { host, path } => {
             let args = vec![
@@ -353,13 +385,24 @@ pub(super) async fn fetch_file(
                 format!("{host}:{}/{name}", remote_dir(path)),
                 tmp.display().to_string(),
             ];
-            run("rsync", &args, timeout).await?;
+            match run("rsync", &args, timeout).await {
+                // rsync(1) reports a missing source as the system's ENOENT text.
+                Err(e) if format!("{e:#}").contains("No such file or directory") => {
+                    return Err(missing(e));
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
         }
     }
     let got = sha256::file_hex(&tmp).with_context(|| format!("{name} did not arrive"))?;
     if got != want {
         let _ = std::fs::remove_file(&tmp);
-        bail!("{name} arrived with SHA-256 {got}, not the {want} asked for");
+        return Err(FetchError::Changed {
+            name: name.to_string(),
+            got,
+            want: want.to_string(),
+        });
     }
     std::fs::rename(&tmp, dest).with_context(|| format!("cannot move {name} into place"))?;
     Ok(())

@@ -467,18 +467,40 @@ pub fn as_nobody(program: &str, args: &[&str]) -> Output {
 /// Plays `games` games of `key` into the games DB `db`: a selfplay job run directly, from the
 /// root, as selfplay_scheduler would run it.
 pub fn play_games(root: &Root, db: &Path, key: &str, games: u32, seed: u32) {
+    let (games, seed, db) = (
+        games.to_string(),
+        seed.to_string(),
+        db.display().to_string(),
+    );
+    worker_job(
+        root,
+        &[
+            "selfplay",
+            "--config-key",
+            key,
+            "--games",
+            &games,
+            "--seed",
+            &seed,
+            "--db",
+            &db,
+        ],
+    );
+}
+
+/// Runs a reference job of the worker (`ringrift-worker job <args>`) from `root`, outside any
+/// supervisor, insisting on success.
+pub fn worker_job(root: &Root, args: &[&str]) {
     let out = Command::new(WORKER)
-        .args(["job", "selfplay", "--config-key", key])
-        .args(["--games", &games.to_string(), "--seed", &seed.to_string()])
-        .arg("--db")
-        .arg(db)
+        .arg("job")
+        .args(args)
         .current_dir(root.path())
         .env_remove("RINGRIFT_SUPERVISOR_SOCKET")
         .output()
-        .expect("run ringrift-worker job selfplay");
+        .expect("run ringrift-worker job");
     assert!(
         out.status.success(),
-        "selfplay: {}",
+        "job {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use ringrift::protocol::{ClusterReport, WorkAnswer, WorkOp};
 use ringrift::work_queue::{Attempt, Claimed, EVALUATION, EvaluationSpec};
 
-use super::super::transfer::{self, Target};
+use super::super::transfer::{self, FetchError, Target};
 use super::super::work::{refused, work_failed};
 use super::*;
 
@@ -89,10 +89,36 @@ fn plain_candidate_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// Whether a failed copy failed because the source file is not there (rsync: "No such file").
-fn missing_source(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    text.contains("No such file") || text.contains("not found")
+/// The files of one item of another node's candidate: fetched from `node` for item `id`.
+struct ItemFetch<'a> {
+    ctx: &'a Ctx,
+    id: i64,
+    ssh: &'a [String],
+    node: &'a str,
+}
+
+impl ItemFetch<'_> {
+    /// Fetches the file `name` of `from` to `dest`, checked against SHA-256 `want`
+    /// ([`transfer::fetch_file`]), telling the supervisor meanwhile that this daemon is still at
+    /// work on the item. None once it is there; else what becomes of the item: lost (the claim
+    /// went), nothing to do (the file is gone or changed at its node since the item was queued:
+    /// that node offers the candidate again if it still waits), or a failed attempt.
+    async fn fetch(&self, from: &Target, name: &str, dest: &Path, want: &str) -> Option<Outcome> {
+        let fetched = transfer::fetch_file(from, name, dest, want, COPY_TIMEOUT, self.ssh);
+        let node = self.node;
+        match with_progress(self.ctx, self.id, fetched).await {
+            Ok(Ok(())) => None,
+            Err(lost) => Some(Outcome::Lost(lost)),
+            Ok(Err(e @ (FetchError::Missing { .. } | FetchError::Changed { .. }))) => {
+                Some(Outcome::Nothing(format!(
+                    "on node {node}, {e} (gone or changed since the item was queued)"
+                )))
+            }
+            Ok(Err(e)) => Some(Outcome::Failed(format!(
+                "cannot fetch {name} from node {node}: {e}"
+            ))),
+        }
+    }
 }
 
 impl Evaluation {
@@ -412,29 +438,17 @@ impl Evaluation {
         let local = local_dir.join(&name);
         let baseline = local_dir.join(format!(".baseline-{name}"));
         let outcome = async {
-            let fetched = transfer::fetch_file(
-                &target,
-                &name,
-                &local,
-                &spec.model_sha256,
-                COPY_TIMEOUT,
-                &pipeline.ssh,
-            );
-            match with_progress(&ctx, id, fetched).await {
-                Err(lost) => return Outcome::Lost(lost),
-                Ok(Err(e)) if missing_source(&e) => {
-                    return Outcome::Nothing(format!(
-                        "{name} is no longer on node {} (promoted, quarantined or deleted)",
-                        spec.node
-                    ));
-                }
-                Ok(Err(e)) => {
-                    return Outcome::Failed(format!(
-                        "cannot fetch {name} from node {} ({there}): {e:#}",
-                        spec.node
-                    ));
-                }
-                Ok(Ok(())) => {}
+            let files = ItemFetch {
+                ctx: &ctx,
+                id,
+                ssh: &pipeline.ssh,
+                node: &spec.node,
+            };
+            if let Some(o) = files
+                .fetch(&target, &name, &local, &spec.model_sha256)
+                .await
+            {
+                return o;
             }
             if let Err(e) = pipeline.check_model(&local, key) {
                 return Outcome::Failed(format!("the candidate does not load: {e:#}"));
@@ -444,29 +458,8 @@ impl Evaluation {
                 let models = format!("{}/models", addr.trim_end_matches('/'));
                 let source = transfer::parse_target(&models, &pipeline.root);
                 let file = format!("canonical_{key}.bin");
-                let fetched = transfer::fetch_file(
-                    &source,
-                    &file,
-                    &baseline,
-                    want,
-                    COPY_TIMEOUT,
-                    &pipeline.ssh,
-                );
-                match with_progress(&ctx, id, fetched).await {
-                    Err(lost) => return Outcome::Lost(lost),
-                    Ok(Err(e)) if format!("{e:#}").contains("arrived with SHA-256") => {
-                        return Outcome::Nothing(format!(
-                            "node {}'s canonical model changed since the item was queued (it offers the candidate again against the new one)",
-                            spec.node
-                        ));
-                    }
-                    Ok(Err(e)) => {
-                        return Outcome::Failed(format!(
-                            "cannot fetch the baseline canonical_{key}.bin from node {} ({models}): {e:#}",
-                            spec.node
-                        ));
-                    }
-                    Ok(Ok(())) => {}
+                if let Some(o) = files.fetch(&source, &file, &baseline, want).await {
+                    return o;
                 }
             }
             let (results, baseline) = match self
