@@ -300,6 +300,14 @@ impl Member {
                 continue;
             };
             match serde_json::from_slice::<NodeRecord>(&value) {
+                // A node's record is under its own id, which names paths and subjects elsewhere.
+                Ok(r) if r.node_id != key || !ringrift::config::valid_node_id(&r.node_id) => {
+                    self.log.warn(&format!(
+                        "cluster: ignored the record of '{key}': its node_id {:?} is not that \
+                         key, or not a node id (1 to 64 of a-z, 0-9, _ and -)",
+                        r.node_id
+                    ))
+                }
                 Ok(r) => nodes.push(r),
                 Err(e) => self
                     .log

@@ -18,12 +18,13 @@
 //!   at work on the item ([`WorkOp::Progress`]), so a slow copy is not taken for an idle claim;
 //!   a refused progress (the claim was lost or cancelled) abandons the item at once.
 //! - **Settling.** Success completes the item; a failed gauntlet, fetch or delivery hands it back
-//!   after the retry delay (doubling), and its third failure sets it aside (WORK_FAILED); a node
-//!   that does not know the candidate's node (not in its view, no data address) hands it back
-//!   for another node without counting a failure. An item whose candidate is gone, already
-//!   evaluated or changed since it was queued, or whose baseline is no longer the training
-//!   node's canonical model, is completed without a gauntlet (the training node offers it
-//!   afresh if it still waits).
+//!   after the retry delay (doubling), and its third failure sets it aside (WORK_FAILED); a
+//!   candidate's node without a usable data address gets it handed back for another node
+//!   without counting a failure (set aside after ten). An item whose candidate is gone, already
+//!   evaluated or changed since it was queued, whose baseline is no longer the training node's
+//!   canonical model, or whose training node is not in the cluster now, is completed without a
+//!   gauntlet: the training node's offers come from its disk, so it offers the candidate afresh
+//!   if it still waits.
 
 use std::time::Duration;
 
@@ -408,16 +409,22 @@ impl Evaluation {
                 spec.node, spec.model_sha256
             ));
         }
-        let Some(addr) = view
-            .nodes
-            .iter()
-            .find(|n| n.record.node_id == spec.node)
-            .and_then(|n| n.record.data_address.clone())
+        // A training node that is gone offers its waiting candidates again when it is back: the
+        // item is done meanwhile, rather than handed round until it is set aside.
+        let Some(origin) = view.nodes.iter().find(|n| n.record.node_id == spec.node) else {
+            return Outcome::Nothing(format!(
+                "node {} is not in the cluster now; it offers the candidate again when it is back",
+                spec.node
+            ));
+        };
+        let Some(addr) = origin
+            .record
+            .data_address
+            .clone()
             .filter(|a| ringrift::config::valid_data_address(a))
         else {
             return Outcome::HandBack(format!(
-                "node {} is not in this node's view of the cluster, or has no usable \
-                 cluster.data_address to fetch its candidate from",
+                "node {} has no usable cluster.data_address to fetch its candidate from",
                 spec.node
             ));
         };
