@@ -22,6 +22,7 @@ pub mod reaper;
 pub mod reload;
 pub mod restart;
 pub mod settings;
+pub mod sprt;
 pub mod sqlite;
 pub mod template;
 pub mod timefmt;

@@ -202,6 +202,61 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A sequential test's parameters: a mapping `{elo0, elo1, alpha, beta}` (a field left out
+    /// keeps `default`'s), or `false` for none; `default` when absent.
+    pub fn sprt(&mut self, key: &str, default: crate::sprt::Sprt) -> Option<crate::sprt::Sprt> {
+        let Some(v) = self.get(key) else {
+            return Some(default);
+        };
+        let fields = match v {
+            Value::Bool(false) => return None,
+            Value::Object(m) => m,
+            other => {
+                let found = crate::config::show_value(other);
+                self.complain(
+                    key,
+                    format!(
+                        "must be a mapping {{elo0, elo1, alpha, beta}} or false, found {found}"
+                    ),
+                );
+                return Some(default);
+            }
+        };
+        let mut n = [default.elo0, default.elo1, default.alpha, default.beta];
+        for (field, value) in fields {
+            let slot = match field.as_str() {
+                "elo0" => 0,
+                "elo1" => 1,
+                "alpha" => 2,
+                "beta" => 3,
+                other => {
+                    self.complain(
+                        key,
+                        format!("unknown field '{other}' (fields: elo0, elo1, alpha, beta)"),
+                    );
+                    continue;
+                }
+            };
+            match value.as_f64() {
+                Some(x) => n[slot] = x,
+                None => self.complain(
+                    key,
+                    format!(
+                        "{field} must be a number, found {}",
+                        crate::config::show_value(value)
+                    ),
+                ),
+            }
+        }
+        match crate::sprt::Sprt::new(n[0], n[1], n[2], n[3]) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.complain(key, e);
+                Some(default)
+            }
+        }
+    }
+
     /// A list of strings (empty when missing).
     pub fn strings(&mut self, key: &str) -> Vec<String> {
         let Some(v) = self.get(key) else {
@@ -330,8 +385,13 @@ daemon_settings!(
 daemon_settings!(
     /// evaluation: the gauntlet's size and the backpressure limit.
     EvaluationSettings {
-        /// Games against each opponent.
+        /// Games against each opponent (against the canonical model, at most this many when
+        /// `sprt` is on).
         games: u64 = |r: &mut Reader, k| r.count(k, 200, 1, 1_000_000),
+        /// The sequential test against the canonical model (`crate::sprt`): elo0 0, elo1 50,
+        /// alpha and beta 0.05 by default; `false` plays a fixed match of `games` games.
+        sprt: Option<crate::sprt::Sprt> =
+            |r: &mut Reader, k| r.sprt(k, crate::sprt::Sprt::DEFAULT),
         /// Candidates waiting beyond this → BACKPRESSURE_ACTIVATED.
         queue_limit: u64 = |r: &mut Reader, k| r.count(k, 4, 0, 1_000_000),
     }

@@ -242,3 +242,78 @@ fn usage_errors_exit_2() {
     }
     assert!(!dir.join("g.db").exists());
 }
+
+/// Issue 14: the gauntlet's sequential test against the baseline stops early both ways: it
+/// rejects a copy of the baseline (H0 holds: no stronger) and accepts a clearly stronger
+/// candidate, each well before its game limit, and records how (`sprt` in the results).
+#[test]
+fn the_sequential_test_rejects_a_copy_and_accepts_a_clearly_stronger_candidate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (db, npz) = ("games.db", "samples.npz");
+    ok(
+        dir,
+        &format!("selfplay --config-key {KEY} --games 200 --db {db} --seed 5"),
+    );
+    ok(
+        dir,
+        &format!("export --config-key {KEY} --db {db} --output {npz}"),
+    );
+    ok(
+        dir,
+        &format!(
+            "train --config-key {KEY} --input {npz} --output strong.bin --epochs 10 --lr 0.01"
+        ),
+    );
+    // Barely trained: next to no knowledge of the game.
+    ok(
+        dir,
+        &format!(
+            "train --config-key {KEY} --input {npz} --output weak.bin --epochs 1 --lr 0.0000001"
+        ),
+    );
+    let limit = 4000;
+    let sprt = |candidate: &str, baseline: &str| {
+        let g = ok(
+            dir,
+            &format!(
+                "gauntlet --config-key {KEY} --candidate {candidate} --baseline {baseline} --games {limit} --output out.json --sprt 0,50,0.05,0.05"
+            ),
+        );
+        eprintln!("{candidate} vs {baseline}: {}", g["sprt"]);
+        g
+    };
+    let copy = sprt("strong.bin", "strong.bin");
+    assert_eq!(copy["sprt"]["result"], "reject", "{copy}");
+    let played = copy["games_vs_baseline"].as_u64().unwrap();
+    assert!(played < limit, "stopped early: {copy}");
+    assert!(copy["sprt"]["llr"].as_f64().unwrap() <= copy["sprt"]["lower"].as_f64().unwrap());
+    // Against random play the fixed match is played whole.
+    assert_eq!(copy["games_vs_random"], limit);
+
+    let stronger = sprt("strong.bin", "weak.bin");
+    assert_eq!(stronger["sprt"]["result"], "accept", "{stronger}");
+    assert!(
+        stronger["games_vs_baseline"].as_u64().unwrap() < 200,
+        "{stronger}"
+    );
+    assert_eq!(stronger["sprt"]["elo1"], 50.0);
+
+    // Without --sprt the match against the baseline is a fixed one, as before.
+    let fixed = ok(
+        dir,
+        &format!(
+            "gauntlet --config-key {KEY} --candidate strong.bin --baseline weak.bin --games 20 --output out.json"
+        ),
+    );
+    assert_eq!(fixed["games_vs_baseline"], 20);
+    assert_eq!(fixed["sprt"], Value::Null);
+    fails(
+        dir,
+        &format!(
+            "gauntlet --config-key {KEY} --candidate strong.bin --games 2 --output out.json --sprt 50,0,0.05,0.05"
+        ),
+        2,
+        &["elo0 (50) must be less than elo1 (0)"],
+    );
+}

@@ -2,6 +2,11 @@
 //! there is one, against the baseline (canonical) model, alternating who moves first, and writes
 //! the win rates for the promotion step to read.
 //!
+//! With `--sprt`, the match against the baseline is a sequential probability ratio test
+//! (`ringrift::sprt`): pairs of games until the test accepts or rejects, at most `--games`; the
+//! results record its parameters, log-likelihood ratio and `result` (`accept`, `reject`, or
+//! `inconclusive` when the games ran out), which the promotion gate reads.
+//!
 //! Both models play greedily with a small ε so that games between two deterministic players are
 //! not all the same game; a fixed default seed makes a gauntlet repeatable. The candidate must
 //! load (a corrupt candidate is an error); a baseline that is missing or does not load is skipped
@@ -14,6 +19,7 @@ use crate::jobs::game::model::Model;
 use crate::jobs::game::{GameConfig, play_game};
 use anyhow::{Context, Result};
 use fastrand::Rng;
+use ringrift::sprt::{Decision, Sprt};
 use serde_json::{Value, json};
 
 use super::{GameArgs, parse_probability, round6, write_atomic};
@@ -46,10 +52,37 @@ pub(crate) struct GauntletArgs {
     /// Seed of the games
     #[arg(long, value_name = "S", default_value_t = 1)]
     pub(crate) seed: u64,
+
+    /// Play the baseline as a sequential probability ratio test instead of a fixed match:
+    /// pairs of games (one per seat) until the test accepts (the candidate is at least ELO1
+    /// stronger) or rejects (at most ELO0), at most --games games; ALPHA and BETA are its error
+    /// rates (e.g. 0,50,0.05,0.05); `off`: a fixed match of --games games
+    #[arg(long, value_name = "ELO0,ELO1,ALPHA,BETA", default_value = "off", value_parser = parse_sprt)]
+    pub(crate) sprt: SprtArg,
 }
 
-/// Games won by `candidate` against `opponent` (`None`: uniform random), candidate first in the
-/// even-numbered games.
+/// `--sprt`: the test's parameters, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SprtArg(pub(crate) Option<Sprt>);
+
+fn parse_sprt(s: &str) -> Result<SprtArg, String> {
+    if s == "off" {
+        Ok(SprtArg(None))
+    } else {
+        Sprt::parse(s).map(|t| SprtArg(Some(t)))
+    }
+}
+
+/// A match of `candidate` against `opponent` (`None`: uniform random): games played, games won,
+/// and wins per seat (the candidate moves first in the even-numbered games).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Match {
+    games: u32,
+    wins: u32,
+    wins_by_seat: [u32; 2],
+}
+
+/// Plays up to `games` games, stopping after a pair of games once `stop` says so.
 fn play_match(
     config: &GameConfig,
     candidate: &Model,
@@ -57,20 +90,28 @@ fn play_match(
     games: u32,
     epsilon: f32,
     rng: &mut Rng,
-) -> (u32, [u32; 2]) {
-    let mut wins = 0;
-    let mut wins_by_seat = [0; 2];
+    stop: impl Fn(&Match) -> bool,
+) -> Match {
+    let mut m = Match {
+        games: 0,
+        wins: 0,
+        wins_by_seat: [0; 2],
+    };
     for g in 0..games {
         let seat = (g % 2) as usize;
         let mut players = [opponent, opponent];
         players[seat] = Some(candidate);
         let record = play_game(config, players, epsilon, rng);
+        m.games += 1;
         if usize::from(record.winner) == seat + 1 {
-            wins += 1;
-            wins_by_seat[seat] += 1;
+            m.wins += 1;
+            m.wins_by_seat[seat] += 1;
+        }
+        if seat == 1 && stop(&m) {
+            break;
         }
     }
-    (wins, wins_by_seat)
+    m
 }
 
 pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
@@ -89,8 +130,21 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
         },
     };
     let mut rng = Rng::with_seed(args.seed);
-    let (wins_random, seats_random) =
-        play_match(config, &candidate, None, args.games, args.epsilon, &mut rng);
+    let random = play_match(
+        config,
+        &candidate,
+        None,
+        args.games,
+        args.epsilon,
+        &mut rng,
+        |_| false,
+    );
+    // The built-in game has no draws: a game not won is lost.
+    let decision = |m: &Match| {
+        args.sprt
+            .0
+            .map(|t| t.decide(u64::from(m.wins), 0, u64::from(m.games - m.wins)))
+    };
     let vs_baseline = baseline.as_ref().map(|b| {
         play_match(
             config,
@@ -99,23 +153,39 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
             args.games,
             args.epsilon,
             &mut rng,
+            |m| decision(m).is_some_and(|d| d != Decision::Continue),
         )
     });
-    let rate = |wins: u32| round6(f64::from(wins) / f64::from(args.games));
+    let sprt = args.sprt.0.zip(vs_baseline).map(|(t, m)| {
+        let (lower, upper) = t.bounds();
+        let result = match t.decide(u64::from(m.wins), 0, u64::from(m.games - m.wins)) {
+            // Out of games with neither bound reached.
+            Decision::Continue => "inconclusive",
+            d => d.as_str(),
+        };
+        json!({
+            "elo0": t.elo0, "elo1": t.elo1, "alpha": t.alpha, "beta": t.beta,
+            "llr": round6(t.llr(u64::from(m.wins), 0, u64::from(m.games - m.wins))),
+            "lower": round6(lower), "upper": round6(upper),
+            "result": result,
+        })
+    });
+    let rate = |m: &Match| round6(f64::from(m.wins) / f64::from(m.games.max(1)));
     let result = json!({
         "job": "gauntlet",
         "config_key": config.key,
         "candidate": args.candidate.display().to_string(),
         "baseline": baseline.as_ref().and(args.baseline.as_ref()).map(|p| p.display().to_string()),
         "baseline_error": baseline_error,
-        "games_vs_random": args.games,
-        "wins_vs_random": wins_random,
-        "wins_vs_random_by_seat": seats_random,
-        "win_rate_vs_random": rate(wins_random),
-        "games_vs_baseline": if vs_baseline.is_some() { args.games } else { 0 },
-        "wins_vs_baseline": vs_baseline.map(|(w, _)| w),
-        "wins_vs_baseline_by_seat": vs_baseline.map(|(_, s)| s),
-        "win_rate_vs_baseline": vs_baseline.map(|(w, _)| rate(w)),
+        "games_vs_random": random.games,
+        "wins_vs_random": random.wins,
+        "wins_vs_random_by_seat": random.wins_by_seat,
+        "win_rate_vs_random": rate(&random),
+        "games_vs_baseline": vs_baseline.map_or(0, |m| m.games),
+        "wins_vs_baseline": vs_baseline.map(|m| m.wins),
+        "wins_vs_baseline_by_seat": vs_baseline.map(|m| m.wins_by_seat),
+        "win_rate_vs_baseline": vs_baseline.as_ref().map(rate),
+        "sprt": sprt,
         "epsilon": round6(f64::from(args.epsilon)),
         "seed": args.seed,
         "seconds": round6(started.elapsed().as_secs_f64()),
@@ -151,6 +221,7 @@ mod tests {
             output: dir.join("eval/result.json"),
             epsilon: 0.05,
             seed: 3,
+            sprt: SprtArg(None),
         };
         (config, args)
     }

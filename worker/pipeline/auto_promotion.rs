@@ -87,7 +87,16 @@ fn decide(
             threshold: t.min_vs_random,
         };
     }
-    if canonical_exists {
+    if canonical_exists && let Some(t) = &r.sprt {
+        // A sequential test decides against the baseline instead of a fixed threshold.
+        if t.result != "accept" {
+            return Verdict::Reject {
+                gate: "sprt",
+                value: t.llr,
+                threshold: t.upper,
+            };
+        }
+    } else if canonical_exists {
         match r.win_rate_vs_baseline {
             None => return Verdict::Stale,
             Some(rate) if rate < t.min_vs_baseline => {
@@ -166,6 +175,7 @@ fn verify_event(pipeline: &Pipeline, key: &str, p: &Value) -> Result<(PathBuf, R
             .unwrap_or(f64::NAN),
         win_rate_vs_baseline: p.get("win_rate_vs_baseline").and_then(Value::as_f64),
         games: p.get("games").and_then(Value::as_u64).unwrap_or(0),
+        sprt: None,
     };
     if !same_results(&claimed, &record.results) {
         return Err(Refused::Numbers {
@@ -758,7 +768,38 @@ mod tests {
             win_rate_vs_random: random,
             win_rate_vs_baseline: baseline,
             games,
+            sprt: None,
         }
+    }
+
+    #[test]
+    fn a_sequential_test_decides_against_the_baseline_when_there_is_one() {
+        use super::super::evaluation::SprtOutcome;
+        let with = |result: &str| Results {
+            sprt: Some(SprtOutcome {
+                result: result.into(),
+                llr: if result == "accept" { 3.0 } else { -3.0 },
+                upper: 2.94,
+            }),
+            // Under the fixed threshold, but the test accepted.
+            ..r(0.9, Some(0.5), 100)
+        };
+        assert_eq!(
+            decide(&with("accept"), &T, true, 1000.0, None),
+            Verdict::Promote
+        );
+        for result in ["reject", "inconclusive"] {
+            assert_eq!(
+                gate(decide(&with(result), &T, true, 1000.0, None)),
+                Some("sprt"),
+                "{result}"
+            );
+        }
+        // With no canonical model there is nothing to test against: the other gates decide.
+        assert_eq!(
+            decide(&with("reject"), &T, false, 1000.0, None),
+            Verdict::Promote
+        );
     }
 
     fn gate(v: Verdict) -> Option<&'static str> {

@@ -118,6 +118,41 @@ pub(crate) struct Results {
     pub win_rate_vs_random: f64,
     pub win_rate_vs_baseline: Option<f64>,
     pub games: u64,
+    /// The sequential test against the baseline, when the gauntlet ran one.
+    pub sprt: Option<SprtOutcome>,
+}
+
+/// How the gauntlet's sequential test against the baseline ended (`ringrift::sprt`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SprtOutcome {
+    /// `accept`, `reject` or `inconclusive` (the games ran out first).
+    pub result: String,
+    /// The log-likelihood ratio reached.
+    pub llr: f64,
+    /// The bound at which it accepts.
+    pub upper: f64,
+}
+
+/// The `sprt` object of a results file, if any.
+fn parse_sprt(v: &Value, path: &Path) -> anyhow::Result<Option<SprtOutcome>> {
+    let Some(t) = v.get("sprt").filter(|t| !t.is_null()) else {
+        return Ok(None);
+    };
+    let result = t.get("result").and_then(Value::as_str);
+    let number = |f: &str| t.get(f).and_then(Value::as_f64);
+    match (result, number("llr"), number("upper")) {
+        (Some(r @ ("accept" | "reject" | "inconclusive")), Some(llr), Some(upper)) => {
+            Ok(Some(SprtOutcome {
+                result: r.to_string(),
+                llr,
+                upper,
+            }))
+        }
+        _ => anyhow::bail!(
+            "{}: sprt is {t}, not {{result: accept|reject|inconclusive, llr, upper}}",
+            path.display()
+        ),
+    }
 }
 
 /// Reads a gauntlet results file (`games_vs_random` gives the games; `default_games` if absent).
@@ -150,6 +185,7 @@ fn parse_results(v: &Value, path: &Path, default_games: u64) -> anyhow::Result<R
         win_rate_vs_random,
         win_rate_vs_baseline: rate("win_rate_vs_baseline")?,
         games,
+        sprt: parse_sprt(v, path)?,
     })
 }
 
@@ -256,6 +292,8 @@ struct Evaluation {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     games: u64,
+    /// The sequential test against the baseline (the gauntlet's `{sprt}`), if on.
+    sprt: Option<ringrift::sprt::Sprt>,
     limit: usize,
     retry_delay: f64,
     state: State,
@@ -602,6 +640,11 @@ impl Evaluation {
             ("games", self.games.to_string()),
             ("output_path", staging.display().to_string()),
             ("model_path", baseline_path.display().to_string()),
+            (
+                "sprt",
+                self.sprt
+                    .map_or_else(|| "off".to_string(), |t| t.to_string()),
+            ),
         ];
         self.started += 1;
         println!(
@@ -697,6 +740,7 @@ impl Daemon for Evaluation {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, EvaluationSettings::from_map)?;
             self.games = s.games;
+            self.sprt = s.sprt;
             self.limit = usize::try_from(s.queue_limit).unwrap_or(usize::MAX);
             self.retry_delay = settings.interval_secs;
             self.state = load_state(&pipeline.state_path(NAME));
@@ -823,7 +867,8 @@ mod tests {
             Results {
                 win_rate_vs_random: 0.8,
                 win_rate_vs_baseline: None,
-                games: 100
+                games: 100,
+                sprt: None
             }
         );
         std::fs::write(

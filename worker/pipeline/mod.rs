@@ -202,7 +202,9 @@ impl Pipeline {
 
     /// Fills a job template. `{worker} {root} {config_key} {board_type} {num_players} {db_path}
     /// {npz_path} {model_path}` come from the key; the caller gives the rest (`games`,
-    /// `candidate_path`, `output_path`, `epochs`, `learning_rate`, `seed`).
+    /// `candidate_path`, `output_path`, `epochs`, `learning_rate`, `seed`, and for the
+    /// gauntlet `sprt`: `ELO0,ELO1,ALPHA,BETA` or `off`; evaluation also names the baseline as
+    /// `model_path`).
     pub(crate) fn job_command(
         &self,
         kind: &str,
