@@ -156,7 +156,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &["training_trigger"],
         true,
-        &["games", "queue_limit"],
+        &["games", "queue_limit", "sprt"],
     ),
     spec(
         "auto_promotion",

@@ -116,6 +116,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "epochs",
     "learning_rate",
     "seed",
+    "sprt",
 ];
 
 /// The `{name}`s in one word of a template (`{{` and `}}` are literal braces; see

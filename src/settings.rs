@@ -571,6 +571,35 @@ mod tests {
     }
 
     #[test]
+    fn the_sequential_test_is_a_mapping_over_the_default_or_false() {
+        use crate::sprt::Sprt;
+        let read = |v: Value| EvaluationSettings::from_map(&map(json!({ "sprt": v })));
+        assert_eq!(
+            EvaluationSettings::from_map(&map(json!({}))).unwrap().sprt,
+            Some(Sprt::DEFAULT)
+        );
+        assert_eq!(read(json!(false)).unwrap().sprt, None);
+        let t = read(json!({"elo1": 30, "alpha": 0.01}))
+            .unwrap()
+            .sprt
+            .unwrap();
+        assert_eq!((t.elo0, t.elo1, t.alpha, t.beta), (0.0, 30.0, 0.01, 0.05));
+        for (bad, says) in [
+            (json!({"elo1": -5}), "elo0 (0) must be less than elo1 (-5)"),
+            (json!({"alpha": 0.7}), "alpha (0.7) must be in (0, 0.5)"),
+            (json!({"elo2": 1}), "unknown field 'elo2'"),
+            (json!({"beta": "x"}), "beta must be a number"),
+            (
+                json!(true),
+                "must be a mapping {elo0, elo1, alpha, beta} or false",
+            ),
+        ] {
+            let e = read(bad.clone()).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn wrong_types_and_ranges_are_named_never_defaulted() {
         let e =
             TrainingSettings::from_map(&map(json!({"min_samples": "lots", "cooldown": "soon"})))

@@ -163,8 +163,9 @@ mod tests {
         assert!(t.llr(100, 0, 100) < 0.0);
         assert_eq!(t.decide(10, 0, 10), Decision::Continue);
         assert_eq!(t.decide(200, 0, 200), Decision::Reject);
-        // Three in four won: accepted within a few dozen games.
-        assert_eq!(t.decide(30, 0, 10), Decision::Accept);
+        // Four in five won: accepted within a few dozen games.
+        assert_eq!(t.decide(30, 0, 10), Decision::Continue);
+        assert_eq!(t.decide(40, 0, 10), Decision::Accept);
         // A draw is half a win and half a loss.
         assert!((t.llr(1, 2, 1) - t.llr(2, 0, 2)).abs() < 1e-12);
     }
