@@ -35,7 +35,7 @@ fn print_cluster(r: &ClusterReport) {
             Some(e) => format!("NOT CONNECTED: {e}"),
         }
     );
-    let rows: Vec<[String; 9]> = r
+    let rows: Vec<[String; 10]> = r
         .nodes
         .iter()
         .map(|n| {
@@ -51,27 +51,18 @@ fn print_cluster(r: &ClusterReport) {
                 d.roles.join(","),
                 format!("{running}/{}", d.daemons.len()),
                 d.jobs.to_string(),
-                // Shared work items running there, of its selfplay slots, and which.
-                match (d.slots, d.running_items.as_slice()) {
-                    (None, []) => "-".into(),
-                    (slots, items) => format!(
-                        "{}/{}{}",
-                        items.len(),
-                        slots.map_or("-".into(), |s| s.to_string()),
-                        if items.is_empty() {
-                            String::new()
-                        } else {
-                            format!(
-                                " ({})",
-                                items
-                                    .iter()
-                                    .map(|i| format!("#{i}"))
-                                    .collect::<Vec<_>>()
-                                    .join(" ")
-                            )
-                        }
-                    ),
+                // Shared work items (of any type) running there, which.
+                if d.running_items.is_empty() {
+                    "-".into()
+                } else {
+                    d.running_items
+                        .iter()
+                        .map(|i| format!("#{i}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 },
+                // Its selfplay_scheduler's slots.
+                d.slots.map_or("-".into(), |s| s.to_string()),
                 format!(
                     "{}c {:.0}G{}",
                     d.cores,
@@ -92,7 +83,7 @@ fn print_cluster(r: &ClusterReport) {
         })
         .collect();
     let headers = [
-        "NODE", "SEEN", "ROLES", "RUNNING", "JOBS", "ITEMS", "CAPACITY", "DISK", "HEALTH",
+        "NODE", "SEEN", "ROLES", "RUNNING", "JOBS", "ITEMS", "SLOTS", "CAPACITY", "DISK", "HEALTH",
     ];
     out.push_str(&table(headers, &rows));
     for (daemon, holder) in &r.leases {

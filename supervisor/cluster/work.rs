@@ -1120,14 +1120,17 @@ impl Work {
     }
 
     async fn live_item(&self, id: i64, body: &Body) -> Item {
-        let claim: Option<ClaimRecord> = self
-            .claims
-            .get(id.to_string())
-            .await
-            .ok()
-            .flatten()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        live_item_of(id, body, claim.as_ref())
+        live_item_of(id, body, self.claim_of(id, unix_now()).await.as_ref())
+    }
+
+    /// Item `id`'s claim record, with whether it lapsed at `now`: not renewed for
+    /// `work_ack_wait`, so its holder is gone and the item goes to the next node that claims it
+    /// (the record stays until then).
+    async fn claim_of(&self, id: i64, now: f64) -> Option<(ClaimRecord, bool)> {
+        let entry = self.claims.entry(id.to_string()).await.ok().flatten()?;
+        let record = serde_json::from_slice::<ClaimRecord>(&entry.value).ok()?;
+        let renewed = entry.created.unix_timestamp_nanos() as f64 / 1e9;
+        Some((record, now - renewed > self.ack_wait.as_secs_f64()))
     }
 
     /// How many items are pending, running and failed in the whole queue.
@@ -1138,7 +1141,12 @@ impl Work {
         };
         let outstanding = messages(&self.work).await;
         let failed = messages(&self.dead).await;
-        let running = self.claim_records().await.len() as u64;
+        let running = self
+            .claim_records()
+            .await
+            .values()
+            .filter(|(_, lapsed)| !lapsed)
+            .count() as u64;
         BTreeMap::from([
             ("pending".to_string(), outstanding.saturating_sub(running)),
             ("running".to_string(), running),
@@ -1146,18 +1154,18 @@ impl Work {
         ])
     }
 
-    /// Every claim record, by item id (as many as items run in the cluster).
-    async fn claim_records(&self) -> BTreeMap<i64, ClaimRecord> {
+    /// Every claim record by item id (as many as items run in the cluster), with whether it
+    /// lapsed ([`Work::claim_of`]).
+    async fn claim_records(&self) -> BTreeMap<i64, (ClaimRecord, bool)> {
         let mut out = BTreeMap::new();
         let Ok(mut keys) = self.claims.keys().await else {
             return out;
         };
+        let now = unix_now();
         while let Some(Ok(key)) = keys.next().await {
             let Ok(id) = key.parse::<i64>() else { continue };
-            if let Ok(Some(bytes)) = self.claims.get(&key).await
-                && let Ok(record) = serde_json::from_slice::<ClaimRecord>(&bytes)
-            {
-                out.insert(id, record);
+            if let Some(claim) = self.claim_of(id, now).await {
+                out.insert(id, claim);
             }
         }
         out
@@ -1250,9 +1258,20 @@ fn wrong(id: i64, status: &str, allowed: &str) -> (ErrorCode, String) {
 }
 
 /// An item of the work stream: running where its claim record says, else pending.
-fn live_item_of(id: i64, body: &Body, claim: Option<&ClaimRecord>) -> Item {
+fn live_item_of(id: i64, body: &Body, claim: Option<&(ClaimRecord, bool)>) -> Item {
     match claim {
-        Some(c) => {
+        Some((c, true)) => item_of(
+            id,
+            body,
+            "pending",
+            c.delivered,
+            Some(format!(
+                "the claim of {}/{} lapsed (not renewed for work_ack_wait): it goes to the next \
+                 node that claims it",
+                c.node, c.daemon
+            )),
+        ),
+        Some((c, false)) => {
             let mut item = item_of(id, body, "running", c.delivered.saturating_sub(1), None);
             item.claimed_at = Some(c.claimed_unix);
             item.claimed_by = Some(format!("{}/{}", c.node, c.daemon));

@@ -315,15 +315,26 @@ struct Evaluation {
     shas: BTreeMap<PathBuf, (u64, std::time::SystemTime, String)>,
     /// In a cluster: candidates of other nodes evaluated here.
     remote: u64,
+    /// In a cluster: this node's candidates offered to the cluster, with their item's id.
+    offered: BTreeMap<PathBuf, i64>,
 }
 
 impl Evaluation {
     fn report(&self) -> Report {
         let depth = self.queue.len();
         let message = format!(
-            "{} waiting (limit {}){}{}; last: {}",
+            "{} waiting (limit {}){}{}{}; last: {}",
             depth,
             self.limit,
+            match self
+                .offered
+                .values()
+                .map(|id| format!("#{id}"))
+                .collect::<Vec<_>>()
+            {
+                ids if ids.is_empty() => String::new(),
+                ids => format!(", offered to the cluster as item {}", ids.join(" ")),
+            },
             match self.set_aside.values().next() {
                 None => String::new(),
                 Some(id) => format!(

@@ -129,15 +129,24 @@ impl QueuePopulator {
         let (weights, equal_weights) = self.weights();
         let ctx = self.ctx.as_ref().expect("attached");
         // Step 1, for the whole cluster: items claimed for longer than twice their job's
-        // max_runtime (selfplay, and training: train) lose their claim and come back.
-        let train_max = self
-            .pipeline
-            .as_ref()
-            .and_then(|p| p.jobs.get("train"))
-            .map_or(3600.0, |(_, max)| max.as_secs_f64());
+        // max_runtime (selfplay; training: train; evaluation: gauntlet) lose their claim and
+        // come back.
+        let max_of = |kind: &str| {
+            self.pipeline
+                .as_ref()
+                .and_then(|p| p.jobs.get(kind))
+                .map_or(3600.0, |(_, max)| max.as_secs_f64())
+        };
         let older_than_secs = BTreeMap::from([
             (ringrift::work_queue::SELFPLAY.to_string(), self.stale_after),
-            (ringrift::work_queue::TRAINING.to_string(), 2.0 * train_max),
+            (
+                ringrift::work_queue::TRAINING.to_string(),
+                2.0 * max_of("train"),
+            ),
+            (
+                ringrift::work_queue::EVALUATION.to_string(),
+                2.0 * max_of("gauntlet"),
+            ),
         ]);
         match ctx
             .work(ringrift::protocol::WorkOp::Reap { older_than_secs })

@@ -806,9 +806,15 @@ impl Scheduler {
             .last_cycle
             .clone()
             .unwrap_or_else(|| "no cycle yet".to_string());
+        // The shared queue's pending items are the cluster's: `queue list` counts them.
+        let shared = self.pipeline.as_ref().is_some_and(|p| p.shared_queue);
+        let pending = if shared {
+            "pending: see `queue list` (the cluster's shared queue)".to_string()
+        } else {
+            format!("{} pending", self.pending)
+        };
         message.push_str(&format!(
-            "; {} pending; priorities {}",
-            self.pending,
+            "; {pending}; priorities {}",
             fmt_map(&self.priorities)
         ));
         if let Some(q) = self.quarantined.last() {
@@ -831,7 +837,14 @@ impl Scheduler {
                 "quality".to_string(),
                 serde_json::to_value(&self.state.quality).unwrap_or(Value::Null),
             ),
-            ("pending".to_string(), Value::from(self.pending)),
+            (
+                "pending".to_string(),
+                if shared {
+                    Value::Null
+                } else {
+                    Value::from(self.pending)
+                },
+            ),
             ("slots".to_string(), Value::from(self.slots)),
             ("draining".to_string(), Value::from(self.draining)),
         ]);

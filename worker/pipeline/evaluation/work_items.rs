@@ -177,6 +177,25 @@ impl Evaluation {
     async fn offer(&mut self, node: &str) {
         let pipeline = self.pipeline.clone().expect("started");
         let ctx = self.ctx.clone().expect("attached");
+        // Offered before and evaluated since (here or on another node): say so.
+        let done: Vec<(PathBuf, i64)> = self
+            .offered
+            .iter()
+            .filter(|(c, _)| eval_path(c).exists() || !c.exists())
+            .map(|(c, id)| (c.clone(), *id))
+            .collect();
+        for (c, id) in done {
+            self.offered.remove(&c);
+            if eval_path(&c).exists() {
+                self.last_ok = true;
+                self.last = format!(
+                    "{} evaluated through the cluster (item {id}) at {}",
+                    c.display(),
+                    ringrift::timefmt::now_rfc3339()
+                );
+                println!("{NAME}: {}", self.last);
+            }
+        }
         let mut offered: Vec<PathBuf> = self.queue.iter().cloned().collect();
         offered.extend(self.set_aside.keys().cloned());
         self.shas.retain(|c, _| offered.contains(c));
@@ -228,6 +247,7 @@ impl Evaluation {
                     item_id: Some(id), ..
                 } => {
                     self.set_aside.remove(&candidate);
+                    self.offered.insert(candidate.clone(), id);
                     println!(
                         "{NAME}: {key}: evaluation item {id} queued for {}",
                         candidate.display()
@@ -237,6 +257,7 @@ impl Evaluation {
                     set_aside: Some(id),
                     ..
                 } => {
+                    self.offered.remove(&candidate);
                     if self.set_aside.insert(candidate.clone(), id).is_none() {
                         eprintln!(
                             "{NAME}: {key}: the evaluation of {} was set aside as work item {id}; `queue retry {id}` evaluates it again",
