@@ -2422,3 +2422,51 @@ fn an_idle_node_takes_the_clusters_pending_selfplay_items() {
         c.daemon("idle_resource").health
     );
 }
+
+/// An item whose node died is not shown as running there for ever: once its claim has not been
+/// renewed for `work_ack_wait`, `queue list` shows it pending, naming the lapsed claim, until a
+/// node claims it (here none does: the only other node runs no selfplay).
+#[test]
+fn a_dead_nodes_items_list_as_pending_with_the_lapsed_claim() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("records");
+    let a = queue_node(&nats, "node-a", &records, "hex8_2p", true, "2s");
+    let b = queue_node(&nats, "node-b", &records, "hex8_2p", false, "2s");
+    a.ok(&["start", "queue_populator"]);
+    b.ok(&["start", "selfplay_scheduler"]);
+    let mut held = Vec::new();
+    assert!(wait_until(T, || {
+        held = shared_items_now(&a, &["--status", "running"])
+            .into_iter()
+            .filter(|i| i.node.as_deref() == Some("node-b"))
+            .map(|i| i.id)
+            .collect();
+        !held.is_empty()
+    }));
+    let b_pid = b.supervisor_pid().unwrap();
+    signal(b_pid, SIGKILL);
+    assert!(wait_until(T, || !alive(b_pid)));
+    let lapsed = |id: i64| {
+        shared_items(&a, &["--status", "pending"])
+            .into_iter()
+            .any(|i| {
+                i.id == id
+                    && i.error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("node-b/selfplay_scheduler lapsed"))
+            })
+    };
+    for id in &held {
+        assert!(
+            wait_until(T, || lapsed(*id)),
+            "item {id}:\n{}",
+            a.ok(&["queue", "show", &id.to_string()])
+        );
+    }
+    assert!(
+        shared_items(&a, &["--status", "running"]).is_empty(),
+        "{}",
+        a.ok(&["queue", "list"])
+    );
+}
