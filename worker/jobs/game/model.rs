@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use super::GameConfig;
 use super::hex::{Hex, feature_len};
-use super::npz::crc32;
+use crc32fast::hash as crc32;
 use fastrand::Rng;
 
 const MAGIC: &[u8; 4] = b"RRVM";

@@ -1,10 +1,13 @@
 //! NumPy `.npz` files: the hand-off between export and training.
 //!
-//! An `.npz` is a ZIP archive of `.npy` arrays. Ours are stored (uncompressed) with a CRC-32 per
-//! member, written and read here with no zip or numpy crate: the format is small, and a reader that
-//! checks every length and checksum is what turns a truncated or corrupted export into a clear error
-//! instead of a model trained on garbage. `numpy.load` reads what [`encode`] writes, and [`decode`]
-//! also reads numpy's own `np.savez` output (including its ZIP64 extra fields).
+//! An `.npz` is a ZIP archive of `.npy` arrays. The archive is the `zip` crate's: members are
+//! written deflated (as numpy's `savez_compressed` does; level 1, as the data are mostly floats)
+//! and in ZIP64 where a member or the archive needs it, and read stored or deflated, with every
+//! member's CRC-32 checked as it is read, so a truncated or corrupted export is a clear error
+//! instead of a model trained on garbage. The `.npy` arrays inside are encoded and parsed here
+//! (a header and little-endian data, as numpy's format document gives them), with every length
+//! checked. `numpy.load` reads what [`write_npz`] writes, and [`read_npz`] reads numpy's own
+//! `np.savez` and `np.savez_compressed` output.
 //!
 //! The training data set ([`Dataset`]) is four arrays:
 //!
@@ -32,37 +35,6 @@ pub enum NpzError {
     Missing(&'static str),
     #[error("npz arrays disagree: {0}")]
     Inconsistent(String),
-    #[error("npz too large: {0} (zip64 writing is not supported)")]
-    TooLarge(String),
-}
-
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-/// CRC-32 (IEEE 802.3, as used by ZIP, PNG and gzip).
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
 }
 
 /// One `.npy` array: dtype descriptor (`<f4`, `<i8`, `<U7`, ...), shape, and its raw C-order
@@ -299,206 +271,61 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     Some(header[at..].trim_start())
 }
 
-// ZIP record signatures.
-const LOCAL: u32 = 0x0403_4b50;
-const CENTRAL: u32 = 0x0201_4b50;
-const END: u32 = 0x0605_4b50;
-/// 1980-01-01 00:00, the earliest DOS date: archives are byte-for-byte reproducible.
-const DOS_DATE: u16 = (1 << 5) | 1;
-
-/// A stored (uncompressed) ZIP of `name.npy` members, one per array, in the order given.
+/// A ZIP of `name.npy` members, one per array, in the order given: deflated, ZIP64 where
+/// needed, dated 1980-01-01 00:00 (the earliest DOS date) so that archives are byte-for-byte
+/// reproducible.
 pub fn write_npz(arrays: &[(&str, &NpyArray)]) -> Result<Vec<u8>, NpzError> {
-    let mut out = Vec::new();
-    let mut central = Vec::new();
+    use std::io::Write;
+    let zip_error = |e: &dyn std::fmt::Display| NpzError::Zip(e.to_string());
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     for (name, array) in arrays {
-        let file_name = format!("{name}.npy");
         let npy = array.to_npy();
-        let size = u32::try_from(npy.len())
-            .ok()
-            .filter(|&s| s != u32::MAX)
-            .ok_or_else(|| NpzError::TooLarge(format!("array {name} is {} bytes", npy.len())))?;
-        let offset = u32::try_from(out.len())
-            .map_err(|_| NpzError::TooLarge(format!("archive exceeds 4 GiB at {name}")))?;
-        let crc = crc32(&npy);
-        // Local file header.
-        put32(&mut out, LOCAL);
-        put16(&mut out, 20); // version needed: 2.0
-        put16(&mut out, 0); // flags
-        put16(&mut out, 0); // method: stored
-        put16(&mut out, 0); // time
-        put16(&mut out, DOS_DATE);
-        put32(&mut out, crc);
-        put32(&mut out, size);
-        put32(&mut out, size);
-        put16(&mut out, file_name.len() as u16);
-        put16(&mut out, 0); // extra length
-        out.extend_from_slice(file_name.as_bytes());
-        out.extend_from_slice(&npy);
-        // Central directory entry.
-        put32(&mut central, CENTRAL);
-        put16(&mut central, (3 << 8) | 20); // made by: unix, 2.0
-        put16(&mut central, 20);
-        put16(&mut central, 0);
-        put16(&mut central, 0);
-        put16(&mut central, 0);
-        put16(&mut central, DOS_DATE);
-        put32(&mut central, crc);
-        put32(&mut central, size);
-        put32(&mut central, size);
-        put16(&mut central, file_name.len() as u16);
-        put16(&mut central, 0); // extra
-        put16(&mut central, 0); // comment
-        put16(&mut central, 0); // disk
-        put16(&mut central, 0); // internal attributes
-        put32(&mut central, 0o100644 << 16); // external: regular file, rw-r--r--
-        put32(&mut central, offset);
-        central.extend_from_slice(file_name.as_bytes());
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .compression_level(Some(1))
+            .unix_permissions(0o644)
+            .large_file(npy.len() as u64 >= u64::from(u32::MAX));
+        writer
+            .start_file(format!("{name}.npy"), options)
+            .map_err(|e| zip_error(&e))?;
+        writer.write_all(&npy).map_err(|e| zip_error(&e))?;
     }
-    let cd_offset =
-        u32::try_from(out.len()).map_err(|_| NpzError::TooLarge("archive exceeds 4 GiB".into()))?;
-    out.extend_from_slice(&central);
-    put32(&mut out, END);
-    put16(&mut out, 0);
-    put16(&mut out, 0);
-    put16(&mut out, arrays.len() as u16);
-    put16(&mut out, arrays.len() as u16);
-    put32(&mut out, central.len() as u32);
-    put32(&mut out, cd_offset);
-    put16(&mut out, 0); // comment length
-    Ok(out)
+    let out = writer.finish().map_err(|e| zip_error(&e))?;
+    Ok(out.into_inner())
 }
 
-fn put16(out: &mut Vec<u8>, v: u16) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-fn get16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn get32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn get64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Every array of an `.npz`, in archive order, with every member's CRC-32 checked.
+/// Every array of an `.npz`, in archive order, stored or deflated, with every member's CRC-32
+/// checked.
 pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>, NpzError> {
-    let zip = |s: &str| NpzError::Zip(s.to_string());
-    // The end-of-central-directory record: 22 bytes plus a comment of up to 64 KiB.
-    let last = bytes
-        .len()
-        .checked_sub(22)
-        .ok_or_else(|| zip("file too short"))?;
-    let first = last.saturating_sub(0xFFFF);
-    let end = (first..=last)
-        .rev()
-        .find(|&at| {
-            get32(bytes, at) == Some(END)
-                && get16(bytes, at + 20).map(|c| at + 22 + usize::from(c)) == Some(bytes.len())
-        })
-        .ok_or_else(|| zip("end of central directory not found"))?;
-    let entries = usize::from(get16(bytes, end + 10).expect("in bounds"));
-    let cd_size = get32(bytes, end + 12).expect("in bounds") as usize;
-    let cd_offset = get32(bytes, end + 16).expect("in bounds") as usize;
-    if cd_offset.checked_add(cd_size).is_none_or(|e| e > end) {
-        return Err(zip("central directory lies outside the file"));
-    }
-    let mut arrays = Vec::with_capacity(entries);
-    let mut at = cd_offset;
-    for _ in 0..entries {
-        let bad_cd = || zip("central directory entry is cut short");
-        if get32(bytes, at) != Some(CENTRAL) {
-            return Err(zip("bad central directory entry"));
-        }
-        let flags = get16(bytes, at + 8).ok_or_else(bad_cd)?;
-        let method = get16(bytes, at + 10).ok_or_else(bad_cd)?;
-        let crc = get32(bytes, at + 16).ok_or_else(bad_cd)?;
-        let mut csize = u64::from(get32(bytes, at + 20).ok_or_else(bad_cd)?);
-        let mut usize_ = u64::from(get32(bytes, at + 24).ok_or_else(bad_cd)?);
-        let name_len = usize::from(get16(bytes, at + 28).ok_or_else(bad_cd)?);
-        let extra_len = usize::from(get16(bytes, at + 30).ok_or_else(bad_cd)?);
-        let comment_len = usize::from(get16(bytes, at + 32).ok_or_else(bad_cd)?);
-        let mut local = u64::from(get32(bytes, at + 42).ok_or_else(bad_cd)?);
-        let name_bytes = bytes.get(at + 46..at + 46 + name_len).ok_or_else(bad_cd)?;
-        let file_name = String::from_utf8_lossy(name_bytes).into_owned();
-        let extra = bytes
-            .get(at + 46 + name_len..at + 46 + name_len + extra_len)
-            .ok_or_else(bad_cd)?;
-        zip64_sizes(extra, &mut usize_, &mut csize, &mut local);
-        at += 46 + name_len + extra_len + comment_len;
-
+    use std::io::Read;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| NpzError::Zip(e.to_string()))?;
+    let mut arrays = Vec::with_capacity(archive.len());
+    for i in 0..archive.len() {
+        let mut file = archive
+            .by_index(i)
+            .map_err(|e| NpzError::Zip(e.to_string()))?;
+        let file_name = file
+            .name()
+            .map_err(|e| NpzError::Zip(format!("member {i} has an unreadable name: {e}")))?
+            .to_string();
         let member = |reason: String| NpzError::Member {
             name: file_name.clone(),
             reason,
         };
-        if flags & 1 != 0 {
-            return Err(member("encrypted members are not supported".into()));
-        }
-        if method != 0 {
-            return Err(member(format!(
-                "compression method {method} is not supported (write with np.savez, not savez_compressed)"
-            )));
-        }
-        if csize != usize_ {
-            return Err(member("stored member with differing sizes".into()));
-        }
-        let local = usize::try_from(local).map_err(|_| member("bad offset".into()))?;
-        if get32(bytes, local) != Some(LOCAL) {
-            return Err(member("local header missing".into()));
-        }
-        let local_name = usize::from(get16(bytes, local + 26).unwrap_or(0));
-        let local_extra = usize::from(get16(bytes, local + 28).unwrap_or(0));
-        let start = local + 30 + local_name + local_extra;
-        let data = usize::try_from(csize)
-            .ok()
-            .and_then(|n| bytes.get(start..start.checked_add(n)?))
-            .ok_or_else(|| member(format!("data cut short (needs {csize} bytes)")))?;
-        let actual = crc32(data);
-        if actual != crc {
-            return Err(member(format!(
-                "crc-32 mismatch (stored {crc:08x}, computed {actual:08x})"
-            )));
-        }
+        // The size the archive claims is a hint only: reading stops at the data's real end.
+        let mut data = Vec::with_capacity(usize::try_from(file.size()).unwrap_or(0).min(1 << 30));
+        // The zip crate checks the CRC-32 when the member has been read to its end.
+        file.read_to_end(&mut data)
+            .map_err(|e| member(format!("{e} (truncated or corrupt)")))?;
         let name = file_name
             .strip_suffix(".npy")
             .unwrap_or(&file_name)
             .to_string();
-        let array = NpyArray::from_npy(&name, data)?;
+        let array = NpyArray::from_npy(&name, &data)?;
         arrays.push((name, array));
     }
     Ok(arrays)
-}
-
-/// Replaces 0xFFFFFFFF sizes/offset with the values of a ZIP64 extra field (id 1), in the order the
-/// spec lists them: uncompressed size, compressed size, local header offset.
-fn zip64_sizes(mut extra: &[u8], usize_: &mut u64, csize: &mut u64, local: &mut u64) {
-    while extra.len() >= 4 {
-        let id = get16(extra, 0).expect("len checked");
-        let len = usize::from(get16(extra, 2).expect("len checked"));
-        let Some(body) = extra.get(4..4 + len) else {
-            return;
-        };
-        if id == 1 {
-            let mut at = 0;
-            for field in [usize_, csize, local] {
-                if *field == u64::from(u32::MAX)
-                    && let Some(v) = get64(body, at)
-                {
-                    *field = v;
-                    at += 8;
-                }
-            }
-            return;
-        }
-        extra = &extra[4 + len..];
-    }
 }
 
 /// Samples for the value model: `states` is row-major `[len, num_features]`.
@@ -625,12 +452,6 @@ mod tests {
     }
 
     #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
-
-    #[test]
     fn npy_header_is_padded_to_64_bytes_and_round_trips() {
         for a in [
             NpyArray::f32(vec![2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
@@ -670,11 +491,58 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_is_caught_by_the_checksum() {
-        let mut bytes = sample().encode().unwrap();
-        // Inside the first member's data (the states values).
-        bytes[30 + "states.npy".len() + 70] ^= 0x40;
-        let err = Dataset::decode(&bytes).unwrap_err().to_string();
-        assert!(err.contains("crc-32 mismatch"), "{err}");
+        let clean = sample().encode().unwrap();
+        // Every byte of the first member's (deflated) data, which runs to the next local header.
+        let start = 30 + "states.npy".len();
+        let end = start
+            + clean[start..]
+                .windows(4)
+                .position(|w| w == [0x50, 0x4b, 0x03, 0x04])
+                .unwrap();
+        let mut caught = 0;
+        for at in start..end {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x40;
+            // The inflater or the CRC-32 says so, naming the member; or the flip did not change
+            // what the data inflate to (a back-reference moved within a run of zeros, a padding
+            // bit): never different numbers read as good ones.
+            match Dataset::decode(&bytes) {
+                Ok(d) => assert_eq!(d, sample(), "byte {at}"),
+                Err(e) => {
+                    caught += 1;
+                    assert!(e.to_string().contains("\"states.npy\""), "byte {at}: {e}");
+                }
+            }
+        }
+        assert!(
+            caught > (end - start) * 3 / 4,
+            "{caught} of {}",
+            end - start
+        );
+    }
+
+    #[test]
+    fn members_are_deflated_and_a_stored_archive_reads_too() {
+        let d = sample();
+        let bytes = d.encode().unwrap();
+        // Local header of the first member: method 8, deflate.
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 8);
+        // np.savez (stored) archives, as a user's export may write them.
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, a) in [
+            ("states", NpyArray::f32(vec![3, 3], &d.states)),
+            ("outcomes", NpyArray::f32(vec![3], &d.outcomes)),
+            ("config_key", NpyArray::string("hex8_2p")),
+        ] {
+            w.start_file(format!("{name}.npy"), stored).unwrap();
+            w.write_all(&a.to_npy()).unwrap();
+        }
+        let plain = w.finish().unwrap().into_inner();
+        let back = Dataset::decode(&plain).unwrap();
+        assert_eq!((back.states, back.outcomes), (d.states, d.outcomes));
     }
 
     #[test]
