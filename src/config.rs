@@ -307,6 +307,9 @@ pub struct LogConfig {
     /// Files kept per log, the live one included: `x.log`, `x.log.1` … `x.log.{max_files-1}` (1 to
     /// 100; default 5; 1 truncates instead of rotating).
     pub max_files: u32,
+    /// What `logs/jobs/` keeps of ended jobs' logs (`job_logs_keep` files, default 1,000;
+    /// `job_logs_max_age`, default 7 days; `job_logs_max_bytes`, default 1 GiB; 0 is no limit).
+    pub job_logs: crate::retention::Limits,
 }
 
 /// One daemon's effective settings: its `daemons.<name>` entry over the `defaults:` block over the
@@ -709,7 +712,13 @@ const TOP_KEYS: &[&str] = &[
     "cluster",
 ];
 const HTTP_KEYS: &[&str] = &["enabled", "addr", "max_connections"];
-const LOG_KEYS: &[&str] = &["max_bytes", "max_files"];
+const LOG_KEYS: &[&str] = &[
+    "max_bytes",
+    "max_files",
+    "job_logs_keep",
+    "job_logs_max_age",
+    "job_logs_max_bytes",
+];
 /// Keys every daemon entry (and the `defaults:` block) may carry.
 const COMMON_KEYS: &[&str] = &[
     "enabled",
@@ -913,9 +922,36 @@ impl Validator<'_> {
         let max_files = self
             .integer(logs_map.get("max_files"), &["logs", "max_files"], 1, 100)
             .unwrap_or(5) as u32;
+        let job_logs = crate::retention::Limits {
+            keep: self
+                .integer(
+                    logs_map.get("job_logs_keep"),
+                    &["logs", "job_logs_keep"],
+                    0,
+                    100_000_000,
+                )
+                .unwrap_or(1000),
+            max_age: self
+                .duration(
+                    logs_map.get("job_logs_max_age"),
+                    &["logs", "job_logs_max_age"],
+                    0.0,
+                    100.0 * 365.0 * 86_400.0,
+                )
+                .unwrap_or(Duration::from_secs(7 * 86_400)),
+            max_bytes: self
+                .integer(
+                    logs_map.get("job_logs_max_bytes"),
+                    &["logs", "job_logs_max_bytes"],
+                    0,
+                    1 << 50,
+                )
+                .unwrap_or(1 << 30),
+        };
         let logs = LogConfig {
             max_bytes,
             max_files,
+            job_logs,
         };
 
         let defaults = self

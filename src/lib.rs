@@ -21,6 +21,7 @@ pub mod readiness;
 pub mod reaper;
 pub mod reload;
 pub mod restart;
+pub mod retention;
 pub mod settings;
 pub mod sprt;
 pub mod sqlite;

@@ -103,6 +103,8 @@ pub(crate) enum Msg {
     FlushEvents,
     /// run/ was deleted and has been made again: rewrite what the supervisor keeps there.
     RunDirRecreated,
+    /// Time to prune logs/jobs/ (deferred: at most once a second).
+    PruneJobLogs,
     ChildExited {
         daemon: String,
         generation: u64,
@@ -193,6 +195,10 @@ pub(crate) struct Core {
     interrupts: u32,
     jobs: BTreeMap<String, Job>,
     job_seq: u64,
+    /// When logs/jobs/ was last pruned ([`Core::prune_job_logs`]).
+    job_logs_pruned: Option<Instant>,
+    /// A deferred prune of logs/jobs/ is on its way ([`Msg::PruneJobLogs`]).
+    job_logs_prune_due: bool,
     /// run/processes needs rewriting (a process was spawned or has ended).
     records_dirty: bool,
     /// Shutdown has asked the remaining jobs to stop.
@@ -257,6 +263,8 @@ impl Core {
             shutting_down: None,
             interrupts: 0,
             jobs: BTreeMap::new(),
+            job_logs_pruned: None,
+            job_logs_prune_due: false,
             job_seq: 0,
             records_dirty: false,
             stopping_jobs: false,
@@ -352,6 +360,10 @@ impl Core {
                 from,
             } => self.request(frame, reply, stream, from),
             Msg::RunDirRecreated => self.records_dirty = true,
+            Msg::PruneJobLogs => {
+                self.job_logs_prune_due = false;
+                self.prune_job_logs();
+            }
             Msg::FlushEvents => {
                 self.flush_pending = false;
                 self.flush_events();

@@ -352,6 +352,75 @@ impl Core {
             });
         }
         self.record_processes_later();
+        self.prune_job_logs();
+    }
+
+    /// Deletes the ended jobs' logs that `logs.job_logs_*` no longer keeps
+    /// ([`ringrift::retention`]); a running job's log is never touched. At most once a second
+    /// (a directory of a thousand files is read each time): a prune asked for sooner is deferred
+    /// to the end of that second.
+    pub(super) fn prune_job_logs(&mut self) {
+        const EVERY: Duration = Duration::from_secs(1);
+        let now = Instant::now();
+        if let Some(last) = self.job_logs_pruned
+            && now.duration_since(last) < EVERY
+        {
+            if !self.job_logs_prune_due {
+                self.job_logs_prune_due = true;
+                let tx = self.tx.clone();
+                let wait = EVERY - now.duration_since(last);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(Msg::PruneJobLogs);
+                });
+            }
+            return;
+        }
+        self.job_logs_pruned = Some(now);
+        let dir = self.paths.logs_dir.join("jobs");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let mut files = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `<job id>.log` and its rotations `<job id>.log.N`.
+            let Some((job, _)) = name.split_once(".log") else {
+                continue;
+            };
+            if self.jobs.contains_key(job) {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            files.push(ringrift::retention::File {
+                id: name,
+                modified,
+                bytes: meta.len(),
+            });
+        }
+        let limits = self.config.logs.job_logs;
+        let gone = ringrift::retention::expired(&files, &limits, ringrift::timefmt::unix_now().0);
+        let removed = gone
+            .iter()
+            .filter(|name| std::fs::remove_file(dir.join(name)).is_ok())
+            .count();
+        if removed > 0 {
+            self.log.info(&format!(
+                "logs/jobs: removed {removed} old job log file(s) (logs.job_logs_keep {}, \
+                 job_logs_max_age {}, job_logs_max_bytes {})",
+                limits.keep,
+                humantime::format_duration(limits.max_age),
+                limits.max_bytes
+            ));
+        }
     }
 
     pub(super) fn job_statuses(&self) -> Vec<JobStatus> {

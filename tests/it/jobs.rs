@@ -240,3 +240,55 @@ fn an_idle_node_runs_its_shutdown_command_once() {
     );
     let _ = std::fs::remove_file(&marker_path);
 }
+
+/// Issue 14, bounded data: logs/jobs/ keeps the logs of at most `logs.job_logs_keep` ended jobs
+/// (the newest), none older than `job_logs_max_age`.
+#[test]
+fn old_job_logs_are_pruned_to_the_configured_limits() {
+    let root = Root::with_config(&jobber(
+        "echo a line for the log",
+        "30",
+        "logs:\n  job_logs_keep: 3\n  job_logs_max_age: 1h\n",
+    ));
+    // A log from a job that ended two days ago, and a young one from a job that is gone.
+    let jobs = root.path().join("logs/jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let ancient = jobs.join("old-1700000000-0001.log");
+    std::fs::write(&ancient, "old\n").unwrap();
+    let touched = Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(&ancient)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let ended = || {
+        std::fs::read_to_string(root.log_path("jobber"))
+            .unwrap_or_default()
+            .matches(" ended: ")
+            .count()
+    };
+    root.ok(&["start", "jobber"]);
+    for n in 1..=6 {
+        assert!(wait_until(T, || ended() >= n), "job {n} did not end");
+        if n < 6 {
+            root.ok(&["restart", "jobber"]);
+        }
+    }
+    let logs = || -> Vec<String> {
+        std::fs::read_dir(&jobs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        wait_until(T, || logs().len() <= 3 && !ancient.exists()),
+        "{:?}",
+        logs()
+    );
+    // The newest three are the ones kept.
+    let mut kept = logs();
+    kept.sort();
+    assert!(kept.iter().all(|n| n.starts_with("jobber-")), "{kept:?}");
+    root.assert_logged("logs/jobs: removed");
+}
