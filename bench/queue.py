@@ -5,6 +5,8 @@ work queue with short synthetic selfplay jobs. Release binaries, one nats-server
     bench/queue.sh                                  # builds, then runs this
     BENCH_NO_BUILD=1 bench/queue.sh                 # the binaries already built
     QUEUE_JOB=1 QUEUE_DURATION=15 QUEUE_KILLS=2 python3 bench/queue.py   # quicker
+    QUEUE_SLOTS=4 QUEUE_JOB_SPREAD=0.75 QUEUE_RESULT=queue-random-latest.json python3 bench/queue.py
+                                                    # 4 slots, jobs of random length (issue 14)
 
 In a temporary directory: nodes a, b, c, each a supervisor root in the cluster whose
 selfplay_scheduler has QUEUE_SLOTS slots (default 2) and whose selfplay job is synthetic: it writes
@@ -43,6 +45,9 @@ import cluster as cb  # the cluster benchmark's helpers: servers, roots, cleanup
 
 SLOTS = int(os.environ.get("QUEUE_SLOTS", "2"))
 JOB = float(os.environ.get("QUEUE_JOB", "2"))
+# Each job sleeps uniformly within JOB × (1 ± SPREAD) (0: always JOB).
+SPREAD = float(os.environ.get("QUEUE_JOB_SPREAD", "0"))
+RESULT = os.environ.get("QUEUE_RESULT", "queue-latest.json")
 DURATION = float(os.environ.get("QUEUE_DURATION", "30"))
 KILLS = int(os.environ.get("QUEUE_KILLS", "3"))
 ACK_WAIT = float(os.environ.get("QUEUE_ACK_WAIT", "3"))
@@ -54,7 +59,10 @@ log, wait, sup, pct = cb.log, cb.wait, cb.sup, cb.pct
 def make_node(run, where, node_id, url, records):
     root = where / node_id
     (root / "config").mkdir(parents=True)
-    script = (f'echo "$(date +%s.%N) start {node_id} $RINGRIFT_WORK_ITEM" >> {records}; sleep {JOB}; '
+    lo, hi = JOB * (1 - SPREAD), JOB * (1 + SPREAD)
+    sleep = (f'sleep $(awk -v r="$(od -An -N2 -tu2 /dev/urandom)" '
+             f"'BEGIN {{ printf \"%.3f\", {lo} + ({hi} - {lo}) * r / 65535 }}')")
+    script = (f'echo "$(date +%s.%N) start {node_id} $RINGRIFT_WORK_ITEM" >> {records}; {sleep}; '
               f'echo "$(date +%s.%N) end {node_id} $RINGRIFT_WORK_ITEM" >> {records}')
     populator = ""
     if node_id == "node-a":
@@ -132,7 +140,7 @@ def utilisation(recs, t0, t1):
 def main():
     started = time.monotonic()
     result = {"issue": 13, "machine": cb.machine(),
-              "settings": {"nodes": len(NODES), "slots_per_node": SLOTS, "job_secs": JOB,
+              "settings": {"nodes": len(NODES), "slots_per_node": SLOTS, "job_secs": JOB, "job_spread": SPREAD,
                            "window_secs": DURATION, "work_ack_wait_secs": ACK_WAIT},
               "versions": {"nats-server": cb.server_version()}}
     tmp = Path(tempfile.mkdtemp(prefix="rr-queue-bench-"))
@@ -228,7 +236,7 @@ def main():
     finally:
         run.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
-    cb.save_and_print(result, started, "queue-latest.json", table(result))
+    cb.save_and_print(result, started, RESULT, table(result))
 
 
 def ms(x):

@@ -35,10 +35,7 @@ pub(crate) mod transfer;
 pub(crate) mod work;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -505,31 +502,9 @@ pub(crate) fn typed<T>(
     read(map).map_err(anyhow::Error::from)
 }
 
-/// Runs futures concurrently on this thread (the worker's runtime is single-threaded and its
-/// futures are not `Send`), returning their outputs in order.
-pub(crate) async fn join_all<T>(mut futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
-    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => out[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|v| v.expect("every future finished"))
-        .collect()
-}
+/// Runs futures concurrently on this thread (the worker's futures need not be `Send`), returning
+/// their outputs in order.
+pub(crate) use futures_util::future::join_all;
 
 /// Health of a daemon that works in passes over configured destinations: idle (and healthy) with
 /// nothing configured, "no pass yet" before the first pass, else the last pass's summary.
@@ -604,32 +579,5 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("{games}"), "{err}");
-    }
-
-    #[test]
-    fn join_all_runs_futures_together() {
-        // Each future finishes only once all three have started: run one after another, they
-        // would never finish.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let started = std::cell::Cell::new(0);
-        let out = rt.block_on(async {
-            let futs: Vec<Pin<Box<dyn Future<Output = u32> + '_>>> = (0..3)
-                .map(|i| -> Pin<Box<dyn Future<Output = u32> + '_>> {
-                    let started = &started;
-                    Box::pin(async move {
-                        started.set(started.get() + 1);
-                        while started.get() < 3 {
-                            tokio::task::yield_now().await;
-                        }
-                        i
-                    })
-                })
-                .collect();
-            tokio::time::timeout(Duration::from_secs(10), join_all(futs)).await
-        });
-        assert_eq!(out.expect("all three ran together"), vec![0, 1, 2]);
     }
 }

@@ -6,12 +6,11 @@
 //! latest quality score of its data. They go to `data/coordination/priorities.json`, which
 //! queue_populator reads to weight the items it queues and idle_resource reads to pick a key.
 //!
-//! Running: each cycle claims up to `slots` pending items from the work queue and runs them as
-//! concurrent selfplay jobs; each item ends completed or failed (with the job's exit). A successful
+//! Running: each cycle keeps `slots` selfplay jobs running from the work queue, claiming the next
+//! item the moment a job ends (a pool, not rounds that wait for their slowest job), for up to a
+//! minute ([`POOL_BUDGET`]) or the daemon's `interval` if longer; each item ends completed or failed (with the job's exit). A successful
 //! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the
-//! games actually added (counted in the DB, not taken from the request). While items are pending a
-//! cycle keeps going for up to [`MAX_ROUNDS`] rounds, so the loop does not idle an interval between
-//! jobs. A cycle whose every job failed starts the retry schedule of [`super::retry`] (2 s doubling
+//! games actually added (counted in the DB, not taken from the request). A cycle whose every job failed starts the retry schedule of [`super::retry`] (2 s doubling
 //! to 5 min): no job is started before it is due, and health says `selfplay retrying in N s after:
 //! <error>`; a job that succeeds or a games DB moved aside ends it. Quality scores survive restarts
 //! in the state file; items a previous process of this daemon
@@ -32,9 +31,11 @@ use serde_json::Value;
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality_monitor::count_completed;
 use super::retry::Failing;
-use super::{Pipeline, join_all, load_state, now_secs, save_state, typed};
+use super::{Pipeline, load_state, now_secs, save_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use ringrift::settings::SchedulerSettings;
 use ringrift::work_queue::{Attempt, Claimed, SELFPLAY};
 
@@ -42,8 +43,10 @@ use super::work::{Queue, work_failed};
 
 const NAME: &str = "selfplay_scheduler";
 
-/// Rounds of claim-and-run per cycle while items are pending.
-pub(crate) const MAX_ROUNDS: usize = 4;
+/// The least time a cycle's pool goes on claiming before it lets its jobs end: its slots idle
+/// only while the last jobs of a pool finish, once a minute at most, and events (quality scores)
+/// and priorities are taken in at least that often.
+pub(crate) const POOL_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where the priorities go.
 pub(crate) fn priorities_path(pipeline: &Pipeline) -> PathBuf {
@@ -449,6 +452,10 @@ pub(crate) struct Scheduler {
     staleness_hours: f64,
     /// A failed item's first wait before it is claimed again (doubling per failure).
     retry_backoff: std::time::Duration,
+    /// How long a cycle's pool goes on claiming ([`POOL_BUDGET`], or the daemon's `interval` if
+    /// longer): then it lets its jobs end, and the next cycle reads new priorities and events
+    /// first.
+    budget: std::time::Duration,
     state: State,
     priorities: BTreeMap<String, f64>,
     totals: Totals,
@@ -491,6 +498,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         target_games: 5000.0,
         staleness_hours: 24.0,
         retry_backoff: std::time::Duration::from_secs(30),
+        budget: std::time::Duration::from_secs(60),
         state: State::default(),
         priorities: BTreeMap::new(),
         totals: Totals::default(),
@@ -506,7 +514,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     })
 }
 
-/// What one claim-and-run round did.
+/// What one cycle's pool did.
 #[derive(Debug, Default)]
 struct Round {
     claimed: usize,
@@ -578,51 +586,110 @@ impl Scheduler {
         self.queue.as_ref()
     }
 
-    /// Claims up to `slots` items and runs them concurrently.
-    async fn round(&mut self) -> Result<Round> {
-        let now = now_secs();
-        let pipeline = self.pipeline.as_ref().expect("started");
-        let queue = self.queue.as_ref().expect("opened");
-        let ctx = self.ctx.as_ref().expect("attached");
-        let mut work: Vec<(Claimed, String, u64)> = Vec::new();
-        let mut round = Round::default();
-        for item in queue.claim(&self.worker_id, self.slots, now).await? {
-            round.claimed += 1;
-            match runnable(NAME, queue, ctx, pipeline, &item, now).await {
-                Some((key, games)) => {
-                    queue.mark_running(item.id, &self.worker_id)?;
-                    work.push((item.clone(), key, games));
-                }
-                None => round.failed += 1,
-            }
-        }
-        if work.is_empty() {
-            return Ok(round);
-        }
-        let announcer = Announcer::new(NAME, pipeline, ctx);
-        for (_, key, _) in &work {
-            if let Err(e) = announcer.baseline(key) {
-                eprintln!("{NAME}: {key}: cannot count games before the job: {e:#}");
-            }
-        }
+    /// Keeps `slots` jobs running: an item is claimed the moment a slot frees (not when the
+    /// slowest job of a batch ends), until none is ready, the cycle's time (`interval`) is up, the
+    /// node may no longer claim, or every job since the pool began failed; then the jobs still
+    /// running are waited for. Returns what the pool ran.
+    async fn pool(&mut self) -> Result<Round> {
+        let queue = self.queue.take().expect("opened");
+        let result = self.pool_on(&queue).await;
+        self.queue = Some(queue);
+        result
+    }
+
+    async fn pool_on(&mut self, queue: &Queue) -> Result<Round> {
+        let pipeline = self.pipeline().clone();
+        let ctx = self.ctx.clone().expect("attached");
+        let announcer = Announcer::new(NAME, &pipeline, &ctx);
         let backoff = self.retry_backoff.as_secs_f64();
-        let futs: Vec<JobFuture<'_>> = work
-            .iter()
-            .map(|(item, key, games)| -> JobFuture<'_> {
-                let announcer = &announcer;
-                Box::pin(async move {
-                    let (run, attempt) =
-                        run_and_settle(NAME, queue, announcer, item.id, key, *games, backoff).await;
-                    (item.id, run, attempt)
-                })
-            })
-            .collect();
-        let runs = join_all(futs).await;
+        let until = Instant::now() + self.budget;
+        let slots = self.slots.max(1);
+        let mut running: FuturesUnordered<JobFuture<'_>> = FuturesUnordered::new();
+        let mut round = Round::default();
+        let mut claiming = true;
+        let mut failure: Option<anyhow::Error> = None;
+        loop {
+            while claiming && running.len() < slots {
+                // Items this node cannot run at all are handed back; many in a row, with nothing
+                // run, and it stops claiming until the next cycle.
+                let stop = Instant::now() >= until
+                    || (round.ok == 0 && round.failed >= 4 * slots)
+                    || (queue.is_shared()
+                        && super::work::may_claim(&pipeline.root, SELFPLAY).is_err());
+                if stop {
+                    claiming = false;
+                    break;
+                }
+                let now = now_secs();
+                let items = match queue
+                    .claim(&self.worker_id, slots - running.len(), now)
+                    .await
+                {
+                    Ok(items) => items,
+                    Err(e) => {
+                        failure = Some(e);
+                        claiming = false;
+                        break;
+                    }
+                };
+                if items.is_empty() {
+                    // None ready now: looked for again when a job ends.
+                    break;
+                }
+                for item in items {
+                    round.claimed += 1;
+                    let Some((key, games)) =
+                        runnable(NAME, queue, &ctx, &pipeline, &item, now).await
+                    else {
+                        round.failed += 1;
+                        continue;
+                    };
+                    if let Err(e) = queue.mark_running(item.id, &self.worker_id) {
+                        failure = Some(e);
+                        claiming = false;
+                        break;
+                    }
+                    if let Err(e) = announcer.baseline(&key) {
+                        eprintln!("{NAME}: {key}: cannot count games before the job: {e:#}");
+                    }
+                    self.totals.jobs_started += 1;
+                    let (announcer, id) = (&announcer, item.id);
+                    running.push(Box::pin(async move {
+                        let (run, attempt) =
+                            run_and_settle(NAME, queue, announcer, id, &key, games, backoff).await;
+                        (id, run, attempt)
+                    }));
+                }
+            }
+            let Some((id, run, attempt)) = running.next().await else {
+                break;
+            };
+            let failed = run.result.is_err();
+            self.record_run(id, run, attempt, &mut round);
+            // Only a success earns more claims: jobs that keep failing wait for the retry
+            // schedule instead of spinning through the queue.
+            if failed && round.ok == 0 {
+                claiming = false;
+            }
+        }
         let (quarantined, db_problems) = announcer.take_db_news();
         self.note_db_news(quarantined, db_problems);
-        self.totals.jobs_started += runs.len() as u64;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(round),
+        }
+    }
+
+    /// Counts and reports the end of selfplay item `id`'s job.
+    fn record_run(
+        &mut self,
+        id: i64,
+        run: SelfplayRun,
+        attempt: Option<Attempt>,
+        round: &mut Round,
+    ) {
         let when = ringrift::timefmt::now_rfc3339();
-        for (id, run, attempt) in runs {
+        {
             match (&attempt, &run.result) {
                 (Some(Attempt::Dead { attempts }), Err(e)) => {
                     let attempts = *attempts;
@@ -671,7 +738,6 @@ impl Scheduler {
                 }
             }
         }
-        Ok(round)
     }
 
     async fn run_cycle(&mut self) {
@@ -720,26 +786,9 @@ impl Scheduler {
             (self.totals.jobs_failed, self.totals.jobs_succeeded);
         let quarantines_before = self.totals.dbs_quarantined;
         let mut total = Round::default();
-        let mut rounds = 0;
         let outcome: Result<()> = async {
-            for _ in 0..MAX_ROUNDS {
-                let round = self.round().await?;
-                rounds += 1;
-                total.claimed += round.claimed;
-                total.ok += round.ok;
-                total.failed += round.failed;
-                total.games += round.games;
-                // The shared queue cannot be counted from here: a full round says there may be more.
-                self.pending = match self.queue.as_ref().expect("opened").pending()? {
-                    Some(n) => n,
-                    None => u64::from(round.claimed >= self.slots),
-                };
-                // Only a round that got something done earns another: failing jobs wait for
-                // the next cycle instead of spinning through the queue.
-                if round.claimed == 0 || round.ok == 0 || self.pending == 0 {
-                    break;
-                }
-            }
+            total = self.pool().await?;
+            self.pending = self.queue.as_ref().expect("opened").pending()?.unwrap_or(0);
             Ok(())
         }
         .await;
@@ -780,8 +829,8 @@ impl Scheduler {
             format!("last cycle {when}: no pending work")
         } else {
             format!(
-                "last cycle {when}: {} item(s) in {rounds} round(s): {} ok, {} failed, {} new games",
-                total.claimed, total.ok, total.failed, total.games
+                "last cycle {when}: {} item(s), up to {} at a time: {} ok, {} failed, {} new games",
+                total.claimed, self.slots, total.ok, total.failed, total.games
             )
         });
     }
@@ -897,6 +946,7 @@ impl Daemon for Scheduler {
             self.target_games = s.target_games;
             self.staleness_hours = s.staleness_hours;
             self.retry_backoff = s.retry_backoff;
+            self.budget = settings.interval.max(POOL_BUDGET);
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: {} slot(s), target {} games per key, models stale after {}h, keys {}",
