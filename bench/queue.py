@@ -61,7 +61,7 @@ def make_node(run, where, node_id, url, records):
     (root / "config").mkdir(parents=True)
     lo, hi = JOB * (1 - SPREAD), JOB * (1 + SPREAD)
     sleep = (f'sleep $(awk -v r="$(od -An -N2 -tu2 /dev/urandom)" '
-             f"'BEGIN {{ printf \"%.3f\", {lo} + ({hi} - {lo}) * r / 65535 }}')")
+             f"'BEGIN {{{{ printf \"%.3f\", {lo} + ({hi} - {lo}) * r / 65535 }}}}')")
     script = (f'echo "$(date +%s.%N) start {node_id} $RINGRIFT_WORK_ITEM" >> {records}; {sleep}; '
               f'echo "$(date +%s.%N) end {node_id} $RINGRIFT_WORK_ITEM" >> {records}')
     populator = ""

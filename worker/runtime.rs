@@ -140,6 +140,12 @@ pub(crate) struct Ctx {
     /// For a daemon with a lease per config key: the keys whose lease this node holds now
     /// (None: the daemon has no such leases and acts for every key).
     leads: Rc<RefCell<Option<BTreeSet<String>>>>,
+    /// Events have arrived that wait for the cycle under way to end.
+    events_waiting: Rc<std::cell::Cell<bool>>,
+    /// The daemon is stopping, paused or standing by: a long cycle takes no new work.
+    winding_down: Rc<std::cell::Cell<bool>>,
+    /// A report the daemon published during a long cycle, for the next heartbeat.
+    interim: Rc<RefCell<Option<Report>>>,
 }
 
 #[derive(Default)]
@@ -166,6 +172,9 @@ impl Ctx {
                 tx,
                 jobs: Rc::default(),
                 leads: Rc::default(),
+                events_waiting: Rc::default(),
+                winding_down: Rc::default(),
+                interim: Rc::default(),
             },
             rx,
         )
@@ -178,6 +187,24 @@ impl Ctx {
             .borrow()
             .as_ref()
             .is_none_or(|held| held.contains(config_key))
+    }
+
+    /// Whether events wait for the cycle under way to end (a cycle that could go on for long,
+    /// like selfplay_scheduler's pool, yields to them).
+    pub(crate) fn events_waiting(&self) -> bool {
+        self.events_waiting.get()
+    }
+
+    /// Whether the daemon is stopping, paused or standing by (another node holds its lease): a
+    /// cycle that could go on for long starts no new work then.
+    pub(crate) fn winding_down(&self) -> bool {
+        self.winding_down.get()
+    }
+
+    /// Shows `report` (health and counters) from the next heartbeat on, during a cycle that runs
+    /// for long; the cycle's own report replaces it when the cycle ends.
+    pub(crate) fn publish(&self, report: Report) {
+        *self.interim.borrow_mut() = Some(report);
     }
 
     /// Notes the leases the supervisor told of.
@@ -676,8 +703,14 @@ async fn serve(
             continue;
         }
 
+        ctx.events_waiting.set(!pending_events.is_empty());
+        ctx.winding_down
+            .set(paused || session.stopping || session.standby().is_some());
         tokio::select! {
             _ = heartbeat_timer.tick(), if heartbeats => {
+                if let Some(r) = ctx.interim.borrow_mut().take() {
+                    report = r;
+                }
                 let health = match session.standby() {
                     Some(message) => ringrift::protocol::Health {
                         healthy: true,
@@ -707,6 +740,7 @@ async fn serve(
                 idle = Some(done.daemon);
                 if let Some(r) = done.report {
                     report = r;
+                    ctx.interim.borrow_mut().take();
                 }
                 match done.ack {
                     // Acks are cumulative: during a burst one ack covers many events.

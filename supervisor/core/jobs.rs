@@ -34,6 +34,8 @@ pub(crate) struct Job {
     /// The spawn of the daemon whose process asked for it: only that process hears how it ends
     /// (a restarted worker numbers its requests from 1 again).
     pub generation: u64,
+    /// Times its unit was found still populated after the leader exited.
+    pub drain_checks: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +184,7 @@ impl Core {
                 unit,
                 work_item,
                 generation: self.daemons.get(daemon).map_or(0, |d| d.generation),
+                drain_checks: 0,
             },
         );
         if let Some(item) = work_item {
@@ -307,7 +310,14 @@ impl Core {
             return;
         }
         if job.unit.alive() {
-            self.job_timer(id, JobTimer::DrainCheck, Duration::from_millis(20));
+            // A cgroup usually empties within a millisecond or two of its last process's exit:
+            // look again soon, then every 20 ms (the slot waits for this).
+            let checks = job.drain_checks;
+            let wait = Duration::from_millis(1 << checks.min(4)).min(Duration::from_millis(20));
+            if let Some(job) = self.jobs.get_mut(id) {
+                job.drain_checks += 1;
+            }
+            self.job_timer(id, JobTimer::DrainCheck, wait);
             return;
         }
         let job = self.jobs.remove(id).expect("present");

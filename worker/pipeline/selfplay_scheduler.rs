@@ -7,8 +7,8 @@
 //! queue_populator reads to weight the items it queues and idle_resource reads to pick a key.
 //!
 //! Running: each cycle keeps `slots` selfplay jobs running from the work queue, claiming the next
-//! item the moment a job ends (a pool, not rounds that wait for their slowest job), for up to a
-//! minute ([`POOL_BUDGET`]) or the daemon's `interval` if longer; each item ends completed or failed (with the job's exit). A successful
+//! item the moment a job ends (a pool, not rounds that wait for their slowest job), for as long
+//! as items are ready, yielding to waiting events after a minute at least ([`POOL_BUDGET`]); each item ends completed or failed (with the job's exit). A successful
 //! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the
 //! games actually added (counted in the DB, not taken from the request). A cycle whose every job failed starts the retry schedule of [`super::retry`] (2 s doubling
 //! to 5 min): no job is started before it is due, and health says `selfplay retrying in N s after:
@@ -43,9 +43,9 @@ use super::work::{Queue, work_failed};
 
 const NAME: &str = "selfplay_scheduler";
 
-/// The least time a cycle's pool goes on claiming before it lets its jobs end: its slots idle
-/// only while the last jobs of a pool finish, once a minute at most, and events (quality scores)
-/// and priorities are taken in at least that often.
+/// The least time a cycle's pool goes on claiming before it yields to events that arrived
+/// meanwhile (quality scores, promotions), letting its jobs end: its slots idle only while the
+/// last jobs of a pool finish, at most once a minute and only when events wait.
 pub(crate) const POOL_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where the priorities go.
@@ -112,7 +112,7 @@ fn seed(salt: u64) -> u64 {
 }
 
 /// A running job of a round: its item id and how it went.
-type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun, Option<Attempt>)> + 'a>>;
+type JobFuture<'a> = Pin<Box<dyn Future<Output = (i64, SelfplayRun)> + 'a>>;
 
 /// Whether claimed `item` is a selfplay item this node can run: its key and games, or (after
 /// rejecting it: set aside in the local queue, handed back in the shared one, WORK_FAILED once
@@ -176,6 +176,18 @@ pub(crate) async fn run_and_settle(
 ) -> (SelfplayRun, Option<Attempt>) {
     let shared = queue.is_shared().then_some(id);
     let run = announcer.run_item(key, games, id as u64, shared).await;
+    let attempt = settle(who, queue, id, &run, backoff).await;
+    (run, attempt)
+}
+
+/// Settles selfplay item `id` after its job: done, or failed (see [`run_and_settle`]).
+pub(crate) async fn settle(
+    who: &str,
+    queue: &Queue,
+    id: i64,
+    run: &SelfplayRun,
+    backoff: f64,
+) -> Option<Attempt> {
     let settled = match &run.result {
         Ok(_) => queue.complete(id, now_secs()).await.map(|_| None),
         Err(e) => {
@@ -184,11 +196,10 @@ pub(crate) async fn run_and_settle(
                 .await
         }
     };
-    let attempt = settled.unwrap_or_else(|e| {
+    settled.unwrap_or_else(|e| {
         eprintln!("{who}: cannot record the end of work item {id}: {e:#}");
         None
-    });
-    (run, attempt)
+    })
 }
 
 /// How one selfplay job went.
@@ -452,10 +463,12 @@ pub(crate) struct Scheduler {
     staleness_hours: f64,
     /// A failed item's first wait before it is claimed again (doubling per failure).
     retry_backoff: std::time::Duration,
-    /// How long a cycle's pool goes on claiming ([`POOL_BUDGET`], or the daemon's `interval` if
-    /// longer): then it lets its jobs end, and the next cycle reads new priorities and events
-    /// first.
+    /// How long a cycle's pool goes on claiming at least, before it yields to waiting events
+    /// ([`POOL_BUDGET`], or the daemon's `interval` if longer).
     budget: std::time::Duration,
+    /// The daemon's `interval`: how often a running pool recomputes priorities and publishes
+    /// health.
+    interval: std::time::Duration,
     state: State,
     priorities: BTreeMap<String, f64>,
     totals: Totals,
@@ -499,6 +512,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         staleness_hours: 24.0,
         retry_backoff: std::time::Duration::from_secs(30),
         budget: std::time::Duration::from_secs(60),
+        interval: std::time::Duration::from_secs(60),
         state: State::default(),
         priorities: BTreeMap::new(),
         totals: Totals::default(),
@@ -587,9 +601,12 @@ impl Scheduler {
     }
 
     /// Keeps `slots` jobs running: an item is claimed the moment a slot frees (not when the
-    /// slowest job of a batch ends), until none is ready, the cycle's time (`interval`) is up, the
-    /// node may no longer claim, or every job since the pool began failed; then the jobs still
-    /// running are waited for. Returns what the pool ran.
+    /// slowest job of a batch ends), until none is ready, the node may no longer claim, every job
+    /// since the pool began failed, the daemon is stopping or paused, or events wait for the
+    /// cycle to end (after [`POOL_BUDGET`]:
+    /// only then do the slots idle while the last jobs finish); then the jobs still running are
+    /// waited for. Every `interval` meanwhile the priorities are recomputed and health is
+    /// published. Returns what the pool ran.
     async fn pool(&mut self) -> Result<Round> {
         let queue = self.queue.take().expect("opened");
         let result = self.pool_on(&queue).await;
@@ -603,16 +620,22 @@ impl Scheduler {
         let announcer = Announcer::new(NAME, &pipeline, &ctx);
         let backoff = self.retry_backoff.as_secs_f64();
         let until = Instant::now() + self.budget;
+        let mut refresh = Instant::now() + self.interval;
+        let started = ringrift::timefmt::now_rfc3339();
         let slots = self.slots.max(1);
         let mut running: FuturesUnordered<JobFuture<'_>> = FuturesUnordered::new();
         let mut round = Round::default();
         let mut claiming = true;
         let mut failure: Option<anyhow::Error> = None;
+        let mut ended: Vec<(i64, SelfplayRun)> = Vec::new();
+        // Whether a job of this pool succeeded (settled or not yet).
+        let mut succeeded = false;
         loop {
             while claiming && running.len() < slots {
                 // Items this node cannot run at all are handed back; many in a row, with nothing
                 // run, and it stops claiming until the next cycle.
-                let stop = Instant::now() >= until
+                let stop = ctx.winding_down()
+                    || (Instant::now() >= until && ctx.events_waiting())
                     || (round.ok == 0 && round.failed >= 4 * slots)
                     || (queue.is_shared()
                         && super::work::may_claim(&pipeline.root, SELFPLAY).is_err());
@@ -654,22 +677,41 @@ impl Scheduler {
                     }
                     self.totals.jobs_started += 1;
                     let (announcer, id) = (&announcer, item.id);
+                    let shared = queue.is_shared().then_some(id);
                     running.push(Box::pin(async move {
-                        let (run, attempt) =
-                            run_and_settle(NAME, queue, announcer, id, &key, games, backoff).await;
-                        (id, run, attempt)
+                        (id, announcer.run_item(&key, games, id as u64, shared).await)
                     }));
                 }
             }
-            let Some((id, run, attempt)) = running.next().await else {
+            // The jobs that ended are settled once their slots are running again: the next
+            // job does not wait for the queue's round trips.
+            for (id, run) in ended.drain(..) {
+                let attempt = settle(NAME, queue, id, &run, backoff).await;
+                self.record_run(id, run, attempt, &mut round);
+            }
+            let Some((id, run)) = running.next().await else {
                 break;
             };
-            let failed = run.result.is_err();
-            self.record_run(id, run, attempt, &mut round);
             // Only a success earns more claims: jobs that keep failing wait for the retry
             // schedule instead of spinning through the queue.
-            if failed && round.ok == 0 {
+            succeeded |= run.result.is_ok();
+            if !succeeded {
                 claiming = false;
+            }
+            ended.push((id, run));
+            if Instant::now() >= refresh {
+                refresh = Instant::now() + self.interval;
+                let (quarantined, db_problems) = announcer.take_db_news();
+                self.note_db_news(quarantined, db_problems);
+                self.update_priorities();
+                if let Err(e) = queue.reprioritize(&self.priorities) {
+                    eprintln!("{NAME}: cannot reprioritize pending items: {e:#}");
+                }
+                self.last_cycle = Some(format!(
+                    "running since {}: {} item(s), up to {slots} at a time: {} ok, {} failed, {} new games so far",
+                    started, round.claimed, round.ok, round.failed, round.games
+                ));
+                ctx.publish(self.report());
             }
         }
         let (quarantined, db_problems) = announcer.take_db_news();
@@ -947,6 +989,7 @@ impl Daemon for Scheduler {
             self.staleness_hours = s.staleness_hours;
             self.retry_backoff = s.retry_backoff;
             self.budget = settings.interval.max(POOL_BUDGET);
+            self.interval = settings.interval;
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: {} slot(s), target {} games per key, models stale after {}h, keys {}",
