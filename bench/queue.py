@@ -251,7 +251,11 @@ def table(r):
     s, u, d = r["settings"], r["utilisation"], r["redelivery_secs"]
     c, g = u["claim_to_start_ms"], u["end_to_next_start_ms"]
     return "\n".join([
-        f"Three nodes × {s['slots_per_node']} slots, synthetic {s['job_secs']:g} s jobs, "
+        f"Three nodes × {s['slots_per_node']} slots, synthetic jobs of "
+        + (f"{s['job_secs']:g} s" if not s.get("job_spread") else
+           f"{s['job_secs'] * (1 - s['job_spread']):g}–{s['job_secs'] * (1 + s['job_spread']):g} s "
+           f"(uniformly random)")
+        + ", "
         f"work_ack_wait {s['work_ack_wait_secs']:g} s, {s['window_secs']:g} s window:",
         "",
         "| figure | value |",
