@@ -387,7 +387,7 @@ daemon_settings!(
     EvaluationSettings {
         /// Games against each opponent (against the canonical model, at most this many when
         /// `sprt` is on).
-        games: u64 = |r: &mut Reader, k| r.count(k, 200, 1, 1_000_000),
+        games: u64 = |r: &mut Reader, k| r.count(k, 1000, 1, 1_000_000),
         /// The sequential test against the canonical model (`crate::sprt`): elo0 0, elo1 50,
         /// alpha and beta 0.05 by default; `false` plays a fixed match of `games` games.
         sprt: Option<crate::sprt::Sprt> =

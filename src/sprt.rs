@@ -49,6 +49,9 @@ impl Decision {
     }
 }
 
+/// The largest Elo difference a hypothesis may name (an expected score of 0.99999 or so).
+pub const MAX_ELO: f64 = 2000.0;
+
 /// The expected score of a player `elo` points stronger than its opponent (logistic model).
 pub fn expected_score(elo: f64) -> f64 {
     1.0 / (1.0 + 10f64.powf(-elo / 400.0))
@@ -67,6 +70,12 @@ impl Sprt {
     pub fn new(elo0: f64, elo1: f64, alpha: f64, beta: f64) -> Result<Sprt, String> {
         if !(elo0.is_finite() && elo1.is_finite()) || elo0 >= elo1 {
             return Err(format!("elo0 ({elo0}) must be less than elo1 ({elo1})"));
+        }
+        // Beyond this the expected scores round to 0 or 1 and the ratio is no longer finite.
+        if elo0.abs() > MAX_ELO || elo1.abs() > MAX_ELO {
+            return Err(format!(
+                "elo0 ({elo0}) and elo1 ({elo1}) must be within ±{MAX_ELO}"
+            ));
         }
         for (name, p) in [("alpha", alpha), ("beta", beta)] {
             if !(p > 0.0 && p < 0.5) {
@@ -188,6 +197,11 @@ mod tests {
                 .contains("beta")
         );
         assert!(Sprt::new(f64::NAN, 50.0, 0.05, 0.05).is_err());
+        assert!(
+            Sprt::new(0.0, 9000.0, 0.05, 0.05)
+                .unwrap_err()
+                .contains("within")
+        );
         let t = Sprt::parse(" 0, 50 ,0.05,0.1").unwrap();
         assert_eq!((t.elo1, t.beta), (50.0, 0.1));
         assert_eq!(Sprt::parse(&t.to_string()).unwrap(), t);

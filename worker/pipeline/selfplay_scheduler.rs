@@ -535,6 +535,8 @@ struct Round {
     ok: usize,
     failed: usize,
     games: u64,
+    /// It stopped claiming because its jobs failed `slots` times in a row.
+    stopped_failing: bool,
 }
 
 impl Scheduler {
@@ -628,8 +630,8 @@ impl Scheduler {
         let mut claiming = true;
         let mut failure: Option<anyhow::Error> = None;
         let mut ended: Vec<(i64, SelfplayRun)> = Vec::new();
-        // Whether a job of this pool succeeded (settled or not yet).
-        let mut succeeded = false;
+        // Jobs that failed since the last success (settled or not yet).
+        let mut failures_in_a_row = 0;
         loop {
             while claiming && running.len() < slots {
                 // Items this node cannot run at all are handed back; many in a row, with nothing
@@ -689,16 +691,28 @@ impl Scheduler {
                 let attempt = settle(NAME, queue, id, &run, backoff).await;
                 self.record_run(id, run, attempt, &mut round);
             }
-            let Some((id, run)) = running.next().await else {
+            if running.is_empty() {
                 break;
-            };
-            // Only a success earns more claims: jobs that keep failing wait for the retry
-            // schedule instead of spinning through the queue.
-            succeeded |= run.result.is_ok();
-            if !succeeded {
-                claiming = false;
             }
-            ended.push((id, run));
+            // A job's end, or the time to publish health (a job may run for hours).
+            let next = tokio::select! {
+                next = running.next() => next,
+                () = tokio::time::sleep_until(refresh.into()) => None,
+            };
+            if let Some((id, run)) = next {
+                // Jobs that keep failing wait for the retry schedule instead of spinning
+                // through the queue: `slots` failures in a row stop the claims.
+                if run.result.is_ok() {
+                    failures_in_a_row = 0;
+                } else {
+                    failures_in_a_row += 1;
+                    if failures_in_a_row >= slots {
+                        claiming = false;
+                        round.stopped_failing = true;
+                    }
+                }
+                ended.push((id, run));
+            }
             if Instant::now() >= refresh {
                 refresh = Instant::now() + self.interval;
                 let (quarantined, db_problems) = announcer.take_db_news();
@@ -846,7 +860,9 @@ impl Scheduler {
         let failed = self.totals.jobs_failed > failed_before;
         let succeeded = self.totals.jobs_succeeded > succeeded_before;
         let quarantined = self.totals.dbs_quarantined > quarantines_before;
-        if succeeded || quarantined {
+        // A pool that stopped on failures in a row waits out the retry schedule even if jobs
+        // succeeded before them.
+        if quarantined || (succeeded && !total.stopped_failing) {
             // A fresh DB deserves a fresh try.
             self.failing = None;
         } else if failed {

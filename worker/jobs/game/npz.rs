@@ -294,12 +294,23 @@ pub fn write_npz(arrays: &[(&str, &NpyArray)]) -> Result<Vec<u8>, NpzError> {
     Ok(out.into_inner())
 }
 
+/// How many times its own size an archive's members may claim to inflate to ([`read_npz`]).
+const MAX_INFLATION: u64 = 200;
+
 /// Every array of an `.npz`, in archive order, stored or deflated, with every member's CRC-32
 /// checked.
 pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>, NpzError> {
     use std::io::Read;
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| NpzError::Zip(e.to_string()))?;
+    // An archive may claim any size for its members, and the zip crate inflates up to the size
+    // claimed: the members together may not claim more than MAX_INFLATION times the archive
+    // (deflate tops out near 1,032:1; real exports compress far less) plus 64 MiB, so a zip bomb
+    // is refused before anything is inflated.
+    let limit = (bytes.len() as u64)
+        .saturating_mul(MAX_INFLATION)
+        .saturating_add(64 << 20);
+    let mut claimed = 0u64;
     let mut arrays = Vec::with_capacity(archive.len());
     for i in 0..archive.len() {
         let mut file = archive
@@ -313,8 +324,18 @@ pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, NpyArray)>, NpzError> {
             name: file_name.clone(),
             reason,
         };
-        // The size the archive claims is a hint only: reading stops at the data's real end.
-        let mut data = Vec::with_capacity(usize::try_from(file.size()).unwrap_or(0).min(1 << 30));
+        claimed = claimed.saturating_add(file.size());
+        if claimed > limit {
+            return Err(member(format!(
+                "the members claim {claimed} bytes inflated, more than {MAX_INFLATION} times the \
+                 {}-byte archive (a zip bomb, or a damaged directory)",
+                bytes.len()
+            )));
+        }
+        // The size claimed is a hint only (reading stops at the data's real end): reserved up to
+        // 64 MiB, grown as the data come.
+        let mut data = Vec::new();
+        let _ = data.try_reserve(usize::try_from(file.size()).unwrap_or(0).min(64 << 20));
         // The zip crate checks the CRC-32 when the member has been read to its end.
         file.read_to_end(&mut data)
             .map_err(|e| member(format!("{e} (truncated or corrupt)")))?;
@@ -519,6 +540,25 @@ mod tests {
             "{caught} of {}",
             end - start
         );
+    }
+
+    #[test]
+    fn a_member_claiming_to_inflate_beyond_reason_is_refused_before_inflating() {
+        use std::io::Write;
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true);
+        w.start_file("states.npy", opts).unwrap();
+        // 128 MiB of zeros deflate to about 125 KiB: over 200 times the archive.
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..128 {
+            w.write_all(&zeros).unwrap();
+        }
+        let bomb = w.finish().unwrap().into_inner();
+        assert!(bomb.len() < 2 << 20, "{}", bomb.len());
+        let err = read_npz(&bomb).unwrap_err().to_string();
+        assert!(err.contains("zip bomb"), "{err}");
     }
 
     #[test]
