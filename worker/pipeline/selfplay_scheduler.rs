@@ -860,8 +860,9 @@ impl Scheduler {
         let failed = self.totals.jobs_failed > failed_before;
         let succeeded = self.totals.jobs_succeeded > succeeded_before;
         let quarantined = self.totals.dbs_quarantined > quarantines_before;
-        // A pool that stopped on failures in a row waits out the retry schedule even if jobs
-        // succeeded before them.
+        // A pool that stopped on failures in a row after successes pauses for the schedule's
+        // first step (items of a key that fails may mix with good ones); one with no success at
+        // all goes on along the schedule.
         if quarantined || (succeeded && !total.stopped_failing) {
             // A fresh DB deserves a fresh try.
             self.failing = None;
@@ -871,13 +872,22 @@ impl Scheduler {
                 |(_, what)| what.clone(),
             );
             let f = Failing::after(
-                self.failing.as_ref(),
+                if succeeded {
+                    None
+                } else {
+                    self.failing.as_ref()
+                },
                 error,
                 now_secs(),
                 ringrift::restart::jitter(),
             );
             eprintln!(
-                "{NAME}: every selfplay job of this cycle failed: {}",
+                "{NAME}: {}: {}",
+                if succeeded {
+                    "selfplay jobs failed in a row"
+                } else {
+                    "every selfplay job of this cycle failed"
+                },
                 f.describe(now_secs())
             );
             self.failing = Some(f);
