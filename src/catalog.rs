@@ -148,7 +148,12 @@ pub const DAEMONS: &[DaemonSpec] = &[
         Category::Training,
         &[],
         true,
-        &["threshold_games", "batch_timeout"],
+        &[
+            "threshold_games",
+            "batch_timeout",
+            "replay_window",
+            "games_keep",
+        ],
     ),
     spec(
         "evaluation",
@@ -169,6 +174,8 @@ pub const DAEMONS: &[DaemonSpec] = &[
             "min_win_rate_vs_baseline",
             "min_games",
             "cooldown",
+            "keep_candidates",
+            "keep_backups",
         ],
     ),
     spec(
@@ -181,6 +188,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
             "min_free_disk_gb",
             "min_available_memory_mb",
             "max_load_per_core",
+            "max_root_gb",
         ],
     ),
     spec(

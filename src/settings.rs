@@ -361,6 +361,13 @@ daemon_settings!(
         threshold_games: u64 = |r: &mut Reader, k| r.count(k, 1000, 1, 1 << 40),
         /// Or this long after the first of fewer new games.
         batch_timeout: Duration = |r: &mut Reader, k| r.duration(k, secs(600), Duration::ZERO, WEEK),
+        /// The replay window: the training file holds the samples of at most this many of the
+        /// newest games of a key (Lc0 and KataGo train on a window of recent games, not on all
+        /// of history). Filled into the export job as `{replay_window}`.
+        replay_window: u64 = |r: &mut Reader, k| r.count(k, 20_000, 1, 1 << 40),
+        /// Completed games kept per key in the games DB, newest first; older ones already
+        /// exported are deleted after an export (0 = keep every game). At least `replay_window`.
+        games_keep: u64 = |r: &mut Reader, k| r.count(k, 100_000, 0, 1 << 40),
     }
 );
 
@@ -408,6 +415,12 @@ daemon_settings!(
         min_games: u64 = |r: &mut Reader, k| r.count(k, 100, 0, 1_000_000),
         /// Between two promotions of a config key.
         cooldown: Duration = |r: &mut Reader, k| r.duration(k, Duration::ZERO, Duration::ZERO, WEEK),
+        /// Decided candidates (promoted or rejected) kept per key, newest first, with their
+        /// results; older ones are deleted (0 = keep every one).
+        keep_candidates: u64 = |r: &mut Reader, k| r.count(k, 20, 0, 1_000_000),
+        /// Replaced canonical models kept per key in models/backup/, newest first (0 = keep
+        /// every one).
+        keep_backups: u64 = |r: &mut Reader, k| r.count(k, 10, 0, 1_000_000),
     }
 );
 
@@ -420,6 +433,9 @@ daemon_settings!(
         min_available_memory_mb: f64 = |r: &mut Reader, k| r.number(k, 512.0, 0.0, 1e12, " MB"),
         /// The 1-minute load average per core above this is unhealthy.
         max_load_per_core: f64 = |r: &mut Reader, k| r.number(k, 4.0, 0.0, 1e6, ""),
+        /// The ceiling of what the loop keeps under the root (GB, 10^9 bytes: games, training
+        /// files, models, logs, events): above it the node is unhealthy. 0 = no ceiling.
+        max_root_gb: f64 = |r: &mut Reader, k| r.number(k, 500.0, 0.0, 1e9, " GB"),
     }
 );
 
@@ -510,7 +526,18 @@ pub fn check(name: &str, r: &mut Reader<'_>) {
         "auto_sync" | "ephemeral_sync" => drop(SyncSettings::read(r)),
         "cluster_data_sync" => drop(ClusterSyncSettings::read(r)),
         "model_distribution" => drop(DistributionSettings::read(r)),
-        "auto_export" => drop(ExportSettings::read(r)),
+        "auto_export" => {
+            let e = ExportSettings::read(r);
+            if e.games_keep != 0 && e.games_keep < e.replay_window {
+                r.complain(
+                    "games_keep",
+                    format!(
+                        "must be 0 (keep every game) or at least replay_window ({}): the window is rebuilt from the games DB when the training file is lost",
+                        e.replay_window
+                    ),
+                );
+            }
+        }
         "training_trigger" => drop(TrainingSettings::read(r)),
         "evaluation" => drop(EvaluationSettings::read(r)),
         "auto_promotion" => drop(PromotionSettings::read(r)),
@@ -627,5 +654,13 @@ mod tests {
         let mut r = Reader::new(&m);
         check("quality_monitor", &mut r);
         assert_eq!(r.problems[0].0, "min_moves");
+        let m = map(json!({"replay_window": 500, "games_keep": 100}));
+        let mut r = Reader::new(&m);
+        check("auto_export", &mut r);
+        assert_eq!(r.problems[0].0, "games_keep");
+        let m = map(json!({"replay_window": 500, "games_keep": 0}));
+        let mut r = Reader::new(&m);
+        check("auto_export", &mut r);
+        assert!(r.problems.is_empty());
     }
 }

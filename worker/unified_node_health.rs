@@ -34,6 +34,8 @@ pub(crate) struct Limits {
     pub min_free_disk_gb: f64,
     pub min_available_memory_mb: f64,
     pub max_load_per_core: f64,
+    /// The ceiling of the root's disk use (GB); 0 = none.
+    pub max_root_gb: f64,
 }
 
 /// One look at the node.
@@ -42,6 +44,8 @@ pub(crate) struct Reading {
     pub free_disk_gb: Option<f64>,
     pub available_memory_mb: Option<f64>,
     pub load_per_core: Option<f64>,
+    /// Disk space used under the root (GB, allocated blocks, symlinks not followed).
+    pub root_used_gb: Option<f64>,
     /// Daemons that are FAILED or report themselves unhealthy, with why.
     pub troubled: Vec<String>,
 }
@@ -55,6 +59,15 @@ pub(crate) fn judge(r: &Reading, l: &Limits) -> (bool, Vec<String>) {
         problems.push(format!(
             "{d:.1} GB free on the root's disk (minimum {})",
             l.min_free_disk_gb
+        ));
+    }
+    if let Some(u) = r.root_used_gb
+        && l.max_root_gb > 0.0
+        && u > l.max_root_gb
+    {
+        problems.push(format!(
+            "the root holds {u:.1} GB (ceiling max_root_gb {}): lower the retention settings (replay_window, games_keep, keep_candidates, keep_backups, job_logs_*)",
+            l.max_root_gb
         ));
     }
     if let Some(m) = r.available_memory_mb
@@ -95,6 +108,32 @@ pub(crate) fn troubled(report: &StatusReport) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// Disk space the files under `root` take (GB: allocated 512-byte blocks, as `du` counts),
+/// symlinks not followed, other file systems mounted inside not entered. `None` when the root
+/// itself cannot be read; unreadable parts below it are skipped.
+fn root_used_gb(root: &Path) -> Option<f64> {
+    use std::os::unix::fs::MetadataExt;
+    let top = std::fs::symlink_metadata(root).ok()?;
+    let mut bytes = top.blocks() * 512;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.dev() != top.dev() {
+                continue;
+            }
+            bytes += meta.blocks() * 512;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+    }
+    Some(bytes as f64 / 1e9)
 }
 
 fn free_disk_gb(path: &Path) -> Option<f64> {
@@ -164,9 +203,10 @@ impl NodeHealth {
             "no check yet".to_string()
         } else if healthy {
             format!(
-                "healthy at {}: {} GB disk free, {} MB memory available, load {} per core",
+                "healthy at {}: {} GB disk free, {} GB under the root, {} MB memory available, load {} per core",
                 self.when,
                 fmt(self.reading.free_disk_gb, 1),
+                fmt(self.reading.root_used_gb, 2),
                 fmt(self.reading.available_memory_mb, 0),
                 fmt(self.reading.load_per_core, 2)
             )
@@ -211,6 +251,7 @@ impl Daemon for NodeHealth {
                 min_free_disk_gb: s.min_free_disk_gb,
                 min_available_memory_mb: s.min_available_memory_mb,
                 max_load_per_core: s.max_load_per_core,
+                max_root_gb: s.max_root_gb,
             };
             println!(
                 "{NAME}: checking {} every {}s with {limits:?}",
@@ -232,6 +273,7 @@ impl Daemon for NodeHealth {
                 available_memory_mb: ringrift::procfs::mem_available()
                     .map(|b| b as f64 / 1_048_576.0),
                 load_per_core: ringrift::procfs::loadavg().map(|l| l / cores),
+                root_used_gb: root_used_gb(&self.root),
                 troubled: Vec::new(),
             };
             if let Some(socket) = &self.socket {
@@ -283,6 +325,7 @@ impl NodeHealth {
                 json!(reading.available_memory_mb),
             ),
             ("load_per_core".to_string(), json!(reading.load_per_core)),
+            ("root_used_gb".to_string(), json!(reading.root_used_gb)),
             ("problems".to_string(), json!(problems)),
         ])
     }
@@ -297,6 +340,7 @@ mod tests {
             min_free_disk_gb: 5.0,
             min_available_memory_mb: 512.0,
             max_load_per_core: 4.0,
+            max_root_gb: 10.0,
         }
     }
 
@@ -306,6 +350,7 @@ mod tests {
             free_disk_gb: Some(50.0),
             available_memory_mb: Some(8000.0),
             load_per_core: Some(0.5),
+            root_used_gb: Some(9.0),
             troubled: vec![],
         };
         assert_eq!(judge(&r, &limits()), (true, vec![]));
@@ -317,15 +362,22 @@ mod tests {
             free_disk_gb: Some(1.0),
             available_memory_mb: Some(100.0),
             load_per_core: Some(9.0),
+            root_used_gb: Some(11.0),
             troubled: vec!["auto_export FAILED: x".into()],
         };
         let (ok, problems) = judge(&r, &limits());
         assert!(!ok);
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(
             problems[0].contains("GB free")
-                && problems[1].contains("MB memory")
-                && problems[2].contains("per core")
+                && problems[1].contains("ceiling max_root_gb 10")
+                && problems[2].contains("MB memory")
+                && problems[3].contains("per core")
         );
+        let no_ceiling = Limits {
+            max_root_gb: 0.0,
+            ..limits()
+        };
+        assert_eq!(judge(&r, &no_ceiling).1.len(), 4, "0 is no ceiling");
     }
 }

@@ -17,5 +17,6 @@ mod pipeline;
 mod pipeline_jobs;
 mod queue;
 mod resilience;
+mod retention;
 mod sync;
 mod visible;

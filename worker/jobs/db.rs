@@ -326,6 +326,69 @@ impl GamesDb {
         Ok(ids)
     }
 
+    /// The highest game id of any key and status (`None`: no game).
+    pub(crate) fn max_id(&self) -> Result<Option<i64>> {
+        self.conn
+            .query_row("SELECT MAX(id) FROM games", [], |r| r.get(0))
+            .with_context(|| format!("cannot read games db {}", self.path.display()))
+    }
+
+    /// The id of the oldest of the newest `window` completed games of `config` (`None` when there
+    /// are fewer: every game is in the window).
+    pub(crate) fn window_start(&self, config: &GameConfig, window: u64) -> Result<Option<i64>> {
+        use rusqlite::OptionalExtension;
+        self.conn
+            .query_row(
+                "SELECT id FROM games WHERE config_key = ?1 AND status = 'completed'
+                 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                params![config.key.to_string(), window.saturating_sub(1) as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .with_context(|| format!("cannot read games db {}", self.path.display()))
+    }
+
+    /// Deletes the games of `key` (any status) that are older than its newest `keep` completed
+    /// games and have an id of at most `up_to` (exported already), with their moves, in
+    /// transactions of at most 2,000 games so a selfplay writer never waits long. Returns how
+    /// many games were deleted. `keep` 0 deletes nothing.
+    pub(crate) fn prune(&self, key: &str, keep: u64, up_to: i64) -> Result<u64> {
+        use rusqlite::OptionalExtension;
+        let what = || format!("cannot prune games db {}", self.path.display());
+        if keep == 0 {
+            return Ok(0);
+        }
+        let Some(oldest_kept) = self
+            .conn
+            .query_row(
+                "SELECT id FROM games WHERE config_key = ?1 AND status = 'completed'
+                 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                params![key, (keep - 1) as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .with_context(what)?
+        else {
+            return Ok(0);
+        };
+        let below = oldest_kept.min(up_to.saturating_add(1));
+        let mut deleted = 0u64;
+        loop {
+            let n = self
+                .conn
+                .execute(
+                    "DELETE FROM games WHERE id IN (SELECT id FROM games
+                     WHERE config_key = ?1 AND id < ?2 ORDER BY id LIMIT 2000)",
+                    params![key, below],
+                )
+                .with_context(what)?;
+            deleted += n as u64;
+            if n == 0 {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Completed games of `config` with `id > since_id`, in id order. A game whose rows break the
     /// schema's meaning (see [`check_game`]) is left out and listed in `skipped` with the reason;
     /// only a DB that cannot be read at all is an error. The rules themselves are checked by the

@@ -36,6 +36,17 @@ pub(crate) struct ExportArgs {
     /// Export only games with an id above this one (the previous summary's last_game_id)
     #[arg(long, value_name = "ID", default_value_t = 0)]
     pub(crate) since_id: i64,
+
+    /// The replay window: keep the samples of at most this many of the newest games (0: every
+    /// game read)
+    #[arg(long, value_name = "GAMES", default_value_t = 0)]
+    pub(crate) window: u64,
+
+    /// The previous export to extend: its samples are kept (within the window) and only games
+    /// above its highest game id are read from the DB. Empty, missing, unreadable, of another
+    /// key or from a replaced DB: the window is read from the DB instead
+    #[arg(long, value_name = "NPZ")]
+    pub(crate) previous: Option<String>,
 }
 
 /// Skipped games listed by id and reason in the summary; beyond this only counted.
@@ -49,12 +60,81 @@ pub(crate) fn summary_path(output: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The previous export, if it can be extended: it decodes, is of `config`'s key and shape, names
+/// the game of every sample, and its newest game is still in the DB's id range (a games DB that
+/// was replaced starts again at id 1). Why not is said on stderr.
+fn previous(config: &GameConfig, path: &Path, db: &GamesDb) -> Option<Dataset> {
+    let why = match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => format!("cannot be read: {e}"),
+        Ok(bytes) => match Dataset::decode(&bytes) {
+            Err(e) => format!("does not decode: {e}"),
+            Ok(d) if d.config_key != config.key.to_string() => {
+                format!("is of config key {:?}", d.config_key)
+            }
+            Ok(d) if d.num_features != config.num_features() => {
+                format!("has {} features per sample", d.num_features)
+            }
+            Ok(d) if d.game_ids.len() != d.len() => "names no game_ids".to_string(),
+            Ok(d) => match db.max_id() {
+                Ok(max) if d.game_ids.iter().max().copied().unwrap_or(0) <= max.unwrap_or(0) => {
+                    return Some(d);
+                }
+                Ok(_) => "holds games above the DB's highest id (the DB was replaced)".into(),
+                Err(e) => format!("cannot be compared with the DB: {e:#}"),
+            },
+        },
+    };
+    eprintln!(
+        "previous export {} {why}: the window is read from the games DB",
+        path.display()
+    );
+    None
+}
+
+/// Keeps the samples of the newest `window` distinct games of `data` (0: all of them).
+fn keep_window(data: &mut Dataset, window: u64) {
+    let mut ids: Vec<i64> = data.game_ids.clone();
+    ids.sort_unstable();
+    ids.dedup();
+    let Some(first) =
+        (window > 0 && ids.len() as u64 > window).then(|| ids[ids.len() - window as usize])
+    else {
+        return;
+    };
+    let f = data.num_features;
+    let mut kept = Dataset::new(&data.config_key, f);
+    for (i, &id) in data.game_ids.iter().enumerate() {
+        if id >= first {
+            kept.push(&data.states[i * f..(i + 1) * f], data.outcomes[i], id);
+        }
+    }
+    *data = kept;
+}
+
 pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
     let started = Instant::now();
     let db = GamesDb::open_existing(&args.db)?;
-    let read = db.completed_games(config, args.since_id)?;
+    let previous = args
+        .previous
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .and_then(|p| previous(config, Path::new(p), &db));
+    let extended = previous.as_ref().map(|d| d.len());
+    let mut since_id = args.since_id;
+    if let Some(d) = &previous {
+        since_id = since_id.max(d.game_ids.iter().max().copied().unwrap_or(0));
+    }
+    // Games older than the window are not read at all.
+    if args.window > 0
+        && let Some(start) = db.window_start(config, args.window)?
+    {
+        since_id = since_id.max(start - 1);
+    }
+    let read = db.completed_games(config, since_id)?;
     let mut skipped = read.skipped;
-    let mut data = Dataset::new(&config.key.to_string(), config.num_features());
+    let mut data =
+        previous.unwrap_or_else(|| Dataset::new(&config.key.to_string(), config.num_features()));
     let mut exported = 0usize;
     for game in &read.games {
         // Replay into a scratch set first: a game that breaks the rules midway adds nothing.
@@ -83,6 +163,13 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
             }
         }
     }
+    keep_window(&mut data, args.window);
+    let window_games = {
+        let mut ids = data.game_ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
     skipped.sort_by_key(|s| s.id);
     for s in &skipped {
         eprintln!(
@@ -106,14 +193,17 @@ pub(crate) fn run(config: &GameConfig, args: &ExportArgs) -> Result<Value> {
         Ok(())
     })?;
     // Skipped games count as read: the next export continues after them.
-    let last_game_id = read.last_id.unwrap_or(args.since_id).max(args.since_id);
+    let last_game_id = read.last_id.unwrap_or(since_id).max(since_id);
     let summary = json!({
         "job": "export",
         "config_key": config.key,
         "games": exported,
+        "window_games": window_games,
+        "window": args.window,
+        "extended_samples": extended,
         "samples": data.len(),
         "num_features": data.num_features,
-        "since_id": args.since_id,
+        "since_id": since_id,
         "last_game_id": last_game_id,
         "skipped_rows": skipped.len(),
         "skipped": skipped
@@ -166,6 +256,8 @@ mod tests {
             db: db_path,
             output: dir.join("out/hex6_2p.npz"),
             since_id: 0,
+            window: 0,
+            previous: None,
         };
         (config, args, records)
     }
@@ -238,6 +330,104 @@ mod tests {
         let side: Value =
             serde_json::from_slice(&std::fs::read(summary_path(&args.output)).unwrap()).unwrap();
         assert_eq!(side, summary);
+    }
+
+    fn ids_of(path: &Path) -> Vec<i64> {
+        let mut ids = Dataset::decode(&std::fs::read(path).unwrap())
+            .unwrap()
+            .game_ids;
+        ids.dedup();
+        ids
+    }
+
+    #[test]
+    fn the_replay_window_keeps_the_newest_games_and_extends_the_previous_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, mut args, _) = setup(dir.path(), 6);
+        args.window = 4;
+        let summary = run(&config, &args).unwrap();
+        assert_eq!(
+            ids_of(&args.output),
+            [3, 4, 5, 6],
+            "only the window is read"
+        );
+        assert_eq!(
+            (summary["since_id"].clone(), summary["games"].clone()),
+            (2.into(), 4.into())
+        );
+
+        // Two more games: extending the previous export reads only those two from the DB.
+        let previous = dir.path().join("previous.npz");
+        std::fs::rename(&args.output, &previous).unwrap();
+        let mut rng = Rng::with_seed(9);
+        let more: Vec<GameRecord> = (0..2)
+            .map(|_| play_game(&config, [None, None], 0.0, &mut rng))
+            .collect();
+        let new: Vec<NewGame> = more
+            .iter()
+            .map(|record| NewGame {
+                record,
+                created_at: "t2".into(),
+                completed_at: "t3".into(),
+            })
+            .collect();
+        GamesDb::open_existing(&args.db)
+            .unwrap()
+            .insert_games(&config, "selfplay", &new)
+            .unwrap();
+        args.previous = Some(previous.display().to_string());
+        let summary = run(&config, &args).unwrap();
+        assert_eq!(summary["games"], 2, "{summary}");
+        assert_eq!(summary["since_id"], 6);
+        assert_eq!(summary["window_games"], 4);
+        assert_eq!(ids_of(&args.output), [5, 6, 7, 8]);
+
+        // A previous export from a replaced DB (ids above the DB's) is not extended.
+        std::fs::rename(&args.output, &previous).unwrap();
+        let db = GamesDb::open_existing(&args.db).unwrap();
+        db.connection()
+            .execute("DELETE FROM games WHERE id > 6", [])
+            .unwrap();
+        let summary = run(&config, &args).unwrap();
+        assert_eq!(summary["extended_samples"], Value::Null, "{summary}");
+        assert_eq!(ids_of(&args.output), [3, 4, 5, 6]);
+        // An empty name means no previous export.
+        args.previous = Some(String::new());
+        run(&config, &args).unwrap();
+        assert_eq!(ids_of(&args.output), [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_games_and_every_unexported_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, args, _) = setup(dir.path(), 10);
+        let db = GamesDb::open_existing(&args.db).unwrap();
+        assert_eq!(db.prune("hex6_2p", 0, 10).unwrap(), 0, "0 keeps every game");
+        assert_eq!(
+            db.prune("hex6_2p", 4, 3).unwrap(),
+            3,
+            "only exported games go"
+        );
+        assert_eq!(db.prune("hex6_2p", 4, 10).unwrap(), 3);
+        let ids: Vec<i64> = db
+            .connection()
+            .prepare("SELECT id FROM games ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, [7, 8, 9, 10]);
+        let orphans: i64 = db
+            .connection()
+            .query_row(
+                "SELECT COUNT(*) FROM moves WHERE game_id NOT IN (SELECT id FROM games)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphans, 0, "moves go with their game");
+        assert_eq!(db.prune("hex6_2p", 4, 10).unwrap(), 0);
     }
 
     #[test]

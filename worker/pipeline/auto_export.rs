@@ -244,6 +244,10 @@ struct AutoExport {
     pipeline: Option<Pipeline>,
     threshold: u64,
     batch_timeout: f64,
+    replay_window: u64,
+    games_keep: u64,
+    /// Games deleted from the games DBs by retention (`games_keep`) since start.
+    games_pruned: u64,
     state: State,
     health: KeyHealth,
     scans: u64,
@@ -298,6 +302,8 @@ impl AutoExport {
                 ("keys".to_string(), Value::Object(keys)),
                 ("threshold_games".to_string(), Value::from(self.threshold)),
                 ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
+                ("replay_window".to_string(), Value::from(self.replay_window)),
+                ("games_keep".to_string(), Value::from(self.games_keep)),
                 ("last_error".to_string(), json!(self.health.last_error)),
                 (
                     "quarantined".to_string(),
@@ -312,6 +318,7 @@ impl AutoExport {
                 ("samples_exported", self.samples_exported),
                 ("rows_skipped", self.rows_skipped),
                 ("dbs_quarantined", self.dbs_quarantined),
+                ("games_pruned", self.games_pruned),
             ],
         )
     }
@@ -487,6 +494,13 @@ impl AutoExport {
         let staging = npz.with_extension("npz.partial");
         // A summary left by an earlier run must not be taken for this one's.
         let _ = std::fs::remove_file(crate::jobs::export_summary_path(&staging));
+        // The export extends the previous one only while it belongs to this games DB (a
+        // replaced DB starts over at id 1: then the key's last id was reset to 0).
+        let previous = if ks.last_game_id > 0 && npz.is_file() {
+            npz.display().to_string()
+        } else {
+            String::new()
+        };
         let outcome = match pipeline
             .run_job(
                 &ctx,
@@ -495,6 +509,8 @@ impl AutoExport {
                 &[
                     ("games", count.new_games.to_string()),
                     ("npz_path", staging.display().to_string()),
+                    ("previous_npz_path", previous),
+                    ("replay_window", self.replay_window.to_string()),
                 ],
             )
             .await
@@ -557,6 +573,7 @@ impl AutoExport {
         self.rows_skipped += skipped_rows.unwrap_or(0);
         self.state.keys.insert(key.to_string(), ks);
         self.save();
+        self.prune(pipeline, key, last_game_id);
         self.exports += 1;
         self.games_exported += count.new_games;
         self.samples_exported += summary.samples;
@@ -595,6 +612,29 @@ impl AutoExport {
         .await;
     }
 
+    /// Retention: deletes the games of `key` beyond its newest `games_keep` that the export
+    /// just read (ids up to `exported`). A failure is noted and retried after the next export.
+    fn prune(&mut self, pipeline: &Pipeline, key: &str, exported: i64) {
+        let db = pipeline.games_db(key);
+        match crate::jobs::db::GamesDb::open_existing(&db)
+            .and_then(|d| d.prune(key, self.games_keep, exported))
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                self.games_pruned += n;
+                println!(
+                    "{NAME}: {key}: deleted {n} exported game(s) beyond the newest {} (games_keep)",
+                    self.games_keep
+                );
+            }
+            Err(e) => note_error(
+                &mut self.health.last_error,
+                NAME,
+                &format!("{key}: cannot prune old games: {e:#}"),
+            ),
+        }
+    }
+
     async fn scan(&mut self) {
         self.scans += 1;
         let keys = self.pipeline.as_ref().expect("started").config_keys.clone();
@@ -620,6 +660,8 @@ impl Daemon for AutoExport {
             let s = typed(settings, ExportSettings::from_map)?;
             self.threshold = s.threshold_games;
             self.batch_timeout = s.batch_timeout.as_secs_f64();
+            self.replay_window = s.replay_window;
+            self.games_keep = s.games_keep;
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
                 "{NAME}: watching {} (threshold {} games, batch timeout {}s); state: {:?}",

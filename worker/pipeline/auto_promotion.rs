@@ -272,6 +272,10 @@ struct AutoPromotion {
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     thresholds: Option<Thresholds>,
+    keep_candidates: u64,
+    keep_backups: u64,
+    /// Candidates and backups deleted by retention since start.
+    pruned: u64,
     state: State,
     last: String,
     ok: bool,
@@ -317,6 +321,7 @@ impl AutoPromotion {
                 ("promotion_errors", self.errors),
                 ("reevaluations", self.reevaluations),
                 ("refused_events", self.refused),
+                ("files_pruned", self.pruned),
             ],
         )
     }
@@ -340,7 +345,44 @@ impl AutoPromotion {
                 at: now_secs(),
             },
         );
+        if let Some(key) = candidate_key(candidate) {
+            self.prune_candidates(&key);
+        }
         self.save();
+    }
+
+    /// Retention: the decided candidates of `key` beyond the newest `keep_candidates` are
+    /// deleted with their results (`<name>.eval.json`, a set-aside `.stale` one) and forgotten.
+    fn prune_candidates(&mut self, key: &str) {
+        if self.keep_candidates == 0 {
+            return;
+        }
+        let mut mine: Vec<(f64, String)> = self
+            .state
+            .decided
+            .iter()
+            .filter(|(path, _)| candidate_key(Path::new(path)).as_deref() == Some(key))
+            .map(|(path, d)| (d.at, path.clone()))
+            .collect();
+        mine.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let excess = mine.len().saturating_sub(self.keep_candidates as usize);
+        for (_, path) in mine.into_iter().take(excess) {
+            let model = PathBuf::from(&path);
+            let eval = eval_path(&model);
+            for file in [
+                model.clone(),
+                eval.clone(),
+                eval.with_extension("json.stale"),
+            ] {
+                match std::fs::remove_file(&file) {
+                    Ok(()) => self.pruned += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => eprintln!("{NAME}: cannot delete {}: {e}", file.display()),
+                }
+            }
+            self.state.decided.remove(&path);
+            self.state.reevaluated.retain(|p| p != &path);
+        }
     }
 
     fn reject(&mut self, key: &str, candidate: &Path, gate: &str, value: f64, threshold: f64) {
@@ -582,6 +624,8 @@ impl AutoPromotion {
         };
         self.promotions += 1;
         self.ok = true;
+        let pruned = super::canonical::prune_backups(&layout.backup_dir, key, self.keep_backups);
+        self.pruned += pruned.len() as u64;
         self.state
             .last_promotion_at
             .insert(key.to_string(), now_secs());
@@ -696,6 +740,8 @@ impl Daemon for AutoPromotion {
             };
             println!("{NAME}: gates {t:?}");
             self.thresholds = Some(t);
+            self.keep_candidates = s.keep_candidates;
+            self.keep_backups = s.keep_backups;
             self.state = load_state(&pipeline.state_path(NAME));
             self.ok = true;
             self.pipeline = Some(pipeline);
@@ -927,5 +973,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not the results of"), "{err}");
+    }
+
+    #[test]
+    fn decided_candidates_beyond_the_newest_are_deleted_with_their_results() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("models/candidates");
+        let mut p = AutoPromotion {
+            keep_candidates: 2,
+            ..AutoPromotion::default()
+        };
+        for (key, name, at) in [
+            ("hex8_2p", "a", 1.0),
+            ("hex8_2p", "b", 2.0),
+            ("hex8_2p", "c", 3.0),
+            ("hex6_2p", "d", 0.5),
+        ] {
+            let model = keys.join(key).join(format!("{name}.bin"));
+            std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+            std::fs::write(&model, b"m").unwrap();
+            std::fs::write(eval_path(&model), b"{}").unwrap();
+            p.state.decided.insert(
+                model.display().to_string(),
+                Decided {
+                    promoted: false,
+                    gate: None,
+                    at,
+                },
+            );
+        }
+        let undecided = keys.join("hex8_2p/e.bin");
+        std::fs::write(&undecided, b"m").unwrap();
+        p.prune_candidates("hex8_2p");
+        let a = keys.join("hex8_2p/a.bin");
+        assert!(!a.exists() && !eval_path(&a).exists());
+        assert!(!p.state.decided.contains_key(&a.display().to_string()));
+        for kept in [
+            "hex8_2p/b.bin",
+            "hex8_2p/c.bin",
+            "hex6_2p/d.bin",
+            "hex8_2p/e.bin",
+        ] {
+            assert!(keys.join(kept).exists(), "{kept}");
+        }
+        assert_eq!(p.pruned, 2);
     }
 }

@@ -49,6 +49,34 @@ fn read_nofollow(path: &Path) -> anyhow::Result<Option<(Vec<u8>, u32)>> {
     Ok(Some((bytes, meta.mode() & 0o7777)))
 }
 
+/// Retention of models/backup/: deletes the backups of `key` (`canonical_<key>-<unix ms>.bin`)
+/// beyond the newest `keep` (0 keeps every one). Returns the paths deleted.
+pub(crate) fn prune_backups(backup_dir: &Path, key: &str, keep: u64) -> Vec<PathBuf> {
+    if keep == 0 {
+        return Vec::new();
+    }
+    let prefix = format!("canonical_{key}-");
+    let Ok(entries) = std::fs::read_dir(backup_dir) else {
+        return Vec::new();
+    };
+    let mut backups: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let ms = name.strip_prefix(&prefix)?.strip_suffix(".bin")?;
+            Some((ms.parse().ok()?, e.path()))
+        })
+        .collect();
+    backups.sort();
+    let excess = backups.len().saturating_sub(keep as usize);
+    backups
+        .into_iter()
+        .take(excess)
+        .filter(|(_, p)| std::fs::remove_file(p).is_ok())
+        .map(|(_, p)| p)
+        .collect()
+}
+
 /// Writes `bytes` over `to` (see [`write_replace`]) and checks the copy by SHA-256, then by `check`.
 fn install(
     bytes: &[u8],
@@ -294,6 +322,40 @@ mod tests {
         assert_eq!(
             std::fs::read_link(&link).unwrap(),
             Path::new("canonical_hex6_2p.bin")
+        );
+    }
+
+    #[test]
+    fn backups_beyond_the_newest_are_deleted_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "canonical_hex8_2p-100.bin",
+            "canonical_hex8_2p-20.bin",
+            "canonical_hex8_2p-300.bin",
+            "canonical_hex6_2p-1.bin",
+            "notes.txt",
+        ] {
+            std::fs::write(dir.path().join(name), b"m").unwrap();
+        }
+        assert!(
+            prune_backups(dir.path(), "hex8_2p", 0).is_empty(),
+            "0 keeps all"
+        );
+        let gone = prune_backups(dir.path(), "hex8_2p", 2);
+        assert_eq!(gone, [dir.path().join("canonical_hex8_2p-20.bin")]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "canonical_hex6_2p-1.bin",
+                "canonical_hex8_2p-100.bin",
+                "canonical_hex8_2p-300.bin",
+                "notes.txt"
+            ]
         );
     }
 }
