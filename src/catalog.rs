@@ -176,6 +176,8 @@ pub const DAEMONS: &[DaemonSpec] = &[
             "cooldown",
             "keep_candidates",
             "keep_backups",
+            "pin_every",
+            "pinned_keep",
         ],
     ),
     spec(

@@ -119,6 +119,7 @@ pub const PLACEHOLDERS: &[&str] = &[
     "learning_rate",
     "seed",
     "sprt",
+    "reference_dir",
 ];
 
 /// The `{name}`s in one word of a template (`{{` and `}}` are literal braces; see
@@ -216,6 +217,10 @@ impl Default for PipelineConfig {
                         "{games}",
                         "--output",
                         "{output_path}",
+                        "--sprt",
+                        "{sprt}",
+                        "--references",
+                        "{reference_dir}",
                     ],
                     3600,
                 ),

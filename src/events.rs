@@ -367,6 +367,10 @@ pub const EVENTS: &[EventSpec] = &[
             opt("previous_model", Str),
             opt("win_rate_vs_baseline", Number),
             opt("win_rate_vs_random", Number),
+            // The promotion record in data/ratings.db: the key's generation count, and the
+            // promoted model's Elo on the key's ladder (random play 0).
+            opt("generation", Number),
+            opt("rating_elo", Number),
         ],
     },
     EventSpec {

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod os;
 pub mod plan;
 pub mod protocol;
+pub mod ratings;
 pub mod readiness;
 pub mod reaper;
 pub mod reload;

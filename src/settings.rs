@@ -421,6 +421,12 @@ daemon_settings!(
         /// Replaced canonical models kept per key in models/backup/, newest first (0 = keep
         /// every one).
         keep_backups: u64 = |r: &mut Reader, k| r.count(k, 10, 0, 1_000_000),
+        /// Every this many generations the new canonical model is pinned (copied to
+        /// models/reference/<key>/) as a fixed reference opponent of later gauntlets; the first
+        /// generation always is. 0 = never.
+        pin_every: u64 = |r: &mut Reader, k| r.count(k, 5, 0, 1_000_000),
+        /// Pinned generations kept per key, newest first.
+        pinned_keep: u64 = |r: &mut Reader, k| r.count(k, 4, 1, 1000),
     }
 );
 

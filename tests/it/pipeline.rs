@@ -114,6 +114,83 @@ fn wait_for_loop(root: &Root) -> Vec<Event> {
     evs
 }
 
+/// The first promotion is recorded in data/ratings.db with the candidate, its evaluation and the
+/// ratings behind it; the ladder rates the promoted model above random play (0 Elo), and it is
+/// pinned as generation 1, a reference opponent of later gauntlets.
+fn check_ratings_and_promotion_record(root: &Root, evs: &[Event], canonical: &std::path::Path) {
+    let promoted = evs
+        .iter()
+        .find(|e| e.event_type == "MODEL_PROMOTED")
+        .unwrap();
+    assert_eq!(promoted.payload["generation"], 1, "{promoted:?}");
+    let rating = promoted.payload["rating_elo"].as_f64().unwrap();
+    let db = rusqlite::Connection::open(root.path().join("data/ratings.db")).unwrap();
+    let (generation, candidate, sha, evaluation, ratings, elo): (
+        i64,
+        String,
+        String,
+        String,
+        String,
+        f64,
+    ) = db
+        .query_row(
+            "SELECT generation, candidate, sha256, evaluation, ratings, rating_elo
+             FROM promotions WHERE config_key = 'hex8_2p' ORDER BY generation LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .unwrap();
+    assert_eq!(generation, 1);
+    assert!(
+        candidate.contains("models/candidates/hex8_2p/"),
+        "{candidate}"
+    );
+    let bytes = std::fs::read(canonical).unwrap();
+    let file = std::process::Command::new("sha256sum")
+        .arg(canonical)
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&file).starts_with(&sha),
+        "{sha} is the canonical model's SHA-256"
+    );
+    assert!(!bytes.is_empty());
+    let evaluation: Value = serde_json::from_str(&evaluation).unwrap();
+    assert!(
+        evaluation["games_vs_heuristic"].as_u64().unwrap() > 0,
+        "{evaluation}"
+    );
+    assert_eq!(evaluation["model_sha256"], sha.as_str());
+    let ratings: Value = serde_json::from_str(&ratings).unwrap();
+    assert_eq!(ratings["random"]["elo"], 0.0, "{ratings}");
+    assert!(ratings["heuristic"]["elo"].as_f64().is_some(), "{ratings}");
+    assert_eq!(ratings[&sha]["elo"].as_f64().unwrap(), elo);
+    assert!((elo - rating).abs() < 1e-9 && elo > 100.0, "{ratings}");
+    let matches: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM matches WHERE player = ?1",
+            [&sha],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(matches >= 2, "against random and the heuristic: {matches}");
+    let pinned = root.path().join("models/reference/hex8_2p/gen-1.bin");
+    assert_eq!(
+        std::fs::read(pinned).unwrap(),
+        bytes,
+        "generation 1 is pinned"
+    );
+}
+
 #[test]
 fn start_all_runs_the_whole_loop_and_the_promoted_model_beats_random() {
     let root = Root::with_config(&small_config());
@@ -182,6 +259,7 @@ fn start_all_runs_the_whole_loop_and_the_promoted_model_beats_random() {
     );
     let canonical = root.path().join("models/canonical_hex8_2p.bin");
     assert!(canonical.exists());
+    check_ratings_and_promotion_record(&root, &evs, &canonical);
     let link = std::fs::read_link(root.path().join("models/ringrift_best_hex8_2p"))
         .expect("the best-model link");
     assert!(

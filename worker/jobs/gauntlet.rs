@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::jobs::game::model::Model;
-use crate::jobs::game::{GameConfig, play_game};
+use crate::jobs::game::{GameConfig, Player, play_between};
 use anyhow::{Context, Result};
 use fastrand::Rng;
 use ringrift::sprt::{Decision, Sprt};
@@ -59,6 +59,48 @@ pub(crate) struct GauntletArgs {
     /// rates (e.g. 0,50,0.05,0.05); `off`: a fixed match of --games games
     #[arg(long, value_name = "ELO0,ELO1,ALPHA,BETA", default_value = "off", value_parser = parse_sprt)]
     pub(crate) sprt: SprtArg,
+
+    /// Pinned past generations to play as fixed reference opponents: every `*.bin` model in this
+    /// directory (missing or empty: none; one that does not load is skipped and named)
+    #[arg(long, value_name = "DIR")]
+    pub(crate) references: Option<PathBuf>,
+
+    /// Games against each fixed reference opponent (the heuristic player and each pinned
+    /// generation)
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) reference_games: u32,
+}
+
+/// The pinned generations in `dir`, by file name: (path, SHA-256, model), and the reasons the
+/// unusable ones were skipped.
+fn references(
+    dir: Option<&std::path::Path>,
+    config: &GameConfig,
+) -> (Vec<(PathBuf, String, Model)>, Vec<String>) {
+    let (mut found, mut skipped) = (Vec::new(), Vec::new());
+    let Some(entries) = dir.and_then(|d| std::fs::read_dir(d).ok()) else {
+        return (found, skipped);
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let loaded = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                Model::from_bytes(&bytes, config)
+                    .map(|m| (crate::pipeline::sha256::hex_of(&bytes), m))
+                    .map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok((sha, model)) => found.push((path, sha, model)),
+            Err(e) => skipped.push(format!("reference {} skipped: {e}", path.display())),
+        }
+    }
+    (found, skipped)
 }
 
 /// `--sprt`: the test's parameters, or none (`off`).
@@ -73,8 +115,8 @@ fn parse_sprt(s: &str) -> Result<SprtArg, String> {
     }
 }
 
-/// A match of `candidate` against `opponent` (`None`: uniform random): games played, games won,
-/// and wins per seat (the candidate moves first in the even-numbered games).
+/// A match of `candidate` against an opponent: games played, games won, and wins per seat (the
+/// candidate moves first in the even-numbered games).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Match {
     games: u32,
@@ -86,7 +128,7 @@ struct Match {
 fn play_match(
     config: &GameConfig,
     candidate: &Model,
-    opponent: Option<&Model>,
+    opponent: Player<'_>,
     games: u32,
     epsilon: f32,
     rng: &mut Rng,
@@ -100,8 +142,8 @@ fn play_match(
     for g in 0..games {
         let seat = (g % 2) as usize;
         let mut players = [opponent, opponent];
-        players[seat] = Some(candidate);
-        let record = play_game(config, players, epsilon, rng);
+        players[seat] = Player::Model(candidate);
+        let record = play_between(config, players, epsilon, rng);
         m.games += 1;
         if usize::from(record.winner) == seat + 1 {
             m.wins += 1;
@@ -133,12 +175,44 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
     let random = play_match(
         config,
         &candidate,
-        None,
+        Player::Random,
         args.games,
         args.epsilon,
         &mut rng,
         |_| false,
     );
+    let heuristic = play_match(
+        config,
+        &candidate,
+        Player::Heuristic,
+        args.reference_games,
+        args.epsilon,
+        &mut rng,
+        |_| false,
+    );
+    let (pinned, skipped_references) = references(args.references.as_deref(), config);
+    for why in &skipped_references {
+        eprintln!("ringrift-worker job gauntlet: {why}");
+    }
+    let vs_pinned: Vec<Value> = pinned
+        .iter()
+        .map(|(path, sha, model)| {
+            let m = play_match(
+                config,
+                &candidate,
+                Player::Model(model),
+                args.reference_games,
+                args.epsilon,
+                &mut rng,
+                |_| false,
+            );
+            json!({
+                "model": path.display().to_string(), "sha256": sha,
+                "games": m.games, "wins": m.wins,
+                "win_rate": round6(f64::from(m.wins) / f64::from(m.games.max(1))),
+            })
+        })
+        .collect();
     // The built-in game has no draws: a game not won is lost.
     let decision = |m: &Match| {
         args.sprt
@@ -149,7 +223,7 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
         play_match(
             config,
             &candidate,
-            Some(b),
+            Player::Model(b),
             args.games,
             args.epsilon,
             &mut rng,
@@ -185,6 +259,11 @@ pub(crate) fn run(config: &GameConfig, args: &GauntletArgs) -> Result<Value> {
         "wins_vs_baseline": vs_baseline.map(|m| m.wins),
         "wins_vs_baseline_by_seat": vs_baseline.map(|m| m.wins_by_seat),
         "win_rate_vs_baseline": vs_baseline.as_ref().map(rate),
+        "games_vs_heuristic": heuristic.games,
+        "wins_vs_heuristic": heuristic.wins,
+        "win_rate_vs_heuristic": rate(&heuristic),
+        "references": vs_pinned,
+        "references_skipped": skipped_references,
         "sprt": sprt,
         "epsilon": round6(f64::from(args.epsilon)),
         "seed": args.seed,
@@ -222,6 +301,8 @@ mod tests {
             epsilon: 0.05,
             seed: 3,
             sprt: SprtArg(None),
+            references: None,
+            reference_games: 200,
         };
         (config, args)
     }

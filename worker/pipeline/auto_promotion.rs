@@ -35,10 +35,12 @@ use super::confine::{ConfinementError, confined_file, read_confined};
 use super::evaluation::{
     Record, Results, candidate_key, candidate_name, candidates, eval_path, read_record,
 };
+use super::ratings_db::{Promotion, RatingsDb, matches_of};
 use super::sha256;
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::ratings::Rating;
 use ringrift::settings::PromotionSettings;
 
 const NAME: &str = "auto_promotion";
@@ -274,6 +276,10 @@ struct AutoPromotion {
     thresholds: Option<Thresholds>,
     keep_candidates: u64,
     keep_backups: u64,
+    pin_every: u64,
+    pinned_keep: u64,
+    /// Per key: the ladder as last fitted and the promotion it justified.
+    ladder: BTreeMap<String, Value>,
     /// Candidates and backups deleted by retention since start.
     pruned: u64,
     state: State,
@@ -312,6 +318,10 @@ impl AutoPromotion {
             BTreeMap::from([
                 ("canonical".to_string(), Value::Object(canonical)),
                 ("decided".to_string(), Value::from(self.state.decided.len())),
+                (
+                    "ladder".to_string(),
+                    Value::Object(self.ladder.clone().into_iter().collect()),
+                ),
                 ("last_error".to_string(), json!(self.last_error)),
             ]),
             [
@@ -537,6 +547,7 @@ impl AutoPromotion {
             );
             return self.send_back(candidate, why);
         }
+        let ratings = self.rate(&pipeline, &key, candidate, record);
         let t = self.thresholds.expect("started");
         let last = self.state.last_promotion_at.get(&key).copied();
         match decide(results, &t, canonical_ok, now_secs(), last) {
@@ -562,7 +573,7 @@ impl AutoPromotion {
                 );
                 self.send_back(candidate, why);
             }
-            Verdict::Promote => self.promote(&pipeline, &key, candidate, record),
+            Verdict::Promote => self.promote(&pipeline, &key, candidate, record, &ratings),
         }
     }
 
@@ -573,7 +584,96 @@ impl AutoPromotion {
         self.last = message;
     }
 
-    fn promote(&mut self, pipeline: &Pipeline, key: &str, candidate: &Path, record: &Record) {
+    /// Records the games of a verified results file in the ratings DB (once per file) and
+    /// re-fits the key's ladder. A DB that cannot be written is noted; the decision goes on
+    /// without ratings (they follow at the next decision).
+    fn rate(
+        &mut self,
+        pipeline: &Pipeline,
+        key: &str,
+        candidate: &Path,
+        record: &Record,
+    ) -> BTreeMap<String, Rating> {
+        let Some(sha) = record.model_sha256.as_deref() else {
+            return BTreeMap::new();
+        };
+        let matches = matches_of(&record.raw, sha, record.baseline_sha256.as_deref());
+        let name = candidate
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let evaluation = eval_path(candidate).display().to_string();
+        match RatingsDb::open(&pipeline.root)
+            .and_then(|mut db| db.record(key, &evaluation, (sha, &name), &matches, now_secs()))
+        {
+            Ok(ratings) => {
+                if let Some(r) = ratings.get(sha) {
+                    println!(
+                        "{NAME}: {key}: {name} rated {:.0} Elo over {} games (random play 0)",
+                        r.elo, r.games
+                    );
+                }
+                ratings
+            }
+            Err(e) => {
+                self.error(format!("{key}: cannot record ratings: {e:#}"));
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Pins the new canonical model of generation `generation` as a reference opponent when the
+    /// schedule says so, keeping the newest `pinned_keep`.
+    fn pin(&mut self, pipeline: &Pipeline, key: &str, generation: u64, bytes: &[u8]) {
+        if self.pin_every == 0 || (generation != 1 && !generation.is_multiple_of(self.pin_every)) {
+            return;
+        }
+        let dir = pipeline.reference_dir(key);
+        let to = dir.join(format!("gen-{generation}.bin"));
+        let tmp = dir.join(format!(".gen-{generation}.bin.tmp"));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &to));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            self.error(format!("{key}: cannot pin generation {generation}: {e}"));
+            return;
+        }
+        println!(
+            "{NAME}: {key}: generation {generation} pinned as a reference opponent: {}",
+            to.display()
+        );
+        let mut pinned: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let n = name
+                    .strip_prefix("gen-")?
+                    .strip_suffix(".bin")?
+                    .parse()
+                    .ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        pinned.sort();
+        let excess = pinned.len().saturating_sub(self.pinned_keep as usize);
+        for (_, path) in pinned.into_iter().take(excess) {
+            if std::fs::remove_file(&path).is_ok() {
+                self.pruned += 1;
+            }
+        }
+    }
+
+    fn promote(
+        &mut self,
+        pipeline: &Pipeline,
+        key: &str,
+        candidate: &Path,
+        record: &Record,
+        ratings: &BTreeMap<String, Rating>,
+    ) {
         let results = &record.results;
         // One read through a confined handle: what is hashed, checked and installed is the same.
         let (bytes, mode, _) = match read_confined(&pipeline.candidates_dir(key), candidate) {
@@ -626,6 +726,38 @@ impl AutoPromotion {
         self.ok = true;
         let pruned = super::canonical::prune_backups(&layout.backup_dir, key, self.keep_backups);
         self.pruned += pruned.len() as u64;
+        let promoted_at = now_secs();
+        let promotion = Promotion {
+            key,
+            candidate: &candidate.display().to_string(),
+            sha256: &sha,
+            previous_sha256: record.baseline_sha256.as_deref(),
+            evaluation: &record.raw,
+            ratings,
+            at: promoted_at,
+        };
+        let generation =
+            match RatingsDb::open(&pipeline.root).and_then(|mut db| db.promoted(&promotion)) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    self.error(format!("{key}: cannot record the promotion: {e:#}"));
+                    None
+                }
+            };
+        if let Some(g) = generation {
+            self.pin(pipeline, key, g, &bytes);
+        }
+        let rating = ratings.get(&sha).map(|r| r.elo);
+        self.ladder.insert(
+            key.to_string(),
+            json!({
+                "generation": generation,
+                "rating_elo": rating,
+                "model_sha256": sha,
+                "promoted_at": promoted_at,
+                "ratings": ratings.iter().map(|(p, r)| (p.clone(), json!({"elo": r.elo, "games": r.games}))).collect::<serde_json::Map<_, _>>(),
+            }),
+        );
         self.state
             .last_promotion_at
             .insert(key.to_string(), now_secs());
@@ -656,6 +788,8 @@ impl AutoPromotion {
                 ),
                 ("win_rate_vs_baseline", json!(results.win_rate_vs_baseline)),
                 ("win_rate_vs_random", results.win_rate_vs_random.into()),
+                ("generation", json!(generation)),
+                ("rating_elo", json!(rating)),
             ]),
         );
     }
@@ -742,8 +876,30 @@ impl Daemon for AutoPromotion {
             self.thresholds = Some(t);
             self.keep_candidates = s.keep_candidates;
             self.keep_backups = s.keep_backups;
+            self.pin_every = s.pin_every;
+            self.pinned_keep = s.pinned_keep;
             self.state = load_state(&pipeline.state_path(NAME));
             self.ok = true;
+            // The ladder as recorded, so health shows it from the start (not only after the
+            // next promotion).
+            if let Ok(db) = RatingsDb::open(&pipeline.root) {
+                for key in &pipeline.config_keys {
+                    let sha = sha256::file_hex(&pipeline.canonical(key)).ok();
+                    let generation = db.generation(key).unwrap_or(0);
+                    let rating = sha
+                        .as_deref()
+                        .and_then(|s| db.rating(key, s).ok().flatten());
+                    self.ladder.insert(
+                        key.clone(),
+                        json!({
+                            "generation": generation,
+                            "rating_elo": rating,
+                            "model_sha256": sha,
+                            "promoted_at": self.state.last_promotion_at.get(key),
+                        }),
+                    );
+                }
+            }
             self.pipeline = Some(pipeline);
             Ok(self.report())
         })

@@ -199,6 +199,8 @@ pub(crate) struct Record {
     /// The SHA-256 of the canonical model the gauntlet played as the baseline (None: there was
     /// none, or an older version wrote the file).
     pub baseline_sha256: Option<String>,
+    /// The whole file, as written (kept with a promotion in the ratings DB).
+    pub raw: Value,
 }
 
 /// Reads the published results of `candidate` (`<name>.eval.json` beside it), confined to
@@ -214,6 +216,7 @@ pub(crate) fn read_record(candidates_dir: &Path, candidate: &Path) -> anyhow::Re
         model_path: text("model_path"),
         model_sha256: text("model_sha256"),
         baseline_sha256: text("baseline_sha256"),
+        raw: v,
     })
 }
 
@@ -651,6 +654,10 @@ impl Evaluation {
             ("games", self.games.to_string()),
             ("output_path", staging.display().to_string()),
             ("model_path", baseline_path.display().to_string()),
+            (
+                "reference_dir",
+                pipeline.reference_dir(key).display().to_string(),
+            ),
             (
                 "sprt",
                 self.sprt

@@ -10,6 +10,8 @@
 //! models/candidates/<key>/<name>.bin   trained candidates (+ <name>.eval.json once evaluated)
 //! models/canonical_<key>.bin           the canonical model; models/ringrift_best_<key> links to it
 //! models/backup/                       canonical models replaced by a promotion
+//! models/reference/<key>/gen-<N>.bin   pinned past generations (the gauntlet's reference opponents)
+//! data/ratings.db                      the rating ladder and the promotion record (SQLite)
 //! ```
 //!
 //! A path named in an event is acted on only if it is a regular file in the step's own directory
@@ -27,6 +29,7 @@ pub(crate) mod idle_resource;
 pub(crate) mod model_distribution;
 pub(crate) mod quality_monitor;
 pub(crate) mod queue_populator;
+pub(crate) mod ratings_db;
 pub(crate) mod retry;
 pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
@@ -187,6 +190,11 @@ impl Pipeline {
         self.root
             .join("models")
             .join(format!("ringrift_best_{key}"))
+    }
+    /// Pinned past generations of `key`, the gauntlet's fixed reference opponents
+    /// (`gen-<N>.bin`, copied there by auto_promotion).
+    pub(crate) fn reference_dir(&self, key: &str) -> PathBuf {
+        self.root.join("models/reference").join(key)
     }
     pub(crate) fn backup_dir(&self) -> PathBuf {
         self.root.join("models/backup")

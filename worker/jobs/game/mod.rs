@@ -81,6 +81,47 @@ pub struct GameRecord {
     pub winner: u8,
 }
 
+/// Who plays a seat of a game.
+#[derive(Debug, Clone, Copy)]
+pub enum Player<'a> {
+    /// Uniformly random moves: the bottom of the rating ladder (0 Elo).
+    Random,
+    /// A fixed reference opponent that knows the game: [`heuristic_move`].
+    Heuristic,
+    /// A model, choosing by [`choose_move`] with the game's exploration.
+    Model(&'a Model),
+}
+
+/// The heuristic reference player's move: the one that most shortens its own shortest connection
+/// (in empty cells still to fill, [`Hex::distance`]) minus the opponent's, the classic
+/// two-distance evaluation of Hex programs one ply deep (a move that wins is the shortest of
+/// all; a move that leaves the opponent cut off counts as the opponent being infinitely far).
+/// Ties are broken at random, so its games vary. It has no model and never learns: a fixed
+/// yardstick across generations.
+pub fn heuristic_move(pos: &Hex, rng: &mut Rng) -> usize {
+    let me = pos.side_to_move();
+    let far = pos.cells() as i64 + 1;
+    let mut best = i64::MIN;
+    let mut chosen = 0;
+    let mut ties = 0;
+    for cell in pos.legal_moves() {
+        let mut next = *pos;
+        next.play(cell).expect("legal move");
+        let mine = next.distance(me).map_or(far, i64::from);
+        let theirs = next.distance(3 - me).map_or(far, i64::from);
+        let value = theirs - mine;
+        if value > best {
+            (best, chosen, ties) = (value, cell, 1);
+        } else if value == best {
+            ties += 1;
+            if rng.usize(..ties) == 0 {
+                chosen = cell;
+            }
+        }
+    }
+    chosen
+}
+
 /// Plays one game to the end. `players[0]` moves first; `None` plays uniformly at random, a model
 /// plays by [`choose_move`] with exploration `epsilon`.
 pub fn play_game(
@@ -89,11 +130,25 @@ pub fn play_game(
     epsilon: f32,
     rng: &mut Rng,
 ) -> GameRecord {
+    let [a, b] = players.map(|p| p.map_or(Player::Random, Player::Model));
+    play_between(config, [a, b], epsilon, rng)
+}
+
+/// Plays one game to the end between any two [`Player`]s; `players[0]` moves first.
+pub fn play_between(
+    config: &GameConfig,
+    players: [Player<'_>; 2],
+    epsilon: f32,
+    rng: &mut Rng,
+) -> GameRecord {
     let mut pos = Hex::new(config.size);
     let mut moves = Vec::with_capacity(pos.cells());
     while pos.winner().is_none() {
-        let model = players[usize::from(pos.side_to_move() - 1)];
-        let cell = choose_move(&pos, model, epsilon, rng);
+        let cell = match players[usize::from(pos.side_to_move() - 1)] {
+            Player::Random => choose_move(&pos, None, epsilon, rng),
+            Player::Heuristic => heuristic_move(&pos, rng),
+            Player::Model(m) => choose_move(&pos, Some(m), epsilon, rng),
+        };
         pos.play(cell).expect("the policy picks legal moves");
         moves.push(cell as u8);
     }
@@ -212,5 +267,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_heuristic_player_beats_random_play_nearly_always() {
+        let config = GameConfig::parse("hex8_2p").unwrap();
+        let mut rng = Rng::with_seed(3);
+        let wins = (0..100)
+            .filter(|g| {
+                let seat = g % 2;
+                let mut players = [Player::Random, Player::Random];
+                players[seat] = Player::Heuristic;
+                play_between(&config, players, 0.0, &mut rng).winner == seat as u8 + 1
+            })
+            .count();
+        assert!(wins >= 95, "{wins} of 100");
     }
 }
