@@ -89,18 +89,96 @@ pub struct JobTemplate {
     /// Words with `{placeholder}`s, filled in when the job runs.
     pub command: Vec<String>,
     /// Longest the job may run before the supervisor stops it (1 s to 7 days; default 1800 s for
-    /// selfplay and export, 3600 s for train and gauntlet).
+    /// selfplay and export, 3600 s for train and gauntlet, 300 s for validate).
     pub max_runtime: Duration,
+    /// How long a job of this kind may go without CPU time (summed over all its processes) and
+    /// without output before job_reaper stops it as stuck: `None` (the default) for job_reaper's
+    /// own `stuck_after`, `Some(Duration::ZERO)` (`stuck_after: off`) for never (only
+    /// `max_runtime` then bounds the job). Given to the job's processes as
+    /// [`crate::protocol::JOB_STUCK_AFTER_ENV`], where the reaper reads it.
+    pub stuck_after: Option<Duration>,
+}
+
+impl JobTemplate {
+    /// A fingerprint of what the template runs (command and limits): 16 hex digits, the same
+    /// for equal templates across runs and builds (FNV-1a 64 over the words and the limits).
+    /// A daemon keeps it with a failure's backoff state, so a changed command starts afresh.
+    pub fn fingerprint(&self) -> String {
+        job_fingerprint(&self.command, self.max_runtime.as_secs_f64())
+    }
+}
+
+/// The fingerprint of a job template (see [`JobTemplate::fingerprint`]) from its words and its
+/// `max_runtime` in seconds: 16 lower-case hex digits.
+pub fn job_fingerprint(command: &[String], max_runtime_secs: f64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for w in command {
+        eat(&(w.len() as u64).to_le_bytes());
+        eat(w.as_bytes());
+    }
+    eat(&max_runtime_secs.to_bits().to_le_bytes());
+    format!("{h:016x}")
 }
 
 /// The key a daemon's settings carry when its node is in a cluster (`cluster.enabled`): its work
 /// queue is then the cluster's shared one, reached through the supervisor, not data/work_queue.db.
 pub const SHARED_WORK_QUEUE: &str = "shared_work_queue";
 
-/// The kinds of job the pipeline runs.
-pub const JOB_KINDS: &[&str] = &["selfplay", "export", "train", "gauntlet"];
+/// The kinds of job the pipeline runs: the four steps, and `validate` (optional, none by
+/// default): a check of a candidate model in a format of the user's own, run by evaluation
+/// before the candidate's gauntlet (exit 0: the model is valid).
+pub const JOB_KINDS: &[&str] = &["selfplay", "export", "train", "gauntlet", "validate"];
 
-/// What a job command template may contain.
+/// The kinds of job that are always configured (every kind but `validate`).
+pub const REQUIRED_JOB_KINDS: &[&str] = &["selfplay", "export", "train", "gauntlet"];
+
+/// The placeholders every kind of job is given: they come from the config key and the root.
+pub const COMMON_PLACEHOLDERS: &[&str] = &[
+    "worker",
+    "root",
+    "config_key",
+    "board_type",
+    "num_players",
+    "db_path",
+    "npz_path",
+    "model_path",
+];
+
+/// Per kind of job, the placeholders it is given besides [`COMMON_PLACEHOLDERS`]: the one table
+/// `config check` validates templates with and the README's plug-in contract mirrors. The daemon
+/// that runs a kind fills exactly these (and may give a common one another value: export's
+/// `{npz_path}` is its staging file, the gauntlet's `{model_path}` its baseline).
+pub const JOB_PLACEHOLDERS: &[(&str, &[&str])] = &[
+    ("selfplay", &["games", "seed"]),
+    ("export", &["games"]),
+    ("train", &["candidate_path", "epochs", "learning_rate"]),
+    (
+        "gauntlet",
+        &["candidate_path", "games", "output_path", "sprt"],
+    ),
+    ("validate", &["candidate_path"]),
+];
+
+/// Every placeholder a job of `kind` is given, common ones first; empty for an unknown kind.
+pub fn job_placeholders(kind: &str) -> Vec<&'static str> {
+    match JOB_PLACEHOLDERS.iter().find(|(k, _)| *k == kind) {
+        Some((_, own)) => COMMON_PLACEHOLDERS
+            .iter()
+            .chain(own.iter())
+            .copied()
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// What a job command template may contain: every placeholder some kind of job is given
+/// (the union of [`COMMON_PLACEHOLDERS`] and [`JOB_PLACEHOLDERS`]).
 pub const PLACEHOLDERS: &[&str] = &[
     "worker",
     "root",
@@ -133,6 +211,7 @@ impl Default for PipelineConfig {
         let t = |words: &[&str], secs: u64| JobTemplate {
             command: words.iter().map(|w| w.to_string()).collect(),
             max_runtime: Duration::from_secs(secs),
+            stuck_after: None,
         };
         let jobs = BTreeMap::from([
             (
@@ -280,13 +359,23 @@ impl Config {
 
 impl PipelineConfig {
     /// The section as handed to every daemon in its settings (`settings.pipeline`):
-    /// `{"config_keys": [...], "jobs": {kind: {"command": [...], "max_runtime": seconds}}}`, the
-    /// runtime in (fractional) seconds.
+    /// `{"config_keys": [...], "jobs": {kind: {"command": [...], "max_runtime": seconds,
+    /// "stuck_after": seconds or null}}}`, durations in (fractional) seconds (`stuck_after`:
+    /// null for job_reaper's own, 0 for never).
     pub fn to_json(&self) -> Value {
         let jobs: Map<String, Value> = self
             .jobs
             .iter()
-            .map(|(k, t)| (k.clone(), serde_json::json!({ "command": t.command, "max_runtime": t.max_runtime.as_secs_f64() })))
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    serde_json::json!({
+                        "command": t.command,
+                        "max_runtime": t.max_runtime.as_secs_f64(),
+                        "stuck_after": t.stuck_after.map(|d| d.as_secs_f64()),
+                    }),
+                )
+            })
             .collect();
         serde_json::json!({ "config_keys": self.config_keys, "jobs": jobs, "ssh": self.ssh })
     }
@@ -1213,11 +1302,23 @@ impl Validator<'_> {
             self.unknown_keys(
                 &spec,
                 &["pipeline", "jobs", kind],
-                &["command", "max_runtime"],
+                &["command", "max_runtime", "stuck_after"],
             );
-            let Some(template) = out.jobs.get_mut(kind) else {
+            if !JOB_KINDS.contains(&kind.as_str()) {
                 continue;
-            };
+            }
+            if !REQUIRED_JOB_KINDS.contains(&kind.as_str()) && spec.get("command").is_none() {
+                self.problem(
+                    &["pipeline", "jobs", kind, "command"],
+                    format!("a {kind} job needs a command"),
+                );
+            }
+            let template = out.jobs.entry(kind.clone()).or_insert_with(|| JobTemplate {
+                command: Vec::new(),
+                max_runtime: Duration::from_secs(300),
+                stuck_after: None,
+            });
+            let given = job_placeholders(kind);
             if let Some(cmd) =
                 self.string_list(spec.get("command"), &["pipeline", "jobs", kind, "command"])
             {
@@ -1238,6 +1339,16 @@ impl Validator<'_> {
                                 &["pipeline", "jobs", kind, "command"],
                                 format!("unknown placeholder {{{p}}}: {hint}"),
                             );
+                        } else if !given.contains(&p.as_str()) {
+                            let list: Vec<String> =
+                                given.iter().map(|g| format!("{{{g}}}")).collect();
+                            self.problem(
+                                &["pipeline", "jobs", kind, "command"],
+                                format!(
+                                    "{{{p}}} is not given to {kind} jobs; a {kind} job gets {}",
+                                    list.join(" ")
+                                ),
+                            );
                         }
                     }
                 }
@@ -1250,6 +1361,24 @@ impl Validator<'_> {
                 7.0 * 86_400.0,
             ) {
                 template.max_runtime = d;
+            }
+            match spec.get("stuck_after") {
+                None | Some(Value::Null) => {}
+                // YAML 1.1 reads a bare `off` as false.
+                Some(Value::Bool(false)) => template.stuck_after = Some(Duration::ZERO),
+                Some(Value::String(off)) if off == "off" => {
+                    template.stuck_after = Some(Duration::ZERO);
+                }
+                v => {
+                    if let Some(d) = self.duration(
+                        v,
+                        &["pipeline", "jobs", kind, "stuck_after"],
+                        1.0,
+                        7.0 * 86_400.0,
+                    ) {
+                        template.stuck_after = Some(d);
+                    }
+                }
             }
         }
         out
@@ -2286,6 +2415,105 @@ mod tests {
             .map(|k| format!("    {k}:\n      command: [\"my-{k}\", \"{{config_key}}\"]\n"))
             .collect();
         ok(&format!("{own}{jobs}"));
+    }
+
+    #[test]
+    fn placeholders_per_kind_are_the_single_table() {
+        // Every placeholder is given to some kind, and every kind's are known.
+        let mut union: Vec<&str> = COMMON_PLACEHOLDERS.to_vec();
+        for (kind, own) in JOB_PLACEHOLDERS {
+            assert!(JOB_KINDS.contains(kind), "{kind}");
+            union.extend(own.iter().copied());
+        }
+        union.sort_unstable();
+        union.dedup();
+        let mut all = PLACEHOLDERS.to_vec();
+        all.sort_unstable();
+        assert_eq!(union, all);
+        assert_eq!(JOB_PLACEHOLDERS.len(), JOB_KINDS.len());
+        // The embedded default uses only what each kind is given.
+        for (kind, t) in &PipelineConfig::default().jobs {
+            for word in &t.command {
+                for p in placeholders(word) {
+                    assert!(job_placeholders(kind).contains(&p.as_str()), "{kind}: {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_placeholder_a_kind_is_not_given_is_refused_naming_what_it_gets() {
+        let e = err(
+            "pipeline:\n  jobs:\n    train:\n      command: [\"python3\", \"t.py\", \"{seed}\"]\n",
+            &[],
+        );
+        let p = &e.problems[0];
+        assert_eq!(p.key, "pipeline.jobs.train.command");
+        assert_eq!(
+            p.message,
+            "{seed} is not given to train jobs; a train job gets {worker} {root} {config_key} \
+             {board_type} {num_players} {db_path} {npz_path} {model_path} {candidate_path} \
+             {epochs} {learning_rate}"
+        );
+        // Unknown ones keep their own message.
+        let e = err(
+            "pipeline:\n  jobs:\n    train:\n      command: [\"python3\", \"{sed}\"]\n",
+            &[],
+        );
+        assert!(
+            e.problems[0]
+                .message
+                .starts_with("unknown placeholder {sed}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn validate_and_stuck_after_are_optional_job_settings() {
+        let c = ok(
+            "pipeline:\n  jobs:\n    validate:\n      command: [\"python3\", \"v.py\", \"{candidate_path}\"]\n    train:\n      stuck_after: off\n    gauntlet:\n      stuck_after: 2h\n",
+        );
+        let v = &c.pipeline.jobs["validate"];
+        assert_eq!(v.max_runtime, Duration::from_secs(300));
+        assert_eq!(v.stuck_after, None);
+        assert_eq!(c.pipeline.jobs["train"].stuck_after, Some(Duration::ZERO));
+        assert_eq!(
+            c.pipeline.jobs["gauntlet"].stuck_after,
+            Some(Duration::from_secs(7200))
+        );
+        assert!(!ok("daemons:\n").pipeline.jobs.contains_key("validate"));
+        let e = err(
+            "pipeline:\n  jobs:\n    validate:\n      max_runtime: 10\n",
+            &[],
+        );
+        assert_eq!(e.problems[0].message, "a validate job needs a command");
+        let e = err(
+            "pipeline:\n  jobs:\n    validate:\n      command: [\"v\", \"{games}\"]\n",
+            &[],
+        );
+        assert!(
+            e.problems[0]
+                .message
+                .starts_with("{games} is not given to validate jobs"),
+            "{e}"
+        );
+        let e = err(
+            "pipeline:\n  jobs:\n    train:\n      stuck_after: never\n",
+            &[],
+        );
+        assert_eq!(e.problems[0].key, "pipeline.jobs.train.stuck_after");
+    }
+
+    #[test]
+    fn a_template_fingerprint_follows_its_command_and_runtime() {
+        let mut t = PipelineConfig::default().jobs["train"].clone();
+        let a = t.fingerprint();
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, PipelineConfig::default().jobs["train"].fingerprint());
+        t.max_runtime = Duration::from_secs(7200);
+        assert_ne!(t.fingerprint(), a);
+        let b = job_fingerprint(&["ab".into(), "c".into()], 1.0);
+        assert_ne!(b, job_fingerprint(&["a".into(), "bc".into()], 1.0));
     }
 
     #[test]

@@ -437,6 +437,13 @@ pub const EVENTS: &[EventSpec] = &[
         fields: &[req("queue", Str), req("depth", Int), req("limit", Int)],
     },
     EventSpec {
+        name: "BACKOFF_RESET",
+        description: "the operator reset a config key's failure backoff (`pipeline reset-backoff`): \
+                      training_trigger and auto_export look at the key again at once",
+        emitters: Emitters::Open(&[]),
+        fields: &[CK],
+    },
+    EventSpec {
         name: "WORK_FAILED",
         description: "a work item failed its last attempt and was set aside (dead-letter)",
         emitters: Emitters::Owners(&[

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod catalog;
 pub mod config;
 pub mod config_key;

@@ -43,6 +43,10 @@ pub const SUPERVISOR_PID_ENV: &str = "RINGRIFT_SUPERVISOR_PID";
 pub const JOB_ID_ENV: &str = "RINGRIFT_JOB_ID";
 /// Set on job processes: the unix time (seconds) after which the job is overdue.
 pub const JOB_DEADLINE_ENV: &str = "RINGRIFT_JOB_DEADLINE";
+/// Set on a pipeline job whose kind has its own `stuck_after` (`pipeline.jobs.<kind>`): the
+/// seconds without CPU time and output after which job_reaper calls the job stuck (`0`: never).
+/// Without it, job_reaper's own `stuck_after` applies.
+pub const JOB_STUCK_AFTER_ENV: &str = "RINGRIFT_JOB_STUCK_AFTER";
 
 /// Who speaks on a connection, said in its hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

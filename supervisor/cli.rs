@@ -18,10 +18,12 @@ use crate::paths::Paths;
 mod cluster;
 mod events;
 mod logs;
+mod pipeline;
 mod queue;
 pub(crate) use cluster::cluster_status;
 pub(crate) use events::{EventsQuery, print_events};
 pub(crate) use logs::show_logs;
+pub(crate) use pipeline::reset_backoff;
 pub(crate) use queue::{QueueAction, queue, shared_queue};
 
 /// Exit codes: 0 done, 1 an operation failed, 2 bad input (name, config, usage), 3 no supervisor.

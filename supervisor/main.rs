@@ -93,6 +93,18 @@ enum QueueCommand {
     },
 }
 
+/// `pipeline` subcommands.
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Clears a config key's failure backoff: training_trigger's failed runs, auto_export's
+    /// retry schedule and evaluation's failed attempts of the key's candidates. Works with or
+    /// without a running supervisor (the daemons apply it at their next look at the key)
+    ResetBackoff {
+        /// The config key, one of pipeline.config_keys (e.g. hex8_2p)
+        key: String,
+    },
+}
+
 /// `cluster` subcommands.
 #[derive(Subcommand)]
 enum ClusterCommand {
@@ -188,6 +200,11 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// The self-improvement loop: `pipeline reset-backoff KEY`
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
     },
     /// Show a daemon's log (logs/<daemon>.log), or the supervisor's with `master_loop`
     Logs {
@@ -598,6 +615,12 @@ fn run(cli: Cli, paths: Paths) -> i32 {
                 }
             }
         }
+        Command::Pipeline {
+            command: PipelineCommand::ResetBackoff { key },
+        } => match load_config(&paths, config_path.as_deref()) {
+            Ok(config) => cli::reset_backoff(&paths, &config, &key),
+            Err(code) => code,
+        },
         Command::Shutdown { timeout } => with_client(&paths, &Request::Shutdown, timeout),
         Command::Status { name, json } => status(&paths, name, json),
         Command::Cluster {

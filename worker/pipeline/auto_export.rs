@@ -64,6 +64,10 @@ struct KeyState {
     /// Set while exporting keeps failing: the retry schedule (training_trigger reads it too).
     #[serde(default)]
     failing: Option<Failing>,
+    /// The fingerprint of the export job template that failed ([`Pipeline::job_fingerprint`]):
+    /// a failing schedule of another command is dropped when the worker starts.
+    #[serde(default)]
+    failing_job: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -341,6 +345,12 @@ impl AutoExport {
         let failing = Failing::after(ks.failing.as_ref(), error, now, ringrift::restart::jitter());
         let message = failing.describe(now);
         ks.failing = Some(failing);
+        ks.failing_job = Some(
+            self.pipeline
+                .as_ref()
+                .expect("started")
+                .job_fingerprint("export"),
+        );
         self.state.keys.insert(key.to_string(), ks);
         self.save();
         self.set(key, false, message);
@@ -368,10 +378,37 @@ impl AutoExport {
         }
     }
 
+    /// Drops `key`'s retry schedule when the operator reset its backoff after it began
+    /// (`pipeline reset-backoff KEY`), or when it is of another export command than the current
+    /// one (changed since it failed).
+    fn forget_failures(&mut self, pipeline: &Pipeline, key: &str) {
+        let Some(ks) = self.state.keys.get_mut(key) else {
+            return;
+        };
+        let Some(f) = &ks.failing else {
+            return;
+        };
+        let why = if ringrift::backoff::reset_at(&pipeline.root, key)
+            .is_some_and(|at| f.since <= at)
+        {
+            "reset by the operator"
+        } else if ks.failing_job.as_deref() != Some(pipeline.job_fingerprint("export").as_str()) {
+            "the export job changed since it failed"
+        } else {
+            return;
+        };
+        println!("{NAME}: {key}: retry schedule dropped: {why}");
+        ks.failing = None;
+        ks.failing_job = None;
+        self.health.status.remove(key);
+        self.save();
+    }
+
     /// Looks at one key and exports when the rule says so. While exporting `key` keeps failing,
     /// nothing is tried before its retry time, whatever triggered the check.
     async fn check_key(&mut self, key: &str) {
         let pipeline = self.pipeline.clone().expect("started");
+        self.forget_failures(&pipeline, key);
         let db = pipeline.games_db(key);
         if let Some(f) = self.state.keys.get(key).and_then(|k| k.failing.clone())
             && f.wait(now_secs()).is_some()
@@ -650,7 +687,7 @@ impl Daemon for AutoExport {
     }
 
     fn subscriptions(&self) -> Vec<String> {
-        vec!["NEW_GAMES_AVAILABLE".into()]
+        vec!["NEW_GAMES_AVAILABLE".into(), "BACKOFF_RESET".into()]
     }
 
     fn start<'a>(&'a mut self, ctx: Ctx, settings: &'a Settings) -> Start<'a> {
@@ -833,6 +870,7 @@ mod tests {
                 last_samples: 900,
                 last_skipped_rows: 1,
                 failing: Some(Failing::after(None, "export job failed".into(), 9.0, 0.0)),
+                failing_job: None,
             },
         );
         save_state(&path, &state).unwrap();

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use super::auto_export::quarantine;
 use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
-use super::{Pipeline, job_failure, load_state, now_secs, save_or_note, typed};
+use super::{Pipeline, Validation, job_failure, load_state, now_secs, save_or_note, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::EvaluationSettings;
@@ -288,6 +288,14 @@ struct State {
     /// Failed gauntlet runs per candidate path.
     attempts: BTreeMap<String, u32>,
     backpressure_active: bool,
+    /// The fingerprint of the gauntlet (and validate) job templates those attempts failed with:
+    /// attempts of another command are forgotten when the worker starts.
+    #[serde(default)]
+    attempts_job: Option<String>,
+    /// Per config key, the operator's last backoff reset already applied (unix seconds; see
+    /// [`ringrift::backoff`]).
+    #[serde(default)]
+    resets_applied: BTreeMap<String, f64>,
 }
 
 #[derive(Default)]
@@ -545,9 +553,51 @@ impl Evaluation {
         );
     }
 
+    /// The fingerprint of the job templates a failed attempt is charged to: the gauntlet's, and
+    /// the validate job's when there is one.
+    fn jobs_fingerprint(&self) -> String {
+        let pipeline = self.pipeline.as_ref().expect("started");
+        format!(
+            "{}{}",
+            pipeline.job_fingerprint("gauntlet"),
+            pipeline.job_fingerprint("validate")
+        )
+    }
+
+    /// Forgets failed attempts the operator reset since (`pipeline reset-backoff KEY`): the
+    /// key's candidates get their full count of attempts again, and no retry wait.
+    fn apply_resets(&mut self) {
+        let root = self.pipeline.as_ref().expect("started").root.clone();
+        let mut changed = false;
+        for (key, at) in ringrift::backoff::read_resets(&root) {
+            if self
+                .state
+                .resets_applied
+                .get(&key)
+                .is_some_and(|a| *a >= at)
+            {
+                continue;
+            }
+            let of_key = |path: &Path| candidate_key(path).as_deref() == Some(key.as_str());
+            let before = self.state.attempts.len() + self.not_before.len();
+            self.state.attempts.retain(|c, _| !of_key(Path::new(c)));
+            self.not_before.retain(|c, _| !of_key(c));
+            let forgot = before - self.state.attempts.len() - self.not_before.len();
+            if forgot > 0 {
+                println!("{NAME}: {key}: failed attempts reset by the operator");
+            }
+            self.state.resets_applied.insert(key, at);
+            changed = true;
+        }
+        if changed {
+            self.save();
+        }
+    }
+
     /// A failed gauntlet run: retry later, or quarantine after [`MAX_ATTEMPTS`].
     fn failed_attempt(&mut self, key: &str, candidate: &Path, error: String) {
         let id = candidate.display().to_string();
+        self.state.attempts_job = Some(self.jobs_fingerprint());
         let attempts = {
             let n = self.state.attempts.entry(id.clone()).or_insert(0);
             *n += 1;
@@ -592,6 +642,24 @@ impl Evaluation {
                 format!("candidate does not load ({e:#}); quarantined as {moved}"),
             );
             return;
+        }
+        // A format of the user's own is checked by their validate job, before any game is played.
+        let ctx = self.ctx.clone().expect("attached");
+        let pipeline = self.pipeline.clone().expect("started");
+        match pipeline.validate_model(&ctx, candidate, &key).await {
+            Validation::NotConfigured | Validation::Valid => {}
+            Validation::Invalid(why) => {
+                self.quarantined += 1;
+                let moved = quarantine(candidate)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                self.fail(&key, candidate, format!("{why}; quarantined as {moved}"));
+                return;
+            }
+            Validation::NotRun(why) => {
+                self.failed_attempt(&key, candidate, why);
+                return;
+            }
         }
         // What is played is recorded by content: promotion installs only a candidate whose hash
         // is the one evaluated.
@@ -763,6 +831,21 @@ impl Daemon for Evaluation {
             self.retry_delay = settings.interval_secs;
             self.state = load_state(&pipeline.state_path(NAME));
             self.last_ok = true;
+            let fingerprint = format!(
+                "{}{}",
+                pipeline.job_fingerprint("gauntlet"),
+                pipeline.job_fingerprint("validate")
+            );
+            if !self.state.attempts.is_empty()
+                && self.state.attempts_job.as_deref() != Some(fingerprint.as_str())
+            {
+                println!(
+                    "{NAME}: the gauntlet job changed since the last failed attempts: {} candidate(s) start afresh",
+                    self.state.attempts.len()
+                );
+                self.state.attempts.clear();
+                self.state.attempts_job = None;
+            }
             println!(
                 "{NAME}: {} games per opponent, queue limit {}{}",
                 self.games,
@@ -782,6 +865,7 @@ impl Daemon for Evaluation {
 
     fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
+            self.apply_resets();
             self.scan();
             // Recovered results announced by the scan go out before the next gauntlet.
             tokio::task::yield_now().await;

@@ -44,7 +44,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ringrift::config_key::ConfigKey;
 use ringrift::events::Event;
-use ringrift::protocol::ROOT_ENV;
+use ringrift::protocol::{JOB_STUCK_AFTER_ENV, ROOT_ENV};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -61,6 +61,8 @@ pub(crate) struct Pipeline {
     pub config_keys: Vec<String>,
     /// kind → (command template, max runtime)
     pub jobs: BTreeMap<String, (Vec<String>, Duration)>,
+    /// kind → its own `stuck_after` in seconds (0: never), for the kinds that set one.
+    pub stuck_after: BTreeMap<String, f64>,
     /// This worker binary, for `{worker}`.
     pub worker: PathBuf,
     /// The node is in a cluster: the work queue is the cluster's shared one (through the
@@ -95,6 +97,7 @@ impl Pipeline {
             key.parse::<ConfigKey>().context("pipeline.config_keys")?;
         }
         let mut jobs = BTreeMap::new();
+        let mut stuck_after = BTreeMap::new();
         if let Some(map) = p.get("jobs").and_then(Value::as_object) {
             for (kind, spec) in map {
                 let command: Vec<String> = spec
@@ -110,6 +113,9 @@ impl Pipeline {
                     .get("max_runtime")
                     .and_then(Value::as_f64)
                     .unwrap_or(3600.0);
+                if let Some(secs) = spec.get("stuck_after").and_then(Value::as_f64) {
+                    stuck_after.insert(kind.clone(), secs);
+                }
                 jobs.insert(kind.clone(), (command, Duration::from_secs_f64(max)));
             }
         }
@@ -138,6 +144,7 @@ impl Pipeline {
             root,
             config_keys,
             jobs,
+            stuck_after,
             worker,
             shared_queue,
             ssh,
@@ -151,6 +158,7 @@ impl Pipeline {
             root: root.to_path_buf(),
             config_keys,
             jobs: BTreeMap::new(),
+            stuck_after: BTreeMap::new(),
             worker: PathBuf::from("ringrift-worker"),
             shared_queue: false,
             ssh: vec!["ssh".into()],
@@ -243,6 +251,45 @@ impl Pipeline {
         Ok((out, *max))
     }
 
+    /// The fingerprint of the `kind` job's template (command and max runtime, see
+    /// [`ringrift::config::job_fingerprint`]); empty when there is no such job. Kept with a
+    /// step's failure state: a failure of another command does not hold back this one.
+    pub(crate) fn job_fingerprint(&self, kind: &str) -> String {
+        self.jobs
+            .get(kind)
+            .map(|(cmd, max)| ringrift::config::job_fingerprint(cmd, max.as_secs_f64()))
+            .unwrap_or_default()
+    }
+
+    /// Runs the `validate` job (`pipeline.jobs.validate`, a check of a model in a format of the
+    /// user's own) on the model at `path` for `key`: [`Validation::NotConfigured`] when there
+    /// is none, else what its exit says (0: valid; any other exit: invalid).
+    pub(crate) async fn validate_model(&self, ctx: &Ctx, path: &Path, key: &str) -> Validation {
+        if !self.jobs.contains_key("validate") {
+            return Validation::NotConfigured;
+        }
+        let vars = [("candidate_path", path.display().to_string())];
+        match self.run_job(ctx, "validate", key, &vars).await {
+            Err(e) => Validation::NotRun(format!("cannot start the validate job: {e:#}")),
+            Ok(o) if o.success => Validation::Valid,
+            Ok(o) if o.timed_out || o.job_id.is_empty() => {
+                Validation::NotRun(job_failure("validate", &o))
+            }
+            Ok(o) => {
+                let line = selfplay_scheduler::last_error_line(&self.root, &o.job_id)
+                    .map(|l| format!(": {l}"))
+                    .unwrap_or_default();
+                Validation::Invalid(format!(
+                    "the validate job {} says {} is not a valid model ({}; see logs/jobs/{}.log){line}",
+                    o.job_id,
+                    path.display(),
+                    o.exit,
+                    o.job_id
+                ))
+            }
+        }
+    }
+
     /// True when models come from the built-in trainer (`{worker} job train`), so the built-in
     /// loader can check them. A trainer of the user's own writes its own format: then a model is
     /// only checked to exist and not be empty.
@@ -326,14 +373,59 @@ impl Pipeline {
         item: Option<i64>,
     ) -> anyhow::Result<JobOutcome> {
         let (command, max) = self.job_command(kind, key, vars)?;
+        // The directory of the file the job must write exists before it runs (data/training/
+        // on a fresh root, a candidate's directory): the job never has to create one.
+        if let Some(var) = output_placeholder(kind) {
+            let written = vars
+                .iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| PathBuf::from(v))
+                .or_else(|| match var {
+                    "db_path" => Some(self.games_db(key)),
+                    "npz_path" => Some(self.npz(key)),
+                    _ => None,
+                });
+            if let Some(dir) = written.as_deref().and_then(Path::parent) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+        }
         println!("{kind} job for {key}: {}", command.join(" "));
         // The job may name its item (in its own records, or to a script wrapping it).
-        let env = item
+        let mut env: BTreeMap<String, String> = item
             .map(|id| (WORK_ITEM_ENV.to_string(), id.to_string()))
             .into_iter()
             .collect();
+        if let Some(secs) = self.stuck_after.get(kind) {
+            env.insert(JOB_STUCK_AFTER_ENV.to_string(), secs.to_string());
+        }
         Ok(ctx.run_job_for(command, max, env, item).await)
     }
+}
+
+/// The placeholder naming the file a job of `kind` must write (the README's plug-in contract):
+/// its directory is created before the job runs.
+pub(crate) fn output_placeholder(kind: &str) -> Option<&'static str> {
+    match kind {
+        "selfplay" => Some("db_path"),
+        "export" => Some("npz_path"),
+        "train" => Some("candidate_path"),
+        "gauntlet" => Some("output_path"),
+        _ => None,
+    }
+}
+
+/// What the `validate` job said about a model (see [`Pipeline::validate_model`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Validation {
+    /// No `validate` job is configured.
+    NotConfigured,
+    /// It exited 0.
+    Valid,
+    /// It exited otherwise: the model is not valid (why, for health and events).
+    Invalid(String),
+    /// It could not say: not started, or stopped at its max_runtime (why).
+    NotRun(String),
 }
 
 /// An event whose `field` names a file the step does not act on (see

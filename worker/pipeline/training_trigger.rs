@@ -48,8 +48,6 @@ use ringrift::settings::TrainingSettings;
 use ringrift::work_queue::{Attempt, TRAINING};
 
 const NAME: &str = "training_trigger";
-/// The backoff stops doubling after this many consecutive failures.
-const MAX_BACKOFF_DOUBLINGS: u32 = 10;
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(TrainingTrigger::default())
@@ -91,6 +89,10 @@ struct KeyState {
     /// The candidate being written; set if the worker died mid-training.
     in_flight: Option<String>,
     trainings: u64,
+    /// The fingerprint of the train job template whose runs failed ([`Pipeline::job_fingerprint`]):
+    /// failures of another command are forgotten when the worker starts.
+    #[serde(default)]
+    failed_job: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -120,12 +122,10 @@ struct Blocked {
     detail: String,
 }
 
-/// Seconds to wait after `failures` consecutive failed runs.
+/// Seconds to wait after `failures` consecutive failed runs: `base`, doubling per failure, at
+/// most an hour (or `base`, if longer; see [`ringrift::backoff::capped_doubling`]).
 fn backoff_secs(failures: u32, base: f64) -> f64 {
-    if failures == 0 {
-        return 0.0;
-    }
-    base * f64::from(1u32 << (failures - 1).min(MAX_BACKOFF_DOUBLINGS))
+    ringrift::backoff::capped_doubling(failures, base, ringrift::backoff::TRAINING_BACKOFF_CAP_SECS)
 }
 
 /// The training gates, first failing one wins.
@@ -305,9 +305,57 @@ impl TrainingTrigger {
         self.state.keys.entry(key.to_string()).or_default()
     }
 
+    /// Forgets `key`'s failed runs when the operator reset its backoff after them
+    /// (`pipeline reset-backoff KEY`, [`ringrift::backoff`]).
+    fn apply_reset(&mut self, key: &str) {
+        let root = self.pipeline.as_ref().expect("started").root.clone();
+        let Some(at) = ringrift::backoff::reset_at(&root, key) else {
+            return;
+        };
+        let ks = self.key_state(key);
+        if ks.failures == 0 || ks.last_failure_at.is_some_and(|f| f > at) {
+            return;
+        }
+        let failures = ks.failures;
+        ks.failures = 0;
+        ks.last_failure_at = None;
+        ks.failed_job = None;
+        self.save();
+        println!(
+            "{NAME}: {key}: failure backoff reset by the operator ({failures} failed run(s) forgotten)"
+        );
+    }
+
+    /// Forgets failed runs of a train job template other than the current one (the command or
+    /// max_runtime changed since): a new command starts without the old one's backoff.
+    fn forget_other_jobs(&mut self) {
+        let current = self
+            .pipeline
+            .as_ref()
+            .expect("started")
+            .job_fingerprint("train");
+        let mut forgot = Vec::new();
+        for (key, ks) in self.state.keys.iter_mut() {
+            if ks.failures > 0 && ks.failed_job.as_deref() != Some(current.as_str()) {
+                forgot.push(format!("{key} ({} failed run(s))", ks.failures));
+                ks.failures = 0;
+                ks.last_failure_at = None;
+                ks.failed_job = None;
+            }
+        }
+        if !forgot.is_empty() {
+            println!(
+                "{NAME}: the train job changed since its last failures: no backoff carried over for {}",
+                forgot.join(", ")
+            );
+            self.save();
+        }
+    }
+
     /// Trains `key` if its export is new and every gate passes.
     async fn check_key(&mut self, key: &str) {
         self.checks += 1;
+        self.apply_reset(key);
         let pipeline = self.pipeline.clone().expect("started");
         let npz = pipeline.npz(key);
         // Whether new data can come at all: while auto_export keeps failing, "up to date" would
@@ -542,6 +590,7 @@ impl TrainingTrigger {
     /// handed back rather than trained here. None also when this node's export is trained on
     /// already (the item is done at once).
     fn held_back(&mut self, pipeline: &Pipeline, key: &str) -> Option<String> {
+        self.apply_reset(key);
         let npz = pipeline.npz(key);
         let fp = Fingerprint::of(&npz).ok()?;
         let ks = self.key_state(key).clone();
@@ -666,6 +715,7 @@ impl TrainingTrigger {
         ks.last_training_at = Some(now);
         ks.failures = 0;
         ks.last_failure_at = None;
+        ks.failed_job = None;
         ks.in_flight = None;
         ks.trainings += 1;
         self.save();
@@ -704,9 +754,15 @@ impl TrainingTrigger {
             .and_then(quarantine)
             .map(|p| format!("; candidate moved to {}", p.display()))
             .unwrap_or_default();
+        let job = self
+            .pipeline
+            .as_ref()
+            .expect("started")
+            .job_fingerprint("train");
         let ks = self.key_state(key);
         ks.failures += 1;
         ks.last_failure_at = Some(now_secs());
+        ks.failed_job = Some(job);
         ks.in_flight = None;
         let retry = backoff_secs(ks.failures, self.failure_backoff);
         self.save();
@@ -806,6 +862,7 @@ impl Daemon for TrainingTrigger {
     fn subscriptions(&self) -> Vec<String> {
         vec![
             "NPZ_EXPORT_COMPLETE".into(),
+            "BACKOFF_RESET".into(),
             "QUALITY_SCORE_UPDATED".into(),
             "LOW_QUALITY_DATA_WARNING".into(),
         ]
@@ -837,6 +894,7 @@ impl Daemon for TrainingTrigger {
                 self.failure_backoff
             );
             self.pipeline = Some(pipeline);
+            self.forget_other_jobs();
             self.recover_interrupted();
             Ok(self.report())
         })
@@ -1010,7 +1068,9 @@ mod tests {
         assert_eq!(backoff_secs(0, 60.0), 0.0);
         assert_eq!(backoff_secs(1, 60.0), 60.0);
         assert_eq!(backoff_secs(3, 60.0), 240.0);
-        assert_eq!(backoff_secs(50, 1.0), 1024.0);
+        // Capped at an hour: ten failures used to mean 17 hours.
+        assert_eq!(backoff_secs(11, 60.0), 3600.0);
+        assert_eq!(backoff_secs(50, 1.0), 3600.0);
         let failed = GateInput {
             failures: 2,
             last_failure_at: Some(9_900.0),

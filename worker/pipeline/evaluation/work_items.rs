@@ -481,6 +481,12 @@ impl Evaluation {
             if let Err(e) = pipeline.check_model(&local, key) {
                 return Outcome::Failed(format!("the candidate does not load: {e:#}"));
             }
+            match pipeline.validate_model(&ctx, &local, key).await {
+                Validation::NotConfigured | Validation::Valid => {}
+                Validation::Invalid(why) | Validation::NotRun(why) => {
+                    return Outcome::Failed(why);
+                }
+            }
             // The baseline is the training node's canonical model as the item names it.
             if let Some(want) = &spec.baseline_sha256 {
                 let models = format!("{}/models", addr.trim_end_matches('/'));
