@@ -40,6 +40,9 @@ pub struct TreeProc {
     pub job_deadline: Option<u64>,
     /// Seconds since the job last wrote output (its log file's age), when known.
     pub output_age_secs: Option<f64>,
+    /// RINGRIFT_JOB_STUCK_AFTER: the job's own allowance of silence, in seconds, from its kind's
+    /// `pipeline.jobs.<kind>.stuck_after` (0: never stuck); None: [`Policy::stuck_after_secs`].
+    pub job_stuck_after: Option<f64>,
     /// RINGRIFT_DAEMON: the daemon it was started for (or whose job it is).
     pub daemon: Option<String>,
     /// Whether the supervisor lists the process's daemon (or job) as running in run/processes;
@@ -54,7 +57,9 @@ pub const STRAY_MIN_AGE_SECS: f64 = 2.0;
 /// The reaper's tunables.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    /// A job with no CPU time and no output for this long, in seconds, is stuck (default 600).
+    /// A job with no CPU time (over all its processes) and no output for this long, in seconds,
+    /// is stuck (default 600), unless the job carries its own allowance
+    /// ([`TreeProc::job_stuck_after`]).
     pub stuck_after_secs: f64,
 }
 
@@ -167,34 +172,55 @@ pub struct Verdict {
     pub action: Action,
 }
 
-/// CPU time seen per process across passes: (start_time, cpu_ticks, seconds when it last changed).
+/// CPU time seen across passes, per job: a signature of its processes (pid, start time) and
+/// their CPU times, and the seconds when it last changed.
 #[derive(Debug, Clone, Default)]
-pub struct CpuHistory(BTreeMap<u32, (u64, u64, f64)>);
+pub struct CpuHistory(BTreeMap<String, (u64, f64)>);
 
 impl CpuHistory {
-    /// Records this pass and returns, per pid, how long its CPU time has been flat (None: first sight).
-    fn observe(&mut self, procs: &[TreeProc], now: f64) -> BTreeMap<u32, Option<f64>> {
-        let mut flat = BTreeMap::new();
-        let mut next = BTreeMap::new();
+    /// Records this pass per job and returns, per job id, how long the job as a whole has shown
+    /// no activity: no CPU time in any of its processes, none started or ended (None: first
+    /// sight of a job that has used CPU). A job whose processes never used any CPU has been
+    /// idle since its youngest process started.
+    fn observe_jobs(&mut self, procs: &[TreeProc], now: f64) -> BTreeMap<String, Option<f64>> {
+        let mut of_job: BTreeMap<&str, Vec<&TreeProc>> = BTreeMap::new();
         for p in procs {
-            let since = match self.0.get(&p.pid) {
-                Some(&(start, ticks, since)) if start == p.start_time && ticks == p.cpu_ticks => {
-                    flat.insert(p.pid, Some(now - since));
-                    since
+            if let Some(job) = &p.job_id
+                && p.state != 'Z'
+                && p.state != 'X'
+            {
+                of_job.entry(job).or_default().push(p);
+            }
+        }
+        let mut idle = BTreeMap::new();
+        let mut next = BTreeMap::new();
+        for (job, mut members) in of_job {
+            members.sort_by_key(|p| p.pid);
+            let mut sig: u64 = 0xcbf2_9ce4_8422_2325;
+            for p in &members {
+                for n in [u64::from(p.pid), p.start_time, p.cpu_ticks] {
+                    for b in n.to_le_bytes() {
+                        sig = (sig ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+                    }
                 }
-                Some(&(start, _, _)) if start == p.start_time => {
-                    flat.insert(p.pid, Some(0.0));
-                    now
+            }
+            let (secs, since) = match self.0.get(job) {
+                Some(&(prev, since)) if prev == sig => (Some(now - since), since),
+                Some(_) => (Some(0.0), now),
+                None if members.iter().all(|p| p.cpu_ticks == 0) => {
+                    let youngest = members
+                        .iter()
+                        .map(|p| p.age_secs)
+                        .fold(f64::INFINITY, f64::min);
+                    (Some(youngest), now - youngest)
                 }
-                _ => {
-                    flat.insert(p.pid, None);
-                    now
-                }
+                None => (None, now),
             };
-            next.insert(p.pid, (p.start_time, p.cpu_ticks, since));
+            idle.insert(job.to_string(), secs);
+            next.insert(job.to_string(), (sig, since));
         }
         self.0 = next;
-        flat
+        idle
     }
 }
 
@@ -212,7 +238,7 @@ pub fn decide(
 ) -> Vec<Verdict> {
     let tree: Vec<&TreeProc> = procs.iter().filter(|p| p.in_tree).collect();
     let owned: Vec<TreeProc> = tree.iter().map(|p| (*p).clone()).collect();
-    let flat = history.observe(&owned, now);
+    let job_idle = history.observe_jobs(&owned, now);
     let mut verdicts = Vec::new();
     for p in &tree {
         if p.pid == reaper_pid || Some(p.pid) == current_supervisor {
@@ -248,17 +274,14 @@ pub fn decide(
                 overdue_secs: now_unix - deadline,
             })
         } else if let Some(job) = &p.job_id {
-            // Idle for how long: CPU flat across passes, or no CPU at all since start on the first look.
-            let idle = match flat.get(&p.pid).copied().flatten() {
-                Some(secs) => Some(secs),
-                None if p.cpu_ticks == 0 => Some(p.age_secs),
-                None => None,
-            };
+            // Judged as a whole: a shell waiting for its busy child is not stuck. Idle for how
+            // long: no CPU time in any of the job's processes across passes, or none at all
+            // since its youngest process started on the first look.
+            let idle = job_idle.get(job).copied().flatten();
             let quiet = p.output_age_secs.unwrap_or(p.age_secs);
+            let allowed = p.job_stuck_after.unwrap_or(policy.stuck_after_secs);
             match idle {
-                Some(idle)
-                    if idle >= policy.stuck_after_secs && quiet >= policy.stuck_after_secs =>
-                {
+                Some(idle) if allowed > 0.0 && idle >= allowed && quiet >= allowed => {
                     Some(Reason::Stuck {
                         job_id: job.clone(),
                         idle_secs: idle.min(quiet),
@@ -332,6 +355,7 @@ mod tests {
             job_id: None,
             job_deadline: None,
             output_age_secs: None,
+            job_stuck_after: None,
             daemon: Some(format!("d{pid}")),
             unit_live: Some(true),
         }
@@ -551,6 +575,64 @@ mod tests {
             ..job(701, 99_999)
         };
         assert!(decide(&[talking], Some(SUP), REAPER, 0, 0.0, &mut h, &p).is_empty());
+    }
+
+    #[test]
+    fn a_job_is_judged_as_a_whole_and_by_its_own_allowance() {
+        let p = Policy {
+            stuck_after_secs: 60.0,
+        };
+        let quiet = |pid: u32, ticks: u64| TreeProc {
+            output_age_secs: Some(1000.0),
+            cpu_ticks: ticks,
+            job_id: Some("train-1".into()),
+            pgid: 1100,
+            ..job(pid, 99_999)
+        };
+        // A shell waiting (flat CPU) for its child, which computes: not stuck.
+        let mut h = CpuHistory::default();
+        for (t, ticks) in [(0.0, 10), (61.0, 20), (122.0, 30)] {
+            let v = decide(
+                &[quiet(1101, 5), quiet(1102, ticks)],
+                Some(SUP),
+                REAPER,
+                0,
+                t,
+                &mut h,
+                &p,
+            );
+            assert!(v.is_empty(), "at {t}: {v:?}");
+        }
+        // Both flat: the whole job is stuck, each of its processes named.
+        let v = decide(
+            &[quiet(1101, 5), quiet(1102, 30)],
+            Some(SUP),
+            REAPER,
+            0,
+            183.0,
+            &mut h,
+            &p,
+        );
+        assert_eq!(v.len(), 2, "{v:?}");
+        // A kind with its own allowance: 0 is never, a longer one waits longer.
+        for (allow, stuck) in [(0.0, false), (300.0, false), (100.0, true)] {
+            let j = TreeProc {
+                job_stuck_after: Some(allow),
+                cpu_ticks: 0,
+                age_secs: 200.0,
+                ..quiet(1103, 0)
+            };
+            let v = decide(
+                &[j],
+                Some(SUP),
+                REAPER,
+                0,
+                0.0,
+                &mut CpuHistory::default(),
+                &p,
+            );
+            assert_eq!(!v.is_empty(), stuck, "allowance {allow}: {v:?}");
+        }
     }
 
     #[test]

@@ -18,7 +18,9 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use ringrift::cgroupfs;
 use ringrift::procfs;
-use ringrift::protocol::{DAEMON_ENV, JOB_DEADLINE_ENV, JOB_ID_ENV, ROOT_ENV, SUPERVISOR_PID_ENV};
+use ringrift::protocol::{
+    DAEMON_ENV, JOB_DEADLINE_ENV, JOB_ID_ENV, JOB_STUCK_AFTER_ENV, ROOT_ENV, SUPERVISOR_PID_ENV,
+};
 use ringrift::reaper::{self, Action, CpuHistory, Policy, TreeProc, Verdict};
 
 /// One reaper: remembers CPU times between passes so it can tell a stuck job from a busy one.
@@ -274,6 +276,7 @@ pub(crate) fn snapshot(root: &Path) -> Vec<TreeProc> {
             in_tree,
             supervisor_pid,
             job_deadline: var(JOB_DEADLINE_ENV).and_then(|v| v.parse().ok()),
+            job_stuck_after: var(JOB_STUCK_AFTER_ENV).and_then(|v| v.parse().ok()),
             job_id,
             output_age_secs,
         });
