@@ -1088,6 +1088,70 @@ mod tests {
         );
     }
 
+    /// A trigger on a pipeline at `root` whose train job is `train`, with `key` failed 9 times
+    /// under the job `failed_job`.
+    fn failed_trigger(root: &Path, train: &str, failed_job: Option<String>) -> TrainingTrigger {
+        let mut pipeline = Pipeline::for_test(root, vec!["hex8_2p".into()]);
+        pipeline.jobs.insert(
+            "train".into(),
+            (vec![train.into()], std::time::Duration::from_secs(3600)),
+        );
+        let mut t = TrainingTrigger {
+            pipeline: Some(pipeline),
+            ..TrainingTrigger::default()
+        };
+        let ks = t.key_state("hex8_2p");
+        ks.failures = 9;
+        ks.last_failure_at = Some(100.0);
+        ks.failed_job = failed_job;
+        t
+    }
+
+    #[test]
+    fn a_changed_train_job_starts_without_the_old_ones_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let same = Pipeline::for_test(dir.path(), vec![]);
+        let mut same_jobs = same.clone();
+        same_jobs.jobs.insert(
+            "train".into(),
+            (vec!["a".into()], std::time::Duration::from_secs(3600)),
+        );
+        let fp = same_jobs.job_fingerprint("train");
+        let mut t = failed_trigger(dir.path(), "a", Some(fp));
+        t.forget_other_jobs();
+        assert_eq!(
+            t.key_state("hex8_2p").failures,
+            9,
+            "the same command keeps its backoff"
+        );
+        let mut t = failed_trigger(dir.path(), "b", Some(same_jobs.job_fingerprint("train")));
+        t.forget_other_jobs();
+        let ks = t.key_state("hex8_2p").clone();
+        assert_eq!((ks.failures, ks.last_failure_at), (0, None));
+        // Saved: a restart does not bring it back.
+        let saved: State = load_state(&dir.path().join("data/coordination/training_trigger.json"));
+        assert_eq!(saved.keys["hex8_2p"].failures, 0);
+    }
+
+    #[test]
+    fn a_reset_forgets_the_failures_before_it_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = failed_trigger(dir.path(), "a", None);
+        t.apply_reset("hex8_2p");
+        assert_eq!(t.key_state("hex8_2p").failures, 9, "no reset recorded");
+        ringrift::backoff::record_reset(dir.path(), "hex8_2p", 50.0).unwrap();
+        t.apply_reset("hex8_2p");
+        assert_eq!(
+            t.key_state("hex8_2p").failures,
+            9,
+            "failed again after the reset"
+        );
+        ringrift::backoff::record_reset(dir.path(), "hex8_2p", 150.0).unwrap();
+        t.apply_reset("hex8_2p");
+        let ks = t.key_state("hex8_2p").clone();
+        assert_eq!((ks.failures, ks.last_failure_at), (0, None));
+    }
+
     #[test]
     fn low_quality_blocks_until_a_score_at_or_above_the_threshold() {
         let flag = apply_quality(None, "LOW_QUALITY_DATA_WARNING", 0.3, Some(0.5));
