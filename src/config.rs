@@ -156,11 +156,11 @@ pub const COMMON_PLACEHOLDERS: &[&str] = &[
 /// `{npz_path}` is its staging file, the gauntlet's `{model_path}` its baseline).
 pub const JOB_PLACEHOLDERS: &[(&str, &[&str])] = &[
     ("selfplay", &["games", "seed"]),
-    ("export", &["games"]),
+    ("export", &["games", "previous_npz_path", "replay_window"]),
     ("train", &["candidate_path", "epochs", "learning_rate"]),
     (
         "gauntlet",
-        &["candidate_path", "games", "output_path", "sprt"],
+        &["candidate_path", "games", "output_path", "sprt", "reference_dir"],
     ),
     ("validate", &["candidate_path"]),
 ];
