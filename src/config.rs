@@ -160,7 +160,13 @@ pub const JOB_PLACEHOLDERS: &[(&str, &[&str])] = &[
     ("train", &["candidate_path", "epochs", "learning_rate"]),
     (
         "gauntlet",
-        &["candidate_path", "games", "output_path", "sprt", "reference_dir"],
+        &[
+            "candidate_path",
+            "games",
+            "output_path",
+            "sprt",
+            "reference_dir",
+        ],
     ),
     ("validate", &["candidate_path"]),
 ];

@@ -462,6 +462,12 @@ pub const EVENTS: &[EventSpec] = &[
         ],
     },
     EventSpec {
+        name: "WORK_QUEUED",
+        description: "work items were added to an empty work queue (selfplay_scheduler wakes up)",
+        emitters: Emitters::Owners(&["queue_populator"]),
+        fields: &[req("added", Int), req("pending", Int)],
+    },
+    EventSpec {
         name: "JOB_REAPED",
         description: "JOB_REAPER stopped a process",
         emitters: Emitters::Owners(&["job_reaper"]),

@@ -248,7 +248,9 @@ impl QueuePopulator {
         }
         let queue = self.queue.as_mut().expect("opened");
         let now = now_secs();
+        let mut was_empty = false;
         let result: Result<Scan> = (|| {
+            was_empty = queue.counts()?.get("pending").copied().unwrap_or(0) == 0;
             let (requeued, abandoned) = queue.requeue_stale(self.stale_after, now)?;
             queue.reprioritize(&weights)?;
             let added = queue.top_up(self.target_depth, self.games_per_item, &weights, now)?;
@@ -280,6 +282,20 @@ impl QueuePopulator {
                         scan.requeued,
                         scan.abandoned,
                         scan.counts["pending"]
+                    );
+                }
+                // A scheduler that found the queue empty waits for its next cycle: wake it.
+                let pending = scan.counts.get("pending").copied().unwrap_or(0);
+                if was_empty
+                    && pending > 0
+                    && let Some(ctx) = &self.ctx
+                {
+                    ctx.emit(
+                        "WORK_QUEUED",
+                        ringrift::events::payload([
+                            ("added", added.into()),
+                            ("pending", pending.into()),
+                        ]),
                     );
                 }
                 self.problem = None;

@@ -1002,6 +1002,7 @@ impl Daemon for Scheduler {
             "QUALITY_SCORE_UPDATED".into(),
             "LOW_QUALITY_DATA_WARNING".into(),
             "MODEL_PROMOTED".into(),
+            "WORK_QUEUED".into(),
         ]
     }
 
@@ -1080,6 +1081,11 @@ impl Daemon for Scheduler {
                 }
                 // A new canonical model: its key is no longer stale.
                 "MODEL_PROMOTED" => {}
+                // Items arrived in a queue that was empty: run now, not at the next interval.
+                "WORK_QUEUED" => {
+                    self.run_cycle().await;
+                    return Some(self.report());
+                }
                 _ => return None,
             }
             self.update_priorities();
