@@ -195,7 +195,8 @@ def main():
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     print(f"Machine: {m['nproc']} CPUs, {m['cpu']}, {m['mem_total_kib'] // 1024} MiB RAM, "
-          f"Linux {m['kernel']}; run {m['date']}, {result['elapsed_secs']:.0f} s in all.")
+          f"Linux {m['kernel']}; run {m['date']}, {result['elapsed_secs']:.0f} s in all. Load average "
+          f"at start {' '.join(m['loadavg_at_start'])}, at end {' '.join(m['loadavg_at_end'])}.")
     print()
     print(table(result))
     print(f"\nsaved {out.relative_to(REPO)}", file=sys.stderr)

@@ -140,8 +140,9 @@ pub(crate) struct Ctx {
     /// For a daemon with a lease per config key: the keys whose lease this node holds now
     /// (None: the daemon has no such leases and acts for every key).
     leads: Rc<RefCell<Option<BTreeSet<String>>>>,
-    /// Events have arrived that wait for the cycle under way to end.
-    events_waiting: Rc<std::cell::Cell<bool>>,
+    /// Events that have arrived and wait for the daemon: handled between cycles, or taken by a
+    /// long cycle itself ([`Ctx::take_event`]).
+    inbox: Rc<RefCell<VecDeque<ringrift::events::Event>>>,
     /// The daemon is stopping, paused or standing by: a long cycle takes no new work.
     winding_down: Rc<std::cell::Cell<bool>>,
     /// A report the daemon published during a long cycle, for the next heartbeat.
@@ -172,7 +173,7 @@ impl Ctx {
                 tx,
                 jobs: Rc::default(),
                 leads: Rc::default(),
-                events_waiting: Rc::default(),
+                inbox: Rc::default(),
                 winding_down: Rc::default(),
                 interim: Rc::default(),
             },
@@ -192,7 +193,18 @@ impl Ctx {
     /// Whether events wait for the cycle under way to end (a cycle that could go on for long,
     /// like selfplay_scheduler's pool, yields to them).
     pub(crate) fn events_waiting(&self) -> bool {
-        self.events_waiting.get()
+        !self.inbox.borrow().is_empty()
+    }
+
+    /// The oldest event waiting, for a long cycle that handles events itself (selfplay_scheduler's
+    /// pool); the cycle must [`Ctx::ack`] it once handled.
+    pub(crate) fn take_event(&self) -> Option<ringrift::events::Event> {
+        self.inbox.borrow_mut().pop_front()
+    }
+
+    /// Acknowledges events up to `seq` (acks are cumulative) after a cycle handled them.
+    pub(crate) fn ack(&self, seq: u64) {
+        let _ = self.tx.send(WorkerFrame::Ack(Ack { seq }));
     }
 
     /// Whether the daemon is stopping, paused or standing by (another node holds its lease): a
@@ -645,7 +657,6 @@ async fn serve(
             }))
             .await?;
     }
-    let mut pending_events: VecDeque<ringrift::events::Event> = VecDeque::new();
     let mut seen = SeenIds::default();
     let mut unacked = 0usize;
 
@@ -693,7 +704,10 @@ async fn serve(
         // A standby daemon takes no new work; a cycle under way when the lease went ends.
         let may_start =
             !paused && !session.stopping && in_flight.is_none() && session.standby().is_none();
-        if may_start && let Some(event) = pending_events.pop_front() {
+        let next_event = may_start
+            .then(|| ctx.inbox.borrow_mut().pop_front())
+            .flatten();
+        if let Some(event) = next_event {
             in_flight = Some(handle_event(&mut idle, event));
             continue;
         }
@@ -703,7 +717,6 @@ async fn serve(
             continue;
         }
 
-        ctx.events_waiting.set(!pending_events.is_empty());
         ctx.winding_down
             .set(paused || session.stopping || session.standby().is_some());
         tokio::select! {
@@ -746,7 +759,7 @@ async fn serve(
                     // Acks are cumulative: during a burst one ack covers many events.
                     Some(seq) => {
                         unacked += 1;
-                        if pending_events.is_empty() || unacked >= ACK_EVERY {
+                        if ctx.inbox.borrow().is_empty() || unacked >= ACK_EVERY {
                             unacked = 0;
                             session.send(&WorkerFrame::Ack(Ack { seq })).await?;
                         }
@@ -783,7 +796,7 @@ async fn serve(
                     }
                     FromSupervisor::Event { event } => {
                         if seen.first_time(&event.id) {
-                            pending_events.push_back(event);
+                            ctx.inbox.borrow_mut().push_back(event);
                         } else {
                             eprintln!("{name}: duplicate event {} (seq {}) dropped", event.id, event.seq);
                             session.send(&WorkerFrame::Ack(Ack { seq: event.seq })).await?;

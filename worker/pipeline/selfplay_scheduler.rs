@@ -633,6 +633,14 @@ impl Scheduler {
         // Jobs that failed since the last success (settled or not yet).
         let mut failures_in_a_row = 0;
         loop {
+            // Events are taken in between jobs (and acknowledged), so that the slots never idle
+            // for them; a WORK_QUEUED needs nothing, as the pool is claiming already.
+            while let Some(event) = ctx.take_event() {
+                if self.apply_event(&event) {
+                    let _ = queue.reprioritize(&self.priorities);
+                }
+                ctx.ack(event.seq);
+            }
             while claiming && running.len() < slots {
                 // Items this node cannot run at all are handed back; many in a row, with nothing
                 // run, and it stops claiming until the next cycle.
@@ -734,6 +742,50 @@ impl Scheduler {
             Some(e) => Err(e),
             None => Ok(round),
         }
+    }
+
+    /// Takes in an event that changes the priorities (a quality score, a promotion: its key is no
+    /// longer stale) and recomputes them; false when it changed nothing. Synchronous, so that the
+    /// pool handles events between jobs without letting its slots idle.
+    fn apply_event(&mut self, event: &Event) -> bool {
+        match event.event_type.as_str() {
+            "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
+                let p = &event.payload;
+                let (Some(key), Some(claimed)) = (
+                    p.get("config_key").and_then(Value::as_str),
+                    p.get("score").and_then(Value::as_f64),
+                ) else {
+                    return false;
+                };
+                // The quality monitor's own state decides the score, not the event.
+                let score = match super::quality_monitor::vouch(
+                    self.pipeline(),
+                    key,
+                    &event.event_type,
+                    claimed,
+                ) {
+                    Ok(Some(v)) => v.score,
+                    Ok(None) => claimed,
+                    Err(why) => {
+                        eprintln!("{NAME}: {key}: refused {}: {why}", event.event_type);
+                        return false;
+                    }
+                };
+                if self.state.quality.get(key) == Some(&score) {
+                    return false;
+                }
+                println!("{NAME}: {key}: data quality {score} ({})", event.event_type);
+                self.state.quality.insert(key.to_string(), score);
+                let path = self.pipeline().state_path(NAME);
+                if let Err(e) = save_state(&path, &self.state) {
+                    eprintln!("{NAME}: cannot save state to {}: {e:#}", path.display());
+                }
+            }
+            "MODEL_PROMOTED" => {}
+            _ => return false,
+        }
+        self.update_priorities();
+        true
     }
 
     /// Counts and reports the end of selfplay item `id`'s job.
@@ -1051,45 +1103,12 @@ impl Daemon for Scheduler {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            match event.event_type.as_str() {
-                "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
-                    let key = event.payload.get("config_key")?.as_str()?.to_string();
-                    let claimed = event.payload.get("score")?.as_f64()?;
-                    // The quality monitor's own state decides the score, not the event.
-                    let score = match super::quality_monitor::vouch(
-                        self.pipeline(),
-                        &key,
-                        &event.event_type,
-                        claimed,
-                    ) {
-                        Ok(Some(v)) => v.score,
-                        Ok(None) => claimed,
-                        Err(why) => {
-                            eprintln!("{NAME}: {key}: refused {}: {why}", event.event_type);
-                            return None;
-                        }
-                    };
-                    if self.state.quality.get(&key) == Some(&score) {
-                        return None;
-                    }
-                    println!("{NAME}: {key}: data quality {score} ({})", event.event_type);
-                    self.state.quality.insert(key, score);
-                    let path = self.pipeline().state_path(NAME);
-                    if let Err(e) = save_state(&path, &self.state) {
-                        eprintln!("{NAME}: cannot save state to {}: {e:#}", path.display());
-                    }
-                }
-                // A new canonical model: its key is no longer stale.
-                "MODEL_PROMOTED" => {}
-                // Items arrived in a queue that was empty: run now, not at the next interval.
-                "WORK_QUEUED" => {
-                    self.run_cycle().await;
-                    return Some(self.report());
-                }
-                _ => return None,
+            // Items arrived in a queue that was empty: run now, not at the next interval.
+            if event.event_type == "WORK_QUEUED" {
+                self.run_cycle().await;
+                return Some(self.report());
             }
-            self.update_priorities();
-            Some(self.report())
+            self.apply_event(&event).then(|| self.report())
         })
     }
 }
