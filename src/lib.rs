@@ -16,6 +16,7 @@ pub mod events;
 pub mod lifecycle;
 pub mod limits;
 pub mod os;
+pub mod pipeline_view;
 pub mod plan;
 pub mod protocol;
 pub mod ratings;

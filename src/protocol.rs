@@ -776,6 +776,11 @@ pub struct StatusReport {
     #[serde(default)]
     /// The event log.
     pub events: EventsInfo,
+    /// The loop at a glance: one view per config key, merged from what the pipeline daemons
+    /// report (see [`crate::pipeline_view`]). Empty when no daemon reports one, and in the
+    /// answer to `status NAME` (one daemon).
+    #[serde(default)]
+    pub pipeline: BTreeMap<String, crate::pipeline_view::KeyView>,
 }
 
 /// The event log at a glance.

@@ -448,6 +448,10 @@ pub(crate) fn print_status(report: &StatusReport) {
             j.command.join(" ")
         );
     }
+    if !report.pipeline.is_empty() {
+        let _ = writeln!(out, "pipeline (per config key):");
+        out.push_str(&table(PIPELINE_HEADERS, &pipeline_rows(&report.pipeline)));
+    }
     if !report.events.quarantined.is_empty() {
         let _ = writeln!(
             out,
@@ -459,6 +463,60 @@ pub(crate) fn print_status(report: &StatusReport) {
     let _ = stdout
         .write_all(out.as_bytes())
         .and_then(|_| stdout.flush());
+}
+
+/// The columns of the per-key view in `status` and `watch`.
+pub(crate) const PIPELINE_HEADERS: [&str; 8] = [
+    "KEY",
+    "GEN",
+    "GAMES",
+    "SINCE EXPORT",
+    "MODEL AGE",
+    "STAGE",
+    "LAST PROMOTION",
+    "ELO",
+];
+
+/// The per-key view as rows under [`PIPELINE_HEADERS`]: `-` for what no daemon reports; the
+/// stage, followed by the other active ones (`training (+selfplay)`); the last promotion as its
+/// generation and how long ago (by this machine's clock).
+pub(crate) fn pipeline_rows(
+    view: &std::collections::BTreeMap<String, ringrift::pipeline_view::KeyView>,
+) -> Vec<[String; 8]> {
+    let (secs, millis) = ringrift::timefmt::unix_now();
+    let now = secs as f64 + f64::from(millis) / 1000.0;
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    view.iter()
+        .map(|(key, v)| {
+            let others: Vec<&str> = v
+                .stages
+                .iter()
+                .filter(|s| **s != v.stage)
+                .map(|s| s.as_str())
+                .collect();
+            let stage = if others.is_empty() {
+                v.stage.to_string()
+            } else {
+                format!("{} (+{})", v.stage, others.join(", +"))
+            };
+            [
+                key.clone(),
+                or_dash(v.generation.map(|g| g.to_string())),
+                or_dash(v.games_total.map(|g| g.to_string())),
+                or_dash(v.games_since_export.map(|g| g.to_string())),
+                or_dash(v.model_age_secs.map(human_duration)),
+                stage,
+                or_dash(v.last_promotion.map(|p| {
+                    format!(
+                        "gen {}, {} ago",
+                        p.generation,
+                        human_duration((now - p.at).max(0.0))
+                    )
+                })),
+                or_dash(v.rating.map(|r| format!("{r:.0}"))),
+            ]
+        })
+        .collect()
 }
 
 pub(crate) fn human_duration(secs: f64) -> String {

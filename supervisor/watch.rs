@@ -1,5 +1,6 @@
-//! `watch`: the live view. Every second: each daemon's state, pid, uptime, restarts, CPU, memory
-//! and health, then the latest events. `q` quits. `status` stays the one-shot form.
+//! `watch`: the live view. Every second: the loop per config key (generation, games, model age,
+//! stage, last promotion, rating), each daemon's state, pid, uptime, restarts, CPU, memory and
+//! health, then the latest events. `q` quits. `status` stays the one-shot form.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -211,7 +212,8 @@ fn fit(text: &str, width: usize) -> String {
 }
 
 /// One frame for a `cols`×`rows` terminal: no line is wider than `cols` and there are at most
-/// `rows` lines (daemons first; jobs and events get the rows left, with a count of what did not fit).
+/// `rows` lines (the per-key view first, then daemons; jobs and events get the rows left, with a
+/// count of what did not fit).
 fn render(
     report: &StatusReport,
     events: &[Event],
@@ -239,11 +241,10 @@ fn render(
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
         )
     };
-    top.push(row([
-        "NAME", "STATE", "PID", "UPTIME", "RST", "CPU%", "RSS", "HEALTH",
-    ]));
     let now = Instant::now();
-    let mut daemons = Vec::new();
+    let mut daemons = vec![row([
+        "NAME", "STATE", "PID", "UPTIME", "RST", "CPU%", "RSS", "HEALTH",
+    ])];
     for d in &report.daemons {
         let cpu = match (d.cpu_secs, last_cpu.get(&d.name)) {
             (Some(c), Some((prev, at))) if c >= *prev => {
@@ -286,6 +287,20 @@ fn render(
             &health,
         ]));
     }
+    // The loop at a glance: one line per config key, under its own header.
+    let pipeline: Vec<String> = if report.pipeline.is_empty() {
+        Vec::new()
+    } else {
+        let prow = |c: &[String; 8]| {
+            format!(
+                "{:<12} {:>4} {:>8} {:>12} {:>9} {:<20} {:<20} {}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+            )
+        };
+        std::iter::once(prow(&cli::PIPELINE_HEADERS.map(String::from)))
+            .chain(cli::pipeline_rows(&report.pipeline).iter().map(prow))
+            .collect()
+    };
     let jobs: Vec<String> = report
         .jobs
         .iter()
@@ -327,6 +342,7 @@ fn render(
             lines.push(format!("  … {hidden} more {what}"));
         }
     };
+    take(&mut lines, pipeline, "config keys (see `status`)");
     take(&mut lines, daemons, "daemons (see `status`)");
     take(&mut lines, jobs, "jobs (see `status`)");
     if rows.saturating_sub(lines.len()) >= 2 {
@@ -382,6 +398,18 @@ mod tests {
             jobs: Vec::new(),
             events: serde_json::from_value::<EventsInfo>(json!({
                 "last_seq": 1, "routed": 1, "retained": 1, "log_path": "x", "quarantined": []
+            }))
+            .unwrap(),
+            pipeline: serde_json::from_value(json!({
+                "hex8_2p": {"generation": 12, "games_total": 123_456_789, "games_since_export": 4321,
+                            "last_export_at": 1.0, "model_sha256": "ab", "model_written_at": 1.0,
+                            "model_age_secs": 99_999.0, "stage": "training",
+                            "stages": ["selfplay", "training"],
+                            "last_promotion": {"at": 1.0, "generation": 12}, "rating": 1523.4},
+                "hex6_2p": {"generation": null, "games_total": null, "games_since_export": null,
+                            "last_export_at": null, "model_sha256": null, "model_written_at": null,
+                            "model_age_secs": null, "stage": "idle", "stages": [],
+                            "last_promotion": null, "rating": null}
             }))
             .unwrap(),
         }
@@ -457,6 +485,28 @@ mod tests {
         assert!(frame.contains("more daemons"), "{frame}");
         let frame = render(&report(15), &events, &mut BTreeMap::new(), false, (80, 24));
         assert!(frame.contains("LATEST EVENTS"), "{frame}");
+        // The per-key view comes before the daemons, whatever their number.
+        for daemons in [0, 40] {
+            let frame = render(
+                &report(daemons),
+                &[],
+                &mut BTreeMap::new(),
+                false,
+                (200, 24),
+            );
+            let lines: Vec<&str> = frame.lines().collect();
+            assert!(lines[3].starts_with("KEY "), "{frame}");
+            assert!(
+                lines[4].starts_with("hex6_2p") && lines[4].contains(" idle "),
+                "{frame}"
+            );
+            assert!(lines[5].starts_with("hex8_2p"), "{frame}");
+            assert!(lines[5].contains("training (+selfplay)"), "{frame}");
+            assert!(
+                lines[5].contains("gen 12, ") && lines[5].ends_with("1523"),
+                "{frame}"
+            );
+        }
         assert!(frame.contains("HTTP monitoring is off"), "{frame}");
     }
 }

@@ -34,6 +34,7 @@ impl Core {
                     Some(n) => match self.resolve_name(&n) {
                         Ok(n) => StatusReport {
                             daemons: report.daemons.into_iter().filter(|d| d.name == n).collect(),
+                            pipeline: Default::default(),
                             ..report
                         },
                         Err(e) => {

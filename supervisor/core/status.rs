@@ -1,5 +1,7 @@
 //! What `status` reports: the daemons, jobs, events and the supervisor itself.
 
+use ringrift::pipeline_view;
+
 use super::*;
 
 impl Core {
@@ -66,7 +68,15 @@ impl Core {
                         .unwrap_or_default(),
                 }
             })
-            .collect();
+            .collect::<Vec<DaemonStatus>>();
+        let pipeline = pipeline_view::merge(
+            daemons.iter().map(|d| pipeline_view::Source {
+                daemon: &d.name,
+                live: d.state.has_process(),
+                details: &d.health.details,
+            }),
+            unix_now_secs(),
+        );
         StatusReport {
             supervisor: SupervisorInfo {
                 pid: std::process::id(),
@@ -89,10 +99,17 @@ impl Core {
             daemons,
             jobs: self.job_statuses(),
             events: self.events.info(),
+            pipeline,
         }
     }
 }
 
 pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// Now as unix time, seconds (the pipeline view's ages are taken against it).
+fn unix_now_secs() -> f64 {
+    let (secs, millis) = ringrift::timefmt::unix_now();
+    secs as f64 + f64::from(millis) / 1000.0
 }

@@ -1,9 +1,11 @@
 //! Prometheus text exposition (format 0.0.4) of the status report, written by hand: a few
 //! `# HELP`/`# TYPE` lines per family.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use ringrift::lifecycle::DaemonState;
+use ringrift::pipeline_view::{KeyView, Stage};
 use ringrift::protocol::{ClusterReport, NodeStatus, StatusReport};
 
 /// Prometheus text exposition of the status report.
@@ -130,6 +132,88 @@ pub(crate) fn metrics(s: &StatusReport) -> String {
         "seconds since the supervisor started",
         vec![(String::new(), s.supervisor.uptime_secs)],
     );
+    out.push_str(&pipeline_metrics(&s.pipeline));
+    out
+}
+
+/// The per-key view's gauges (`config_key` label), when a pipeline daemon reports one: a key
+/// whose fact is unknown (null in `GET /pipeline`) has no sample in that family. `stage` is 1
+/// for the key's current stage and 0 for the others (one sample per stage, `idle` included);
+/// `stage_active` is 1 for every stage working on the key now.
+pub(crate) fn pipeline_metrics(view: &BTreeMap<String, KeyView>) -> String {
+    let mut out = String::new();
+    if view.is_empty() {
+        return out;
+    }
+    let mut family = |name: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let per_key = |f: &dyn Fn(&KeyView) -> Option<f64>| -> Vec<(String, f64)> {
+        view.iter()
+            .filter_map(|(k, v)| Some((format!("{{config_key=\"{}\"}}", escape(k)), f(v)?)))
+            .collect()
+    };
+    let per_stage = |f: &dyn Fn(&KeyView, Stage) -> Option<bool>| -> Vec<(String, f64)> {
+        view.iter()
+            .flat_map(|(k, v)| {
+                Stage::ALL.iter().filter_map(move |st| {
+                    let on = f(v, *st)?;
+                    Some((
+                        format!("{{config_key=\"{}\",stage=\"{st}\"}}", escape(k)),
+                        f64::from(u8::from(on)),
+                    ))
+                })
+            })
+            .collect()
+    };
+    family(
+        "ringrift_pipeline_generation",
+        "models of the key promoted to canonical on this node (the canonical model's generation)",
+        per_key(&|v| v.generation.map(|g| g as f64)),
+    );
+    family(
+        "ringrift_pipeline_games",
+        "completed games of the key in this node's games DB",
+        per_key(&|v| v.games_total.map(|g| g as f64)),
+    );
+    family(
+        "ringrift_pipeline_games_since_export",
+        "completed games of the key not yet in an export",
+        per_key(&|v| v.games_since_export.map(|g| g as f64)),
+    );
+    family(
+        "ringrift_pipeline_model_age_seconds",
+        "seconds since the key's canonical model file was written",
+        per_key(&|v| v.model_age_secs),
+    );
+    family(
+        "ringrift_pipeline_last_export_timestamp_seconds",
+        "unix time of the key's last export",
+        per_key(&|v| v.last_export_at),
+    );
+    family(
+        "ringrift_pipeline_last_promotion_timestamp_seconds",
+        "unix time of the key's last promotion on this node",
+        per_key(&|v| v.last_promotion.map(|p| p.at)),
+    );
+    family(
+        "ringrift_pipeline_rating_elo",
+        "the canonical model's rating (Elo), once a ratings ladder reports one",
+        per_key(&|v| v.rating),
+    );
+    family(
+        "ringrift_pipeline_stage",
+        "1 for the key's current stage (the latest active in pipeline order, or idle)",
+        per_stage(&|v, st| Some(v.stage == st)),
+    );
+    family(
+        "ringrift_pipeline_stage_active",
+        "1 for each stage working on the key now",
+        per_stage(&|v, st| (st != Stage::Idle).then(|| v.stages.contains(&st))),
+    );
     out
 }
 
@@ -192,4 +276,43 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_key_view_is_one_gauge_per_fact_and_stage() {
+        assert_eq!(pipeline_metrics(&BTreeMap::new()), "");
+        let view: BTreeMap<String, KeyView> = serde_json::from_value(serde_json::json!({
+            "hex8_2p": {"generation": 2, "games_total": 1200, "games_since_export": 100,
+                        "last_export_at": 1000.5, "model_sha256": "ab", "model_written_at": 900.0,
+                        "model_age_secs": 100.5, "stage": "training",
+                        "stages": ["selfplay", "training"],
+                        "last_promotion": {"at": 900.0, "generation": 2}, "rating": null}
+        }))
+        .unwrap();
+        let text = pipeline_metrics(&view);
+        for line in [
+            "# TYPE ringrift_pipeline_generation gauge",
+            "ringrift_pipeline_generation{config_key=\"hex8_2p\"} 2",
+            "ringrift_pipeline_games{config_key=\"hex8_2p\"} 1200",
+            "ringrift_pipeline_games_since_export{config_key=\"hex8_2p\"} 100",
+            "ringrift_pipeline_model_age_seconds{config_key=\"hex8_2p\"} 100.5",
+            "ringrift_pipeline_last_export_timestamp_seconds{config_key=\"hex8_2p\"} 1000.5",
+            "ringrift_pipeline_last_promotion_timestamp_seconds{config_key=\"hex8_2p\"} 900",
+            "ringrift_pipeline_stage{config_key=\"hex8_2p\",stage=\"training\"} 1",
+            "ringrift_pipeline_stage{config_key=\"hex8_2p\",stage=\"idle\"} 0",
+            "ringrift_pipeline_stage_active{config_key=\"hex8_2p\",stage=\"selfplay\"} 1",
+            "ringrift_pipeline_stage_active{config_key=\"hex8_2p\",stage=\"export\"} 0",
+            "# HELP ringrift_pipeline_rating_elo the canonical model's rating (Elo), once a ratings ladder reports one",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // No rating yet: the family is there, without a sample.
+        assert!(!text.contains("ringrift_pipeline_rating_elo{"), "{text}");
+        assert!(!text.contains("stage_active{config_key=\"hex8_2p\",stage=\"idle\"}"));
+        assert_eq!(text.matches("ringrift_pipeline_stage{").count(), 6);
+    }
 }

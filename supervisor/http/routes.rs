@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Msg, Requester};
 
-pub(crate) const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /metrics, GET /events, GET /cluster/status, POST /event (HEAD wherever GET)";
+pub(crate) const ROUTES: &str = "GET /health, GET /ready, GET /daemon/status, GET /daemon/<name>/health, GET /pipeline, GET /metrics, GET /events, GET /cluster/status, POST /event (HEAD wherever GET)";
 
 /// Default page of `GET /events`.
 const DEFAULT_PAGE: usize = 100;
@@ -24,6 +24,8 @@ pub(crate) enum Route {
     Ready,
     Status,
     DaemonHealth(String),
+    /// `GET /pipeline`: the per-key view of `status --json`'s `pipeline`.
+    Pipeline,
     Metrics,
     Events,
     /// `GET /cluster/status`: `cluster status --json`.
@@ -41,6 +43,7 @@ impl Route {
             ["ready"] => (Route::Ready, "GET"),
             ["daemon", "status"] => (Route::Status, "GET"),
             ["daemon", name, "health"] => (Route::DaemonHealth((*name).to_string()), "GET"),
+            ["pipeline"] => (Route::Pipeline, "GET"),
             ["metrics"] => (Route::Metrics, "GET"),
             ["events"] => (Route::Events, "GET"),
             ["cluster", "status"] => (Route::Cluster, "GET"),
@@ -117,6 +120,9 @@ pub(crate) async fn read(
             Response::json(200, &serde_json::to_value(&s).expect("serializes"))
         }),
         Route::DaemonHealth(name) => Ok(daemon_health(core, name).await),
+        Route::Pipeline => status(core).await.map(|s| {
+            Response::json(200, &serde_json::to_value(&s.pipeline).expect("serializes"))
+        }),
         Route::Metrics => match status(core).await {
             Ok(s) => {
                 let mut text = super::metrics::metrics(&s);
@@ -391,6 +397,11 @@ mod tests {
     fn routes_by_path_with_head_wherever_get() {
         assert_eq!(Route::parse("GET", "/health").ok(), Some(Route::Health));
         assert_eq!(Route::parse("HEAD", "/metrics").ok(), Some(Route::Metrics));
+        assert_eq!(Route::parse("GET", "/pipeline").ok(), Some(Route::Pipeline));
+        assert_eq!(
+            Route::parse("HEAD", "/pipeline").ok(),
+            Some(Route::Pipeline)
+        );
         assert_eq!(
             Route::parse("HEAD", "/daemon/auto_sync/health").ok(),
             Some(Route::DaemonHealth("auto_sync".into()))
