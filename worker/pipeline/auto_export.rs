@@ -35,10 +35,11 @@ use super::retry::Failing;
 use super::selfplay_scheduler::{keep_quarantined, last_error_line};
 use super::{
     KeyHealth, KeyLog, KeyStatus, Pipeline, job_failure, load_state, note_error, now_secs,
-    save_or_note, typed,
+    save_or_note, typed, view_details,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::pipeline_view::{KeyReport, Stage};
 use ringrift::settings::ExportSettings;
 
 const NAME: &str = "auto_export";
@@ -129,12 +130,14 @@ fn decide(
 }
 
 /// What the games DB says about a key: completed games above `after`, the highest of their ids,
-/// and the highest completed id overall (to notice a DB that was replaced and restarted its ids).
+/// the highest completed id overall (to notice a DB that was replaced and restarted its ids), and
+/// how many completed games there are in all (for the per-key view).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct DbCount {
     new_games: u64,
     max_new_id: Option<i64>,
     max_id: Option<i64>,
+    total: u64,
 }
 
 /// `Ok(None)`: the DB does not exist yet.
@@ -155,17 +158,19 @@ fn count_new_games(db: &Path, key: &str, after: i64) -> anyhow::Result<Option<Db
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .with_context(|| format!("games db {} is not readable", db.display()))?;
-    let max_id: Option<i64> = conn
+    // One pass over the index (config_key, status, id) counts them all.
+    let (total, max_id): (i64, Option<i64>) = conn
         .query_row(
-            "SELECT MAX(id) FROM games WHERE config_key = ?1 AND status = 'completed'",
+            "SELECT COUNT(*), MAX(id) FROM games WHERE config_key = ?1 AND status = 'completed'",
             params![key],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .with_context(|| format!("games db {} is not readable", db.display()))?;
     Ok(Some(DbCount {
         new_games: new_games.max(0) as u64,
         max_new_id,
         max_id,
+        total: total.max(0) as u64,
     }))
 }
 
@@ -263,6 +268,10 @@ struct AutoExport {
     dbs_quarantined: u64,
     /// Games DBs this process moved aside, the latest last.
     quarantined: Vec<Quarantined>,
+    /// Per key, from the last count: completed games in all, and not yet exported.
+    counts: BTreeMap<String, (u64, u64)>,
+    /// The key whose export job runs now.
+    exporting: Option<String>,
 }
 
 impl AutoExport {
@@ -298,22 +307,24 @@ impl AutoExport {
         } else {
             "ok"
         };
+        let mut details = BTreeMap::from([
+            ("keys".to_string(), Value::Object(keys)),
+            ("threshold_games".to_string(), Value::from(self.threshold)),
+            ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
+            ("replay_window".to_string(), Value::from(self.replay_window)),
+            ("games_keep".to_string(), Value::from(self.games_keep)),
+            ("last_error".to_string(), json!(self.health.last_error)),
+            (
+                "quarantined".to_string(),
+                Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
+            ),
+        ]);
+        view_details(&mut details, self.view());
         Report::with_status(
             healthy,
             status,
             message,
-            BTreeMap::from([
-                ("keys".to_string(), Value::Object(keys)),
-                ("threshold_games".to_string(), Value::from(self.threshold)),
-                ("batch_timeout".to_string(), Value::from(self.batch_timeout)),
-                ("replay_window".to_string(), Value::from(self.replay_window)),
-                ("games_keep".to_string(), Value::from(self.games_keep)),
-                ("last_error".to_string(), json!(self.health.last_error)),
-                (
-                    "quarantined".to_string(),
-                    Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
-                ),
-            ]),
+            details,
             [
                 ("scans", self.scans),
                 ("exports", self.exports),
@@ -325,6 +336,28 @@ impl AutoExport {
                 ("games_pruned", self.games_pruned),
             ],
         )
+    }
+
+    /// This daemon's facts for the per-key view: games (as of the last count), the last export,
+    /// and stage `export` while a key's export job runs.
+    fn view(&self) -> BTreeMap<String, KeyReport> {
+        let keys = self.pipeline.iter().flat_map(|p| p.config_keys.iter());
+        keys.map(|k| {
+            let counts = self.counts.get(k);
+            let report = KeyReport {
+                games_total: counts.map(|c| c.0),
+                games_since_export: counts.map(|c| c.1),
+                last_export_at: self.state.keys.get(k).and_then(|s| s.last_export_at),
+                stages: if self.exporting.as_deref() == Some(k.as_str()) {
+                    vec![Stage::Export]
+                } else {
+                    Vec::new()
+                },
+                ..KeyReport::default()
+            };
+            (k.clone(), report)
+        })
+        .collect()
     }
 
     fn set(&mut self, key: &str, ok: bool, message: String) {
@@ -448,6 +481,7 @@ impl AutoExport {
         }
         let count = match counted {
             Ok(None) => {
+                self.counts.insert(key.to_string(), (0, 0));
                 self.set(
                     key,
                     true,
@@ -455,7 +489,10 @@ impl AutoExport {
                 );
                 return;
             }
-            Ok(Some(c)) => c,
+            Ok(Some(c)) => {
+                self.counts.insert(key.to_string(), (c.total, c.new_games));
+                c
+            }
             Err(e) => {
                 self.fail(key, format!("games db unreadable: {e:#}"));
                 return;
@@ -538,7 +575,10 @@ impl AutoExport {
         } else {
             String::new()
         };
-        let outcome = match pipeline
+        // The per-key view shows the export while its job runs.
+        self.exporting = Some(key.to_string());
+        ctx.publish(self.report());
+        let outcome = pipeline
             .run_job(
                 &ctx,
                 "export",
@@ -550,8 +590,9 @@ impl AutoExport {
                     ("replay_window", self.replay_window.to_string()),
                 ],
             )
-            .await
-        {
+            .await;
+        self.exporting = None;
+        let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 self.fail(key, format!("cannot start the export job: {e:#}"));
@@ -610,7 +651,10 @@ impl AutoExport {
         self.rows_skipped += skipped_rows.unwrap_or(0);
         self.state.keys.insert(key.to_string(), ks);
         self.save();
-        self.prune(pipeline, key, last_game_id);
+        let pruned = self.prune(pipeline, key, last_game_id);
+        // What was counted is exported now (games that came meanwhile are counted next scan).
+        self.counts
+            .insert(key.to_string(), (count.total.saturating_sub(pruned), 0));
         self.exports += 1;
         self.games_exported += count.new_games;
         self.samples_exported += summary.samples;
@@ -651,24 +695,28 @@ impl AutoExport {
 
     /// Retention: deletes the games of `key` beyond its newest `games_keep` that the export
     /// just read (ids up to `exported`). A failure is noted and retried after the next export.
-    fn prune(&mut self, pipeline: &Pipeline, key: &str, exported: i64) {
+    fn prune(&mut self, pipeline: &Pipeline, key: &str, exported: i64) -> u64 {
         let db = pipeline.games_db(key);
         match crate::jobs::db::GamesDb::open_existing(&db)
             .and_then(|d| d.prune(key, self.games_keep, exported))
         {
-            Ok(0) => {}
+            Ok(0) => 0,
             Ok(n) => {
                 self.games_pruned += n;
                 println!(
                     "{NAME}: {key}: deleted {n} exported game(s) beyond the newest {} (games_keep)",
                     self.games_keep
                 );
+                n
             }
-            Err(e) => note_error(
-                &mut self.health.last_error,
-                NAME,
-                &format!("{key}: cannot prune old games: {e:#}"),
-            ),
+            Err(e) => {
+                note_error(
+                    &mut self.health.last_error,
+                    NAME,
+                    &format!("{key}: cannot prune old games: {e:#}"),
+                );
+                0
+            }
         }
     }
 
@@ -811,10 +859,14 @@ mod tests {
         make_db(&db, 5, 2);
         let c = count_new_games(&db, "hex8_2p", 0).unwrap().unwrap();
         assert_eq!((c.new_games, c.max_new_id, c.max_id), (5, Some(5), Some(5)));
+        assert_eq!(c.total, 5, "completed games of the key only");
         let c = count_new_games(&db, "hex8_2p", 3).unwrap().unwrap();
         assert_eq!((c.new_games, c.max_new_id), (2, Some(5)));
         let c = count_new_games(&db, "hex8_2p", 5).unwrap().unwrap();
-        assert_eq!((c.new_games, c.max_new_id, c.max_id), (0, None, Some(5)));
+        assert_eq!(
+            (c.new_games, c.max_new_id, c.max_id, c.total),
+            (0, None, Some(5), 5)
+        );
 
         let corrupt = dir.path().join("corrupt.db");
         std::fs::write(

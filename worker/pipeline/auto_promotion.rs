@@ -22,8 +22,9 @@
 //! - Decided candidates are kept in the state file; each cycle scans `*.eval.json` files for
 //!   undecided ones, so a lost EVALUATION_COMPLETED only delays a decision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use ringrift::events::{Event, payload};
 use serde::{Deserialize, Serialize};
@@ -37,9 +38,10 @@ use super::evaluation::{
 };
 use super::ratings_db::{Promotion, RatingsDb, matches_of};
 use super::sha256;
-use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
+use super::{Pipeline, load_state, now_secs, save_daemon_state, typed, view_details};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::pipeline_view::{KeyReport, Promotion as LastPromotion, Stage};
 use ringrift::ratings::Rating;
 use ringrift::settings::PromotionSettings;
 
@@ -269,6 +271,16 @@ struct State {
     reevaluated: Vec<String>,
 }
 
+/// The canonical model of a key as last looked at, for the per-key view: its SHA-256 (what the
+/// games table's `model` column records) and when it was written, hashed again only when its
+/// length or modification time changes.
+#[derive(Debug, Clone, PartialEq)]
+struct ModelFacts {
+    len: u64,
+    modified: SystemTime,
+    sha256: String,
+}
+
 #[derive(Default)]
 struct AutoPromotion {
     ctx: Option<Ctx>,
@@ -292,6 +304,10 @@ struct AutoPromotion {
     errors: u64,
     reevaluations: u64,
     refused: u64,
+    /// Each key's canonical model, as last looked at (none: there is no canonical model).
+    models: BTreeMap<String, ModelFacts>,
+    /// Keys with an evaluated candidate not decided yet (stage `promotion`).
+    pending: BTreeSet<String>,
 }
 
 impl AutoPromotion {
@@ -312,18 +328,20 @@ impl AutoPromotion {
         } else {
             self.last.clone()
         };
+        let mut details = BTreeMap::from([
+            ("canonical".to_string(), Value::Object(canonical)),
+            ("decided".to_string(), Value::from(self.state.decided.len())),
+            (
+                "ladder".to_string(),
+                Value::Object(self.ladder.clone().into_iter().collect()),
+            ),
+            ("last_error".to_string(), json!(self.last_error)),
+        ]);
+        view_details(&mut details, self.view());
         Report::new(
             self.ok,
             message,
-            BTreeMap::from([
-                ("canonical".to_string(), Value::Object(canonical)),
-                ("decided".to_string(), Value::from(self.state.decided.len())),
-                (
-                    "ladder".to_string(),
-                    Value::Object(self.ladder.clone().into_iter().collect()),
-                ),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            details,
             [
                 ("decisions", self.decisions),
                 ("promotions", self.promotions),
@@ -334,6 +352,91 @@ impl AutoPromotion {
                 ("files_pruned", self.pruned),
             ],
         )
+    }
+
+    /// This daemon's facts for the per-key view: the canonical model's generation, SHA-256 and
+    /// age, the last promotion, the rating, and stage `promotion` while an evaluated candidate
+    /// waits for a decision.
+    fn view(&self) -> BTreeMap<String, KeyReport> {
+        let keys = self.pipeline.iter().flat_map(|p| p.config_keys.iter());
+        keys.map(|k| {
+            // The ladder's figures: the ratings DB counts the promotions (the generation) and
+            // fits the Elo of the canonical model.
+            let ladder = self.ladder.get(k);
+            let generation = ladder
+                .and_then(|l| l.get("generation"))
+                .and_then(Value::as_u64);
+            let model = self.models.get(k);
+            let report = KeyReport {
+                generation,
+                model_sha256: model.map(|m| m.sha256.clone()),
+                model_written_at: model.and_then(|m| {
+                    m.modified
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs_f64())
+                }),
+                last_promotion: self
+                    .state
+                    .last_promotion_at
+                    .get(k)
+                    .zip(generation)
+                    .map(|(&at, generation)| LastPromotion { at, generation }),
+                rating: ladder
+                    .and_then(|l| l.get("rating_elo"))
+                    .and_then(Value::as_f64),
+                stages: if self.pending.contains(k) {
+                    vec![Stage::Promotion]
+                } else {
+                    Vec::new()
+                },
+                ..KeyReport::default()
+            };
+            (k.clone(), report)
+        })
+        .collect()
+    }
+
+    /// Looks at each key's canonical model again (hashing only one that changed), for the
+    /// per-key view.
+    fn refresh_models(&mut self) {
+        let Some(pipeline) = self.pipeline.clone() else {
+            return;
+        };
+        for key in &pipeline.config_keys {
+            let path = pipeline.canonical(key);
+            let seen = std::fs::metadata(&path)
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
+            let Some((len, modified)) = seen else {
+                self.models.remove(key);
+                continue;
+            };
+            if self
+                .models
+                .get(key)
+                .is_some_and(|m| m.len == len && m.modified == modified)
+            {
+                continue;
+            }
+            match sha256::file_hex(&path) {
+                Ok(sha256) => {
+                    self.models.insert(
+                        key.clone(),
+                        ModelFacts {
+                            len,
+                            modified,
+                            sha256,
+                        },
+                    );
+                }
+                Err(e) => {
+                    eprintln!("{NAME}: {key}: cannot hash {}: {e:#}", path.display());
+                    self.models.remove(key);
+                }
+            }
+        }
     }
 
     fn save(&mut self) {
@@ -347,6 +450,10 @@ impl AutoPromotion {
 
     fn record(&mut self, candidate: &Path, promoted: bool, gate: Option<&str>) {
         self.decisions += 1;
+        if let Some(key) = candidate_key(candidate) {
+            // Another candidate of the key may still wait: the next scan says.
+            self.pending.remove(&key);
+        }
         self.state.decided.insert(
             candidate.display().to_string(),
             Decided {
@@ -762,6 +869,7 @@ impl AutoPromotion {
             .last_promotion_at
             .insert(key.to_string(), now_secs());
         self.record(candidate, true, None);
+        self.refresh_models();
         self.last = format!(
             "promoted {} to {} at {} ({:.3} vs random, {}){}",
             candidate.display(),
@@ -802,6 +910,7 @@ impl AutoPromotion {
 
     fn reconcile(&mut self) {
         let pipeline = self.pipeline.clone().expect("started");
+        let mut pending = BTreeSet::new();
         for candidate in candidates(&pipeline.root.join("models/candidates")) {
             let results_path = eval_path(&candidate);
             // A results file evaluation has just put in place is decided on its
@@ -810,13 +919,13 @@ impl AutoPromotion {
             let fresh = std::fs::metadata(&results_path)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < LOST_EVENT_GRACE));
-            if fresh
-                || !results_path.exists()
-                || self
-                    .state
-                    .decided
-                    .contains_key(&candidate.display().to_string())
-            {
+            let id = candidate.display().to_string();
+            if !results_path.exists() || self.state.decided.contains_key(&id) {
+                continue;
+            }
+            let key = candidate_key(&candidate);
+            if fresh {
+                pending.extend(key.filter(|k| self.leads(k)));
                 continue;
             }
             let Some(dir) = candidate.parent() else {
@@ -827,7 +936,13 @@ impl AutoPromotion {
                 // Evaluation's business: it quarantines unusable results and evaluates again.
                 Err(e) => eprintln!("{NAME}: skipping {}: {e:#}", results_path.display()),
             }
+            // Still undecided (a promotion to retry, a re-evaluation asked for): waiting.
+            if !self.state.decided.contains_key(&id) && eval_path(&candidate).exists() {
+                pending.extend(key.filter(|k| self.leads(k)));
+            }
         }
+        self.pending = pending;
+        self.refresh_models();
         for key in &pipeline.config_keys {
             let canonical = pipeline.canonical(key);
             if self.leads(key)
@@ -901,6 +1016,7 @@ impl Daemon for AutoPromotion {
                 }
             }
             self.pipeline = Some(pipeline);
+            self.refresh_models();
             Ok(self.report())
         })
     }
@@ -1071,6 +1187,72 @@ mod tests {
             "model_path": path.display().to_string(),
             "model_sha256": sha,
         })
+    }
+
+    #[test]
+    fn the_per_key_view_has_the_generation_and_the_canonical_models_hash_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = vec!["hex6_2p".to_string(), "hex8_2p".to_string()];
+        let pipeline = Pipeline::for_test(dir.path(), keys.clone());
+        let state = State {
+            last_promotion_at: BTreeMap::from([("hex6_2p".to_string(), 7.5)]),
+            ..State::default()
+        };
+        // The ladder as the ratings DB gave it: hex6_2p promoted twice and rated; hex8_2p
+        // never promoted.
+        let ladder = BTreeMap::from([
+            (
+                "hex6_2p".to_string(),
+                json!({"generation": 2, "rating_elo": 312.5, "model_sha256": "x"}),
+            ),
+            (
+                "hex8_2p".to_string(),
+                json!({"generation": 0, "rating_elo": null, "model_sha256": null}),
+            ),
+        ]);
+        std::fs::create_dir_all(pipeline.models_dir()).unwrap();
+        std::fs::write(pipeline.canonical("hex6_2p"), b"model").unwrap();
+        let mut daemon = AutoPromotion {
+            pipeline: Some(pipeline.clone()),
+            state,
+            ladder,
+            ..AutoPromotion::default()
+        };
+        daemon.refresh_models();
+        let view = ringrift::pipeline_view::reports(&daemon.report().health.details);
+        let hex6 = &view["hex6_2p"];
+        assert_eq!(hex6.generation, Some(2));
+        assert_eq!(
+            hex6.model_sha256.as_deref(),
+            Some(sha256::hex_of(b"model").as_str())
+        );
+        let written = hex6.model_written_at.unwrap();
+        assert!((written - now_secs()).abs() < 60.0, "{written}");
+        assert_eq!(
+            hex6.last_promotion,
+            Some(LastPromotion {
+                at: 7.5,
+                generation: 2
+            })
+        );
+        assert_eq!((hex6.rating, hex6.stages.len()), (Some(312.5), 0));
+        let hex8 = &view["hex8_2p"];
+        assert_eq!(
+            (hex8.generation, hex8.model_sha256.as_ref()),
+            (Some(0), None)
+        );
+        assert_eq!((hex8.model_written_at, hex8.last_promotion), (None, None));
+        assert_eq!(hex8.rating, None);
+        // A changed model is hashed again; a removed one is gone from the view.
+        std::fs::write(pipeline.canonical("hex6_2p"), b"better model").unwrap();
+        daemon.refresh_models();
+        assert_eq!(
+            daemon.models["hex6_2p"].sha256,
+            sha256::hex_of(b"better model")
+        );
+        std::fs::remove_file(pipeline.canonical("hex6_2p")).unwrap();
+        daemon.refresh_models();
+        assert!(daemon.models.is_empty());
     }
 
     #[test]

@@ -30,9 +30,13 @@ use serde_json::{Value, json};
 use super::auto_export::quarantine;
 use super::confine::{confined_file, read_confined, write_replace};
 use super::sha256;
-use super::{Pipeline, Validation, job_failure, load_state, now_secs, save_or_note, typed};
+use super::{
+    Busy, Pipeline, Validation, job_failure, load_state, now_secs, save_or_note, stage_reports,
+    typed, view_details,
+};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::pipeline_view::Stage;
 use ringrift::settings::EvaluationSettings;
 
 mod work_items;
@@ -328,6 +332,8 @@ struct Evaluation {
     remote: u64,
     /// In a cluster: this node's candidates offered to the cluster, with their item's id.
     offered: BTreeMap<PathBuf, i64>,
+    /// Keys with a gauntlet job running now (stage `evaluation` of the per-key view).
+    playing: Busy,
 }
 
 impl Evaluation {
@@ -371,28 +377,33 @@ impl Evaluation {
         } else {
             "ok"
         };
+        let mut details = BTreeMap::from([
+            ("queue_depth".to_string(), Value::from(depth)),
+            ("queue_limit".to_string(), Value::from(self.limit)),
+            (
+                "queue".to_string(),
+                json!(
+                    self.queue
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                ),
+            ),
+            (
+                "backpressure_active".to_string(),
+                Value::from(self.state.backpressure_active),
+            ),
+            ("last_error".to_string(), json!(self.last_error)),
+        ]);
+        view_details(
+            &mut details,
+            stage_reports(self.playing.keys().cloned(), Stage::Evaluation),
+        );
         Report::with_status(
             self.last_ok,
             status,
             message,
-            BTreeMap::from([
-                ("queue_depth".to_string(), Value::from(depth)),
-                ("queue_limit".to_string(), Value::from(self.limit)),
-                (
-                    "queue".to_string(),
-                    json!(
-                        self.queue
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                    ),
-                ),
-                (
-                    "backpressure_active".to_string(),
-                    Value::from(self.state.backpressure_active),
-                ),
-                ("last_error".to_string(), json!(self.last_error)),
-            ]),
+            details,
             [
                 ("evaluations_started", self.started),
                 ("evaluations_completed", self.completed),
@@ -738,10 +749,14 @@ impl Evaluation {
             candidate.display(),
             self.games
         );
+        if self.playing.start(key) {
+            ctx.publish(self.report());
+        }
         let outcome = pipeline
             .run_job_for(&ctx, "gauntlet", key, &vars, item)
-            .await
-            .map_err(|e| format!("cannot start the gauntlet job: {e:#}"))?;
+            .await;
+        self.playing.end(key);
+        let outcome = outcome.map_err(|e| format!("cannot start the gauntlet job: {e:#}"))?;
         if !outcome.success {
             return Err(job_failure("gauntlet", &outcome));
         }

@@ -623,6 +623,71 @@ pub(crate) fn pass_health(
     }
 }
 
+/// Keys with a job of one kind running now, counted (a key may have several at once): for the
+/// stage a daemon reports in its per-key view ([`view_details`]).
+#[derive(Debug, Default)]
+pub(crate) struct Busy(BTreeMap<String, usize>);
+
+impl Busy {
+    /// A job of `key` starts. True when `key` was not busy before (the view changed).
+    pub(crate) fn start(&mut self, key: &str) -> bool {
+        let n = self.0.entry(key.to_string()).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    /// A job of `key` ended. True when `key` is no longer busy (the view changed).
+    pub(crate) fn end(&mut self, key: &str) -> bool {
+        match self.0.get_mut(key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.0.remove(key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The busy keys.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+}
+
+/// Adds a daemon's per-key facts to its health details, under the field the supervisor merges
+/// into `status`'s per-key view (`details.pipeline`, see [`ringrift::pipeline_view`]).
+pub(crate) fn view_details(
+    details: &mut BTreeMap<String, Value>,
+    reports: BTreeMap<String, ringrift::pipeline_view::KeyReport>,
+) {
+    details.insert(
+        ringrift::pipeline_view::DETAILS_FIELD.to_string(),
+        ringrift::pipeline_view::details_value(&reports),
+    );
+}
+
+/// The per-key reports of a daemon whose only fact is `stage` while the keys in `busy` have a job
+/// running.
+pub(crate) fn stage_reports(
+    busy: impl IntoIterator<Item = impl Into<String>>,
+    stage: ringrift::pipeline_view::Stage,
+) -> BTreeMap<String, ringrift::pipeline_view::KeyReport> {
+    busy.into_iter()
+        .map(|k| {
+            (
+                k.into(),
+                ringrift::pipeline_view::KeyReport {
+                    stages: vec![stage],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
 /// Seconds since the unix epoch.
 pub(crate) fn now_secs() -> f64 {
     std::time::SystemTime::now()
@@ -651,6 +716,31 @@ pub(crate) mod tests {
         // SAFETY: single-threaded test setup of a variable no other test reads concurrently.
         unsafe { std::env::set_var(ROOT_ENV, "/srv/rr") };
         Pipeline::from_settings(&settings).unwrap()
+    }
+
+    #[test]
+    fn busy_keys_are_counted_and_changes_of_the_set_are_told() {
+        let mut busy = Busy::default();
+        assert!(busy.start("a"));
+        assert!(!busy.start("a"));
+        assert!(busy.start("b"));
+        assert!(!busy.end("a"));
+        assert_eq!(busy.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(busy.end("a"));
+        assert!(!busy.end("a"), "not busy: nothing changes");
+        assert_eq!(busy.keys().collect::<Vec<_>>(), ["b"]);
+        let mut details = BTreeMap::new();
+        view_details(
+            &mut details,
+            stage_reports(
+                busy.keys().cloned(),
+                ringrift::pipeline_view::Stage::Training,
+            ),
+        );
+        assert_eq!(
+            details["pipeline"],
+            serde_json::json!({"b": {"stages": ["training"]}})
+        );
     }
 
     #[test]

@@ -31,11 +31,12 @@ use serde_json::Value;
 use super::games_db::{Depth, Quarantined, ensure_usable};
 use super::quality_monitor::count_completed;
 use super::retry::Failing;
-use super::{Pipeline, load_state, now_secs, save_state, typed};
+use super::{Busy, Pipeline, load_state, now_secs, save_state, stage_reports, typed, view_details};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, JobOutcome, Settings};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use ringrift::pipeline_view::Stage;
 use ringrift::settings::SchedulerSettings;
 use ringrift::work_queue::{Attempt, Claimed, SELFPLAY};
 
@@ -489,6 +490,8 @@ pub(crate) struct Scheduler {
     failing: Option<Failing>,
     /// This node is leaving the cluster: no new items are claimed.
     draining: bool,
+    /// Keys with a selfplay job running now (stage `selfplay` of the per-key view).
+    playing: Busy,
 }
 
 /// Quarantines listed in health.
@@ -525,6 +528,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         db_problems: Vec::new(),
         failing: None,
         draining: false,
+        playing: Busy::default(),
     })
 }
 
@@ -686,6 +690,9 @@ impl Scheduler {
                         eprintln!("{NAME}: {key}: cannot count games before the job: {e:#}");
                     }
                     self.totals.jobs_started += 1;
+                    if self.playing.start(&key) {
+                        ctx.publish(self.report());
+                    }
                     let (announcer, id) = (&announcer, item.id);
                     let shared = queue.is_shared().then_some(id);
                     running.push(Box::pin(async move {
@@ -708,6 +715,9 @@ impl Scheduler {
                 () = tokio::time::sleep_until(refresh.into()) => None,
             };
             if let Some((id, run)) = next {
+                if self.playing.end(&run.key) {
+                    ctx.publish(self.report());
+                }
                 // Jobs that keep failing wait for the retry schedule instead of spinning
                 // through the queue: `slots` failures in a row stop the claims.
                 if run.result.is_ok() {
@@ -993,7 +1003,7 @@ impl Scheduler {
             message = format!("{}; {message}", problems.join("; "));
         }
         let t = self.totals;
-        let details = BTreeMap::from([
+        let mut details = BTreeMap::from([
             (
                 "quarantined".to_string(),
                 Value::Array(self.quarantined.iter().map(Quarantined::to_json).collect()),
@@ -1017,6 +1027,10 @@ impl Scheduler {
             ("slots".to_string(), Value::from(self.slots)),
             ("draining".to_string(), Value::from(self.draining)),
         ]);
+        view_details(
+            &mut details,
+            stage_reports(self.playing.keys().cloned(), Stage::Selfplay),
+        );
         Report::new(
             healthy,
             message,

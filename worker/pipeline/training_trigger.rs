@@ -39,10 +39,12 @@ use serde_json::{Value, json};
 use super::auto_export::{export_failing, quarantine};
 use super::work::refused;
 use super::{
-    KeyHealth, KeyLog, Pipeline, job_failure, load_state, note_error, now_secs, save_or_note, typed,
+    KeyHealth, KeyLog, Pipeline, job_failure, load_state, note_error, now_secs, save_or_note,
+    stage_reports, typed, view_details,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
 use crate::runtime::{Ctx, Settings};
+use ringrift::pipeline_view::Stage;
 use ringrift::protocol::{WorkAnswer, WorkOp};
 use ringrift::settings::TrainingSettings;
 use ringrift::work_queue::{Attempt, TRAINING};
@@ -268,20 +270,26 @@ impl TrainingTrigger {
         } else {
             "ok"
         };
+        let mut details = BTreeMap::from([
+            ("keys".to_string(), Value::Object(keys)),
+            (
+                "export_failing".to_string(),
+                Value::from(self.starved.iter().cloned().collect::<Vec<_>>()),
+            ),
+            ("min_samples".to_string(), Value::from(self.min_samples)),
+            ("cooldown".to_string(), Value::from(self.cooldown)),
+            ("last_error".to_string(), json!(self.health.last_error)),
+        ]);
+        // Stage `training` of the per-key view while a key's train job runs.
+        view_details(
+            &mut details,
+            stage_reports(self.training.iter().cloned(), Stage::Training),
+        );
         Report::with_status(
             healthy,
             status,
             message,
-            BTreeMap::from([
-                ("keys".to_string(), Value::Object(keys)),
-                (
-                    "export_failing".to_string(),
-                    Value::from(self.starved.iter().cloned().collect::<Vec<_>>()),
-                ),
-                ("min_samples".to_string(), Value::from(self.min_samples)),
-                ("cooldown".to_string(), Value::from(self.cooldown)),
-                ("last_error".to_string(), json!(self.health.last_error)),
-            ]),
+            details,
             [
                 ("checks", self.checks),
                 ("trainings_started", self.started),
@@ -679,6 +687,8 @@ impl TrainingTrigger {
             ("epochs", self.epochs.to_string()),
             ("learning_rate", self.learning_rate.to_string()),
         ];
+        // The key is in `training` (the callers' doing): shown while the job runs.
+        ctx.publish(self.report());
         let outcome = match pipeline.run_job_for(&ctx, "train", key, &vars, item).await {
             Ok(o) => o,
             Err(e) => {
