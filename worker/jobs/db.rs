@@ -12,10 +12,17 @@
 //! ```sql
 //! games(id INTEGER PRIMARY KEY AUTOINCREMENT, config_key TEXT, board_type TEXT, num_players INTEGER,
 //!       created_at TEXT, completed_at TEXT, status TEXT ('completed'|'aborted'), winner INTEGER,
-//!       total_moves INTEGER, source TEXT)
+//!       total_moves INTEGER, source TEXT, model TEXT)
 //! moves(game_id INTEGER REFERENCES games(id), move_number INTEGER, player INTEGER, cell INTEGER,
 //!       PRIMARY KEY (game_id, move_number))
 //! ```
+//!
+//! `model` says which model played the game: the SHA-256 (64 lower-case hex digits) of the model
+//! file the selfplay job played with, `random` when it had none (the loop's first round), NULL
+//! when unknown (games written before the column existed, or by a selfplay job that does not
+//! say). The per-key view's `model_sha256` (`status --json`, `GET /pipeline`) and `sha256sum
+//! models/canonical_<key>.bin` give the canonical model's, to join on. A DB written before the
+//! column existed gains it (NULL for its games) when it is next opened ([`migrate`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,10 +32,13 @@ use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, params};
 
 /// Stores one completed game: config_key, board_type, num_players, created_at, completed_at,
-/// winner, total_moves, source (`?1`..`?8`).
+/// winner, total_moves, source, model (`?1`..`?9`).
 pub(crate) const INSERT_GAME: &str = "INSERT INTO games (config_key, board_type, num_players,
-    created_at, completed_at, status, winner, total_moves, source)
-    VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8)";
+    created_at, completed_at, status, winner, total_moves, source, model)
+    VALUES (?1, ?2, ?3, ?4, ?5, 'completed', ?6, ?7, ?8, ?9)";
+
+/// What the `model` column says of a game played without a model (uniformly random play).
+pub(crate) const RANDOM_MODEL: &str = "random";
 
 /// Stores one move: game_id, move_number, player, cell (`?1`..`?4`).
 pub(crate) const INSERT_MOVE: &str =
@@ -48,7 +58,8 @@ CREATE TABLE IF NOT EXISTS games (
     status TEXT NOT NULL CHECK (status IN ('completed', 'aborted')),
     winner INTEGER,
     total_moves INTEGER NOT NULL,
-    source TEXT NOT NULL
+    source TEXT NOT NULL,
+    model TEXT
 );
 CREATE INDEX IF NOT EXISTS games_by_config ON games (config_key, status, id);
 CREATE TABLE IF NOT EXISTS moves (
@@ -224,6 +235,27 @@ pub(crate) enum BadGame {
     CellTooBig { number: i64, cell: i64 },
 }
 
+/// Whether the games table of `conn` has the `model` column (a DB written before it may not).
+pub(crate) fn has_model_column(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT 1 FROM pragma_table_info('games') WHERE name = 'model'")?;
+    stmt.exists([])
+}
+
+/// Brings a games DB written by an earlier version up to today's schema: adds the `model` column
+/// (NULL for the games already there) when it is missing. Two writers migrating at once are fine:
+/// the one that loses the race finds the column there.
+pub(crate) fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    if has_model_column(conn)? {
+        return Ok(());
+    }
+    match conn.execute_batch("ALTER TABLE games ADD COLUMN model TEXT") {
+        Ok(()) => Ok(()),
+        Err(_) if has_model_column(conn)? => Ok(()),
+        Err(e) => Err(e)
+            .with_context(|| format!("cannot add the model column to games db {}", path.display())),
+    }
+}
+
 /// Checks that `conn` (the DB at `path`, named `what` in messages) has the games schema's
 /// tables: an error says it is unreadable or not a games DB.
 pub(crate) fn check_games_tables(conn: &Connection, what: &str, path: &Path) -> Result<()> {
@@ -249,17 +281,20 @@ pub(crate) struct GamesDb {
 }
 
 impl GamesDb {
-    /// Opens the DB at `path`, creating it (and its directory) and the schema if needed.
+    /// Opens the DB at `path`, creating it (and its directory) and the schema if needed, and
+    /// bringing an older one up to today's schema ([`migrate`]).
     pub(crate) fn create(path: &Path) -> Result<GamesDb> {
         let conn = ringrift::sqlite::create(path, "games db", BUSY_TIMEOUT)?;
         let db = GamesDb::with_foreign_keys(conn, path)?;
         db.conn
             .execute_batch(SCHEMA)
             .with_context(|| format!("cannot create the schema of games db {}", path.display()))?;
+        migrate(&db.conn, path)?;
         Ok(db)
     }
 
-    /// Opens an existing DB; refuses a missing file or one without the games schema.
+    /// Opens an existing DB; refuses a missing file or one without the games schema, and brings
+    /// an older one up to today's schema ([`migrate`]).
     pub(crate) fn open_existing(path: &Path) -> Result<GamesDb> {
         if !path.is_file() {
             bail!("games db {} does not exist", path.display());
@@ -272,6 +307,7 @@ impl GamesDb {
         let conn = ringrift::sqlite::configure(conn, path, "games db", BUSY_TIMEOUT)?;
         let db = GamesDb::with_foreign_keys(conn, path)?;
         check_games_tables(&db.conn, "games db", path)?;
+        migrate(&db.conn, path)?;
         Ok(db)
     }
 
@@ -286,11 +322,26 @@ impl GamesDb {
         })
     }
 
-    /// Stores `games` as completed games of `config` in one transaction; returns their ids.
+    /// Stores `games` as completed games of `config` in one transaction, played by an unknown
+    /// model (`model` NULL); returns their ids. For tests, which do not care who played.
+    #[cfg(test)]
     pub(crate) fn insert_games(
         &mut self,
         config: &GameConfig,
         source: &str,
+        games: &[NewGame<'_>],
+    ) -> Result<Vec<i64>> {
+        self.insert_games_by(config, source, None, games)
+    }
+
+    /// Stores `games` as completed games of `config` played by `model` (what the `model` column
+    /// records: a model file's SHA-256, or [`RANDOM_MODEL`]) in one transaction; returns their
+    /// ids.
+    pub(crate) fn insert_games_by(
+        &mut self,
+        config: &GameConfig,
+        source: &str,
+        model: Option<&str>,
         games: &[NewGame<'_>],
     ) -> Result<Vec<i64>> {
         let path = self.path.display().to_string();
@@ -312,6 +363,7 @@ impl GamesDb {
                     game.record.winner,
                     game.record.moves.len() as i64,
                     source,
+                    model,
                 ])?;
                 let id = tx.last_insert_rowid();
                 for (i, &cell) in game.record.moves.iter().enumerate() {
@@ -735,9 +787,10 @@ mod fixture {
         let mut db = GamesDb::create(&path).unwrap();
         let record = play_game(&config, [None, None], 0.0, &mut Rng::with_seed(3));
         let added = db
-            .insert_games(
+            .insert_games_by(
                 &config,
                 "test",
+                Some(RANDOM_MODEL),
                 &[NewGame {
                     record: &record,
                     created_at: "2026-11-29T12:00:00.000Z".into(),
@@ -749,5 +802,56 @@ mod fixture {
         let again = db.completed_games(&config, 0).unwrap();
         assert_eq!(again.games.len(), 3);
         assert_eq!(db.completed_games(&config, 2).unwrap().games.len(), 1);
+        let models: Vec<Option<String>> = db
+            .connection()
+            .prepare("SELECT model FROM games ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(models, [None, None, Some(RANDOM_MODEL.to_string())]);
+    }
+
+    /// The fixture predates the `model` column: opening it (to read, as export does, or to write,
+    /// as selfplay does) adds the column, NULL for the games already there, and nothing else
+    /// changes; opening it again finds the column and leaves it be.
+    #[test]
+    fn a_games_db_from_before_the_model_column_gains_it_when_opened() {
+        for open in [GamesDb::open_existing, GamesDb::create] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("hex6_2p.db");
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(DUMP).unwrap();
+            assert!(!has_model_column(&old).unwrap(), "the fixture is old");
+            let before: Vec<(i64, String)> = old
+                .prepare("SELECT id, created_at FROM games ORDER BY id")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            // A second writer races to migrate: both succeed.
+            let db = open(&path).unwrap();
+            migrate(&old, &path).unwrap();
+            drop(db);
+            let db = open(&path).unwrap();
+            let c = db.connection();
+            assert!(has_model_column(c).unwrap());
+            let after: Vec<(i64, String, Option<String>)> = c
+                .prepare("SELECT id, created_at, model FROM games ORDER BY id")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                after,
+                before
+                    .into_iter()
+                    .map(|(id, at)| (id, at, None))
+                    .collect::<Vec<_>>()
+            );
+        }
     }
 }

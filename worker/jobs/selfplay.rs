@@ -2,8 +2,9 @@
 //!
 //! With `--model` pointing at an existing file, both sides play that model with ε-greedy
 //! exploration; with no model yet (the loop's first round) they play at random, which is what
-//! the first training round learns from. Games are written in batches, one transaction each, so a
-//! killed job keeps every batch it finished.
+//! the first training round learns from. Each game records which: the model file's SHA-256 in
+//! the games table's `model` column (`random` without one). Games are written in batches, one
+//! transaction each, so a killed job keeps every batch it finished.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,8 +16,9 @@ use fastrand::Rng;
 use ringrift::timefmt::now_rfc3339;
 use serde_json::{Value, json};
 
-use super::db::{GamesDb, NewGame};
+use super::db::{GamesDb, NewGame, RANDOM_MODEL};
 use super::{GameArgs, fresh_seed, parse_probability, round6};
+use crate::pipeline::sha256;
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub(crate) struct SelfplayArgs {
@@ -50,12 +52,16 @@ pub(crate) struct SelfplayArgs {
 
 pub(crate) fn run(config: &GameConfig, args: &SelfplayArgs) -> Result<Value> {
     let started = Instant::now();
-    let model = match &args.model {
-        Some(path) if path.exists() => Some(
-            Model::load(path, config)
-                .with_context(|| format!("cannot use --model {}", path.display()))?,
-        ),
-        _ => None,
+    // Read once: what is hashed for the `model` column is what plays.
+    let (model, played_by) = match &args.model {
+        Some(path) if path.exists() => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot use --model {}", path.display()))?;
+            let model = Model::from_bytes(&bytes, config)
+                .with_context(|| format!("cannot use --model {}", path.display()))?;
+            (Some(model), sha256::hex_of(&bytes))
+        }
+        _ => (None, RANDOM_MODEL.to_string()),
     };
     let seed = args.seed.unwrap_or_else(fresh_seed);
     let mut rng = Rng::with_seed(seed);
@@ -89,7 +95,7 @@ pub(crate) fn run(config: &GameConfig, args: &SelfplayArgs) -> Result<Value> {
                 completed_at: completed_at.clone(),
             })
             .collect();
-        ids.extend(db.insert_games(config, "selfplay", &games)?);
+        ids.extend(db.insert_games_by(config, "selfplay", Some(&played_by), &games)?);
     }
 
     Ok(json!({
@@ -101,6 +107,7 @@ pub(crate) fn run(config: &GameConfig, args: &SelfplayArgs) -> Result<Value> {
         "first_game_id": ids.first(),
         "last_game_id": ids.last(),
         "model": model.as_ref().and(args.model.as_ref()).map(|p| p.display().to_string()),
+        "model_sha256": model.as_ref().map(|_| played_by.clone()),
         "epsilon": round6(f64::from(args.epsilon)),
         "seed": seed,
         "db": args.db.display().to_string(),
@@ -137,6 +144,7 @@ mod tests {
         assert_eq!(summary["first_game_id"], 1);
         assert_eq!(summary["last_game_id"], 7);
         assert_eq!(summary["model"], Value::Null);
+        assert_eq!(summary["model_sha256"], Value::Null);
         let wins = summary["wins"].as_array().unwrap();
         assert_eq!(wins[0].as_u64().unwrap() + wins[1].as_u64().unwrap(), 7);
         let stored = GamesDb::open_existing(&a.db)
@@ -147,6 +155,17 @@ mod tests {
         assert_eq!(stored.len(), 7);
         let moves: usize = stored.iter().map(|g| g.moves.len()).sum();
         assert_eq!(summary["moves"], moves);
+        assert_eq!(played_by(&a.db), ["random"; 7]);
+    }
+
+    /// The `model` column of every game in the DB at `db`, in id order.
+    fn played_by(db: &std::path::Path) -> Vec<String> {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let mut stmt = conn.prepare("SELECT model FROM games ORDER BY id").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     }
 
     #[test]
@@ -158,6 +177,10 @@ mod tests {
         let a = args(dir.path(), Some(path.clone()));
         let summary = run(&config, &a).unwrap();
         assert_eq!(summary["model"], path.display().to_string());
+        // Each game names the model by the SHA-256 of its file, as sha256sum writes it.
+        let sha = sha256::hex_of(&Model::zeros(&config).to_bytes());
+        assert_eq!(summary["model_sha256"], sha.as_str());
+        assert_eq!(played_by(&a.db), vec![sha; 7]);
 
         std::fs::write(&path, b"RRVM\x01\x00").unwrap();
         let err = format!("{:#}", run(&config, &a).unwrap_err());

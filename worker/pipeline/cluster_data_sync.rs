@@ -34,7 +34,7 @@ use super::transfer::{
 };
 use super::{Pipeline, load_state, now_secs, save_daemon_state, typed};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::jobs::db::{GamesDb, INSERT_GAME, INSERT_MOVE, check_games_tables};
+use crate::jobs::db::{GamesDb, INSERT_GAME, INSERT_MOVE, check_games_tables, has_model_column};
 use crate::runtime::{Ctx, Settings};
 use ringrift::settings::ClusterSyncSettings;
 
@@ -86,6 +86,8 @@ struct PeerGame {
     winner: Option<i64>,
     total_moves: i64,
     source: String,
+    /// Which model played it (NULL from a peer DB written before the column existed).
+    model: Option<String>,
 }
 
 /// Merges the completed `key` games with id > `since` of the peer DB `peer_db` into `local_db`
@@ -104,6 +106,12 @@ fn merge(
     .with_context(|| format!("cannot open peer db {}", peer_db.display()))?;
     remote.busy_timeout(BUSY_TIMEOUT)?;
     check_games_tables(&remote, "peer db", peer_db)?;
+    // A peer of an earlier version may have no `model` column (read-only here: not migrated).
+    let model_column = if has_model_column(&remote)? {
+        "model"
+    } else {
+        "NULL"
+    };
     // Creates the file and schema if needed; the merge uses its own connection for the
     // transaction.
     drop(GamesDb::create(local_db)?);
@@ -132,12 +140,12 @@ fn merge(
     loop {
         let games: Vec<PeerGame> = {
             let mut stmt = remote
-                .prepare(
+                .prepare(&format!(
                     "SELECT id, board_type, num_players, created_at, completed_at, winner,
-                            total_moves, source
+                            total_moves, source, {model_column}
                      FROM games WHERE config_key = ?1 AND status = 'completed' AND id > ?2
-                     ORDER BY id LIMIT ?3",
-                )
+                     ORDER BY id LIMIT ?3"
+                ))
                 .with_context(read)?;
             let rows = stmt
                 .query_map(params![key, out.last_id, BATCH], |r| {
@@ -150,6 +158,7 @@ fn merge(
                         winner: r.get(5)?,
                         total_moves: r.get(6)?,
                         source: r.get(7)?,
+                        model: r.get(8)?,
                     })
                 })
                 .with_context(read)?;
@@ -208,6 +217,7 @@ fn merge(
                     game.winner,
                     game.total_moves,
                     format!("{prefix}{}", game.id),
+                    game.model,
                 ])?;
                 let id = tx.last_insert_rowid();
                 for (number, player, cell) in game_moves {
