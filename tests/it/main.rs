@@ -15,6 +15,7 @@ mod http;
 mod jobs;
 mod pipeline;
 mod pipeline_jobs;
+mod pipeline_view;
 mod plugin;
 mod queue;
 mod resilience;
