@@ -13,13 +13,18 @@
 //! | fact | reported by |
 //! | --- | --- |
 //! | `games_total`, `games_since_export`, `last_export_at`, stage `export` | auto_export |
-//! | stage `selfplay` | selfplay_scheduler |
+//! | stage `selfplay`; `model_written_at` (for a node that selfplays but does not promote) | selfplay_scheduler |
 //! | stage `training` | training_trigger |
 //! | stage `evaluation` | evaluation |
 //! | `generation`, `model_sha256`, `model_written_at`, `last_promotion`, `rating`, stage `promotion` | auto_promotion |
 //!
 //! Daemons report times, never ages: the supervisor computes ages (`model_age_secs`) when it
-//! answers, so an age is current even when the report is a few heartbeats old.
+//! answers, so an age is current even when the report is a few heartbeats old. A stage is what a
+//! daemon's job is doing when its last heartbeat left (daemons publish their health when a job
+//! starts and ends): a job shorter than a heartbeat interval may never show.
+//!
+//! The view is this node's: its games DB, its canonical model, its jobs, its promotions. A rating
+//! is a one-line change in auto_promotion's `view` once the ratings ladder has one.
 
 use std::collections::BTreeMap;
 

@@ -492,6 +492,9 @@ pub(crate) struct Scheduler {
     draining: bool,
     /// Keys with a selfplay job running now (stage `selfplay` of the per-key view).
     playing: Busy,
+    /// When each key's canonical model was written (unix seconds), as the priorities saw it:
+    /// the per-key view's model age on a node that selfplays but does not promote.
+    model_written: BTreeMap<String, f64>,
 }
 
 /// Quarantines listed in health.
@@ -529,6 +532,7 @@ pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
         failing: None,
         draining: false,
         playing: Busy::default(),
+        model_written: BTreeMap::new(),
     })
 }
 
@@ -559,6 +563,7 @@ impl Scheduler {
         let pipeline = self.pipeline();
         let mut problems = Vec::new();
         let mut priorities = BTreeMap::new();
+        let mut written = BTreeMap::new();
         for key in &pipeline.config_keys {
             let completed = match count_completed(&pipeline.games_db(key), key) {
                 Ok(n) => n.unwrap_or(0),
@@ -567,10 +572,17 @@ impl Scheduler {
                     0
                 }
             };
-            let model_age_hours = std::fs::metadata(pipeline.canonical(key))
+            let modified = std::fs::metadata(pipeline.canonical(key))
                 .and_then(|m| m.modified())
-                .ok()
-                .map(|t| t.elapsed().map(|d| d.as_secs_f64() / 3600.0).unwrap_or(0.0));
+                .ok();
+            let model_age_hours =
+                modified.map(|t| t.elapsed().map(|d| d.as_secs_f64() / 3600.0).unwrap_or(0.0));
+            if let Some(at) = modified
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs_f64())
+            {
+                written.insert(key.clone(), at);
+            }
             let facts = KeyFacts {
                 completed,
                 model_age_hours,
@@ -590,6 +602,7 @@ impl Scheduler {
         self.totals.priority_updates += 1;
         self.priorities = priorities;
         self.priority_problems = problems;
+        self.model_written = written;
     }
 
     fn open_queue(&mut self) -> Option<&Queue> {
@@ -1027,10 +1040,13 @@ impl Scheduler {
             ("slots".to_string(), Value::from(self.slots)),
             ("draining".to_string(), Value::from(self.draining)),
         ]);
-        view_details(
-            &mut details,
-            stage_reports(self.playing.keys().cloned(), Stage::Selfplay),
-        );
+        // Stage `selfplay` while a key's job runs, and the canonical model's write time (the
+        // model this node plays, whoever promoted it).
+        let mut view = stage_reports(self.playing.keys().cloned(), Stage::Selfplay);
+        for (key, at) in &self.model_written {
+            view.entry(key.clone()).or_default().model_written_at = Some(*at);
+        }
+        view_details(&mut details, view);
         Report::new(
             healthy,
             message,
