@@ -813,6 +813,36 @@ mod fixture {
         assert_eq!(models, [None, None, Some(RANDOM_MODEL.to_string())]);
     }
 
+    /// A games DB whose games name their model (tests/fixtures/games_hex6_2p_model.sql) opens,
+    /// reads, and says who played.
+    #[test]
+    fn a_games_db_with_the_model_column_opens_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hex6_2p.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(include_str!("../../tests/fixtures/games_hex6_2p_model.sql"))
+            .unwrap();
+        let config = GameConfig::parse("hex6_2p").unwrap();
+        let db = GamesDb::open_existing(&path).unwrap();
+        let read = db.completed_games(&config, 0).unwrap();
+        assert!(read.skipped.is_empty(), "{:?}", read.skipped);
+        assert_eq!(read.games.len(), 2);
+        for g in &read.games {
+            let winner = crate::jobs::game::samples(&config, &g.moves, |_, _| {}).unwrap();
+            assert_eq!(winner, g.winner, "game {}", g.id);
+        }
+        let models: i64 = db
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM games WHERE model = ?1",
+                [RANDOM_MODEL],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(models, 2);
+    }
+
     /// The fixture predates the `model` column: opening it (to read, as export does, or to write,
     /// as selfplay does) adds the column, NULL for the games already there, and nothing else
     /// changes; opening it again finds the column and leaves it be.
