@@ -478,7 +478,7 @@ pub(crate) const PIPELINE_HEADERS: [&str; 8] = [
 ];
 
 /// The per-key view as rows under [`PIPELINE_HEADERS`]: `-` for what no daemon reports; the
-/// stage, followed by the other active ones (`training (+selfplay)`); the last promotion as its
+/// stage, followed by the other active ones (`training+selfplay`); the last promotion as its
 /// generation and how long ago (by this machine's clock).
 pub(crate) fn pipeline_rows(
     view: &std::collections::BTreeMap<String, ringrift::pipeline_view::KeyView>,
@@ -497,7 +497,7 @@ pub(crate) fn pipeline_rows(
             let stage = if others.is_empty() {
                 v.stage.to_string()
             } else {
-                format!("{} (+{})", v.stage, others.join(", +"))
+                format!("{}+{}", v.stage, others.join("+"))
             };
             [
                 key.clone(),

@@ -291,13 +291,24 @@ fn render(
     let pipeline: Vec<String> = if report.pipeline.is_empty() {
         Vec::new()
     } else {
+        // 80 columns for a key of up to 10 characters (`status` has the long headers).
         let prow = |c: &[String; 8]| {
             format!(
-                "{:<12} {:>4} {:>8} {:>12} {:>9} {:<20} {:<20} {}",
+                "{:<10} {:>3} {:>7} {:>6} {:>9} {:<18} {:<16} {}",
                 c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
             )
         };
-        std::iter::once(prow(&cli::PIPELINE_HEADERS.map(String::from)))
+        let headers = [
+            "KEY",
+            "GEN",
+            "GAMES",
+            "NEW",
+            "MODEL AGE",
+            "STAGE",
+            "PROMOTED",
+            "ELO",
+        ];
+        std::iter::once(prow(&headers.map(String::from)))
             .chain(cli::pipeline_rows(&report.pipeline).iter().map(prow))
             .collect()
     };
@@ -501,12 +512,16 @@ mod tests {
                 "{frame}"
             );
             assert!(lines[5].starts_with("hex8_2p"), "{frame}");
-            assert!(lines[5].contains("training (+selfplay)"), "{frame}");
+            assert!(lines[5].contains("training+selfplay"), "{frame}");
             assert!(
                 lines[5].contains("gen 12, ") && lines[5].ends_with("1523"),
                 "{frame}"
             );
         }
+        // A key's line fits 80 columns uncut.
+        let frame = render(&report(3), &[], &mut BTreeMap::new(), false, (80, 24));
+        let line = frame.lines().find(|l| l.starts_with("hex6_2p")).unwrap();
+        assert!(line.ends_with(" -") && !line.contains('…'), "{frame}");
         assert!(frame.contains("HTTP monitoring is off"), "{frame}");
     }
 }
