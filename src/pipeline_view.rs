@@ -23,8 +23,8 @@
 //! daemon's job is doing when its last heartbeat left (daemons publish their health when a job
 //! starts and ends): a job shorter than a heartbeat interval may never show.
 //!
-//! The view is this node's: its games DB, its canonical model, its jobs, its promotions. A rating
-//! is a one-line change in auto_promotion's `view` once the ratings ladder has one.
+//! The view is this node's: its games DB, its canonical model, its jobs, its promotions (the
+//! generation and the rating are those of the ratings DB auto_promotion keeps).
 
 use std::collections::BTreeMap;
 
@@ -101,7 +101,7 @@ pub struct Promotion {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyReport {
     /// How many models of the key have been promoted to canonical: the canonical model's
-    /// generation (auto_promotion; 0 before the first promotion).
+    /// generation (auto_promotion, as its ratings DB numbers promotions; 0 before the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
     /// Completed games of the key in its games DB (auto_export, by a COUNT on the indexed games
@@ -125,8 +125,8 @@ pub struct KeyReport {
     /// The key's last promotion on this node (auto_promotion).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_promotion: Option<Promotion>,
-    /// The canonical model's rating, Elo (auto_promotion, from the ratings ladder once there is
-    /// one; absent until then).
+    /// The canonical model's rating, Elo on the key's ladder where random play is 0
+    /// (auto_promotion, from its ratings DB; absent while the model has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rating: Option<f64>,
     /// The stages this daemon is working on for the key right now (empty: none).
@@ -139,7 +139,8 @@ pub struct KeyReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyView {
     /// The canonical model's generation: how many models of the key auto_promotion has
-    /// promoted on this node (0: none yet; null: auto_promotion has not reported).
+    /// promoted on this node (0: none yet; null: auto_promotion has not reported, or cannot read
+    /// its ratings DB).
     pub generation: Option<u64>,
     /// Completed games of the key in this node's games DB.
     pub games_total: Option<u64>,
@@ -163,7 +164,8 @@ pub struct KeyView {
     pub stages: Vec<Stage>,
     /// The key's last promotion on this node (null: none yet).
     pub last_promotion: Option<Promotion>,
-    /// The canonical model's rating, Elo (null until a ratings ladder reports one).
+    /// The canonical model's rating, Elo on the key's ladder where random play is 0 (null while
+    /// it has none).
     pub rating: Option<f64>,
 }
 

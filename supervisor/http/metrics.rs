@@ -201,7 +201,7 @@ pub(crate) fn pipeline_metrics(view: &BTreeMap<String, KeyView>) -> String {
     );
     family(
         "ringrift_pipeline_rating_elo",
-        "the canonical model's rating (Elo), once a ratings ladder reports one",
+        "the canonical model's rating (Elo; random play is 0), while it has one",
         per_key(&|v| v.rating),
     );
     family(
@@ -306,7 +306,7 @@ mod tests {
             "ringrift_pipeline_stage{config_key=\"hex8_2p\",stage=\"idle\"} 0",
             "ringrift_pipeline_stage_active{config_key=\"hex8_2p\",stage=\"selfplay\"} 1",
             "ringrift_pipeline_stage_active{config_key=\"hex8_2p\",stage=\"export\"} 0",
-            "# HELP ringrift_pipeline_rating_elo the canonical model's rating (Elo), once a ratings ladder reports one",
+            "# HELP ringrift_pipeline_rating_elo the canonical model's rating (Elo; random play is 0), while it has one",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }

@@ -134,7 +134,11 @@ fn the_per_key_view_follows_the_loop_to_a_promotion_in_status_http_metrics_and_w
             && (started..=unix_now()).contains(&promotion.at),
         "{view:#?}"
     );
+    // The generation and the rating are those MODEL_PROMOTED announced (the ratings DB's).
+    let first = &evs[0].payload;
+    assert_eq!(first["generation"], 1, "{first}");
     if view.generation == Some(1) {
+        assert_eq!(view.rating, first["rating_elo"].as_f64(), "{first}");
         assert_eq!(
             view.model_sha256.as_deref(),
             Some(sha.as_str()),
@@ -145,7 +149,10 @@ fn the_per_key_view_follows_the_loop_to_a_promotion_in_status_http_metrics_and_w
     assert!((0.0..300.0).contains(&age), "{view:#?}");
     assert!(view.games_total.is_some_and(|n| n >= 300), "{view:#?}");
     assert!(view.games_since_export.is_some(), "{view:#?}");
-    assert_eq!(view.rating, None, "no ratings ladder reports yet");
+    assert!(
+        view.rating.is_some(),
+        "the ladder rates the canonical model: {view:#?}"
+    );
     assert_eq!(
         view.stage,
         view.stages.last().copied().unwrap_or(Stage::Idle)
@@ -191,8 +198,9 @@ fn the_per_key_view_follows_the_loop_to_a_promotion_in_status_http_metrics_and_w
         "{metrics}"
     );
     assert!(sample("ringrift_pipeline_last_promotion_timestamp_seconds").is_some());
-    assert!(
-        sample("ringrift_pipeline_rating_elo").is_none(),
+    assert_eq!(
+        sample("ringrift_pipeline_rating_elo"),
+        view.rating,
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE ringrift_pipeline_model_age_seconds gauge"));
