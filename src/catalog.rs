@@ -174,6 +174,7 @@ pub const DAEMONS: &[DaemonSpec] = &[
             "min_win_rate_vs_baseline",
             "min_games",
             "cooldown",
+            "max_elo_drop",
             "keep_candidates",
             "keep_backups",
             "pin_every",

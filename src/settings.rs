@@ -415,6 +415,10 @@ daemon_settings!(
         min_games: u64 = |r: &mut Reader, k| r.count(k, 100, 0, 1_000_000),
         /// Between two promotions of a config key.
         cooldown: Duration = |r: &mut Reader, k| r.duration(k, Duration::ZERO, Duration::ZERO, WEEK),
+        /// The most a candidate's rating on the key's ladder (Elo, fitted over every recorded
+        /// game) may fall below the canonical model's: a candidate that wins head to head but
+        /// loses to the fixed reference opponents is a regression (gate `rating`).
+        max_elo_drop: f64 = |r: &mut Reader, k| r.number(k, 50.0, 0.0, 100_000.0, " Elo"),
         /// Decided candidates (promoted or rejected) kept per key, newest first, with their
         /// results; older ones are deleted (0 = keep every one).
         keep_candidates: u64 = |r: &mut Reader, k| r.count(k, 20, 0, 1_000_000),

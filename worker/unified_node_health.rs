@@ -66,7 +66,7 @@ pub(crate) fn judge(r: &Reading, l: &Limits) -> (bool, Vec<String>) {
         && u > l.max_root_gb
     {
         problems.push(format!(
-            "the root holds {u:.1} GB (ceiling max_root_gb {}): lower the retention settings (replay_window, games_keep, keep_candidates, keep_backups, job_logs_*)",
+            "the root holds {u:.3} GB (ceiling max_root_gb {}): lower the retention settings (replay_window, games_keep, keep_candidates, keep_backups, job_logs_*)",
             l.max_root_gb
         ));
     }

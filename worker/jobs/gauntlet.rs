@@ -1,6 +1,7 @@
-//! `job gauntlet`: how good is a candidate model? Plays it against uniform random play and, when
-//! there is one, against the baseline (canonical) model, alternating who moves first, and writes
-//! the win rates for the promotion step to read.
+//! `job gauntlet`: how good is a candidate model? Plays it against uniform random play, a fixed
+//! heuristic player, the pinned past generations in `--references` and, when there is one, the
+//! baseline (canonical) model, alternating who moves first, and writes the win rates for the
+//! promotion step and the rating ladder to read.
 //!
 //! With `--sprt`, the match against the baseline is a sequential probability ratio test
 //! (`ringrift::sprt`): pairs of games until the test accepts or rejects, at most `--games`; the

@@ -44,7 +44,8 @@ pub(crate) enum JobKind {
     Export(export::ExportArgs),
     /// Train the value model on an .npz and write a candidate model
     Train(train::TrainArgs),
-    /// Play a candidate model against random play and the baseline model; write the results
+    /// Play a candidate model against random play, a heuristic player, pinned past generations
+    /// and the baseline model; write the results
     Gauntlet(gauntlet::GauntletArgs),
 }
 

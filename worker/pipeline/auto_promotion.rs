@@ -62,6 +62,8 @@ struct Thresholds {
     min_vs_baseline: f64,
     min_games: u64,
     cooldown: f64,
+    /// The most the fitted rating may fall below the canonical model's (Elo).
+    max_elo_drop: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +85,7 @@ fn decide(
     canonical_exists: bool,
     now: f64,
     last_promotion: Option<f64>,
+    rating_change: Option<f64>,
 ) -> Verdict {
     if r.win_rate_vs_random < t.min_vs_random {
         return Verdict::Reject {
@@ -112,6 +115,19 @@ fn decide(
             }
             Some(_) => {}
         }
+    }
+    // The ladder: a candidate that beats its predecessor but does worse against the fixed
+    // references (the heuristic player, pinned generations) rates lower over all games. That is
+    // a regression the head-to-head test cannot see (generation 8 losing to generation 4).
+    if canonical_exists
+        && let Some(change) = rating_change
+        && change < -t.max_elo_drop
+    {
+        return Verdict::Reject {
+            gate: "rating",
+            value: change,
+            threshold: -t.max_elo_drop,
+        };
     }
     if r.games < t.min_games {
         return Verdict::Reject {
@@ -500,6 +516,29 @@ impl AutoPromotion {
             self.state.decided.remove(&path);
             self.state.reevaluated.retain(|p| p != &path);
         }
+        // Files set aside (a candidate that did not load or validate: `.bad`; results played
+        // against an older baseline: `.stale`) are kept to the same count, newest first.
+        let Some(dir) = self.pipeline.as_ref().map(|p| p.candidates_dir(key)) else {
+            return;
+        };
+        let mut aside: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(".bad") || name.ends_with(".stale")
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        aside.sort();
+        let excess = aside.len().saturating_sub(self.keep_candidates as usize);
+        for (_, file) in aside.into_iter().take(excess) {
+            if std::fs::remove_file(&file).is_ok() {
+                self.pruned += 1;
+            }
+        }
     }
 
     fn reject(&mut self, key: &str, candidate: &Path, gate: &str, value: f64, threshold: f64) {
@@ -655,9 +694,22 @@ impl AutoPromotion {
             return self.send_back(candidate, why);
         }
         let ratings = self.rate(&pipeline, &key, candidate, record);
+        // The candidate's rating minus the canonical model's, when the ladder rates both.
+        let rating_change = canonical_ok
+            .then(|| sha256::file_hex(&canonical).ok())
+            .flatten()
+            .and_then(|c| ratings.get(&c).map(|r| r.elo))
+            .zip(
+                record
+                    .model_sha256
+                    .as_ref()
+                    .and_then(|s| ratings.get(s))
+                    .map(|r| r.elo),
+            )
+            .map(|(canonical, candidate)| candidate - canonical);
         let t = self.thresholds.expect("started");
         let last = self.state.last_promotion_at.get(&key).copied();
-        match decide(results, &t, canonical_ok, now_secs(), last) {
+        match decide(results, &t, canonical_ok, now_secs(), last, rating_change) {
             Verdict::Reject {
                 gate,
                 value,
@@ -986,6 +1038,7 @@ impl Daemon for AutoPromotion {
                 min_vs_baseline: s.min_win_rate_vs_baseline,
                 min_games: s.min_games,
                 cooldown: s.cooldown.as_secs_f64(),
+                max_elo_drop: s.max_elo_drop,
             };
             println!("{NAME}: gates {t:?}");
             self.thresholds = Some(t);
@@ -1024,6 +1077,15 @@ impl Daemon for AutoPromotion {
     fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
             self.reconcile();
+            // Retention also when nothing is decided (every candidate quarantined, say).
+            let keys = self
+                .pipeline
+                .as_ref()
+                .map(|p| p.config_keys.clone())
+                .unwrap_or_default();
+            for key in keys {
+                self.prune_candidates(&key);
+            }
             self.report()
         })
     }
@@ -1079,6 +1141,7 @@ mod tests {
         min_vs_baseline: 0.55,
         min_games: 50,
         cooldown: 100.0,
+        max_elo_drop: 50.0,
     };
 
     fn r(random: f64, baseline: Option<f64>, games: u64) -> Results {
@@ -1103,19 +1166,19 @@ mod tests {
             ..r(0.9, Some(0.5), 100)
         };
         assert_eq!(
-            decide(&with("accept"), &T, true, 1000.0, None),
+            decide(&with("accept"), &T, true, 1000.0, None, None),
             Verdict::Promote
         );
         for result in ["reject", "inconclusive"] {
             assert_eq!(
-                gate(decide(&with(result), &T, true, 1000.0, None)),
+                gate(decide(&with(result), &T, true, 1000.0, None, None)),
                 Some("sprt"),
                 "{result}"
             );
         }
         // With no canonical model there is nothing to test against: the other gates decide.
         assert_eq!(
-            decide(&with("reject"), &T, false, 1000.0, None),
+            decide(&with("reject"), &T, false, 1000.0, None, None),
             Verdict::Promote
         );
     }
@@ -1128,13 +1191,34 @@ mod tests {
     }
 
     #[test]
+    fn a_candidate_rated_well_below_the_canonical_model_is_a_regression() {
+        let with = |change| decide(&r(0.9, Some(0.6), 100), &T, true, 1000.0, None, change);
+        assert_eq!(with(Some(-20.0)), Verdict::Promote, "within max_elo_drop");
+        assert_eq!(with(None), Verdict::Promote, "not rated: no ladder gate");
+        assert_eq!(
+            with(Some(-84.0)),
+            Verdict::Reject {
+                gate: "rating",
+                value: -84.0,
+                threshold: -50.0
+            }
+        );
+        let first = decide(&r(0.9, None, 100), &T, false, 1000.0, None, Some(-500.0));
+        assert_eq!(
+            first,
+            Verdict::Promote,
+            "the first model has nothing to fall below"
+        );
+    }
+
+    #[test]
     fn the_first_failing_gate_is_named() {
         assert_eq!(
-            decide(&r(0.9, Some(0.6), 100), &T, true, 1000.0, None),
+            decide(&r(0.9, Some(0.6), 100), &T, true, 1000.0, None, None),
             Verdict::Promote
         );
         assert_eq!(
-            decide(&r(0.5, Some(0.1), 10), &T, true, 1000.0, None),
+            decide(&r(0.5, Some(0.1), 10), &T, true, 1000.0, None, None),
             Verdict::Reject {
                 gate: "win_rate_vs_random",
                 value: 0.5,
@@ -1142,15 +1226,15 @@ mod tests {
             }
         );
         assert_eq!(
-            gate(decide(&r(0.9, Some(0.5), 10), &T, true, 1000.0, None)),
+            gate(decide(&r(0.9, Some(0.5), 10), &T, true, 1000.0, None, None)),
             Some("win_rate_vs_baseline")
         );
         assert_eq!(
-            gate(decide(&r(0.9, Some(0.6), 10), &T, true, 1000.0, None)),
+            gate(decide(&r(0.9, Some(0.6), 10), &T, true, 1000.0, None, None)),
             Some("min_games")
         );
         assert_eq!(
-            decide(&r(0.9, Some(0.6), 50), &T, true, 1000.0, Some(950.0)),
+            decide(&r(0.9, Some(0.6), 50), &T, true, 1000.0, Some(950.0), None),
             Verdict::Reject {
                 gate: "cooldown",
                 value: 50.0,
@@ -1158,7 +1242,7 @@ mod tests {
             }
         );
         assert_eq!(
-            decide(&r(0.9, Some(0.6), 50), &T, true, 1000.0, Some(900.0)),
+            decide(&r(0.9, Some(0.6), 50), &T, true, 1000.0, Some(900.0), None),
             Verdict::Promote
         );
     }
@@ -1166,15 +1250,15 @@ mod tests {
     #[test]
     fn without_a_canonical_model_only_the_random_gate_applies() {
         assert_eq!(
-            decide(&r(0.6, None, 50), &T, false, 0.0, None),
+            decide(&r(0.6, None, 50), &T, false, 0.0, None, None),
             Verdict::Promote
         );
         assert_eq!(
-            decide(&r(0.6, Some(0.0), 50), &T, false, 0.0, None),
+            decide(&r(0.6, Some(0.0), 50), &T, false, 0.0, None, None),
             Verdict::Promote
         );
         assert_eq!(
-            decide(&r(0.6, None, 50), &T, true, 0.0, None),
+            decide(&r(0.6, None, 50), &T, true, 0.0, None, None),
             Verdict::Stale
         );
     }

@@ -149,13 +149,46 @@ pub(crate) struct RatingsDb {
 }
 
 impl RatingsDb {
-    /// Opens (creating) `data/ratings.db` under `root`.
+    /// Opens (creating) `data/ratings.db` under `root`. A file that is not a usable SQLite DB
+    /// (damaged, or garbage) is moved aside as `ratings.db.bad-<unix secs>` (with its `-wal` and
+    /// `-shm`), said on stderr, and a fresh ladder started: the ladder is a record, and losing it
+    /// must not stop promotions nor leave them unrecorded.
     pub(crate) fn open(root: &Path) -> Result<RatingsDb> {
         let path = root.join("data/ratings.db");
-        let conn = ringrift::sqlite::create(&path, "ratings db", Duration::from_secs(10))?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("cannot set up ratings db {}", path.display()))?;
-        Ok(RatingsDb { conn })
+        let open = || -> Result<Connection> {
+            let conn = ringrift::sqlite::create(&path, "ratings db", Duration::from_secs(10))?;
+            conn.execute_batch(SCHEMA)
+                .with_context(|| format!("cannot set up ratings db {}", path.display()))?;
+            conn.query_row("SELECT COUNT(*) FROM promotions", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .with_context(|| format!("cannot read ratings db {}", path.display()))?;
+            Ok(conn)
+        };
+        match open() {
+            Ok(conn) => Ok(RatingsDb { conn }),
+            Err(e) if damaged(&e) => {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(format!(".bad-{secs}"));
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut from = path.as_os_str().to_owned();
+                    from.push(suffix);
+                    let mut to = aside.clone();
+                    to.push(suffix);
+                    let _ = std::fs::rename(&from, &to);
+                }
+                eprintln!(
+                    "ratings db {} is damaged ({e:#}): moved aside to {}; a fresh ladder starts",
+                    path.display(),
+                    Path::new(&aside).display()
+                );
+                Ok(RatingsDb { conn: open()? })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Records the matches of one results file (`evaluation`, its path) once, names the model,
@@ -269,6 +302,19 @@ impl RatingsDb {
     }
 }
 
+/// Whether an error means the file is not a usable SQLite DB (as opposed to busy or unreadable
+/// for the moment, which is retried, never moved aside).
+fn damaged(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    [
+        "not a database",
+        "malformed",
+        "not a usable sqlite database",
+    ]
+    .iter()
+    .any(|n| text.contains(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +374,20 @@ mod tests {
         assert_eq!(db.generation("hex6_2p").unwrap(), 0);
         let elo = db.rating("hex8_2p", "aaa").unwrap().unwrap();
         assert!((elo - r["aaa"].elo).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_damaged_ratings_db_is_moved_aside_and_a_fresh_ladder_started() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/ratings.db"), vec![7u8; 8192]).unwrap();
+        let db = RatingsDb::open(dir.path()).unwrap();
+        assert_eq!(db.generation("hex8_2p").unwrap(), 0);
+        let aside: Vec<String> = std::fs::read_dir(dir.path().join("data"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("ratings.db.bad-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
     }
 }
