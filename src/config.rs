@@ -77,7 +77,47 @@ pub struct PipelineConfig {
     /// a port, a key or a known-hosts file here (`[ssh, -p, "2222", -i, /etc/ringrift/id_ed25519]`)
     /// rather than in a user's ~/.ssh/config the supervisor may not read.
     pub ssh: Vec<String>,
+    /// What this node runs of the loop at once (`pipeline.capacity`).
+    pub capacity: Capacity,
 }
+
+/// The node's capacity for the loop (`pipeline.capacity`), configured once: selfplay_scheduler
+/// and idle_resource share the selfplay slots (their jobs together never exceed them),
+/// training_trigger runs up to `training_slots` train jobs at once (one per config key at most),
+/// evaluation up to `evaluation_slots` gauntlets (one per config key at most).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Selfplay jobs at once on this node, selfplay_scheduler's and idle_resource's together
+    /// (1..=1024; default 1, or the deprecated `daemons.selfplay_scheduler.slots`).
+    pub selfplay_slots: u64,
+    /// Train jobs at once, each of its own config key (1..=64; default 1).
+    pub training_slots: u64,
+    /// Gauntlet jobs at once, each of its own config key (1..=64; default 1).
+    pub evaluation_slots: u64,
+    /// GPUs of this node (0..=1024): `None` (the default, `auto`) is what `nvidia-smi -L` lists
+    /// where it runs, else 0. With GPUs, each train and gauntlet job gets a
+    /// `CUDA_VISIBLE_DEVICES` of its own slot's GPU.
+    pub gpus: Option<u64>,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            selfplay_slots: 1,
+            training_slots: 1,
+            evaluation_slots: 1,
+            gpus: None,
+        }
+    }
+}
+
+/// The keys of `pipeline.capacity`.
+const CAPACITY_KEYS: &[&str] = &[
+    "selfplay_slots",
+    "training_slots",
+    "evaluation_slots",
+    "gpus",
+];
 
 /// The ssh command of `pipeline.ssh` when the file does not say: never a password prompt
 /// (BatchMode; a daemon has no terminal), and a dead host found within 10 seconds.
@@ -315,6 +355,7 @@ impl Default for PipelineConfig {
             config_keys: vec!["hex8_2p".to_string()],
             jobs,
             ssh: DEFAULT_SSH.iter().map(|w| w.to_string()).collect(),
+            capacity: Capacity::default(),
         }
     }
 }
@@ -366,8 +407,10 @@ impl Config {
 impl PipelineConfig {
     /// The section as handed to every daemon in its settings (`settings.pipeline`):
     /// `{"config_keys": [...], "jobs": {kind: {"command": [...], "max_runtime": seconds,
-    /// "stuck_after": seconds or null}}}`, durations in (fractional) seconds (`stuck_after`:
-    /// null for job_reaper's own, 0 for never).
+    /// "stuck_after": seconds or null}}, "ssh": [...], "capacity": {"selfplay_slots": n,
+    /// "training_slots": n, "evaluation_slots": n, "gpus": n or null}}`, durations in
+    /// (fractional) seconds (`stuck_after`: null for job_reaper's own, 0 for never; `gpus`:
+    /// null for detected on the node).
     pub fn to_json(&self) -> Value {
         let jobs: Map<String, Value> = self
             .jobs
@@ -383,7 +426,18 @@ impl PipelineConfig {
                 )
             })
             .collect();
-        serde_json::json!({ "config_keys": self.config_keys, "jobs": jobs, "ssh": self.ssh })
+        let c = &self.capacity;
+        serde_json::json!({
+            "config_keys": self.config_keys,
+            "jobs": jobs,
+            "ssh": self.ssh,
+            "capacity": {
+                "selfplay_slots": c.selfplay_slots,
+                "training_slots": c.training_slots,
+                "evaluation_slots": c.evaluation_slots,
+                "gpus": c.gpus,
+            },
+        })
     }
 }
 
@@ -684,6 +738,7 @@ fn parse_with(
         problems: Vec::new(),
         notes: Vec::new(),
         env_origin: BTreeMap::new(),
+        selfplay_slots_set: false,
     };
     if let Some((line, byte)) = control_byte(text) {
         return Err(ConfigError {
@@ -864,6 +919,8 @@ struct Validator<'a> {
     notes: Vec<Problem>,
     /// Dotted keys set from the environment → the variable that set them.
     env_origin: BTreeMap<String, String>,
+    /// `pipeline.capacity.selfplay_slots` is set (not its default).
+    selfplay_slots_set: bool,
 }
 
 impl Validator<'_> {
@@ -1140,7 +1197,8 @@ impl Validator<'_> {
         };
         let profiles = self.profiles(top.get("profiles"), &daemons);
         let cluster = self.cluster(top.get("cluster"));
-        let pipeline = self.pipeline(top.get("pipeline"));
+        let mut pipeline = self.pipeline(top.get("pipeline"));
+        self.resolve_selfplay_slots(&mut pipeline.capacity, &daemons);
         self.check_playable(&pipeline);
         // Every daemon sees the pipeline section in its settings: the keys it works on and the job templates.
         let pipeline_json = pipeline.to_json();
@@ -1257,7 +1315,12 @@ impl Validator<'_> {
         let Some(map) = self.mapping(v, &["pipeline"]).cloned() else {
             return out;
         };
-        self.unknown_keys(&map, &["pipeline"], &["config_keys", "jobs", "ssh"]);
+        self.unknown_keys(
+            &map,
+            &["pipeline"],
+            &["config_keys", "jobs", "ssh", "capacity"],
+        );
+        out.capacity = self.capacity(map.get("capacity"));
         match map.get("ssh") {
             None | Some(Value::Null) => {}
             Some(Value::Array(_)) => {
@@ -1388,6 +1451,85 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// `pipeline.capacity`; `selfplay_slots` left at its default here is resolved against the
+    /// deprecated `daemons.selfplay_scheduler.slots` by [`Checker::resolve_selfplay_slots`].
+    fn capacity(&mut self, v: Option<&Value>) -> Capacity {
+        let mut out = Capacity::default();
+        let at = ["pipeline", "capacity"];
+        let Some(map) = self.mapping(v, &at).cloned() else {
+            return out;
+        };
+        self.unknown_keys(&map, &at, CAPACITY_KEYS);
+        let path = |k: &'static str| ["pipeline", "capacity", k];
+        if let Some(n) = self.integer(map.get("selfplay_slots"), &path("selfplay_slots"), 1, 1024) {
+            out.selfplay_slots = n;
+            self.selfplay_slots_set = true;
+        }
+        if let Some(n) = self.integer(map.get("training_slots"), &path("training_slots"), 1, 64) {
+            out.training_slots = n;
+        }
+        if let Some(n) = self.integer(
+            map.get("evaluation_slots"),
+            &path("evaluation_slots"),
+            1,
+            64,
+        ) {
+            out.evaluation_slots = n;
+        }
+        match map.get("gpus") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "auto" => {}
+            v => out.gpus = self.integer(v, &path("gpus"), 0, 1024),
+        }
+        out
+    }
+
+    /// The selfplay slots when the file sets them the old way, `daemons.selfplay_scheduler.slots`
+    /// (deprecated: idle_resource could not see them): taken as `pipeline.capacity.selfplay_slots`
+    /// when that is not set, with a note; a conflict between the two is a problem.
+    fn resolve_selfplay_slots(
+        &mut self,
+        capacity: &mut Capacity,
+        daemons: &BTreeMap<String, DaemonConfig>,
+    ) {
+        let old = daemons
+            .get("selfplay_scheduler")
+            .and_then(|d| d.settings.get("slots"))
+            .and_then(|v| match v {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            });
+        let Some(old) = old else {
+            return;
+        };
+        let at = ["daemons", "selfplay_scheduler", "slots"];
+        if !self.selfplay_slots_set {
+            capacity.selfplay_slots = old;
+            self.note(
+                &at,
+                format!(
+                    "deprecated: write `pipeline: {{capacity: {{selfplay_slots: {old}}}}}` instead \
+                     (the node's selfplay slots, shared with idle_resource); taken as that for now"
+                ),
+            );
+        } else if old != capacity.selfplay_slots {
+            self.problem(
+                &at,
+                format!(
+                    "{old} contradicts pipeline.capacity.selfplay_slots ({}): set only \
+                     pipeline.capacity.selfplay_slots (this key is deprecated)",
+                    capacity.selfplay_slots
+                ),
+            );
+        } else {
+            self.note(
+                &at,
+                "deprecated and redundant: pipeline.capacity.selfplay_slots says the same; remove it",
+            );
+        }
     }
 
     fn daemon(
@@ -2023,6 +2165,61 @@ mod tests {
 
     fn ok(text: &str) -> Config {
         parse(text, "test.yaml", &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn capacity_is_configured_once_and_checked() {
+        let c = ok("pipeline:\n  capacity:\n    training_slots: 3\n    gpus: 2\n");
+        assert_eq!(
+            c.pipeline.capacity,
+            Capacity {
+                selfplay_slots: 1,
+                training_slots: 3,
+                evaluation_slots: 1,
+                gpus: Some(2),
+            }
+        );
+        let json = c.pipeline.to_json();
+        assert_eq!(json["capacity"]["training_slots"], 3);
+        assert_eq!(json["capacity"]["gpus"], 2);
+        assert_eq!(
+            ok("pipeline:\n  capacity:\n    gpus: auto\n")
+                .pipeline
+                .capacity,
+            Capacity::default()
+        );
+        let e = err("pipeline:\n  capacity:\n    training_slots: 0\n", &[]);
+        assert_eq!(e.problems[0].key, "pipeline.capacity.training_slots");
+        assert!(
+            e.problems[0].message.contains("out of range (1..=64)"),
+            "{e}"
+        );
+        let e = err("pipeline:\n  capacity:\n    trainig_slots: 2\n", &[]);
+        assert!(e.to_string().contains("training_slots"), "{e}");
+        let e = err("pipeline:\n  capacity:\n    evaluation_slots: many\n", &[]);
+        assert_eq!(e.problems[0].key, "pipeline.capacity.evaluation_slots");
+    }
+
+    #[test]
+    fn the_old_selfplay_slots_key_is_read_with_a_note_and_never_contradicts() {
+        let old = "daemons:\n  selfplay_scheduler:\n    slots: 3\n";
+        assert_eq!(ok(old).pipeline.capacity.selfplay_slots, 3);
+        let dir = std::env::temp_dir();
+        let (_, missing) = parse_in(old, "test.yaml", &[], &dir).unwrap();
+        assert!(
+            missing
+                .disabled
+                .iter()
+                .any(|n| n.key == "daemons.selfplay_scheduler.slots"
+                    && n.message.contains("deprecated")),
+            "{missing:?}"
+        );
+        let both = format!("{old}pipeline:\n  capacity:\n    selfplay_slots: 4\n");
+        let e = err(&both, &[]);
+        assert_eq!(e.problems[0].key, "daemons.selfplay_scheduler.slots");
+        assert!(e.problems[0].message.contains("contradicts"), "{e}");
+        let same = format!("{old}pipeline:\n  capacity:\n    selfplay_slots: 3\n");
+        assert_eq!(ok(&same).pipeline.capacity.selfplay_slots, 3);
     }
 
     fn err(text: &str, env: &[(&str, &str)]) -> ConfigError {
