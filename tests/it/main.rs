@@ -13,6 +13,7 @@ mod events;
 mod fixtures;
 mod http;
 mod jobs;
+mod parallel;
 mod pipeline;
 mod pipeline_jobs;
 mod pipeline_view;

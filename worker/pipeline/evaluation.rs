@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ringrift::config_key::ConfigKey;
@@ -35,13 +36,43 @@ use super::{
     typed, view_details,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::runtime::{Ctx, Settings};
+use crate::runtime::{Ctx, JobOutcome, Settings};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use ringrift::pipeline_view::Stage;
 use ringrift::settings::EvaluationSettings;
 
 mod work_items;
 
 const NAME: &str = "evaluation";
+
+/// While a pool runs and events wait for it, how often it looks at the candidates on disk again.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+/// A gauntlet decided on ([`Evaluation::prepare`]): what its jobs and its settling need.
+#[derive(Debug, Clone)]
+struct Prepared {
+    key: String,
+    candidate: PathBuf,
+    /// The candidate's SHA-256, hashed before the gauntlet.
+    sha: String,
+    /// The baseline's SHA-256 (None: there is no canonical model yet).
+    baseline: Option<String>,
+    /// The gauntlet's placeholders.
+    vars: Vec<(&'static str, String)>,
+    /// Its slot's GPU, if the node has any.
+    gpu: Option<u64>,
+}
+
+/// How an evaluation's jobs ended: the validate job refused or could not judge the model, or
+/// the gauntlet ran (or could not start).
+enum Ended {
+    Validation(Validation),
+    Gauntlet(anyhow::Result<JobOutcome>),
+}
+
+/// A running evaluation.
+type EvalJob = LocalBoxFuture<'static, (Prepared, Ended)>;
 /// Failed gauntlet runs of one candidate before it is quarantined.
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -311,6 +342,14 @@ struct Evaluation {
     sprt: Option<ringrift::sprt::Sprt>,
     limit: usize,
     retry_delay: f64,
+    /// `pipeline.capacity.evaluation_slots`.
+    slots: usize,
+    /// `pipeline.capacity.gpus` (detected when not configured).
+    gpus: u64,
+    /// The daemon's `interval`: how often a running pool publishes health.
+    interval: Duration,
+    /// Keys whose gauntlet runs now → its slot and candidate.
+    running: BTreeMap<String, (usize, PathBuf)>,
     state: State,
     queue: VecDeque<PathBuf>,
     /// Candidates whose last gauntlet failed: not retried before this unix time.
@@ -370,6 +409,21 @@ impl Evaluation {
                 &self.last
             }
         );
+        let message = if self.running.is_empty() {
+            message
+        } else {
+            let names: Vec<String> = self
+                .running
+                .values()
+                .map(|(_, c)| c.display().to_string())
+                .collect();
+            format!(
+                "evaluating {} ({} of {} slots); {message}",
+                names.join(", "),
+                self.running.len(),
+                self.slots
+            )
+        };
         let status = if !self.last_ok {
             "degraded"
         } else if self.state.backpressure_active {
@@ -380,6 +434,19 @@ impl Evaluation {
         let mut details = BTreeMap::from([
             ("queue_depth".to_string(), Value::from(depth)),
             ("queue_limit".to_string(), Value::from(self.limit)),
+            ("evaluation_slots".to_string(), Value::from(self.slots)),
+            (
+                "running".to_string(),
+                json!(
+                    self.running
+                        .iter()
+                        .map(|(k, (slot, c))| (
+                            k.clone(),
+                            json!({"slot": slot, "candidate": c.display().to_string()})
+                        ))
+                        .collect::<serde_json::Map<String, Value>>()
+                ),
+            ),
             (
                 "queue".to_string(),
                 json!(
@@ -397,7 +464,14 @@ impl Evaluation {
         ]);
         view_details(
             &mut details,
-            stage_reports(self.playing.keys().cloned(), Stage::Evaluation),
+            stage_reports(
+                self.playing
+                    .keys()
+                    .chain(self.running.keys())
+                    .cloned()
+                    .collect::<BTreeSet<_>>(),
+                Stage::Evaluation,
+            ),
         );
         Report::with_status(
             self.last_ok,
@@ -505,26 +579,15 @@ impl Evaluation {
         );
     }
 
-    /// Evaluates queued candidates until the queue is empty (in a cluster: offers them to the
-    /// cluster, and evaluates the cluster's items if this node evaluates).
+    /// Evaluates queued candidates until the queue is empty, up to `evaluation_slots` at once
+    /// ([`Evaluation::pool`]; in a cluster: offers them to the cluster, and evaluates the
+    /// cluster's items one at a time if this node evaluates).
     async fn drain(&mut self) {
         if self.pipeline.as_ref().expect("started").shared_queue {
             self.drain_shared().await;
             return;
         }
-        while let Some(candidate) = self.queue.pop_front() {
-            self.update_backpressure();
-            if candidate.exists() && !eval_path(&candidate).exists() {
-                self.evaluate(&candidate).await;
-                // Whatever went wrong (even a quarantine that could not rename), never loop on it.
-                if candidate.exists() && !eval_path(&candidate).exists() {
-                    let retry = now_secs() + self.retry_delay;
-                    self.not_before.entry(candidate).or_insert(retry);
-                }
-            }
-            // Candidates trained meanwhile count towards the depth at once.
-            self.scan();
-        }
+        self.pool().await;
     }
 
     fn fail(&mut self, key: &str, candidate: &Path, error: String) {
@@ -633,16 +696,12 @@ impl Evaluation {
         self.fail(key, candidate, error);
     }
 
-    async fn evaluate(&mut self, candidate: &Path) {
-        let Some(key) = candidate_key(candidate) else {
-            return;
-        };
-        if let Err(e) = self
-            .pipeline
-            .as_ref()
-            .expect("started")
-            .check_model(candidate, &key)
-        {
+    /// The synchronous start of `candidate`'s evaluation in slot `slot`: checks that it loads
+    /// (quarantined otherwise) and hashes it. None when it cannot be played (said already).
+    fn prepare(&mut self, candidate: &Path, slot: usize) -> Option<Prepared> {
+        let key = candidate_key(candidate)?;
+        let pipeline = self.pipeline.clone().expect("started");
+        if let Err(e) = pipeline.check_model(candidate, &key) {
             self.quarantined += 1;
             let moved = quarantine(candidate)
                 .map(|p| p.display().to_string())
@@ -652,25 +711,7 @@ impl Evaluation {
                 candidate,
                 format!("candidate does not load ({e:#}); quarantined as {moved}"),
             );
-            return;
-        }
-        // A format of the user's own is checked by their validate job, before any game is played.
-        let ctx = self.ctx.clone().expect("attached");
-        let pipeline = self.pipeline.clone().expect("started");
-        match pipeline.validate_model(&ctx, candidate, &key).await {
-            Validation::NotConfigured | Validation::Valid => {}
-            Validation::Invalid(why) => {
-                self.quarantined += 1;
-                let moved = quarantine(candidate)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                self.fail(&key, candidate, format!("{why}; quarantined as {moved}"));
-                return;
-            }
-            Validation::NotRun(why) => {
-                self.failed_attempt(&key, candidate, why);
-                return;
-            }
+            return None;
         }
         // What is played is recorded by content: promotion installs only a candidate whose hash
         // is the one evaluated.
@@ -678,20 +719,98 @@ impl Evaluation {
             Ok(sha) => sha,
             Err(e) => {
                 self.failed_attempt(&key, candidate, format!("cannot read the candidate: {e:#}"));
-                return;
+                return None;
             }
         };
-        let (results, baseline) = match self.gauntlet(&key, candidate, &sha, None, None).await {
+        // The job's `{model_path}` is the baseline: this node's canonical model.
+        let baseline_path = pipeline.canonical(&key);
+        let baseline = sha256::file_hex(&baseline_path).ok();
+        let gpu = super::gpu_for_slot(pipeline.capacity.training_slots, slot, self.gpus);
+        self.started += 1;
+        println!(
+            "{NAME}: {key}: gauntlet for {} ({} games per opponent; slot {slot}{})",
+            candidate.display(),
+            self.games,
+            gpu.map_or(String::new(), |g| format!(", GPU {g}"))
+        );
+        self.running
+            .insert(key.clone(), (slot, candidate.to_path_buf()));
+        Some(Prepared {
+            vars: self.gauntlet_vars(&key, candidate, &baseline_path),
+            key,
+            candidate: candidate.to_path_buf(),
+            sha,
+            baseline,
+            gpu,
+        })
+    }
+
+    /// The validate job (if any) and the gauntlet job of prepared evaluation `p`: a future that
+    /// borrows nothing from the daemon.
+    fn launch(&self, p: Prepared) -> EvalJob {
+        let pipeline = self.pipeline.clone().expect("started");
+        let ctx = self.ctx.clone().expect("attached");
+        Box::pin(async move {
+            // A format of the user's own is checked by their validate job, before any game.
+            let validation = pipeline.validate_model(&ctx, &p.candidate, &p.key).await;
+            if !matches!(validation, Validation::NotConfigured | Validation::Valid) {
+                return (p, Ended::Validation(validation));
+            }
+            let env = p
+                .gpu
+                .map(|g| {
+                    (
+                        super::training_trigger::CUDA_VISIBLE_DEVICES.to_string(),
+                        g.to_string(),
+                    )
+                })
+                .into_iter()
+                .collect();
+            let vars: Vec<(&str, String)> = p.vars.iter().map(|(k, v)| (*k, v.clone())).collect();
+            let outcome = pipeline
+                .run_job_env(&ctx, "gauntlet", &p.key, &vars, None, env)
+                .await;
+            (p, Ended::Gauntlet(outcome))
+        })
+    }
+
+    /// The synchronous end of evaluation `p`: frees its slot, publishes and announces its
+    /// results (EVALUATION_COMPLETED), or records the failure (a retry later, or quarantine).
+    fn settle(&mut self, p: Prepared, ended: Ended) {
+        self.running.remove(&p.key);
+        let (key, candidate) = (p.key.as_str(), p.candidate.as_path());
+        let outcome = match ended {
+            Ended::Validation(Validation::Invalid(why)) => {
+                self.quarantined += 1;
+                let moved = quarantine(candidate)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                self.fail(key, candidate, format!("{why}; quarantined as {moved}"));
+                return;
+            }
+            Ended::Validation(Validation::NotRun(why)) => {
+                self.failed_attempt(key, candidate, why);
+                return;
+            }
+            Ended::Validation(_) => return,
+            Ended::Gauntlet(outcome) => outcome,
+        };
+        let results = outcome
+            .map_err(|e| format!("cannot start the gauntlet job: {e:#}"))
+            .and_then(|o| self.gauntlet_results(&o, candidate, &p.sha));
+        let results = match results {
             Ok(r) => r,
             Err(error) => {
-                self.failed_attempt(&key, candidate, error);
+                self.failed_attempt(key, candidate, error);
                 return;
             }
         };
         let staging = staging_results(candidate);
-        if let Err(e) = publish_results(candidate, &staging, &results, &sha, baseline.as_deref()) {
+        if let Err(e) =
+            publish_results(candidate, &staging, &results, &p.sha, p.baseline.as_deref())
+        {
             let error = format!("cannot move {} into place: {e:#}", staging.display());
-            self.failed_attempt(&key, candidate, error);
+            self.failed_attempt(key, candidate, error);
             return;
         }
         if self
@@ -702,9 +821,153 @@ impl Evaluation {
         {
             self.save();
         }
-        self.announce(&key, candidate, &results);
-        // Let EVALUATION_COMPLETED go out before any further work of this cycle.
-        tokio::task::yield_now().await;
+        self.announce(key, candidate, &results);
+    }
+
+    /// Starts the evaluation of queued candidates, oldest first, as slots allow: at most one per
+    /// config key at a time (a key's later candidate waits for the earlier one's gauntlet).
+    fn fill(&mut self, running: &mut FuturesUnordered<EvalJob>) {
+        let mut waiting = VecDeque::new();
+        while self.running.len() < self.slots {
+            let Some(candidate) = self.queue.pop_front() else {
+                break;
+            };
+            let busy = candidate_key(&candidate).is_some_and(|k| self.running.contains_key(&k));
+            if busy {
+                waiting.push_back(candidate);
+                continue;
+            }
+            if !candidate.exists() || eval_path(&candidate).exists() {
+                continue;
+            }
+            let slot = (0..self.slots)
+                .find(|s| !self.running.values().any(|(held, _)| held == s))
+                .unwrap_or(0);
+            match self.prepare(&candidate, slot) {
+                Some(p) => running.push(self.launch(p)),
+                None => self.never_loop(candidate),
+            }
+        }
+        // Those of busy keys keep their place at the front.
+        while let Some(c) = waiting.pop_back() {
+            self.queue.push_front(c);
+        }
+        self.update_backpressure();
+    }
+
+    /// Whatever went wrong with `candidate` (even a quarantine that could not rename), it is
+    /// not tried again before the retry delay.
+    fn never_loop(&mut self, candidate: PathBuf) {
+        if candidate.exists() && !eval_path(&candidate).exists() {
+            let retry = now_secs() + self.retry_delay;
+            self.not_before.entry(candidate).or_insert(retry);
+        }
+    }
+
+    /// Keeps up to `evaluation_slots` gauntlets running, across config keys, until the queue
+    /// is empty: the disk is scanned again whenever a gauntlet ends, every [`RESCAN_EVERY`]
+    /// while events wait for this pool to end (a candidate trained meanwhile starts at once in
+    /// a free slot), and every `interval`, when health is published too. It starts no more when
+    /// the daemon stops, pauses or stands by, and returns once none runs.
+    async fn pool(&mut self) {
+        let ctx = self.ctx.clone().expect("attached");
+        let mut running: FuturesUnordered<EvalJob> = FuturesUnordered::new();
+        let mut look = Instant::now() + RESCAN_EVERY;
+        let mut publish = Instant::now() + self.interval;
+        loop {
+            if !ctx.winding_down() {
+                self.fill(&mut running);
+            }
+            if running.is_empty() {
+                break;
+            }
+            let next = tokio::select! {
+                next = running.next() => next,
+                () = tokio::time::sleep_until(look.min(publish).into()) => None,
+            };
+            let mut rescan = false;
+            if let Some((p, ended)) = next {
+                let candidate = p.candidate.clone();
+                self.settle(p, ended);
+                self.never_loop(candidate);
+                // EVALUATION_COMPLETED goes out before the next gauntlet.
+                tokio::task::yield_now().await;
+                rescan = true;
+            }
+            let now = Instant::now();
+            if now >= look {
+                look = now + RESCAN_EVERY;
+                rescan |= ctx.events_waiting();
+            }
+            if now >= publish {
+                publish = now + self.interval;
+                rescan = true;
+                ctx.publish(self.report());
+            }
+            if rescan {
+                // Candidates trained meanwhile count towards the depth at once.
+                self.scan();
+            }
+        }
+    }
+
+    /// The gauntlet's placeholders for `candidate` of `key` against `baseline_path`.
+    fn gauntlet_vars(
+        &self,
+        key: &str,
+        candidate: &Path,
+        baseline_path: &Path,
+    ) -> Vec<(&'static str, String)> {
+        let pipeline = self.pipeline.as_ref().expect("started");
+        vec![
+            ("candidate_path", candidate.display().to_string()),
+            ("games", self.games.to_string()),
+            (
+                "output_path",
+                staging_results(candidate).display().to_string(),
+            ),
+            ("model_path", baseline_path.display().to_string()),
+            (
+                "reference_dir",
+                pipeline.reference_dir(key).display().to_string(),
+            ),
+            (
+                "sprt",
+                self.sprt
+                    .map_or_else(|| "off".to_string(), |t| t.to_string()),
+            ),
+        ]
+    }
+
+    /// The results a gauntlet job that ended with `outcome` left in `candidate`'s staging file,
+    /// checked (and the candidate still the one hashed `sha`), or why there are none.
+    fn gauntlet_results(
+        &self,
+        outcome: &JobOutcome,
+        candidate: &Path,
+        sha: &str,
+    ) -> Result<Results, String> {
+        let staging = staging_results(candidate);
+        if !outcome.success {
+            return Err(job_failure("gauntlet", outcome));
+        }
+        let results = read_results(&staging, self.games).map_err(|e| {
+            if staging.exists() {
+                quarantine(&staging);
+            }
+            format!(
+                "gauntlet job {} wrote no usable results: {e:#}",
+                outcome.job_id
+            )
+        })?;
+        if candidate_sha(candidate).ok().as_deref() != Some(sha) {
+            let _ = std::fs::remove_file(&staging);
+            return Err(format!(
+                "{} changed while its gauntlet ran; its results are discarded",
+                candidate.display()
+            ));
+        }
+        Ok(results)
     }
 
     /// Plays `candidate` (whose content has SHA-256 `sha`) through the gauntlet job, bound to the
@@ -727,22 +990,7 @@ impl Evaluation {
         let baseline = sha256::file_hex(&baseline_path).ok();
         // The gauntlet writes a staging file; it becomes the results file (which promotion looks
         // for) just before EVALUATION_COMPLETED, so promotion never decides ahead of the event.
-        let staging = staging_results(candidate);
-        let vars = [
-            ("candidate_path", candidate.display().to_string()),
-            ("games", self.games.to_string()),
-            ("output_path", staging.display().to_string()),
-            ("model_path", baseline_path.display().to_string()),
-            (
-                "reference_dir",
-                pipeline.reference_dir(key).display().to_string(),
-            ),
-            (
-                "sprt",
-                self.sprt
-                    .map_or_else(|| "off".to_string(), |t| t.to_string()),
-            ),
-        ];
+        let vars = self.gauntlet_vars(key, candidate, &baseline_path);
         self.started += 1;
         println!(
             "{NAME}: {key}: gauntlet for {} ({} games per opponent)",
@@ -757,25 +1005,7 @@ impl Evaluation {
             .await;
         self.playing.end(key);
         let outcome = outcome.map_err(|e| format!("cannot start the gauntlet job: {e:#}"))?;
-        if !outcome.success {
-            return Err(job_failure("gauntlet", &outcome));
-        }
-        let results = read_results(&staging, self.games).map_err(|e| {
-            if staging.exists() {
-                quarantine(&staging);
-            }
-            format!(
-                "gauntlet job {} wrote no usable results: {e:#}",
-                outcome.job_id
-            )
-        })?;
-        if candidate_sha(candidate).ok().as_deref() != Some(sha) {
-            let _ = std::fs::remove_file(&staging);
-            return Err(format!(
-                "{} changed while its gauntlet ran; its results are discarded",
-                candidate.display()
-            ));
-        }
+        let results = self.gauntlet_results(&outcome, candidate, sha)?;
         Ok((results, baseline))
     }
 
@@ -844,6 +1074,9 @@ impl Daemon for Evaluation {
             self.sprt = s.sprt;
             self.limit = usize::try_from(s.queue_limit).unwrap_or(usize::MAX);
             self.retry_delay = settings.interval_secs;
+            self.slots = pipeline.capacity.evaluation_slots.max(1);
+            self.gpus = pipeline.capacity.resolve_gpus();
+            self.interval = settings.interval;
             self.state = load_state(&pipeline.state_path(NAME));
             self.last_ok = true;
             let fingerprint = format!(

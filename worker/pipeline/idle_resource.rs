@@ -4,7 +4,8 @@
 //! previous sample, [`cpu_percent`](ringrift::procfs::cpu_percent)) and, where `nvidia-smi` exists, GPU utilisation (the busiest
 //! GPU). Once utilisation has stayed under `cpu_threshold` percent for `idle_window` seconds
 //! ([`IdleTracker`]), it announces IDLE_RESOURCE_DETECTED and runs up to `max_extra_jobs` selfplay
-//! jobs of `games_per_job` games for the key the scheduler rates highest (priorities.json; the
+//! jobs (no more than the node's selfplay slots selfplay_scheduler leaves free:
+//! `pipeline.capacity.selfplay_slots`, shared through [`super::slots`]) of `games_per_job` games for the key the scheduler rates highest (priorities.json; the
 //! first config key without one), announcing their games like the scheduler does. The idle window
 //! then starts over, measured from after the jobs, so it never counts its own jobs' quiet ends.
 //!
@@ -28,7 +29,8 @@ use serde_json::Value;
 
 use super::games_db::Quarantined;
 use super::selfplay_scheduler::{
-    Announcer, SelfplayRun, keep_quarantined, read_priorities, run_and_settle, runnable,
+    Announcer, SELFPLAY_SLOTS, SelfplayRun, keep_quarantined, read_priorities, run_and_settle,
+    runnable,
 };
 use super::work::{Queue, work_failed};
 use super::{Pipeline, join_all, now_secs, typed};
@@ -231,6 +233,23 @@ impl IdleResource {
         let ctx = self.ctx.as_ref().expect("attached");
         // (shared queue item, key, games) per job.
         let mut work: Vec<(Option<i64>, String, u64)> = Vec::new();
+        // The extra jobs take the node's free selfplay slots, the ones selfplay_scheduler does
+        // not hold: together they never run more than `pipeline.capacity.selfplay_slots`.
+        let capacity = pipeline.capacity.selfplay_slots;
+        let held: Vec<super::slots::Slot> =
+            std::iter::from_fn(|| super::slots::try_take(&pipeline.root, SELFPLAY_SLOTS, capacity))
+                .take(usize::try_from(self.max_extra_jobs).unwrap_or(usize::MAX))
+                .collect();
+        if held.is_empty() {
+            let busy = format!(
+                "idle, but no extra selfplay: all {capacity} selfplay slot(s) of the node are busy"
+            );
+            if self.last_burst.as_ref() != Some(&busy) {
+                println!("{NAME}: {busy}");
+            }
+            self.last_burst = Some(busy);
+            return;
+        }
         let queue = pipeline.shared_queue.then(|| Queue::Shared(ctx.clone()));
         if let Some(queue) = &queue {
             if let Err(why) = super::work::may_claim(&pipeline.root, SELFPLAY) {
@@ -240,7 +259,7 @@ impl IdleResource {
             // In a cluster the extra jobs are the cluster's pending selfplay items: the leader
             // weighs them by priority, and an idle node takes more of them.
             let now = now_secs();
-            let items = match queue.claim(NAME, self.max_extra_jobs as usize, now).await {
+            let items = match queue.claim(NAME, held.len(), now).await {
                 Ok(items) => items,
                 Err(e) => {
                     self.last_failure = Some(format!(
@@ -271,7 +290,7 @@ impl IdleResource {
             let Some(key) = pick_key(&pipeline.config_keys, priorities.as_ref()) else {
                 return;
             };
-            for _ in 0..self.max_extra_jobs {
+            for _ in 0..held.len() {
                 work.push((None, key.clone(), self.games_per_job));
             }
         }
@@ -336,6 +355,7 @@ impl IdleResource {
             )
             .collect();
         let runs = join_all(futs).await;
+        drop(held);
         let (quarantined, db_problems) = announcer.take_db_news();
         self.totals.dbs_quarantined += quarantined.len() as u64;
         keep_quarantined(&mut self.quarantined, quarantined);

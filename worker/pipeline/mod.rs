@@ -33,6 +33,7 @@ pub(crate) mod ratings_db;
 pub(crate) mod retry;
 pub(crate) mod selfplay_scheduler;
 pub(crate) mod sha256;
+pub(crate) mod slots;
 pub(crate) mod training_trigger;
 pub(crate) mod transfer;
 pub(crate) mod work;
@@ -70,6 +71,78 @@ pub(crate) struct Pipeline {
     pub shared_queue: bool,
     /// `pipeline.ssh`: the ssh program and options for `host:path` copies.
     pub ssh: Vec<String>,
+    /// `pipeline.capacity`: what this node runs at once.
+    pub capacity: Capacity,
+}
+
+/// The node's capacity for the loop (`pipeline.capacity`; see `ringrift::config::Capacity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Capacity {
+    pub selfplay_slots: usize,
+    pub training_slots: usize,
+    pub evaluation_slots: usize,
+    /// None: detect ([`detect_gpus`]).
+    pub gpus: Option<u64>,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            selfplay_slots: 1,
+            training_slots: 1,
+            evaluation_slots: 1,
+            gpus: None,
+        }
+    }
+}
+
+impl Capacity {
+    /// From the `capacity` object of the pipeline section (absent keys: defaults).
+    fn from_json(v: Option<&Value>) -> Capacity {
+        let d = Capacity::default();
+        let n = |k: &str, default: usize| {
+            v.and_then(|c| c.get(k))
+                .and_then(Value::as_u64)
+                .map_or(default, |n| usize::try_from(n).unwrap_or(usize::MAX).max(1))
+        };
+        Capacity {
+            selfplay_slots: n("selfplay_slots", d.selfplay_slots),
+            training_slots: n("training_slots", d.training_slots),
+            evaluation_slots: n("evaluation_slots", d.evaluation_slots),
+            gpus: v.and_then(|c| c.get("gpus")).and_then(Value::as_u64),
+        }
+    }
+
+    /// The GPUs to hand out: as configured, else detected on this node (run once per call).
+    pub(crate) fn resolve_gpus(&self) -> u64 {
+        self.gpus.unwrap_or_else(detect_gpus)
+    }
+}
+
+/// The GPUs `nvidia-smi -L` lists (lines `GPU <n>: ...`), or 0 where it is missing or fails.
+pub(crate) fn detect_gpus() -> u64 {
+    std::process::Command::new("nvidia-smi")
+        .arg("-L")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or(0, |o| count_gpus(&String::from_utf8_lossy(&o.stdout)))
+}
+
+/// The GPUs in `nvidia-smi -L` output.
+pub(crate) fn count_gpus(text: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with("GPU "))
+        .count() as u64
+}
+
+/// The GPU of a job in slot `slot` of a daemon whose slots come after `offset` others (training
+/// slots first, then evaluation's), on a node with `gpus` GPUs: slots take the GPUs in turn, so
+/// with as many GPUs as slots every job has one of its own. None without GPUs.
+pub(crate) fn gpu_for_slot(offset: usize, slot: usize, gpus: u64) -> Option<u64> {
+    (gpus > 0).then(|| (offset + slot) as u64 % gpus)
 }
 
 impl Pipeline {
@@ -148,6 +221,7 @@ impl Pipeline {
             worker,
             shared_queue,
             ssh,
+            capacity: Capacity::from_json(p.get("capacity")),
         })
     }
 
@@ -162,6 +236,7 @@ impl Pipeline {
             worker: PathBuf::from("ringrift-worker"),
             shared_queue: false,
             ssh: vec!["ssh".into()],
+            capacity: Capacity::default(),
         }
     }
 
@@ -372,6 +447,21 @@ impl Pipeline {
         vars: &[(&str, String)],
         item: Option<i64>,
     ) -> anyhow::Result<JobOutcome> {
+        self.run_job_env(ctx, kind, key, vars, item, BTreeMap::new())
+            .await
+    }
+
+    /// As [`Pipeline::run_job_for`], with `extra` in the job's environment (e.g.
+    /// `CUDA_VISIBLE_DEVICES` of its slot's GPU).
+    pub(crate) async fn run_job_env(
+        &self,
+        ctx: &Ctx,
+        kind: &str,
+        key: &str,
+        vars: &[(&str, String)],
+        item: Option<i64>,
+        extra: BTreeMap<String, String>,
+    ) -> anyhow::Result<JobOutcome> {
         let (command, max) = self.job_command(kind, key, vars)?;
         // The directory of the file the job must write exists before it runs (data/training/
         // on a fresh root, a candidate's directory): the job never has to create one.
@@ -399,6 +489,7 @@ impl Pipeline {
         if let Some(secs) = self.stuck_after.get(kind) {
             env.insert(JOB_STUCK_AFTER_ENV.to_string(), secs.to_string());
         }
+        env.extend(extra);
         Ok(ctx.run_job_for(command, max, env, item).await)
     }
 }
@@ -699,6 +790,35 @@ pub(crate) fn now_secs() -> f64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_counted_and_handed_to_slots_in_turn() {
+        let listing = "GPU 0: NVIDIA A100 (UUID: GPU-1)\nGPU 1: NVIDIA A100 (UUID: GPU-2)\n";
+        assert_eq!(count_gpus(listing), 2);
+        assert_eq!(count_gpus(""), 0);
+        assert_eq!(gpu_for_slot(0, 0, 0), None);
+        assert_eq!(gpu_for_slot(0, 1, 2), Some(1));
+        // Evaluation's slots come after training's: 1 training slot, 2 GPUs → evaluation on GPU 1.
+        assert_eq!(gpu_for_slot(1, 0, 2), Some(1));
+        assert_eq!(gpu_for_slot(1, 1, 2), Some(0));
+    }
+
+    #[test]
+    fn capacity_is_read_from_the_pipeline_section() {
+        let c = Capacity::from_json(Some(&serde_json::json!({
+            "selfplay_slots": 4, "training_slots": 2, "evaluation_slots": 3, "gpus": null
+        })));
+        assert_eq!(
+            (
+                c.selfplay_slots,
+                c.training_slots,
+                c.evaluation_slots,
+                c.gpus
+            ),
+            (4, 2, 3, None)
+        );
+        assert_eq!(Capacity::from_json(None), Capacity::default());
+    }
 
     /// Runs `f` to the end on a fresh single-threaded runtime.
     pub(crate) fn block_on<F: Future>(f: F) -> F::Output {

@@ -44,6 +44,9 @@ use super::work::{Queue, work_failed};
 
 const NAME: &str = "selfplay_scheduler";
 
+/// The kind of the node's selfplay slots ([`super::slots`]), shared with idle_resource.
+pub(crate) const SELFPLAY_SLOTS: &str = "selfplay";
+
 /// The least time a cycle's pool goes on claiming before it yields to events that arrived
 /// meanwhile (quality scores, promotions), letting its jobs end: its slots idle only while the
 /// last jobs of a pool finish, at most once a minute and only when events wait.
@@ -670,11 +673,18 @@ impl Scheduler {
                     claiming = false;
                     break;
                 }
+                // A slot of the node's (idle_resource's extra jobs hold some too) per job.
+                let mut held: Vec<super::slots::Slot> = std::iter::from_fn(|| {
+                    super::slots::try_take(&pipeline.root, SELFPLAY_SLOTS, slots)
+                })
+                .take(slots - running.len())
+                .collect();
+                if held.is_empty() {
+                    // All held by idle_resource: looked for again when a job ends.
+                    break;
+                }
                 let now = now_secs();
-                let items = match queue
-                    .claim(&self.worker_id, slots - running.len(), now)
-                    .await
-                {
+                let items = match queue.claim(&self.worker_id, held.len(), now).await {
                     Ok(items) => items,
                     Err(e) => {
                         failure = Some(e);
@@ -708,8 +718,11 @@ impl Scheduler {
                     }
                     let (announcer, id) = (&announcer, item.id);
                     let shared = queue.is_shared().then_some(id);
+                    let slot = held.pop();
                     running.push(Box::pin(async move {
-                        (id, announcer.run_item(&key, games, id as u64, shared).await)
+                        let run = announcer.run_item(&key, games, id as u64, shared).await;
+                        drop(slot);
+                        (id, run)
                     }));
                 }
             }
@@ -1093,7 +1106,11 @@ impl Daemon for Scheduler {
         Box::pin(async move {
             let pipeline = Pipeline::from_settings(settings)?;
             let s = typed(settings, SchedulerSettings::from_map)?;
-            self.slots = usize::try_from(s.slots).unwrap_or(usize::MAX);
+            // The node's selfplay slots (`pipeline.capacity.selfplay_slots`, which the
+            // configuration resolves against the deprecated `slots` of this daemon), shared
+            // with idle_resource through [`super::slots`].
+            let _ = s.slots;
+            self.slots = pipeline.capacity.selfplay_slots.max(1);
             self.target_games = s.target_games;
             self.staleness_hours = s.staleness_hours;
             self.retry_backoff = s.retry_backoff;

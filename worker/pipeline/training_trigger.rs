@@ -27,7 +27,8 @@
 //!   is up to date.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::jobs::game::GameConfig;
 use crate::jobs::game::model::Model;
@@ -43,13 +44,41 @@ use super::{
     stage_reports, typed, view_details,
 };
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
-use crate::runtime::{Ctx, Settings};
+use crate::runtime::{Ctx, JobOutcome, Settings};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use ringrift::pipeline_view::Stage;
 use ringrift::protocol::{WorkAnswer, WorkOp};
 use ringrift::settings::TrainingSettings;
 use ringrift::work_queue::{Attempt, TRAINING};
 
 const NAME: &str = "training_trigger";
+
+/// While a pool runs and events wait for it, how often it looks at the exports on disk again:
+/// an export announced meanwhile starts its key's run within this, not after the slowest job.
+const RESCAN_EVERY: Duration = Duration::from_millis(500);
+
+/// The variable that gives a job its GPU.
+pub(crate) const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
+/// A train run decided on ([`TrainingTrigger::prepare`]): what its job and its settling need.
+#[derive(Debug, Clone)]
+struct Prepared {
+    key: String,
+    /// The export it trains on.
+    fp: Fingerprint,
+    samples: u64,
+    /// Where the candidate goes once verified, and where the job writes it first.
+    candidate: PathBuf,
+    staging: PathBuf,
+    /// The shared queue's training item it runs, if any.
+    item: Option<i64>,
+    /// Its slot's GPU, if the node has any.
+    gpu: Option<u64>,
+}
+
+/// A running train job: the run and how its job ended.
+type TrainJob = LocalBoxFuture<'static, (Prepared, anyhow::Result<JobOutcome>)>;
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(TrainingTrigger::default())
@@ -111,6 +140,10 @@ struct GateInput {
     last_training_at: Option<f64>,
     cooldown: f64,
     training: bool,
+    /// A training slot of this node is free.
+    slot_free: bool,
+    /// The node's training slots (for the message).
+    slots: usize,
     quality_low: Option<f64>,
     failures: u32,
     last_failure_at: Option<f64>,
@@ -178,6 +211,15 @@ fn gates(g: &GateInput) -> Result<(), Blocked> {
             });
         }
     }
+    if !g.slot_free {
+        return Err(Blocked {
+            gate: "slots",
+            detail: format!(
+                "waiting for a training slot: all {} are busy with other keys",
+                g.slots
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -233,8 +275,15 @@ struct TrainingTrigger {
     epochs: u64,
     learning_rate: f64,
     failure_backoff: f64,
+    /// `pipeline.capacity.training_slots`.
+    slots: usize,
+    /// `pipeline.capacity.gpus` (detected when not configured).
+    gpus: u64,
+    /// The daemon's `interval`: how often a running pool publishes health and rescans.
+    interval: Duration,
     state: State,
-    training: BTreeSet<String>,
+    /// Keys training now → the slot each holds.
+    training: BTreeMap<String, usize>,
     /// Sample counts of exports already decoded, so an unchanged file is not decoded every cycle.
     samples_cache: BTreeMap<String, (Fingerprint, u64)>,
     health: KeyHealth,
@@ -277,13 +326,19 @@ impl TrainingTrigger {
                 Value::from(self.starved.iter().cloned().collect::<Vec<_>>()),
             ),
             ("min_samples".to_string(), Value::from(self.min_samples)),
+            ("training_slots".to_string(), Value::from(self.slots)),
+            ("gpus".to_string(), Value::from(self.gpus)),
+            (
+                "running".to_string(),
+                serde_json::to_value(&self.training).unwrap_or(Value::Null),
+            ),
             ("cooldown".to_string(), Value::from(self.cooldown)),
             ("last_error".to_string(), json!(self.health.last_error)),
         ]);
         // Stage `training` of the per-key view while a key's train job runs.
         view_details(
             &mut details,
-            stage_reports(self.training.iter().cloned(), Stage::Training),
+            stage_reports(self.training.keys().cloned(), Stage::Training),
         );
         Report::with_status(
             healthy,
@@ -360,8 +415,10 @@ impl TrainingTrigger {
         }
     }
 
-    /// Trains `key` if its export is new and every gate passes.
-    async fn check_key(&mut self, key: &str) {
+    /// Whether `key` should train now: its prepared run ([`TrainingTrigger::prepare`]) if its
+    /// export is new and every gate passes (in a cluster: a training item is queued instead, and
+    /// None returned). Health says why not, otherwise.
+    async fn check_key(&mut self, key: &str) -> Option<Prepared> {
         self.checks += 1;
         self.apply_reset(key);
         let pipeline = self.pipeline.clone().expect("started");
@@ -386,7 +443,7 @@ impl TrainingTrigger {
             Err(_) => {
                 let message = starved(format!("no export yet ({} does not exist)", npz.display()));
                 self.set(key, true, message);
-                return;
+                return None;
             }
         };
         let ks = self.key_state(key).clone();
@@ -402,7 +459,7 @@ impl TrainingTrigger {
                 )),
             };
             self.set(key, true, message);
-            return;
+            return None;
         }
         let samples = match self.samples_cache.get(key) {
             Some((cached, n)) if *cached == fp => *n,
@@ -422,7 +479,7 @@ impl TrainingTrigger {
                         "TRAINING_FAILED",
                         payload([("config_key", key.into()), ("error", error.into())]),
                     );
-                    return;
+                    return None;
                 }
             },
         };
@@ -439,14 +496,14 @@ impl TrainingTrigger {
                         blocked.detail
                     ),
                 );
+                None
             }
             // In a cluster: a training item any training node may take (this one too, below).
-            Ok(()) if pipeline.shared_queue => self.enqueue(key, samples).await,
-            Ok(()) => {
-                self.training.insert(key.to_string());
-                let _ = self.train(&pipeline, key, fp, samples, None).await;
-                self.training.remove(key);
+            Ok(()) if pipeline.shared_queue => {
+                self.enqueue(key, samples).await;
+                None
             }
+            Ok(()) => self.prepare(&pipeline, key, fp, samples, None).ok(),
         }
     }
 
@@ -488,12 +545,13 @@ impl TrainingTrigger {
         self.set(key, ok, message);
     }
 
-    /// In a cluster: claims one training item from the shared queue and trains its key on this
-    /// node's export, bound to the item (its claim lives as long as the job); the item is done
-    /// when the candidate is announced, handed back (after `failure_backoff`, doubling) when the
-    /// run fails, and set aside after its third failure (WORK_FAILED). An item whose key this
-    /// node's current export is trained on already is done at once.
-    async fn claim_training(&mut self) {
+    /// In a cluster: claims up to as many training items as this node has free training slots
+    /// from the shared queue, and starts training each one's key on this node's export, bound to
+    /// the item (its claim lives as long as the job); the item is done when the candidate is
+    /// announced, handed back (after `failure_backoff`, doubling) when the run fails, and set
+    /// aside after its third failure (WORK_FAILED) ([`TrainingTrigger::settle_work`]). An item
+    /// whose key this node's current export is trained on already is done at once.
+    async fn claim_training(&mut self, running: &mut FuturesUnordered<TrainJob>) {
         let ctx = self.ctx.clone().expect("attached");
         let pipeline = self.pipeline.clone().expect("started");
         // Only a node with the training role trains the cluster's items.
@@ -505,10 +563,14 @@ impl TrainingTrigger {
             return;
         }
         self.not_claiming = None;
+        let free = self.slots.saturating_sub(self.training.len());
+        if free == 0 {
+            return;
+        }
         let items = match ctx
             .work(WorkOp::Claim {
                 item_type: TRAINING.into(),
-                max: 1,
+                max: free as u32,
             })
             .await
         {
@@ -522,8 +584,8 @@ impl TrainingTrigger {
             let key = serde_json::from_str::<Value>(&item.config)
                 .ok()
                 .and_then(|c| c.get("config_key")?.as_str().map(str::to_string));
-            // What this node cannot train at all goes back for another training node, without
-            // counting as a failed run.
+            // What this node cannot train at all (or not now) goes back for another training
+            // node, without counting as a failed run.
             let cannot = match &key {
                 None => Some(format!("no config key in {:?}", item.config)),
                 Some(k) if !pipeline.config_keys.contains(k) => {
@@ -533,51 +595,75 @@ impl TrainingTrigger {
                     "no export of {k} on this node ({} does not exist)",
                     pipeline.npz(k).display()
                 )),
+                Some(k) if self.training.contains_key(k) => {
+                    Some(format!("{k} is training on this node already"))
+                }
+                Some(_) if self.training.len() >= self.slots => {
+                    Some("every training slot of this node is busy".to_string())
+                }
                 Some(k) => self.held_back(&pipeline, k),
             };
-            let (outcome, settle) = match (&key, cannot) {
-                (Some(k), None) => {
-                    let outcome = self.train_item(&pipeline, k, item.id).await;
-                    let settle = match &outcome {
-                        Ok(()) => WorkOp::Complete { item_id: item.id },
-                        Err(e) => WorkOp::Fail {
+            match (key, cannot) {
+                (Some(k), None) => match self.prepare_item(&pipeline, &k, item.id) {
+                    Ok(Some(p)) => running.push(self.launch(p)),
+                    Ok(None) => {
+                        self.settle_work(Some(&k), WorkOp::Complete { item_id: item.id }, None)
+                            .await;
+                    }
+                    Err(e) => {
+                        let op = WorkOp::Fail {
                             item_id: item.id,
                             error: e.clone(),
                             backoff_secs: self.failure_backoff,
-                        },
-                    };
-                    (outcome, settle)
-                }
-                (_, reason) => {
+                        };
+                        self.settle_work(Some(&k), op, Some(e)).await;
+                    }
+                },
+                (key, reason) => {
                     let reason = reason.unwrap_or_else(|| "no config key".into());
                     println!("{NAME}: training item {}: handed back: {reason}", item.id);
-                    (
-                        Err(reason.clone()),
-                        WorkOp::Release {
-                            item_id: item.id,
-                            reason,
-                        },
-                    )
+                    let op = WorkOp::Release {
+                        item_id: item.id,
+                        reason,
+                    };
+                    self.settle_work(key.as_deref(), op, None).await;
                 }
-            };
-            match ctx.work(settle).await {
-                WorkAnswer::Settled {
-                    attempt: Some(Attempt::Dead { attempts }),
-                } => {
-                    if let Some(k) = &key {
-                        let error = outcome.clone().err().unwrap_or_default();
-                        super::work::work_failed(
-                            &ctx, &pipeline, TRAINING, item.id, k, &error, attempts,
-                        );
-                    }
-                }
-                WorkAnswer::Settled { .. } => {}
-                other => eprintln!("{NAME}: training item {}: {:#}", item.id, refused(other)),
             }
         }
     }
 
-    /// What the gates decide from for `key` (its state `ks`, `samples` in its export), now.
+    /// Tells the shared queue how a training item ended (`op`); `error`: why it failed, for
+    /// WORK_FAILED when that was its last attempt.
+    async fn settle_work(&self, key: Option<&str>, op: WorkOp, error: Option<String>) {
+        let ctx = self.ctx.clone().expect("attached");
+        let pipeline = self.pipeline.as_ref().expect("started");
+        let item_id = match &op {
+            WorkOp::Complete { item_id }
+            | WorkOp::Fail { item_id, .. }
+            | WorkOp::Release { item_id, .. } => *item_id,
+            _ => 0,
+        };
+        match ctx.work(op).await {
+            WorkAnswer::Settled {
+                attempt: Some(Attempt::Dead { attempts }),
+            } => {
+                if let Some(k) = key {
+                    super::work::work_failed(
+                        &ctx,
+                        pipeline,
+                        TRAINING,
+                        item_id,
+                        k,
+                        &error.unwrap_or_default(),
+                        attempts,
+                    );
+                }
+            }
+            WorkAnswer::Settled { .. } => {}
+            other => eprintln!("{NAME}: training item {item_id}: {:#}", refused(other)),
+        }
+    }
+
     fn gate_input(&self, key: &str, ks: &KeyState, samples: u64) -> GateInput {
         GateInput {
             samples,
@@ -585,7 +671,12 @@ impl TrainingTrigger {
             now: now_secs(),
             last_training_at: ks.last_training_at,
             cooldown: self.cooldown,
-            training: self.training.contains(key),
+            training: self.training.contains_key(key),
+            // In a cluster the queue hands out the work: a training item is queued whatever
+            // this node's slots; claims take only as many as slots are free.
+            slot_free: self.training.len() < self.slots
+                || self.pipeline.as_ref().is_some_and(|p| p.shared_queue),
+            slots: self.slots,
             quality_low: ks.quality_low,
             failures: ks.failures,
             last_failure_at: ks.last_failure_at,
@@ -621,45 +712,54 @@ impl TrainingTrigger {
             .map(|b| format!("held back on this node: {}", b.detail))
     }
 
-    /// Runs training item `id` of `key` here: Ok when a candidate was announced, or when this
-    /// node's current export is trained on already.
-    async fn train_item(&mut self, pipeline: &Pipeline, key: &str, id: i64) -> Result<(), String> {
+    /// Prepares training item `id` of `key` here: its run, None when this node's current export
+    /// is trained on already (the item is done), or why it cannot run.
+    fn prepare_item(
+        &mut self,
+        pipeline: &Pipeline,
+        key: &str,
+        id: i64,
+    ) -> Result<Option<Prepared>, String> {
         let npz = pipeline.npz(key);
         let fp = Fingerprint::of(&npz)
             .map_err(|e| format!("no export of {key} on this node ({}: {e})", npz.display()))?;
         if self.key_state(key).last_trained == Some(fp) {
             println!("{NAME}: {key}: training item {id}: this node's export is trained on already");
-            return Ok(());
+            return Ok(None);
         }
         let samples = match self.samples_cache.get(key) {
             Some((cached, n)) if *cached == fp => *n,
             _ => count_samples(&npz, key).map_err(|e| format!("unusable export: {e:#}"))?,
         };
         println!("{NAME}: {key}: training item {id}: training on this node's export");
-        self.training.insert(key.to_string());
-        let result = self.train(pipeline, key, fp, samples, Some(id)).await;
-        self.training.remove(key);
-        result
+        self.prepare(pipeline, key, fp, samples, Some(id)).map(Some)
     }
 
-    /// Trains `key` on its export (`fp`, `samples` samples); `item`: the shared queue's training
-    /// item it runs, if any. Err: why it failed (said in health and TRAINING_FAILED already).
-    async fn train(
+    /// The first training slot no running job holds.
+    fn free_slot(&self) -> usize {
+        (0..self.slots)
+            .find(|s| !self.training.values().any(|held| held == s))
+            .unwrap_or(0)
+    }
+
+    /// The synchronous start of a run of `key` on its export (`fp`, `samples` samples; `item`:
+    /// the shared queue's training item it runs, if any): takes a slot, names the candidate,
+    /// records it in flight, says TRAINING_STARTED. Err: why it cannot run (said in health and
+    /// TRAINING_FAILED already).
+    fn prepare(
         &mut self,
         pipeline: &Pipeline,
         key: &str,
         fp: Fingerprint,
         samples: u64,
         item: Option<i64>,
-    ) -> Result<(), String> {
-        let ctx = self.ctx.clone().expect("attached");
+    ) -> Result<Prepared, String> {
         let dir = pipeline.candidates_dir(key);
         let ms = (now_secs() * 1000.0) as u64;
         let candidate = dir.join(format!("{key}-{ms}.bin"));
         // The job writes a staging file; it becomes `<key>-<ms>.bin` (which evaluation looks for)
         // only once verified, just before TRAINING_COMPLETED: evaluation never races ahead of it.
         let staging = staging_path(&candidate);
-        let npz = pipeline.npz(key);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return Err(self.failure(
                 key,
@@ -668,28 +768,83 @@ impl TrainingTrigger {
                 None,
             ));
         }
+        let slot = self.free_slot();
+        self.training.insert(key.to_string(), slot);
         self.key_state(key).in_flight = Some(staging.display().to_string());
         self.save();
         self.started += 1;
+        let gpu = super::gpu_for_slot(0, slot, self.gpus);
         println!(
-            "{NAME}: {key}: training on {samples} samples → {}",
-            candidate.display()
+            "{NAME}: {key}: training on {samples} samples → {} (slot {slot}{})",
+            candidate.display(),
+            gpu.map_or(String::new(), |g| format!(", GPU {g}"))
         );
-        ctx.emit(
+        self.set(
+            key,
+            true,
+            format!(
+                "training since {} on {samples} samples → {} (slot {slot})",
+                ringrift::timefmt::now_rfc3339(),
+                candidate.display()
+            ),
+        );
+        self.ctx.as_ref().expect("attached").emit(
             "TRAINING_STARTED",
             payload([
                 ("config_key", key.into()),
-                ("npz_path", npz.display().to_string().into()),
+                ("npz_path", pipeline.npz(key).display().to_string().into()),
             ]),
         );
-        let vars = [
-            ("candidate_path", staging.display().to_string()),
-            ("epochs", self.epochs.to_string()),
-            ("learning_rate", self.learning_rate.to_string()),
-        ];
-        // The key is in `training` (the callers' doing): shown while the job runs.
-        ctx.publish(self.report());
-        let outcome = match pipeline.run_job_for(&ctx, "train", key, &vars, item).await {
+        Ok(Prepared {
+            key: key.to_string(),
+            fp,
+            samples,
+            candidate,
+            staging,
+            item,
+            gpu,
+        })
+    }
+
+    /// The train job of prepared run `p`: a future that borrows nothing from the daemon.
+    fn launch(&self, p: Prepared) -> TrainJob {
+        let pipeline = self.pipeline.clone().expect("started");
+        let ctx = self.ctx.clone().expect("attached");
+        let (epochs, learning_rate) = (self.epochs, self.learning_rate);
+        Box::pin(async move {
+            let vars = [
+                ("candidate_path", p.staging.display().to_string()),
+                ("epochs", epochs.to_string()),
+                ("learning_rate", learning_rate.to_string()),
+            ];
+            let env = p
+                .gpu
+                .map(|g| (CUDA_VISIBLE_DEVICES.to_string(), g.to_string()))
+                .into_iter()
+                .collect();
+            let outcome = pipeline
+                .run_job_env(&ctx, "train", &p.key, &vars, p.item, env)
+                .await;
+            (p, outcome)
+        })
+    }
+
+    /// The synchronous end of run `p` whose job ended with `outcome`: frees its slot, verifies
+    /// and announces the candidate (TRAINING_COMPLETED), or records the failure. Err: why it
+    /// failed (said in health and TRAINING_FAILED already).
+    fn settle(&mut self, p: Prepared, outcome: anyhow::Result<JobOutcome>) -> Result<(), String> {
+        self.training.remove(&p.key);
+        let Prepared {
+            key,
+            fp,
+            samples,
+            candidate,
+            staging,
+            ..
+        } = p;
+        let key = key.as_str();
+        let pipeline = self.pipeline.clone().expect("started");
+        let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 return Err(self.failure(
@@ -739,7 +894,7 @@ impl TrainingTrigger {
                 candidate.display()
             ),
         );
-        ctx.emit_now(
+        self.ctx.as_ref().expect("attached").emit(
             "TRAINING_COMPLETED",
             payload([
                 ("config_key", key.into()),
@@ -747,9 +902,100 @@ impl TrainingTrigger {
                 ("samples", samples.into()),
                 ("job_id", outcome.job_id.into()),
             ]),
-        )
-        .await;
+        );
         Ok(())
+    }
+
+    /// The config keys, those trained longest ago first (never trained: first of all), so a
+    /// freed slot goes to the key that waited longest.
+    fn keys_by_wait(&self) -> Vec<String> {
+        let pipeline = self.pipeline.as_ref().expect("started");
+        let mut keys: Vec<(f64, String)> = pipeline
+            .config_keys
+            .iter()
+            .map(|k| {
+                let at = self
+                    .state
+                    .keys
+                    .get(k)
+                    .and_then(|s| s.last_training_at)
+                    .unwrap_or(f64::NEG_INFINITY);
+                (at, k.clone())
+            })
+            .collect();
+        keys.sort_by(|a, b| a.0.total_cmp(&b.0));
+        keys.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// Starts a run of every key that should train, as slots allow (keys already training are
+    /// skipped: never two runs of one key), and in a cluster claims training items for the
+    /// slots still free.
+    async fn fill(&mut self, running: &mut FuturesUnordered<TrainJob>) {
+        for key in self.keys_by_wait() {
+            if self.training.contains_key(&key) {
+                continue;
+            }
+            if let Some(p) = self.check_key(&key).await {
+                running.push(self.launch(p));
+            }
+        }
+        if self.pipeline.as_ref().expect("started").shared_queue {
+            self.claim_training(running).await;
+        }
+    }
+
+    /// Keeps up to `training_slots` train jobs running, across config keys: each key is checked
+    /// now, again whenever a job ends, every [`RESCAN_EVERY`] while events wait for this pool to
+    /// end (an export announced meanwhile is seen on disk, so one slow key never holds another
+    /// back), and every `interval`; health is published meanwhile. It stops starting runs when
+    /// the daemon stops, pauses or stands by, and returns once no job runs.
+    async fn pool(&mut self) {
+        let ctx = self.ctx.clone().expect("attached");
+        let mut running: FuturesUnordered<TrainJob> = FuturesUnordered::new();
+        let mut rescan = true;
+        let mut look = Instant::now() + RESCAN_EVERY;
+        let mut publish = Instant::now() + self.interval;
+        loop {
+            if rescan && !ctx.winding_down() {
+                rescan = false;
+                self.fill(&mut running).await;
+            }
+            if running.is_empty() {
+                break;
+            }
+            let next = tokio::select! {
+                next = running.next() => next,
+                () = tokio::time::sleep_until(look.min(publish).into()) => None,
+            };
+            if let Some((p, outcome)) = next {
+                let (key, item) = (p.key.clone(), p.item);
+                let result = self.settle(p, outcome);
+                if let Some(id) = item {
+                    let op = match &result {
+                        Ok(()) => WorkOp::Complete { item_id: id },
+                        Err(e) => WorkOp::Fail {
+                            item_id: id,
+                            error: e.clone(),
+                            backoff_secs: self.failure_backoff,
+                        },
+                    };
+                    self.settle_work(Some(&key), op, result.err()).await;
+                }
+                // TRAINING_COMPLETED goes out before anything else.
+                tokio::task::yield_now().await;
+                rescan = true;
+            }
+            let now = Instant::now();
+            if now >= look {
+                look = now + RESCAN_EVERY;
+                rescan |= ctx.events_waiting();
+            }
+            if now >= publish {
+                publish = now + self.interval;
+                rescan = true;
+                ctx.publish(self.report());
+            }
+        }
     }
 
     fn failure(
@@ -888,6 +1134,9 @@ impl Daemon for TrainingTrigger {
             self.epochs = s.epochs;
             self.learning_rate = s.learning_rate;
             self.failure_backoff = s.failure_backoff.as_secs_f64();
+            self.slots = pipeline.capacity.training_slots.max(1);
+            self.gpus = pipeline.capacity.resolve_gpus();
+            self.interval = settings.interval;
             anyhow::ensure!(
                 self.learning_rate > 0.0,
                 "learning_rate must be positive, not {}",
@@ -895,8 +1144,10 @@ impl Daemon for TrainingTrigger {
             );
             self.state = load_state(&pipeline.state_path(NAME));
             println!(
-                "{NAME}: watching {} (min_samples {}, cooldown {}s, epochs {}, lr {}, failure backoff {}s)",
+                "{NAME}: watching {} ({} training slot(s), {} GPU(s); min_samples {}, cooldown {}s, epochs {}, lr {}, failure backoff {}s)",
                 pipeline.config_keys.join(", "),
+                self.slots,
+                self.gpus,
                 self.min_samples,
                 self.cooldown,
                 self.epochs,
@@ -912,13 +1163,7 @@ impl Daemon for TrainingTrigger {
 
     fn cycle(&mut self, _n: u64) -> LocalBoxFuture<'_, Report> {
         Box::pin(async move {
-            let keys = self.pipeline.as_ref().expect("started").config_keys.clone();
-            for key in keys {
-                self.check_key(&key).await;
-            }
-            if self.pipeline.as_ref().expect("started").shared_queue {
-                self.claim_training().await;
-            }
+            self.pool().await;
             self.report()
         })
     }
@@ -965,7 +1210,7 @@ impl Daemon for TrainingTrigger {
                         self.save();
                     }
                     if after.is_none() {
-                        self.check_key(&key).await;
+                        self.pool().await;
                     } else {
                         let detail =
                             format!("data quality flagged low (score {score}): training paused");
@@ -987,10 +1232,7 @@ impl Daemon for TrainingTrigger {
                         );
                         return Some(self.report());
                     }
-                    self.check_key(&key).await;
-                    if pipeline.shared_queue {
-                        self.claim_training().await;
-                    }
+                    self.pool().await;
                 }
             }
             Some(self.report())
@@ -1010,6 +1252,8 @@ mod tests {
             last_training_at: None,
             cooldown: 300.0,
             training: false,
+            slot_free: true,
+            slots: 1,
             quality_low: None,
             failures: 0,
             last_failure_at: None,
@@ -1071,6 +1315,58 @@ mod tests {
             }),
             None
         );
+    }
+
+    #[test]
+    fn a_key_waits_for_a_slot_only_when_nothing_else_holds_it_back() {
+        let busy = GateInput {
+            slot_free: false,
+            slots: 2,
+            ..open()
+        };
+        let b = gates(&busy).unwrap_err();
+        assert_eq!(b.gate, "slots");
+        assert!(b.detail.contains("all 2 are busy"), "{}", b.detail);
+        // A key that could not train anyway says why, not that it waits for a slot.
+        assert_eq!(
+            gate_of(&GateInput {
+                samples: 1,
+                ..busy.clone()
+            }),
+            Some("min_samples")
+        );
+        assert_eq!(
+            gate_of(&GateInput {
+                training: true,
+                ..busy
+            }),
+            Some("already_training")
+        );
+    }
+
+    #[test]
+    fn freed_slots_go_to_the_key_that_waited_longest() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = vec![
+            "hex8_2p".to_string(),
+            "hex6_2p".to_string(),
+            "hex4_2p".into(),
+        ];
+        let mut t = TrainingTrigger {
+            pipeline: Some(Pipeline::for_test(dir.path(), keys)),
+            slots: 2,
+            ..TrainingTrigger::default()
+        };
+        t.key_state("hex8_2p").last_training_at = Some(200.0);
+        t.key_state("hex6_2p").last_training_at = Some(100.0);
+        assert_eq!(t.keys_by_wait(), ["hex4_2p", "hex6_2p", "hex8_2p"]);
+        // Slots are handed out lowest first, and a freed one is reused.
+        assert_eq!(t.free_slot(), 0);
+        t.training.insert("hex8_2p".into(), 0);
+        assert_eq!(t.free_slot(), 1);
+        t.training.insert("hex6_2p".into(), 1);
+        t.training.remove("hex8_2p");
+        assert_eq!(t.free_slot(), 0);
     }
 
     #[test]
