@@ -14,6 +14,10 @@
 //!   gauntlet's output, so promotion can prove it installs what was evaluated. TRAINING_COMPLETED
 //!   naming anything but a regular file directly in models/candidates/<key>/ is refused with
 //!   EVALUATION_FAILED, and symlinks are never candidates.
+//! - Up to `pipeline.capacity.evaluation_slots` gauntlets run at once, of different config keys
+//!   ([`Evaluation::pool`]): prepared with the daemon (load check, hash, slot), the validate and
+//!   gauntlet jobs a future that borrows nothing from it, the results settled with it. On a node
+//!   in a cluster the shared queue's items are still played one at a time.
 //! - A candidate that does not load is renamed to `<candidate>.bad`, so it is not retried forever. A
 //!   gauntlet job that fails or overruns is retried with a growing delay, and after
 //!   [`MAX_ATTEMPTS`] failures the candidate is quarantined too, with EVALUATION_FAILED each time.

@@ -6,7 +6,9 @@
 //! latest quality score of its data. They go to `data/coordination/priorities.json`, which
 //! queue_populator reads to weight the items it queues and idle_resource reads to pick a key.
 //!
-//! Running: each cycle keeps `slots` selfplay jobs running from the work queue, claiming the next
+//! Running: each cycle keeps the node's selfplay slots (`pipeline.capacity.selfplay_slots`, each
+//! job holding one of [`super::slots`], which idle_resource's extra jobs share) busy with
+//! selfplay jobs from the work queue, claiming the next
 //! item the moment a job ends (a pool, not rounds that wait for their slowest job), for as long
 //! as items are ready, yielding to waiting events after a minute at least ([`POOL_BUDGET`]); each item ends completed or failed (with the job's exit). A successful
 //! job emits SELFPLAY_COMPLETE, and whenever the games DB grew, NEW_GAMES_AVAILABLE carries the

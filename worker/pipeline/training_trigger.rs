@@ -22,6 +22,12 @@
 //!   training_trigger claims training items and trains their key on its own export, the job bound
 //!   to the item: a training node killed mid-run has the item redelivered (to itself when it is
 //!   back, or to another training node) once `cluster.work_ack_wait` has passed.
+//! - Keys train in parallel, up to `pipeline.capacity.training_slots` runs at once and never two
+//!   of one key ([`TrainingTrigger::pool`]): each run is prepared with the daemon (gates, slot,
+//!   candidate name, in-flight state), its job is a future that borrows nothing from it, and it
+//!   is settled with the daemon when the job ends. The pool looks at the exports again when a job
+//!   ends and while events wait, so one slow key never holds another back. With GPUs, each job
+//!   gets its slot's as `CUDA_VISIBLE_DEVICES`.
 //! - "Up to date" means it: while auto_export's state file says exporting a key keeps failing,
 //!   health says that no new data can come and why (status `waiting_for_data`), not that the key
 //!   is up to date.
