@@ -120,9 +120,10 @@ fn train_both(slots: u32) -> (Root, BTreeMap<String, (f64, f64, String)>) {
     );
     let announced = wait_until(WITHIN, || root.events_of("TRAINING_COMPLETED").len() >= 2);
     assert!(announced, "{:?}", root.events_of("TRAINING_COMPLETED"));
-    assert!(
-        seen_running <= slots as usize,
-        "health listed {seen_running} running keys with {slots} slot(s)"
+    // Health said which keys ran, as many at once as there are slots.
+    assert_eq!(
+        seen_running, slots as usize,
+        "health listed at most {seen_running} running keys with {slots} slot(s)"
     );
     let r = runs(&root);
     (root, r)
@@ -161,4 +162,78 @@ fn one_training_slot_trains_the_keys_in_turn() {
     );
     assert_eq!((a.2.as_str(), b.2.as_str()), ("0", "0"), "{runs:?}");
     drop(root);
+}
+
+/// Each gauntlet's (key, start, end), by candidate file name, from eval-times.txt.
+fn gauntlets(root: &Root) -> BTreeMap<String, (String, f64, f64)> {
+    let text = std::fs::read_to_string(root.path().join("eval-times.txt")).unwrap_or_default();
+    let mut starts = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["start", key, name, t] => {
+                starts.insert(
+                    name.to_string(),
+                    (key.to_string(), t.parse::<f64>().unwrap()),
+                );
+            }
+            ["end", name, t] => {
+                let (key, start) = starts[*name].clone();
+                out.insert(name.to_string(), (key, start, t.parse().unwrap()));
+            }
+            _ => panic!("unexpected line {line:?} in eval-times.txt"),
+        }
+    }
+    out
+}
+
+#[test]
+fn gauntlets_of_different_keys_run_at_once_and_one_key_never_has_two() {
+    // A trainer of one's own (models are then only checked to be non-empty) and a gauntlet that
+    // takes 2 s; three evaluation slots.
+    let gauntlet = r#"command: ["{worker}", "job", "gauntlet", "--config-key", "{config_key}", "--candidate", "{candidate_path}", "--baseline", "{model_path}", "--games", "{games}", "--output", "{output_path}", "--sprt", "{sprt}", "--references", "{reference_dir}"]"#;
+    let slow = r#"command: ["sh", "-c", "n=$(basename {candidate_path}); echo start {config_key} $n $(date +%s.%N) >> {root}/eval-times.txt; sleep 2; echo '{{\"win_rate_vs_random\": 0.9}}' > {output_path}; echo end $n $(date +%s.%N) >> {root}/eval-times.txt"]"#;
+    let text = config(1)
+        .replace(gauntlet, slow)
+        .replace("    evaluation_slots: 1 ", "    evaluation_slots: 3 ");
+    assert!(text.contains("evaluation_slots: 3 ") && text.contains("eval-times"));
+    let root = Root::with_config(&text);
+    let names = ["hex8_2p-1.bin", "hex8_2p-2.bin", "hex6_2p-1.bin"];
+    for name in names {
+        let key = &name[..7];
+        let dir = root.path().join("models/candidates").join(key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), b"model").unwrap();
+    }
+    root.ok_with_env(
+        &["start", "evaluation"],
+        &[
+            ("RINGRIFT_HTTP__ADDR", "127.0.0.1:0"),
+            ("RINGRIFT_DAEMON_INTERVAL", "1"),
+            ("RINGRIFT_DEFAULTS__HEARTBEAT_INTERVAL", "0.5"),
+        ],
+    );
+    let done = wait_until(WITHIN, || gauntlets(&root).len() == names.len());
+    assert!(
+        done,
+        "not all evaluated within {WITHIN:?}: {:?}\n{}",
+        gauntlets(&root),
+        root.ok(&["status"])
+    );
+    let g = gauntlets(&root);
+    let span = |n: &str| (g[n].1, g[n].2, String::new());
+    assert!(
+        !overlap(&span("hex8_2p-1.bin"), &span("hex8_2p-2.bin")),
+        "two gauntlets of one key at once: {g:?}"
+    );
+    assert!(
+        overlap(&span("hex8_2p-1.bin"), &span("hex6_2p-1.bin"))
+            || overlap(&span("hex8_2p-2.bin"), &span("hex6_2p-1.bin")),
+        "the keys' gauntlets did not overlap: {g:?}"
+    );
+    let announced = wait_until(WITHIN, || {
+        root.events_of("EVALUATION_COMPLETED").len() >= names.len()
+    });
+    assert!(announced, "{:?}", root.events_of("EVALUATION_COMPLETED"));
 }

@@ -500,13 +500,19 @@ impl Evaluation {
     }
 
     fn enqueue(&mut self, candidate: PathBuf) {
-        if !self.queue.contains(&candidate) {
+        if !self.queue.contains(&candidate) && !self.is_running(&candidate) {
             println!("{NAME}: queued {}", candidate.display());
             self.queue.push_back(candidate);
         }
     }
 
-    /// Queues every candidate on disk without results (and not waiting out a failure).
+    /// Whether `candidate`'s gauntlet runs now.
+    fn is_running(&self, candidate: &Path) -> bool {
+        self.running.values().any(|(_, c)| c == candidate)
+    }
+
+    /// Queues every candidate on disk without results (and not waiting out a failure, nor being
+    /// evaluated).
     fn scan(&mut self) {
         let root = self
             .pipeline
@@ -543,8 +549,10 @@ impl Evaluation {
         // Drop what was evaluated, quarantined or deleted meanwhile, and what the cluster set
         // aside (offered again each cycle, see `offer`, but not waiting).
         self.set_aside.retain(|c, _| on_disk.contains(c));
-        self.queue
-            .retain(|c| on_disk.contains(c) && !self.set_aside.contains_key(c));
+        let running: BTreeSet<PathBuf> = self.running.values().map(|(_, c)| c.clone()).collect();
+        self.queue.retain(|c| {
+            on_disk.contains(c) && !self.set_aside.contains_key(c) && !running.contains(c)
+        });
         for c in candidates(&root) {
             if on_disk.contains(&c)
                 && !self.not_before.contains_key(&c)
@@ -906,12 +914,13 @@ impl Evaluation {
             if now >= publish {
                 publish = now + self.interval;
                 rescan = true;
-                ctx.publish(self.report());
             }
             if rescan {
                 // Candidates trained meanwhile count towards the depth at once.
                 self.scan();
             }
+            // Which candidates run shows at the next heartbeat, not only at the cycle's end.
+            ctx.publish(self.report());
         }
     }
 

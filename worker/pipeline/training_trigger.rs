@@ -999,8 +999,9 @@ impl TrainingTrigger {
             if now >= publish {
                 publish = now + self.interval;
                 rescan = true;
-                ctx.publish(self.report());
             }
+            // Which keys run shows at the next heartbeat, not only at the cycle's end.
+            ctx.publish(self.report());
         }
     }
 
