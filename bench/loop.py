@@ -68,7 +68,8 @@ def synthetic_config(records):
            '"{games}", "--db", "{db_path}", "--model", "{model_path}", "--seed", "{seed}"]')
     assert old in DEFAULT_YAML, "the shipped selfplay template changed"
     yaml = DEFAULT_YAML.replace(old, f"      command: [sh, -c, {json.dumps(script)}]")
-    return yaml.replace("    slots: 1  ", f"    slots: {SLOTS}  ").replace(
+    assert "    # selfplay_slots: 1 " in yaml, "the shipped capacity section changed"
+    return yaml.replace("    # selfplay_slots: 1 ", f"    selfplay_slots: {SLOTS} ").replace(
         "    target_depth: 20 ", f"    target_depth: {3 * SLOTS} ")
 
 

@@ -50,7 +50,7 @@ mod work_items;
 
 const NAME: &str = "evaluation";
 
-/// While a pool runs and events wait for it, how often it looks at the candidates on disk again.
+/// While a pool runs, how often it takes the events that arrived.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 /// A gauntlet decided on ([`Evaluation::prepare`]): what its jobs and its settling need.
@@ -877,9 +877,9 @@ impl Evaluation {
     }
 
     /// Keeps up to `evaluation_slots` gauntlets running, across config keys, until the queue
-    /// is empty: the disk is scanned again whenever a gauntlet ends, every [`RESCAN_EVERY`]
-    /// while events wait for this pool to end (a candidate trained meanwhile starts at once in
-    /// a free slot), and every `interval`, when health is published too. It starts no more when
+    /// is empty: the disk is scanned again whenever a gauntlet ends, whenever events arrived
+    /// (taken and applied between gauntlets within [`RESCAN_EVERY`]: a candidate trained
+    /// meanwhile starts at once in a free slot), and every `interval`. It starts no more when
     /// the daemon stops, pauses or stands by, and returns once none runs.
     async fn pool(&mut self) {
         let ctx = self.ctx.clone().expect("attached");
@@ -887,6 +887,16 @@ impl Evaluation {
         let mut look = Instant::now() + RESCAN_EVERY;
         let mut publish = Instant::now() + self.interval;
         loop {
+            // Events that arrived meanwhile are taken between gauntlets (and acknowledged).
+            let mut taken = false;
+            while let Some(event) = ctx.take_event() {
+                let _ = self.apply_event(&event);
+                ctx.ack(event.seq);
+                taken = true;
+            }
+            if taken {
+                self.scan();
+            }
             if !ctx.winding_down() {
                 self.fill(&mut running);
             }
@@ -1022,6 +1032,42 @@ impl Evaluation {
         Ok((results, baseline))
     }
 
+    /// Queues the candidate a TRAINING_COMPLETED names (or refuses the event, naming why).
+    /// None when the event is not this daemon's to act on (another node's candidate, which
+    /// reaches this node, if at all, as an evaluation item of the shared queue). Used by
+    /// [`Daemon::on_event`] and, for events that arrive while gauntlets run, by the pool.
+    fn apply_event(&mut self, event: &Event) -> Option<()> {
+        if let Some(node) = &event.node {
+            println!(
+                "{NAME}: event {} is node {node}'s: its candidate is evaluated through the shared queue",
+                event.id
+            );
+            return None;
+        }
+        let pipeline = self.pipeline.clone().expect("started");
+        let key = pipeline.event_config_key(NAME, event)?;
+        let path = event
+            .payload
+            .get("model_path")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let dir = pipeline.candidates_dir(&key);
+        match confined_file(&dir, Path::new(path)) {
+            Err(e) => self.refuse(&key, path, format!("model_path: {e}")),
+            Ok(c) if c.parent() != Some(dir.as_path()) || !candidate_name(&c) => self.refuse(
+                &key,
+                path,
+                format!(
+                    "model_path: {path} is not a candidate (<name>.bin directly in {})",
+                    dir.display()
+                ),
+            ),
+            Ok(c) if !eval_path(&c).exists() => self.enqueue(c),
+            Ok(_) => {}
+        }
+        Some(())
+    }
+
     /// Records and publishes a finished evaluation.
     fn announce(&mut self, key: &str, candidate: &Path, results: &Results) {
         let model_path = candidate.display().to_string();
@@ -1137,36 +1183,7 @@ impl Daemon for Evaluation {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            // Another node's candidate is not on this disk: it reaches this node, if at all, as
-            // an evaluation item of the shared queue.
-            if let Some(node) = &event.node {
-                println!(
-                    "{NAME}: event {} is node {node}'s: its candidate is evaluated through the shared queue",
-                    event.id
-                );
-                return None;
-            }
-            let pipeline = self.pipeline.clone().expect("started");
-            let key = pipeline.event_config_key(NAME, &event)?;
-            let path = event
-                .payload
-                .get("model_path")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let dir = pipeline.candidates_dir(&key);
-            match confined_file(&dir, Path::new(path)) {
-                Err(e) => self.refuse(&key, path, format!("model_path: {e}")),
-                Ok(c) if c.parent() != Some(dir.as_path()) || !candidate_name(&c) => self.refuse(
-                    &key,
-                    path,
-                    format!(
-                        "model_path: {path} is not a candidate (<name>.bin directly in {})",
-                        dir.display()
-                    ),
-                ),
-                Ok(c) if !eval_path(&c).exists() => self.enqueue(c),
-                Ok(_) => {}
-            }
+            self.apply_event(&event)?;
             self.scan();
             self.drain().await;
             Some(self.report())

@@ -60,8 +60,8 @@ use ringrift::work_queue::{Attempt, TRAINING};
 
 const NAME: &str = "training_trigger";
 
-/// While a pool runs and events wait for it, how often it looks at the exports on disk again:
-/// an export announced meanwhile starts its key's run within this, not after the slowest job.
+/// While a pool runs, how often it takes the events that arrived: an export announced meanwhile
+/// starts its key's run within this, not after the slowest job.
 const RESCAN_EVERY: Duration = Duration::from_millis(500);
 
 /// The variable that gives a job its GPU.
@@ -951,9 +951,9 @@ impl TrainingTrigger {
     }
 
     /// Keeps up to `training_slots` train jobs running, across config keys: each key is checked
-    /// now, again whenever a job ends, every [`RESCAN_EVERY`] while events wait for this pool to
-    /// end (an export announced meanwhile is seen on disk, so one slow key never holds another
-    /// back), and every `interval`; health is published meanwhile. It stops starting runs when
+    /// now, again whenever a job ends, whenever events arrived (taken and applied between jobs
+    /// within [`RESCAN_EVERY`], so one slow key never holds another back), and every `interval`;
+    /// health is published meanwhile. It stops starting runs when
     /// the daemon stops, pauses or stands by, and returns once no job runs.
     async fn pool(&mut self) {
         let ctx = self.ctx.clone().expect("attached");
@@ -962,6 +962,12 @@ impl TrainingTrigger {
         let mut look = Instant::now() + RESCAN_EVERY;
         let mut publish = Instant::now() + self.interval;
         loop {
+            // Events that arrived meanwhile are taken between jobs (and acknowledged): a quality
+            // warning holds its key back before the next check, an export is looked at now.
+            while let Some(event) = ctx.take_event() {
+                rescan |= self.apply_event(&event).unwrap_or(false);
+                ctx.ack(event.seq);
+            }
             if rescan && !ctx.winding_down() {
                 rescan = false;
                 self.fill(&mut running).await;
@@ -1002,6 +1008,78 @@ impl TrainingTrigger {
             }
             // Which keys run shows at the next heartbeat, not only at the cycle's end.
             ctx.publish(self.report());
+        }
+    }
+
+    /// Applies `event` (a quality flag, a refusal of an export named elsewhere): whether the
+    /// keys are to be looked at now; None when the event is not this daemon's to act on. Used
+    /// by [`Daemon::on_event`] and, for events that arrive while jobs run, by the pool.
+    fn apply_event(&mut self, event: &Event) -> Option<bool> {
+        {
+            let pipeline = self.pipeline.clone().expect("started");
+            let key = pipeline.event_config_key(NAME, event)?;
+            match event.event_type.as_str() {
+                "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
+                    let score = event
+                        .payload
+                        .get("score")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0);
+                    let threshold = event.payload.get("threshold").and_then(Value::as_f64);
+                    let before = self.key_state(&key).quality_low;
+                    let after = match super::quality_monitor::vouch(
+                        &pipeline,
+                        &key,
+                        &event.event_type,
+                        score,
+                    ) {
+                        Err(why) => {
+                            let error = format!("refused {}: {why}", event.event_type);
+                            note_error(
+                                &mut self.health.last_error,
+                                NAME,
+                                &format!("{key}: {error}"),
+                            );
+                            return Some(false);
+                        }
+                        // The monitor's state decides, whatever the event claims.
+                        Ok(Some(v)) => v.warned.then(|| v.threshold.or(threshold).unwrap_or(score)),
+                        Ok(None) => apply_quality(before, &event.event_type, score, threshold),
+                    };
+                    if after != before {
+                        println!(
+                            "{NAME}: {key}: {} (score {score}): training {}",
+                            event.event_type,
+                            if after.is_some() { "paused" } else { "resumed" }
+                        );
+                        self.key_state(&key).quality_low = after;
+                        self.save();
+                    }
+                    if after.is_some() {
+                        let detail =
+                            format!("data quality flagged low (score {score}): training paused");
+                        self.set(&key, true, detail);
+                    }
+                    Some(after.is_none())
+                }
+                _ => {
+                    if let Err(why) =
+                        Pipeline::check_event_path(event, "npz_path", &pipeline.training_dir())
+                    {
+                        // Not a failed run: no backoff, no change to the key's health.
+                        note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
+                        self.ctx.as_ref().expect("attached").emit(
+                            "TRAINING_FAILED",
+                            payload([
+                                ("config_key", key.as_str().into()),
+                                ("error", why.to_string().into()),
+                            ]),
+                        );
+                        return Some(false);
+                    }
+                    Some(true)
+                }
+            }
         }
     }
 
@@ -1177,70 +1255,8 @@ impl Daemon for TrainingTrigger {
 
     fn on_event(&mut self, event: Event) -> LocalBoxFuture<'_, Option<Report>> {
         Box::pin(async move {
-            let pipeline = self.pipeline.clone().expect("started");
-            let key = pipeline.event_config_key(NAME, &event)?;
-            match event.event_type.as_str() {
-                "QUALITY_SCORE_UPDATED" | "LOW_QUALITY_DATA_WARNING" => {
-                    let score = event
-                        .payload
-                        .get("score")
-                        .and_then(Value::as_f64)
-                        .unwrap_or(0.0);
-                    let threshold = event.payload.get("threshold").and_then(Value::as_f64);
-                    let before = self.key_state(&key).quality_low;
-                    let after = match super::quality_monitor::vouch(
-                        &pipeline,
-                        &key,
-                        &event.event_type,
-                        score,
-                    ) {
-                        Err(why) => {
-                            let error = format!("refused {}: {why}", event.event_type);
-                            note_error(
-                                &mut self.health.last_error,
-                                NAME,
-                                &format!("{key}: {error}"),
-                            );
-                            return Some(self.report());
-                        }
-                        // The monitor's state decides, whatever the event claims.
-                        Ok(Some(v)) => v.warned.then(|| v.threshold.or(threshold).unwrap_or(score)),
-                        Ok(None) => apply_quality(before, &event.event_type, score, threshold),
-                    };
-                    if after != before {
-                        println!(
-                            "{NAME}: {key}: {} (score {score}): training {}",
-                            event.event_type,
-                            if after.is_some() { "paused" } else { "resumed" }
-                        );
-                        self.key_state(&key).quality_low = after;
-                        self.save();
-                    }
-                    if after.is_none() {
-                        self.pool().await;
-                    } else {
-                        let detail =
-                            format!("data quality flagged low (score {score}): training paused");
-                        self.set(&key, true, detail);
-                    }
-                }
-                _ => {
-                    if let Err(why) =
-                        Pipeline::check_event_path(&event, "npz_path", &pipeline.training_dir())
-                    {
-                        // Not a failed run: no backoff, no change to the key's health.
-                        note_error(&mut self.health.last_error, NAME, &format!("{key}: {why}"));
-                        self.ctx.as_ref().expect("attached").emit(
-                            "TRAINING_FAILED",
-                            payload([
-                                ("config_key", key.as_str().into()),
-                                ("error", why.to_string().into()),
-                            ]),
-                        );
-                        return Some(self.report());
-                    }
-                    self.pool().await;
-                }
+            if self.apply_event(&event)? {
+                self.pool().await;
             }
             Some(self.report())
         })
