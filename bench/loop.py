@@ -12,7 +12,8 @@
 2. The default configuration as shipped (`start --all` on the embedded config, built-in jobs):
    the time from `start --all` to the first MODEL_PROMOTED, over LOOP_RUNS runs (default 3).
 
-Everything runs in a temporary directory; every supervisor started is shut down at the end (and
+LOOP_KEEP=DIR copies the synthetic run's job records and logs there (to study the gaps between
+jobs). Everything runs in a temporary directory; every supervisor started is shut down at the end (and
 on a timeout, LOOP_TIMEOUT, default 900 s). Writes bench/results/loop-latest.json and prints the
 table for the README.
 
@@ -120,6 +121,11 @@ def synthetic(where, roots):
     cb.wait(lambda: time.time() >= t0 + DURATION, "the measuring window", DURATION + 30)
     t1 = t0 + DURATION
     busy, ended = busy_secs(records, t0, t1)
+    if os.environ.get("LOOP_KEEP"):  # for a look at the gaps: the records and the logs
+        keep = Path(os.environ["LOOP_KEEP"])
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in [records, root / "logs" / "master_loop.log", root / "logs" / "selfplay_scheduler.log"]:
+            keep.joinpath(f.name).write_bytes(f.read_bytes())
     games = events(root, "NEW_GAMES_AVAILABLE")
     promoted = events(root, "MODEL_PROMOTED")
     first_games = unix(games[0]) if games else None
