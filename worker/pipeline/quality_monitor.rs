@@ -75,6 +75,33 @@ pub(crate) fn open_games_db(path: &Path) -> Result<Option<Connection>> {
     Ok(Some(conn))
 }
 
+/// Completed games of `key` with an id above `after`, and the highest id among them (`after`
+/// when none): one range of the index, however many games the DB holds. A DB whose highest id
+/// of all lies below `after` was replaced (ids start again at 1): then every game counts, as if
+/// `after` were 0. `None` when there is no DB yet.
+pub(crate) fn count_since(path: &Path, key: &str, after: i64) -> Result<Option<(u64, i64)>> {
+    let Some(conn) = open_games_db(path)? else {
+        return Ok(None);
+    };
+    let highest: Option<i64> = conn
+        .query_row("SELECT MAX(id) FROM games", [], |row| row.get(0))
+        .with_context(|| format!("cannot read games db {}", path.display()))?;
+    let after = if highest.unwrap_or(0) < after {
+        0
+    } else {
+        after
+    };
+    let (n, max): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), COALESCE(MAX(id), ?2) FROM games
+             WHERE config_key = ?1 AND status = 'completed' AND id > ?2",
+            rusqlite::params![key, after],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .with_context(|| format!("cannot count games in {}", path.display()))?;
+    Ok(Some((n as u64, max)))
+}
+
 /// Completed games of `key` in the DB at `path`; `None` when there is no DB yet.
 pub(crate) fn count_completed(path: &Path, key: &str) -> Result<Option<u64>> {
     let Some(conn) = open_games_db(path)? else {
@@ -773,6 +800,10 @@ mod tests {
         make_db(&path, &[(1, &[3, 4, 5]), (2, &[9, 1]), (1, &[3, 7, 8, 9])]);
         assert_eq!(count_completed(&path, "hex8_2p").unwrap(), Some(3));
         assert_eq!(count_completed(&path, "hex6_2p").unwrap(), Some(0));
+        assert_eq!(count_since(&path, "hex8_2p", 1).unwrap(), Some((2, 3)));
+        assert_eq!(count_since(&path, "hex8_2p", 3).unwrap(), Some((0, 3)));
+        // An id above the DB's highest: a replaced DB, counted from its start.
+        assert_eq!(count_since(&path, "hex8_2p", 90).unwrap(), Some((3, 3)));
         let conn = open_games_db(&path).unwrap().unwrap();
         let rows = recent_games(&conn, "hex8_2p", 2).unwrap();
         assert_eq!(rows, vec![game(1, 4, 3), game(2, 2, 9)]);

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::games_db::{Depth, Quarantined, ensure_usable};
-use super::quality_monitor::count_completed;
+use super::quality_monitor::{count_completed, count_since};
 use super::retry::Failing;
 use super::{Busy, Pipeline, load_state, now_secs, save_state, stage_reports, typed, view_details};
 use crate::daemons::{Daemon, LocalBoxFuture, Report, Start};
@@ -250,7 +250,10 @@ pub(crate) struct Announcer<'a> {
     who: &'static str,
     pipeline: &'a Pipeline,
     ctx: &'a Ctx,
-    announced: RefCell<BTreeMap<String, u64>>,
+    /// Per key: the highest game id announced, and the completed games counted (once, at the
+    /// baseline) plus those announced since. Counting only the games above the last id keeps a
+    /// job's end cheap however large the DB, and right when retention deletes old games.
+    announced: RefCell<BTreeMap<String, (i64, u64)>>,
     /// Games DBs this announcer moved aside (see [`Announcer::guard`]).
     quarantined: RefCell<Vec<Quarantined>>,
     /// Problems checking a games DB (busy, or damaged and immovable), for health.
@@ -276,7 +279,7 @@ impl<'a> Announcer<'a> {
             Ok(None) => false,
             Ok(Some(q)) => {
                 self.quarantined.borrow_mut().push(q);
-                self.announced.borrow_mut().insert(key.to_string(), 0);
+                self.announced.borrow_mut().insert(key.to_string(), (0, 0));
                 true
             }
             Err(why) => {
@@ -299,8 +302,12 @@ impl<'a> Announcer<'a> {
             return Ok(());
         }
         self.guard(key, Depth::Schema);
-        let n = count_completed(&self.pipeline.games_db(key), key)?.unwrap_or(0);
-        self.announced.borrow_mut().insert(key.to_string(), n);
+        let db = self.pipeline.games_db(key);
+        let total = count_completed(&db, key)?.unwrap_or(0);
+        let last = count_since(&db, key, 0)?.map_or(0, |(_, max)| max);
+        self.announced
+            .borrow_mut()
+            .insert(key.to_string(), (last, total));
         Ok(())
     }
 
@@ -367,19 +374,24 @@ impl<'a> Announcer<'a> {
         let guarded = result.is_err() && self.guard(key, Depth::Full);
         // A failed job may still have committed whole batches: those games are real and announced.
         let db = self.pipeline.games_db(key);
-        let mut counted = count_completed(&db, key);
+        let last =
+            |a: &RefCell<BTreeMap<String, (i64, u64)>>| a.borrow().get(key).map_or(0, |v| v.0);
+        let mut counted = count_since(&db, key, last(&self.announced));
         if counted.is_err() && !guarded && self.guard(key, Depth::Full) {
-            counted = count_completed(&db, key);
+            counted = count_since(&db, key, last(&self.announced));
         }
         let (new_games, count_error) = match counted {
-            Ok(total) => {
-                let total = total.unwrap_or(0);
-                let before = self
-                    .announced
-                    .borrow_mut()
-                    .insert(key.to_string(), total)
-                    .unwrap_or(0);
-                let new = total.saturating_sub(before);
+            Ok(counted) => {
+                let (new, max) = counted.unwrap_or((0, 0));
+                let total = {
+                    let mut announced = self.announced.borrow_mut();
+                    let entry = announced.entry(key.to_string()).or_insert((0, 0));
+                    // No DB (yet): ids start at 1 when it comes. A replaced one is counted from
+                    // its start by count_since, whose highest id is then below the last one.
+                    entry.0 = if counted.is_none() { 0 } else { max };
+                    entry.1 += new;
+                    entry.1
+                };
                 if new > 0 {
                     self.ctx.emit(
                         "NEW_GAMES_AVAILABLE",
@@ -655,14 +667,6 @@ impl Scheduler {
         // Jobs that failed since the last success (settled or not yet).
         let mut failures_in_a_row = 0;
         loop {
-            // Events are taken in between jobs (and acknowledged), so that the slots never idle
-            // for them; a WORK_QUEUED needs nothing, as the pool is claiming already.
-            while let Some(event) = ctx.take_event() {
-                if self.apply_event(&event) {
-                    let _ = queue.reprioritize(&self.priorities);
-                }
-                ctx.ack(event.seq);
-            }
             while claiming && running.len() < slots {
                 // Items this node cannot run at all are handed back; many in a row, with nothing
                 // run, and it stops claiming until the next cycle.
@@ -733,6 +737,15 @@ impl Scheduler {
             for (id, run) in ended.drain(..) {
                 let attempt = settle(NAME, queue, id, &run, backoff).await;
                 self.record_run(id, run, attempt, &mut round);
+            }
+            // Events are taken in between jobs (and acknowledged), once the free slots run
+            // again, so that the slots never idle for them; a WORK_QUEUED needs nothing, as the
+            // pool is claiming already.
+            while let Some(event) = ctx.take_event() {
+                if self.apply_event(&event) {
+                    let _ = queue.reprioritize(&self.priorities);
+                }
+                ctx.ack(event.seq);
             }
             if running.is_empty() {
                 break;
