@@ -54,6 +54,12 @@ pub(crate) const SELFPLAY_SLOTS: &str = "selfplay";
 /// last jobs of a pool finish, at most once a minute and only when events wait.
 pub(crate) const POOL_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long the first cycle after a start waits for queue_populator's first items when the
+/// local queue is empty (looking every [`FIRST_ITEMS_POLL`]): both daemons start together, and
+/// the WORK_QUEUED that would wake the scheduler can go out before it has subscribed.
+const FIRST_ITEMS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const FIRST_ITEMS_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Where the priorities go.
 pub(crate) fn priorities_path(pipeline: &Pipeline) -> PathBuf {
     pipeline.root.join("data/coordination/priorities.json")
@@ -472,6 +478,8 @@ struct Totals {
 }
 
 pub(crate) struct Scheduler {
+    /// The first cycle since the start has not run yet (see [`FIRST_ITEMS_WAIT`]).
+    first_cycle_done: bool,
     ctx: Option<Ctx>,
     pipeline: Option<Pipeline>,
     queue: Option<Queue>,
@@ -526,6 +534,7 @@ pub(crate) fn keep_quarantined(kept: &mut Vec<Quarantined>, news: Vec<Quarantine
 
 pub(crate) fn build(_: &'static str, _: &'static str) -> Box<dyn Daemon> {
     Box::new(Scheduler {
+        first_cycle_done: false,
         ctx: None,
         pipeline: None,
         queue: None,
@@ -940,6 +949,17 @@ impl Scheduler {
             && f.wait(now_secs()).is_some()
         {
             return;
+        }
+        if !std::mem::replace(&mut self.first_cycle_done, true) && !queue.is_shared() {
+            let ctx = self.ctx.clone().expect("attached");
+            let until = tokio::time::Instant::now() + FIRST_ITEMS_WAIT;
+            while matches!(queue.pending(), Ok(Some(0)) | Ok(None))
+                && tokio::time::Instant::now() < until
+                && !ctx.events_waiting()
+                && !ctx.winding_down()
+            {
+                tokio::time::sleep(FIRST_ITEMS_POLL).await;
+            }
         }
         let (failed_before, succeeded_before) =
             (self.totals.jobs_failed, self.totals.jobs_succeeded);
