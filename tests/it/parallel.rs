@@ -106,8 +106,13 @@ fn train_both(slots: u32) -> (Root, BTreeMap<String, (f64, f64, String)>) {
     );
     let mut seen_running = 0;
     let done = wait_until(WITHIN, || {
-        let running = root.daemon("training_trigger").health.details["running"]
-            .as_object()
+        // A report without `running` yet (the start's) counts as none running.
+        let running = root
+            .daemon("training_trigger")
+            .health
+            .details
+            .get("running")
+            .and_then(|r| r.as_object())
             .map_or(0, |m| m.len());
         seen_running = seen_running.max(running);
         runs(&root).len() == KEYS.len()
